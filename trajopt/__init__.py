@@ -1,0 +1,28 @@
+"""trajopt: trajectory optimization (LQR, DARE, DDP) over abstract, batched dynamics.
+
+numpy in -> numpy out, torch in -> torch out; see ``docs/notation.md`` for conventions.
+"""
+
+from . import errors
+from .dare import DARESolution, solve_dare
+from .lqr import (
+    LQR,
+    CyclicLQRSolution,
+    InfiniteLQRSolution,
+    LQRSolution,
+    Trajectory,
+    rollout,
+    solve_cyclic_lqr,
+    solve_infinite_lqr,
+    solve_lqr,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "errors",
+    "LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout",
+    "DARESolution", "solve_dare",
+    "InfiniteLQRSolution", "solve_infinite_lqr",
+    "CyclicLQRSolution", "solve_cyclic_lqr",
+]

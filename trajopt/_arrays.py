@@ -1,0 +1,91 @@
+"""Array plumbing: numpy in -> numpy out, torch in -> torch out.
+
+Internally all numerics are torch.  :func:`as_tensors` converts the arguments of a public
+function once, at the boundary, and returns an :class:`ArrayKind` whose :meth:`out`
+converts results back to what the caller gave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ShapeError
+
+__all__ = ["ArrayKind", "as_tensors"]
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """How results are returned: as numpy arrays or as torch tensors of a dtype/device."""
+
+    numpy: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    def tensor(self, x: Any, name: str) -> torch.Tensor:
+        """Convert one argument to a tensor of this kind's dtype and device."""
+        if isinstance(x, torch.Tensor):
+            if x.is_complex():
+                raise ShapeError(f"{name} is complex; trajopt solves real problems only")
+            return x.to(dtype=self.dtype, device=self.device)
+        arr = np.asarray(x)
+        if np.iscomplexobj(arr):
+            raise ShapeError(f"{name} is complex; trajopt solves real problems only")
+        if arr.dtype == object:
+            raise ShapeError(f"{name} could not be read as a numeric array")
+        return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64)).to(
+            dtype=self.dtype, device=self.device
+        )
+
+    def out(self, x: Any) -> Any:
+        """Convert a result (tensor, list of tensors, or None) back to the caller's type."""
+        if x is None:
+            return None
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.out(v) for v in x)
+        if self.numpy and isinstance(x, torch.Tensor):
+            return x.detach().cpu().numpy()
+        return x
+
+
+def infer_kind(*arrays: Any) -> ArrayKind:
+    """The kind of the first torch tensor among ``arrays`` (searching inside lists).
+
+    Integer tensors promote to the default float dtype; all-numpy input gives float64 on
+    the CPU.
+    """
+    for a in arrays:
+        t = _first_tensor(a)
+        if t is not None:
+            dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+            return ArrayKind(numpy=False, dtype=dtype, device=t.device)
+    return ArrayKind(numpy=True, dtype=torch.float64, device=torch.device("cpu"))
+
+
+def _first_tensor(a: Any) -> torch.Tensor | None:
+    if isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, (list, tuple)):
+        for v in a:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def as_tensors(named: dict[str, Any]) -> tuple[dict[str, Any], ArrayKind]:
+    """Convert every non-None value of ``named`` to a tensor (lists element-wise)."""
+    kind = infer_kind(*named.values())
+    out: dict[str, Any] = {}
+    for name, value in named.items():
+        if value is None:
+            out[name] = None
+        elif isinstance(value, (list, tuple)):
+            out[name] = [kind.tensor(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        else:
+            out[name] = kind.tensor(value, name)
+    return out, kind

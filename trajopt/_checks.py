@@ -1,0 +1,73 @@
+"""Input checks run once at the public boundary (inner loops trust their inputs)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import NonFiniteError, NotSymmetricError, ShapeError
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} contains NaN or infinity (shape {shape_str(t)})")
+
+
+def check_matrix(t: torch.Tensor, name: str, rows: int | None, cols: int | None) -> None:
+    """``t`` must be at least 2-D with the given trailing dimensions (None: any)."""
+    if t.ndim < 2:
+        raise ShapeError(f"{name} must be a matrix (..., {rows or 'r'}, {cols or 'c'}); "
+                         f"got shape {shape_str(t)}")
+    r, c = t.shape[-2:]
+    if (rows is not None and r != rows) or (cols is not None and c != cols):
+        want = f"(..., {rows if rows is not None else r}, {cols if cols is not None else c})"
+        raise ShapeError(f"{name} must have shape {want}; got {shape_str(t)}")
+
+
+def check_vector(t: torch.Tensor, name: str, size: int) -> None:
+    if t.ndim < 1 or t.shape[-1] != size:
+        raise ShapeError(f"{name} must have shape (..., {size}); got {shape_str(t)}")
+
+
+def check_square(t: torch.Tensor, name: str, size: int | None = None) -> int:
+    check_matrix(t, name, size, size)
+    if t.shape[-1] != t.shape[-2]:
+        raise ShapeError(f"{name} must be square; got shape {shape_str(t)}")
+    return t.shape[-1]
+
+
+def symmetry_tol(dtype: torch.dtype) -> float:
+    """Relative asymmetry tolerated in inputs: ~sqrt(eps) of the dtype."""
+    return float(torch.finfo(dtype).eps) ** 0.5
+
+
+def check_symmetric(t: torch.Tensor, name: str) -> None:
+    asym = (t - t.transpose(-1, -2)).abs().amax(dim=(-2, -1))
+    scale = t.abs().amax(dim=(-2, -1)).clamp_min(1.0)
+    if bool((asym > symmetry_tol(t.dtype) * scale).any()):
+        worst = float((asym / scale).max())
+        raise NotSymmetricError(
+            f"{name} must be symmetric; relative asymmetry {worst:.2e} "
+            f"(shape {shape_str(t)})")
+
+
+def batch_shape(*tensors_and_ranks: tuple[torch.Tensor | None, int, str]) -> torch.Size:
+    """Broadcast the leading (batch) dimensions; ``rank`` is each tensor's core rank."""
+    shapes = []
+    for t, rank, name in tensors_and_ranks:
+        if t is None:
+            continue
+        shapes.append((t.shape[: t.ndim - rank], name))
+    try:
+        return torch.broadcast_shapes(*(s for s, _ in shapes))
+    except RuntimeError:
+        desc = ", ".join(f"{n} batch {tuple(s)}" for s, n in shapes)
+        raise ShapeError(f"batch dimensions do not broadcast: {desc}") from None
+
+
+def sym(X: torch.Tensor) -> torch.Tensor:
+    """Symmetric part 1/2 (X + X')."""
+    return 0.5 * (X + X.transpose(-1, -2))

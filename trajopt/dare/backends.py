@@ -1,0 +1,84 @@
+"""Wrappers of the reference DARE solvers: scipy (QZ on the extended symplectic pencil)
+and slycot (SLICOT SB02OD / SG02AD, generalized Schur).  Both loop over batch elements
+on the CPU in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ..errors import NotStabilizableError, NumericalError, SolverUnavailableError
+from ._common import DAREData
+
+
+def slycot_available() -> bool:
+    try:
+        import slycot  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+
+
+def _loop(d: DAREData, solve_one) -> torch.Tensor:
+    out = torch.empty(*d.batch, d.n, d.n, dtype=d.A.dtype, device=d.A.device)
+    for index in itertools.product(*(range(s) for s in d.batch)):
+        e = d.element(index)
+        X = solve_one(_np(e.A), _np(e.B), _np(e.Q), _np(e.R), _np(e.E), _np(e.S))
+        out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
+    return out
+
+
+def _scipy_one(A, B, Q, R, E, S):
+    try:
+        return scipy.linalg.solve_discrete_are(A, B, Q, R, e=E, s=S)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise NotStabilizableError(
+            f"scipy found no stabilizing solution: {exc}") from exc
+
+
+def _slycot_one(A, B, Q, R, E, S):
+    # slycot divides alpha/beta for infinite eigenvalues and warns; they are not used
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _slycot_raw(A, B, Q, R, E, S)
+
+
+def _slycot_raw(A, B, Q, R, E, S):
+    import slycot
+    from slycot.exceptions import SlycotError
+
+    n, m = B.shape
+    try:
+        if E is None:
+            X, _rcond, _w, _S, _T = slycot.sb02od(
+                n, m, A, B, Q, R, "D", L=np.zeros((n, m)) if S is None else S)
+        else:
+            out = slycot.sg02ad("D", "B", "N", "U", "Z" if S is None else "N", "N", "S",
+                                "R", n, m, 0, A, E, B, Q, R,
+                                np.zeros((n, m)) if S is None else S)
+            X = out[1]
+    except SlycotError as exc:
+        raise NotStabilizableError(f"slycot found no stabilizing solution: {exc}") from exc
+    except ValueError as exc:  # slycot's argument errors
+        raise NumericalError(f"slycot failed: {exc}") from exc
+    return X
+
+
+def solve_scipy(d: DAREData) -> torch.Tensor:
+    """``scipy.linalg.solve_discrete_are`` element by element."""
+    return _loop(d, _scipy_one)
+
+
+def solve_slycot(d: DAREData) -> torch.Tensor:
+    """SLICOT SB02OD (E = I) or SG02AD (general E) element by element."""
+    if not slycot_available():
+        raise SolverUnavailableError(
+            "method='slycot' needs the optional slycot package (GPL-2.0): "
+            "pip install 'trajopt-nnbridge[slycot]'")
+    return _loop(d, _slycot_one)

@@ -1,0 +1,234 @@
+"""The public DARE entry point :func:`solve_dare`."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from .._arrays import as_tensors
+from ..errors import (
+    ConvergenceWarning,
+    NotStabilizableError,
+    NumericalError,
+    TrajoptError,
+)
+from ._common import (
+    DAREData,
+    closed_loop_eigvals,
+    gain,
+    prepare,
+    relative_residual,
+    uncontrollable_unstable_mode,
+)
+from .backends import slycot_available, solve_scipy, solve_slycot
+from .doubling import solve_doubling
+from .newton import newton_refine
+
+__all__ = ["DARESolution", "solve_dare", "DAREMethod"]
+
+DAREMethod = Literal["auto", "scipy", "slycot", "doubling"]
+
+
+@dataclass(frozen=True)
+class DARESolution:
+    """Stabilizing solution of the DARE.
+
+    Attributes
+    ----------
+    P : (..., n, n)
+        The symmetric stabilizing solution (scipy's return value).
+    K : (..., m, n)
+        Optimal gain in the convention ``u = K x``:
+        ``K = -(R + B'PB)^{-1}(B'PA + S')``.  MATLAB/python-control ``dlqr`` return ``-K``.
+    closed_loop_eigvals : (..., n) complex
+        Eigenvalues of the pencil ``(A + BK, E)``; all inside the unit circle.
+    residual : (...)
+        Relative residual ``||Ric(P)||_F`` divided by the sum of the Frobenius norms of
+        the equation's terms (see ``docs/dare.md``).
+    method : str
+        The method(s) that produced P, e.g. ``"doubling"``, ``"doubling,slycot+newton"``.
+    """
+
+    P: Any
+    K: Any
+    closed_loop_eigvals: Any
+    residual: Any
+    method: str
+
+
+def _accept_tol(dtype: torch.dtype, n: int) -> float:
+    """Residual below which 'auto' accepts a doubling result without a fallback."""
+    return 1e3 * n * torch.finfo(dtype).eps
+
+
+def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
+    if slycot_available():
+        try:
+            return solve_slycot(d), "slycot"
+        except TrajoptError:
+            pass
+    return solve_scipy(d), "scipy"
+
+
+def _auto(d: DAREData, tol: float | None, max_iter: int) -> tuple[torch.Tensor, list[str]]:
+    """'auto': doubling for the whole batch when R > 0 and E is well conditioned, then a
+    per-element fallback to slycot (else scipy) where doubling did not converge, is not
+    finite, not stabilizing or not accurate; each candidate is Newton-refined and the one
+    with the smaller residual kept."""
+    used: list[str] = []
+    X = None
+    eps = torch.finfo(d.A.dtype).eps
+    e_ok = d.E is None or bool(
+        (torch.linalg.cond(d.E) < 1.0 / eps ** 0.5).all())
+    if e_ok:
+        try:
+            X, _conv = solve_doubling(d, tol=tol, max_iter=max_iter)
+            used.append("doubling")
+        except NumericalError:
+            X = None
+    if X is not None:
+        X, res = newton_refine(d, X, steps=2)
+        finite = torch.isfinite(X).all(dim=(-2, -1))
+        Xs = torch.where(finite[..., None, None], X, torch.zeros_like(X))
+        rho = torch.where(finite, closed_loop_eigvals(d, gain(d, Xs)).abs().amax(-1),
+                          torch.full_like(res, float("inf")))
+        bad = ~finite | (rho >= 1) | (res > _accept_tol(d.A.dtype, d.n))
+    else:
+        bad = torch.ones(d.batch, dtype=torch.bool, device=d.A.device)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
+        flat = DAREData(*(None if t is None else t.reshape(-1, *t.shape[-2:])[idx]
+                          for t in (d.A, d.B, d.Q, d.R, d.E, d.S)))
+        try:
+            Xr, name = _reference(flat)
+        except TrajoptError:
+            if X is None:
+                raise
+            return X, used
+        Xr, res_r = newton_refine(flat, Xr, steps=2)
+        used.append(name)
+        if X is None:
+            return Xr.reshape(*d.batch, d.n, d.n), used
+        Xf = X.reshape(-1, d.n, d.n).clone()
+        take = (res_r < res.reshape(-1)[idx]) | (rho.reshape(-1)[idx] >= 1)
+        Xf[idx] = torch.where(take[:, None, None], Xr, Xf[idx])
+        X = Xf.reshape(*d.batch, d.n, d.n)
+    return X, used
+
+
+def solve_dare(
+    A: Any,
+    B: Any,
+    Q: Any,
+    R: Any,
+    E: Any = None,
+    S: Any = None,
+    *,
+    method: DAREMethod = "auto",
+    refine: int = 0,
+    tol: float | None = None,
+    max_iter: int = 100,
+) -> DARESolution:
+    r"""Solve the discrete algebraic Riccati equation (drop-in for scipy's).
+
+    .. math::
+
+        A^\top P A - E^\top P E - (A^\top P B + S)(R + B^\top P B)^{-1}(B^\top P A + S^\top)
+        + Q = 0
+
+    Arguments mean exactly what they mean in ``scipy.linalg.solve_discrete_are(a, b, q,
+    r, e, s)``; in our cost convention ``S = M'``.  Leading dimensions are batch
+    dimensions (broadcast).  numpy input returns numpy (float64), torch input returns
+    torch of its dtype/device.
+
+    Parameters
+    ----------
+    A : (..., n, n)
+    B : (..., n, m)
+    Q : (..., n, n), symmetric
+    R : (..., m, m), symmetric
+    E : (..., n, n), optional
+    S : (..., n, m), optional
+    method : {"auto", "scipy", "slycot", "doubling"}
+        "scipy" and "slycot" loop over the batch on the CPU; "doubling" is the batched
+        structured doubling algorithm in torch (needs R positive definite and E
+        invertible); "auto" runs doubling where it applies, falls back per element to
+        slycot (else scipy) where the result is not accurate or not stabilizing, and
+        applies Newton refinement (see ``docs/dare.md``).
+    refine : int
+        Newton refinement steps applied after the chosen method (each kept only where it
+        lowers the residual).  "auto" always tries two.
+    tol, max_iter
+        Convergence tolerance and iteration cap of the doubling iteration.
+
+    Returns
+    -------
+    DARESolution
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, NotSymmetricError
+        On bad input, naming the argument.
+    NotStabilizableError
+        When no stabilizing solution exists (the message names an uncontrollable unstable
+        mode when there is one).
+    SolverUnavailableError
+        ``method="slycot"`` without slycot installed.
+    """
+    if method not in get_args(DAREMethod):
+        raise ValueError(f"method must be one of {get_args(DAREMethod)}; got {method!r}")
+    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
+    d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    if method == "auto":
+        X, used = _auto(d, tol, max_iter)
+        refine = 0
+    elif method == "doubling":
+        X, conv = solve_doubling(d, tol=tol, max_iter=max_iter)
+        used = ["doubling"]
+        if not bool(conv.all()) and bool(torch.isfinite(X).all()):
+            warnings.warn(f"doubling did not converge in {max_iter} iterations",
+                          ConvergenceWarning, stacklevel=2)
+    elif method == "scipy":
+        X, used = solve_scipy(d), ["scipy"]
+    else:
+        X, used = solve_slycot(d), ["slycot"]
+    label = ",".join(used)
+    if refine:
+        X0 = X
+        X, _ = newton_refine(d, X, steps=refine)
+        if not torch.equal(X, X0):
+            label += "+newton"
+    return _finish(d, X, label, kind)
+
+
+def _finish(d: DAREData, X: torch.Tensor, label: str, kind) -> DARESolution:
+    finite = torch.isfinite(X).all(dim=(-2, -1))
+    if not bool(finite.all()):
+        _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
+    K = gain(d, X)
+    eig = closed_loop_eigvals(d, K)
+    rho = eig.abs().amax(-1)
+    if not bool((rho < 1).all()):
+        _raise_unstabilizable(d, ~(rho < 1), "the solution found is not stabilizing "
+                              f"(closed-loop spectral radius {float(rho.max()):.6g})")
+    res = relative_residual(d, X)
+    return DARESolution(P=kind.out(X), K=kind.out(K), closed_loop_eigvals=kind.out(eig),
+                        residual=kind.out(res), method=label)
+
+
+def _raise_unstabilizable(d: DAREData, bad: torch.Tensor, what: str) -> None:
+    first = torch.nonzero(bad.reshape(-1))[0].item()
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
+        if len(d.batch) else ()
+    where = f" for batch element {index}" if index else ""
+    mode = uncontrollable_unstable_mode(d.element(index))
+    if mode is not None:
+        raise NotStabilizableError(
+            f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (|lambda| = "
+            f"{abs(mode):.6g} >= 1) is not controllable through B")
+    raise NotStabilizableError(
+        f"no stabilizing solution{where}: {what}; check that (A, B) is stabilizable and "
+        f"that (Q, A) has no unobservable mode on the unit circle")

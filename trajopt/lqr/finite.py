@@ -1,0 +1,375 @@
+r"""Finite-horizon, time-varying LQR (thesis Sec. 2.3.1, Eq. 2.3.3-2.3.6, App. B).
+
+.. math::
+
+    \min_{u_0..u_{T-1}} \; \sum_{t=0}^{T-1} \Big[\tfrac12 x_t^\top Q_t x_t
+        + \tfrac12 u_t^\top R_t u_t + u_t^\top M_t x_t + q_t^\top x_t + r_t^\top u_t\Big]
+        + \tfrac12 x_T^\top Q_T x_T + q_T^\top x_T
+    \quad\text{s.t.}\quad x_{t+1} = A_t x_t + B_t u_t + c_t .
+
+The backward pass is :func:`trajopt.lqr.riccati.riccati_step` applied stage by stage; the
+optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
+:math:`V_t(x) = \tfrac12 x^\top P_t x + p_t^\top x + \text{const}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._arrays import ArrayKind, as_tensors
+from .._checks import (
+    batch_shape,
+    check_finite,
+    check_matrix,
+    check_square,
+    check_symmetric,
+    check_vector,
+    shape_str,
+)
+from ..errors import ShapeError
+from .riccati import CholeskySolver, riccati_step
+
+__all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout"]
+
+_STAGE_ARGS = ("A", "B", "Q", "R", "M", "q", "r", "c")
+_RANK = {"A": 2, "B": 2, "Q": 2, "R": 2, "M": 2, "q": 1, "r": 1, "c": 1}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One LQR stage as tensors (internal). Optional terms are None when absent."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    Q: torch.Tensor
+    R: torch.Tensor
+    M: torch.Tensor | None
+    q: torch.Tensor | None
+    r: torch.Tensor | None
+    c: torch.Tensor | None
+
+    @property
+    def n(self) -> int:
+        return self.A.shape[-1]
+
+    @property
+    def m(self) -> int:
+        return self.B.shape[-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LQR:
+    r"""A finite-horizon LQR problem (cost convention of ``docs/notation.md``).
+
+    Each stage argument is either a sequence of ``T`` per-stage arrays (stage sizes may
+    differ: ``A_t`` is ``(n_{t+1}, n_t)``) or one stacked array with the time axis right
+    before the matrix axes, e.g. ``A`` of shape ``(..., T, n, n)``.  Leading dimensions
+    are batch dimensions and broadcast.  numpy input gives numpy results in float64;
+    torch input gives torch results of its dtype and device.
+
+    Parameters
+    ----------
+    A : (..., T, n, n) or sequence of (..., n_{t+1}, n_t)
+    B : (..., T, n, m) or sequence of (..., n_{t+1}, m_t)
+    Q : (..., T, n, n) or sequence of (..., n_t, n_t), symmetric
+    R : (..., T, m, m) or sequence of (..., m_t, m_t), symmetric
+    M : (..., T, m, n) or sequence of (..., m_t, n_t), optional
+        Cross term ``u'Mx`` (the Q_ux block; scipy's ``S`` is ``M'``).
+    q : (..., T, n) or sequence of (..., n_t), optional
+    r : (..., T, m) or sequence of (..., m_t), optional
+    c : (..., T, n) or sequence of (..., n_{t+1}), optional
+        Affine offset of the dynamics.
+    QT : (..., n_T, n_T)
+        Terminal Hessian, symmetric.
+    qT : (..., n_T), optional
+        Terminal gradient.
+    """
+
+    A: Any
+    B: Any
+    Q: Any
+    R: Any
+    M: Any = None
+    q: Any = None
+    r: Any = None
+    c: Any = None
+    QT: Any
+    qT: Any = None
+    stages: list[Stage] = field(init=False, repr=False, compare=False)
+    terminal: tuple[torch.Tensor, torch.Tensor | None] = field(
+        init=False, repr=False, compare=False)
+    kind: ArrayKind = field(init=False, repr=False, compare=False)
+    stacked: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        raw = {name: getattr(self, name) for name in _STAGE_ARGS}
+        raw["QT"], raw["qT"] = self.QT, self.qT
+        tensors, kind = as_tensors(raw)
+        stacked = not isinstance(self.A, (list, tuple))
+        if stacked and tensors["A"].ndim < 3:
+            raise ShapeError(
+                f"A must be a sequence of T matrices or a stacked array (..., T, n, n); "
+                f"got shape {shape_str(tensors['A'])}")
+        T = tensors["A"].shape[-3] if stacked else len(tensors["A"])
+        if T < 1:
+            raise ShapeError("A must hold at least one stage (T >= 1)")
+        per_stage = {name: _split(tensors[name], name, T) for name in _STAGE_ARGS}
+        stages = [Stage(**{name: per_stage[name][t] for name in _STAGE_ARGS})
+                  for t in range(T)]
+        QT, qT = tensors["QT"], tensors["qT"]
+        if QT is None:
+            raise ShapeError("QT (terminal Hessian) is required")
+        _validate(stages, QT, qT)
+        object.__setattr__(self, "stages", stages)
+        object.__setattr__(self, "terminal", (QT, qT))
+        object.__setattr__(self, "kind", kind)
+        uniform = all(s.n == stages[0].n and s.m == stages[0].m for s in stages) and (
+            stages[-1].A.shape[-2] == stages[0].n)
+        object.__setattr__(self, "stacked", stacked and uniform)
+
+    @property
+    def T(self) -> int:
+        """Number of stages (horizon)."""
+        return len(self.stages)
+
+
+def _split(value: Any, name: str, T: int) -> list[torch.Tensor | None]:
+    if value is None:
+        return [None] * T
+    if isinstance(value, list):
+        if len(value) != T:
+            raise ShapeError(f"{name} has {len(value)} stages but A has {T}")
+        return value
+    rank = _RANK[name]
+    if value.ndim < rank + 1 or value.shape[-rank - 1] != T:
+        want = "(..., T, r, c)" if rank == 2 else "(..., T, r)"
+        raise ShapeError(f"{name} must be stacked as {want} with T = {T}, or a sequence "
+                         f"of {T} stage arrays; got shape {shape_str(value)}")
+    return list(value.unbind(dim=-rank - 1))
+
+
+def _validate(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None) -> None:
+    for t, s in enumerate(stages):
+        n, n1, m = s.A.shape[-1], s.A.shape[-2], s.B.shape[-1] if s.B.ndim >= 2 else -1
+        check_matrix(s.A, f"A[{t}]", None, None)
+        check_matrix(s.B, f"B[{t}]", n1, None)
+        check_square(s.Q, f"Q[{t}]", n)
+        check_square(s.R, f"R[{t}]", m)
+        if s.M is not None:
+            check_matrix(s.M, f"M[{t}]", m, n)
+        if s.q is not None:
+            check_vector(s.q, f"q[{t}]", n)
+        if s.r is not None:
+            check_vector(s.r, f"r[{t}]", m)
+        if s.c is not None:
+            check_vector(s.c, f"c[{t}]", n1)
+        if t + 1 < len(stages) and stages[t + 1].A.shape[-1] != n1:
+            raise ShapeError(
+                f"A[{t}] maps to a state of size {n1} but A[{t + 1}] expects "
+                f"{stages[t + 1].A.shape[-1]} (A[{t}] is {shape_str(s.A)}, "
+                f"A[{t + 1}] is {shape_str(stages[t + 1].A)})")
+        for name in _STAGE_ARGS:
+            v = getattr(s, name)
+            if v is not None:
+                check_finite(v, f"{name}[{t}]")
+        check_symmetric(s.Q, f"Q[{t}]")
+        check_symmetric(s.R, f"R[{t}]")
+    batch_shape(*((getattr(s, name), _RANK[name], f"{name}[{t}]")
+                  for t, s in enumerate(stages) for name in _STAGE_ARGS),
+                (QT, 2, "QT"), (qT, 1, "qT"))
+    nT = stages[-1].A.shape[-2]
+    check_square(QT, "QT", nT)
+    check_finite(QT, "QT")
+    check_symmetric(QT, "QT")
+    if qT is not None:
+        check_vector(qT, "qT", nT)
+        check_finite(qT, "qT")
+
+
+@dataclass(frozen=True)
+class LQRSolution:
+    """Solution of :func:`solve_lqr`.
+
+    Arrays are stacked along a time axis when the problem was given stacked, otherwise
+    they are lists with one entry per stage.
+
+    Attributes
+    ----------
+    K : (..., T, m, n)
+        Feedback gains, ``u_t = K_t x_t + k_t``.
+    k : (..., T, m)
+        Feedforward terms.
+    P : (..., T+1, n, n)
+        Value Hessians ``P_0 .. P_T`` (``P_T = Q_T``).
+    p : (..., T+1, n)
+        Value gradients ``p_0 .. p_T`` (``p_T = q_T``).
+    xs : (..., T+1, n) or None
+        Optimal states from ``x0`` (None when no x0 was given).
+    us : (..., T, m) or None
+        Optimal controls.
+    cost : (...) or None
+        Total cost of the optimal trajectory.
+    """
+
+    K: Any
+    k: Any
+    P: Any
+    p: Any
+    xs: Any = None
+    us: Any = None
+    cost: Any = None
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A rolled-out trajectory: ``xs`` (..., T+1, n), ``us`` (..., T, m), ``cost`` (...)."""
+
+    xs: Any
+    us: Any
+    cost: Any
+
+
+def _mv(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (A @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
+def stage_cost(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``1/2 x'Qx + 1/2 u'Ru + u'Mx + q'x + r'u`` for batched x (..., n), u (..., m)."""
+    cost = 0.5 * _dot(x, _mv(s.Q, x)) + 0.5 * _dot(u, _mv(s.R, u))
+    if s.M is not None:
+        cost = cost + _dot(u, _mv(s.M, x))
+    if s.q is not None:
+        cost = cost + _dot(s.q, x)
+    if s.r is not None:
+        cost = cost + _dot(s.r, u)
+    return cost
+
+
+def _terminal_cost(problem: LQR, x: torch.Tensor) -> torch.Tensor:
+    QT, qT = problem.terminal
+    cost = 0.5 * _dot(x, _mv(QT, x))
+    return cost if qT is None else cost + _dot(qT, x)
+
+
+def _step(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    x1 = _mv(s.A, x) + _mv(s.B, u)
+    return x1 if s.c is None else x1 + s.c
+
+
+def _stack(values: list[torch.Tensor], rank: int, problem: LQR, kind: ArrayKind) -> Any:
+    """Stack per-stage tensors along a time axis placed before the ``rank`` core axes."""
+    if not problem.stacked:
+        return kind.out(list(values))
+    shape = torch.broadcast_shapes(*(v.shape for v in values))
+    return kind.out(torch.stack([v.expand(shape) for v in values], dim=-rank - 1))
+
+
+def _x0_tensor(problem: LQR, x0: Any) -> torch.Tensor:
+    x0t = problem.kind.tensor(x0, "x0")
+    check_vector(x0t, "x0", problem.stages[0].n)
+    check_finite(x0t, "x0")
+    return x0t
+
+
+def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
+    r"""Solve a finite-horizon LQR by the backward Riccati recursion.
+
+    Parameters
+    ----------
+    problem : LQR
+    x0 : (..., n_0), optional
+        Initial state(s).  When given, the optimal trajectory and its cost are returned.
+    reg : float
+        Tikhonov regularization added to ``R_t + B_t'P_{t+1}B_t`` before it is solved
+        (0 = exact LQR).  The returned value derivatives are those of the regularized
+        policy.
+
+    Returns
+    -------
+    LQRSolution
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        When ``R_t + B_t'P_{t+1}B_t + reg I`` is not positive definite; names the stage.
+    """
+    kind = problem.kind
+    QT, qT = problem.terminal
+    P = QT
+    p = torch.zeros_like(QT[..., 0]) if qT is None else qT
+    Ps, ps, Ks, ks = [P], [p], [], []
+    solver = CholeskySolver(reg=float(reg))
+    for t in range(problem.T - 1, -1, -1):
+        s = problem.stages[t]
+        step = riccati_step(p, P, s.A, s.B, s.q, s.r, s.Q, s.R, s.M, s.c,
+                            solver=solver, stage=t)
+        P, p = step.Vxx, step.Vx
+        Ps.append(P)
+        ps.append(p)
+        Ks.append(step.K)
+        ks.append(step.k)
+    Ps.reverse()
+    ps.reverse()
+    Ks.reverse()
+    ks.reverse()
+    xs = us = cost = None
+    if x0 is not None:
+        x = _x0_tensor(problem, x0)
+        xs_l, us_l, total = [x], [], 0.0
+        for s, K, k in zip(problem.stages, Ks, ks):
+            u = _mv(K, x) + k
+            total = total + stage_cost(s, x, u)
+            x = _step(s, x, u)
+            xs_l.append(x)
+            us_l.append(u)
+        total = total + _terminal_cost(problem, x)
+        xs, us, cost = _stack(xs_l, 1, problem, kind), _stack(us_l, 1, problem, kind), \
+            kind.out(total)
+    return LQRSolution(
+        K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
+        P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
+        xs=xs, us=us, cost=cost)
+
+
+def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:
+    """Simulate the problem's dynamics open loop from ``x0`` under controls ``us``.
+
+    Parameters
+    ----------
+    problem : LQR
+    x0 : (..., n_0)
+    us : (..., T, m) or sequence of T arrays (..., m_t)
+
+    Returns
+    -------
+    Trajectory
+        States ``xs`` (..., T+1, n), the controls, and the total cost (...).
+    """
+    kind = problem.kind
+    x = _x0_tensor(problem, x0)
+    if isinstance(us, (list, tuple)):
+        u_list = [kind.tensor(u, f"us[{t}]") for t, u in enumerate(us)]
+    else:
+        ut = kind.tensor(us, "us")
+        if ut.ndim < 2 or ut.shape[-2] != problem.T:
+            raise ShapeError(f"us must have shape (..., T={problem.T}, m); got "
+                             f"{shape_str(ut)}")
+        u_list = list(ut.unbind(-2))
+    if len(u_list) != problem.T:
+        raise ShapeError(f"us has {len(u_list)} stages but the problem has {problem.T}")
+    xs_l, total = [x], 0.0
+    for t, (s, u) in enumerate(zip(problem.stages, u_list)):
+        check_vector(u, f"us[{t}]", s.m)
+        total = total + stage_cost(s, x, u)
+        x = _step(s, x, u)
+        xs_l.append(x)
+    total = total + _terminal_cost(problem, x)
+    return Trajectory(xs=_stack(xs_l, 1, problem, kind), us=_stack(u_list, 1, problem, kind),
+                      cost=kind.out(total))

@@ -1,0 +1,124 @@
+r"""Infinite-horizon, time-invariant LQR with linear terms (thesis Sec. 2.3.2).
+
+.. math::
+
+    \min_u \sum_{t=0}^\infty \tfrac12 x_t^\top Q x_t + \tfrac12 u_t^\top R u_t
+        + u_t^\top M x_t + q^\top x_t + r^\top u_t, \qquad x_{t+1} = A x_t + B u_t .
+
+:math:`P` solves the DARE (Eq. 2.3.8) with scipy's ``S = M^\top``; the linear term of the
+value is the fixed point of Eq. 2.3.9, which in our notation reads
+:math:`p = q + K^\top r + (A + BK)^\top p`, i.e.
+
+.. math::
+
+    p = (I - (A + BK)^\top)^{-1} (q + K^\top r), \qquad
+    k = -(R + B^\top P B)^{-1}(r + B^\top p),
+
+and the stationary policy is :math:`u = Kx + k`.  With linear terms the total cost is
+infinite; :math:`p` is the gradient of the relative value function, the quantity the
+thesis (Eq. 2.3.10, 4.1.7) uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._arrays import as_tensors
+from .._checks import check_finite, check_vector
+from ..dare._common import prepare
+from ..dare.solve import DAREMethod, solve_dare
+
+__all__ = ["InfiniteLQRSolution", "solve_infinite_lqr", "linear_fixed_point"]
+
+
+@dataclass(frozen=True)
+class InfiniteLQRSolution:
+    """Stationary solution of an infinite-horizon LQR.
+
+    Attributes
+    ----------
+    P : (..., n, n)
+        Value Hessian (stabilizing DARE solution).
+    K : (..., m, n)
+        Feedback gain, ``u = K x + k``.
+    p : (..., n)
+        Value gradient (linear-term fixed point); zeros when q = r = 0.
+    k : (..., m)
+        Feedforward term; zeros when q = r = 0.
+    closed_loop_eigvals : (..., n) complex
+    residual : (...)
+        Relative DARE residual.
+    method : str
+    """
+
+    P: Any
+    K: Any
+    p: Any
+    k: Any
+    closed_loop_eigvals: Any
+    residual: Any
+    method: str
+
+
+def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p = (I - (A+BK)')^{-1}(q + K'r)`` and ``k = -(R + B'PB)^{-1}(r + B'p)``
+    (tensors, batched)."""
+    n = A.shape[-1]
+    batch = torch.broadcast_shapes(A.shape[:-2], K.shape[:-2])
+    w = torch.zeros(*batch, n, dtype=A.dtype, device=A.device)
+    if q is not None:
+        w = w + q
+    if r is not None:
+        w = w + (K.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+    Acl = A + B @ K
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    p = torch.linalg.solve(eye - Acl.transpose(-1, -2), w)
+    rhs = (B.transpose(-1, -2) @ p.unsqueeze(-1)).squeeze(-1)
+    if r is not None:
+        rhs = rhs + r
+    G = R + B.transpose(-1, -2) @ P @ B
+    k = -torch.linalg.solve(G, rhs)
+    return p, k
+
+
+def solve_infinite_lqr(
+    A: Any, B: Any, Q: Any, R: Any, M: Any = None, q: Any = None, r: Any = None, *,
+    method: DAREMethod = "auto",
+) -> InfiniteLQRSolution:
+    """Solve the infinite-horizon LQR (cost convention of ``docs/notation.md``).
+
+    Parameters
+    ----------
+    A : (..., n, n)
+    B : (..., n, m)
+    Q : (..., n, n)
+    R : (..., m, m)
+    M : (..., m, n), optional
+        Cross term ``u'Mx`` (scipy's ``S`` is ``M'``).
+    q : (..., n), optional
+    r : (..., m), optional
+    method : str
+        DARE method, see :func:`trajopt.solve_dare`.
+
+    Returns
+    -------
+    InfiniteLQRSolution
+    """
+    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "M": M, "q": q, "r": r})
+    S = None if t["M"] is None else t["M"].transpose(-1, -2)
+    d = prepare(t["A"], t["B"], t["Q"], t["R"], None, S)
+    if t["q"] is not None:
+        check_vector(t["q"], "q", d.n)
+        check_finite(t["q"], "q")
+    if t["r"] is not None:
+        check_vector(t["r"], "r", d.m)
+        check_finite(t["r"], "r")
+    sol = solve_dare(d.A, d.B, d.Q, d.R, None, d.S, method=method)
+    p, k = linear_fixed_point(d.A, d.B, d.R, sol.P, sol.K, t["q"], t["r"])
+    return InfiniteLQRSolution(
+        P=kind.out(sol.P), K=kind.out(sol.K), p=kind.out(p), k=kind.out(k),
+        closed_loop_eigvals=kind.out(sol.closed_loop_eigvals),
+        residual=kind.out(sol.residual), method=sol.method)
