@@ -75,7 +75,7 @@ def _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs):
         raise ShapeError("As must be a sequence of N matrices or stacked (..., N, n, n)")
     if N < 1:
         raise ShapeError("As must hold at least one phase")
-    per = {name: _split(t[name], name + "s", N) for name in t}
+    per = {name: _split(t[name], name, N, name + "s") for name in t}
     stages = [Stage(A=per["A"][i], B=per["B"][i], Q=per["Q"][i], R=per["R"][i],
                     M=per["M"][i], q=per["q"][i], r=per["r"][i], c=None) for i in range(N)]
     n0 = stages[0].n

@@ -136,14 +136,18 @@ class LQR:
         return len(self.stages)
 
 
-def _split(value: Any, name: str, T: int) -> list[torch.Tensor | None]:
+def _split(value: Any, name: str, T: int, label: str | None = None
+           ) -> list[torch.Tensor | None]:
+    """Per-stage list of ``value`` (a list, or stacked with its time axis before the core
+    axes of argument ``name``); ``label`` names the argument in messages."""
+    rank = _RANK[name]
+    name = label or name
     if value is None:
         return [None] * T
     if isinstance(value, list):
         if len(value) != T:
             raise ShapeError(f"{name} has {len(value)} stages but A has {T}")
         return value
-    rank = _RANK[name]
     if value.ndim < rank + 1 or value.shape[-rank - 1] != T:
         want = "(..., T, r, c)" if rank == 2 else "(..., T, r)"
         raise ShapeError(f"{name} must be stacked as {want} with T = {T}, or a sequence "
@@ -155,6 +159,11 @@ def _validate(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None) ->
     for t, s in enumerate(stages):
         n, n1, m = s.A.shape[-1], s.A.shape[-2], s.B.shape[-1] if s.B.ndim >= 2 else -1
         check_matrix(s.A, f"A[{t}]", None, None)
+        if t + 1 < len(stages) and stages[t + 1].A.shape[-1] != n1:
+            raise ShapeError(
+                f"A[{t}] maps to a state of size {n1} but A[{t + 1}] expects "
+                f"{stages[t + 1].A.shape[-1]} (A[{t}] is {shape_str(s.A)}, "
+                f"A[{t + 1}] is {shape_str(stages[t + 1].A)})")
         check_matrix(s.B, f"B[{t}]", n1, None)
         check_square(s.Q, f"Q[{t}]", n)
         check_square(s.R, f"R[{t}]", m)
@@ -166,11 +175,6 @@ def _validate(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None) ->
             check_vector(s.r, f"r[{t}]", m)
         if s.c is not None:
             check_vector(s.c, f"c[{t}]", n1)
-        if t + 1 < len(stages) and stages[t + 1].A.shape[-1] != n1:
-            raise ShapeError(
-                f"A[{t}] maps to a state of size {n1} but A[{t + 1}] expects "
-                f"{stages[t + 1].A.shape[-1]} (A[{t}] is {shape_str(s.A)}, "
-                f"A[{t + 1}] is {shape_str(stages[t + 1].A)})")
         for name in _STAGE_ARGS:
             v = getattr(s, name)
             if v is not None:
