@@ -35,7 +35,8 @@ DARE_CASES = [
      "batch dimensions do not broadcast: A batch (3,), B batch (4,)"),
     (dict(A=I2, B=B21, Q=NANQ, R=I1), NonFiniteError,
      "Q contains NaN or infinity (shape (2, 2))"),
-    (dict(A=np.full((2, 2), np.inf), B=B21, Q=I2, R=I1), NonFiniteError, "A contains NaN or infinity"),
+    (dict(A=np.full((2, 2), np.inf), B=B21, Q=I2, R=I1), NonFiniteError,
+     "A contains NaN or infinity"),
     (dict(A=I2, B=B21, Q=ASYM, R=I1), NotSymmetricError, "Q must be symmetric"),
     (dict(A=I2 * 1j, B=B21, Q=I2, R=I1), ShapeError, "A is complex"),
 ]

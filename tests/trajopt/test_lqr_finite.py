@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trajopt
-from trajopt.errors import NotPositiveDefiniteError
 from tests.reference.lqr_kkt import kkt_solve, kkt_value, random_stages, riccati_numpy
+from trajopt.errors import NotPositiveDefiniteError
 
 RTOL = 1e-9  # float64 identities; the KKT matrix condition number stays < 1e6 here
 

@@ -53,7 +53,7 @@ class DAREData:
     def m(self) -> int:
         return self.B.shape[-1]
 
-    def element(self, index: tuple[int, ...]) -> "DAREData":
+    def element(self, index: tuple[int, ...]) -> DAREData:
         """One batch element (unbatched tensors)."""
         def pick(t):
             return None if t is None else t[index]

@@ -182,7 +182,7 @@ def solve_cyclic_lqr(
         n0 = stages[0].n
         P = torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device)
         p = torch.zeros(n0, dtype=kind.dtype, device=kind.device)
-        for sweeps in range(1, max_sweeps + 1):
+        for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (read after the loop)
             Ps, ps, Ks, ks = _sweep(stages, P, p)
             dP = torch.linalg.matrix_norm(Ps[0] - P) / torch.linalg.matrix_norm(
                 Ps[0]).clamp_min(eps)
