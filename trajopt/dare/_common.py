@@ -20,6 +20,7 @@ import torch
 
 from .._checks import (
     batch_shape,
+    batched_solve,
     check_finite,
     check_matrix,
     check_square,
@@ -94,7 +95,7 @@ def gain(d: DAREData, X: torch.Tensor) -> torch.Tensor:
     H = BtX @ d.A
     if d.S is not None:
         H = H + d.S.transpose(-1, -2)
-    return -torch.linalg.solve(G, H)
+    return -batched_solve(G, H)
 
 
 def residual_matrix(d: DAREData, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +107,7 @@ def residual_matrix(d: DAREData, X: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if d.S is not None:
         H = H + d.S.transpose(-1, -2)
     G = sym(d.R + d.B.transpose(-1, -2) @ X @ d.B)
-    corr = H.transpose(-1, -2) @ torch.linalg.solve(G, H)
+    corr = H.transpose(-1, -2) @ batched_solve(G, H)
     res = sym(AXA - EXE - corr + d.Q)
 
     def nrm(t):
@@ -129,7 +130,7 @@ def closed_loop_eigvals(d: DAREData, K: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of the pencil ``(A + BK, E)`` (..., n), complex."""
     Acl = d.A + d.B @ K
     if d.E is not None:
-        Acl = torch.linalg.solve(d.E, Acl)
+        Acl = batched_solve(d.E, Acl)
     return torch.linalg.eigvals(Acl)
 
 

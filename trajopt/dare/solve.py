@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, get_args
 
 import torch
@@ -44,7 +46,9 @@ class DARESolution:
         Optimal gain in the convention ``u = K x``:
         ``K = -(R + B'PB)^{-1}(B'PA + S')``.  MATLAB/python-control ``dlqr`` return ``-K``.
     closed_loop_eigvals : (..., n) complex
-        Eigenvalues of the pencil ``(A + BK, E)``; all inside the unit circle.
+        Eigenvalues of the pencil ``(A + BK, E)``, all inside the unit circle.  Computed
+        on first access (an eigenvalue solve per system costs more than the doubling
+        iteration itself for large batches); stability is certified without it.
     residual : (...)
         Relative residual ``||Ric(P)||_F`` divided by the sum of the Frobenius norms of
         the equation's terms (see ``docs/dare.md``).
@@ -54,9 +58,13 @@ class DARESolution:
 
     P: Any
     K: Any
-    closed_loop_eigvals: Any
     residual: Any
     method: str
+    _eigvals: Callable[[], Any] = field(repr=False, compare=False)
+
+    @cached_property
+    def closed_loop_eigvals(self) -> Any:
+        return self._eigvals()
 
 
 def _accept_tol(dtype: torch.dtype, n: int) -> float:
@@ -73,31 +81,31 @@ def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
     return solve_scipy(d), "scipy"
 
 
-def _auto(d: DAREData, tol: float | None, max_iter: int) -> tuple[torch.Tensor, list[str]]:
+def _auto(d: DAREData, tol: float | None, max_iter: int
+          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """'auto': doubling for the whole batch when R > 0 and E is well conditioned, then a
-    per-element fallback to slycot (else scipy) where doubling did not converge, is not
-    finite, not stabilizing or not accurate; each candidate is Newton-refined and the one
-    with the smaller residual kept."""
+    per-element fallback to slycot (else scipy) where doubling did not converge to a
+    certified stabilizing solution or is not accurate; every candidate is
+    Newton-refined and, per element, the one with the smaller residual kept.
+
+    Returns X, the mask of elements certified stabilizing by doubling, and the methods.
+    """
     used: list[str] = []
     X = None
+    certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
     eps = torch.finfo(d.A.dtype).eps
-    e_ok = d.E is None or bool(
-        (torch.linalg.cond(d.E) < 1.0 / eps ** 0.5).all())
-    if e_ok:
+    if d.E is None or bool((torch.linalg.cond(d.E) < 1.0 / eps ** 0.5).all()):
         try:
-            X, _conv = solve_doubling(d, tol=tol, max_iter=max_iter)
+            X, certified = solve_doubling(d, tol=tol, max_iter=max_iter)
             used.append("doubling")
         except NumericalError:
             X = None
-    if X is not None:
-        X, res = newton_refine(d, X, steps=2)
-        finite = torch.isfinite(X).all(dim=(-2, -1))
-        Xs = torch.where(finite[..., None, None], X, torch.zeros_like(X))
-        rho = torch.where(finite, closed_loop_eigvals(d, gain(d, Xs)).abs().amax(-1),
-                          torch.full_like(res, float("inf")))
-        bad = ~finite | (rho >= 1) | (res > _accept_tol(d.A.dtype, d.n))
-    else:
+    if X is None:
         bad = torch.ones(d.batch, dtype=torch.bool, device=d.A.device)
+    else:
+        Xs = torch.where(certified[..., None, None], X, torch.zeros_like(X))
+        X, res = newton_refine(d, Xs, steps=2)
+        bad = ~certified | (res > _accept_tol(d.A.dtype, d.n))
     if bool(bad.any()):
         idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
         flat = DAREData(*(None if t is None else t.reshape(-1, *t.shape[-2:])[idx]
@@ -107,16 +115,18 @@ def _auto(d: DAREData, tol: float | None, max_iter: int) -> tuple[torch.Tensor, 
         except TrajoptError:
             if X is None:
                 raise
-            return X, used
+            return X, certified, used
         Xr, res_r = newton_refine(flat, Xr, steps=2)
         used.append(name)
         if X is None:
-            return Xr.reshape(*d.batch, d.n, d.n), used
+            return Xr.reshape(*d.batch, d.n, d.n), certified, used
         Xf = X.reshape(-1, d.n, d.n).clone()
-        take = (res_r < res.reshape(-1)[idx]) | (rho.reshape(-1)[idx] >= 1)
+        cf = certified.reshape(-1).clone()
+        take = (res_r < res.reshape(-1)[idx]) | ~cf[idx]
         Xf[idx] = torch.where(take[:, None, None], Xr, Xf[idx])
-        X = Xf.reshape(*d.batch, d.n, d.n)
-    return X, used
+        cf[idx] = cf[idx] & ~take
+        X, certified = Xf.reshape(*d.batch, d.n, d.n), cf.reshape(d.batch)
+    return X, certified, used
 
 
 def solve_dare(
@@ -182,15 +192,13 @@ def solve_dare(
         raise ValueError(f"method must be one of {get_args(DAREMethod)}; got {method!r}")
     t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
     if method == "auto":
-        X, used = _auto(d, tol, max_iter)
+        X, certified, used = _auto(d, tol, max_iter)
         refine = 0
     elif method == "doubling":
-        X, conv = solve_doubling(d, tol=tol, max_iter=max_iter)
+        X, certified = solve_doubling(d, tol=tol, max_iter=max_iter)
         used = ["doubling"]
-        if not bool(conv.all()) and bool(torch.isfinite(X).all()):
-            warnings.warn(f"doubling did not converge in {max_iter} iterations",
-                          ConvergenceWarning, stacklevel=2)
     elif method == "scipy":
         X, used = solve_scipy(d), ["scipy"]
     else:
@@ -201,22 +209,37 @@ def solve_dare(
         X, _ = newton_refine(d, X, steps=refine)
         if not torch.equal(X, X0):
             label += "+newton"
-    return _finish(d, X, label, kind)
+    sol = _finish(d, X, certified, label, kind)  # raises if not stabilizing
+    if method == "doubling" and not bool(certified.all()):
+        warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
+                      "stabilizing but may be inaccurate (see .residual)",
+                      ConvergenceWarning, stacklevel=2)
+    return sol
 
 
-def _finish(d: DAREData, X: torch.Tensor, label: str, kind) -> DARESolution:
+def _finish(d: DAREData, X: torch.Tensor, certified: torch.Tensor, label: str, kind
+            ) -> DARESolution:
+    """Check finiteness and stability (eigenvalues only where doubling did not certify
+    it) and package the result."""
     finite = torch.isfinite(X).all(dim=(-2, -1))
     if not bool(finite.all()):
         _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     K = gain(d, X)
-    eig = closed_loop_eigvals(d, K)
-    rho = eig.abs().amax(-1)
-    if not bool((rho < 1).all()):
-        _raise_unstabilizable(d, ~(rho < 1), "the solution found is not stabilizing "
-                              f"(closed-loop spectral radius {float(rho.max()):.6g})")
+    unchecked = ~certified
+    if bool(unchecked.any()):
+        flat = unchecked.reshape(-1)
+        sub = DAREData(*(None if t is None else t.reshape(-1, *t.shape[-2:])[flat]
+                         for t in (d.A, d.B, d.Q, d.R, d.E, d.S)))
+        rho_sub = closed_loop_eigvals(sub, K.reshape(-1, *K.shape[-2:])[flat]).abs().amax(-1)
+        rho = torch.zeros(flat.shape, dtype=X.dtype, device=X.device)
+        rho[flat] = rho_sub
+        rho = rho.reshape(d.batch)
+        if not bool((rho < 1).all()):
+            _raise_unstabilizable(d, ~(rho < 1), "the solution found is not stabilizing "
+                                  f"(closed-loop spectral radius {float(rho.max()):.6g})")
     res = relative_residual(d, X)
-    return DARESolution(P=kind.out(X), K=kind.out(K), closed_loop_eigvals=kind.out(eig),
-                        residual=kind.out(res), method=label)
+    return DARESolution(P=kind.out(X), K=kind.out(K), residual=kind.out(res), method=label,
+                        _eigvals=lambda: kind.out(closed_loop_eigvals(d, K)))
 
 
 def _raise_unstabilizable(d: DAREData, bad: torch.Tensor, what: str) -> None:

@@ -24,13 +24,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 
-from .._arrays import as_tensors
+from .._arrays import infer_kind
 from ..errors import ConvergenceWarning, ShapeError
-from .finite import Stage, _split, _validate
+from .finite import LQR, Stage
 from .infinite import solve_infinite_lqr
-from .riccati import riccati_step
+from .riccati import riccati_step_joint
 
 __all__ = ["CyclicLQRSolution", "solve_cyclic_lqr"]
 
@@ -64,26 +65,21 @@ class CyclicLQRSolution:
 
 
 def _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs):
-    raw = {"A": As, "B": Bs, "Q": Qs, "R": Rs, "M": Ms, "q": qs, "r": rs}
-    raw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in raw.items()}
-    t, kind = as_tensors(raw)
-    if isinstance(t["A"], list):
-        N = len(t["A"])
-    elif t["A"].ndim >= 3:
-        N = t["A"].shape[-3]
-    else:
-        raise ShapeError("As must be a sequence of N matrices or stacked (..., N, n, n)")
-    if N < 1:
+    """Validate the phases through :class:`LQR` (its terminal cost is unused here)."""
+    kind = infer_kind(As, Bs, Qs, Rs, Ms, qs, rs)
+    listed = isinstance(As, (list, tuple))
+    if not listed and len(np.shape(As)) < 3:
+        raise ShapeError("As must be a sequence of N matrices or stacked (..., N, n, n); "
+                         f"got shape {tuple(np.shape(As))}")
+    if listed and not As:
         raise ShapeError("As must hold at least one phase")
-    per = {name: _split(t[name], name, N, name + "s") for name in t}
-    stages = [Stage(A=per["A"][i], B=per["B"][i], Q=per["Q"][i], R=per["R"][i],
-                    M=per["M"][i], q=per["q"][i], r=per["r"][i], c=None) for i in range(N)]
-    n0 = stages[0].n
-    if stages[-1].A.shape[-2] != n0:
-        raise ShapeError(f"the cycle does not close: A[{N - 1}] maps to size "
-                         f"{stages[-1].A.shape[-2]} but phase 0 has size {n0}")
-    # terminal placeholder only for the shared checks
-    _validate(stages, torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device), None)
+    n_end = np.shape(As[-1] if listed else As[..., -1, :, :])[-2]
+    QT = (np.zeros((n_end, n_end)) if kind.numpy else
+          torch.zeros(n_end, n_end, dtype=kind.dtype, device=kind.device))
+    stages = LQR(A=As, B=Bs, Q=Qs, R=Rs, M=Ms, q=qs, r=rs, QT=QT).stages
+    if stages[-1].A.shape[-2] != stages[0].n:
+        raise ShapeError(f"the cycle does not close: A[{len(stages) - 1}] maps to size "
+                         f"{stages[-1].A.shape[-2]} but phase 0 has size {stages[0].n}")
     return stages, kind
 
 
@@ -138,7 +134,7 @@ def _sweep(stages: list[Stage], P: torch.Tensor, p: torch.Tensor):
     Ps, ps, Ks, ks = [None] * N, [None] * N, [None] * N, [None] * N
     for i in range(N - 1, -1, -1):
         s = stages[i]
-        step = riccati_step(p, P, s.A, s.B, s.q, s.r, s.Q, s.R, s.M, stage=i)
+        step = riccati_step_joint(p, P, s.F, s.L, s.n, stage=i)
         P, p = step.Vxx, step.Vx
         Ps[i], ps[i], Ks[i], ks[i] = P, p, step.K, step.k
     return Ps, ps, Ks, ks

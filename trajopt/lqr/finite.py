@@ -14,7 +14,7 @@ optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from .._checks import (
     shape_str,
 )
 from ..errors import ShapeError
-from .riccati import CholeskySolver, riccati_step
+from .riccati import CholeskySolver, joint_blocks, riccati_step_joint
 
 __all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout"]
 
@@ -40,7 +40,8 @@ _RANK = {"A": 2, "B": 2, "Q": 2, "R": 2, "M": 2, "q": 1, "r": 1, "c": 1}
 
 @dataclass(frozen=True)
 class Stage:
-    """One LQR stage as tensors (internal). Optional terms are None when absent."""
+    """One LQR stage as tensors (internal).  Optional terms are None when absent; ``F``
+    and ``L`` are the packed derivatives of :func:`~trajopt.lqr.riccati.joint_blocks`."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -50,6 +51,8 @@ class Stage:
     q: torch.Tensor | None
     r: torch.Tensor | None
     c: torch.Tensor | None
+    F: torch.Tensor | None = None
+    L: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -116,13 +119,29 @@ class LQR:
         T = tensors["A"].shape[-3] if stacked else len(tensors["A"])
         if T < 1:
             raise ShapeError("A must hold at least one stage (T >= 1)")
-        per_stage = {name: _split(tensors[name], name, T) for name in _STAGE_ARGS}
-        stages = [Stage(**{name: per_stage[name][t] for name in _STAGE_ARGS})
-                  for t in range(T)]
         QT, qT = tensors["QT"], tensors["qT"]
         if QT is None:
             raise ShapeError("QT (terminal Hessian) is required")
-        _validate(stages, QT, qT)
+        per_stage = {name: _split(tensors[name], name, T) for name in _STAGE_ARGS}
+        stages = [Stage(**{name: per_stage[name][t] for name in _STAGE_ARGS})
+                  for t in range(T)]
+        _validate_shapes(stages, QT, qT)
+        if stacked:  # one check per argument instead of one per stage
+            _validate_values({n: tensors[n] for n in _STAGE_ARGS}, QT, qT, "")
+            packed = joint_blocks(tensors["A"], tensors["B"], tensors["q"], tensors["r"],
+                                  tensors["Q"], tensors["R"], tensors["M"])
+            # time-major contiguous copies: per-stage views of a batch-major array are
+            # strided, and every batched matmul on them would copy them again
+            Fs, Ls = (list(v.movedim(-3, 0).contiguous().unbind(0)) for v in packed)
+        else:
+            for t, st_ in enumerate(stages):
+                _validate_values({n: getattr(st_, n) for n in _STAGE_ARGS}, None, None,
+                                 f"[{t}]")
+            _validate_values({}, QT, qT, "")
+            packed = [joint_blocks(st_.A, st_.B, st_.q, st_.r, st_.Q, st_.R, st_.M)
+                      for st_ in stages]
+            Fs, Ls = [p[0] for p in packed], [p[1] for p in packed]
+        stages = [replace(st_, F=F, L=L) for st_, F, L in zip(stages, Fs, Ls)]
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "terminal", (QT, qT))
         object.__setattr__(self, "kind", kind)
@@ -155,16 +174,19 @@ def _split(value: Any, name: str, T: int, label: str | None = None
     return list(value.unbind(dim=-rank - 1))
 
 
-def _validate(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None) -> None:
+def _validate_shapes(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None
+                     ) -> None:
+    """Shapes of every stage (Python-level, cheap) and batch broadcasting."""
     for t, s in enumerate(stages):
-        n, n1, m = s.A.shape[-1], s.A.shape[-2], s.B.shape[-1] if s.B.ndim >= 2 else -1
         check_matrix(s.A, f"A[{t}]", None, None)
+        n, n1 = s.A.shape[-1], s.A.shape[-2]
         if t + 1 < len(stages) and stages[t + 1].A.shape[-1] != n1:
             raise ShapeError(
                 f"A[{t}] maps to a state of size {n1} but A[{t + 1}] expects "
                 f"{stages[t + 1].A.shape[-1]} (A[{t}] is {shape_str(s.A)}, "
                 f"A[{t + 1}] is {shape_str(stages[t + 1].A)})")
         check_matrix(s.B, f"B[{t}]", n1, None)
+        m = s.B.shape[-1]
         check_square(s.Q, f"Q[{t}]", n)
         check_square(s.R, f"R[{t}]", m)
         if s.M is not None:
@@ -175,21 +197,31 @@ def _validate(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None) ->
             check_vector(s.r, f"r[{t}]", m)
         if s.c is not None:
             check_vector(s.c, f"c[{t}]", n1)
-        for name in _STAGE_ARGS:
-            v = getattr(s, name)
-            if v is not None:
-                check_finite(v, f"{name}[{t}]")
-        check_symmetric(s.Q, f"Q[{t}]")
-        check_symmetric(s.R, f"R[{t}]")
-    batch_shape(*((getattr(s, name), _RANK[name], f"{name}[{t}]")
-                  for t, s in enumerate(stages) for name in _STAGE_ARGS),
-                (QT, 2, "QT"), (qT, 1, "qT"))
     nT = stages[-1].A.shape[-2]
     check_square(QT, "QT", nT)
-    check_finite(QT, "QT")
-    check_symmetric(QT, "QT")
     if qT is not None:
         check_vector(qT, "qT", nT)
+    first, last = stages[0], stages[-1]  # all stages share a batch shape when stacked
+    batch_shape(*((getattr(s, name), _RANK[name], f"{name}[{t}]")
+                  for t, s in ((0, first), (len(stages) - 1, last)) for name in _STAGE_ARGS),
+                (QT, 2, "QT"), (qT, 1, "qT"))
+    if len(stages) > 2 and any(s.A.ndim != first.A.ndim for s in stages):
+        batch_shape(*((s.A, 2, f"A[{t}]") for t, s in enumerate(stages)))
+
+
+def _validate_values(named: dict[str, torch.Tensor | None], QT: torch.Tensor | None,
+                     qT: torch.Tensor | None, suffix: str) -> None:
+    """Finiteness and symmetry, on stacked arrays or on one stage (``suffix`` = "[t]")."""
+    for name, v in named.items():
+        if v is not None:
+            check_finite(v, name + suffix)
+    for name in ("Q", "R"):
+        if named.get(name) is not None:
+            check_symmetric(named[name], name + suffix)
+    if QT is not None:
+        check_finite(QT, "QT")
+        check_symmetric(QT, "QT")
+    if qT is not None:
         check_finite(qT, "qT")
 
 
@@ -312,8 +344,7 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
     solver = CholeskySolver(reg=float(reg))
     for t in range(problem.T - 1, -1, -1):
         s = problem.stages[t]
-        step = riccati_step(p, P, s.A, s.B, s.q, s.r, s.Q, s.R, s.M, s.c,
-                            solver=solver, stage=t)
+        step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
         P, p = step.Vxx, step.Vx
         Ps.append(P)
         ps.append(p)

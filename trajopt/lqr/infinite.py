@@ -21,7 +21,7 @@ thesis (Eq. 2.3.10, 4.1.7) uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import torch
 from .._arrays import as_tensors
 from .._checks import check_finite, check_vector
 from ..dare._common import prepare
-from ..dare.solve import DAREMethod, solve_dare
+from ..dare.solve import DAREMethod, DARESolution, solve_dare
 
 __all__ = ["InfiniteLQRSolution", "solve_infinite_lqr", "linear_fixed_point"]
 
@@ -58,9 +58,14 @@ class InfiniteLQRSolution:
     K: Any
     p: Any
     k: Any
-    closed_loop_eigvals: Any
     residual: Any
     method: str
+    dare: DARESolution = field(repr=False, compare=False)
+
+    @property
+    def closed_loop_eigvals(self) -> Any:
+        """Eigenvalues of ``A + BK`` (computed on first access, see DARESolution)."""
+        return self.dare.closed_loop_eigvals
 
 
 def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,5 +125,6 @@ def solve_infinite_lqr(
     p, k = linear_fixed_point(d.A, d.B, d.R, sol.P, sol.K, t["q"], t["r"])
     return InfiniteLQRSolution(
         P=kind.out(sol.P), K=kind.out(sol.K), p=kind.out(p), k=kind.out(k),
-        closed_loop_eigvals=kind.out(sol.closed_loop_eigvals),
-        residual=kind.out(sol.residual), method=sol.method)
+        residual=kind.out(sol.residual), method=sol.method,
+        dare=DARESolution(P=kind.out(sol.P), K=kind.out(sol.K), residual=kind.out(sol.residual),
+                          method=sol.method, _eigvals=lambda: kind.out(sol.closed_loop_eigvals)))

@@ -48,12 +48,16 @@ from ..errors import NotPositiveDefiniteError
 
 __all__ = [
     "QExpansion",
+    "joint_blocks",
+    "expand_q_joint",
+    "riccati_step_joint",
     "RiccatiStep",
     "QuuSolver",
     "CholeskySolver",
     "expand_q",
     "solve_policy",
     "riccati_step",
+    "value_update",
 ]
 
 
@@ -76,6 +80,10 @@ class QExpansion:
     Qxx : (..., n, n)
     Qux : (..., m, n)
     Quu : (..., m, m)
+        Not necessarily symmetrized: the Cholesky solver reads its lower triangle.
+    joint : (..., n+m, 1+n+m) or None
+        The packed ``[[Qx, Qxx, Qxu], [Qu, Qux, Quu]]`` the fields are views of, when the
+        expansion was formed jointly.
     """
 
     Qx: torch.Tensor
@@ -83,6 +91,7 @@ class QExpansion:
     Qxx: torch.Tensor
     Qux: torch.Tensor
     Quu: torch.Tensor
+    joint: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,6 @@ class RiccatiStep:
         Value Hessian at this stage (the thesis' K, our ``P``), symmetric.
     Q : QExpansion
         The expansion the policy came from (unregularized Q_uu).
-    dV : (..., 2)
-        Expected value change of the full step split as ``[k'Q_u, 1/2 k'Q_uu k]`` so that a
-        line search with step alpha expects ``alpha dV[0] + alpha^2 dV[1]``.
     """
 
     K: torch.Tensor
@@ -111,7 +117,60 @@ class RiccatiStep:
     Vx: torch.Tensor
     Vxx: torch.Tensor
     Q: QExpansion
-    dV: torch.Tensor
+
+    @property
+    def dV(self) -> torch.Tensor:
+        """Expected value change of the full step, (..., 2): ``[k'Q_u, 1/2 k'Q_uu k]``, so
+        a line search with step alpha expects ``alpha dV[0] + alpha^2 dV[1]``."""
+        Quu = sym(self.Q.Quu)
+        return torch.stack([(self.k * self.Q.Qu).sum(-1),
+                            0.5 * (self.k * _mv(Quu, self.k)).sum(-1)], dim=-1)
+
+
+def joint_blocks(
+    fx: torch.Tensor, fu: torch.Tensor, lx: torch.Tensor | None, lu: torch.Tensor | None,
+    lxx: torch.Tensor, luu: torch.Tensor, lux: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a stage's derivatives for :func:`expand_q_joint`.
+
+    Returns ``F = [f_x  f_u]`` (..., n1, n+m) and the cost block with the gradient as
+    its first column, ``L = [[l_x, l_xx, l_ux'], [l_u, l_ux, l_uu]]`` (..., n+m, 1+n+m).
+    Works on stacked (time-major inside the batch) arrays too, so a whole LQR is packed
+    with two ``cat`` calls.
+    """
+    n, m = fx.shape[-1], fu.shape[-1]
+    batch = torch.broadcast_shapes(fx.shape[:-2], fu.shape[:-2], lxx.shape[:-2],
+                                   luu.shape[:-2])
+    F = torch.cat([fx.expand(*batch, *fx.shape[-2:]), fu.expand(*batch, *fu.shape[-2:])], -1)
+    zeros = fx.new_zeros(())
+    lx = zeros.expand(*batch, n) if lx is None else lx.expand(*batch, n)
+    lu = zeros.expand(*batch, m) if lu is None else lu.expand(*batch, m)
+    lux = zeros.expand(*batch, m, n) if lux is None else lux.expand(*batch, m, n)
+    top = torch.cat([lx.unsqueeze(-1), lxx.expand(*batch, n, n), lux.transpose(-1, -2)], -1)
+    bottom = torch.cat([lu.unsqueeze(-1), lux, luu.expand(*batch, m, m)], -1)
+    return F, torch.cat([top, bottom], -2)
+
+
+def expand_q_joint(
+    Vx: torch.Tensor, Vxx: torch.Tensor, F: torch.Tensor, L: torch.Tensor, n: int,
+    c: torch.Tensor | None = None,
+) -> QExpansion:
+    r"""Q expansion from packed derivatives (see :func:`joint_blocks`):
+    :math:`[Q_\cdot \mid Q_{\cdot\cdot}] = L + F^\top [V_x' \mid V_{xx}' F]`, one
+    matmul for the whole second-order expansion.  The fields of the result are views
+    into one (..., n+m, 1+n+m) tensor; ``n`` is the state size of this stage.
+    """
+    if c is not None:
+        Vx = Vx + _mv(Vxx, c)
+    VF = Vxx @ F
+    Vx = Vx.expand(*VF.shape[:-2], Vx.shape[-1])
+    J = L + F.transpose(-1, -2) @ torch.cat([Vx.unsqueeze(-1), VF], -1)
+    return _split_joint(J, n)
+
+
+def _split_joint(J: torch.Tensor, n: int) -> QExpansion:
+    return QExpansion(Qx=J[..., :n, 0], Qu=J[..., n:, 0], Qxx=J[..., :n, 1:n + 1],
+                      Qux=J[..., n:, 1:n + 1], Quu=J[..., n:, n + 1:], joint=J)
 
 
 def expand_q(
@@ -142,21 +201,8 @@ def expand_q(
     c : (..., n1) or None
         Affine offset of the dynamics about the nominal point (LQR's ``c_t``).
     """
-    if c is not None:
-        Vx = Vx + _mv(Vxx, c)
-    Qx = _mtv(fx, Vx)
-    Qu = _mtv(fu, Vx)
-    if lx is not None:
-        Qx = Qx + lx
-    if lu is not None:
-        Qu = Qu + lu
-    Vxx_fx = Vxx @ fx
-    Qxx = sym(lxx + fx.transpose(-1, -2) @ Vxx_fx)
-    Qux = fu.transpose(-1, -2) @ Vxx_fx
-    if lux is not None:
-        Qux = Qux + lux
-    Quu = sym(luu + fu.transpose(-1, -2) @ (Vxx @ fu))
-    return QExpansion(Qx=Qx, Qu=Qu, Qxx=Qxx, Qux=Qux, Quu=Quu)
+    F, L = joint_blocks(fx, fu, lx, lu, lxx, luu, lux)
+    return expand_q_joint(Vx, Vxx, F, L, fx.shape[-1], c)
 
 
 class QuuSolver(Protocol):
@@ -195,14 +241,21 @@ class CholeskySolver:
 def solve_policy(
     Q: QExpansion, solver: QuuSolver, stage: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(K, k)``, ``K = -Quu^{-1} Qux`` (..., m, n), ``k = -Quu^{-1} Qu`` (..., m)."""
+    """Return ``(K, k)``, ``K = -Quu^{-1} Qux`` (..., m, n), ``k = -Quu^{-1} Qu`` (..., m).
+
+    Both come from one solve with the right-hand side ``[Qu | Qux]`` (a view of the joint
+    expansion when there is one).
+    """
     n = Q.Qux.shape[-1]
-    batch = torch.broadcast_shapes(Q.Qux.shape[:-2], Q.Qu.shape[:-1], Q.Quu.shape[:-2])
-    m = Q.Quu.shape[-1]
-    rhs = torch.cat(
-        [Q.Qux.expand(*batch, m, n), Q.Qu.expand(*batch, m).unsqueeze(-1)], dim=-1)
-    sol = -solver.solve(Q.Quu.expand(*batch, m, m), rhs, stage)
-    return sol[..., :n], sol[..., n]
+    if Q.joint is not None:
+        rhs = Q.joint[..., n:, :n + 1]
+    else:
+        batch = torch.broadcast_shapes(Q.Qux.shape[:-2], Q.Qu.shape[:-1])
+        m = Q.Quu.shape[-1]
+        rhs = torch.cat([Q.Qu.expand(*batch, m).unsqueeze(-1), Q.Qux.expand(*batch, m, n)], -1)
+    Quu = Q.Quu.expand(*rhs.shape[:-2], *Q.Quu.shape[-2:])
+    sol = -solver.solve(Quu, rhs, stage)
+    return sol[..., 1:], sol[..., 0]
 
 
 def riccati_step(
@@ -225,10 +278,21 @@ def riccati_step(
     Parameters are those of :func:`expand_q`; ``solver`` defaults to an unregularized
     :class:`CholeskySolver`; ``stage`` only labels error messages.
     """
+    F, L = joint_blocks(fx, fu, lx, lu, lxx, luu, lux)
+    return riccati_step_joint(Vx, Vxx, F, L, fx.shape[-1], c, solver=solver, stage=stage)
+
+
+def riccati_step_joint(
+    Vx: torch.Tensor, Vxx: torch.Tensor, F: torch.Tensor, L: torch.Tensor, n: int,
+    c: torch.Tensor | None = None, *, solver: QuuSolver | None = None,
+    stage: int | None = None,
+) -> RiccatiStep:
+    """:func:`riccati_step` on packed derivatives (``F``, ``L`` of :func:`joint_blocks`),
+    the form the LQR solvers precompute for every stage at once."""
     solver = CholeskySolver() if solver is None else solver
-    Q = expand_q(Vx, Vxx, fx, fu, lx, lu, lxx, luu, lux, c)
+    Q = expand_q_joint(Vx, Vxx, F, L, n, c)
     K, k = solve_policy(Q, solver, stage)
-    return value_update(Q, K, k, exact_policy=getattr(solver, "reg", 0.0) == 0.0)
+    return value_update(Q, K, k, exact_policy=getattr(solver, "reg", None) == 0.0)
 
 
 def value_update(
@@ -237,17 +301,21 @@ def value_update(
     """Value derivatives of the policy ``(K, k)`` under the expansion ``Q``.
 
     With ``exact_policy`` (K, k solve the unregularized Q_uu exactly) the shorter forms
-    ``Vx = Qx + Qux'k``, ``Vxx = Qxx + Qux'K`` are used; otherwise the general forms that
-    stay correct for a regularized or approximate Q_uu.
+    ``Vx = Qx + Qux'k``, ``Vxx = Qxx + Qux'K`` are used (one matmul on the joint
+    expansion); otherwise the general forms that stay correct for a regularized or
+    approximate Q_uu.
     """
-    KT = K.transpose(-1, -2)
     QuxT = Q.Qux.transpose(-1, -2)
-    Quu_k = _mv(Q.Quu, k)
-    if exact_policy:
+    if exact_policy and Q.joint is not None:
+        n = K.shape[-1]
+        kK = torch.cat([k.unsqueeze(-1), K], -1)
+        V = Q.joint[..., :n, :n + 1] + QuxT @ kK
+        Vx, Vxx = V[..., 0], sym(V[..., 1:])
+    elif exact_policy:
         Vx = Q.Qx + _mv(QuxT, k)
         Vxx = sym(Q.Qxx + QuxT @ K)
     else:
-        Vx = Q.Qx + _mv(KT, Quu_k) + _mv(KT, Q.Qu) + _mv(QuxT, k)
+        KT = K.transpose(-1, -2)
+        Vx = Q.Qx + _mv(KT, _mv(Q.Quu, k)) + _mv(KT, Q.Qu) + _mv(QuxT, k)
         Vxx = sym(Q.Qxx + KT @ Q.Quu @ K + KT @ Q.Qux + QuxT @ K)
-    dV = torch.stack([(k * Q.Qu).sum(-1), 0.5 * (k * Quu_k).sum(-1)], dim=-1)
-    return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, dV=dV)
+    return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q)
