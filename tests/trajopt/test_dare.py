@@ -24,14 +24,14 @@ def rel_residual_np(A, B, Q, R, X, E=None, S=None):
 
 
 def random_system(rng, n, m, *, with_e=False, with_s=False):
+    """A random well-posed DARE: the joint cost [[Q, S], [S', R]] is positive definite."""
     A = rng.normal(size=(n, n))
     B = rng.normal(size=(n, m))
-    C = rng.normal(size=(n, n))
-    Q = C @ C.T / n + 0.01 * np.eye(n)
-    D = rng.normal(size=(m, m))
-    R = D @ D.T / m + 0.5 * np.eye(m)
+    L = rng.normal(size=(n + m, n + m))
+    W = L @ L.T / (n + m) + np.diag([0.01] * n + [0.5] * m)
+    Q, R = W[:n, :n], W[n:, n:]
     E = np.eye(n) + 0.2 * rng.uniform(-1, 1, size=(n, n)) / n if with_e else None
-    S = 0.1 * rng.normal(size=(n, m)) if with_s else None
+    S = 0.5 * W[:n, n:] if with_s else None
     return A, B, Q, R, E, S
 
 
@@ -81,7 +81,7 @@ def test_benchmark_collection_residual_no_worse_than_scipy(name):
 
 
 def test_scipy_balancing_bug_with_e_is_avoided():
-    A, B, Q, R, E, _ = random_system(np.random.default_rng(0), 2, 2, with_e=True)
+    A, B, Q, R, E, _ = random_system(np.random.default_rng(1), 2, 2, with_e=True)
     raw = scipy.linalg.solve_discrete_are(A, B, Q, R, e=E)
     ours = trajopt.solve_dare(A, B, Q, R, E, method="scipy")
     ref = trajopt.solve_dare(A, B, Q, R, E, method="slycot")
@@ -150,17 +150,27 @@ def test_slycot_missing(monkeypatch):
     monkeypatch.setattr(backends, "slycot_available", lambda: False)
     with pytest.raises(SolverUnavailableError, match="slycot"):
         trajopt.solve_dare(A, B, Q, R, method="slycot")
-    # auto still solves a case doubling cannot (singular R: darex3) through scipy
+    # auto still solves a batch doubling cannot (singular R: darex3) through scipy
     A3, B3, Q3, R3 = DAREX["darex3"]
-    sol = trajopt.solve_dare(A3, B3, Q3, R3)
+    sol = trajopt.solve_dare(np.stack([A3, A3]), B3, Q3, R3)
     assert "scipy" in sol.method and "slycot" not in sol.method
 
 
-def test_auto_uses_doubling_for_regular_and_reference_for_singular_r():
-    A, B, Q, R, _, _ = random_system(np.random.default_rng(4), 3, 1)
-    assert trajopt.solve_dare(A, B, Q, R).method.startswith("doubling")
+def test_auto_rule():
+    rng = np.random.default_rng(4)
+    A, B, Q, R, _, _ = random_system(rng, 3, 1)
+    # one small system: scipy's pencil method (+ Newton only when not at rounding level)
+    assert trajopt.solve_dare(A, B, Q, R).method.startswith("scipy")
+    # a batch: doubling
+    batch = trajopt.solve_dare(np.stack([A, 0.5 * A]), B, Q, R)
+    assert batch.method.startswith("doubling")
+    # one large system: doubling
+    A40, B40, Q40, R40, _, _ = random_system(rng, 40, 3)
+    assert trajopt.solve_dare(A40 / 4, B40, Q40, R40).method.startswith("doubling")
+    # a batch with singular R: the reference solver
     A3, B3, Q3, R3 = DAREX["darex3"]
-    assert trajopt.solve_dare(A3, B3, Q3, R3).method in ("slycot", "scipy")
+    sol = trajopt.solve_dare(np.stack([A3, A3]), B3, Q3, R3)
+    assert sol.method in ("slycot", "scipy")
 
 
 def test_newton_refinement_repairs_a_perturbed_solution():
