@@ -5,6 +5,17 @@ numpy in -> numpy out, torch in -> torch out; see ``docs/notation.md`` for conve
 
 from . import errors
 from .dare import DARESolution, solve_dare
+from .ddp import (
+    Cost,
+    DDPResult,
+    DDPSolver,
+    Dynamics,
+    LineSearch,
+    QuadraticCost,
+    Regularization,
+    discretize,
+    solve_ddp,
+)
 from .lqr import (
     LQR,
     CyclicLQRSolution,
@@ -25,4 +36,6 @@ __all__ = [
     "DARESolution", "solve_dare",
     "InfiniteLQRSolution", "solve_infinite_lqr",
     "CyclicLQRSolution", "solve_cyclic_lqr",
+    "Dynamics", "Cost", "QuadraticCost", "discretize",
+    "solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
 ]

@@ -1,0 +1,235 @@
+r"""Dynamics and costs for DDP: batched torch callables with derivatives from torch.func.
+
+A :class:`Dynamics` maps a batch of states ``x`` (..., n_t) and controls ``u`` (..., m_t)
+at stage ``t`` to ``x_{t+1}`` (..., n_{t+1}).  Its derivatives
+
+.. math::  f_x = \partial f/\partial x, \quad f_u = \partial f/\partial u, \quad
+           f_{xx}, f_{ux}, f_{uu} \text{ (second order, for full DDP)}
+
+come from :mod:`torch.func` (``vmap`` of ``jacrev``/``jacfwd``) unless a subclass overrides
+:meth:`Dynamics.derivatives` with analytic ones.  A :class:`Cost` does the same for the
+running cost :math:`l_t(x, u)` and the terminal cost :math:`l_T(x)`.
+
+Callables are written for batched inputs (index with ``x[..., i]``); under ``vmap`` they
+see single samples, which such code handles unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.func import jacfwd, jacrev, vmap
+
+__all__ = [
+    "Dynamics",
+    "Cost",
+    "QuadraticCost",
+    "DynamicsDerivatives",
+    "CostDerivatives",
+    "discretize",
+    "as_dynamics",
+]
+
+
+@dataclass(frozen=True)
+class DynamicsDerivatives:
+    """Derivatives of one stage on a flat batch of N points.
+
+    fx : (N, n1, n); fu : (N, n1, m); fxx : (N, n1, n, n) or None;
+    fux : (N, n1, m, n) or None; fuu : (N, n1, m, m) or None.
+    """
+
+    fx: torch.Tensor
+    fu: torch.Tensor
+    fxx: torch.Tensor | None = None
+    fux: torch.Tensor | None = None
+    fuu: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CostDerivatives:
+    """Derivatives of a running cost on N points: lx (N, n), lu (N, m), lxx (N, n, n),
+    luu (N, m, m), lux (N, m, n)."""
+
+    lx: torch.Tensor
+    lu: torch.Tensor
+    lxx: torch.Tensor
+    luu: torch.Tensor
+    lux: torch.Tensor
+
+
+class Dynamics:
+    """Batched discrete-time dynamics ``x_{t+1} = f_t(x_t, u_t)``.
+
+    Parameters
+    ----------
+    f : callable ``f(x, u, t) -> x_next``, optional
+        The map, for batched ``x`` (..., n_t), ``u`` (..., m_t).  Subclasses may instead
+        override :meth:`forward`.
+    time_invariant : bool
+        True when ``f`` ignores ``t``: derivatives of all stages are then evaluated in one
+        vectorized call (much faster).  Default False for wrapped callables.
+    """
+
+    def __init__(self, f: Callable | None = None, *, time_invariant: bool = False):
+        self._f = f
+        self.time_invariant = time_invariant
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
+        if self._f is None:
+            raise NotImplementedError("pass f= or override Dynamics.forward")
+        return self._f(x, u, t)
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
+        return self.forward(x, u, t)
+
+    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int, *,
+                    second_order: bool = False) -> DynamicsDerivatives:
+        """Jacobians (and Hessians) at the points ``x`` (N, n), ``u`` (N, m) of stage t."""
+        def single(xi, ui):
+            return self.forward(xi, ui, t)
+
+        if not second_order:
+            fx, fu = vmap(jacfwd(single, argnums=(0, 1)))(x, u)
+            return DynamicsDerivatives(fx=fx, fu=fu)
+        first = jacrev(single, argnums=(0, 1))
+        (fxx, fxu), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(x, u)
+        fx, fu = vmap(jacfwd(single, argnums=(0, 1)))(x, u)
+        return DynamicsDerivatives(fx=fx, fu=fu, fxx=fxx, fux=fux, fuu=fuu)
+
+
+def as_dynamics(dynamics: Dynamics | Callable) -> Dynamics:
+    """Accept a :class:`Dynamics` or a plain callable ``dynamics(x, u, t)``."""
+    if isinstance(dynamics, Dynamics):
+        return dynamics
+    if callable(dynamics):
+        return Dynamics(dynamics)
+    raise TypeError(f"dynamics must be a trajopt.Dynamics or a callable f(x, u, t); got "
+                    f"{type(dynamics).__name__}")
+
+
+class _Discretized(Dynamics):
+    def __init__(self, f: Callable, dt: float, method: str, time_invariant: bool):
+        super().__init__(time_invariant=time_invariant)
+        self.fc, self.dt, self.method = f, dt, method
+
+    def forward(self, x, u, t):
+        f, dt = self.fc, self.dt
+        if self.method == "euler":
+            return x + dt * f(x, u)
+        k1 = f(x, u)
+        k2 = f(x + 0.5 * dt * k1, u)
+        k3 = f(x + 0.5 * dt * k2, u)
+        k4 = f(x + dt * k3, u)
+        return x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def discretize(f: Callable, dt: float, method: Literal["rk4", "euler"] = "rk4", *,
+               time_invariant: bool = True) -> Dynamics:
+    r"""Discretize continuous dynamics :math:`\dot x = f(x, u)` with a zero-order hold on u.
+
+    ``"euler"``: :math:`x + dt\, f(x, u)`; ``"rk4"``: the classical 4-stage Runge-Kutta.
+    """
+    if method not in ("rk4", "euler"):
+        raise ValueError(f"method must be 'rk4' or 'euler'; got {method!r}")
+    if not dt > 0:
+        raise ValueError(f"dt must be positive; got {dt}")
+    return _Discretized(f, float(dt), method, time_invariant)
+
+
+class Cost:
+    """Running cost ``running(x, u, t) -> (...)`` and terminal cost ``terminal(x) -> (...)``.
+
+    Parameters
+    ----------
+    running : callable
+        Batched stage cost; ``x`` (..., n_t), ``u`` (..., m_t), ``t`` the stage.
+    terminal : callable
+        Batched terminal cost of ``x_T`` (..., n_T).
+    time_invariant : bool
+        True when ``running`` ignores ``t`` (vectorized over stages).
+    """
+
+    def __init__(self, running: Callable | None = None, terminal: Callable | None = None,
+                 *, time_invariant: bool = False):
+        self._running, self._terminal = running, terminal
+        self.time_invariant = time_invariant
+
+    def running(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
+        if self._running is None:
+            raise NotImplementedError("pass running= or override Cost.running")
+        return self._running(x, u, t)
+
+    def terminal(self, x: torch.Tensor) -> torch.Tensor:
+        if self._terminal is None:
+            return x.new_zeros(x.shape[:-1])
+        return self._terminal(x)
+
+    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int) -> CostDerivatives:
+        """Gradient and Hessian of the running cost at (N, n), (N, m)."""
+        def single(xi, ui):
+            return self.running(xi, ui, t)
+
+        lx, lu = vmap(jacrev(single, argnums=(0, 1)))(x, u)
+        (lxx, lxu), (lux, luu) = vmap(jacfwd(jacrev(single, argnums=(0, 1)),
+                                             argnums=(0, 1)))(x, u)
+        return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
+
+    def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient (N, n) and Hessian (N, n, n) of the terminal cost."""
+        if self._terminal is None and type(self).terminal is Cost.terminal:
+            n = x.shape[-1]
+            return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
+        g = vmap(jacrev(self.terminal))(x)
+        H = vmap(jacfwd(jacrev(self.terminal)))(x)
+        return g, H
+
+
+class QuadraticCost(Cost):
+    r"""``1/2 (x-x_ref)'Q(x-x_ref) + 1/2 (u-u_ref)'R(u-u_ref)`` per stage and
+    ``1/2 (x-x_goal)'Q_T(x-x_goal)`` at the end, with analytic derivatives.
+
+    Parameters
+    ----------
+    Q : (n, n); R : (m, m); QT : (n, n)
+    x_ref : (n,), optional (zero); u_ref : (m,), optional (zero);
+    x_goal : (n,), optional (defaults to x_ref)
+    """
+
+    def __init__(self, Q, R, QT, x_ref=None, u_ref=None, x_goal=None):
+        super().__init__(time_invariant=True)
+        self.Q, self.R, self.QT = (torch.as_tensor(v) for v in (Q, R, QT))
+        n, m = self.Q.shape[-1], self.R.shape[-1]
+        self.x_ref = torch.zeros(n, dtype=self.Q.dtype) if x_ref is None else \
+            torch.as_tensor(x_ref, dtype=self.Q.dtype)
+        self.u_ref = torch.zeros(m, dtype=self.Q.dtype) if u_ref is None else \
+            torch.as_tensor(u_ref, dtype=self.Q.dtype)
+        self.x_goal = self.x_ref if x_goal is None else torch.as_tensor(x_goal,
+                                                                        dtype=self.Q.dtype)
+
+    def _like(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype=ref.dtype, device=ref.device)
+
+    def running(self, x, u, t):
+        dx = x - self._like(self.x_ref, x)
+        du = u - self._like(self.u_ref, u)
+        Q, R = self._like(self.Q, x), self._like(self.R, x)
+        return 0.5 * ((dx @ Q) * dx).sum(-1) + 0.5 * ((du @ R) * du).sum(-1)
+
+    def terminal(self, x):
+        dx = x - self._like(self.x_goal, x)
+        return 0.5 * ((dx @ self._like(self.QT, x)) * dx).sum(-1)
+
+    def derivatives(self, x, u, t):
+        Q, R = self._like(self.Q, x), self._like(self.R, x)
+        N, n, m = x.shape[0], x.shape[-1], u.shape[-1]
+        return CostDerivatives(
+            lx=(x - self._like(self.x_ref, x)) @ Q, lu=(u - self._like(self.u_ref, u)) @ R,
+            lxx=Q.expand(N, n, n), luu=R.expand(N, m, m), lux=x.new_zeros(N, m, n))
+
+    def terminal_derivatives(self, x):
+        QT = self._like(self.QT, x)
+        return (x - self._like(self.x_goal, x)) @ QT, QT.expand(x.shape[0], *QT.shape)
