@@ -43,13 +43,51 @@ def box_qp(H: torch.Tensor, g: torch.Tensor, lower: torch.Tensor, upper: torch.T
            armijo: float = 0.1, shrink: float = 0.6, min_step: float = 1e-20) -> BoxQPResult:
     """Solve a batch of box QPs.
 
+    Elements whose unconstrained minimizer ``-H^{-1} g`` is inside the box are done after
+    one Cholesky solve; projected Newton runs only on the others.
+
     Parameters
     ----------
-    H : (..., m, m), symmetric (its lower triangle is used)
-    g : (..., m)
-    lower, upper : (..., m), ``lower <= upper`` (may be -inf / inf)
-    x0 : (..., m), optional warm start (projected onto the box)
+    H : (N, m, m), symmetric (its lower triangle is used)
+    g : (N, m)
+    lower, upper : (N, m), ``lower <= upper`` (may be -inf / inf)
+    x0 : (N, m), optional warm start (projected onto the box)
     """
+    if g.shape[-1] == 1:
+        return _scalar(H, g, lower, upper)
+    L, info = torch.linalg.cholesky_ex(H)
+    xu = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    inside = (info == 0) & ((xu >= lower) & (xu <= upper)).all(-1)
+    if bool(inside.all()):
+        return BoxQPResult(x=xu, clamped=torch.zeros_like(xu, dtype=torch.bool), factor=L,
+                           failed=torch.zeros_like(inside))
+    out = _projected_newton(H[~inside], g[~inside], lower[~inside], upper[~inside],
+                            None if x0 is None else x0[~inside], max_iter, tol, armijo,
+                            shrink, min_step)
+    x = torch.where(inside.unsqueeze(-1), xu, torch.zeros_like(xu))
+    x[~inside] = out.x
+    clamped = torch.zeros_like(xu, dtype=torch.bool)
+    clamped[~inside] = out.clamped
+    L = L.clone()
+    L[~inside] = out.factor
+    failed = torch.zeros_like(inside)
+    failed[~inside] = out.failed
+    return BoxQPResult(x=x, clamped=clamped, factor=L, failed=failed)
+
+
+def _scalar(H, g, lower, upper) -> BoxQPResult:
+    """m = 1: the minimizer of a convex parabola on an interval is the clamped vertex."""
+    h = H[..., 0]
+    failed = ~(h[..., 0] > 0)
+    x = torch.minimum(torch.maximum(-g / h, lower), upper)
+    grad = g + h * x
+    clamped = ((x <= lower) & (grad > 0)) | ((x >= upper) & (grad < 0))
+    factor = torch.where(clamped, torch.ones_like(h), h.clamp_min(0).sqrt()).unsqueeze(-1)
+    return BoxQPResult(x=x, clamped=clamped, factor=factor, failed=failed)
+
+
+def _projected_newton(H, g, lower, upper, x0, max_iter, tol, armijo, shrink, min_step
+                      ) -> BoxQPResult:
     x = torch.zeros_like(g) if x0 is None else x0.expand_as(g).clone()
     x = torch.minimum(torch.maximum(x, lower), upper)
     done = torch.zeros(g.shape[:-1], dtype=torch.bool, device=g.device)

@@ -119,12 +119,12 @@ class _Discretized(Dynamics):
     def forward(self, x, u, t):
         f, dt = self.fc, self.dt
         if self.method == "euler":
-            return x + dt * f(x, u)
+            return torch.add(x, f(x, u), alpha=dt)
         k1 = f(x, u)
-        k2 = f(x + 0.5 * dt * k1, u)
-        k3 = f(x + 0.5 * dt * k2, u)
-        k4 = f(x + dt * k3, u)
-        return x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        k2 = f(torch.add(x, k1, alpha=0.5 * dt), u)
+        k3 = f(torch.add(x, k2, alpha=0.5 * dt), u)
+        k4 = f(torch.add(x, k3, alpha=dt), u)
+        return torch.add(x, k1 + 2.0 * (k2 + k3) + k4, alpha=dt / 6.0)
 
 
 def discretize(f: Callable, dt: float, method: Literal["rk4", "euler"] = "rk4", *,

@@ -330,9 +330,7 @@ class DDPSolver:
                 k = res.x
                 rhs = torch.where(res.clamped.unsqueeze(-1), torch.zeros_like(Q.Qux), Q.Qux)
                 K = -torch.cholesky_solve(rhs, res.factor)
-            # keep failed elements finite so they cannot poison shared reductions
-            K = torch.where(ok[:, None, None], K, torch.zeros_like(K))
-            k = torch.where(ok[:, None], k, torch.zeros_like(k))
+            # a failed element's NaNs stay in its own row; it is flagged by ``ok``
             step = value_update(Q, K, k, exact_policy=False)
             Vx, Vxx = step.Vx, step.Vxx
             dV = dV + step.dV
@@ -368,13 +366,17 @@ class DDPSolver:
                                          | ((expected <= tiny) & (actual >= 0)))
 
     # ------------------------------------------------------------------ driver
+    @torch.no_grad()
     def solve(self, x0: Any, us0: Any) -> DDPResult:
-        """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m)."""
+        """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
+
+        Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
+        there); the result is not differentiable with respect to the inputs.
+        """
         kind, batch, listed, x0f, usf, lo, hi = self._prepare(x0, us0)
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
-        with torch.no_grad():
-            traj = self.rollout(x0f, usf)
+        traj = self.rollout(x0f, usf)
         reason = np.array(["max_iter"] * B, dtype=object)
         finite0 = torch.isfinite(traj.cost) & torch.stack(
             [torch.isfinite(v).all(-1) for v in traj.xs], -1).all(-1)
@@ -478,8 +480,7 @@ class DDPSolver:
                                       reason):
         """Backward passes, raising mu for the elements that fail, until all succeed or
         exceed the maximum regularization (those are returned as stopped)."""
-        with torch.no_grad():
-            stages, Vx, Vxx = self.derivatives(sub)
+        stages, Vx, Vxx = self.derivatives(sub)
         n_sub = idx.numel()
         stopped = torch.zeros(n_sub, dtype=torch.bool, device=idx.device)
         local = torch.arange(n_sub, device=idx.device)

@@ -315,7 +315,11 @@ def value_update(
         Vx = Q.Qx + _mv(QuxT, k)
         Vxx = sym(Q.Qxx + QuxT @ K)
     else:
-        KT = K.transpose(-1, -2)
-        Vx = Q.Qx + _mv(KT, _mv(Q.Quu, k)) + _mv(KT, Q.Qu) + _mv(QuxT, k)
-        Vxx = sym(Q.Qxx + KT @ Q.Quu @ K + KT @ Q.Qux + QuxT @ K)
+        # [Vx | Vxx] = [Qx | Qxx] + K'([Quu k + Qu | Quu K + 2 Qux]) + [Qux'k | 0], using
+        # sym(K'Qux + Qux'K) = sym(2 K'Qux): two matmuls for the whole general update
+        kK = torch.cat([k.unsqueeze(-1), K], -1)
+        W = Q.Quu @ kK + torch.cat([Q.Qu.unsqueeze(-1), 2.0 * Q.Qux], -1)
+        V = K.transpose(-1, -2) @ W
+        Vx = Q.Qx + V[..., 0] + _mv(QuxT, k)
+        Vxx = sym(Q.Qxx + V[..., 1:])
     return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q)
