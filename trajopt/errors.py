@@ -16,6 +16,7 @@ __all__ = [
     "NotStabilizableError",
     "NumericalError",
     "SolverUnavailableError",
+    "InvalidArgumentError",
     "ConvergenceWarning",
 ]
 
@@ -60,6 +61,10 @@ class NumericalError(TrajoptError, ArithmeticError):
 
 class SolverUnavailableError(TrajoptError, ImportError):
     """An optional back end (slycot) was requested but is not installed."""
+
+
+class InvalidArgumentError(TrajoptError, ValueError):
+    """An option or argument has an invalid value (not a shape problem)."""
 
 
 class ConvergenceWarning(UserWarning):

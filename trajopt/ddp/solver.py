@@ -37,7 +37,7 @@ import torch
 
 from .._arrays import infer_kind
 from .._checks import check_finite, shape_str
-from ..errors import NonFiniteError, ShapeError
+from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from ..lqr.riccati import QExpansion, _split_joint, joint_blocks, value_update
 from .boxqp import box_qp
 from .models import Cost, Dynamics, as_dynamics
@@ -179,13 +179,13 @@ class DDPSolver:
                  line_search: LineSearch | None = None, control_limits=None,
                  callback: Callable[[IterationLog], Any] | None = None):
         if mode not in ("ilqr", "ddp"):
-            raise ValueError(f"mode must be 'ilqr' or 'ddp'; got {mode!r}")
+            raise InvalidArgumentError(f"mode must be 'ilqr' or 'ddp'; got {mode!r}")
         if not isinstance(cost, Cost):
             raise TypeError(f"cost must be a trajopt.Cost; got {type(cost).__name__}")
         if int(max_iter) < 0:
-            raise ValueError(f"max_iter must be >= 0; got {max_iter}")
+            raise InvalidArgumentError(f"max_iter must be >= 0; got {max_iter}")
         if not tol > 0:
-            raise ValueError(f"tol must be positive; got {tol}")
+            raise InvalidArgumentError(f"tol must be positive; got {tol}")
         self.dynamics = as_dynamics(dynamics)
         self.cost = cost
         self.mode = mode
@@ -236,7 +236,7 @@ class DDPSolver:
                                  f"{shape_str(lo)} and {shape_str(hi)}")
             if bool((lo > hi).any()):
                 bad = int(torch.nonzero(lo > hi)[0])
-                raise ValueError(f"control_limits: lo > hi for control {bad} "
+                raise InvalidArgumentError(f"control_limits: lo > hi for control {bad} "
                                  f"({float(lo[bad])} > {float(hi[bad])})")
             if any(u.shape[-1] != m for u in usf):
                 raise ShapeError("control_limits need every stage to have the same m")
@@ -376,7 +376,16 @@ class DDPSolver:
         kind, batch, listed, x0f, usf, lo, hi = self._prepare(x0, us0)
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
-        traj = self.rollout(x0f, usf)
+        try:
+            traj = self.rollout(x0f, usf)
+        except (RuntimeError, IndexError) as exc:
+            raise ShapeError(
+                f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
+                f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
+        for t, x in enumerate(traj.xs[1:]):
+            if x.shape[0] != B:
+                raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
+                                 f"expected a leading batch of {B}")
         reason = np.array(["max_iter"] * B, dtype=object)
         finite0 = torch.isfinite(traj.cost) & torch.stack(
             [torch.isfinite(v).all(-1) for v in traj.xs], -1).all(-1)
@@ -402,8 +411,7 @@ class DDPSolver:
             policy_full = _merge_policy(policy_full, pol, idx, B)
             k_warm = policy_full.k
             active[idx[stopped]] = False
-            expected1 = -pol.dV[:, 0]
-            done = pol.ok & (expected1 <= self.tol * (1 + sub.cost.abs()))
+            done = pol.ok & (_step_size(pol.k, sub.us) <= math.sqrt(self.tol))
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
@@ -435,6 +443,12 @@ class DDPSolver:
             accepted = todo & ~pending
             gacc, grej = idx[accepted], idx[pending]
             iterations[gacc] += 1
+            # Tassa's second test: an accepted step that barely changed the cost
+            small = accepted & (act_log[idx] <= self.tol * (1 + traj.cost[idx].abs()))
+            if bool(small.any()):
+                converged[idx[small]] = True
+                active[idx[small]] = False
+                reason[idx[small].cpu().numpy()] = "converged"
             # regularization: decrease after success, increase after a failed search
             d = torch.minimum(1.0 / torch.full_like(delta[gacc], self.reg.factor),
                               delta[gacc] / self.reg.factor)
@@ -521,6 +535,12 @@ class DDPSolver:
             history=history)
 
 
+def _step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
+    """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
+    return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
+                       -1).amax(-1)
+
+
 def _expand(Vx, Vxx, F, L, n) -> QExpansion:
     VF = Vxx @ F
     J = L + F.transpose(-1, -2) @ torch.cat([Vx.unsqueeze(-1), VF], -1)
@@ -578,8 +598,9 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     max_iter : int
         Maximum number of iterations (backward + forward pass).
     tol : float
-        An element converges when the expected first-order reduction
-        ``-sum_t k_t'Q_u,t`` is below ``tol * (1 + |J|)``.
+        An element converges when the feedforward step is negligible,
+        ``max_t,i |k_t,i| / (1 + |u_t,i|) <= sqrt(tol)``, or when an accepted step lowered
+        the cost by less than ``tol * (1 + |J|)`` (the two tests of Tassa et al. 2012).
     regularization : Regularization
     line_search : LineSearch
     control_limits : (lo, hi), each of shape (m,), optional

@@ -1,0 +1,296 @@
+"""DDP / iLQR against a slow numpy reference, solve_lqr, autograd and scipy L-BFGS."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import trajopt
+from tests.reference.ddp_numpy import ReferenceDDP
+from trajopt import problems
+from trajopt.errors import InvalidArgumentError, NonFiniteError, ShapeError
+
+DT, G, BDAMP = 0.1, 9.81, 0.3
+Qs, Rs, QTs = np.diag([1.0, 0.1]), np.array([[0.05]]), np.diag([50.0, 5.0])
+GOAL = np.array([math.pi, 0.0])
+
+
+class NumpyPendulum:
+    """Euler pendulum with hand-written derivatives (independent of torch.func)."""
+
+    def f(self, x, u):
+        return np.array([x[0] + DT * x[1], x[1] + DT * (u[0] - BDAMP * x[1] - G * np.sin(x[0]))])
+
+    def derivs(self, x, u):
+        fx = np.array([[1.0, DT], [-DT * G * np.cos(x[0]), 1 - DT * BDAMP]])
+        fu = np.array([[0.0], [DT]])
+        fxx = np.zeros((2, 2, 2))
+        fxx[1, 0, 0] = DT * G * np.sin(x[0])
+        return fx, fu, fxx, np.zeros((2, 1, 2)), np.zeros((2, 1, 1))
+
+    def l(self, x, u):
+        d = x - GOAL
+        return 0.5 * d @ Qs @ d + 0.5 * u @ Rs @ u
+
+    def lderivs(self, x, u):
+        return Qs @ (x - GOAL), Rs @ u, Qs, Rs, np.zeros((1, 2))
+
+    def lT(self, x):
+        d = x - GOAL
+        return 0.5 * d @ QTs @ d
+
+    def lTderivs(self, x):
+        return QTs @ (x - GOAL), QTs
+
+
+def torch_pendulum():
+    def f(x, u, t):
+        th, w = x[..., 0], x[..., 1]
+        return torch.stack([th + DT * w, w + DT * (u[..., 0] - BDAMP * w - G * torch.sin(th))],
+                           -1)
+    goal = torch.tensor(GOAL)
+
+    def running(x, u, t):
+        d = x - goal
+        return 0.5 * ((d @ torch.tensor(Qs)) * d).sum(-1) + 0.5 * 0.05 * (u * u).sum(-1)
+
+    def terminal(x):
+        d = x - goal
+        return 0.5 * ((d @ torch.tensor(QTs)) * d).sum(-1)
+    return trajopt.Dynamics(f, time_invariant=True), trajopt.Cost(running, terminal,
+                                                                  time_invariant=True)
+
+
+@pytest.mark.parametrize("mode", ["ilqr", "ddp"])
+@pytest.mark.parametrize("iterations", [1, 2, 4])
+def test_agrees_with_numpy_reference(mode, iterations):
+    T = 30
+    rng = np.random.default_rng(0)
+    us0 = 0.5 * rng.normal(size=(T, 1))
+    x0 = np.array([0.3, 0.0])
+    ref = ReferenceDDP(NumpyPendulum(), full=mode == "ddp")
+    xs_r, us_r, J_r, _ = ref.iterate(x0, list(us0), iterations)
+    bw_r = ref.backward_at(xs_r, us_r)  # at the returned trajectory, with ref's final mu
+    dyn, cost = torch_pendulum()
+    res = trajopt.solve_ddp(dyn, cost, torch.tensor(x0), torch.tensor(us0), mode=mode,
+                            max_iter=iterations)
+    assert res.iterations.item() == iterations
+    np.testing.assert_allclose(res.us.numpy(), np.array(us_r), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(res.xs.numpy(), np.array(xs_r), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(res.cost.item(), J_r, rtol=1e-11)
+    # gains and value derivatives at the returned trajectory (same regularization)
+    assert float(res.history[-1].regularization) == pytest.approx(ref.mu, abs=0)
+    for t in range(T):
+        np.testing.assert_allclose(res.K[t].numpy(), bw_r["K"][t], rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(res.k[t].numpy(), bw_r["k"][t], rtol=1e-8, atol=1e-9)
+    for t in range(T + 1):
+        np.testing.assert_allclose(res.Vx[t].numpy(), bw_r["Vx"][t], rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(res.Vxx[t].numpy(), bw_r["Vxx"][t], rtol=1e-8, atol=1e-8)
+
+
+def test_torch_func_derivatives_equal_analytic():
+    dyn, cost = torch_pendulum()
+    rng = np.random.default_rng(1)
+    X, U = rng.normal(size=(7, 2)), rng.normal(size=(7, 1))
+    d = dyn.derivatives(torch.tensor(X), torch.tensor(U), 0, second_order=True)
+    npd = NumpyPendulum()
+    for i in range(7):
+        fx, fu, fxx, fux, fuu = npd.derivs(X[i], U[i])
+        np.testing.assert_allclose(d.fx[i].numpy(), fx, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(d.fu[i].numpy(), fu, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(d.fxx[i].numpy(), fxx, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(d.fux[i].numpy(), fux, atol=1e-15)
+        np.testing.assert_allclose(d.fuu[i].numpy(), fuu, atol=1e-15)
+    c = cost.derivatives(torch.tensor(X), torch.tensor(U), 0)
+    for i in range(7):
+        lx, lu, lxx, luu, lux = npd.lderivs(X[i], U[i])
+        np.testing.assert_allclose(c.lx[i].numpy(), lx, rtol=1e-14)
+        np.testing.assert_allclose(c.lxx[i].numpy(), lxx, rtol=1e-14)
+        np.testing.assert_allclose(c.luu[i].numpy(), luu, rtol=1e-14)
+
+
+def _lq(rng, n=4, m=2, T=25):
+    A = rng.normal(size=(n, n)) / 2
+    B = rng.normal(size=(n, m))
+    Q, R, QT = np.eye(n), 0.1 * np.eye(m), 10 * np.eye(n)
+    At, Bt = torch.tensor(A), torch.tensor(B)
+    dyn = trajopt.Dynamics(lambda x, u, t: x @ At.T + u @ Bt.T, time_invariant=True)
+    cost = trajopt.QuadraticCost(Q, R, QT)
+    lqr = trajopt.LQR(A=np.broadcast_to(A, (T, n, n)), B=np.broadcast_to(B, (T, n, m)),
+                      Q=np.broadcast_to(Q, (T, n, n)), R=np.broadcast_to(R, (T, m, m)), QT=QT)
+    return dyn, cost, lqr
+
+
+@pytest.mark.parametrize("mode", ["ilqr", "ddp"])
+def test_lq_problem_one_iteration_equals_solve_lqr(mode):
+    rng = np.random.default_rng(2)
+    dyn, cost, lqr = _lq(rng)
+    x0 = rng.normal(size=(5, 4))
+    res = trajopt.solve_ddp(dyn, cost, torch.tensor(x0), torch.zeros(5, 25, 2), mode=mode)
+    ref = trajopt.solve_lqr(lqr, x0)
+    assert res.iterations.tolist() == [1] * 5 and bool(res.converged.all())
+    assert set(res.reason.tolist()) == {"converged"}
+    np.testing.assert_allclose(res.us.numpy(), ref.us, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(res.cost.numpy(), ref.cost, rtol=1e-12)
+    np.testing.assert_allclose(res.K[0].numpy(), ref.K, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(res.Vxx[0].numpy(), ref.P, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(res.k.numpy(), 0 * res.k.numpy(), atol=1e-10)
+
+
+def test_box_limits_hold_exactly_and_match_bounded_shooting():
+    rng = np.random.default_rng(3)
+    dyn, cost, lqr = _lq(rng, n=3, m=2, T=15)
+    lo, hi = torch.tensor([-0.4, -0.2]), torch.tensor([0.3, 0.2])
+    x0 = torch.tensor(rng.normal(size=3) * 2)
+    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(15, 2), control_limits=(lo, hi),
+                            tol=1e-12)
+    assert res.converged.item()
+    us = res.us.numpy()
+    assert (us >= lo.numpy()).all() and (us <= hi.numpy()).all()
+    assert np.isclose(us, lo.numpy()).any() or np.isclose(us, hi.numpy()).any()
+
+    def J(z):
+        return float(trajopt.rollout(lqr, x0.numpy(), z.reshape(15, 2)).cost)
+
+    def dJ(z):
+        zt = torch.tensor(z.reshape(15, 2), requires_grad=True)
+        c = _torch_rollout_cost(dyn, cost, x0, zt)
+        c.backward()
+        return zt.grad.numpy().ravel()
+    bounds = [(float(lo[i % 2]), float(hi[i % 2])) for i in range(30)]
+    opt = scipy.optimize.minimize(J, np.zeros(30), jac=dJ, method="L-BFGS-B", bounds=bounds,
+                                  options=dict(ftol=1e-15, gtol=1e-12, maxiter=10_000))
+    assert res.cost.item() <= opt.fun + 1e-9
+    np.testing.assert_allclose(us.ravel(), opt.x, atol=1e-5)
+
+
+def _torch_rollout_cost(dyn, cost, x0, us):
+    x, c = x0, 0.0
+    for t in range(us.shape[-2]):
+        c = c + cost.running(x, us[..., t, :], t)
+        x = dyn(x, us[..., t, :], t)
+    return c + cost.terminal(x)
+
+
+def test_optimum_is_stationary_and_no_worse_than_lbfgs():
+    dyn, cost = torch_pendulum()
+    T = 40
+    x0 = torch.zeros(2, dtype=torch.float64)
+    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(T, 1, dtype=torch.float64), mode="ddp",
+                            tol=1e-12,
+                            max_iter=500)
+    assert res.converged.item()
+    us = res.us.clone().requires_grad_(True)
+    _torch_rollout_cost(dyn, cost, x0, us).backward()
+    assert us.grad.abs().max().item() < 1e-6
+
+    def fun(z):
+        zt = torch.tensor(z.reshape(T, 1), requires_grad=True)
+        c = _torch_rollout_cost(dyn, cost, x0, zt)
+        c.backward()
+        return c.item(), zt.grad.numpy().ravel()
+    opt = scipy.optimize.minimize(fun, np.zeros(T), jac=True, method="L-BFGS-B",
+                                  options=dict(ftol=1e-15, gtol=1e-9, maxiter=3000))
+    print(f"DDP cost {res.cost.item():.12f}, L-BFGS cost {opt.fun:.12f} ({opt.nit} its)")
+    assert res.cost.item() <= opt.fun + 1e-9, (res.cost.item(), opt.fun)
+
+
+def test_full_ddp_needs_no_more_iterations_than_ilqr_on_curved_problem():
+    p = problems.pendulum(T=60)
+    runs = {mode: trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, mode=mode,
+                                    control_limits=p.control_limits, max_iter=300)
+            for mode in ("ilqr", "ddp")}
+    it = {mode: r.iterations.item() for mode, r in runs.items()}
+    print(f"pendulum swing-up iterations: {it}")
+    assert all(r.converged.item() for r in runs.values())
+    assert it["ddp"] <= it["ilqr"]
+    np.testing.assert_allclose(runs["ddp"].cost.item(), runs["ilqr"].cost.item(), rtol=1e-6)
+
+
+def test_batch_equals_each_alone():
+    p = problems.pendulum(T=30, u_max=3.0)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 2, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 1.0])
+    res = trajopt.solve_ddp(p.dynamics, p.cost, x0, torch.zeros(30, 1),
+                            control_limits=p.control_limits, max_iter=200)
+    assert res.xs.shape == (64, 31, 2) and res.reason.shape == (64,)
+    for i in [0, 5, 17, 33, 48, 63]:  # a subset alone, to keep the suite fast
+        one = trajopt.solve_ddp(p.dynamics, p.cost, x0[i], torch.zeros(30, 1),
+                                control_limits=p.control_limits, max_iter=200)
+        assert one.iterations.item() == res.iterations[i].item()
+        assert one.reason.item() == res.reason[i]
+        np.testing.assert_allclose(one.us.numpy(), res.us[i].numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_bad_input():
+    dyn, cost = torch_pendulum()
+    with pytest.raises(NonFiniteError, match="x0 contains NaN"):
+        trajopt.solve_ddp(dyn, cost, torch.tensor([math.nan, 0.0]), torch.zeros(5, 1))
+    with pytest.raises(ShapeError, match="us0 must have shape"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(2), torch.zeros(5))
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(3, 2), torch.zeros(4, 5, 1))
+    with pytest.raises(ShapeError, match="dynamics or cost failed"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(5), torch.zeros(5, 1))
+    with pytest.raises(InvalidArgumentError, match="lo > hi for control 0"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(2), torch.zeros(5, 1),
+                          control_limits=(torch.ones(1), -torch.ones(1)))
+    with pytest.raises(ShapeError, match=r"control_limits must be \(lo, hi\) of shape \(1,\)"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(2), torch.zeros(5, 1),
+                          control_limits=(torch.ones(2), torch.ones(2)))
+    with pytest.raises(InvalidArgumentError, match="mode must be"):
+        trajopt.solve_ddp(dyn, cost, torch.zeros(2), torch.zeros(5, 1), mode="newton")
+
+
+def test_nan_dynamics_recorded_never_silent():
+    def f(x, u, t):
+        x1 = x + 0.1 * torch.cat([x[..., 1:], u], -1)
+        bad = (x[..., :1] > 5.0)  # the model "breaks" past x = 5
+        return torch.where(bad, torch.full_like(x1, math.nan), x1)
+    dyn = trajopt.Dynamics(f, time_invariant=True)
+    cost = trajopt.QuadraticCost(np.eye(2), 0.01 * np.eye(1), 100 * np.eye(2),
+                                 x_ref=np.array([8.0, 0.0]))
+    x0 = torch.tensor([[0.0, 0.0], [6.0, 0.0]])  # the second starts in the broken region
+    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(2, 20, 1), max_iter=50)
+    assert res.reason[1] == "diverged" and not res.converged[1]
+    assert torch.isfinite(res.xs[0]).all() and torch.isfinite(res.cost[0])
+    assert res.reason[0] in ("converged", "line_search_failed", "max_iter")
+    assert (res.xs[0][:-1, 0] <= 5.0 + 1e-9).all()  # past 5 the next state is NaN
+    with pytest.raises(NonFiniteError, match="not finite for any batch element"):
+        trajopt.solve_ddp(dyn, cost, x0[1], torch.zeros(20, 1))
+
+
+def test_plain_callable_dynamics_and_numpy_input():
+    dyn, cost = torch_pendulum()
+    res = trajopt.solve_ddp(dyn._f, cost, np.zeros(2), np.zeros((10, 1)), max_iter=5)
+    assert isinstance(res.us, np.ndarray) and res.us.shape == (10, 1)
+
+
+def test_stage_dimensions_may_differ():
+    # 2 -> 3 -> 2 states, controls 1 then 2: a "network-like" chain
+    f64 = dict(dtype=torch.float64)
+    W0 = torch.tensor([[1.0, 0.5], [0.0, 1.0], [0.3, -0.2]], **f64)
+    W1 = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]], **f64)
+    B0, B1 = torch.tensor([[1.0], [0.0], [0.5]], **f64), torch.eye(2, **f64)
+
+    def f(x, u, t):
+        return torch.tanh(x @ W0.T + u @ B0.T) if t == 0 else x @ W1.T + u @ B1.T
+
+    def running(x, u, t):
+        return 0.5 * (u * u).sum(-1) + 0.05 * (x * x).sum(-1)
+
+    cost = trajopt.Cost(running, lambda x: 0.5 * ((x - 1.0) ** 2).sum(-1))
+    res = trajopt.solve_ddp(f, cost, torch.tensor([0.2, -0.1], **f64),
+                            [torch.zeros(1, **f64), torch.zeros(2, **f64)], tol=1e-14,
+                            max_iter=100)
+    assert isinstance(res.xs, list) and [x.shape[-1] for x in res.xs] == [2, 3, 2]
+    assert res.converged.item()
+    us = [u.clone().requires_grad_(True) for u in res.us]
+    x, c = torch.tensor([0.2, -0.1], **f64), 0.0
+    for t, u in enumerate(us):
+        c = c + running(x, u, t)
+        x = f(x, u, t)
+    (c + 0.5 * ((x - 1.0) ** 2).sum()).backward()
+    assert max(u.grad.abs().max().item() for u in us) < 1e-6
