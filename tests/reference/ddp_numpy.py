@@ -48,12 +48,15 @@ def backward(fx, fu, fxx, fux, fuu, lx, lu, lxx, luu, lux, VxT, VxxT, mu, full):
     return out
 
 
+ALPHAS = tuple(10.0 ** np.linspace(0, -3, 11))
+
+
 class ReferenceDDP:
     """``problem`` supplies numpy callables: f(x, u), derivs(x, u) -> (fx, fu, fxx, fux, fuu),
     l(x, u), lderivs(x, u) -> (lx, lu, lxx, luu, lux), lT(x), lTderivs(x) -> (g, H)."""
 
     def __init__(self, problem, *, full=False, mu0=0.0, mu_min=1e-6, mu_max=1e10, factor=1.6,
-                 alphas=tuple(10.0 ** np.linspace(0, -3, 11)), c1=0.1, tol=1e-8):
+                 alphas=ALPHAS, c1=0.1, tol=1e-8):
         self.p, self.full = problem, full
         self.mu, self.delta = mu0, 1.0
         self.mu_min, self.mu_max, self.factor = mu_min, mu_max, factor
