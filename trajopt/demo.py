@@ -1,6 +1,12 @@
-"""Command-line demos of trajopt: ``python -m trajopt.demo [lqr] [--out DIR]``.
+"""Command-line demos of trajopt.
 
-``lqr`` (the default) regulates two masses coupled by springs (a classical benchmark,
+    python -m trajopt.demo [lqr] [--out DIR]
+    python -m trajopt.demo solve PROBLEM [--mode ilqr|ddp] [--max-iter N] [--batch B]
+    python -m trajopt.demo list
+
+``solve`` runs iLQR / DDP on a classical problem (``list`` shows them), prints the
+iteration log (cost, regularization, step size, expected vs actual reduction) and writes a
+plot of states and controls.  ``lqr`` (the default) regulates two masses coupled by springs (a classical benchmark,
 e.g. Wie & Bernstein 1992's two-mass problem with m1 = m2 = 1, k = 1, sampled at
 dt = 0.1 s with a zero-order hold): it solves the DARE with every available method, the
 finite-horizon LQR from an initial displacement, prints both, and writes a PNG of the
@@ -88,16 +94,109 @@ def _plot(out: Path, fin, dt: float) -> int:
     return 0
 
 
+def demo_solve(name: str, mode: str, max_iter: int, batch: int, out: Path, seed: int) -> int:
+    import torch
+
+    from . import problems, solve_ddp
+
+    p = problems.get(name)
+    x0 = p.x0
+    if batch > 1:  # perturbed initial states around the default one
+        gen = torch.Generator().manual_seed(seed)
+        x0 = p.x0 + 0.1 * torch.randn(batch, p.n, generator=gen, dtype=p.x0.dtype)
+    print(f"{p.name}: n={p.n}, m={p.m}, T={p.T}, dt={p.dt}, limits="
+          f"{None if p.control_limits is None else float(p.control_limits[1][0])}, "
+          f"mode={mode}, batch={batch}\n  parameters {p.parameters}\n  ({p.reference})")
+    print(f"{'iter':>4} {'cost':>14} {'reg':>9} {'step':>7} {'expected':>10} {'actual':>10}"
+          + ("   (batch element 0)" if batch > 1 else ""))
+
+    def log(info):
+        print(f"{info.iteration:>4} {float(info.cost[0]):>14.6f} "
+              f"{float(info.regularization[0]):>9.2e} {float(info.step[0]):>7.4f} "
+              f"{float(info.expected[0]):>10.3e} {float(info.actual[0]):>10.3e}")
+
+    t0 = time.perf_counter()
+    res = solve_ddp(p.dynamics, p.cost, x0, p.us0, mode=mode, max_iter=max_iter,
+                    control_limits=p.control_limits, callback=log)
+    elapsed = time.perf_counter() - t0
+    reasons = dict(zip(*np.unique(np.asarray(res.reason).ravel(), return_counts=True)))
+    print(f"done in {elapsed:.2f} s: {reasons}; cost "
+          f"{np.asarray(res.cost).ravel()[0]:.6f}; final state "
+          f"{np.array2string(np.asarray(res.xs).reshape(-1, p.T + 1, p.n)[0, -1], precision=3)}")
+    return _plot_trajectory(out, p, res)
+
+
+def _plot_trajectory(out: Path, p, res) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: pip install 'trajopt-nnbridge[plot]' for the plot")
+        return 0
+    xs = np.asarray(res.xs).reshape(-1, p.T + 1, p.n)
+    us = np.asarray(res.us).reshape(-1, p.T, p.m)
+    t = np.arange(p.T + 1) * p.dt
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for b in range(min(len(xs), 16)):
+        for i, lab in enumerate(p.state_names):
+            axes[0].plot(t, xs[b, :, i], color=f"C{i}", alpha=1.0 if b == 0 else 0.3,
+                         label=lab if b == 0 else None)
+        for j, lab in enumerate(p.control_names):
+            axes[1].step(t[:-1], us[b, :, j], where="post", color=f"C{j}",
+                         alpha=1.0 if b == 0 else 0.3, label=lab if b == 0 else None)
+    if p.control_limits is not None:
+        for v in (float(p.control_limits[0][0]), float(p.control_limits[1][0])):
+            axes[1].axhline(v, color="k", lw=0.8, ls="--")
+    axes[0].set_ylabel("state")
+    axes[0].legend(ncol=4, fontsize=8)
+    axes[0].set_title(f"{p.name}: optimal trajectory")
+    axes[1].set_ylabel("control")
+    axes[1].set_xlabel("time [s]")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ddp_{p.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trajopt.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     p_lqr = sub.add_parser("lqr", help="LQR/DARE on a two-mass spring system (default)")
-    for p in (parser, p_lqr):
+    p_solve = sub.add_parser("solve", help="iLQR/DDP on a classical problem")
+    sub.add_parser("list", help="list the classical problems")
+    for p in (parser, p_lqr, p_solve):
         p.add_argument("--out", type=Path, default=Path("demo_out"),
                        help="folder for the plot (default: demo_out)")
+    for p in (parser, p_lqr):
         p.add_argument("--horizon", type=int, default=100, help="finite horizon T")
+    from .problems import names
+
+    p_solve.add_argument("problem", choices=names())
+    p_solve.add_argument("--mode", choices=["ilqr", "ddp"], default="ilqr")
+    p_solve.add_argument("--max-iter", type=int, default=200)
+    p_solve.add_argument("--batch", type=int, default=1,
+                         help="solve this many perturbed initial states at once")
+    p_solve.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "list":
+        from .problems import get
+
+        for name in names():
+            p = get(name)
+            print(f"{name:<18} n={p.n} m={p.m} T={p.T}  {p.reference}")
+        return 0
+    if args.command == "solve":
+        if args.max_iter < 0 or args.batch < 1:
+            parser.error("--max-iter must be >= 0 and --batch >= 1")
+        return demo_solve(args.problem, args.mode, args.max_iter, args.batch, args.out,
+                          args.seed)
     if args.horizon < 1:
         parser.error("--horizon must be a positive integer")
     return demo_lqr(args.out, args.horizon)

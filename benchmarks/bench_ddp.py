@@ -1,0 +1,244 @@
+"""DDP / iLQR benchmark against mpc.pytorch and crocoddyl, ratios in one run.
+
+    python benchmarks/bench_ddp.py [--quick] [--skip-mpc]
+
+* mpc.pytorch (``pip install mpc``, v0.0.6) pins numpy < 2, so it runs in its own virtual
+  environment: ``$MPC_PYTHON`` if set, else ``~/.cache/trajopt-bench/mpc-venv`` (created
+  on first use with ``pip install torch==2.13.0 'numpy<2' mpc matplotlib``).  Its pendulum
+  (PendulumDx, its own cost, |u| <= 2, T = 100) is solved by both from the same initial
+  states with the same iteration cap; mpc.pytorch's ``eps`` (largest control change) is
+  matched by our ``tol = eps^2`` (largest feedforward step <= sqrt(tol)).  Both final
+  control sequences are scored with the same rollout.
+* crocoddyl (``pip install crocoddyl``): an LQ problem (ActionModelLQR) and an Euler
+  pendulum written as a Python ActionModelAbstract with analytic derivatives, solved by
+  SolverDDP with ``reg_min = 0``; crocoddyl solves one problem per call, so 256 problems
+  are a loop.
+Times are wall clock, best of 1-3 runs after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import trajopt  # noqa: E402
+from trajopt import problems  # noqa: E402
+
+F64 = dict(dtype=torch.float64)
+
+
+def timed(fn, repeat=1):
+    fn()
+    best, out = math.inf, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# --------------------------------------------------------------------------- mpc.pytorch
+def mpc_python() -> str | None:
+    if os.environ.get("MPC_PYTHON"):
+        return os.environ["MPC_PYTHON"]
+    venv = Path.home() / ".cache" / "trajopt-bench" / "mpc-venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"creating {venv} for mpc.pytorch (numpy < 2) ...", file=sys.stderr)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0",
+                            "numpy<2", "mpc", "matplotlib"], check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            print(f"could not set up mpc.pytorch: {exc}", file=sys.stderr)
+            return None
+    return str(py)
+
+
+def run_mpc(py, batch, T, eps, max_iter, seed):
+    out = subprocess.run([py, str(ROOT / "benchmarks" / "_mpc_pytorch_pendulum.py"),
+                          str(batch), str(T), str(eps), str(max_iter), str(seed)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rows_mpc(batch, T, max_iter, eps, rep):
+    py = mpc_python()
+    p = problems.mpc_pendulum(T=T)
+    rows = []
+    seed = 0
+    th = math.pi - 0.2 + 0.1 * torch.randn(batch, generator=torch.Generator().manual_seed(seed),
+                                            **F64)
+    if batch == 1:
+        th = torch.tensor([math.pi - 0.2], **F64)
+    x0 = torch.stack([torch.cos(th), torch.sin(th), torch.zeros_like(th)], 1)
+    solver = trajopt.DDPSolver(p.dynamics, p.cost, control_limits=p.control_limits,
+                               max_iter=max_iter, tol=eps ** 2)
+    t_ours, res = timed(lambda: solver.solve(x0, torch.zeros(batch, T, 1, **F64)), rep)
+    cost_ours = res.cost
+    label = f"mpc.pytorch pendulum T={T}, batch {batch}"
+    rows.append((label, "trajopt iLQR", t_ours, float(cost_ours.mean()),
+                 f"{int(res.converged.sum())}/{batch} converged, "
+                 f"{res.iterations.float().mean():.0f} it"))
+    if py is None:
+        rows.append((label, "mpc.pytorch", math.nan, math.nan, "not available"))
+        return rows
+    d = run_mpc(py, batch, T, eps, max_iter, seed)
+    us = torch.tensor(d["us"], **F64)
+    x0m = torch.tensor(d["x0"], **F64)
+    cost_mpc = solver.rollout(x0m, list(us.unbind(1))).cost
+    rows.append((label, "mpc.pytorch", d["time"], float(cost_mpc.mean()),
+                 f"lqr_iter={max_iter}, eps={eps}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- crocoddyl
+def crocoddyl_models():
+    import crocoddyl
+
+    DT, G, B = 0.1, 9.81, 0.3
+    Q, R, QT = np.diag([1.0, 0.1]), 0.05, np.diag([50.0, 5.0])
+    goal = np.array([np.pi, 0.0])
+
+    class Pendulum(crocoddyl.ActionModelAbstract):
+        def __init__(self, terminal=False):
+            crocoddyl.ActionModelAbstract.__init__(self, crocoddyl.StateVector(2), 1, 1)
+            self.terminal = terminal
+
+        def calc(self, data, x, u=None):
+            d = x - goal
+            if u is None or self.terminal:
+                data.cost = 0.5 * d @ QT @ d
+                data.xnext[:] = x
+                return
+            data.xnext[:] = [x[0] + DT * x[1],
+                             x[1] + DT * (u[0] - B * x[1] - G * np.sin(x[0]))]
+            data.cost = 0.5 * d @ Q @ d + 0.5 * R * u[0] ** 2
+
+        def calcDiff(self, data, x, u=None):
+            d = x - goal
+            if u is None or self.terminal:
+                data.Lx[:] = QT @ d
+                data.Lxx[:] = QT
+                return
+            data.Fx[:] = [[1.0, DT], [-DT * G * np.cos(x[0]), 1 - DT * B]]
+            data.Fu[:] = [0.0, DT]
+            data.Lx[:] = Q @ d
+            data.Lu[:] = [R * u[0]]
+            data.Lxx[:] = Q
+            data.Luu[:] = [[R]]
+            data.Lxu[:] = 0
+
+    def f(x, u, t):
+        th, w = x[..., 0], x[..., 1]
+        return torch.stack([th + DT * w, w + DT * (u[..., 0] - B * w - G * torch.sin(th))], -1)
+
+    cost = trajopt.QuadraticCost(Q, R * np.eye(1), QT, x_ref=goal)
+    return Pendulum, trajopt.Dynamics(f, time_invariant=True), cost
+
+
+def croc_solve(crocoddyl, running, terminal, x0, T, m, maxiter=200):
+    prob = crocoddyl.ShootingProblem(x0, [running] * T, terminal)
+    s = crocoddyl.SolverDDP(prob)
+    s.reg_min = 0.0
+    s.solve([x0] * (T + 1), [np.zeros(m)] * T, maxiter)
+    return s.cost, s.iter
+
+
+def rows_crocoddyl(batch, T, rep):
+    try:
+        import crocoddyl
+    except ImportError:
+        return [("crocoddyl", "not installed", math.nan, math.nan, "pip install crocoddyl")]
+    rows = []
+    rng = np.random.default_rng(0)
+    # LQ problem
+    n, m = 8, 3
+    A = np.eye(n) + 0.1 * rng.normal(size=(n, n))
+    Bm = 0.1 * rng.normal(size=(n, m))
+    Q, R, N = np.eye(n), 0.1 * np.eye(m), np.zeros((n, m))
+    zn, zm = np.zeros(n), np.zeros(m)
+    running = crocoddyl.ActionModelLQR(A, Bm, Q, R, N, zn, zn, zm)
+    terminal = crocoddyl.ActionModelLQR(A, Bm, Q, R, N, zn, zn, zm)
+    X0 = rng.normal(size=(batch, n))
+    t_c1, (c1, _) = timed(lambda: croc_solve(crocoddyl, running, terminal, X0[0], T, m), rep)
+    t_cb, _ = timed(lambda: [croc_solve(crocoddyl, running, terminal, X0[i], T, m)
+                             for i in range(batch)], 1)
+    At, Bt = torch.tensor(A), torch.tensor(Bm)
+    dyn = trajopt.Dynamics(lambda x, u, t: x @ At.T + u @ Bt.T, time_invariant=True)
+    cost = trajopt.QuadraticCost(Q, R, Q)
+    x0 = torch.tensor(X0)
+    t_o1, r1 = timed(lambda: trajopt.solve_ddp(dyn, cost, x0[0], torch.zeros(T, m, **F64)),
+                     rep)
+    t_ob, rb = timed(lambda: trajopt.solve_ddp(dyn, cost, x0, torch.zeros(batch, T, m, **F64)),
+                     rep)
+    lab = f"LQ n={n} m={m} T={T}"
+    rows += [(lab + ", one problem", "crocoddyl SolverDDP (C++ model)", t_c1, c1, ""),
+             ("", "trajopt iLQR", t_o1, float(r1.cost), f"{int(r1.iterations)} it"),
+             (lab + f", {batch} problems", "crocoddyl, looped", t_cb, math.nan, ""),
+             ("", "trajopt iLQR, batched", t_ob, float(rb.cost.mean()),
+              f"{int(rb.converged.sum())}/{batch} converged")]
+    # pendulum
+    Pendulum, pdyn, pcost = crocoddyl_models()
+    run_m, term_m = Pendulum(), Pendulum(True)
+    th0 = 0.3 * rng.normal(size=batch)
+    X0 = np.stack([th0, np.zeros(batch)], 1)
+    t_c1, (c1, it1) = timed(lambda: croc_solve(crocoddyl, run_m, term_m, X0[0], T, 1), rep)
+    t_cb, _ = timed(lambda: [croc_solve(crocoddyl, run_m, term_m, X0[i], T, 1)
+                             for i in range(batch)], 1)
+    x0 = torch.tensor(X0)
+    t_o1, r1 = timed(lambda: trajopt.solve_ddp(pdyn, pcost, x0[0], torch.zeros(T, 1, **F64)),
+                     rep)
+    t_ob, rb = timed(lambda: trajopt.solve_ddp(pdyn, pcost, x0, torch.zeros(batch, T, 1, **F64)),
+                     rep)
+    lab = f"Euler pendulum T={T}"
+    rows += [(lab + ", one problem", "crocoddyl SolverDDP (Python model)", t_c1, c1,
+              f"{it1} it"),
+             ("", "trajopt iLQR", t_o1, float(r1.cost), f"{int(r1.iterations)} it"),
+             (lab + f", {batch} problems", "crocoddyl, looped", t_cb, math.nan, ""),
+             ("", "trajopt iLQR, batched", t_ob, float(rb.cost.mean()),
+              f"{int(rb.converged.sum())}/{batch} converged")]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-mpc", action="store_true")
+    args = ap.parse_args()
+    rep = 1 if args.quick else 2
+    batch = 16 if args.quick else 256
+    T = 30 if args.quick else 100
+    print(f"# trajopt DDP benchmark — torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), CPU\n")
+    groups = []
+    if not args.skip_mpc:
+        groups.append(rows_mpc(1, T, 5 if args.quick else 100, 1e-4, 1))
+        groups.append(rows_mpc(batch, T, 5 if args.quick else 100, 1e-4, 1))
+    groups.append(rows_crocoddyl(batch, T, rep))
+    print("| case | solver | time [ms] | ratio | mean final cost | notes |")
+    print("|---|---|---:|---:|---:|---|")
+    for rows in groups:
+        for i in range(0, len(rows), 2):
+            pair = rows[i:i + 2]
+            ours = [r for r in pair if r[1].startswith("trajopt")]
+            base = ours[0][2] if ours else math.nan
+            for case, solver, t, cost, note in pair:
+                ratio = t / base if base == base and base > 0 else math.nan
+                print(f"| {case} | {solver} | {1e3 * t:.1f} | {ratio:.2f}x | {cost:.6g} | {note} |")
+    print("\nratio = time / trajopt's time in the same case (above 1: trajopt is faster).")
+
+
+if __name__ == "__main__":
+    main()
