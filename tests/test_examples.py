@@ -1,0 +1,40 @@
+"""Smoke tests: every example and the demo commands run end to end (tiny settings)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from trajopt import demo
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(path, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--smoke"] + (["--out", str(tmp_path)] if "--out" in path.read_text() else [])
+    module.main(args)
+    out = capsys.readouterr().out
+    assert out.strip()
+    for png in tmp_path.glob("*.png"):
+        assert png.stat().st_size > 1000
+
+
+def test_demo_lqr_and_solve(tmp_path, capsys):
+    assert demo.main(["lqr", "--out", str(tmp_path), "--horizon", "20"]) == 0
+    assert (tmp_path / "lqr_two_mass.png").exists()
+    assert demo.main(["solve", "double_integrator", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "iter" in out and "converged" in out
+    assert (tmp_path / "ddp_double_integrator.png").exists()
+    assert demo.main(["list"]) == 0
+
+
+def test_demo_bad_arguments_exit_cleanly(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["solve", "no_such_problem"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
