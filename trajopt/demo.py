@@ -6,8 +6,9 @@
 
 ``solve`` runs iLQR / DDP on a classical problem (``list`` shows them), prints the
 iteration log (cost, regularization, step size, expected vs actual reduction) and writes a
-plot of states and controls.  ``lqr`` (the default) regulates two masses coupled by springs (a classical benchmark,
-e.g. Wie & Bernstein 1992's two-mass problem with m1 = m2 = 1, k = 1, sampled at
+plot of states and controls.  ``lqr`` (the default) regulates two masses coupled by
+springs (a classical benchmark, e.g. Wie & Bernstein 1992's two-mass problem with
+m1 = m2 = 1, k = 1, sampled at
 dt = 0.1 s with a zero-order hold): it solves the DARE with every available method, the
 finite-horizon LQR from an initial displacement, prints both, and writes a PNG of the
 trajectories.
