@@ -54,6 +54,14 @@ class DAREData:
     def m(self) -> int:
         return self.B.shape[-1]
 
+    def subset(self, index) -> DAREData:
+        """The elements ``index`` (a list or mask over the flattened batch), as a flat
+        batch."""
+        def pick(t):
+            return None if t is None else t.reshape(-1, *t.shape[-2:])[index]
+        return DAREData(pick(self.A), pick(self.B), pick(self.Q), pick(self.R),
+                        pick(self.E), pick(self.S))
+
     def element(self, index: tuple[int, ...]) -> DAREData:
         """One batch element (unbatched tensors)."""
         def pick(t):

@@ -134,8 +134,7 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
         bad = ~certified | (res > _accept_tol(d.A.dtype, d.n))
     if bool(bad.any()):
         idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
-        flat = DAREData(*(None if t is None else t.reshape(-1, *t.shape[-2:])[idx]
-                          for t in (d.A, d.B, d.Q, d.R, d.E, d.S)))
+        flat = d.subset(idx)
         try:
             Xr, name = _reference(flat)
         except TrajoptError:
@@ -254,8 +253,7 @@ def _finish(d: DAREData, X: torch.Tensor, certified: torch.Tensor, label: str, k
     unchecked = ~certified
     if bool(unchecked.any()):
         flat = unchecked.reshape(-1)
-        sub = DAREData(*(None if t is None else t.reshape(-1, *t.shape[-2:])[flat]
-                         for t in (d.A, d.B, d.Q, d.R, d.E, d.S)))
+        sub = d.subset(flat)
         rho_sub = closed_loop_eigvals(sub, K.reshape(-1, *K.shape[-2:])[flat]).abs().amax(-1)
         rho = torch.zeros(flat.shape, dtype=X.dtype, device=X.device)
         rho[flat] = rho_sub
