@@ -38,7 +38,13 @@ import torch
 from .._arrays import infer_kind
 from .._checks import check_finite, shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
-from ..lqr.riccati import QExpansion, _split_joint, joint_blocks, value_update
+from ..lqr.riccati import (
+    PerElementCholesky,
+    expand_q_joint,
+    joint_blocks,
+    solve_policy,
+    value_update,
+)
 from .boxqp import box_qp
 from .models import Cost, Dynamics, as_dynamics
 
@@ -301,6 +307,7 @@ class DDPSolver:
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
         dV = torch.zeros(B, 2, dtype=mu.dtype, device=mu.device)
+        chol = PerElementCholesky(mu)
         for t in range(T - 1, -1, -1):
             s = stages[t]
             L = s.L
@@ -313,16 +320,12 @@ class DDPSolver:
                 extra[..., :n, n + 1:] = fux.transpose(-1, -2)
                 extra[..., n:, n + 1:] = torch.einsum("bi,bijk->bjk", Vx, s.fuu)
                 L = L + extra
-            Q = _expand(Vx, Vxx, s.F, L, s.n)
-            m = Q.Quu.shape[-1]
-            H = Q.Quu + mu[:, None, None] * torch.eye(m, dtype=mu.dtype, device=mu.device)
+            Q = expand_q_joint(Vx, Vxx, s.F, L, s.n)
             if lo is None:
-                Lc, info = torch.linalg.cholesky_ex(H)
-                ok = ok & (info == 0)
-                rhs = Q.joint[..., s.n:, :s.n + 1]
-                sol = -torch.cholesky_solve(rhs, Lc)
-                k, K = sol[..., 0], sol[..., 1:]
+                K, k = solve_policy(Q, chol, t)
             else:
+                m = Q.Quu.shape[-1]
+                H = Q.Quu + mu[:, None, None] * torch.eye(m, dtype=mu.dtype, device=mu.device)
                 u = traj.us[t]
                 res = box_qp(H, Q.Qu, lo - u, hi - u,
                              None if k_warm is None else k_warm[t])
@@ -335,6 +338,8 @@ class DDPSolver:
             Vx, Vxx = step.Vx, step.Vxx
             dV = dV + step.dV
             Ks[t], ks[t], Vxs[t], Vxxs[t] = K, k, Vx, Vxx
+        if chol.failed is not None:
+            ok = ok & ~chol.failed
         return _Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
 
     def forward_pass(self, traj: _Traj, policy: _Policy, alpha: float, lo=None, hi=None
@@ -539,12 +544,6 @@ def _step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
     """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
     return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
                        -1).amax(-1)
-
-
-def _expand(Vx, Vxx, F, L, n) -> QExpansion:
-    VF = Vxx @ F
-    J = L + F.transpose(-1, -2) @ torch.cat([Vx.unsqueeze(-1), VF], -1)
-    return _split_joint(J, n)
 
 
 def _select_stage(s: _Stage, idx) -> _Stage:

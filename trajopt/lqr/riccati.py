@@ -54,6 +54,7 @@ __all__ = [
     "RiccatiStep",
     "QuuSolver",
     "CholeskySolver",
+    "PerElementCholesky",
     "expand_q",
     "solve_policy",
     "riccati_step",
@@ -235,6 +236,31 @@ class CholeskySolver:
             raise NotPositiveDefiniteError(
                 f"Q_uu = R + B'PB (+ reg I){where}{batch} is not positive definite; "
                 f"increase the regularization or check R", stage=stage)
+        return torch.cholesky_solve(rhs, L)
+
+
+@dataclass
+class PerElementCholesky:
+    """Cholesky of ``Quu + reg_b I`` with one regularization per batch element.
+
+    For solvers that handle failures per element (DDP): it never raises; the elements
+    whose regularized Q_uu is not positive definite accumulate in ``failed`` (B,) and
+    their rows of the result are meaningless.
+
+    Attributes
+    ----------
+    reg : (B,) tensor
+    failed : (B,) bool tensor or None (before the first solve)
+    """
+
+    reg: torch.Tensor
+    failed: torch.Tensor | None = None
+
+    def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
+        eye = torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
+        L, info = torch.linalg.cholesky_ex(Quu + self.reg[..., None, None] * eye)
+        bad = info != 0
+        self.failed = bad if self.failed is None else self.failed | bad
         return torch.cholesky_solve(rhs, L)
 
 
