@@ -104,7 +104,7 @@ def _projected_newton(H, g, lower, upper, x0, max_iter, tol, armijo, shrink, min
         done = done | failed
         if bool(done.all()):
             break
-        d = -torch.cholesky_solve(gfree.unsqueeze(-1), L).squeeze(-1)
+        d = -torch.cholesky_solve(gfree.unsqueeze(-1), L).squeeze(-1)  # m >= 2 here
         d = torch.where(free & ~done.unsqueeze(-1), d, torch.zeros_like(d))
         slope = (grad * d).sum(-1)
         step = torch.ones_like(value)

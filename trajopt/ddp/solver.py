@@ -40,6 +40,7 @@ from .._checks import check_finite, shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from ..lqr.riccati import (
     PerElementCholesky,
+    cholesky_solve,
     expand_q_joint,
     joint_blocks,
     solve_policy,
@@ -332,7 +333,7 @@ class DDPSolver:
                 ok = ok & ~res.failed
                 k = res.x
                 rhs = torch.where(res.clamped.unsqueeze(-1), torch.zeros_like(Q.Qux), Q.Qux)
-                K = -torch.cholesky_solve(rhs, res.factor)
+                K = -cholesky_solve(rhs, res.factor)
             # a failed element's NaNs stay in its own row; it is flagged by ``ok``
             step = value_update(Q, K, k, exact_policy=False)
             Vx, Vxx = step.Vx, step.Vxx
@@ -410,7 +411,9 @@ class DDPSolver:
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
                 break
-            sub = traj.select(idx)
+            # every element active: work on traj itself (accepted steps are written into
+            # rows that this iteration no longer reads)
+            sub = traj if idx.numel() == B else traj.select(idx)
             pol, stopped = self._backward_with_regularization(sub, idx, mu, delta, lo, hi,
                                                              k_warm, reason)
             policy_full = _merge_policy(policy_full, pol, idx, B)
@@ -507,9 +510,13 @@ class DDPSolver:
         pol = None
         while True:
             gidx = idx[local]
-            part = self.backward_pass(
-                [_select_stage(s, local) for s in stages], Vx[local], Vxx[local], mu[gidx],
-                sub.select(local), lo, hi, None if warm is None else [k[local] for k in warm])
+            if local.numel() == n_sub:  # first pass over everything: no copies
+                part = self.backward_pass(stages, Vx, Vxx, mu[gidx], sub, lo, hi, warm)
+            else:
+                part = self.backward_pass(
+                    [_select_stage(s, local) for s in stages], Vx[local], Vxx[local],
+                    mu[gidx], sub.select(local), lo, hi,
+                    None if warm is None else [k[local] for k in warm])
             pol = part if pol is None else _merge_policy(pol, part, local, n_sub)
             bad = ~part.ok
             if not bool(bad.any()):
@@ -568,7 +575,8 @@ def _merge_policy(full: _Policy | None, part: _Policy, idx, B: int) -> _Policy:
     for dst, src in ((full.K, part.K), (full.k, part.k), (full.Vx, part.Vx),
                      (full.Vxx, part.Vxx)):
         for a, b in zip(dst, src):
-            a[idx] = b
+            if a is not b:  # the terminal derivatives may be the very same tensor
+                a[idx] = b
     full.dV[idx] = part.dV
     full.ok[idx] = part.ok
     return full

@@ -206,6 +206,15 @@ def expand_q(
     return expand_q_joint(Vx, Vxx, F, L, fx.shape[-1], c)
 
 
+def cholesky_solve(rhs: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``torch.cholesky_solve`` with a fast path for 1 x 1 factors (one division instead
+    of a LAPACK call per batch element, which dominates for large batches of scalar
+    controls)."""
+    if L.shape[-1] == 1:
+        return rhs / (L * L)
+    return torch.cholesky_solve(rhs, L)
+
+
 class QuuSolver(Protocol):
     """How the policy is obtained from Q_uu: ``solve(Quu, rhs, stage)`` returns
     ``Quu_tilde^{-1} rhs`` for rhs of shape (..., m, j)."""
@@ -236,7 +245,7 @@ class CholeskySolver:
             raise NotPositiveDefiniteError(
                 f"Q_uu = R + B'PB (+ reg I){where}{batch} is not positive definite; "
                 f"increase the regularization or check R", stage=stage)
-        return torch.cholesky_solve(rhs, L)
+        return cholesky_solve(rhs, L)
 
 
 @dataclass
@@ -261,7 +270,7 @@ class PerElementCholesky:
         L, info = torch.linalg.cholesky_ex(Quu + self.reg[..., None, None] * eye)
         bad = info != 0
         self.failed = bad if self.failed is None else self.failed | bad
-        return torch.cholesky_solve(rhs, L)
+        return cholesky_solve(rhs, L)
 
 
 def solve_policy(
