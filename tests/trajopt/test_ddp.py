@@ -13,6 +13,7 @@ from trajopt import problems
 from trajopt.errors import InvalidArgumentError, NonFiniteError, ShapeError
 
 DT, G, BDAMP = 0.1, 9.81, 0.3
+F64 = dict(dtype=torch.float64)
 Qs, Rs, QTs = np.diag([1.0, 0.1]), np.array([[0.05]]), np.diag([50.0, 5.0])
 GOAL = np.array([math.pi, 0.0])
 
@@ -294,3 +295,57 @@ def test_stage_dimensions_may_differ():
         x = f(x, u, t)
     (c + 0.5 * ((x - 1.0) ** 2).sum()).backward()
     assert max(u.grad.abs().max().item() for u in us) < 1e-6
+
+
+class AnalyticPendulum(trajopt.Dynamics):
+    """The test pendulum with hand-written derivatives instead of torch.func."""
+
+    def __init__(self):
+        super().__init__(time_invariant=True)
+        self.f = torch_pendulum()[0]
+
+    def forward(self, x, u, t):
+        return self.f(x, u, t)
+
+    def derivatives(self, x, u, t, *, second_order=False):
+        N = x.shape[0]
+        fx = torch.zeros(N, 2, 2, dtype=x.dtype)
+        fx[:, 0, 0], fx[:, 0, 1] = 1.0, DT
+        fx[:, 1, 0], fx[:, 1, 1] = -DT * G * torch.cos(x[:, 0]), 1 - DT * BDAMP
+        fu = torch.zeros(N, 2, 1, dtype=x.dtype)
+        fu[:, 1, 0] = DT
+        if not second_order:
+            return trajopt.ddp.DynamicsDerivatives(fx=fx, fu=fu)
+        fxx = torch.zeros(N, 2, 2, 2, dtype=x.dtype)
+        fxx[:, 1, 0, 0] = DT * G * torch.sin(x[:, 0])
+        return trajopt.ddp.DynamicsDerivatives(
+            fx=fx, fu=fu, fxx=fxx, fux=torch.zeros(N, 2, 1, 2, dtype=x.dtype),
+            fuu=torch.zeros(N, 2, 1, 1, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("mode", ["ilqr", "ddp"])
+def test_analytic_derivatives_plug_in(mode):
+    _, cost = torch_pendulum()
+    auto, _ = torch_pendulum()
+    x0, us0 = torch.tensor([0.2, 0.0], **F64), torch.zeros(30, 1, **F64)
+    a = trajopt.solve_ddp(AnalyticPendulum(), cost, x0, us0, mode=mode, max_iter=20)
+    b = trajopt.solve_ddp(auto, cost, x0, us0, mode=mode, max_iter=20)
+    assert a.iterations.item() == b.iterations.item()
+    np.testing.assert_allclose(a.us.numpy(), b.us.numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_parallel_and_sequential_line_search_agree():
+    p = problems.mpc_pendulum(T=40)
+    th = math.pi - 0.2 + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1), **F64)
+    x0 = torch.stack([torch.cos(th), torch.sin(th), torch.zeros_like(th)], 1)
+    runs = [trajopt.solve_ddp(p.dynamics, p.cost, x0, torch.zeros(40, 1, **F64),
+                              control_limits=p.control_limits, max_iter=40,
+                              line_search=trajopt.LineSearch(parallel=par))
+            for par in (False, True)]
+    assert runs[0].iterations.tolist() == runs[1].iterations.tolist()
+    assert runs[0].reason.tolist() == runs[1].reason.tolist()
+    np.testing.assert_allclose(runs[0].us.numpy(), runs[1].us.numpy(), rtol=1e-12, atol=1e-13)
+    steps = torch.stack([h.step for h in runs[0].history])
+    assert ((steps > 0) & (steps < 1)).any()  # some backtracking happened
+    with pytest.raises(InvalidArgumentError, match="decreasing"):
+        trajopt.LineSearch(alphas=(0.5, 1.0))

@@ -57,3 +57,14 @@ def test_rk4_matches_scipy_integration():
     assert rk4_err < 1e-4  # local error O(dt^5) with derivatives of this size
     euler = trajopt.discretize(fc, p.dt, "euler")(torch.tensor(x0), torch.tensor([u]), 0)
     assert np.abs(euler.numpy() - ref).max() > 100 * rk4_err  # Euler is O(dt^2)
+
+
+def test_analytic_cost_derivatives_match_torch_func():
+    p = problems.mpc_pendulum()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = torch.randn(5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = p.cost.derivatives(x, u, 0)
+    auto = trajopt.Cost.derivatives(p.cost, x, u, 0)  # the generic torch.func path
+    for name in ("lx", "lu", "lxx", "luu", "lux"):
+        np.testing.assert_allclose(getattr(ours, name).numpy(), getattr(auto, name).numpy(),
+                                   rtol=1e-14, atol=1e-15, err_msg=name)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..ddp.models import Cost, Dynamics, QuadraticCost, discretize
+from ..ddp.models import Cost, CostDerivatives, Dynamics, QuadraticCost, discretize
 from ._problem import Problem, limits
 
 
@@ -58,6 +58,29 @@ class MPCPendulumDynamics(Dynamics):
         return torch.stack([torch.cos(new_th), torch.sin(new_th), new_dth], -1)
 
 
+class MPCPendulumCost(Cost):
+    """mpc.pytorch's pendulum cost ``1/2 sum w_i x_i^2 + p'x + 1/2 0.001 u^2`` with
+    ``w = (1, 1, 0.1)``, ``p = (-1, 0, 0)``, analytic derivatives, no terminal cost."""
+
+    def __init__(self):
+        super().__init__(time_invariant=True)
+        self.w = torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)
+        self.p = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
+        self.r = 0.001
+
+    def running(self, x, u, t):
+        w, p = self.w.to(x), self.p.to(x)
+        return 0.5 * (w * x * x).sum(-1) + (p * x).sum(-1) + 0.5 * self.r * (u * u).sum(-1)
+
+    def derivatives(self, x, u, t):
+        w, p = self.w.to(x), self.p.to(x)
+        N = x.shape[0]
+        return CostDerivatives(lx=w * x + p, lu=self.r * u, lxx=torch.diag(w).expand(N, 3, 3),
+                               luu=torch.full((N, 1, 1), self.r, dtype=x.dtype,
+                                              device=x.device),
+                               lux=x.new_zeros(N, 1, 3))
+
+
 def mpc_pendulum(*, T: int = 100) -> Problem:
     """mpc.pytorch's pendulum problem with its own cost: per stage
     ``1/2 sum_i w_i tau_i^2 + p'tau`` over ``tau = (x, u)`` with
@@ -66,17 +89,9 @@ def mpc_pendulum(*, T: int = 100) -> Problem:
     0.2 rad from hanging down, th0 = pi - 0.2 (exactly hanging down is a saddle point where
     every gradient vanishes by symmetry)."""
     dyn = MPCPendulumDynamics()
-    w = torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)
-    p = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
-
-    def running(x, u, t):
-        return 0.5 * (w.to(x) * x * x).sum(-1) + (p.to(x) * x).sum(-1) \
-            + 0.5 * 0.001 * (u * u).sum(-1)
-
-    cost = Cost(running, None, time_invariant=True)
     th0 = math.pi - 0.2
     x0 = torch.tensor([math.cos(th0), math.sin(th0), 0.0], dtype=torch.float64)
-    return Problem("mpc_pendulum", dyn, cost, x0, T, dyn.dt, limits(2.0, 1),
+    return Problem("mpc_pendulum", dyn, MPCPendulumCost(), x0, T, dyn.dt, limits(2.0, 1),
                    ("cos th", "sin th", "dth"), ("u",),
                    dict(g=10.0, m=1.0, l=1.0, dt=0.05, max_torque=2.0),
                    "mpc.pytorch 0.0.6, mpc/env_dx/pendulum.py (PendulumDx, simple=True)")
