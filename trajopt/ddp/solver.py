@@ -348,7 +348,7 @@ class DDPSolver:
             # a failed element's NaNs stay in its own row; it is flagged by ``ok``
             step = value_update(Q, K, k, exact_policy=False)
             Vx, Vxx = step.Vx, step.Vxx
-            dV = dV + step.dV
+            dV = dV + step.expected_change()
             Ks[t], ks[t], Vxs[t], Vxxs[t] = K, k, Vx, Vxx
         if chol.failed is not None:
             ok = ok & ~chol.failed
@@ -418,6 +418,7 @@ class DDPSolver:
         iterations = torch.zeros(B, dtype=torch.long, device=dev)
         mu = torch.full((B,), self.reg.initial, dtype=dt, device=dev)
         delta = torch.ones(B, dtype=dt, device=dev)
+        fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # policy is at current traj
         policy_full = None
         history: list[IterationLog] = []
         k_warm: list[torch.Tensor] | None = None
@@ -431,6 +432,7 @@ class DDPSolver:
             pol, stopped = self._backward_with_regularization(sub, idx, mu, delta, lo, hi,
                                                              k_warm, reason)
             policy_full = _merge_policy(policy_full, pol, idx, B)
+            fresh[idx] = True
             k_warm = policy_full.k
             active[idx[stopped]] = False
             done = pol.ok & (_step_size(pol.k, sub.us) <= math.sqrt(self.tol))
@@ -450,6 +452,7 @@ class DDPSolver:
             accepted = todo & ~pending
             gacc, grej = idx[accepted], idx[pending]
             iterations[gacc] += 1
+            fresh[gacc] = False
             # Tassa's second test: an accepted step that barely changed the cost
             small = accepted & (act_log[idx] <= self.tol * (1 + traj.cost[idx].abs()))
             if bool(small.any()):
@@ -475,17 +478,14 @@ class DDPSolver:
                 self.callback(log)
         # value derivatives and gains at the returned trajectory for elements whose last
         # backward pass ran at an earlier trajectory
-        stale = torch.nonzero(~converged & finite0).flatten()
+        # (with the current regularization, raised on a copy where it is not enough; the
+        # stopping reasons are kept)
+        stale = torch.nonzero(~fresh & finite0).flatten()
         if stale.numel():
-            sub = traj.select(stale)
-            stages, Vx, Vxx = self.derivatives(sub)
-            pol = self.backward_pass(stages, Vx, Vxx, mu[stale], sub, lo, hi,
-                                     None if k_warm is None else [k[stale] for k in k_warm])
+            pol, _ = self._backward_with_regularization(
+                traj.select(stale), stale, mu.clone(), delta.clone(), lo, hi, k_warm,
+                reason.copy())
             policy_full = _merge_policy(policy_full, pol, stale, B)
-        if policy_full is None:  # max_iter = 0 and nothing active
-            sub = traj
-            stages, Vx, Vxx = self.derivatives(sub)
-            policy_full = self.backward_pass(stages, Vx, Vxx, mu, sub, lo, hi)
         return self._result(kind, batch, listed, traj, policy_full, converged, iterations,
                             reason, history)
 

@@ -38,7 +38,7 @@ default :class:`CholeskySolver`; a preconditioner (I/lr, diagonal, Kronecker) on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -111,6 +111,9 @@ class RiccatiStep:
         Value Hessian at this stage (the thesis' K, our ``P``), symmetric.
     Q : QExpansion
         The expansion the policy came from (unregularized Q_uu).
+    dV : (..., 2) or None
+        ``[k'Q_u, 1/2 k'Q_uu k]`` when the update computed it on the way (general form);
+        :meth:`expected_change` returns it in every case.
     """
 
     K: torch.Tensor
@@ -119,13 +122,16 @@ class RiccatiStep:
     Vxx: torch.Tensor
     Q: QExpansion
 
-    @property
-    def dV(self) -> torch.Tensor:
+    dV: torch.Tensor | None = None
+
+    def expected_change(self) -> torch.Tensor:
         """Expected value change of the full step, (..., 2): ``[k'Q_u, 1/2 k'Q_uu k]``, so
         a line search with step alpha expects ``alpha dV[0] + alpha^2 dV[1]``."""
-        Quu = sym(self.Q.Quu)
-        return torch.stack([(self.k * self.Q.Qu).sum(-1),
-                            0.5 * (self.k * _mv(Quu, self.k)).sum(-1)], dim=-1)
+        if self.dV is not None:
+            return self.dV
+        Quu_k = _mv(sym(self.Q.Quu), self.k)
+        return torch.stack([(self.k * self.Q.Qu).sum(-1), 0.5 * (self.k * Quu_k).sum(-1)],
+                           dim=-1)
 
 
 def joint_blocks(
@@ -264,10 +270,14 @@ class PerElementCholesky:
 
     reg: torch.Tensor
     failed: torch.Tensor | None = None
+    _regI: torch.Tensor | None = field(default=None, repr=False)
 
     def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
-        eye = torch.eye(Quu.shape[-1], dtype=Quu.dtype, device=Quu.device)
-        L, info = torch.linalg.cholesky_ex(Quu + self.reg[..., None, None] * eye)
+        m = Quu.shape[-1]
+        if self._regI is None or self._regI.shape[-1] != m:
+            eye = torch.eye(m, dtype=Quu.dtype, device=Quu.device)
+            self._regI = self.reg[..., None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Quu + self._regI)
         bad = info != 0
         self.failed = bad if self.failed is None else self.failed | bad
         return cholesky_solve(rhs, L)
@@ -353,8 +363,11 @@ def value_update(
         # [Vx | Vxx] = [Qx | Qxx] + K'([Quu k + Qu | Quu K + 2 Qux]) + [Qux'k | 0], using
         # sym(K'Qux + Qux'K) = sym(2 K'Qux): two matmuls for the whole general update
         kK = torch.cat([k.unsqueeze(-1), K], -1)
-        W = Q.Quu @ kK + torch.cat([Q.Qu.unsqueeze(-1), 2.0 * Q.Qux], -1)
+        QuukK = Q.Quu @ kK
+        W = QuukK + torch.cat([Q.Qu.unsqueeze(-1), 2.0 * Q.Qux], -1)
         V = K.transpose(-1, -2) @ W
         Vx = Q.Qx + V[..., 0] + _mv(QuxT, k)
         Vxx = sym(Q.Qxx + V[..., 1:])
+        dV = torch.stack([(k * Q.Qu).sum(-1), 0.5 * (k * QuukK[..., 0]).sum(-1)], dim=-1)
+        return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, dV=dV)
     return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q)
