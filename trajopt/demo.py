@@ -67,7 +67,8 @@ def demo_lqr(out: Path, horizon: int) -> int:
     return _plot(out, fin, dt=0.1)
 
 
-def _plot(out: Path, fin, dt: float) -> int:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a hint) when not installed."""
     try:
         import matplotlib
 
@@ -75,6 +76,13 @@ def _plot(out: Path, fin, dt: float) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: pip install 'trajopt-nnbridge[plot]' for the plot")
+        return None
+    return plt
+
+
+def _plot(out: Path, fin, dt: float) -> int:
+    plt = _pyplot()
+    if plt is None:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t = np.arange(fin.xs.shape[0]) * dt
@@ -128,13 +136,8 @@ def demo_solve(name: str, mode: str, max_iter: int, batch: int, out: Path, seed:
 
 
 def _plot_trajectory(out: Path, p, res) -> int:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install 'trajopt-nnbridge[plot]' for the plot")
+    plt = _pyplot()
+    if plt is None:
         return 0
     xs = np.asarray(res.xs).reshape(-1, p.T + 1, p.n)
     us = np.asarray(res.us).reshape(-1, p.T, p.m)

@@ -121,7 +121,6 @@ class RiccatiStep:
     Vx: torch.Tensor
     Vxx: torch.Tensor
     Q: QExpansion
-
     dV: torch.Tensor | None = None
 
     def expected_change(self) -> torch.Tensor:
