@@ -349,3 +349,18 @@ def test_parallel_and_sequential_line_search_agree():
     assert ((steps > 0) & (steps < 1)).any()  # some backtracking happened
     with pytest.raises(InvalidArgumentError, match="decreasing"):
         trajopt.LineSearch(alphas=(0.5, 1.0))
+
+
+def test_float32_and_multi_dimensional_batch():
+    p = problems.pendulum(T=20)
+    x0 = torch.zeros(2, 3, 2, dtype=torch.float32)
+    res = trajopt.solve_ddp(p.dynamics, p.cost, x0, torch.zeros(20, 1, dtype=torch.float32),
+                            control_limits=p.control_limits, max_iter=5)
+    assert res.xs.dtype == torch.float32 and res.xs.shape == (2, 3, 21, 2)
+    assert res.K.shape == (2, 3, 20, 1, 2) and res.Vxx.shape == (2, 3, 21, 2, 2)
+    assert res.cost.shape == (2, 3) and res.reason.shape == (2, 3)
+    r64 = trajopt.solve_ddp(p.dynamics, p.cost, x0[0, 0].double(),
+                            torch.zeros(20, 1, **F64), control_limits=p.control_limits,
+                            max_iter=5)
+    # single precision against double: agreement at the float32 level
+    np.testing.assert_allclose(res.us[1, 2].double().numpy(), r64.us.numpy(), atol=2e-3)

@@ -92,13 +92,19 @@ class Dynamics:
         def single(xi, ui):
             return self.forward(xi, ui, t)
 
+        fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(x, u), x)
         if not second_order:
-            fx, fu = vmap(jacfwd(single, argnums=(0, 1)))(x, u)
             return DynamicsDerivatives(fx=fx, fu=fu)
         first = jacrev(single, argnums=(0, 1))
-        (fxx, fxu), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(x, u)
-        fx, fu = vmap(jacfwd(single, argnums=(0, 1)))(x, u)
+        (fxx, _), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(x, u)
+        fxx, fux, fuu = _like((fxx, fux, fuu), x)
         return DynamicsDerivatives(fx=fx, fu=fu, fxx=fxx, fux=fux, fuu=fuu)
+
+
+def _like(tensors, x: torch.Tensor):
+    """Cast derivatives to the dtype of ``x``: forward-mode AD of a division by a Python
+    number promotes float32 to float64 (torch 2.13), which would mix dtypes downstream."""
+    return tuple(t.to(x.dtype) for t in tensors)
 
 
 def as_dynamics(dynamics: Dynamics | Callable) -> Dynamics:
@@ -173,9 +179,10 @@ class Cost:
         def single(xi, ui):
             return self.running(xi, ui, t)
 
-        lx, lu = vmap(jacrev(single, argnums=(0, 1)))(x, u)
-        (lxx, lxu), (lux, luu) = vmap(jacfwd(jacrev(single, argnums=(0, 1)),
-                                             argnums=(0, 1)))(x, u)
+        lx, lu = _like(vmap(jacrev(single, argnums=(0, 1)))(x, u), x)
+        (lxx, _), (lux, luu) = vmap(jacfwd(jacrev(single, argnums=(0, 1)),
+                                           argnums=(0, 1)))(x, u)
+        lxx, lux, luu = _like((lxx, lux, luu), x)
         return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
 
     def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +192,7 @@ class Cost:
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
         g = vmap(jacrev(self.terminal))(x)
         H = vmap(jacfwd(jacrev(self.terminal)))(x)
-        return g, H
+        return _like((g, H), x)
 
 
 class QuadraticCost(Cost):
