@@ -334,21 +334,25 @@ def test_analytic_derivatives_plug_in(mode):
     np.testing.assert_allclose(a.us.numpy(), b.us.numpy(), rtol=1e-12, atol=1e-13)
 
 
-def test_parallel_and_sequential_line_search_agree():
+def test_line_search_strategies_agree():
     p = problems.mpc_pendulum(T=40)
     th = math.pi - 0.2 + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1), **F64)
     x0 = torch.stack([torch.cos(th), torch.sin(th), torch.zeros_like(th)], 1)
     runs = [trajopt.solve_ddp(p.dynamics, p.cost, x0, torch.zeros(40, 1, **F64),
                               control_limits=p.control_limits, max_iter=40,
-                              line_search=trajopt.LineSearch(parallel=par))
-            for par in (False, True)]
-    assert runs[0].iterations.tolist() == runs[1].iterations.tolist()
-    assert runs[0].reason.tolist() == runs[1].reason.tolist()
-    np.testing.assert_allclose(runs[0].us.numpy(), runs[1].us.numpy(), rtol=1e-12, atol=1e-13)
+                              line_search=trajopt.LineSearch(strategy=strategy))
+            for strategy in ("sequential", "parallel", "hybrid")]
+    for other in runs[1:]:
+        assert runs[0].iterations.tolist() == other.iterations.tolist()
+        assert runs[0].reason.tolist() == other.reason.tolist()
+        np.testing.assert_allclose(runs[0].us.numpy(), other.us.numpy(), rtol=1e-12,
+                                   atol=1e-13)
     steps = torch.stack([h.step for h in runs[0].history])
     assert ((steps > 0) & (steps < 1)).any()  # some backtracking happened
     with pytest.raises(InvalidArgumentError, match="decreasing"):
         trajopt.LineSearch(alphas=(0.5, 1.0))
+    with pytest.raises(InvalidArgumentError, match="strategy"):
+        trajopt.LineSearch(strategy="golden")
 
 
 def test_float32_and_multi_dimensional_batch():
