@@ -578,15 +578,15 @@ class DDPSolver:
         return pol, stopped
 
     def _result(self, kind, batch, listed, traj, pol, converged, iterations, reason, history):
-        def pack(values, rank):
+        def pack(values):
             out = [v.reshape(*batch, *v.shape[1:]) for v in values]
             if listed or any(v.shape != out[0].shape for v in out):
                 return kind.out(out)
             return kind.out(torch.stack(out, dim=len(batch)))
 
         return DDPResult(
-            xs=pack(traj.xs, 1), us=pack(traj.us, 1), K=pack(pol.K, 2), k=pack(pol.k, 1),
-            Vx=pack(pol.Vx, 1), Vxx=pack(pol.Vxx, 2),
+            xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),
+            Vx=pack(pol.Vx), Vxx=pack(pol.Vxx),
             cost=kind.out(traj.cost.reshape(batch)),
             converged=kind.out(converged.reshape(batch)),
             iterations=kind.out(iterations.reshape(batch)),
