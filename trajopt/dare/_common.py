@@ -20,14 +20,13 @@ import torch
 
 from .._checks import (
     batch_shape,
-    batched_solve,
     check_finite,
     check_matrix,
     check_square,
     check_symmetric,
     shape_str,
-    sym,
 )
+from .._linalg import batched_solve, sym
 from ..errors import ShapeError
 
 

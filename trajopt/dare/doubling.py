@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import batched_solve, sym
+from .._linalg import batched_solve, sym
 from ..errors import NumericalError
 from ._common import DAREData
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import sym
+from .._linalg import sym
 from ._common import DAREData, gain, relative_residual, residual_matrix
 
 

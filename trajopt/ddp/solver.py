@@ -37,6 +37,7 @@ import torch
 
 from .._arrays import infer_kind
 from .._checks import check_finite, shape_str
+from .._linalg import mv
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from ..lqr.riccati import (
     PerElementCholesky,
@@ -372,7 +373,7 @@ class DDPSolver:
         cost = torch.zeros_like(traj.cost)
         for t in range(len(traj.us)):
             dx = x - traj.xs[t]
-            u = traj.us[t] + alpha * policy.k[t] + (policy.K[t] @ dx.unsqueeze(-1)).squeeze(-1)
+            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], dx)
             if lo is not None:
                 u = torch.minimum(torch.maximum(u, lo), hi)
             cost = cost + self.cost.running(x, u, t)

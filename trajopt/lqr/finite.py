@@ -29,6 +29,7 @@ from .._checks import (
     check_vector,
     shape_str,
 )
+from .._linalg import mv as _mv
 from ..errors import ShapeError
 from .riccati import CholeskySolver, joint_blocks, riccati_step_joint
 
@@ -266,10 +267,6 @@ class Trajectory:
     xs: Any
     us: Any
     cost: Any
-
-
-def _mv(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (A @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

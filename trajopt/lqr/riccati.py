@@ -43,7 +43,8 @@ from typing import Protocol
 
 import torch
 
-from .._checks import sym
+from .._linalg import mv as _mv
+from .._linalg import sym
 from ..errors import NotPositiveDefiniteError
 
 __all__ = [
@@ -60,14 +61,6 @@ __all__ = [
     "riccati_step",
     "value_update",
 ]
-
-
-def _mv(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (A @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def _mtv(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (A.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass(frozen=True)
