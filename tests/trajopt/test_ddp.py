@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trajopt
 from tests.reference.ddp_numpy import ReferenceDDP
@@ -368,3 +370,29 @@ def test_float32_and_multi_dimensional_batch():
                             max_iter=5)
     # single precision against double: agreement at the float32 level
     np.testing.assert_allclose(res.us[1, 2].double().numpy(), r64.us.numpy(), atol=2e-3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 4), m=st.integers(1, 3), T=st.integers(1, 8),
+       seed=st.integers(0, 2**31 - 1), limits=st.booleans(), mode=st.sampled_from(["ilqr",
+                                                                                 "ddp"]))
+def test_batched_equals_looped_property(n, m, T, seed, limits, mode):
+    """Random tanh dynamics: a batch of 3 solved at once equals each solved alone."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, **F64) / max(1, n) ** 0.5
+    Bm = torch.randn(n, m, generator=g, **F64)
+    dyn = trajopt.Dynamics(lambda x, u, t: torch.tanh(x @ W.T + u @ Bm.T) + 0.5 * x,
+                           time_invariant=True)
+    cost = trajopt.QuadraticCost(torch.eye(n, **F64), 0.1 * torch.eye(m, **F64),
+                                 10 * torch.eye(n, **F64), x_goal=torch.full((n,), 0.3, **F64))
+    x0 = torch.randn(3, n, generator=g, **F64)
+    lim = (-0.5 * torch.ones(m, **F64), 0.5 * torch.ones(m, **F64)) if limits else None
+    kw = dict(mode=mode, control_limits=lim, max_iter=30)
+    both = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(T, m, **F64), **kw)
+    for i in range(3):
+        one = trajopt.solve_ddp(dyn, cost, x0[i], torch.zeros(T, m, **F64), **kw)
+        assert one.reason.item() == both.reason[i]
+        assert one.iterations.item() == both.iterations[i].item()
+        np.testing.assert_allclose(one.us.numpy(), both.us[i].numpy(), rtol=1e-10,
+                                   atol=1e-12)
+        np.testing.assert_allclose(one.K.numpy(), both.K[i].numpy(), rtol=1e-9, atol=1e-10)

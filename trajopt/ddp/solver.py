@@ -556,6 +556,7 @@ class DDPSolver:
         local = torch.arange(n_sub, device=idx.device)
         warm = None if k_warm is None else [k[idx] for k in k_warm]
         pol = None
+        owned = False
         while True:
             gidx = idx[local]
             if local.numel() == n_sub:  # first pass over everything: no copies
@@ -565,7 +566,14 @@ class DDPSolver:
                     [_select_stage(s, local) for s in stages], Vx[local], Vxx[local],
                     mu[gidx], sub.select(local), lo, hi,
                     None if warm is None else [k[local] for k in warm])
-            pol = part if pol is None else _merge_policy(pol, part, local, n_sub)
+            if pol is None:
+                pol = part
+            else:
+                if not owned:  # part's tensors may be views (terminal derivatives): copy
+                    pol = _merge_policy(None, pol, torch.arange(n_sub, device=idx.device),
+                                        n_sub)
+                    owned = True
+                pol = _merge_policy(pol, part, local, n_sub)
             bad = ~part.ok
             if not bool(bad.any()):
                 break
