@@ -271,14 +271,19 @@ class DDPSolver:
     # ------------------------------------------------------------------ steps
     def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> _Traj:
         """Open-loop rollout with cost (flat batch)."""
-        xs, cost = [x0], torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-        x = x0
-        for t, u in enumerate(us):
+        return self._simulate(x0, len(us), lambda t, x: us[t])
+
+    def _simulate(self, x: torch.Tensor, T: int, control) -> _Traj:
+        """Roll out ``T`` stages from ``x`` with ``u_t = control(t, x_t)``, with cost."""
+        xs, us = [x], []
+        cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for t in range(T):
+            u = control(t, x)
             cost = cost + self.cost.running(x, u, t)
             x = self.dynamics(x, u, t)
             xs.append(x)
-        cost = cost + self.cost.terminal(x)
-        return _Traj(xs, list(us), cost)
+            us.append(u)
+        return _Traj(xs, us, cost + self.cost.terminal(x))
 
     def derivatives(self, traj: _Traj) -> tuple[list[_Stage], torch.Tensor, torch.Tensor]:
         """Packed stage derivatives (see :func:`~trajopt.lqr.riccati.joint_blocks`) and the
@@ -368,19 +373,13 @@ class DDPSolver:
         step per row (N,)."""
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
-        x = traj.xs[0]
-        xs, us = [x], []
-        cost = torch.zeros_like(traj.cost)
-        for t in range(len(traj.us)):
-            dx = x - traj.xs[t]
-            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], dx)
-            if lo is not None:
-                u = torch.minimum(torch.maximum(u, lo), hi)
-            cost = cost + self.cost.running(x, u, t)
-            x = self.dynamics(x, u, t)
-            xs.append(x)
-            us.append(u)
-        cost = cost + self.cost.terminal(x)
+
+        def control(t, x):
+            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], x - traj.xs[t])
+            return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
+
+        out = self._simulate(traj.xs[0], len(traj.us), control)
+        xs, us, cost = out.xs, out.us, out.cost
         finite = torch.isfinite(cost) & torch.stack([torch.isfinite(v).all(-1) for v in xs],
                                                     -1).all(-1)
         cost = torch.where(finite, cost, torch.full_like(cost, math.inf))

@@ -296,6 +296,19 @@ def _step(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return x1 if s.c is None else x1 + s.c
 
 
+def _simulate(problem: LQR, x: torch.Tensor, control) -> tuple[list, list, torch.Tensor]:
+    """Roll the dynamics out from ``x`` with ``u_t = control(t, x_t)``; returns the state
+    list (T+1), the control list (T) and the total cost (...)."""
+    xs, us, total = [x], [], 0.0
+    for t, s in enumerate(problem.stages):
+        u = control(t, x)
+        total = total + stage_cost(s, x, u)
+        x = _step(s, x, u)
+        xs.append(x)
+        us.append(u)
+    return xs, us, total + _terminal_cost(problem, x)
+
+
 def _stack(values: list[torch.Tensor], rank: int, problem: LQR, kind: ArrayKind) -> Any:
     """Stack per-stage tensors along a time axis placed before the ``rank`` core axes."""
     if not problem.stacked:
@@ -353,15 +366,8 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
     ks.reverse()
     xs = us = cost = None
     if x0 is not None:
-        x = _x0_tensor(problem, x0)
-        xs_l, us_l, total = [x], [], 0.0
-        for s, K, k in zip(problem.stages, Ks, ks):
-            u = _mv(K, x) + k
-            total = total + stage_cost(s, x, u)
-            x = _step(s, x, u)
-            xs_l.append(x)
-            us_l.append(u)
-        total = total + _terminal_cost(problem, x)
+        xs_l, us_l, total = _simulate(problem, _x0_tensor(problem, x0),
+                                      lambda t, x: _mv(Ks[t], x) + ks[t])
         xs, us, cost = _stack(xs_l, 1, problem, kind), _stack(us_l, 1, problem, kind), \
             kind.out(total)
     return LQRSolution(
@@ -396,12 +402,8 @@ def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:
         u_list = list(ut.unbind(-2))
     if len(u_list) != problem.T:
         raise ShapeError(f"us has {len(u_list)} stages but the problem has {problem.T}")
-    xs_l, total = [x], 0.0
     for t, (s, u) in enumerate(zip(problem.stages, u_list)):
         check_vector(u, f"us[{t}]", s.m)
-        total = total + stage_cost(s, x, u)
-        x = _step(s, x, u)
-        xs_l.append(x)
-    total = total + _terminal_cost(problem, x)
+    xs_l, _, total = _simulate(problem, x, lambda t, x: u_list[t])
     return Trajectory(xs=_stack(xs_l, 1, problem, kind), us=_stack(u_list, 1, problem, kind),
                       cost=kind.out(total))
