@@ -1,6 +1,14 @@
 """nnbridge: torch networks as batched dynamics for trajopt (network training as optimal
-control).  The optimizers arrive with later issues; this package currently only marks
-its place in the distribution."""
+control).
+
+* :func:`stages` -- a network decomposed once into stages x_{t+1} = sigma_t(g_t(x_t, u_t));
+* :class:`DDPNOpt` -- the DDP Neural Optimizer (torch.optim API), curvatures identity /
+  rmsprop / adam / ekfac / exact, feedback policies from trajopt's operator Riccati step;
+* :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline.
+"""
+
+from .ddpnopt import EKFAC, DDPNOpt
+from .stages import Stage, StageLinearization, capture, stages
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC"]

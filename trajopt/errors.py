@@ -18,6 +18,7 @@ __all__ = [
     "SolverUnavailableError",
     "InvalidArgumentError",
     "ConvergenceWarning",
+    "SkippedStepWarning",
 ]
 
 
@@ -69,3 +70,8 @@ class InvalidArgumentError(TrajoptError, ValueError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance."""
+
+
+class SkippedStepWarning(UserWarning):
+    """An optimizer met a non-finite loss or update and skipped the step, leaving the
+    parameters and its state untouched."""

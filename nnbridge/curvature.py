@@ -1,0 +1,346 @@
+r"""Curvature models :math:`P \approx Q_{uu}` of one stage (DDPNOpt paper, Table 2).
+
+Each curvature is a small functional kernel on the stage's augmented control
+:math:`\tilde U` (out, in') (see :mod:`nnbridge.stages`):
+
+* :meth:`Curvature.update` -- new statistics (moments, Kronecker factors) from the batch
+  mean :math:`g = \mathbb{E}[Q_u]` (and, for EKFAC, the per-sample factors); always
+  out of place, so a skipped step leaves the optimizer state untouched;
+* :meth:`Curvature.open_loop` -- the open-loop update :math:`-P^{-1} d` (``d`` the
+  curvature's direction: the gradient, or its momentum / Adam's first moment);
+* :meth:`Curvature.inverse` -- :math:`P^{-1} G` for a control-shaped ``G`` (the feedback);
+* :meth:`Curvature.per_sample` -- :math:`[S(w^i \tilde x^{i\top})]\, \tilde x^i` per
+  sample, the response the value recursion needs
+  (:class:`trajopt.lqr.operator_step.ControlResponse`), with rank-one closed forms for
+  Linear layers.
+
+With :math:`P^{-1} G = Q_G [(Q_G^\top G Q_A) \odot D] Q_A^\top` (rotations ``None`` for
+the diagonal ones), the family covers identity (:math:`D = \eta`, SGD), RMSprop and Adam
+(:math:`D = \eta / (\sqrt{v}+\epsilon)`) and EKFAC (eigenbases of
+:math:`\mathbb{E}[\tilde x \tilde x^\top]`, :math:`\mathbb{E}[V_h V_h^\top]`,
+:math:`D = \eta / (s + \epsilon)`).  :class:`Exact` is vanilla DDP's
+:math:`Q_{uu} = l_{uu} + \mathbb{E}[f_u^\top V_{xx} f_u]` (small Linear layers only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trajopt.errors import InvalidArgumentError
+
+__all__ = ["Curvature", "Identity", "RMSprop", "Adam", "EKFAC", "Exact", "CURVATURES",
+           "NetworkResponse"]
+
+State = dict[str, Any]
+
+
+class Curvature:
+    """Base class; ``defaults`` are the hyper-parameters (torch.optim names)."""
+
+    name = "base"
+    defaults: dict[str, Any] = {}
+    needs_factors = False  # update() wants the per-sample factors (w, X)
+
+    def validate(self, hp: dict) -> None:
+        if not hp["lr"] >= 0:
+            raise ValueError(f"Invalid learning rate: {hp['lr']}")
+        if not hp.get("weight_decay", 0.0) >= 0:
+            raise ValueError(f"Invalid weight_decay value: {hp['weight_decay']}")
+        if "eps" in hp and not hp["eps"] >= 0:
+            raise ValueError(f"Invalid epsilon value: {hp['eps']}")
+
+    def init(self, U: torch.Tensor) -> State:
+        return {}
+
+    def update(self, st: State, g: torch.Tensor, hp: dict, step: int,
+               w: torch.Tensor | None = None, X: torch.Tensor | None = None) -> State:
+        return dict(st)
+
+    # P^{-1} = rotations + elementwise D
+    def scale(self, st: State, hp: dict, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotations(self, st: State) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def direction(self, st: State, g: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
+        return g
+
+    def open_loop(self, st: State, g: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
+        return -self.inverse(st, self.direction(st, g, hp, step), hp, step)
+
+    def inverse(self, st: State, G: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
+        D = self.scale(st, hp, step)
+        rot = self.rotations(st)
+        if rot is None:
+            return G * D
+        QG, QA = rot
+        return QG @ ((QG.transpose(-1, -2) @ G @ QA) * D) @ QA.transpose(-1, -2)
+
+    def value_inverse(self, st: State, G: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
+        """:math:`S G` (the value recursion's operator); :math:`= P^{-1} G` when the
+        curvature model is its own :math:`Q_{uu}`."""
+        return self.inverse(st, G, hp, step)
+
+    def per_sample(self, st: State, w: torch.Tensor, X: torch.Tensor, hp: dict,
+                   step: int) -> torch.Tensor:
+        """:math:`[S (w^i \\tilde x^{i\\top})] \\tilde x^i`: w (B, J, out, P), X (B, in', P)
+        -> (B, J, out, P)."""
+        if X.shape[-1] == 1:  # Linear: rank-one per-sample cotangents
+            D = self.scale(st, hp, step)
+            rot = self.rotations(st)
+            a, x = w[..., 0], X[..., 0]
+            if rot is not None:
+                a, x = a @ rot[0], x @ rot[1]
+            e = (x * x) @ D.transpose(-1, -2)                       # (B, out)
+            res = a * e.unsqueeze(1)
+            if rot is not None:
+                res = res @ rot[0].transpose(-1, -2)
+            return res.unsqueeze(-1)
+        G = torch.einsum("bjop,bip->bjoi", w, X)
+        return torch.einsum("bjoi,bip->bjop", self.value_inverse(st, G, hp, step), X)
+
+
+def _moment(old: torch.Tensor | None, new: torch.Tensor, keep: float) -> torch.Tensor:
+    return new if old is None else old * keep + new * (1.0 - keep)
+
+
+class Identity(Curvature):
+    """:math:`P = I/\\eta`: SGD (torch.optim.SGD's momentum, dampening, nesterov,
+    weight_decay)."""
+
+    name = "identity"
+    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+
+    def validate(self, hp):
+        super().validate(hp)
+        if not hp["momentum"] >= 0:
+            raise ValueError(f"Invalid momentum value: {hp['momentum']}")
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def update(self, st, g, hp, step, w=None, X=None):
+        st = dict(st)
+        mu = hp["momentum"]
+        if mu:
+            buf = st.get("momentum_buffer")
+            st["momentum_buffer"] = (g.clone() if buf is None
+                                     else buf * mu + g * (1.0 - hp["dampening"]))
+        return st
+
+    def direction(self, st, g, hp, step):
+        mu = hp["momentum"]
+        if not mu:
+            return g
+        buf = st["momentum_buffer"]
+        return g + buf * mu if hp["nesterov"] else buf
+
+    def scale(self, st, hp, step):
+        return torch.tensor(hp["lr"])
+
+    def inverse(self, st, G, hp, step):
+        return G * hp["lr"]
+
+    def per_sample(self, st, w, X, hp, step):
+        if X.shape[-1] == 1:
+            return w * (hp["lr"] * (X * X).sum(1))[:, None, None, :]
+        return super().per_sample(st, w, X, hp, step)
+
+
+class RMSprop(Curvature):
+    """:math:`P = \\mathrm{diag}(\\sqrt{v} + \\epsilon)/\\eta`, v the running mean of
+    :math:`\\mathbb{E}[Q_u]^{\\odot 2}` (torch.optim.RMSprop's alpha, eps, weight_decay,
+    momentum, centered)."""
+
+    name = "rmsprop"
+    defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                    centered=False)
+
+    def validate(self, hp):
+        super().validate(hp)
+        if not hp["alpha"] >= 0 or not hp["momentum"] >= 0:
+            raise ValueError(f"Invalid alpha/momentum: {hp['alpha']}, {hp['momentum']}")
+
+    def update(self, st, g, hp, step, w=None, X=None):
+        st = dict(st)
+        a = hp["alpha"]
+        st["square_avg"] = st.get("square_avg", torch.zeros_like(g)) * a + g * g * (1 - a)
+        if hp["centered"]:
+            st["grad_avg"] = st.get("grad_avg", torch.zeros_like(g)) * a + g * (1 - a)
+        if hp["momentum"]:
+            buf = st.get("momentum_buffer", torch.zeros_like(g))
+            st["momentum_buffer"] = buf * hp["momentum"] + g / self._avg(st, hp)
+        return st
+
+    def _avg(self, st, hp):
+        v = st["square_avg"]
+        if hp["centered"]:
+            v = v - st["grad_avg"] * st["grad_avg"]
+        return v.sqrt() + hp["eps"]
+
+    def scale(self, st, hp, step):
+        return hp["lr"] / self._avg(st, hp)
+
+    def open_loop(self, st, g, hp, step):
+        if hp["momentum"]:
+            return -hp["lr"] * st["momentum_buffer"]
+        return -self.inverse(st, g, hp, step)
+
+
+class Adam(Curvature):
+    """:math:`P = \\mathrm{diag}(\\sqrt{\\hat v} + \\epsilon)/\\eta` with the direction
+    :math:`\\hat m` (torch.optim.Adam's betas, eps, weight_decay, amsgrad)."""
+
+    name = "adam"
+    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+
+    def validate(self, hp):
+        super().validate(hp)
+        b1, b2 = hp["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"Invalid beta parameters: {hp['betas']}")
+
+    def update(self, st, g, hp, step, w=None, X=None):
+        st = dict(st)
+        b1, b2 = hp["betas"]
+        st["exp_avg"] = st.get("exp_avg", torch.zeros_like(g)).lerp(g, 1 - b1)
+        st["exp_avg_sq"] = st.get("exp_avg_sq", torch.zeros_like(g)) * b2 + g * g * (1 - b2)
+        if hp["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.maximum(
+                st.get("max_exp_avg_sq", torch.zeros_like(g)), st["exp_avg_sq"])
+        return st
+
+    def scale(self, st, hp, step):
+        b2 = hp["betas"][1]
+        v = st["max_exp_avg_sq"] if hp["amsgrad"] else st["exp_avg_sq"]
+        return hp["lr"] / (v.sqrt() / math.sqrt(1 - b2 ** step) + hp["eps"])
+
+    def direction(self, st, g, hp, step):
+        return st["exp_avg"] / (1 - hp["betas"][0] ** step)
+
+
+class EKFAC(Curvature):
+    """Eigenvalue-corrected Kronecker factorization (George et al. 2018):
+    :math:`P^{-1} G = Q_G [(Q_G^\\top G Q_A) / (s + \\epsilon)] Q_A^\\top \\eta` with
+    running averages (``alpha``) of :math:`A = \\mathbb{E}[\\tilde x \\tilde x^\\top]`,
+    :math:`G = \\mathbb{E}[w w^\\top]`, eigenbases recomputed every ``update_freq`` steps,
+    and :math:`s` the running mean of the squared per-sample gradients in that basis
+    (re-estimated from the batch whenever the basis changes)."""
+
+    name = "ekfac"
+    defaults = dict(lr=0.1, eps=0.1, alpha=0.75, update_freq=10, weight_decay=0.0)
+    needs_factors = True
+
+    def validate(self, hp):
+        super().validate(hp)
+        if not 0 <= hp["alpha"] < 1:
+            raise ValueError(f"Invalid alpha (running-average factor): {hp['alpha']}")
+        if int(hp["update_freq"]) < 1:
+            raise ValueError(f"Invalid update_freq: {hp['update_freq']}")
+
+    def update(self, st, g, hp, step, w=None, X=None):
+        st = dict(st)
+        a = hp["alpha"]
+        B, P = X.shape[0], X.shape[-1]
+        Wf = w.reshape(B, w.shape[-2], P)
+        st["A"] = _moment(st.get("A"), torch.einsum("bip,bjp->ij", X, X) / (B * P), a)
+        st["G"] = _moment(st.get("G"), torch.einsum("bop,bqp->oq", Wf, Wf) / (B * P), a)
+        fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
+        if fresh:
+            st["QA"] = torch.linalg.eigh(st["A"])[1]
+            st["QG"] = torch.linalg.eigh(st["G"])[1]
+        if P == 1:
+            s = ((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1) @ (X[..., 0] @ st["QA"]) ** 2 / B
+        else:
+            Gi = torch.einsum("bop,bip->boi", Wf, X)
+            s = ((st["QG"].transpose(-1, -2) @ Gi @ st["QA"]) ** 2).mean(0)
+        st["S"] = s if fresh else _moment(st["S"], s, a)
+        return st
+
+    def scale(self, st, hp, step):
+        return hp["lr"] / (st["S"] + hp["eps"])
+
+    def rotations(self, st):
+        return st["QG"], st["QA"]
+
+
+class Exact(Curvature):
+    """Vanilla DDP: :math:`P = (Q_{uu} + \\mu I)/\\eta` with
+    :math:`Q_{uu} = \\lambda I + \\mathbb{E}_i[f_u^{i\\top} (V_{xx}'^{\\,i} + \\epsilon I)
+    f_u^i]` formed densely (Linear stages only; memory (out in')^2 per layer).  ``mu`` is
+    the Levenberg-Marquardt regularization; the value uses the general (exact-for-the-
+    policy) form with :math:`S = 2P^{-1} - P^{-1}Q_{uu}P^{-1}`."""
+
+    name = "exact"
+    defaults = dict(lr=1.0, regularization=0.0, weight_decay=0.0)
+
+    def validate(self, hp):
+        super().validate(hp)
+        if not hp["regularization"] >= 0:
+            raise ValueError(f"Invalid regularization: {hp['regularization']}")
+
+    def build(self, st, lin, value, tikhonov: float, hp) -> State:
+        """Form Q_uu from the next value (called by the optimizer before the solve)."""
+        if lin.X.shape[-1] != 1:
+            raise InvalidArgumentError(
+                "curvature='exact' supports Linear stages only (Conv2d would need the dense "
+                "per-sample control Jacobian); use 'ekfac' for convolutions")
+        out = lin.h_shape[0]
+        E = torch.eye(out, dtype=lin.h.dtype, device=lin.h.device).expand(lin.B, out, out)
+        Sig = lin.sigma(E)                                      # rows sigma_h e_j
+        Vhh = lin.sigma_T(value.hess_apply(Sig, tikhonov))      # (B, out, out)
+        x = lin.X[..., 0]
+        m = out * x.shape[-1]
+        Quu = torch.einsum("bjo,bk,bl->jkol", Vhh, x, x).reshape(m, m) / lin.B
+        Quu = 0.5 * (Quu + Quu.T)
+        if hp["weight_decay"]:
+            Quu = Quu + hp["weight_decay"] * torch.eye(m, dtype=Quu.dtype, device=Quu.device)
+        Preg = Quu + hp["regularization"] * torch.eye(m, dtype=Quu.dtype, device=Quu.device)
+        Pinv = torch.linalg.inv(Preg) * hp["lr"]
+        S = 2 * Pinv - Pinv @ Quu @ Pinv
+        return {"Pinv": Pinv, "S": 0.5 * (S + S.T), "shape": (out, x.shape[-1])}
+
+    def inverse(self, st, G, hp, step):
+        return (st["Pinv"] @ G.reshape(-1)).reshape(G.shape)
+
+    def value_inverse(self, st, G, hp, step):
+        flat = G.reshape(*G.shape[:-2], -1)
+        return (flat @ st["S"]).reshape(G.shape)
+
+    def per_sample(self, st, w, X, hp, step):
+        G = torch.einsum("bjop,bip->bjoi", w, X)
+        return torch.einsum("bjoi,bip->bjop", self.value_inverse(st, G, hp, step), X)
+
+
+CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in
+                                          (Identity, RMSprop, Adam, EKFAC, Exact)}
+
+
+@dataclass
+class NetworkResponse:
+    """:class:`trajopt.lqr.operator_step.ControlResponse` of a curvature on a network
+    stage linearization ``lin`` (see :class:`nnbridge.stages.StageLinearization`)."""
+
+    curvature: Curvature
+    state: State
+    hp: dict
+    step: int
+    lin: Any
+    U: torch.Tensor
+
+    def response(self, Y: torch.Tensor) -> torch.Tensor:
+        w = self.lin.factors(Y)
+        R = self.curvature.per_sample(self.state, w, self.lin.X, self.hp, self.step)
+        return self.lin.from_h(R)
+
+    def response_const(self) -> torch.Tensor | None:
+        wd = self.hp.get("weight_decay", 0.0)
+        if not wd:
+            return None
+        Y0 = self.curvature.value_inverse(self.state, wd * self.U, self.hp, self.step)
+        h = torch.einsum("oi,bip->bop", Y0, self.lin.X)
+        return self.lin.from_h(h.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,287 @@
+r"""DDPNOpt (Liu, Chen & Theodorou, Alg. 3) and EKFAC as torch.optim optimizers.
+
+One step on a batch of B samples (the closure's loss is the batch *mean* of a per-sample
+loss :math:`\phi`):
+
+1. the closure runs forward and ``loss.backward()`` while :func:`nnbridge.stages.capture`
+   records the stage inputs :math:`x_t^i` and :math:`\nabla_{x_T}` of the loss, so
+   :math:`V_x^{T,i} = B\,\partial \text{loss}/\partial x_T^i = \nabla\phi(x_T^i)`;
+2. ``feedback=False``: :math:`\mathbb{E}[Q_u^t]` is ``p.grad`` (Prop. 2: with
+   :math:`Q_{ux} = 0` DDP's backward pass is back-propagation) and the update is exactly
+   the baseline's (SGD, RMSprop, Adam, EKFAC);
+3. ``feedback=True``: the backward pass is :func:`trajopt.lqr.operator_step.
+   operator_riccati_step` per stage, fed with the layer's operators
+   (:class:`nnbridge.stages.StageLinearization`) and the curvature's response, with the
+   value Hessian rank-one ("outer", Prop. 4) or dense per sample ("full"); then the
+   additional forward pass applies, layer by layer,
+   :math:`\delta u_t = -P_t^{-1}\bigl(d_t + \mathbb{E}_i[Q_{ux}^{t,i}\,\delta x_t^i]\bigr)`,
+   :math:`\delta x_t = \hat x_t - x_t`, i.e. the batch mean of :math:`k^i + K^i \delta x^i`
+   with the curvature's direction :math:`d_t` (the mean :math:`Q_u`, or its momentum /
+   Adam moment) in the open-loop part.
+
+A non-finite loss or update skips the step with a :class:`~trajopt.errors.
+SkippedStepWarning`: parameters and optimizer state are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from trajopt.errors import InvalidArgumentError, ShapeError, SkippedStepWarning
+from trajopt.lqr.operator_step import DenseValue, RankOneValue, operator_riccati_step
+
+from .curvature import CURVATURES, Exact, NetworkResponse
+from .stages import StageLinearization, capture, stages
+
+__all__ = ["DDPNOpt", "EKFAC"]
+
+_CLOSURE_HELP = ("a closure that zeroes the gradients, runs the forward pass, calls "
+                 "loss.backward() and returns the loss (as for torch.optim.LBFGS)")
+
+
+class DDPNOpt(torch.optim.Optimizer):
+    r"""Differential Dynamic Programming Neural Optimizer.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+        The network (decomposed once by :func:`nnbridge.stages`); its parameters form the
+        single parameter group.
+    lr : float, optional
+        Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's
+        torch.optim default.
+    curvature : {"identity", "rmsprop", "adam", "ekfac", "exact"}
+        :math:`Q_{uu}` model (Table 2): identity (SGD), RMSprop, Adam, EKFAC, or "exact"
+        (vanilla DDP, small Linear networks).  Each takes the hyper-parameters of the
+        torch.optim class it extends, with the same names and defaults (``momentum``,
+        ``alpha``, ``betas``, ``eps``, ``weight_decay``, ...); EKFAC takes ``eps``
+        (damping), ``alpha``, ``update_freq``; exact takes ``regularization`` (Levenberg-
+        Marquardt :math:`\mu`).
+    feedback : bool
+        Apply the feedback policies (``False``: exactly the baseline optimizer).
+    value_hessian : {"outer", "full"}
+        Rank-one per-sample :math:`V_{xx} = c z z^\top` (Prop. 4; memory O(B n)) or dense
+        per-sample :math:`V_{xx}` (B, n, n) (small models).
+    tikhonov : float
+        :math:`\epsilon_V` added to every non-terminal :math:`V_{xx}` (Alg. 3).
+    terminal_hessian : callable, optional
+        ``terminal_hessian(output)`` -> (B, n) factor :math:`z` (:math:`\nabla^2\phi
+        = z z^\top`) or (B, n, n) Hessian ("full" only).  Default: the Gauss-Newton factor
+        :math:`z = \nabla \phi` of the paper.
+    **hyper
+        Curvature hyper-parameters.
+    """
+
+    def __init__(self, model: nn.Module, lr: float | None = None, *,
+                 curvature: Literal["identity", "rmsprop", "adam", "ekfac", "exact"] = "adam",
+                 feedback: bool = True,
+                 value_hessian: Literal["outer", "full"] = "outer",
+                 tikhonov: float = 0.0,
+                 terminal_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 **hyper: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} needs the model (an nn.Sequential), not "
+                            f"its parameters: the feedback pass walks its layers; got "
+                            f"{type(model).__name__}")
+        if curvature not in CURVATURES:
+            raise InvalidArgumentError(f"curvature must be one of {sorted(CURVATURES)}; got "
+                                       f"{curvature!r}")
+        if value_hessian not in ("outer", "full"):
+            raise InvalidArgumentError(f"value_hessian must be 'outer' or 'full'; got "
+                                       f"{value_hessian!r}")
+        if not tikhonov >= 0:
+            raise ValueError(f"Invalid tikhonov value: {tikhonov}")
+        self.curvature = CURVATURES[curvature]()
+        defaults = dict(self.curvature.defaults)
+        unknown = sorted(set(hyper) - set(defaults))
+        if unknown:
+            raise TypeError(f"unexpected hyper-parameter(s) {unknown} for curvature "
+                            f"{curvature!r}; it takes {sorted(defaults)}")
+        defaults.update(hyper)
+        if lr is not None:
+            defaults["lr"] = lr
+        self.curvature.validate(defaults)
+        if isinstance(self.curvature, Exact) and not feedback:
+            raise InvalidArgumentError("curvature='exact' (vanilla DDP) needs feedback=True")
+        defaults.update(feedback=bool(feedback), tikhonov=float(tikhonov))
+        self.model = model
+        self.value_hessian = value_hessian
+        self.terminal_hessian = terminal_hessian
+        self._pre, self._stages = stages(model)
+        params = [p for st in self._stages for p in st.params()]
+        missing = [n for n, p in model.named_parameters() if all(p is not q for q in params)]
+        if missing:
+            raise TypeError(f"parameters {missing} belong to no stage")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_dropout(self):
+        if not self.model.training:
+            return
+        for st in self._stages:
+            for p in st.post:
+                if isinstance(p, nn.Dropout) and p.p > 0:
+                    raise InvalidArgumentError(
+                        f"stage {st.index}: Dropout(p={p.p}) in training mode makes the "
+                        "feedback pass random; use feedback=False or model.eval()")
+
+    def _terminal(self, rec, B: int):
+        Vx = (rec.output_grad * B).reshape(B, -1)
+        if self.terminal_hessian is None:
+            H = Vx
+        else:
+            H = self.terminal_hessian(rec.output).to(Vx)
+        n = Vx.shape[-1]
+        if H.shape == (B, n):
+            if self.value_hessian == "outer":
+                return RankOneValue(Vx=Vx, c=torch.ones_like(Vx[:, 0]), z=H)
+            return DenseValue(Vx=Vx, Vxx=H.unsqueeze(-1) * H.unsqueeze(-2))
+        if H.shape == (B, n, n) and self.value_hessian == "full":
+            return DenseValue(Vx=Vx, Vxx=H)
+        raise ShapeError(f"terminal_hessian must return ({B}, {n}) (a factor z) or, with "
+                         f"value_hessian='full', ({B}, {n}, {n}); got {tuple(H.shape)}")
+
+    def _grad(self, st) -> torch.Tensor:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in st.params()]
+        return st.join([g.detach() for g in grads])
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """One DDPNOpt iteration on the batch the closure evaluates; returns its loss."""
+        if closure is None or not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step needs {_CLOSURE_HELP}")
+        group = self.param_groups[0]
+        feedback = group["feedback"]
+        if feedback:
+            self._check_dropout()
+        need_h = self.curvature.needs_factors and not feedback
+        with capture(self.model, self._stages, h_grads=need_h) as rec, torch.enable_grad():
+            loss = closure()
+        if not torch.is_tensor(loss) or not bool(torch.isfinite(loss.detach()).all()):
+            warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
+                          stacklevel=2)
+            return loss
+        if any(x is None for x in rec.inputs) or (feedback and rec.output_grad is None):
+            raise RuntimeError(f"the closure must run the model's forward pass and call "
+                               f"loss.backward(); {type(self).__name__}.step needs "
+                               f"{_CLOSURE_HELP}")
+        with torch.no_grad():
+            if feedback:
+                controls, states = self._ddp_update(rec, group)
+            else:
+                controls, states = self._open_loop_update(rec, group)
+            finite = all(bool(torch.isfinite(U).all()) for U in controls) and all(
+                bool(torch.isfinite(v).all()) for s in states for v in s.values()
+                if torch.is_tensor(v))
+            if not finite:
+                warnings.warn("non-finite update; step skipped (parameters and state "
+                              "unchanged)", SkippedStepWarning, stacklevel=2)
+                return loss
+            for st, U, s in zip(self._stages, controls, states):
+                for p, v in zip(st.params(), st.split(U)):
+                    p.copy_(v)
+                s["step"] = self.state[st.module.weight].get("step", 0) + 1
+                self.state[st.module.weight] = s
+        return loss
+
+    def _hp(self, st, group) -> tuple[dict, dict, int]:
+        state = {k: v for k, v in self.state[st.module.weight].items() if k != "step"}
+        return group, state, int(self.state[st.module.weight].get("step", 0)) + 1
+
+    def _open_loop_update(self, rec, group):
+        controls, states = [], []
+        for t, st in enumerate(self._stages):
+            hp, state, step = self._hp(st, group)
+            U = st.control()
+            g = self._grad(st)
+            if hp["weight_decay"]:
+                g = g + hp["weight_decay"] * U
+            w = X = None
+            if self.curvature.needs_factors:
+                X = st.unfold(rec.inputs[t])
+                hg = rec.h_grads[t]
+                w = (hg * hg.shape[0]).reshape(hg.shape[0], hg.shape[1], -1)
+            new = self.curvature.update(state, g, hp, step, w, X)
+            controls.append(U + self.curvature.open_loop(new, g, hp, step))
+            states.append(new)
+        return controls, states
+
+    def _ddp_update(self, rec, group):
+        T = len(self._stages)
+        B = rec.output.shape[0]
+        value = self._terminal(rec, B)
+        curv = self.curvature
+        out: list[dict] = [None] * T
+        steps = [None] * T
+        for t in range(T - 1, -1, -1):
+            st = self._stages[t]
+            hp, state, step = self._hp(st, group)
+            lin = StageLinearization(st, rec.inputs[t])
+            U = lin.U
+            tik = hp["tikhonov"] if t < T - 1 else 0.0
+            rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
+
+            def make(Qu, val, lin=lin, U=U, hp=hp, state=state, step=step, tik=tik,
+                     rec_t=rec_t):
+                g = Qu + hp["weight_decay"] * U if hp["weight_decay"] else Qu
+                if isinstance(curv, Exact):
+                    cst = curv.build(state, lin, val, tik, hp)
+                else:
+                    w = lin.factors(val.Vx.unsqueeze(1)).squeeze(1) if curv.needs_factors \
+                        else None
+                    cst = curv.update(state, g, hp, step, w, lin.X)
+                rec_t.update(g=g, state=cst)
+                return NetworkResponse(curv, cst, hp, step, lin, U)
+
+            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik)
+            value = steps[t].value
+            out[t] = rec_t
+        # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
+        controls = []
+        xhat = rec.inputs[0]
+        for t, st in enumerate(self._stages):
+            r = out[t]
+            hp, cst, step, U = r["hp"], r["state"], r["step"], r["U"]
+            du = curv.open_loop(cst, r["g"], hp, step)
+            if t > 0:
+                dX = (xhat - rec.inputs[t]).reshape(B, -1)
+                du = du - curv.inverse(cst, steps[t].feedback(dX), hp, step)
+            Unew = U + du
+            controls.append(Unew)
+            if t < T - 1:
+                xhat = st.forward(xhat, Unew)
+        states = [{} if isinstance(curv, Exact) else out[t]["state"] for t in range(T)]
+        return controls, states
+
+    def __repr__(self) -> str:
+        g = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return (f"{type(self).__name__}(curvature={self.curvature.name!r}, "
+                f"value_hessian={self.value_hessian!r}, {g})")
+
+
+class EKFAC(DDPNOpt):
+    """EKFAC (George et al. 2018) as a standalone optimizer: ``DDPNOpt`` with the EKFAC
+    curvature and no feedback, the baseline of the DDPNOpt paper.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+    lr : float
+    eps : float
+        Damping added to the eigenvalue estimates.
+    alpha : float
+        Running-average factor of the Kronecker factors and the eigenvalue estimates.
+    update_freq : int
+        Eigenbases are recomputed every ``update_freq`` steps.
+    weight_decay : float
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, *, eps: float = 0.1,
+                 alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0):
+        super().__init__(model, lr, curvature="ekfac", feedback=False, eps=eps, alpha=alpha,
+                         update_freq=update_freq, weight_decay=weight_decay)

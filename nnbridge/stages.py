@@ -1,0 +1,349 @@
+r"""A torch network decomposed into stages :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`.
+
+:func:`stages` walks an ``nn.Sequential`` (nested ones are flattened) once: every
+parametrized affine op (``nn.Linear``, ``nn.Conv2d``; bias included) opens a stage and the
+parameter-free ops after it (activations, ``Flatten``, pooling, ``Dropout``) form its
+:math:`\sigma_t`.  Parameter-free ops before the first affine op are a fixed input
+transform (not a stage).  ``BatchNorm`` and anything else with parameters is rejected
+with the list of what is supported.
+
+Controls are kept as the *augmented weight matrix* :math:`\tilde U = [W \mid b]` of shape
+(out, in') with ``in' = in_features (+1 with bias)`` for Linear and
+``in' = C_in k_h k_w (+1)`` for Conv2d, acting on the *unfolded input*
+:math:`\tilde x` of shape (B, in', P) (P = 1 for Linear, the output positions for a
+convolution): :math:`h = \tilde U \tilde x` position by position.  Per-sample control
+cotangents are kept factored, :math:`f_u^{i\top} y = \sum_p w_p \tilde x_p^\top` with
+:math:`w = \sigma_h^\top y` (Eq. 10-11 of the DDPNOpt paper), never as (B, out, in')
+tensors unless a curvature asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+from torch import nn
+
+from trajopt.errors import InvalidArgumentError
+
+__all__ = ["Stage", "stages", "StageLinearization", "capture", "Capture", "SUPPORTED"]
+
+_AFFINE = (nn.Linear, nn.Conv2d)
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
+                nn.SiLU, nn.Hardtanh, nn.Identity, nn.Dropout)
+_STRUCTURAL = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+SUPPORTED = tuple(c.__name__ for c in _AFFINE + _ELEMENTWISE + _STRUCTURAL)
+
+
+@dataclass(eq=False)
+class Stage:
+    """One stage: ``module`` (Linear or Conv2d) followed by the parameter-free ``post``."""
+
+    index: int
+    module: nn.Module
+    post: tuple[nn.Module, ...]
+    elementwise: bool = field(init=False)
+
+    def __post_init__(self):
+        self.elementwise = all(isinstance(p, _ELEMENTWISE) for p in self.post)
+        self._inplace = any(getattr(p, "inplace", False) for p in self.post)
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.module.bias is not None
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+
+    # ------------------------------------------------------------- control layout
+    def control(self) -> torch.Tensor:
+        """:math:`\\tilde U = [W \\mid b]`, (out, in')."""
+        W = self.module.weight.detach()
+        W = W.reshape(W.shape[0], -1)
+        if self.has_bias:
+            return torch.cat([W, self.module.bias.detach().unsqueeze(-1)], -1)
+        return W
+
+    def split(self, U: torch.Tensor) -> list[torch.Tensor]:
+        """The parameter-shaped tensors of an (out, in') control-shaped tensor."""
+        W = self.module.weight
+        if self.has_bias:
+            return [U[:, :-1].reshape(W.shape), U[:, -1]]
+        return [U.reshape(W.shape)]
+
+    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split` (e.g. for ``p.grad``)."""
+        W = tensors[0].reshape(tensors[0].shape[0], -1)
+        return torch.cat([W, tensors[1].unsqueeze(-1)], -1) if self.has_bias else W
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """Unfolded, bias-augmented input :math:`\\tilde x`, (B, in', P)."""
+        m = self.module
+        if self.is_conv:
+            if isinstance(m.padding, str) or m.padding_mode != "zeros" or m.groups != 1:
+                raise InvalidArgumentError(
+                    f"stage {self.index}: Conv2d needs numeric zero padding and groups=1")
+            X = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                         stride=m.stride)
+        else:
+            X = x.unsqueeze(-1)
+        if self.has_bias:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[-1])], 1)
+        return X
+
+    # ------------------------------------------------------------- evaluation
+    def affine(self, x: torch.Tensor, U: torch.Tensor | None = None,
+               bias: bool = True) -> torch.Tensor:
+        """:math:`h = g(x, u)` with the module's weights or the control ``U``
+        (``bias=False``: the linear part only, :math:`g_x x`)."""
+        if U is None:
+            W, b = self.module.weight, self.module.bias
+        else:
+            W, *rest = self.split(U)
+            b = rest[0] if rest else None
+        if not bias:
+            b = None
+        if self.is_conv:
+            m = self.module
+            return F.conv2d(x, W, b, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, W, b)
+
+    def post_fn(self, h: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sigma(h)` (never modifies ``h``)."""
+        if self._inplace:
+            h = h.clone()
+        for p in self.post:
+            h = p(h)
+        return h
+
+    def forward(self, x: torch.Tensor, U: torch.Tensor | None = None) -> torch.Tensor:
+        return self.post_fn(self.affine(x, U))
+
+
+def _flatten_modules(model: nn.Module) -> Iterator[nn.Module]:
+    if isinstance(model, nn.Sequential):
+        for child in model:
+            yield from _flatten_modules(child)
+    else:
+        yield model
+
+
+def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
+    """Decompose ``model`` into ``(pre, stages)``.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+        Nested Sequentials are flattened.  Supported modules: ``SUPPORTED``.
+
+    Returns
+    -------
+    pre : list of nn.Module
+        Parameter-free ops before the first stage (applied to the raw input).
+    stages : list of Stage
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Sequential`` or holds an unsupported module.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"model must be an nn.Sequential of {', '.join(SUPPORTED)}; got "
+            f"{type(model).__name__} (write the network as nn.Sequential)")
+    pre: list[nn.Module] = []
+    out: list[Stage] = []
+    current: nn.Module | None = None
+    post: list[nn.Module] = []
+    for i, mod in enumerate(_flatten_modules(model)):
+        if isinstance(mod, _AFFINE):
+            if current is not None:
+                out.append(Stage(len(out), current, tuple(post)))
+            current, post = mod, []
+        elif isinstance(mod, _ELEMENTWISE + _STRUCTURAL):
+            (post if current is not None else pre).append(mod)
+        else:
+            hint = (" (BatchNorm is not supported: its batch statistics couple the samples, "
+                    "which breaks the per-sample dynamics; remove it or fold it into the "
+                    "preceding layer)" if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                    else "")
+            raise TypeError(f"module {i} ({type(mod).__name__}) is not supported by "
+                            f"nnbridge.stages{hint}; supported: {', '.join(SUPPORTED)}")
+    if current is None:
+        raise TypeError("model has no Linear or Conv2d layer: nothing to optimize")
+    out.append(Stage(len(out), current, tuple(post)))
+    return pre, out
+
+
+class StageLinearization:
+    """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
+    :class:`trajopt.lqr.operator_step.OperatorStage` on flattened states.
+
+    Attributes
+    ----------
+    X : (B, in', P)
+        Unfolded, bias-augmented nominal input.
+    h_shape : tuple
+        Per-sample shape of the pre-activation.
+    """
+
+    def __init__(self, stage: Stage, x: torch.Tensor, U: torch.Tensor | None = None,
+                 h: torch.Tensor | None = None):
+        self.stage = stage
+        self.x = x
+        self.x_shape = tuple(x.shape[1:])
+        self.B = x.shape[0]
+        self.U = stage.control() if U is None else U
+        self.W = stage.split(self.U)[0]
+        with torch.no_grad():
+            self.h = stage.affine(x, self.U) if h is None else h
+            self.X = stage.unfold(x)
+            self.h_shape = tuple(self.h.shape[1:])
+            if stage.elementwise:
+                ones = torch.ones_like(self.h)
+                self.x_next, self.s = torch.func.jvp(stage.post_fn, (self.h,), (ones,))
+                self._vjp = None
+            else:
+                self.x_next, self._vjp = torch.func.vjp(stage.post_fn, self.h)
+                self.s = None
+        self.n1 = self.x_next[0].numel()
+
+    # ------------------------------------------------------------- sigma_h
+    def sigma_T(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sigma_h^\\top Y`, (B, J, n1) -> (B, J, *h_shape)."""
+        B, J = Y.shape[:2]
+        if self.s is not None:
+            return Y.reshape(B, J, *self.h_shape) * self.s.unsqueeze(1)
+        Yt = Y.transpose(0, 1).reshape(J, B, *self.x_next.shape[1:])
+        out = torch.func.vmap(self._vjp)(Yt)[0]
+        return out.transpose(0, 1)
+
+    def sigma(self, D: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sigma_h D`, (B, J, *h_shape) -> (B, J, n1)."""
+        B, J = D.shape[:2]
+        if self.s is not None:
+            return (D * self.s.unsqueeze(1)).reshape(B, J, -1)
+        fn = self.stage.post_fn
+        Dt = D.transpose(0, 1)
+        out = torch.func.vmap(lambda d: torch.func.jvp(fn, (self.h,), (d,))[1])(Dt)
+        return out.transpose(0, 1).reshape(B, J, -1)
+
+    # ------------------------------------------------------------- g_x, g_u
+    def _gx_T(self, Wh: torch.Tensor) -> torch.Tensor:
+        """:math:`g_x^\\top w`: (B, J, *h_shape) -> (B, J, n)."""
+        B, J = Wh.shape[:2]
+        flat = Wh.reshape(B * J, *self.h_shape)
+        if self.stage.is_conv:
+            m = self.stage.module
+            out = torch.nn.grad.conv2d_input((B * J, *self.x_shape), self.W, flat,
+                                             m.stride, m.padding, m.dilation, m.groups)
+        else:
+            out = flat @ self.W
+        return out.reshape(B, J, -1)
+
+    def factors(self, Y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cotangent factors ``w`` (B, J, out, P) with
+        :math:`f_u^{i\\top} Y^i = w^i \\tilde x^{i\\top}`."""
+        Wh = self.sigma_T(Y)
+        B, J = Wh.shape[:2]
+        return Wh.reshape(B, J, Wh.shape[2], -1)
+
+    def from_h(self, D: torch.Tensor) -> torch.Tensor:
+        """(B, J, out, P) h-space factors -> (B, J, n1) through :math:`\\sigma_h`."""
+        B, J = D.shape[:2]
+        return self.sigma(D.reshape(B, J, *self.h_shape))
+
+    # ------------------------------------------------------------- OperatorStage
+    def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._gx_T(self.sigma_T(Y))
+
+    def fx(self, dX: torch.Tensor) -> torch.Tensor:
+        dx = dX.reshape(self.B, *self.x_shape)
+        D = self.stage.affine(dx, self.U, bias=False)
+        return self.sigma(D.unsqueeze(1)).squeeze(1)
+
+    def fu_T_mean(self, Y: torch.Tensor) -> torch.Tensor:
+        w = self.factors(Y.unsqueeze(1)).squeeze(1)            # (B, out, P)
+        return torch.einsum("bop,bip->oi", w, self.X) / self.B
+
+    # ------------------------------------------------------------- dense (tests, small)
+    def jacobians(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense per-sample Jacobians ``(fx (B, n1, n), fu (B, n1, out*in'))`` from
+        torch.func (column order of ``fu`` = row-major flattening of (out, in'))."""
+        st = self.stage
+
+        def f(xi, U):
+            return st.forward(xi.unsqueeze(0), U).reshape(-1)
+
+        x = self.x
+        jx, ju = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(0, None))(
+            x, self.U)
+        return jx.reshape(self.B, self.n1, -1), ju.reshape(self.B, self.n1, -1)
+
+
+@dataclass
+class Capture:
+    """What one forward/backward under :func:`capture` recorded.
+
+    Attributes
+    ----------
+    inputs : list of Tensor
+        Nominal stage inputs :math:`x_t` (B, ...), detached.
+    h_grads : list of Tensor or None
+        Gradients of the loss with respect to each stage's pre-activation (when asked).
+    output, output_grad : Tensor or None
+        Network output :math:`x_T` and the loss gradient with respect to it.
+    """
+
+    inputs: list = field(default_factory=list)
+    h_grads: list = field(default_factory=list)
+    output: torch.Tensor | None = None
+    output_grad: torch.Tensor | None = None
+
+
+@contextmanager
+def capture(model: nn.Module, stage_list: list[Stage], *, h_grads: bool = False):
+    """Record stage inputs (forward pre-hooks), the output and its gradient (a tensor hook
+    on the output) and optionally pre-activation gradients (tensor hooks on each affine
+    output; these see the gradient of the tensor *before* any in-place activation, so
+    ``ReLU(inplace=True)`` is fine).  All handles are removed on exit."""
+    rec = Capture(inputs=[None] * len(stage_list), h_grads=[None] * len(stage_list))
+    handles = []
+
+    def pre_hook(i):
+        def hook(mod, args):
+            rec.inputs[i] = args[0].detach()
+        return hook
+
+    def fwd_hook(i):
+        def hook(mod, args, out):
+            if out.requires_grad:
+                def save(g):
+                    rec.h_grads[i] = g.detach()
+                out.register_hook(save)
+        return hook
+
+    def out_hook(mod, args, out):
+        rec.output = out.detach()
+        if out.requires_grad:
+            def save(g):
+                rec.output_grad = g.detach()
+            out.register_hook(save)
+
+    try:
+        for i, st in enumerate(stage_list):
+            handles.append(st.module.register_forward_pre_hook(pre_hook(i)))
+            if h_grads:
+                handles.append(st.module.register_forward_hook(fwd_hook(i)))
+        handles.append(model.register_forward_hook(out_hook))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
