@@ -185,13 +185,14 @@ class DDPNOpt(torch.optim.Optimizer):
             for st, U, s in zip(self._stages, controls, states):
                 for p, v in zip(st.params(), st.split(U)):
                     p.copy_(v)
-                s["step"] = self.state[st.module.weight].get("step", 0) + 1
+                s["step"] = self.state.get(st.module.weight, {}).get("step", 0) + 1
                 self.state[st.module.weight] = s
         return loss
 
     def _hp(self, st, group) -> tuple[dict, dict, int]:
-        state = {k: v for k, v in self.state[st.module.weight].items() if k != "step"}
-        return group, state, int(self.state[st.module.weight].get("step", 0)) + 1
+        saved = self.state.get(st.module.weight, {})  # .get: no empty entry on a skip
+        state = {k: v for k, v in saved.items() if k != "step"}
+        return group, state, int(saved.get("step", 0)) + 1
 
     def _open_loop_update(self, rec, group):
         controls, states = [], []

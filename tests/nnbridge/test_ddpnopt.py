@@ -1,0 +1,251 @@
+"""DDPNOpt against independent references: a literal dense Alg. 3, torch.optim baselines
+(Prop. 2), a plain EKFAC, and one iteration of trajopt's DDP on the network as an OCP."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import nnbridge
+from tests.reference.ddpnopt_dense import ddpnopt_step
+from tests.reference.ekfac_dense import ekfac_run
+from trajopt import Cost, DDPSolver
+from trajopt.errors import SkippedStepWarning
+
+from .conftest import closure_for, cnn, data, mlp
+
+LRS = {"identity": 0.3, "rmsprop": 1e-2, "adam": 1e-2, "ekfac": 0.1, "exact": 1.0}
+
+
+def ce_hessian(out):
+    p = out.softmax(-1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+def _rel_update_error(opt, ref, U0):
+    return max(float((st.control() - r).abs().max() / (r - u0).abs().max())
+               for st, r, u0 in zip(opt._stages, ref, U0))
+
+
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam", "ekfac", "exact"])
+@pytest.mark.parametrize("value_hessian,terminal,tikhonov",
+                         [("outer", "gn", 0.0), ("full", "gn", 0.0), ("full", "hessian", 0.3)])
+def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov):
+    X, y = data(B=5)
+    model = mlp()
+    extra = {"regularization": 2.0} if curvature == "exact" else {}
+    opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
+                           value_hessian=value_hessian, weight_decay=0.01, tikhonov=tikhonov,
+                           terminal_hessian=ce_hessian if terminal == "hessian" else None,
+                           **extra)
+
+    def phi(xT, i):
+        return -torch.log_softmax(xT, -1)[y[i]]
+
+    ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
+                       terminal=terminal, tikhonov=tikhonov)
+    U0 = [st.control().clone() for st in opt._stages]
+    opt.step(closure_for(opt, model, X, y))
+    # relative to the size of the update; float64 round-off through 3 layers
+    assert _rel_update_error(opt, ref, U0) < 1e-11
+    # the feedback really changes the update (the test could fail)
+    plain = nnbridge.DDPNOpt(mlp(), lr=LRS[curvature], curvature="identity", feedback=False)
+    assert max(float((a.control() - b.control()).abs().max())
+               for a, b in zip(opt._stages, plain._stages)) > 1e-6
+
+
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
+@pytest.mark.parametrize("value_hessian", ["outer", "full"])
+def test_cnn_step_equals_literal_alg3(curvature, value_hessian):
+    X, y = data(B=3, shape=(1, 5, 5))
+    model = cnn()
+    opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
+                           value_hessian=value_hessian, weight_decay=0.01)
+
+    def phi(xT, i):
+        return -torch.log_softmax(xT, -1)[y[i]]
+
+    ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]))
+    U0 = [st.control().clone() for st in opt._stages]
+    opt.step(closure_for(opt, model, X, y))
+    assert _rel_update_error(opt, ref, U0) < 1e-11
+
+
+def test_outer_equals_full_for_rank_one_terminal_hessian():
+    X, y = data(B=6)
+    a = torch.randn(3)
+
+    def factor(out):  # Hessian of phi(x) = 1/2 (a'x - y)^2 is a a'
+        return a.expand(out.shape[0], 3)
+
+    results = []
+    for vh in ("outer", "full"):
+        model = mlp()
+        opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam", value_hessian=vh,
+                               terminal_hessian=factor)
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = 0.5 * ((model(X) @ a - y.double()) ** 2).mean()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            opt.step(closure)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def _baseline_pairs():
+    return [
+        ("identity", dict(lr=0.1, momentum=0.9, weight_decay=1e-2), torch.optim.SGD),
+        ("identity", dict(lr=0.1, momentum=0.9, nesterov=True), torch.optim.SGD),
+        ("identity", dict(lr=0.2), torch.optim.SGD),
+        ("rmsprop", dict(lr=1e-2, centered=True, momentum=0.5, weight_decay=1e-3),
+         torch.optim.RMSprop),
+        ("rmsprop", dict(lr=1e-2), torch.optim.RMSprop),
+        ("adam", dict(lr=1e-2, amsgrad=True, weight_decay=1e-3), torch.optim.Adam),
+        ("adam", dict(lr=1e-2, betas=(0.8, 0.99)), torch.optim.Adam),
+    ]
+
+
+@pytest.mark.parametrize("curvature,hp,baseline", _baseline_pairs())
+@pytest.mark.parametrize("model_fn,shape", [(mlp, (4,)), (cnn, (1, 5, 5))])
+def test_without_feedback_equals_torch_optim(curvature, hp, baseline, model_fn, shape):
+    """Prop. 2 / Table 2: with Q_ux = 0 DDPNOpt is its baseline, step for step."""
+    ours, theirs = model_fn(), model_fn()
+    opt = nnbridge.DDPNOpt(ours, curvature=curvature, feedback=False, **hp)
+    ref = baseline(theirs.parameters(), **hp)
+    for k in range(20):
+        X, y = data(B=8, shape=shape, seed=k)
+        opt.step(closure_for(opt, ours, X, y))
+        ref.step(closure_for(ref, theirs, X, y))
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_ekfac_equals_plain_reference():
+    model, ref_model = mlp(inplace=False), mlp(inplace=False)
+    hp = dict(lr=0.05, eps=0.1, alpha=0.75, update_freq=3)
+    opt = nnbridge.EKFAC(model, **hp)
+    batches = [data(B=8, seed=k) for k in range(8)]
+    for X, y in batches:
+        opt.step(closure_for(opt, model, X, y))
+
+    def loss_fn(out, t):
+        return nn.functional.cross_entropy(out.unsqueeze(0), t.unsqueeze(0))
+
+    ekfac_run(ref_model, batches, loss_fn, steps=len(batches), **hp)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_full_exact_equals_one_trajopt_ddp_iteration():
+    """DESIGN.md: with curvature 'exact' and B = 1 a DDPNOpt step is one iteration of
+    trajopt's DDP (iLQR, same regularization, step 1) on the network written as an OCP."""
+    X, y = data(B=1)
+    model = mlp(inplace=False)
+    wd, mu = 0.05, 0.3
+    opt = nnbridge.DDPNOpt(model, curvature="exact", value_hessian="full", weight_decay=wd,
+                           regularization=mu, terminal_hessian=ce_hessian)
+    st_list = opt._stages
+    shapes = [st.control().shape for st in st_list]
+
+    def dynamics(x, u, t):
+        return st_list[t].forward(x, u.reshape(shapes[t]))
+
+    cost = Cost(running=lambda x, u, t: 0.5 * wd * (u * u).sum(-1),
+                terminal=lambda x: -torch.log_softmax(x, -1)[..., int(y[0])])
+    solver = DDPSolver(dynamics, cost, mode="ilqr")
+    us = [st.control().reshape(1, -1).clone() for st in st_list]
+    with torch.no_grad():
+        traj = solver.rollout(X, us)
+        derivs, Vx, Vxx = solver.derivatives(traj)
+        pol = solver.backward_pass(derivs, Vx, Vxx, torch.full((1,), mu), traj)
+        new = solver.forward_pass(traj, pol, 1.0)
+    opt.step(closure_for(opt, model, X, y))
+    for st, u_new, u_old in zip(st_list, new.us, us):
+        diff = (st.control().reshape(-1) - u_new[0]).abs().max()
+        assert float(diff / (u_new - u_old).abs().max()) < 1e-10
+
+
+def test_state_dict_roundtrip_and_scheduler():
+    X, y = data(B=8)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="ekfac")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.step(closure_for(opt, model, X, y))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 / 8)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twin = mlp(seed=7)
+    twin.load_state_dict(saved["model"])
+    opt2 = nnbridge.DDPNOpt(twin, lr=0.5, curvature="ekfac")
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01 / 8)
+    for k in range(3):
+        Xk, yk = data(B=8, seed=10 + k)
+        opt.step(closure_for(opt, model, Xk, yk))
+        opt2.step(closure_for(opt2, twin, Xk, yk))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_nonfinite_loss_skips_step_and_keeps_state():
+    X, y = data(B=8)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="adam")
+    opt.step(closure_for(opt, model, X, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+             for k, s in opt.state.items()}
+    Xbad = X.clone()
+    Xbad[0, 0] = float("nan")
+    with pytest.warns(SkippedStepWarning):
+        opt.step(closure_for(opt, model, Xbad, y))
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    for k, s in opt.state.items():
+        for n, v in s.items():
+            assert (torch.equal(v, state[k][n]) if torch.is_tensor(v) else v == state[k][n])
+
+
+def test_nonfinite_update_is_skipped():
+    X, y = data(B=8)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=1e308, curvature="identity")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(SkippedStepWarning):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not opt.state
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="BatchNorm"):
+        nnbridge.DDPNOpt(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    with pytest.raises(TypeError, match="supported: Linear, Conv2d"):
+        nnbridge.DDPNOpt(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)))
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        nnbridge.DDPNOpt(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="needs the model"):
+        nnbridge.DDPNOpt(mlp().parameters())
+    with pytest.raises(ValueError, match="learning rate"):
+        nnbridge.DDPNOpt(mlp(), lr=-1.0)
+    with pytest.raises(TypeError, match="betas"):
+        nnbridge.DDPNOpt(mlp(), curvature="rmsprop", betas=(0.9, 0.9))
+    with pytest.raises(ValueError, match="curvature"):
+        nnbridge.DDPNOpt(mlp(), curvature="lbfgs")
+    opt = nnbridge.DDPNOpt(mlp())
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    opt = nnbridge.DDPNOpt(drop)
+    X, y = data(B=4)
+    with pytest.raises(ValueError, match="Dropout"):
+        opt.step(closure_for(opt, drop, X, y))
