@@ -32,8 +32,8 @@ import torch
 
 from trajopt.errors import InvalidArgumentError
 
-__all__ = ["Curvature", "Identity", "RMSprop", "Adam", "EKFAC", "Exact", "CURVATURES",
-           "NetworkResponse"]
+__all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
+           "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse"]
 
 State = dict[str, Any]
 
@@ -67,42 +67,70 @@ class Curvature:
     def rotations(self, st: State) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
+    def preconditioner(self, st: State, hp: dict, step: int) -> Preconditioner:
+        """:math:`P^{-1}` of the (updated) state, computed once per step and stage."""
+        return Preconditioner(self.scale(st, hp, step), self.rotations(st))
+
     def direction(self, st: State, g: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
         return g
 
-    def open_loop(self, st: State, g: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
-        return -self.inverse(st, self.direction(st, g, hp, step), hp, step)
+    def open_loop(self, st: State, g: torch.Tensor, hp: dict, step: int,
+                  pre: Preconditioner) -> torch.Tensor:
+        return -pre.inverse(self.direction(st, g, hp, step))
 
-    def inverse(self, st: State, G: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
-        D = self.scale(st, hp, step)
-        rot = self.rotations(st)
-        if rot is None:
-            return G * D
-        QG, QA = rot
-        return QG @ ((QG.transpose(-1, -2) @ G @ QA) * D) @ QA.transpose(-1, -2)
 
-    def value_inverse(self, st: State, G: torch.Tensor, hp: dict, step: int) -> torch.Tensor:
-        """:math:`S G` (the value recursion's operator); :math:`= P^{-1} G` when the
-        curvature model is its own :math:`Q_{uu}`."""
-        return self.inverse(st, G, hp, step)
+@dataclass(frozen=True)
+class Preconditioner:
+    r""":math:`P^{-1} G = Q_G [(Q_G^\top G Q_A) \odot D] Q_A^\top` (``rot = (Q_G, Q_A)``
+    or None); D (out, in') or a number."""
 
-    def per_sample(self, st: State, w: torch.Tensor, X: torch.Tensor, hp: dict,
-                   step: int) -> torch.Tensor:
-        """:math:`[S (w^i \\tilde x^{i\\top})] \\tilde x^i`: w (B, J, out, P), X (B, in', P)
-        -> (B, J, out, P)."""
+    D: torch.Tensor | float
+    rot: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def inverse(self, G: torch.Tensor) -> torch.Tensor:
+        if self.rot is None:
+            return G * self.D
+        QG, QA = self.rot
+        return QG @ ((QG.transpose(-1, -2) @ G @ QA) * self.D) @ QA.transpose(-1, -2)
+
+    def value_inverse(self, G: torch.Tensor) -> torch.Tensor:
+        """S G (the value recursion's operator); = P^{-1} G when the curvature model is
+        its own Q_uu."""
+        return self.inverse(G)
+
+    def per_sample(self, w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """[S (w^i x~^i')] x~^i: w (B, J, out, P), X (B, in', P) -> (B, J, out, P)."""
         if X.shape[-1] == 1:  # Linear: rank-one per-sample cotangents
-            D = self.scale(st, hp, step)
-            rot = self.rotations(st)
             a, x = w[..., 0], X[..., 0]
-            if rot is not None:
-                a, x = a @ rot[0], x @ rot[1]
-            e = (x * x) @ D.transpose(-1, -2)                       # (B, out)
+            if not torch.is_tensor(self.D):
+                return w * (self.D * (x * x).sum(-1))[:, None, None, None]
+            if self.rot is not None:
+                a, x = a @ self.rot[0], x @ self.rot[1]
+            e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
             res = a * e.unsqueeze(1)
-            if rot is not None:
-                res = res @ rot[0].transpose(-1, -2)
+            if self.rot is not None:
+                res = res @ self.rot[0].transpose(-1, -2)
             return res.unsqueeze(-1)
         G = torch.einsum("bjop,bip->bjoi", w, X)
-        return torch.einsum("bjoi,bip->bjop", self.value_inverse(st, G, hp, step), X)
+        return torch.einsum("bjoi,bip->bjop", self.value_inverse(G), X)
+
+
+@dataclass(frozen=True)
+class DensePreconditioner(Preconditioner):
+    """Dense :math:`P^{-1}` and :math:`S` over the flattened control (:class:`Exact`)."""
+
+    S: torch.Tensor | None = None
+
+    def inverse(self, G):
+        return (self.D @ G.reshape(-1)).reshape(G.shape)
+
+    def value_inverse(self, G):
+        flat = G.reshape(*G.shape[:-2], -1)
+        return (flat @ self.S).reshape(G.shape)
+
+    def per_sample(self, w, X):
+        G = torch.einsum("bjop,bip->bjoi", w, X)
+        return torch.einsum("bjoi,bip->bjop", self.value_inverse(G), X)
 
 
 def _moment(old: torch.Tensor | None, new: torch.Tensor, keep: float) -> torch.Tensor:
@@ -139,16 +167,8 @@ class Identity(Curvature):
         buf = st["momentum_buffer"]
         return g + buf * mu if hp["nesterov"] else buf
 
-    def scale(self, st, hp, step):
-        return torch.tensor(hp["lr"])
-
-    def inverse(self, st, G, hp, step):
-        return G * hp["lr"]
-
-    def per_sample(self, st, w, X, hp, step):
-        if X.shape[-1] == 1:
-            return w * (hp["lr"] * (X * X).sum(1))[:, None, None, :]
-        return super().per_sample(st, w, X, hp, step)
+    def preconditioner(self, st, hp, step):
+        return Preconditioner(float(hp["lr"]))
 
 
 class RMSprop(Curvature):
@@ -185,10 +205,10 @@ class RMSprop(Curvature):
     def scale(self, st, hp, step):
         return hp["lr"] / self._avg(st, hp)
 
-    def open_loop(self, st, g, hp, step):
+    def open_loop(self, st, g, hp, step, pre):
         if hp["momentum"]:
             return -hp["lr"] * st["momentum_buffer"]
-        return -self.inverse(st, g, hp, step)
+        return -pre.inverse(g)
 
 
 class Adam(Curvature):
@@ -283,37 +303,24 @@ class Exact(Curvature):
         if not hp["regularization"] >= 0:
             raise ValueError(f"Invalid regularization: {hp['regularization']}")
 
-    def build(self, st, lin, value, tikhonov: float, hp) -> State:
+    def build(self, lin, value, tikhonov: float, hp) -> DensePreconditioner:
         """Form Q_uu from the next value (called by the optimizer before the solve)."""
         if lin.X.shape[-1] != 1:
             raise InvalidArgumentError(
                 "curvature='exact' supports Linear stages only (Conv2d would need the dense "
                 "per-sample control Jacobian); use 'ekfac' for convolutions")
         out = lin.h_shape[0]
-        E = torch.eye(out, dtype=lin.h.dtype, device=lin.h.device).expand(lin.B, out, out)
+        E = torch.eye(out, dtype=lin.X.dtype, device=lin.X.device).expand(lin.B, out, out)
         Sig = lin.sigma(E)                                      # rows sigma_h e_j
         Vhh = lin.sigma_T(value.hess_apply(Sig, tikhonov))      # (B, out, out)
         x = lin.X[..., 0]
         m = out * x.shape[-1]
+        eye = torch.eye(m, dtype=x.dtype, device=x.device)
         Quu = torch.einsum("bjo,bk,bl->jkol", Vhh, x, x).reshape(m, m) / lin.B
-        Quu = 0.5 * (Quu + Quu.T)
-        if hp["weight_decay"]:
-            Quu = Quu + hp["weight_decay"] * torch.eye(m, dtype=Quu.dtype, device=Quu.device)
-        Preg = Quu + hp["regularization"] * torch.eye(m, dtype=Quu.dtype, device=Quu.device)
-        Pinv = torch.linalg.inv(Preg) * hp["lr"]
+        Quu = 0.5 * (Quu + Quu.T) + hp["weight_decay"] * eye
+        Pinv = torch.linalg.inv(Quu + hp["regularization"] * eye) * hp["lr"]
         S = 2 * Pinv - Pinv @ Quu @ Pinv
-        return {"Pinv": Pinv, "S": 0.5 * (S + S.T), "shape": (out, x.shape[-1])}
-
-    def inverse(self, st, G, hp, step):
-        return (st["Pinv"] @ G.reshape(-1)).reshape(G.shape)
-
-    def value_inverse(self, st, G, hp, step):
-        flat = G.reshape(*G.shape[:-2], -1)
-        return (flat @ st["S"]).reshape(G.shape)
-
-    def per_sample(self, st, w, X, hp, step):
-        G = torch.einsum("bjop,bip->bjoi", w, X)
-        return torch.einsum("bjoi,bip->bjop", self.value_inverse(st, G, hp, step), X)
+        return DensePreconditioner(D=Pinv, S=0.5 * (S + S.T))
 
 
 CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in
@@ -322,25 +329,19 @@ CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in
 
 @dataclass
 class NetworkResponse:
-    """:class:`trajopt.lqr.operator_step.ControlResponse` of a curvature on a network
-    stage linearization ``lin`` (see :class:`nnbridge.stages.StageLinearization`)."""
+    """:class:`trajopt.lqr.operator_step.ControlResponse` of a preconditioner on a network
+    stage linearization ``lin`` (see :class:`nnbridge.stages.StageLinearization`);
+    ``wdU`` is :math:`l_u = \\lambda \\tilde U` or None."""
 
-    curvature: Curvature
-    state: State
-    hp: dict
-    step: int
+    pre: Preconditioner
     lin: Any
-    U: torch.Tensor
+    wdU: torch.Tensor | None
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
-        w = self.lin.factors(Y)
-        R = self.curvature.per_sample(self.state, w, self.lin.X, self.hp, self.step)
-        return self.lin.from_h(R)
+        return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
 
     def response_const(self) -> torch.Tensor | None:
-        wd = self.hp.get("weight_decay", 0.0)
-        if not wd:
+        if self.wdU is None:
             return None
-        Y0 = self.curvature.value_inverse(self.state, wd * self.U, self.hp, self.step)
-        h = torch.einsum("oi,bip->bop", Y0, self.lin.X)
+        h = torch.einsum("oi,bip->bop", self.pre.value_inverse(self.wdU), self.lin.X)
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)

@@ -175,10 +175,10 @@ class DDPNOpt(torch.optim.Optimizer):
                 controls, states = self._ddp_update(rec, group)
             else:
                 controls, states = self._open_loop_update(rec, group)
-            finite = all(bool(torch.isfinite(U).all()) for U in controls) and all(
-                bool(torch.isfinite(v).all()) for s in states for v in s.values()
-                if torch.is_tensor(v))
-            if not finite:
+            # one check: NaN / inf anywhere makes the sum non-finite
+            total = sum(U.sum() for U in controls) + sum(
+                v.sum() for s in states for v in s.values() if torch.is_tensor(v))
+            if not bool(torch.isfinite(total)):
                 warnings.warn("non-finite update; step skipped (parameters and state "
                               "unchanged)", SkippedStepWarning, stacklevel=2)
                 return loss
@@ -208,7 +208,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 hg = rec.h_grads[t]
                 w = (hg * hg.shape[0]).reshape(hg.shape[0], hg.shape[1], -1)
             new = self.curvature.update(state, g, hp, step, w, X)
-            controls.append(U + self.curvature.open_loop(new, g, hp, step))
+            pre = self.curvature.preconditioner(new, hp, step)
+            controls.append(U + self.curvature.open_loop(new, g, hp, step, pre))
             states.append(new)
         return controls, states
 
@@ -222,22 +223,25 @@ class DDPNOpt(torch.optim.Optimizer):
         for t in range(T - 1, -1, -1):
             st = self._stages[t]
             hp, state, step = self._hp(st, group)
-            lin = StageLinearization(st, rec.inputs[t])
+            x_next = rec.inputs[t + 1] if t < T - 1 else rec.output
+            lin = StageLinearization(st, rec.inputs[t], x_next=x_next)
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
 
             def make(Qu, val, lin=lin, U=U, hp=hp, state=state, step=step, tik=tik,
                      rec_t=rec_t):
-                g = Qu + hp["weight_decay"] * U if hp["weight_decay"] else Qu
+                wdU = hp["weight_decay"] * U if hp["weight_decay"] else None
+                g = Qu if wdU is None else Qu + wdU
                 if isinstance(curv, Exact):
-                    cst = curv.build(state, lin, val, tik, hp)
+                    cst, pre = state, curv.build(lin, val, tik, hp)
                 else:
                     w = lin.factors(val.Vx.unsqueeze(1)).squeeze(1) if curv.needs_factors \
                         else None
                     cst = curv.update(state, g, hp, step, w, lin.X)
-                rec_t.update(g=g, state=cst)
-                return NetworkResponse(curv, cst, hp, step, lin, U)
+                    pre = curv.preconditioner(cst, hp, step)
+                rec_t.update(g=g, state=cst, pre=pre)
+                return NetworkResponse(pre, lin, wdU)
 
             steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik)
             value = steps[t].value
@@ -247,11 +251,11 @@ class DDPNOpt(torch.optim.Optimizer):
         xhat = rec.inputs[0]
         for t, st in enumerate(self._stages):
             r = out[t]
-            hp, cst, step, U = r["hp"], r["state"], r["step"], r["U"]
-            du = curv.open_loop(cst, r["g"], hp, step)
+            hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
+            du = curv.open_loop(cst, r["g"], hp, step, pre)
             if t > 0:
                 dX = (xhat - rec.inputs[t]).reshape(B, -1)
-                du = du - curv.inverse(cst, steps[t].feedback(dX), hp, step)
+                du = du - pre.inverse(steps[t].feedback(dX))
             Unew = U + du
             controls.append(Unew)
             if t < T - 1:

@@ -182,6 +182,52 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
     return pre, out
 
 
+def _elementwise_derivative(post, h: torch.Tensor):
+    """``(sigma(h), sigma'(h))`` in closed form for the common activations (one or two
+    tensor ops instead of a torch.func.jvp); None when a module has no closed form here."""
+    y, s = h, None
+    for p in post:
+        if isinstance(p, nn.Identity) or (isinstance(p, nn.Dropout)
+                                          and (p.p == 0 or not p.training)):
+            continue
+        if isinstance(p, nn.Tanh):
+            y = torch.tanh(y)
+            d = 1 - y * y
+        elif isinstance(p, nn.ReLU):
+            mask = y > 0
+            y = torch.where(mask, y, 0.0)
+            d = mask.to(y.dtype)
+        elif isinstance(p, nn.Sigmoid):
+            y = torch.sigmoid(y)
+            d = y * (1 - y)
+        elif isinstance(p, nn.LeakyReLU):
+            mask = y > 0
+            d = torch.where(mask, 1.0, p.negative_slope).to(y.dtype)
+            y = y * d
+        else:
+            return None
+        s = d if s is None else s * d
+    return y, (torch.ones_like(h) if s is None else s)
+
+
+def _derivative_from_output(post, y: torch.Tensor) -> torch.Tensor | None:
+    """sigma'(h) from y = sigma(h) alone, for a single Tanh / Sigmoid / ReLU (or none)."""
+    acts = [p for p in post if not (isinstance(p, nn.Identity) or (
+        isinstance(p, nn.Dropout) and (p.p == 0 or not p.training)))]
+    if not acts:
+        return torch.ones_like(y)
+    if len(acts) > 1:
+        return None
+    a = acts[0]
+    if isinstance(a, nn.Tanh):
+        return 1 - y * y
+    if isinstance(a, nn.Sigmoid):
+        return y * (1 - y)
+    if isinstance(a, nn.ReLU):
+        return (y > 0).to(y.dtype)
+    return None
+
+
 class StageLinearization:
     """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
     :class:`trajopt.lqr.operator_step.OperatorStage` on flattened states.
@@ -195,18 +241,29 @@ class StageLinearization:
     """
 
     def __init__(self, stage: Stage, x: torch.Tensor, U: torch.Tensor | None = None,
-                 h: torch.Tensor | None = None):
+                 x_next: torch.Tensor | None = None):
         self.stage = stage
         self.x = x
         self.x_shape = tuple(x.shape[1:])
         self.B = x.shape[0]
         self.U = stage.control() if U is None else U
         self.W = stage.split(self.U)[0]
+        self._vjp = None
         with torch.no_grad():
-            self.h = stage.affine(x, self.U) if h is None else h
             self.X = stage.unfold(x)
-            self.h_shape = tuple(self.h.shape[1:])
-            if stage.elementwise:
+            s = None if x_next is None else _derivative_from_output(stage.post, x_next)
+            if s is not None:  # the captured output suffices: no recomputation of h
+                self.x_next, self.s, self._h = x_next, s, None
+                self.h_shape = tuple(x_next.shape[1:])
+                self.n1 = self.x_next[0].numel()
+                return
+            self._h = stage.affine(x, self.U)
+            self.h_shape = tuple(self._h.shape[1:])
+            fast = _elementwise_derivative(stage.post, self.h) if stage.elementwise else None
+            if fast is not None:
+                self.x_next, self.s = fast
+                self._vjp = None
+            elif stage.elementwise:
                 ones = torch.ones_like(self.h)
                 self.x_next, self.s = torch.func.jvp(stage.post_fn, (self.h,), (ones,))
                 self._vjp = None
@@ -214,6 +271,14 @@ class StageLinearization:
                 self.x_next, self._vjp = torch.func.vjp(stage.post_fn, self.h)
                 self.s = None
         self.n1 = self.x_next[0].numel()
+
+    @property
+    def h(self) -> torch.Tensor:
+        """Nominal pre-activation (recomputed on first use when it was not needed)."""
+        if self._h is None:
+            with torch.no_grad():
+                self._h = self.stage.affine(self.x, self.U)
+        return self._h
 
     # ------------------------------------------------------------- sigma_h
     def sigma_T(self, Y: torch.Tensor) -> torch.Tensor:

@@ -195,18 +195,23 @@ def operator_riccati_step(
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)
     resp = curvature(Qu, value)
-    r = resp.response(Vx1.unsqueeze(1)).squeeze(1)
     const = resp.response_const()
-    if const is not None:
-        r = r + const
-    Vx = stage.fx_T((Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1))
-                    .unsqueeze(1)).squeeze(1)
     if isinstance(value, RankOneValue):
-        z = value.z.unsqueeze(1)
-        beta = (z * resp.response(z)).sum(-1).squeeze(1)
-        c = value.c * (1.0 - value.c * beta)
-        new: Value = RankOneValue(Vx=Vx, c=c, z=stage.fx_T(z).squeeze(1))
+        # V_x' and z share every operator call (J = 2 right-hand sides)
+        z = value.z
+        R = resp.response(torch.stack([Vx1, z], 1))
+        r = R[:, 0] if const is None else R[:, 0] + const
+        beta = (z * R[:, 1]).sum(-1)
+        Y = torch.stack([Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1), z], 1)
+        FY = stage.fx_T(Y)
+        new: Value = RankOneValue(Vx=FY[:, 0], c=value.c * (1.0 - value.c * beta),
+                                  z=FY[:, 1])
     else:
+        r = resp.response(Vx1.unsqueeze(1)).squeeze(1)
+        if const is not None:
+            r = r + const
+        Vx = stage.fx_T((Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1))
+                        .unsqueeze(1)).squeeze(1)
         n1 = value.Vxx.shape[-1]
         eye = torch.eye(n1, dtype=Vx1.dtype, device=Vx1.device)
         V = value.hess_apply(eye.expand(Vx1.shape[0], n1, n1), tikhonov)  # symmetric

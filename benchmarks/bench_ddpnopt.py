@@ -1,0 +1,139 @@
+"""DDPNOpt step time and peak memory against the matching torch.optim baselines, one run.
+
+    python benchmarks/bench_ddpnopt.py [--quick] [--threads N]
+
+* models (float32, CPU, batch 128, cross-entropy on random data): a 6-layer MLP
+  (64 -> 64 x 5 -> 10, tanh) and a CNN with 4 3x3 convolutions (1 -> 16 -> 16 -> 32 -> 32
+  channels on 16 x 16 inputs, ReLU, two stride-2) and 2 linear layers (-> 64 -> 10);
+* pairs: SGD vs DDPNOpt(identity), RMSprop vs DDPNOpt(rmsprop), Adam vs DDPNOpt(adam),
+  nnbridge.EKFAC vs DDPNOpt(ekfac); DDPNOpt with value_hessian="outer";
+* step time: median of ``--steps`` steps after 3 warm-up steps, each step = the closure
+  (forward + backward) + the update, the same closure for both;
+* peak memory: each configuration runs in its own process; we report the peak resident
+  set size minus the resident size after model, data and optimizer are built (CPU has no
+  allocator counter like ``torch.cuda.max_memory_allocated``; on CUDA that one is used);
+* the paper's Fig. 3 point: vanilla DDP (curvature="exact", value_hessian="full") against
+  DDPNOpt(adam, outer) on a small MLP (64 -> 32 x 3 -> 10) as the batch grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import nnbridge  # noqa: E402
+
+PAIRS = [("sgd", "identity", 0.05), ("rmsprop", "rmsprop", 1e-3), ("adam", "adam", 1e-3),
+         ("ekfac", "ekfac", 0.05)]
+
+
+def build(model_name: str, width: int = 64, depth: int = 6):
+    torch.manual_seed(0)
+    if model_name == "mlp":
+        layers = [nn.Linear(64, width), nn.Tanh()]
+        for _ in range(depth - 2):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(width, 10)), (64,)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)), (1, 16, 16)
+
+
+def make_optimizer(kind: str, curvature: str, model, lr, **kw):
+    if kind == "ddpnopt":
+        return nnbridge.DDPNOpt(model, lr=lr, curvature=curvature, **kw)
+    if curvature == "ekfac":
+        return nnbridge.EKFAC(model, lr=lr)
+    cls = {"identity": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
+           "adam": torch.optim.Adam}[curvature]
+    return cls(model.parameters(), lr=lr)
+
+
+def run_one(cfg: dict) -> dict:
+    """Time and memory of one configuration (runs in a child process)."""
+    torch.set_num_threads(cfg["threads"])
+    model, shape = build(cfg["model"], **cfg.get("arch", {}))
+    X = torch.randn(cfg["batch"], *shape)
+    y = torch.randint(0, 10, (cfg["batch"],))
+    opt = make_optimizer(cfg["kind"], cfg["curvature"], model, cfg["lr"], **cfg.get("kw", {}))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for k in range(cfg["steps"] + 3):
+        t0 = time.perf_counter()
+        opt.step(closure)
+        if k >= 3:
+            times.append(time.perf_counter() - t0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"time": statistics.median(times), "mem_kb": rss1 - rss0,
+            "loss": float(closure().detach())}
+
+
+def child(cfg: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and batch sizes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(run_one(json.loads(a.child))))
+        return
+    steps = 5 if a.quick else 20
+    print(f"torch {torch.__version__}, {a.threads} threads, batch 128, float32, CPU\n")
+    print("| model | baseline | baseline ms | DDPNOpt ms | time ratio | baseline peak MB "
+          "| DDPNOpt peak MB | memory overhead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model_name in ("mlp", "cnn"):
+        for base, curv, lr in PAIRS:
+            common = dict(model=model_name, batch=128, steps=steps, threads=a.threads,
+                          curvature=curv, lr=lr)
+            b = child({**common, "kind": "baseline"})
+            d = child({**common, "kind": "ddpnopt"})
+            mb_b, mb_d = b["mem_kb"] / 1024, d["mem_kb"] / 1024
+            over = (mb_d - mb_b) / max(mb_b, 1e-9)
+            print(f"| {model_name} | {base} | {1e3 * b['time']:.2f} | {1e3 * d['time']:.2f} "
+                  f"| {d['time'] / b['time']:.2f}x | {mb_b:.1f} | {mb_d:.1f} | "
+                  f"{100 * over:+.0f}% |", flush=True)
+    print("\nFig. 3 point: step time vs batch size, MLP 64 -> 32 x 3 -> 10")
+    print("| batch | Adam ms | DDPNOpt(adam, outer) ms | vanilla DDP (exact, full) ms |")
+    print("|---|---|---|---|")
+    arch = {"width": 32, "depth": 4}
+    for B in ((8, 32) if a.quick else (8, 32, 128, 256)):
+        common = dict(model="mlp", batch=B, steps=max(3, steps // 4), threads=a.threads,
+                      arch=arch)
+        adam = child({**common, "kind": "baseline", "curvature": "adam", "lr": 1e-3})
+        ddpn = child({**common, "kind": "ddpnopt", "curvature": "adam", "lr": 1e-3})
+        van = child({**common, "kind": "ddpnopt", "curvature": "exact", "lr": 1.0,
+                     "kw": {"value_hessian": "full", "regularization": 1.0}})
+        print(f"| {B} | {1e3 * adam['time']:.2f} | {1e3 * ddpn['time']:.2f} | "
+              f"{1e3 * van['time']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
