@@ -69,6 +69,11 @@ class DDPNOpt(torch.optim.Optimizer):
         per-sample :math:`V_{xx}` (B, n, n) (small models).
     tikhonov : float
         :math:`\epsilon_V` added to every non-terminal :math:`V_{xx}` (Alg. 3).
+    value_psd : bool
+        Keep every per-sample :math:`V_{xx}` positive semidefinite (clamp the rank-one
+        coefficient / the eigenvalues at 0).  ``False`` is the literal recursion, whose
+        value Hessian an approximate curvature can drive negative and, layer after layer,
+        to overflow (see ``docs/ddpnopt.md``).
     terminal_hessian : callable, optional
         ``terminal_hessian(output)`` -> (B, n) factor :math:`z` (:math:`\nabla^2\phi
         = z z^\top`) or (B, n, n) Hessian ("full" only).  Default: the Gauss-Newton factor
@@ -82,6 +87,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  feedback: bool = True,
                  value_hessian: Literal["outer", "full"] = "outer",
                  tikhonov: float = 0.0,
+                 value_psd: bool = True,
                  terminal_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  **hyper: Any):
         if not isinstance(model, nn.Module):
@@ -108,7 +114,8 @@ class DDPNOpt(torch.optim.Optimizer):
         self.curvature.validate(defaults)
         if isinstance(self.curvature, Exact) and not feedback:
             raise InvalidArgumentError("curvature='exact' (vanilla DDP) needs feedback=True")
-        defaults.update(feedback=bool(feedback), tikhonov=float(tikhonov))
+        defaults.update(feedback=bool(feedback), tikhonov=float(tikhonov),
+                        value_psd=bool(value_psd))
         self.model = model
         self.value_hessian = value_hessian
         self.terminal_hessian = terminal_hessian
@@ -243,7 +250,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 rec_t.update(g=g, state=cst, pre=pre)
                 return NetworkResponse(pre, lin, wdU)
 
-            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik)
+            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
+                                             project_psd=hp["value_psd"])
             value = steps[t].value
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i

@@ -29,22 +29,24 @@ def _rel_update_error(opt, ref, U0):
 
 
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam", "ekfac", "exact"])
-@pytest.mark.parametrize("value_hessian,terminal,tikhonov",
-                         [("outer", "gn", 0.0), ("full", "gn", 0.0), ("full", "hessian", 0.3)])
-def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov):
+@pytest.mark.parametrize("value_hessian,terminal,tikhonov,psd",
+                         [("outer", "gn", 0.0, False), ("full", "gn", 0.0, False),
+                          ("full", "hessian", 0.3, False), ("outer", "gn", 0.0, True),
+                          ("full", "hessian", 0.3, True)])
+def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, psd):
     X, y = data(B=5)
     model = mlp()
     extra = {"regularization": 2.0} if curvature == "exact" else {}
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01, tikhonov=tikhonov,
                            terminal_hessian=ce_hessian if terminal == "hessian" else None,
-                           **extra)
+                           value_psd=psd, **extra)
 
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
     ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
-                       terminal=terminal, tikhonov=tikhonov)
+                       terminal=terminal, tikhonov=tikhonov, project_psd=psd)
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     # relative to the size of the update; float64 round-off through 3 layers
@@ -66,7 +68,8 @@ def test_cnn_step_equals_literal_alg3(curvature, value_hessian):
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
-    ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]))
+    ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
+                       project_psd=True)
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     assert _rel_update_error(opt, ref, U0) < 1e-11
@@ -83,7 +86,7 @@ def test_outer_equals_full_for_rank_one_terminal_hessian():
     for vh in ("outer", "full"):
         model = mlp()
         opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam", value_hessian=vh,
-                               terminal_hessian=factor)
+                               terminal_hessian=factor, value_psd=False)
 
         def closure(model=model, opt=opt):
             opt.zero_grad()
@@ -148,7 +151,7 @@ def test_full_exact_equals_one_trajopt_ddp_iteration():
     model = mlp(inplace=False)
     wd, mu = 0.05, 0.3
     opt = nnbridge.DDPNOpt(model, curvature="exact", value_hessian="full", weight_decay=wd,
-                           regularization=mu, terminal_hessian=ce_hessian)
+                           regularization=mu, terminal_hessian=ce_hessian, value_psd=False)
     st_list = opt._stages
     shapes = [st.control().shape for st in st_list]
 

@@ -77,8 +77,9 @@ def test_batch_equals_explicit_per_sample_formulas(seed, B, n, n1, m, eps):
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n=st.integers(1, 5),
-       n1=st.integers(1, 5), m=st.integers(1, 4), scale=st.sampled_from([0.1, 10.0]))
-def test_rank_one_equals_dense(seed, B, n, n1, m, scale):
+       n1=st.integers(1, 5), m=st.integers(1, 4), scale=st.sampled_from([0.1, 10.0]),
+       psd=st.booleans())
+def test_rank_one_equals_dense(seed, B, n, n1, m, scale, psd):
     """Prop. 4 with a signed coefficient: identical to the dense recursion, also when an
     approximate P makes 1 - q_u'P^{-1}q_u negative (scale = 10)."""
     A, Bu, Vx, _, lu = _problem(seed, B, n, n1, m)
@@ -92,8 +93,10 @@ def test_rank_one_equals_dense(seed, B, n, n1, m, scale):
     for stg in stages:
         def curv(Qu, v, stg=stg):
             return DenseResponse(stg, P, None, lu)
-        low = operator_riccati_step(low, stg, curv).value
-        dense = operator_riccati_step(dense, stg, curv).value
+        low = operator_riccati_step(low, stg, curv, project_psd=psd).value
+        dense = operator_riccati_step(dense, stg, curv, project_psd=psd).value
         torch.testing.assert_close(low.Vx, dense.Vx, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(low.Vxx, dense.Vxx, rtol=1e-9, atol=1e-9)
     assert torch.isfinite(low.c).all()
+    if psd:
+        assert bool((low.c >= 0).all())

@@ -175,6 +175,7 @@ def operator_riccati_step(
     curvature: Callable[[Any, Value], ControlResponse],
     *,
     tikhonov: float = 0.0,
+    project_psd: bool = False,
 ) -> OperatorStep:
     """One backward step in operator form (see the module docstring).
 
@@ -191,6 +192,12 @@ def operator_riccati_step(
         (so an exact curvature can form :math:`\\mathbb{E}[f_u^\\top V' f_u]`).
     tikhonov : float
         :math:`\\epsilon` added to ``value``'s Hessian where it is used.
+    project_psd : bool
+        Project :math:`V' - V' M V'` onto the positive semidefinite cone (rank one: clamp
+        the coefficient at 0; dense: clamp the eigenvalues).  With an approximate
+        :math:`P` the exact recursion can turn the value Hessian negative and, stage after
+        stage, grow without bound (``c`` squares); the projection keeps it between 0 and
+        its Gauss-Newton start.
     """
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)
@@ -204,8 +211,10 @@ def operator_riccati_step(
         beta = (z * R[:, 1]).sum(-1)
         Y = torch.stack([Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1), z], 1)
         FY = stage.fx_T(Y)
-        new: Value = RankOneValue(Vx=FY[:, 0], c=value.c * (1.0 - value.c * beta),
-                                  z=FY[:, 1])
+        c = value.c * (1.0 - value.c * beta)
+        if project_psd:
+            c = c.clamp(min=0.0)
+        new: Value = RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
     else:
         r = resp.response(Vx1.unsqueeze(1)).squeeze(1)
         if const is not None:
@@ -216,6 +225,9 @@ def operator_riccati_step(
         eye = torch.eye(n1, dtype=Vx1.dtype, device=Vx1.device)
         V = value.hess_apply(eye.expand(Vx1.shape[0], n1, n1), tikhonov)  # symmetric
         W = V - V @ resp.response(V).transpose(-1, -2)
+        if project_psd:
+            lam, Q = torch.linalg.eigh(sym(W))
+            W = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
         # f_x' W f_x: apply f_x' to the rows, then to the columns
         FW = stage.fx_T(W)                                    # (B, n1, n) = W f_x rows
         Vxx = stage.fx_T(FW.transpose(-1, -2).contiguous())   # (B, n, n)
