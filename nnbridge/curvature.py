@@ -341,7 +341,8 @@ class NetworkResponse:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
 
     def response_const(self) -> torch.Tensor | None:
-        if self.wdU is None:
-            return None
-        h = torch.einsum("oi,bip->bop", self.pre.value_inverse(self.wdU), self.lin.X)
+        return None if self.wdU is None else self.apply_control(self.wdU)
+
+    def apply_control(self, G: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("oi,bip->bop", self.pre.value_inverse(G), self.lin.X)
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)

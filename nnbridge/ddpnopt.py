@@ -74,6 +74,12 @@ class DDPNOpt(torch.optim.Optimizer):
         coefficient / the eigenvalues at 0).  ``False`` is the literal recursion, whose
         value Hessian an approximate curvature can drive negative and, layer after layer,
         to overflow (see ``docs/ddpnopt.md``).
+    value_recursion : {"mean", "per_sample"}
+        ``"per_sample"``: Alg. 3 literally (each sample's value follows its own
+        :math:`k^i = -P^{-1}Q_u^i`); ``"mean"`` (default): the value of the batch-mean
+        policy that is actually applied (block diagonal of the joint DP; the correction
+        terms carry :math:`\mathbb{E}[Q_u]` and 1/B).  Identical for B = 1; see
+        ``docs/ddpnopt.md`` for why the literal form fails to train.
     terminal_hessian : callable, optional
         ``terminal_hessian(output)`` -> (B, n) factor :math:`z` (:math:`\nabla^2\phi
         = z z^\top`) or (B, n, n) Hessian ("full" only).  Default: the Gauss-Newton factor
@@ -88,6 +94,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  value_hessian: Literal["outer", "full"] = "outer",
                  tikhonov: float = 0.0,
                  value_psd: bool = True,
+                 value_recursion: Literal["mean", "per_sample"] = "mean",
                  terminal_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  **hyper: Any):
         if not isinstance(model, nn.Module):
@@ -97,6 +104,9 @@ class DDPNOpt(torch.optim.Optimizer):
         if curvature not in CURVATURES:
             raise InvalidArgumentError(f"curvature must be one of {sorted(CURVATURES)}; got "
                                        f"{curvature!r}")
+        if value_recursion not in ("mean", "per_sample"):
+            raise InvalidArgumentError(f"value_recursion must be 'mean' or 'per_sample'; "
+                                       f"got {value_recursion!r}")
         if value_hessian not in ("outer", "full"):
             raise InvalidArgumentError(f"value_hessian must be 'outer' or 'full'; got "
                                        f"{value_hessian!r}")
@@ -115,7 +125,7 @@ class DDPNOpt(torch.optim.Optimizer):
         if isinstance(self.curvature, Exact) and not feedback:
             raise InvalidArgumentError("curvature='exact' (vanilla DDP) needs feedback=True")
         defaults.update(feedback=bool(feedback), tikhonov=float(tikhonov),
-                        value_psd=bool(value_psd))
+                        value_psd=bool(value_psd), value_recursion=value_recursion)
         self.model = model
         self.value_hessian = value_hessian
         self.terminal_hessian = terminal_hessian
@@ -251,7 +261,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 return NetworkResponse(pre, lin, wdU)
 
             steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
-                                             project_psd=hp["value_psd"])
+                                             project_psd=hp["value_psd"],
+                                             recursion=hp["value_recursion"])
             value = steps[t].value
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i

@@ -29,24 +29,27 @@ def _rel_update_error(opt, ref, U0):
 
 
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam", "ekfac", "exact"])
+@pytest.mark.parametrize("recursion", ["per_sample", "mean"])
 @pytest.mark.parametrize("value_hessian,terminal,tikhonov,psd",
                          [("outer", "gn", 0.0, False), ("full", "gn", 0.0, False),
                           ("full", "hessian", 0.3, False), ("outer", "gn", 0.0, True),
                           ("full", "hessian", 0.3, True)])
-def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, psd):
+def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, psd,
+                                  recursion):
     X, y = data(B=5)
     model = mlp()
     extra = {"regularization": 2.0} if curvature == "exact" else {}
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01, tikhonov=tikhonov,
                            terminal_hessian=ce_hessian if terminal == "hessian" else None,
-                           value_psd=psd, **extra)
+                           value_psd=psd, value_recursion=recursion, **extra)
 
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
     ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
-                       terminal=terminal, tikhonov=tikhonov, project_psd=psd)
+                       terminal=terminal, tikhonov=tikhonov, project_psd=psd,
+                       recursion=recursion)
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     # relative to the size of the update; float64 round-off through 3 layers
@@ -63,13 +66,14 @@ def test_cnn_step_equals_literal_alg3(curvature, value_hessian):
     X, y = data(B=3, shape=(1, 5, 5))
     model = cnn()
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
-                           value_hessian=value_hessian, weight_decay=0.01)
+                           value_hessian=value_hessian, weight_decay=0.01,
+                           value_recursion="mean")
 
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
     ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
-                       project_psd=True)
+                       project_psd=True, recursion="mean")
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     assert _rel_update_error(opt, ref, U0) < 1e-11

@@ -58,7 +58,7 @@ def dense_curvature(kind, g, hp, *, X=None, w=None, Quu=None):
 
 
 def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
-                 project_psd=False):
+                 project_psd=False, recursion="per_sample"):
     """New controls (list of (out, in')) after one DDPNOpt step from a fresh state.
 
     ``phi(x_T, i)`` is the loss of sample i; ``terminal`` "gn" (V_xx = grad grad')
@@ -115,15 +115,17 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
         Pinv, d, S = dense_curvature(kind, g, hp, **extra)
         kbar[t] = -Pinv @ d
         Ks[t] = [-Pinv @ Qux[i] for i in range(B)]
+        # "mean": the value of the applied batch-mean policy (E[Q_u], 1/B correction)
+        wB = 1.0 / B if recursion == "mean" else 1.0
         for i in range(B):
-            Vx[i] = Qx[i] - Qux[i].T @ S @ Qu[i]
+            Vx[i] = Qx[i] - Qux[i].T @ S @ (g if recursion == "mean" else Qu[i])
             if project_psd:  # PSD part of V' - V' f_u S f_u' V', then f_x' . f_x
                 V2 = Vxx[i] + eps * torch.eye(n1, dtype=u.dtype)
-                W = V2 - V2 @ fu[i] @ S @ fu[i].T @ V2
+                W = V2 - wB * V2 @ fu[i] @ S @ fu[i].T @ V2
                 lam, Q = torch.linalg.eigh(0.5 * (W + W.T))
                 Vxx[i] = fx[i].T @ (Q @ torch.diag(lam.clamp(min=0)) @ Q.T) @ fx[i]
             else:
-                Vxx[i] = Qxx[i] - Qux[i].T @ S @ Qux[i]
+                Vxx[i] = Qxx[i] - wB * Qux[i].T @ S @ Qux[i]
             Vxx[i] = 0.5 * (Vxx[i] + Vxx[i].T)
     new, xhat = [], x0
     with torch.no_grad():

@@ -91,6 +91,9 @@ class ControlResponse(Protocol):
     def response_const(self) -> torch.Tensor | None:
         """:math:`f_u^i S\\, l_u`, (B, n1), or None when :math:`l_u = 0`."""
 
+    def apply_control(self, G: Any) -> torch.Tensor:
+        """:math:`f_u^i S G` for one control-shaped G shared by the samples, (B, n1)."""
+
 
 @dataclass(frozen=True)
 class DenseValue:
@@ -176,6 +179,7 @@ def operator_riccati_step(
     *,
     tikhonov: float = 0.0,
     project_psd: bool = False,
+    recursion: str = "per_sample",
 ) -> OperatorStep:
     """One backward step in operator form (see the module docstring).
 
@@ -198,17 +202,32 @@ def operator_riccati_step(
         :math:`P` the exact recursion can turn the value Hessian negative and, stage after
         stage, grow without bound (``c`` squares); the projection keeps it between 0 and
         its Gauss-Newton start.
+    recursion : {"per_sample", "mean"}
+        ``"per_sample"``: Alg. 3 literally, each sample's value follows its own policy
+        :math:`k^i = -P^{-1}Q_u^i`, :math:`K^i` (:math:`r^i = f_u^i S Q_u^i`, correction
+        :math:`V' M V'`).  ``"mean"``: the value of the policy actually applied, the batch
+        mean :math:`\\bar k + \\tfrac1B\\sum_j K^j \\delta x^j` -- the block diagonal of the
+        joint (B n)-state DP: :math:`r^i = f_u^i S\\, \\mathbb{E}[Q_u]` and correction
+        :math:`\\tfrac1B V' M V'`.  Identical for B = 1.
     """
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)
+    if recursion not in ("per_sample", "mean"):
+        raise ValueError(f"recursion must be 'per_sample' or 'mean'; got {recursion!r}")
     resp = curvature(Qu, value)
     const = resp.response_const()
+    mean = recursion == "mean"
+    w = 1.0 / Vx1.shape[0] if mean else 1.0
     if isinstance(value, RankOneValue):
-        # V_x' and z share every operator call (J = 2 right-hand sides)
         z = value.z
-        R = resp.response(torch.stack([Vx1, z], 1))
-        r = R[:, 0] if const is None else R[:, 0] + const
-        beta = (z * R[:, 1]).sum(-1)
+        if mean:
+            r = resp.apply_control(Qu)
+            r = r if const is None else r + const
+            beta = w * (z * resp.response(z.unsqueeze(1)).squeeze(1)).sum(-1)
+        else:  # V_x' and z share every operator call (J = 2 right-hand sides)
+            R = resp.response(torch.stack([Vx1, z], 1))
+            r = R[:, 0] if const is None else R[:, 0] + const
+            beta = (z * R[:, 1]).sum(-1)
         Y = torch.stack([Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1), z], 1)
         FY = stage.fx_T(Y)
         c = value.c * (1.0 - value.c * beta)
@@ -216,7 +235,7 @@ def operator_riccati_step(
             c = c.clamp(min=0.0)
         new: Value = RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
     else:
-        r = resp.response(Vx1.unsqueeze(1)).squeeze(1)
+        r = resp.apply_control(Qu) if mean else resp.response(Vx1.unsqueeze(1)).squeeze(1)
         if const is not None:
             r = r + const
         Vx = stage.fx_T((Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1))
@@ -224,7 +243,7 @@ def operator_riccati_step(
         n1 = value.Vxx.shape[-1]
         eye = torch.eye(n1, dtype=Vx1.dtype, device=Vx1.device)
         V = value.hess_apply(eye.expand(Vx1.shape[0], n1, n1), tikhonov)  # symmetric
-        W = V - V @ resp.response(V).transpose(-1, -2)
+        W = V - w * (V @ resp.response(V).transpose(-1, -2))
         if project_psd:
             lam, Q = torch.linalg.eigh(sym(W))
             W = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
@@ -281,4 +300,7 @@ class DenseResponse:
     def response_const(self):
         if self.lu is None:
             return None
-        return (self.stage.Bu @ (self._S() @ self.lu))
+        return self.apply_control(self.lu)
+
+    def apply_control(self, G):
+        return self.stage.Bu @ (self._S() @ G)
