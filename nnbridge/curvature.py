@@ -8,11 +8,11 @@ Each curvature is a small functional kernel on the stage's augmented control
   out of place, so a skipped step leaves the optimizer state untouched;
 * :meth:`Curvature.open_loop` -- the open-loop update :math:`-P^{-1} d` (``d`` the
   curvature's direction: the gradient, or its momentum / Adam's first moment);
-* :meth:`Curvature.inverse` -- :math:`P^{-1} G` for a control-shaped ``G`` (the feedback);
-* :meth:`Curvature.per_sample` -- :math:`[S(w^i \tilde x^{i\top})]\, \tilde x^i` per
-  sample, the response the value recursion needs
-  (:class:`trajopt.lqr.operator_step.ControlResponse`), with rank-one closed forms for
-  Linear layers.
+* :meth:`Curvature.preconditioner` -- a :class:`Preconditioner`, computed once per step
+  and stage, with ``inverse`` (:math:`P^{-1} G` for a control-shaped ``G``: the update and
+  the feedback) and ``per_sample`` (:math:`[S(w^i \tilde x^{i\top})]\, \tilde x^i`, the
+  response the value recursion needs, :class:`trajopt.lqr.operator_step.ControlResponse`,
+  with rank-one closed forms for Linear layers).
 
 With :math:`P^{-1} G = Q_G [(Q_G^\top G Q_A) \odot D] Q_A^\top` (rotations ``None`` for
 the diagonal ones), the family covers identity (:math:`D = \eta`, SGD), RMSprop and Adam
@@ -52,9 +52,6 @@ class Curvature:
             raise ValueError(f"Invalid weight_decay value: {hp['weight_decay']}")
         if "eps" in hp and not hp["eps"] >= 0:
             raise ValueError(f"Invalid epsilon value: {hp['eps']}")
-
-    def init(self, U: torch.Tensor) -> State:
-        return {}
 
     def update(self, st: State, g: torch.Tensor, hp: dict, step: int,
                w: torch.Tensor | None = None, X: torch.Tensor | None = None) -> State:

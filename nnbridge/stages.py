@@ -182,50 +182,50 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
     return pre, out
 
 
+def _is_identity(p: nn.Module) -> bool:
+    return isinstance(p, nn.Identity) or (isinstance(p, nn.Dropout)
+                                          and (p.p == 0 or not p.training))
+
+
+def _closed_form(p: nn.Module):
+    """``(sigma, sigma' as a function of the output)`` for Tanh / Sigmoid / ReLU /
+    LeakyReLU (never in place), or None."""
+    if isinstance(p, nn.Tanh):
+        return torch.tanh, lambda y: 1 - y * y
+    if isinstance(p, nn.Sigmoid):
+        return torch.sigmoid, lambda y: y * (1 - y)
+    if isinstance(p, nn.ReLU):
+        return torch.relu, lambda y: (y > 0).to(y.dtype)
+    if isinstance(p, nn.LeakyReLU):
+        slope = p.negative_slope
+        return (lambda h: F.leaky_relu(h, slope),
+                lambda y: torch.where(y > 0, 1.0, slope).to(y.dtype))
+    return None
+
+
 def _elementwise_derivative(post, h: torch.Tensor):
-    """``(sigma(h), sigma'(h))`` in closed form for the common activations (one or two
-    tensor ops instead of a torch.func.jvp); None when a module has no closed form here."""
+    """``(sigma(h), sigma'(h))`` in closed form for a chain of the common activations (a
+    few tensor ops instead of a torch.func.jvp); None when a module has no closed form."""
     y, s = h, None
     for p in post:
-        if isinstance(p, nn.Identity) or (isinstance(p, nn.Dropout)
-                                          and (p.p == 0 or not p.training)):
+        if _is_identity(p):
             continue
-        if isinstance(p, nn.Tanh):
-            y = torch.tanh(y)
-            d = 1 - y * y
-        elif isinstance(p, nn.ReLU):
-            mask = y > 0
-            y = torch.where(mask, y, 0.0)
-            d = mask.to(y.dtype)
-        elif isinstance(p, nn.Sigmoid):
-            y = torch.sigmoid(y)
-            d = y * (1 - y)
-        elif isinstance(p, nn.LeakyReLU):
-            mask = y > 0
-            d = torch.where(mask, 1.0, p.negative_slope).to(y.dtype)
-            y = y * d
-        else:
+        form = _closed_form(p)
+        if form is None:
             return None
+        y = form[0](y)
+        d = form[1](y)
         s = d if s is None else s * d
     return y, (torch.ones_like(h) if s is None else s)
 
 
 def _derivative_from_output(post, y: torch.Tensor) -> torch.Tensor | None:
-    """sigma'(h) from y = sigma(h) alone, for a single Tanh / Sigmoid / ReLU (or none)."""
-    acts = [p for p in post if not (isinstance(p, nn.Identity) or (
-        isinstance(p, nn.Dropout) and (p.p == 0 or not p.training)))]
+    """sigma'(h) from y = sigma(h) alone, for a single closed-form activation (or none)."""
+    acts = [p for p in post if not _is_identity(p)]
     if not acts:
         return torch.ones_like(y)
-    if len(acts) > 1:
-        return None
-    a = acts[0]
-    if isinstance(a, nn.Tanh):
-        return 1 - y * y
-    if isinstance(a, nn.Sigmoid):
-        return y * (1 - y)
-    if isinstance(a, nn.ReLU):
-        return (y > 0).to(y.dtype)
-    return None
+    form = _closed_form(acts[0]) if len(acts) == 1 else None
+    return None if form is None else form[1](y)
 
 
 class StageLinearization:
