@@ -341,5 +341,5 @@ class NetworkResponse:
         return None if self.wdU is None else self.apply_control(self.wdU)
 
     def apply_control(self, G: torch.Tensor) -> torch.Tensor:
-        h = torch.einsum("oi,bip->bop", self.pre.value_inverse(G), self.lin.X)
+        h = self.lin.gu(self.pre.value_inverse(G))
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)

@@ -262,7 +262,8 @@ class DDPNOpt(torch.optim.Optimizer):
 
             steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
                                              project_psd=hp["value_psd"],
-                                             recursion=hp["value_recursion"])
+                                             recursion=hp["value_recursion"],
+                                             propagate=t > 0)
             value = steps[t].value
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i

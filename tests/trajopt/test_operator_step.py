@@ -95,8 +95,11 @@ def test_rank_one_equals_dense(seed, B, n, n1, m, scale, psd):
             return DenseResponse(stg, P, None, lu)
         low = operator_riccati_step(low, stg, curv, project_psd=psd).value
         dense = operator_riccati_step(dense, stg, curv, project_psd=psd).value
-        torch.testing.assert_close(low.Vx, dense.Vx, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(low.Vxx, dense.Vxx, rtol=1e-9, atol=1e-9)
+        # rtol 1e-8: with scale = 10 the value is V' - V'MV' with |c beta| >> 1, a
+        # cancellation that costs both forms ~7 digits of the float64 result (observed
+        # relative differences up to 1.6e-9)
+        torch.testing.assert_close(low.Vx, dense.Vx, rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(low.Vxx, dense.Vxx, rtol=1e-8, atol=1e-9)
     assert torch.isfinite(low.c).all()
     if psd:
         assert bool((low.c >= 0).all())

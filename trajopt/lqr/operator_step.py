@@ -153,14 +153,14 @@ class OperatorStep:
     Qu : control-shaped
         Batch mean :math:`\\mathbb{E}_i f_u^{i\\top} V_x'^{\\,i}` (add :math:`l_u` for
         :math:`\\mathbb{E}[Q_u]`).
-    value : DenseValue or RankOneValue
-        Value derivatives at this stage.
+    value : DenseValue or RankOneValue or None
+        Value derivatives at this stage (None when not propagated).
     stage, next_value, tikhonov
         What :meth:`feedback` needs.
     """
 
     Qu: Any
-    value: Value
+    value: Value | None
     stage: OperatorStage
     next_value: Value
     tikhonov: float
@@ -180,6 +180,7 @@ def operator_riccati_step(
     tikhonov: float = 0.0,
     project_psd: bool = False,
     recursion: str = "per_sample",
+    propagate: bool = True,
 ) -> OperatorStep:
     """One backward step in operator form (see the module docstring).
 
@@ -209,12 +210,19 @@ def operator_riccati_step(
         mean :math:`\\bar k + \\tfrac1B\\sum_j K^j \\delta x^j` -- the block diagonal of the
         joint (B n)-state DP: :math:`r^i = f_u^i S\\, \\mathbb{E}[Q_u]` and correction
         :math:`\\tfrac1B V' M V'`.  Identical for B = 1.
+    propagate : bool
+        False: do not form this stage's value (``value`` of the result is None), e.g. at
+        the first stage, whose state (the data) is never perturbed; :meth:`feedback` and
+        ``Qu`` are unaffected.
     """
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)
     if recursion not in ("per_sample", "mean"):
         raise ValueError(f"recursion must be 'per_sample' or 'mean'; got {recursion!r}")
     resp = curvature(Qu, value)
+    if not propagate:
+        return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
+                            tikhonov=tikhonov)
     const = resp.response_const()
     mean = recursion == "mean"
     w = 1.0 / Vx1.shape[0] if mean else 1.0
