@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from trajopt.errors import InvalidArgumentError
+from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
 
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
            "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse"]
@@ -114,16 +114,35 @@ class Preconditioner:
 
 @dataclass(frozen=True)
 class DensePreconditioner(Preconditioner):
-    """Dense :math:`P^{-1}` and :math:`S` over the flattened control (:class:`Exact`)."""
+    r"""Dense curvature over the flattened control (:class:`Exact`), kept as a Cholesky
+    factor: :math:`P^{-1} = \eta (Q_{uu} + \mu I)^{-1}` and
+    :math:`S = 2P^{-1} - P^{-1} Q_{uu} P^{-1}` are applied by triangular solves, never
+    formed (forming S costs two m^3 products; a solve costs m^2 per right-hand side).
 
-    S: torch.Tensor | None = None
+    Attributes
+    ----------
+    D : (m, m)
+        Cholesky factor L of :math:`Q_{uu} + \mu I`.
+    Quu : (m, m)
+        The curvature entering the value (without :math:`\mu`).
+    lr : float
+        :math:`\eta`.
+    """
+
+    Quu: torch.Tensor | None = None
+    lr: float = 1.0
+
+    def _solve(self, flat: torch.Tensor) -> torch.Tensor:
+        """:math:`P^{-1}` on the rows of ``flat`` (k, m)."""
+        return torch.cholesky_solve(flat.T, self.D).T * self.lr
 
     def inverse(self, G):
-        return (self.D @ G.reshape(-1)).reshape(G.shape)
+        return self._solve(G.reshape(1, -1)).reshape(G.shape)
 
     def value_inverse(self, G):
-        flat = G.reshape(*G.shape[:-2], -1)
-        return (flat @ self.S).reshape(G.shape)
+        flat = G.reshape(-1, self.Quu.shape[0])
+        PG = self._solve(flat)
+        return (2 * PG - self._solve(PG @ self.Quu)).reshape(G.shape)
 
     def per_sample(self, w, X):
         G = torch.einsum("bjop,bip->bjoi", w, X)
@@ -313,11 +332,19 @@ class Exact(Curvature):
         x = lin.X[..., 0]
         m = out * x.shape[-1]
         eye = torch.eye(m, dtype=x.dtype, device=x.device)
-        Quu = torch.einsum("bjo,bk,bl->jkol", Vhh, x, x).reshape(m, m) / lin.B
+        # E_b[Vhh^b (x) x^b x^b'] as one (out^2, B) @ (B, in'^2) product, then reordered
+        xx = (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(lin.B, -1)
+        n_in = x.shape[-1]
+        Quu = (Vhh.reshape(lin.B, -1).T @ xx).reshape(out, out, n_in, n_in)
+        Quu = Quu.permute(0, 2, 1, 3).reshape(m, m) / lin.B
         Quu = 0.5 * (Quu + Quu.T) + hp["weight_decay"] * eye
-        Pinv = torch.linalg.inv(Quu + hp["regularization"] * eye) * hp["lr"]
-        S = 2 * Pinv - Pinv @ Quu @ Pinv
-        return DensePreconditioner(D=Pinv, S=0.5 * (S + S.T))
+        L, info = torch.linalg.cholesky_ex(Quu + hp["regularization"] * eye)
+        if int(info) != 0:
+            raise NotPositiveDefiniteError(
+                "curvature='exact': Q_uu + regularization * I is not positive definite at "
+                f"stage {lin.stage.index}; increase regularization (now "
+                f"{hp['regularization']}) or keep value_psd=True")
+        return DensePreconditioner(D=L, Quu=Quu, lr=hp["lr"])
 
 
 CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in

@@ -1,0 +1,102 @@
+"""The classification datasets that ship with scikit-learn, split and standardized the same
+way every time.
+
+=============  =======  ========  =======  ==========================================
+name           samples  features  classes  note
+=============  =======  ========  =======  ==========================================
+digits         1797     64        10       8 x 8 images (``image_shape`` (1, 8, 8))
+wine           178      13        3
+breast_cancer  569      30        2
+iris           150      4         3
+=============  =======  ========  =======  ==========================================
+
+Split (fixed, independent of the training seed): 30% test, stratified, ``random_state=0``;
+of the remaining 70%, 20% is held out as the validation split (stratified,
+``random_state=1``) used only to choose learning rates.  Features are standardized with
+the mean and standard deviation of the training part (``split="train"``: the 80%;
+``split="full"``: train + validation), so no statistic of the evaluation data leaks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trajopt.errors import InvalidArgumentError
+
+__all__ = ["DATASETS", "Dataset", "load"]
+
+DATASETS = ("digits", "wine", "breast_cancer", "iris")
+TEST_FRACTION = 0.3
+VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and evaluation tensors of one dataset.
+
+    Attributes
+    ----------
+    name : str
+    X_train, y_train : (N, d) float, (N,) int64
+    X_eval, y_eval : (M, d), (M,)
+        The test split, or the validation split for ``load(..., split="train")``.
+    n_classes : int
+    image_shape : tuple or None
+        Per-sample image shape (C, H, W) when the features are pixels (digits).
+    """
+
+    name: str
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_eval: torch.Tensor
+    y_eval: torch.Tensor
+    n_classes: int
+    image_shape: tuple[int, ...] | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Dataset:
+        f = lambda X: X.to(device=device, dtype=dtype)  # noqa: E731
+        return Dataset(self.name, f(self.X_train), self.y_train.to(device), f(self.X_eval),
+                       self.y_eval.to(device), self.n_classes, self.image_shape)
+
+
+def load(name: str, split: str = "full") -> Dataset:
+    """Load a scikit-learn dataset with the fixed split of the module docstring.
+
+    Parameters
+    ----------
+    name : {"digits", "wine", "breast_cancer", "iris"}
+    split : {"full", "train"}
+        ``"full"``: train on train + validation (70%), evaluate on the test split (30%).
+        ``"train"``: train on the 56% training part, evaluate on the validation split
+        (14%) -- for choosing hyper-parameters without touching the test split.
+
+    Returns
+    -------
+    Dataset
+        float32 features, int64 labels, on the CPU.
+    """
+    if name not in DATASETS:
+        raise InvalidArgumentError(f"name must be one of {', '.join(DATASETS)}; got {name!r}")
+    if split not in ("full", "train"):
+        raise InvalidArgumentError(f"split must be 'full' or 'train'; got {split!r}")
+    import sklearn.datasets as skd
+    from sklearn.model_selection import train_test_split
+
+    X, y = getattr(skd, f"load_{name}")(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=TEST_FRACTION, random_state=0,
+                                          stratify=y)
+    if split == "train":
+        Xtr, Xte, ytr, yte = train_test_split(Xtr, ytr, test_size=VAL_FRACTION,
+                                              random_state=1, stratify=ytr)
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sd[sd == 0] = 1.0  # constant pixels of digits
+    t = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
+    return Dataset(name, t(Xtr), torch.tensor(ytr, dtype=torch.int64), t(Xte),
+                   torch.tensor(yte, dtype=torch.int64), int(y.max()) + 1,
+                   (1, 8, 8) if name == "digits" else None)

@@ -1,0 +1,269 @@
+"""One training run: an optimizer by name, a minibatch loop with checkpoints, and what it
+measured.  The command line (:mod:`nnbridge.train`) and the experiments are built on
+:func:`run`.
+
+Seeding: the seed fixes the weight initialization (``torch.manual_seed``) and the
+minibatch order (a CPU ``torch.Generator``); the data split is fixed
+(:mod:`nnbridge.data`).  On the CPU a run is deterministic given its seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+
+from . import data as _data
+from .ddpnopt import EKFAC, DDPNOpt
+from .models import default_model
+
+__all__ = ["OPTIMIZERS", "DEFAULT_LR", "RunConfig", "RunResult", "make_optimizer",
+           "parse_optimizer", "run"]
+
+#: learning rates used when none is given: chosen on the validation split of digits
+#: (MLP) within the search ranges of the DDPNOpt paper's Table 4 (docs/experiments.md)
+DEFAULT_LR = {"sgd": 0.1, "rmsprop": 1e-3, "adam": 3e-3, "ekfac": 0.1, "exact": 1.0}
+_BASE = {"sgd": "identity", "rmsprop": "rmsprop", "adam": "adam", "ekfac": "ekfac"}
+_CURV_ALIAS = {"identity": "identity", "sgd": "identity", "rmsprop": "rmsprop",
+               "adam": "adam", "ekfac": "ekfac"}
+#: accepted names; "ddpnopt" takes --curvature, "ddpnopt-<c>" names it
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "ekfac", "vanilla-ddp", "ddpnopt",
+              "ddpnopt-sgd", "ddpnopt-rmsprop", "ddpnopt-adam", "ddpnopt-ekfac")
+
+
+def parse_optimizer(name: str, curvature: str = "adam") -> tuple[str, str | None]:
+    """Canonical ``(label, curvature)``: ``("adam", None)`` for a torch.optim baseline,
+    ``("ddpnopt-adam", "adam")`` for DDPNOpt, ``("vanilla-ddp", "exact")``."""
+    key = name.strip().lower().replace("_", "-")
+    if key in _BASE:
+        return key, None
+    if key in ("vanilla-ddp", "ddp"):
+        return "vanilla-ddp", "exact"
+    if key == "ddpnopt":
+        key = f"ddpnopt-{curvature}"
+    if key.startswith("ddpnopt-") and key[8:] in _CURV_ALIAS:
+        curv = _CURV_ALIAS[key[8:]]
+        label = "ddpnopt-sgd" if curv == "identity" else f"ddpnopt-{curv}"
+        return label, curv
+    raise InvalidArgumentError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; "
+                               f"got {name!r}")
+
+
+def default_lr(label: str) -> float:
+    """The default learning rate of an optimizer label (DDPNOpt: its curvature's)."""
+    if label == "vanilla-ddp":
+        return DEFAULT_LR["exact"]
+    return DEFAULT_LR[label.removeprefix("ddpnopt-")]
+
+
+def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim.Optimizer:
+    """The optimizer for a canonical label (see :func:`parse_optimizer`)."""
+    if not lr >= 0:
+        raise InvalidArgumentError(f"lr must be >= 0; got {lr}")
+    if label == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, **kw)
+    if label == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=lr, **kw)
+    if label == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, **kw)
+    if label == "ekfac":
+        return EKFAC(model, lr=lr, **kw)
+    if label == "vanilla-ddp":
+        kw.setdefault("regularization", 1.0)
+        return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full", **kw)
+    label, curv = parse_optimizer(label)
+    return DDPNOpt(model, lr=lr, curvature=curv, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one run trains.  ``lr=None``: :data:`DEFAULT_LR`."""
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    optimizer: str = "adam"
+    lr: float | None = None
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    split: str = "full"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.dataset not in _data.DATASETS:
+            raise InvalidArgumentError(
+                f"dataset must be one of {', '.join(_data.DATASETS)}; got {self.dataset!r}")
+        parse_optimizer(self.optimizer)
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise InvalidArgumentError(f"lr must be a finite number >= 0; got {self.lr}")
+
+    @property
+    def label(self) -> str:
+        return parse_optimizer(self.optimizer)[0]
+
+    @property
+    def learning_rate(self) -> float:
+        return default_lr(self.label) if self.lr is None else self.lr
+
+
+@dataclass
+class RunResult:
+    """What a run measured.
+
+    Attributes
+    ----------
+    optimizer, seed, lr
+    test_accuracy : float
+        Accuracy on the evaluation split (test, or validation for ``split="train"``).
+    final_train_loss : float
+        Mean loss over the whole training split after the last epoch.
+    time_per_step : float
+        Median seconds of one ``optimizer.step(closure)`` (forward, backward, update).
+    skipped_steps : int
+        Steps the optimizer skipped (non-finite loss or update).
+    history : dict
+        ``step`` / ``train_loss`` per minibatch; ``epoch_step`` / ``test_accuracy`` /
+        ``epoch_train_loss`` after every epoch (the first entry is before training).
+    """
+
+    optimizer: str
+    seed: int
+    lr: float
+    test_accuracy: float
+    final_train_loss: float
+    time_per_step: float
+    skipped_steps: int
+    history: dict[str, list] = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The row of ``results.json`` (no per-step history)."""
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        out = model(X)
+        loss = float(nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(-1) == y).double().mean())
+    return loss, acc
+
+
+def _shape(X: torch.Tensor, dataset, model_name: str) -> torch.Tensor:
+    return X.reshape(-1, *dataset.image_shape) if model_name == "cnn" else X
+
+
+def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool = False,
+        checkpoint: str | os.PathLike | None = None) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    dataset : Dataset, optional
+        Already loaded data (:func:`nnbridge.data.load` with ``cfg.split``); loaded when
+        None.
+    progress : bool
+        Show a progress bar (tqdm, on stderr).
+    checkpoint : path, optional
+        A file written after every epoch (model and optimizer ``state_dict``, the
+        minibatch generator and the history).  When it exists the run resumes from it and
+        continues exactly as an uninterrupted run would.
+    """
+    ds = (dataset or _data.load(cfg.dataset, cfg.split)).to(cfg.device)
+    label = cfg.label
+    lr = cfg.learning_rate
+    torch.manual_seed(cfg.seed)
+    model = default_model(cfg.model, ds).to(cfg.device)
+    opt = make_optimizer(label, model, lr)
+    Xtr, Xev = _shape(ds.X_train, ds, cfg.model), _shape(ds.X_eval, ds, cfg.model)
+    ytr, yev = ds.y_train, ds.y_eval
+    gen = torch.Generator().manual_seed(cfg.seed)
+    acc0 = _evaluate(model, Xev, yev)[1]
+    hist: dict[str, list] = {"step": [], "train_loss": [], "epoch_step": [0],
+                             "test_accuracy": [acc0],
+                             "epoch_train_loss": [_evaluate(model, Xtr, ytr)[0]],
+                             "step_time": [], "skipped": [0]}
+    start_epoch = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        ck = torch.load(path, weights_only=True)
+        if ck["config"] != asdict(cfg):
+            raise InvalidArgumentError(f"checkpoint {path} was written by another "
+                                       f"configuration: {ck['config']}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        hist, start_epoch = ck["history"], ck["epoch"]
+
+    n = len(Xtr)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+                   desc=f"{label} seed {cfg.seed}", leave=False, dynamic_ncols=True)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            idx = idx.to(cfg.device)
+            xb, yb = Xtr[idx], ytr[idx]
+
+            def closure(xb=xb, yb=yb):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SkippedStepWarning)
+                t0 = time.perf_counter()
+                loss = opt.step(closure)
+                if cfg.device != "cpu":
+                    torch.cuda.synchronize()
+                hist["step_time"].append(time.perf_counter() - t0)
+            skipped = sum(issubclass(w.category, SkippedStepWarning) for w in caught)
+            hist["skipped"][0] += skipped
+            hist["step"].append(len(hist["step"]) + 1)
+            hist["train_loss"].append(float(loss.detach()))
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", refresh=False)
+        train_loss, _ = _evaluate(model, Xtr, ytr)
+        hist["epoch_step"].append(len(hist["step"]))
+        hist["test_accuracy"].append(_evaluate(model, Xev, yev)[1])
+        hist["epoch_train_loss"].append(train_loss)
+        if path is not None:
+            _save(path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                         "history": hist})
+    if bar is not None:
+        bar.close()
+    times = hist["step_time"] or [float("nan")]
+    return RunResult(optimizer=label, seed=cfg.seed, lr=lr,
+                     test_accuracy=hist["test_accuracy"][-1],
+                     final_train_loss=hist["epoch_train_loss"][-1],
+                     time_per_step=statistics.median(times), skipped_steps=hist["skipped"][0],
+                     history=hist)
+
+
+def _save(path: Path, obj: dict) -> None:
+    """Write atomically: an interrupted save never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
