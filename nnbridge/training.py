@@ -182,7 +182,8 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     checkpoint : path, optional
         A file written after every epoch (model and optimizer ``state_dict``, the
         minibatch generator and the history).  When it exists the run resumes from it and
-        continues exactly as an uninterrupted run would.
+        continues exactly as an uninterrupted run would; it must come from the same
+        configuration except ``epochs`` (a finished run can be trained further).
     """
     ds = (dataset or _data.load(cfg.dataset, cfg.split)).to(cfg.device)
     label = cfg.label
@@ -202,7 +203,9 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         ck = torch.load(path, weights_only=True)
-        if ck["config"] != asdict(cfg):
+        mine, theirs = asdict(cfg), dict(ck["config"])
+        mine.pop("epochs"), theirs.pop("epochs")  # more epochs: continue training
+        if mine != theirs:
             raise InvalidArgumentError(f"checkpoint {path} was written by another "
                                        f"configuration: {ck['config']}")
         model.load_state_dict(ck["model"])

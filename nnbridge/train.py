@@ -1,0 +1,226 @@
+"""Train networks on scikit-learn datasets with optimal-control and standard optimizers.
+
+    python -m nnbridge.train --dataset digits --optimizer adam,ddpnopt
+    nnbridge-train --dataset wine --optimizer sgd,ddpnopt-sgd --seeds 10 --out runs/wine
+
+Every flag has a default that gives a meaningful run.  Each (optimizer, seed) pair is one
+run (progress bar on stderr); at the end a table of the mean and standard deviation over
+seeds of test accuracy, final training loss and time per step is printed, and with
+``--out DIR`` written as ``DIR/results.json``, ``DIR/results.csv`` and ``DIR/curves.png``.
+Bad arguments exit with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from trajopt.errors import TrajoptError
+
+from . import data as _data
+from .models import MODELS
+from .training import OPTIMIZERS, RunConfig, RunResult, parse_optimizer, run
+
+__all__ = ["main", "summarize", "plot_curves"]
+
+CURVATURES = ("sgd", "identity", "rmsprop", "adam", "ekfac")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, no traceback
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _lr(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"learning rate must be >= 0; got {text}")
+    return v
+
+
+def _optimizers(text):
+    names = [t for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no optimizer given")
+    for t in names:
+        try:
+            parse_optimizer(t)
+        except TrajoptError:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {t!r}; choose from {', '.join(OPTIMIZERS)}") from None
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="nnbridge.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits", choices=_data.DATASETS)
+    ap.add_argument("--model", default="mlp", choices=MODELS,
+                    help="mlp (any dataset) or cnn (digits); default mlp")
+    ap.add_argument("--optimizer", type=_optimizers, default=["adam", "ddpnopt"],
+                    help=f"comma-separated list of {', '.join(OPTIMIZERS)} "
+                         "(default adam,ddpnopt)")
+    ap.add_argument("--curvature", default="adam", choices=CURVATURES,
+                    help="curvature of a plain 'ddpnopt' (default adam)")
+    ap.add_argument("--lr", type=_lr, default=None,
+                    help="learning rate for every optimizer (default: each optimizer's "
+                         "own, chosen on the digits validation split)")
+    ap.add_argument("--epochs", type=_positive(int), default=20)
+    ap.add_argument("--batch-size", type=_positive(int), default=32)
+    ap.add_argument("--seeds", type=_positive(int), default=3,
+                    help="number of seeds, 0 .. N-1 from --seed0 (default 3)")
+    ap.add_argument("--seed0", type=int, default=0)
+    ap.add_argument("--validation", action="store_true",
+                    help="train on the training part and report the validation split "
+                         "(for choosing hyper-parameters; the test split is untouched)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write results.json, results.csv and curves.png here")
+    ap.add_argument("--checkpoint-dir", type=Path, default=None,
+                    help="save each run after every epoch; rerunning resumes from there")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def summarize(results: list[RunResult]) -> list[dict]:
+    """Mean and standard deviation over seeds, one row per optimizer (in order)."""
+    rows = []
+    for name in dict.fromkeys(r.optimizer for r in results):
+        rs = [r for r in results if r.optimizer == name]
+
+        def ms(key, rs=rs):
+            v = [getattr(r, key) for r in rs]
+            return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+        acc, loss, t = ms("test_accuracy"), ms("final_train_loss"), ms("time_per_step")
+        rows.append({"optimizer": name, "lr": rs[0].lr, "seeds": len(rs),
+                     "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
+                     "final_train_loss_mean": loss[0], "final_train_loss_std": loss[1],
+                     "time_per_step_mean": t[0], "skipped_steps": sum(r.skipped_steps
+                                                                      for r in rs)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| optimizer | lr | seeds | test accuracy % | final train loss | ms / step |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['seeds']} | "
+            f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} | "
+            f"{r['final_train_loss_mean']:.4f} ± {r['final_train_loss_std']:.4f} | "
+            f"{1e3 * r['time_per_step_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[RunResult], path: Path, title: str = "") -> Path:
+    """Training loss (running mean over an epoch) and test accuracy against the step, one
+    curve per optimizer: the mean over seeds, shaded between the minimum and maximum."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in dict.fromkeys(r.optimizer for r in results):
+        rs = [r for r in results if r.optimizer == name]
+        loss = np.array([r.history["train_loss"] for r in rs])
+        k = max(1, rs[0].history["epoch_step"][1] if len(rs[0].history["epoch_step"]) > 1
+                else 1)
+        kernel = np.ones(k) / k
+        sm = np.array([np.convolve(row, kernel, mode="valid") for row in loss])
+        steps = np.arange(k, k + sm.shape[1])
+        line, = ax1.plot(steps, sm.mean(0), label=name)
+        ax1.fill_between(steps, sm.min(0), sm.max(0), color=line.get_color(), alpha=0.2)
+        acc = 100 * np.array([r.history["test_accuracy"] for r in rs])
+        es = rs[0].history["epoch_step"]
+        ax2.plot(es, acc.mean(0), color=line.get_color(), label=name)
+        ax2.fill_between(es, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
+    ax1.set(xlabel="step", ylabel="training loss (running mean, 1 epoch)", yscale="log")
+    ax2.set(xlabel="step", ylabel="test accuracy [%]", ylim=(max(0, ax2.get_ylim()[0]), 100))
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(out: Path, results: list[RunResult], config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r.summary() for r in results]
+    (out / "results.json").write_text(json.dumps(
+        {"runs": runs, "summary": summarize(results), "config": config,
+         "curves": [{"optimizer": r.optimizer, "seed": r.seed, **r.history}
+                    for r in results]}, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(runs[0]))
+        w.writeheader()
+        w.writerows(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: CUDA is not available on this machine")
+    try:
+        labels = list(dict.fromkeys(parse_optimizer(o, a.curvature)[0] for o in a.optimizer))
+        configs = [RunConfig(dataset=a.dataset, model=a.model, optimizer=lab, lr=a.lr,
+                             epochs=a.epochs, batch_size=a.batch_size, seed=a.seed0 + s,
+                             split="train" if a.validation else "full", device=a.device)
+                   for lab in labels for s in range(a.seeds)]
+        ds = _data.load(a.dataset, configs[0].split)
+        if a.model == "cnn" and ds.image_shape is None:
+            ap.error(f"--model cnn needs image data (digits); {a.dataset} has none")
+        results = []
+        for cfg in configs:
+            ck = None
+            if a.checkpoint_dir is not None:
+                ck = a.checkpoint_dir / f"{a.dataset}-{a.model}-{cfg.label}-seed{cfg.seed}.pt"
+            results.append(run(cfg, ds, progress=not a.no_progress, checkpoint=ck))
+    except TrajoptError as e:
+        ap.error(str(e))
+    except KeyboardInterrupt:
+        ap.exit(130, "interrupted\n")
+    split = "validation" if a.validation else "test"
+    print(f"{a.dataset}, {a.model}, {a.epochs} epochs, batch {a.batch_size}, "
+          f"{a.seeds} seed(s), accuracy on the {split} split")
+    print(format_table(summarize(results)))
+    if a.out is not None:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+        config["runs"] = [asdict(c) for c in configs[:1]]
+        write_results(a.out, results, config)
+        plot_curves(results, a.out / "curves.png",
+                    f"{a.dataset} {a.model}, {a.seeds} seed(s)")
+        print(f"wrote {a.out}/results.json, results.csv, curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
