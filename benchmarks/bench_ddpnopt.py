@@ -1,6 +1,6 @@
 """DDPNOpt step time and peak memory against the matching torch.optim baselines, one run.
 
-    python benchmarks/bench_ddpnopt.py [--quick] [--threads N]
+    python benchmarks/bench_ddpnopt.py [--quick] [--threads N] [--fig3]
 
 * models (float32, CPU, batch 128, cross-entropy on random data): a 6-layer MLP
   (64 -> 64 x 5 -> 10, tanh) and a CNN with 4 3x3 convolutions (1 -> 16 -> 16 -> 32 -> 32
@@ -99,12 +99,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and batch sizes")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fig3", action="store_true", help="only the batch-size sweep")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(run_one(json.loads(a.child))))
         return
     steps = 5 if a.quick else 20
+    if a.fig3:
+        fig3(a.threads, steps, a.quick)
+        return
     print(f"torch {torch.__version__}, {a.threads} threads, batch 128, float32, CPU\n")
     print("| model | baseline | baseline ms | DDPNOpt ms | time ratio | baseline peak MB "
           "| DDPNOpt peak MB | memory overhead |")
@@ -120,19 +124,26 @@ def main() -> None:
             print(f"| {model_name} | {base} | {1e3 * b['time']:.2f} | {1e3 * d['time']:.2f} "
                   f"| {d['time'] / b['time']:.2f}x | {mb_b:.1f} | {mb_d:.1f} | "
                   f"{100 * over:+.0f}% |", flush=True)
-    print("\nFig. 3 point: step time vs batch size, MLP 64 -> 32 x 3 -> 10")
-    print("| batch | Adam ms | DDPNOpt(adam, outer) ms | vanilla DDP (exact, full) ms |")
-    print("|---|---|---|---|")
+    fig3(a.threads, steps, a.quick)
+
+
+def fig3(threads: int, steps: int, quick: bool) -> None:
+    """The paper's Fig. 3 point: time and peak memory against the batch size."""
+    print("\nFig. 3 point: step time and peak memory vs batch size, MLP 64 -> 32 x 3 -> 10")
+    print("| batch | Adam ms | DDPNOpt(adam, outer) ms | vanilla DDP (exact, full) ms "
+          "| Adam MB | DDPNOpt MB | vanilla DDP MB |")
+    print("|---|---|---|---|---|---|---|")
     arch = {"width": 32, "depth": 4}
-    for B in ((8, 32) if a.quick else (8, 32, 128, 256)):
-        common = dict(model="mlp", batch=B, steps=max(3, steps // 4), threads=a.threads,
+    for B in ((8, 32) if quick else (8, 32, 128, 256)):
+        common = dict(model="mlp", batch=B, steps=max(3, steps // 4), threads=threads,
                       arch=arch)
         adam = child({**common, "kind": "baseline", "curvature": "adam", "lr": 1e-3})
         ddpn = child({**common, "kind": "ddpnopt", "curvature": "adam", "lr": 1e-3})
         van = child({**common, "kind": "ddpnopt", "curvature": "exact", "lr": 1.0,
                      "kw": {"value_hessian": "full", "regularization": 1.0}})
         print(f"| {B} | {1e3 * adam['time']:.2f} | {1e3 * ddpn['time']:.2f} | "
-              f"{1e3 * van['time']:.1f} |", flush=True)
+              f"{1e3 * van['time']:.1f} | {adam['mem_kb'] / 1024:.1f} | "
+              f"{ddpn['mem_kb'] / 1024:.1f} | {van['mem_kb'] / 1024:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,17 @@ def test_demo_bad_arguments_exit_cleanly(capsys):
         demo.main(["solve", "no_such_problem"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_paper_experiments_smoke(tmp_path):
+    """experiments/ddpnopt_paper.py end to end (wine, 1 epoch, no Fig. 3)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ddpnopt_paper.py"
+    spec = importlib.util.spec_from_file_location("ddpnopt_paper", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--skip-fig3", "--workers", "1", "--out",
+                        str(tmp_path)]) == 0
+    text = (tmp_path / "experiments.md").read_text()
+    assert "| ddpnopt-adam |" in text and "| ekfac | 0.01 |" in text and "nan" not in text
+    assert (tmp_path / "img" / "ablation.png").stat().st_size > 10_000
+    assert (tmp_path / "img" / "table3_wine.png").stat().st_size > 10_000
