@@ -69,13 +69,14 @@ def _task(kw: dict) -> dict:
 
 class Runner:
     def __init__(self, workers: int, smoke: bool):
-        self.pool = ProcessPoolExecutor(workers, initializer=_init)
+        # workers <= 1: in this process (also when the module is not importable by name)
+        self.pool = ProcessPoolExecutor(workers, initializer=_init) if workers > 1 else None
         self.smoke = smoke
 
     def map(self, configs: list[dict]) -> list[dict]:
         if self.smoke:
             configs = [{**c, "epochs": 1} for c in configs]
-        return list(self.pool.map(_task, configs))
+        return list((self.pool.map if self.pool else map)(_task, configs))
 
 
 def _mean(rs, key="test_accuracy"):
