@@ -163,10 +163,10 @@ def _ablation_report(results, img: Path, smoke: bool):
             b = [r for r in results if r["optimizer"] == c and r["lr"] == lr]
             d = [r for r in results if r["optimizer"] == f"ddpnopt-{c}" and r["lr"] == lr]
             diff[i, j] = 100 * (_mean(d) - _mean(b))
-            ratio = _std(d) / _std(b) if _std(b) > 0 else float("nan")
+            ratio = f"{_std(d) / _std(b):.2f}" if _std(b) > 0 else "-"
             rows.append(f"| {c} | {lr:g} | {100 * _mean(b):.2f} ({100 * _std(b):.2f}) | "
                         f"{100 * _mean(d):.2f} ({100 * _std(d):.2f}) | {diff[i, j]:+.2f} | "
-                        f"{ratio:.2f} |")
+                        f"{ratio} |")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     lim = max(1.0, float(np.nanmax(np.abs(diff))))
     im = ax.imshow(diff, cmap="RdBu", vmin=-lim, vmax=lim)
