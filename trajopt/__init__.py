@@ -10,9 +10,11 @@ from .ddp import (
     DDPResult,
     DDPSolver,
     Dynamics,
+    GTDDPSolver,
     LineSearch,
     QuadraticCost,
     Regularization,
+    Span,
     discretize,
     solve_ddp,
 )
@@ -38,4 +40,5 @@ __all__ = [
     "CyclicLQRSolution", "solve_cyclic_lqr",
     "Dynamics", "Cost", "QuadraticCost", "discretize",
     "solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
+    "Span", "GTDDPSolver",
 ]

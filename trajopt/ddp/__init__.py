@@ -10,10 +10,12 @@ from .models import (
     as_dynamics,
     discretize,
 )
+from .gtddp import GTDDPSolver, Span
 from .solver import DDPResult, DDPSolver, IterationLog, LineSearch, Regularization, solve_ddp
 
 __all__ = [
     "Dynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
     "as_dynamics", "discretize", "box_qp", "BoxQPResult",
     "solve_ddp", "DDPSolver", "DDPResult", "IterationLog", "LineSearch", "Regularization",
+    "GTDDPSolver", "Span",
 ]

@@ -609,6 +609,9 @@ def _step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _select_stage(s: _Stage, idx) -> _Stage:
+    if hasattr(s, "select"):  # a subclass's own stage type
+        return s.select(idx)
+
     def pick(v):
         return None if v is None else v[idx]
     return _Stage(s.F[idx], s.L[idx], s.n, pick(s.fxx), pick(s.fux), pick(s.fuu))
@@ -643,7 +646,8 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
               mode: Mode = "ilqr", max_iter: int = 100, tol: float = 1e-8,
               regularization: Regularization | None = None,
               line_search: LineSearch | None = None, control_limits=None,
-              callback: Callable[[IterationLog], Any] | None = None) -> DDPResult:
+              callback: Callable[[IterationLog], Any] | None = None,
+              spans=None, players=None) -> DDPResult:
     r"""Optimize a control sequence by iLQR or DDP.
 
     .. math::
@@ -669,11 +673,22 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     line_search : LineSearch
     control_limits : (lo, hi), each of shape (m,), optional
     callback : callable(IterationLog), optional
+    spans : sequence of trajopt.Span, optional
+        Residual connections (GT-DDP); see :class:`~trajopt.ddp.gtddp.GTDDPSolver`.  The
+        gains ``K[t]`` then act on ``[x_t, x_start of each span open at t]`` (span order).
+    players : sequence of int or callable ``t -> sequence``, optional
+        Split of each stage's control among cooperative players (GT-DDP Sec. 3.2).
 
     Returns
     -------
     DDPResult
     """
+    if spans or players is not None:
+        from .gtddp import GTDDPSolver
+        return GTDDPSolver(dynamics, cost, spans=spans or (), players=players, mode=mode,
+                           max_iter=max_iter, tol=tol, regularization=regularization,
+                           line_search=line_search, control_limits=control_limits,
+                           callback=callback).solve(x0, us0)
     return DDPSolver(dynamics, cost, mode=mode, max_iter=max_iter, tol=tol,
                      regularization=regularization, line_search=line_search,
                      control_limits=control_limits, callback=callback).solve(x0, us0)
