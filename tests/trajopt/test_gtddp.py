@@ -97,7 +97,7 @@ def test_spans_equal_ddp_on_the_augmented_state(seed, raw):
     out, ref = solve_both(dyn, cost, spans, dims, x0, _controls(spans, T, 2, seed))
     for a, b in zip(out.us, ref.us):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    for t, (a, b) in enumerate(zip(out.xs, ref.xs)):
+    for a, b in zip(out.xs, ref.xs):
         torch.testing.assert_close(a, b[..., :n], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(out.cost, ref.cost, rtol=1e-10, atol=0)
     assert torch.equal(out.iterations, ref.iterations)

@@ -1,6 +1,7 @@
 """DDP / iLQR over abstract, batched dynamics."""
 
 from .boxqp import BoxQPResult, box_qp
+from .gtddp import GTDDPSolver, Span
 from .models import (
     Cost,
     CostDerivatives,
@@ -10,7 +11,6 @@ from .models import (
     as_dynamics,
     discretize,
 )
-from .gtddp import GTDDPSolver, Span
 from .solver import DDPResult, DDPSolver, IterationLog, LineSearch, Regularization, solve_ddp
 
 __all__ = [
