@@ -212,31 +212,72 @@ class GTDDPSolver(DDPSolver):
 
     # ------------------------------------------------------------------ derivatives
     def derivatives(self, traj):
-        stages = []
+        """Stage derivatives on the flat batch of ``traj``: one vectorized call for all
+        stages when the dynamics / cost are time invariant and the shapes uniform (as
+        :meth:`DDPSolver.derivatives`), and one per shortcut map for all its spans."""
         T = len(traj.us)
+        B = traj.cost.shape[0]
+        xs, ws = traj.xs[:-1], traj.us
+        us = [w[..., :self._mu_size[t]] for t, w in enumerate(ws)]
+
+        def batched(fn, args_per_stage, time_invariant):
+            uniform = all(all(a.shape == b.shape for a, b in zip(args, args_per_stage[0]))
+                          for args in args_per_stage)
+            if time_invariant and uniform and T > 1:
+                flat = [torch.cat(col, 0) for col in zip(*args_per_stage)]
+                d = fn(*flat, 0)
+                return [type(d)(**{k: None if v is None else v[t * B:(t + 1) * B]
+                                   for k, v in vars(d).items()}) for t in range(T)]
+            return [fn(*args, t) for t, args in enumerate(args_per_stage)]
+
+        fds = batched(lambda x, u, t: self.dynamics.derivatives(x, u, t),
+                      list(zip(xs, us)), self.dynamics.time_invariant)
+        cds = batched(self.cost.derivatives, list(zip(xs, ws)), self.cost.time_invariant)
+        hd = self._shortcut_derivatives(traj)
+        stages = []
         for t in range(T):
-            x, w = traj.xs[t], traj.us[t]
-            mu = self._mu_size[t]
-            fd = self.dynamics.derivatives(x, w[..., :mu], t)
-            cd = self.cost.derivatives(x, w, t)
-            Fw, hr = [fd.fu], []
-            off = mu
+            Fw, hr = [fds[t].fu], []
             for s in self._merging[t]:
-                r = traj.xs[s.start]
-                if s.shortcut is None:
-                    hr.append(None)
-                elif s.n_params:
-                    v = w[..., off:off + s.n_params]
-                    off += s.n_params
-                    jr, jv = _like(vmap(jacfwd(s.shortcut, argnums=(0, 1)))(r, v), r)
-                    hr.append(jr)
+                jr, jv = hd[(id(s))] if s.shortcut is not None else (None, None)
+                hr.append(jr)
+                if jv is not None:
                     Fw.append(jv)
-                else:
-                    hr.append(_like((vmap(jacfwd(s.shortcut))(r),), r)[0])
-            stages.append(_GStage(fd.fx, torch.cat(Fw, -1), hr, cd.lx, cd.lu, cd.lxx,
+            cd = cds[t]
+            stages.append(_GStage(fds[t].fx, torch.cat(Fw, -1), hr, cd.lx, cd.lu, cd.lxx,
                                   cd.luu, cd.lux))
         Vx, Vxx = self.cost.terminal_derivatives(traj.xs[-1])
         return stages, Vx, Vxx
+
+    def _shortcut_derivatives(self, traj) -> dict:
+        """``{id(span): (h_r, h_v or None)}``, one vmap(jacfwd) per shortcut callable."""
+        groups: dict = {}
+        for s in self.spans:
+            if s.shortcut is not None:
+                groups.setdefault((id(s.shortcut), s.n_params), []).append(s)
+        out = {}
+        for (_, npar), group in groups.items():
+            h = group[0].shortcut
+            r = torch.cat([traj.xs[s.start] for s in group], 0)
+            if npar:
+                v = torch.cat([self._params(traj, s) for s in group], 0)
+                jr, jv = _like(vmap(jacfwd(h, argnums=(0, 1)))(r, v), r)
+            else:
+                jr, jv = _like((vmap(jacfwd(h))(r),), r)[0], None
+            B = traj.xs[0].shape[0]
+            for i, s in enumerate(group):
+                out[id(s)] = (jr[i * B:(i + 1) * B],
+                              None if jv is None else jv[i * B:(i + 1) * B])
+        return out
+
+    def _params(self, traj, span: Span) -> torch.Tensor:
+        """The shortcut parameters v of ``span`` in the control of its merge stage."""
+        t = span.end
+        off = self._mu_size[t]
+        for s in self._merging[t]:
+            if s is span:
+                return traj.us[t][..., off:off + s.n_params]
+            off += s.n_params
+        raise AssertionError("span not merging at its end stage")
 
     def player_curvature(self, t: int, i: int, block: torch.Tensor) -> torch.Tensor | None:
         """Approximation of player ``i``'s curvature block ``block`` (B, m_i, m_i) at stage
