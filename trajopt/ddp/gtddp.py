@@ -308,21 +308,23 @@ class GTDDPSolver(DDPSolver):
             st = stages[t]
             n, n1 = st.fx.shape[-1], st.fx.shape[-2]
             yi, yo = self._slices(t, n, dims), self._slices(t + 1, n1, dims)
-            # the structured Jacobian d y_{t+1} / d y_t: (out slice, in slice, matrix|None)
-            J = [(yo["x"], yi["x"], st.fx)]
+            # the structured Jacobian d y_{t+1} / d y_t, grouped by input block:
+            # {in slice: [(out slice, matrix or None = identity), ...]}
+            J: dict = {"x": [(yo["x"], st.fx)]}
             for s, h in zip(self._merging[t], st.hr):
-                J.append((yo["x"], yi["x"] if s.start == t else yi[id(s)], h))
+                J.setdefault("x" if s.start == t else id(s), []).append((yo["x"], h))
             for s in self._open[t + 1]:
-                J.append((yo[id(s)], yi["x"] if s.start == t else yi[id(s)], None))
-            ny = yi["size"]
-            A = VV.new_zeros(B, VV.shape[1], ny)           # V' J
-            g = V.new_zeros(B, ny)                          # J' V_x'
-            for o, i, M in J:
-                A[:, :, i] += VV[:, :, o] if M is None else VV[:, :, o] @ M
-                g[:, i] += V[:, o] if M is None else (V[:, o].unsqueeze(-2) @ M)[:, 0]
-            Qyy = A.new_zeros(B, ny, ny)                    # J' V' J
-            for o, i, M in J:
-                Qyy[:, i, :] += A[:, o, :] if M is None else M.transpose(-1, -2) @ A[:, o, :]
+                J.setdefault("x" if s.start == t else id(s), []).append((yo[id(s)], None))
+            # every input block feeds something: x feeds x_{t+1}, an open residual is
+            # carried or merged
+            blocks = [J["x"]] + [J[id(s)] for s in self._open[t]]
+            # A = V' J, g = J' V_x', Qyy = J' V' J, block by block (identities are copies)
+            A = torch.cat([_sum(VV[:, :, o] if M is None else VV[:, :, o] @ M
+                                for o, M in blk) for blk in blocks], -1)
+            g = torch.cat([_sum(V[:, o] if M is None else (V[:, o].unsqueeze(-2) @ M)[:, 0]
+                                for o, M in blk) for blk in blocks], -1)
+            Qyy = torch.cat([_sum(A[:, o, :] if M is None else M.transpose(-1, -2) @ A[:, o, :]
+                                  for o, M in blk) for blk in blocks], -2)
             xo = yo["x"]
             FwT = st.Fw.transpose(-1, -2)
             Qw = st.lw + (FwT @ V[:, xo].unsqueeze(-1))[..., 0]
@@ -333,11 +335,13 @@ class GTDDPSolver(DDPSolver):
             Qyy[:, xs_, xs_] += st.lxx
             Qwy[:, :, xs_] += st.lwx
             sizes = self._players[t]
-            approx = [self.player_curvature(t, i, blk) for i, blk in
-                      enumerate(_diag_blocks(Qww, sizes))]
-            pol = cooperative_policy(Qw, Qwy, Qww, sizes,
-                                     approx=None if all(a is None for a in approx) else approx,
-                                     reg=mu)
+            approx = None
+            if type(self).player_curvature is not GTDDPSolver.player_curvature:
+                approx = [self.player_curvature(t, i, blk) for i, blk in
+                          enumerate(_diag_blocks(Qww, sizes))]
+            # non-finite gains show up in dV (checked below), as in DDPSolver
+            pol = cooperative_policy(Qw, Qwy, Qww, sizes, approx=approx, reg=mu,
+                                     check_finite=False)
             ok = ok & pol.ok
             step = value_update(QExpansion(Qx=g, Qu=Qw, Qxx=Qyy, Qux=Qwy, Quu=Qww),
                                 pol.K, pol.k, exact_policy=False)
@@ -346,6 +350,14 @@ class GTDDPSolver(DDPSolver):
             Ks[t], ks[t] = pol.K, pol.k
             Vxs[t], Vxxs[t] = V[:, xs_], VV[:, xs_, xs_]
         return _Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
+
+
+def _sum(terms):
+    it = iter(terms)
+    out = next(it)
+    for v in it:
+        out = out + v
+    return out
 
 
 def _diag_blocks(Qww: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

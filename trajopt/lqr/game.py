@@ -75,7 +75,8 @@ def _chol(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
                        sizes: Sequence[int], *,
                        approx: Sequence[torch.Tensor | None] | None = None,
-                       reg: torch.Tensor | float = 0.0) -> CooperativePolicy:
+                       reg: torch.Tensor | float = 0.0,
+                       check_finite: bool = True) -> CooperativePolicy:
     r"""The cooperative policy :math:`\delta w = k + K \delta y` (module docstring).
 
     Parameters
@@ -90,6 +91,9 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
         Each player's curvature approximation (None: the exact diagonal block).
     reg : float or (B,)
         :math:`\mu` added to every player's diagonal block.
+    check_finite : bool
+        Also mark rows with non-finite gains as not ok (a caller that checks the value
+        change afterwards, as DDP does, may skip this).
     """
     sizes = [int(s) for s in sizes]
     m = Qw.shape[-1]
@@ -101,6 +105,10 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
                                    f"{len(approx)}")
     B = Qw.shape[0]
     mu = torch.as_tensor(reg, dtype=Qw.dtype, device=Qw.device).reshape(-1, 1, 1)
+    rhs = torch.cat([Qw.unsqueeze(-1), Qwy], -1)  # (B, m, 1 + ny)
+    if len(sizes) == 1 and (approx is None or approx[0] is None):  # one player: plain DDP
+        L, ok = _chol(Qww + mu * torch.eye(m, dtype=Qw.dtype, device=Qw.device))
+        return _policy(-cholesky_solve(rhs, L), ok, B, check_finite)
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     sl = [slice(a, a + s) for a, s in zip(offs, sizes)]
     diag = []
@@ -108,7 +116,6 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
         D = Qww[:, s, s] if approx is None or approx[i] is None else approx[i]
         eye = torch.eye(sizes[i], dtype=Qw.dtype, device=Qw.device)
         diag.append(D + mu * eye)
-    rhs = torch.cat([Qw.unsqueeze(-1), Qwy], -1)  # (B, m, 1 + ny)
     if len(sizes) == 2:
         su, sv = sl
         Quv = Qww[:, su, sv]
@@ -130,5 +137,11 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
             M[:, s, s] = diag[i]
         L, ok = _chol(M)
         gains = -cholesky_solve(rhs, L)
-    ok = ok.reshape(B) & torch.isfinite(gains).flatten(1).all(-1)
+    return _policy(gains, ok, B, check_finite)
+
+
+def _policy(gains, ok, B, check_finite) -> CooperativePolicy:
+    ok = ok.reshape(B)
+    if check_finite:
+        ok = ok & torch.isfinite(gains).flatten(1).all(-1)
     return CooperativePolicy(k=gains[..., 0], K=gains[..., 1:], ok=ok)
