@@ -4,11 +4,16 @@ control).
 * :func:`stages` -- a network decomposed once into stages x_{t+1} = sigma_t(g_t(x_t, u_t));
 * :class:`DDPNOpt` -- the DDP Neural Optimizer (torch.optim API), curvatures identity /
   rmsprop / adam / ekfac / exact, feedback policies from trajopt's operator Riccati step;
-* :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline.
+* :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline;
+* :func:`lqr_direction` -- gradient / natural-gradient / Newton directions as an LQR
+  (thesis Ch. 3);
+* ``python -m nnbridge.train`` -- the training command (:mod:`nnbridge.train`).
 """
 
 from .ddpnopt import EKFAC, DDPNOpt
 from .stages import Stage, StageLinearization, capture, stages
+from .steepest import lqr_direction
 
 __version__ = "0.1.0"
-__all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC"]
+__all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
+           "lqr_direction"]

@@ -1,0 +1,141 @@
+r"""Steepest descent on a network as an LQR (thesis papers/002, Ch. 3): gradient descent,
+natural gradient and Newton directions from :func:`trajopt.steepest.steepest_descent_lqr`
+on the network's linearization.
+
+The state is batch-augmented: :math:`X_i = [x_i^{(1)}; \dots; x_i^{(B)}]`, so
+:math:`A_i = \mathrm{blockdiag}_j(\partial f_i / \partial x_i^{(j)})` and
+:math:`B_i = [\partial f_i / \partial u_i (x_i^{(j)})]_j` stacked, and a minibatch step is
+exact (Thm 3.1.1 written for a batch).  The network is decomposed by
+:func:`nnbridge.stages` (the same decomposition DDPNOpt uses); the control of a stage is
+:math:`[W \mid b]` flattened row-major.  Dense matrices of size ``B n_i`` are formed:
+small networks only (``docs/steepest.md``).
+
+Divergences (:math:`\delta` = ``damping``):
+
+* ``"euclidean"``: :math:`Q = M = 0`, :math:`R = I`: minus the gradient
+  (:math:`-g/(1 + \delta)`);
+* ``"kl"``: :math:`Q_N = \tfrac1B \mathrm{blockdiag}_j(\mathrm{diag}(p_j) - p_j p_j^\top)`,
+  the Hessian of the batch-mean KL between the softmax output distributions (Sec.
+  3.2.3), :math:`R = \delta I`: :math:`-(F + \delta I)^{-1} g` with F the Fisher;
+* ``"newton"``: :math:`Q_N = \nabla^2_{x_N}` of the loss, :math:`Q_i, R_i, M_i` the second
+  derivatives of the Hamiltonian :math:`\lambda_{i+1}^\top f_i` (Sec. 3.2.4), plus
+  :math:`\delta I` on :math:`R_i`: :math:`-(H + \delta I)^{-1} g`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trajopt.errors import InvalidArgumentError
+from trajopt.steepest import steepest_descent_lqr
+
+from .stages import StageLinearization, stages
+
+__all__ = ["DIVERGENCES", "lqr_direction"]
+
+DIVERGENCES = ("euclidean", "kl", "newton")
+
+
+def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, r, c) -> (B r, B c) block diagonal."""
+    return torch.block_diag(*blocks.unbind(0))
+
+
+def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                  divergence: str = "euclidean", damping: float = 0.0) -> list[torch.Tensor]:
+    r"""The steepest-descent direction of ``loss(model(x), y)`` from the LQR.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+        Decomposable by :func:`nnbridge.stages` (Linear / Conv2d and elementwise ops).
+    x : (B, ...)
+        Input batch.
+    y : any
+        Targets, passed to ``loss``.
+    loss : callable ``loss(output, y) -> scalar``
+        The batch loss (e.g. ``F.cross_entropy``, a batch mean).
+    divergence : {"euclidean", "kl", "newton"}
+    damping : float
+        :math:`\delta \ge 0`; "kl" needs :math:`\delta > 0` unless the Fisher is
+        invertible.
+
+    Returns
+    -------
+    list of Tensor
+        One tensor per ``model.parameters()`` entry, shaped like it.
+    """
+    if divergence not in DIVERGENCES:
+        raise InvalidArgumentError(
+            f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    if not damping >= 0:
+        raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+    pre, sts = stages(model)
+    with torch.no_grad():
+        h = x
+        for p in pre:
+            h = p(h)
+        xs = [h.detach()]
+        for st in sts:
+            xs.append(st.forward(xs[-1]))
+    out = xs[-1]
+    B = out.shape[0]
+    shape = out.shape
+
+    def objective(o_flat):
+        return loss(o_flat.reshape(shape), y)
+
+    o = out.reshape(-1)
+    aN = torch.func.grad(objective)(o)
+    lins = [StageLinearization(st, xs[t]) for t, st in enumerate(sts)]
+    jac = [lin.jacobians() for lin in lins]
+    A = [_block_diag(fx) for fx, _ in jac]
+    Bm = [fu.reshape(-1, fu.shape[-1]) for _, fu in jac]
+    QN = Q = R = M = None
+    if divergence == "kl":
+        p = torch.softmax(out.reshape(B, -1), -1)
+        QN = _block_diag(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B
+        R = [b.new_zeros(b.shape[-1], b.shape[-1]) for b in Bm]
+    elif divergence == "newton":
+        QN = torch.func.hessian(objective)(o)
+        # costates lambda_{i+1} (batch-augmented), lambda_N = a_N, lambda_i = A_i' lambda
+        lam = [None] * (len(sts) + 1)
+        lam[-1] = aN
+        for t in range(len(sts) - 1, -1, -1):
+            lam[t] = A[t].T @ lam[t + 1]
+        Q, R, M = [], [], []
+        for t, lin in enumerate(lins):
+            Hxx, Huu, Hux = _hamiltonian_hessians(lin, lam[t + 1].reshape(B, -1))
+            Q.append(_block_diag(Hxx))
+            R.append(Huu.sum(0))
+            M.append(torch.cat(Hux.unbind(0), -1))
+    steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, damping=damping)
+    by_param = {}
+    for st, lin, du in zip(sts, lins, steps):
+        for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
+            by_param[prm] = v
+    return [by_param[prm] for prm in model.parameters()]
+
+
+def _hamiltonian_hessians(lin: StageLinearization, lam: torch.Tensor):
+    r"""Per-sample second derivatives of :math:`\lambda^\top f(x, U)`:
+    ``Hxx`` (B, n, n), ``Huu`` (B, m, m), ``Hux`` (B, m, n)."""
+    st = lin.stage
+    U = lin.U
+
+    def ham(xi, Uflat, li):
+        return (st.forward(xi.unsqueeze(0), Uflat.reshape(U.shape)).reshape(-1) * li).sum()
+
+    x = lin.x.reshape(lin.B, -1)
+
+    def ham_flat(xf, Uflat, li):
+        return ham(xf.reshape(lin.x_shape), Uflat, li)
+
+    H = torch.func.vmap(torch.func.hessian(ham_flat, argnums=(0, 1)),
+                        in_dims=(0, None, 0))(x, U.reshape(-1), lam)
+    (Hxx, _), (Hux, Huu) = H
+    return Hxx, Huu, Hux

@@ -1,0 +1,118 @@
+"""Steepest descent as LQR (thesis Ch. 3): the LQR directions against autograd and
+explicitly formed Fisher / Hessian inverses on small networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from nnbridge import lqr_direction
+from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
+
+from .conftest import cnn, data, mlp
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _explicit(model, x, y):
+    """Gradient, Hessian and Fisher (softmax output, batch mean) of the batch loss over the
+    flattened parameters, by torch.func on the whole network."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def out(theta):
+        ps = torch.split(theta, sizes)
+        return torch.func.functional_call(
+            model, {n: v.reshape(p.shape) for n, v, p in zip(names, ps, params)}, (x,))
+
+    def J(theta):
+        return F.cross_entropy(out(theta), y)
+
+    th = _flat(params)
+    g = torch.func.grad(J)(th)
+    H = torch.func.hessian(J)(th)
+    Jo = torch.func.jacrev(out)(th).reshape(x.shape[0], -1, th.numel())
+    p = torch.softmax(out(th), -1)
+    Fi = sum(Jo[j].T @ (torch.diag(p[j]) - torch.outer(p[j], p[j])) @ Jo[j]
+             for j in range(x.shape[0])) / x.shape[0]
+    return g, H, Fi
+
+
+def _rand_mlp(seed, widths, act):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(a, b), act()]
+    return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), B=st.integers(1, 4),
+       widths=st.lists(st.integers(2, 5), min_size=3, max_size=5),
+       act=st.sampled_from([nn.Tanh, nn.Sigmoid, nn.ELU]))
+def test_euclidean_is_minus_the_gradient(seed, B, widths, act):
+    model = _rand_mlp(seed, widths, act)
+    x, y = data(B, (widths[0],), seed, classes=widths[-1])
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    d = lqr_direction(model, x, y, F.cross_entropy)
+    for a, b in zip(d, g):
+        assert a.shape == b.shape
+    dv, gv = _flat(d), _flat(g)
+    assert float((dv + gv).norm() / gv.norm()) < 1e-10
+    assert float(1 + (dv @ gv) / (dv.norm() * gv.norm())) < 1e-12
+
+
+def test_euclidean_on_a_cnn_with_damping():
+    model = cnn()
+    x, y = data(3, (1, 5, 5))
+    g = _flat(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, damping=0.5))
+    torch.testing.assert_close(d, -g / 1.5, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("make,shape,B", [(mlp, (4,), 1), (mlp, (4,), 5),
+                                          (cnn, (1, 5, 5), 3)])
+@pytest.mark.parametrize("damping", [1e-3, 0.1])
+def test_kl_is_the_damped_natural_gradient(make, shape, B, damping):
+    model = make()
+    x, y = data(B, shape)
+    g, _, Fi = _explicit(model, x, y)
+    ref = -torch.linalg.solve(Fi + damping * torch.eye(len(g)), g)
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=damping))
+    assert float((d - ref).norm() / ref.norm()) < 1e-8  # cond(F + 1e-3 I) up to ~1e3
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Softplus])
+def test_newton_is_the_damped_newton_step(B, act):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 4), act(), nn.Linear(4, 3))
+    x, y = data(B, (3,), seed=2)
+    g, H, _ = _explicit(model, x, y)
+    # H may be indefinite; the LQR's stage Q_uu are Schur complements of H + damping I,
+    # positive definite exactly when it is
+    damping = 0.5 + max(0.0, -float(torch.linalg.eigvalsh(H)[0]))
+    ref = -torch.linalg.solve(H + damping * torch.eye(len(g)), g)
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="newton",
+                            damping=damping))
+    assert float((d - ref).norm() / ref.norm()) < 1e-9
+
+
+def test_bad_input():
+    model = mlp()
+    x, y = data(2, (4,))
+    with pytest.raises(InvalidArgumentError, match="divergence"):
+        lqr_direction(model, x, y, F.cross_entropy, divergence="l1")
+    with pytest.raises(InvalidArgumentError, match="damping"):
+        lqr_direction(model, x, y, F.cross_entropy, damping=-1.0)
+    with pytest.raises(NotPositiveDefiniteError):  # the Fisher of 2 samples is singular
+        lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=0.0)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        lqr_direction(nn.Linear(4, 3), x, y, F.cross_entropy)
