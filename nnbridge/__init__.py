@@ -12,8 +12,8 @@ control).
 
 from .ddpnopt import EKFAC, DDPNOpt
 from .stages import Stage, StageLinearization, capture, stages
-from .steepest import lqr_direction
+from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
 __all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
-           "lqr_direction"]
+           "lqr_direction", "LQRDescent"]

@@ -24,17 +24,18 @@ Divergences (:math:`\delta` = ``damping``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 from trajopt.steepest import steepest_descent_lqr
 
-from .stages import StageLinearization, stages
+from .stages import StageLinearization, capture, stages
 
-__all__ = ["DIVERGENCES", "lqr_direction"]
+__all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
 DIVERGENCES = ("euclidean", "kl", "newton")
 
@@ -69,11 +70,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     list of Tensor
         One tensor per ``model.parameters()`` entry, shaped like it.
     """
-    if divergence not in DIVERGENCES:
-        raise InvalidArgumentError(
-            f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
-    if not damping >= 0:
-        raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+    _check(divergence, damping)
     pre, sts = stages(model)
     with torch.no_grad():
         h = x
@@ -83,7 +80,6 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         for st in sts:
             xs.append(st.forward(xs[-1]))
     out = xs[-1]
-    B = out.shape[0]
     shape = out.shape
 
     def objective(o_flat):
@@ -91,6 +87,23 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     o = out.reshape(-1)
     aN = torch.func.grad(objective)(o)
+    QN = torch.func.hessian(objective)(o) if divergence == "newton" else None
+    return _direction(model, sts, xs, aN, QN, divergence, damping)
+
+
+def _check(divergence: str, damping: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise InvalidArgumentError(
+            f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    if not damping >= 0:
+        raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+
+
+def _direction(model, sts, xs, aN, loss_hessian, divergence, damping):
+    """The LQR of the module docstring from the stage inputs ``xs`` (x_0 .. x_N), the
+    output gradient ``aN`` (B n_N,) and, for Newton, the output Hessian."""
+    out = xs[-1]
+    B = out.shape[0]
     lins = [StageLinearization(st, xs[t]) for t, st in enumerate(sts)]
     jac = [lin.jacobians() for lin in lins]
     A = [_block_diag(fx) for fx, _ in jac]
@@ -101,7 +114,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         QN = _block_diag(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B
         R = [b.new_zeros(b.shape[-1], b.shape[-1]) for b in Bm]
     elif divergence == "newton":
-        QN = torch.func.hessian(objective)(o)
+        QN = loss_hessian
         # costates lambda_{i+1} (batch-augmented), lambda_N = a_N, lambda_i = A_i' lambda
         lam = [None] * (len(sts) + 1)
         lam[-1] = aN
@@ -119,6 +132,67 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
             by_param[prm] = v
     return [by_param[prm] for prm in model.parameters()]
+
+
+class LQRDescent(torch.optim.Optimizer):
+    r"""Steepest descent through the LQR as a torch.optim optimizer:
+    :math:`u \leftarrow u + \eta\, d` with ``d`` the direction of :func:`lqr_direction`.
+
+    ``step(closure)`` takes the standard closure (zero_grad, forward, ``loss.backward()``,
+    return the loss); the input batch, the output and the output gradient are recorded
+    by hooks (:func:`nnbridge.capture`).  ``divergence="newton"`` also needs
+    ``loss_hessian(output) -> (B n_out, B n_out)``, the Hessian of the batch loss with
+    respect to the flattened output.  A non-finite loss or direction skips the step
+    (:class:`~trajopt.errors.SkippedStepWarning`) and leaves the parameters unchanged.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+    lr : float
+    divergence : {"euclidean", "kl", "newton"}
+    damping : float
+    loss_hessian : callable, optional
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, *, divergence: str = "kl",
+                 damping: float = 1e-3,
+                 loss_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if not lr >= 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        _check(divergence, damping)
+        if divergence == "newton" and loss_hessian is None:
+            raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
+        self.model = model
+        self.pre, self._stages = stages(model)
+        self.loss_hessian = loss_hessian
+        super().__init__(model.parameters(), {"lr": lr, "divergence": divergence,
+                                              "damping": damping})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        if closure is None or not callable(closure):
+            raise TypeError("LQRDescent.step needs a closure that zeroes the gradients, "
+                            "runs the model, calls loss.backward() and returns the loss")
+        group = self.param_groups[0]
+        with capture(self.model, self._stages) as rec, torch.enable_grad():
+            loss = closure()
+        if not bool(torch.isfinite(loss.detach()).all()):
+            warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
+                          stacklevel=2)
+            return loss
+        out = rec.output
+        xs = list(rec.inputs) + [out]
+        aN = rec.output_grad.reshape(-1)
+        H = None if group["divergence"] != "newton" else self.loss_hessian(out)
+        d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
+                       group["damping"])
+        if not all(bool(torch.isfinite(v).all()) for v in d):
+            warnings.warn("non-finite direction; step skipped", SkippedStepWarning,
+                          stacklevel=2)
+            return loss
+        for p, v in zip(self.model.parameters(), d):
+            p.add_(v, alpha=group["lr"])
+        return loss
 
 
 def _hamiltonian_hessians(lin: StageLinearization, lam: torch.Tensor):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nnbridge import lqr_direction
+from nnbridge import LQRDescent, lqr_direction
 from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
 
 from .conftest import cnn, data, mlp
@@ -116,3 +116,65 @@ def test_bad_input():
         lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=0.0)
     with pytest.raises(TypeError, match="nn.Sequential"):
         lqr_direction(nn.Linear(4, 3), x, y, F.cross_entropy)
+
+
+# ---------------------------------------------------------------- LQRDescent
+def _closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_lqr_descent_euclidean_is_sgd():
+    a, b = mlp(), mlp()
+    x, y = data(5, (4,))
+    opt = LQRDescent(a, lr=0.3, divergence="euclidean", damping=0.0)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.3)
+    for _ in range(5):
+        opt.step(_closure(opt, a, x, y))
+        sgd.step(_closure(sgd, b, x, y))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "newton"])
+def test_lqr_descent_step_applies_the_direction(divergence):
+    model = mlp()
+    x, y = data(4, (4,))
+
+    def loss_hessian(out):
+        return torch.func.hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(
+            out.reshape(-1))
+
+    damping = 5.0 if divergence == "newton" else 0.1
+    d = lqr_direction(model, x, y, F.cross_entropy, divergence=divergence, damping=damping)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = LQRDescent(model, lr=0.5, divergence=divergence, damping=damping,
+                     loss_hessian=loss_hessian)
+    loss0 = float(opt.step(_closure(opt, model, x, y)).detach())
+    for p, p0, v in zip(model.parameters(), before, d):
+        torch.testing.assert_close(p.detach(), p0 + 0.5 * v, rtol=1e-10, atol=1e-12)
+    assert float(F.cross_entropy(model(x), y)) < loss0
+
+
+def test_lqr_descent_skips_non_finite_and_rejects_bad_input():
+    from trajopt.errors import SkippedStepWarning
+    model = mlp()
+    x, y = data(3, (4,))
+    opt = LQRDescent(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(SkippedStepWarning):
+        opt.step(_closure(opt, model, bad, y))
+    for p, p0 in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), p0)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="learning rate"):
+        LQRDescent(model, lr=-1.0)
+    with pytest.raises(InvalidArgumentError, match="loss_hessian"):
+        LQRDescent(model, divergence="newton")
