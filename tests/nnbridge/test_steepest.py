@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
