@@ -263,6 +263,9 @@ seeds per cell; "std ratio" < 1 means the feedback reduced the spread over seeds
 
 {ablation}
 
+What these numbers say about the paper (where we disagree, and why we think so):
+`docs/ddpnopt.md`, "Measured on digits".
+
 ## Fig. 3: time and memory per step against batch size
 
 {fig3}
