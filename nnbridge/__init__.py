@@ -7,13 +7,15 @@ control).
 * :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline;
 * :func:`lqr_direction` -- gradient / natural-gradient / Newton directions as an LQR
   (thesis Ch. 3);
+* :class:`DEQ` -- deep equilibrium models with the gradient from the infinite-horizon LQR;
 * ``python -m nnbridge.train`` -- the training command (:mod:`nnbridge.train`).
 """
 
 from .ddpnopt import EKFAC, DDPNOpt
+from .deq import DEQ
 from .stages import Stage, StageLinearization, capture, stages
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
 __all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
-           "lqr_direction", "LQRDescent"]
+           "lqr_direction", "LQRDescent", "DEQ"]

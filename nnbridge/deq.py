@@ -1,0 +1,215 @@
+r"""Deep equilibrium models whose gradient is an infinite-horizon LQR (thesis papers/002,
+Ch. 4, Thm 4.1.1 and 4.2.1).
+
+``DEQ(cell)(x)`` returns the fixed point :math:`z^* = f(z^*, x)` of ``cell(z, x)``.  The
+backward pass solves, per sample, the infinite-horizon LQR of Thm 4.1.1 for the
+Euclidean divergence,
+
+.. math::
+
+    \min \sum_{i \ge 0} a^\top \tilde z_i + \tfrac12 \tilde u_i^\top \tilde u_i, \quad
+    \tilde z_{i+1} = A \tilde z_i + B \tilde u_i,
+
+with :math:`A = \partial f/\partial z`, :math:`B = [\partial f/\partial \theta \mid
+\partial f/\partial x]` at :math:`z^*` and :math:`a = \partial L/\partial z^*`, through
+:func:`trajopt.solve_infinite_lqr` (the DARE, here with the solution P = 0, and the
+linear-term fixed point :math:`\lambda = (I - A^\top)^{-1} a`).  The gradient is
+:math:`-\tilde u^* = B^\top \lambda`, which is the implicit-function-theorem gradient
+(Thm 4.2.1).  Dense per-sample Jacobians are formed: small cells only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from trajopt import solve_infinite_lqr
+from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
+
+__all__ = ["DEQ", "SOLVERS"]
+
+SOLVERS = ("anderson", "broyden", "picard")
+
+
+class DEQ(nn.Module):
+    """Fixed point of ``cell(z, x)`` with the LQR backward pass (module docstring).
+
+    Parameters
+    ----------
+    cell : nn.Module
+        Called as ``cell(z, x)`` on batches; ``z`` has shape (B, *z_shape).
+    z_shape : tuple of int, optional
+        Per-sample shape of z (default: that of x).
+    solver : {"anderson", "broyden", "picard"}
+    tol : float
+        Stop when ``max_b |f(z_b, x_b) - z_b| / (|f(z_b, x_b)| + 1e-12) <= tol``.
+    max_iter : int
+    memory : int
+        History length of Anderson and Broyden.
+
+    Attributes
+    ----------
+    stats : dict
+        ``iterations`` and ``residual`` of the last forward solve.
+    """
+
+    def __init__(self, cell: nn.Module, z_shape: tuple[int, ...] | None = None, *,
+                 solver: str = "anderson", tol: float = 1e-8, max_iter: int = 200,
+                 memory: int = 6):
+        super().__init__()
+        if solver not in SOLVERS:
+            raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}; got "
+                                       f"{solver!r}")
+        if not tol > 0 or int(max_iter) < 1 or int(memory) < 1:
+            raise InvalidArgumentError(f"need tol > 0, max_iter >= 1, memory >= 1; got "
+                                       f"{tol}, {max_iter}, {memory}")
+        self.cell, self.z_shape = cell, z_shape
+        self.solver, self.tol, self.max_iter, self.memory = solver, tol, int(max_iter), memory
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------ forward solve
+    def _f(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B = z.shape[0]
+        return self.cell(z.reshape(B, *self._zs), x).reshape(B, -1)
+
+    def fixed_point(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`z^*` (B, *z_shape) without a graph."""
+        self._zs = tuple(self.z_shape or x.shape[1:])
+        B = x.shape[0]
+        z = x.new_zeros(B, int(torch.tensor(self._zs).prod()) if self._zs else 1)
+        with torch.no_grad():
+            z, it, res = getattr(self, f"_{self.solver}")(z, x)
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(f"DEQ: the {self.solver} iteration produced NaN/inf "
+                                 "(is the cell contractive?)")
+        if res > self.tol:
+            warnings.warn(f"DEQ: {self.solver} did not reach tol {self.tol} in {it} "
+                          f"iterations (relative residual {res:.2e})", ConvergenceWarning,
+                          stacklevel=3)
+        self.stats = {"iterations": it, "residual": res}
+        return z.reshape(B, *self._zs)
+
+    def _residual(self, fz, z) -> float:
+        return float(((fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)).max())
+
+    def _picard(self, z, x):
+        for it in range(1, self.max_iter + 1):
+            fz = self._f(z, x)
+            res = self._residual(fz, z)
+            z = fz
+            if res <= self.tol:
+                break
+        return z, it, res
+
+    def _anderson(self, z, x, lam: float = 1e-8):
+        """Anderson acceleration (type II, damping 1) with ``memory`` past iterates."""
+        Z, G = [z], [self._f(z, x)]
+        res = self._residual(G[0], z)
+        z = G[0]
+        it = 1
+        while res > self.tol and it < self.max_iter:
+            Z.append(z)
+            G.append(self._f(z, x))
+            res = self._residual(G[-1], z)
+            it += 1
+            Z, G = Z[-self.memory:], G[-self.memory:]
+            Fm = torch.stack([g - zz for g, zz in zip(G, Z)], 1)         # (B, k, n)
+            k = Fm.shape[1]
+            H = Fm @ Fm.transpose(-1, -2)
+            scale = H.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
+            H = H + (lam * scale + 1e-300) * torch.eye(k, dtype=z.dtype, device=z.device)
+            ones = torch.ones(z.shape[0], k, 1, dtype=z.dtype, device=z.device)
+            w = torch.linalg.solve(H, ones)
+            alpha = w / w.sum(1, keepdim=True)                           # sum to 1
+            z = (alpha * torch.stack(G, 1)).sum(1)
+        return z, it, res
+
+    def _broyden(self, z, x):
+        """Limited-memory 'good' Broyden on g(z) = f(z, x) - z (inverse-Jacobian
+        updates), with a full step."""
+        g = self._f(z, x) - z
+        Us, Vs = [], []
+
+        def apply_inv(v):                      # H v with H = -I + sum u v'
+            out = -v
+            for u, vv in zip(Us, Vs):
+                out = out + u * (vv * v).sum(-1, keepdim=True)
+            return out
+
+        it, res = 1, self._residual(g + z, z)
+        while res > self.tol and it < self.max_iter:
+            dz = -apply_inv(g)
+            z_new = z + dz
+            g_new = self._f(z_new, x) - z_new
+            dg = g_new - g
+            Hdg = apply_inv(dg)
+            # Sherman-Morrison: H += (dz - H dg) dz'H / (dz' H dg)
+            vT = -dz
+            for u, vv in zip(Us, Vs):
+                vT = vT + vv * (u * dz).sum(-1, keepdim=True)
+            denom = (vT * dg).sum(-1, keepdim=True)
+            denom = torch.where(denom.abs() < 1e-30, torch.full_like(denom, 1e-30), denom)
+            Us.append((dz - Hdg) / denom)
+            Vs.append(vT)
+            Us, Vs = Us[-self.memory:], Vs[-self.memory:]
+            z, g = z_new, g_new
+            it += 1
+            res = self._residual(g + z, z)
+        return z, it, res
+
+    # ------------------------------------------------------------------ module
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fixed_point(x)
+        if not torch.is_grad_enabled():
+            return z
+        params = [p for p in self.cell.parameters()]
+        return _LQRGradient.apply(self, z, x, *params)
+
+    def lqr_gradient(self, z: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+        """Gradients ``(dL/dx, [dL/dtheta])`` from the infinite-horizon LQR, given the
+        fixed point ``z`` and ``a = dL/dz``."""
+        B = z.shape[0]
+        names = [n for n, _ in self.cell.named_parameters()]
+        params = {n: p.detach() for n, p in self.cell.named_parameters()}
+        zs = z.shape[1:]
+
+        def f(zi, xi, p):
+            out = torch.func.functional_call(self.cell, p, (zi.reshape(1, *zs), xi[None]))
+            return out.reshape(-1)
+
+        zf = z.detach().reshape(B, -1)
+        xd = x.detach()
+        A = torch.func.vmap(torch.func.jacrev(f, argnums=0), in_dims=(0, 0, None))(
+            zf, xd, params)
+        Jx, Jp = torch.func.vmap(torch.func.jacrev(f, argnums=(1, 2)), in_dims=(0, 0, None))(
+            zf, xd, params)
+        n = zf.shape[1]
+        cols = [Jp[k].reshape(B, n, -1) for k in names] + [Jx.reshape(B, n, -1)]
+        Bm = torch.cat(cols, -1)
+        m = Bm.shape[-1]
+        eye = torch.eye(m, dtype=zf.dtype, device=zf.device).expand(B, m, m)
+        sol = solve_infinite_lqr(A, Bm, zf.new_zeros(B, n, n), eye,
+                                 q=a.reshape(B, -1).to(zf.dtype))
+        g = -sol.k                                      # = B' lambda, (B, m)
+        out, off = [], 0
+        for k in names:
+            size = params[k].numel()
+            out.append(g[:, off:off + size].sum(0).reshape(params[k].shape))
+            off += size
+        return g[:, off:].reshape(x.shape), out
+
+
+class _LQRGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, deq, z, x, *params):
+        ctx.deq = deq
+        ctx.save_for_backward(z, x)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, x = ctx.saved_tensors
+        gx, gp = ctx.deq.lqr_gradient(z, x, grad)
+        return (None, None, gx if ctx.needs_input_grad[2] else None, *gp)
