@@ -95,12 +95,12 @@ class DEQ(nn.Module):
         return float(((fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)).max())
 
     def _picard(self, z, x):
-        for it in range(1, self.max_iter + 1):
+        it, res = 0, float("inf")
+        while res > self.tol and it < self.max_iter:
             fz = self._f(z, x)
             res = self._residual(fz, z)
             z = fz
-            if res <= self.tol:
-                break
+            it += 1
         return z, it, res
 
     def _anderson(self, z, x, lam: float = 1e-8):
