@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning
-from trajopt.steepest import steepest_descent_lqr
+from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .stages import StageLinearization, capture, stages
 
@@ -47,7 +47,8 @@ def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
 
 def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                  divergence: str = "euclidean", damping: float = 0.0) -> list[torch.Tensor]:
+                  divergence: str = "euclidean", damping: float = 0.0,
+                  neumann_terms: int | None = None) -> list[torch.Tensor]:
     r"""The steepest-descent direction of ``loss(model(x), y)`` from the LQR.
 
     Parameters
@@ -64,6 +65,10 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     damping : float
         :math:`\delta \ge 0`; "kl" needs :math:`\delta > 0` unless the Fisher is
         invertible.
+    neumann_terms : int, optional
+        Replace each stage's inverse by a truncated Neumann series with the
+        layer-adaptive damping :math:`\delta_i = \max(\delta, 1.1\,\rho_i)` (thesis
+        Ch. 5, :class:`trajopt.steepest.NeumannSolver`): no matrix is inverted.
 
     Returns
     -------
@@ -88,7 +93,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     o = out.reshape(-1)
     aN = torch.func.grad(objective)(o)
     QN = torch.func.hessian(objective)(o) if divergence == "newton" else None
-    return _direction(model, sts, xs, aN, QN, divergence, damping)
+    return _direction(model, sts, xs, aN, QN, divergence, damping, neumann_terms)
 
 
 def _check(divergence: str, damping: float) -> None:
@@ -99,7 +104,7 @@ def _check(divergence: str, damping: float) -> None:
         raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
 
 
-def _direction(model, sts, xs, aN, loss_hessian, divergence, damping):
+def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_terms=None):
     """The LQR of the module docstring from the stage inputs ``xs`` (x_0 .. x_N), the
     output gradient ``aN`` (B n_N,) and, for Newton, the output Hessian."""
     out = xs[-1]
@@ -126,7 +131,11 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping):
             Q.append(_block_diag(Hxx))
             R.append(Huu.sum(0))
             M.append(torch.cat(Hux.unbind(0), -1))
-    steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, damping=damping)
+    if neumann_terms is None:
+        steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, damping=damping)
+    else:
+        solver = NeumannSolver(neumann_terms, damping=damping)
+        steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, solver=solver)
     by_param = {}
     for st, lin, du in zip(sts, lins, steps):
         for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
@@ -152,11 +161,14 @@ class LQRDescent(torch.optim.Optimizer):
     divergence : {"euclidean", "kl", "newton"}
     damping : float
     loss_hessian : callable, optional
+    neumann_terms : int, optional
+        The Neumann-series variant (see :func:`lqr_direction`).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, *, divergence: str = "kl",
                  damping: float = 1e-3,
-                 loss_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 loss_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 neumann_terms: int | None = None):
         if not lr >= 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         _check(divergence, damping)
@@ -166,7 +178,8 @@ class LQRDescent(torch.optim.Optimizer):
         self.pre, self._stages = stages(model)
         self.loss_hessian = loss_hessian
         super().__init__(model.parameters(), {"lr": lr, "divergence": divergence,
-                                              "damping": damping})
+                                              "damping": damping,
+                                              "neumann_terms": neumann_terms})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -185,7 +198,7 @@ class LQRDescent(torch.optim.Optimizer):
         aN = rec.output_grad.reshape(-1)
         H = None if group["divergence"] != "newton" else self.loss_hessian(out)
         d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
-                       group["damping"])
+                       group["damping"], group["neumann_terms"])
         if not all(bool(torch.isfinite(v).all()) for v in d):
             warnings.warn("non-finite direction; step skipped", SkippedStepWarning,
                           stacklevel=2)

@@ -26,13 +26,87 @@ second derivatives :math:`Q_i, R_i, M_i`, Newton.  It is solved by
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from .errors import InvalidArgumentError, ShapeError
 from .lqr import LQR, solve_lqr
+from .lqr.riccati import expand_q_joint, value_update
 
-__all__ = ["steepest_descent_lqr"]
+__all__ = ["steepest_descent_lqr", "NeumannSolver"]
+
+
+class NeumannSolver:
+    r"""Solve :math:`(\delta_i I + Q_{uu})^{-1} \text{rhs}` without a factorization
+    (thesis Ch. 5, Eq. 5.1.4-5.1.5): a truncated Neumann series
+
+    .. math::  (\delta I + \bar K)^{-1} \approx \frac1\delta \sum_{j=0}^{J}
+               \Bigl(-\frac{\bar K}{\delta}\Bigr)^j
+
+    with the layer-adaptive damping :math:`\delta_i = \max(\delta_{min},
+    \text{margin}\cdot\rho(\bar K_i))`, :math:`\rho` the spectral radius estimated by
+    power iteration (:math:`\bar K` is symmetric, Thm 5.1.1), so the series converges.
+    (The thesis' Eq. 5.1.4 writes :math:`\frac1\delta + (I + \bar K/\delta)^{-1}` for
+    :math:`(\delta(I + \bar K/\delta))^{-1}`; it is a product, as used here.)
+
+    Parameters
+    ----------
+    terms : int
+        J, the number of terms after the identity.
+    margin : float
+        > 1; the ratio :math:`\delta / \rho` (1.1 keeps the estimate's error in check).
+    damping : float
+        :math:`\delta_{min} \ge 0`.
+    power_iters : int
+
+    Attributes
+    ----------
+    deltas, ratios : dict stage -> float
+        The damping used and :math:`\rho(\bar K)/\delta` of each stage (max over the
+        batch), filled by :meth:`solve`.
+    """
+
+    def __init__(self, terms: int, *, margin: float = 1.1, damping: float = 0.0,
+                 power_iters: int = 30):
+        if int(terms) < 0 or not margin > 1 or not damping >= 0 or int(power_iters) < 1:
+            raise InvalidArgumentError(f"NeumannSolver needs terms >= 0, margin > 1, "
+                                       f"damping >= 0, power_iters >= 1; got {terms}, "
+                                       f"{margin}, {damping}, {power_iters}")
+        self.terms, self.margin, self.damping = int(terms), float(margin), float(damping)
+        self.power_iters = int(power_iters)
+        self.deltas: dict = {}
+        self.ratios: dict = {}
+        self._delta_t: dict = {}
+
+    def last_delta_of(self, stage: int) -> torch.Tensor:
+        """The damping (tensor) the last solve of ``stage`` used."""
+        return self._delta_t[stage]
+
+    def spectral_radius(self, K: torch.Tensor) -> torch.Tensor:
+        """Power-iteration estimate of :math:`\rho(K)` for symmetric K (..., m, m)."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(K.shape[-1], generator=g, dtype=K.dtype).to(K.device)
+        v = v.expand(*K.shape[:-1]).unsqueeze(-1)
+        for _ in range(self.power_iters):
+            w = K @ v
+            v = w / w.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+        return (v.transpose(-1, -2) @ K @ v).abs()[..., 0, 0]
+
+    def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
+        rho = self.spectral_radius(Quu)
+        delta = torch.clamp(self.margin * rho, min=max(self.damping, 1e-300))
+        d = delta[..., None, None]
+        y = rhs
+        acc = rhs
+        for _ in range(self.terms):
+            y = -(Quu @ y) / d
+            acc = acc + y
+        self.last_delta = delta
+        self._delta_t[stage] = delta
+        self.deltas[stage] = float(delta.max())
+        self.ratios[stage] = float((rho / delta).max())
+        return acc / d
 
 
 def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
@@ -40,7 +114,8 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
                          Q: Sequence[torch.Tensor] | None = None,
                          R: Sequence[torch.Tensor] | None = None,
                          M: Sequence[torch.Tensor] | None = None,
-                         damping: float = 0.0) -> list[torch.Tensor]:
+                         damping: float = 0.0,
+                         solver: NeumannSolver | None = None) -> list[torch.Tensor]:
     r"""The steepest-descent step :math:`\tilde u_0, \dots, \tilde u_{N-1}`.
 
     Parameters
@@ -55,6 +130,10 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
         Stage curvatures (None: Q = M = 0, R = I, i.e. the Euclidean norm).
     damping : float
         :math:`\delta \ge 0` added to every :math:`R_i`.
+    solver : NeumannSolver, optional
+        Replace the exact solve of :math:`R_i + \delta I + B_i^\top P_{i+1} B_i` by the
+        truncated Neumann series with adaptive damping (which then replaces ``damping``,
+        0 required).
 
     Returns
     -------
@@ -84,5 +163,37 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
     QT = like.new_zeros(nN, nN) if QN is None else QN
     prob = LQR(A=list(A), B=list(B), Q=Qs, R=Rs, M=None if M is None else list(M),
                QT=QT, qT=aN)
+    if solver is not None:
+        if damping:
+            raise InvalidArgumentError("with a NeumannSolver give the damping to the solver")
+        return _neumann_lqr(prob, solver)
     sol = solve_lqr(prob, x0=like.new_zeros(A[0].shape[-1]))
     return list(sol.us)
+
+
+def _neumann_lqr(prob: LQR, solver: NeumannSolver) -> list[torch.Tensor]:
+    """The Riccati recursion of :func:`trajopt.solve_lqr` (the shared step primitives)
+    with the stage solves replaced by ``solver``; its adaptive damping is part of the
+    cost (a trust-region term, thesis Sec. 5.1.2), so the value includes it."""
+    P, p = prob.terminal[0], prob.terminal[1]
+    Ks, ks = [None] * prob.T, [None] * prob.T
+    for t in range(prob.T - 1, -1, -1):
+        st = prob.stages[t]
+        Q = expand_q_joint(p, P, st.F, st.L, st.n, st.c)
+        rhs = torch.cat([Q.Qu.unsqueeze(-1), Q.Qux], -1)
+        gains = -solver.solve(Q.Quu, rhs, t)
+        k, K = gains[..., 0], gains[..., 1:]
+        m = Q.Quu.shape[-1]
+        eye = torch.eye(m, dtype=Q.Quu.dtype, device=Q.Quu.device)
+        damped = replace(Q, Quu=Q.Quu + solver.last_delta[..., None, None] * eye, joint=None)
+        step = value_update(damped, K, k, exact_policy=False)
+        P, p = step.Vxx, step.Vx
+        Ks[t], ks[t] = K, k
+    x = P.new_zeros(prob.stages[0].n)
+    us = []
+    for t in range(prob.T):
+        u = (Ks[t] @ x.unsqueeze(-1))[..., 0] + ks[t]
+        us.append(u)
+        st = prob.stages[t]
+        x = (st.F @ torch.cat([x, u], -1).unsqueeze(-1))[..., 0]
+    return us

@@ -12,6 +12,7 @@ from torch import nn
 
 from nnbridge import LQRDescent, lqr_direction
 from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
+from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .conftest import cnn, data, mlp
 
@@ -157,7 +158,7 @@ def test_lqr_descent_step_applies_the_direction(divergence):
     loss0 = float(opt.step(_closure(opt, model, x, y)).detach())
     for p, p0, v in zip(model.parameters(), before, d):
         torch.testing.assert_close(p.detach(), p0 + 0.5 * v, rtol=1e-10, atol=1e-12)
-    assert float(F.cross_entropy(model(x), y)) < loss0
+    assert float(F.cross_entropy(model(x), y).detach()) < loss0
 
 
 def test_lqr_descent_skips_non_finite_and_rejects_bad_input():
@@ -178,3 +179,81 @@ def test_lqr_descent_skips_non_finite_and_rejects_bad_input():
         LQRDescent(model, lr=-1.0)
     with pytest.raises(InvalidArgumentError, match="loss_hessian"):
         LQRDescent(model, divergence="newton")
+
+
+# ---------------------------------------------------------------- Neumann series (Ch. 5)
+class _Recording(NeumannSolver):
+    """A NeumannSolver that also records each stage's Q_uu."""
+
+    def __init__(self, terms, damping=0.0):
+        super().__init__(terms, damping=damping)
+        self.quu = {}
+
+    def solve(self, Quu, rhs, stage):
+        self.quu[stage] = Quu.clone()
+        return super().solve(Quu, rhs, stage)
+
+
+def _relu_problem():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                          nn.Linear(5, 3))
+    x, y = data(4, (4,), seed=3)
+    return model, x, y
+
+
+def _network_lqr(model, x, y):
+    """The kl LQR of lqr_direction, built here from the same pieces (R = 0)."""
+    from nnbridge.stages import StageLinearization, stages
+    _, sts = stages(model)
+    xs = [x]
+    with torch.no_grad():
+        for st in sts:
+            xs.append(st.forward(xs[-1]))
+    out = xs[-1]
+    jac = [StageLinearization(st, xs[t]).jacobians() for t, st in enumerate(sts)]
+    A = [torch.block_diag(*fx.unbind(0)) for fx, _ in jac]
+    Bm = [fu.reshape(-1, fu.shape[-1]) for _, fu in jac]
+    aN = torch.func.grad(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
+    p = torch.softmax(out, -1)
+    QN = torch.block_diag(*(torch.diag(q) - torch.outer(q, q) for q in p)) / out.shape[0]
+    R = [torch.zeros(b.shape[-1], b.shape[-1]) for b in Bm]
+    return A, Bm, aN, QN, R
+
+
+def test_neumann_series_converges_to_the_exact_damped_direction():
+    """With each stage's adaptive delta_i as the damping, the truncated series tends to
+    the exact LQR solve with R_i + delta_i I as the number of terms grows."""
+    model, x, y = _relu_problem()
+    A, Bm, aN, QN, R = _network_lqr(model, x, y)
+    errs = []
+    for terms in (0, 4, 16, 64, 256):
+        solver = NeumannSolver(terms)
+        d = steepest_descent_lqr(A, Bm, aN, QN, R=R, solver=solver)
+        Rd = [r + solver.last_delta_of(t) * torch.eye(r.shape[0]) for t, r in enumerate(R)]
+        ref = steepest_descent_lqr(A, Bm, aN, QN, R=Rd)
+        d, ref = torch.cat(d), torch.cat(ref)
+        errs.append(float((d - ref).norm() / ref.norm()))
+    assert errs[-1] < 1e-8, errs
+    assert all(b <= a * 1.0001 for a, b in zip(errs, errs[1:])), errs
+    # and lqr_direction's Neumann route is this computation
+    dn = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl",
+                             neumann_terms=256))
+    assert float(dn @ _flat(torch.autograd.grad(F.cross_entropy(model(x), y),
+                                                list(model.parameters())))) < 0
+
+
+def test_adaptive_damping_keeps_the_series_convergent():
+    model, x, y = _relu_problem()
+    A, Bm, aN, QN, R = _network_lqr(model, x, y)
+    rec = _Recording(8)
+    d = steepest_descent_lqr(A, Bm, aN, QN, R=R, solver=rec)
+    assert len(rec.quu) == 3
+    for t, Q in rec.quu.items():
+        rho = float(torch.linalg.eigvalsh(0.5 * (Q + Q.mT)).abs().max())
+        assert rho / rec.deltas[t] < 1.0       # the true spectral radius
+    assert all(torch.isfinite(v).all() for v in d)
+    with pytest.raises(InvalidArgumentError, match="margin"):
+        NeumannSolver(4, margin=1.0)
+    with pytest.raises(InvalidArgumentError, match="damping to the solver"):
+        steepest_descent_lqr(A, Bm, aN, QN, R=R, solver=NeumannSolver(2), damping=0.1)
