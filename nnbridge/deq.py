@@ -201,6 +201,77 @@ class DEQ(nn.Module):
         return g[:, off:].reshape(x.shape), out
 
 
+    def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,
+                   divergence: str = "kl", damping: float = 1e-3) -> list[torch.Tensor]:
+        r"""The steepest-descent direction for the cell's parameters from the
+        infinite-horizon LQR of Thm 4.1.1 (thesis Alg. 1), on the batch.
+
+        The state is batch-augmented (``A = blockdiag_j A_j``, ``B`` stacked, shared
+        parameters); the objective is ``loss(head(z*), y)``.  ``"euclidean"``:
+        :math:`Q = 0, R = (1 + \delta) I` (minus the gradient, scaled); ``"kl"``:
+        :math:`Q = \tfrac1B \mathrm{blockdiag}_j J_j^\top (\mathrm{diag}\,p_j - p_j
+        p_j^\top) J_j`, the Fisher of the softmax of ``head`` in z-space, and
+        :math:`R = \delta I` (the adjoint of the divergence vanishes at z*, so the
+        Hamiltonian terms do).  Solved by :func:`trajopt.solve_infinite_lqr` (DARE and
+        the linear-term fixed point); the direction is the steady state
+        :math:`\tilde u^* = K \tilde z^* + k`, :math:`\tilde z^* = (I - A - BK)^{-1} B k`
+        (Eq. 4.1.12).
+
+        Returns one tensor per ``cell.parameters()`` entry.
+        """
+        if divergence not in ("euclidean", "kl"):
+            raise InvalidArgumentError(f"divergence must be 'euclidean' or 'kl'; got "
+                                       f"{divergence!r}")
+        if not damping >= 0 or (divergence == "kl" and not damping > 0):
+            raise InvalidArgumentError(f"damping must be >= 0 (> 0 for 'kl'); got {damping}")
+        z = self.fixed_point(x).detach()
+        B = z.shape[0]
+        names = [n for n, _ in self.cell.named_parameters()]
+        params = {n: p.detach() for n, p in self.cell.named_parameters()}
+        zs = z.shape[1:]
+
+        def f(zi, xi, p):
+            out = torch.func.functional_call(self.cell, p, (zi.reshape(1, *zs), xi[None]))
+            return out.reshape(-1)
+
+        zf = z.reshape(B, -1)
+        n = zf.shape[1]
+        Aj = torch.func.vmap(torch.func.jacrev(f), in_dims=(0, 0, None))(zf, x.detach(),
+                                                                          params)
+        Jp = torch.func.vmap(torch.func.jacrev(f, argnums=2), in_dims=(0, 0, None))(
+            zf, x.detach(), params)
+        Bm = torch.cat([Jp[k].reshape(B * n, -1) for k in names], -1)
+        A = torch.block_diag(*Aj.unbind(0))
+
+        def objective(zflat):
+            return loss(head(zflat.reshape(B, *zs)), y)
+
+        a = torch.func.grad(objective)(zf.reshape(-1).clone())
+        m = Bm.shape[-1]
+        eye = torch.eye(m, dtype=zf.dtype, device=zf.device)
+        if divergence == "euclidean":
+            Q, R = zf.new_zeros(B * n, B * n), (1.0 + damping) * eye
+        else:
+            Jh = torch.func.vmap(torch.func.jacrev(lambda zi: head(zi.reshape(1, *zs))
+                                                   .reshape(-1)))(zf)      # (B, C, n)
+            with torch.no_grad():
+                prob = torch.softmax(head(z).reshape(B, -1), -1)
+            W = torch.diag_embed(prob) - prob.unsqueeze(-1) * prob.unsqueeze(-2)
+            Q = torch.block_diag(*(Jh.transpose(-1, -2) @ W @ Jh).unbind(0)) / B
+            R = damping * eye
+        Q, a = Q.detach(), a.detach()
+        sol = solve_infinite_lqr(A, Bm, 0.5 * (Q + Q.T), R, q=a)
+        Acl = A + Bm @ sol.K
+        zt = torch.linalg.solve(torch.eye(B * n, dtype=zf.dtype) - Acl, Bm @ sol.k)
+        u = sol.K @ zt + sol.k
+        out, off = [], 0
+        for k in names:
+            size = params[k].numel()
+            out.append(u[off:off + size].reshape(params[k].shape))
+            off += size
+        return out
+
+
 class _LQRGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, deq, z, x, *params):

@@ -123,3 +123,58 @@ def test_no_convergence_warns_and_bad_input_is_named():
         DEQ(cell, solver="newton")
     with pytest.raises(InvalidArgumentError, match="tol"):
         DEQ(cell, tol=0.0)
+
+
+# ---------------------------------------------------------------- the LQR update (Alg. 1)
+def _deq_problem():
+    cell = Cell(4, 3, rho=0.6, seed=3)
+    torch.manual_seed(4)
+    head = nn.Linear(4, 3)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 2, 1])
+    return cell, head, x, y
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.25])
+def test_lqr_update_euclidean_is_minus_the_gradient(damping):
+    import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+    cell, head, x, y = _deq_problem()
+    deq = DEQ(cell, (4,), tol=1e-13)
+    d = deq.lqr_update(x, y, F.cross_entropy, head, divergence="euclidean", damping=damping)
+    g = torch.autograd.grad(F.cross_entropy(head(deq(x)), y), list(cell.parameters()))
+    for a, b in zip(d, g):
+        torch.testing.assert_close(a, -b / (1 + damping), rtol=1e-9, atol=1e-12)
+
+
+def test_lqr_update_kl_is_the_steady_state_of_the_long_horizon_lqr():
+    """Eq. 4.1.12 through the DARE == the middle control of the same LQR solved over a
+    long finite horizon by the Riccati recursion (stage cost a'x + 1/2 x'Qx + 1/2 u'Ru);
+    and it is a descent direction."""
+    import torch.nn.functional as F  # noqa: N812
+    import nnbridge.deq as D
+    from trajopt import LQR, solve_lqr
+    cell, head, x, y = _deq_problem()
+    deq = DEQ(cell, (4,), tol=1e-13)
+    seen = {}
+    orig = D.solve_infinite_lqr
+
+    def spy(A, B, Q, R, q=None, **kw):
+        seen.update(A=A, B=B, Q=Q, R=R, q=q)
+        return orig(A, B, Q, R, q=q, **kw)
+
+    D.solve_infinite_lqr = spy
+    try:
+        d = deq.lqr_update(x, y, F.cross_entropy, head, divergence="kl", damping=0.05)
+    finally:
+        D.solve_infinite_lqr = orig
+    T = 300
+    A, B, Q, R, q = (seen[k] for k in ("A", "B", "Q", "R", "q"))
+    prob = LQR(A=A.expand(T, *A.shape), B=B.expand(T, *B.shape), Q=Q.expand(T, *Q.shape),
+               R=R.expand(T, *R.shape), q=q.expand(T, *q.shape), QT=torch.zeros_like(Q))
+    mid = solve_lqr(prob, x0=torch.zeros(A.shape[0])).us[T // 2]
+    flat = torch.cat([v.reshape(-1) for v in d])
+    torch.testing.assert_close(flat, mid, rtol=1e-7, atol=1e-10)
+    g = torch.autograd.grad(F.cross_entropy(head(deq(x)), y), list(cell.parameters()))
+    assert sum(float((a * b).sum()) for a, b in zip(d, g)) < 0
+    with pytest.raises(InvalidArgumentError, match="damping"):
+        deq.lqr_update(x, y, F.cross_entropy, head, divergence="kl", damping=0.0)
