@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
+import nnbridge.deq as deq_module
 from nnbridge import DEQ
+from trajopt import LQR, solve_lqr
 from trajopt.errors import ConvergenceWarning, InvalidArgumentError
 
 
@@ -137,7 +140,6 @@ def _deq_problem():
 
 @pytest.mark.parametrize("damping", [0.0, 0.25])
 def test_lqr_update_euclidean_is_minus_the_gradient(damping):
-    import torch.nn.functional as F  # noqa: N812  (the torch idiom)
     cell, head, x, y = _deq_problem()
     deq = DEQ(cell, (4,), tol=1e-13)
     d = deq.lqr_update(x, y, F.cross_entropy, head, divergence="euclidean", damping=damping)
@@ -150,23 +152,20 @@ def test_lqr_update_kl_is_the_steady_state_of_the_long_horizon_lqr():
     """Eq. 4.1.12 through the DARE == the middle control of the same LQR solved over a
     long finite horizon by the Riccati recursion (stage cost a'x + 1/2 x'Qx + 1/2 u'Ru);
     and it is a descent direction."""
-    import torch.nn.functional as F  # noqa: N812
-    import nnbridge.deq as D
-    from trajopt import LQR, solve_lqr
     cell, head, x, y = _deq_problem()
     deq = DEQ(cell, (4,), tol=1e-13)
     seen = {}
-    orig = D.solve_infinite_lqr
+    orig = deq_module.solve_infinite_lqr
 
     def spy(A, B, Q, R, q=None, **kw):
         seen.update(A=A, B=B, Q=Q, R=R, q=q)
         return orig(A, B, Q, R, q=q, **kw)
 
-    D.solve_infinite_lqr = spy
+    deq_module.solve_infinite_lqr = spy
     try:
         d = deq.lqr_update(x, y, F.cross_entropy, head, divergence="kl", damping=0.05)
     finally:
-        D.solve_infinite_lqr = orig
+        deq_module.solve_infinite_lqr = orig
     T = 300
     A, B, Q, R, q = (seen[k] for k in ("A", "B", "Q", "R", "q"))
     prob = LQR(A=A.expand(T, *A.shape), B=B.expand(T, *B.shape), Q=Q.expand(T, *Q.shape),
