@@ -12,10 +12,11 @@ control).
 """
 
 from .ddpnopt import EKFAC, DDPNOpt
-from .deq import DEQ
+from .deq import DEQ, DEQBlock
 from .stages import Stage, StageLinearization, capture, stages
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
 __all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
-           "lqr_direction", "LQRDescent", "DEQ"]
+           "lqr_direction", "LQRDescent", "DEQ",
+           "DEQBlock"]

@@ -28,9 +28,27 @@ from torch import nn
 from trajopt import solve_infinite_lqr
 from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
 
-__all__ = ["DEQ", "SOLVERS"]
+__all__ = ["DEQ", "DEQBlock", "SOLVERS"]
 
 SOLVERS = ("anderson", "broyden", "picard")
+
+
+class DEQBlock(nn.Module):
+    """A DEQ cell made of layers, each called as ``layer(h, x)`` (h the previous layer's
+    output, x the injected input): ``cell(z, x) = layers[-1](...layers[0](z, x)..., x)``.
+    With it :meth:`DEQ.cyclic_lqr_gradient` solves the per-layer cyclic LQR (thesis
+    Sec. 4.3)."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        if not layers:
+            raise InvalidArgumentError("DEQBlock needs at least one layer")
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, z, x):
+        for layer in self.layers:
+            z = layer(z, x)
+        return z
 
 
 class DEQ(nn.Module):
@@ -270,6 +288,57 @@ class DEQ(nn.Module):
             out.append(u[off:off + size].reshape(params[k].shape))
             off += size
         return out
+
+
+    def cyclic_lqr_gradient(self, x: torch.Tensor, a: torch.Tensor):
+        """The gradient of the previous method through the cyclic LQR of thesis Sec. 4.3
+        (Eq. 4.3.1-4.3.4, :func:`trajopt.solve_cyclic_lqr`), one phase per layer of a
+        :class:`DEQBlock` cell: phase n has the state h_n (h_0 = z*), ``A_n`` and ``B_n =
+        [d layer_n / d theta_n | d layer_n / d x]``; the linear cost ``a`` sits on phase
+        0 (the state z).  Returns ``(dL/dx, [dL/dtheta])`` like :meth:`lqr_gradient`."""
+        from trajopt import solve_cyclic_lqr
+        if not isinstance(self.cell, DEQBlock):
+            raise InvalidArgumentError("cyclic_lqr_gradient needs a DEQBlock cell")
+        z = self.fixed_point(x).detach()
+        B = z.shape[0]
+        xd = x.detach()
+        hs = [z]
+        with torch.no_grad():
+            for layer in self.cell.layers:
+                hs.append(layer(hs[-1], xd))
+        As, Bs, sizes = [], [], []
+        for layer, h in zip(self.cell.layers, hs[:-1]):
+            names = [n for n, _ in layer.named_parameters()]
+            params = {n: p.detach() for n, p in layer.named_parameters()}
+            hshape = h.shape[1:]
+
+            def f(hi, xi, p, layer=layer, hshape=hshape):
+                return torch.func.functional_call(layer, p, (hi.reshape(1, *hshape),
+                                                             xi[None])).reshape(-1)
+
+            hf = h.reshape(B, -1)
+            Ja, Jx, Jp = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1, 2)),
+                                         in_dims=(0, 0, None))(hf, xd, params)
+            n1 = Ja.shape[1]
+            As.append(Ja)
+            Bs.append(torch.cat([Jp[k].reshape(B, n1, -1) for k in names]
+                                + [Jx.reshape(B, n1, -1)], -1))
+            sizes.append([(k, params[k]) for k in names])
+        dtype = z.dtype
+        Qs = [z.new_zeros(B, A.shape[-1], A.shape[-1]) for A in As]
+        Rs = [torch.eye(b.shape[-1], dtype=dtype).expand(B, b.shape[-1], b.shape[-1])
+              for b in Bs]
+        qs = [a.reshape(B, -1).to(dtype)] + [z.new_zeros(B, A.shape[-1]) for A in As[1:]]
+        sol = solve_cyclic_lqr(As, Bs, Qs, Rs, qs=qs)
+        gx = torch.zeros_like(xd)
+        grads = []
+        for named, k in zip(sizes, sol.k):
+            g, off = -k, 0
+            for _, prm in named:
+                grads.append(g[:, off:off + prm.numel()].sum(0).reshape(prm.shape))
+                off += prm.numel()
+            gx = gx + g[:, off:].reshape(x.shape)
+        return gx, grads
 
 
 class _LQRGradient(torch.autograd.Function):

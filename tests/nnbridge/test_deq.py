@@ -177,3 +177,38 @@ def test_lqr_update_kl_is_the_steady_state_of_the_long_horizon_lqr():
     assert sum(float((a * b).sum()) for a, b in zip(d, g)) < 0
     with pytest.raises(InvalidArgumentError, match="damping"):
         deq.lqr_update(x, y, F.cross_entropy, head, divergence="kl", damping=0.0)
+
+
+# ---------------------------------------------------------------- cyclic (Sec. 4.3)
+class _InjectedTanh(nn.Module):
+    """h' = tanh(W h + U x) (the layer of a DEQBlock)."""
+
+    def __init__(self, n_in, n_out, d, rho, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.W = nn.Linear(n_in, n_out)
+        self.U = nn.Linear(d, n_out, bias=False)
+        with torch.no_grad():
+            self.W.weight.mul_(rho / torch.linalg.matrix_norm(self.W.weight, 2))
+
+    def forward(self, h, x):
+        return torch.tanh(self.W(h) + self.U(x))
+
+
+@pytest.mark.parametrize("widths", [(4, 4), (4, 6, 3)])
+def test_cyclic_per_layer_solution_equals_the_single_block(widths):
+    from nnbridge import DEQBlock
+    n = widths[0]
+    dims = list(widths) + [n]
+    block = DEQBlock(*[_InjectedTanh(dims[i], dims[i + 1], 3, 0.8, seed=i)
+                       for i in range(len(widths))])
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    w = torch.randn(3, n, generator=torch.Generator().manual_seed(10))
+    deq = DEQ(block, (n,), tol=1e-13)
+    (deq(x) * w).sum().backward()
+    single = _grads(block, x)
+    gx, gp = deq.cyclic_lqr_gradient(x, w)
+    for a, b in zip(gp + [gx], single):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="DEQBlock"):
+        DEQ(Cell(), (5,)).cyclic_lqr_gradient(torch.randn(2, 3), torch.randn(2, 5))
