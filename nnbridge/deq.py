@@ -206,11 +206,13 @@ class DEQ(nn.Module):
         n = zf.shape[1]
         cols = [Jp[k].reshape(B, n, -1) for k in names] + [Jx.reshape(B, n, -1)]
         Bm = torch.cat(cols, -1)
-        m = Bm.shape[-1]
-        eye = torch.eye(m, dtype=zf.dtype, device=zf.device).expand(B, m, m)
-        sol = solve_infinite_lqr(A, Bm, zf.new_zeros(B, n, n), eye,
-                                 q=a.reshape(B, -1).to(zf.dtype))
-        g = -sol.k                                      # = B' lambda, (B, m)
+        q = a.reshape(B, -1).to(zf.dtype)
+        Lr, G = _surrogate_control(Bm, 1.0)
+        eye = torch.eye(n, dtype=zf.dtype, device=zf.device).expand(B, n, n)
+        sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
+        # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
+        w = torch.linalg.solve(eye + sol.P @ G, sol.p.unsqueeze(-1))
+        g = (Bm.transpose(-1, -2) @ w)[..., 0]            # (B, m)
         out, off = [], 0
         for k in names:
             size = params[k].numel()
@@ -265,10 +267,8 @@ class DEQ(nn.Module):
             return loss(head(zflat.reshape(B, *zs)), y)
 
         a = torch.func.grad(objective)(zf.reshape(-1).clone())
-        m = Bm.shape[-1]
-        eye = torch.eye(m, dtype=zf.dtype, device=zf.device)
-        if divergence == "euclidean":
-            Q, R = zf.new_zeros(B * n, B * n), (1.0 + damping) * eye
+        if divergence == "euclidean":                    # R = r I
+            Q, r = zf.new_zeros(B * n, B * n), 1.0 + damping
         else:
             Jh = torch.func.vmap(torch.func.jacrev(lambda zi: head(zi.reshape(1, *zs))
                                                    .reshape(-1)))(zf)      # (B, C, n)
@@ -276,12 +276,15 @@ class DEQ(nn.Module):
                 prob = torch.softmax(head(z).reshape(B, -1), -1)
             W = torch.diag_embed(prob) - prob.unsqueeze(-1) * prob.unsqueeze(-2)
             Q = torch.block_diag(*(Jh.transpose(-1, -2) @ W @ Jh).unbind(0)) / B
-            R = damping * eye
+            r = damping
         Q, a = Q.detach(), a.detach()
-        sol = solve_infinite_lqr(A, Bm, 0.5 * (Q + Q.T), R, q=a)
-        Acl = A + Bm @ sol.K
-        zt = torch.linalg.solve(torch.eye(B * n, dtype=zf.dtype) - Acl, Bm @ sol.k)
-        u = sol.K @ zt + sol.k
+        Lr, G = _surrogate_control(Bm, 1.0 / r)
+        N = B * n
+        eyeN = torch.eye(N, dtype=zf.dtype, device=zf.device)
+        sol = solve_infinite_lqr(A, Lr, 0.5 * (Q + Q.T), eyeN, q=a)
+        # steady state (Eq. 4.1.12) in the surrogate, then the parameters by push-through
+        zt = torch.linalg.solve(eyeN - A - Lr @ sol.K, Lr @ sol.k)
+        u = -(Bm.T @ torch.linalg.solve(eyeN + sol.P @ G, sol.P @ A @ zt + sol.p)) / r
         out, off = [], 0
         for k in names:
             size = params[k].numel()
@@ -339,6 +342,19 @@ class DEQ(nn.Module):
                 off += prm.numel()
             gx = gx + g[:, off:].reshape(x.shape)
         return gx, grads
+
+
+def _surrogate_control(Bm: torch.Tensor, scale: float):
+    r"""``(L, G)`` with :math:`G = s\,B B^\top` and :math:`L L^\top = G`, L square
+    (..., n, n).  The LQR with controls of size m and :math:`R = I/s` has the same DARE
+    solution, closed loop and costate as the one with control matrix L and R = I (only
+    :math:`B R^{-1} B^\top` enters them); the m-dimensional policy is recovered with
+    the push-through identity :math:`(R + B^\top P B)^{-1} B^\top = R^{-1} B^\top
+    (I + P G)^{-1}`.  This keeps every solve at the state size n, not m."""
+    G = scale * (Bm @ Bm.transpose(-1, -2))
+    G = 0.5 * (G + G.transpose(-1, -2))
+    w, V = torch.linalg.eigh(G)
+    return V * w.clamp_min(0.0).sqrt().unsqueeze(-2), G
 
 
 class _LQRGradient(torch.autograd.Function):

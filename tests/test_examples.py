@@ -52,3 +52,15 @@ def test_paper_experiments_smoke(tmp_path):
     assert "| ddpnopt-adam |" in text and "| ekfac | 0.01 |" in text and "nan" not in text
     assert (tmp_path / "img" / "ablation.png").stat().st_size > 10_000
     assert (tmp_path / "img" / "table3_wine.png").stat().st_size > 10_000
+
+
+def test_thesis_steepest_experiments_smoke(tmp_path):
+    """experiments/thesis_steepest.py end to end (a few steps of each part)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "thesis_steepest.py"
+    spec = importlib.util.spec_from_file_location("thesis_steepest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "experiments_steepest.md").read_text()
+    assert "| euclidean | 3 |" in text and "| kl | 3 |" in text and "nan" not in text
+    assert (tmp_path / "img" / "steepest_neumann.png").stat().st_size > 10_000

@@ -167,7 +167,15 @@ def test_lqr_update_kl_is_the_steady_state_of_the_long_horizon_lqr():
     finally:
         deq_module.solve_infinite_lqr = orig
     T = 300
-    A, B, Q, R, q = (seen[k] for k in ("A", "B", "Q", "R", "q"))
+    A, Q, q = (seen[k] for k in ("A", "Q", "q"))   # B, R there are the n-size surrogate
+    z = deq.fixed_point(x).detach()
+    names = [n for n, _ in cell.named_parameters()]
+    params = {n: p.detach() for n, p in cell.named_parameters()}
+    J = torch.func.vmap(torch.func.jacrev(
+        lambda zi, xi, p: torch.func.functional_call(cell, p, (zi[None], xi[None]))[0],
+        argnums=2), in_dims=(0, 0, None))(z, x, params)
+    B = torch.cat([J[k].reshape(z.numel(), -1) for k in names], -1)   # original controls
+    R = 0.05 * torch.eye(B.shape[1])
     prob = LQR(A=A.expand(T, *A.shape), B=B.expand(T, *B.shape), Q=Q.expand(T, *Q.shape),
                R=R.expand(T, *R.shape), q=q.expand(T, *q.shape), QT=torch.zeros_like(Q))
     mid = solve_lqr(prob, x0=torch.zeros(A.shape[0])).us[T // 2]
