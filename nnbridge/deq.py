@@ -27,6 +27,7 @@ from torch import nn
 
 from trajopt import solve_infinite_lqr
 from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
+from trajopt.steepest import surrogate_control
 
 __all__ = ["DEQ", "DEQBlock", "SOLVERS"]
 
@@ -207,7 +208,7 @@ class DEQ(nn.Module):
         cols = [Jp[k].reshape(B, n, -1) for k in names] + [Jx.reshape(B, n, -1)]
         Bm = torch.cat(cols, -1)
         q = a.reshape(B, -1).to(zf.dtype)
-        Lr, G = _surrogate_control(Bm, 1.0)
+        Lr, G = surrogate_control(Bm, 1.0)
         eye = torch.eye(n, dtype=zf.dtype, device=zf.device).expand(B, n, n)
         sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
         # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
@@ -278,7 +279,7 @@ class DEQ(nn.Module):
             Q = torch.block_diag(*(Jh.transpose(-1, -2) @ W @ Jh).unbind(0)) / B
             r = damping
         Q, a = Q.detach(), a.detach()
-        Lr, G = _surrogate_control(Bm, 1.0 / r)
+        Lr, G = surrogate_control(Bm, r)
         N = B * n
         eyeN = torch.eye(N, dtype=zf.dtype, device=zf.device)
         sol = solve_infinite_lqr(A, Lr, 0.5 * (Q + Q.T), eyeN, q=a)
@@ -342,19 +343,6 @@ class DEQ(nn.Module):
                 off += prm.numel()
             gx = gx + g[:, off:].reshape(x.shape)
         return gx, grads
-
-
-def _surrogate_control(Bm: torch.Tensor, scale: float):
-    r"""``(L, G)`` with :math:`G = s\,B B^\top` and :math:`L L^\top = G`, L square
-    (..., n, n).  The LQR with controls of size m and :math:`R = I/s` has the same DARE
-    solution, closed loop and costate as the one with control matrix L and R = I (only
-    :math:`B R^{-1} B^\top` enters them); the m-dimensional policy is recovered with
-    the push-through identity :math:`(R + B^\top P B)^{-1} B^\top = R^{-1} B^\top
-    (I + P G)^{-1}`.  This keeps every solve at the state size n, not m."""
-    G = scale * (Bm @ Bm.transpose(-1, -2))
-    G = 0.5 * (G + G.transpose(-1, -2))
-    w, V = torch.linalg.eigh(G)
-    return V * w.clamp_min(0.0).sqrt().unsqueeze(-2), G
 
 
 class _LQRGradient(torch.autograd.Function):

@@ -34,7 +34,7 @@ from .errors import InvalidArgumentError, ShapeError
 from .lqr import LQR, solve_lqr
 from .lqr.riccati import expand_q_joint, value_update
 
-__all__ = ["steepest_descent_lqr", "NeumannSolver"]
+__all__ = ["steepest_descent_lqr", "NeumannSolver", "surrogate_control"]
 
 
 class NeumannSolver:
@@ -115,7 +115,8 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
                          R: Sequence[torch.Tensor] | None = None,
                          M: Sequence[torch.Tensor] | None = None,
                          damping: float = 0.0,
-                         solver: NeumannSolver | None = None) -> list[torch.Tensor]:
+                         solver: NeumannSolver | None = None,
+                         surrogate: bool | None = None) -> list[torch.Tensor]:
     r"""The steepest-descent step :math:`\tilde u_0, \dots, \tilde u_{N-1}`.
 
     Parameters
@@ -134,6 +135,12 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
         Replace the exact solve of :math:`R_i + \delta I + B_i^\top P_{i+1} B_i` by the
         truncated Neumann series with adaptive damping (which then replaces ``damping``,
         0 required).
+    surrogate : bool, optional
+        Solve through square surrogate controls (:func:`surrogate_control`), so every
+        solve has the state size n_{i+1} instead of m_i.  Needs every
+        :math:`R_i + \delta I = r_i I` with :math:`r_i > 0` and M = 0 (the Euclidean
+        and KL divergences).  Default: when that holds and some ``B_i`` is wider than
+        tall.
 
     Returns
     -------
@@ -167,8 +174,58 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
         if damping:
             raise InvalidArgumentError("with a NeumannSolver give the damping to the solver")
         return _neumann_lqr(prob, solver)
+    scales = _identity_scales(Rs) if M is None else None
+    if surrogate is None:
+        surrogate = scales is not None and any(
+            b.shape[-1] > b.shape[-2] for b in B)   # wide B: solves at the state size pay
+    if surrogate:
+        if scales is None:
+            raise InvalidArgumentError("surrogate=True needs R_i = r_i I (r_i > 0) and M = 0")
+        return _surrogate_lqr(list(A), list(B), Qs, scales, QT, aN)
     sol = solve_lqr(prob, x0=like.new_zeros(A[0].shape[-1]))
     return list(sol.us)
+
+
+def _identity_scales(Rs: Sequence[torch.Tensor]) -> list[float] | None:
+    """``[r_i]`` when every ``R_i = r_i I`` with ``r_i > 0``, else None."""
+    out = []
+    for R in Rs:
+        r = float(R[0, 0])
+        if not r > 0 or not torch.equal(R, r * torch.eye(R.shape[0], dtype=R.dtype,
+                                                         device=R.device)):
+            return None
+        out.append(r)
+    return out
+
+
+def surrogate_control(B: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(L, G)`` with :math:`G = B B^\top / r` (..., n1, n1) and :math:`L L^\top = G`.
+
+    An LQR stage with control matrix ``B`` (n1, m) and :math:`R = rI` has the same
+    Riccati recursion, closed loop and costates as the stage with control matrix ``L``
+    and :math:`R = I`, since only :math:`B R^{-1} B^\top` enters them; the original
+    control follows from the push-through identity :math:`(rI + B^\top P B)^{-1}
+    B^\top = \tfrac1r B^\top (I + P G)^{-1}`.  Every solve is then of size n1
+    instead of m."""
+    G = (B @ B.transpose(-1, -2)) / r
+    G = 0.5 * (G + G.transpose(-1, -2))
+    w, V = torch.linalg.eigh(G)
+    return V * w.clamp_min(0.0).sqrt().unsqueeze(-2), G
+
+
+def _surrogate_lqr(A, B, Qs, scales, QT, aN) -> list[torch.Tensor]:
+    """The steepest-descent LQR with every ``R_i = r_i I`` solved through the
+    surrogate controls of :func:`surrogate_control` (solves of the state size)."""
+    LG = [surrogate_control(b, r) for b, r in zip(B, scales)]
+    eyes = [torch.eye(L.shape[-1], dtype=L.dtype, device=L.device) for L, _ in LG]
+    prob = LQR(A=A, B=[L for L, _ in LG], Q=Qs, R=eyes, QT=QT, qT=aN)
+    sol = solve_lqr(prob, x0=aN.new_zeros(A[0].shape[-1]))
+    us = []
+    for i, ((_, G), r) in enumerate(zip(LG, scales)):
+        P1, p1 = sol.P[i + 1], sol.p[i + 1]
+        w = torch.linalg.solve(eyes[i] + P1 @ G, P1 @ (A[i] @ sol.xs[i]) + p1)
+        us.append(-(B[i].transpose(-1, -2) @ w) / r)
+    return us
 
 
 def _neumann_lqr(prob: LQR, solver: NeumannSolver) -> list[torch.Tensor]:

@@ -257,3 +257,28 @@ def test_adaptive_damping_keeps_the_series_convergent():
         NeumannSolver(4, margin=1.0)
     with pytest.raises(InvalidArgumentError, match="damping to the solver"):
         steepest_descent_lqr(A, Bm, aN, QN, R=R, solver=NeumannSolver(2), damping=0.1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), N=st.integers(1, 4), n=st.integers(1, 4),
+       m=st.integers(1, 7), kl=st.booleans())
+def test_surrogate_controls_equal_the_direct_solve(seed, N, n, m, kl):
+    """Solving through L L' = B B'/r (state-size solves, push-through) == solving with
+    the m x m stage matrices, for R_i = r_i I, with and without a terminal curvature."""
+    g = torch.Generator().manual_seed(seed)
+    A = [0.7 * torch.randn(n, n, generator=g) for _ in range(N)]
+    B = [torch.randn(n, m, generator=g) for _ in range(N)]
+    aN = torch.randn(n, generator=g)
+    QN = None
+    if kl:
+        W = torch.randn(n, n, generator=g)
+        QN = W @ W.T
+    R = [float(0.1 + i) * torch.eye(m) for i in range(N)]
+    a = steepest_descent_lqr(A, B, aN, QN, R=R, surrogate=True)
+    b = steepest_descent_lqr(A, B, aN, QN, R=R, surrogate=False)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
+    if m > 1:  # a 1 x 1 R is always a multiple of I
+        with pytest.raises(InvalidArgumentError, match="surrogate=True"):
+            steepest_descent_lqr(A, B, aN, QN, R=[r + torch.diag(torch.arange(m) * 0.1)
+                                                   for r in R], surrogate=True)
