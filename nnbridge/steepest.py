@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+from trajopt.errors import InvalidArgumentError, NonFiniteError, SkippedStepWarning
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .stages import StageLinearization, capture, stages
@@ -93,7 +93,14 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     o = out.reshape(-1)
     aN = torch.func.grad(objective)(o)
     QN = torch.func.hessian(objective)(o) if divergence == "newton" else None
-    return _direction(model, sts, xs, aN, QN, divergence, damping, neumann_terms)
+    if not bool(torch.isfinite(aN).all()):
+        raise NonFiniteError("lqr_direction: the loss gradient at the output is not finite "
+                             "(check x, y and the loss)")
+    d = _direction(model, sts, xs, aN, QN, divergence, damping, neumann_terms)
+    if not all(bool(torch.isfinite(v).all()) for v in d):
+        raise NonFiniteError(f"lqr_direction: the {divergence} direction is not finite "
+                             "(increase damping)")
+    return d
 
 
 def _check(divergence: str, damping: float) -> None:

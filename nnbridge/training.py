@@ -259,6 +259,9 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
                          "history": hist})
     if bar is not None:
         bar.close()
+    if not math.isfinite(hist["epoch_train_loss"][-1]):
+        warnings.warn(f"{label} (lr {lr:g}, seed {cfg.seed}) diverged: the training loss "
+                      "is not finite", RuntimeWarning, stacklevel=2)
     times = hist["step_time"] or [float("nan")]
     return RunResult(optimizer=label, seed=cfg.seed, lr=lr,
                      test_accuracy=hist["test_accuracy"][-1],

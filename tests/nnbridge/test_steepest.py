@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nnbridge import LQRDescent, lqr_direction
-from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
+from trajopt.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .conftest import cnn, data, mlp
@@ -117,6 +117,10 @@ def test_bad_input():
         lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=0.0)
     with pytest.raises(TypeError, match="nn.Sequential"):
         lqr_direction(nn.Linear(4, 3), x, y, F.cross_entropy)
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        lqr_direction(model, bad, y, F.cross_entropy)
 
 
 # ---------------------------------------------------------------- LQRDescent

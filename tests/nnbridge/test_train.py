@@ -113,3 +113,10 @@ def test_optimizer_names():
         parse_optimizer("newton")
     with pytest.raises(InvalidArgumentError, match="lr"):
         RunConfig(lr=float("nan"))
+
+
+def test_a_diverging_run_warns():
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        # RMSprop moves every weight by ~lr per step: 40 steps of 1e37 overflow float32
+        r = run(RunConfig(optimizer="rmsprop", lr=1e37, epochs=1, seed=0))
+    assert not r.final_train_loss < float("inf")
