@@ -106,6 +106,30 @@ def test_spans_equal_ddp_on_the_augmented_state(seed, raw):
         torch.testing.assert_close(h1.cost, h2.cost, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spans_with_control_limits_equal_ddp_on_the_augmented_state(seed):
+    """Box limits (DDPSolver's box QP) with nested and identity/map spans: the same
+    solve as plain DDP with the same limits on the augmented state; limits hold."""
+    T, n = 6, 3
+    dims = [n] * (T + 1)
+    dyn, cost = make_problem(seed, dims)
+    P = 0.5 * torch.randn(n, n, generator=_gen(seed + 9), dtype=DT)
+    spans = [Span(0, 4), Span(1, 2, shortcut=lambda r: torch.tanh(r) @ P.T), Span(3, 5)]
+    x0 = torch.randn(2, n, generator=_gen(seed + 2), dtype=DT)
+    us0 = _controls(spans, T, 2, seed)
+    lim = (torch.full((2,), -0.3, dtype=DT), torch.full((2,), 0.4, dtype=DT))
+    F, C = augmented_problem(dyn, cost, spans, dims, [2] * T)
+    ref = DDPSolver(F, C, max_iter=25, control_limits=lim).solve(x0, us0)
+    out = GTDDPSolver(dyn, cost, spans=spans, max_iter=25, control_limits=lim).solve(x0, us0)
+    for a, b in zip(out.us, ref.us):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        assert bool((a >= lim[0] - 1e-12).all() and (a <= lim[1] + 1e-12).all())
+    torch.testing.assert_close(out.cost, ref.cost, rtol=1e-10, atol=0)
+    assert torch.equal(out.iterations, ref.iterations)
+    assert any(bool(((u - lim[1]).abs() < 1e-12).any() | ((u - lim[0]).abs() < 1e-12)
+                    .any()) for u in out.us)   # some limit is active
+
+
 def test_first_backward_pass_gains_and_values_equal_the_augmented_ones():
     """Gains on [x, x_r] (K with the residual feedback G) and the state blocks of the value,
     at the initial trajectory; widths change along the chain (shortcuts map 3 -> 5 and
@@ -322,7 +346,7 @@ def test_bad_input():
         solve_ddp(dyn, cost, x0, us0, players=(1, 2))
     with pytest.raises(InvalidArgumentError, match="mode='ilqr' only"):
         solve_ddp(dyn, cost, x0, us0, spans=[Span(0, 1)], mode="ddp")
-    with pytest.raises(InvalidArgumentError, match="control_limits"):
+    with pytest.raises(InvalidArgumentError, match="several players"):
         solve_ddp(dyn, cost, x0, us0, players=(1, 1), control_limits=([-1, -1], [1, 1]))
     with pytest.raises(TypeError, match="spans\\[0\\]"):
         GTDDPSolver(dyn, cost, spans=[(0, 1)])

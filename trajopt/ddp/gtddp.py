@@ -42,7 +42,8 @@ from torch.func import jacfwd, vmap
 
 from ..errors import InvalidArgumentError, ShapeError
 from ..lqr.game import cooperative_policy
-from ..lqr.riccati import QExpansion, value_update
+from ..lqr.riccati import QExpansion, cholesky_solve, value_update
+from .boxqp import box_qp
 from .models import _like
 from .solver import DDPSolver, _Policy, _Traj
 
@@ -121,9 +122,9 @@ class GTDDPSolver(DDPSolver):
         if kwargs.get("mode", "ilqr") != "ilqr":
             raise InvalidArgumentError("spans and players support mode='ilqr' only (the "
                                        "second-order dynamics terms are not implemented)")
-        if kwargs.get("control_limits") is not None:
-            raise InvalidArgumentError("control_limits are not supported with spans or "
-                                       "players")
+        if kwargs.get("control_limits") is not None and players is not None:
+            raise InvalidArgumentError("control_limits are not supported with several "
+                                       "players (the cooperative policy has no box QP)")
         super().__init__(dynamics, cost, **kwargs)
         spans = list(spans)
         for i, s in enumerate(spans):
@@ -202,7 +203,8 @@ class GTDDPSolver(DDPSolver):
 
         def control(t, x, xs):
             dy = self._dy(t, xs, traj.xs)  # xs = [x_0, ..., x_t]
-            return traj.us[t] + alpha * policy.k[t] + (policy.K[t] @ dy.unsqueeze(-1))[..., 0]
+            u = traj.us[t] + alpha * policy.k[t] + (policy.K[t] @ dy.unsqueeze(-1))[..., 0]
+            return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
 
         out = self._simulate(traj.xs[0], len(traj.us), control)
         finite = torch.isfinite(out.cost) & torch.stack(
@@ -339,15 +341,26 @@ class GTDDPSolver(DDPSolver):
             if type(self).player_curvature is not GTDDPSolver.player_curvature:
                 approx = [self.player_curvature(t, i, blk) for i, blk in
                           enumerate(_diag_blocks(Qww, sizes))]
-            # non-finite gains show up in dV (checked below), as in DDPSolver
-            pol = cooperative_policy(Qw, Qwy, Qww, sizes, approx=approx, reg=mu,
-                                     check_finite=False)
-            ok = ok & pol.ok
+            if lo is not None:  # box limits (one player): DDPSolver's box QP
+                m = Qww.shape[-1]
+                H = Qww + mu[:, None, None] * torch.eye(m, dtype=mu.dtype, device=mu.device)
+                u = traj.us[t]
+                res = box_qp(H, Qw, lo - u, hi - u, None if k_warm is None else k_warm[t])
+                ok = ok & ~res.failed
+                k = res.x
+                rhs = torch.where(res.clamped.unsqueeze(-1), torch.zeros_like(Qwy), Qwy)
+                K = -cholesky_solve(rhs, res.factor)
+            else:
+                # non-finite gains show up in dV (checked below), as in DDPSolver
+                pol = cooperative_policy(Qw, Qwy, Qww, sizes, approx=approx, reg=mu,
+                                         check_finite=False)
+                ok = ok & pol.ok
+                K, k = pol.K, pol.k
             step = value_update(QExpansion(Qx=g, Qu=Qw, Qxx=Qyy, Qux=Qwy, Quu=Qww),
-                                pol.K, pol.k, exact_policy=False)
+                                K, k, exact_policy=False)
             V, VV = step.Vx, step.Vxx
             dV = dV + step.expected_change()
-            Ks[t], ks[t] = pol.K, pol.k
+            Ks[t], ks[t] = K, k
             Vxs[t], Vxxs[t] = V[:, xs_], VV[:, xs_, xs_]
         return _Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
 
