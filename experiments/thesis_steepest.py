@@ -148,11 +148,12 @@ def deq_training(ds, smoke, target=0.8):
             x, y = ds.X_train[idx], ds.y_train[idx]
             t0 = time.perf_counter()
             opt.zero_grad()
-            loss = F.cross_entropy(head(deq(x)), y)
+            zstar = deq(x)
+            loss = F.cross_entropy(head(zstar), y)
             loss.backward()
             if method.startswith("NGD"):
                 d = deq.lqr_update(x, y, F.cross_entropy, head, divergence="kl",
-                                   damping=1e-2)
+                                   damping=1e-2, z=zstar)
                 for p, v in zip(cell.parameters(), d):
                     p.grad = -v          # the optimizer steps along the LQR direction
             opt.step()

@@ -190,23 +190,10 @@ class DEQ(nn.Module):
         """Gradients ``(dL/dx, [dL/dtheta])`` from the infinite-horizon LQR, given the
         fixed point ``z`` and ``a = dL/dz``."""
         B = z.shape[0]
-        names = [n for n, _ in self.cell.named_parameters()]
-        params = {n: p.detach() for n, p in self.cell.named_parameters()}
-        zs = z.shape[1:]
-
-        def f(zi, xi, p):
-            out = torch.func.functional_call(self.cell, p, (zi.reshape(1, *zs), xi[None]))
-            return out.reshape(-1)
-
         zf = z.detach().reshape(B, -1)
-        xd = x.detach()
-        A = torch.func.vmap(torch.func.jacrev(f, argnums=0), in_dims=(0, 0, None))(
-            zf, xd, params)
-        Jx, Jp = torch.func.vmap(torch.func.jacrev(f, argnums=(1, 2)), in_dims=(0, 0, None))(
-            zf, xd, params)
-        n = zf.shape[1]
-        cols = [Jp[k].reshape(B, n, -1) for k in names] + [Jx.reshape(B, n, -1)]
-        Bm = torch.cat(cols, -1)
+        A, Bp, Bx = _jacobians(self.cell, z, x)
+        n, mp = zf.shape[1], Bp.shape[-1]
+        Bm = torch.cat([Bp, Bx], -1)
         q = a.reshape(B, -1).to(zf.dtype)
         Lr, G = surrogate_control(Bm, 1.0)
         eye = torch.eye(n, dtype=zf.dtype, device=zf.device).expand(B, n, n)
@@ -214,16 +201,11 @@ class DEQ(nn.Module):
         # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
         w = torch.linalg.solve(eye + sol.P @ G, sol.p.unsqueeze(-1))
         g = (Bm.transpose(-1, -2) @ w)[..., 0]            # (B, m)
-        out, off = [], 0
-        for k in names:
-            size = params[k].numel()
-            out.append(g[:, off:off + size].sum(0).reshape(params[k].shape))
-            off += size
-        return g[:, off:].reshape(x.shape), out
-
+        return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
 
     def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,
-                   divergence: str = "kl", damping: float = 1e-3) -> list[torch.Tensor]:
+                   divergence: str = "kl", damping: float = 1e-3,
+                   z: torch.Tensor | None = None) -> list[torch.Tensor]:
         r"""The steepest-descent direction for the cell's parameters from the
         infinite-horizon LQR of Thm 4.1.1 (thesis Alg. 1), on the batch.
 
@@ -238,6 +220,9 @@ class DEQ(nn.Module):
         :math:`\tilde u^* = K \tilde z^* + k`, :math:`\tilde z^* = (I - A - BK)^{-1} B k`
         (Eq. 4.1.12).
 
+        ``z``: the fixed point of ``x`` when the caller already has it (e.g. from the
+        forward pass of the same step); solved here otherwise.
+
         Returns one tensor per ``cell.parameters()`` entry.
         """
         if divergence not in ("euclidean", "kl"):
@@ -245,23 +230,13 @@ class DEQ(nn.Module):
                                        f"{divergence!r}")
         if not damping >= 0 or (divergence == "kl" and not damping > 0):
             raise InvalidArgumentError(f"damping must be >= 0 (> 0 for 'kl'); got {damping}")
-        z = self.fixed_point(x).detach()
+        z = (self.fixed_point(x) if z is None else z).detach()
         B = z.shape[0]
-        names = [n for n, _ in self.cell.named_parameters()]
-        params = {n: p.detach() for n, p in self.cell.named_parameters()}
         zs = z.shape[1:]
-
-        def f(zi, xi, p):
-            out = torch.func.functional_call(self.cell, p, (zi.reshape(1, *zs), xi[None]))
-            return out.reshape(-1)
-
         zf = z.reshape(B, -1)
         n = zf.shape[1]
-        Aj = torch.func.vmap(torch.func.jacrev(f), in_dims=(0, 0, None))(zf, x.detach(),
-                                                                          params)
-        Jp = torch.func.vmap(torch.func.jacrev(f, argnums=2), in_dims=(0, 0, None))(
-            zf, x.detach(), params)
-        Bm = torch.cat([Jp[k].reshape(B * n, -1) for k in names], -1)
+        Aj, Bp, _ = _jacobians(self.cell, z, x, with_x=False)
+        Bm = Bp.reshape(B * n, -1)
         A = torch.block_diag(*Aj.unbind(0))
 
         def objective(zflat):
@@ -286,13 +261,7 @@ class DEQ(nn.Module):
         # steady state (Eq. 4.1.12) in the surrogate, then the parameters by push-through
         zt = torch.linalg.solve(eyeN - A - Lr @ sol.K, Lr @ sol.k)
         u = -(Bm.T @ torch.linalg.solve(eyeN + sol.P @ G, sol.P @ A @ zt + sol.p)) / r
-        out, off = [], 0
-        for k in names:
-            size = params[k].numel()
-            out.append(u[off:off + size].reshape(params[k].shape))
-            off += size
-        return out
-
+        return _unflatten(u, self.cell)
 
     def cyclic_lqr_gradient(self, x: torch.Tensor, a: torch.Tensor):
         """The gradient of the previous method through the cyclic LQR of thesis Sec. 4.3
@@ -310,24 +279,12 @@ class DEQ(nn.Module):
         with torch.no_grad():
             for layer in self.cell.layers:
                 hs.append(layer(hs[-1], xd))
-        As, Bs, sizes = [], [], []
+        As, Bs, mps = [], [], []
         for layer, h in zip(self.cell.layers, hs[:-1]):
-            names = [n for n, _ in layer.named_parameters()]
-            params = {n: p.detach() for n, p in layer.named_parameters()}
-            hshape = h.shape[1:]
-
-            def f(hi, xi, p, layer=layer, hshape=hshape):
-                return torch.func.functional_call(layer, p, (hi.reshape(1, *hshape),
-                                                             xi[None])).reshape(-1)
-
-            hf = h.reshape(B, -1)
-            Ja, Jx, Jp = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1, 2)),
-                                         in_dims=(0, 0, None))(hf, xd, params)
-            n1 = Ja.shape[1]
+            Ja, Bp, Bx = _jacobians(layer, h, xd)
             As.append(Ja)
-            Bs.append(torch.cat([Jp[k].reshape(B, n1, -1) for k in names]
-                                + [Jx.reshape(B, n1, -1)], -1))
-            sizes.append([(k, params[k]) for k in names])
+            Bs.append(torch.cat([Bp, Bx], -1))
+            mps.append(Bp.shape[-1])
         dtype = z.dtype
         Qs = [z.new_zeros(B, A.shape[-1], A.shape[-1]) for A in As]
         Rs = [torch.eye(b.shape[-1], dtype=dtype).expand(B, b.shape[-1], b.shape[-1])
@@ -336,13 +293,41 @@ class DEQ(nn.Module):
         sol = solve_cyclic_lqr(As, Bs, Qs, Rs, qs=qs)
         gx = torch.zeros_like(xd)
         grads = []
-        for named, k in zip(sizes, sol.k):
-            g, off = -k, 0
-            for _, prm in named:
-                grads.append(g[:, off:off + prm.numel()].sum(0).reshape(prm.shape))
-                off += prm.numel()
-            gx = gx + g[:, off:].reshape(x.shape)
+        for layer, mp, k in zip(self.cell.layers, mps, sol.k):
+            grads += _unflatten(-k[:, :mp].sum(0), layer)
+            gx = gx - k[:, mp:].reshape(x.shape)
         return gx, grads
+
+
+def _jacobians(module: nn.Module, h: torch.Tensor, x: torch.Tensor, with_x: bool = True):
+    """Per-sample Jacobians of ``module(h, x)`` at the batch: ``A`` (B, n1, n) with
+    respect to h, ``Bp`` (B, n1, m) with respect to the module's parameters (flattened
+    in ``parameters()`` order) and ``Bx`` (B, n1, d) with respect to x (None unless
+    ``with_x``)."""
+    B = h.shape[0]
+    names = [n for n, _ in module.named_parameters()]
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    hshape = h.shape[1:]
+
+    def f(hi, xi, p):
+        return torch.func.functional_call(module, p, (hi.reshape(1, *hshape),
+                                                      xi[None])).reshape(-1)
+
+    argnums = (0, 2, 1) if with_x else (0, 2)
+    J = torch.func.vmap(torch.func.jacrev(f, argnums=argnums), in_dims=(0, 0, None))(
+        h.detach().reshape(B, -1), x.detach(), params)
+    n1 = J[0].shape[1]
+    Bp = torch.cat([J[1][k].reshape(B, n1, -1) for k in names], -1)
+    return J[0], Bp, (J[2].reshape(B, n1, -1) if with_x else None)
+
+
+def _unflatten(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
+    """Split a flat (m,) vector into tensors shaped like ``module.parameters()``."""
+    out, off = [], 0
+    for p in module.parameters():
+        out.append(flat[off:off + p.numel()].reshape(p.shape))
+        off += p.numel()
+    return out
 
 
 class _LQRGradient(torch.autograd.Function):
