@@ -179,6 +179,13 @@ class _Stage:
     fux: torch.Tensor | None = None
     fuu: torch.Tensor | None = None
 
+    def select(self, idx) -> _Stage:
+        """The rows ``idx`` of the flat batch (every stage type of a solver has this)."""
+        def pick(v):
+            return None if v is None else v[idx]
+        return _Stage(self.F[idx], self.L[idx], self.n, pick(self.fxx), pick(self.fux),
+                      pick(self.fuu))
+
 
 @dataclass
 class _Policy:
@@ -562,7 +569,7 @@ class DDPSolver:
                 part = self.backward_pass(stages, Vx, Vxx, mu[gidx], sub, lo, hi, warm)
             else:
                 part = self.backward_pass(
-                    [_select_stage(s, local) for s in stages], Vx[local], Vxx[local],
+                    [s.select(local) for s in stages], Vx[local], Vxx[local],
                     mu[gidx], sub.select(local), lo, hi,
                     None if warm is None else [k[local] for k in warm])
             if pol is None:
@@ -606,15 +613,6 @@ def _step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
     """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
     return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
                        -1).amax(-1)
-
-
-def _select_stage(s: _Stage, idx) -> _Stage:
-    if hasattr(s, "select"):  # a subclass's own stage type
-        return s.select(idx)
-
-    def pick(v):
-        return None if v is None else v[idx]
-    return _Stage(s.F[idx], s.L[idx], s.n, pick(s.fxx), pick(s.fux), pick(s.fuu))
 
 
 def _select_gains(p: _Policy, idx) -> _Policy:
