@@ -30,6 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import nnbridge  # noqa: E402
+from tests.reference.fisher_dense import natural_gradient  # noqa: E402
 
 
 def build(w: int):
@@ -42,31 +43,12 @@ def build(w: int):
     return model, x, y
 
 
-def explicit(model, x, y, damping):
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    sizes = [p.numel() for p in params]
-    th = torch.cat([p.reshape(-1) for p in params])
-
-    def out(theta):
-        ps = torch.split(theta, sizes)
-        return torch.func.functional_call(
-            model, {n: v.reshape(p.shape) for n, v, p in zip(names, ps, params)}, (x,))
-
-    g = torch.func.grad(lambda t: F.cross_entropy(out(t), y))(th)
-    J = torch.func.jacrev(out)(th)                                  # (B, C, m)
-    p = torch.softmax(out(th), -1)
-    W = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    Fi = torch.einsum("bcm,bcd,bdk->mk", J, W, J) / x.shape[0]
-    return -torch.linalg.solve(Fi + damping * torch.eye(len(th), dtype=th.dtype), g)
-
-
 def run_one(cfg):
     torch.set_num_threads(cfg["threads"])
     model, x, y = build(cfg["w"])
     if cfg["kind"] == "explicit":
         def fn():
-            return explicit(model, x, y, 1e-3)
+            return natural_gradient(model, x, y, 1e-3)[1]
     else:
         terms = 8 if cfg["kind"] == "neumann" else None
 

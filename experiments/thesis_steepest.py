@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nnbridge import DEQ, lqr_direction  # noqa: E402
 from nnbridge.data import load  # noqa: E402
+from tests.reference.fisher_dense import natural_gradient  # noqa: E402
 
 
 def _mlp(act=nn.Tanh, seed=0):
@@ -42,25 +43,6 @@ def _batches(n, bs, seed, epochs=1):
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         yield from torch.randperm(n, generator=g).split(bs)
-
-
-def _explicit_ngd(model, x, y, damping):
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    sizes = [p.numel() for p in params]
-    th = torch.cat([p.reshape(-1) for p in params])
-
-    def out(theta):
-        ps = torch.split(theta, sizes)
-        return torch.func.functional_call(
-            model, {n: v.reshape(p.shape) for n, v, p in zip(names, ps, params)}, (x,))
-
-    g = torch.func.grad(lambda t: F.cross_entropy(out(t), y))(th)
-    J = torch.func.jacrev(out)(th)
-    p = torch.softmax(out(th), -1)
-    W = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    Fi = torch.einsum("bcm,bcd,bdk->mk", J, W, J) / x.shape[0]
-    return g, -torch.linalg.solve(Fi + damping * torch.eye(len(th), dtype=th.dtype), g)
 
 
 def _flat(ts):
@@ -83,7 +65,7 @@ def cosine_check(ds, smoke):
             x, y = ds.X_train[idx], ds.y_train[idx]
             d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence=div,
                                     damping=1e-3 if div == "kl" else 0.0))
-            g, ngd = _explicit_ngd(model, x, y, 1e-3)
+            g, ngd = natural_gradient(model, x, y, 1e-3)
             cos.append(_cos(d, -g if div == "euclidean" else ngd))
             with torch.no_grad():
                 off = 0

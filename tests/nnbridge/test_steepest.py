@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nnbridge import LQRDescent, lqr_direction
+from tests.reference.fisher_dense import explicit_derivatives
 from trajopt.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
@@ -24,25 +25,7 @@ def _flat(ts):
 def _explicit(model, x, y):
     """Gradient, Hessian and Fisher (softmax output, batch mean) of the batch loss over the
     flattened parameters, by torch.func on the whole network."""
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    sizes = [p.numel() for p in params]
-
-    def out(theta):
-        ps = torch.split(theta, sizes)
-        return torch.func.functional_call(
-            model, {n: v.reshape(p.shape) for n, v, p in zip(names, ps, params)}, (x,))
-
-    def J(theta):
-        return F.cross_entropy(out(theta), y)
-
-    th = _flat(params)
-    g = torch.func.grad(J)(th)
-    H = torch.func.hessian(J)(th)
-    Jo = torch.func.jacrev(out)(th).reshape(x.shape[0], -1, th.numel())
-    p = torch.softmax(out(th), -1)
-    Fi = sum(Jo[j].T @ (torch.diag(p[j]) - torch.outer(p[j], p[j])) @ Jo[j]
-             for j in range(x.shape[0])) / x.shape[0]
+    g, Fi, H = explicit_derivatives(model, x, y, hessian=True)
     return g, H, Fi
 
 
