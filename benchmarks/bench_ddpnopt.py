@@ -22,7 +22,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _child import run_child  # noqa: E402
+
 import nnbridge  # noqa: E402
 
 PAIRS = [("sgd", "identity", 0.05), ("rmsprop", "rmsprop", 1e-3), ("adam", "adam", 1e-3),
@@ -90,9 +91,7 @@ def run_one(cfg: dict) -> dict:
 
 
 def child(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, cfg)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _child import run_child  # noqa: E402
+
 from tests.reference.span_augmented import augmented_problem  # noqa: E402
 from trajopt import Cost, DDPSolver, Dynamics, GTDDPSolver, Span  # noqa: E402
 
@@ -107,9 +108,7 @@ def main():
         for name in ("augmented", "span-aware"):
             cfg = {"case": case, "n": n, "solver": name, "threads": a.threads,
                    "reps": 3 if a.quick else 5}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
-                                 capture_output=True, text=True, check=True)
-            rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[name] = run_child(__file__, cfg)
         base = rows["augmented"]
         label = "long span (10, 190), T 200" if case == "long" else "delay 5, T 100"
         for name, r in rows.items():

@@ -18,7 +18,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _child import run_child  # noqa: E402
+
 import nnbridge  # noqa: E402
 from tests.reference.fisher_dense import natural_gradient  # noqa: E402
 
@@ -85,9 +86,7 @@ def main():
         r = {}
         for kind in ("explicit", "lqr", "neumann"):
             cfg = {"w": w, "kind": kind, "threads": a.threads}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
-                                 capture_output=True, text=True, check=True)
-            r[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            r[kind] = run_child(__file__, cfg)
         e = r["explicit"]["time"]
         print(f"| {w} | {r['lqr']['m']} | {1e3 * e:.1f} | {1e3 * r['lqr']['time']:.1f} | "
               f"{r['lqr']['time'] / e:.2f}x | {1e3 * r['neumann']['time']:.1f} | "
