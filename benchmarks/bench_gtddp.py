@@ -61,8 +61,9 @@ def solvers(case, n):
 
 
 def time_backward(solver, x0, us0, reps):
-    kind, batch, listed, x0f, usf, lo, hi = solver._prepare(x0, us0)
-    traj = solver.rollout(x0f, usf)
+    inp = solver.prepare(x0, us0)
+    x0f = inp.x0
+    traj = solver.rollout(x0f, inp.us)
     stages, Vx, Vxx = solver.derivatives(traj)
     mu = torch.zeros(x0f.shape[0], dtype=x0f.dtype)
     times = []

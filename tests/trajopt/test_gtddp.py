@@ -332,6 +332,65 @@ def test_player_curvature_hook_is_used():
     assert torch.isfinite(a.k).all()
 
 
+def test_box_limits_with_players_equal_the_box_limited_joint_control_solve():
+    """Players and control limits together: with exact player curvatures the box QP of
+    the players' joint curvature is the box-limited DDP step on the joint control, so
+    the whole solve equals plain DDP with the same limits (limits active)."""
+    dyn, cost, _ = _two_carts(1.0)
+    x0 = torch.zeros(3, 4, dtype=DT)
+    x0[1, 0] = 0.3
+    x0[2, 2] = -0.4
+    us0 = torch.zeros(3, 30, 2, dtype=DT)
+    lim = ([-0.4, -0.3], [0.4, 0.3])
+    game = solve_ddp(dyn, cost, x0, us0, players=(1, 1), control_limits=lim, max_iter=60)
+    joint = solve_ddp(dyn, cost, x0, us0, control_limits=lim, max_iter=60)
+    assert float((game.us.abs() >= torch.tensor([0.4, 0.3], dtype=DT) - 1e-12).sum()) > 0
+    torch.testing.assert_close(game.us, joint.us, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(game.cost, joint.cost, rtol=1e-11, atol=0)
+    assert list(game.reason) == list(joint.reason)
+
+
+def test_box_limits_with_shortcut_players_equal_ddp_on_the_augmented_state():
+    """A span whose shortcut has parameters (a second player at its merge stage) under
+    box limits on the whole control: equal to box-limited DDP on the augmented state."""
+    dims = [3, 3, 3, 3]
+    dyn, cost = make_problem(11, dims, m=2)
+    # limits need one control size for all stages: 11 everywhere; the dynamics read the
+    # first 2 entries, the shortcut parameters of stage 2 are the last 9, and the cost
+    # keeps the unused entries of stages 0 and 1 at zero
+    spans_pad = [Span(0, 2, shortcut=linear_shortcut(3, 3), n_params=9)]
+    x0 = torch.randn(2, 3, generator=_gen(12), dtype=DT)
+    us0 = 0.1 * torch.randn(2, 3, 11, generator=_gen(13), dtype=DT)
+    lo, hi = [-0.15] * 11, [0.15] * 11
+    mu_sizes = [11, 11, 2]
+    F, C = augmented_problem(dyn, cost, spans_pad, dims, mu_sizes)
+    ref = DDPSolver(F, C, max_iter=30, control_limits=(lo, hi)).solve(x0, us0)
+    out = GTDDPSolver(dyn, cost, spans=spans_pad, max_iter=30,
+                      control_limits=(lo, hi)).solve(x0, us0)
+    assert float((out.us.abs() >= 0.15 - 1e-12).sum()) > 0
+    torch.testing.assert_close(out.us, ref.us, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(out.cost, ref.cost, rtol=1e-10, atol=0)
+
+
+def test_inactive_box_with_approximated_players_equals_the_cooperative_policy():
+    """Limits that never bind, players with an approximated curvature: the box-QP gains
+    of the joint curvature equal Eq. 40's Schur-complement gains (two independent
+    computations of the same block inverse)."""
+    dyn, cost, _ = _two_carts(1.0)
+
+    class Scaled(GTDDPSolver):
+        def player_curvature(self, t, i, block):
+            return 3.0 * block if i == 0 else None
+
+    x0 = torch.tensor([[0.3, 0.0, -0.2, 0.0]], dtype=DT)
+    us0 = 0.05 * torch.randn(1, 12, 2, generator=_gen(5), dtype=DT)
+    free = Scaled(dyn, cost, players=(1, 1), max_iter=0).solve(x0, us0)
+    boxed = Scaled(dyn, cost, players=(1, 1), max_iter=0,
+                   control_limits=([-1e6, -1e6], [1e6, 1e6])).solve(x0, us0)
+    torch.testing.assert_close(boxed.k, free.k, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(boxed.K, free.K, rtol=1e-10, atol=1e-13)
+
+
 def test_bad_input():
     dyn, cost = make_problem(0, [3] * 5)
     x0 = torch.zeros(1, 3, dtype=DT)
@@ -346,8 +405,6 @@ def test_bad_input():
         solve_ddp(dyn, cost, x0, us0, players=(1, 2))
     with pytest.raises(InvalidArgumentError, match="mode='ilqr' only"):
         solve_ddp(dyn, cost, x0, us0, spans=[Span(0, 1)], mode="ddp")
-    with pytest.raises(InvalidArgumentError, match="several players"):
-        solve_ddp(dyn, cost, x0, us0, players=(1, 1), control_limits=([-1, -1], [1, 1]))
     with pytest.raises(TypeError, match="spans\\[0\\]"):
         GTDDPSolver(dyn, cost, spans=[(0, 1)])
     with pytest.raises(ShapeError, match="shortcut parameters"):

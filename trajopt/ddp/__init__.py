@@ -1,7 +1,10 @@
-"""DDP / iLQR over abstract, batched dynamics."""
+"""DDP / iLQR over abstract, batched dynamics: a loop around the Riccati kernel of
+:mod:`trajopt.riccati` (plain chains, residual spans, cooperative players, box limits)."""
 
-from .boxqp import BoxQPResult, box_qp
-from .gtddp import GTDDPSolver, Span
+from ..riccati.boxqp import BoxQPResult, box_qp
+from .api import solve_ddp
+from .chain import Chain
+from .gtddp import GTDDPSolver
 from .models import (
     Cost,
     CostDerivatives,
@@ -11,11 +14,13 @@ from .models import (
     as_dynamics,
     discretize,
 )
-from .solver import DDPResult, DDPSolver, IterationLog, LineSearch, Regularization, solve_ddp
+from .options import DDPResult, IterationLog, LineSearch, Regularization
+from .solver import DDPSolver
+from .spans import Span, SpanChain
 
 __all__ = [
     "Dynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
     "as_dynamics", "discretize", "box_qp", "BoxQPResult",
     "solve_ddp", "DDPSolver", "DDPResult", "IterationLog", "LineSearch", "Regularization",
-    "GTDDPSolver", "Span",
+    "GTDDPSolver", "Span", "Chain", "SpanChain",
 ]

@@ -1,4 +1,4 @@
-r"""Differential dynamic programming and iLQR over abstract, batched dynamics.
+r"""Differential dynamic programming and iLQR over abstract, batched dynamics: the loop.
 
 Alg. 1 of the DDPNOpt paper (papers/000, Eq. 1-4) with the safeguards users of crocoddyl,
 trajax and mpc.pytorch expect:
@@ -19,197 +19,70 @@ trajax and mpc.pytorch expect:
   limits hold exactly;
 * every batch element converges, fails or diverges on its own, with a recorded reason.
 
-The backward pass is the shared Riccati step of :mod:`trajopt.lqr.riccati`
-(:func:`~trajopt.lqr.riccati.expand_q_joint`, a Q_uu solver or the box QP, and
-:func:`~trajopt.lqr.riccati.value_update`).  :class:`DDPSolver` exposes the steps
-(``derivatives``, ``backward_pass``, ``forward_pass``, ``accept_step``) for subclasses.
+The solver is a loop around the Riccati kernel of :mod:`trajopt.riccati`: the problem
+structure (:class:`~trajopt.ddp.chain.Chain`, or :class:`~trajopt.ddp.spans.SpanChain`
+for residual spans) gives the stage expansions and simulates; :meth:`DDPSolver.policy`
+picks the gains plug (:class:`~trajopt.riccati.policy.CholeskyGains`,
+:class:`~trajopt.riccati.policy.BoxGains`); the value update is
+:func:`~trajopt.riccati.step.value_update`.  Options and results are in
+:mod:`trajopt.ddp.options`, the per-element bookkeeping in :mod:`trajopt.ddp.batch`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .._arrays import infer_kind
+from .._arrays import ArrayKind, infer_kind
 from .._checks import check_finite, shape_str
 from .._linalg import mv
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
-from ..lqr.riccati import (
-    PerElementCholesky,
-    cholesky_solve,
-    expand_q_joint,
-    joint_blocks,
-    solve_policy,
-    value_update,
-)
-from .boxqp import box_qp
+from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
+from ..riccati.step import value_update
+from .batch import Policy, Traj, merge_policy, select_gains, step_size
+from .chain import Chain
 from .models import Cost, Dynamics, as_dynamics
+from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 
-__all__ = ["solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
-           "IterationLog"]
-
-Mode = Literal["ilqr", "ddp"]
+__all__ = ["DDPSolver", "SolveInputs"]
 
 
 @dataclass(frozen=True)
-class Regularization:
-    """Adaptive Levenberg-Marquardt schedule on Q_uu (Tassa, Erez & Todorov 2012, Sec. F).
+class SolveInputs:
+    """The validated inputs of one solve: the array kind, the batch shape, whether the
+    controls came as a list, the flat initial states (B, n) and controls (T x (B, m)),
+    and the control limits (m,) or None."""
 
-    ``mu`` starts at ``initial``; on failure ``delta = max(factor, delta * factor)``,
-    ``mu = max(minimum, mu * delta)``; on success ``delta = min(1/factor, delta/factor)``,
-    ``mu = mu * delta`` (set to 0 below ``minimum``).  An element whose ``mu`` would exceed
-    ``maximum`` stops with reason ``"regularization_limit"``.
-    """
-
-    initial: float = 0.0
-    minimum: float = 1e-6
-    maximum: float = 1e10
-    factor: float = 1.6
-
-    def __post_init__(self):
-        if not (self.initial >= 0 and self.minimum > 0 and self.maximum > self.minimum
-                and self.factor > 1):
-            raise InvalidArgumentError(f"invalid regularization schedule {self}")
-
-
-@dataclass(frozen=True)
-class LineSearch:
-    """Backtracking over ``alphas`` (Tassa et al. 2012: 10^linspace(0, -3, 11)); a step is
-    accepted when actual / expected reduction > ``c1``; the largest accepted alpha wins.
-
-    ``strategy`` decides how the alphas are tried (the accepted step is the same):
-    ``"sequential"`` rolls out one alpha after the other for the elements still pending;
-    ``"parallel"`` rolls out all alphas at once as one batch (as mpc.pytorch does);
-    ``"hybrid"`` (default) tries alpha = 1 first and the remaining alphas in parallel for
-    the elements that rejected it: at most two forward passes per iteration, and one when
-    the full step is accepted (> 99% of iterations on the classical problems; on a batch
-    of 256 mpc.pytorch pendulums late iterations backtrack for ~40% of the elements, where
-    sequential search cost 2.5x the hybrid).
-    """
-
-    alphas: tuple[float, ...] = tuple(float(a) for a in 10.0 ** np.linspace(0, -3, 11))
-    c1: float = 0.1
-    strategy: Literal["hybrid", "sequential", "parallel"] = "hybrid"
-
-    def __post_init__(self):
-        if not self.alphas or any(not 0 < a <= 1 for a in self.alphas):
-            raise InvalidArgumentError(
-                f"line-search alphas must lie in (0, 1]; got {self.alphas}")
-        if list(self.alphas) != sorted(self.alphas, reverse=True):
-            raise InvalidArgumentError("line-search alphas must be in decreasing order")
-        if self.strategy not in ("hybrid", "sequential", "parallel"):
-            raise InvalidArgumentError(f"line-search strategy must be 'hybrid', "
-                                       f"'sequential' or 'parallel'; got {self.strategy!r}")
-
-
-@dataclass(frozen=True)
-class IterationLog:
-    """One iteration, per batch element (flattened batch, shape (B,)): the cost after the
-    iteration, the regularization used, the accepted step (0 = rejected / not active), the
-    expected and actual reductions of the accepted step."""
-
-    iteration: int
-    cost: torch.Tensor
-    regularization: torch.Tensor
-    step: torch.Tensor
-    expected: torch.Tensor
-    actual: torch.Tensor
-
-
-@dataclass(frozen=True)
-class DDPResult:
-    """Result of :func:`solve_ddp` (batch dimensions lead).
-
-    Attributes
-    ----------
-    xs : (..., T+1, n)
-    us : (..., T, m)
-    K : (..., T, m, n)   feedback gains at the returned trajectory
-    k : (..., T, m)      feedforward terms at the returned trajectory (zero at an optimum)
-    Vx : (..., T+1, n)   value gradients; Vxx : (..., T+1, n, n) value Hessians
-    cost : (...)         total cost
-    converged : (...) bool
-    iterations : (...) int   accepted steps per element
-    reason : numpy array of str, shape (...): "converged", "max_iter",
-        "regularization_limit", "line_search_failed" or "diverged"
-    history : list of IterationLog
-    """
-
-    xs: Any
-    us: Any
-    K: Any
-    k: Any
-    Vx: Any
-    Vxx: Any
-    cost: Any
-    converged: Any
-    iterations: Any
-    reason: np.ndarray
-    history: list = field(repr=False)
-
-
-@dataclass
-class _Traj:
-    xs: list[torch.Tensor]
+    kind: ArrayKind
+    batch: torch.Size
+    listed: bool
+    x0: torch.Tensor
     us: list[torch.Tensor]
-    cost: torch.Tensor
-
-    def select(self, idx: torch.Tensor) -> _Traj:
-        return _Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx])
-
-    def assign(self, idx: torch.Tensor, other: _Traj) -> None:
-        for a, b in zip(self.xs, other.xs):
-            a[idx] = b
-        for a, b in zip(self.us, other.us):
-            a[idx] = b
-        self.cost[idx] = other.cost
-
-
-@dataclass
-class _Stage:
-    F: torch.Tensor
-    L: torch.Tensor
-    n: int
-    fxx: torch.Tensor | None = None
-    fux: torch.Tensor | None = None
-    fuu: torch.Tensor | None = None
-
-    def select(self, idx) -> _Stage:
-        """The rows ``idx`` of the flat batch (every stage type of a solver has this)."""
-        def pick(v):
-            return None if v is None else v[idx]
-        return _Stage(self.F[idx], self.L[idx], self.n, pick(self.fxx), pick(self.fux),
-                      pick(self.fuu))
-
-
-@dataclass
-class _Policy:
-    K: list[torch.Tensor]
-    k: list[torch.Tensor]
-    Vx: list[torch.Tensor]
-    Vxx: list[torch.Tensor]
-    dV: torch.Tensor  # (B, 2)
-    ok: torch.Tensor  # (B,) bool
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
 
 
 class DDPSolver:
-    """DDP / iLQR solver; :func:`solve_ddp` is ``DDPSolver(...).solve(x0, us0)``.
+    """DDP / iLQR solver; :func:`~trajopt.solve_ddp` is ``DDPSolver(...).solve(x0, us0)``.
 
     Keep the object for warm starts (MPC): call :meth:`solve` again with a shifted
-    control sequence.  Subclasses may override :meth:`derivatives`,
-    :meth:`backward_pass`, :meth:`forward_pass` and :meth:`accept_step`.
+    control sequence.  The steps (:meth:`derivatives`, :meth:`policy`,
+    :meth:`backward_pass`, :meth:`forward_pass`, :meth:`accept_step`) are public for
+    subclasses and benchmarks; a variant overrides one of them (GT-DDP's players:
+    :meth:`policy`).
     """
 
     def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, mode: Mode = "ilqr",
                  max_iter: int = 100, tol: float = 1e-8,
                  regularization: Regularization | None = None,
                  line_search: LineSearch | None = None, control_limits=None,
-                 callback: Callable[[IterationLog], Any] | None = None):
+                 callback: Callable[[IterationLog], Any] | None = None,
+                 structure: Chain | None = None):
         if mode not in ("ilqr", "ddp"):
             raise InvalidArgumentError(f"mode must be 'ilqr' or 'ddp'; got {mode!r}")
         if not isinstance(cost, Cost):
@@ -220,6 +93,7 @@ class DDPSolver:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
         self.dynamics = as_dynamics(dynamics)
         self.cost = cost
+        self.structure = Chain(self.dynamics, cost) if structure is None else structure
         self.mode = mode
         self.max_iter = int(max_iter)
         self.tol = float(tol)
@@ -229,7 +103,9 @@ class DDPSolver:
         self.callback = callback
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, x0, us0):
+    def prepare(self, x0, us0) -> SolveInputs:
+        """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
+        clamp the controls to the limits."""
         kind = infer_kind(x0, us0)
         x0t = kind.tensor(x0, "x0")
         if x0t.ndim < 1:
@@ -273,124 +149,68 @@ class DDPSolver:
             if any(u.shape[-1] != m for u in usf):
                 raise ShapeError("control_limits need every stage to have the same m")
             usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
-        return kind, batch, listed, x0f, usf, lo, hi
+        self.structure.setup(usf)
+        return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
 
     # ------------------------------------------------------------------ steps
-    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> _Traj:
+    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> Traj:
         """Open-loop rollout with cost (flat batch)."""
-        return self._simulate(x0, len(us), lambda t, x: us[t])
+        return self.structure.simulate(x0, len(us), lambda t, xs: us[t])
 
-    def _simulate(self, x: torch.Tensor, T: int, control) -> _Traj:
-        """Roll out ``T`` stages from ``x`` with ``u_t = control(t, x_t)``, with cost."""
-        xs, us = [x], []
-        cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for t in range(T):
-            u = control(t, x)
-            cost = cost + self.cost.running(x, u, t)
-            x = self.dynamics(x, u, t)
-            xs.append(x)
-            us.append(u)
-        return _Traj(xs, us, cost + self.cost.terminal(x))
+    def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """The stage expansions (kernel plug 1) and the terminal gradient / Hessian on the
+        flat batch of ``traj``."""
+        return self.structure.derivatives(traj, self.mode == "ddp")
 
-    def derivatives(self, traj: _Traj) -> tuple[list[_Stage], torch.Tensor, torch.Tensor]:
-        """Packed stage derivatives (see :func:`~trajopt.lqr.riccati.joint_blocks`) and the
-        terminal gradient / Hessian, on the flat batch of ``traj``."""
-        second = self.mode == "ddp"
-        T = len(traj.us)
-        B = traj.cost.shape[0]
-        xs, us = traj.xs[:-1], traj.us
-        uniform = all(x.shape == xs[0].shape for x in xs) and all(
-            u.shape == us[0].shape for u in us)
-        stages: list[_Stage] = []
-        if uniform and self.dynamics.time_invariant and self.cost.time_invariant:
-            X = torch.stack(xs, 1).reshape(B * T, -1)
-            U = torch.stack(us, 1).reshape(B * T, -1)
-            fd = self.dynamics.derivatives(X, U, 0, second_order=second)
-            cd = self.cost.derivatives(X, U, 0)
-            F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
-            F = F.reshape(B, T, *F.shape[1:]).transpose(0, 1)
-            L = L.reshape(B, T, *L.shape[1:]).transpose(0, 1)
-            sec = [None] * 3
-            if second:
-                sec = [v.reshape(B, T, *v.shape[1:]).transpose(0, 1) for v in
-                       (fd.fxx, fd.fux, fd.fuu)]
-            n = xs[0].shape[-1]
-            for t in range(T):
-                stages.append(_Stage(F[t], L[t], n, *(None if s is None else s[t]
-                                                       for s in sec)))
-        else:
-            for t in range(T):
-                fd = self.dynamics.derivatives(xs[t], us[t], t, second_order=second)
-                cd = self.cost.derivatives(xs[t], us[t], t)
-                F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
-                stages.append(_Stage(F, L, xs[t].shape[-1], fd.fxx, fd.fux, fd.fuu))
-        Vx, Vxx = self.cost.terminal_derivatives(traj.xs[-1])
-        return stages, Vx, Vxx
+    def policy(self, mu: torch.Tensor, traj: Traj, lo=None, hi=None,
+               k_warm: list[torch.Tensor] | None = None) -> GainsPlug:
+        """The gains plug (kernel plug 3) of one backward pass with regularization ``mu``
+        (B,) around ``traj``: box QP under control limits, Cholesky otherwise."""
+        if lo is not None:
+            return BoxGains(mu, lo, hi, traj.us, k_warm)
+        return CholeskyGains(mu)
 
-    def backward_pass(self, stages: list[_Stage], Vx: torch.Tensor, Vxx: torch.Tensor,
-                      mu: torch.Tensor, traj: _Traj, lo=None, hi=None,
-                      k_warm: list[torch.Tensor] | None = None) -> _Policy:
-        """Riccati recursion with per-element regularization ``mu`` (B,).  Elements whose
-        regularized Q_uu is not positive definite get ``ok = False``."""
+    def backward_pass(self, stages: list, Vx: torch.Tensor, Vxx: torch.Tensor,
+                      mu: torch.Tensor, traj: Traj, lo=None, hi=None,
+                      k_warm: list[torch.Tensor] | None = None) -> Policy:
+        """The Riccati recursion with per-element regularization ``mu`` (B,): per stage,
+        expansion -> gains -> value update.  Elements whose regularized Q_uu is not
+        positive definite get ``ok = False``."""
         T = len(stages)
         B = mu.shape[0]
         ok = torch.ones(B, dtype=torch.bool, device=mu.device)
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
         dV = torch.zeros(B, 2, dtype=mu.dtype, device=mu.device)
-        chol = PerElementCholesky(mu)
+        gains = self.policy(mu, traj, lo, hi, k_warm)
         for t in range(T - 1, -1, -1):
-            s = stages[t]
-            L = s.L
-            if s.fxx is not None:  # full DDP: dynamics-Hessian terms
-                n = s.n
-                extra = torch.zeros_like(L)
-                extra[..., :n, 1:n + 1] = torch.einsum("bi,bijk->bjk", Vx, s.fxx)
-                fux = torch.einsum("bi,bijk->bjk", Vx, s.fux)
-                extra[..., n:, 1:n + 1] = fux
-                extra[..., :n, n + 1:] = fux.transpose(-1, -2)
-                extra[..., n:, n + 1:] = torch.einsum("bi,bijk->bjk", Vx, s.fuu)
-                L = L + extra
-            Q = expand_q_joint(Vx, Vxx, s.F, L, s.n)
-            if lo is None:
-                K, k = solve_policy(Q, chol, t)
-            else:
-                m = Q.Quu.shape[-1]
-                H = Q.Quu + mu[:, None, None] * torch.eye(m, dtype=mu.dtype, device=mu.device)
-                u = traj.us[t]
-                res = box_qp(H, Q.Qu, lo - u, hi - u,
-                             None if k_warm is None else k_warm[t])
-                ok = ok & ~res.failed
-                k = res.x
-                rhs = torch.where(res.clamped.unsqueeze(-1), torch.zeros_like(Q.Qux), Q.Qux)
-                K = -cholesky_solve(rhs, res.factor)
+            Q = stages[t].expand(Vx, Vxx)
+            g = gains.gains(Q, t)
+            ok = ok & g.ok
             # a failed element's NaNs stay in its own row; it is flagged by ``ok``
-            step = value_update(Q, K, k, exact_policy=False)
+            step = value_update(Q, g.K, g.k, exact_policy=False)
             Vx, Vxx = step.Vx, step.Vxx
             dV = dV + step.expected_change()
-            Ks[t], ks[t], Vxs[t], Vxxs[t] = K, k, Vx, Vxx
-        if chol.failed is not None:
-            ok = ok & ~chol.failed
-        return _Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
+            Ks[t], ks[t] = g.K, g.k
+            Vxs[t], Vxxs[t] = stages[t].state_block(Vx, Vxx)
+        return Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
 
-    def forward_pass(self, traj: _Traj, policy: _Policy, alpha: float | torch.Tensor,
-                     lo=None, hi=None) -> _Traj:
+    def forward_pass(self, traj: Traj, policy: Policy, alpha: float | torch.Tensor,
+                     lo=None, hi=None) -> Traj:
         """Closed-loop rollout ``u = u_bar + alpha k + K (x - x_bar)`` (clamped to the
         limits) on the flat batch of ``traj`` / ``policy``; ``alpha`` is a number or one
-        step per row (N,)."""
+        step per row (N,).  Non-finite rollouts get cost inf."""
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
+        dev = self.structure.deviation
 
-        def control(t, x):
-            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], x - traj.xs[t])
+        def control(t, xs):
+            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], dev(t, xs, traj.xs))
             return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
 
-        out = self._simulate(traj.xs[0], len(traj.us), control)
-        xs, us, cost = out.xs, out.us, out.cost
-        finite = torch.isfinite(cost) & torch.stack([torch.isfinite(v).all(-1) for v in xs],
-                                                    -1).all(-1)
-        cost = torch.where(finite, cost, torch.full_like(cost, math.inf))
-        return _Traj(xs, us, cost)
+        out = self.structure.simulate(traj.xs[0], len(traj.us), control)
+        cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
+        return Traj(out.xs, out.us, cost)
 
     def accept_step(self, actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
         """Armijo-type test: actual reduction at least ``c1`` times the expected one."""
@@ -406,7 +226,9 @@ class DDPSolver:
         Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
         there); the result is not differentiable with respect to the inputs.
         """
-        kind, batch, listed, x0f, usf, lo, hi = self._prepare(x0, us0)
+        inp = self.prepare(x0, us0)
+        kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
+                                                 inp.us, inp.lo, inp.hi)
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
         try:
@@ -420,8 +242,7 @@ class DDPSolver:
                 raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
                                  f"expected a leading batch of {B}")
         reason = np.array(["max_iter"] * B, dtype=object)
-        finite0 = torch.isfinite(traj.cost) & torch.stack(
-            [torch.isfinite(v).all(-1) for v in traj.xs], -1).all(-1)
+        finite0 = traj.finite()
         if not bool(finite0.any()):
             raise NonFiniteError("the rollout of us0 from x0 is not finite for any batch "
                                  "element (the dynamics or cost returned NaN/inf)")
@@ -444,11 +265,11 @@ class DDPSolver:
             sub = traj if idx.numel() == B else traj.select(idx)
             pol, stopped = self._backward_with_regularization(sub, idx, mu, delta, lo, hi,
                                                              k_warm, reason)
-            policy_full = _merge_policy(policy_full, pol, idx, B)
+            policy_full = merge_policy(policy_full, pol, idx, B)
             fresh[idx] = True
             k_warm = policy_full.k
             active[idx[stopped]] = False
-            done = pol.ok & (_step_size(pol.k, sub.us) <= math.sqrt(self.tol))
+            done = pol.ok & (step_size(pol.k, sub.us) <= math.sqrt(self.tol))
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
@@ -498,7 +319,7 @@ class DDPSolver:
             pol, _ = self._backward_with_regularization(
                 traj.select(stale), stale, mu.clone(), delta.clone(), lo, hi, k_warm,
                 reason.copy())
-            policy_full = _merge_policy(policy_full, pol, stale, B)
+            policy_full = merge_policy(policy_full, pol, stale, B)
         return self._result(kind, batch, listed, traj, policy_full, converged, iterations,
                             reason, history)
 
@@ -527,7 +348,7 @@ class DDPSolver:
         a = torch.tensor(alphas, dtype=sub.cost.dtype, device=sub.cost.device)
         rows = sel.repeat(na)  # alpha-major: row j * ns + i is alpha j, element i
         alpha = a[0].item() if na == 1 else a.repeat_interleave(ns)
-        cand = self.forward_pass(sub.select(rows), _select_gains(pol, rows), alpha, lo, hi)
+        cand = self.forward_pass(sub.select(rows), select_gains(pol, rows), alpha, lo, hi)
         dV = pol.dV[sel]
         expected = -(a[:, None] * dV[:, 0] + a[:, None] ** 2 * dV[:, 1])
         actual = sub.cost[sel] - cand.cost.reshape(na, ns)
@@ -552,7 +373,7 @@ class DDPSolver:
         mu[idx] = torch.clamp(mu[idx] * d, min=self.reg.minimum)
         return mu[idx] > self.reg.maximum
 
-    def _backward_with_regularization(self, sub: _Traj, idx, mu, delta, lo, hi, k_warm,
+    def _backward_with_regularization(self, sub: Traj, idx, mu, delta, lo, hi, k_warm,
                                       reason):
         """Backward passes, raising mu for the elements that fail, until all succeed or
         exceed the maximum regularization (those are returned as stopped)."""
@@ -576,10 +397,10 @@ class DDPSolver:
                 pol = part
             else:
                 if not owned:  # part's tensors may be views (terminal derivatives): copy
-                    pol = _merge_policy(None, pol, torch.arange(n_sub, device=idx.device),
+                    pol = merge_policy(None, pol, torch.arange(n_sub, device=idx.device),
                                         n_sub)
                     owned = True
-                pol = _merge_policy(pol, part, local, n_sub)
+                pol = merge_policy(pol, part, local, n_sub)
             bad = ~part.ok
             if not bool(bad.any()):
                 break
@@ -607,86 +428,3 @@ class DDPSolver:
             iterations=kind.out(iterations.reshape(batch)),
             reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
             history=history)
-
-
-def _step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
-    """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
-    return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
-                       -1).amax(-1)
-
-
-def _select_gains(p: _Policy, idx) -> _Policy:
-    """The rows ``idx`` of the gains K, k (all a forward pass reads; value derivatives are
-    left out)."""
-    return _Policy([K[idx] for K in p.K], [k[idx] for k in p.k], [], [], p.dV[idx],
-                   p.ok[idx])
-
-
-def _merge_policy(full: _Policy | None, part: _Policy, idx, B: int) -> _Policy:
-    """Write ``part`` (rows ``idx``) into ``full`` (B rows), allocating it when None."""
-    if full is None:
-        def alloc(v):
-            return torch.zeros(B, *v.shape[1:], dtype=v.dtype, device=v.device)
-        full = _Policy([alloc(v) for v in part.K], [alloc(v) for v in part.k],
-                       [alloc(v) for v in part.Vx], [alloc(v) for v in part.Vxx],
-                       alloc(part.dV), torch.zeros(B, dtype=torch.bool, device=part.ok.device))
-    for dst, src in ((full.K, part.K), (full.k, part.k), (full.Vx, part.Vx),
-                     (full.Vxx, part.Vxx)):
-        for a, b in zip(dst, src):
-            if a is not b:  # the terminal derivatives may be the very same tensor
-                a[idx] = b
-    full.dV[idx] = part.dV
-    full.ok[idx] = part.ok
-    return full
-
-
-def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
-              mode: Mode = "ilqr", max_iter: int = 100, tol: float = 1e-8,
-              regularization: Regularization | None = None,
-              line_search: LineSearch | None = None, control_limits=None,
-              callback: Callable[[IterationLog], Any] | None = None,
-              spans=None, players=None) -> DDPResult:
-    r"""Optimize a control sequence by iLQR or DDP.
-
-    .. math::
-
-        \min_{u_{0:T-1}} \sum_{t<T} l_t(x_t, u_t) + l_T(x_T), \quad
-        x_{t+1} = f_t(x_t, u_t), \quad x_0 \text{ given}
-
-    Parameters
-    ----------
-    dynamics : Dynamics or callable ``f(x, u, t)``
-    cost : Cost
-    x0 : (..., n)
-    us0 : (..., T, m) or sequence of T arrays (..., m_t)
-        Initial controls (clamped to the limits).
-    mode : {"ilqr", "ddp"}
-    max_iter : int
-        Maximum number of iterations (backward + forward pass).
-    tol : float
-        An element converges when the feedforward step is negligible,
-        ``max_t,i |k_t,i| / (1 + |u_t,i|) <= sqrt(tol)``, or when an accepted step lowered
-        the cost by less than ``tol * (1 + |J|)`` (the two tests of Tassa et al. 2012).
-    regularization : Regularization
-    line_search : LineSearch
-    control_limits : (lo, hi), each of shape (m,), optional
-    callback : callable(IterationLog), optional
-    spans : sequence of trajopt.Span, optional
-        Residual connections (GT-DDP); see :class:`~trajopt.ddp.gtddp.GTDDPSolver`.  The
-        gains ``K[t]`` then act on ``[x_t, x_start of each span open at t]`` (span order).
-    players : sequence of int or callable ``t -> sequence``, optional
-        Split of each stage's control among cooperative players (GT-DDP Sec. 3.2).
-
-    Returns
-    -------
-    DDPResult
-    """
-    if spans or players is not None:
-        from .gtddp import GTDDPSolver
-        return GTDDPSolver(dynamics, cost, spans=spans or (), players=players, mode=mode,
-                           max_iter=max_iter, tol=tol, regularization=regularization,
-                           line_search=line_search, control_limits=control_limits,
-                           callback=callback).solve(x0, us0)
-    return DDPSolver(dynamics, cost, mode=mode, max_iter=max_iter, tol=tol,
-                     regularization=regularization, line_search=line_search,
-                     control_limits=control_limits, callback=callback).solve(x0, us0)

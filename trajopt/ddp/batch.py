@@ -1,0 +1,80 @@
+"""Per-element batch bookkeeping of the DDP loop: trajectories and policies on a flat batch
+of ``B`` elements, row selection and merging (every element converges, fails or diverges
+on its own, so the loop works on the rows still active)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Traj", "Policy", "merge_policy", "select_gains", "step_size"]
+
+
+@dataclass
+class Traj:
+    """A rolled-out trajectory: ``xs`` T+1 tensors (B, n_t), ``us`` T tensors (B, m_t),
+    ``cost`` (B,)."""
+
+    xs: list[torch.Tensor]
+    us: list[torch.Tensor]
+    cost: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> Traj:
+        return Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx])
+
+    def assign(self, idx: torch.Tensor, other: Traj) -> None:
+        for a, b in zip(self.xs, other.xs):
+            a[idx] = b
+        for a, b in zip(self.us, other.us):
+            a[idx] = b
+        self.cost[idx] = other.cost
+
+    def finite(self) -> torch.Tensor:
+        """(B,) bool: the cost and every state are finite."""
+        return torch.isfinite(self.cost) & torch.stack(
+            [torch.isfinite(v).all(-1) for v in self.xs], -1).all(-1)
+
+
+@dataclass
+class Policy:
+    """The gains and value derivatives of one backward pass (lists over stages), the
+    expected change ``dV`` (B, 2) and ``ok`` (B,)."""
+
+    K: list[torch.Tensor]
+    k: list[torch.Tensor]
+    Vx: list[torch.Tensor]
+    Vxx: list[torch.Tensor]
+    dV: torch.Tensor
+    ok: torch.Tensor
+
+
+def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
+    """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
+    return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
+                       -1).amax(-1)
+
+
+def select_gains(p: Policy, idx) -> Policy:
+    """The rows ``idx`` of the gains K, k (all a forward pass reads; value derivatives are
+    left out)."""
+    return Policy([K[idx] for K in p.K], [k[idx] for k in p.k], [], [], p.dV[idx],
+                  p.ok[idx])
+
+
+def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
+    """Write ``part`` (rows ``idx``) into ``full`` (B rows), allocating it when None."""
+    if full is None:
+        def alloc(v):
+            return torch.zeros(B, *v.shape[1:], dtype=v.dtype, device=v.device)
+        full = Policy([alloc(v) for v in part.K], [alloc(v) for v in part.k],
+                      [alloc(v) for v in part.Vx], [alloc(v) for v in part.Vxx],
+                      alloc(part.dV), torch.zeros(B, dtype=torch.bool, device=part.ok.device))
+    for dst, src in ((full.K, part.K), (full.k, part.k), (full.Vx, part.Vx),
+                     (full.Vxx, part.Vxx)):
+        for a, b in zip(dst, src):
+            if a is not b:  # the terminal derivatives may be the very same tensor
+                a[idx] = b
+    full.dV[idx] = part.dV
+    full.ok[idx] = part.ok
+    return full

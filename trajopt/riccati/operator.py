@@ -1,0 +1,240 @@
+r"""The Riccati step with operator-form derivatives, per-sample values and a shared control.
+
+The same three parts as :mod:`trajopt.riccati.step` (DESIGN.md, "The Riccati step and its
+plug points"; DDPNOpt paper Eq. 4, 9, 12-13, Alg. 3), for the OCP of a network layer:
+``B`` samples ``x^i`` driven by one shared control ``u`` (the layer's weights), a running
+cost on the control only (``l(u)``, e.g. weight decay, so
+:math:`l_x = l_{xx} = l_{ux} = 0`) and first-order dynamics.
+
+1. *Expansion* (operators, :class:`OperatorStage`): with :math:`V' = V_{xx}'^{\,i}`,
+
+   .. math::
+
+       Q_x^i = f_x^\top V_x'^{\,i}, \quad Q_u^i = l_u + f_u^{i\top} V_x'^{\,i}, \quad
+       Q_{ux}^i = f_u^{i\top} V' f_x, \quad Q_{xx}^i = f_x^\top V' f_x,
+
+   never formed: the stage applies :math:`f_x^\top`, :math:`f_x` and the batch mean of
+   :math:`f_u^{i\top}`.
+2. *Policy* (the Q_uu plug, :class:`ControlResponse`): a shared curvature
+   :math:`P \approx Q_{uu}` (exact, or a preconditioner that only applies its inverse)
+   gives :math:`k^i = -P^{-1} Q_u^i`, :math:`K^i = -P^{-1} Q_{ux}^i`; the value needs
+   only its *response* :math:`M^i = f_u^i S f_u^{i\top}` in next-state space, with
+   :math:`S = 2P^{-1} - P^{-1} Q_{uu} P^{-1}` (:math:`= P^{-1}` when :math:`P` is the
+   curvature model itself).
+3. *Value* (the V_xx plug, :mod:`trajopt.riccati.value`): the general value update of
+   :func:`~trajopt.riccati.step.value_update` in this form,
+
+   .. math::
+
+       V_x^i = f_x^\top \bigl(V_x'^{\,i} - V' r^i\bigr),\qquad
+       V_{xx}^i = f_x^\top \bigl(V' - V' M^i V'\bigr) f_x,
+
+   :math:`r^i = M^i V_x'^{\,i} + f_u^i S\, l_u`; the representation (dense, rank one
+   :math:`c z z^\top`, rank r :math:`Z C Z^\top`) decides how the correction and the
+   pull-back are computed.  The paper's rank-one recursion
+   :math:`z \leftarrow \sqrt{1-\beta}\, f_x^\top z` is undefined when an approximate
+   :math:`P` makes :math:`\beta > 1`; the signed coefficient ``c`` is exact and never NaN.
+
+Tikhonov regularization (:math:`V_{xx} + \epsilon I`, Alg. 3) is applied to every
+non-terminal value Hessian where it is *used* (``V'`` above); see
+:mod:`trajopt.riccati.value` for how each representation propagates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .value import Value
+
+__all__ = [
+    "OperatorStage",
+    "ControlResponse",
+    "OperatorStep",
+    "operator_riccati_step",
+    "DenseOperatorStage",
+    "DenseResponse",
+]
+
+
+class OperatorStage(Protocol):
+    """First-order dynamics of one stage around ``B`` nominal samples, as operators.
+
+    ``Y`` has shape (B, J, n1) (J right-hand sides per sample), ``dX`` (B, n).
+    """
+
+    def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`f_x^{i\\top} Y^i`, (B, J, n1) -> (B, J, n)."""
+
+    def fx(self, dX: torch.Tensor) -> torch.Tensor:
+        """:math:`f_x^i\\, dX^i`, (B, n) -> (B, n1)."""
+
+    def fu_T_mean(self, Y: torch.Tensor) -> Any:
+        """Batch mean :math:`\\frac1B \\sum_i f_u^{i\\top} Y^i` for Y (B, n1); the control's
+        own type (a matrix, a tensor shaped like the weights)."""
+
+
+class ControlResponse(Protocol):
+    """How the shared curvature acts on the next state (the Q_uu plug point)."""
+
+    def response(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`f_u^i S f_u^{i\\top} Y^i`, (B, J, n1) -> (B, J, n1)."""
+
+    def response_const(self) -> torch.Tensor | None:
+        """:math:`f_u^i S\\, l_u`, (B, n1), or None when :math:`l_u = 0`."""
+
+    def apply_control(self, G: Any) -> torch.Tensor:
+        """:math:`f_u^i S G` for one control-shaped G shared by the samples, (B, n1)."""
+
+
+@dataclass(frozen=True)
+class OperatorStep:
+    """Result of :func:`operator_riccati_step`.
+
+    Attributes
+    ----------
+    Qu : control-shaped
+        Batch mean :math:`\\mathbb{E}_i f_u^{i\\top} V_x'^{\\,i}` (add :math:`l_u` for
+        :math:`\\mathbb{E}[Q_u]`).
+    value : DenseValue, RankOneValue, RankRValue or None
+        Value derivatives at this stage (None when not propagated).
+    stage, next_value, tikhonov
+        What :meth:`feedback` needs.
+    """
+
+    Qu: Any
+    value: Value | None
+    stage: OperatorStage
+    next_value: Value
+    tikhonov: float
+
+    def feedback(self, dX: torch.Tensor) -> Any:
+        """Batch mean of :math:`Q_{ux}^i dX^i = f_u^{i\\top} V' f_x dX^i` for dX (B, n); the
+        applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`."""
+        Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
+        return self.stage.fu_T_mean(Y.squeeze(1))
+
+
+def operator_riccati_step(
+    value: Value,
+    stage: OperatorStage,
+    curvature: Callable[[Any, Value], ControlResponse],
+    *,
+    tikhonov: float = 0.0,
+    project_psd: bool = False,
+    recursion: str = "per_sample",
+    propagate: bool = True,
+) -> OperatorStep:
+    """One backward step in operator form (see the module docstring).
+
+    Parameters
+    ----------
+    value : DenseValue, RankOneValue or RankRValue
+        Next-stage value derivatives, per sample (B, n1).
+    stage : OperatorStage
+        The stage's linearization.
+    curvature : callable
+        ``curvature(Qu_mean, value)`` -> :class:`ControlResponse`: receives the batch mean
+        :math:`\\mathbb{E}[f_u^\\top V_x']` first (so adaptive curvatures update their
+        statistics with it, as torch.optim does before it preconditions) and the value
+        (so an exact curvature can form :math:`\\mathbb{E}[f_u^\\top V' f_u]`).
+    tikhonov : float
+        :math:`\\epsilon` added to ``value``'s Hessian where it is used.
+    project_psd : bool
+        Project :math:`V' - V' M V'` onto the positive semidefinite cone (dense: clamp
+        its eigenvalues; rank r: those of the core C; rank one: clamp c at 0).  With an approximate
+        :math:`P` the exact recursion can turn the value Hessian negative and, stage after
+        stage, grow without bound (``c`` squares); the projection keeps it between 0 and
+        its Gauss-Newton start.
+    recursion : {"per_sample", "mean"}
+        ``"per_sample"``: Alg. 3 literally, each sample's value follows its own policy
+        :math:`k^i = -P^{-1}Q_u^i`, :math:`K^i` (:math:`r^i = f_u^i S Q_u^i`, correction
+        :math:`V' M V'`).  ``"mean"``: the value of the policy actually applied, the batch
+        mean :math:`\\bar k + \\tfrac1B\\sum_j K^j \\delta x^j` -- the block diagonal of the
+        joint (B n)-state DP: :math:`r^i = f_u^i S\\, \\mathbb{E}[Q_u]` and correction
+        :math:`\\tfrac1B V' M V'`.  Identical for B = 1.
+    propagate : bool
+        False: do not form this stage's value (``value`` of the result is None), e.g. at
+        the first stage, whose state (the data) is never perturbed; :meth:`feedback` and
+        ``Qu`` are unaffected.
+    """
+    if recursion not in ("per_sample", "mean"):
+        raise ValueError(f"recursion must be 'per_sample' or 'mean'; got {recursion!r}")
+    Vx1 = value.Vx
+    Qu = stage.fu_T_mean(Vx1)                          # 1. expansion (operators)
+    resp = curvature(Qu, value)                        # 2. the Q_uu plug
+    if not propagate:
+        return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
+                            tikhonov=tikhonov)
+    # 3. value: the responses of the value's directions (and, per sample, of V_x'),
+    # in one operator call
+    D = value.directions(tikhonov)
+    if recursion == "mean":
+        w = 1.0 / Vx1.shape[0]
+        r = resp.apply_control(Qu)
+        MD = resp.response(D)
+    else:
+        w = 1.0
+        R = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
+        r, MD = R[:, 0], R[:, 1:]
+    const = resp.response_const()
+    if const is not None:
+        r = r + const
+    g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
+    new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
+    return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov)
+
+
+@dataclass(frozen=True)
+class DenseOperatorStage:
+    """An :class:`OperatorStage` from dense per-sample Jacobians ``A`` (B, n1, n) and
+    ``Bu`` (B, n1, m): the classical case, and the reference the network stages are
+    tested against."""
+
+    A: torch.Tensor
+    Bu: torch.Tensor
+
+    def fx_T(self, Y):
+        return Y @ self.A
+
+    def fx(self, dX):
+        return (self.A @ dX.unsqueeze(-1)).squeeze(-1)
+
+    def fu_T_mean(self, Y):
+        return (Y.unsqueeze(-2) @ self.Bu).squeeze(-2).mean(0)
+
+
+@dataclass(frozen=True)
+class DenseResponse:
+    """:class:`ControlResponse` of an exact curvature on a :class:`DenseOperatorStage`.
+
+    ``Quu`` (m, m) is the curvature the policy solves with (:math:`P`, e.g. regularized),
+    ``Quu_true`` the unregularized one entering the value (None: same as ``Quu``), ``lu``
+    (m,) the running-cost gradient or None.
+    """
+
+    stage: DenseOperatorStage
+    Quu: torch.Tensor
+    Quu_true: torch.Tensor | None = None
+    lu: torch.Tensor | None = None
+
+    def _S(self) -> torch.Tensor:
+        Pinv = torch.linalg.inv(self.Quu)
+        if self.Quu_true is None:
+            return Pinv
+        return 2 * Pinv - Pinv @ self.Quu_true @ Pinv
+
+    def response(self, Y):
+        Bu = self.stage.Bu
+        return (Y @ Bu) @ self._S().transpose(-1, -2) @ Bu.transpose(-1, -2)
+
+    def response_const(self):
+        if self.lu is None:
+            return None
+        return self.apply_control(self.lu)
+
+    def apply_control(self, G):
+        return self.stage.Bu @ (self._S() @ G)

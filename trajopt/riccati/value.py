@@ -1,0 +1,185 @@
+r"""Plug 2 of the Riccati step: how the per-sample value Hessian :math:`V_{xx}` is held.
+
+The per-sample (operator) step of :mod:`trajopt.riccati.operator` needs three things of a
+value Hessian :math:`V'` (batch of ``B`` samples, next-state size ``n1``):
+
+* ``hess_apply(Y, eps)``: :math:`(V' + \epsilon I) Y` on rows Y (B, J, n1);
+* ``directions(eps)`` and ``downdate(D, MD, w, project_psd)``: the correction
+  :math:`V' - w\, V' M V'` by a policy's response :math:`M` (symmetric, next-state
+  space), computed from the responses ``MD`` of a few rows ``D`` only;
+* ``pullback(fx_T, g, downdated)``: :math:`f_x^\top (\cdot) f_x` onto this stage.
+
+Three representations implement them:
+
+* :class:`DenseValue`: (B, n, n); correction :math:`V - wVMV` from the rows of V;
+* :class:`RankOneValue`: :math:`c\, z z^\top` with c (B,), z (B, n); correction
+  :math:`c \leftarrow c - w c^2 z^\top M z`;
+* :class:`RankRValue`: :math:`Z C Z^\top` with Z (B, n, r), C (B, r, r); correction
+  :math:`C \leftarrow C - w C (Z^\top M Z) C`.
+
+The factored forms are exact: :math:`Z C Z^\top - w Z C Z^\top M Z C Z^\top =
+Z (C - w C Z^\top M Z C) Z^\top` and :math:`f_x^\top Z C Z^\top f_x = (f_x^\top Z) C
+(f_x^\top Z)^\top`, so they give the matrices the dense recursion gives, at the cost of
+r (instead of n) responses per sample.  ``RankRValue`` with ``C = None`` is
+:math:`Z Z^\top` (the exact Gauss-Newton Hessian of softmax cross-entropy is
+:math:`\mathrm{diag}(p) - p p^\top = Z Z^\top` with
+:math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top`, r = classes); the core C appears at
+the first downdate.  With r = 1 it is :class:`RankOneValue` (``C = c``).
+
+A Tikhonov :math:`\epsilon I` enters every product with :math:`V'` (``hess_apply``); the
+dense form also propagates it to earlier stages, the factored forms do not (it would
+destroy the low rank) -- ``docs/ddpnopt.md`` discusses the choice.  ``project_psd``
+keeps the corrected Hessian positive semidefinite: dense by clamping its eigenvalues,
+factored by clamping those of the core C (for a factor Z of full column rank,
+:math:`Z C Z^\top \succeq 0 \iff C \succeq 0`; r = 1: ``c >= 0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._linalg import sym
+
+__all__ = ["DenseValue", "RankOneValue", "RankRValue", "Value"]
+
+Pullback = Callable[[torch.Tensor], torch.Tensor]  # f_x' on rows: (B, J, n1) -> (B, J, n)
+
+
+def _psd(W: torch.Tensor) -> torch.Tensor:
+    lam, Q = torch.linalg.eigh(sym(W))
+    return (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+
+@dataclass(frozen=True)
+class DenseValue:
+    """Per-sample value derivatives with a dense Hessian.
+
+    Attributes
+    ----------
+    Vx : (B, n)
+    Vxx : (B, n, n)
+    """
+
+    Vx: torch.Tensor
+    Vxx: torch.Tensor
+
+    def hess_apply(self, Y: torch.Tensor, tikhonov: float = 0.0) -> torch.Tensor:
+        """:math:`(V_{xx} + \\epsilon I) Y` for Y (B, J, n)."""
+        out = Y @ self.Vxx.transpose(-1, -2)
+        return out + tikhonov * Y if tikhonov else out
+
+    def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
+        """The rows of :math:`V_{xx} + \\epsilon I` (B, n, n)."""
+        n = self.Vx.shape[-1]
+        eye = torch.eye(n, dtype=self.Vx.dtype, device=self.Vx.device)
+        return self.hess_apply(eye.expand(self.Vx.shape[0], n, n), tikhonov)
+
+    def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
+                 project_psd: bool) -> torch.Tensor:
+        """:math:`W = V - w V M V` from ``D = V`` and ``MD`` its responses (rows)."""
+        W = D - w * (D @ MD.transpose(-1, -2))
+        return _psd(W) if project_psd else W
+
+    def pullback(self, fx_T: Pullback, g: torch.Tensor, W: torch.Tensor) -> DenseValue:
+        """``DenseValue(f_x' g, f_x' W f_x)`` for g (B, n1), W (B, n1, n1)."""
+        Vx = fx_T(g.unsqueeze(1)).squeeze(1)
+        FW = fx_T(W)                                    # (B, n1, n): rows of W f_x
+        return DenseValue(Vx=Vx, Vxx=sym(fx_T(FW.transpose(-1, -2).contiguous())))
+
+
+@dataclass(frozen=True)
+class RankOneValue:
+    """Per-sample value derivatives with a signed rank-one Hessian ``c z z'``.
+
+    Attributes
+    ----------
+    Vx : (B, n)
+    c : (B,)
+    z : (B, n)
+    """
+
+    Vx: torch.Tensor
+    c: torch.Tensor
+    z: torch.Tensor
+
+    @property
+    def Vxx(self) -> torch.Tensor:
+        """The dense (B, n, n) Hessian (tests and small models only)."""
+        return self.c[:, None, None] * self.z.unsqueeze(-1) * self.z.unsqueeze(-2)
+
+    def hess_apply(self, Y: torch.Tensor, tikhonov: float = 0.0) -> torch.Tensor:
+        """:math:`(c z z^\\top + \\epsilon I) Y` for Y (B, J, n), without forming z z'."""
+        zY = (Y * self.z.unsqueeze(1)).sum(-1, keepdim=True)
+        out = (self.c[:, None, None] * zY) * self.z.unsqueeze(1)
+        return out + tikhonov * Y if tikhonov else out
+
+    def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
+        """The factor as one row, (B, 1, n)."""
+        return self.z.unsqueeze(1)
+
+    def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
+                 project_psd: bool) -> torch.Tensor:
+        """The new coefficient :math:`c (1 - w c\\, z^\\top M z)` (B,)."""
+        beta = w * (D[:, 0] * MD[:, 0]).sum(-1)
+        c = self.c * (1.0 - self.c * beta)
+        return c.clamp(min=0.0) if project_psd else c
+
+    def pullback(self, fx_T: Pullback, g: torch.Tensor, c: torch.Tensor) -> RankOneValue:
+        """``RankOneValue(f_x' g, c, f_x' z)``: one operator call for both rows."""
+        FY = fx_T(torch.stack([g, self.z], 1))
+        return RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
+
+
+@dataclass(frozen=True)
+class RankRValue:
+    """Per-sample value derivatives with a rank-r Hessian ``Z C Z'``.
+
+    Attributes
+    ----------
+    Vx : (B, n)
+    Z : (B, n, r)
+    C : (B, r, r) symmetric, or None for the identity (``Vxx = Z Z'``)
+    """
+
+    Vx: torch.Tensor
+    Z: torch.Tensor
+    C: torch.Tensor | None = None
+
+    @property
+    def Vxx(self) -> torch.Tensor:
+        """The dense (B, n, n) Hessian (tests and small models only)."""
+        ZC = self.Z if self.C is None else self.Z @ self.C
+        return ZC @ self.Z.transpose(-1, -2)
+
+    def hess_apply(self, Y: torch.Tensor, tikhonov: float = 0.0) -> torch.Tensor:
+        """:math:`(Z C Z^\\top + \\epsilon I) Y` for Y (B, J, n): two thin products."""
+        YZ = Y @ self.Z                                  # (B, J, r)
+        if self.C is not None:
+            YZ = YZ @ self.C
+        out = YZ @ self.Z.transpose(-1, -2)
+        return out + tikhonov * Y if tikhonov else out
+
+    def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
+        """The factor's columns as rows, (B, r, n)."""
+        return self.Z.transpose(-1, -2)
+
+    def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
+                 project_psd: bool) -> torch.Tensor:
+        """The new core :math:`C - w C (Z^\\top M Z) C` (B, r, r)."""
+        G = sym(D @ MD.transpose(-1, -2))                # Z'MZ
+        if self.C is None:
+            C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
+        else:
+            C = sym(self.C - w * (self.C @ G @ self.C))
+        return _psd(C) if project_psd else C
+
+    def pullback(self, fx_T: Pullback, g: torch.Tensor, C: torch.Tensor) -> RankRValue:
+        """``RankRValue(f_x' g, f_x' Z, C)``: one operator call for the r + 1 rows."""
+        FY = fx_T(torch.cat([g.unsqueeze(1), self.Z.transpose(-1, -2)], 1))
+        return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
+
+
+Value = DenseValue | RankOneValue | RankRValue
