@@ -11,7 +11,7 @@ Each curvature is a small functional kernel on the stage's augmented control
 * :meth:`Curvature.preconditioner` -- a :class:`Preconditioner`, computed once per step
   and stage, with ``inverse`` (:math:`P^{-1} G` for a control-shaped ``G``: the update and
   the feedback) and ``per_sample`` (:math:`[S(w^i \tilde x^{i\top})]\, \tilde x^i`, the
-  response the value recursion needs, :class:`trajopt.lqr.operator_step.ControlResponse`,
+  response the value recursion needs, :class:`trajopt.riccati.operator.ControlResponse`,
   with rank-one closed forms for Linear layers).
 
 With :math:`P^{-1} G = Q_G [(Q_G^\top G Q_A) \odot D] Q_A^\top` (rotations ``None`` for
@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
+from trajopt.errors import InvalidArgumentError
+from trajopt.riccati.solvers import cholesky_factor
 
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
            "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse"]
@@ -338,12 +339,10 @@ class Exact(Curvature):
         Quu = (Vhh.reshape(lin.B, -1).T @ xx).reshape(out, out, n_in, n_in)
         Quu = Quu.permute(0, 2, 1, 3).reshape(m, m) / lin.B
         Quu = 0.5 * (Quu + Quu.T) + hp["weight_decay"] * eye
-        L, info = torch.linalg.cholesky_ex(Quu + hp["regularization"] * eye)
-        if int(info) != 0:
-            raise NotPositiveDefiniteError(
-                "curvature='exact': Q_uu + regularization * I is not positive definite at "
-                f"stage {lin.stage.index}; increase regularization (now "
-                f"{hp['regularization']}) or keep value_psd=True")
+        L = cholesky_factor(Quu + hp["regularization"] * eye,
+                            "curvature='exact': Q_uu + regularization * I", lin.stage.index,
+                            f"increase regularization (now {hp['regularization']}) or keep "
+                            "value_psd=True")
         return DensePreconditioner(D=L, Quu=Quu, lr=hp["lr"])
 
 
@@ -353,7 +352,7 @@ CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in
 
 @dataclass
 class NetworkResponse:
-    """:class:`trajopt.lqr.operator_step.ControlResponse` of a preconditioner on a network
+    """:class:`trajopt.riccati.operator.ControlResponse` of a preconditioner on a network
     stage linearization ``lin`` (see :class:`nnbridge.stages.StageLinearization`);
     ``wdU`` is :math:`l_u = \\lambda \\tilde U` or None."""
 

@@ -9,7 +9,7 @@ loss :math:`\phi`):
 2. ``feedback=False``: :math:`\mathbb{E}[Q_u^t]` is ``p.grad`` (Prop. 2: with
    :math:`Q_{ux} = 0` DDP's backward pass is back-propagation) and the update is exactly
    the baseline's (SGD, RMSprop, Adam, EKFAC);
-3. ``feedback=True``: the backward pass is :func:`trajopt.lqr.operator_step.
+3. ``feedback=True``: the backward pass is :func:`trajopt.riccati.operator.
    operator_riccati_step` per stage, fed with the layer's operators
    (:class:`nnbridge.stages.StageLinearization`) and the curvature's response, with the
    value Hessian rank-one ("outer", Prop. 4) or dense per sample ("full"); then the
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, ShapeError, SkippedStepWarning
-from trajopt.lqr.operator_step import DenseValue, RankOneValue, operator_riccati_step
+from trajopt.riccati import DenseValue, RankOneValue, operator_riccati_step
 
 from .curvature import CURVATURES, Exact, NetworkResponse
 from .stages import StageLinearization, capture, stages

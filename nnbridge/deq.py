@@ -27,7 +27,7 @@ from torch import nn
 
 from trajopt import solve_infinite_lqr
 from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
-from trajopt.steepest import surrogate_control
+from trajopt.riccati import push_through_control, surrogate_control
 
 __all__ = ["DEQ", "DEQBlock", "SOLVERS"]
 
@@ -199,8 +199,7 @@ class DEQ(nn.Module):
         eye = torch.eye(n, dtype=zf.dtype, device=zf.device).expand(B, n, n)
         sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
         # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
-        w = torch.linalg.solve(eye + sol.P @ G, sol.p.unsqueeze(-1))
-        g = (Bm.transpose(-1, -2) @ w)[..., 0]            # (B, m)
+        g = -push_through_control(Bm, 1.0, sol.P, G, sol.p)   # (B, m)
         return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
 
     def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,
@@ -260,7 +259,7 @@ class DEQ(nn.Module):
         sol = solve_infinite_lqr(A, Lr, 0.5 * (Q + Q.T), eyeN, q=a)
         # steady state (Eq. 4.1.12) in the surrogate, then the parameters by push-through
         zt = torch.linalg.solve(eyeN - A - Lr @ sol.K, Lr @ sol.k)
-        u = -(Bm.T @ torch.linalg.solve(eyeN + sol.P @ G, sol.P @ A @ zt + sol.p)) / r
+        u = push_through_control(Bm, r, sol.P, G, sol.P @ A @ zt + sol.p)
         return _unflatten(u, self.cell)
 
     def cyclic_lqr_gradient(self, x: torch.Tensor, a: torch.Tensor):

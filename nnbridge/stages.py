@@ -230,7 +230,7 @@ def _derivative_from_output(post, y: torch.Tensor) -> torch.Tensor | None:
 
 class StageLinearization:
     """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
-    :class:`trajopt.lqr.operator_step.OperatorStage` on flattened states.
+    :class:`trajopt.riccati.operator.OperatorStage` on flattened states.
 
     Attributes
     ----------

@@ -26,13 +26,12 @@ second derivatives :math:`Q_i, R_i, M_i`, Newton.  It is solved by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
 from .errors import InvalidArgumentError, ShapeError
 from .lqr import LQR, solve_lqr
-from .lqr.riccati import expand_q_joint, value_update
+from .riccati.pushthrough import push_through_control, surrogate_control
 
 __all__ = ["steepest_descent_lqr", "NeumannSolver", "surrogate_control"]
 
@@ -81,6 +80,12 @@ class NeumannSolver:
 
     def last_delta_of(self, stage: int) -> torch.Tensor:
         """The damping (tensor) the last solve of ``stage`` used."""
+        return self._delta_t[stage]
+
+    def value_damping(self, stage: int | None) -> torch.Tensor:
+        """The kernel's :class:`~trajopt.riccati.solvers.QuuSolver` hook: the adaptive
+        damping of the last solve of ``stage`` is part of the cost (a trust-region term,
+        thesis Sec. 5.1.2), so the value derivatives include it."""
         return self._delta_t[stage]
 
     def spectral_radius(self, K: torch.Tensor) -> torch.Tensor:
@@ -173,7 +178,8 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
     if solver is not None:
         if damping:
             raise InvalidArgumentError("with a NeumannSolver give the damping to the solver")
-        return _neumann_lqr(prob, solver)
+        sol = solve_lqr(prob, x0=like.new_zeros(A[0].shape[-1]), solver=solver)
+        return list(sol.us)
     scales = _identity_scales(Rs) if M is None else None
     if surrogate is None:
         surrogate = scales is not None and any(
@@ -198,21 +204,6 @@ def _identity_scales(Rs: Sequence[torch.Tensor]) -> list[float] | None:
     return out
 
 
-def surrogate_control(B: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(L, G)`` with :math:`G = B B^\top / r` (..., n1, n1) and :math:`L L^\top = G`.
-
-    An LQR stage with control matrix ``B`` (n1, m) and :math:`R = rI` has the same
-    Riccati recursion, closed loop and costates as the stage with control matrix ``L``
-    and :math:`R = I`, since only :math:`B R^{-1} B^\top` enters them; the original
-    control follows from the push-through identity :math:`(rI + B^\top P B)^{-1}
-    B^\top = \tfrac1r B^\top (I + P G)^{-1}`.  Every solve is then of size n1
-    instead of m."""
-    G = (B @ B.transpose(-1, -2)) / r
-    G = 0.5 * (G + G.transpose(-1, -2))
-    w, V = torch.linalg.eigh(G)
-    return V * w.clamp_min(0.0).sqrt().unsqueeze(-2), G
-
-
 def _surrogate_lqr(A, B, Qs, scales, QT, aN) -> list[torch.Tensor]:
     """The steepest-descent LQR with every ``R_i = r_i I`` solved through the
     surrogate controls of :func:`surrogate_control` (solves of the state size)."""
@@ -220,37 +211,6 @@ def _surrogate_lqr(A, B, Qs, scales, QT, aN) -> list[torch.Tensor]:
     eyes = [torch.eye(L.shape[-1], dtype=L.dtype, device=L.device) for L, _ in LG]
     prob = LQR(A=A, B=[L for L, _ in LG], Q=Qs, R=eyes, QT=QT, qT=aN)
     sol = solve_lqr(prob, x0=aN.new_zeros(A[0].shape[-1]))
-    us = []
-    for i, ((_, G), r) in enumerate(zip(LG, scales)):
-        P1, p1 = sol.P[i + 1], sol.p[i + 1]
-        w = torch.linalg.solve(eyes[i] + P1 @ G, P1 @ (A[i] @ sol.xs[i]) + p1)
-        us.append(-(B[i].transpose(-1, -2) @ w) / r)
-    return us
-
-
-def _neumann_lqr(prob: LQR, solver: NeumannSolver) -> list[torch.Tensor]:
-    """The Riccati recursion of :func:`trajopt.solve_lqr` (the shared step primitives)
-    with the stage solves replaced by ``solver``; its adaptive damping is part of the
-    cost (a trust-region term, thesis Sec. 5.1.2), so the value includes it."""
-    P, p = prob.terminal[0], prob.terminal[1]
-    Ks, ks = [None] * prob.T, [None] * prob.T
-    for t in range(prob.T - 1, -1, -1):
-        st = prob.stages[t]
-        Q = expand_q_joint(p, P, st.F, st.L, st.n, st.c)
-        rhs = torch.cat([Q.Qu.unsqueeze(-1), Q.Qux], -1)
-        gains = -solver.solve(Q.Quu, rhs, t)
-        k, K = gains[..., 0], gains[..., 1:]
-        m = Q.Quu.shape[-1]
-        eye = torch.eye(m, dtype=Q.Quu.dtype, device=Q.Quu.device)
-        damped = replace(Q, Quu=Q.Quu + solver.last_delta[..., None, None] * eye, joint=None)
-        step = value_update(damped, K, k, exact_policy=False)
-        P, p = step.Vxx, step.Vx
-        Ks[t], ks[t] = K, k
-    x = P.new_zeros(prob.stages[0].n)
-    us = []
-    for t in range(prob.T):
-        u = (Ks[t] @ x.unsqueeze(-1))[..., 0] + ks[t]
-        us.append(u)
-        st = prob.stages[t]
-        x = (st.F @ torch.cat([x, u], -1).unsqueeze(-1))[..., 0]
-    return us
+    return [push_through_control(B[i], r, sol.P[i + 1], G,
+                                 sol.P[i + 1] @ (A[i] @ sol.xs[i]) + sol.p[i + 1])
+            for i, ((_, G), r) in enumerate(zip(LG, scales))]

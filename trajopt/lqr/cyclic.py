@@ -29,9 +29,10 @@ import torch
 
 from .._arrays import infer_kind
 from ..errors import ConvergenceWarning, ShapeError
-from .finite import LQR, Stage
+from ..riccati.expansion import DenseStage
+from ..riccati.step import riccati_step_joint
+from .finite import LQR, Stage, dense_stages
 from .infinite import solve_infinite_lqr
-from .riccati import riccati_step_joint
 
 __all__ = ["CyclicLQRSolution", "solve_cyclic_lqr"]
 
@@ -76,11 +77,12 @@ def _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs):
     n_end = np.shape(As[-1] if listed else As[..., -1, :, :])[-2]
     QT = (np.zeros((n_end, n_end)) if kind.numpy else
           torch.zeros(n_end, n_end, dtype=kind.dtype, device=kind.device))
-    stages = LQR(A=As, B=Bs, Q=Qs, R=Rs, M=Ms, q=qs, r=rs, QT=QT).stages
+    problem = LQR(A=As, B=Bs, Q=Qs, R=Rs, M=Ms, q=qs, r=rs, QT=QT)
+    stages = problem.stages
     if stages[-1].A.shape[-2] != stages[0].n:
         raise ShapeError(f"the cycle does not close: A[{len(stages) - 1}] maps to size "
                          f"{stages[-1].A.shape[-2]} but phase 0 has size {stages[0].n}")
-    return stages, kind
+    return problem, kind
 
 
 def _mtm(X, Y, Z):
@@ -128,13 +130,13 @@ def _lift(stages: list[Stage]):
         (qL if has_lin else None), (rL if has_lin else None)
 
 
-def _sweep(stages: list[Stage], P: torch.Tensor, p: torch.Tensor):
+def _sweep(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     """One backward sweep around the cycle from phase-0 values (P, p): returns lists."""
     N = len(stages)
     Ps, ps, Ks, ks = [None] * N, [None] * N, [None] * N, [None] * N
     for i in range(N - 1, -1, -1):
         s = stages[i]
-        step = riccati_step_joint(p, P, s.F, s.L, s.n, stage=i)
+        step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, stage=i)
         P, p = step.Vxx, step.Vx
         Ps[i], ps[i], Ks[i], ks[i] = P, p, step.K, step.k
     return Ps, ps, Ks, ks
@@ -166,11 +168,12 @@ def solve_cyclic_lqr(
     """
     if method not in get_args(CyclicMethod):
         raise ValueError(f"method must be one of {get_args(CyclicMethod)}; got {method!r}")
-    stages, kind = _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs)
+    problem, kind = _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs)
+    stages, dense = problem.stages, dense_stages(problem)
     if method == "lift":
         A, B, Q, R, M, q, r = _lift(stages)
         sol = solve_infinite_lqr(A, B, Q, R, M, q, r)
-        Ps, ps, Ks, ks = _sweep(stages, sol.P, sol.p)
+        Ps, ps, Ks, ks = _sweep(dense, sol.P, sol.p)
         sweeps = 1
     else:
         eps = torch.finfo(kind.dtype).eps
@@ -179,7 +182,7 @@ def solve_cyclic_lqr(
         P = torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device)
         p = torch.zeros(n0, dtype=kind.dtype, device=kind.device)
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (read after the loop)
-            Ps, ps, Ks, ks = _sweep(stages, P, p)
+            Ps, ps, Ks, ks = _sweep(dense, P, p)
             dP = torch.linalg.matrix_norm(Ps[0] - P) / torch.linalg.matrix_norm(
                 Ps[0]).clamp_min(eps)
             dp = torch.linalg.vector_norm(ps[0] - p, dim=-1) / torch.linalg.vector_norm(

@@ -7,14 +7,14 @@ r"""Finite-horizon, time-varying LQR (thesis Sec. 2.3.1, Eq. 2.3.3-2.3.6, App. B
         + \tfrac12 x_T^\top Q_T x_T + q_T^\top x_T
     \quad\text{s.t.}\quad x_{t+1} = A_t x_t + B_t u_t + c_t .
 
-The backward pass is :func:`trajopt.lqr.riccati.riccati_step` applied stage by stage; the
+The backward pass is :func:`trajopt.riccati.riccati_step_joint` applied stage by stage; the
 optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
 :math:`V_t(x) = \tfrac12 x^\top P_t x + p_t^\top x + \text{const}`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,10 +30,12 @@ from .._checks import (
     shape_str,
 )
 from .._linalg import mv as _mv
-from ..errors import ShapeError
-from .riccati import CholeskySolver, joint_blocks, riccati_step_joint
+from ..errors import InvalidArgumentError, ShapeError
+from ..riccati.expansion import DenseStage, joint_blocks
+from ..riccati.solvers import CholeskySolver, QuuSolver
+from ..riccati.step import riccati_step_joint
 
-__all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout"]
+__all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout", "dense_stages"]
 
 _STAGE_ARGS = ("A", "B", "Q", "R", "M", "q", "r", "c")
 _RANK = {"A": 2, "B": 2, "Q": 2, "R": 2, "M": 2, "q": 1, "r": 1, "c": 1}
@@ -41,8 +43,7 @@ _RANK = {"A": 2, "B": 2, "Q": 2, "R": 2, "M": 2, "q": 1, "r": 1, "c": 1}
 
 @dataclass(frozen=True)
 class Stage:
-    """One LQR stage as tensors (internal).  Optional terms are None when absent; ``F``
-    and ``L`` are the packed derivatives of :func:`~trajopt.lqr.riccati.joint_blocks`."""
+    """One LQR stage as tensors (internal).  Optional terms are None when absent."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -52,8 +53,6 @@ class Stage:
     q: torch.Tensor | None
     r: torch.Tensor | None
     c: torch.Tensor | None
-    F: torch.Tensor | None = None
-    L: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -103,6 +102,8 @@ class LQR:
     QT: Any
     qT: Any = None
     stages: list[Stage] = field(init=False, repr=False, compare=False)
+    arrays: dict[str, torch.Tensor | None] | None = field(init=False, repr=False,
+                                                          compare=False)
     terminal: tuple[torch.Tensor, torch.Tensor | None] = field(
         init=False, repr=False, compare=False)
     kind: ArrayKind = field(init=False, repr=False, compare=False)
@@ -129,20 +130,13 @@ class LQR:
         _validate_shapes(stages, QT, qT)
         if stacked:  # one check per argument instead of one per stage
             _validate_values({n: tensors[n] for n in _STAGE_ARGS}, QT, qT, "")
-            packed = joint_blocks(tensors["A"], tensors["B"], tensors["q"], tensors["r"],
-                                  tensors["Q"], tensors["R"], tensors["M"])
-            # time-major contiguous copies: per-stage views of a batch-major array are
-            # strided, and every batched matmul on them would copy them again
-            Fs, Ls = (list(v.movedim(-3, 0).contiguous().unbind(0)) for v in packed)
         else:
             for t, st_ in enumerate(stages):
                 _validate_values({n: getattr(st_, n) for n in _STAGE_ARGS}, None, None,
                                  f"[{t}]")
             _validate_values({}, QT, qT, "")
-            packed = [joint_blocks(st_.A, st_.B, st_.q, st_.r, st_.Q, st_.R, st_.M)
-                      for st_ in stages]
-            Fs, Ls = [p[0] for p in packed], [p[1] for p in packed]
-        stages = [replace(st_, F=F, L=L) for st_, F, L in zip(stages, Fs, Ls)]
+        object.__setattr__(self, "arrays", {n: tensors[n] for n in _STAGE_ARGS}
+                           if stacked else None)
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "terminal", (QT, qT))
         object.__setattr__(self, "kind", kind)
@@ -154,6 +148,22 @@ class LQR:
     def T(self) -> int:
         """Number of stages (horizon)."""
         return len(self.stages)
+
+
+def dense_stages(problem: LQR) -> list[DenseStage]:
+    """The problem's stages as the kernel's dense expansion plug
+    (:class:`~trajopt.riccati.expansion.DenseStage`); a stacked problem is packed with
+    two ``cat`` calls for all stages."""
+    if problem.arrays is not None:
+        a = problem.arrays
+        packed = joint_blocks(a["A"], a["B"], a["q"], a["r"], a["Q"], a["R"], a["M"])
+        # time-major contiguous copies: per-stage views of a batch-major array are
+        # strided, and every batched matmul on them would copy them again
+        Fs, Ls = (list(v.movedim(-3, 0).contiguous().unbind(0)) for v in packed)
+    else:
+        packed = [joint_blocks(s.A, s.B, s.q, s.r, s.Q, s.R, s.M) for s in problem.stages]
+        Fs, Ls = [p[0] for p in packed], [p[1] for p in packed]
+    return [DenseStage(F, L, s.n, s.c) for s, F, L in zip(problem.stages, Fs, Ls)]
 
 
 def _split(value: Any, name: str, T: int, label: str | None = None
@@ -324,7 +334,8 @@ def _x0_tensor(problem: LQR, x0: Any) -> torch.Tensor:
     return x0t
 
 
-def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
+def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
+              solver: QuuSolver | None = None) -> LQRSolution:
     r"""Solve a finite-horizon LQR by the backward Riccati recursion.
 
     Parameters
@@ -336,6 +347,11 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
         Tikhonov regularization added to ``R_t + B_t'P_{t+1}B_t`` before it is solved
         (0 = exact LQR).  The returned value derivatives are those of the regularized
         policy.
+    solver : QuuSolver, optional
+        Any Q_uu plug of the kernel (:mod:`trajopt.riccati.solvers`), e.g.
+        :class:`trajopt.steepest.NeumannSolver`; default
+        ``CholeskySolver(reg=reg)``.  A solver's ``value_damping(stage)`` is part of the cost
+        the returned value derivatives describe.  Give ``reg`` or ``solver``, not both.
 
     Returns
     -------
@@ -351,9 +367,11 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0) -> LQRSolution:
     P = QT
     p = torch.zeros_like(QT[..., 0]) if qT is None else qT
     Ps, ps, Ks, ks = [P], [p], [], []
-    solver = CholeskySolver(reg=float(reg))
-    for t in range(problem.T - 1, -1, -1):
-        s = problem.stages[t]
+    if solver is not None and reg:
+        raise InvalidArgumentError("give reg or solver, not both (a CholeskySolver "
+                                   "takes reg itself)")
+    solver = CholeskySolver(reg=float(reg)) if solver is None else solver
+    for t, s in reversed(list(enumerate(dense_stages(problem)))):
         step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
         P, p = step.Vxx, step.Vx
         Ps.append(P)

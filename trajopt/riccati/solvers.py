@@ -6,7 +6,7 @@ failure (the LQR solvers); :class:`PerElementCholesky` regularizes every batch e
 its own :math:`\mu_b` and records failures instead (DDP, where each element adapts its
 own Levenberg-Marquardt schedule); :class:`trajopt.steepest.NeumannSolver` applies a
 truncated Neumann series with an adaptive damping that it reports through
-:meth:`QuuSolver.damping`.  :func:`solve_policy` turns any of them into the gains.
+:meth:`QuuSolver.value_damping`.  :func:`solve_policy` turns any of them into the gains.
 
 Shapes: every tensor may carry leading batch dimensions; ``m`` is the control size.
 """
@@ -56,7 +56,7 @@ class QuuSolver(Protocol):
     """How the policy is obtained from Q_uu: ``solve(Quu, rhs, stage)`` returns
     ``Quu_tilde^{-1} rhs`` for rhs of shape (..., m, j).
 
-    ``damping(stage)`` is what the solve added to Q_uu at that stage, as a number or a
+    ``value_damping(stage)`` is what the solve added to Q_uu at that stage, as a number or a
     tensor broadcasting against the batch (..., ); it is part of the cost the returned
     value derivatives describe (Tikhonov / trust-region term).  Solvers whose
     regularization is only a numerical device of the solve report 0.
@@ -65,7 +65,7 @@ class QuuSolver(Protocol):
     def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
         ...
 
-    def damping(self, stage: int | None) -> float | torch.Tensor:
+    def value_damping(self, stage: int | None) -> float | torch.Tensor:
         ...
 
 
@@ -89,7 +89,7 @@ class CholeskySolver:
                             "increase the regularization or check R")
         return cholesky_solve(rhs, L)
 
-    def damping(self, stage: int | None) -> float:
+    def value_damping(self, stage: int | None) -> float:
         return 0.0
 
 
@@ -121,7 +121,7 @@ class PerElementCholesky:
         self.failed = bad if self.failed is None else self.failed | bad
         return cholesky_solve(rhs, L)
 
-    def damping(self, stage: int | None) -> float:
+    def value_damping(self, stage: int | None) -> float:
         return 0.0
 
 

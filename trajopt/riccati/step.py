@@ -145,14 +145,14 @@ def riccati_step_joint(
     :func:`~trajopt.riccati.expansion.joint_blocks`), the form the LQR solvers precompute
     for every stage at once.
 
-    A solver that reports a ``damping(stage)`` (the Neumann solver's adaptive trust
+    A solver that reports a ``value_damping(stage)`` (the Neumann solver's adaptive trust
     region) has it added to the Q_uu the value is computed under: the damping is part of
     the cost, so the returned value derivatives are those of the damped problem.
     """
     solver = CholeskySolver() if solver is None else solver
     Q = expand_q_joint(Vx, Vxx, F, L, n, c)
     K, k = solve_policy(Q, solver, stage)
-    damping = getattr(solver, "damping", None)
+    damping = getattr(solver, "value_damping", None)
     delta = 0.0 if damping is None else damping(stage)
     if torch.is_tensor(delta) or delta:
         m = Q.Quu.shape[-1]
