@@ -75,6 +75,10 @@ class DDPSolver:
     :meth:`backward_pass`, :meth:`forward_pass`, :meth:`accept_step`) are public for
     subclasses and benchmarks; a variant overrides one of them (GT-DDP's players:
     :meth:`policy`).
+
+    ``structure`` (default: :class:`~trajopt.ddp.chain.Chain` of ``dynamics`` and
+    ``cost``) is the problem structure the loop simulates and differentiates; see
+    ``docs/architecture.md`` for its methods.
     """
 
     def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, mode: Mode = "ilqr",
