@@ -48,10 +48,15 @@ class Chain:
         for t in range(T):
             u = control(t, xs)
             cost = cost + self.cost.running(x, u, t)
-            x = self.dynamics(x, u, t)
+            x = self.transition(t, x, u, xs)
             xs.append(x)
             us.append(u)
         return Traj(xs, us, cost + self.cost.terminal(x))
+
+    def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
+                   xs: list[torch.Tensor]) -> torch.Tensor:
+        """``x_{t+1}`` from ``x_t``, the stage's control and the states so far ``xs``."""
+        return self.dynamics(x, u, t)
 
     def deviation(self, t: int, xs: list[torch.Tensor], xbar: list[torch.Tensor]
                   ) -> torch.Tensor:

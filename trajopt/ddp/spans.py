@@ -29,7 +29,7 @@ from torch.func import jacfwd, vmap
 from ..errors import InvalidArgumentError, ShapeError
 from ..riccati.spans import SpanStage
 from .batch import Traj
-from .chain import Chain, Control
+from .chain import Chain
 from .models import Cost, Dynamics, _like
 
 __all__ = ["Span", "SpanChain"]
@@ -139,17 +139,10 @@ class SpanChain(Chain):
                 x_next = x_next + s.shortcut(r)
         return x_next
 
-    def simulate(self, x0: torch.Tensor, T: int, control: Control) -> Traj:
-        xs, ws = [x0], []
-        x = x0
-        cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for t in range(T):
-            w = control(t, xs)
-            cost = cost + self.cost.running(x, w, t)
-            x = self._merge(self.dynamics(x, w[..., :self._mu_size[t]], t), t, w, xs)
-            xs.append(x)
-            ws.append(w)
-        return Traj(xs, ws, cost + self.cost.terminal(x))
+    def transition(self, t, x, w, xs):
+        """``f_t(x_t, u_t)`` (u: the first entries of the stage's control w) plus the
+        shortcuts of the spans merging at t."""
+        return self._merge(self.dynamics(x, w[..., :self._mu_size[t]], t), t, w, xs)
 
     def deviation(self, t, xs, xbar):
         """``[x_t - xbar_t, x_start - xbar_start for each span open at t]``."""
