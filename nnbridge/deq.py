@@ -20,6 +20,7 @@ linear-term fixed point :math:`\lambda = (I - A^\top)^{-1} a`).  The gradient is
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -100,9 +101,11 @@ class DEQ(nn.Module):
         z = x.new_zeros(B, int(torch.tensor(self._zs).prod()) if self._zs else 1)
         with torch.no_grad():
             z, it, res = getattr(self, f"_{self.solver}")(z, x)
-        if not bool(torch.isfinite(z).all()):
+        # a NaN residual ends the iteration loops at once (NaN > tol is false): the
+        # iterate may still be finite, so both are checked
+        if not bool(torch.isfinite(z).all()) or not math.isfinite(res):
             raise NonFiniteError(f"DEQ: the {self.solver} iteration produced NaN/inf "
-                                 "(is the cell contractive?)")
+                                 f"(residual {res}; is the cell contractive?)")
         if res > self.tol:
             warnings.warn(f"DEQ: {self.solver} did not reach tol {self.tol} in {it} "
                           f"iterations (relative residual {res:.2e})", ConvergenceWarning,

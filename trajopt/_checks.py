@@ -46,7 +46,8 @@ def symmetry_tol(dtype: torch.dtype) -> float:
 
 def check_symmetric(t: torch.Tensor, name: str) -> None:
     asym = (t - t.transpose(-1, -2)).abs().amax(dim=(-2, -1))
-    scale = t.abs().amax(dim=(-2, -1)).clamp_min(1.0)
+    # relative to the matrix itself (a tiny non-symmetric matrix is still non-symmetric)
+    scale = t.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(t.dtype).tiny)
     if bool((asym > symmetry_tol(t.dtype) * scale).any()):
         worst = float((asym / scale).max())
         raise NotSymmetricError(

@@ -11,7 +11,7 @@ from torch import nn
 import nnbridge.deq as deq_module
 from nnbridge import DEQ
 from trajopt import LQR, solve_lqr
-from trajopt.errors import ConvergenceWarning, InvalidArgumentError
+from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
 
 
 class Cell(nn.Module):
@@ -126,6 +126,22 @@ def test_no_convergence_warns_and_bad_input_is_named():
         DEQ(cell, solver="newton")
     with pytest.raises(InvalidArgumentError, match="tol"):
         DEQ(cell, tol=0.0)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_a_cell_returning_nan_raises(solver):
+    """Issue "Nothing silent" #4: Broyden used to stop after one iteration with a finite z
+    and a NaN residual (NaN > tol is false)."""
+    class NanCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, z, x):
+            return z * self.w + float("nan")
+
+    with pytest.raises(NonFiniteError, match=solver):
+        DEQ(NanCell(), (5,), solver=solver).fixed_point(torch.randn(2, 3))
 
 
 # ---------------------------------------------------------------- the LQR update (Alg. 1)

@@ -23,6 +23,9 @@ from typing import Literal
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
+from .._checks import check_finite, check_square, check_symmetric, shape_str
+from ..errors import ShapeError
+
 __all__ = [
     "Dynamics",
     "Cost",
@@ -216,6 +219,18 @@ class QuadraticCost(Cost):
             torch.as_tensor(u_ref, dtype=self.Q.dtype)
         self.x_goal = self.x_ref if x_goal is None else torch.as_tensor(x_goal,
                                                                         dtype=self.Q.dtype)
+        for name, M, size in (("Q", self.Q, n), ("R", self.R, m), ("QT", self.QT, n)):
+            check_square(M, name, size)
+            if M.ndim != 2:
+                raise ShapeError(f"{name} must be one ({size}, {size}) matrix; got "
+                                 f"{shape_str(M)}")
+            check_finite(M, name)
+            check_symmetric(M, name)  # the derivatives assume symmetry (lx = Q dx)
+        for name, v, size in (("x_ref", self.x_ref, n), ("u_ref", self.u_ref, m),
+                              ("x_goal", self.x_goal, n)):
+            if v.shape != (size,):
+                raise ShapeError(f"{name} must have shape ({size},); got {shape_str(v)}")
+            check_finite(v, name)
 
     def _like(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return t.to(dtype=ref.dtype, device=ref.device)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .._arrays import infer_kind
-from ..errors import ConvergenceWarning, ShapeError
+from ..errors import ConvergenceWarning, NotStabilizableError, ShapeError
 from ..riccati.expansion import DenseStage
 from ..riccati.step import riccati_step_joint
 from .finite import LQR, Stage, dense_stages
@@ -142,6 +142,27 @@ def _sweep(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     return Ps, ps, Ks, ks
 
 
+def _check_sweep_solution(stages: list[Stage], Ps, Ks, sweeps: int) -> None:
+    """The sweeps' fixed point must be finite and stabilize the cycle: from P = 0 they
+    diverge on a non-stabilizable cycle, and on one with an unstable mode the cost does
+    not see (not detectable) they converge to a non-stabilizing solution."""
+    if not all(bool(torch.isfinite(P).all()) for P in Ps):
+        raise NotStabilizableError(
+            f"cyclic Riccati sweeps diverged (P not finite after {sweeps} sweeps): the "
+            "cycle is not stabilizable; method='lift' names the uncontrollable mode")
+    mono = None
+    for s, K in zip(stages, Ks):
+        Acl = s.A + s.B @ K
+        mono = Acl if mono is None else Acl @ mono
+    rho = torch.linalg.eigvals(mono).abs().amax(-1)
+    if bool((rho >= 1.0).any()):
+        raise NotStabilizableError(
+            f"cyclic Riccati sweeps converged to a non-stabilizing solution (closed-loop "
+            f"spectral radius over one cycle {float(rho.max()):.3g} >= 1): the cycle has "
+            "an unstable mode the cost does not weigh (not detectable); method='lift' "
+            "returns the stabilizing solution when there is one")
+
+
 def solve_cyclic_lqr(
     As: Any, Bs: Any, Qs: Any, Rs: Any, Ms: Any = None, qs: Any = None, rs: Any = None,
     *, method: CyclicMethod = "lift", tol: float | None = None, max_sweeps: int = 10_000,
@@ -160,6 +181,14 @@ def solve_cyclic_lqr(
         Relative change of ``P_0`` and ``p_0`` that stops "sweep" (default 100 eps).
     max_sweeps : int
         Cap of "sweep"; a :class:`~trajopt.errors.ConvergenceWarning` is issued when hit.
+
+    Raises
+    ------
+    NotStabilizableError
+        "lift": the lifted DARE has no stabilizing solution.  "sweep": the sweeps
+        diverge (not stabilizable) or converge to a solution whose closed loop is not
+        stable over one cycle (an unstable mode the cost does not see; "lift" solves
+        such cycles).
 
     Returns
     -------
@@ -195,5 +224,6 @@ def solve_cyclic_lqr(
         else:
             warnings.warn(f"cyclic Riccati sweeps did not converge in {max_sweeps} sweeps",
                           ConvergenceWarning, stacklevel=2)
+        _check_sweep_solution(stages, Ps, Ks, sweeps)
     return CyclicLQRSolution(P=kind.out(Ps), K=kind.out(Ks), p=kind.out(ps),
                              k=kind.out(ks), method=method, sweeps=sweeps)

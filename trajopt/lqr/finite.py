@@ -422,6 +422,7 @@ def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:
         raise ShapeError(f"us has {len(u_list)} stages but the problem has {problem.T}")
     for t, (s, u) in enumerate(zip(problem.stages, u_list)):
         check_vector(u, f"us[{t}]", s.m)
+        check_finite(u, f"us[{t}]")
     xs_l, _, total = _simulate(problem, x, lambda t, x: u_list[t])
     return Trajectory(xs=_stack(xs_l, 1, problem, kind), us=_stack(u_list, 1, problem, kind),
                       cost=kind.out(total))

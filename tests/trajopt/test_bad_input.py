@@ -1,0 +1,105 @@
+"""Bad input and degenerate problems: each case must raise a trajopt error of the stated
+type whose message names the argument or the cause (never NaN or a wrong answer).
+
+One table row per (function, bad input); the defects of the issue "Nothing silent" that
+are fixed carry their number there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import trajopt
+from trajopt.errors import (
+    NonFiniteError,
+    NotStabilizableError,
+    NotSymmetricError,
+    ShapeError,
+    TrajoptError,
+)
+
+
+def _cyclic_not_stabilizable():        # issue 15 #1: returned P with inf, no warning
+    trajopt.solve_cyclic_lqr([np.diag([3., .5])] * 2, [np.array([[0.], [1.]])] * 2,
+                             [np.eye(2)] * 2, [np.eye(1)] * 2, method="sweep")
+
+
+def _cyclic_not_detectable():          # issue 15 #1: returned a non-stabilizing P
+    trajopt.solve_cyclic_lqr([np.diag([2., .5])] * 2, [np.array([[1.], [1.]])] * 2,
+                             [np.diag([0., 1.])] * 2, [np.eye(1)] * 2, method="sweep")
+
+
+def _quadratic_cost_asymmetric():      # issue 15 #3: wrong derivatives silently
+    trajopt.QuadraticCost(np.array([[1.0, 2.0], [1.0, 1.0]]), np.eye(1), np.eye(2))
+
+
+def _quadratic_cost_nan():
+    trajopt.QuadraticCost(np.eye(2), np.array([[np.nan]]), np.eye(2))
+
+
+def _quadratic_cost_shape():
+    trajopt.QuadraticCost(np.eye(2), np.eye(1), np.eye(3))
+
+
+def _quadratic_cost_ref_shape():
+    trajopt.QuadraticCost(np.eye(2), np.eye(1), np.eye(2), x_ref=np.zeros(3))
+
+
+def _rollout_nan_controls():           # issue 15 #9: NaN states and cost unchecked
+    T = 3
+    prob = trajopt.LQR(A=np.broadcast_to(np.eye(2), (T, 2, 2)),
+                       B=np.broadcast_to(np.ones((2, 1)), (T, 2, 1)),
+                       Q=np.broadcast_to(np.eye(2), (T, 2, 2)),
+                       R=np.broadcast_to(np.eye(1), (T, 1, 1)), QT=np.eye(2))
+    us = np.zeros((T, 1))
+    us[1, 0] = np.inf
+    trajopt.rollout(prob, np.zeros(2), us)
+
+
+def _tiny_asymmetric_q():              # issue 15: an absolute symmetry test let it pass
+    T = 2
+    trajopt.LQR(A=np.broadcast_to(np.eye(2), (T, 2, 2)),
+                B=np.broadcast_to(np.ones((2, 1)), (T, 2, 1)),
+                Q=np.broadcast_to(np.array([[1.0, 1.0], [0.0, 1.0]]) * 1e-150, (T, 2, 2)),
+                R=np.broadcast_to(np.eye(1), (T, 1, 1)), QT=np.eye(2))
+
+
+CASES = [
+    (_cyclic_not_stabilizable, NotStabilizableError, "diverged"),
+    (_cyclic_not_detectable, NotStabilizableError, "non-stabilizing"),
+    (_quadratic_cost_asymmetric, NotSymmetricError, "^Q must be symmetric"),
+    (_quadratic_cost_nan, NonFiniteError, "^R contains NaN"),
+    (_quadratic_cost_shape, ShapeError, "^QT must have shape"),
+    (_quadratic_cost_ref_shape, ShapeError, "^x_ref must have shape"),
+    (_rollout_nan_controls, NonFiniteError, r"^us\[1\] contains NaN"),
+    (_tiny_asymmetric_q, NotSymmetricError, "^Q must be symmetric"),
+]
+
+
+@pytest.mark.parametrize("case,error,match", CASES, ids=[c[0].__name__[1:] for c in CASES])
+def test_bad_input_raises_a_named_trajopt_error(case, error, match):
+    with pytest.raises(error, match=match) as info:
+        case()
+    assert isinstance(info.value, TrajoptError)
+
+
+def test_cyclic_sweep_still_solves_a_detectable_cycle():
+    """The new checks of the sweep do not reject a good cycle: it agrees with "lift"."""
+    g = np.random.default_rng(0)
+    As = [g.standard_normal((3, 3)) for _ in range(3)]
+    Bs = [g.standard_normal((3, 1)) for _ in range(3)]
+    Qs, Rs = [np.eye(3)] * 3, [np.eye(1)] * 3
+    a = trajopt.solve_cyclic_lqr(As, Bs, Qs, Rs, method="sweep")
+    b = trajopt.solve_cyclic_lqr(As, Bs, Qs, Rs, method="lift")
+    for Pa, Pb in zip(a.P, b.P):
+        np.testing.assert_allclose(Pa, Pb, rtol=1e-9, atol=1e-10)
+
+
+def test_symmetry_check_is_relative_in_both_directions():
+    """A tiny symmetric matrix passes, a large one with rounding-level asymmetry passes."""
+    from trajopt._checks import check_symmetric
+    check_symmetric(torch.eye(2, dtype=torch.float64) * 1e-150, "Q")
+    big = torch.tensor([[1e10, 1.0], [1.0 + 1e-6, 1e10]], dtype=torch.float64)
+    check_symmetric(big, "Q")
