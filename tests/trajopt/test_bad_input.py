@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import trajopt
+import trajopt.problems
 from trajopt.errors import (
+    InvalidArgumentError,
     NonFiniteError,
     NotStabilizableError,
     NotSymmetricError,
@@ -66,7 +68,35 @@ def _tiny_asymmetric_q():              # issue 15: an absolute symmetry test let
                 R=np.broadcast_to(np.eye(1), (T, 1, 1)), QT=np.eye(2))
 
 
+def _two_phase():
+    return [np.eye(2)] * 2, [np.ones((2, 1))] * 2, [np.eye(2)] * 2, [np.eye(1)] * 2
+
+
+def _line_search(c1):
+    return lambda: trajopt.LineSearch(c1=c1)
+
+
 CASES = [
+    (lambda: trajopt.solve_cyclic_lqr(*_two_phase(), method="newton"),
+     InvalidArgumentError, "^method must be one of"),
+    (lambda: trajopt.solve_cyclic_lqr(*_two_phase(), method="sweep", max_sweeps=0),
+     InvalidArgumentError, "^max_sweeps must be an integer >= 1"),
+    (lambda: trajopt.solve_cyclic_lqr(*_two_phase(), method="sweep", tol=float("nan")),
+     InvalidArgumentError, "^tol must lie in"),
+    (lambda: trajopt.solve_dare(np.eye(2), np.ones((2, 1)), np.eye(2), np.eye(1),
+                                method="qz"), InvalidArgumentError, "^method must be one of"),
+    (lambda: trajopt.discretize(lambda x, u: x, float("inf")), InvalidArgumentError,
+     "^dt must be positive and finite"),
+    (lambda: trajopt.discretize(lambda x, u: x, 0.1, "midpoint"), InvalidArgumentError,
+     "^method must be 'rk4' or 'euler'"),
+    (_line_search(float("nan")), InvalidArgumentError, "^line-search c1"),
+    (_line_search(-5.0), InvalidArgumentError, "^line-search c1"),
+    (_line_search(2.0), InvalidArgumentError, "^line-search c1"),
+    (lambda: trajopt.Span(1.5, 2), InvalidArgumentError, "^span start must be an integer"),
+    (lambda: trajopt.Span(0, 2, n_params=2.0), InvalidArgumentError,
+     "^span n_params must be an integer"),
+    (lambda: trajopt.problems.get("no_such"), InvalidArgumentError, "^unknown problem"),
+
     (_cyclic_not_stabilizable, NotStabilizableError, "diverged"),
     (_cyclic_not_detectable, NotStabilizableError, "non-stabilizing"),
     (_quadratic_cost_asymmetric, NotSymmetricError, "^Q must be symmetric"),
@@ -78,7 +108,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,error,match", CASES, ids=[c[0].__name__[1:] for c in CASES])
+@pytest.mark.parametrize("case,error,match", CASES,
+                         ids=[c[0].__name__.lstrip("_") if c[0].__name__ != "<lambda>"
+                              else f"{c[2].lstrip('^')[:30]}-{i}"
+                              for i, c in enumerate(CASES)])
 def test_bad_input_raises_a_named_trajopt_error(case, error, match):
     with pytest.raises(error, match=match) as info:
         case()

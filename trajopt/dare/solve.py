@@ -13,6 +13,7 @@ import torch
 from .._arrays import as_tensors
 from ..errors import (
     ConvergenceWarning,
+    InvalidArgumentError,
     NotStabilizableError,
     NumericalError,
     TrajoptError,
@@ -214,7 +215,8 @@ def solve_dare(
         ``method="slycot"`` without slycot installed.
     """
     if method not in get_args(DAREMethod):
-        raise ValueError(f"method must be one of {get_args(DAREMethod)}; got {method!r}")
+        raise InvalidArgumentError(f"method must be one of {get_args(DAREMethod)}; got "
+                                   f"{method!r}")
     t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)

@@ -16,6 +16,7 @@ see single samples, which such code handles unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -24,7 +25,7 @@ import torch
 from torch.func import jacfwd, jacrev, vmap
 
 from .._checks import check_finite, check_square, check_symmetric, shape_str
-from ..errors import ShapeError
+from ..errors import InvalidArgumentError, ShapeError
 
 __all__ = [
     "Dynamics",
@@ -143,9 +144,9 @@ def discretize(f: Callable, dt: float, method: Literal["rk4", "euler"] = "rk4", 
     ``"euler"``: :math:`x + dt\, f(x, u)`; ``"rk4"``: the classical 4-stage Runge-Kutta.
     """
     if method not in ("rk4", "euler"):
-        raise ValueError(f"method must be 'rk4' or 'euler'; got {method!r}")
-    if not dt > 0:
-        raise ValueError(f"dt must be positive; got {dt}")
+        raise InvalidArgumentError(f"method must be 'rk4' or 'euler'; got {method!r}")
+    if not 0 < dt < math.inf:
+        raise InvalidArgumentError(f"dt must be positive and finite; got {dt}")
     return _Discretized(f, float(dt), method, time_invariant)
 
 

@@ -62,6 +62,8 @@ class LineSearch:
                 f"line-search alphas must lie in (0, 1]; got {self.alphas}")
         if list(self.alphas) != sorted(self.alphas, reverse=True):
             raise InvalidArgumentError("line-search alphas must be in decreasing order")
+        if not 0 < self.c1 < 1:
+            raise InvalidArgumentError(f"line-search c1 must lie in (0, 1); got {self.c1!r}")
         if self.strategy not in ("hybrid", "sequential", "parallel"):
             raise InvalidArgumentError(f"line-search strategy must be 'hybrid', "
                                        f"'sequential' or 'parallel'; got {self.strategy!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.func import jacfwd, vmap
 
@@ -58,6 +59,10 @@ class Span:
     n_params: int = 0
 
     def __post_init__(self):
+        for name in ("start", "end", "n_params"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InvalidArgumentError(f"span {name} must be an integer; got {v!r}")
         if not 0 <= int(self.start) <= int(self.end):
             raise InvalidArgumentError(f"span needs 0 <= start <= end; got ({self.start}, "
                                        f"{self.end})")

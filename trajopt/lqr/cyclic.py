@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from .._arrays import infer_kind
-from ..errors import ConvergenceWarning, NotStabilizableError, ShapeError
+from ..errors import (
+    ConvergenceWarning,
+    InvalidArgumentError,
+    NotStabilizableError,
+    ShapeError,
+)
 from ..riccati.expansion import DenseStage
 from ..riccati.step import riccati_step_joint
 from .finite import LQR, Stage, dense_stages
@@ -196,7 +201,12 @@ def solve_cyclic_lqr(
         Lists indexed by phase; numpy in -> numpy out.
     """
     if method not in get_args(CyclicMethod):
-        raise ValueError(f"method must be one of {get_args(CyclicMethod)}; got {method!r}")
+        raise InvalidArgumentError(f"method must be one of {get_args(CyclicMethod)}; got "
+                                   f"{method!r}")
+    if isinstance(max_sweeps, bool) or int(max_sweeps) != max_sweeps or max_sweeps < 1:
+        raise InvalidArgumentError(f"max_sweeps must be an integer >= 1; got {max_sweeps!r}")
+    if tol is not None and not 0 < tol < 1:
+        raise InvalidArgumentError(f"tol must lie in (0, 1); got {tol!r}")
     problem, kind = _phase_stages(As, Bs, Qs, Rs, Ms, qs, rs)
     stages, dense = problem.stages, dense_stages(problem)
     if method == "lift":

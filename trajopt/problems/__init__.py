@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import InvalidArgumentError
 from ._problem import Problem
 from .acrobot import acrobot
 from .cartpole import cartpole
@@ -35,5 +36,6 @@ def get(name: str, **kwargs) -> Problem:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown problem {name!r}; choose from {names()}") from None
+        raise InvalidArgumentError(f"unknown problem {name!r}; choose from {names()}") \
+            from None
     return factory(**kwargs)

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .value import Value
 
 __all__ = [
@@ -162,7 +163,8 @@ def operator_riccati_step(
         ``Qu`` are unaffected.
     """
     if recursion not in ("per_sample", "mean"):
-        raise ValueError(f"recursion must be 'per_sample' or 'mean'; got {recursion!r}")
+        raise InvalidArgumentError(f"recursion must be 'per_sample' or 'mean'; got "
+                                   f"{recursion!r}")
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)                          # 1. expansion (operators)
     resp = curvature(Qu, value)                        # 2. the Q_uu plug
