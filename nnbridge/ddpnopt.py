@@ -32,11 +32,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, ShapeError, SkippedStepWarning
-from trajopt.riccati import DenseValue, RankOneValue, operator_riccati_step
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+from trajopt.riccati import operator_riccati_step
 
 from .curvature import CURVATURES, Exact, NetworkResponse
 from .stages import StageLinearization, capture, stages
+from .terminal import check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
 
@@ -80,10 +81,17 @@ class DDPNOpt(torch.optim.Optimizer):
         policy that is actually applied (block diagonal of the joint DP; the correction
         terms carry :math:`\mathbb{E}[Q_u]` and 1/B).  Identical for B = 1; see
         ``docs/ddpnopt.md`` for why the literal form fails to train.
-    terminal_hessian : callable, optional
-        ``terminal_hessian(output)`` -> (B, n) factor :math:`z` (:math:`\nabla^2\phi
-        = z z^\top`) or (B, n, n) Hessian ("full" only).  Default: the Gauss-Newton factor
-        :math:`z = \nabla \phi` of the paper.
+    terminal_hessian : {"ggn", "fisher", "empirical"} or callable, optional
+        The model of :math:`\nabla^2\phi` at the output (:mod:`nnbridge.terminal`):
+        ``"ggn"`` the exact Gauss-Newton matrix of ``loss`` (= its Hessian; cross-entropy:
+        a rank-r factor, r = classes), ``"fisher"`` a sampled rank-one Fisher,
+        ``"empirical"`` :math:`z = \nabla\phi` (the paper's factor, the empirical
+        Fisher), or ``f(output)`` -> a factor (B, n) or (B, n, r), or the Hessian
+        (B, n, n) with ``value_hessian="full"``.  Default (and None): ``"ggn"`` (see
+        ``docs/ddpnopt.md`` for the measurements behind it).
+    loss : {"cross_entropy", "mse"}
+        The per-sample loss the closure's batch mean is of (torch's definitions,
+        ``reduction="mean"``); used by ``"ggn"`` and ``"fisher"``.
     **hyper
         Curvature hyper-parameters.
     """
@@ -95,7 +103,8 @@ class DDPNOpt(torch.optim.Optimizer):
                  tikhonov: float = 0.0,
                  value_psd: bool = True,
                  value_recursion: Literal["mean", "per_sample"] = "mean",
-                 terminal_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor] | None = "ggn",
+                 loss: Literal["cross_entropy", "mse"] = "cross_entropy",
                  **hyper: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} needs the model (an nn.Sequential), not "
@@ -110,6 +119,8 @@ class DDPNOpt(torch.optim.Optimizer):
         if value_hessian not in ("outer", "full"):
             raise InvalidArgumentError(f"value_hessian must be 'outer' or 'full'; got "
                                        f"{value_hessian!r}")
+        terminal_hessian = "ggn" if terminal_hessian is None else terminal_hessian
+        check_terminal_options(terminal_hessian, loss)
         if not tikhonov >= 0:
             raise ValueError(f"Invalid tikhonov value: {tikhonov}")
         self.curvature = CURVATURES[curvature]()
@@ -129,6 +140,7 @@ class DDPNOpt(torch.optim.Optimizer):
         self.model = model
         self.value_hessian = value_hessian
         self.terminal_hessian = terminal_hessian
+        self.loss = loss
         self._pre, self._stages = stages(model)
         params = [p for st in self._stages for p in st.params()]
         missing = [n for n, p in model.named_parameters() if all(p is not q for q in params)]
@@ -149,19 +161,8 @@ class DDPNOpt(torch.optim.Optimizer):
 
     def _terminal(self, rec, B: int):
         Vx = (rec.output_grad * B).reshape(B, -1)
-        if self.terminal_hessian is None:
-            H = Vx
-        else:
-            H = self.terminal_hessian(rec.output).to(Vx)
-        n = Vx.shape[-1]
-        if H.shape == (B, n):
-            if self.value_hessian == "outer":
-                return RankOneValue(Vx=Vx, c=torch.ones_like(Vx[:, 0]), z=H)
-            return DenseValue(Vx=Vx, Vxx=H.unsqueeze(-1) * H.unsqueeze(-2))
-        if H.shape == (B, n, n) and self.value_hessian == "full":
-            return DenseValue(Vx=Vx, Vxx=H)
-        raise ShapeError(f"terminal_hessian must return ({B}, {n}) (a factor z) or, with "
-                         f"value_hessian='full', ({B}, {n}, {n}); got {tuple(H.shape)}")
+        return terminal_value(Vx, rec.output, self.terminal_hessian, self.loss,
+                              self.value_hessian)
 
     def _grad(self, st) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in st.params()]

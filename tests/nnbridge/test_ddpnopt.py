@@ -33,7 +33,8 @@ def _rel_update_error(opt, ref, U0):
 @pytest.mark.parametrize("value_hessian,terminal,tikhonov,psd",
                          [("outer", "gn", 0.0, False), ("full", "gn", 0.0, False),
                           ("full", "hessian", 0.3, False), ("outer", "gn", 0.0, True),
-                          ("full", "hessian", 0.3, True)])
+                          ("full", "hessian", 0.3, True), ("outer", "ggn", 0.0, False),
+                          ("full", "ggn", 0.3, False)])
 def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, psd,
                                   recursion):
     X, y = data(B=5)
@@ -41,14 +42,16 @@ def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, 
     extra = {"regularization": 2.0} if curvature == "exact" else {}
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01, tikhonov=tikhonov,
-                           terminal_hessian=ce_hessian if terminal == "hessian" else None,
+                           terminal_hessian={"hessian": ce_hessian, "gn": "empirical",
+                                             "ggn": "ggn"}[terminal],
                            value_psd=psd, value_recursion=recursion, **extra)
 
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
     ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
-                       terminal=terminal, tikhonov=tikhonov, project_psd=psd,
+                       terminal="hessian" if terminal == "ggn" else terminal,
+                       tikhonov=tikhonov, project_psd=psd,
                        recursion=recursion)
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
@@ -62,18 +65,21 @@ def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, 
 
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
 @pytest.mark.parametrize("value_hessian", ["outer", "full"])
-def test_cnn_step_equals_literal_alg3(curvature, value_hessian):
+@pytest.mark.parametrize("terminal,ref_terminal,psd", [("empirical", "gn", True),
+                                                       ("ggn", "hessian", False)])
+def test_cnn_step_equals_literal_alg3(curvature, value_hessian, terminal, ref_terminal, psd):
     X, y = data(B=3, shape=(1, 5, 5))
     model = cnn()
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01,
-                           value_recursion="mean")
+                           value_recursion="mean", terminal_hessian=terminal,
+                           value_psd=psd)
 
     def phi(xT, i):
         return -torch.log_softmax(xT, -1)[y[i]]
 
     ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
-                       project_psd=True, recursion="mean")
+                       terminal=ref_terminal, project_psd=psd, recursion="mean")
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     assert _rel_update_error(opt, ref, U0) < 1e-11
@@ -148,14 +154,17 @@ def test_ekfac_equals_plain_reference():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-def test_full_exact_equals_one_trajopt_ddp_iteration():
+@pytest.mark.parametrize("terminal", [{"terminal_hessian": ce_hessian}, {}],
+                         ids=["explicit-hessian", "default"])
+def test_full_exact_equals_one_trajopt_ddp_iteration(terminal):
     """DESIGN.md: with curvature 'exact' and B = 1 a DDPNOpt step is one iteration of
-    trajopt's DDP (iLQR, same regularization, step 1) on the network written as an OCP."""
+    trajopt's DDP (iLQR, same regularization, step 1) on the network written as an OCP;
+    the default terminal Hessian is the loss's true one, so this holds at the defaults."""
     X, y = data(B=1)
     model = mlp(inplace=False)
     wd, mu = 0.05, 0.3
     opt = nnbridge.DDPNOpt(model, curvature="exact", value_hessian="full", weight_decay=wd,
-                           regularization=mu, terminal_hessian=ce_hessian, value_psd=False)
+                           regularization=mu, value_psd=False, **terminal)
     st_list = opt._stages
     shapes = [st.control().shape for st in st_list]
 

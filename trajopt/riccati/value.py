@@ -36,6 +36,7 @@ factored by clamping those of the core C (for a factor Z of full column rank,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,8 +50,17 @@ Pullback = Callable[[torch.Tensor], torch.Tensor]  # f_x' on rows: (B, J, n1) ->
 
 
 def _psd(W: torch.Tensor) -> torch.Tensor:
-    lam, Q = torch.linalg.eigh(sym(W))
-    return (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+    """Clamp the eigenvalues of sym(W) (..., k, k) at 0.  A non-finite matrix stays
+    non-finite (NaN) instead of failing the eigensolver, so a caller's finiteness check
+    sees it (an optimizer then skips the step)."""
+    W = sym(W)
+    finite = torch.isfinite(W).flatten(-2).all(-1)[..., None, None]
+    all_finite = bool(finite.all())
+    if not all_finite:
+        W = torch.where(finite, W, torch.zeros_like(W))
+    lam, Q = torch.linalg.eigh(W)
+    out = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+    return out if all_finite else torch.where(finite, out, torch.full_like(out, math.nan))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+r"""The terminal value of the network OCP: :math:`V_x^T = \nabla\phi` and a model of
+:math:`V_{xx}^T = \nabla^2\phi` per sample, in the kernel's value representations
+(:mod:`trajopt.riccati.value`).
+
+The closure's loss is the batch mean of a per-sample loss :math:`\phi(x_T^i)` of the
+network output (torch's ``reduction="mean"``), so
+:math:`V_x^{T,i} = B\,\partial\,\text{loss}/\partial x_T^i`.  The curvature at the output
+(``terminal_hessian``) is one of
+
+* ``"ggn"`` -- the exact Gauss-Newton matrix of the loss in the output, which for these
+  losses is the exact Hessian: softmax cross-entropy on logits,
+  :math:`\mathrm{diag}(p) - p p^\top = Z Z^\top` with
+  :math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top` (rank r = classes); MSE over n
+  outputs (torch's mean over all elements, so :math:`\phi = \tfrac1n\|x_T - y\|^2`),
+  :math:`\tfrac2n I`;
+* ``"fisher"`` -- a sampled rank-one Fisher: :math:`z = p - e_{\hat y}`,
+  :math:`\hat y \sim p` for cross-entropy (:math:`\mathbb{E}[z z^\top]` is the GGN);
+  :math:`z = \sqrt{2/n}\,\varepsilon`, :math:`\varepsilon \sim N(0, I)` for MSE; drawn
+  from torch's global generator (as dropout is);
+* ``"empirical"`` -- :math:`z = \nabla\phi` (the empirical Fisher: curvature
+  :math:`\approx 2` on confidently misclassified samples, where the true Hessian is near
+  0);
+* a callable ``f(output)`` returning a factor (B, n) (:math:`z z^\top`), a factor
+  (B, n, r) (:math:`Z Z^\top`, ``value_hessian="outer"``) or the Hessian (B, n, n)
+  (``value_hessian="full"``).
+
+With ``value_hessian="outer"`` the value is kept factored (:class:`RankOneValue` for
+rank-one models, :class:`RankRValue` for ``"ggn"``); with ``"full"`` it is dense per
+sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from trajopt.errors import InvalidArgumentError, ShapeError
+from trajopt.riccati import DenseValue, RankOneValue, RankRValue
+
+__all__ = ["TERMINAL_HESSIANS", "LOSSES", "terminal_value", "ggn_factor", "fisher_factor"]
+
+TERMINAL_HESSIANS = ("ggn", "fisher", "empirical")
+LOSSES = ("cross_entropy", "mse")
+Loss = Literal["cross_entropy", "mse"]
+
+
+def _check_output(output: torch.Tensor) -> None:
+    if output.ndim != 2:
+        raise ShapeError(f"terminal_hessian 'ggn'/'fisher' need a (B, n) network output; "
+                         f"got shape {tuple(output.shape)} (pass a callable for others)")
+
+
+def ggn_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Z (B, n, n) with :math:`Z Z^\\top` the per-sample Gauss-Newton matrix (= Hessian)
+    of ``loss`` at the output (B, n)."""
+    _check_output(output)
+    B, n = output.shape
+    if loss == "cross_entropy":
+        p = torch.softmax(output, -1)
+        sp = p.sqrt()
+        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+    eye = torch.eye(n, dtype=output.dtype, device=output.device)
+    return (2.0 / n) ** 0.5 * eye.expand(B, n, n)
+
+
+def fisher_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """A sampled rank-one factor z (B, n) with :math:`\\mathbb{E}[z z^\\top]` the GGN."""
+    _check_output(output)
+    B, n = output.shape
+    if loss == "cross_entropy":
+        p = torch.softmax(output, -1)
+        y = torch.multinomial(p, 1).squeeze(-1)
+        return p - torch.nn.functional.one_hot(y, n).to(p.dtype)
+    return (2.0 / n) ** 0.5 * torch.randn_like(output)
+
+
+def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
+                   terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor],
+                   loss: Loss, value_hessian: Literal["outer", "full"]):
+    """The terminal value (module docstring) for per-sample gradients ``Vx`` (B, n) and the
+    network output (B, ...) flattened to (B, n)."""
+    B, n = Vx.shape
+    out = output.detach().reshape(B, -1).to(Vx)
+    if callable(terminal_hessian):
+        H = terminal_hessian(output).to(Vx)
+    elif terminal_hessian == "empirical":
+        H = Vx
+    elif terminal_hessian == "fisher":
+        H = fisher_factor(out, loss)
+    else:
+        Z = ggn_factor(out, loss)
+        if value_hessian == "outer":
+            return RankRValue(Vx=Vx, Z=Z)
+        return DenseValue(Vx=Vx, Vxx=Z @ Z.transpose(-1, -2))
+    if H.shape == (B, n):
+        if value_hessian == "outer":
+            return RankOneValue(Vx=Vx, c=torch.ones_like(Vx[:, 0]), z=H)
+        return DenseValue(Vx=Vx, Vxx=H.unsqueeze(-1) * H.unsqueeze(-2))
+    if H.ndim == 3 and H.shape[:2] == (B, n):
+        if value_hessian == "full":
+            if H.shape[2] != n:
+                return DenseValue(Vx=Vx, Vxx=H @ H.transpose(-1, -2))
+            return DenseValue(Vx=Vx, Vxx=H)
+        return RankRValue(Vx=Vx, Z=H)
+    raise ShapeError(f"terminal_hessian must return ({B}, {n}) (a factor z), ({B}, {n}, r) "
+                     f"(a factor Z) or, with value_hessian='full', ({B}, {n}, {n}) (the "
+                     f"Hessian); got {tuple(H.shape)}")
+
+
+def check_terminal_options(terminal_hessian, loss) -> None:
+    """Validate the two options (the constructor's check)."""
+    if not callable(terminal_hessian) and terminal_hessian not in TERMINAL_HESSIANS:
+        raise InvalidArgumentError(f"terminal_hessian must be one of {TERMINAL_HESSIANS} "
+                                   f"or a callable; got {terminal_hessian!r}")
+    if loss not in LOSSES:
+        raise InvalidArgumentError(f"loss must be one of {LOSSES}; got {loss!r}")
