@@ -64,3 +64,14 @@ def test_thesis_steepest_experiments_smoke(tmp_path):
     text = (tmp_path / "experiments_steepest.md").read_text()
     assert "| euclidean | 3 |" in text and "| kl | 3 |" in text and "nan" not in text
     assert (tmp_path / "img" / "steepest_neumann.png").stat().st_size > 10_000
+
+
+def test_terminal_hessian_experiment_smoke(tmp_path):
+    """experiments/terminal_hessian.py end to end (1 epoch, 1 seed, one lr per curvature)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "terminal_hessian.py"
+    spec = importlib.util.spec_from_file_location("terminal_hessian", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "experiments_terminal.md").read_text()
+    assert "| identity | 0.1 |" in text and "| adam | 0.003 |" in text and "nan" not in text
