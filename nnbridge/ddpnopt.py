@@ -35,6 +35,7 @@ from torch import nn
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 from trajopt.riccati import operator_riccati_step
 
+from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse
 from .stages import StageLinearization, capture, stages
 from .terminal import check_terminal_options, terminal_value
@@ -180,7 +181,7 @@ class DDPNOpt(torch.optim.Optimizer):
         need_h = self.curvature.needs_factors and not feedback
         with capture(self.model, self._stages, h_grads=need_h) as rec, torch.enable_grad():
             loss = closure()
-        if not torch.is_tensor(loss) or not bool(torch.isfinite(loss.detach()).all()):
+        if not loss_is_finite(loss):
             warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                           stacklevel=2)
             return loss

@@ -33,6 +33,7 @@ from torch import nn
 from trajopt.errors import InvalidArgumentError, NonFiniteError, SkippedStepWarning
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
+from .closure import loss_is_finite
 from .stages import StageLinearization, capture, stages
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
@@ -196,7 +197,7 @@ class LQRDescent(torch.optim.Optimizer):
         group = self.param_groups[0]
         with capture(self.model, self._stages) as rec, torch.enable_grad():
             loss = closure()
-        if not bool(torch.isfinite(loss.detach()).all()):
+        if not loss_is_finite(loss):
             warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                           stacklevel=2)
             return loss

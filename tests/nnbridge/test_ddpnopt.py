@@ -265,3 +265,28 @@ def test_bad_input():
     X, y = data(B=4)
     with pytest.raises(ValueError, match="Dropout"):
         opt.step(closure_for(opt, drop, X, y))
+
+
+def test_closure_returning_a_number_or_nothing_steps_like_a_tensor():
+    """A closure returning ``loss.item()`` (or nothing) is an ordinary step, not a
+    "non-finite loss" skip; any other return value is a TypeError naming it."""
+    X, y = data(B=6)
+    results = []
+    for wrap in (lambda loss: loss, lambda loss: loss.item(), lambda loss: None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = nnbridge.DDPNOpt(model, lr=0.1, curvature="identity")
+
+        def closure(model=model, opt=opt, wrap=wrap):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X), y)
+            loss.backward()
+            return wrap(loss)
+
+        opt.step(closure)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(results[0], other))
+    opt = nnbridge.DDPNOpt(mlp(), lr=0.1)
+    with pytest.raises(TypeError, match="got str"):
+        opt.step(lambda: "loss")
