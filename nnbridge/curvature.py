@@ -34,7 +34,7 @@ from trajopt.errors import InvalidArgumentError
 from trajopt.riccati.solvers import cholesky_factor
 
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
-           "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse"]
+           "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse", "NoControl"]
 
 State = dict[str, Any]
 
@@ -369,3 +369,21 @@ class NetworkResponse:
     def apply_control(self, G: torch.Tensor) -> torch.Tensor:
         h = self.lin.gu(self.pre.value_inverse(G))
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)
+
+
+@dataclass
+class NoControl:
+    """:class:`trajopt.riccati.operator.ControlResponse` of a stage without control (all
+    its parameters frozen): no policy, so the response is zero and the value is carried
+    through :math:`f_x` unchanged (:math:`V = f_x^\top V' f_x`)."""
+
+    lin: Any
+
+    def response(self, Y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(Y)
+
+    def response_const(self) -> None:
+        return None
+
+    def apply_control(self, G: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(self.lin.from_h(self.lin.gu(G).unsqueeze(1)).squeeze(1))

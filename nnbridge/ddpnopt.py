@@ -36,7 +36,7 @@ from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 from trajopt.riccati import operator_riccati_step
 
 from .closure import loss_is_finite
-from .curvature import CURVATURES, Exact, NetworkResponse
+from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .stages import StageLinearization, capture, stages
 from .terminal import check_terminal_options, terminal_value
 
@@ -189,33 +189,57 @@ class DDPNOpt(torch.optim.Optimizer):
             raise RuntimeError(f"the closure must run the model's forward pass and call "
                                f"loss.backward(); {type(self).__name__}.step needs "
                                f"{_CLOSURE_HELP}")
+        frozen = self._frozen()
         with torch.no_grad():
             if feedback:
-                controls, states = self._ddp_update(rec, group)
+                controls, states = self._ddp_update(rec, group, frozen)
             else:
-                controls, states = self._open_loop_update(rec, group)
+                controls, states = self._open_loop_update(rec, group, frozen)
             # one check: NaN / inf anywhere makes the sum non-finite
-            total = sum(U.sum() for U in controls) + sum(
-                v.sum() for s in states for v in s.values() if torch.is_tensor(v))
+            total = sum(U.sum() for U in controls if U is not None) + sum(
+                v.sum() for s in states if s is not None for v in s.values()
+                if torch.is_tensor(v))
             if not bool(torch.isfinite(total)):
                 warnings.warn("non-finite update; step skipped (parameters and state "
                               "unchanged)", SkippedStepWarning, stacklevel=2)
                 return loss
             for st, U, s in zip(self._stages, controls, states):
+                if U is None:  # a frozen stage: parameters and state untouched
+                    continue
                 for p, v in zip(st.params(), st.split(U)):
                     p.copy_(v)
                 s["step"] = self.state.get(st.module.weight, {}).get("step", 0) + 1
                 self.state[st.module.weight] = s
         return loss
 
+    def _frozen(self) -> list[bool]:
+        """Per stage: all its parameters have ``requires_grad=False`` (a stage without
+        control: it keeps its parameters and its optimizer state, and only carries the
+        value through its dynamics).  A stage frozen in part is refused."""
+        out = []
+        for st in self._stages:
+            flags = [p.requires_grad for p in st.params()]
+            if any(flags) and not all(flags):
+                names = [n for n, p in st.module.named_parameters() if not p.requires_grad]
+                raise InvalidArgumentError(
+                    f"stage {st.index} ({type(st.module).__name__}) is frozen in part "
+                    f"({names} have requires_grad=False): freeze all of a layer's "
+                    "parameters or none")
+            out.append(not any(flags))
+        return out
+
     def _hp(self, st, group) -> tuple[dict, dict, int]:
         saved = self.state.get(st.module.weight, {})  # .get: no empty entry on a skip
         state = {k: v for k, v in saved.items() if k != "step"}
         return group, state, int(saved.get("step", 0)) + 1
 
-    def _open_loop_update(self, rec, group):
+    def _open_loop_update(self, rec, group, frozen):
         controls, states = [], []
         for t, st in enumerate(self._stages):
+            if frozen[t]:
+                controls.append(None)
+                states.append(None)
+                continue
             hp, state, step = self._hp(st, group)
             U = st.control()
             g = self._grad(st)
@@ -232,7 +256,7 @@ class DDPNOpt(torch.optim.Optimizer):
             states.append(new)
         return controls, states
 
-    def _ddp_update(self, rec, group):
+    def _ddp_update(self, rec, group, frozen):
         T = len(self._stages)
         B = rec.output.shape[0]
         value = self._terminal(rec, B)
@@ -249,7 +273,9 @@ class DDPNOpt(torch.optim.Optimizer):
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
 
             def make(Qu, val, lin=lin, U=U, hp=hp, state=state, step=step, tik=tik,
-                     rec_t=rec_t):
+                     rec_t=rec_t, fixed=frozen[t]):
+                if fixed:  # no control: no policy, the value passes through f_x
+                    return NoControl(lin)
                 wdU = hp["weight_decay"] * U if hp["weight_decay"] else None
                 g = Qu if wdU is None else Qu + wdU
                 if isinstance(curv, Exact):
@@ -273,6 +299,11 @@ class DDPNOpt(torch.optim.Optimizer):
         xhat = rec.inputs[0]
         for t, st in enumerate(self._stages):
             r = out[t]
+            if frozen[t]:
+                controls.append(None)
+                if t < T - 1:
+                    xhat = st.forward(xhat, r["U"])
+                continue
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
             du = curv.open_loop(cst, r["g"], hp, step, pre)
             if t > 0:
@@ -282,7 +313,8 @@ class DDPNOpt(torch.optim.Optimizer):
             controls.append(Unew)
             if t < T - 1:
                 xhat = st.forward(xhat, Unew)
-        states = [{} if isinstance(curv, Exact) else out[t]["state"] for t in range(T)]
+        states = [None if frozen[t] else {} if isinstance(curv, Exact) else out[t]["state"]
+                  for t in range(T)]
         return controls, states
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import nnbridge
 from tests.reference.ddpnopt_dense import ddpnopt_step
 from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
-from trajopt.errors import SkippedStepWarning
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 
 from .conftest import closure_for, cnn, data, mlp
 
@@ -290,3 +290,48 @@ def test_closure_returning_a_number_or_nothing_steps_like_a_tensor():
     opt = nnbridge.DDPNOpt(mlp(), lr=0.1)
     with pytest.raises(TypeError, match="got str"):
         opt.step(lambda: "loss")
+
+
+@pytest.mark.parametrize("curvature", ["identity", "adam", "ekfac"])
+@pytest.mark.parametrize("feedback", [True, False])
+def test_a_frozen_first_layer_is_data(curvature, feedback):
+    """All parameters of the first layer frozen: they stay bit for bit, and the rest
+    trains exactly as the sub-network on the first stage's outputs would (a stage without
+    control whose state, the data, is never perturbed)."""
+    X, y = data(B=6)
+    full = mlp()
+    for p in full[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in full[0].parameters()]
+    sub = mlp()
+    sub = nn.Sequential(*list(sub.children())[2:])   # Linear(5, 4), ReLU, Linear(4, 3)
+    with torch.no_grad():
+        H = full[1](full[0](X))
+    hp = dict(lr=LRS[curvature], curvature=curvature, feedback=feedback, weight_decay=0.01)
+    if curvature == "identity":
+        hp["momentum"] = 0.9
+    a, b = nnbridge.DDPNOpt(full, **hp), nnbridge.DDPNOpt(sub, **hp)
+    for _ in range(3):
+        a.step(closure_for(a, full, X, y))
+        b.step(closure_for(b, sub, H, y))
+    assert all(torch.equal(p, q) for p, q in zip(full[0].parameters(), frozen))
+    for p, q in zip(list(full.parameters())[2:], sub.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert all(full[0].weight is not k for k in a.state)
+
+
+def test_a_frozen_middle_layer_stays_and_partial_freezing_is_refused():
+    X, y = data(B=6)
+    model = mlp()
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="adam")
+    for _ in range(2):
+        opt.step(closure_for(opt, model, X, y))
+    after = list(model.parameters())
+    assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[4], before[4])
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(InvalidArgumentError, match="stage 0 .* frozen in part"):
+        opt.step(closure_for(opt, model, X, y))
