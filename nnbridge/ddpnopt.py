@@ -144,10 +144,28 @@ class DDPNOpt(torch.optim.Optimizer):
         self.loss = loss
         self._pre, self._stages = stages(model)
         params = [p for st in self._stages for p in st.params()]
+        owner: dict[int, int] = {}
+        for st in self._stages:
+            for p in st.params():
+                if id(p) in owner:
+                    raise InvalidArgumentError(
+                        f"stages {owner[id(p)]} and {st.index} share a parameter (tied "
+                        f"weights, shape {tuple(p.shape)}): one control used at two stages "
+                        "is not supported yet")
+                owner[id(p)] = st.index
         missing = [n for n, p in model.named_parameters() if all(p is not q for q in params)]
         if missing:
             raise TypeError(f"parameters {missing} belong to no stage")
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """The one parameter group is the model's stages; a second one is refused (it
+        would be silently ignored by the step).  Per-layer learning rates: not yet."""
+        if getattr(self, "param_groups", None):
+            raise InvalidArgumentError(
+                f"{type(self).__name__} has one parameter group (the model's stages); "
+                "add_param_group is not supported")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ helpers
     def _check_dropout(self):
