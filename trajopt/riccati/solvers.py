@@ -137,9 +137,16 @@ def solve_policy(
     if Q.joint is not None:
         rhs = Q.joint[..., n:, :n + 1]
     else:
-        batch = torch.broadcast_shapes(Q.Qux.shape[:-2], Q.Qu.shape[:-1])
+        # torch.broadcast_shapes costs ~70 us (a Python reference implementation): only
+        # when the batch shapes differ
+        bx, bu = Q.Qux.shape[:-2], Q.Qu.shape[:-1]
+        batch = bx if bx == bu else torch.broadcast_shapes(bx, bu)
         m = Q.Quu.shape[-1]
-        rhs = torch.cat([Q.Qu.expand(*batch, m).unsqueeze(-1), Q.Qux.expand(*batch, m, n)], -1)
-    Quu = Q.Quu.expand(*rhs.shape[:-2], *Q.Quu.shape[-2:])
+        Qu = Q.Qu if bu == batch else Q.Qu.expand(*batch, m)
+        Qux = Q.Qux if bx == batch else Q.Qux.expand(*batch, m, n)
+        rhs = torch.cat([Qu.unsqueeze(-1), Qux], -1)
+    Quu = Q.Quu
+    if Quu.shape[:-2] != rhs.shape[:-2]:
+        Quu = Quu.expand(*rhs.shape[:-2], *Quu.shape[-2:])
     sol = -solver.solve(Quu, rhs, stage)
     return sol[..., 1:], sol[..., 0]
