@@ -76,7 +76,18 @@ def _line_search(c1):
     return lambda: trajopt.LineSearch(c1=c1)
 
 
+def _ddp(limits, m=1):
+    from trajopt import problems
+    p = problems.get("double_integrator")
+    us0 = np.zeros((5, m))
+    return lambda: trajopt.solve_ddp(p.dynamics, p.cost, p.x0, us0, control_limits=limits,
+                                     max_iter=1)
+
+
 CASES = [
+    (_ddp(([-1.0], [1.0], [0.0])), InvalidArgumentError, "^control_limits must be a pair"),
+    (_ddp(([np.nan], [1.0])), NonFiniteError, r"^control_limits\[0\] \(lo\) contains NaN"),
+    (_ddp(([-1.0, -1.0], [1.0, 1.0])), ShapeError, r"must be \(lo, hi\) of shape \(1,\)"),
     (lambda: trajopt.solve_cyclic_lqr(*_two_phase(), method="newton"),
      InvalidArgumentError, "^method must be one of"),
     (lambda: trajopt.solve_cyclic_lqr(*_two_phase(), method="sweep", max_sweeps=0),

@@ -140,18 +140,28 @@ class DDPSolver:
         usf = [u.expand(*batch, u.shape[-1]).reshape(B, -1).clone() for u in us]
         lo = hi = None
         if self.control_limits is not None:
-            lo, hi = (kind.tensor(v, name) for v, name in zip(self.control_limits,
-                                                               ("lower limit", "upper limit")))
+            limits = self.control_limits
+            if not isinstance(limits, (tuple, list)) or len(limits) != 2:
+                raise InvalidArgumentError(
+                    f"control_limits must be a pair (lo, hi); got {type(limits).__name__}"
+                    + (f" of length {len(limits)}" if isinstance(limits, (tuple, list))
+                       else ""))
+            lo, hi = (kind.tensor(v, f"control_limits[{i}]") for i, v in enumerate(limits))
             m = usf[0].shape[-1]
+            widths = sorted({u.shape[-1] for u in usf})
+            if len(widths) > 1:
+                raise ShapeError(f"control_limits need every stage to have the same control "
+                                 f"size; us0 has sizes {widths}")
             if lo.shape != (m,) or hi.shape != (m,):
-                raise ShapeError(f"control_limits must be (lo, hi) of shape ({m},); got "
-                                 f"{shape_str(lo)} and {shape_str(hi)}")
+                raise ShapeError(f"control_limits must be (lo, hi) of shape ({m},) (the "
+                                 f"width of us0); got {shape_str(lo)} and {shape_str(hi)}")
+            for name, v in (("control_limits[0] (lo)", lo), ("control_limits[1] (hi)", hi)):
+                if bool(torch.isnan(v).any()):
+                    raise NonFiniteError(f"{name} contains NaN (infinite limits are allowed)")
             if bool((lo > hi).any()):
                 bad = int(torch.nonzero(lo > hi)[0])
                 raise InvalidArgumentError(f"control_limits: lo > hi for control {bad} "
                                  f"({float(lo[bad])} > {float(hi[bad])})")
-            if any(u.shape[-1] != m for u in usf):
-                raise ShapeError("control_limits need every stage to have the same m")
             usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
         self.structure.setup(usf)
         return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
