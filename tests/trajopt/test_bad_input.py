@@ -85,6 +85,9 @@ def _ddp(limits, m=1):
 
 
 CASES = [
+    (lambda: trajopt.solve_infinite_lqr(np.eye(2), np.ones((2, 1)), np.eye(2), np.eye(1),
+                                        M=np.ones((2, 1))), ShapeError,
+     r"^M must have shape \(\.\.\., 1, 2\)"),
     (_ddp(([-1.0], [1.0], [0.0])), InvalidArgumentError, "^control_limits must be a pair"),
     (_ddp(([np.nan], [1.0])), NonFiniteError, r"^control_limits\[0\] \(lo\) contains NaN"),
     (_ddp(([-1.0, -1.0], [1.0, 1.0])), ShapeError, r"must be \(lo, hi\) of shape \(1,\)"),

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .._arrays import as_tensors
-from .._checks import check_finite, check_vector
+from .._checks import check_finite, check_matrix, check_vector
 from ..dare._common import prepare
 from ..dare.solve import DAREMethod, DARESolution, solve_dare
 
@@ -113,7 +113,11 @@ def solve_infinite_lqr(
     InfiniteLQRSolution
     """
     t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "M": M, "q": q, "r": r})
-    S = None if t["M"] is None else t["M"].transpose(-1, -2)
+    S = None
+    if t["M"] is not None:  # checked here, so that a bad M is not reported as scipy's S
+        n, m = t["A"].shape[-1], t["B"].shape[-1]
+        check_matrix(t["M"], "M", m, n)
+        S = t["M"].transpose(-1, -2)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], None, S)
     if t["q"] is not None:
         check_vector(t["q"], "q", d.n)
