@@ -84,7 +84,16 @@ def _ddp(limits, m=1):
                                      max_iter=1)
 
 
+def _ddp_shapes(x0, us0):
+    from trajopt import problems
+    p = problems.get("double_integrator")
+    return lambda: trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, max_iter=1)
+
+
 CASES = [
+    (_ddp_shapes(np.zeros((0, 2)), np.zeros((0, 5, 1))), ShapeError, "^the batch of x0"),
+    (_ddp_shapes(np.zeros(2), np.zeros((0, 1))), ShapeError, r"^us0 must have shape .* T >= 1"),
+    (_ddp_shapes(np.zeros(0), np.zeros((5, 1))), ShapeError, r"^x0 must have at least one"),
     (lambda: trajopt.solve_infinite_lqr(np.eye(2), np.ones((2, 1)), np.eye(2), np.eye(1),
                                         M=np.ones((2, 1))), ShapeError,
      r"^M must have shape \(\.\.\., 1, 2\)"),

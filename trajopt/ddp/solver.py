@@ -125,8 +125,9 @@ class DDPSolver:
                     raise ShapeError(f"us0[{t}] must have shape (..., m); got {shape_str(u)}")
         else:
             ut = kind.tensor(us0, "us0")
-            if ut.ndim < 2:
-                raise ShapeError(f"us0 must have shape (..., T, m); got {shape_str(ut)}")
+            if ut.ndim < 2 or ut.shape[-2] == 0:
+                raise ShapeError(f"us0 must have shape (..., T, m) with T >= 1; got "
+                                 f"{shape_str(ut)}")
             us = list(ut.unbind(-2))
         for t, u in enumerate(us):
             check_finite(u, f"us0[{t}]")
@@ -136,6 +137,11 @@ class DDPSolver:
             raise ShapeError(f"batch dimensions of x0 {shape_str(x0t)} and us0 do not "
                              "broadcast") from None
         B = batch.numel()
+        if B == 0:
+            raise ShapeError(f"the batch of x0 {shape_str(x0t)} and us0 is empty")
+        if x0t.shape[-1] == 0:
+            raise ShapeError(f"x0 must have at least one state (n >= 1); got "
+                             f"{shape_str(x0t)}")
         x0f = x0t.expand(*batch, x0t.shape[-1]).reshape(B, -1).clone()
         usf = [u.expand(*batch, u.shape[-1]).reshape(B, -1).clone() for u in us]
         lo = hi = None
