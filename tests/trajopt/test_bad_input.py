@@ -90,7 +90,23 @@ def _ddp_shapes(x0, us0):
     return lambda: trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, max_iter=1)
 
 
+def _ddp_user_functions(dynamics, running):
+    cost = trajopt.Cost(running, lambda x: (x * x).sum(-1))
+    return lambda: trajopt.solve_ddp(dynamics, cost, np.ones((3, 2)), np.zeros((3, 4, 1)),
+                                     max_iter=1)
+
+
+def _lin(x, u, t):
+    return x + 0.1 * u
+
+
 CASES = [
+    (_ddp_user_functions(_lin, lambda x, u, t: (x * x).sum(-1, keepdim=True)), ShapeError,
+     r"^cost.running must return one value per batch element, shape \(3,\); got \(3, 1\)"),
+    (_ddp_user_functions(_lin, lambda x, u, t: 1.0), ShapeError,
+     r"^cost.running must return one value per batch element.*got float"),
+    (_ddp_user_functions(lambda x, u, t: (x, u), lambda x, u, t: (u * u).sum(-1)),
+     ShapeError, "^the dynamics"),
     (_ddp_shapes(np.zeros((0, 2)), np.zeros((0, 5, 1))), ShapeError, "^the batch of x0"),
     (_ddp_shapes(np.zeros(2), np.zeros((0, 1))), ShapeError, r"^us0 must have shape .* T >= 1"),
     (_ddp_shapes(np.zeros(0), np.zeros((5, 1))), ShapeError, r"^x0 must have at least one"),

@@ -253,11 +253,15 @@ class DDPSolver:
         dev, dt = x0f.device, x0f.dtype
         try:
             traj = self.rollout(x0f, usf)
-        except (RuntimeError, IndexError) as exc:
+        except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
+        self._check_cost_shapes(traj)
         for t, x in enumerate(traj.xs[1:]):
+            if not torch.is_tensor(x):
+                raise ShapeError(f"the dynamics must return a tensor (B, n); got "
+                                 f"{type(x).__name__} at stage {t}")
             if x.shape[0] != B:
                 raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
                                  f"expected a leading batch of {B}")
@@ -342,6 +346,19 @@ class DDPSolver:
             policy_full = merge_policy(policy_full, pol, stale, B)
         return self._result(kind, batch, listed, traj, policy_full, converged, iterations,
                             reason, history)
+
+    def _check_cost_shapes(self, traj: Traj) -> None:
+        """The cost must give one value per batch element: a (B, 1) or (B, B) result
+        would broadcast into a wrong total silently."""
+        B = traj.cost.shape[0] if traj.cost.ndim else None
+        running = self.cost.running(traj.xs[0], traj.us[0], 0)
+        for name, c in (("running", running), ("terminal", self.cost.terminal(traj.xs[-1]))):
+            if not torch.is_tensor(c) or c.shape != (traj.xs[0].shape[0],):
+                got = shape_str(c) if torch.is_tensor(c) else type(c).__name__
+                raise ShapeError(f"cost.{name} must return one value per batch element, "
+                                 f"shape ({traj.xs[0].shape[0]},); got {got}"
+                                 + (f" (the summed cost has shape {shape_str(traj.cost)})"
+                                    if B is not None else ""))
 
     def _line_search(self, sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi):
         """Try the alphas for the ``pending`` rows of ``sub`` (see LineSearch.strategy);
