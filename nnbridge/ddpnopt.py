@@ -88,8 +88,10 @@ class DDPNOpt(torch.optim.Optimizer):
         a rank-r factor, r = classes), ``"fisher"`` a sampled rank-one Fisher,
         ``"empirical"`` :math:`z = \nabla\phi` (the paper's factor, the empirical
         Fisher), or ``f(output)`` -> a factor (B, n) or (B, n, r), or the Hessian
-        (B, n, n) with ``value_hessian="full"``.  Default (and None): ``"ggn"`` (see
-        ``docs/ddpnopt.md`` for the measurements behind it).
+        (B, n, n) with ``value_hessian="full"``.  Default (None): ``"fisher"`` with
+        ``value_hessian="outer"`` (measured: as stable as "ggn" at the cost of
+        "empirical"), ``"ggn"`` with ``"full"`` (the loss's true Hessian, so that a
+        full-mode step with the exact curvature is a DDP step); see ``docs/ddpnopt.md``.
     loss : {"cross_entropy", "mse"}
         The per-sample loss the closure's batch mean is of (torch's definitions,
         ``reduction="mean"``); used by ``"ggn"`` and ``"fisher"``.
@@ -104,7 +106,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  tikhonov: float = 0.0,
                  value_psd: bool = True,
                  value_recursion: Literal["mean", "per_sample"] = "mean",
-                 terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor] | None = "ggn",
+                 terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  loss: Literal["cross_entropy", "mse"] = "cross_entropy",
                  **hyper: Any):
         if not isinstance(model, nn.Module):
@@ -120,7 +122,8 @@ class DDPNOpt(torch.optim.Optimizer):
         if value_hessian not in ("outer", "full"):
             raise InvalidArgumentError(f"value_hessian must be 'outer' or 'full'; got "
                                        f"{value_hessian!r}")
-        terminal_hessian = "ggn" if terminal_hessian is None else terminal_hessian
+        if terminal_hessian is None:
+            terminal_hessian = "ggn" if value_hessian == "full" else "fisher"
         check_terminal_options(terminal_hessian, loss)
         if not tikhonov >= 0:
             raise ValueError(f"Invalid tikhonov value: {tikhonov}")
@@ -142,6 +145,8 @@ class DDPNOpt(torch.optim.Optimizer):
         self.value_hessian = value_hessian
         self.terminal_hessian = terminal_hessian
         self.loss = loss
+        self._rng: torch.Generator | None = None   # "fisher": created at the first use
+        self._rng_state: torch.Tensor | None = None
         self._pre, self._stages = stages(model)
         params = [p for st in self._stages for p in st.params()]
         owner: dict[int, int] = {}
@@ -180,8 +185,29 @@ class DDPNOpt(torch.optim.Optimizer):
 
     def _terminal(self, rec, B: int):
         Vx = (rec.output_grad * B).reshape(B, -1)
+        if self.terminal_hessian == "fisher" and self._rng is None:
+            self._rng = torch.Generator(device=Vx.device).manual_seed(torch.initial_seed())
+            if self._rng_state is not None:  # from load_state_dict
+                self._rng.set_state(self._rng_state)
         return terminal_value(Vx, rec.output, self.terminal_hessian, self.loss,
-                              self.value_hessian)
+                              self.value_hessian, self._rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, plus the state of the generator of the sampled
+        Fisher (so that a resumed run draws what an uninterrupted one would)."""
+        out = super().state_dict()
+        if self._rng is not None:
+            out["fisher_rng"] = self._rng.get_state()
+        elif self._rng_state is not None:
+            out["fisher_rng"] = self._rng_state
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("fisher_rng", None)
+        super().load_state_dict(state_dict)
+        # applied when the generator is created on the data's device (first step)
+        self._rng, self._rng_state = None, rng
 
     def _grad(self, st) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in st.params()]

@@ -16,7 +16,8 @@ network output (torch's ``reduction="mean"``), so
 * ``"fisher"`` -- a sampled rank-one Fisher: :math:`z = p - e_{\hat y}`,
   :math:`\hat y \sim p` for cross-entropy (:math:`\mathbb{E}[z z^\top]` is the GGN);
   :math:`z = \sqrt{2/n}\,\varepsilon`, :math:`\varepsilon \sim N(0, I)` for MSE; drawn
-  from torch's global generator (as dropout is);
+  from the optimizer's own generator (seeded from ``torch.initial_seed()``, saved in its
+  ``state_dict``), so it neither consumes nor depends on the script's random stream;
 * ``"empirical"`` -- :math:`z = \nabla\phi` (the empirical Fisher: curvature
   :math:`\approx 2` on confidently misclassified samples, where the true Hessian is near
   0);
@@ -65,22 +66,27 @@ def ggn_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
     return (2.0 / n) ** 0.5 * eye.expand(B, n, n)
 
 
-def fisher_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """A sampled rank-one factor z (B, n) with :math:`\\mathbb{E}[z z^\\top]` the GGN."""
+def fisher_factor(output: torch.Tensor, loss: Loss,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A sampled rank-one factor z (B, n) with :math:`\\mathbb{E}[z z^\\top]` the GGN,
+    drawn from ``generator`` (torch's global one when None)."""
     _check_output(output)
     B, n = output.shape
     if loss == "cross_entropy":
         p = torch.softmax(output, -1)
-        y = torch.multinomial(p, 1).squeeze(-1)
+        y = torch.multinomial(p, 1, generator=generator).squeeze(-1)
         return p - torch.nn.functional.one_hot(y, n).to(p.dtype)
-    return (2.0 / n) ** 0.5 * torch.randn_like(output)
+    eps = torch.randn(output.shape, generator=generator, dtype=output.dtype,
+                      device=output.device)
+    return (2.0 / n) ** 0.5 * eps
 
 
 def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
                    terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor],
-                   loss: Loss, value_hessian: Literal["outer", "full"]):
+                   loss: Loss, value_hessian: Literal["outer", "full"],
+                   generator: torch.Generator | None = None):
     """The terminal value (module docstring) for per-sample gradients ``Vx`` (B, n) and the
-    network output (B, ...) flattened to (B, n)."""
+    network output (B, ...) flattened to (B, n); ``generator`` feeds ``"fisher"``."""
     B, n = Vx.shape
     out = output.detach().reshape(B, -1).to(Vx)
     if callable(terminal_hessian):
@@ -88,7 +94,7 @@ def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
     elif terminal_hessian == "empirical":
         H = Vx
     elif terminal_hessian == "fisher":
-        H = fisher_factor(out, loss)
+        H = fisher_factor(out, loss, generator)
     else:
         Z = ggn_factor(out, loss)
         if value_hessian == "outer":
