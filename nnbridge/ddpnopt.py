@@ -234,6 +234,7 @@ class DDPNOpt(torch.optim.Optimizer):
                                f"loss.backward(); {type(self).__name__}.step needs "
                                f"{_CLOSURE_HELP}")
         frozen = self._frozen()
+        rng_before = None if self._rng is None else self._rng.get_state()
         with torch.no_grad():
             if feedback:
                 controls, states = self._ddp_update(rec, group, frozen)
@@ -246,6 +247,10 @@ class DDPNOpt(torch.optim.Optimizer):
             if not bool(torch.isfinite(total)):
                 warnings.warn("non-finite update; step skipped (parameters and state "
                               "unchanged)", SkippedStepWarning, stacklevel=2)
+                if rng_before is None:   # the Fisher generator is part of the state too
+                    self._rng = None
+                else:
+                    self._rng.set_state(rng_before)
                 return loss
             for st, U, s in zip(self._stages, controls, states):
                 if U is None:  # a frozen stage: parameters and state untouched

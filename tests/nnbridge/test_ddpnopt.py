@@ -240,6 +240,7 @@ def test_nonfinite_update_is_skipped():
         opt.step(closure_for(opt, model, X, y))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not opt.state
+    assert "fisher_rng" not in opt.state_dict()   # the sampled Fisher's generator too
 
 
 def test_bad_input():
