@@ -175,3 +175,16 @@ def test_symmetry_check_is_relative_in_both_directions():
     check_symmetric(torch.eye(2, dtype=torch.float64) * 1e-150, "Q")
     big = torch.tensor([[1e10, 1.0], [1.0 + 1e-6, 1e10]], dtype=torch.float64)
     check_symmetric(big, "Q")
+
+
+def test_nested_lists_are_arrays_for_the_dare_as_in_scipy():
+    """issue "Nothing silent": lists gave "'list' object has no attribute 'ndim'"."""
+    A, B = [[1.0, 0.1], [0.0, 1.0]], [[0.0], [0.1]]
+    a = trajopt.solve_dare(A, B, [[1.0, 0.0], [0.0, 1.0]], [[1.0]])
+    b = trajopt.solve_dare(np.array(A), np.array(B), np.eye(2), np.eye(1))
+    assert isinstance(a.P, np.ndarray)
+    np.testing.assert_array_equal(a.P, b.P)
+    c = trajopt.solve_infinite_lqr(A, B, np.eye(2), [[1.0]], q=[1.0, 0.0])
+    d = trajopt.solve_infinite_lqr(np.array(A), np.array(B), np.eye(2), np.eye(1),
+                                   q=np.array([1.0, 0.0]))
+    np.testing.assert_array_equal(c.p, d.p)

@@ -112,7 +112,8 @@ def solve_infinite_lqr(
     -------
     InfiniteLQRSolution
     """
-    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "M": M, "q": q, "r": r})
+    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "M": M, "q": q, "r": r},
+                         sequences=False)
     S = None
     if t["M"] is not None:  # checked here, so that a bad M is not reported as scipy's S
         n, m = t["A"].shape[-1], t["B"].shape[-1]
