@@ -276,8 +276,10 @@ class EKFAC(Curvature):
         super().validate(hp)
         if not 0 <= hp["alpha"] < 1:
             raise ValueError(f"Invalid alpha (running-average factor): {hp['alpha']}")
-        if int(hp["update_freq"]) < 1:
-            raise ValueError(f"Invalid update_freq: {hp['update_freq']}")
+        uf = hp["update_freq"]
+        if (isinstance(uf, bool) or not isinstance(uf, (int, float)) or not math.isfinite(uf)
+                or uf != int(uf) or uf < 1):
+            raise InvalidArgumentError(f"Invalid update_freq (an integer >= 1): {uf!r}")
 
     def update(self, st, g, hp, step, w=None, X=None):
         st = dict(st)

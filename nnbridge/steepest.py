@@ -76,7 +76,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     list of Tensor
         One tensor per ``model.parameters()`` entry, shaped like it.
     """
-    _check(divergence, damping)
+    _check(divergence, damping, neumann_terms)
     pre, sts = stages(model)
     with torch.no_grad():
         h = x
@@ -104,12 +104,17 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return d
 
 
-def _check(divergence: str, damping: float) -> None:
+def _check(divergence: str, damping: float, neumann_terms: int | None = None) -> None:
     if divergence not in DIVERGENCES:
         raise InvalidArgumentError(
             f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     if not damping >= 0:
         raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+    if neumann_terms is not None and (isinstance(neumann_terms, bool)
+                                      or not isinstance(neumann_terms, int)
+                                      or neumann_terms < 0):
+        raise InvalidArgumentError(f"neumann_terms must be None or an integer >= 0; got "
+                                   f"{neumann_terms!r}")
 
 
 def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_terms=None):
@@ -179,7 +184,7 @@ class LQRDescent(torch.optim.Optimizer):
                  neumann_terms: int | None = None):
         if not lr >= 0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        _check(divergence, damping)
+        _check(divergence, damping, neumann_terms)
         if divergence == "newton" and loss_hessian is None:
             raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
         self.model = model

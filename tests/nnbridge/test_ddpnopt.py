@@ -376,3 +376,12 @@ def test_sampled_fisher_default_is_reproducible_and_resumes_exactly():
     torch.manual_seed(7)
     mlp()
     assert torch.equal(ra, torch.rand(1))   # ... nor at all
+
+
+def test_bad_hyper_parameters_are_named():
+    with pytest.raises(InvalidArgumentError, match="update_freq"):
+        nnbridge.EKFAC(mlp(), update_freq=float("nan"))
+    with pytest.raises(InvalidArgumentError, match="update_freq"):
+        nnbridge.DDPNOpt(mlp(), curvature="ekfac", update_freq=2.5)
+    with pytest.raises(InvalidArgumentError, match="neumann_terms"):
+        nnbridge.LQRDescent(mlp(), neumann_terms=-1)

@@ -101,6 +101,8 @@ def _lin(x, u, t):
 
 
 CASES = [
+    (lambda: trajopt.solve_dare(np.eye(2), np.eye(2), np.eye(2), np.eye(2), refine=1.5),
+     InvalidArgumentError, "^refine must be an integer"),
     (_ddp_user_functions(_lin, lambda x, u, t: (x * x).sum(-1, keepdim=True)), ShapeError,
      r"^cost.running must return one value per batch element, shape \(3,\); got \(3, 1\)"),
     (_ddp_user_functions(_lin, lambda x, u, t: 1.0), ShapeError,

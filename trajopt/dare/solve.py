@@ -217,6 +217,8 @@ def solve_dare(
     if method not in get_args(DAREMethod):
         raise InvalidArgumentError(f"method must be one of {get_args(DAREMethod)}; got "
                                    f"{method!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}, sequences=False)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
