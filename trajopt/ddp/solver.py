@@ -32,39 +32,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._arrays import ArrayKind, infer_kind
-from .._checks import check_finite, shape_str
+from .._checks import shape_str
 from .._linalg import mv
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import value_update
 from .batch import Policy, Traj, merge_policy, select_gains, step_size
 from .chain import Chain
+from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 
 __all__ = ["DDPSolver", "SolveInputs"]
-
-
-@dataclass(frozen=True)
-class SolveInputs:
-    """The validated inputs of one solve: the array kind, the batch shape, whether the
-    controls came as a list, the flat initial states (B, n) and controls (T x (B, m)),
-    and the control limits (m,) or None."""
-
-    kind: ArrayKind
-    batch: torch.Size
-    listed: bool
-    x0: torch.Tensor
-    us: list[torch.Tensor]
-    lo: torch.Tensor | None
-    hi: torch.Tensor | None
 
 
 class DDPSolver:
@@ -109,68 +93,10 @@ class DDPSolver:
     # ------------------------------------------------------------------ inputs
     def prepare(self, x0, us0) -> SolveInputs:
         """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
-        clamp the controls to the limits."""
-        kind = infer_kind(x0, us0)
-        x0t = kind.tensor(x0, "x0")
-        if x0t.ndim < 1:
-            raise ShapeError(f"x0 must have shape (..., n); got {shape_str(x0t)}")
-        check_finite(x0t, "x0")
-        listed = isinstance(us0, (list, tuple))
-        if listed:
-            us = [kind.tensor(u, f"us0[{t}]") for t, u in enumerate(us0)]
-            if not us:
-                raise ShapeError("us0 must hold at least one stage")
-            for t, u in enumerate(us):
-                if u.ndim < 1:
-                    raise ShapeError(f"us0[{t}] must have shape (..., m); got {shape_str(u)}")
-        else:
-            ut = kind.tensor(us0, "us0")
-            if ut.ndim < 2 or ut.shape[-2] == 0:
-                raise ShapeError(f"us0 must have shape (..., T, m) with T >= 1; got "
-                                 f"{shape_str(ut)}")
-            us = list(ut.unbind(-2))
-        for t, u in enumerate(us):
-            check_finite(u, f"us0[{t}]")
-        try:
-            batch = torch.broadcast_shapes(x0t.shape[:-1], *(u.shape[:-1] for u in us))
-        except RuntimeError:
-            raise ShapeError(f"batch dimensions of x0 {shape_str(x0t)} and us0 do not "
-                             "broadcast") from None
-        B = batch.numel()
-        if B == 0:
-            raise ShapeError(f"the batch of x0 {shape_str(x0t)} and us0 is empty")
-        if x0t.shape[-1] == 0:
-            raise ShapeError(f"x0 must have at least one state (n >= 1); got "
-                             f"{shape_str(x0t)}")
-        x0f = x0t.expand(*batch, x0t.shape[-1]).reshape(B, -1).clone()
-        usf = [u.expand(*batch, u.shape[-1]).reshape(B, -1).clone() for u in us]
-        lo = hi = None
-        if self.control_limits is not None:
-            limits = self.control_limits
-            if not isinstance(limits, (tuple, list)) or len(limits) != 2:
-                raise InvalidArgumentError(
-                    f"control_limits must be a pair (lo, hi); got {type(limits).__name__}"
-                    + (f" of length {len(limits)}" if isinstance(limits, (tuple, list))
-                       else ""))
-            lo, hi = (kind.tensor(v, f"control_limits[{i}]") for i, v in enumerate(limits))
-            m = usf[0].shape[-1]
-            widths = sorted({u.shape[-1] for u in usf})
-            if len(widths) > 1:
-                raise ShapeError(f"control_limits need every stage to have the same control "
-                                 f"size; us0 has sizes {widths}")
-            if lo.shape != (m,) or hi.shape != (m,):
-                raise ShapeError(f"control_limits must be (lo, hi) of shape ({m},) (the "
-                                 f"width of us0); got {shape_str(lo)} and {shape_str(hi)}")
-            for name, v in (("control_limits[0] (lo)", lo), ("control_limits[1] (hi)", hi)):
-                if bool(torch.isnan(v).any()):
-                    raise NonFiniteError(f"{name} contains NaN (infinite limits are allowed)")
-            if bool((lo > hi).any()):
-                bad = int(torch.nonzero(lo > hi)[0])
-                raise InvalidArgumentError(f"control_limits: lo > hi for control {bad} "
-                                 f"({float(lo[bad])} > {float(hi[bad])})")
-            usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
-        self.structure.setup(usf)
-        return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
+        clamp the controls to the limits (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
+        inp = prepare_inputs(x0, us0, self.control_limits)
+        self.structure.setup(inp.us)
+        return inp
 
     # ------------------------------------------------------------------ steps
     def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> Traj:
@@ -257,7 +183,7 @@ class DDPSolver:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
-        self._check_cost_shapes(traj)
+        check_cost_shapes(self.cost, traj)
         for t, x in enumerate(traj.xs[1:]):
             if not torch.is_tensor(x):
                 raise ShapeError(f"the dynamics must return a tensor (B, n); got "
@@ -346,19 +272,6 @@ class DDPSolver:
             policy_full = merge_policy(policy_full, pol, stale, B)
         return self._result(kind, batch, listed, traj, policy_full, converged, iterations,
                             reason, history)
-
-    def _check_cost_shapes(self, traj: Traj) -> None:
-        """The cost must give one value per batch element: a (B, 1) or (B, B) result
-        would broadcast into a wrong total silently."""
-        B = traj.cost.shape[0] if traj.cost.ndim else None
-        running = self.cost.running(traj.xs[0], traj.us[0], 0)
-        for name, c in (("running", running), ("terminal", self.cost.terminal(traj.xs[-1]))):
-            if not torch.is_tensor(c) or c.shape != (traj.xs[0].shape[0],):
-                got = shape_str(c) if torch.is_tensor(c) else type(c).__name__
-                raise ShapeError(f"cost.{name} must return one value per batch element, "
-                                 f"shape ({traj.xs[0].shape[0]},); got {got}"
-                                 + (f" (the summed cost has shape {shape_str(traj.cost)})"
-                                    if B is not None else ""))
 
     def _line_search(self, sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi):
         """Try the alphas for the ``pending`` rows of ``sub`` (see LineSearch.strategy);
