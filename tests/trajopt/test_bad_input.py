@@ -100,7 +100,23 @@ def _lin(x, u, t):
     return x + 0.1 * u
 
 
+def _rotation_dare(method, batch):
+    """issue "Nothing silent" #2: an undamped rotation that Q does not weigh; doubling's
+    certificate (A_k -> 0 under rounding) accepted a P with radius 1 - 1e-16."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    A = np.zeros((4, 4))
+    A[:2, :2] = [[c, -s], [s, c]]
+    A[2:, 2:] = [[1.0, 1.0], [0.0, 1.0]]
+    B, Q, R = np.array([[0.0], [0.0], [0.0], [1.0]]), np.diag([0.0, 0.0, 1.0, 1.0]), np.eye(1)
+    if batch:
+        A, B, Q, R = (np.stack([v, v]) for v in (A, B, Q, R))
+    return lambda: trajopt.solve_dare(A, B, Q, R, method=method)
+
+
 CASES = [
+    (_rotation_dare("doubling", False), NotStabilizableError, "no stabilizing solution"),
+    (_rotation_dare("auto", True), NotStabilizableError, "no stabilizing solution"),
+    (_rotation_dare("doubling", True), NotStabilizableError, "no stabilizing solution"),
     (lambda: trajopt.solve_dare(np.eye(2), np.eye(2), np.eye(2), np.eye(2), refine=1.5),
      InvalidArgumentError, "^refine must be an integer"),
     (_ddp_user_functions(_lin, lambda x, u, t: (x * x).sum(-1, keepdim=True)), ShapeError,
