@@ -388,4 +388,4 @@ class NoControl:
         return None
 
     def apply_control(self, G: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(self.lin.from_h(self.lin.gu(G).unsqueeze(1)).squeeze(1))
+        return self.lin.x_next.new_zeros(self.lin.B, self.lin.n1)

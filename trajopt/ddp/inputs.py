@@ -100,12 +100,11 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
 def check_cost_shapes(cost: Cost, traj: Traj) -> None:
     """The cost must give one value per batch element: a (B, 1) or (B, B) result
     would broadcast into a wrong total silently."""
-    B = traj.cost.shape[0] if traj.cost.ndim else None
+    B = traj.xs[0].shape[0]
     running = cost.running(traj.xs[0], traj.us[0], 0)
     for name, c in (("running", running), ("terminal", cost.terminal(traj.xs[-1]))):
-        if not torch.is_tensor(c) or c.shape != (traj.xs[0].shape[0],):
+        if not torch.is_tensor(c) or c.shape != (B,):
             got = shape_str(c) if torch.is_tensor(c) else type(c).__name__
             raise ShapeError(f"cost.{name} must return one value per batch element, "
-                             f"shape ({traj.xs[0].shape[0]},); got {got}"
-                             + (f" (the summed cost has shape {shape_str(traj.cost)})"
-                                if B is not None else ""))
+                             f"shape ({B},); got {got} (the summed cost has shape "
+                             f"{shape_str(traj.cost)})")

@@ -105,12 +105,8 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
                                    f"{len(approx)}")
     B = Qw.shape[0]
     rhs = torch.cat([Qw.unsqueeze(-1), Qwy], -1)  # (B, m, 1 + ny)
-    if len(sizes) == 1 and (approx is None or approx[0] is None):  # one player: plain DDP
-        H = joint_curvature(Qww, sizes, approx=approx, reg=reg)
-        L, ok = _chol(H)
-        return _policy(-cholesky_solve(rhs, L), ok, B, check_finite)
     if len(sizes) == 2:
-        diag = _player_blocks(Qww, sizes, approx, reg)
+        diag = _regularized_blocks(Qww, sizes, approx, reg)
         su, sv = _slices(sizes)
         Quv = Qww[:, su, sv]
         Qvu = Quv.transpose(-1, -2)
@@ -125,7 +121,7 @@ def cooperative_policy(Qw: torch.Tensor, Qwy: torch.Tensor, Qww: torch.Tensor,
         gv = -cholesky_solve(rv - Qvu @ cholesky_solve(ru, Lu), LSv)   # (40d-f)
         gains = torch.cat([gu, gv], 1)
         ok = ok_u & ok_v & ok_su & ok_sv
-    else:
+    else:  # one player (plain DDP when exact) or more: one Cholesky of the block system
         L, ok = _chol(joint_curvature(Qww, sizes, approx=approx, reg=reg))
         gains = -cholesky_solve(rhs, L)
     return _policy(gains, ok, B, check_finite)
@@ -136,7 +132,7 @@ def _slices(sizes: Sequence[int]) -> list[slice]:
     return [slice(a, a + s) for a, s in zip(offs, sizes)]
 
 
-def _player_blocks(Qww, sizes, approx, reg) -> list[torch.Tensor]:
+def _regularized_blocks(Qww, sizes, approx, reg) -> list[torch.Tensor]:
     """Each player's curvature block: its approximation or the exact one, plus mu I."""
     mu = torch.as_tensor(reg, dtype=Qww.dtype, device=Qww.device).reshape(-1, 1, 1)
     out = []
@@ -162,7 +158,7 @@ def joint_curvature(Qww: torch.Tensor, sizes: Sequence[int], *,
         mu = torch.as_tensor(reg, dtype=Qww.dtype, device=Qww.device).reshape(-1, 1, 1)
         return Qww + mu * torch.eye(Qww.shape[-1], dtype=Qww.dtype, device=Qww.device)
     M = Qww.clone()
-    for s, D in zip(_slices(sizes), _player_blocks(Qww, sizes, approx, reg)):
+    for s, D in zip(_slices(sizes), _regularized_blocks(Qww, sizes, approx, reg)):
         M[:, s, s] = D
     return M
 
