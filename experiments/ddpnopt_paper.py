@@ -245,7 +245,8 @@ the 70 split 80 / 20 for validation); networks: `nnbridge.models.default_model` 
 5 Linear layers, hidden 32, Tanh; wine: hidden 16, Tanh, sigmoid head, as App. A.3.1);
 batch 32; cross-entropy.  DDPNOpt uses the adaptive-diagonal (Adam) curvature, the
 paper's choice for feedforward networks, with its defaults (value_hessian="outer",
-value_recursion="mean", value_psd=True).
+value_recursion="mean", value_psd=True, terminal_hessian="fisher": a sampled rank-one
+Fisher at the loss, chosen in `docs/experiments_terminal.md`).
 
 ## Table 3 (mean over {seeds} seeds; vanilla DDP 3 seeds)
 
