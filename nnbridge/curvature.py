@@ -25,6 +25,7 @@ the diagonal ones), the family covers identity (:math:`D = \eta`, SGD), RMSprop 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +56,11 @@ class Curvature:
             raise ValueError(f"Invalid epsilon value: {hp['eps']}")
 
     def update(self, st: State, g: torch.Tensor, hp: dict, step: int,
-               w: torch.Tensor | None = None, X: torch.Tensor | None = None) -> State:
+               w: torch.Tensor | None = None, X: torch.Tensor | None = None,
+               mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> State:
+        """New statistics from ``g`` (and the per-sample factors ``w`` (B, out, P), ``X``
+        (B, in', P)); ``mean`` turns a sum over the local samples into the batch mean
+        (default: divide by B; :class:`nnbridge.distributed.BatchMean` across ranks)."""
         return dict(st)
 
     # P^{-1} = rotations + elementwise D
@@ -168,7 +173,7 @@ class Identity(Curvature):
         if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def update(self, st, g, hp, step, w=None, X=None):
+    def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         mu = hp["momentum"]
         if mu:
@@ -202,7 +207,7 @@ class RMSprop(Curvature):
         if not hp["alpha"] >= 0 or not hp["momentum"] >= 0:
             raise ValueError(f"Invalid alpha/momentum: {hp['alpha']}, {hp['momentum']}")
 
-    def update(self, st, g, hp, step, w=None, X=None):
+    def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         a = hp["alpha"]
         st["square_avg"] = st.get("square_avg", torch.zeros_like(g)) * a + g * g * (1 - a)
@@ -241,7 +246,7 @@ class Adam(Curvature):
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"Invalid beta parameters: {hp['betas']}")
 
-    def update(self, st, g, hp, step, w=None, X=None):
+    def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         b1, b2 = hp["betas"]
         st["exp_avg"] = st.get("exp_avg", torch.zeros_like(g)).lerp(g, 1 - b1)
@@ -281,22 +286,26 @@ class EKFAC(Curvature):
                 or uf != int(uf) or uf < 1):
             raise InvalidArgumentError(f"Invalid update_freq (an integer >= 1): {uf!r}")
 
-    def update(self, st, g, hp, step, w=None, X=None):
+    def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         a = hp["alpha"]
         B, P = X.shape[0], X.shape[-1]
+        if mean is None:
+            def mean(local_sum):
+                return local_sum / B
         Wf = w.reshape(B, w.shape[-2], P)
-        st["A"] = _moment(st.get("A"), torch.einsum("bip,bjp->ij", X, X) / (B * P), a)
-        st["G"] = _moment(st.get("G"), torch.einsum("bop,bqp->oq", Wf, Wf) / (B * P), a)
+        st["A"] = _moment(st.get("A"), mean(torch.einsum("bip,bjp->ij", X, X)) / P, a)
+        st["G"] = _moment(st.get("G"), mean(torch.einsum("bop,bqp->oq", Wf, Wf)) / P, a)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
         if fresh:
             st["QA"] = torch.linalg.eigh(st["A"])[1]
             st["QG"] = torch.linalg.eigh(st["G"])[1]
         if P == 1:
-            s = ((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1) @ (X[..., 0] @ st["QA"]) ** 2 / B
+            s = mean(((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1)
+                     @ (X[..., 0] @ st["QA"]) ** 2)
         else:
             Gi = torch.einsum("bop,bip->boi", Wf, X)
-            s = ((st["QG"].transpose(-1, -2) @ Gi @ st["QA"]) ** 2).mean(0)
+            s = mean(((st["QG"].transpose(-1, -2) @ Gi @ st["QA"]) ** 2).sum(0))
         st["S"] = s if fresh else _moment(st["S"], s, a)
         return st
 
@@ -338,8 +347,8 @@ class Exact(Curvature):
         # E_b[Vhh^b (x) x^b x^b'] as one (out^2, B) @ (B, in'^2) product, then reordered
         xx = (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(lin.B, -1)
         n_in = x.shape[-1]
-        Quu = (Vhh.reshape(lin.B, -1).T @ xx).reshape(out, out, n_in, n_in)
-        Quu = Quu.permute(0, 2, 1, 3).reshape(m, m) / lin.B
+        Quu = lin.mean(Vhh.reshape(lin.B, -1).T @ xx).reshape(out, out, n_in, n_in)
+        Quu = Quu.permute(0, 2, 1, 3).reshape(m, m)
         Quu = 0.5 * (Quu + Quu.T) + hp["weight_decay"] * eye
         L = cholesky_factor(Quu + hp["regularization"] * eye,
                             "curvature='exact': Q_uu + regularization * I", lin.stage.index,

@@ -37,8 +37,10 @@ from trajopt.riccati import operator_riccati_step
 
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
-from .stages import StageLinearization, capture, stages
-from .terminal import check_terminal_options, terminal_value
+from .distributed import BatchMean, data_parallel_group, unwrap
+from .recorder import BatchRecorder
+from .stages import StageLinearization, stages
+from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
 
@@ -147,7 +149,8 @@ class DDPNOpt(torch.optim.Optimizer):
         self.loss = loss
         self._rng: torch.Generator | None = None   # "fisher": created at the first use
         self._rng_state: torch.Tensor | None = None
-        self._pre, self._stages = stages(model)
+        net = unwrap(model)
+        self._pre, self._stages = stages(net)
         params = [p for st in self._stages for p in st.params()]
         owner: dict[int, int] = {}
         for st in self._stages:
@@ -158,10 +161,17 @@ class DDPNOpt(torch.optim.Optimizer):
                         f"weights, shape {tuple(p.shape)}): one control used at two stages "
                         "is not supported yet")
                 owner[id(p)] = st.index
-        missing = [n for n, p in model.named_parameters() if all(p is not q for q in params)]
+        missing = [n for n, p in net.named_parameters() if all(p is not q for q in params)]
         if missing:
             raise TypeError(f"parameters {missing} belong to no stage")
         super().__init__(params, defaults)
+        self._recorder = BatchRecorder(net, self._stages, h_grads=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; also forgets the recorded forward passes whose
+        backward pass has run (:mod:`nnbridge.recorder`)."""
+        super().zero_grad(set_to_none)
+        self._recorder.clear(keep_pending=True)
 
     def add_param_group(self, param_group: dict) -> None:
         """The one parameter group is the model's stages; a second one is refused (it
@@ -185,6 +195,8 @@ class DDPNOpt(torch.optim.Optimizer):
 
     def _terminal(self, rec, B: int):
         Vx = (rec.output_grad * B).reshape(B, -1)
+        if self.terminal_hessian in ("ggn", "fisher"):
+            check_output_gradient(Vx, self.loss)
         if self.terminal_hessian == "fisher" and self._rng is None:
             self._rng = torch.Generator(device=Vx.device).manual_seed(torch.initial_seed())
             if self._rng_state is not None:  # from load_state_dict
@@ -209,37 +221,72 @@ class DDPNOpt(torch.optim.Optimizer):
         # applied when the generator is created on the data's device (first step)
         self._rng, self._rng_state = None, rng
 
+    def _running_cost_gradient(self, st, lin, h_grad, hp, mean) -> torch.Tensor:
+        r""":math:`l_u` of the stage: weight decay's :math:`\lambda\tilde U` plus
+        ``p.grad`` minus the gradient the backward pass sent through the network
+        (:math:`\sum_i \nabla_{h^i}\text{loss}\; \tilde x^{i\top}`, from the recorded
+        pre-activation gradients; zero up to rounding when nothing edited ``p.grad``)."""
+        lu = self._grad(st)
+        if h_grad is not None:
+            lu = lu - mean(lin.control_gradient(h_grad) * mean.local)
+        if hp["weight_decay"]:
+            lu = lu + hp["weight_decay"] * lin.U
+        return lu
+
     def _grad(self, st) -> torch.Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in st.params()]
         return st.join([g.detach() for g in grads])
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """One DDPNOpt iteration on the batch the closure evaluates; returns its loss."""
-        if closure is None or not callable(closure):
-            raise TypeError(f"{type(self).__name__}.step needs {_CLOSURE_HELP}")
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One DDPNOpt iteration; returns the closure's loss (None without a closure).
+
+        With a closure (zero_grad, forward, ``loss.backward()``, return the loss) the step
+        is taken on the batch the closure evaluates.  Without one, on the forward and
+        backward passes run since the last step (:mod:`nnbridge.recorder`: several are one
+        batch, as in gradient accumulation).  The open-loop term is ``p.grad`` as the
+        training loop left it (clipped, accumulated, with a penalty's gradient, reduced
+        over data-parallel ranks); see ``docs/ddpnopt.md``, "In a training script".
+        """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step takes {_CLOSURE_HELP}; got "
+                            f"{type(closure).__name__}")
+        loss = None
+        if closure is not None:
+            self._recorder.clear()
+            with torch.enable_grad():
+                loss = closure()
+            if not loss_is_finite(loss):
+                self._recorder.clear()
+                warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
+                              stacklevel=2)
+                return loss
         group = self.param_groups[0]
         feedback = group["feedback"]
         if feedback:
             self._check_dropout()
-        need_h = self.curvature.needs_factors and not feedback
-        with capture(self.model, self._stages, h_grads=need_h) as rec, torch.enable_grad():
-            loss = closure()
-        if not loss_is_finite(loss):
-            warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
-                          stacklevel=2)
-            return loss
-        if any(x is None for x in rec.inputs) or (feedback and rec.output_grad is None):
-            raise RuntimeError(f"the closure must run the model's forward pass and call "
-                               f"loss.backward(); {type(self).__name__}.step needs "
-                               f"{_CLOSURE_HELP}")
+        dtype = self._stages[0].module.weight.dtype
+        rec = self._recorder.batch(dtype)
+        self._recorder.clear()
+        if rec is None and (feedback or self.curvature.needs_factors):
+            if closure is not None:
+                raise RuntimeError(f"the closure must run the model's forward pass and call "
+                                   f"loss.backward(); {type(self).__name__}.step needs "
+                                   f"{_CLOSURE_HELP}")
+            raise RuntimeError("no forward and backward pass of the model was recorded "
+                               "since the last step: run them (with gradients enabled) "
+                               f"before step(), or pass {_CLOSURE_HELP}")
         frozen = self._frozen()
         rng_before = None if self._rng is None else self._rng.get_state()
-        with torch.no_grad():
+        device = self._stages[0].module.weight.device.type
+        # the DDP pass runs in the parameters' dtype, also inside an autocast region
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            mean = None if rec is None else BatchMean.over(rec.output.shape[0],
+                                                           data_parallel_group(self.model))
             if feedback:
-                controls, states = self._ddp_update(rec, group, frozen)
+                controls, states = self._ddp_update(rec, group, frozen, mean)
             else:
-                controls, states = self._open_loop_update(rec, group, frozen)
+                controls, states = self._open_loop_update(rec, group, frozen, mean)
             # one check: NaN / inf anywhere makes the sum non-finite
             total = sum(U.sum() for U in controls if U is not None) + sum(
                 v.sum() for s in states if s is not None for v in s.values()
@@ -282,7 +329,7 @@ class DDPNOpt(torch.optim.Optimizer):
         state = {k: v for k, v in saved.items() if k != "step"}
         return group, state, int(saved.get("step", 0)) + 1
 
-    def _open_loop_update(self, rec, group, frozen):
+    def _open_loop_update(self, rec, group, frozen, mean):
         controls, states = [], []
         for t, st in enumerate(self._stages):
             if frozen[t]:
@@ -299,16 +346,15 @@ class DDPNOpt(torch.optim.Optimizer):
                 X = st.unfold(rec.inputs[t])
                 hg = rec.h_grads[t]
                 w = (hg * hg.shape[0]).reshape(hg.shape[0], hg.shape[1], -1)
-            new = self.curvature.update(state, g, hp, step, w, X)
+            new = self.curvature.update(state, g, hp, step, w, X, mean)
             pre = self.curvature.preconditioner(new, hp, step)
             controls.append(U + self.curvature.open_loop(new, g, hp, step, pre))
             states.append(new)
         return controls, states
 
-    def _ddp_update(self, rec, group, frozen):
+    def _ddp_update(self, rec, group, frozen, mean):
         T = len(self._stages)
-        B = rec.output.shape[0]
-        value = self._terminal(rec, B)
+        value = self._terminal(rec, mean.local)
         curv = self.curvature
         out: list[dict] = [None] * T
         steps = [None] * T
@@ -316,31 +362,34 @@ class DDPNOpt(torch.optim.Optimizer):
             st = self._stages[t]
             hp, state, step = self._hp(st, group)
             x_next = rec.inputs[t + 1] if t < T - 1 else rec.output
-            lin = StageLinearization(st, rec.inputs[t], x_next=x_next)
+            lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean)
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
+            # what the loop did to p.grad after the backward pass (a penalty's gradient,
+            # clipping, hooks) is a running cost l(u): its gradient joins weight decay's
+            lu = None if frozen[t] else self._running_cost_gradient(st, lin, rec.h_grads[t],
+                                                                   hp, mean)
 
-            def make(Qu, val, lin=lin, U=U, hp=hp, state=state, step=step, tik=tik,
-                     rec_t=rec_t, fixed=frozen[t]):
-                if fixed:  # no control: no policy, the value passes through f_x
+            def make(Qu, val, lin=lin, hp=hp, state=state, step=step, tik=tik,
+                     rec_t=rec_t, lu=lu):
+                if lu is None:  # no control: no policy, the value passes through f_x
                     return NoControl(lin)
-                wdU = hp["weight_decay"] * U if hp["weight_decay"] else None
-                g = Qu if wdU is None else Qu + wdU
+                g = Qu + lu
                 if isinstance(curv, Exact):
                     cst, pre = state, curv.build(lin, val, tik, hp)
                 else:
                     w = lin.factors(val.Vx.unsqueeze(1)).squeeze(1) if curv.needs_factors \
                         else None
-                    cst = curv.update(state, g, hp, step, w, lin.X)
+                    cst = curv.update(state, g, hp, step, w, lin.X, mean)
                     pre = curv.preconditioner(cst, hp, step)
                 rec_t.update(g=g, state=cst, pre=pre)
-                return NetworkResponse(pre, lin, wdU)
+                return NetworkResponse(pre, lin, lu)
 
             steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
                                              project_psd=hp["value_psd"],
                                              recursion=hp["value_recursion"],
-                                             propagate=t > 0)
+                                             propagate=t > 0, batch_size=mean.size)
             value = steps[t].value
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
@@ -356,7 +405,7 @@ class DDPNOpt(torch.optim.Optimizer):
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
             du = curv.open_loop(cst, r["g"], hp, step, pre)
             if t > 0:
-                dX = (xhat - rec.inputs[t]).reshape(B, -1)
+                dX = (xhat - rec.inputs[t]).reshape(mean.local, -1)
                 du = du - pre.inverse(steps[t].feedback(dX))
             Unew = U + du
             controls.append(Unew)

@@ -19,7 +19,7 @@ tensors unless a curvature asks for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -241,11 +241,15 @@ class StageLinearization:
     """
 
     def __init__(self, stage: Stage, x: torch.Tensor, U: torch.Tensor | None = None,
-                 x_next: torch.Tensor | None = None):
+                 x_next: torch.Tensor | None = None,
+                 mean: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.stage = stage
         self.x = x
         self.x_shape = tuple(x.shape[1:])
         self.B = x.shape[0]
+        #: batch mean from a sum over the local samples (:class:`nnbridge.distributed.
+        #: BatchMean` when the batch is split over ranks)
+        self.mean = mean if mean is not None else self._local_mean
         self.U = stage.control() if U is None else U
         self.W = stage.split(self.U)[0]
         self._vjp = None
@@ -271,6 +275,9 @@ class StageLinearization:
                 self.x_next, self._vjp = torch.func.vjp(stage.post_fn, self.h)
                 self.s = None
         self.n1 = self.x_next[0].numel()
+
+    def _local_mean(self, local_sum: torch.Tensor) -> torch.Tensor:
+        return local_sum / self.B
 
     @property
     def h(self) -> torch.Tensor:
@@ -344,12 +351,21 @@ class StageLinearization:
         w = self.factors(Y.unsqueeze(1)).squeeze(1)            # (B, out, P)
         X = self.X
         if X.shape[-1] == 1:
-            return (w[..., 0].T @ X[..., 0]) / self.B
+            return self.mean(w[..., 0].T @ X[..., 0])
         # sum over samples and positions as one (out, B P) @ (B P, in') product; faster
         # than einsum("bop,bip->oi") on CPU (measured 1.4-2.6x)
         out, n_in = w.shape[1], X.shape[1]
-        return (w.transpose(0, 1).reshape(out, -1)
-                @ X.transpose(0, 1).reshape(n_in, -1).T) / self.B
+        return self.mean(w.transpose(0, 1).reshape(out, -1)
+                         @ X.transpose(0, 1).reshape(n_in, -1).T)
+
+    def control_gradient(self, h_grad: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_i g^i \tilde x^{i\top}` (out, in') for pre-activation cotangents
+        ``h_grad`` (B, *h_shape): the sum over the local samples of the parameter
+        gradient they give (a sum, not a mean)."""
+        w = h_grad.reshape(self.B, h_grad.shape[1], -1)          # (B, out, P)
+        X = self.X
+        return (w.transpose(0, 1).reshape(w.shape[1], -1)
+                @ X.transpose(0, 1).reshape(X.shape[1], -1).T)
 
     def gu(self, G: torch.Tensor) -> torch.Tensor:
         """:math:`g_u G` for one control-shaped G (out, in') shared by the samples: the

@@ -40,7 +40,8 @@ import torch
 from trajopt.errors import InvalidArgumentError, ShapeError
 from trajopt.riccati import DenseValue, RankOneValue, RankRValue
 
-__all__ = ["TERMINAL_HESSIANS", "LOSSES", "terminal_value", "ggn_factor", "fisher_factor"]
+__all__ = ["TERMINAL_HESSIANS", "LOSSES", "terminal_value", "ggn_factor", "fisher_factor",
+           "check_terminal_options", "check_output_gradient"]
 
 TERMINAL_HESSIANS = ("ggn", "fisher", "empirical")
 LOSSES = ("cross_entropy", "mse")
@@ -122,3 +123,25 @@ def check_terminal_options(terminal_hessian, loss) -> None:
                                    f"or a callable; got {terminal_hessian!r}")
     if loss not in LOSSES:
         raise InvalidArgumentError(f"loss must be one of {LOSSES}; got {loss!r}")
+
+
+#: |grad phi|_1 of a per-sample cross-entropy is at most 2 (p - target, both
+#: distributions); the slack covers rounding and the autocast dtypes
+_CE_GRAD_BOUND = 2.0 * (1 + 1e-2)
+
+
+def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
+    """Refuse a closure whose loss is not the batch mean of ``loss`` where that shows:
+    for cross-entropy, :math:`\\|\\nabla\\phi^i\\|_1 \\le 2` for every sample, so a larger
+    ``Vx`` (B, n) (= B times the output gradient) means ``reduction="sum"`` (B times too
+    large: the step would diverge) or weights the model does not know about."""
+    if loss != "cross_entropy" or Vx.shape[0] < 2:
+        return
+    worst = float(Vx.abs().sum(-1).max())
+    if worst > _CE_GRAD_BOUND:
+        raise InvalidArgumentError(
+            f"loss: the output gradient times the batch size has a per-sample L1 norm of "
+            f"{worst:.3g}, but a per-sample cross-entropy's is at most 2: is the loss "
+            "summed (reduction='sum') or weighted? DDPNOpt needs the batch *mean* of the "
+            "per-sample loss (reduction='mean', as torch's default); for other losses pass "
+            "terminal_hessian='empirical' or a callable")

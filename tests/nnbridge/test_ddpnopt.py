@@ -259,8 +259,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="curvature"):
         nnbridge.DDPNOpt(mlp(), curvature="lbfgs")
     opt = nnbridge.DDPNOpt(mlp())
-    with pytest.raises(TypeError, match="closure"):
+    with pytest.raises(RuntimeError, match="no forward and backward pass"):
         opt.step()
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(1.0)
     drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3))
     opt = nnbridge.DDPNOpt(drop)
     X, y = data(B=4)

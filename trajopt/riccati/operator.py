@@ -128,6 +128,7 @@ def operator_riccati_step(
     project_psd: bool = False,
     recursion: str = "per_sample",
     propagate: bool = True,
+    batch_size: int | None = None,
 ) -> OperatorStep:
     """One backward step in operator form (see the module docstring).
 
@@ -161,10 +162,18 @@ def operator_riccati_step(
         False: do not form this stage's value (``value`` of the result is None), e.g. at
         the first stage, whose state (the data) is never perturbed; :meth:`feedback` and
         ``Qu`` are unaffected.
+    batch_size : int, optional
+        The B of the ``"mean"`` recursion's :math:`\\tfrac1B` (the reciprocal of each
+        sample's weight in the applied policy); default ``V_x'.shape[0]``.  With the
+        batch split over ranks it is the number of samples over all of them.
     """
     if recursion not in ("per_sample", "mean"):
         raise InvalidArgumentError(f"recursion must be 'per_sample' or 'mean'; got "
                                    f"{recursion!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+            batch_size, int) or batch_size < 1):
+        raise InvalidArgumentError(f"batch_size must be a positive integer; got "
+                                   f"{batch_size!r}")
     Vx1 = value.Vx
     Qu = stage.fu_T_mean(Vx1)                          # 1. expansion (operators)
     resp = curvature(Qu, value)                        # 2. the Q_uu plug
@@ -175,7 +184,7 @@ def operator_riccati_step(
     # in one operator call
     D = value.directions(tikhonov)
     if recursion == "mean":
-        w = 1.0 / Vx1.shape[0]
+        w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
         r = resp.apply_control(Qu)
         MD = resp.response(D)
     else:

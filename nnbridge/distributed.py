@@ -1,0 +1,84 @@
+r"""Batch means over data-parallel ranks, as ``torch.nn.parallel.DistributedDataParallel``
+defines them.
+
+Under DDP each rank's loss is the mean over its own ``b_r`` samples and the gradients are
+averaged over the ``N`` ranks, so the objective is
+:math:`\frac1N\sum_r \frac1{b_r}\sum_{i \in r} \phi^i`: sample ``i`` of rank ``r`` has the
+weight :math:`1/(N b_r)` (:math:`1/B` for equal local batches, ``B = N b`` the global
+batch).  :class:`BatchMean` computes every batch mean the DDPNOpt step needs (the
+feedback term :math:`\mathbb{E}_i[Q_{ux}^i \delta x^i]`, EKFAC's Kronecker factors and
+eigenvalue estimates, the exact :math:`Q_{uu}`) with these weights, so that every rank
+computes the same step, bit for bit, and N ranks with batch ``b`` give the step of one
+process with the concatenated batch.  Per-sample quantities (values, policies) stay on
+their rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["BatchMean", "unwrap", "data_parallel_group"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (the
+    model itself otherwise)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def data_parallel_group(model: nn.Module) -> Any | None:
+    """The process group the batch is split over: the wrapper's when ``model`` is a
+    ``DistributedDataParallel``, else the default group when ``torch.distributed`` is
+    initialized with more than one rank, else None (one process)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        group = model.process_group
+    elif dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    else:
+        return None
+    return group if dist.get_world_size(group) > 1 else None
+
+
+@dataclass(frozen=True)
+class BatchMean:
+    """Weighted batch mean of per-sample quantities, over the ranks of ``group``.
+
+    Attributes
+    ----------
+    local : int
+        Samples on this rank (``b_r``).
+    ranks : int
+        ``N`` (1 without a group).
+    group : process group or None
+    """
+
+    local: int
+    ranks: int = 1
+    group: Any | None = None
+
+    @classmethod
+    def over(cls, local: int, group: Any | None) -> BatchMean:
+        return cls(local, 1 if group is None else dist.get_world_size(group), group)
+
+    @property
+    def size(self) -> int:
+        """:math:`N b_r`, the reciprocal of each local sample's weight (the ``B`` of the
+        ``"mean"`` value recursion)."""
+        return self.ranks * self.local
+
+    def __call__(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_r \\frac{1}{N b_r} (\\text{rank r's sum})` from this rank's sum over its
+        samples (one all-reduce when distributed)."""
+        out = local_sum / self.size
+        if self.group is not None:
+            out = out.contiguous()
+            dist.all_reduce(out, group=self.group)
+        return out

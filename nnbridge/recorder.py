@@ -1,0 +1,157 @@
+r"""What the optimizers see of the training loop's forward and backward passes.
+
+:class:`BatchRecorder` keeps hooks on the network for the optimizer's lifetime (as
+kfac-pytorch does), so ``optimizer.step()`` works with and without a closure, in the loops
+of HF Trainer, Accelerate and Lightning.  Every forward pass of the model *under grad
+mode* opens a *chunk*: the stage inputs :math:`x_t`, the output :math:`x_T` and, once the
+backward pass reaches them, the gradient of the loss at the output (and, when asked, at
+each stage's pre-activation).  Forward passes under ``torch.no_grad()`` /
+``inference_mode`` (evaluation) are not recorded.
+
+At ``step()`` the chunks whose backward pass has run are the batch (gradient
+accumulation: several forward/backward passes before one step are one batch, concatenated);
+chunks still waiting for their backward pass are dropped.  ``zero_grad()`` drops the
+chunks whose backward pass has run (they belong to the gradient it zeroes) and keeps those
+waiting for it, so both ``zero_grad(); out = model(x); loss.backward()`` and
+``out = model(x); zero_grad(); loss.backward()`` record the batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .stages import Capture, Stage
+
+__all__ = ["BatchRecorder"]
+
+
+@dataclass(eq=False)
+class _Chunk:
+    inputs: list
+    h_grads: list
+    output: torch.Tensor | None = None
+    output_grad: torch.Tensor | None = None
+    pending: set = field(default_factory=set)  # gradients not yet received
+
+    @property
+    def complete(self) -> bool:
+        return self.output_grad is not None
+
+    def add_grad(self, key, g: torch.Tensor) -> None:
+        """Store a gradient (summed when a retained graph is run backward twice)."""
+        g = g.detach()
+        if key == "out":
+            self.output_grad = g if self.output_grad is None else self.output_grad + g
+        else:
+            old = self.h_grads[key]
+            self.h_grads[key] = g if old is None else old + g
+
+
+def _cat(parts: list, dtype: torch.dtype | None):
+    if any(p is None for p in parts):
+        return None
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return out if dtype is None or not out.is_floating_point() else out.to(dtype)
+
+
+class BatchRecorder:
+    """Persistent hooks on ``model`` and its stages (module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network whose forward pass opens a chunk (not a DDP wrapper: the module it
+        wraps).
+    stage_list : list of Stage
+    h_grads : bool
+        Also record each stage's pre-activation gradient (EKFAC's factors).
+    """
+
+    def __init__(self, model: nn.Module, stage_list: list[Stage], *, h_grads: bool = False):
+        self.n = len(stage_list)
+        self.h_grads = h_grads
+        self._chunks: list[_Chunk] = []
+        self._open: _Chunk | None = None
+        ref = weakref.ref(self)
+        handles = [model.register_forward_pre_hook(_begin(ref)),
+                   model.register_forward_hook(_end(ref))]
+        for i, st in enumerate(stage_list):
+            handles.append(st.module.register_forward_pre_hook(_stage_input(ref, i)))
+            handles.append(st.module.register_forward_hook(_stage_output(ref, i)))
+        self._handles = handles
+        # the hooks hold only a weak reference: they go when the recorder does
+        self._finalizer = weakref.finalize(self, _remove, handles)
+
+    def remove(self) -> None:
+        """Remove the hooks (the recorder records nothing afterwards)."""
+        self._finalizer()
+        self._chunks.clear()
+
+    def clear(self, *, keep_pending: bool = False) -> None:
+        """Drop the recorded chunks (``keep_pending``: keep those awaiting a backward)."""
+        self._chunks = [c for c in self._chunks if keep_pending and not c.complete]
+
+    def batch(self, dtype: torch.dtype | None = None) -> Capture | None:
+        """The completed chunks concatenated along the batch (cast to ``dtype``, e.g. the
+        parameters' dtype after an autocast forward), or None when none completed.
+        ``h_grads`` entries are None where a chunk lacks them."""
+        done = [c for c in self._chunks if c.complete and all(x is not None for x in c.inputs)]
+        if not done:
+            return None
+        return Capture(
+            inputs=[_cat([c.inputs[i] for c in done], dtype) for i in range(self.n)],
+            h_grads=[_cat([c.h_grads[i] for c in done], dtype) for i in range(self.n)],
+            output=_cat([c.output for c in done], dtype),
+            output_grad=_cat([c.output_grad for c in done], dtype))
+
+    # the hooks' side ----------------------------------------------------------
+    def _watch(self, chunk: _Chunk, key, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda g: chunk.add_grad(key, g))
+
+
+def _remove(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+def _begin(ref):
+    def hook(mod, args):
+        rec = ref()
+        if rec is not None:
+            rec._open = (_Chunk([None] * rec.n, [None] * rec.n) if torch.is_grad_enabled()
+                         else None)
+    return hook
+
+
+def _end(ref):
+    def hook(mod, args, out):
+        rec = ref()
+        if rec is None or rec._open is None:
+            return
+        chunk, rec._open = rec._open, None
+        if torch.is_tensor(out) and out.requires_grad:
+            chunk.output = out.detach()
+            rec._watch(chunk, "out", out)
+            rec._chunks.append(chunk)
+    return hook
+
+
+def _stage_input(ref, i):
+    def hook(mod, args):
+        rec = ref()
+        if rec is not None and rec._open is not None:
+            rec._open.inputs[i] = args[0].detach()
+    return hook
+
+
+def _stage_output(ref, i):
+    def hook(mod, args, out):
+        rec = ref()
+        if rec is not None and rec._open is not None and rec.h_grads:
+            rec._watch(rec._open, i, out)
+    return hook
