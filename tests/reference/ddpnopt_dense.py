@@ -58,11 +58,13 @@ def dense_curvature(kind, g, hp, *, X=None, w=None, Quu=None):
 
 
 def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
-                 project_psd=False, recursion="per_sample"):
+                 project_psd=False, recursion="per_sample", lu=None):
     """New controls (list of (out, in')) after one DDPNOpt step from a fresh state.
 
     ``phi(x_T, i)`` is the loss of sample i; ``terminal`` "gn" (V_xx = grad grad')
-    or "hessian" (exact Hessian of phi).
+    or "hessian" (exact Hessian of phi); ``lu`` (optional, one (out, in') tensor per
+    stage) the gradient of an extra running cost l(u) with zero Hessian, added to every
+    sample's Q_u (as weight decay's lambda u is).
     """
     T = len(stage_list)
     B = x0.shape[0]
@@ -92,7 +94,8 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
             V2 = Vxx[i] + eps * torch.eye(n1, dtype=u.dtype)
             fx.append(jx)
             fu.append(ju)
-            Qu.append(wd * u + ju.T @ Vx[i])
+            extra_lu = 0.0 if lu is None else lu[t].reshape(-1)
+            Qu.append(wd * u + extra_lu + ju.T @ Vx[i])
             Qx.append(jx.T @ Vx[i])
             Qux.append(ju.T @ V2 @ jx)
             Qxx.append(jx.T @ V2 @ jx)
@@ -103,7 +106,7 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
             # w^i = sigma_h' V_x^i: the part of Q_u^i = w x~' (Linear stages)
             out = Us[t].shape[0]
             extra["X"] = X
-            extra["w"] = torch.stack([(Qu[i] - wd * u).reshape(out, -1)[:, -1]
+            extra["w"] = torch.stack([(Qu[i] - wd * u - extra_lu).reshape(out, -1)[:, -1]
                                       for i in range(B)]) if st.has_bias else None
         if kind == "exact":
             m = u.numel()

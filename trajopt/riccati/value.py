@@ -29,9 +29,10 @@ the first downdate.  With r = 1 it is :class:`RankOneValue` (``C = c``).
 A Tikhonov :math:`\epsilon I` enters every product with :math:`V'` (``hess_apply``); the
 dense form also propagates it to earlier stages, the factored forms do not (it would
 destroy the low rank) -- ``docs/ddpnopt.md`` discusses the choice.  ``project_psd``
-keeps the corrected Hessian positive semidefinite: dense by clamping its eigenvalues,
-factored by clamping those of the core C (for a factor Z of full column rank,
-:math:`Z C Z^\top \succeq 0 \iff C \succeq 0`; r = 1: ``c >= 0``).
+replaces the corrected Hessian by its nearest positive semidefinite matrix (its
+eigenvalues clamped at 0), in every representation the same matrix: dense directly, rank
+r through an orthonormal factor (:math:`Z = QR`, clamp the eigenvalues of
+:math:`R C R^\top`), rank one by ``c >= 0``.
 """
 
 from __future__ import annotations
@@ -177,18 +178,29 @@ class RankRValue:
         return self.Z.transpose(-1, -2)
 
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
-                 project_psd: bool) -> torch.Tensor:
-        """The new core :math:`C - w C (Z^\\top M Z) C` (B, r, r)."""
+                 project_psd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factor and core of :math:`Z (C - w C (Z^\\top M Z) C) Z^\\top`:
+        ``(Z, C_new)``; with ``project_psd`` its nearest positive semidefinite matrix
+        (the dense projection, eigenvalues clamped at 0) as ``(Q, P(R C_new R'))``,
+        ``Z = QR`` (Q orthonormal, so clamping the core's eigenvalues clamps the
+        matrix's; clamping ``C_new`` itself would give another, larger PSD matrix
+        whenever Z is not orthonormal)."""
         G = sym(D @ MD.transpose(-1, -2))                # Z'MZ
         if self.C is None:
             C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
         else:
             C = sym(self.C - w * (self.C @ G @ self.C))
-        return _psd(C) if project_psd else C
+        if not project_psd:
+            return self.Z, C
+        Q, R = torch.linalg.qr(self.Z)
+        return Q, _psd(R @ C @ R.transpose(-1, -2))
 
-    def pullback(self, fx_T: Pullback, g: torch.Tensor, C: torch.Tensor) -> RankRValue:
-        """``RankRValue(f_x' g, f_x' Z, C)``: one operator call for the r + 1 rows."""
-        FY = fx_T(torch.cat([g.unsqueeze(1), self.Z.transpose(-1, -2)], 1))
+    def pullback(self, fx_T: Pullback, g: torch.Tensor,
+                 core: tuple[torch.Tensor, torch.Tensor]) -> RankRValue:
+        """``RankRValue(f_x' g, f_x' Z, C)`` for ``core = (Z, C)`` from :meth:`downdate`:
+        one operator call for the r + 1 rows."""
+        Z, C = core
+        FY = fx_T(torch.cat([g.unsqueeze(1), Z.transpose(-1, -2)], 1))
         return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
 
 
