@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 
 from . import data as _data
+from .checkpoint import load_checkpoint, save_checkpoint
 from .ddpnopt import EKFAC, DDPNOpt
 from .models import default_model
 
@@ -184,9 +186,15 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
         Show a progress bar (tqdm, on stderr).
     checkpoint : path, optional
         A file written after every epoch (model and optimizer ``state_dict``, the
-        minibatch generator and the history).  When it exists the run resumes from it and
-        continues exactly as an uninterrupted run would; it must come from the same
-        configuration except ``epochs`` (a finished run can be trained further).
+        minibatch generator and the history; :mod:`nnbridge.checkpoint`, with a
+        checksum).  When it exists the run resumes from it and continues exactly as an
+        uninterrupted run would; it must come from the same configuration except
+        ``epochs`` (a finished run can be trained further, not shortened).
+
+    Under ``torch.distributed`` (``torchrun``, see :mod:`nnbridge.train`) each rank takes
+    its contiguous share of every minibatch of ``cfg.batch_size`` samples and the model
+    runs inside ``DistributedDataParallel``: N ranks take the steps one process takes with
+    the whole minibatch.  Only rank 0 shows progress and writes the checkpoint.
     """
     ds = (dataset or _data.load(cfg.dataset, cfg.split)).to(cfg.device)
     label = cfg.label
@@ -194,6 +202,13 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     torch.manual_seed(cfg.seed)
     model = default_model(cfg.model, ds).to(cfg.device)
     opt = make_optimizer(label, model, lr)
+    rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_available()
+                   and dist.is_initialized() else (0, 1))
+    forward = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(cfg.device).index]
+            if torch.device(cfg.device).type == "cuda" else None)
     Xtr, Xev = _shape(ds.X_train, ds, cfg.model), _shape(ds.X_eval, ds, cfg.model)
     ytr, yev = ds.y_train, ds.y_eval
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -205,12 +220,16 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     start_epoch = 0
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        ck = torch.load(path, weights_only=True)
+        ck = load_checkpoint(path)
         mine, theirs = asdict(cfg), dict(ck["config"])
         mine.pop("epochs"), theirs.pop("epochs")  # more epochs: continue training
         if mine != theirs:
             raise InvalidArgumentError(f"checkpoint {path} was written by another "
                                        f"configuration: {ck['config']}")
+        if ck["epoch"] > cfg.epochs:
+            raise InvalidArgumentError(
+                f"checkpoint {path} holds {ck['epoch']} epochs, more than the {cfg.epochs} "
+                f"asked for: pass epochs >= {ck['epoch']} (or another checkpoint)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
@@ -219,33 +238,45 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     n = len(Xtr)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                    desc=f"{label} seed {cfg.seed}", leave=False, dynamic_ncols=True)
     model.train()
+    cuda = torch.device(cfg.device).type == "cuda"
+    diverged = not all(math.isfinite(v) for v in hist["train_loss"][-1:])
     for epoch in range(start_epoch, cfg.epochs):
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            idx = idx.to(cfg.device)
+            if len(idx) < world:  # a last minibatch too small to give every rank a sample
+                continue
+            idx = idx.tensor_split(world)[rank].to(cfg.device)
             xb, yb = Xtr[idx], ytr[idx]
 
             def closure(xb=xb, yb=yb):
                 opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss = nn.functional.cross_entropy(forward(xb), yb)
                 loss.backward()
                 return loss
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SkippedStepWarning)
                 t0 = time.perf_counter()
-                loss = opt.step(closure)
-                if cfg.device != "cpu":
+                loss = opt.step(closure).detach()
+                if cuda:
                     torch.cuda.synchronize()
                 hist["step_time"].append(time.perf_counter() - t0)
+            if world > 1:  # the minibatch's loss, the same on every rank
+                dist.all_reduce(loss)
+                loss /= world
             skipped = sum(issubclass(w.category, SkippedStepWarning) for w in caught)
             hist["skipped"][0] += skipped
             hist["step"].append(len(hist["step"]) + 1)
-            hist["train_loss"].append(float(loss.detach()))
+            hist["train_loss"].append(float(loss))
+            if not diverged and not math.isfinite(hist["train_loss"][-1]):
+                diverged = True  # say so while it happens, not only at the end
+                warnings.warn(f"{label} (lr {lr:g}, seed {cfg.seed}) is diverging: "
+                              f"non-finite training loss at step {hist['step'][-1]} "
+                              f"(epoch {epoch + 1})", RuntimeWarning, stacklevel=2)
             if bar is not None:
                 bar.update()
                 bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", refresh=False)
@@ -253,10 +284,11 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
         hist["epoch_step"].append(len(hist["step"]))
         hist["test_accuracy"].append(_evaluate(model, Xev, yev)[1])
         hist["epoch_train_loss"].append(train_loss)
-        if path is not None:
-            _save(path, {"config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                         "history": hist})
+        if path is not None and rank == 0:
+            save_checkpoint(path, {"config": asdict(cfg), "epoch": epoch + 1,
+                                   "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(),
+                                   "generator": gen.get_state(), "history": hist})
     if bar is not None:
         bar.close()
     if not math.isfinite(hist["epoch_train_loss"][-1]):
@@ -268,11 +300,3 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
                      final_train_loss=hist["epoch_train_loss"][-1],
                      time_per_step=statistics.median(times), skipped_steps=hist["skipped"][0],
                      history=hist)
-
-
-def _save(path: Path, obj: dict) -> None:
-    """Write atomically: an interrupted save never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

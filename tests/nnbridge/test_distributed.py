@@ -83,3 +83,39 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
             # float64: the ranks sum in another order than one process (observed 1e-15)
             err = float((p - q).abs().max() / (p - s).abs().max().detach())
             assert err < 1e-10, (curvature, feedback, err)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_train_command_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m nnbridge.train``: rank 0 writes the results, and
+    they are those of one process (iris validation split: 84 samples, minibatches of 28,
+    each split 14 / 14).  float32: the ranks sum in another order, and six adaptive steps
+    carry that rounding to ~1e-5 of the loss (the float64 test above shows 1e-15)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    args = ["-m", "nnbridge.train", "--dataset", "iris", "--validation", "--epochs", "2",
+            "--batch-size", "28", "--seeds", "1", "--optimizer", "ddpnopt,adam",
+            "--no-progress", "--out"]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                          "2", "--master-addr", "127.0.0.1", "--master-port",
+                          str(_free_port()), *args, str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("2 ranks") == 1   # rank 0 alone reports
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["optimizer"] == rb["optimizer"]
+        assert ra["test_accuracy"] == rb["test_accuracy"]
+        assert abs(ra["final_train_loss"] - rb["final_train_loss"]) <= 1e-4 * ra[
+            "final_train_loss"], (ra, rb)

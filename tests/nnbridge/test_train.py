@@ -95,6 +95,13 @@ def test_resumed_run_continues_identically(opt, tmp_path):
     (["--lr", "-0.1"], "learning rate must be >= 0"),
     (["--epochs", "0"], "must be > 0"),
     (["--dataset", "wine", "--model", "cnn"], "needs image data"),
+    (["--device", "foo"], "--device foo: not a device"),
+    (["--device", "meta"], "meta tensor holds no data"),
+    (["--seed0", str(2 ** 64)], "must be in [0, 2**63)"),
+    (["--batch-size", str(2 ** 64)], "must be <= 2147483647"),
+    (["--out", "/proc/version"], "exists and is not a directory"),
+    (["--checkpoint-dir", "/proc/version"], "exists and is not a directory"),
+    (["--out", "/proc/nnbridge_cannot_write_here"], "cannot write there"),
 ])
 def test_bad_arguments_one_line_no_traceback(args, msg):
     p = subprocess.run([sys.executable, "-m", "nnbridge.train", "--no-progress", *args],
@@ -115,8 +122,86 @@ def test_optimizer_names():
         RunConfig(lr=float("nan"))
 
 
-def test_a_diverging_run_warns():
-    with pytest.warns(RuntimeWarning, match="diverged"):
+def test_a_diverging_run_warns_while_it_happens_and_at_the_end():
+    with pytest.warns(RuntimeWarning) as caught:
         # RMSprop moves every weight by ~lr per step: 40 steps of 1e37 overflow float32
         r = run(RunConfig(optimizer="rmsprop", lr=1e37, epochs=1, seed=0))
     assert not r.final_train_loss < float("inf")
+    msgs = [str(w.message) for w in caught]
+    assert any("is diverging: non-finite training loss at step" in m for m in msgs)
+    assert "diverged" in msgs[-1]
+
+
+def _results_dir(tmp_path):
+    out = tmp_path / "out"
+    assert train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "sgd",
+                       "--dataset", "iris", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_reused_out_is_refused_before_training_unless_overwrite(tmp_path, capsys):
+    out = _results_dir(tmp_path)
+    before = (out / "results.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "adam", "--dataset",
+                    "iris", "--no-progress", "--out", str(out)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    assert train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "adam", "--dataset",
+                       "iris", "--no-progress", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"][0]["optimizer"] == "adam"
+
+
+def test_a_diverging_run_writes_strict_json_and_the_plot(tmp_path):
+    """lr 1e30: the loss overflows; results.json has null (not NaN), curves.png exists."""
+    out = tmp_path / "out"
+    with pytest.warns(RuntimeWarning, match="diverg"):
+        assert train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "rmsprop",
+                           "--lr", "1e30", "--dataset", "iris", "--no-progress",
+                           "--out", str(out)]) == 0
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    res = json.loads(text)
+    assert res["runs"][0]["final_train_loss"] is None
+    assert (out / "curves.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "flipped", "foreign", "dir"])
+def test_damaged_checkpoints_are_refused_by_name(tmp_path, damage):
+    from nnbridge.checkpoint import load_checkpoint
+    ck = tmp_path / "run.pt"
+    cfg = RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=1, seed=0)
+    run(cfg, checkpoint=ck)
+    raw = ck.read_bytes()
+    if damage == "empty":
+        ck.write_bytes(b"")
+    elif damage == "truncated":
+        ck.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flipped":  # 64 bytes in the middle of the payload
+        mid = len(raw) // 2
+        ck.write_bytes(raw[:mid] + bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+                       + raw[mid + 64:])
+    elif damage == "foreign":
+        ck.unlink()
+        torch.save({"model": torch.ones(2)}, ck)
+    else:
+        ck.unlink()
+        ck.mkdir()
+    with pytest.raises(InvalidArgumentError, match=str(ck)):
+        run(RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=2, seed=0),
+            checkpoint=ck)
+    if damage != "dir":
+        with pytest.raises(InvalidArgumentError):
+            load_checkpoint(ck)
+
+
+def test_a_checkpoint_is_not_shortened(tmp_path):
+    ck = tmp_path / "run.pt"
+    run(RunConfig(optimizer="adam", dataset="iris", epochs=2, seed=0), checkpoint=ck)
+    with pytest.raises(InvalidArgumentError, match="holds 2 epochs"):
+        run(RunConfig(optimizer="adam", dataset="iris", epochs=1, seed=0), checkpoint=ck)
+
+
+def test_device_with_an_index_trains():
+    r = run(RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=1, device="cpu:0"))
+    assert 0 < r.test_accuracy <= 1
