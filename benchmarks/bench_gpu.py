@@ -1,0 +1,160 @@
+"""GPU columns: the batched cases on a CUDA device against the CPU, ratios in one run.
+
+    python benchmarks/bench_gpu.py [--quick] [--json FILE]
+
+(a) DAREs n=10, m=3, batched doubling: 1,000 and 10,000 systems on the GPU against the
+    same call on the CPU and a Python loop of scipy (the CPU peer);
+(b) finite-horizon LQR T=1000, n=10, m=4 at batch 64 and 4,096 (torch in / out);
+(c) one DDPNOpt step (adam curvature, feedback, default terminal Hessian) and one
+    torch.optim.Adam step on the digits MLP (64-32x4-10) at batch 32 and 4,096.
+Times are the best of a few runs after a warm-up, with ``torch.cuda.synchronize()``;
+float64 for (a), (b), float32 for (c).  Residuals: relative DARE residual (max over the
+batch), K difference GPU vs CPU for (b).  Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trajopt  # noqa: E402
+from trajopt.dare._common import prepare, relative_residual  # noqa: E402
+
+
+def best_time(fn, repeat=3, cuda=False):
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _residual(A, B, Q, R, X):
+    d = prepare(*(torch.as_tensor(v).cpu() for v in (A, B, Q, R)), None, None)
+    return float(relative_residual(d, torch.as_tensor(X).cpu()).max())
+
+
+def rows_dare(count, rep, scipy_loop):
+    rng = np.random.default_rng(0)
+    n, m = 10, 3
+    A = rng.normal(size=(count, n, n)) / np.sqrt(n)
+    B = rng.normal(size=(count, n, m))
+    Q, R = np.eye(n), np.eye(m)
+    args_cpu = [torch.as_tensor(v) for v in (A, B, Q, R)]
+    args_gpu = [v.cuda() for v in args_cpu]
+    t_gpu, sg = best_time(lambda: trajopt.solve_dare(*args_gpu, method="doubling"), rep, True)
+    t_cpu, sc = best_time(lambda: trajopt.solve_dare(*args_cpu, method="doubling"), rep)
+    rows = [(f"(a) {count} DARE n=10 m=3", "trajopt doubling, GPU", t_gpu,
+             _residual(A, B, Q, R, sg.P)),
+            ("", "trajopt doubling, CPU", t_cpu, _residual(A, B, Q, R, sc.P))]
+    if scipy_loop:
+        t_sp, Xs = best_time(lambda: np.stack([scipy.linalg.solve_discrete_are(
+            A[i], B[i], Q, R) for i in range(count)]), 1)
+        rows.append(("", "scipy loop, CPU", t_sp, _residual(A, B, Q, R, Xs)))
+    return rows
+
+
+def rows_lqr(T, batch, rep):
+    rng = np.random.default_rng(2)
+    n, m = 10, 4
+    A = torch.as_tensor(rng.normal(size=(batch, T, n, n)) / np.sqrt(n))
+    B = torch.as_tensor(rng.normal(size=(batch, T, n, m)))
+    Q = torch.eye(n, dtype=A.dtype).expand(batch, T, n, n)
+    R = torch.eye(m, dtype=A.dtype).expand(batch, T, m, m)
+    x0 = torch.as_tensor(rng.normal(size=(batch, n)))
+    cpu = trajopt.LQR(A=A, B=B, Q=Q, R=R, QT=torch.eye(n, dtype=A.dtype))
+    gpu = trajopt.LQR(A=A.cuda(), B=B.cuda(), Q=Q.cuda(), R=R.cuda(),
+                      QT=torch.eye(n, dtype=A.dtype, device="cuda"))
+    t_gpu, sg = best_time(lambda: trajopt.solve_lqr(gpu, x0.cuda()), rep, True)
+    t_cpu, sc = best_time(lambda: trajopt.solve_lqr(cpu, x0), rep)
+    err = float((sg.K.cpu() - sc.K).abs().max())
+    return [(f"(b) finite LQR T={T} n=10 m=4 batch {batch}", "trajopt solve_lqr, GPU",
+             t_gpu, err), ("", "trajopt solve_lqr, CPU", t_cpu, 0.0)]
+
+
+def rows_ddpnopt(batch, rep):
+    from torch import nn
+
+    import nnbridge
+
+    def make(device):
+        torch.manual_seed(0)
+        layers, d = [], 64
+        for _ in range(4):
+            layers += [nn.Linear(d, 32), nn.Tanh()]
+            d = 32
+        return nn.Sequential(*layers, nn.Linear(32, 10)).to(device)
+
+    rows = []
+    for device in ("cuda", "cpu"):
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(batch, 64, generator=g).to(device)
+        y = torch.randint(0, 10, (batch,), generator=g).to(device)
+        for name in ("DDPNOpt(adam)", "torch.optim.Adam"):
+            model = make(device)
+            opt = (nnbridge.DDPNOpt(model, lr=2e-3) if name.startswith("DDPNOpt")
+                   else torch.optim.Adam(model.parameters(), lr=2e-3))
+
+            def step(model=model, opt=opt, X=X, y=y):
+                def closure():
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(model(X), y)
+                    loss.backward()
+                    return loss
+                return opt.step(closure)
+            t, _ = best_time(step, rep, device == "cuda")
+            label = f"(c) one step, digits MLP, batch {batch}" if not rows else ""
+            rows.append((label, f"{name}, {device.upper() if device == 'cpu' else 'GPU'}",
+                         t, float("nan")))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here; nothing measured")
+        return 0
+    rep = 2 if a.quick else 5
+    rows = rows_dare(1000, rep, True)
+    if not a.quick:
+        rows += rows_dare(10_000, rep, False)
+    rows += rows_lqr(1000 if not a.quick else 100, 64, rep)
+    if not a.quick:
+        rows += rows_lqr(1000, 4096, 2)
+    for batch in ((32, 4096) if not a.quick else (32,)):
+        rows += rows_ddpnopt(batch, rep)
+    name = torch.cuda.get_device_name()
+    print(f"GPU: {name}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}\n")
+    print("| case | solver | time | ratio to the first row | residual / error |")
+    print("|---|---|---:|---:|---:|")
+    first = None
+    for case, solver, t, res in rows:
+        if case:
+            first = t
+        print(f"| {case} | {solver} | {t * 1e3:.2f} ms | {t / first:.2f} | "
+              f"{res:.1e} |".replace("| nan |", "| - |"))
+    if a.json is not None:
+        a.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                      "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The same results on a CUDA device as on the CPU (skipped without one).
+
+float64 throughout except where a test says otherwise; each compares a GPU result with the
+CPU result of the same call (the CPU paths are verified against independent references in
+the other test files), so these check device placement and device-specific kernels.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+import nnbridge
+import trajopt
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DT = torch.float64
+
+
+def _both(fn):
+    return fn("cpu"), fn("cuda")
+
+
+def test_finite_lqr_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    T, n, m, B = 30, 4, 2, 8
+    A = torch.randn(B, T, n, n, generator=g, dtype=DT) / 2
+    Bm = torch.randn(B, T, n, m, generator=g, dtype=DT)
+    x0 = torch.randn(B, n, generator=g, dtype=DT)
+
+    def solve(dev):
+        prob = trajopt.LQR(A=A.to(dev), B=Bm.to(dev), Q=torch.eye(n, dtype=DT, device=dev),
+                           R=torch.eye(m, dtype=DT, device=dev),
+                           QT=torch.eye(n, dtype=DT, device=dev))
+        return trajopt.solve_lqr(prob, x0.to(dev))
+    cpu, gpu = _both(solve)
+    assert gpu.K.device.type == "cuda"
+    torch.testing.assert_close(gpu.K.cpu(), cpu.K, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["doubling", "auto"])
+def test_batched_dare_on_cuda(method):
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(64, 6, 6, generator=g, dtype=DT) / 6 ** 0.5
+    Bm = torch.randn(64, 6, 2, generator=g, dtype=DT)
+    cpu, gpu = _both(lambda dev: trajopt.solve_dare(
+        A.to(dev), Bm.to(dev), torch.eye(6, dtype=DT, device=dev),
+        torch.eye(2, dtype=DT, device=dev), method=method))
+    assert gpu.P.device.type == "cuda"
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-9, atol=1e-10)
+
+
+def test_ddp_on_cuda():
+    """iLQR on a batch of pendulums with a user-written dynamics and a QuadraticCost."""
+    def f(x, u, t):
+        th, dth = x[..., 0], x[..., 1]
+        return torch.stack([th + 0.05 * dth,
+                            dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
+
+    def solve(dev):
+        eye = torch.eye(2, dtype=DT, device=dev)
+        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
+                                     100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=DT,
+                                                                   device=dev))
+        x0 = torch.zeros(4, 2, dtype=DT, device=dev)
+        x0[:, 0] = torch.linspace(-0.3, 0.3, 4, dtype=DT)
+        return trajopt.solve_ddp(f, cost, x0, torch.zeros(4, 40, 1, dtype=DT, device=dev),
+                                 max_iter=30)
+    cpu, gpu = _both(solve)
+    assert gpu.us.device.type == "cuda"
+    torch.testing.assert_close(gpu.us.cpu(), cpu.us, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-10, atol=1e-12)
+
+
+def _mlp(dev, dtype=DT):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 4)).to(dev, dtype)
+
+
+@pytest.mark.parametrize("curvature", ["identity", "adam", "ekfac", "exact"])
+@pytest.mark.parametrize("terminal", ["ggn", "fisher"])
+def test_ddpnopt_steps_on_cuda(curvature, terminal):
+    """Three DDPNOpt steps: the GPU run equals the CPU run (the sampled Fisher draws from a
+    generator on the device, so "fisher" only checks that it runs and stays finite)."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(16, 6, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (16,), generator=g)
+    extra = {"regularization": 1.0} if curvature == "exact" else {}
+
+    def train(dev):
+        model = _mlp(dev)
+        opt = nnbridge.DDPNOpt(model, lr=0.05 if curvature != "adam" else 1e-2,
+                               curvature=curvature, terminal_hessian=terminal, **extra)
+        Xd, yd = X.to(dev), y.to(dev)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(Xd), yd).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+    cpu, gpu = _both(train)
+    for p, q in zip(cpu, gpu):
+        assert q.device.type == "cuda" and bool(torch.isfinite(q).all())
+        if terminal == "ggn":
+            torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ddpnopt_under_cuda_autocast(dtype):
+    """An autocast forward/backward on the GPU: the DDP pass runs in float32 and the
+    identity-curvature update matches the float32 step to the half type's resolution."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 6, generator=g).cuda()
+    y = torch.randint(0, 4, (64,), generator=g).cuda()
+    steps = []
+    for autocast in (False, True):
+        model = _mlp("cuda", torch.float32)
+        U0 = [p.detach().clone() for p in model.parameters()]
+        opt = nnbridge.DDPNOpt(model, lr=0.3, curvature="identity")
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        steps.append(torch.cat([(p.detach() - u).flatten()
+                                for p, u in zip(model.parameters(), U0)]))
+    err = float((steps[1] - steps[0]).norm() / steps[0].norm())
+    assert err < 2e-2, err
+
+
+def test_training_run_on_cuda():
+    pytest.importorskip("sklearn")
+    from nnbridge.training import RunConfig, run
+    r = run(RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=2, device="cuda"))
+    assert 0.3 < r.test_accuracy <= 1 and math.isfinite(r.final_train_loss)
