@@ -31,9 +31,9 @@ def test_finite_lqr_on_cuda():
     x0 = torch.randn(B, n, generator=g, dtype=DT)
 
     def solve(dev):
-        prob = trajopt.LQR(A=A.to(dev), B=Bm.to(dev), Q=torch.eye(n, dtype=DT, device=dev),
-                           R=torch.eye(m, dtype=DT, device=dev),
-                           QT=torch.eye(n, dtype=DT, device=dev))
+        eye_n, eye_m = (torch.eye(k, dtype=DT, device=dev) for k in (n, m))
+        prob = trajopt.LQR(A=A.to(dev), B=Bm.to(dev), Q=eye_n.expand(T, n, n),
+                           R=eye_m.expand(T, m, m), QT=eye_n)
         return trajopt.solve_lqr(prob, x0.to(dev))
     cpu, gpu = _both(solve)
     assert gpu.K.device.type == "cuda"
