@@ -27,12 +27,15 @@ import torch
 from torch import nn
 
 from trajopt import solve_infinite_lqr
-from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
+from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 from trajopt.riccati import push_through_control, surrogate_control
 
-__all__ = ["DEQ", "DEQBlock", "SOLVERS"]
+__all__ = ["DEQ", "DEQBlock", "SOLVERS", "DEFAULT_TOL"]
 
 SOLVERS = ("anderson", "broyden", "picard")
+#: the forward solve's default relative tolerance by dtype (about 100 eps)
+DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 1e-2,
+               torch.float16: 1e-3}
 
 
 class DEQBlock(nn.Module):
@@ -63,8 +66,11 @@ class DEQ(nn.Module):
     z_shape : tuple of int, optional
         Per-sample shape of z (default: that of x).
     solver : {"anderson", "broyden", "picard"}
-    tol : float
+    tol : float, optional
         Stop when ``max_b |f(z_b, x_b) - z_b| / (|f(z_b, x_b)| + 1e-12) <= tol``.
+        Default: by the dtype of x, :data:`DEFAULT_TOL` (1e-8 in float64, 1e-5 in float32,
+        1e-3 in the half types: about 100 eps, which the iterations reach; torch's
+        default float32 cannot reach float64's 1e-8).
     max_iter : int
     memory : int
         History length of Anderson and Broyden.
@@ -76,13 +82,13 @@ class DEQ(nn.Module):
     """
 
     def __init__(self, cell: nn.Module, z_shape: tuple[int, ...] | None = None, *,
-                 solver: str = "anderson", tol: float = 1e-8, max_iter: int = 200,
+                 solver: str = "anderson", tol: float | None = None, max_iter: int = 200,
                  memory: int = 6):
         super().__init__()
         if solver not in SOLVERS:
             raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}; got "
                                        f"{solver!r}")
-        if not tol > 0 or int(max_iter) < 1 or int(memory) < 1:
+        if (tol is not None and not tol > 0) or int(max_iter) < 1 or int(memory) < 1:
             raise InvalidArgumentError(f"need tol > 0, max_iter >= 1, memory >= 1; got "
                                        f"{tol}, {max_iter}, {memory}")
         self.cell, self.z_shape = cell, z_shape
@@ -94,44 +100,73 @@ class DEQ(nn.Module):
         B = z.shape[0]
         return self.cell(z.reshape(B, *self._zs), x).reshape(B, -1)
 
+    def _tol(self, dtype: torch.dtype) -> float:
+        return self.tol if self.tol is not None else DEFAULT_TOL.get(dtype, 1e-3)
+
+    def _check_cell(self, z: torch.Tensor, x: torch.Tensor) -> None:
+        """One call of the cell at z0 = 0: a clear error when z_shape is wrong."""
+        B = z.shape[0]
+        given = "z_shape" if self.z_shape is not None else "z_shape (default: x's)"
+        try:
+            out = self.cell(z.reshape(B, *self._zs), x)
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ShapeError(f"DEQ: cell(z, x) fails for z of shape {(B, *self._zs)} from "
+                             f"{given} and x of shape {tuple(x.shape)}: "
+                             f"{str(e).splitlines()[0]}; pass DEQ(cell, z_shape=...)") from e
+        if tuple(out.shape) != (B, *self._zs):
+            raise ShapeError(f"DEQ: cell(z, x) must return z's shape {(B, *self._zs)} (from "
+                             f"{given}); got {tuple(out.shape)}: pass DEQ(cell, "
+                             f"z_shape={tuple(out.shape[1:])}) if that is z's shape")
+
     def fixed_point(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`z^*` (B, *z_shape) without a graph."""
         self._zs = tuple(self.z_shape or x.shape[1:])
         B = x.shape[0]
         z = x.new_zeros(B, int(torch.tensor(self._zs).prod()) if self._zs else 1)
+        tol = self._tol(z.dtype)
         with torch.no_grad():
-            z, it, res = getattr(self, f"_{self.solver}")(z, x)
+            self._check_cell(z, x)
+            z, it, res = getattr(self, f"_{self.solver}")(z, x, tol)
         # a NaN residual ends the iteration loops at once (NaN > tol is false): the
         # iterate may still be finite, so both are checked
         if not bool(torch.isfinite(z).all()) or not math.isfinite(res):
             raise NonFiniteError(f"DEQ: the {self.solver} iteration produced NaN/inf "
                                  f"(residual {res}; is the cell contractive?)")
-        if res > self.tol:
-            warnings.warn(f"DEQ: {self.solver} did not reach tol {self.tol} in {it} "
+        if res > tol:
+            warnings.warn(f"DEQ: {self.solver} did not reach tol {tol} in {it} "
                           f"iterations (relative residual {res:.2e})", ConvergenceWarning,
                           stacklevel=3)
         self.stats = {"iterations": it, "residual": res}
         return z.reshape(B, *self._zs)
 
-    def _residual(self, fz, z) -> float:
-        return float(((fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)).max())
+    def _residuals(self, fz, z) -> torch.Tensor:
+        """Per-sample relative residual |f(z) - z| / (|f(z)| + 1e-12), (B,)."""
+        return (fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)
 
-    def _picard(self, z, x):
+    def _residual(self, fz, z) -> float:
+        return float(self._residuals(fz, z).max())
+
+    def _picard(self, z, x, tol):
         it, res = 0, float("inf")
-        while res > self.tol and it < self.max_iter:
+        while res > tol and it < self.max_iter:
             fz = self._f(z, x)
             res = self._residual(fz, z)
             z = fz
             it += 1
         return z, it, res
 
-    def _anderson(self, z, x, lam: float = 1e-8):
-        """Anderson acceleration (type II, damping 1) with ``memory`` past iterates."""
+    def _anderson(self, z, x, tol):
+        """Anderson acceleration (type II, damping 1) with ``memory`` past iterates.  The
+        least-squares system is regularized relative to its scale by max(1e-8, 100 eps)
+        (float32: 1.2e-5); where it is still singular, that sample takes a plain
+        fixed-point step."""
+        lam = max(1e-8, 100 * torch.finfo(z.dtype).eps)
+        tiny = torch.finfo(z.dtype).tiny
         Z, G = [z], [self._f(z, x)]
         res = self._residual(G[0], z)
         z = G[0]
         it = 1
-        while res > self.tol and it < self.max_iter:
+        while res > tol and it < self.max_iter:
             Z.append(z)
             G.append(self._f(z, x))
             res = self._residual(G[-1], z)
@@ -141,17 +176,27 @@ class DEQ(nn.Module):
             k = Fm.shape[1]
             H = Fm @ Fm.transpose(-1, -2)
             scale = H.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
-            H = H + (lam * scale + 1e-300) * torch.eye(k, dtype=z.dtype, device=z.device)
+            H = H + (lam * scale + tiny) * torch.eye(k, dtype=z.dtype, device=z.device)
             ones = torch.ones(z.shape[0], k, 1, dtype=z.dtype, device=z.device)
-            w = torch.linalg.solve(H, ones)
+            w, info = torch.linalg.solve_ex(H, ones)
             alpha = w / w.sum(1, keepdim=True)                           # sum to 1
-            z = (alpha * torch.stack(G, 1)).sum(1)
+            mixed = (alpha * torch.stack(G, 1)).sum(1)
+            ok = (info == 0).unsqueeze(-1) & torch.isfinite(mixed).all(-1, keepdim=True)
+            z = torch.where(ok, mixed, G[-1])
         return z, it, res
 
-    def _broyden(self, z, x):
+    def _broyden(self, z, x, tol):
         """Limited-memory 'good' Broyden on g(z) = f(z, x) - z (inverse-Jacobian
-        updates), with a full step."""
-        g = self._f(z, x) - z
+        updates), with a full step, safeguarded: an update whose denominator
+        :math:`dz^\top H dg` is below 100 eps of its scale is skipped for that sample (it
+        would divide by rounding noise: NaN in float32); a step that makes a sample's
+        residual non-finite or 1000 times its best restarts that sample from its best
+        iterate with a fixed-point step, and the memory is cleared (Broyden's full step
+        is not globally convergent: a cell that is not contractive, e.g. after a large
+        training step, sends it to overflow).  Returns the best iterate per sample."""
+        eps = 100 * torch.finfo(z.dtype).eps
+        fz = self._f(z, x)
+        g = fz - z
         Us, Vs = [], []
 
         def apply_inv(v):                      # H v with H = -I + sum u v'
@@ -160,26 +205,49 @@ class DEQ(nn.Module):
                 out = out + u * (vv * v).sum(-1, keepdim=True)
             return out
 
-        it, res = 1, self._residual(g + z, z)
-        while res > self.tol and it < self.max_iter:
+        best_z, best_r = z, self._residuals(fz, z)
+        it, res = 1, float(best_r.max())
+        while res > tol and it < self.max_iter and math.isfinite(res):
             dz = -apply_inv(g)
             z_new = z + dz
-            g_new = self._f(z_new, x) - z_new
-            dg = g_new - g
-            Hdg = apply_inv(dg)
-            # Sherman-Morrison: H += (dz - H dg) dz'H / (dz' H dg)
-            vT = -dz
-            for u, vv in zip(Us, Vs):
-                vT = vT + vv * (u * dz).sum(-1, keepdim=True)
-            denom = (vT * dg).sum(-1, keepdim=True)
-            denom = torch.where(denom.abs() < 1e-30, torch.full_like(denom, 1e-30), denom)
-            Us.append((dz - Hdg) / denom)
-            Vs.append(vT)
-            Us, Vs = Us[-self.memory:], Vs[-self.memory:]
-            z, g = z_new, g_new
+            f_new = self._f(z_new, x)
             it += 1
-            res = self._residual(g + z, z)
-        return z, it, res
+            r_new = self._residuals(f_new, z_new)
+            bad = ~torch.isfinite(r_new) | (r_new > 1e3 * best_r)
+            if bool(bad.any()):
+                Us, Vs = [], []
+                restart = self._f(best_z, x)
+                it += 1
+                z = torch.where(bad.unsqueeze(-1), restart, z_new)
+                fz = self._f(z, x)
+                it += 1
+                g = fz - z
+            else:
+                g_new = f_new - z_new
+                dg = g_new - g
+                Hdg = apply_inv(dg)
+                # Sherman-Morrison: H += (dz - H dg) dz'H / (dz' H dg)
+                vT = -dz
+                for u, vv in zip(Us, Vs):
+                    vT = vT + vv * (u * dz).sum(-1, keepdim=True)
+                denom = (vT * dg).sum(-1, keepdim=True)
+                ok = denom.abs() > eps * vT.norm(dim=-1, keepdim=True) * dg.norm(
+                    dim=-1, keepdim=True)
+                u = torch.where(ok, (dz - Hdg) / torch.where(ok, denom,
+                                                            torch.ones_like(denom)),
+                                torch.zeros_like(dz))
+                Us.append(u)
+                Vs.append(vT)
+                Us, Vs = Us[-self.memory:], Vs[-self.memory:]
+                z, g, fz = z_new, g_new, f_new
+            r = self._residuals(fz, z)
+            better = r < best_r
+            best_z = torch.where(better.unsqueeze(-1), z, best_z)
+            best_r = torch.where(better, r, best_r)
+            res = float(best_r.max())
+        if not math.isfinite(res):
+            return z, it, res
+        return best_z, it, res
 
     # ------------------------------------------------------------------ module
     def forward(self, x: torch.Tensor) -> torch.Tensor:
