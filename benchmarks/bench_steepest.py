@@ -10,6 +10,11 @@ explicitly formed Fisher, one run.
 * "explicit": the Jacobian of the outputs w.r.t. all parameters by torch.func, the Fisher
   F = J' W J / B (m x m), and ``torch.linalg.solve(F + damping I, g)``;
 * time: median of 3 (1 warm-up); memory: peak RSS growth of a fresh process.
+
+Second table (``--batches``): one ``LQRDescent`` step (kl, damping 1e-3) on the digits MLP
+64-32x4-10 (tanh, float64) at growing batch sizes: the default path (the LQR solved in
+output space, size B x 10) against the batch-augmented Riccati recursion (size B x 32 per
+stage; skipped above batch 64, where it takes minutes).
 """
 
 from __future__ import annotations
@@ -44,7 +49,51 @@ def build(w: int):
     return model, x, y
 
 
+def digits_mlp(batch):
+    torch.manual_seed(0)
+    layers, d = [], 64
+    for _ in range(4):
+        layers += [nn.Linear(d, 32), nn.Tanh()]
+        d = 32
+    model = nn.Sequential(*layers, nn.Linear(32, 10)).double()
+    g = torch.Generator().manual_seed(1)
+    return (model, torch.randn(batch, 64, generator=g, dtype=torch.float64),
+            torch.randint(0, 10, (batch,), generator=g))
+
+
+def run_batch(cfg):
+    """One direction on the digits MLP: "output" (default) or "riccati"."""
+    from nnbridge.stages import stages
+    from nnbridge.steepest import _direction
+    torch.set_num_threads(cfg["threads"])
+    model, x, y = digits_mlp(cfg["batch"])
+    _, sts = stages(model)
+
+    def fn():
+        with torch.no_grad():
+            xs = [x]
+            for st in sts:
+                xs.append(st.forward(xs[-1]))
+        out = xs[-1]
+        aN = torch.func.grad(lambda o: F.cross_entropy(o.reshape(out.shape), y))(
+            out.reshape(-1))
+        return _direction(model, sts, xs, aN, None, "kl", 1e-3,
+                          riccati=cfg["kind"] == "riccati")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ref = fn()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"time": min(times), "mem_mb": (rss1 - rss0) / 1024,
+            "norm": float(torch.cat([v.reshape(-1) for v in ref]).norm())}
+
+
 def run_one(cfg):
+    if "batch" in cfg:
+        return run_batch(cfg)
     torch.set_num_threads(cfg["threads"])
     model, x, y = build(cfg["w"])
     if cfg["kind"] == "explicit":
@@ -92,6 +141,19 @@ def main():
               f"{r['lqr']['time'] / e:.2f}x | {1e3 * r['neumann']['time']:.1f} | "
               f"{r['neumann']['time'] / e:.2f}x | {r['explicit']['mem_mb']:.1f} | "
               f"{r['lqr']['mem_mb']:.1f} | {r['neumann']['mem_mb']:.1f} |", flush=True)
+    batches = (8, 32) if a.quick else (8, 32, 64, 256, 1024)
+    print(f"\nLQRDescent direction (kl), digits MLP 64-32x4-10, float64, {a.threads} threads\n")
+    print("| batch | output space ms | MB | batch-augmented Riccati ms | MB | ratio |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        o = run_child(__file__, {"batch": b, "kind": "output", "threads": a.threads})
+        if b <= 64:
+            r = run_child(__file__, {"batch": b, "kind": "riccati", "threads": a.threads})
+            rc = (f"{1e3 * r['time']:.0f} | {r['mem_mb']:.0f} | "
+                  f"{r['time'] / o['time']:.0f}x")
+        else:
+            rc = "(skipped) | | "
+        print(f"| {b} | {1e3 * o['time']:.1f} | {o['mem_mb']:.0f} | {rc} |", flush=True)
 
 
 if __name__ == "__main__":

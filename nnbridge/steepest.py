@@ -30,7 +30,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, NonFiniteError, SkippedStepWarning
+from trajopt.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    SkippedStepWarning,
+)
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .closure import loss_is_finite
@@ -117,9 +122,81 @@ def _check(divergence: str, damping: float, neumann_terms: int | None = None) ->
                                    f"{neumann_terms!r}")
 
 
-def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_terms=None):
+def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_terms=None,
+               riccati: bool = False):
     """The LQR of the module docstring from the stage inputs ``xs`` (x_0 .. x_N), the
-    output gradient ``aN`` (B n_N,) and, for Newton, the output Hessian."""
+    output gradient ``aN`` (B n_N,) and, for Newton, the output Hessian: Euclidean and KL
+    in output space (:func:`_output_space_steps`), Newton and the Neumann variant (and
+    ``riccati=True``: tests, benchmarks) by the batch-augmented Riccati recursion
+    (:func:`_riccati_steps`)."""
+    if divergence in ("euclidean", "kl") and neumann_terms is None and not riccati:
+        lins = [StageLinearization(st, xs[t], x_next=xs[t + 1]) for t, st in enumerate(sts)]
+        steps = _output_space_steps(lins, xs[-1], aN, divergence, damping)
+    else:
+        lins, steps = _riccati_steps(sts, xs, aN, loss_hessian, divergence, damping,
+                                     neumann_terms)
+    by_param = {}
+    for st, lin, du in zip(sts, lins, steps):
+        for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
+            by_param[prm] = v
+    return [by_param[prm] for prm in model.parameters()]
+
+
+def _output_space_steps(lins, out, aN, divergence, damping):
+    r"""The Euclidean / KL LQR solved through its controllability Gramian in output space.
+
+    With no stage cost (:math:`Q_i = M_i = 0`), :math:`R_i = r I` and the state
+    perturbation starting at 0, the terminal perturbation is :math:`X_N = J u`, J the
+    Jacobian of the batch's outputs in all controls, and the LQR's solution is
+    :math:`u = -(rI + J^	op Q_N J)^{-1} J^	op a = -J^	op (rI + Q_N S)^{-1} a` (push-
+    through identity) with :math:`S = J J^	op = \sum_i J_i J_i^	op`, the Gramian, of
+    size :math:`B n_N` (outputs), not :math:`B n_i` (hidden states) as the Riccati
+    matrices are.  :math:`J_i` per sample from the stage operators:
+    :math:`Y_N = I`, :math:`Y_i = Y_{i+1} f_x`, rows of :math:`J_i` = :math:`f_u^	op`
+    applied to :math:`Y_{i+1}`.  Cost :math:`O(B n_N \sum_i m_i)` memory,
+    :math:`O((B n_N)^2 \sum_i m_i + (B n_N)^3)` time (docs/steepest.md)."""
+    B = out.shape[0]
+    n_out = out[0].numel()
+    Y = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
+    Js = [None] * len(lins)
+    for t in range(len(lins) - 1, -1, -1):
+        lin = lins[t]
+        w = lin.factors(Y)                                         # (B, n_out, out, P)
+        Js[t] = torch.einsum("bjop,bip->bjoi", w, lin.X).reshape(B * n_out, -1)
+        if t > 0:
+            Y = lin.fx_T(Y)
+    a = aN.reshape(B * n_out)
+    if divergence == "euclidean":                                  # Q_N = 0, r = 1 + delta
+        v = a / (1.0 + damping)
+    else:                                                          # the softmax Fisher
+        p = torch.softmax(out.reshape(B, -1), -1)
+        QN = _block_diag(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B
+        if damping == 0:   # the undamped natural gradient: F itself must be invertible
+            return _undamped_natural_gradient(Js, QN, a, B * (n_out - 1))
+        S = sum(J @ J.T for J in Js)
+        eye = torch.eye(B * n_out, dtype=out.dtype, device=out.device)
+        v = torch.linalg.solve(damping * eye + QN @ S, a)
+    return [-(J.T @ v) for J in Js]
+
+
+def _undamped_natural_gradient(Js, QN, a, max_rank):
+    """:math:`-F^{-1} J^\top a` with the Fisher :math:`F = J^\top Q_N J` (m x m), which
+    has rank at most B (n_N - 1) (each softmax Fisher block has the null vector 1)."""
+    J = torch.cat(Js, 1)
+    m = J.shape[1]
+    F = J.T @ QN @ J
+    L, info = torch.linalg.cholesky_ex(0.5 * (F + F.T))
+    if bool(info.any()):
+        raise NotPositiveDefiniteError(
+            f"lqr_direction: divergence='kl' with damping=0 needs an invertible Fisher; "
+            f"it is {m} x {m}, of rank at most {max_rank} (batch x (classes - 1)) or "
+            "numerically singular: use damping > 0")
+    u = -torch.cholesky_solve((J.T @ a).unsqueeze(-1), L).squeeze(-1)
+    return list(u.split([Jt.shape[1] for Jt in Js]))
+
+
+def _riccati_steps(sts, xs, aN, loss_hessian, divergence, damping, neumann_terms):
+    """The batch-augmented Riccati recursion (dense matrices of size B n_i)."""
     out = xs[-1]
     B = out.shape[0]
     lins = [StageLinearization(st, xs[t]) for t, st in enumerate(sts)]
@@ -149,11 +226,7 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
     else:
         solver = NeumannSolver(neumann_terms, damping=damping)
         steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, solver=solver)
-    by_param = {}
-    for st, lin, du in zip(sts, lins, steps):
-        for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
-            by_param[prm] = v
-    return [by_param[prm] for prm in model.parameters()]
+    return lins, steps
 
 
 class LQRDescent(torch.optim.Optimizer):

@@ -73,6 +73,41 @@ def test_kl_is_the_damped_natural_gradient(make, shape, B, damping):
     assert float((d - ref).norm() / ref.norm()) < 1e-8  # cond(F + 1e-3 I) up to ~1e3
 
 
+@pytest.mark.parametrize("make,shape,B", [(mlp, (4,), 5), (cnn, (1, 5, 5), 3)])
+@pytest.mark.parametrize("divergence,damping", [("kl", 1e-2), ("euclidean", 0.3)])
+def test_output_space_solution_equals_the_riccati_recursion(make, shape, B, divergence,
+                                                            damping):
+    """The default path (the LQR through its Gramian in output space) and the
+    batch-augmented Riccati recursion of the thesis give the same direction."""
+    from nnbridge.stages import stages
+    from nnbridge.steepest import _direction
+    model = make()
+    x, y = data(B, shape)
+    _, sts = stages(model)
+    with torch.no_grad():
+        xs = [x]
+        for s_ in sts:
+            xs.append(s_.forward(xs[-1]))
+    out = xs[-1]
+    aN = torch.func.grad(lambda o: F.cross_entropy(o.reshape(out.shape), y))(out.reshape(-1))
+    a = _flat(_direction(model, sts, xs, aN, None, divergence, damping))
+    b = _flat(_direction(model, sts, xs, aN, None, divergence, damping, riccati=True))
+    assert float((a - b).norm() / b.norm()) < 1e-10
+
+
+def test_undamped_kl_with_an_invertible_fisher():
+    """m <= B (classes - 1) and a sigmoid head (with a plain Linear head the softmax's
+    shift invariance makes 1 h' a null direction of F, always): the Fisher is invertible
+    and damping=0 is the plain natural gradient (explicit inverse)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 3), nn.Sigmoid())  # m 15
+    x, y = data(12, (2,))                                               # rank <= 24
+    g, _, Fi = _explicit(model, x, y)
+    ref = -torch.linalg.solve(Fi, g)
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=0.0))
+    assert float((d - ref).norm() / ref.norm()) < 1e-8
+
+
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("act", [nn.Tanh, nn.Softplus])
 def test_newton_is_the_damped_newton_step(B, act):
