@@ -41,7 +41,10 @@ State = dict[str, Any]
 
 
 class Curvature:
-    """Base class; ``defaults`` are the hyper-parameters (torch.optim names)."""
+    """Base class; ``defaults`` are the hyper-parameters (torch.optim names).  The default
+    learning rates are DDPNOpt's, chosen on the digits validation split
+    (``docs/experiments.md``; identity 0.5, rmsprop 2e-3, adam 5e-3, ekfac 0.1, exact 1.0
+    with regularization 1.0), not torch.optim's; the other defaults are torch.optim's."""
 
     name = "base"
     defaults: dict[str, Any] = {}
@@ -164,7 +167,7 @@ class Identity(Curvature):
     weight_decay)."""
 
     name = "identity"
-    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+    defaults = dict(lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
 
     def validate(self, hp):
         super().validate(hp)
@@ -199,7 +202,7 @@ class RMSprop(Curvature):
     momentum, centered)."""
 
     name = "rmsprop"
-    defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+    defaults = dict(lr=2e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False)
 
     def validate(self, hp):
@@ -238,7 +241,7 @@ class Adam(Curvature):
     :math:`\\hat m` (torch.optim.Adam's betas, eps, weight_decay, amsgrad)."""
 
     name = "adam"
-    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+    defaults = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
 
     def validate(self, hp):
         super().validate(hp)
@@ -324,7 +327,7 @@ class Exact(Curvature):
     policy) form with :math:`S = 2P^{-1} - P^{-1}Q_{uu}P^{-1}`."""
 
     name = "exact"
-    defaults = dict(lr=1.0, regularization=0.0, weight_decay=0.0)
+    defaults = dict(lr=1.0, regularization=1.0, weight_decay=0.0)
 
     def validate(self, hp):
         super().validate(hp)

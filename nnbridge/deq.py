@@ -62,7 +62,7 @@ class DEQ(nn.Module):
     Parameters
     ----------
     cell : nn.Module
-        Called as ``cell(z, x)`` on batches; ``z`` has shape (B, *z_shape).
+        Called as ``cell(z, x)`` on batches; ``z`` has shape ``(B, *z_shape)``.
     z_shape : tuple of int, optional
         Per-sample shape of z (default: that of x).
     solver : {"anderson", "broyden", "picard"}
@@ -119,7 +119,7 @@ class DEQ(nn.Module):
                              f"z_shape={tuple(out.shape[1:])}) if that is z's shape")
 
     def fixed_point(self, x: torch.Tensor) -> torch.Tensor:
-        """:math:`z^*` (B, *z_shape) without a graph."""
+        """:math:`z^*` ``(B, *z_shape)`` without a graph."""
         self._zs = tuple(self.z_shape or x.shape[1:])
         B = x.shape[0]
         z = x.new_zeros(B, int(torch.tensor(self._zs).prod()) if self._zs else 1)

@@ -63,10 +63,27 @@ class BatchMean:
     local: int
     ranks: int = 1
     group: Any | None = None
+    offset: int = 0
+    total: int | None = None
 
     @classmethod
-    def over(cls, local: int, group: Any | None) -> BatchMean:
-        return cls(local, 1 if group is None else dist.get_world_size(group), group)
+    def over(cls, local: int, group: Any | None, device=None) -> BatchMean:
+        """This rank's share; with a group, the local sizes are gathered (one small
+        all-gather) for the rank's ``offset`` and the ``total`` batch."""
+        if group is None:
+            return cls(local, 1, None, 0, local)
+        n = dist.get_world_size(group)
+        mine = torch.tensor([local], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(mine) for _ in range(n)]
+        dist.all_gather(sizes, mine, group=group)
+        counts = [int(c) for c in sizes]
+        rank = dist.get_rank(group)
+        return cls(local, n, group, sum(counts[:rank]), sum(counts))
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``(offset, total)``: where this rank's samples sit in the whole batch."""
+        return self.offset, self.local if self.total is None else self.total
 
     @property
     def size(self) -> int:

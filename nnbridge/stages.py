@@ -289,7 +289,7 @@ class StageLinearization:
 
     # ------------------------------------------------------------- sigma_h
     def sigma_T(self, Y: torch.Tensor) -> torch.Tensor:
-        """:math:`\\sigma_h^\\top Y`, (B, J, n1) -> (B, J, *h_shape)."""
+        """:math:`\\sigma_h^\\top Y`, (B, J, n1) -> ``(B, J, *h_shape)``."""
         B, J = Y.shape[:2]
         if self.s is not None:
             return Y.reshape(B, J, *self.h_shape) * self.s.unsqueeze(1)
@@ -298,7 +298,7 @@ class StageLinearization:
         return out.transpose(0, 1)
 
     def sigma(self, D: torch.Tensor) -> torch.Tensor:
-        """:math:`\\sigma_h D`, (B, J, *h_shape) -> (B, J, n1)."""
+        """:math:`\\sigma_h D`, ``(B, J, *h_shape)`` -> (B, J, n1)."""
         B, J = D.shape[:2]
         if self.s is not None:
             return (D * self.s.unsqueeze(1)).reshape(B, J, -1)
@@ -309,7 +309,7 @@ class StageLinearization:
 
     # ------------------------------------------------------------- g_x, g_u
     def _gx_T(self, Wh: torch.Tensor) -> torch.Tensor:
-        """:math:`g_x^\\top w`: (B, J, *h_shape) -> (B, J, n)."""
+        """:math:`g_x^\\top w`: ``(B, J, *h_shape)`` -> (B, J, n)."""
         B, J = Wh.shape[:2]
         flat = Wh.reshape(B * J, *self.h_shape)
         if self.stage.is_conv:
@@ -360,7 +360,7 @@ class StageLinearization:
 
     def control_gradient(self, h_grad: torch.Tensor) -> torch.Tensor:
         r""":math:`\sum_i g^i \tilde x^{i\top}` (out, in') for pre-activation cotangents
-        ``h_grad`` (B, *h_shape): the sum over the local samples of the parameter
+        ``h_grad`` ``(B, *h_shape)``: the sum over the local samples of the parameter
         gradient they give (a sum, not a mean)."""
         w = h_grad.reshape(self.B, h_grad.shape[1], -1)          # (B, out, P)
         X = self.X

@@ -68,26 +68,37 @@ def ggn_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
 
 
 def fisher_factor(output: torch.Tensor, loss: Loss,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
     """A sampled rank-one factor z (B, n) with :math:`\\mathbb{E}[z z^\\top]` the GGN,
-    drawn from ``generator`` (torch's global one when None)."""
+    drawn from ``generator`` (torch's global one when None).
+
+    ``rows = (offset, total)``: these B samples are rows ``offset .. offset + B`` of a
+    batch of ``total`` split over data-parallel ranks; the draws are made for the whole
+    batch and sliced, so each sample gets the draw it would get in one process (and the
+    generators of all ranks stay in step).  Cross-entropy: :math:`\\hat y` by inverting
+    the CDF of p at a uniform draw; MSE: a standard normal draw."""
     _check_output(output)
     B, n = output.shape
+    offset, total = (0, B) if rows is None else rows
+    kw = dict(generator=generator, dtype=output.dtype, device=output.device)
     if loss == "cross_entropy":
         p = torch.softmax(output, -1)
-        y = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+        u = torch.rand(total, 1, **kw)[offset:offset + B]
+        y = (p.cumsum(-1) < u).sum(-1).clamp(max=n - 1)
         return p - torch.nn.functional.one_hot(y, n).to(p.dtype)
-    eps = torch.randn(output.shape, generator=generator, dtype=output.dtype,
-                      device=output.device)
+    eps = torch.randn(total, n, **kw)[offset:offset + B]
     return (2.0 / n) ** 0.5 * eps
 
 
 def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
                    terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor],
                    loss: Loss, value_hessian: Literal["outer", "full"],
-                   generator: torch.Generator | None = None):
+                   generator: torch.Generator | None = None,
+                   rows: tuple[int, int] | None = None):
     """The terminal value (module docstring) for per-sample gradients ``Vx`` (B, n) and the
-    network output (B, ...) flattened to (B, n); ``generator`` feeds ``"fisher"``."""
+    network output (B, ...) flattened to (B, n); ``generator`` and ``rows`` feed
+    ``"fisher"`` (:func:`fisher_factor`)."""
     B, n = Vx.shape
     out = output.detach().reshape(B, -1).to(Vx)
     if callable(terminal_hessian):
@@ -95,7 +106,7 @@ def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
     elif terminal_hessian == "empirical":
         H = Vx
     elif terminal_hessian == "fisher":
-        H = fisher_factor(out, loss, generator)
+        H = fisher_factor(out, loss, generator, rows)
     else:
         Z = ggn_factor(out, loss)
         if value_hessian == "outer":

@@ -1,21 +1,15 @@
 r"""The Riccati kernel: one backward step (Q-expansion -> policy -> value update) and its
 three plugs, called by every solver and optimizer (``docs/architecture.md``).
 
-=========================  ===========================================================
-plug                       implementations
-=========================  ===========================================================
-1. derivatives (expansion) dense :class:`DenseStage` / :func:`expand_q_joint`;
-                           span-structured :class:`SpanStage`; operators
-                           :class:`OperatorStage` (network layers)
-2. value Hessian           dense (:func:`value_update`, :class:`DenseValue`);
-                           per-sample rank one :class:`RankOneValue`; rank r
-                           :class:`RankRValue`
-3. Q_uu solve / policy     :class:`CholeskySolver`, :class:`PerElementCholesky`,
-                           ``trajopt.steepest.NeumannSolver`` (any :class:`QuuSolver`);
-                           DDP gains :class:`CholeskyGains`, :class:`BoxGains`,
-                           :class:`PlayerGains`; a preconditioner's
-                           :class:`ControlResponse` (network curvatures)
-=========================  ===========================================================
+* plug 1, derivatives (expansion): dense :class:`DenseStage` /
+  :func:`expand_q_joint`; span-structured :class:`SpanStage`; operators
+  :class:`OperatorStage` (network layers);
+* plug 2, the value Hessian: dense (:func:`value_update`, :class:`DenseValue`);
+  per-sample rank one :class:`RankOneValue`; rank r :class:`RankRValue`;
+* plug 3, the Q_uu solve / policy: :class:`CholeskySolver`, :class:`PerElementCholesky`,
+  ``trajopt.steepest.NeumannSolver`` (any :class:`QuuSolver`); DDP gains
+  :class:`CholeskyGains`, :class:`BoxGains`, :class:`PlayerGains`; a preconditioner's
+  :class:`ControlResponse` (network curvatures).
 """
 
 from .boxqp import BoxQPResult, box_qp

@@ -1,0 +1,30 @@
+"""The API reference (docs/api, Sphinx + napoleon over the numpydoc docstrings) builds
+with warnings as errors, and names every public object of both packages."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nnbridge
+import trajopt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_api_reference_builds_without_warnings(tmp_path):
+    pytest.importorskip("sphinx")
+    out = tmp_path / "html"
+    p = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
+                        "html", "-d", str(tmp_path / "doctrees"), str(ROOT / "docs" / "api"),
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pages = (out / "trajopt.html").read_text() + (out / "nnbridge.html").read_text()
+    ids = set(re.findall(r'id="((?:trajopt|nnbridge)[\w.]*)"', pages))
+    for pkg in (trajopt, nnbridge):
+        missing = [name for name in pkg.__all__ if name != "errors"
+                   and not any(i.startswith(pkg.__name__) and i.endswith(f".{name}")
+                               for i in ids)]
+        assert not missing, f"{pkg.__name__}: not in the API reference: {missing}"
