@@ -218,8 +218,8 @@ def main(argv=None) -> int:
             f"### {ds} ({EPOCHS[ds]} epochs, batch 32)\n\n"
             f"{_fmt_table3(ds, res, sel['chosen'], PAPER_DIGITS if ds == 'digits' else None)}"
             f"\n\nValidation accuracy of the grid (%): {grid}.\n\n"
-            + (f"Chosen, the default rates of DDPNOpt's other curvatures "
-               f"(`nnbridge.curvature`): " + ", ".join(
+            + ("Chosen, the default rates of DDPNOpt's other curvatures "
+               "(`nnbridge.curvature`): " + ", ".join(
                    f"{m} {sel['chosen'][m]:g}" for m in SELECT_ONLY if m in sel["chosen"])
                + ".\n\n" if ds == "digits" else "")
             + f"![{ds} curves](img/{png.name})\n")
