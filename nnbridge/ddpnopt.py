@@ -217,8 +217,20 @@ class DDPNOpt(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, refusing a state dict of another curvature (its hyper-parameters
+        differ: Adam's moments loaded into an RMSprop curvature would fail later, at the
+        first step, with a bare KeyError)."""
         state_dict = dict(state_dict)
         rng = state_dict.pop("fisher_rng", None)
+        groups = state_dict.get("param_groups") or [{}]
+        theirs = set(groups[0]) - {"params"}
+        mine = set(self.param_groups[0]) - {"params"}
+        if theirs and theirs != mine:
+            raise InvalidArgumentError(
+                f"state_dict: saved by an optimizer with the hyper-parameters "
+                f"{sorted(theirs - mine)} (this {type(self).__name__} has curvature "
+                f"{self.curvature.name!r}, which takes {sorted(mine - theirs)}): load it "
+                "into an optimizer with the curvature it was saved from")
         super().load_state_dict(state_dict)
         # applied when the generator is created on the data's device (first step)
         self._rng, self._rng_state = None, rng

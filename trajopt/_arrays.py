@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ShapeError
+from .errors import InvalidArgumentError, ShapeError
+
+_HALF = (torch.float16, torch.bfloat16)
 
 __all__ = ["ArrayKind", "as_tensors"]
 
@@ -31,6 +33,14 @@ class ArrayKind:
         if isinstance(x, torch.Tensor):
             if x.is_complex():
                 raise ShapeError(f"{name} is complex; trajopt solves real problems only")
+            if x.dtype in _HALF or self.dtype in _HALF:
+                raise InvalidArgumentError(
+                    f"{name} has dtype {x.dtype if x.dtype in _HALF else self.dtype}: "
+                    "trajopt solves in float32 or float64 (torch's factorizations have no "
+                    "half-precision kernels); convert with .float() or .double()")
+            if x.device.type == "meta":
+                raise InvalidArgumentError(f"{name} is a meta tensor (shape only, no data): "
+                                           "nothing to solve")
             return x.to(dtype=self.dtype, device=self.device)
         arr = np.asarray(x)
         if np.iscomplexobj(arr):

@@ -387,3 +387,17 @@ def test_bad_hyper_parameters_are_named():
         nnbridge.DDPNOpt(mlp(), curvature="ekfac", update_freq=2.5)
     with pytest.raises(InvalidArgumentError, match="neumann_terms"):
         nnbridge.LQRDescent(mlp(), neumann_terms=-1)
+
+
+def test_state_dict_of_another_curvature_is_refused():
+    """Adam's state loaded into an RMSprop DDPNOpt: refused at load, naming state_dict and
+    the curvature (it used to fail at the next step with KeyError: 'alpha')."""
+    X, y = data(B=4)
+    model = mlp()
+    adam = nnbridge.DDPNOpt(model, curvature="adam")
+    adam.step(closure_for(adam, model, X, y))
+    rms = nnbridge.DDPNOpt(mlp(), curvature="rmsprop")
+    with pytest.raises(InvalidArgumentError, match="^state_dict: .*curvature 'rmsprop'"):
+        rms.load_state_dict(adam.state_dict())
+    twin = nnbridge.DDPNOpt(mlp(), curvature="adam")
+    twin.load_state_dict(adam.state_dict())   # the same curvature loads

@@ -162,6 +162,18 @@ CASES = [
     (_quadratic_cost_ref_shape, ShapeError, "^x_ref must have shape"),
     (_rollout_nan_controls, NonFiniteError, r"^us\[1\] contains NaN"),
     (_tiny_asymmetric_q, NotSymmetricError, "^Q must be symmetric"),
+    # half precision and meta tensors: named, not a raw "not implemented for 'Half'"
+    (lambda: trajopt.solve_dare(*(torch.as_tensor(v, dtype=torch.float16) for v in
+                                  (np.eye(2), np.ones((2, 1)), np.eye(2), np.eye(1)))),
+     InvalidArgumentError, "^A has dtype torch.float16: trajopt solves in float32"),
+    (lambda: trajopt.solve_dare(np.eye(2), torch.ones(2, 1, dtype=torch.bfloat16),
+                                np.eye(2), np.eye(1)),
+     InvalidArgumentError, "has dtype torch.bfloat16"),
+    (lambda: trajopt.solve_lqr(trajopt.LQR(A=torch.eye(2, device="meta").expand(3, 2, 2),
+                                           B=torch.ones(3, 2, 1), Q=torch.eye(2).expand(
+                                               3, 2, 2), R=torch.eye(1).expand(3, 1, 1),
+                                           QT=torch.eye(2)), torch.zeros(2)),
+     InvalidArgumentError, "^A is a meta tensor"),
 ]
 
 
