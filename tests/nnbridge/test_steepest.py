@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nnbridge import LQRDescent, lqr_direction
+from tests._hypothesis import examples
 from tests.reference.fisher_dense import explicit_derivatives
 from trajopt.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
@@ -37,7 +38,7 @@ def _rand_mlp(seed, widths, act):
     return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(seed=st.integers(0, 1000), B=st.integers(1, 4),
        widths=st.lists(st.integers(2, 5), min_size=3, max_size=5),
        act=st.sampled_from([nn.Tanh, nn.Sigmoid, nn.ELU]))
@@ -281,7 +282,7 @@ def test_adaptive_damping_keeps_the_series_convergent():
         steepest_descent_lqr(A, Bm, aN, QN, R=R, solver=NeumannSolver(2), damping=0.1)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(seed=st.integers(0, 1000), N=st.integers(1, 4), n=st.integers(1, 4),
        m=st.integers(1, 7), kl=st.booleans())
 def test_surrogate_controls_equal_the_direct_solve(seed, N, n, m, kl):

@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import trajopt
+from tests._hypothesis import examples
 from trajopt.dare import backends
 from trajopt.dare._common import prepare, relative_residual
 from trajopt.errors import NotStabilizableError, SolverUnavailableError
@@ -35,7 +36,7 @@ def random_system(rng, n, m, *, with_e=False, with_s=False):
     return A, B, Q, R, E, S
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(n=st.integers(1, 6), m=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
        with_e=st.booleans(), with_s=st.booleans())
 def test_all_methods_agree_with_scipy(n, m, seed, with_e, with_s):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trajopt
+from tests._hypothesis import examples
 from tests.reference.ddp_numpy import ReferenceDDP
 from trajopt import problems
 from trajopt.errors import InvalidArgumentError, NonFiniteError, ShapeError
@@ -372,7 +373,7 @@ def test_float32_and_multi_dimensional_batch():
     np.testing.assert_allclose(res.us[1, 2].double().numpy(), r64.us.numpy(), atol=2e-3)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(n=st.integers(1, 4), m=st.integers(1, 3), T=st.integers(1, 8),
        seed=st.integers(0, 2**31 - 1), limits=st.booleans(), mode=st.sampled_from(["ilqr",
                                                                                  "ddp"]))

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._hypothesis import examples
 from tests.reference.span_augmented import augmented_problem
 from trajopt import Cost, DDPSolver, Dynamics, GTDDPSolver, Span, solve_ddp
 from trajopt.errors import InvalidArgumentError, ShapeError
@@ -84,7 +85,7 @@ def _controls(spans, T, m, seed, B=2):
                               generator=g, dtype=DT) for t in range(T)]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(seed=st.integers(0, 1000), raw=_spans_strategy(6))
 def test_spans_equal_ddp_on_the_augmented_state(seed, raw):
     """Random spans (nested, consecutive, shared ends, start == end; identity, maps and
@@ -205,7 +206,7 @@ def _random_q(seed, B, m, ny, psd=True):
     return Qw, H[:, :m, m:], H[:, :m, :m]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 4), min_size=1,
                                                    max_size=4),
        ny=st.integers(1, 5), reg=st.sampled_from([0.0, 0.3]))
@@ -220,7 +221,7 @@ def test_cooperative_policy_equals_the_joint_block_solve(seed, sizes, ny, reg):
     assert bool(pol.ok.all())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), mu=st.integers(1, 4), mv=st.integers(1, 4),
        ny=st.integers(1, 4))
 def test_cooperative_policy_with_approximations(seed, mu, mv, ny):

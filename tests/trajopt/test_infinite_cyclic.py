@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trajopt
+from tests._hypothesis import examples
 from tests.reference.lqr_kkt import random_stages
 
 
@@ -68,7 +69,7 @@ def _cyclic_args(rng, ns, ms, linear):
                 qs=get["q"] if linear else None, rs=get["r"] if linear else None)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(cycle())
 def test_cyclic_lift_equals_sweep_and_satisfies_periodic_riccati(case):
     ns, ms, linear, seed = case

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trajopt
+from tests._hypothesis import examples
 from tests.reference.lqr_kkt import kkt_solve, kkt_value, random_stages, riccati_numpy
 from trajopt.errors import NotPositiveDefiniteError
 
@@ -39,7 +40,7 @@ def lqr_case(draw):
     return ns, ms, flags, seed
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(lqr_case())
 def test_matches_dense_kkt(case):
     ns, ms, (cross, linear, offset), seed = case

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._hypothesis import examples
 from trajopt.lqr.operator_step import (
     DenseOperatorStage,
     DenseResponse,
@@ -25,7 +26,7 @@ def _problem(seed, B, n, n1, m):
     return A, Bu, Vx, Vxx, lu
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 5), n1=st.integers(1, 5),
        m=st.integers(1, 4), mu=st.sampled_from([0.0, 0.7]))
 def test_single_sample_equals_dense_riccati_step(seed, n, n1, m, mu):
@@ -51,7 +52,7 @@ def test_single_sample_equals_dense_riccati_step(seed, n, n1, m, mu):
     torch.testing.assert_close(du, ref.k + ref.K @ dx[0], rtol=1e-9, atol=1e-10)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n=st.integers(1, 5),
        n1=st.integers(1, 5), m=st.integers(1, 4), eps=st.sampled_from([0.0, 0.3]))
 def test_batch_equals_explicit_per_sample_formulas(seed, B, n, n1, m, eps):
@@ -75,7 +76,7 @@ def test_batch_equals_explicit_per_sample_formulas(seed, B, n, n1, m, eps):
     torch.testing.assert_close(out.Qu, torch.einsum("bi,bij->j", Vx, Bu) / B)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n=st.integers(1, 5),
        n1=st.integers(1, 5), m=st.integers(1, 4), scale=st.sampled_from([0.1, 10.0]),
        psd=st.booleans())

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._hypothesis import examples
 from trajopt.riccati import (
     DenseOperatorStage,
     DenseResponse,
@@ -44,7 +45,7 @@ def _run(value, stages, P, lu, **kw):
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n0=st.integers(1, 5),
        n1=st.integers(1, 5), n2=st.integers(1, 6), r=st.integers(1, 4),
        m=st.integers(1, 4), recursion=st.sampled_from(["per_sample", "mean"]),
@@ -71,7 +72,7 @@ def test_rank_r_equals_dense(seed, B, n0, n1, n2, r, m, recursion, signed):
     assert a[-1].value.Z.shape == (B, n0, r)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n1=st.integers(1, 5),
        n2=st.integers(1, 5), m=st.integers(1, 4), psd=st.booleans(),
        scale=st.sampled_from([0.1, 1.0, 10.0]),
@@ -122,7 +123,7 @@ def test_projection_keeps_the_rank_r_hessian_psd():
         assert float(lam.min()) >= -1e-10 * float(lam.abs().max())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 3), r=st.integers(1, 4),
        scale=st.sampled_from([0.01, 1.0, 10.0]),
        recursion=st.sampled_from(["per_sample", "mean"]))
