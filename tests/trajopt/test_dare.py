@@ -11,7 +11,7 @@ import trajopt
 from tests._hypothesis import examples
 from trajopt.dare import backends
 from trajopt.dare._common import prepare, relative_residual
-from trajopt.errors import NotStabilizableError, SolverUnavailableError
+from trajopt.errors import ConvergenceWarning, NotStabilizableError, SolverUnavailableError
 
 from .darex import DAREX
 
@@ -155,6 +155,33 @@ def test_slycot_missing(monkeypatch):
     A3, B3, Q3, R3 = DAREX["darex3"]
     sol = trajopt.solve_dare(np.stack([A3, A3]), B3, Q3, R3)
     assert "scipy" in sol.method and "slycot" not in sol.method
+
+
+def test_an_inaccurate_back_end_is_never_returned_silently(monkeypatch):
+    """issue "Nothing silent" #8: slycot with E and S once answered with residual 2e-3
+    where scipy's was 3e-9.  Here slycot's answer is spoiled on purpose: "auto" (which
+    falls back to the reference back ends where doubling fails: made to fail here)
+    returns scipy's answer instead, and method="slycot" warns with the residual."""
+    import trajopt.dare.solve as dsolve
+    from trajopt.errors import NumericalError
+    rng = np.random.default_rng(5)
+    A, B, Q, R, E, S = random_system(rng, 4, 2, with_e=True, with_s=True)
+    true = trajopt.solve_dare(A, B, Q, R, E=E, S=S, method="scipy")
+
+    def no_doubling(d, **kw):
+        raise NumericalError("doubling made to fail by the test")
+
+    def spoiled(d):
+        return torch.as_tensor(true.P, dtype=d.A.dtype).expand(*d.batch, 4, 4) * 1.01
+
+    monkeypatch.setattr(dsolve, "slycot_available", lambda: True)
+    monkeypatch.setattr(dsolve, "solve_slycot", spoiled)
+    monkeypatch.setattr(dsolve, "solve_doubling", no_doubling)
+    sol = trajopt.solve_dare(np.stack([A, A]), B, Q, R, E=E, S=S)
+    assert "scipy" in sol.method
+    assert float(np.max(sol.residual)) <= 10 * float(true.residual) + 1e-14
+    with pytest.warns(ConvergenceWarning, match="relative residual"):
+        trajopt.solve_dare(A, B, Q, R, E=E, S=S, method="slycot")
 
 
 def test_auto_rule():
