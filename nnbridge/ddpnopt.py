@@ -3,9 +3,12 @@ r"""DDPNOpt (Liu, Chen & Theodorou, Alg. 3) and EKFAC as torch.optim optimizers.
 One step on a batch of B samples (the closure's loss is the batch *mean* of a per-sample
 loss :math:`\phi`):
 
-1. the closure runs forward and ``loss.backward()`` while :func:`nnbridge.stages.capture`
-   records the stage inputs :math:`x_t^i` and :math:`\nabla_{x_T}` of the loss, so
-   :math:`V_x^{T,i} = B\,\partial \text{loss}/\partial x_T^i = \nabla\phi(x_T^i)`;
+1. the training loop's forward pass and ``loss.backward()`` (in a closure or before a
+   plain ``step()``) are recorded by :class:`nnbridge.recorder.BatchRecorder`: the stage
+   inputs :math:`x_t^i`, the gradient at the output, so
+   :math:`V_x^{T,i} = B\,\partial \text{loss}/\partial x_T^i = \nabla\phi(x_T^i)`,
+   and at each pre-activation (what ``p.grad`` holds beyond it -- a penalty, clipping --
+   is a running cost :math:`l(u)`);
 2. ``feedback=False``: :math:`\mathbb{E}[Q_u^t]` is ``p.grad`` (Prop. 2: with
    :math:`Q_{ux} = 0` DDP's backward pass is back-propagation) and the update is exactly
    the baseline's (SGD, RMSprop, Adam, EKFAC);
@@ -224,13 +227,14 @@ class DDPNOpt(torch.optim.Optimizer):
         rng = state_dict.pop("fisher_rng", None)
         groups = state_dict.get("param_groups") or [{}]
         theirs = set(groups[0]) - {"params"}
-        mine = set(self.param_groups[0]) - {"params"}
-        if theirs and theirs != mine:
+        # a scheduler adds keys (initial_lr); another curvature lacks some of ours
+        missing = sorted(set(self.curvature.defaults) - theirs)
+        if theirs and missing:
             raise InvalidArgumentError(
-                f"state_dict: saved by an optimizer with the hyper-parameters "
-                f"{sorted(theirs - mine)} (this {type(self).__name__} has curvature "
-                f"{self.curvature.name!r}, which takes {sorted(mine - theirs)}): load it "
-                "into an optimizer with the curvature it was saved from")
+                f"state_dict: saved by an optimizer without the hyper-parameters {missing} "
+                f"of this {type(self).__name__}'s curvature {self.curvature.name!r} (it has "
+                f"{sorted(theirs - set(self.curvature.defaults))}): load it into an "
+                "optimizer with the curvature it was saved from")
         super().load_state_dict(state_dict)
         # applied when the generator is created on the data's device (first step)
         self._rng, self._rng_state = None, rng

@@ -397,3 +397,28 @@ def test_batched_equals_looped_property(n, m, T, seed, limits, mode):
         np.testing.assert_allclose(one.us.numpy(), both.us[i].numpy(), rtol=1e-10,
                                    atol=1e-12)
         np.testing.assert_allclose(one.K.numpy(), both.K[i].numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_regularization_limit_returns_finite_fields():
+    """issue "Nothing silent" #6: an element whose Q_uu no regularization up to the limit
+    makes positive definite (a strongly concave control cost) used to return NaN K, k,
+    Vx, Vxx; it returns its last successful (here: none, so zero) policy, finite, and the
+    other element of the batch is unaffected.  The state's second entry is a constant
+    flag that makes the control cost concave."""
+    def running(x, u, t):
+        w = 1.0 - (1e9 + 1.0) * x[..., 1]
+        return 0.5 * x[..., 0] ** 2 + 0.5 * w * (u * u).sum(-1)
+
+    def terminal(x):
+        return 0.5 * x[..., 0] ** 2
+
+    cost = trajopt.Cost(running, terminal)
+    dyn = trajopt.Dynamics(lambda x, u, t: x + 0.1 * torch.cat([u, torch.zeros_like(u)], -1),
+                           time_invariant=True)
+    x0 = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(2, 5, 1, dtype=torch.float64),
+                            max_iter=20, regularization=trajopt.Regularization(maximum=1e3))
+    assert res.reason[1] == "regularization_limit"
+    for field in (res.K, res.k, res.Vx, res.Vxx, res.xs, res.cost):
+        assert bool(torch.isfinite(field).all())
+    assert res.reason[0] == "converged"

@@ -63,13 +63,21 @@ def select_gains(p: Policy, idx) -> Policy:
 
 
 def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
-    """Write ``part`` (rows ``idx``) into ``full`` (B rows), allocating it when None."""
+    """Write ``part`` (rows ``idx``) into ``full`` (B rows), allocating it (zeros) when
+    None.  Rows whose backward pass failed (``ok`` False: the regularization limit) keep
+    what they held -- the element's last successful policy, or zeros -- so the result
+    never carries the failed pass's NaN (the element's ``reason`` says it stopped)."""
     if full is None:
         def alloc(v):
             return torch.zeros(B, *v.shape[1:], dtype=v.dtype, device=v.device)
         full = Policy([alloc(v) for v in part.K], [alloc(v) for v in part.k],
                       [alloc(v) for v in part.Vx], [alloc(v) for v in part.Vxx],
                       alloc(part.dV), torch.zeros(B, dtype=torch.bool, device=part.ok.device))
+    ok = part.ok
+    if not bool(ok.all()):
+        idx, part = idx[ok], Policy([v[ok] for v in part.K], [v[ok] for v in part.k],
+                                    [v[ok] for v in part.Vx], [v[ok] for v in part.Vxx],
+                                    part.dV[ok], ok[ok])
     for dst, src in ((full.K, part.K), (full.k, part.k), (full.Vx, part.Vx),
                      (full.Vxx, part.Vxx)):
         for a, b in zip(dst, src):

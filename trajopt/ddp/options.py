@@ -98,7 +98,11 @@ class DDPResult:
     converged : (...) bool
     iterations : (...) int   accepted steps per element
     reason : numpy array of str, shape (...): "converged", "max_iter",
-        "regularization_limit", "line_search_failed" or "diverged"
+        "regularization_limit", "line_search_failed" or "diverged".  An element stopped
+        at the regularization limit returns its last accepted trajectory with the gains
+        and value derivatives of its last successful backward pass (zeros if none
+        succeeded): finite, never the failed pass's NaN.  A "diverged" element's rollout
+        of ``us0`` was already non-finite: its ``xs`` and ``cost`` are that rollout.
     history : list of IterationLog
     """
 
