@@ -153,6 +153,11 @@ class DDPNOpt(torch.optim.Optimizer):
         self.loss = loss
         self._rng: torch.Generator | None = None   # "fisher": created at the first use
         self._rng_state: torch.Tensor | None = None
+        if isinstance(model, nn.DataParallel):
+            raise InvalidArgumentError(
+                "model: nn.DataParallel runs the forward pass on replicas in threads, which "
+                "the recorded batch cannot follow; use DistributedDataParallel (one process "
+                "per device, docs/ddpnopt.md) or pass the module it wraps on one device")
         net = unwrap(model)
         self._pre, self._stages = stages(net)
         params = [p for st in self._stages for p in st.params()]

@@ -401,3 +401,8 @@ def test_state_dict_of_another_curvature_is_refused():
         rms.load_state_dict(adam.state_dict())
     twin = nnbridge.DDPNOpt(mlp(), curvature="adam")
     twin.load_state_dict(adam.state_dict())   # the same curvature loads
+
+
+def test_data_parallel_is_refused_by_name():
+    with pytest.raises(InvalidArgumentError, match="DistributedDataParallel"):
+        nnbridge.DDPNOpt(nn.DataParallel(mlp()))
