@@ -43,7 +43,7 @@ State = dict[str, Any]
 class Curvature:
     """Base class; ``defaults`` are the hyper-parameters (torch.optim names).  The default
     learning rates are DDPNOpt's, chosen on the digits validation split
-    (``docs/experiments.md``; identity 0.5, rmsprop 2e-3, adam 5e-3, ekfac 0.1, exact 1.0
+    (``docs/experiments.md``; identity 0.5, rmsprop 5e-3, adam 5e-3, ekfac 0.1, exact 1.0
     with regularization 1.0), not torch.optim's; the other defaults are torch.optim's."""
 
     name = "base"
@@ -202,7 +202,7 @@ class RMSprop(Curvature):
     momentum, centered)."""
 
     name = "rmsprop"
-    defaults = dict(lr=2e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+    defaults = dict(lr=5e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False)
 
     def validate(self, hp):

@@ -61,7 +61,7 @@ class DDPNOpt(torch.optim.Optimizer):
         single parameter group.
     lr : float, optional
         Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's, chosen
-        on the digits validation split (identity 0.5, rmsprop 2e-3, adam 5e-3, ekfac 0.1,
+        on the digits validation split (identity 0.5, rmsprop 5e-3, adam 5e-3, ekfac 0.1,
         exact 1.0; ``docs/experiments.md``).
     curvature : {"identity", "rmsprop", "adam", "ekfac", "exact"}
         :math:`Q_{uu}` model (Table 2): identity (SGD), RMSprop, Adam, EKFAC, or "exact"
