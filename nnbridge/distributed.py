@@ -58,6 +58,9 @@ class BatchMean:
     ranks : int
         ``N`` (1 without a group).
     group : process group or None
+    offset, total : int
+        Where this rank's samples sit in the whole batch, which is the ranks' batches
+        concatenated in rank order (the sampled Fisher draws by these rows).
     """
 
     local: int
