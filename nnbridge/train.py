@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     _check_modules(ap, a)
     if a.seed0 + a.seeds > 2 ** 63:
         ap.error(f"--seed0 {a.seed0} + --seeds {a.seeds} passes 2**63")
+    joined = not dist.is_initialized()   # a group we create is ours to destroy
     rank, device = _distributed(a)
+    joined = joined and dist.is_initialized()
     if a.out is not None and rank == 0:
         if (a.out / "results.json").exists() and not a.overwrite:
             ap.error(f"--out {a.out} already holds results.json: pass --overwrite to "
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ap.exit(130, "interrupted\n")
     finally:
-        if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if joined:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
     if rank != 0:
