@@ -205,3 +205,17 @@ def test_a_checkpoint_is_not_shortened(tmp_path):
 def test_device_with_an_index_trains():
     r = run(RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=1, device="cpu:0"))
     assert 0 < r.test_accuracy <= 1
+
+
+def test_missing_optional_packages_are_named_before_training(monkeypatch, capsys):
+    """A base install (no [plot] extra): the command names what is missing and how to
+    get it, instead of a ModuleNotFoundError after the first run."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "1", "--seeds", "1", "--dataset", "iris"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "missing tqdm" in err and "[plot]" in err
+    assert "--no-progress" in err
