@@ -90,14 +90,11 @@ def rows_ddpnopt(batch, rep):
     from torch import nn
 
     import nnbridge
+    from nnbridge.models import mlp
 
     def make(device):
         torch.manual_seed(0)
-        layers, d = [], 64
-        for _ in range(4):
-            layers += [nn.Linear(d, 32), nn.Tanh()]
-            d = 32
-        return nn.Sequential(*layers, nn.Linear(32, 10)).to(device)
+        return mlp(64, 10).to(device)       # the digits MLP, 64-32x4-10, tanh
 
     rows = []
     for device in ("cuda", "cpu"):

@@ -49,13 +49,22 @@ def build(w: int):
     return model, x, y
 
 
+def measure(fn, repeat):
+    """``(first result, times of `repeat` calls after it, peak RSS growth in MB)``."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return out, times, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+
+
 def digits_mlp(batch):
+    from nnbridge.models import mlp
     torch.manual_seed(0)
-    layers, d = [], 64
-    for _ in range(4):
-        layers += [nn.Linear(d, 32), nn.Tanh()]
-        d = 32
-    model = nn.Sequential(*layers, nn.Linear(32, 10)).double()
+    model = mlp(64, 10).double()          # the digits MLP, 64-32x4-10, tanh
     g = torch.Generator().manual_seed(1)
     return (model, torch.randn(batch, 64, generator=g, dtype=torch.float64),
             torch.randint(0, 10, (batch,), generator=g))
@@ -79,15 +88,8 @@ def run_batch(cfg):
             out.reshape(-1))
         return _direction(model, sts, xs, aN, None, "kl", 1e-3,
                           riccati=cfg["kind"] == "riccati")
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ref = fn()
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": min(times), "mem_mb": (rss1 - rss0) / 1024,
+    ref, times, mem_mb = measure(fn, 2)
+    return {"time": min(times), "mem_mb": mem_mb,
             "norm": float(torch.cat([v.reshape(-1) for v in ref]).norm())}
 
 
@@ -105,16 +107,9 @@ def run_one(cfg):
         def fn():
             return nnbridge.lqr_direction(model, x, y, F.cross_entropy, divergence="kl",
                                           damping=1e-3, neumann_terms=terms)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, times, mem_mb = measure(fn, 3)
     m = sum(p.numel() for p in model.parameters())
-    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024, "m": m}
+    return {"time": statistics.median(times), "mem_mb": mem_mb, "m": m}
 
 
 def main():

@@ -13,7 +13,8 @@ control).
 
 from .ddpnopt import EKFAC, DDPNOpt
 from .deq import DEQ, DEQBlock
-from .stages import Stage, StageLinearization, capture, stages
+from .recorder import capture
+from .stages import Stage, StageLinearization, stages
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"

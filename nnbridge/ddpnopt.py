@@ -174,7 +174,7 @@ class DDPNOpt(torch.optim.Optimizer):
         if missing:
             raise TypeError(f"parameters {missing} belong to no stage")
         super().__init__(params, defaults)
-        self._recorder = BatchRecorder(net, self._stages, h_grads=True)
+        self._recorder = BatchRecorder(net, self._stages)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``; also forgets the recorded forward passes whose

@@ -6,7 +6,9 @@ of HF Trainer, Accelerate and Lightning.  Every forward pass of the model *under
 mode* opens a *chunk*: the stage inputs :math:`x_t`, the output :math:`x_T` and, once the
 backward pass reaches them, the gradient of the loss at the output (and, when asked, at
 each stage's pre-activation).  Forward passes under ``torch.no_grad()`` /
-``inference_mode`` (evaluation) are not recorded.
+``inference_mode`` (evaluation) are not recorded.  The pre-activation gradients see the
+gradient of the affine output *before* any in-place activation, so
+``ReLU(inplace=True)`` is fine.
 
 At ``step()`` the chunks whose backward pass has run are the batch (gradient
 accumulation: several forward/backward passes before one step are one batch, concatenated);
@@ -19,14 +21,37 @@ waiting for it, so both ``zero_grad(); out = model(x); loss.backward()`` and
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .stages import Capture, Stage
+from .stages import Stage
 
-__all__ = ["BatchRecorder"]
+__all__ = ["BatchRecorder", "Capture", "capture"]
+
+
+@dataclass
+class Capture:
+    """What the recorded forward/backward passes saw (:meth:`BatchRecorder.batch`,
+    :func:`capture`).
+
+    Attributes
+    ----------
+    inputs : list of Tensor
+        Nominal stage inputs :math:`x_t` (B, ...), detached.
+    h_grads : list of Tensor or None
+        Gradients of the loss with respect to each stage's pre-activation.
+    output, output_grad : Tensor or None
+        Network output :math:`x_T` and the loss gradient with respect to it.
+    """
+
+    inputs: list = field(default_factory=list)
+    h_grads: list = field(default_factory=list)
+    output: torch.Tensor | None = None
+    output_grad: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -67,13 +92,10 @@ class BatchRecorder:
         The network whose forward pass opens a chunk (not a DDP wrapper: the module it
         wraps).
     stage_list : list of Stage
-    h_grads : bool
-        Also record each stage's pre-activation gradient (EKFAC's factors).
     """
 
-    def __init__(self, model: nn.Module, stage_list: list[Stage], *, h_grads: bool = False):
+    def __init__(self, model: nn.Module, stage_list: list[Stage]):
         self.n = len(stage_list)
-        self.h_grads = h_grads
         self._chunks: list[_Chunk] = []
         self._open: _Chunk | None = None
         ref = weakref.ref(self)
@@ -152,6 +174,26 @@ def _stage_input(ref, i):
 def _stage_output(ref, i):
     def hook(mod, args, out):
         rec = ref()
-        if rec is not None and rec._open is not None and rec.h_grads:
+        if rec is not None and rec._open is not None:
             rec._watch(rec._open, i, out)
     return hook
+
+
+@contextmanager
+def capture(model: nn.Module, stage_list: list[Stage], *,
+            h_grads: bool = False) -> Iterator[Capture]:
+    """Record the forward/backward passes run inside the block (a :class:`BatchRecorder`
+    for its duration; its hooks are removed on exit): the yielded :class:`Capture` is
+    filled when the block ends (``h_grads=False`` leaves its ``h_grads`` None)."""
+    n = len(stage_list)
+    rec = Capture(inputs=[None] * n, h_grads=[None] * n)
+    recorder = BatchRecorder(model, stage_list)
+    try:
+        yield rec
+    finally:
+        got = recorder.batch()
+        recorder.remove()
+        if got is not None:
+            rec.inputs, rec.output, rec.output_grad = got.inputs, got.output, got.output_grad
+            if h_grads:
+                rec.h_grads = got.h_grads

@@ -20,7 +20,6 @@ tensors unless a curvature asks for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError
 
-__all__ = ["Stage", "stages", "StageLinearization", "capture", "Capture", "SUPPORTED"]
+__all__ = ["Stage", "stages", "StageLinearization", "SUPPORTED"]
 
 _AFFINE = (nn.Linear, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
@@ -388,64 +387,3 @@ class StageLinearization:
         jx, ju = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(0, None))(
             x, self.U)
         return jx.reshape(self.B, self.n1, -1), ju.reshape(self.B, self.n1, -1)
-
-
-@dataclass
-class Capture:
-    """What one forward/backward under :func:`capture` recorded.
-
-    Attributes
-    ----------
-    inputs : list of Tensor
-        Nominal stage inputs :math:`x_t` (B, ...), detached.
-    h_grads : list of Tensor or None
-        Gradients of the loss with respect to each stage's pre-activation (when asked).
-    output, output_grad : Tensor or None
-        Network output :math:`x_T` and the loss gradient with respect to it.
-    """
-
-    inputs: list = field(default_factory=list)
-    h_grads: list = field(default_factory=list)
-    output: torch.Tensor | None = None
-    output_grad: torch.Tensor | None = None
-
-
-@contextmanager
-def capture(model: nn.Module, stage_list: list[Stage], *, h_grads: bool = False):
-    """Record stage inputs (forward pre-hooks), the output and its gradient (a tensor hook
-    on the output) and optionally pre-activation gradients (tensor hooks on each affine
-    output; these see the gradient of the tensor *before* any in-place activation, so
-    ``ReLU(inplace=True)`` is fine).  All handles are removed on exit."""
-    rec = Capture(inputs=[None] * len(stage_list), h_grads=[None] * len(stage_list))
-    handles = []
-
-    def pre_hook(i):
-        def hook(mod, args):
-            rec.inputs[i] = args[0].detach()
-        return hook
-
-    def fwd_hook(i):
-        def hook(mod, args, out):
-            if out.requires_grad:
-                def save(g):
-                    rec.h_grads[i] = g.detach()
-                out.register_hook(save)
-        return hook
-
-    def out_hook(mod, args, out):
-        rec.output = out.detach()
-        if out.requires_grad:
-            def save(g):
-                rec.output_grad = g.detach()
-            out.register_hook(save)
-
-    try:
-        for i, st in enumerate(stage_list):
-            handles.append(st.module.register_forward_pre_hook(pre_hook(i)))
-            if h_grads:
-                handles.append(st.module.register_forward_hook(fwd_hook(i)))
-        handles.append(model.register_forward_hook(out_hook))
-        yield rec
-    finally:
-        for h in handles:
-            h.remove()

@@ -39,7 +39,8 @@ from trajopt.errors import (
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .closure import loss_is_finite
-from .stages import StageLinearization, capture, stages
+from .recorder import capture
+from .stages import StageLinearization, stages
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
