@@ -87,20 +87,21 @@ def _first_tensor(a: Any) -> torch.Tensor | None:
     return None
 
 
-def as_tensors(named: dict[str, Any], *, sequences: bool = True
-               ) -> tuple[dict[str, Any], ArrayKind]:
+def as_tensors(named: dict[str, Any], *, sequences: bool = True,
+               whole: tuple[str, ...] = ()) -> tuple[dict[str, Any], ArrayKind]:
     """Convert every non-None value of ``named`` to a tensor.
 
     ``sequences=True``: a list is a sequence of per-stage arrays, converted element-wise
-    (the LQR's per-stage input).  ``sequences=False``: a list is one array written as
-    nested lists (as scipy accepts for the DARE), converted as a whole.
+    (the LQR's per-stage input), except for the names in ``whole`` (the terminal cost).
+    ``sequences=False``: a list is one array written as nested lists (as scipy accepts
+    for the DARE), converted as a whole.
     """
     kind = infer_kind(*named.values())
     out: dict[str, Any] = {}
     for name, value in named.items():
         if value is None:
             out[name] = None
-        elif isinstance(value, (list, tuple)) and not sequences:
+        elif isinstance(value, (list, tuple)) and (not sequences or name in whole):
             out[name] = kind.tensor(np.asarray(value, dtype=np.float64) if kind.numpy
                                     else torch.as_tensor(value), name)
         elif isinstance(value, (list, tuple)):

@@ -13,7 +13,7 @@ import trajopt
 from tests._hypothesis import examples
 from tests.reference.ddp_numpy import ReferenceDDP
 from trajopt import problems
-from trajopt.errors import InvalidArgumentError, NonFiniteError, ShapeError
+from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 
 DT, G, BDAMP = 0.1, 9.81, 0.3
 F64 = dict(dtype=torch.float64)
@@ -257,8 +257,10 @@ def test_nan_dynamics_recorded_never_silent():
     cost = trajopt.QuadraticCost(np.eye(2), 0.01 * np.eye(1), 100 * np.eye(2),
                                  x_ref=np.array([8.0, 0.0]))
     x0 = torch.tensor([[0.0, 0.0], [6.0, 0.0]])  # the second starts in the broken region
-    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(2, 20, 1), max_iter=50)
+    with pytest.warns(ConvergenceWarning, match=r"1 of 2 batch elements \(flat index 1\)"):
+        res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(2, 20, 1), max_iter=50)
     assert res.reason[1] == "diverged" and not res.converged[1]
+    assert res.cost[1] == math.inf and all(h.cost[1] == math.inf for h in res.history)
     assert torch.isfinite(res.xs[0]).all() and torch.isfinite(res.cost[0])
     assert res.reason[0] in ("converged", "line_search_failed", "max_iter")
     assert (res.xs[0][:-1, 0] <= 5.0 + 1e-9).all()  # past 5 the next state is NaN
@@ -422,3 +424,187 @@ def test_regularization_limit_returns_finite_fields():
     for field in (res.K, res.k, res.Vx, res.Vxx, res.xs, res.cost):
         assert bool(torch.isfinite(field).all())
     assert res.reason[0] == "converged"
+
+
+# ---------------------------------------------------------------- scale-free stopping
+def _double_integrator(scale_cost=1.0):
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    Bm = torch.tensor([[0.005], [0.1]], dtype=torch.float64)
+    dyn = trajopt.Dynamics(lambda x, u, t: x @ A.T + u @ Bm.T, time_invariant=True)
+    eye = torch.eye(2, dtype=torch.float64)
+    cost = trajopt.QuadraticCost(scale_cost * eye, scale_cost * 0.1 * torch.eye(1).double(),
+                                 scale_cost * 10 * eye)
+    return dyn, cost
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(st.integers(-150, 150))
+def test_stopping_does_not_depend_on_the_scale_of_x0(e):
+    """From x0 scaled by 10^e the LQ optimum is the unit one scaled (us / c equal to
+    1e-10) in the same number of iterations: Tassa's absolute tests called the zero
+    control converged from x0 = [1e-5, 0] after 0 iterations."""
+    dyn, cost = _double_integrator()
+    x0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    us0 = torch.zeros(20, 1, dtype=torch.float64)
+    ref = trajopt.solve_ddp(dyn, cost, x0, us0)
+    c = 10.0 ** e
+    res = trajopt.solve_ddp(dyn, cost, c * x0, us0)
+    assert ref.converged.item() and res.converged.item()
+    assert res.iterations.item() == ref.iterations.item() >= 1
+    torch.testing.assert_close(res.us / c, ref.us, rtol=1e-10, atol=0)
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    Bm = torch.tensor([[0.005], [0.1]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    lqr = trajopt.solve_lqr(trajopt.LQR(A=A.expand(20, 2, 2), B=Bm.expand(20, 2, 1),
+                                        Q=eye.expand(20, 2, 2),
+                                        R=0.1 * torch.eye(1).double().expand(20, 1, 1),
+                                        QT=10 * eye), x0)
+    torch.testing.assert_close(ref.us, lqr.us, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(st.integers(-100, 100))
+def test_stopping_does_not_depend_on_the_scale_of_the_cost(e):
+    dyn, cost = _double_integrator()
+    x0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    us0 = torch.zeros(20, 1, dtype=torch.float64)
+    ref = trajopt.solve_ddp(dyn, cost, x0, us0)
+    dyn, scaled = _double_integrator(10.0 ** e)
+    res = trajopt.solve_ddp(dyn, scaled, x0, us0)
+    assert res.converged.item() and res.iterations.item() == ref.iterations.item()
+    torch.testing.assert_close(res.us, ref.us, rtol=1e-10, atol=1e-14)
+
+
+def test_converged_result_is_polished_to_tol():
+    """The step that passes the sqrt(tol) test is taken: the DDP pendulum optimum is
+    stationary to the rounding level of its cost, not to sqrt(tol)."""
+    dyn, cost = torch_pendulum()
+    x0 = torch.zeros(2, dtype=torch.float64)
+    res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(30, 1, dtype=torch.float64),
+                            mode="ddp", max_iter=200)
+    assert res.converged.item()
+    us = res.us.clone().requires_grad_(True)
+    _torch_rollout_cost(dyn, cost, x0, us).backward()
+    assert us.grad.abs().max().item() < 1e-6 * res.us.abs().max().item()
+
+
+# ---------------------------------------------------------------- the user's functions
+def _user_lq(f=None, running=None, terminal=None):
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    Bm = torch.tensor([[0.0], [0.1]], dtype=torch.float64)
+
+    def lin(x, u, t):
+        return x @ A.T + u @ Bm.T
+    run = running or (lambda x, u, t: (x ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1))
+    term = terminal or (lambda x: 10 * (x ** 2).sum(-1))
+    return trajopt.Dynamics(f or lin), trajopt.Cost(run, term), lin
+
+
+X0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+US0 = torch.zeros(15, 1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("part", ["dynamics", "running", "terminal"])
+def test_derivatives_hidden_from_torch_func_raise(part):
+    _, _, lin = _user_lq()
+    dyn, cost, _ = _user_lq(
+        f=(lambda x, u, t: lin(x, u, t).detach()) if part == "dynamics" else None,
+        running=(lambda x, u, t: ((x ** 2).sum(-1) + (u ** 2).sum(-1)).detach())
+        if part == "running" else None,
+        terminal=(lambda x: 10 * (x.detach() ** 2).sum(-1))
+        if part == "terminal" else None)
+    with pytest.raises(InvalidArgumentError, match="exactly zero.*hidden from torch.func"):
+        trajopt.solve_ddp(dyn, cost, X0, US0)
+
+
+def test_legitimately_zero_derivatives_are_accepted():
+    """A kink at the nominal point (|u| at u = 0), a saturated clamp and a zero running
+    cost have exactly zero derivatives too, and are not refused."""
+    _, _, lin = _user_lq()
+    dyn, cost, _ = _user_lq(f=lambda x, u, t: lin(x, u.clamp(min=1.0, max=2.0) - 5.0, t),
+                       running=lambda x, u, t: u.abs().sum(-1) + 0 * x.sum(-1))
+    res = trajopt.solve_ddp(dyn, cost, X0, US0, max_iter=3)
+    assert np.isin(res.reason, ["converged", "max_iter", "line_search_failed"]).all()
+
+
+@pytest.mark.parametrize("where", ["dynamics", "running"])
+@pytest.mark.parametrize("how", ["item", "if"])
+def test_item_and_data_dependent_branches_are_named(where, how):
+    _, _, lin = _user_lq()
+
+    def branchy(x):
+        if how == "item":
+            return x[..., 0].sum().item() > 1e6
+        return bool(x[..., 0].sum() > 1e6)
+    f = (lambda x, u, t: x if branchy(x) else lin(x, u, t)) if where == "dynamics" else None
+    run = (lambda x, u, t: (x ** 2).sum(-1) * (2.0 if branchy(x) else 1.0)) \
+        if where == "running" else None
+    dyn, cost, _ = _user_lq(f=f, running=run)
+    name = "the dynamics" if where == "dynamics" else "the running cost"
+    with pytest.raises(InvalidArgumentError, match=rf"{name} at stage 0 calls \.item\(\) or "
+                                                   r"branches on a tensor's value"):
+        trajopt.solve_ddp(dyn, cost, X0, US0)
+
+
+def test_time_varying_models_are_differentiated_in_one_call():
+    """A time-varying dynamics / cost gets all its stages in one vectorized call with t a
+    tensor when it can take one, stage by stage when it cannot (a list indexed by t, a
+    branch on t) or answers differently; the results agree."""
+    _, _, lin = _user_lq()
+    refs = torch.linspace(0, 1, 15, dtype=torch.float64)
+    ref_list = [float(r) for r in refs]
+    def as_t(t, x):  # t as a tensor works for an int t and a 0-d tensor t alike
+        return torch.as_tensor(t, dtype=x.dtype)
+
+    def plain(x, u, t):
+        return (x ** 2).sum(-1) + (u ** 2).sum(-1)
+    # name: (dynamics, running cost, dynamics vectorized, cost vectorized)
+    cases = {
+        "tensor": (lambda x, u, t: lin(x, u, t) * (1 + 0.01 * as_t(t, x)),
+                   lambda x, u, t: ((x[..., 0] - refs.index_select(
+                       0, torch.as_tensor(t).reshape(1))[0]) ** 2) + (u ** 2).sum(-1),
+                   True, True),
+        # vmap cannot index with a 0-d tensor: refs[t] is evaluated stage by stage
+        "indexed": (lin, lambda x, u, t: ((x[..., 0] - refs[t]) ** 2) + (u ** 2).sum(-1),
+                    True, False),
+        "list": (lambda x, u, t: lin(x, u, t) * (1 + 0.01 * ref_list[t]),
+                 lambda x, u, t: ((x[..., 0] - ref_list[t]) ** 2) + (u ** 2).sum(-1),
+                 False, False),
+        "branch": (lambda x, u, t: lin(x, u, t) * (1.01 if t == 14 else 1.0),
+                   lambda x, u, t: (x ** 2).sum(-1) * (3.0 if t == 3 else 1.0)
+                   + (u ** 2).sum(-1), False, False),
+        # int64 tensor * float is float32 in torch: caught, evaluated per stage
+        "float32": (lambda x, u, t: lin(x, u, t) * (1 + 0.01 * t), plain, False, True),
+        "differs": (lambda x, u, t: lin(x, u, t) * (1.0 if isinstance(t, int) else 2.0),
+                    plain, False, True),
+    }
+    for name, (f, run, vec_f, vec_l) in cases.items():
+        solver = trajopt.DDPSolver(f, trajopt.Cost(run, lambda x: (x ** 2).sum(-1)),
+                                   max_iter=30)
+        res = solver.solve(X0, US0)
+        assert res.converged.item(), name
+        chain = solver.structure
+        assert chain._dynamics_derivatives.tensor_t is vec_f, name
+        assert chain._cost_derivatives.tensor_t is vec_l, name
+        # independent check: the returned policy is stationary for the rollout cost
+        us = res.us.clone().requires_grad_(True)
+        x, c = X0, 0.0
+        for t in range(15):
+            c = c + run(x, us[t], t)
+            x = f(x, us[t], t)
+        (c + (x ** 2).sum(-1)).backward()
+        assert us.grad.abs().max() < 1e-12, name
+
+
+def test_two_argument_callables_are_time_invariant():
+    """``f(x, u)`` and ``running(x, u)`` (no t) are accepted as time-invariant models and
+    give the same solution as their three-argument forms."""
+    dyn3, cost3, lin = _user_lq()
+    res3 = trajopt.solve_ddp(dyn3, cost3, X0, US0)
+    dyn2 = trajopt.Dynamics(lambda x, u: lin(x, u, 0))
+    cost2 = trajopt.Cost(lambda x, u: (x ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1),
+                         lambda x: 10 * (x ** 2).sum(-1))
+    assert dyn2.time_invariant and cost2.time_invariant and not dyn3.time_invariant
+    res2 = trajopt.solve_ddp(lambda x, u: lin(x, u, 0), cost2, X0, US0)
+    torch.testing.assert_close(res2.us, res3.us, rtol=1e-12, atol=1e-14)
+    assert trajopt.Dynamics(lambda x, u, t=0: x).time_invariant is False

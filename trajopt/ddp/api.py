@@ -38,9 +38,11 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     max_iter : int
         Maximum number of iterations (backward + forward pass).
     tol : float
-        An element converges when the feedforward step is negligible,
-        ``max_t,i |k_t,i| / (1 + |u_t,i|) <= sqrt(tol)``, or when an accepted step lowered
-        the cost by less than ``tol * (1 + |J|)`` (the two tests of Tassa et al. 2012).
+        An element converges when the feedforward step is negligible relative to the
+        controls, ``max_t,i |k_t,i| <= sqrt(tol) max_t,i |u_t,i|`` (that last step is
+        still taken, so the result is ~tol from the optimum), or when an accepted step
+        lowered the cost by less than ``tol * |J|``: Tassa et al.'s two tests (2012),
+        made relative so that they do not depend on the scale of the problem.
     regularization : Regularization
     line_search : LineSearch
     control_limits : (lo, hi), each of shape (m,), optional

@@ -50,9 +50,13 @@ class Policy:
 
 
 def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
-    """Tassa's gradient measure ``max_t,i |k_t,i| / (1 + |u_t,i|)`` per element (B,)."""
-    return torch.stack([(kt / (1 + ut.abs())).abs().amax(-1) for kt, ut in zip(k, us)],
-                       -1).amax(-1)
+    """The feedforward step relative to the controls, ``max_t,i |k_t,i| / max_t,i
+    |u_t,i|`` per element (B,) (0 when both are 0, inf when only the controls are):
+    unchanged when the problem is scaled (Tassa's ``|k| / (1 + |u|)`` is not: from a
+    tiny initial state it calls the zero control converged)."""
+    step = torch.stack([kt.abs().amax(-1) for kt in k], -1).amax(-1)
+    size = torch.stack([ut.abs().amax(-1) for ut in us], -1).amax(-1)
+    return torch.where(step == 0, torch.zeros_like(step), step / size)
 
 
 def select_gains(p: Policy, idx) -> Policy:

@@ -17,6 +17,7 @@ import torch
 from ..riccati.expansion import DenseStage, joint_blocks
 from .batch import Traj
 from .models import Cost, Dynamics
+from .stagewise import StageDerivatives, check_visible
 
 __all__ = ["Chain", "Control"]
 
@@ -31,6 +32,13 @@ class Chain:
     def __init__(self, dynamics: Dynamics, cost: Cost):
         self.dynamics = dynamics
         self.cost = cost
+        self._dynamics_derivatives = StageDerivatives(
+            dynamics.derivatives, dynamics, time_invariant=dynamics.time_invariant,
+            name="the dynamics")
+        self._cost_derivatives = StageDerivatives(
+            cost.derivatives, cost.running, time_invariant=cost.time_invariant,
+            name="the running cost")
+        self._terminal_checked = False
 
     def setup(self, us: Sequence[torch.Tensor]) -> None:
         """Check the controls ``us`` (T tensors (B, m_t)) against the structure; called
@@ -66,36 +74,32 @@ class Chain:
     def derivatives(self, traj: Traj, second_order: bool
                     ) -> tuple[list[DenseStage], torch.Tensor, torch.Tensor]:
         """Packed stage derivatives on the flat batch of ``traj`` and the terminal
-        gradient / Hessian.  One vectorized call for all stages when the dynamics and the
-        cost are time invariant and the shapes uniform; one per stage otherwise."""
-        T = len(traj.us)
+        gradient / Hessian, evaluated over all stages at once where the model allows
+        (:class:`~trajopt.ddp.stagewise.StageDerivatives`)."""
         B = traj.cost.shape[0]
-        xs, us = traj.xs[:-1], traj.us
-        uniform = all(x.shape == xs[0].shape for x in xs) and all(
-            u.shape == us[0].shape for u in us)
-        stages: list[DenseStage] = []
-        if uniform and self.dynamics.time_invariant and self.cost.time_invariant:
-            X = torch.stack(xs, 1).reshape(B * T, -1)
-            U = torch.stack(us, 1).reshape(B * T, -1)
-            fd = self.dynamics.derivatives(X, U, 0, second_order=second_order)
-            cd = self.cost.derivatives(X, U, 0)
+        args = list(zip(traj.xs[:-1], traj.us))
+        fd, fds = self._dynamics_derivatives(args, second_order=second_order)
+        cd, cds = self._cost_derivatives(args)
+        if fd is not None and cd is not None:  # pack all stages with one joint_blocks
             F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
-            F = F.reshape(B, T, *F.shape[1:]).transpose(0, 1)
-            L = L.reshape(B, T, *L.shape[1:]).transpose(0, 1)
-            sec = [None] * 3
-            if second_order:
-                sec = [v.reshape(B, T, *v.shape[1:]).transpose(0, 1) for v in
-                       (fd.fxx, fd.fux, fd.fuu)]
-            n = xs[0].shape[-1]
-            for t in range(T):
-                stages.append(DenseStage(F[t], L[t], n, None,
-                                         *(None if s is None else s[t] for s in sec)))
+            n = traj.xs[0].shape[-1]
+            stages = []
+            for t in range(len(args)):
+                rows = slice(t * B, (t + 1) * B)
+                sec = [None if v is None else v[rows] for v in (fd.fxx, fd.fux, fd.fuu)]
+                stages.append(DenseStage(F[rows], L[rows], n, None, *sec))
         else:
-            for t in range(T):
-                fd = self.dynamics.derivatives(xs[t], us[t], t, second_order=second_order)
-                cd = self.cost.derivatives(xs[t], us[t], t)
-                F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
-                stages.append(DenseStage(F, L, xs[t].shape[-1], None, fd.fxx, fd.fux,
-                                         fd.fuu))
-        Vx, Vxx = self.cost.terminal_derivatives(traj.xs[-1])
-        return stages, Vx, Vxx
+            stages = []
+            for (x, _), f, c in zip(args, fds, cds):
+                F, L = joint_blocks(f.fx, f.fu, c.lx, c.lu, c.lxx, c.luu, c.lux)
+                stages.append(DenseStage(F, L, x.shape[-1], None, f.fxx, f.fux, f.fuu))
+        return (stages, *self.terminal_derivatives(traj.xs[-1]))
+
+    def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient and Hessian of the terminal cost at ``x`` (B, n); checked once for
+        derivatives hidden from torch.func (:func:`~trajopt.ddp.stagewise.check_visible`)."""
+        Vx, Vxx = self.cost.terminal_derivatives(x)
+        if not self._terminal_checked:
+            self._terminal_checked = True
+            check_visible(self.cost.terminal, (x,), (Vx, Vxx), "the terminal cost")
+        return Vx, Vxx

@@ -16,6 +16,7 @@ see single samples, which such code handles unchanged.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,14 +72,17 @@ class Dynamics:
     Parameters
     ----------
     f : callable ``f(x, u, t) -> x_next``, optional
-        The map, for batched ``x`` (..., n_t), ``u`` (..., m_t).  Subclasses may instead
-        override :meth:`forward`.
+        The map, for batched ``x`` (..., n_t), ``u`` (..., m_t); a callable ``f(x, u)``
+        is time invariant.  Subclasses may instead override :meth:`forward`.
     time_invariant : bool
         True when ``f`` ignores ``t``: derivatives of all stages are then evaluated in one
         vectorized call (much faster).  Default False for wrapped callables.
     """
 
     def __init__(self, f: Callable | None = None, *, time_invariant: bool = False):
+        if f is not None and _takes_two(f):
+            two = f
+            f, time_invariant = (lambda x, u, t: two(x, u)), True
         self._f = f
         self.time_invariant = time_invariant
 
@@ -90,19 +94,28 @@ class Dynamics:
     def __call__(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         return self.forward(x, u, t)
 
-    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int, *,
+    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor, *,
                     second_order: bool = False) -> DynamicsDerivatives:
-        """Jacobians (and Hessians) at the points ``x`` (N, n), ``u`` (N, m) of stage t."""
-        def single(xi, ui):
-            return self.forward(xi, ui, t)
-
-        fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(x, u), x)
+        """Jacobians (and Hessians) at the points ``x`` (N, n), ``u`` (N, m) of stage
+        ``t``: an int, or a (N,) integer tensor giving each point its own stage (all
+        stages of a trajectory in one call; :meth:`forward` then sees ``t`` as a 0-d
+        tensor under ``vmap``)."""
+        single, args = _per_point(self.forward, x, u, t)
+        fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         if not second_order:
             return DynamicsDerivatives(fx=fx, fu=fu)
         first = jacrev(single, argnums=(0, 1))
-        (fxx, _), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(x, u)
+        (fxx, _), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(*args)
         fxx, fux, fuu = _like((fxx, fux, fuu), x)
         return DynamicsDerivatives(fx=fx, fu=fu, fxx=fxx, fux=fux, fuu=fuu)
+
+
+def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor):
+    """``fn(x, u, t)`` as a function of one point and the arguments to ``vmap`` it over:
+    ``(x, u)`` with ``t`` fixed, or ``(x, u, t)`` when ``t`` is a tensor of stages."""
+    if torch.is_tensor(t):
+        return (lambda xi, ui, ti: fn(xi, ui, ti)), (x, u, t)
+    return (lambda xi, ui: fn(xi, ui, t)), (x, u)
 
 
 def _like(tensors, x: torch.Tensor):
@@ -112,13 +125,26 @@ def _like(tensors, x: torch.Tensor):
 
 
 def as_dynamics(dynamics: Dynamics | Callable) -> Dynamics:
-    """Accept a :class:`Dynamics` or a plain callable ``dynamics(x, u, t)``."""
+    """Accept a :class:`Dynamics` or a plain callable ``dynamics(x, u, t)`` (or
+    ``dynamics(x, u)``: then time invariant)."""
     if isinstance(dynamics, Dynamics):
         return dynamics
     if callable(dynamics):
         return Dynamics(dynamics)
     raise TypeError(f"dynamics must be a trajopt.Dynamics or a callable f(x, u, t); got "
                     f"{type(dynamics).__name__}")
+
+
+def _takes_two(fn: Callable) -> bool:
+    """``fn`` cannot take a third positional argument (``f(x, u)``, no ``t``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 2 and not any(
+        p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 class _Discretized(Dynamics):
@@ -156,7 +182,8 @@ class Cost:
     Parameters
     ----------
     running : callable
-        Batched stage cost; ``x`` (..., n_t), ``u`` (..., m_t), ``t`` the stage.
+        Batched stage cost ``running(x, u, t)``; ``x`` (..., n_t), ``u`` (..., m_t),
+        ``t`` the stage (a callable ``running(x, u)`` is time invariant).
     terminal : callable
         Batched terminal cost of ``x_T`` (..., n_T).
     time_invariant : bool
@@ -165,6 +192,9 @@ class Cost:
 
     def __init__(self, running: Callable | None = None, terminal: Callable | None = None,
                  *, time_invariant: bool = False):
+        if running is not None and _takes_two(running):
+            two = running
+            running, time_invariant = (lambda x, u, t: two(x, u)), True
         self._running, self._terminal = running, terminal
         self.time_invariant = time_invariant
 
@@ -178,14 +208,14 @@ class Cost:
             return x.new_zeros(x.shape[:-1])
         return self._terminal(x)
 
-    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int) -> CostDerivatives:
-        """Gradient and Hessian of the running cost at (N, n), (N, m)."""
-        def single(xi, ui):
-            return self.running(xi, ui, t)
-
-        lx, lu = _like(vmap(jacrev(single, argnums=(0, 1)))(x, u), x)
+    def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor
+                    ) -> CostDerivatives:
+        """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
+        int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
+        single, args = _per_point(self.running, x, u, t)
+        lx, lu = _like(vmap(jacrev(single, argnums=(0, 1)))(*args), x)
         (lxx, _), (lux, luu) = vmap(jacfwd(jacrev(single, argnums=(0, 1)),
-                                           argnums=(0, 1)))(x, u)
+                                           argnums=(0, 1)))(*args)
         lxx, lux, luu = _like((lxx, lux, luu), x)
         return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
 

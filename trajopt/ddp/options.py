@@ -102,7 +102,8 @@ class DDPResult:
         at the regularization limit returns its last accepted trajectory with the gains
         and value derivatives of its last successful backward pass (zeros if none
         succeeded): finite, never the failed pass's NaN.  A "diverged" element's rollout
-        of ``us0`` was already non-finite: its ``xs`` and ``cost`` are that rollout.
+        of ``us0`` was already non-finite (a ConvergenceWarning names it): it is not
+        optimized, its ``xs`` are that rollout and its ``cost`` is inf.
     history : list of IterationLog
     """
 

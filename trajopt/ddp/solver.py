@@ -31,6 +31,7 @@ picks the gains plug (:class:`~trajopt.riccati.policy.CholeskyGains`,
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 
 from .._checks import shape_str
 from .._linalg import mv
-from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
+from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import value_update
 from .batch import Policy, Traj, merge_policy, select_gains, step_size
@@ -158,9 +159,11 @@ class DDPSolver:
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
         return Traj(out.xs, out.us, cost)
 
-    def accept_step(self, actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-        """Armijo-type test: actual reduction at least ``c1`` times the expected one."""
-        tiny = torch.finfo(actual.dtype).eps * 10
+    def accept_step(self, actual: torch.Tensor, expected: torch.Tensor,
+                    cost: torch.Tensor | None = None) -> torch.Tensor:
+        """Armijo-type test: actual reduction at least ``c1`` times the expected one (an
+        expected reduction at the rounding level of ``cost`` needs no actual one)."""
+        tiny = torch.finfo(actual.dtype).eps * 10 * (1 if cost is None else cost.abs())
         return torch.isfinite(actual) & ((actual >= self.ls.c1 * expected)
                                          | ((expected <= tiny) & (actual >= 0)))
 
@@ -197,7 +200,17 @@ class DDPSolver:
             raise NonFiniteError("the rollout of us0 from x0 is not finite for any batch "
                                  "element (the dynamics or cost returned NaN/inf)")
         active = finite0.clone()
-        reason[(~finite0).cpu().numpy()] = "diverged"
+        if not bool(finite0.all()):
+            bad = torch.nonzero(~finite0).flatten()
+            reason[bad.cpu().numpy()] = "diverged"
+            traj.cost[bad] = math.inf
+            shown = ", ".join(str(int(i)) for i in bad[:10]) + (
+                ", ..." if bad.numel() > 10 else "")
+            warnings.warn(
+                f"the rollout of us0 from x0 is not finite for {bad.numel()} of {B} batch "
+                f"elements (flat index {shown}): they are not optimized, their reason is "
+                f"'diverged', their cost inf and their xs that rollout",
+                ConvergenceWarning, stacklevel=3)
         converged = torch.zeros(B, dtype=torch.bool, device=dev)
         iterations = torch.zeros(B, dtype=torch.long, device=dev)
         mu = torch.full((B,), self.reg.initial, dtype=dt, device=dev)
@@ -219,14 +232,19 @@ class DDPSolver:
             fresh[idx] = True
             k_warm = policy_full.k
             active[idx[stopped]] = False
-            done = pol.ok & (step_size(pol.k, sub.us) <= math.sqrt(self.tol))
+            # converged: the feedforward step is below sqrt(tol) relative to the controls;
+            # the step is still taken (quadratic convergence: the result is then ~tol
+            # from the optimum) unless it is below tol
+            size = step_size(pol.k, sub.us)
+            done = pol.ok & (size <= math.sqrt(self.tol))
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
                 reason[idx[done].cpu().numpy()] = "converged"
             if it == self.max_iter:
                 break
-            todo = pol.ok & ~done & active[idx]
+            polish = done & (size > self.tol)
+            todo = pol.ok & ((~done & active[idx]) | polish)
             step = torch.zeros(B, dtype=dt, device=dev)
             exp_log = torch.zeros(B, dtype=dt, device=dev)
             act_log = torch.zeros(B, dtype=dt, device=dev)
@@ -234,11 +252,11 @@ class DDPSolver:
             if bool(todo.any()):
                 self._line_search(sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi)
             accepted = todo & ~pending
-            gacc, grej = idx[accepted], idx[pending]
+            gacc, grej = idx[accepted], idx[pending & ~polish]
             iterations[gacc] += 1
             fresh[gacc] = False
             # Tassa's second test: an accepted step that barely changed the cost
-            small = accepted & (act_log[idx] <= self.tol * (1 + traj.cost[idx].abs()))
+            small = accepted & (act_log[idx] <= self.tol * traj.cost[idx].abs())
             if bool(small.any()):
                 converged[idx[small]] = True
                 active[idx[small]] = False
@@ -302,7 +320,7 @@ class DDPSolver:
         dV = pol.dV[sel]
         expected = -(a[:, None] * dV[:, 0] + a[:, None] ** 2 * dV[:, 1])
         actual = sub.cost[sel] - cand.cost.reshape(na, ns)
-        acc = self.accept_step(actual, expected)  # (na, ns)
+        acc = self.accept_step(actual, expected, sub.cost[sel])  # (na, ns)
         ok = acc.any(0)
         if not bool(ok.any()):
             return

@@ -156,29 +156,17 @@ class SpanChain(Chain):
 
     # ------------------------------------------------------------------ derivatives
     def derivatives(self, traj: Traj, second_order: bool):
-        """Span-structured stages on the flat batch of ``traj``: one vectorized call for
-        all stages when the dynamics / cost are time invariant and the shapes uniform,
-        and one per shortcut map for all its spans."""
+        """Span-structured stages on the flat batch of ``traj``: the dynamics and cost
+        derivatives over all stages at once where the model allows
+        (:class:`~trajopt.ddp.stagewise.StageDerivatives`), one call per shortcut map
+        for all its spans."""
         if second_order:
             raise InvalidArgumentError("spans and players support mode='ilqr' only")
         T = len(traj.us)
-        B = traj.cost.shape[0]
         xs, ws = traj.xs[:-1], traj.us
         us = [w[..., :self._mu_size[t]] for t, w in enumerate(ws)]
-
-        def batched(fn, args_per_stage, time_invariant):
-            uniform = all(all(a.shape == b.shape for a, b in zip(args, args_per_stage[0]))
-                          for args in args_per_stage)
-            if time_invariant and uniform and T > 1:
-                flat = [torch.cat(col, 0) for col in zip(*args_per_stage)]
-                d = fn(*flat, 0)
-                return [type(d)(**{k: None if v is None else v[t * B:(t + 1) * B]
-                                   for k, v in vars(d).items()}) for t in range(T)]
-            return [fn(*args, t) for t, args in enumerate(args_per_stage)]
-
-        fds = batched(lambda x, u, t: self.dynamics.derivatives(x, u, t),
-                      list(zip(xs, us)), self.dynamics.time_invariant)
-        cds = batched(self.cost.derivatives, list(zip(xs, ws)), self.cost.time_invariant)
+        _, fds = self._dynamics_derivatives(list(zip(xs, us)))
+        _, cds = self._cost_derivatives(list(zip(xs, ws)))
         hd = self._shortcut_derivatives(traj)
         dims = {id(s): traj.xs[s.start].shape[-1] for s in self.spans}
         stages = []
@@ -204,8 +192,7 @@ class SpanChain(Chain):
             cd = cds[t]
             stages.append(SpanStage(blocks, torch.cat(Fw, -1), yo["x"], n, cd.lx, cd.lu,
                                     cd.lxx, cd.luu, cd.lux))
-        Vx, Vxx = self.cost.terminal_derivatives(traj.xs[-1])
-        return stages, Vx, Vxx
+        return (stages, *self.terminal_derivatives(traj.xs[-1]))
 
     def _slices(self, t: int, n: int, dims: dict) -> dict:
         """Offsets of y_t = [x_t, residuals of the spans open at t]."""

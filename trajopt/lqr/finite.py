@@ -112,7 +112,7 @@ class LQR:
     def __post_init__(self) -> None:
         raw = {name: getattr(self, name) for name in _STAGE_ARGS}
         raw["QT"], raw["qT"] = self.QT, self.qT
-        tensors, kind = as_tensors(raw)
+        tensors, kind = as_tensors(raw, whole=("QT", "qT"))
         stacked = not isinstance(self.A, (list, tuple))
         if stacked and tensors["A"].ndim < 3:
             raise ShapeError(

@@ -1,0 +1,178 @@
+r"""The derivatives of a dynamics or cost at every stage of a trajectory, in as few calls
+as the model allows, with the user's function checked on the way.
+
+The rule (``docs/performance.md``, "Stage derivatives"):
+
+1. a model marked ``time_invariant`` is differentiated at all ``T * B`` points in one call
+   with ``t = 0``;
+2. otherwise, one call with ``t`` a (T*B,) tensor of stage indices: the model's callable
+   sees a 0-d int64 tensor ``t`` under ``vmap`` (``ref[t]`` on a tensor, ``torch.where(t
+   < 5, ...)`` work).  The first time, the result at every stage is compared with a call
+   at the plain ``int`` stage; a callable that cannot take a tensor ``t`` (``if t == T -
+   1:``, ``refs[t]`` on a list) or gives a different answer (``0.01 * t`` is float32 for
+   an int64 tensor, in a float64 problem) is differentiated stage by stage from then on;
+3. stage by stage when the stages have different state or control sizes.
+
+The first evaluation also checks the user's function: derivatives that are exactly zero
+at a stage where the function's value changes with ``x`` and ``u`` mean torch.func could
+not see the computation (``.detach()``, ``.numpy()``, ``torch.no_grad()``, ``.data``):
+that raises instead of letting DDP report a false "converged".  A callable that calls
+``.item()`` or branches on a tensor (``if x[0] > 0:``) is named with what to write instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["StageDerivatives", "check_visible"]
+
+# torch.func's message for .item() / data-dependent control flow under vmap
+_DATA_DEPENDENT = ("data-dependent control flow", "calling .item()", ".item() on a Tensor")
+
+
+class StageDerivatives:
+    """Evaluate ``derivatives(*args, t)`` of one model over the stages of a trajectory.
+
+    Parameters
+    ----------
+    derivatives : callable ``(*args, t) -> dataclass of tensors with N leading rows``
+        E.g. ``Dynamics.derivatives`` or ``Cost.derivatives``.
+    value : callable ``(*args, t) -> tensor`` with N leading rows
+        The function itself (for the zero-derivative check).
+    time_invariant : bool
+        The model ignores ``t``.
+    name : str
+        How errors name the model ("the dynamics", "the running cost").
+    """
+
+    def __init__(self, derivatives: Callable, value: Callable, *, time_invariant: bool,
+                 name: str):
+        self.derivatives = derivatives
+        self.value = value
+        self.time_invariant = time_invariant
+        self.name = name
+        self.tensor_t: bool | None = None  # None: not tried yet
+        self.checked = False
+
+    def __call__(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]], **kw
+                 ) -> tuple[Any | None, list]:
+        """Derivatives at every stage: ``(stacked, per_stage)``.
+
+        ``stacked`` holds all stages in one object of (T*B, ...) tensors, stage-major
+        (stage t is rows ``t*B:(t+1)*B``), or None when the stages' shapes differ;
+        ``per_stage`` is the list of T objects (views of ``stacked`` when there is one).
+        """
+        T = len(args_per_stage)
+        first = args_per_stage[0]
+        B = first[0].shape[0]
+        uniform = all(all(a.shape == b.shape for a, b in zip(args, first))
+                      for args in args_per_stage)
+        stacked = None
+        if uniform and T > 1:
+            flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
+            if self.time_invariant:
+                stacked = self._call(flat, 0, None, **kw)
+            elif self.tensor_t is not False:
+                stages = torch.arange(T, device=flat[0].device).repeat_interleave(B)
+                stacked = self._vectorized(flat, stages, args_per_stage, **kw)
+        if stacked is not None:
+            per_stage = [_rows(stacked, slice(t * B, (t + 1) * B)) for t in range(T)]
+        else:
+            per_stage = [self._call(args, t, t, **kw) for t, args in enumerate(args_per_stage)]
+            if uniform:
+                stacked = _cat(per_stage)
+        if not self.checked:
+            self.checked = True
+            for t, (args, d) in enumerate(zip(args_per_stage, per_stage)):
+                check_visible(lambda *a, t=t: self.value(*a, t), args, d,
+                              f"{self.name} at stage {t}")
+        return stacked, per_stage
+
+    def _vectorized(self, flat, stages, args_per_stage, **kw):
+        """One call with a tensor of stages; verified against the int stage once."""
+        try:
+            out = self.derivatives(*flat, stages, **kw)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            if self.tensor_t:  # worked before: a genuine failure, report it
+                raise
+            self.tensor_t = False
+            return None
+        if self.tensor_t is None:  # the first time: every stage against the int stage
+            B = args_per_stage[0][0].shape[0]
+            for t, args in enumerate(args_per_stage):
+                ref = self._call(args, t, t, **kw)
+                if not _close(_rows(out, slice(t * B, (t + 1) * B)), ref):
+                    self.tensor_t = False
+                    return None
+            self.tensor_t = True
+        return out
+
+    def _call(self, args, t, stage, **kw):
+        try:
+            return self.derivatives(*args, t, **kw)
+        except RuntimeError as exc:
+            if any(s in str(exc) for s in _DATA_DEPENDENT):
+                where = "" if stage is None else f" at stage {stage}"
+                raise InvalidArgumentError(
+                    f"{self.name}{where} calls .item() or branches on a tensor's value "
+                    f"(`if x[..., 0] > 0:`, `float(x)`), which torch.func cannot "
+                    f"differentiate over a batch: write the branch with torch.where / "
+                    f"torch.clamp, or override derivatives() with analytic ones") from exc
+            raise
+
+
+def check_visible(value: Callable, args: tuple[torch.Tensor, ...], derivatives,
+                  name: str) -> None:
+    """Raise when ``derivatives`` (a dataclass or tuple of tensors) are exactly zero but
+    ``value(*args)`` has a nonzero central difference along a small move of every
+    argument: the function's computation is hidden from torch.func."""
+    if any(bool(v.ne(0).any()) for v in _tensors(derivatives)):
+        return
+    eps = torch.finfo(args[0].dtype).eps
+    h = eps ** 0.5
+    up = value(*(a + h * (1 + a.abs()) for a in args))
+    down = value(*(a - h * (1 + a.abs()) for a in args))
+    scale = float(up.abs().amax() + down.abs().amax())
+    if float((up - down).abs().amax()) > 100 * eps * scale:
+        raise InvalidArgumentError(
+            f"the derivatives of {name} are exactly zero, but its value changes with its "
+            f"inputs: the computation is hidden from torch.func (.detach(), .numpy(), "
+            f".data, torch.no_grad() or a Python float inside the function); write it "
+            f"with differentiable torch ops or override derivatives() with analytic ones")
+
+
+def _tensors(d) -> list[torch.Tensor]:
+    if isinstance(d, tuple):
+        return [v for v in d if torch.is_tensor(v)]
+    return [v for v in (getattr(d, f.name) for f in fields(d)) if torch.is_tensor(v)]
+
+
+def _rows(d, rows: slice):
+    return replace(d, **{f.name: getattr(d, f.name)[rows] for f in fields(d)
+                         if torch.is_tensor(getattr(d, f.name))})
+
+
+def _cat(per_stage: list):
+    first = per_stage[0]
+    return replace(first, **{f.name: torch.cat([getattr(d, f.name) for d in per_stage], 0)
+                             for f in fields(first)
+                             if torch.is_tensor(getattr(first, f.name))})
+
+
+def _close(a, b) -> bool:
+    """Equal up to the rounding of batched against unbatched kernels (1000 eps of each
+    tensor's scale): a tensor ``t`` whose arithmetic differs (``0.01 * t`` is float32
+    for an int64 ``t`` in torch) is caught."""
+    for x, y in zip(_tensors(a), _tensors(b)):
+        if x.shape != y.shape:
+            return False
+        tol = 1000 * torch.finfo(y.dtype).eps * float(y.abs().amax())
+        if not bool(((x - y).abs() <= tol).all()):
+            return False
+    return True
