@@ -72,7 +72,7 @@ def digits_mlp(batch):
 
 def run_batch(cfg):
     """One direction on the digits MLP: "output" (default) or "riccati"."""
-    from nnbridge.stages import stages
+    from nnbridge import stages
     from nnbridge.steepest import _direction
     torch.set_num_threads(cfg["threads"])
     model, x, y = digits_mlp(cfg["batch"])

@@ -12,9 +12,10 @@ control).
 """
 
 from .ddpnopt import EKFAC, DDPNOpt
+from .decompose import stages
 from .deq import DEQ, DEQBlock
 from .recorder import capture
-from .stages import Stage, StageLinearization, stages
+from .stages import Stage, StageLinearization
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"

@@ -40,9 +40,10 @@ from trajopt.riccati import operator_riccati_step
 
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
+from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
 from .recorder import BatchRecorder
-from .stages import StageLinearization, stages
+from .stages import StageLinearization
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]

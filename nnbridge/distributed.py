@@ -26,12 +26,16 @@ __all__ = ["BatchMean", "unwrap", "data_parallel_group"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (the
-    model itself otherwise)."""
+    """The network inside ``DistributedDataParallel`` / ``DataParallel`` wrappers and
+    ``torch.compile``'s ``OptimizedModule`` (the model itself otherwise)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def data_parallel_group(model: nn.Module) -> Any | None:

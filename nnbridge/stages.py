@@ -1,11 +1,10 @@
-r"""A torch network decomposed into stages :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`.
+r"""One stage of a torch network, :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`, and its
+operator-form derivatives.
 
-:func:`stages` walks an ``nn.Sequential`` (nested ones are flattened) once: every
-parametrized affine op (``nn.Linear``, ``nn.Conv2d``; bias included) opens a stage and the
-parameter-free ops after it (activations, ``Flatten``, pooling, ``Dropout``) form its
-:math:`\sigma_t`.  Parameter-free ops before the first affine op are a fixed input
-transform (not a stage).  ``BatchNorm`` and anything else with parameters is rejected
-with the list of what is supported.
+:func:`nnbridge.stages` (:mod:`nnbridge.decompose`) finds the stages of a network from its
+torch.fx graph: every parametrized affine op (``nn.Linear``, ``nn.Conv2d``; bias
+included) opens a stage and the parameter-free ops after it (activations, ``Flatten``,
+pooling, ``Dropout``, or any parameter-free sub-graph) form its :math:`\sigma_t`.
 
 Controls are kept as the *augmented weight matrix* :math:`\tilde U = [W \mid b]` of shape
 (out, in') with ``in' = in_features (+1 with bias)`` for Linear and
@@ -19,7 +18,7 @@ tensors unless a curvature asks for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,13 +27,13 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError
 
-__all__ = ["Stage", "stages", "StageLinearization", "SUPPORTED"]
+__all__ = ["Stage", "StageLinearization", "SUPPORTED", "AFFINE"]
 
-_AFFINE = (nn.Linear, nn.Conv2d)
+AFFINE = (nn.Linear, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
                 nn.SiLU, nn.Hardtanh, nn.Identity, nn.Dropout)
 _STRUCTURAL = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-SUPPORTED = tuple(c.__name__ for c in _AFFINE + _ELEMENTWISE + _STRUCTURAL)
+SUPPORTED = tuple(c.__name__ for c in AFFINE + _ELEMENTWISE + _STRUCTURAL)
 
 
 @dataclass(eq=False)
@@ -124,61 +123,6 @@ class Stage:
 
     def forward(self, x: torch.Tensor, U: torch.Tensor | None = None) -> torch.Tensor:
         return self.post_fn(self.affine(x, U))
-
-
-def _flatten_modules(model: nn.Module) -> Iterator[nn.Module]:
-    if isinstance(model, nn.Sequential):
-        for child in model:
-            yield from _flatten_modules(child)
-    else:
-        yield model
-
-
-def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
-    """Decompose ``model`` into ``(pre, stages)``.
-
-    Parameters
-    ----------
-    model : nn.Sequential
-        Nested Sequentials are flattened.  Supported modules: ``SUPPORTED``.
-
-    Returns
-    -------
-    pre : list of nn.Module
-        Parameter-free ops before the first stage (applied to the raw input).
-    stages : list of Stage
-
-    Raises
-    ------
-    TypeError
-        ``model`` is not an ``nn.Sequential`` or holds an unsupported module.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(
-            f"model must be an nn.Sequential of {', '.join(SUPPORTED)}; got "
-            f"{type(model).__name__} (write the network as nn.Sequential)")
-    pre: list[nn.Module] = []
-    out: list[Stage] = []
-    current: nn.Module | None = None
-    post: list[nn.Module] = []
-    for i, mod in enumerate(_flatten_modules(model)):
-        if isinstance(mod, _AFFINE):
-            if current is not None:
-                out.append(Stage(len(out), current, tuple(post)))
-            current, post = mod, []
-        elif isinstance(mod, _ELEMENTWISE + _STRUCTURAL):
-            (post if current is not None else pre).append(mod)
-        else:
-            hint = (" (BatchNorm is not supported: its batch statistics couple the samples, "
-                    "which breaks the per-sample dynamics; remove it or fold it into the "
-                    "preceding layer)" if isinstance(mod, nn.modules.batchnorm._BatchNorm)
-                    else "")
-            raise TypeError(f"module {i} ({type(mod).__name__}) is not supported by "
-                            f"nnbridge.stages{hint}; supported: {', '.join(SUPPORTED)}")
-    if current is None:
-        raise TypeError("model has no Linear or Conv2d layer: nothing to optimize")
-    out.append(Stage(len(out), current, tuple(post)))
-    return pre, out
 
 
 def _is_identity(p: nn.Module) -> bool:

@@ -39,8 +39,9 @@ from trajopt.errors import (
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .closure import loss_is_finite
+from .decompose import stages
 from .recorder import capture
-from .stages import StageLinearization, stages
+from .stages import StageLinearization
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 

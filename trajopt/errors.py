@@ -17,6 +17,7 @@ __all__ = [
     "NumericalError",
     "SolverUnavailableError",
     "InvalidArgumentError",
+    "UnsupportedModelError",
     "ConvergenceWarning",
     "SkippedStepWarning",
 ]
@@ -66,6 +67,11 @@ class SolverUnavailableError(TrajoptError, ImportError):
 
 class InvalidArgumentError(TrajoptError, ValueError):
     """An option or argument has an invalid value (not a shape problem)."""
+
+
+class UnsupportedModelError(TrajoptError, TypeError):
+    """A network cannot be decomposed into stages (nnbridge); the message names the
+    module or graph node."""
 
 
 class ConvergenceWarning(UserWarning):

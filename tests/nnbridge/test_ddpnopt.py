@@ -11,7 +11,7 @@ import nnbridge
 from tests.reference.ddpnopt_dense import ddpnopt_step
 from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
 from .conftest import closure_for, cnn, data, mlp
 
@@ -248,8 +248,8 @@ def test_bad_input():
         nnbridge.DDPNOpt(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
     with pytest.raises(TypeError, match="supported: Linear, Conv2d"):
         nnbridge.DDPNOpt(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)))
-    with pytest.raises(TypeError, match="nn.Sequential"):
-        nnbridge.DDPNOpt(nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match="nothing to optimize"):
+        nnbridge.DDPNOpt(nn.Sequential(nn.ReLU()))
     with pytest.raises(TypeError, match="needs the model"):
         nnbridge.DDPNOpt(mlp().parameters())
     with pytest.raises(ValueError, match="learning rate"):

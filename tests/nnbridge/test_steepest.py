@@ -80,7 +80,7 @@ def test_output_space_solution_equals_the_riccati_recursion(make, shape, B, dive
                                                             damping):
     """The default path (the LQR through its Gramian in output space) and the
     batch-augmented Riccati recursion of the thesis give the same direction."""
-    from nnbridge.stages import stages
+    from nnbridge import stages
     from nnbridge.steepest import _direction
     model = make()
     x, y = data(B, shape)
@@ -134,8 +134,8 @@ def test_bad_input():
         lqr_direction(model, x, y, F.cross_entropy, damping=-1.0)
     with pytest.raises(NotPositiveDefiniteError):  # the Fisher of 2 samples is singular
         lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=0.0)
-    with pytest.raises(TypeError, match="nn.Sequential"):
-        lqr_direction(nn.Linear(4, 3), x, y, F.cross_entropy)
+    with pytest.raises(TypeError, match="nothing to optimize"):
+        lqr_direction(nn.Sequential(nn.Tanh()), x, y, F.cross_entropy)
     bad = x.clone()
     bad[0, 1] = float("nan")
     with pytest.raises(NonFiniteError, match="not finite"):
@@ -227,7 +227,7 @@ def _relu_problem():
 
 def _network_lqr(model, x, y):
     """The kl LQR of lqr_direction, built here from the same pieces (R = 0)."""
-    from nnbridge.stages import StageLinearization, stages
+    from nnbridge import StageLinearization, stages
     _, sts = stages(model)
     xs = [x]
     with torch.no_grad():

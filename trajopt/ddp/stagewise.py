@@ -6,11 +6,14 @@ The rule (``docs/performance.md``, "Stage derivatives"):
 1. a model marked ``time_invariant`` is differentiated at all ``T * B`` points in one call
    with ``t = 0``;
 2. otherwise, one call with ``t`` a (T*B,) tensor of stage indices: the model's callable
-   sees a 0-d int64 tensor ``t`` under ``vmap`` (``ref[t]`` on a tensor, ``torch.where(t
-   < 5, ...)`` work).  The first time, the result at five stages spread over the horizon
-   is compared with a call at the plain ``int`` stage; a callable that cannot take a tensor ``t`` (``if t == T -
-   1:``, ``refs[t]`` on a list) or gives a different answer (``0.01 * t`` is float32 for
-   an int64 tensor, in a float64 problem) is differentiated stage by stage from then on;
+   sees a 0-d int64 tensor ``t`` under ``vmap``; code that ignores ``t`` or uses it
+   through torch ops (``torch.as_tensor(t, dtype=x.dtype) * dt``, ``torch.where(
+   torch.as_tensor(t) < 5, a, b)``, ``ref.index_select(0, torch.as_tensor(t).reshape(1))``)
+   works.  The first time, the result at five stages spread over the horizon is compared
+   with a call at the plain ``int`` stage; a callable that cannot take a tensor ``t``
+   (``if t == T - 1:``, ``refs[t]``: vmap cannot index with a 0-d tensor) or gives a
+   different answer (``0.01 * t`` is float32 for an int64 ``t``, in a float64 problem)
+   is differentiated stage by stage from then on;
 3. stage by stage when the stages have different state or control sizes.
 
 The first evaluation also checks the user's function: derivatives that are exactly zero

@@ -1,0 +1,246 @@
+r"""Any torch network to stages, from its torch.fx graph.
+
+:func:`stages` traces the model with :mod:`torch.fx` (``torch.nn`` modules are leaves,
+custom modules are traced through, so a hand-written ``forward`` is fine) and walks the
+graph once:
+
+* every call of a parametrized affine module (``AFFINE``) opens a stage
+  :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`;
+* the parameter-free nodes between the call of stage t's module and the input of stage
+  t+1's module -- activations as modules (``nn.ReLU``) or functions (``F.relu``,
+  ``torch.tanh``, ``x.relu()``), ``flatten`` / ``view`` / pooling -- are its
+  :math:`\sigma_t`: the common activations become their ``nn`` modules (closed-form
+  derivatives), anything else one opaque map differentiated by ``torch.func``;
+* the nodes before the first stage are a fixed input transform (``pre``).
+
+What the walk refuses, naming the node (``UnsupportedModelError``): a tensor that skips
+a stage (a residual ``x + f(x)``, a concatenation of branches: residual and branching
+networks come with GT-DDP's spans and players), a parameter used outside a module
+(``F.linear(x, self.weight)``), a parametrized module that is not an affine layer
+(BatchNorm, LayerNorm, Embedding, RNNs), ``F.dropout`` in ``forward`` (torch.fx fixes its
+``training`` flag when tracing: use ``nn.Dropout``), more than one input or output, and a
+``forward`` that torch.fx cannot trace (data-dependent Python control flow).
+
+``nn.Sequential`` models decompose to the same stages as before (their modules are the
+graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
+``torch.compile``'d modules are unwrapped first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+from torch import fx, nn
+
+from trajopt.errors import UnsupportedModelError
+
+from .distributed import unwrap
+from .stages import AFFINE, Stage
+
+__all__ = ["stages"]
+
+def _activation(fn: Callable, args: tuple, kwargs: dict) -> nn.Module | None:
+    """The ``nn`` module equivalent to an activation call ``fn(x, *args, **kwargs)``."""
+    inplace = bool(kwargs.get("inplace", False))
+    if fn in (F.relu, torch.relu, "relu"):
+        return nn.ReLU(inplace=inplace)
+    if fn in (torch.tanh, F.tanh, "tanh"):
+        return nn.Tanh()
+    if fn in (torch.sigmoid, F.sigmoid, "sigmoid"):
+        return nn.Sigmoid()
+    if fn is F.leaky_relu:
+        slope = args[0] if args else kwargs.get("negative_slope", 0.01)
+        return nn.LeakyReLU(slope, inplace=inplace)
+    if fn is F.gelu:
+        return nn.GELU(approximate=kwargs.get("approximate", "none"))
+    if fn is F.silu:
+        return nn.SiLU(inplace=inplace)
+    if fn is F.elu:
+        return nn.ELU(args[0] if args else kwargs.get("alpha", 1.0), inplace=inplace)
+    if fn in (torch.flatten, "flatten"):
+        start = args[0] if args else kwargs.get("start_dim", 0)
+        end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
+        return nn.Flatten(start, end)
+    return None
+
+
+class _Segment(nn.Module):
+    """A parameter-free part of the graph as one map of the stage's pre-activation."""
+
+    def __init__(self, gm: fx.GraphModule, description: str):
+        super().__init__()
+        self.gm = gm
+        self.description = description
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gm(h)
+
+    def extra_repr(self) -> str:
+        return self.description
+
+
+def _name(node: fx.Node) -> str:
+    target = node.target
+    what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return f"node {node.name!r} ({node.op} {what})"
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, AFFINE) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+        raise UnsupportedModelError(
+            f"model: torch.fx cannot trace {type(model).__name__}.forward ({exc}); "
+            "nnbridge decomposes a network from its traced graph, so forward must not "
+            "branch on tensor values (write such branches with torch.where)") from exc
+    return fx.GraphModule(model, graph)
+
+
+def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
+    """Decompose ``model`` into ``(pre, stages)`` from its torch.fx graph.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any network whose graph is a chain through its affine layers (module
+        docstring); ``nn.Sequential`` and custom ``forward`` alike.
+
+    Returns
+    -------
+    pre : list of nn.Module
+        Parameter-free ops before the first stage (applied to the raw input).
+    stages : list of Stage
+        The stage modules are the model's own (hooks and parameter updates reach it).
+
+    Raises
+    ------
+    UnsupportedModelError
+        (a ``TypeError``) naming the node or module that cannot be decomposed.
+    """
+    model = unwrap(model)
+    if isinstance(model, AFFINE):  # one layer is a one-stage network
+        model = nn.Sequential(model)
+    gm = _trace(model)
+    modules = dict(gm.named_modules())
+    params = {name for name, _ in gm.named_parameters()}
+    seg: dict[fx.Node, int] = {}   # the segment a value belongs to: -1 = pre, t = stage t
+    heads: list[fx.Node] = []      # the call of each stage's module
+    inputs: list[fx.Node] = []     # the argument of each stage's module
+    current, out_node, placeholder = -1, None, None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if placeholder is not None:
+                raise UnsupportedModelError(
+                    f"model: forward takes more than one input ({placeholder.name!r}, "
+                    f"{node.name!r}); a network as dynamics maps one state x_0")
+            placeholder = node
+            seg[node] = -1
+            continue
+        if node.op == "get_attr":
+            if node.target in params:
+                raise UnsupportedModelError(
+                    f"model: {_name(node)} uses the parameter {node.target!r} outside its "
+                    f"module; call the module (e.g. self.fc(x), not F.linear(x, "
+                    f"self.fc.weight)) so that it is a stage")
+            continue  # a buffer or constant: part of the map it feeds
+        if node.op == "output":
+            out_node = node
+            break
+        sources = {seg[a] for a in node.all_input_nodes if a in seg}
+        if any(s < current for s in sources):
+            early = min(s for s in sources if s < current)
+            where = "the input transform" if early < 0 else f"stage {early}"
+            raise UnsupportedModelError(
+                f"model: {_name(node)} uses a value of {where} after stage {current} "
+                f"began: a skip connection or a branch (residual x + f(x), concatenated "
+                f"branches) is not a chain of stages; residual networks are decomposed "
+                f"with GT-DDP's spans (not yet in nnbridge.stages)")
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is not None and any(True for _ in module.parameters()):
+            if not isinstance(module, AFFINE):
+                raise UnsupportedModelError(
+                    f"model: module {node.target!r} ({type(module).__name__}) has "
+                    f"parameters but is not an affine layer nnbridge can take as a stage "
+                    f"(supported: {', '.join(c.__name__ for c in AFFINE)}); "
+                    f"BatchNorm and LayerNorm follow in a later version, with the batch "
+                    f"coupling of BatchNorm approximated as in GT-DDP Sec. 4.2")
+            if len(node.all_input_nodes) != 1:
+                raise UnsupportedModelError(f"model: {_name(node)} takes more than one "
+                                            "tensor")
+            current += 1
+            heads.append(node)
+            inputs.append(node.all_input_nodes[0])
+            seg[node] = current
+            continue
+        if node.op == "call_function" and node.target is F.dropout:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            if p:
+                raise UnsupportedModelError(
+                    f"model: {_name(node)}: torch.fx fixes F.dropout's `training` flag "
+                    f"when it traces; use an nn.Dropout module (it follows model.eval())")
+        seg[node] = current
+    if not heads:
+        raise UnsupportedModelError(
+            f"model has no {' or '.join(c.__name__ for c in AFFINE)} layer: "
+            "nothing to optimize")
+    if out_node is None or not isinstance(out_node.args[0], fx.Node):
+        raise UnsupportedModelError("model: forward must return one tensor")
+    ends = inputs[1:] + [out_node.args[0]]
+    if seg.get(ends[-1], -2) != current:
+        raise UnsupportedModelError(
+            f"model: the output {ends[-1].name!r} does not come from the last stage "
+            f"({heads[-1].target!r})")
+    pre = _chain(gm, placeholder, inputs[0], "the input transform")
+    out = []
+    for t, (head, end) in enumerate(zip(heads, ends)):
+        post = _chain(gm, head, end, f"stage {t}")
+        out.append(Stage(t, modules[head.target], tuple(post)))
+    return pre, out
+
+
+def _chain(gm: fx.GraphModule, start: fx.Node, end: fx.Node, label: str) -> list[nn.Module]:
+    """The map from the value of ``start`` to the value of ``end`` as a list of modules:
+    the nodes' own modules / equivalent ``nn`` activations when they form a chain, else
+    one :class:`_Segment` of the sub-graph."""
+    todo, seen = [end], set()
+    while todo:  # the ancestors of ``end`` down to ``start``
+        node = todo.pop()
+        if node is start or node in seen:
+            continue
+        if node.op == "placeholder":
+            raise UnsupportedModelError(f"model: {label} depends on the raw input")
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    live = [n for n in gm.graph.nodes if n in seen]
+    modules = dict(gm.named_modules())
+    chain: list[nn.Module] = []
+    prev = start
+    for node in live:
+        args = node.args
+        mod = None
+        if node.all_input_nodes == [prev] and args and args[0] is prev:
+            if node.op == "call_module":
+                mod = modules[node.target]
+            elif node.op in ("call_function", "call_method"):
+                mod = _activation(node.target, tuple(args[1:]), dict(node.kwargs))
+        if mod is None:
+            break
+        chain.append(mod)
+        prev = node
+    else:
+        return chain
+    # not a chain of known modules: one opaque map of the sub-graph
+    graph = fx.Graph()
+    env = {start: graph.placeholder("h")}
+    for node in live:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[end])
+    names = ", ".join(n.name for n in live)
+    return [_Segment(fx.GraphModule(gm, graph), f"{label}: {names}")]
+
