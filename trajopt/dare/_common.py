@@ -20,7 +20,6 @@ or torch's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -76,8 +75,12 @@ class _TorchOps:
 
     @staticmethod
     def ldexp(x, e):
-        """``x 2^e`` for a batch of exponents (power-of-two scaling: exact)."""
-        return x * torch.pow(2.0, e.to(x.dtype))[..., None, None]
+        """``x 2^e`` for a batch of exponents (power-of-two scaling: exact unless the
+        result is subnormal), as two factors so that each is a normal float for any
+        exponent frexp returns (|e| <= 1074 in float64)."""
+        e = e.to(x.dtype)[..., None, None]
+        half = torch.floor(e / 2)
+        return x * torch.pow(2.0, half) * torch.pow(2.0, e - half)
 
 
 class _NumpyOps:
@@ -236,8 +239,6 @@ def scale(d: DAREData) -> tuple[DAREData, Any]:
     for t in (d.R, d.S):
         if t is not None:
             e = o.where(o.frexp_max(t) > e, o.frexp_max(t), e)
-    lim = math.frexp(float(o.finfo(d.Q).max))[1] - 4  # 2^e and 2^-e stay normal floats
-    e = e.clip(-lim, lim)
 
     def sc(t):
         return None if t is None else o.ldexp(t, -e)

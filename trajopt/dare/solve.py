@@ -321,9 +321,9 @@ def solve_dare(
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
                       ConvergenceWarning, stacklevel=2)
-    elif method in ("scipy", "slycot"):
+    elif method != "auto":
         worst = float(res.max())
-        if not worst <= _INACCURATE.get(d.torch().A.dtype, 1.5e-8):
+        if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
                           "back end was inaccurate here): pass refine=2 or try another "
                           "method (\"auto\" compares them)", ConvergenceWarning,
