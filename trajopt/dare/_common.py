@@ -20,6 +20,7 @@ or torch's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,9 +70,15 @@ class _TorchOps:
         return torch.linalg.inv(x)
 
     @staticmethod
-    def frexp_max(x):
-        """The exponent e with ``max|x| = f 2^e``, f in [0.5, 1) (0 for a zero matrix)."""
-        return torch.frexp(x.abs().amax(dim=(-2, -1)))[1]
+    def absmax(x):
+        return x.abs().amax(dim=(-2, -1))
+
+    maximum = staticmethod(torch.maximum)
+
+    @staticmethod
+    def exponent(a):
+        """The exponent e with ``a = f 2^e``, f in [0.5, 1) (0 for a = 0)."""
+        return torch.frexp(a)[1]
 
     @staticmethod
     def ldexp(x, e):
@@ -84,7 +91,8 @@ class _TorchOps:
 
 
 class _NumpyOps:
-    """The same operations on numpy arrays (one unbatched float64 system)."""
+    """The same operations on numpy arrays (one unbatched float64 system: 2-D arrays,
+    scalar norms and exponents)."""
 
     solve = staticmethod(np.linalg.solve)
     isfinite = staticmethod(np.isfinite)
@@ -98,7 +106,7 @@ class _NumpyOps:
 
     @staticmethod
     def norm(x):
-        return np.linalg.norm(x, axis=(-2, -1))
+        return np.linalg.norm(x)  # Frobenius (2-D)
 
     @staticmethod
     def finfo(x):
@@ -106,15 +114,22 @@ class _NumpyOps:
 
     @staticmethod
     def allfinite(x):
-        return np.isfinite(x).all(axis=(-2, -1))
+        return np.isfinite(x).all()
 
     @staticmethod
-    def frexp_max(x):
-        return np.asarray(np.frexp(np.abs(x).max(axis=(-2, -1)))[1])
+    def absmax(x):
+        return float(np.abs(x).max())
+
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def exponent(a):
+        return math.frexp(a)[1]
 
     @staticmethod
     def ldexp(x, e):
-        return np.ldexp(x, np.asarray(e)[..., None, None])
+        # one exact multiplication while 2^e is a normal float, else numpy's ldexp
+        return x * math.ldexp(1.0, e) if abs(e) < 1000 else np.ldexp(x, e)
 
 
 def ops(x) -> type[_TorchOps] | type[_NumpyOps]:
@@ -235,10 +250,10 @@ def scale(d: DAREData) -> tuple[DAREData, Any]:
     bits of the relative residual as before.  Returns the scaled data and ``e`` (batch).
     """
     o = ops(d.A)
-    e = o.frexp_max(d.Q)
-    for t in (d.R, d.S):
-        if t is not None:
-            e = o.where(o.frexp_max(t) > e, o.frexp_max(t), e)
+    big = o.maximum(o.absmax(d.Q), o.absmax(d.R))
+    if d.S is not None:
+        big = o.maximum(big, o.absmax(d.S))
+    e = o.exponent(big)
 
     def sc(t):
         return None if t is None else o.ldexp(t, -e)

@@ -114,24 +114,24 @@ _SMALL_N = 32
 _INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
 
 
-def _small_single(d: DAREData) -> tuple[torch.Tensor, list[str]]:
+def _small_single(d: DAREData) -> tuple[Any, list[str], Any]:
     """One small CPU system: per-call overhead dominates, so scipy's pencil method (the
     drop-in reference, ~1 ms) is used and Newton-refined only when its residual is above
     a few ulps."""
     X = solve_scipy(d)
     used = ["scipy"]
-    res = float(relative_residual(d, X).max())
-    if res > 4 * _eps(X):
+    res = relative_residual(d, X)
+    if float(res.max()) > 4 * _eps(X):
         X2, res2 = newton_refine(d, X, steps=2)
         if X2 is not X:  # newton_refine returns X itself when no step lowered the residual
-            X, used, res = X2, ["scipy+newton"], float(res2.max())
-    if not res <= _accept_tol(X, d.n):
-        raise NumericalError(f"scipy's solution has relative residual {res:.1e}")
-    return X, used
+            X, used, res = X2, ["scipy+newton"], res2
+    if not float(res.max()) <= _accept_tol(X, d.n):
+        raise NumericalError(f"scipy's solution has relative residual {float(res.max()):.1e}")
+    return X, used, res
 
 
 def _auto(d: DAREData, tol: float | None, max_iter: int
-          ) -> tuple[DAREData, torch.Tensor, torch.Tensor | None, list[str]]:
+          ) -> tuple[DAREData, Any, torch.Tensor | None, list[str], Any]:
     """'auto': one small (n <= 32) CPU system goes through :func:`_small_single`.
     Otherwise doubling for the whole batch when R > 0 and E is well conditioned, then a
     per-element fallback to slycot (else scipy) where doubling did not converge to a
@@ -139,14 +139,15 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
     Newton-refined and, per element, the one with the smaller residual kept.
 
     Returns the data (as tensors once the torch solvers ran), X, the mask of elements
-    certified stabilizing by doubling (None: none) and the methods.
+    certified stabilizing by doubling (None: none), the methods and X's residual (None:
+    not known).
     """
     used: list[str] = []
     X = None
     if d.batch.numel() == 1 and (d.is_numpy or d.A.device.type == "cpu") and d.n <= _SMALL_N:
         try:
-            X, used = _small_single(d)
-            return d, X, None, used
+            X, used, res = _small_single(d)
+            return d, X, None, used, res
         except TrajoptError:
             pass  # doubling below may still succeed where the pencil method failed
     d = d.torch()
@@ -172,18 +173,18 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
         except TrajoptError:
             if X is None:
                 raise
-            return d, X, certified, used
+            return d, X, certified, used, None
         Xr, res_r = newton_refine(flat, Xr, steps=2)
         used.append(name)
         if X is None:
-            return d, Xr.reshape(*d.batch, d.n, d.n), certified, used
+            return d, Xr.reshape(*d.batch, d.n, d.n), certified, used, None
         Xf = X.reshape(-1, d.n, d.n).clone()
         cf = certified.reshape(-1).clone()
         take = (res_r < res.reshape(-1)[idx]) | ~cf[idx]
         Xf[idx] = torch.where(take[:, None, None], Xr, Xf[idx])
         cf[idx] = cf[idx] & ~take
         X, certified = Xf.reshape(*d.batch, d.n, d.n), cf.reshape(d.batch)
-    return d, X, certified, used
+    return d, X, certified, used, None
 
 
 def _numpy_single(named: dict[str, Any]) -> tuple[dict[str, Any], ArrayKind] | None:
@@ -299,9 +300,9 @@ def solve_dare(
         t, kind = as_tensors(named, sequences=False)
         d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     d, e = scale(d)  # solve with the cost scaled to O(1); P = 2^e X
-    certified = None
+    certified = res = None
     if method == "auto":
-        d, X, certified, used = _auto(d, tol, max_iter)
+        d, X, certified, used, res = _auto(d, tol, max_iter)
         refine = 0
     elif method == "doubling":
         X, certified = solve_doubling(d, tol=tol, max_iter=max_iter)
@@ -313,10 +314,10 @@ def solve_dare(
     label = ",".join(used)
     if refine:
         X0 = X
-        X, _ = newton_refine(d, X, steps=refine)
+        X, res = newton_refine(d, X, steps=refine)
         if X is not X0:  # newton_refine returns X itself when no step lowered the residual
             label += "+newton"
-    sol, res = _finish(d, X, certified, e, label, kind)  # raises if not stabilizing
+    sol, res = _finish(d, X, certified, e, label, kind, res)  # raises if not stabilizing
     if method == "doubling" and not bool(certified.all()):
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
@@ -332,9 +333,10 @@ def solve_dare(
 
 
 def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: str,
-            kind: ArrayKind) -> tuple[DARESolution, Any]:
+            kind: ArrayKind, res: Any = None) -> tuple[DARESolution, Any]:
     """Check finiteness and stability (eigenvalues only where doubling did not certify
-    it), undo the scaling ``P = 2^e X`` and package the result (and the residual)."""
+    it), undo the scaling ``P = 2^e X`` and package the result and the residual (``res``:
+    X's relative residual when the caller has it)."""
     o = ops(X)
     finite = o.allfinite(X)
     if not bool(finite.all()):
@@ -345,7 +347,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     eig = None
     if d.is_numpy:  # one system: its eigenvalues are the check (and the result's field)
         eig = closed_loop_eigvals(d, K)
-        rho = np.abs(eig).max()
+        rho = float(np.abs(eig).max())
         if not rho < margin:
             _raise_unstabilizable(d, np.asarray(True), "the solution found is not "
                                   f"stabilizing (closed-loop spectral radius {rho:.17g})")
@@ -370,15 +372,17 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                 _raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
                                       "stabilizing (closed-loop spectral radius "
                                       f"{float(rho.max()):.17g})")
-    res = relative_residual(d, X)
-    if not isinstance(e, type(X)):  # "auto" moved numpy data to torch
+    if res is None:
+        res = relative_residual(d, X)
+    if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
         e = torch.as_tensor(e, device=X.device)
     P = o.ldexp(X, e)
     if not bool(o.allfinite(P).all()):
         raise NumericalError(
             "the solution P overflows " + str(X.dtype).replace("torch.", "") + ": its "
             "scaled value is finite but Q, R (and S) are too large for it (largest "
-            f"entries ~2^{int(e.max())}); scale them down and multiply P back")
+            f"entries ~2^{int(torch.as_tensor(e).max())}); scale them down and multiply P "
+            "back")
 
     def eig_fn():
         return _out(kind, closed_loop_eigvals(d, K) if eig is None else eig)
