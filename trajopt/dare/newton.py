@@ -34,13 +34,14 @@ def _stein_smith(F, C, max_iter: int = 60):
     return 0.5 * (Y + o.T(Y))
 
 
-def newton_refine(d: DAREData, X, steps: int = 1):
+def newton_refine(d: DAREData, X, steps: int = 1, res=None):
     """Apply up to ``steps`` Newton steps, keeping per element only those that lower the
-    relative residual.  Returns the refined X (..., n, n) and its relative residual (...).
+    relative residual (``res``: X's, when the caller has it).  Returns the refined X
+    (..., n, n) and its relative residual (...); X itself when no step lowered it.
     """
     o = ops(X)
     best = X
-    best_res = relative_residual(d, X)
+    best_res = relative_residual(d, X) if res is None else res
     for _ in range(steps):
         K = gain(d, best)
         Acl = d.A + d.B @ K
