@@ -1,4 +1,4 @@
-r"""Shared pieces of the DARE solvers: argument checks, residual, gain, diagnostics.
+r"""Shared pieces of the DARE solvers: argument checks, scaling, residual, gain, diagnostics.
 
 The equation is scipy's ``solve_discrete_are`` form
 
@@ -10,12 +10,21 @@ The equation is scipy's ``solve_discrete_are`` form
 and the gain is returned in the DDP sign convention ``u = K x`` with
 :math:`K = -(R + B^\top X B)^{-1}(B^\top X A + S^\top)` (MATLAB's ``dlqr`` returns
 :math:`-K`).
+
+The data of one call is held either as torch tensors (any batch, dtype, device: the
+general case) or, for one small float64 system on the CPU, as numpy arrays (see
+``docs/dare.md``, "Per-call overhead"): the residual, gain, Newton step and stability
+check below are written once over :func:`ops`, a four-function namespace that is numpy's
+or torch's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
 from .._checks import (
@@ -25,25 +34,124 @@ from .._checks import (
     check_square,
     check_symmetric,
     shape_str,
+    symmetry_tol,
 )
 from .._linalg import batched_solve, sym
-from ..errors import ShapeError
+from ..errors import NonFiniteError, NotSymmetricError, ShapeError
+
+
+class _TorchOps:
+    """Array operations on (batched) torch tensors."""
+
+    solve = staticmethod(batched_solve)
+    isfinite = staticmethod(torch.isfinite)
+    where = staticmethod(torch.where)
+    eigvals = staticmethod(torch.linalg.eigvals)
+
+    @staticmethod
+    def T(x):
+        return x.transpose(-1, -2)
+
+    @staticmethod
+    def norm(x):
+        """Frobenius norm over the last two dimensions."""
+        return torch.linalg.matrix_norm(x)
+
+    @staticmethod
+    def finfo(x):
+        return torch.finfo(x.dtype)
+
+    @staticmethod
+    def allfinite(x):
+        return torch.isfinite(x).all(dim=(-2, -1))
+
+    @staticmethod
+    def inv(x):
+        return torch.linalg.inv(x)
+
+    @staticmethod
+    def absmax(x):
+        return x.abs().amax(dim=(-2, -1))
+
+    maximum = staticmethod(torch.maximum)
+
+    @staticmethod
+    def exponent(a):
+        """The exponent e with ``a = f 2^e``, f in [0.5, 1) (0 for a = 0)."""
+        return torch.frexp(a)[1]
+
+    @staticmethod
+    def ldexp(x, e):
+        """``x 2^e`` for a batch of exponents (power-of-two scaling: exact unless the
+        result is subnormal), as two factors so that each is a normal float for any
+        exponent frexp returns (|e| <= 1074 in float64)."""
+        e = e.to(x.dtype)[..., None, None]
+        half = torch.floor(e / 2)
+        return x * torch.pow(2.0, half) * torch.pow(2.0, e - half)
+
+
+class _NumpyOps:
+    """The same operations on numpy arrays (one unbatched float64 system: 2-D arrays,
+    scalar norms and exponents)."""
+
+    solve = staticmethod(np.linalg.solve)
+    isfinite = staticmethod(np.isfinite)
+    where = staticmethod(np.where)
+    eigvals = staticmethod(np.linalg.eigvals)
+    inv = staticmethod(np.linalg.inv)
+
+    @staticmethod
+    def T(x):
+        return np.swapaxes(x, -1, -2)
+
+    @staticmethod
+    def norm(x):
+        return np.linalg.norm(x)  # Frobenius (2-D)
+
+    @staticmethod
+    def finfo(x):
+        return np.finfo(x.dtype)
+
+    @staticmethod
+    def allfinite(x):
+        return np.isfinite(x).all()
+
+    @staticmethod
+    def absmax(x):
+        return float(np.abs(x).max())
+
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def exponent(a):
+        return math.frexp(a)[1]
+
+    @staticmethod
+    def ldexp(x, e):
+        # one exact multiplication while 2^e is a normal float, else numpy's ldexp
+        return x * math.ldexp(1.0, e) if abs(e) < 1000 else np.ldexp(x, e)
+
+
+def ops(x) -> type[_TorchOps] | type[_NumpyOps]:
+    """The operations for ``x``'s array type."""
+    return _NumpyOps if isinstance(x, np.ndarray) else _TorchOps
 
 
 @dataclass(frozen=True)
 class DAREData:
-    """Validated, broadcast DARE data as tensors (batch shape ``batch``)."""
+    """Validated, broadcast DARE data (batch shape ``batch``): torch tensors, or numpy
+    arrays for one unbatched float64 system (:func:`prepare_numpy`)."""
 
-    A: torch.Tensor
-    B: torch.Tensor
-    Q: torch.Tensor
-    R: torch.Tensor
-    E: torch.Tensor | None
-    S: torch.Tensor | None
+    A: Any
+    B: Any
+    Q: Any
+    R: Any
+    E: Any | None
+    S: Any | None
 
     @property
     def batch(self) -> torch.Size:
-        return self.A.shape[:-2]
+        return torch.Size(self.A.shape[:-2])
 
     @property
     def n(self) -> int:
@@ -52,6 +160,20 @@ class DAREData:
     @property
     def m(self) -> int:
         return self.B.shape[-1]
+
+    @property
+    def is_numpy(self) -> bool:
+        return isinstance(self.A, np.ndarray)
+
+    def torch(self) -> DAREData:
+        """The same data as float64 CPU tensors (identity for tensor data)."""
+        if not self.is_numpy:
+            return self
+
+        def conv(t):
+            return None if t is None else torch.from_numpy(t)
+        return DAREData(conv(self.A), conv(self.B), conv(self.Q), conv(self.R),
+                        conv(self.E), conv(self.S))
 
     def subset(self, index) -> DAREData:
         """The elements ``index`` (a list or mask over the flattened batch), as a flat
@@ -69,8 +191,8 @@ class DAREData:
                         pick(self.E), pick(self.S))
 
 
-def prepare(A, B, Q, R, E, S) -> DAREData:
-    """Check shapes, finiteness and symmetry; broadcast all batch dimensions."""
+def _check_shapes(A, B, Q, R, E, S) -> None:
+    """Shape checks (they read only ``.ndim`` and ``.shape``: numpy or torch)."""
     n = check_square(A, "A")
     check_matrix(B, "B", n, None)
     m = B.shape[-1]
@@ -82,6 +204,11 @@ def prepare(A, B, Q, R, E, S) -> DAREData:
         check_square(E, "E", n)
     if S is not None:
         check_matrix(S, "S", n, m)
+
+
+def prepare(A, B, Q, R, E, S) -> DAREData:
+    """Check shapes, finiteness and symmetry; broadcast all batch dimensions."""
+    _check_shapes(A, B, Q, R, E, S)
     named = {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}
     for name, t in named.items():
         if t is not None:
@@ -95,62 +222,106 @@ def prepare(A, B, Q, R, E, S) -> DAREData:
     return DAREData(bc(A), bc(B), sym(bc(Q)), sym(bc(R)), bc(E), bc(S))
 
 
-def gain(d: DAREData, X: torch.Tensor) -> torch.Tensor:
+def prepare_numpy(A, B, Q, R, E, S) -> DAREData:
+    """:func:`prepare` for one unbatched system given as 2-D float64 numpy arrays: the
+    same checks, with the same messages, without the torch round trip."""
+    _check_shapes(A, B, Q, R, E, S)
+    for name, t in {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}.items():
+        if t is not None and not np.isfinite(t).all():
+            raise NonFiniteError(f"{name} contains NaN or infinity (shape {shape_str(t)})")
+    for name, t in (("Q", Q), ("R", R)):
+        asym = float(np.abs(t - t.T).max())
+        scale = max(float(np.abs(t).max()), np.finfo(np.float64).tiny)
+        if asym > symmetry_tol(torch.float64) * scale:
+            raise NotSymmetricError(
+                f"{name} must be symmetric; relative asymmetry {asym / scale:.2e} "
+                f"(shape {shape_str(t)})")
+    return DAREData(A, B, 0.5 * (Q + Q.T), 0.5 * (R + R.T), E, S)
+
+
+def scale(d: DAREData) -> tuple[DAREData, Any]:
+    r"""Scale the cost ``(Q, R, S)`` of every element by the power of two ``2^-e`` that
+    brings its largest entry into [0.5, 1).
+
+    The stabilizing solution scales with the cost, :math:`X(cQ, cR, cS) = c X(Q, R, S)`,
+    and the gain does not change, so the scaled problem (whose entries are O(1) where
+    products of the data cannot overflow or underflow) is solved and its solution
+    multiplied by ``2^e``.  Power-of-two scaling is exact: ordinary data give the same
+    bits of the relative residual as before.  Returns the scaled data and ``e`` (batch).
+    """
+    o = ops(d.A)
+    big = o.maximum(o.absmax(d.Q), o.absmax(d.R))
+    if d.S is not None:
+        big = o.maximum(big, o.absmax(d.S))
+    e = o.exponent(big)
+
+    def sc(t):
+        return None if t is None else o.ldexp(t, -e)
+    return replace(d, Q=sc(d.Q), R=sc(d.R), S=sc(d.S)), e
+
+
+def gain(d: DAREData, X):
     """``K = -(R + B'XB)^{-1} (B'XA + S')`` (..., m, n)."""
-    BtX = d.B.transpose(-1, -2) @ X
-    G = sym(d.R + BtX @ d.B)
+    o = ops(X)
+    BtX = o.T(d.B) @ X
+    G = d.R + BtX @ d.B
+    G = 0.5 * (G + o.T(G))
     H = BtX @ d.A
     if d.S is not None:
-        H = H + d.S.transpose(-1, -2)
-    return -batched_solve(G, H)
+        H = H + o.T(d.S)
+    return -o.solve(G, H)
 
 
-def residual_matrix(d: DAREData, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_matrix(d: DAREData, X):
     """The Riccati residual and the sum of the norms of its terms (for scaling)."""
-    At = d.A.transpose(-1, -2)
-    AXA = At @ X @ d.A
-    EXE = X if d.E is None else d.E.transpose(-1, -2) @ X @ d.E
-    H = d.B.transpose(-1, -2) @ X @ d.A
+    o = ops(X)
+    AXA = o.T(d.A) @ X @ d.A
+    EXE = X if d.E is None else o.T(d.E) @ X @ d.E
+    H = o.T(d.B) @ X @ d.A
     if d.S is not None:
-        H = H + d.S.transpose(-1, -2)
-    G = sym(d.R + d.B.transpose(-1, -2) @ X @ d.B)
-    corr = H.transpose(-1, -2) @ batched_solve(G, H)
-    res = sym(AXA - EXE - corr + d.Q)
+        H = H + o.T(d.S)
+    G = d.R + o.T(d.B) @ X @ d.B
+    G = 0.5 * (G + o.T(G))
+    corr = o.T(H) @ o.solve(G, H)
+    res = AXA - EXE - corr + d.Q
+    res = 0.5 * (res + o.T(res))
+    scale_ = o.norm(AXA) + o.norm(EXE) + o.norm(corr) + o.norm(d.Q)
+    return res, scale_
 
-    def nrm(t):
-        return torch.linalg.matrix_norm(t)
-    scale = nrm(AXA) + nrm(EXE) + nrm(corr) + nrm(d.Q)
-    return res, scale
 
-
-def relative_residual(d: DAREData, X: torch.Tensor) -> torch.Tensor:
+def relative_residual(d: DAREData, X):
     r"""``||Ric(X)||_F / (||A'XA||_F + ||E'XE||_F + ||(..)G^{-1}(..)||_F + ||Q||_F)``.
 
-    NaN-free: a non-finite X gives ``inf``.
+    NaN-free: a non-finite X gives ``inf``.  Scale-invariant: solvers evaluate it on the
+    scaled problem (:func:`scale`), where its terms cannot overflow.
     """
-    res, scale = residual_matrix(d, X)
-    rel = torch.linalg.matrix_norm(res) / scale.clamp_min(torch.finfo(X.dtype).tiny)
-    return torch.where(torch.isfinite(rel), rel, torch.full_like(rel, float("inf")))
+    o = ops(X)
+    res, scale_ = residual_matrix(d, X)
+    tiny = o.finfo(X).tiny
+    rel = o.norm(res) / o.where(scale_ > tiny, scale_, tiny)
+    return o.where(o.isfinite(rel), rel, float("inf"))
 
 
-def closed_loop_eigvals(d: DAREData, K: torch.Tensor) -> torch.Tensor:
+def closed_loop_eigvals(d: DAREData, K):
     """Eigenvalues of the pencil ``(A + BK, E)`` (..., n), complex."""
+    o = ops(K)
     Acl = d.A + d.B @ K
     if d.E is not None:
-        Acl = batched_solve(d.E, Acl)
-    return torch.linalg.eigvals(Acl)
+        Acl = o.solve(d.E, Acl)
+    return o.eigvals(Acl)
 
 
 def uncontrollable_unstable_mode(d: DAREData) -> complex | None:
     """PBH test on one (unbatched) system: an eigenvalue ``|lambda| >= 1`` of (A, E) at
     which ``[A - lambda E, B]`` loses rank, or None."""
+    d = d.torch()
     A = d.A.to(torch.complex128)
     E = torch.eye(d.n, dtype=A.dtype, device=A.device) if d.E is None else d.E.to(A.dtype)
     lam = torch.linalg.eigvals(torch.linalg.solve(E, A))
     Bc = d.B.to(A.dtype)
-    scale = max(float(torch.linalg.matrix_norm(A, 2)), float(torch.linalg.matrix_norm(Bc, 2)),
-                1e-300)
-    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps * scale
+    scale_ = max(float(torch.linalg.matrix_norm(A, 2)), float(torch.linalg.matrix_norm(Bc, 2)),
+                 1e-300)
+    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps * scale_
     for lv in lam.tolist():
         if abs(lv) < 1 - 1e-10:
             continue

@@ -1,6 +1,6 @@
 """Wrappers of the reference DARE solvers: scipy (QZ on the extended symplectic pencil)
 and slycot (SLICOT SB02OD / SG02AD, generalized Schur).  Both loop over batch elements
-on the CPU in float64."""
+on the CPU in float64; numpy data (one system, see ``_common``) is passed through."""
 
 from __future__ import annotations
 
@@ -72,15 +72,19 @@ def _slycot_raw(A, B, Q, R, E, S):
     return X
 
 
-def solve_scipy(d: DAREData) -> torch.Tensor:
-    """``scipy.linalg.solve_discrete_are`` element by element."""
+def solve_scipy(d: DAREData):
+    """``scipy.linalg.solve_discrete_are`` element by element (numpy data: one call)."""
+    if d.is_numpy:
+        return _scipy_one(d.A, d.B, d.Q, d.R, d.E, d.S)
     return _loop(d, _scipy_one)
 
 
-def solve_slycot(d: DAREData) -> torch.Tensor:
+def solve_slycot(d: DAREData):
     """SLICOT SB02OD (E = I) or SG02AD (general E) element by element."""
     if not slycot_available():
         raise SolverUnavailableError(
             "method='slycot' needs the optional slycot package (GPL-2.0): "
             "pip install 'trajopt-nnbridge[slycot]'")
+    if d.is_numpy:
+        return _slycot_one(d.A, d.B, d.Q, d.R, d.E, d.S)
     return _loop(d, _slycot_one)

@@ -106,9 +106,13 @@ def _iterate(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: float, max_
         W = torch.baddbmm(eye, G, H) if G.ndim == 3 else eye + G @ H
         sol = batched_solve(W, torch.cat([A, G], dim=-1))
         WA, WG = sol[..., :n], sol[..., n:]
-        At = A.transpose(-1, -2)
-        H_new = sym(H + At @ (H @ WA))
-        G = sym(G + (A @ WG) @ At)
+        # a contiguous A' (a product with a transposed right operand is ~3x slower on
+        # the CPU) and in-place symmetrization: fewer passes over the batch
+        At = A.transpose(-1, -2).contiguous()
+        H_new = H + At @ (H @ WA)
+        H_new = torch.add(H_new, H_new.transpose(-1, -2)).mul_(0.5)
+        G = G + (A @ WG) @ At
+        G = torch.add(G, G.transpose(-1, -2)).mul_(0.5)
         A = A @ WA
         change = torch.linalg.matrix_norm(H_new - H)
         H = H_new

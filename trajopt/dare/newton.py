@@ -15,47 +15,48 @@ when :math:`A_c` is stable, i.e. when :math:`X` is near the stabilizing solution
 
 from __future__ import annotations
 
-import torch
-
-from .._linalg import sym
-from ._common import DAREData, gain, relative_residual, residual_matrix
+from ._common import DAREData, gain, ops, relative_residual, residual_matrix
 
 
-def _stein_smith(F: torch.Tensor, C: torch.Tensor, max_iter: int = 60) -> torch.Tensor:
-    """Solve ``F' Y F - Y + C = 0`` for stable F by squared Smith doubling."""
+def _stein_smith(F, C, max_iter: int = 60):
+    """Solve ``F' Y F - Y + C = 0`` for stable F by squared Smith doubling (numpy or
+    torch, batched)."""
+    o = ops(C)
     Y = C
-    eps = torch.finfo(C.dtype).eps
+    eps = o.finfo(C).eps
     for _ in range(max_iter):
-        inc = F.transpose(-1, -2) @ Y @ F
+        inc = o.T(F) @ Y @ F
         Y = Y + inc
         F = F @ F
-        small = torch.linalg.matrix_norm(inc) <= eps * torch.linalg.matrix_norm(Y)
-        if bool((small | ~torch.isfinite(Y).all(dim=(-2, -1))).all()):
+        small = o.norm(inc) <= eps * o.norm(Y)
+        if bool((small | ~o.allfinite(Y)).all()):
             break
-    return sym(Y)
+    return 0.5 * (Y + o.T(Y))
 
 
-def newton_refine(d: DAREData, X: torch.Tensor, steps: int = 1
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def newton_refine(d: DAREData, X, steps: int = 1, res=None):
     """Apply up to ``steps`` Newton steps, keeping per element only those that lower the
-    relative residual.  Returns the refined X (..., n, n) and its relative residual (...).
+    relative residual (``res``: X's, when the caller has it).  Returns the refined X
+    (..., n, n) and its relative residual (...); X itself when no step lowered it.
     """
+    o = ops(X)
     best = X
-    best_res = relative_residual(d, X)
+    best_res = relative_residual(d, X) if res is None else res
     for _ in range(steps):
         K = gain(d, best)
         Acl = d.A + d.B @ K
-        F = Acl if d.E is None else torch.linalg.solve(d.E, Acl)
+        F = Acl if d.E is None else o.solve(d.E, Acl)
         res, _ = residual_matrix(d, best)
         Dt = _stein_smith(F, res)
         if d.E is not None:
-            Einv_t = torch.linalg.inv(d.E).transpose(-1, -2)
-            Dt = Einv_t @ Dt @ Einv_t.transpose(-1, -2)
-        cand = sym(best + Dt)
+            Einv_t = o.T(o.inv(d.E))
+            Dt = Einv_t @ Dt @ o.T(Einv_t)
+        cand = best + Dt
+        cand = 0.5 * (cand + o.T(cand))
         cand_res = relative_residual(d, cand)
         better = cand_res < best_res
         if not bool(better.any()):
             break
-        best = torch.where(better[..., None, None], cand, best)
-        best_res = torch.where(better, cand_res, best_res)
+        best = o.where(better[..., None, None], cand, best)
+        best_res = o.where(better, cand_res, best_res)
     return best, best_res

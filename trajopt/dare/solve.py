@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 
-from .._arrays import as_tensors
+from .._arrays import ArrayKind, as_tensors, infer_kind
 from .._linalg import sym
 from ..errors import (
     ConvergenceWarning,
@@ -23,8 +24,11 @@ from ._common import (
     DAREData,
     closed_loop_eigvals,
     gain,
+    ops,
     prepare,
+    prepare_numpy,
     relative_residual,
+    scale,
     uncontrollable_unstable_mode,
 )
 from .backends import slycot_available, solve_scipy, solve_slycot
@@ -69,9 +73,14 @@ class DARESolution:
         return self._eigvals()
 
 
-def _accept_tol(dtype: torch.dtype, n: int) -> float:
-    """Residual below which 'auto' accepts a doubling result without a fallback."""
-    return 1e3 * n * torch.finfo(dtype).eps
+def _eps(X) -> float:
+    return float(ops(X).finfo(X).eps)
+
+
+def _accept_tol(X, n: int) -> float:
+    """Residual below which 'auto' accepts a result without a fallback (X: the solution,
+    for its dtype)."""
+    return 1e3 * n * _eps(X)
 
 
 def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
@@ -86,7 +95,7 @@ def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
             X = None
         if X is not None:
             res = relative_residual(d, X)
-            if bool((res <= _accept_tol(d.A.dtype, d.n)).all()):
+            if bool((res <= _accept_tol(X, d.n)).all()):
                 return X, "slycot"
             try:
                 Xs = solve_scipy(d)
@@ -95,7 +104,7 @@ def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
             better = relative_residual(d, Xs) < res
             if not bool(better.any()):
                 return X, "slycot"
-            return torch.where(better[..., None, None], Xs, X), "slycot,scipy"
+            return ops(X).where(better[..., None, None], Xs, X), "slycot,scipy"
     return solve_scipy(d), "scipy"
 
 
@@ -105,42 +114,67 @@ _SMALL_N = 32
 _INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
 
 
-def _small_single(d: DAREData) -> tuple[torch.Tensor, list[str]]:
+def _polish(d: DAREData, X: Any, res: Any, only: Any = None) -> tuple[Any, Any, bool]:
+    """Two Newton steps on the elements (of ``only``, default all) whose relative
+    residual ``res`` is above 4 eps; each step is kept per element only where it lowers
+    the residual, so the result is never worse than X.  Elements already at rounding
+    level are left alone (a Newton step costs more than the doubling iteration).
+    Returns X, its residual and whether any step was kept."""
+    need = res > 4 * _eps(X)
+    if only is not None:
+        need = need & only
+    if not bool(need.any()):
+        return X, res, False
+    if d.is_numpy or bool(need.all()):
+        X2, res2 = newton_refine(d, X, steps=2, res=res)
+        return X2, res2, X2 is not X  # newton_refine returns X itself when no step helped
+    idx = torch.nonzero(need.reshape(-1)).flatten()
+    flat = X.reshape(-1, d.n, d.n)
+    sub = flat[idx]
+    X2, res2 = newton_refine(d.subset(idx), sub, steps=2, res=res.reshape(-1)[idx])
+    if X2 is sub:
+        return X, res, False
+    flat = flat.clone()
+    flat[idx] = X2
+    res = res.reshape(-1).clone()
+    res[idx] = res2
+    return flat.reshape(X.shape), res.reshape(X.shape[:-2]), True
+
+
+def _small_single(d: DAREData) -> tuple[Any, list[str], Any]:
     """One small CPU system: per-call overhead dominates, so scipy's pencil method (the
-    drop-in reference, ~1 ms) is used and Newton-refined only when its residual is above
-    a few ulps."""
+    drop-in reference, ~0.5 ms) is used and Newton-refined only when its residual is
+    above 4 eps (:func:`_polish`)."""
     X = solve_scipy(d)
-    used = ["scipy"]
-    res = float(relative_residual(d, X).max())
-    if res > 4 * torch.finfo(X.dtype).eps:
-        X2, res2 = newton_refine(d, X, steps=2)
-        if not torch.equal(X2, X):
-            X, used, res = X2, ["scipy+newton"], float(res2.max())
-    if not res <= _accept_tol(d.A.dtype, d.n):
-        raise NumericalError(f"scipy's solution has relative residual {res:.1e}")
-    return X, used
+    X, res, refined = _polish(d, X, relative_residual(d, X))
+    if not float(res.max()) <= _accept_tol(X, d.n):
+        raise NumericalError(f"scipy's solution has relative residual {float(res.max()):.1e}")
+    return X, ["scipy+newton" if refined else "scipy"], res
 
 
 def _auto(d: DAREData, tol: float | None, max_iter: int
-          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+          ) -> tuple[DAREData, Any, torch.Tensor | None, list[str], Any]:
     """'auto': one small (n <= 32) CPU system goes through :func:`_small_single`.
     Otherwise doubling for the whole batch when R > 0 and E is well conditioned, then a
     per-element fallback to slycot (else scipy) where doubling did not converge to a
-    certified stabilizing solution or is not accurate; every candidate is
-    Newton-refined and, per element, the one with the smaller residual kept.
+    certified stabilizing solution or is not accurate; every candidate above 4 eps is
+    Newton-refined (:func:`_polish`) and, per element, the one with the smaller residual
+    kept.
 
-    Returns X, the mask of elements certified stabilizing by doubling, and the methods.
+    Returns the data (as tensors once the torch solvers ran), X, the mask of elements
+    certified stabilizing by doubling (None: none), the methods and X's residual.
     """
     used: list[str] = []
     X = None
-    certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
-    eps = torch.finfo(d.A.dtype).eps
-    if d.batch.numel() == 1 and d.A.device.type == "cpu" and d.n <= _SMALL_N:
+    if d.batch.numel() == 1 and (d.is_numpy or d.A.device.type == "cpu") and d.n <= _SMALL_N:
         try:
-            X, used = _small_single(d)
-            return X, certified, used
+            X, used, res = _small_single(d)
+            return d, X, None, used, res
         except TrajoptError:
             pass  # doubling below may still succeed where the pencil method failed
+    d = d.torch()
+    certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
+    eps = torch.finfo(d.A.dtype).eps
     if d.E is None or bool((torch.linalg.cond(d.E) < 1.0 / eps ** 0.5).all()):
         try:
             X, certified = solve_doubling(d, tol=tol, max_iter=max_iter)
@@ -150,9 +184,9 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
     if X is None:
         bad = torch.ones(d.batch, dtype=torch.bool, device=d.A.device)
     else:
-        Xs = torch.where(certified[..., None, None], X, torch.zeros_like(X))
-        X, res = newton_refine(d, Xs, steps=2)
-        bad = ~certified | (res > _accept_tol(d.A.dtype, d.n))
+        X = torch.where(certified[..., None, None], X, torch.zeros_like(X))
+        X, res, _ = _polish(d, X, relative_residual(d, X), only=certified)
+        bad = ~certified | (res > _accept_tol(X, d.n))
     if bool(bad.any()):
         idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
         flat = d.subset(idx)
@@ -161,18 +195,62 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
         except TrajoptError:
             if X is None:
                 raise
-            return X, certified, used
-        Xr, res_r = newton_refine(flat, Xr, steps=2)
+            return d, X, certified, used, res
+        Xr, res_r, _ = _polish(flat, Xr, relative_residual(flat, Xr))
         used.append(name)
         if X is None:
-            return Xr.reshape(*d.batch, d.n, d.n), certified, used
+            return (d, Xr.reshape(*d.batch, d.n, d.n), certified, used,
+                    res_r.reshape(d.batch))
         Xf = X.reshape(-1, d.n, d.n).clone()
+        rf = res.reshape(-1).clone()
         cf = certified.reshape(-1).clone()
-        take = (res_r < res.reshape(-1)[idx]) | ~cf[idx]
+        take = (res_r < rf[idx]) | ~cf[idx]
         Xf[idx] = torch.where(take[:, None, None], Xr, Xf[idx])
+        rf[idx] = torch.where(take, res_r, rf[idx])
         cf[idx] = cf[idx] & ~take
         X, certified = Xf.reshape(*d.batch, d.n, d.n), cf.reshape(d.batch)
-    return X, certified, used
+        res = rf.reshape(d.batch)
+    return d, X, certified, used, res
+
+
+def _numpy_single(named: dict[str, Any]) -> tuple[dict[str, Any], ArrayKind] | None:
+    """The arguments as 2-D float64 numpy arrays when they are one small float64 CPU
+    system (numpy arrays, nested lists, or CPU float64 tensors without gradient), else
+    None (the general torch path, which also names every bad input)."""
+    kind = infer_kind(*named.values())
+    if not (kind.numpy or (kind.dtype == torch.float64 and kind.device.type == "cpu")):
+        return None
+    out: dict[str, Any] = {}
+    for name, v in named.items():
+        if v is None:
+            out[name] = None
+            continue
+        if isinstance(v, torch.Tensor):
+            if v.dtype != torch.float64 or v.device.type != "cpu" or v.requires_grad:
+                return None
+            a = v.resolve_conj().resolve_neg().numpy()
+        else:
+            try:
+                a = np.asarray(v)
+            except (TypeError, ValueError):
+                return None
+            if a.dtype.kind not in "biuf":
+                return None
+            a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.ndim != 2:
+            return None
+        out[name] = a
+    if out["A"].shape[-1] > _SMALL_N:
+        return None
+    return out, kind
+
+
+def _out(kind: ArrayKind, x: Any) -> Any:
+    """A result in the caller's array type (numpy results of the numpy path included)."""
+    if isinstance(x, torch.Tensor):
+        return kind.out(x)
+    x = np.asarray(x)
+    return x if kind.numpy else torch.from_numpy(x).to(kind.device)
 
 
 def solve_dare(
@@ -239,11 +317,18 @@ def solve_dare(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}, sequences=False)
-    d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
-    certified = torch.zeros(d.batch, dtype=torch.bool, device=d.A.device)
+    named = {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}
+    single = _numpy_single(named) if method == "auto" else None
+    if single is not None:  # one small float64 system: numpy throughout (docs/dare.md)
+        a, kind = single
+        d = prepare_numpy(a["A"], a["B"], a["Q"], a["R"], a["E"], a["S"])
+    else:
+        t, kind = as_tensors(named, sequences=False)
+        d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    d, e = scale(d)  # solve with the cost scaled to O(1); P = 2^e X
+    certified = res = None
     if method == "auto":
-        X, certified, used = _auto(d, tol, max_iter)
+        d, X, certified, used, res = _auto(d, tol, max_iter)
         refine = 0
     elif method == "doubling":
         X, certified = solve_doubling(d, tol=tol, max_iter=max_iter)
@@ -255,16 +340,16 @@ def solve_dare(
     label = ",".join(used)
     if refine:
         X0 = X
-        X, _ = newton_refine(d, X, steps=refine)
-        if not torch.equal(X, X0):
+        X, res = newton_refine(d, X, steps=refine)
+        if X is not X0:  # newton_refine returns X itself when no step lowered the residual
             label += "+newton"
-    sol = _finish(d, X, certified, label, kind)  # raises if not stabilizing
+    sol, res = _finish(d, X, certified, e, label, kind, res)  # raises if not stabilizing
     if method == "doubling" and not bool(certified.all()):
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
                       ConvergenceWarning, stacklevel=2)
-    elif method in ("scipy", "slycot"):
-        worst = float(relative_residual(d, X).max())
+    elif method != "auto":
+        worst = float(res.max())
         if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
                           "back end was inaccurate here): pass refine=2 or try another "
@@ -273,36 +358,63 @@ def solve_dare(
     return sol
 
 
-def _finish(d: DAREData, X: torch.Tensor, certified: torch.Tensor, label: str, kind
-            ) -> DARESolution:
+def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: str,
+            kind: ArrayKind, res: Any = None) -> tuple[DARESolution, Any]:
     """Check finiteness and stability (eigenvalues only where doubling did not certify
-    it) and package the result."""
-    finite = torch.isfinite(X).all(dim=(-2, -1))
+    it), undo the scaling ``P = 2^e X`` and package the result and the residual (``res``:
+    X's relative residual when the caller has it)."""
+    o = ops(X)
+    finite = o.allfinite(X)
     if not bool(finite.all()):
         _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     K = gain(d, X)
-    # doubling's certificate (A_k -> 0) is fooled by an undamped rotation that Q does not
-    # weigh (repeated squaring decays under rounding): it stands only where the
-    # Lyapunov certificate holds too; the other elements get the eigenvalue check
-    unchecked = ~certified
-    if bool(certified.any()):
-        unchecked = unchecked | (certified & ~_lyapunov_certificate(d, X, K))
-    if bool(unchecked.any()):
-        flat = unchecked.reshape(-1)
-        sub = d.subset(flat)
-        rho_sub = closed_loop_eigvals(sub, K.reshape(-1, *K.shape[-2:])[flat]).abs().amax(-1)
-        rho = torch.zeros(flat.shape, dtype=X.dtype, device=X.device)
-        rho[flat] = rho_sub
-        rho = rho.reshape(d.batch)
-        # a radius within rounding of 1 is a unit-circle mode, not a stable one
-        margin = 1.0 - 1000 * d.n * torch.finfo(X.dtype).eps
-        if not bool((rho < margin).all()):
-            _raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
-                                  "stabilizing (closed-loop spectral radius "
-                                  f"{float(rho.max()):.17g})")
-    res = relative_residual(d, X)
-    return DARESolution(P=kind.out(X), K=kind.out(K), residual=kind.out(res), method=label,
-                        _eigvals=lambda: kind.out(closed_loop_eigvals(d, K)))
+    # a radius within rounding of 1 is a unit-circle mode, not a stable one
+    margin = 1.0 - 1000 * d.n * _eps(X)
+    eig = None
+    if d.is_numpy:  # one system: its eigenvalues are the check (and the result's field)
+        eig = closed_loop_eigvals(d, K)
+        rho = float(np.abs(eig).max())
+        if not rho < margin:
+            _raise_unstabilizable(d, np.asarray(True), "the solution found is not "
+                                  f"stabilizing (closed-loop spectral radius {rho:.17g})")
+    else:
+        if certified is None:
+            certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
+        # doubling's certificate (A_k -> 0) is fooled by an undamped rotation that Q does
+        # not weigh (repeated squaring decays under rounding): it stands only where the
+        # Lyapunov certificate holds too; the other elements get the eigenvalue check
+        unchecked = ~certified
+        if bool(certified.any()):
+            unchecked = unchecked | (certified & ~_lyapunov_certificate(d, X, K))
+        if bool(unchecked.any()):
+            flat = unchecked.reshape(-1)
+            sub = d.subset(flat)
+            rho_sub = closed_loop_eigvals(sub, K.reshape(-1, *K.shape[-2:])[flat]
+                                          ).abs().amax(-1)
+            rho = torch.zeros(flat.shape, dtype=X.dtype, device=X.device)
+            rho[flat] = rho_sub
+            rho = rho.reshape(d.batch)
+            if not bool((rho < margin).all()):
+                _raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
+                                      "stabilizing (closed-loop spectral radius "
+                                      f"{float(rho.max()):.17g})")
+    if res is None:
+        res = relative_residual(d, X)
+    if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
+        e = torch.as_tensor(e, device=X.device)
+    P = o.ldexp(X, e)
+    if not bool(o.allfinite(P).all()):
+        raise NumericalError(
+            "the solution P overflows " + str(X.dtype).replace("torch.", "") + ": its "
+            "scaled value is finite but Q, R (and S) are too large for it (largest "
+            f"entries ~2^{int(torch.as_tensor(e).max())}); scale them down and multiply P "
+            "back")
+
+    def eig_fn():
+        return _out(kind, closed_loop_eigvals(d, K) if eig is None else eig)
+    sol = DARESolution(P=_out(kind, P), K=_out(kind, K), residual=_out(kind, res),
+                       method=label, _eigvals=eig_fn)
+    return sol, res
 
 
 def _lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""issue "Nothing silent" #7: solve_dare at extreme scales of the cost.
+
+``X(cQ, cR, cS) = c X(Q, R, S)`` and ``K`` does not change, so every method must return
+``c`` times scipy's unit-scale solution, with a finite, small residual and no warning.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+from tests._hypothesis import examples
+from trajopt.dare.backends import slycot_available
+from trajopt.errors import NotStabilizableError, NumericalError, TrajoptError
+
+METHODS = ["scipy", "doubling", "auto"] + (["slycot"] if slycot_available() else [])
+
+
+def unstable_system(seed, n=4, m=2, with_s=False):
+    """Random A with spectral radius 1.3 (open-loop unstable), random B, Q = I, R = I."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n))
+    A *= 1.3 / np.abs(np.linalg.eigvals(A)).max()
+    B = rng.normal(size=(n, m))
+    S = 0.1 * rng.normal(size=(n, m)) if with_s else None
+    return A, B, np.eye(n), np.eye(m), S
+
+
+def solve_all(A, B, Q, R, S):
+    """Every way of calling solve_dare: each method, Newton refinement, and batches."""
+    out = {m: trajopt.solve_dare(A, B, Q, R, S=S, method=m) for m in METHODS}
+    out["scipy+refine"] = trajopt.solve_dare(A, B, Q, R, S=S, method="scipy", refine=2)
+    out["doubling+refine"] = trajopt.solve_dare(A, B, Q, R, S=S, method="doubling",
+                                                refine=2)
+    for m in ("auto", "doubling"):
+        sol = trajopt.solve_dare(np.stack([A, A, A]), B, Q, R, S=S, method=m)
+        out[f"batched {m}"] = sol
+    t = [None if v is None else torch.tensor(v) for v in (A, B, Q, R, S)]
+    out["auto torch"] = trajopt.solve_dare(t[0], t[1], t[2], t[3], S=t[4])
+    return out
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(exponent=st.integers(-250, 250), seed=st.integers(0, 2**31 - 1),
+       with_s=st.booleans())
+def test_every_method_is_exact_at_any_scale_of_the_cost(exponent, seed, with_s):
+    A, B, Q, R, S = unstable_system(seed, with_s=with_s)
+    P1 = scipy.linalg.solve_discrete_are(A, B, Q, R, s=S)
+    K1 = -np.linalg.solve(R + B.T @ P1 @ B, B.T @ P1 @ A + (0 if S is None else S.T))
+    c = 10.0 ** exponent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning, no numpy RuntimeWarning
+        sols = solve_all(A, B, c * Q, c * R, None if S is None else c * S)
+    for name, sol in sols.items():
+        P = np.asarray(sol.P)
+        P = P if P.ndim == 2 else P[1]
+        assert np.isfinite(P).all(), name
+        err = np.abs(P / c - P1).max() / np.abs(P1).max()
+        assert err <= 1e-12, (name, exponent, err)
+        np.testing.assert_allclose(np.asarray(sol.K).reshape(-1, *K1.shape)[-1], K1,
+                                   rtol=1e-10, atol=1e-12, err_msg=name)
+        res = np.asarray(sol.residual)
+        assert np.isfinite(res).all() and res.max() <= 1e-13, (name, res)
+
+
+@pytest.mark.parametrize("exponent", [-300, -200, -150, 0, 150, 200, 300])
+@pytest.mark.parametrize("method", METHODS)
+def test_not_stabilizable_raises_at_any_scale(method, exponent):
+    A = np.diag([1.5, 0.5])
+    B = np.array([[0.0], [1.0]])
+    c = 10.0 ** exponent
+    with pytest.raises(NotStabilizableError):
+        trajopt.solve_dare(A, B, c * np.eye(2), c * np.eye(1), method=method)
+    with pytest.raises(NotStabilizableError):
+        trajopt.solve_dare(np.stack([A, A]), B, c * np.eye(2), c * np.eye(1), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_overflowing_solution_raises_instead_of_returning_inf(method):
+    """The scaled problem is solved fine, but P = 1e300 * P_unit (~1e310) is not a
+    float64: a trajopt error naming Q and R, never inf."""
+    A, B, Q, R, _ = unstable_system(0)
+    with pytest.raises(NumericalError, match="overflows float64.*Q, R"):
+        trajopt.solve_dare(1e5 * A, B, 1e300 * Q, 1e300 * R, method=method)
+
+
+@pytest.mark.parametrize("scales", [(1e200, 1.0), (1.0, 1e200), (1e-300, 1e-300),
+                                    (1e-320, 1e-320), (1e307, 1e307)])
+@pytest.mark.parametrize("method", METHODS)
+def test_nothing_non_finite_or_inaccurate_is_returned_silently(method, scales):
+    """Unbalanced or subnormal costs: each method answers accurately, warns with the
+    residual, or raises a trajopt error; it never returns NaN/inf."""
+    A, B, Q, R, _ = unstable_system(1)
+    qs, rs = scales
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sol = trajopt.solve_dare(A, B, qs * Q, rs * R, method=method)
+        except TrajoptError:
+            return
+    P, res = np.asarray(sol.P), float(np.max(sol.residual))
+    assert np.isfinite(P).all() and np.isfinite(res)
+    assert res <= 1e-13 or any("relative residual" in str(w.message) for w in caught)
