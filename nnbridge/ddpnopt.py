@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
 from .closure import loss_is_finite
@@ -176,6 +176,7 @@ class DDPNOpt(torch.optim.Optimizer):
             raise TypeError(f"parameters {missing} belong to no stage")
         super().__init__(params, defaults)
         self._recorder = BatchRecorder(net, self._stages)
+        self._verified = False  # the decomposition, against the first recorded batch
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``; also forgets the recorded forward passes whose
@@ -300,6 +301,8 @@ class DDPNOpt(torch.optim.Optimizer):
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
                                f"before step(), or pass {_CLOSURE_HELP}")
+        if feedback and not self._verified:
+            self._verify_decomposition(rec)
         frozen = self._frozen()
         rng_before = None if self._rng is None else self._rng.get_state()
         device = self._stages[0].module.weight.device.type
@@ -331,6 +334,26 @@ class DDPNOpt(torch.optim.Optimizer):
                 s["step"] = self.state.get(st.module.weight, {}).get("step", 0) + 1
                 self.state[st.module.weight] = s
         return loss
+
+    def _verify_decomposition(self, rec) -> None:
+        """Once, on the first recorded batch: each stage applied to its recorded input
+        gives the input the model fed the next stage (the output for the last), so the
+        feedback pass re-runs what the training loop's forward pass ran."""
+        with torch.no_grad():
+            for t, st in enumerate(self._stages):
+                got = st.forward(rec.inputs[t])
+                want = rec.inputs[t + 1] if t + 1 < len(self._stages) else rec.output
+                scale = float(want.abs().amax()) if want.numel() else 0.0
+                if got.shape != want.shape or float((got - want).abs().amax()) > \
+                        1e-2 * (1.0 + scale):
+                    raise UnsupportedModelError(
+                        f"model: stage {t} ({type(st.module).__name__}) applied to the "
+                        f"input it recorded does not give what the forward pass fed the "
+                        f"next stage (shapes {tuple(got.shape)} and {tuple(want.shape)}): "
+                        f"the forward pass does something its torch.fx graph does not "
+                        f"show (a branch on self.training or a Python value, a module "
+                        f"whose forward was changed after the optimizer was built)")
+        self._verified = True
 
     def _frozen(self) -> list[bool]:
         """Per stage: all its parameters have ``requires_grad=False`` (a stage without

@@ -1,0 +1,212 @@
+"""Networks written the way people write them (a custom nn.Module with its own forward,
+functional activations, views) decompose from their torch.fx graph into the stages of the
+equivalent nn.Sequential; what is not a chain of stages is refused with the node named."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import nnbridge
+from nnbridge.stages import StageLinearization
+from trajopt.errors import UnsupportedModelError
+
+from .conftest import closure_for, cnn, data, mlp
+
+
+class CustomMLP(nn.Module):
+    """mlp() of conftest written with a forward: functional tanh, a method relu."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.fc1, self.fc2, self.head = seq[0], seq[2], seq[4]
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1)
+        x = torch.tanh(self.fc1(x))
+        x = self.fc2(x).relu()
+        return self.head(x)
+
+
+class CustomCNN(nn.Module):
+    """cnn() of conftest with F.relu, torch.tanh and a flatten by view."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.c1, self.c2, self.fc = seq[0], seq[2], seq[5]
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = torch.tanh(self.c2(x))
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def _run(pre, sts, x):
+    for p in pre:
+        x = p(x)
+    for st in sts:
+        x = st.forward(x)
+    return x
+
+
+@pytest.mark.parametrize("make,wrap,shape", [(mlp, CustomMLP, (4,)),
+                                             (cnn, CustomCNN, (1, 5, 5))])
+def test_custom_forward_reproduces_the_model_and_its_derivatives(make, wrap, shape):
+    seq = make()
+    model = wrap(seq)
+    pre, sts = nnbridge.stages(model)
+    assert [st.module for st in sts] == [m for m in seq if isinstance(m, (nn.Linear, nn.Conv2d))]
+    x, _ = data(B=3, shape=shape)
+    torch.testing.assert_close(_run(pre, sts, x), model(x), rtol=0, atol=0)
+    h = x
+    for p in pre:
+        h = p(h)
+    for st in sts:  # operator-form derivatives against dense torch.func Jacobians
+        lin = StageLinearization(st, h)
+        fx, fu = lin.jacobians()
+        Y = torch.randn(3, 2, fx.shape[1])
+        torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
+        w = lin.factors(Y)
+        per = torch.einsum("bjop,bip->bjoi", w, lin.X).reshape(3, 2, -1)
+        torch.testing.assert_close(per, Y @ fu, rtol=1e-12, atol=1e-12)
+        h = st.forward(h)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac", "exact"])
+def test_ddpnopt_on_a_custom_module_equals_the_sequential(curvature):
+    """Same weights, same batches: DDPNOpt on the custom-forward module takes the steps
+    it takes on the nn.Sequential (1e-12 over 5 steps)."""
+    seq = mlp()
+    custom = CustomMLP(copy.deepcopy(seq))
+    kw = dict(curvature=curvature, lr=0.05)
+    if curvature == "exact":
+        kw.update(value_hessian="full")
+    opts = [nnbridge.DDPNOpt(m, **kw) for m in (seq, custom)]
+    for step in range(5):
+        X, y = data(B=6, seed=step)
+        for opt, m in zip(opts, (seq, custom)):
+            opt.step(closure_for(opt, m, X, y))
+    for p, q in zip(seq.parameters(), custom.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert not any(torch.equal(p, q) for p, q in zip(seq.parameters(), mlp().parameters()))
+
+
+def test_compiled_model_is_unwrapped():
+    model = CustomMLP(mlp())
+    pre, sts = nnbridge.stages(torch.compile(model))
+    assert [st.module for st in sts] == [model.fc1, model.fc2, model.head]
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(x + torch.relu(self.a(x)))
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(x, self.a.weight)
+
+
+class _Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.dropout(self.a(x), 0.5, self.training)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + z
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return -self.a(x)
+
+
+class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x), x
+
+
+@pytest.mark.parametrize("model,match", [
+    (_Residual(), r"node 'add' .* skip connection"),
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module '1' \(BatchNorm1d\)"),
+    (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), r"LSTM.*supported: Linear, Conv2d"),
+    (_Functional(), r"parameter 'a.weight' outside its module"),
+    (_Dropout(), r"F.dropout's `training` flag"),
+    (_TwoInputs(), r"more than one input"),
+    (_Branchy(), r"torch.fx cannot trace _Branchy.forward"),
+    (_Tuple(), r"return one tensor"),
+    (nn.Sequential(nn.ReLU()), r"nothing to optimize"),
+])
+def test_what_is_not_a_chain_is_refused_by_name(model, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        nnbridge.stages(model)
+    with pytest.raises(TypeError):  # UnsupportedModelError is a TypeError
+        nnbridge.DDPNOpt(model)
+
+
+def test_ddpnopt_on_a_compiled_model_equals_the_plain_one():
+    """torch.compile'd (eager backend here; inductor gives the same to 1e-16, slowly):
+    the hooks of the recorder see the compiled forward passes."""
+    model, ref = mlp(), mlp()
+    compiled = torch.compile(model, backend="eager")
+    opt, ropt = nnbridge.DDPNOpt(compiled, lr=0.05), nnbridge.DDPNOpt(ref, lr=0.05)
+    for step in range(3):
+        X, y = data(B=6, seed=step)
+        opt.step(closure_for(opt, compiled, X, y))
+        ropt.step(closure_for(ropt, ref, X, y))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+class _Sneaky(nn.Module):
+    """A forward the traced graph does not show: it branches on a Python attribute that
+    changes after tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.squash = False
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h) if self.squash else h)
+
+
+def test_a_forward_that_left_its_graph_is_caught_at_the_first_step():
+    model = _Sneaky()
+    opt = nnbridge.DDPNOpt(model, lr=0.05)
+    model.squash = True
+    X, y = data(B=6)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedModelError, match="stage 0 .* does not give what"):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
