@@ -94,7 +94,15 @@ class _NumpyOps:
     """The same operations on numpy arrays (one unbatched float64 system: 2-D arrays,
     scalar norms and exponents)."""
 
-    solve = staticmethod(np.linalg.solve)
+    @staticmethod
+    def solve(a, b):
+        """``a^{-1} b``; NaN for a singular ``a`` (as torch's ``solve_ex`` gives garbage
+        rather than raising: callers test finiteness)."""
+        try:
+            return np.linalg.solve(a, b)
+        except np.linalg.LinAlgError:
+            return np.full(np.shape(b), np.nan)
+
     isfinite = staticmethod(np.isfinite)
     where = staticmethod(np.where)
     eigvals = staticmethod(np.linalg.eigvals)
@@ -128,8 +136,10 @@ class _NumpyOps:
 
     @staticmethod
     def ldexp(x, e):
-        # one exact multiplication while 2^e is a normal float, else numpy's ldexp
-        return x * math.ldexp(1.0, e) if abs(e) < 1000 else np.ldexp(x, e)
+        # one exact multiplication while 2^e is a normal float, else numpy's ldexp; an
+        # overflow to inf is the caller's to report (it names Q and R)
+        with np.errstate(over="ignore"):
+            return x * math.ldexp(1.0, e) if abs(e) < 1000 else np.ldexp(x, e)
 
 
 def ops(x) -> type[_TorchOps] | type[_NumpyOps]:

@@ -348,13 +348,15 @@ def solve_dare(
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
                       ConvergenceWarning, stacklevel=2)
-    elif method != "auto":
+    else:
         worst = float(res.max())
         if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
-            warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
-                          "back end was inaccurate here): pass refine=2 or try another "
-                          "method (\"auto\" compares them)", ConvergenceWarning,
-                          stacklevel=2)
+            hint = ("every back end it tried was inaccurate: the problem is ill-conditioned "
+                    "or (with an indefinite R) may have no stabilizing solution"
+                    if method == "auto" else "the back end was inaccurate here: pass "
+                    "refine=2 or try another method (\"auto\" compares them)")
+            warnings.warn(f"the {label} solution has relative residual {worst:.1e} "
+                          f"({hint})", ConvergenceWarning, stacklevel=2)
     return sol
 
 
@@ -368,6 +370,9 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     if not bool(finite.all()):
         _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     K = gain(d, X)
+    if not bool(o.allfinite(K).all()):
+        _raise_unstabilizable(d, ~o.allfinite(K), "R + B'PB is singular at the solution "
+                              "found (no gain K)")
     # a radius within rounding of 1 is a unit-circle mode, not a stable one
     margin = 1.0 - 1000 * d.n * _eps(X)
     eig = None
