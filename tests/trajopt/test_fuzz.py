@@ -130,7 +130,9 @@ def test_solve_dare_errs_or_is_verified(seed, n, m, fault, k, method):
         return
     assert _all_finite(out.P, out.K, out.residual), (fault, verdict)
     if verdict == "ok":
-        tol = 1e-4 if fault == "float32" else 1e-8
+        # float32: trajopt warns above sqrt(eps32) = 3.5e-4 of its own relative residual,
+        # normalized by the sum of the terms' norms (up to ~3x this check's max-norm)
+        tol = 1e-3 if fault == "float32" else 1e-8
         residual, rho = _dare_check(p, out.P, scale)
         assert residual < tol and rho < 1, (fault, residual, rho)
 
