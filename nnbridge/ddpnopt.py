@@ -171,10 +171,18 @@ class DDPNOpt(torch.optim.Optimizer):
                         f"weights, shape {tuple(p.shape)}): one control used at two stages "
                         "is not supported yet")
                 owner[id(p)] = st.index
-        missing = [n for n, p in net.named_parameters() if all(p is not q for q in params)]
-        if missing:
-            raise TypeError(f"parameters {missing} belong to no stage")
-        super().__init__(params, defaults)
+        fixed = [(n, p) for n, p in net.named_parameters() if all(p is not q for q in params)]
+        if fixed:  # kfac-pytorch's rule for the layers it cannot precondition
+            owners = sorted({n.rpartition(".")[0] or n for n, _ in fixed})
+            base = ("SGD" if self.curvature.needs_factors or isinstance(self.curvature, Exact)
+                    else curvature)
+            warnings.warn(
+                f"{type(self).__name__}: the parameters of {owners} have no DDP model (only "
+                f"Linear and Conv2d layers are stages): they are updated by {base} from "
+                f"p.grad, without feedback, and held fixed in the DDP pass", UserWarning,
+                stacklevel=2)
+        self._fixed = [p for _, p in fixed]
+        super().__init__(params + self._fixed, defaults)
         self._recorder = BatchRecorder(net, self._stages)
         self._verified = False  # the decomposition, against the first recorded batch
 
@@ -194,15 +202,21 @@ class DDPNOpt(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ helpers
-    def _check_dropout(self):
-        if not self.model.training:
-            return
+    def _check_feedback_modules(self):
+        """The feedback pass re-runs each stage's sigma: it must be deterministic and act
+        sample by sample (and must not update BatchNorm's running statistics)."""
         for st in self._stages:
-            for p in st.post:
-                if isinstance(p, nn.Dropout) and p.p > 0:
+            for p in (m for post in st.post for m in post.modules()):
+                if isinstance(p, nn.Dropout) and p.p > 0 and p.training:
                     raise InvalidArgumentError(
                         f"stage {st.index}: Dropout(p={p.p}) in training mode makes the "
                         "feedback pass random; use feedback=False or model.eval()")
+                if isinstance(p, nn.modules.batchnorm._BatchNorm) and p.training:
+                    raise InvalidArgumentError(
+                        f"stage {st.index}: {type(p).__name__} in training mode couples the "
+                        "samples of the batch (the block-diagonal approximation of GT-DDP "
+                        "Sec. 4.2 is not implemented yet); use feedback=False, or put it in "
+                        "eval mode")
 
     def _terminal(self, rec, mean: BatchMean):
         B = mean.local
@@ -289,7 +303,7 @@ class DDPNOpt(torch.optim.Optimizer):
         group = self.param_groups[0]
         feedback = group["feedback"]
         if feedback:
-            self._check_dropout()
+            self._check_feedback_modules()
         dtype = self._stages[0].module.weight.dtype
         rec = self._recorder.batch(dtype)
         self._recorder.clear()
@@ -314,10 +328,12 @@ class DDPNOpt(torch.optim.Optimizer):
                 controls, states = self._ddp_update(rec, group, frozen, mean)
             else:
                 controls, states = self._open_loop_update(rec, group, frozen, mean)
+            fixed = self._fixed_update(group)
             # one check: NaN / inf anywhere makes the sum non-finite
             total = sum(U.sum() for U in controls if U is not None) + sum(
-                v.sum() for s in states if s is not None for v in s.values()
-                if torch.is_tensor(v))
+                v.sum() for s in states + [s for _, _, s in fixed] if s is not None
+                for v in s.values() if torch.is_tensor(v)) + sum(
+                v.sum() for _, v, _ in fixed)
             if not bool(torch.isfinite(total)):
                 warnings.warn("non-finite update; step skipped (parameters and state "
                               "unchanged)", SkippedStepWarning, stacklevel=2)
@@ -326,6 +342,10 @@ class DDPNOpt(torch.optim.Optimizer):
                 else:
                     self._rng.set_state(rng_before)
                 return loss
+            for p, v, s in fixed:
+                p.copy_(v)
+                s["step"] = self.state.get(p, {}).get("step", 0) + 1
+                self.state[p] = s
             for st, U, s in zip(self._stages, controls, states):
                 if U is None:  # a frozen stage: parameters and state untouched
                     continue
@@ -354,6 +374,31 @@ class DDPNOpt(torch.optim.Optimizer):
                         f"show (a branch on self.training or a Python value, a module "
                         f"whose forward was changed after the optimizer was built)")
         self._verified = True
+
+    def _fixed_update(self, group) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """``(parameter, new value, new state)`` of the parameters outside the stages: the
+        open-loop update of the curvature when it is elementwise (identity, rmsprop,
+        adam), SGD for the curvatures that need a layer's structure (ekfac, exact);
+        parameters without a gradient are skipped, as torch.optim does."""
+        out = []
+        curv = self.curvature
+        sgd = curv.needs_factors or isinstance(curv, Exact)
+        for p in self._fixed:
+            if p.grad is None:
+                continue
+            saved = self.state.get(p, {})
+            state = {k: v for k, v in saved.items() if k != "step"}
+            step = int(saved.get("step", 0)) + 1
+            g = p.grad.detach().to(p.dtype)
+            if group.get("weight_decay"):
+                g = g + group["weight_decay"] * p.detach()
+            if sgd:
+                out.append((p, p.detach() - group["lr"] * g, {}))
+                continue
+            new = curv.update(state, g, group, step)
+            pre = curv.preconditioner(new, group, step)
+            out.append((p, p.detach() + curv.open_loop(new, g, group, step, pre), new))
+        return out
 
     def _frozen(self) -> list[bool]:
         """Per stage: all its parameters have ``requires_grad=False`` (a stage without

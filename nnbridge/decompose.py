@@ -41,6 +41,13 @@ from .stages import AFFINE, Stage
 
 __all__ = ["stages"]
 
+#: parametrized modules whose derivative acts sample by sample (BatchNorm: in eval mode;
+#: DDPNOpt refuses it in training mode with feedback, where its statistics couple the batch)
+PER_SAMPLE = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+                               nn.modules.instancenorm._InstanceNorm, nn.PReLU,
+                               getattr(nn, "RMSNorm", None)) if c is not None)
+
+
 def _activation(fn: Callable, args: tuple, kwargs: dict) -> nn.Module | None:
     """The ``nn`` module equivalent to an activation call ``fn(x, *args, **kwargs)``."""
     inplace = bool(kwargs.get("inplace", False))
@@ -162,14 +169,19 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
                 f"branches) is not a chain of stages; residual networks are decomposed "
                 f"with GT-DDP's spans (not yet in nnbridge.stages)")
         module = modules.get(node.target) if node.op == "call_module" else None
-        if module is not None and any(True for _ in module.parameters()):
-            if not isinstance(module, AFFINE):
+        if module is not None and not isinstance(module, AFFINE) and any(
+                True for _ in module.parameters()):
+            # no DDP model: a fixed map inside the DDP pass, its parameters updated by
+            # the base optimizer; between stages its derivative must be per sample
+            if current >= 0 and not isinstance(module, PER_SAMPLE):
                 raise UnsupportedModelError(
                     f"model: module {node.target!r} ({type(module).__name__}) has "
-                    f"parameters but is not an affine layer nnbridge can take as a stage "
-                    f"(supported: {', '.join(c.__name__ for c in AFFINE)}); "
-                    f"BatchNorm and LayerNorm follow in a later version, with the batch "
-                    f"coupling of BatchNorm approximated as in GT-DDP Sec. 4.2")
+                    f"parameters, is not an affine layer nnbridge takes as a stage "
+                    f"(supported: {', '.join(c.__name__ for c in AFFINE)}) and, after "
+                    f"the first stage, not one whose derivative is known to act sample "
+                    f"by sample ({', '.join(c.__name__ for c in PER_SAMPLE)}); before "
+                    f"the first stage any module is fine")
+        elif module is not None and isinstance(module, AFFINE):
             if len(node.all_input_nodes) != 1:
                 raise UnsupportedModelError(f"model: {_name(node)} takes more than one "
                                             "tensor")

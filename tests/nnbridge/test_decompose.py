@@ -11,7 +11,7 @@ from torch import nn
 
 import nnbridge
 from nnbridge.stages import StageLinearization
-from trajopt.errors import UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .conftest import closure_for, cnn, data, mlp
 
@@ -157,7 +157,6 @@ class _Tuple(nn.Module):
 
 @pytest.mark.parametrize("model,match", [
     (_Residual(), r"node 'add' .* skip connection"),
-    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module '1' \(BatchNorm1d\)"),
     (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), r"LSTM.*supported: Linear, Conv2d"),
     (_Functional(), r"parameter 'a.weight' outside its module"),
     (_Dropout(), r"F.dropout's `training` flag"),
@@ -210,3 +209,84 @@ def test_a_forward_that_left_its_graph_is_caught_at_the_first_step():
     with pytest.raises(UnsupportedModelError, match="stage 0 .* does not give what"):
         opt.step(closure_for(opt, model, X, y))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class _Normed(nn.Module):
+    """Embedding before the first stage, LayerNorm (or BatchNorm) between stages."""
+
+    def __init__(self, norm="layer"):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(12, 4)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.norm = nn.LayerNorm(6) if norm == "layer" else nn.BatchNorm1d(6)
+
+    def forward(self, i):
+        return self.fc2(self.norm(torch.tanh(self.fc1(self.emb(i)))))
+
+
+def _tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 12, (8,), generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_modules_without_a_ddp_model_get_the_base_update(norm):
+    """feedback=False: DDPNOpt(adam) on a network with an Embedding and a LayerNorm /
+    BatchNorm (training mode) equals torch.optim.Adam on all its parameters, 1e-12 over
+    5 steps; the modules without a DDP model are named in a warning."""
+    model, ref = _Normed(norm), _Normed(norm)
+    with pytest.warns(UserWarning, match=r"\['emb', 'norm'\] have no DDP model"):
+        opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="adam", feedback=False)
+    ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for step in range(5):
+        i, y = _tokens(step)
+        opt.step(closure_for(opt, model, i, y))
+        ropt.step(closure_for(ropt, ref, i, y))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_layernorm_between_stages_with_feedback():
+    """The value passes through the LayerNorm by its exact per-sample derivative (checked
+    against dense Jacobians); the feedback step trains."""
+    model = _Normed("layer")
+    with pytest.warns(UserWarning):
+        opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam")
+    pre, sts = nnbridge.stages(model)
+    i, y = _tokens(0)
+    h = model.emb(i)
+    lin = StageLinearization(sts[0], h)
+    fx, _ = lin.jacobians()
+    Y = torch.randn(8, 2, fx.shape[1])
+    torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
+    losses = [opt.step(closure_for(opt, model, i, y)).item() for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.norm.weight.grad is not None and not torch.equal(
+        model.norm.weight, torch.ones(6))
+
+
+def test_batchnorm_in_training_mode_is_refused_with_feedback():
+    model = _Normed("batch")
+    with pytest.warns(UserWarning):
+        opt = nnbridge.DDPNOpt(model, lr=0.05)
+    i, y = _tokens(0)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(InvalidArgumentError, match="BatchNorm1d in training mode couples"):
+        opt.step(closure_for(opt, model, i, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    model.eval()  # eval-mode BatchNorm is a per-sample affine map
+    opt.step(closure_for(opt, model, i, y))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_modules_without_a_per_sample_derivative_are_refused_between_stages():
+    class _Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.rnn, self.out = nn.Linear(4, 4), nn.GRU(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(self.fc(x))[0])
+    with pytest.raises(UnsupportedModelError, match=r"'rnn' \(GRU\) .* sample by sample"):
+        nnbridge.stages(_Rnn())

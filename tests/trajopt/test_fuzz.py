@@ -112,7 +112,7 @@ def _dare_check(p, P, scale):
     res = A.T @ X @ A - X - A.T @ X @ B @ K + Q
     size = max(np.abs(Q).max(), np.abs(X).max(), np.abs(A.T @ X @ A).max())
     rho = np.abs(np.linalg.eigvals(A - B @ K)).max()
-    return np.abs(res).max() / size, rho
+    return np.abs(res).max() / max(size, np.finfo(float).tiny), rho  # P = 0 for Q = 0
 
 
 @settings(max_examples=examples(60), deadline=None)
