@@ -25,20 +25,81 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError
+from trajopt.errors import UnsupportedModelError
 
 __all__ = ["Stage", "StageLinearization", "SUPPORTED", "AFFINE"]
 
-AFFINE = (nn.Linear, nn.Conv2d)
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
                 nn.SiLU, nn.Hardtanh, nn.Identity, nn.Dropout)
 _STRUCTURAL = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 SUPPORTED = tuple(c.__name__ for c in AFFINE + _ELEMENTWISE + _STRUCTURAL)
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv1d / Conv2d as a 2-D convolution (Conv1d: height 1) whose padding is either
+    symmetric zeros inside the convolution (``inner``) or an explicit ``F.pad`` first
+    (``pads`` in F.pad's order, for ``padding="same"`` with an even kernel and for the
+    reflect / replicate / circular modes), so that unfolding, the convolution and its
+    transpose all see the same padded input."""
+
+    one_d: bool
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    inner: tuple[int, int]
+    pads: tuple[int, int, int, int] | None
+    mode: str
+
+    @classmethod
+    def of(cls, m: nn.Module) -> ConvGeometry:
+        one_d = isinstance(m, nn.Conv1d)
+
+        def two(v):
+            return (1, *v) if one_d else tuple(v)
+        rev = list(m._reversed_padding_repeated_twice)  # F.pad order, last dim first
+        pads = tuple(rev + [0, 0]) if one_d else tuple(rev)
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        inner = (pads[2], pads[0]) if symmetric and m.padding_mode == "zeros" else (0, 0)
+        explicit = None if inner != (0, 0) or not any(pads) else pads
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        return cls(one_d, two(m.kernel_size), two(m.stride), two(m.dilation), inner,
+                   explicit, mode)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """The (padded) 2-D input the convolution runs on."""
+        if self.one_d:
+            x = x.unsqueeze(-2)
+        return x if self.pads is None else F.pad(x, self.pads, mode=self.mode)
+
+    def weight(self, W: torch.Tensor) -> torch.Tensor:
+        return W.unsqueeze(-2) if self.one_d else W
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return y.squeeze(-2) if self.one_d else y
+
+    def input_adjoint(self, g: torch.Tensor, x_shape: tuple) -> torch.Tensor:
+        """The adjoint of :meth:`input` (cropping for zero padding, the pad's vector-
+        Jacobian product otherwise): a cotangent of the padded 2-D input -> of x."""
+        if self.pads is not None:
+            if self.mode == "constant":
+                lw, rw, th, bh = self.pads
+                g = g[..., th:g.shape[-2] - bh, lw:g.shape[-1] - rw]
+            else:
+                shape = (g.shape[0], *x_shape) if not self.one_d else (
+                    g.shape[0], x_shape[0], 1, x_shape[1])
+                _, vjp = torch.func.vjp(
+                    lambda z: F.pad(z, self.pads, mode=self.mode),
+                    g.new_zeros(shape))
+                g = vjp(g)[0]
+        return g.squeeze(-2) if self.one_d else g
+
+
 @dataclass(eq=False)
 class Stage:
-    """One stage: ``module`` (Linear or Conv2d) followed by the parameter-free ``post``."""
+    """One stage: ``module`` (Linear, Conv1d or Conv2d) followed by the parameter-free
+    ``post``."""
 
     index: int
     module: nn.Module
@@ -48,10 +109,16 @@ class Stage:
     def __post_init__(self):
         self.elementwise = all(isinstance(p, _ELEMENTWISE) for p in self.post)
         self._inplace = any(getattr(p, "inplace", False) for p in self.post)
+        if self.is_conv and self.module.groups != 1:
+            raise UnsupportedModelError(
+                f"stage {self.index}: {type(self.module).__name__} with groups="
+                f"{self.module.groups} (grouped / depthwise convolution) is not supported "
+                "yet: its control is block diagonal over the groups")
+        self.conv = ConvGeometry.of(self.module) if self.is_conv else None
 
     @property
     def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
+        return isinstance(self.module, (nn.Conv1d, nn.Conv2d))
 
     @property
     def has_bias(self) -> bool:
@@ -83,13 +150,10 @@ class Stage:
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """Unfolded, bias-augmented input :math:`\\tilde x`, (B, in', P)."""
-        m = self.module
         if self.is_conv:
-            if isinstance(m.padding, str) or m.padding_mode != "zeros" or m.groups != 1:
-                raise InvalidArgumentError(
-                    f"stage {self.index}: Conv2d needs numeric zero padding and groups=1")
-            X = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                         stride=m.stride)
+            g = self.conv
+            X = F.unfold(g.input(x), g.kernel, dilation=g.dilation, padding=g.inner,
+                         stride=g.stride)
         else:
             X = x.unsqueeze(-1)
         if self.has_bias:
@@ -109,8 +173,9 @@ class Stage:
         if not bias:
             b = None
         if self.is_conv:
-            m = self.module
-            return F.conv2d(x, W, b, m.stride, m.padding, m.dilation, m.groups)
+            g = self.conv
+            return g.output(F.conv2d(g.input(x), g.weight(W), b, g.stride, g.inner,
+                                     g.dilation))
         return F.linear(x, W, b)
 
     def post_fn(self, h: torch.Tensor) -> torch.Tensor:
@@ -219,6 +284,15 @@ class StageLinearization:
                 self.s = None
         self.n1 = self.x_next[0].numel()
 
+    @property
+    def _conv_input_size(self) -> tuple[int, int]:
+        """Spatial size of the 2-D input the convolution sees (after explicit padding)."""
+        g = self.stage.conv
+        h, w = (1, self.x_shape[1]) if g.one_d else self.x_shape[1:]
+        if g.pads is not None:
+            h, w = h + g.pads[2] + g.pads[3], w + g.pads[0] + g.pads[1]
+        return h, w
+
     def _local_mean(self, local_sum: torch.Tensor) -> torch.Tensor:
         return local_sum / self.B
 
@@ -256,15 +330,18 @@ class StageLinearization:
         B, J = Wh.shape[:2]
         flat = Wh.reshape(B * J, *self.h_shape)
         if self.stage.is_conv:
-            m = self.stage.module
-            # the transposed convolution with the output padding that restores the input
-            # size (CPU: 1.1-2.5x faster than torch.nn.grad.conv2d_input)
-            pad = [self.x_shape[d + 1] - ((self.h_shape[d + 1] - 1) * m.stride[d]
-                                          - 2 * m.padding[d]
-                                          + m.dilation[d] * (m.kernel_size[d] - 1) + 1)
-                   for d in range(2)]
-            out = F.conv_transpose2d(flat, self.W, None, m.stride, m.padding, pad,
-                                     m.groups, m.dilation)
+            g = self.stage.conv
+            # the transposed convolution with the output padding that restores the
+            # (padded) input size (CPU: 1.1-2.5x faster than torch.nn.grad.conv2d_input),
+            # then the adjoint of the explicit padding
+            size = self._conv_input_size
+            hs = (1, *self.h_shape[1:]) if g.one_d else self.h_shape[1:]
+            pad = [size[d] - ((hs[d] - 1) * g.stride[d] - 2 * g.inner[d]
+                              + g.dilation[d] * (g.kernel[d] - 1) + 1) for d in range(2)]
+            flat2 = flat.unsqueeze(-2) if g.one_d else flat
+            out = F.conv_transpose2d(flat2, g.weight(self.W), None, g.stride, g.inner, pad,
+                                     1, g.dilation)
+            out = g.input_adjoint(out, self.x_shape)
         else:
             out = flat @ self.W
         return out.reshape(B, J, -1)

@@ -244,7 +244,7 @@ def test_nonfinite_update_is_skipped():
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match="supported: Linear, Conv2d"):
+    with pytest.raises(TypeError, match="supported: Linear, Conv1d, Conv2d"):
         nnbridge.DDPNOpt(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)))
     with pytest.raises(UnsupportedModelError, match="nothing to optimize"):
         nnbridge.DDPNOpt(nn.Sequential(nn.ReLU()))

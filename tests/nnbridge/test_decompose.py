@@ -157,7 +157,7 @@ class _Tuple(nn.Module):
 
 @pytest.mark.parametrize("model,match", [
     (_Residual(), r"node 'add' .* skip connection"),
-    (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), r"LSTM.*supported: Linear, Conv2d"),
+    (nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)), r"LSTM.*supported: Linear, Conv1d, Conv2d"),
     (_Functional(), r"parameter 'a.weight' outside its module"),
     (_Dropout(), r"F.dropout's `training` flag"),
     (_TwoInputs(), r"more than one input"),
@@ -290,3 +290,51 @@ def test_modules_without_a_per_sample_derivative_are_refused_between_stages():
             return self.out(self.rnn(self.fc(x))[0])
     with pytest.raises(UnsupportedModelError, match=r"'rnn' \(GRU\) .* sample by sample"):
         nnbridge.stages(_Rnn())
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (lambda: nn.Conv1d(2, 3, 3, padding=1), (2, 9)),
+    (lambda: nn.Conv1d(2, 3, 4, padding="same"), (2, 9)),               # asymmetric
+    (lambda: nn.Conv1d(2, 3, 3, padding=2, padding_mode="reflect", stride=2), (2, 9)),
+    (lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular", dilation=2), (2, 9)),
+    (lambda: nn.Conv2d(2, 3, (2, 3), padding="same", bias=False), (2, 5, 6)),
+    (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate", stride=2), (2, 5, 6)),
+    (lambda: nn.Conv2d(2, 3, 3, padding="valid", dilation=(1, 2)), (2, 5, 6)),
+])
+def test_convolutions_with_any_padding_equal_their_dense_jacobians(conv, shape):
+    torch.manual_seed(0)
+    layer = conv()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten())
+    pre, sts = nnbridge.stages(model)
+    x = torch.randn(3, *shape)
+    torch.testing.assert_close(_run(pre, sts, x), model(x), rtol=1e-14, atol=1e-14)
+    lin = StageLinearization(sts[0], x)
+    fx, fu = lin.jacobians()
+    Y = torch.randn(3, 2, fx.shape[1])
+    dX = torch.randn(3, fx.shape[2])
+    torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lin.fx(dX), (fx @ dX.unsqueeze(-1)).squeeze(-1),
+                               rtol=1e-12, atol=1e-12)
+    w = lin.factors(Y)
+    per = torch.einsum("bjop,bip->bjoi", w, lin.X).reshape(3, 2, -1)
+    torch.testing.assert_close(per, Y @ fu, rtol=1e-12, atol=1e-12)
+
+
+def test_a_1d_cnn_trains_with_ddpnopt():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 5, padding="same"), nn.ReLU(),
+                          nn.Conv1d(4, 4, 3, stride=2, padding=1, padding_mode="reflect"),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(4 * 8, 3))
+    X = torch.randn(16, 1, 16)
+    y = torch.randint(0, 3, (16,))
+    for curvature in ("adam", "ekfac"):
+        m = copy.deepcopy(model)
+        opt = nnbridge.DDPNOpt(m, lr=0.01 if curvature == "adam" else 0.1,
+                               curvature=curvature)
+        losses = [opt.step(closure_for(opt, m, X, y)).item() for _ in range(15)]
+        assert losses[-1] < 0.7 * losses[0], (curvature, losses)
+
+
+def test_grouped_convolutions_are_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match=r"groups=2 \(grouped / depthwise"):
+        nnbridge.stages(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)))
