@@ -38,6 +38,7 @@ from torch import nn
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
+from .batchnorm import frozen_batch_statistics
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
@@ -203,20 +204,20 @@ class DDPNOpt(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ helpers
     def _check_feedback_modules(self):
-        """The feedback pass re-runs each stage's sigma: it must be deterministic and act
-        sample by sample (and must not update BatchNorm's running statistics)."""
+        """The feedback pass re-runs each stage's sigma: it must be deterministic (and
+        BatchNorm in training mode is run with the recorded batch's statistics,
+        :mod:`nnbridge.batchnorm`)."""
         for st in self._stages:
             for p in (m for post in st.post for m in post.modules()):
                 if isinstance(p, nn.Dropout) and p.p > 0 and p.training:
                     raise InvalidArgumentError(
                         f"stage {st.index}: Dropout(p={p.p}) in training mode makes the "
                         "feedback pass random; use feedback=False or model.eval()")
-                if isinstance(p, nn.modules.batchnorm._BatchNorm) and p.training:
+                if isinstance(p, nn.SyncBatchNorm) and p.training:
                     raise InvalidArgumentError(
-                        f"stage {st.index}: {type(p).__name__} in training mode couples the "
-                        "samples of the batch (the block-diagonal approximation of GT-DDP "
-                        "Sec. 4.2 is not implemented yet); use feedback=False, or put it in "
-                        "eval mode")
+                        f"stage {st.index}: SyncBatchNorm in training mode normalizes with "
+                        "statistics over all ranks, which the feedback pass does not "
+                        "reproduce; use BatchNorm (per-rank statistics) or feedback=False")
 
     def _terminal(self, rec, mean: BatchMean):
         B = mean.local
@@ -315,6 +316,11 @@ class DDPNOpt(torch.optim.Optimizer):
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
                                f"before step(), or pass {_CLOSURE_HELP}")
+        with frozen_batch_statistics(self._stages if feedback else [],
+                                     [] if rec is None else rec.inputs):
+            return self._step(rec, group, feedback, loss)
+
+    def _step(self, rec, group, feedback, loss):
         if feedback and not self._verified:
             self._verify_decomposition(rec)
         frozen = self._frozen()
@@ -336,7 +342,7 @@ class DDPNOpt(torch.optim.Optimizer):
                 v.sum() for _, v, _ in fixed)
             if not bool(torch.isfinite(total)):
                 warnings.warn("non-finite update; step skipped (parameters and state "
-                              "unchanged)", SkippedStepWarning, stacklevel=2)
+                              "unchanged)", SkippedStepWarning, stacklevel=3)
                 if rng_before is None:   # the Fisher generator is part of the state too
                     self._rng = None
                 else:

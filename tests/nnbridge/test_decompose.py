@@ -11,7 +11,7 @@ from torch import nn
 
 import nnbridge
 from nnbridge.stages import StageLinearization
-from trajopt.errors import InvalidArgumentError, UnsupportedModelError
+from trajopt.errors import UnsupportedModelError
 
 from .conftest import closure_for, cnn, data, mlp
 
@@ -266,18 +266,41 @@ def test_layernorm_between_stages_with_feedback():
         model.norm.weight, torch.ones(6))
 
 
-def test_batchnorm_in_training_mode_is_refused_with_feedback():
+def test_batchnorm_in_training_mode_uses_the_recorded_batch_statistics():
+    """GT-DDP Sec. 4.2's block-diagonal approximation: in the DDP pass a training-mode
+    BatchNorm is the affine map of the recorded batch's statistics (checked against that
+    map written by hand); the optimizer leaves its mode and running statistics as the
+    training loop's forward pass left them; the feedback step trains."""
+    from nnbridge.batchnorm import frozen_batch_statistics
     model = _Normed("batch")
     with pytest.warns(UserWarning):
         opt = nnbridge.DDPNOpt(model, lr=0.05)
     i, y = _tokens(0)
-    before = [p.clone() for p in model.parameters()]
-    with pytest.raises(InvalidArgumentError, match="BatchNorm1d in training mode couples"):
-        opt.step(closure_for(opt, model, i, y))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    model.eval()  # eval-mode BatchNorm is a per-sample affine map
-    opt.step(closure_for(opt, model, i, y))
-    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    _, sts = nnbridge.stages(model)
+    x = model.emb(i).detach()
+    with frozen_batch_statistics(sts, [x, None]):
+        lin = StageLinearization(sts[0], x)
+        fx, _ = lin.jacobians()
+        assert not model.norm.training
+    assert model.norm.training
+    a = torch.tanh(model.fc1(x)).detach()
+    mu, var = a.mean(0), a.var(0, unbiased=False)
+    bn = model.norm
+
+    def frozen(z):  # the block-diagonal model of one sample, by hand
+        a = torch.tanh(model.fc1(z))
+        return bn.weight * (a - mu) / torch.sqrt(var + bn.eps) + bn.bias
+    dense = torch.stack([torch.func.jacrev(frozen)(x[b]) for b in range(8)])
+    torch.testing.assert_close(fx, dense.detach(), rtol=1e-12, atol=1e-12)
+    # the optimizer's passes leave the running statistics alone
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(i), y).backward()
+    buffers = [b.clone() for b in model.norm.buffers()]
+    opt.step()
+    assert all(torch.equal(b, c) for b, c in zip(model.norm.buffers(), buffers))
+    assert model.norm.training
+    losses = [opt.step(closure_for(opt, model, i, y)).item() for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_modules_without_a_per_sample_derivative_are_refused_between_stages():

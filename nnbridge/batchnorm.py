@@ -1,0 +1,95 @@
+r"""BatchNorm in training mode inside a DDP pass: the batch statistics held fixed.
+
+In training mode a BatchNorm layer normalizes each sample with the mean and variance of
+the batch, so :math:`x_{t+1}^i` depends on every sample :math:`x_t^j` and the per-sample
+dynamics of DDPNOpt's Alg. 3 do not exist.  GT-DDP (Sec. 4.2, Fig. 4) keeps the value
+Hessian block diagonal over the samples because its off-diagonal blocks are measured to
+be negligible even with BN layers.  We make the matching approximation in the dynamics:
+during the optimizer's backward and feedback passes each BN layer in training mode
+normalizes with the statistics of the *recorded* batch, held fixed, i.e. it is the
+per-channel affine map :math:`x \mapsto \gamma (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}
++ \beta`.  What is dropped is the derivative through :math:`\mu_B, \sigma_B^2` (the
+:math:`O(1/B)` coupling between samples, and the part of a sample's own derivative that
+passes through the statistics).  The nominal values are exact: with the recorded inputs
+the stages reproduce the forward pass.  The running statistics are not touched by the
+optimizer's passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from .stages import Stage
+
+__all__ = ["training_batchnorms", "frozen_batch_statistics"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def training_batchnorms(stage: Stage) -> list[nn.Module]:
+    """The BatchNorm modules in training mode inside the stage's :math:`\\sigma`."""
+    return [m for post in stage.post for m in post.modules()
+            if isinstance(m, _BN) and m.training]
+
+
+@contextmanager
+def _as_eval_with(bn: nn.Module, mean: torch.Tensor | None = None,
+                  var: torch.Tensor | None = None) -> Iterator[None]:
+    """``bn`` in eval mode normalizing with ``mean`` / ``var`` (None: only restore its
+    mode and buffers on exit, e.g. around a calibration pass in training mode).  The
+    buffers are restored in place: the module keeps its own tensors."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    training = bn.training
+    originals = [getattr(bn, n) for n in names]
+    values = [v.clone() if torch.is_tensor(v) else None for v in originals]
+    try:
+        if mean is not None:
+            bn.train(False)
+            bn.running_mean, bn.running_var = mean, var
+        yield
+    finally:
+        bn.train(training)
+        for name, original, value in zip(names, originals, values):
+            setattr(bn, name, original)
+            if value is not None:
+                original.copy_(value)
+
+
+def _statistics(stage: Stage, x: torch.Tensor, bns: list[nn.Module]
+                ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The batch mean and (biased) variance each BN layer of ``bns`` normalizes with when
+    the stage runs on the recorded input ``x`` (buffers restored afterwards)."""
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(mod, args):
+        z = args[0]
+        dims = [d for d in range(z.ndim) if d != 1]
+        stats[mod] = (z.mean(dims), z.var(dims, unbiased=False))
+
+    with ExitStack() as stack, torch.no_grad():
+        for bn in bns:
+            stack.enter_context(_as_eval_with(bn))
+            handle = bn.register_forward_pre_hook(capture)
+            stack.callback(handle.remove)
+        stage.forward(x)
+    return stats
+
+
+@contextmanager
+def frozen_batch_statistics(stages: Sequence[Stage], inputs: Sequence[torch.Tensor]
+                            ) -> Iterator[None]:
+    """Inside the block, every BatchNorm in training mode within the stages' maps
+    normalizes with the statistics of the recorded batch ``inputs`` (stage inputs), held
+    fixed (module docstring); modes and running statistics are restored on exit."""
+    with ExitStack() as stack:
+        for st, x in zip(stages, inputs):
+            bns = training_batchnorms(st)
+            if not bns:
+                continue
+            for bn, (mean, var) in _statistics(st, x, bns).items():
+                stack.enter_context(_as_eval_with(bn, mean, var))
+        yield
