@@ -8,10 +8,13 @@ digits         1797     64        10       8 x 8 images (``image_shape`` (1, 8, 
 wine           178      13        3
 breast_cancer  569      30        2
 iris           150      4         3
+mnist1d        5000     40        10       1-D signals (``image_shape`` (1, 40)); needs
+                                           the ``mnist1d`` package, generated locally
 =============  =======  ========  =======  ==========================================
 
-Split (fixed, independent of the training seed): 30% test, stratified, ``random_state=0``;
-of the remaining 70%, 20% is held out as the validation split (stratified,
+Split (fixed, independent of the training seed): 30% test, stratified, ``random_state=0``
+(MNIST-1D: its own 4000 / 1000 train / test split, as its authors use it); of the
+remaining training part, 20% is held out as the validation split (stratified,
 ``random_state=1``) used only to choose learning rates.  Features are standardized with
 the mean and standard deviation of the training part (``split="train"``: the 80%;
 ``split="full"``: train + validation), so no statistic of the evaluation data leaks in.
@@ -19,15 +22,16 @@ the mean and standard deviation of the training part (``split="train"``: the 80%
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from trajopt.errors import InvalidArgumentError
+from trajopt.errors import InvalidArgumentError, SolverUnavailableError
 
 __all__ = ["DATASETS", "Dataset", "load"]
 
-DATASETS = ("digits", "wine", "breast_cancer", "iris")
+DATASETS = ("digits", "wine", "breast_cancer", "iris", "mnist1d")
 TEST_FRACTION = 0.3
 VAL_FRACTION = 0.2
 
@@ -44,7 +48,8 @@ class Dataset:
         The test split, or the validation split for ``load(..., split="train")``.
     n_classes : int
     image_shape : tuple or None
-        Per-sample image shape (C, H, W) when the features are pixels (digits).
+        Per-sample shape when the features are pixels or a signal: (C, H, W) (digits) or
+        (C, L) (mnist1d).
     """
 
     name: str
@@ -85,12 +90,17 @@ def load(name: str, split: str = "full") -> Dataset:
         raise InvalidArgumentError(f"name must be one of {', '.join(DATASETS)}; got {name!r}")
     if split not in ("full", "train"):
         raise InvalidArgumentError(f"split must be 'full' or 'train'; got {split!r}")
-    import sklearn.datasets as skd
     from sklearn.model_selection import train_test_split
 
-    X, y = getattr(skd, f"load_{name}")(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=TEST_FRACTION, random_state=0,
-                                          stratify=y)
+    if name == "mnist1d":
+        Xtr, Xte, ytr, yte = _mnist1d()
+        y = ytr
+    else:
+        import sklearn.datasets as skd
+
+        X, y = getattr(skd, f"load_{name}")(return_X_y=True)
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=TEST_FRACTION, random_state=0,
+                                              stratify=y)
     if split == "train":
         Xtr, Xte, ytr, yte = train_test_split(Xtr, ytr, test_size=VAL_FRACTION,
                                               random_state=1, stratify=ytr)
@@ -99,4 +109,22 @@ def load(name: str, split: str = "full") -> Dataset:
     t = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
     return Dataset(name, t(Xtr), torch.tensor(ytr, dtype=torch.int64), t(Xte),
                    torch.tensor(yte, dtype=torch.int64), int(y.max()) + 1,
-                   (1, 8, 8) if name == "digits" else None)
+                   _SHAPES.get(name))
+
+
+_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40)}
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d():
+    """MNIST-1D as its authors define it (``mnist1d.data.make_dataset`` with the default
+    arguments: 5000 samples, seed 42, 4000 / 1000 split), generated locally (~2 s; the
+    package's ``get_dataset`` would download it)."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise SolverUnavailableError(
+            "dataset 'mnist1d' needs the package mnist1d (pip install mnist1d); it "
+            "generates the data locally") from exc
+    d = make_dataset(get_dataset_args())
+    return d["x"], d["x_test"], d["y"], d["y_test"]

@@ -47,29 +47,35 @@ def mlp(n_features: int, n_classes: int, *, hidden: int = 32, layers: int = 5,
     return nn.Sequential(*mods)
 
 
-def cnn(image_shape: tuple[int, int, int], n_classes: int, *, channels: int = 16,
+def cnn(image_shape: tuple[int, ...], n_classes: int, *, channels: int = 16,
         activation: str = "relu") -> nn.Sequential:
     """Three 3 x 3 convolutions (the last two with stride 2) and two Linear layers:
-    ``C -> channels -> channels -> 2 channels`` then ``-> 64 -> n_classes``."""
+    ``C -> channels -> channels -> 2 channels`` then ``-> 64 -> n_classes``; for a 1-D
+    signal (``image_shape`` (C, L)) the same with Conv1d and a first kernel of 5."""
     act = _activation(activation)
-    C, H, W = image_shape
+    if len(image_shape) == 2:
+        conv, first = nn.Conv1d, 5
+    else:
+        conv, first = nn.Conv2d, 3
     body = nn.Sequential(
-        nn.Conv2d(C, channels, 3, padding=1), act(),
-        nn.Conv2d(channels, channels, 3, padding=1, stride=2), act(),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1, stride=2), act(), nn.Flatten())
+        conv(image_shape[0], channels, first, padding=first // 2), act(),
+        conv(channels, channels, 3, padding=1, stride=2), act(),
+        conv(channels, 2 * channels, 3, padding=1, stride=2), act(), nn.Flatten())
     with torch.no_grad():
-        flat = body(torch.zeros(1, C, H, W)).shape[1]
+        flat = body(torch.zeros(1, *image_shape)).shape[1]
     return nn.Sequential(*body, nn.Linear(flat, 64), act(), nn.Linear(64, n_classes))
 
 
 def default_model(name: str, dataset) -> nn.Sequential:
     """The network used for ``dataset`` (a :class:`nnbridge.data.Dataset`) by the training
     command: MLP 5 Linear layers, hidden 32, Tanh on digits / wine (wine: hidden 16 and a
-    sigmoid head, as in the paper), ReLU on breast_cancer / iris; CNN on digits only."""
+    sigmoid head, as in the paper), ReLU on breast_cancer / iris / mnist1d; CNN on digits
+    (Conv2d) and mnist1d (Conv1d)."""
     if name == "cnn":
         if dataset.image_shape is None:
             raise InvalidArgumentError(
-                f"model 'cnn' needs image data (digits); dataset {dataset.name!r} has none")
+                f"model 'cnn' needs image or signal data (digits, mnist1d); dataset "
+                f"{dataset.name!r} has none")
         return cnn(dataset.image_shape, dataset.n_classes)
     if name != "mlp":
         raise InvalidArgumentError(f"model must be one of {', '.join(MODELS)}; got {name!r}")

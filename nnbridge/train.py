@@ -268,6 +268,9 @@ def _check_modules(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need = ["sklearn"] + (["tqdm"] if not a.no_progress else []) + (
         ["matplotlib"] if a.out is not None else [])
     missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if a.dataset == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
+        ap.error("--dataset mnist1d needs the package mnist1d: pip install mnist1d (it "
+                 "generates the data locally)")
     if missing:
         ap.error(f"missing {', '.join(missing)}: pip install 'trajopt-nnbridge[plot]' "
                  "(scikit-learn, matplotlib, tqdm)"
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                    for lab in labels for s in range(a.seeds)]
         ds = _data.load(a.dataset, configs[0].split)
         if a.model == "cnn" and ds.image_shape is None:
-            ap.error(f"--model cnn needs image data (digits); {a.dataset} has none")
+            ap.error(f"--model cnn needs image or signal data (digits, mnist1d); "
+                     f"{a.dataset} has none")
         results = []
         for cfg in configs:
             ck = None

@@ -219,3 +219,39 @@ def test_missing_optional_packages_are_named_before_training(monkeypatch, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and "missing tqdm" in err and "[plot]" in err
     assert "--no-progress" in err
+
+
+def test_mnist1d_is_generated_locally_with_its_own_split():
+    """MNIST-1D from mnist1d.make_dataset (seed 42, the authors' 4000 / 1000 split),
+    standardized with the training statistics; the validation split is a stratified 20%
+    of the training part; the default CNN on it is a Conv1d network."""
+    pytest.importorskip("mnist1d")
+    from mnist1d.data import get_dataset_args, make_dataset
+    ref = make_dataset(get_dataset_args())
+    d = data.load("mnist1d")
+    assert d.X_train.shape == (4000, 40) and d.X_eval.shape == (1000, 40)
+    assert d.n_classes == 10 and d.image_shape == (1, 40)
+    assert torch.equal(d.y_eval, torch.as_tensor(ref["y_test"], dtype=torch.int64))
+    raw = torch.as_tensor(ref["x"], dtype=torch.float64)
+    std = (raw - raw.mean(0)) / raw.std(0, unbiased=False)
+    torch.testing.assert_close(d.X_train.double(), std, rtol=1e-5, atol=1e-5)
+    v = data.load("mnist1d", split="train")
+    assert len(v.X_train) == 3200 and len(v.X_eval) == 800
+    assert torch.bincount(v.y_eval).min() >= 70  # stratified: ~80 per class
+    from nnbridge.models import default_model
+    net = default_model("cnn", d)
+    assert isinstance(net[0], torch.nn.Conv1d)
+    assert net(d.X_train[:2].reshape(2, 1, 40)).shape == (2, 10)
+
+
+def test_cli_trains_a_1d_cnn_on_mnist1d(capsys):
+    pytest.importorskip("mnist1d")
+    assert train.main(["--dataset", "mnist1d", "--model", "cnn", "--epochs", "1",
+                       "--seeds", "1", "--batch-size", "256", "--optimizer",
+                       "adam,ddpnopt", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| adam")
+            or line.startswith("| ddpnopt")]
+    assert len(rows) == 2 and "nan" not in table
+    for row in rows:  # one epoch: above chance (10 classes)
+        assert float(row.split("|")[4].split()[0]) > 15
