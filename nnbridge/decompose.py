@@ -13,13 +13,18 @@ graph once:
   derivatives), anything else one opaque map differentiated by ``torch.func``;
 * the nodes before the first stage are a fixed input transform (``pre``).
 
+Parametrized modules that are not affine layers have no DDP model: before the first
+stage any module (an ``Embedding``), between stages those whose derivative acts sample by
+sample (``PER_SAMPLE``: normalizations, PReLU) are part of the maps, held fixed in the DDP
+pass; the optimizers update their parameters from ``p.grad``.
+
 What the walk refuses, naming the node (``UnsupportedModelError``): a tensor that skips
 a stage (a residual ``x + f(x)``, a concatenation of branches: residual and branching
 networks come with GT-DDP's spans and players), a parameter used outside a module
-(``F.linear(x, self.weight)``), a parametrized module that is not an affine layer
-(BatchNorm, LayerNorm, Embedding, RNNs), ``F.dropout`` in ``forward`` (torch.fx fixes its
-``training`` flag when tracing: use ``nn.Dropout``), more than one input or output, and a
-``forward`` that torch.fx cannot trace (data-dependent Python control flow).
+(``F.linear(x, self.weight)``), a parametrized module between stages whose derivative
+need not act sample by sample (RNNs, attention), ``F.dropout`` in ``forward`` (torch.fx
+fixes its ``training`` flag when tracing: use ``nn.Dropout``), more than one input or
+output, and a ``forward`` that torch.fx cannot trace (data-dependent Python control flow).
 
 ``nn.Sequential`` models decompose to the same stages as before (their modules are the
 graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
@@ -41,8 +46,8 @@ from .stages import AFFINE, Stage
 
 __all__ = ["stages"]
 
-#: parametrized modules whose derivative acts sample by sample (BatchNorm: in eval mode;
-#: DDPNOpt refuses it in training mode with feedback, where its statistics couple the batch)
+#: parametrized modules whose derivative acts sample by sample (BatchNorm in training mode
+#: only with its batch statistics held fixed: nnbridge.batchnorm)
 PER_SAMPLE = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
                                nn.modules.instancenorm._InstanceNorm, nn.PReLU,
                                getattr(nn, "RMSNorm", None)) if c is not None)
@@ -74,7 +79,8 @@ def _activation(fn: Callable, args: tuple, kwargs: dict) -> nn.Module | None:
 
 
 class _Segment(nn.Module):
-    """A parameter-free part of the graph as one map of the stage's pre-activation."""
+    """A part of the graph without stages (activations, views, normalizations held
+    fixed) as one map of the stage's pre-activation."""
 
     def __init__(self, gm: fx.GraphModule, description: str):
         super().__init__()

@@ -35,6 +35,7 @@ from trajopt.errors import (
     NonFiniteError,
     NotPositiveDefiniteError,
     SkippedStepWarning,
+    UnsupportedModelError,
 )
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
@@ -85,6 +86,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """
     _check(divergence, damping, neumann_terms)
     pre, sts = stages(model)
+    _check_all_stages(model, sts)
     with torch.no_grad():
         h = x
         for p in pre:
@@ -142,6 +144,19 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
         for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
             by_param[prm] = v
     return [by_param[prm] for prm in model.parameters()]
+
+
+def _check_all_stages(model: nn.Module, sts) -> None:
+    """The steepest-descent LQR has the stages' controls only: a model with parameters
+    outside them (a LayerNorm, an Embedding) is refused by name."""
+    owned = {id(p) for st in sts for p in st.params()}
+    other = sorted({n.rpartition(".")[0] or n for n, p in model.named_parameters()
+                    if id(p) not in owned})
+    if other:
+        raise UnsupportedModelError(
+            f"model: the parameters of {other} are not stages (only Linear and Conv layers "
+            "are); the steepest-descent LQR has no direction for them: use DDPNOpt, which "
+            "updates them from p.grad")
 
 
 def _output_space_steps(lins, out, aN, divergence, damping):
@@ -264,6 +279,7 @@ class LQRDescent(torch.optim.Optimizer):
             raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
         self.model = model
         self.pre, self._stages = stages(model)
+        _check_all_stages(model, self._stages)
         self.loss_hessian = loss_hessian
         super().__init__(model.parameters(), {"lr": lr, "divergence": divergence,
                                               "damping": damping,

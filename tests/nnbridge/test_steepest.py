@@ -305,3 +305,12 @@ def test_surrogate_controls_equal_the_direct_solve(seed, N, n, m, kl):
         with pytest.raises(InvalidArgumentError, match="surrogate=True"):
             steepest_descent_lqr(A, B, aN, QN, R=[r + torch.diag(torch.arange(m) * 0.1)
                                                    for r in R], surrogate=True)
+
+
+def test_parameters_outside_the_stages_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+    x, y = data(5, (4,))
+    with pytest.raises(TypeError, match=r"parameters of \['2'\] are not stages"):
+        lqr_direction(model, x, y, F.cross_entropy)
+    with pytest.raises(TypeError, match=r"parameters of \['2'\] are not stages"):
+        LQRDescent(model)
