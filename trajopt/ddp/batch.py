@@ -24,6 +24,13 @@ class Traj:
         return Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx])
 
     def assign(self, idx: torch.Tensor, other: Traj) -> None:
+        """Write ``other`` into the rows ``idx`` (in order); when they are all the rows,
+        take ``other``'s tensors instead of copying (unless one tensor appears twice in
+        its lists: rows written later would then change both)."""
+        if idx.numel() == self.cost.shape[0] and other.cost.shape == self.cost.shape and \
+                len({id(v) for v in other.xs + other.us}) == len(other.xs) + len(other.us):
+            self.xs[:], self.us[:], self.cost = other.xs, other.us, other.cost
+            return
         for a, b in zip(self.xs, other.xs):
             a[idx] = b
         for a, b in zip(self.us, other.us):
@@ -32,8 +39,12 @@ class Traj:
 
     def finite(self) -> torch.Tensor:
         """(B,) bool: the cost and every state are finite."""
+        xs = self.xs
+        if all(v.shape == xs[0].shape for v in xs):  # one op over all stages
+            return torch.isfinite(self.cost) & torch.isfinite(torch.stack(xs, 1)).flatten(
+                1).all(-1)
         return torch.isfinite(self.cost) & torch.stack(
-            [torch.isfinite(v).all(-1) for v in self.xs], -1).all(-1)
+            [torch.isfinite(v).all(-1) for v in xs], -1).all(-1)
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Policy:
     Vxx: list[torch.Tensor]
     dV: torch.Tensor
     ok: torch.Tensor
+    shared: bool = False  # tensors borrowed from a backward pass: copy before writing
 
 
 def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
@@ -54,8 +66,7 @@ def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
     |u_t,i|`` per element (B,) (0 when both are 0, inf when only the controls are):
     unchanged when the problem is scaled (Tassa's ``|k| / (1 + |u|)`` is not: from a
     tiny initial state it calls the zero control converged)."""
-    step = torch.stack([kt.abs().amax(-1) for kt in k], -1).amax(-1)
-    size = torch.stack([ut.abs().amax(-1) for ut in us], -1).amax(-1)
+    step, size = (torch.cat(v, -1).abs().amax(-1) for v in (k, us))
     return torch.where(step == 0, torch.zeros_like(step), step / size)
 
 
@@ -70,14 +81,24 @@ def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
     """Write ``part`` (rows ``idx``) into ``full`` (B rows), allocating it (zeros) when
     None.  Rows whose backward pass failed (``ok`` False: the regularization limit) keep
     what they held -- the element's last successful policy, or zeros -- so the result
-    never carries the failed pass's NaN (the element's ``reason`` says it stopped)."""
+    never carries the failed pass's NaN (the element's ``reason`` says it stopped).
+
+    When ``part`` replaces every row (all ``B`` rows, every one ``ok``) it is returned as
+    it is (no copy), marked ``shared``: its tensors may be views of others (the terminal
+    derivatives), so a later merge into it first copies it."""
+    ok = part.ok
+    if idx.numel() == B and bool(ok.all()):
+        return Policy(part.K, part.k, part.Vx, part.Vxx, part.dV, part.ok, shared=True)
+    if full is not None and full.shared:  # do not write into borrowed tensors
+        full = Policy([v.clone() for v in full.K], [v.clone() for v in full.k],
+                      [v.clone() for v in full.Vx], [v.clone() for v in full.Vxx],
+                      full.dV.clone(), full.ok.clone())
     if full is None:
         def alloc(v):
             return torch.zeros(B, *v.shape[1:], dtype=v.dtype, device=v.device)
         full = Policy([alloc(v) for v in part.K], [alloc(v) for v in part.k],
                       [alloc(v) for v in part.Vx], [alloc(v) for v in part.Vxx],
                       alloc(part.dV), torch.zeros(B, dtype=torch.bool, device=part.ok.device))
-    ok = part.ok
     if not bool(ok.all()):
         idx, part = idx[ok], Policy([v[ok] for v in part.K], [v[ok] for v in part.k],
                                     [v[ok] for v in part.Vx], [v[ok] for v in part.Vxx],

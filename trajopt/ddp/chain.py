@@ -82,12 +82,13 @@ class Chain:
         cd, cds = self._cost_derivatives(args)
         if fd is not None and cd is not None:  # pack all stages with one joint_blocks
             F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
-            n = traj.xs[0].shape[-1]
-            stages = []
-            for t in range(len(args)):
-                rows = slice(t * B, (t + 1) * B)
-                sec = [None if v is None else v[rows] for v in (fd.fxx, fd.fux, fd.fuu)]
-                stages.append(DenseStage(F[rows], L[rows], n, None, *sec))
+            n, T = traj.xs[0].shape[-1], len(args)
+
+            def per_stage(v):  # T views in one op
+                return [None] * T if v is None else v.reshape(T, B, *v.shape[1:]).unbind(0)
+
+            stages = [DenseStage(*blocks[:2], n, None, *blocks[2:]) for blocks in zip(
+                *(per_stage(v) for v in (F, L, fd.fxx, fd.fux, fd.fuu)))]
         else:
             stages = []
             for (x, _), f, c in zip(args, fds, cds):

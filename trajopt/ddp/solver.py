@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,9 +41,10 @@ import torch
 
 from .._checks import shape_str
 from .._linalg import mv
+from .._threads import threads_for
 from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
-from ..riccati.step import value_update
+from ..riccati.step import total_expected_change, value_update
 from .batch import Policy, Traj, merge_policy, select_gains, step_size
 from .chain import Chain
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
@@ -124,22 +126,23 @@ class DDPSolver:
         expansion -> gains -> value update.  Elements whose regularized Q_uu is not
         positive definite get ``ok = False``."""
         T = len(stages)
-        B = mu.shape[0]
-        ok = torch.ones(B, dtype=torch.bool, device=mu.device)
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
-        dV = torch.zeros(B, 2, dtype=mu.dtype, device=mu.device)
+        oks, terms = [], []
         gains = self.policy(mu, traj, lo, hi, k_warm)
         for t in range(T - 1, -1, -1):
             Q = stages[t].expand(Vx, Vxx)
             g = gains.gains(Q, t)
-            ok = ok & g.ok
+            oks.append(g.ok)
             # a failed element's NaNs stay in its own row; it is flagged by ``ok``
-            step = value_update(Q, g.K, g.k, exact_policy=False)
+            step = value_update(Q, g.K, g.k, exact_policy=False, kK=g.kK)
             Vx, Vxx = step.Vx, step.Vxx
-            dV = dV + step.expected_change()
+            terms.append(step.change_terms())
             Ks[t], ks[t] = g.K, g.k
             Vxs[t], Vxxs[t] = stages[t].state_block(Vx, Vxx)
+        # the flags and the expected change of all stages at once, not per stage
+        dV = total_expected_change(terms)
+        ok = torch.stack(oks).all(0)
         return Policy(Ks, ks, Vxs, Vxxs, dV, ok & torch.isfinite(dV).all(-1))
 
     def forward_pass(self, traj: Traj, policy: Policy, alpha: float | torch.Tensor,
@@ -173,9 +176,16 @@ class DDPSolver:
         """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
 
         Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
-        there); the result is not differentiable with respect to the inputs.
+        there); the result is not differentiable with respect to the inputs.  A small
+        problem (batch x (n+m) x (1+n+m) below torch's parallel grain) runs with one
+        intra-op thread (:func:`trajopt._threads.threads_for`).
         """
         inp = self.prepare(x0, us0)
+        n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
+        with threads_for(inp.x0.shape[0] * (n + m) * (1 + n + m)):
+            return self._solve(inp)
+
+    def _solve(self, inp: SolveInputs) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
         B = x0f.shape[0]
@@ -314,9 +324,13 @@ class DDPSolver:
         sel = torch.nonzero(pending).flatten()
         na, ns = len(alphas), sel.numel()
         a = torch.tensor(alphas, dtype=sub.cost.dtype, device=sub.cost.device)
-        rows = sel.repeat(na)  # alpha-major: row j * ns + i is alpha j, element i
         alpha = a[0].item() if na == 1 else a.repeat_interleave(ns)
-        cand = self.forward_pass(sub.select(rows), select_gains(pol, rows), alpha, lo, hi)
+        if na == 1 and ns == sub.cost.shape[0]:  # every row, one alpha: no copies
+            cand = self.forward_pass(sub, pol, alpha, lo, hi)
+        else:
+            rows = sel.repeat(na)  # alpha-major: row j * ns + i is alpha j, element i
+            cand = self.forward_pass(sub.select(rows), select_gains(pol, rows), alpha, lo,
+                                     hi)
         dV = pol.dV[sel]
         expected = -(a[:, None] * dV[:, 0] + a[:, None] ** 2 * dV[:, 1])
         actual = sub.cost[sel] - cand.cost.reshape(na, ns)
@@ -327,7 +341,10 @@ class DDPSolver:
         first = torch.argmax(acc.to(torch.int8), 0)  # the largest accepted alpha
         cols = torch.nonzero(ok).flatten()
         gidx = idx[sel[cols]]
-        traj.assign(gidx, cand.select(first[cols] * ns + cols))
+        if na == 1 and gidx.numel() == traj.cost.shape[0]:
+            traj.assign(gidx, cand)  # every row accepted the one alpha
+        else:
+            traj.assign(gidx, cand.select(first[cols] * ns + cols))
         step[gidx] = a[first[cols]]
         exp_log[gidx] = expected[first[cols], cols]
         act_log[gidx] = actual[first[cols], cols]
@@ -349,9 +366,10 @@ class DDPSolver:
         n_sub = idx.numel()
         stopped = torch.zeros(n_sub, dtype=torch.bool, device=idx.device)
         local = torch.arange(n_sub, device=idx.device)
-        warm = None if k_warm is None else [k[idx] for k in k_warm]
+        # idx lists rows in order: all of them needs no copy
+        warm = None if k_warm is None else (
+            k_warm if n_sub == k_warm[0].shape[0] else [k[idx] for k in k_warm])
         pol = None
-        owned = False
         while True:
             gidx = idx[local]
             if local.numel() == n_sub:  # first pass over everything: no copies
@@ -361,14 +379,9 @@ class DDPSolver:
                     [s.select(local) for s in stages], Vx[local], Vxx[local],
                     mu[gidx], sub.select(local), lo, hi,
                     None if warm is None else [k[local] for k in warm])
-            if pol is None:
-                pol = part
-            else:
-                if not owned:  # part's tensors may be views (terminal derivatives): copy
-                    pol = merge_policy(None, pol, torch.arange(n_sub, device=idx.device),
-                                        n_sub)
-                    owned = True
-                pol = merge_policy(pol, part, local, n_sub)
+            # part's tensors may be views (terminal derivatives): merged into a copy
+            pol = replace(part, shared=True) if pol is None else \
+                merge_policy(pol, part, local, n_sub)
             bad = ~part.ok
             if not bool(bad.any()):
                 break

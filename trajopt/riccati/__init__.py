@@ -34,7 +34,13 @@ from .solvers import (
     solve_policy,
 )
 from .spans import SpanStage
-from .step import RiccatiStep, riccati_step, riccati_step_joint, value_update
+from .step import (
+    RiccatiStep,
+    riccati_step,
+    riccati_step_joint,
+    total_expected_change,
+    value_update,
+)
 from .value import DenseValue, RankOneValue, RankRValue, Value
 
 __all__ = [
@@ -46,6 +52,6 @@ __all__ = [
     "cholesky_factor", "solve_policy",
     "Gains", "GainsPlug", "CholeskyGains", "PlayerGains", "BoxGains",
     "CooperativePolicy", "cooperative_policy", "joint_curvature", "box_qp", "BoxQPResult",
-    "RiccatiStep", "value_update", "riccati_step", "riccati_step_joint",
+    "RiccatiStep", "value_update", "total_expected_change", "riccati_step", "riccati_step_joint",
     "surrogate_control", "push_through_control",
 ]

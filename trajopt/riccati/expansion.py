@@ -28,12 +28,16 @@ import torch
 
 from .._linalg import mv as _mv
 
-__all__ = ["QExpansion", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage"]
+__all__ = ["QExpansion", "addmm", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage"]
 
 
-@dataclass(frozen=True)
 class QExpansion:
     """Second-order expansion of the state-action value Q around the nominal point.
+
+    Built either from its blocks (``QExpansion(Qx=..., Qu=..., Qxx=..., Qux=..., Quu=...)``)
+    or from the packed joint tensor (``QExpansion(joint=J, n=n)``); in the second form the
+    blocks are views of ``joint``, taken when first read (a backward pass that never reads
+    ``Qxx`` never slices it: each view is a few microseconds of dispatch, per stage).
 
     Attributes
     ----------
@@ -46,14 +50,81 @@ class QExpansion:
     joint : (..., n+m, 1+n+m) or None
         The packed ``[[Qx, Qxx, Qxu], [Qu, Qux, Quu]]`` the fields are views of, when the
         expansion was formed jointly.
+    n : int
+        The state size (the row where the control block of ``joint`` starts).
     """
 
-    Qx: torch.Tensor
-    Qu: torch.Tensor
-    Qxx: torch.Tensor
-    Qux: torch.Tensor
-    Quu: torch.Tensor
-    joint: torch.Tensor | None = None
+    __slots__ = ("joint", "n", "_Qx", "_Qu", "_Qxx", "_Qux", "_Quu")
+
+    def __init__(self, Qx: torch.Tensor | None = None, Qu: torch.Tensor | None = None,
+                 Qxx: torch.Tensor | None = None, Qux: torch.Tensor | None = None,
+                 Quu: torch.Tensor | None = None, joint: torch.Tensor | None = None,
+                 n: int | None = None):
+        if joint is None:
+            if any(v is None for v in (Qx, Qu, Qxx, Qux, Quu)):
+                raise TypeError("QExpansion needs Qx, Qu, Qxx, Qux, Quu or joint and n")
+            n = Qxx.shape[-1]
+        elif n is None:
+            raise TypeError("QExpansion(joint=...) needs the state size n")
+        self.joint, self.n = joint, n
+        self._Qx, self._Qu, self._Qxx, self._Qux, self._Quu = Qx, Qu, Qxx, Qux, Quu
+
+    @property
+    def Qx(self) -> torch.Tensor:
+        if self._Qx is None:
+            self._Qx = self.joint[..., :self.n, 0]
+        return self._Qx
+
+    @property
+    def Qu(self) -> torch.Tensor:
+        if self._Qu is None:
+            self._Qu = self.joint[..., self.n:, 0]
+        return self._Qu
+
+    @property
+    def Qxx(self) -> torch.Tensor:
+        if self._Qxx is None:
+            self._Qxx = self.joint[..., :self.n, 1:self.n + 1]
+        return self._Qxx
+
+    @property
+    def Qux(self) -> torch.Tensor:
+        if self._Qux is None:
+            self._Qux = self.joint[..., self.n:, 1:self.n + 1]
+        return self._Qux
+
+    @property
+    def Quu(self) -> torch.Tensor:
+        if self._Quu is None:
+            self._Quu = self.joint[..., self.n:, self.n + 1:]
+        return self._Quu
+
+    def packed(self) -> torch.Tensor:
+        """``joint``, or the blocks packed into one (..., n+m, 1+n+m) tensor."""
+        if self.joint is not None:
+            return self.joint
+        Qx, Qu, Qxx, Qux, Quu = self.Qx, self.Qu, self.Qxx, self.Qux, self.Quu
+        batch = torch.broadcast_shapes(Qx.shape[:-1], Qu.shape[:-1], Qxx.shape[:-2],
+                                       Qux.shape[:-2], Quu.shape[:-2])
+        n, m = Qxx.shape[-1], Quu.shape[-1]
+        top = torch.cat([Qx.expand(*batch, n).unsqueeze(-1), Qxx.expand(*batch, n, n),
+                         Qux.transpose(-1, -2).expand(*batch, n, m)], -1)
+        bottom = torch.cat([Qu.expand(*batch, m).unsqueeze(-1), Qux.expand(*batch, m, n),
+                            Quu.expand(*batch, m, m)], -1)
+        return torch.cat([top, bottom], -2)
+
+
+def addmm(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+          alpha: float = 1.0) -> torch.Tensor:
+    """``C + alpha A @ B`` as one op (``baddbmm`` / ``addmm``) when the three share their
+    batch shape, else broadcasting ``matmul``: the Riccati loop is dominated by the
+    number of ops, not their size."""
+    if C.ndim == A.ndim == B.ndim and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]:
+        if C.ndim == 3:
+            return torch.baddbmm(C, A, B, alpha=alpha)
+        if C.ndim == 2:
+            return torch.addmm(C, A, B, alpha=alpha)
+    return C + alpha * (A @ B) if alpha != 1.0 else C + A @ B
 
 
 def joint_blocks(
@@ -92,10 +163,10 @@ def expand_q_joint(
     if c is not None:
         Vx = Vx + _mv(Vxx, c)
     VF = Vxx @ F
-    Vx = Vx.expand(*VF.shape[:-2], Vx.shape[-1])
-    J = L + F.transpose(-1, -2) @ torch.cat([Vx.unsqueeze(-1), VF], -1)
-    return QExpansion(Qx=J[..., :n, 0], Qu=J[..., n:, 0], Qxx=J[..., :n, 1:n + 1],
-                      Qux=J[..., n:, 1:n + 1], Quu=J[..., n:, n + 1:], joint=J)
+    if Vx.shape[:-1] != VF.shape[:-2]:
+        Vx = Vx.expand(*VF.shape[:-2], Vx.shape[-1])
+    return QExpansion(joint=addmm(L, F.transpose(-1, -2),
+                                  torch.cat([Vx.unsqueeze(-1), VF], -1)), n=n)
 
 
 def expand_q(

@@ -30,7 +30,7 @@ import torch
 from .boxqp import box_qp
 from .expansion import QExpansion
 from .players import cooperative_policy, joint_curvature, player_blocks
-from .solvers import PerElementCholesky, cholesky_solve, solve_policy
+from .solvers import PerElementCholesky, cholesky_solve, solve_policy_joint
 
 __all__ = ["Gains", "GainsPlug", "CholeskyGains", "PlayerGains", "BoxGains",
            "PlayerCurvature"]
@@ -41,11 +41,13 @@ PlayerCurvature = Callable[[int, int, torch.Tensor], torch.Tensor | None]
 
 @dataclass(frozen=True)
 class Gains:
-    """``K`` (B, m, ny), ``k`` (B, m), ``ok`` (B,) bool."""
+    """``K`` (B, m, ny), ``k`` (B, m), ``ok`` (B,) bool; ``kK`` (B, m, 1+ny) the joint
+    ``[k | K]`` that K and k are views of, when the plug formed them in one solve."""
 
     K: torch.Tensor
     k: torch.Tensor
     ok: torch.Tensor
+    kK: torch.Tensor | None = None
 
 
 class GainsPlug(Protocol):
@@ -65,8 +67,8 @@ class CholeskyGains:
     def gains(self, Q: QExpansion, t: int) -> Gains:
         if self._chol is None:
             self._chol = PerElementCholesky(self.reg)
-        K, k = solve_policy(Q, self._chol, t)
-        return Gains(K=K, k=k, ok=~self._chol.failed)
+        kK = solve_policy_joint(Q, self._chol, t)
+        return Gains(K=kK[..., 1:], k=kK[..., 0], ok=self._chol.info == 0, kK=kK)
 
 
 def _approx(curvature: PlayerCurvature | None, Quu: torch.Tensor, sizes: Sequence[int],

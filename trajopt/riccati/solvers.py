@@ -22,7 +22,7 @@ from ..errors import NotPositiveDefiniteError
 from .expansion import QExpansion
 
 __all__ = ["QuuSolver", "CholeskySolver", "PerElementCholesky", "cholesky_solve",
-           "cholesky_factor", "solve_policy"]
+           "cholesky_factor", "solve_policy", "solve_policy_joint"]
 
 
 def cholesky_solve(rhs: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -97,19 +97,28 @@ class CholeskySolver:
 class PerElementCholesky:
     """Cholesky of ``Quu + reg_b I`` with one regularization per batch element.
 
-    For solvers that handle failures per element (DDP): it never raises; the elements
-    whose regularized Q_uu is not positive definite accumulate in ``failed`` (B,) and
-    their rows of the result are meaningless.
+    For solvers that handle failures per element (DDP): it never raises; ``info`` (B,) is
+    the LAPACK status of the last solve (nonzero: that element's regularized Q_uu is not
+    positive definite and its rows of the result are meaningless), ``failed`` (B,) bool
+    every element that failed in any solve so far.
 
     Attributes
     ----------
     reg : (B,) tensor
-    failed : (B,) bool tensor or None (before the first solve)
+    info : (B,) int tensor or None (before the first solve)
     """
 
     reg: torch.Tensor
-    failed: torch.Tensor | None = None
+    info: torch.Tensor | None = None
+    _infos: list = field(default_factory=list, repr=False)
     _regI: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> torch.Tensor | None:
+        """(B,) bool: failed in any solve so far (None before the first)."""
+        if not self._infos:
+            return None
+        return (torch.stack(self._infos) != 0).any(0)
 
     def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
         m = Quu.shape[-1]
@@ -117,23 +126,21 @@ class PerElementCholesky:
             eye = torch.eye(m, dtype=Quu.dtype, device=Quu.device)
             self._regI = self.reg[..., None, None] * eye
         L, info = torch.linalg.cholesky_ex(Quu + self._regI)
-        bad = info != 0
-        self.failed = bad if self.failed is None else self.failed | bad
+        self.info = info
+        self._infos.append(info)
         return cholesky_solve(rhs, L)
 
     def value_damping(self, stage: int | None) -> float:
         return 0.0
 
 
-def solve_policy(
+def solve_policy_joint(
     Q: QExpansion, solver: QuuSolver, stage: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(K, k)``, ``K = -Quu^{-1} Qux`` (..., m, n), ``k = -Quu^{-1} Qu`` (..., m).
-
-    Both come from one solve with the right-hand side ``[Qu | Qux]`` (a view of the joint
-    expansion when there is one).
-    """
-    n = Q.Qux.shape[-1]
+) -> torch.Tensor:
+    """The gains as one tensor ``[k | K]`` (..., m, 1+n): ``-Quu^{-1} [Qu | Qux]``, one
+    solve with the right-hand side ``[Qu | Qux]`` (a view of the joint expansion when
+    there is one)."""
+    n = Q.n
     if Q.joint is not None:
         rhs = Q.joint[..., n:, :n + 1]
     else:
@@ -148,5 +155,13 @@ def solve_policy(
     Quu = Q.Quu
     if Quu.shape[:-2] != rhs.shape[:-2]:
         Quu = Quu.expand(*rhs.shape[:-2], *Quu.shape[-2:])
-    sol = -solver.solve(Quu, rhs, stage)
+    return -solver.solve(Quu, rhs, stage)
+
+
+def solve_policy(
+    Q: QExpansion, solver: QuuSolver, stage: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(K, k)``, ``K = -Quu^{-1} Qux`` (..., m, n), ``k = -Quu^{-1} Qu`` (..., m):
+    views of :func:`solve_policy_joint`."""
+    sol = solve_policy_joint(Q, solver, stage)
     return sol[..., 1:], sol[..., 0]

@@ -28,16 +28,17 @@ with the value plug of :mod:`~trajopt.riccati.value`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .._linalg import mv as _mv
 from .._linalg import sym
-from .expansion import QExpansion, expand_q_joint, joint_blocks
+from .expansion import QExpansion, addmm, expand_q_joint, joint_blocks
 from .solvers import CholeskySolver, QuuSolver, solve_policy
 
-__all__ = ["RiccatiStep", "value_update", "riccati_step", "riccati_step_joint"]
+__all__ = ["RiccatiStep", "value_update", "total_expected_change", "riccati_step",
+           "riccati_step_joint"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,8 @@ class RiccatiStep:
         Value Hessian at this stage (the thesis' K, our ``P``), symmetric.
     Q : QExpansion
         The expansion the policy came from (unregularized Q_uu).
-    dV : (..., 2) or None
-        ``[k'Q_u, 1/2 k'Q_uu k]`` when the update computed it on the way (general form);
-        :meth:`expected_change` returns it in every case.
+    Qg : (..., m) or None
+        ``Q_u + Q_uu k`` (the general form computes it on the way; :meth:`change_terms`).
     """
 
     K: torch.Tensor
@@ -66,48 +66,65 @@ class RiccatiStep:
     Vx: torch.Tensor
     Vxx: torch.Tensor
     Q: QExpansion
-    dV: torch.Tensor | None = None
+    Qg: torch.Tensor | None = None
+
+    def change_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, Q_u, Q_u + Q_uu k)``, what :meth:`expected_change` is made of
+        (:func:`total_expected_change` sums them over stages in a few ops)."""
+        Qg = self.Qg
+        if Qg is None:
+            Qg = self.Q.Qu + _mv(sym(self.Q.Quu), self.k)
+        return self.k, self.Q.Qu, Qg
 
     def expected_change(self) -> torch.Tensor:
         """Expected value change of the full step, (..., 2): ``[k'Q_u, 1/2 k'Q_uu k]``, so
         a line search with step alpha expects ``alpha dV[0] + alpha^2 dV[1]``."""
-        if self.dV is not None:
-            return self.dV
-        Quu_k = _mv(sym(self.Q.Quu), self.k)
-        return torch.stack([(self.k * self.Q.Qu).sum(-1), 0.5 * (self.k * Quu_k).sum(-1)],
-                           dim=-1)
+        return total_expected_change([self.change_terms()])
+
+
+def total_expected_change(terms) -> torch.Tensor:
+    """The expected change summed over stages, (..., 2), from the stages'
+    :meth:`RiccatiStep.change_terms` ``(k, Q_u, g = Q_u + Q_uu k)``:
+    ``[sum k'Q_u, 1/2 sum k'Q_uu k]`` with ``k'Q_uu k = k'g - k'Q_u``, all stages in one
+    product (the control sizes may differ between stages)."""
+    k, Qu, g = (torch.cat(v, -1) if len(v) > 1 else v[0] for v in zip(*terms))
+    kQu = (k * Qu).sum(-1)
+    return torch.stack([kQu, 0.5 * ((k * g).sum(-1) - kQu)], dim=-1)
 
 
 def value_update(
-    Q: QExpansion, K: torch.Tensor, k: torch.Tensor, *, exact_policy: bool = False
+    Q: QExpansion, K: torch.Tensor, k: torch.Tensor, *, exact_policy: bool = False,
+    kK: torch.Tensor | None = None,
 ) -> RiccatiStep:
     """Value derivatives of the policy ``(K, k)`` under the expansion ``Q``.
 
     With ``exact_policy`` (K, k solve the unregularized Q_uu exactly) the shorter forms
     ``Vx = Qx + Qux'k``, ``Vxx = Qxx + Qux'K`` are used (one matmul on the joint
     expansion); otherwise the general forms that stay correct for a regularized,
-    approximate or clamped policy.
+    approximate or clamped policy.  ``kK`` is the joint ``[k | K]`` (..., m, 1+n) when the
+    caller has it (saves a ``cat``).
     """
-    QuxT = Q.Qux.transpose(-1, -2)
-    if exact_policy and Q.joint is not None:
-        n = K.shape[-1]
+    n = K.shape[-1]
+    if kK is None:
         kK = torch.cat([k.unsqueeze(-1), K], -1)
-        V = Q.joint[..., :n, :n + 1] + QuxT @ kK
+    if exact_policy and Q.joint is not None:
+        V = addmm(Q.joint[..., :n, :n + 1], Q.Qux.transpose(-1, -2), kK)
         Vx, Vxx = V[..., 0], sym(V[..., 1:])
     elif exact_policy:
+        QuxT = Q.Qux.transpose(-1, -2)
         Vx = Q.Qx + _mv(QuxT, k)
         Vxx = sym(Q.Qxx + QuxT @ K)
     else:
-        # [Vx | Vxx] = [Qx | Qxx] + K'([Quu k + Qu | Quu K + 2 Qux]) + [Qux'k | 0], using
-        # sym(K'Qux + Qux'K) = sym(2 K'Qux): two matmuls for the whole general update
-        kK = torch.cat([k.unsqueeze(-1), K], -1)
-        QuukK = Q.Quu @ kK
-        W = QuukK + torch.cat([Q.Qu.unsqueeze(-1), 2.0 * Q.Qux], -1)
-        V = K.transpose(-1, -2) @ W
-        Vx = Q.Qx + V[..., 0] + _mv(QuxT, k)
-        Vxx = sym(Q.Qxx + V[..., 1:])
-        dV = torch.stack([(k * Q.Qu).sum(-1), 0.5 * (k * QuukK[..., 0]).sum(-1)], dim=-1)
-        return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, dV=dV)
+        # Q along the policy, u = k + K dx: with J = [[Qx, Qxx, Qxu], [Qu, Qux, Quu]],
+        # P = J[:, :1+n] + J[:, 1+n:] [k | K] = [[Qx + Qxu k, Qxx + Qxu K],
+        # [Qu + Quu k, Qux + Quu K]] and [Vx | Vxx] = P_x + K' P_u: two products for the
+        # whole general update (Vx = Qx + K'Quu k + K'Qu + Qux'k,
+        # Vxx = Qxx + K'Quu K + K'Qux + Qux'K, symmetrized)
+        J = Q.packed()
+        P = addmm(J[..., :n + 1], J[..., n + 1:], kK)
+        V = addmm(P[..., :n, :], K.transpose(-1, -2), P[..., n:, :])
+        Vx, Vxx = V[..., 0], sym(V[..., 1:])
+        return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, Qg=P[..., n:, 0])
     return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q)
 
 
@@ -158,6 +175,7 @@ def riccati_step_joint(
         m = Q.Quu.shape[-1]
         eye = torch.eye(m, dtype=Q.Quu.dtype, device=Q.Quu.device)
         d = torch.as_tensor(delta, dtype=Q.Quu.dtype, device=Q.Quu.device)
-        Q = replace(Q, Quu=Q.Quu + d[..., None, None] * eye, joint=None)
+        Q = QExpansion(Qx=Q.Qx, Qu=Q.Qu, Qxx=Q.Qxx, Qux=Q.Qux,
+                       Quu=Q.Quu + d[..., None, None] * eye)
         return value_update(Q, K, k, exact_policy=False)
     return value_update(Q, K, k, exact_policy=getattr(solver, "reg", None) == 0.0)
