@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from .._checks import shape_str
-from .._linalg import mv
 from .._threads import threads_for
 from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
+from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
 from .batch import Policy, Traj, merge_policy, select_gains, step_size
@@ -153,9 +153,16 @@ class DDPSolver:
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
         dev = self.structure.deviation
+        us, k = traj.us, policy.k
+        if all(v.shape == us[0].shape for v in us) and all(v.shape == us[0].shape for v in k):
+            # u_bar + alpha k of every stage in four ops, not two per stage
+            ff = (torch.stack(us) + alpha * torch.stack(k)).unbind(0)
+        else:
+            ff = [u + alpha * kt for u, kt in zip(us, k)]
 
         def control(t, xs):
-            u = traj.us[t] + alpha * policy.k[t] + mv(policy.K[t], dev(t, xs, traj.xs))
+            u = addmm(ff[t].unsqueeze(-1), policy.K[t],
+                      dev(t, xs, traj.xs).unsqueeze(-1)).squeeze(-1)
             return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
 
         out = self.structure.simulate(traj.xs[0], len(traj.us), control)

@@ -141,17 +141,17 @@ def solve_policy_joint(
     solve with the right-hand side ``[Qu | Qux]`` (a view of the joint expansion when
     there is one)."""
     n = Q.n
-    if Q.joint is not None:
-        rhs = Q.joint[..., n:, :n + 1]
-    else:
-        # torch.broadcast_shapes costs ~70 us (a Python reference implementation): only
-        # when the batch shapes differ
-        bx, bu = Q.Qux.shape[:-2], Q.Qu.shape[:-1]
-        batch = bx if bx == bu else torch.broadcast_shapes(bx, bu)
-        m = Q.Quu.shape[-1]
-        Qu = Q.Qu if bu == batch else Q.Qu.expand(*batch, m)
-        Qux = Q.Qux if bx == batch else Q.Qux.expand(*batch, m, n)
-        rhs = torch.cat([Qu.unsqueeze(-1), Qux], -1)
+    if Q.joint is not None:  # [Qu | Qux] and Quu: two views in two ops
+        rhs, Quu = Q.joint[..., n:, :].split([n + 1, Q.joint.shape[-1] - n - 1], -1)
+        return -solver.solve(Quu, rhs, stage)
+    # torch.broadcast_shapes costs ~70 us (a Python reference implementation): only when
+    # the batch shapes differ
+    bx, bu = Q.Qux.shape[:-2], Q.Qu.shape[:-1]
+    batch = bx if bx == bu else torch.broadcast_shapes(bx, bu)
+    m = Q.Quu.shape[-1]
+    Qu = Q.Qu if bu == batch else Q.Qu.expand(*batch, m)
+    Qux = Q.Qux if bx == batch else Q.Qux.expand(*batch, m, n)
+    rhs = torch.cat([Qu.unsqueeze(-1), Qux], -1)
     Quu = Q.Quu
     if Quu.shape[:-2] != rhs.shape[:-2]:
         Quu = Quu.expand(*rhs.shape[:-2], *Quu.shape[-2:])

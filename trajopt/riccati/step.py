@@ -120,11 +120,11 @@ def value_update(
         # [Qu + Quu k, Qux + Quu K]] and [Vx | Vxx] = P_x + K' P_u: two products for the
         # whole general update (Vx = Qx + K'Quu k + K'Qu + Qux'k,
         # Vxx = Qxx + K'Quu K + K'Qux + Qux'K, symmetrized)
-        J = Q.packed()
-        P = addmm(J[..., :n + 1], J[..., n + 1:], kK)
-        V = addmm(P[..., :n, :], K.transpose(-1, -2), P[..., n:, :])
+        J0, Ju = Q.packed().split([n + 1, k.shape[-1]], -1)
+        Px, Pu = addmm(J0, Ju, kK).split([n, k.shape[-1]], -2)
+        V = addmm(Px, K.transpose(-1, -2), Pu)
         Vx, Vxx = V[..., 0], sym(V[..., 1:])
-        return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, Qg=P[..., n:, 0])
+        return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q, Qg=Pu[..., 0])
     return RiccatiStep(K=K, k=k, Vx=Vx, Vxx=Vxx, Q=Q)
 
 
