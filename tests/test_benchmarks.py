@@ -1,0 +1,24 @@
+"""Smoke test: ``benchmarks/run_all.py --quick`` prints every row of the speed issue's table
+(mpc.pytorch skipped; crocoddyl optional; the DARE rows when bench_lqr_dare provides them).
+Timings are not checked here: speed is measured by the benchmark scripts."""
+
+import importlib.util
+from pathlib import Path
+
+RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+
+
+def test_run_all_quick_prints_every_row(capsys):
+    spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert out.count("\n| ") >= len(rows) + 1  # header + one line per row
+    figures = " ".join(r["figure"] for r in rows)
+    for name in ("pendulum swing-up", "LQ n=8 m=3", "MPC step, cart-pole T=50",
+                 "mpc.pytorch pendulum"):
+        assert name in figures, name
+    assert "DARE" in out
+    for r in rows:
+        assert set(r) >= {"figure", "goal", "trajopt", "peer", "ratio", "met"}
