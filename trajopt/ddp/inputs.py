@@ -54,8 +54,10 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
             raise ShapeError(f"us0 must have shape (..., T, m) with T >= 1; got "
                              f"{shape_str(ut)}")
         us = list(ut.unbind(-2))
-    for t, u in enumerate(us):
-        check_finite(u, f"us0[{t}]")
+    # one check over all stages; the stage-by-stage loop only to name a bad one
+    if listed or not bool(torch.isfinite(ut).all()):
+        for t, u in enumerate(us):
+            check_finite(u, f"us0[{t}]")
     try:
         batch = torch.broadcast_shapes(x0t.shape[:-1], *(u.shape[:-1] for u in us))
     except RuntimeError:
@@ -68,7 +70,11 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
         raise ShapeError(f"x0 must have at least one state (n >= 1); got "
                          f"{shape_str(x0t)}")
     x0f = x0t.expand(*batch, x0t.shape[-1]).reshape(B, -1).clone()
-    usf = [u.expand(*batch, u.shape[-1]).reshape(B, -1).clone() for u in us]
+    if listed:
+        usf = [u.expand(*batch, u.shape[-1]).reshape(B, -1).clone() for u in us]
+    else:  # one copy for all stages, (B, T, m); the stages are views of it
+        usf = list(ut.expand(*batch, *ut.shape[-2:]).reshape(B, *ut.shape[-2:]).clone()
+                   .unbind(1))
     lo = hi = None
     if control_limits is not None:
         limits = control_limits
@@ -93,7 +99,10 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
             bad = int(torch.nonzero(lo > hi)[0])
             raise InvalidArgumentError(f"control_limits: lo > hi for control {bad} "
                              f"({float(lo[bad])} > {float(hi[bad])})")
-        usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
+        if listed:
+            usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
+        else:
+            usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
     return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
 
 
