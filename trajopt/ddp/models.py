@@ -213,10 +213,9 @@ class Cost:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
         int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
         single, args = _per_point(self.running, x, u, t)
-        lx, lu = _like(vmap(jacrev(single, argnums=(0, 1)))(*args), x)
-        (lxx, _), (lux, luu) = vmap(jacfwd(jacrev(single, argnums=(0, 1)),
-                                           argnums=(0, 1)))(*args)
-        lxx, lux, luu = _like((lxx, lux, luu), x)
+        ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(_with_gradient(single, (0, 1)),
+                                                      argnums=(0, 1), has_aux=True))(*args)
+        lx, lu, lxx, lux, luu = _like((lx, lu, lxx, lux, luu), x)
         return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
 
     def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +223,20 @@ class Cost:
         if self._terminal is None and type(self).terminal is Cost.terminal:
             n = x.shape[-1]
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
-        g = vmap(jacrev(self.terminal))(x)
-        H = vmap(jacfwd(jacrev(self.terminal)))(x)
+        H, g = vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)
         return _like((g, H), x)
+
+
+def _with_gradient(fn: Callable, argnums):
+    """``jacrev(fn)`` returning the gradient twice, as output and as auxiliary output: under
+    ``jacfwd(..., has_aux=True)`` one call gives the Hessian and the gradient (separate
+    ``jacrev`` and ``jacfwd(jacrev)`` calls evaluate the gradient twice)."""
+    grad = jacrev(fn, argnums=argnums)
+
+    def both(*args):
+        g = grad(*args)
+        return g, g
+    return both
 
 
 class QuadraticCost(Cost):
