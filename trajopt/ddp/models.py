@@ -274,6 +274,10 @@ class QuadraticCost(Cost):
             check_finite(v, name)
 
     def _like(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        # ``t`` itself when nothing changes (what ``.to`` returns, without its dispatch:
+        # four per stage in every rollout)
+        if t.dtype == ref.dtype and t.device == ref.device:
+            return t
         return t.to(dtype=ref.dtype, device=ref.device)
 
     def running(self, x, u, t):
