@@ -162,7 +162,9 @@ def expand_q_joint(
     """
     if c is not None:
         Vx = Vx + _mv(Vxx, c)
-    VF = Vxx @ F
+    # bmm where the batch shapes agree: matmul's own dispatch costs ~5 us more per call
+    VF = torch.bmm(Vxx, F) if Vxx.ndim == F.ndim == 3 and Vxx.shape[0] == F.shape[0] \
+        else Vxx @ F
     if Vx.shape[:-1] != VF.shape[:-2]:
         Vx = Vx.expand(*VF.shape[:-2], Vx.shape[-1])
     return QExpansion(joint=addmm(L, F.transpose(-1, -2),
