@@ -119,13 +119,27 @@ class BoxGains:
     sizes: Sequence[Sequence[int]] | None = None
     curvature: PlayerCurvature | None = None
 
+    def _reg_eye(self, Quu: torch.Tensor) -> torch.Tensor:
+        """``reg I`` like ``Quu`` (B, m, m), formed once per backward pass (what
+        :func:`~trajopt.riccati.players.joint_curvature` adds for one exact player)."""
+        regI = self.__dict__.get("_regI")  # a cache on the frozen instance
+        if regI is None or regI.dtype != Quu.dtype or regI.shape[-1] != Quu.shape[-1]:
+            mu = torch.as_tensor(self.reg, dtype=Quu.dtype, device=Quu.device)
+            regI = mu.reshape(-1, 1, 1) * torch.eye(Quu.shape[-1], dtype=Quu.dtype,
+                                                     device=Quu.device)
+            self.__dict__["_regI"] = regI
+        return regI
+
     def gains(self, Q: QExpansion, t: int) -> Gains:
         m = Q.Quu.shape[-1]
-        sizes = [m] if self.sizes is None else self.sizes[t]
-        H = joint_curvature(Q.Quu, sizes, approx=_approx(self.curvature, Q.Quu, sizes, t),
-                            reg=self.reg)
+        if self.sizes is None and self.curvature is None:
+            H = Q.Quu + self._reg_eye(Q.Quu)  # joint_curvature of one exact player
+        else:
+            sizes = [m] if self.sizes is None else self.sizes[t]
+            H = joint_curvature(Q.Quu, sizes,
+                                approx=_approx(self.curvature, Q.Quu, sizes, t), reg=self.reg)
         u = self.us[t]
         res = box_qp(H, Q.Qu, self.lo - u, self.hi - u,
                      None if self.warm is None else self.warm[t])
-        rhs = torch.where(res.clamped.unsqueeze(-1), torch.zeros_like(Q.Qux), Q.Qux)
+        rhs = torch.where(res.clamped.unsqueeze(-1), 0.0, Q.Qux)
         return Gains(K=-cholesky_solve(rhs, res.factor), k=res.x, ok=~res.failed)
