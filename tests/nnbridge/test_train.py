@@ -94,7 +94,7 @@ def test_resumed_run_continues_identically(opt, tmp_path):
     (["--optimizer", "adam,lbfgs"], "unknown optimizer 'lbfgs'"),
     (["--lr", "-0.1"], "learning rate must be >= 0"),
     (["--epochs", "0"], "must be > 0"),
-    (["--dataset", "wine", "--model", "cnn"], "needs image data"),
+    (["--dataset", "wine", "--model", "cnn"], "needs image or signal data"),
     (["--device", "foo"], "--device foo: not a device"),
     (["--device", "meta"], "meta tensor holds no data"),
     (["--seed0", str(2 ** 64)], "must be in [0, 2**63)"),

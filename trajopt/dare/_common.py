@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._arrays import ArrayKind, infer_kind
 from .._checks import (
     batch_shape,
     check_finite,
@@ -339,3 +340,35 @@ def uncontrollable_unstable_mode(d: DAREData) -> complex | None:
         if float(sv[-1]) <= tol:
             return lv
     return None
+
+
+def numpy_single(named: dict[str, Any], max_n: int) -> tuple[dict[str, Any], ArrayKind] | None:
+    """The arguments as 2-D float64 numpy arrays when they are one float64 CPU system
+    with n <= ``max_n`` (numpy arrays, nested lists, or CPU float64 tensors without
+    gradient), else None (the general torch path, which also names every bad input)."""
+    kind = infer_kind(*named.values())
+    if not (kind.numpy or (kind.dtype == torch.float64 and kind.device.type == "cpu")):
+        return None
+    out: dict[str, Any] = {}
+    for name, v in named.items():
+        if v is None:
+            out[name] = None
+            continue
+        if isinstance(v, torch.Tensor):
+            if v.dtype != torch.float64 or v.device.type != "cpu" or v.requires_grad:
+                return None
+            a = v.resolve_conj().resolve_neg().numpy()
+        else:
+            try:
+                a = np.asarray(v)
+            except (TypeError, ValueError):
+                return None
+            if a.dtype.kind not in "biuf":
+                return None
+            a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.ndim != 2:
+            return None
+        out[name] = a
+    if out["A"].shape[-1] > max_n:
+        return None
+    return out, kind

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from .._arrays import ArrayKind, as_tensors, infer_kind
+from .._arrays import ArrayKind, as_tensors
 from .._linalg import sym
 from ..errors import (
     ConvergenceWarning,
@@ -24,6 +24,7 @@ from ._common import (
     DAREData,
     closed_loop_eigvals,
     gain,
+    numpy_single,
     ops,
     prepare,
     prepare_numpy,
@@ -213,38 +214,6 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
     return d, X, certified, used, res
 
 
-def _numpy_single(named: dict[str, Any]) -> tuple[dict[str, Any], ArrayKind] | None:
-    """The arguments as 2-D float64 numpy arrays when they are one small float64 CPU
-    system (numpy arrays, nested lists, or CPU float64 tensors without gradient), else
-    None (the general torch path, which also names every bad input)."""
-    kind = infer_kind(*named.values())
-    if not (kind.numpy or (kind.dtype == torch.float64 and kind.device.type == "cpu")):
-        return None
-    out: dict[str, Any] = {}
-    for name, v in named.items():
-        if v is None:
-            out[name] = None
-            continue
-        if isinstance(v, torch.Tensor):
-            if v.dtype != torch.float64 or v.device.type != "cpu" or v.requires_grad:
-                return None
-            a = v.resolve_conj().resolve_neg().numpy()
-        else:
-            try:
-                a = np.asarray(v)
-            except (TypeError, ValueError):
-                return None
-            if a.dtype.kind not in "biuf":
-                return None
-            a = np.ascontiguousarray(a, dtype=np.float64)
-        if a.ndim != 2:
-            return None
-        out[name] = a
-    if out["A"].shape[-1] > _SMALL_N:
-        return None
-    return out, kind
-
-
 def _out(kind: ArrayKind, x: Any) -> Any:
     """A result in the caller's array type (numpy results of the numpy path included)."""
     if isinstance(x, torch.Tensor):
@@ -318,7 +287,7 @@ def solve_dare(
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     named = {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}
-    single = _numpy_single(named) if method == "auto" else None
+    single = numpy_single(named, _SMALL_N) if method == "auto" else None
     if single is not None:  # one small float64 system: numpy throughout (docs/dare.md)
         a, kind = single
         d = prepare_numpy(a["A"], a["B"], a["Q"], a["R"], a["E"], a["S"])
