@@ -396,9 +396,16 @@ def test_batched_equals_looped_property(n, m, T, seed, limits, mode):
         one = trajopt.solve_ddp(dyn, cost, x0[i], torch.zeros(T, m, **F64), **kw)
         assert one.reason.item() == both.reason[i]
         assert one.iterations.item() == both.iterations[i].item()
+        # the batched and the single solve round differently (other kernel shapes); a
+        # fast (quadratic) convergence keeps that at the rounding level, a slow one (DDP
+        # mode, ~30 regularized iterations) lets it grow: seed 457, n=3, m=1, T=8 ends
+        # 2.9e-7 apart, within the stopping test's sqrt(tol) = 1e-4 (also before the
+        # session that found it); a batch-mixing bug gives O(1) differences
+        slow = one.iterations.item() >= 25
         np.testing.assert_allclose(one.us.numpy(), both.us[i].numpy(), rtol=1e-10,
-                                   atol=1e-12)
-        np.testing.assert_allclose(one.K.numpy(), both.K[i].numpy(), rtol=1e-9, atol=1e-10)
+                                   atol=1e-6 * float(one.us.abs().max()) if slow else 1e-12)
+        np.testing.assert_allclose(one.K.numpy(), both.K[i].numpy(), rtol=1e-9,
+                                   atol=1e-5 * float(one.K.abs().max()) if slow else 1e-10)
 
 
 def test_regularization_limit_returns_finite_fields():
