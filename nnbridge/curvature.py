@@ -301,8 +301,7 @@ class EKFAC(Curvature):
         st["G"] = _moment(st.get("G"), mean(torch.einsum("bop,bqp->oq", Wf, Wf)) / P, a)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
         if fresh:
-            st["QA"] = torch.linalg.eigh(st["A"])[1]
-            st["QG"] = torch.linalg.eigh(st["G"])[1]
+            st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
         if P == 1:
             s = mean(((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1)
                      @ (X[..., 0] @ st["QA"]) ** 2)
@@ -317,6 +316,22 @@ class EKFAC(Curvature):
 
     def rotations(self, st):
         return st["QG"], st["QA"]
+
+
+def _eigenbasis(M: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a Kronecker factor.  LAPACK's float32 ``eigh`` can fail to
+    converge on an ill-conditioned factor (dead ReLU features give many repeated zero
+    eigenvalues; found by the MNIST-1D experiment as a raw ``LinAlgError`` mid-training):
+    it is then computed in float64 and cast back.  Where even that fails, or the factor
+    is not finite, the result is NaN, so that the step's non-finite check skips the step
+    and leaves the optimizer's state as it was."""
+    if bool(torch.isfinite(M).all()):
+        for dtype in dict.fromkeys((M.dtype, torch.float64)):
+            try:
+                return torch.linalg.eigh(M.to(dtype))[1].to(M.dtype)
+            except RuntimeError:  # torch.linalg.LinAlgError: no convergence
+                continue
+    return torch.full_like(M, float("nan"))
 
 
 class Exact(Curvature):

@@ -75,3 +75,16 @@ def test_terminal_hessian_experiment_smoke(tmp_path):
     assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "experiments_terminal.md").read_text()
     assert "| identity | 0.1 |" in text and "| adam | 0.003 |" in text and "nan" not in text
+
+
+def test_mnist1d_experiment_smoke(tmp_path):
+    """experiments/mnist1d_experiment.py end to end (1 epoch, 1 seed, 1 grid value)."""
+    pytest.importorskip("mnist1d")
+    path = Path(__file__).resolve().parents[1] / "experiments" / "mnist1d_experiment.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "experiments_mnist1d.md").read_text()
+    assert "| ddpnopt-adam |" in text and "Smoke run" in text and "nan" not in text
+    assert (tmp_path / "img" / "mnist1d.png").stat().st_size > 10_000

@@ -404,3 +404,46 @@ def test_state_dict_of_another_curvature_is_refused():
 def test_data_parallel_is_refused_by_name():
     with pytest.raises(InvalidArgumentError, match="DistributedDataParallel"):
         nnbridge.DDPNOpt(nn.DataParallel(mlp()))
+
+
+def test_ekfac_eigenbasis_falls_back_to_float64_then_to_a_skipped_step(monkeypatch):
+    """float32 eigh that does not converge (an ill-conditioned Kronecker factor; a raw
+    LinAlgError mid-training in the MNIST-1D experiment) is retried in float64; where
+    that fails too, or the factor is not finite, the basis is NaN, which the step's
+    non-finite check turns into a skipped step with the state intact."""
+    from nnbridge.curvature import _eigenbasis
+    M = torch.randn(5, 5, dtype=torch.float64)
+    M = (M @ M.T).float()
+    real = torch.linalg.eigh
+
+    def float32_fails(A):
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(A)
+    monkeypatch.setattr(torch.linalg, "eigh", float32_fails)
+    Q = _eigenbasis(M)
+    assert Q.dtype == torch.float32
+    torch.testing.assert_close(Q @ Q.T, torch.eye(5, dtype=torch.float32), rtol=0, atol=1e-6)
+    D = Q.T @ M @ Q
+    torch.testing.assert_close(D, torch.diag(torch.diagonal(D)), rtol=0, atol=1e-4)
+
+    def always_fails(A):
+        raise torch.linalg.LinAlgError("no convergence")
+    monkeypatch.setattr(torch.linalg, "eigh", always_fails)
+    assert torch.isnan(_eigenbasis(M)).all()
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    assert torch.isnan(_eigenbasis(M * float("inf"))).all()
+    # end to end: the NaN basis makes the step skip with the state intact
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=0.1, curvature="ekfac", update_freq=1)
+    X, y = data(B=6)
+    opt.step(closure_for(opt, model, X, y))
+    before = [p.clone() for p in model.parameters()]
+    state = {k: {n: v.clone() for n, v in s.items() if torch.is_tensor(v)}
+             for k, s in opt.state.items()}
+    monkeypatch.setattr(torch.linalg, "eigh", always_fails)
+    with pytest.warns(SkippedStepWarning, match="non-finite update"):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for k, s in opt.state.items():
+        assert all(torch.equal(v, state[k][n]) for n, v in s.items() if torch.is_tensor(v))
