@@ -92,15 +92,19 @@ def _std(rs, key="test_accuracy"):
     return statistics.stdev(r[key] for r in rs) if len(rs) > 1 else 0.0
 
 
-def select_lr(runner: Runner, dataset: str, seeds: int, smoke: bool) -> dict:
-    """Best mean validation accuracy (ties: lower training loss) per method."""
+def select_lr(runner: Runner, dataset: str, seeds: int, smoke: bool,
+              methods: tuple[str, ...] | None = None, epochs: int | None = None) -> dict:
+    """Best mean validation accuracy (ties: lower training loss) per method (default:
+    Table 3's, and on digits the other DDPNOpt curvatures) on the grids ``GRIDS``."""
     configs = []
-    methods = METHODS + (SELECT_ONLY if dataset == "digits" else ())
+    if methods is None:
+        methods = METHODS + (SELECT_ONLY if dataset == "digits" else ())
+    epochs = EPOCHS[dataset] if epochs is None else epochs
     for m in methods:
         grid = GRIDS[m][:1] if smoke else GRIDS[m]
         n = 1 if m == "vanilla-ddp" else seeds
         configs += [dict(dataset=dataset, optimizer=m, lr=lr, seed=100 + s, split="train",
-                         epochs=EPOCHS[dataset]) for lr in grid for s in range(n)]
+                         epochs=epochs) for lr in grid for s in range(n)]
     results = runner.map(configs)
     chosen, table = {}, []
     for m in methods:
@@ -130,12 +134,12 @@ def ablation(runner: Runner, dataset: str, seeds: int, smoke: bool) -> list[dict
 
 
 # ------------------------------------------------------------------ reporting
-def _fmt_table3(dataset, results, lrs, paper):
+def _fmt_table3(dataset, results, lrs, paper, methods=METHODS):
     head = ("| method | lr (validation) | seeds | test accuracy % | std | final train loss "
             "| ms / step |")
     lines = [head + (" paper (DIGITS) |" if paper else ""),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]
-    for m in METHODS:
+    for m in methods:
         rs = [r for r in results if r["optimizer"] == m]
         p = f" {paper[m]:.2f} |" if paper else ""
         lines.append(f"| {m} | {lrs[m]:g} | {len(rs)} | {100 * _mean(rs):.2f} | "

@@ -28,39 +28,17 @@ SEEDS = 5
 SELECTION_SEEDS = 2
 
 
-def _grid(method: str, smoke: bool) -> tuple[float, ...]:
-    grid = paper.GRIDS[method]
-    return grid[:1] if smoke else grid
-
-
 def run(runner: paper.Runner, smoke: bool) -> dict:
-    sel_seeds, seeds = (1, 1) if smoke else (SELECTION_SEEDS, SEEDS)
-    configs = [dict(dataset="mnist1d", optimizer=m, lr=lr, seed=100 + s, split="train",
-                    epochs=EPOCHS) for m in METHODS for lr in _grid(m, smoke)
-               for s in range(sel_seeds)]
-    sel = runner.map(configs)
-    chosen, grid = {}, []
-    for m in METHODS:
-        scores = []
-        for lr in _grid(m, smoke):
-            rs = [r for r in sel if r["optimizer"] == m and r["lr"] == lr]
-            scores.append((paper._mean(rs), -paper._mean(rs, "final_train_loss"), lr))
-            grid.append((m, lr, paper._mean(rs)))
-        chosen[m] = max(scores)[2]
-    test = runner.map([dict(dataset="mnist1d", optimizer=m, lr=chosen[m], seed=s,
-                            epochs=EPOCHS) for m in METHODS for s in range(seeds)])
-    return {"chosen": chosen, "grid": grid, "test": test}
+    sel = paper.select_lr(runner, "mnist1d", 1 if smoke else SELECTION_SEEDS, smoke,
+                          methods=METHODS, epochs=EPOCHS)
+    test = runner.map([dict(dataset="mnist1d", optimizer=m, lr=sel["chosen"][m], seed=s,
+                            epochs=EPOCHS) for m in METHODS
+                       for s in range(1 if smoke else SEEDS)])
+    return {**sel, "test": test}
 
 
 def report(res: dict, out: Path, smoke: bool) -> str:
-    lines = ["| method | lr (validation) | seeds | test accuracy % | std | final train loss "
-             "| ms / step |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for m in METHODS:
-        rs = [r for r in res["test"] if r["optimizer"] == m]
-        lines.append(f"| {m} | {res['chosen'][m]:g} | {len(rs)} | "
-                     f"{100 * paper._mean(rs):.2f} | {100 * paper._std(rs):.2f} | "
-                     f"{paper._mean(rs, 'final_train_loss'):.4f} | "
-                     f"{1e3 * paper._mean(rs, 'time_per_step'):.2f} |")
+    lines = paper._fmt_table3("mnist1d", res["test"], res["chosen"], None, METHODS)
     pairs = []
     for base in ("sgd", "adam", "ekfac"):
         b = [r for r in res["test"] if r["optimizer"] == base]
@@ -80,7 +58,7 @@ def report(res: dict, out: Path, smoke: bool) -> str:
             " **Smoke run: 1 epoch, 1 seed.**" if smoke else ""),
         "",
         f"## Test accuracy ({1 if smoke else EPOCHS} epochs, batch 32)", "",
-        *lines, "", "Difference of mean test accuracy, DDPNOpt minus its baseline:", "",
+        lines, "", "Difference of mean test accuracy, DDPNOpt minus its baseline:", "",
         *pairs, "", "![curves](img/mnist1d.png)", "",
         "## Learning-rate selection (validation split)", "", *sel, ""])
 

@@ -350,15 +350,13 @@ class DDPNOpt(torch.optim.Optimizer):
                 return loss
             for p, v, s in fixed:
                 p.copy_(v)
-                s["step"] = self.state.get(p, {}).get("step", 0) + 1
-                self.state[p] = s
+                self._commit(p, s)
             for st, U, s in zip(self._stages, controls, states):
                 if U is None:  # a frozen stage: parameters and state untouched
                     continue
                 for p, v in zip(st.params(), st.split(U)):
                     p.copy_(v)
-                s["step"] = self.state.get(st.module.weight, {}).get("step", 0) + 1
-                self.state[st.module.weight] = s
+                self._commit(st.module.weight, s)
         return loss
 
     def _verify_decomposition(self, rec) -> None:
@@ -392,9 +390,7 @@ class DDPNOpt(torch.optim.Optimizer):
         for p in self._fixed:
             if p.grad is None:
                 continue
-            saved = self.state.get(p, {})
-            state = {k: v for k, v in saved.items() if k != "step"}
-            step = int(saved.get("step", 0)) + 1
+            state, step = self._saved(p)
             g = p.grad.detach().to(p.dtype)
             if group.get("weight_decay"):
                 g = g + group["weight_decay"] * p.detach()
@@ -423,9 +419,18 @@ class DDPNOpt(torch.optim.Optimizer):
         return out
 
     def _hp(self, st, group) -> tuple[dict, dict, int]:
-        saved = self.state.get(st.module.weight, {})  # .get: no empty entry on a skip
-        state = {k: v for k, v in saved.items() if k != "step"}
-        return group, state, int(saved.get("step", 0)) + 1
+        return (group, *self._saved(st.module.weight))
+
+    def _saved(self, key: torch.Tensor) -> tuple[dict, int]:
+        """The optimizer state kept under ``key`` (without its step count) and the number
+        of this step; ``.get``: a skipped step leaves no empty entry."""
+        saved = self.state.get(key, {})
+        return {k: v for k, v in saved.items() if k != "step"}, int(saved.get("step", 0)) + 1
+
+    def _commit(self, key: torch.Tensor, state: dict) -> None:
+        """Store a step's new ``state`` under ``key``, counting the step."""
+        state["step"] = self.state.get(key, {}).get("step", 0) + 1
+        self.state[key] = state
 
     def _open_loop_update(self, rec, group, frozen, mean):
         controls, states = [], []

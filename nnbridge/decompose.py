@@ -214,15 +214,16 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
         raise UnsupportedModelError(
             f"model: the output {ends[-1].name!r} does not come from the last stage "
             f"({heads[-1].target!r})")
-    pre = _chain(gm, placeholder, inputs[0], "the input transform")
+    pre = _chain(gm, modules, placeholder, inputs[0], "the input transform")
     out = []
     for t, (head, end) in enumerate(zip(heads, ends)):
-        post = _chain(gm, head, end, f"stage {t}")
+        post = _chain(gm, modules, head, end, f"stage {t}")
         out.append(Stage(t, modules[head.target], tuple(post)))
     return pre, out
 
 
-def _chain(gm: fx.GraphModule, start: fx.Node, end: fx.Node, label: str) -> list[nn.Module]:
+def _chain(gm: fx.GraphModule, modules: dict[str, nn.Module], start: fx.Node, end: fx.Node,
+           label: str) -> list[nn.Module]:
     """The map from the value of ``start`` to the value of ``end`` as a list of modules:
     the nodes' own modules / equivalent ``nn`` activations when they form a chain, else
     one :class:`_Segment` of the sub-graph."""
@@ -236,7 +237,6 @@ def _chain(gm: fx.GraphModule, start: fx.Node, end: fx.Node, label: str) -> list
         seen.add(node)
         todo.extend(node.all_input_nodes)
     live = [n for n in gm.graph.nodes if n in seen]
-    modules = dict(gm.named_modules())
     chain: list[nn.Module] = []
     prev = start
     for node in live:

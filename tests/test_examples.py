@@ -10,11 +10,17 @@ from trajopt import demo
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(path, tmp_path, capsys):
+def _load(path: Path):
+    """The script at ``path`` imported as a module."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs(path, tmp_path, capsys):
+    module = _load(path)
     args = ["--smoke"] + (["--out", str(tmp_path)] if "--out" in path.read_text() else [])
     module.main(args)
     out = capsys.readouterr().out
@@ -40,12 +46,14 @@ def test_demo_bad_arguments_exit_cleanly(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def _experiment(name: str):
+    """The script ``experiments/<name>.py`` imported as a module."""
+    return _load(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
+
+
 def test_paper_experiments_smoke(tmp_path):
     """experiments/ddpnopt_paper.py end to end (wine, 1 epoch, no Fig. 3)."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / "ddpnopt_paper.py"
-    spec = importlib.util.spec_from_file_location("ddpnopt_paper", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("ddpnopt_paper")
     assert module.main(["--smoke", "--skip-fig3", "--workers", "1", "--out",
                         str(tmp_path)]) == 0
     text = (tmp_path / "experiments.md").read_text()
@@ -56,10 +64,7 @@ def test_paper_experiments_smoke(tmp_path):
 
 def test_thesis_steepest_experiments_smoke(tmp_path):
     """experiments/thesis_steepest.py end to end (a few steps of each part)."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / "thesis_steepest.py"
-    spec = importlib.util.spec_from_file_location("thesis_steepest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("thesis_steepest")
     assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "experiments_steepest.md").read_text()
     assert "| euclidean | 3 |" in text and "| kl | 3 |" in text and "nan" not in text
@@ -68,10 +73,7 @@ def test_thesis_steepest_experiments_smoke(tmp_path):
 
 def test_terminal_hessian_experiment_smoke(tmp_path):
     """experiments/terminal_hessian.py end to end (1 epoch, 1 seed, one lr per curvature)."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / "terminal_hessian.py"
-    spec = importlib.util.spec_from_file_location("terminal_hessian", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("terminal_hessian")
     assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "experiments_terminal.md").read_text()
     assert "| identity | 0.1 |" in text and "| adam | 0.003 |" in text and "nan" not in text
@@ -80,10 +82,7 @@ def test_terminal_hessian_experiment_smoke(tmp_path):
 def test_mnist1d_experiment_smoke(tmp_path):
     """experiments/mnist1d_experiment.py end to end (1 epoch, 1 seed, 1 grid value)."""
     pytest.importorskip("mnist1d")
-    path = Path(__file__).resolve().parents[1] / "experiments" / "mnist1d_experiment.py"
-    spec = importlib.util.spec_from_file_location("mnist1d_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _experiment("mnist1d_experiment")
     assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "experiments_mnist1d.md").read_text()
     assert "| ddpnopt-adam |" in text and "Smoke run" in text and "nan" not in text
