@@ -94,13 +94,13 @@ class _Segment(nn.Module):
         return self.description
 
 
-def _name(node: fx.Node) -> str:
+def node_name(node: fx.Node) -> str:
     target = node.target
     what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     return f"node {node.name!r} ({node.op} {what})"
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, AFFINE) or super().is_leaf_module(m, qualname)
@@ -113,6 +113,37 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "nnbridge decomposes a network from its traced graph, so forward must not "
             "branch on tensor values (write such branches with torch.where)") from exc
     return fx.GraphModule(model, graph)
+
+
+def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
+               in_stages: bool) -> None:
+    """Refuse what no decomposition can take at ``node`` (module docstring): a parameter
+    used outside its module, ``F.dropout`` with p > 0, and -- ``in_stages``: after the
+    first stage began -- a parametrized module that is neither affine nor known to act
+    sample by sample."""
+    if node.op == "get_attr" and node.target in params:
+        raise UnsupportedModelError(
+            f"model: {node_name(node)} uses the parameter {node.target!r} outside its "
+            f"module; call the module (e.g. self.fc(x), not F.linear(x, "
+            f"self.fc.weight)) so that it is a stage")
+    if node.op == "call_function" and node.target is F.dropout:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        if p:
+            raise UnsupportedModelError(
+                f"model: {node_name(node)}: torch.fx fixes F.dropout's `training` flag "
+                f"when it traces; use an nn.Dropout module (it follows model.eval())")
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if (in_stages and module is not None and not isinstance(module, AFFINE)
+            and not isinstance(module, PER_SAMPLE) and any(True for _ in module.parameters())):
+        # no DDP model: a fixed map inside the DDP pass, its parameters updated by the
+        # base optimizer; between stages its derivative must be per sample
+        raise UnsupportedModelError(
+            f"model: module {node.target!r} ({type(module).__name__}) has "
+            f"parameters, is not an affine layer nnbridge takes as a stage "
+            f"(supported: {', '.join(c.__name__ for c in AFFINE)}) and, after "
+            f"the first stage, not one whose derivative is known to act sample "
+            f"by sample ({', '.join(c.__name__ for c in PER_SAMPLE)}); before "
+            f"the first stage any module is fine")
 
 
 def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
@@ -139,7 +170,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
     model = unwrap(model)
     if isinstance(model, AFFINE):  # one layer is a one-stage network
         model = nn.Sequential(model)
-    gm = _trace(model)
+    gm = trace(model)
     modules = dict(gm.named_modules())
     params = {name for name, _ in gm.named_parameters()}
     seg: dict[fx.Node, int] = {}   # the segment a value belongs to: -1 = pre, t = stage t
@@ -156,11 +187,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
             seg[node] = -1
             continue
         if node.op == "get_attr":
-            if node.target in params:
-                raise UnsupportedModelError(
-                    f"model: {_name(node)} uses the parameter {node.target!r} outside its "
-                    f"module; call the module (e.g. self.fc(x), not F.linear(x, "
-                    f"self.fc.weight)) so that it is a stage")
+            check_node(node, modules, params, current >= 0)
             continue  # a buffer or constant: part of the map it feeds
         if node.op == "output":
             out_node = node
@@ -170,38 +197,21 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
             early = min(s for s in sources if s < current)
             where = "the input transform" if early < 0 else f"stage {early}"
             raise UnsupportedModelError(
-                f"model: {_name(node)} uses a value of {where} after stage {current} "
+                f"model: {node_name(node)} uses a value of {where} after stage {current} "
                 f"began: a skip connection or a branch (residual x + f(x), concatenated "
                 f"branches) is not a chain of stages; residual networks are decomposed "
                 f"with GT-DDP's spans (not yet in nnbridge.stages)")
         module = modules.get(node.target) if node.op == "call_module" else None
-        if module is not None and not isinstance(module, AFFINE) and any(
-                True for _ in module.parameters()):
-            # no DDP model: a fixed map inside the DDP pass, its parameters updated by
-            # the base optimizer; between stages its derivative must be per sample
-            if current >= 0 and not isinstance(module, PER_SAMPLE):
-                raise UnsupportedModelError(
-                    f"model: module {node.target!r} ({type(module).__name__}) has "
-                    f"parameters, is not an affine layer nnbridge takes as a stage "
-                    f"(supported: {', '.join(c.__name__ for c in AFFINE)}) and, after "
-                    f"the first stage, not one whose derivative is known to act sample "
-                    f"by sample ({', '.join(c.__name__ for c in PER_SAMPLE)}); before "
-                    f"the first stage any module is fine")
-        elif module is not None and isinstance(module, AFFINE):
+        check_node(node, modules, params, current >= 0)
+        if module is not None and isinstance(module, AFFINE):
             if len(node.all_input_nodes) != 1:
-                raise UnsupportedModelError(f"model: {_name(node)} takes more than one "
+                raise UnsupportedModelError(f"model: {node_name(node)} takes more than one "
                                             "tensor")
             current += 1
             heads.append(node)
             inputs.append(node.all_input_nodes[0])
             seg[node] = current
             continue
-        if node.op == "call_function" and node.target is F.dropout:
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            if p:
-                raise UnsupportedModelError(
-                    f"model: {_name(node)}: torch.fx fixes F.dropout's `training` flag "
-                    f"when it traces; use an nn.Dropout module (it follows model.eval())")
         seg[node] = current
     if not heads:
         raise UnsupportedModelError(
