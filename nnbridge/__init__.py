@@ -4,6 +4,8 @@ control).
 * :func:`stages` -- a network decomposed once into stages x_{t+1} = sigma_t(g_t(x_t, u_t));
 * :class:`DDPNOpt` -- the DDP Neural Optimizer (torch.optim API), curvatures identity /
   rmsprop / adam / ekfac / exact, feedback policies from trajopt's operator Riccati step;
+* :func:`graph_stages`, :class:`GTDDP` -- residual and branching networks on the
+  augmented state, the Game-Theoretic DDP optimizer;
 * :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline;
 * :func:`lqr_direction` -- gradient / natural-gradient / Newton directions as an LQR
   (thesis Ch. 3);
@@ -14,11 +16,13 @@ control).
 from .ddpnopt import EKFAC, DDPNOpt
 from .decompose import stages
 from .deq import DEQ, DEQBlock
+from .graph import graph_stages
+from .gtddp import GTDDP
 from .recorder import capture
 from .stages import Stage, StageLinearization
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
-__all__ = ["stages", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
+__all__ = ["stages", "graph_stages", "GTDDP", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
            "lqr_direction", "LQRDescent", "DEQ",
            "DEQBlock"]

@@ -17,15 +17,16 @@ optimizer's passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .stages import Stage
 
-__all__ = ["training_batchnorms", "frozen_batch_statistics"]
+__all__ = ["training_batchnorms", "frozen_batch_statistics", "batch_statistics", "frozen"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -59,10 +60,11 @@ def _as_eval_with(bn: nn.Module, mean: torch.Tensor | None = None,
                 original.copy_(value)
 
 
-def _statistics(stage: Stage, x: torch.Tensor, bns: list[nn.Module]
-                ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The batch mean and (biased) variance each BN layer of ``bns`` normalizes with when
-    the stage runs on the recorded input ``x`` (buffers restored afterwards)."""
+def batch_statistics(bns: Sequence[nn.Module], run: Callable[[], Any]
+                     ) -> tuple[Any, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """``run()``'s result and the batch mean and (biased) variance each BN layer of
+    ``bns`` normalizes with during it (in training mode; buffers restored afterwards, so
+    the running statistics are not updated twice)."""
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(mod, args):
@@ -75,8 +77,18 @@ def _statistics(stage: Stage, x: torch.Tensor, bns: list[nn.Module]
             stack.enter_context(_as_eval_with(bn))
             handle = bn.register_forward_pre_hook(capture)
             stack.callback(handle.remove)
-        stage.forward(x)
-    return stats
+        result = run()
+    return result, stats
+
+
+@contextmanager
+def frozen(stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Inside the block each BN layer of ``stats`` normalizes with its entry, held fixed
+    (mode and running statistics restored on exit)."""
+    with ExitStack() as stack:
+        for bn, (mean, var) in stats.items():
+            stack.enter_context(_as_eval_with(bn, mean, var))
+        yield
 
 
 @contextmanager
@@ -85,11 +97,10 @@ def frozen_batch_statistics(stages: Sequence[Stage], inputs: Sequence[torch.Tens
     """Inside the block, every BatchNorm in training mode within the stages' maps
     normalizes with the statistics of the recorded batch ``inputs`` (stage inputs), held
     fixed (module docstring); modes and running statistics are restored on exit."""
-    with ExitStack() as stack:
-        for st, x in zip(stages, inputs):
-            bns = training_batchnorms(st)
-            if not bns:
-                continue
-            for bn, (mean, var) in _statistics(st, x, bns).items():
-                stack.enter_context(_as_eval_with(bn, mean, var))
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    for st, x in zip(stages, inputs):
+        bns = training_batchnorms(st)
+        if bns:
+            stats.update(batch_statistics(bns, lambda st=st, x=x: st.forward(x))[1])
+    with frozen(stats):
         yield

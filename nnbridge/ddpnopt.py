@@ -161,7 +161,7 @@ class DDPNOpt(torch.optim.Optimizer):
                 "the recorded batch cannot follow; use DistributedDataParallel (one process "
                 "per device, docs/ddpnopt.md) or pass the module it wraps on one device")
         net = unwrap(model)
-        self._pre, self._stages = stages(net)
+        self._pre, self._stages = self._decompose(net)
         params = [p for st in self._stages for p in st.params()]
         owner: dict[int, int] = {}
         for st in self._stages:
@@ -202,22 +202,39 @@ class DDPNOpt(torch.optim.Optimizer):
                 "add_param_group is not supported")
         super().add_param_group(param_group)
 
+    # ------------------------------------------------------------------ extension points
+    # (documented for subclasses: nnbridge.GTDDP replaces the chain of stages by the
+    # stage graph of a residual network through these five)
+    def _decompose(self, net: nn.Module) -> tuple[list[nn.Module], list]:
+        """``(pre, stages)``: the input transform and the affine layers (one per stage)."""
+        return stages(net)
+
+    def _maps(self) -> list[tuple[int, nn.Module]]:
+        """``(stage, module)`` of every module the feedback pass re-runs."""
+        return [(st.index, m) for st in self._stages for post in st.post
+                for m in post.modules()]
+
+    def _frozen_maps(self, rec):
+        """Context in which BatchNorm in training mode normalizes with the recorded
+        batch's statistics (:mod:`nnbridge.batchnorm`); ``rec`` None: nothing frozen."""
+        return frozen_batch_statistics(self._stages if rec is not None else [],
+                                       [] if rec is None else rec.inputs)
+
     # ------------------------------------------------------------------ helpers
     def _check_feedback_modules(self):
         """The feedback pass re-runs each stage's sigma: it must be deterministic (and
         BatchNorm in training mode is run with the recorded batch's statistics,
         :mod:`nnbridge.batchnorm`)."""
-        for st in self._stages:
-            for p in (m for post in st.post for m in post.modules()):
-                if isinstance(p, nn.Dropout) and p.p > 0 and p.training:
-                    raise InvalidArgumentError(
-                        f"stage {st.index}: Dropout(p={p.p}) in training mode makes the "
-                        "feedback pass random; use feedback=False or model.eval()")
-                if isinstance(p, nn.SyncBatchNorm) and p.training:
-                    raise InvalidArgumentError(
-                        f"stage {st.index}: SyncBatchNorm in training mode normalizes with "
-                        "statistics over all ranks, which the feedback pass does not "
-                        "reproduce; use BatchNorm (per-rank statistics) or feedback=False")
+        for index, p in self._maps():
+            if isinstance(p, nn.Dropout) and p.p > 0 and p.training:
+                raise InvalidArgumentError(
+                    f"stage {index}: Dropout(p={p.p}) in training mode makes the "
+                    "feedback pass random; use feedback=False or model.eval()")
+            if isinstance(p, nn.SyncBatchNorm) and p.training:
+                raise InvalidArgumentError(
+                    f"stage {index}: SyncBatchNorm in training mode normalizes with "
+                    "statistics over all ranks, which the feedback pass does not "
+                    "reproduce; use BatchNorm (per-rank statistics) or feedback=False")
 
     def _terminal(self, rec, mean: BatchMean):
         B = mean.local
@@ -316,8 +333,7 @@ class DDPNOpt(torch.optim.Optimizer):
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
                                f"before step(), or pass {_CLOSURE_HELP}")
-        with frozen_batch_statistics(self._stages if feedback else [],
-                                     [] if rec is None else rec.inputs):
+        with self._frozen_maps(rec if feedback else None):
             return self._step(rec, group, feedback, loss)
 
     def _step(self, rec, group, feedback, loss):

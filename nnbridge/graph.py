@@ -1,0 +1,299 @@
+r"""Residual and branching networks as stages on an augmented state (GT-DDP Sec. 3).
+
+:func:`graph_stages` decomposes any network whose torch.fx graph is a DAG through its
+affine layers (``nnbridge.stages.AFFINE``):
+
+* the **main chain** is the path from the input to the output through the most affine
+  layers (ties: the first argument of a merge); its layers are the stages
+  :math:`t = 0..T-1`, and :math:`x_t` is the input of stage t's layer;
+* a value used past the next stage is a **residual** (GT-DDP Eq. 8): it is carried as
+  part of the augmented state :math:`y_t = [x_t, x_{r_1}, \dots]` of every stage it
+  crosses (Eq. 26) and merged where it is used -- an identity shortcut ``x + f(x)``
+  carries ``x`` from the block's first stage to its last;
+* every affine layer off the main chain (a 1x1 projection shortcut, an inception branch)
+  is a **player** of the stage where its output is used (Sec. 3.2): it is computed from a
+  residual inside that stage, so the residuals themselves never hold parameters, and the
+  stage's control is the tuple of its players' controls (player 0: the main layer).
+
+So stage t is a map :math:`y_{t+1} = F_t(y_t, u_t, v_t, \dots)` of tuples of tensors
+(:meth:`GraphStage.run`), the parameter-free parts being the graph's own nodes; the
+DDP pass differentiates it with ``torch.func`` (:mod:`nnbridge.graph_ops`).  A chain
+network has no residuals and one player per stage: the stages of :func:`nnbridge.stages`.
+
+Refused, with the node named (``UnsupportedModelError``): what :func:`nnbridge.stages`
+refuses (a parameter used outside its module, ``F.dropout``, parametrized modules
+without a per-sample derivative between stages, several inputs or outputs), a layer
+called twice (tied weights), and a value of the input transform other than :math:`x_0`
+used after the first stage (a skip from the raw input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from trajopt.errors import UnsupportedModelError
+
+from .decompose import _chain, check_node, node_name, trace
+from .distributed import unwrap
+from .stages import AFFINE, Stage
+
+__all__ = ["GraphStage", "StageGraph", "graph_stages"]
+
+
+@dataclass(eq=False)
+class GraphStage:
+    """Stage t of a network with residuals: :math:`y_{t+1} = F_t(y_t, u_t, \\dots)`.
+
+    Attributes
+    ----------
+    index : int
+    players : list of Stage
+        The affine layers of the stage (``players[0]`` the main chain's layer); each a
+        :class:`~nnbridge.stages.Stage` with an empty ``post`` (the graph holds the maps).
+    inputs, outputs : list of str
+        The names of the graph values forming :math:`y_t` and :math:`y_{t+1}` (``[0]``:
+        :math:`x_t`, :math:`x_{t+1}`; the rest: residuals, in graph order).
+    """
+
+    index: int
+    players: list[Stage]
+    inputs: list[str]
+    outputs: list[str]
+    _nodes: list[fx.Node] = field(repr=False)
+    _in_nodes: list[fx.Node] = field(repr=False)
+    _out_nodes: list[fx.Node] = field(repr=False)
+    _heads: dict = field(repr=False)       # head node -> player index
+    _root: nn.Module = field(repr=False)
+
+    @property
+    def opens(self) -> list[str]:
+        """Residuals that start here (carried past this stage's output)."""
+        return [n for n in self.outputs[1:] if n not in self.inputs[1:]]
+
+    @property
+    def merges(self) -> list[str]:
+        """Residuals used (and dropped) here."""
+        return [n for n in self.inputs[1:] if n not in self.outputs[1:]]
+
+    def modules(self) -> list[nn.Module]:
+        """The modules this stage calls (players and fixed maps)."""
+        return [self._root.get_submodule(n.target) for n in self._nodes
+                if n.op == "call_module"]
+
+    def run(self, ys: list[torch.Tensor], Us: list[torch.Tensor | None] | None = None,
+            dh: list[torch.Tensor | None] | None = None, *, record: dict | None = None
+            ) -> list[torch.Tensor]:
+        """:math:`y_{t+1} = F_t(y_t, \\dots)`.
+
+        Parameters
+        ----------
+        ys : list of Tensor
+            :math:`y_t`, one (B, ...) tensor per entry of ``inputs``.
+        Us : list, optional
+            Each player's control (``Stage.control()`` layout; None: the module's own).
+        dh : list, optional
+            Perturbations added to each player's pre-activation (for derivatives).
+        record : dict, optional
+            Filled with ``("x", j)`` / ``("h", j)``: player j's input and pre-activation.
+        """
+        env: dict[fx.Node, torch.Tensor] = dict(zip(self._in_nodes, ys))
+        for node in self._nodes:
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            j = self._heads.get(node)
+            if j is not None:
+                st = self.players[j]
+                out = st.affine(args[0], None if Us is None else Us[j])
+                if dh is not None and dh[j] is not None:
+                    out = out + dh[j]
+                if record is not None:
+                    record["x", j], record["h", j] = args[0], out
+            elif node.op == "call_module":
+                out = self._root.get_submodule(node.target)(*args, **kwargs)
+            elif node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:  # get_attr: a buffer or constant
+                out = _attr(self._root, node.target)
+            env[node] = out
+        return [env[n] for n in self._out_nodes]
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(eq=False)
+class StageGraph:
+    """A network as :class:`GraphStage` s (:func:`graph_stages`).
+
+    Attributes
+    ----------
+    pre : list of nn.Module
+        The input transform (before the first stage's layer).
+    stages : list of GraphStage
+    """
+
+    pre: list[nn.Module]
+    stages: list[GraphStage]
+
+    @property
+    def players(self) -> list[Stage]:
+        """All affine layers: the main chain's in order, then the other players."""
+        main = [s.players[0] for s in self.stages]
+        return main + [p for s in self.stages for p in s.players[1:]]
+
+    @property
+    def has_residuals(self) -> bool:
+        return any(len(s.players) > 1 or len(s.inputs) > 1 for s in self.stages)
+
+    def forward(self, x0: torch.Tensor) -> list[list[torch.Tensor]]:
+        """:math:`y_0 = [x_0], y_1, \\dots, y_T` from the first layer's input."""
+        ys = [[x0]]
+        for st in self.stages:
+            ys.append(st.run(ys[-1]))
+        return ys
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The network: the input transform, then the stages; the output."""
+        for m in self.pre:
+            x = m(x)
+        return self.forward(x)[-1][0]
+
+
+def graph_stages(model: nn.Module) -> StageGraph:
+    """Decompose ``model`` into stages on an augmented state (module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any network (custom ``forward``, residual blocks, projection shortcuts, parallel
+        branches); DDP / compiled wrappers are unwrapped.
+
+    Returns
+    -------
+    StageGraph
+
+    Raises
+    ------
+    UnsupportedModelError
+        (a ``TypeError``) naming the node that cannot be decomposed.
+    """
+    model = unwrap(model)
+    if isinstance(model, AFFINE):
+        model = nn.Sequential(model)
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    params = {name for name, _ in gm.named_parameters()}
+    nodes = list(gm.graph.nodes)
+    places = [n for n in nodes if n.op == "placeholder"]
+    if len(places) != 1:
+        raise UnsupportedModelError(
+            f"model: forward takes {len(places)} inputs "
+            f"({[n.name for n in places]}); a network as dynamics maps one state x_0")
+    out_node = next(n for n in nodes if n.op == "output")
+    if not isinstance(out_node.args[0], fx.Node):
+        raise UnsupportedModelError("model: forward must return one tensor")
+    result = out_node.args[0]
+    live = _ancestors(result)
+    order = [n for n in nodes if n in live]
+    is_head = {n: n.op == "call_module" and isinstance(modules[n.target], AFFINE)
+               for n in order}
+    # the main chain: the path through the most affine layers (first argument on ties)
+    count: dict[fx.Node, int] = {}
+    for n in order:
+        count[n] = max((count[a] for a in n.all_input_nodes), default=0) + is_head[n]
+    chain, n = [], result
+    while n is not None:
+        if is_head[n]:
+            chain.append(n)
+        best = max((count[a] for a in n.all_input_nodes), default=None)
+        n = next((a for a in n.all_input_nodes if count[a] == best), None)
+    chain.reverse()
+    if not chain:
+        raise UnsupportedModelError(
+            f"model has no {' or '.join(c.__name__ for c in AFFINE)} layer: "
+            "nothing to optimize")
+    T = len(chain)
+    index = {h: t for t, h in enumerate(chain)}
+    for h in chain + [n for n in order if is_head[n] and n not in index]:
+        if len(h.all_input_nodes) != 1:
+            raise UnsupportedModelError(f"model: {node_name(h)} takes more than one tensor")
+    targets = [h.target for h in order if is_head[h]]
+    dup = {t for t in targets if targets.count(t) > 1}
+    if dup:
+        raise UnsupportedModelError(
+            f"model: the layer(s) {sorted(dup)} are called more than once (tied weights): "
+            "one control used at two stages is not supported yet")
+    xs = [h.all_input_nodes[0] for h in chain] + [result]   # x_0 .. x_T
+    # stage of each node: the main segments t (descendants of layer t up to x_{t+1}),
+    # the input transform -1, everything else as late as its users allow
+    depth: dict[fx.Node, int] = {}
+    for n in order:
+        depth[n] = max([depth[a] for a in n.all_input_nodes]
+                       + [index[n] + 1 if n in index else 0])
+    sched: dict[fx.Node, int] = {}
+    pre_nodes = _ancestors(xs[0]) & live
+    for n in pre_nodes:
+        sched[n] = -1
+    for t in range(T):
+        seg = _ancestors(xs[t + 1], stop=xs[t]) if xs[t + 1] is not xs[t] else set()
+        for n in seg:
+            if depth[n] == t + 1:
+                sched[n] = t
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in order}
+    for n in order:
+        for a in n.all_input_nodes:
+            users[a].append(n)
+    for n in reversed(order):
+        if n not in sched:
+            later = [sched[u] for u in users[n]]
+            sched[n] = min(later) if later else T - 1
+    for n in order:
+        check_node(n, modules, params, sched[n] >= 0)
+    # residual slots crossing into each stage
+    slots: list[list[fx.Node]] = []
+    for t in range(T + 1):
+        s = [n for n in order if sched[n] < t and n is not xs[t]
+             and any(sched[u] >= t for u in users[n])]
+        bad = [n for n in s if sched[n] < 0 and n is not xs[0]]
+        if bad:
+            raise UnsupportedModelError(
+                f"model: {node_name(bad[0])} of the input transform is used after the "
+                "first stage (a skip from the raw input); start the shortcut at the "
+                "first layer's input")
+        slots.append(s)
+    if slots[T]:
+        raise UnsupportedModelError(f"model: {node_name(slots[T][0])} is used after the "
+                                    "output")
+    out = []
+    for t in range(T):
+        mine = [n for n in order if sched[n] == t]
+        players = [chain[t]] + [n for n in mine if is_head[n] and n is not chain[t]]
+        ins, outs = [xs[t]] + slots[t], [xs[t + 1]] + slots[t + 1]
+        heads = {h: j for j, h in enumerate(players)}
+        out.append(GraphStage(
+            t, [Stage(t, modules[h.target], ()) for h in players],
+            [n.name for n in ins], [n.name for n in outs], mine, ins, outs, heads, gm))
+    pre = _chain(gm, modules, places[0], xs[0], "the input transform")
+    return StageGraph(pre, out)
+
+
+def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+    """``node`` and the nodes it depends on (not looking past ``stop``, excluded)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or n is stop:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+

@@ -1,0 +1,278 @@
+r"""Operator-form derivatives of a :class:`~nnbridge.graph.GraphStage` on the augmented
+state, and the players' curvature (the Q_uu plug of the GT-DDP step).
+
+:class:`GraphLinearization` implements :class:`trajopt.riccati.operator.OperatorStage`
+for :math:`y_{t+1} = F_t(y_t, w_t)` with :math:`y` flattened and concatenated per sample
+(``(B, n_y)``, residual blocks after :math:`x_t`) and the control :math:`w_t` the list of
+the players' controls.  Its transposed Jacobian :math:`F_y^\top` carries a cotangent of
+:math:`y_{t+1}` to :math:`y_t`: through the layer to :math:`x_t`, unchanged along carried
+residuals, summed into :math:`x_t` where a residual starts (GT-DDP Prop. 2's merge) and
+through the shortcut where it ends (Eq. 26).  So :func:`trajopt.riccati.
+operator_riccati_step` on these stages is DDP on the augmented state: it carries
+:math:`V_x`, :math:`V_{x x_r}`, :math:`V_{x_r x_r}` as blocks of the augmented value and
+its policy's columns on the residual blocks are the residual feedback :math:`G` (Eq. 9);
+with the rank-one value the factor is :math:`[z_x; z_{x_r}]` (Prop. 6).
+
+Derivatives are vector-Jacobian and Jacobian-vector products of the stage's sub-graph
+(``torch.func``); the control cotangents stay factored per sample,
+:math:`f_{w_j}^{i\top} y = w_j^i \tilde x_j^{i\top}` with :math:`w_j` the cotangent at
+player j's pre-activation, as for chain stages (:mod:`nnbridge.stages`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trajopt.riccati.solvers import cholesky_factor
+
+from .curvature import DensePreconditioner, Preconditioner
+from .graph import GraphStage
+
+__all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
+           "joint_exact"]
+
+Controls = list  # one (out_j, in'_j) tensor (or None: a frozen player) per player
+
+
+class GraphLinearization:
+    """First-order operators of a graph stage around nominal :math:`y_t` (list of (B, ...)).
+
+    Parameters
+    ----------
+    stage : GraphStage
+    ys : list of Tensor
+        Nominal :math:`y_t`.
+    active : list of bool
+        Per player: its control is optimized (False: frozen, a constant of the stage).
+    mean : callable
+        Batch mean from a sum over the local samples.
+    """
+
+    def __init__(self, stage: GraphStage, ys: list[torch.Tensor], active: list[bool],
+                 mean: Callable[[torch.Tensor], torch.Tensor]):
+        self.stage = stage
+        self.ys = list(ys)
+        self.active = active
+        self.mean = mean
+        self.B = ys[0].shape[0]
+        self.U = [p.control() for p in stage.players]
+        rec: dict = {}
+        with torch.no_grad():
+            outs = stage.run(self.ys, self.U, record=rec)
+        self.outs = outs
+        self.in_shapes = [tuple(y.shape[1:]) for y in ys]
+        self.out_shapes = [tuple(y.shape[1:]) for y in outs]
+        self.n = sum(y[0].numel() for y in ys)
+        self.n1 = sum(y[0].numel() for y in outs)
+        self.x_next = outs[0]
+        self.X = [p.unfold(rec["x", j]) for j, p in enumerate(stage.players)]
+        self.h_shapes = [tuple(rec["h", j].shape[1:]) for j in range(len(stage.players))]
+        self._zeros = [torch.zeros_like(rec["h", j]) for j in range(len(stage.players))]
+        U = self.U
+
+        def f(ys_, dh):
+            return stage.run(ys_, U, dh)
+        self._f = f
+        _, self._vjp = torch.func.vjp(f, self.ys, self._zeros)
+
+    # -------------------------------------------------------------- layout helpers
+    def _split(self, Y: torch.Tensor, shapes) -> list[torch.Tensor]:
+        """(B, J, sum n_k) -> per block (B, J, *shape_k)."""
+        B, J = Y.shape[:2]
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        return [p.reshape(B, J, *s) for p, s in zip(Y.split(sizes, -1), shapes)]
+
+    @staticmethod
+    def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        """per block (B, J, ...) -> (B, J, sum n_k)."""
+        return torch.cat([p.reshape(p.shape[0], p.shape[1], -1) for p in parts], -1)
+
+    def _pull(self, Y: torch.Tensor):
+        """The vector-Jacobian product of the stage for J cotangents per sample: the
+        cotangents of :math:`y_t` (list) and of the players' pre-activations (list)."""
+        parts = [p.transpose(0, 1) for p in self._split(Y, self.out_shapes)]   # (J, B, ..)
+        gy, gh = torch.func.vmap(self._vjp)(parts)
+        return [g.transpose(0, 1) for g in gy], [g.transpose(0, 1) for g in gh]
+
+    def _of_y(self, ys_):
+        return self._f(ys_, self._zeros)
+
+    def _of_h(self, dh):
+        return self._f(self.ys, dh)
+
+    # -------------------------------------------------------------- OperatorStage
+    def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`F_y^\\top Y`, (B, J, n1) -> (B, J, n)."""
+        return self._cat(self._pull(Y)[0])
+
+    def fx(self, dX: torch.Tensor) -> torch.Tensor:
+        """:math:`F_y\\, dY`, (B, n) -> (B, n1)."""
+        parts = [p.squeeze(1) for p in self._split(dX.unsqueeze(1), self.in_shapes)]
+        out = torch.func.jvp(self._of_y, (self.ys,), (parts,))[1]
+        return torch.cat([o.reshape(self.B, -1) for o in out], -1)
+
+    def factors(self, Y: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per player, per-sample cotangent factors ``w_j`` (B, J, out_j, P_j) with
+        :math:`f_{w_j}^{i\\top} Y^i = w_j^i \\tilde x_j^{i\\top}` (None: frozen)."""
+        gh = self._pull(Y)[1]
+        B, J = Y.shape[:2]
+        return [g.reshape(B, J, g.shape[2], -1) if a else None
+                for g, a in zip(gh, self.active)]
+
+    def from_h(self, D: list[torch.Tensor | None]) -> torch.Tensor:
+        """Pre-activation changes (B, J, out_j, P_j) per player -> (B, J, n1)."""
+        ref = next(d for d in D if d is not None)
+        B, J = ref.shape[:2]
+        tj = [torch.zeros(J, B, *s, dtype=ref.dtype, device=ref.device) if d is None
+              else d.reshape(B, J, *s).transpose(0, 1) for d, s in zip(D, self.h_shapes)]
+
+        def one(*t):
+            return torch.func.jvp(self._of_h, (self._zeros,), (list(t),))[1]
+        outs = torch.func.vmap(one)(*tj)
+        return self._cat([o.transpose(0, 1) for o in outs])
+
+    def fu_T_mean(self, Y: torch.Tensor) -> Controls:
+        """Batch mean of :math:`F_{w_j}^{i\\top} Y^i` per player, (out_j, in'_j)."""
+        return [None if w is None else self.mean(_outer_sum(w[:, 0], X))
+                for w, X in zip(self.factors(Y.unsqueeze(1)), self.X)]
+
+    def control_gradient(self, j: int, h_grad: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_i g^i \\tilde x_j^{i\\top}` for player j's pre-activation
+        cotangents (a sum over the local samples)."""
+        return _outer_sum(h_grad.reshape(self.B, h_grad.shape[1], -1), self.X[j])
+
+    def gu(self, j: int, G: torch.Tensor) -> torch.Tensor:
+        """Player j's pre-activation change (B, out_j, P_j) for a shared control G."""
+        return G @ self.X[j]
+
+    def forward(self, ys: list[torch.Tensor], Us: Controls) -> list[torch.Tensor]:
+        """:math:`F_t` at other inputs and controls (None entries: the nominal control)."""
+        return self.stage.run(ys, [u if v is None else v for u, v in zip(self.U, Us)])
+
+    def flat(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """:math:`y` as (B, n)."""
+        return torch.cat([y.reshape(y.shape[0], -1) for y in ys], -1)
+
+
+def _outer_sum(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """:math:`\\sum_{i,p} w_{i,:,p} X_{i,:,p}^\\top` for w (B, out, P), X (B, in', P)."""
+    return (w.transpose(0, 1).reshape(w.shape[1], -1)
+            @ X.transpose(0, 1).reshape(X.shape[1], -1).T)
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """The players' curvature with :math:`Q_{uv} = 0` (GT-DDP Table 1 for the first-order
+    methods): each player's own :class:`~nnbridge.curvature.Preconditioner`."""
+
+    pres: list[Preconditioner | None]
+
+    def inverse(self, Gs: Controls) -> Controls:
+        return [None if p is None else p.inverse(G) for p, G in zip(self.pres, Gs)]
+
+    def value_inverse(self, Gs: Controls) -> Controls:
+        return [None if p is None else p.value_inverse(G) for p, G in zip(self.pres, Gs)]
+
+    def per_sample(self, ws, Xs) -> list[torch.Tensor | None]:
+        return [None if p is None else p.per_sample(w, X)
+                for p, w, X in zip(self.pres, ws, Xs)]
+
+
+@dataclass(frozen=True)
+class JointDense:
+    """The exact joint curvature of a stage's players (the cooperative game with exact
+    blocks, Eq. 40 with nothing approximated): one dense matrix over the concatenated
+    controls, :class:`~nnbridge.curvature.DensePreconditioner`; ``shapes`` of the
+    active players' controls (None: frozen)."""
+
+    dense: DensePreconditioner
+    shapes: list[tuple[int, int] | None]
+
+    def _flat(self, Gs, lead: tuple) -> torch.Tensor:
+        return torch.cat([G.reshape(*lead, -1) for G in Gs if G is not None], -1)
+
+    def _unflat(self, flat: torch.Tensor, lead: tuple) -> Controls:
+        out, off = [], 0
+        for s in self.shapes:
+            if s is None:
+                out.append(None)
+                continue
+            k = s[0] * s[1]
+            out.append(flat[..., off:off + k].reshape(*lead, *s))
+            off += k
+        return out
+
+    def inverse(self, Gs):
+        return self._unflat(self.dense.inverse(self._flat(Gs, ())), ())
+
+    def value_inverse(self, Gs):
+        return self._unflat(self.dense.value_inverse(self._flat(Gs, ())), ())
+
+    def per_sample(self, ws, Xs):
+        B, J = next(w for w in ws if w is not None).shape[:2]
+        G = [None if w is None else torch.einsum("bjop,bip->bjoi", w, X)
+             for w, X in zip(ws, Xs)]
+        S = self._unflat(self.dense.value_inverse(self._flat(G, (B, J))), (B, J))
+        return [None if s is None else torch.einsum("bjoi,bip->bjop", s, X)
+                for s, X in zip(S, Xs)]
+
+
+def joint_exact(lin: GraphLinearization, value, tikhonov: float, hp: dict) -> JointDense:
+    r"""Vanilla DDP's curvature of a graph stage: :math:`Q_{ww} = \lambda I +
+    \mathbb{E}_i[F_w^{i\top}(V_{yy}'^{\,i} + \epsilon I) F_w^i]` over all active players
+    (cross blocks exact), :math:`P = (Q_{ww} + \mu I)/\eta` (small networks: the per-sample
+    control Jacobian is formed densely)."""
+    cols, shapes = [], []
+    B = lin.B
+    act = [j for j, a in enumerate(lin.active) if a]
+    for j in act:
+        out, n_in = lin.U[j].shape
+        P = lin.X[j].shape[-1]
+        # unit controls E_(o,i) -> pre-activation changes E X: (B, out*in', out, P)
+        D = torch.zeros(B, out, n_in, out, P, dtype=lin.X[j].dtype, device=lin.X[j].device)
+        idx = torch.arange(out)
+        D[:, idx, :, idx, :] = lin.X[j].unsqueeze(0).expand(out, B, n_in, P)
+        D = D.reshape(B, out * n_in, out, P)
+        cols.append(lin.from_h([D if k == j else None for k in range(len(lin.U))]))
+    for j in range(len(lin.U)):
+        shapes.append(tuple(lin.U[j].shape) if lin.active[j] else None)
+    Jt = torch.cat(cols, 1)                                   # (B, m, n1) = F_w'
+    VJ = value.hess_apply(Jt, tikhonov)                       # (B, m, n1)
+    Q = lin.mean((VJ @ Jt.transpose(1, 2)).sum(0))
+    m = Q.shape[0]
+    eye = torch.eye(m, dtype=Q.dtype, device=Q.device)
+    Q = 0.5 * (Q + Q.T) + hp["weight_decay"] * eye
+    L = cholesky_factor(Q + hp["regularization"] * eye,
+                        "curvature='exact': Q_ww + regularization * I", lin.stage.index,
+                        f"increase regularization (now {hp['regularization']})")
+    return JointDense(DensePreconditioner(D=L, Quu=Q, lr=hp["lr"]), shapes)
+
+
+@dataclass
+class GraphResponse:
+    """:class:`trajopt.riccati.operator.ControlResponse` of the players' curvature
+    ``pre`` (:class:`BlockDiagonal`, :class:`JointDense` or a cooperative Kronecker one)
+    on a graph stage; ``lu`` the running-cost gradient per player (None: none)."""
+
+    pre: object
+    lin: GraphLinearization
+    lu: Controls | None
+
+    def response(self, Y: torch.Tensor) -> torch.Tensor:
+        ws = self.lin.factors(Y)
+        if all(w is None for w in ws):
+            return torch.zeros_like(Y)
+        return self.lin.from_h(self.pre.per_sample(ws, self.lin.X))
+
+    def response_const(self) -> torch.Tensor | None:
+        return None if self.lu is None else self.apply_control(self.lu)
+
+    def apply_control(self, G: Controls) -> torch.Tensor:
+        S = self.pre.value_inverse(G)
+        if all(s is None for s in S):
+            return self.lin.x_next.new_zeros(self.lin.B, self.lin.n1)
+        hs = [None if s is None else self.lin.gu(j, s).unsqueeze(1) for j, s in enumerate(S)]
+        return self.lin.from_h(hs).squeeze(1)

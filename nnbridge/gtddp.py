@@ -1,0 +1,210 @@
+r"""GT-DDP (Liu, Chen & Theodorou, "Game Theoretic DDP Neural Optimizer") as a
+torch.optim optimizer for residual and branching networks.
+
+The network is decomposed by :func:`nnbridge.graph.graph_stages`: stages on the state
+augmented with the open residuals, :math:`y_t = [x_t, x_{r_1}, \dots]` (Eq. 8, 26), and
+the affine layers off the main chain (projection shortcuts, parallel branches) as
+players of the stage where they merge (Sec. 3.2).  One step is DDPNOpt's (Alg. 3 with the
+conventions of :class:`nnbridge.DDPNOpt`: recorded forward/backward passes, terminal
+Hessian, ``p.grad`` as the open-loop term, batch statistics over ranks) on these stages:
+
+1. backward: :func:`trajopt.riccati.operator_riccati_step` on the augmented state
+   (:class:`nnbridge.graph_ops.GraphLinearization`); the per-sample value is carried on
+   :math:`y_t`, so :math:`V_{x x_r}`, :math:`V_{x_r x_r}` (Eq. 10) are its blocks, the
+   policy's columns on the residual blocks are the residual feedback :math:`G` (Eq. 9)
+   and where a residual starts the blocks merge into :math:`V_x, V_{xx}` (Prop. 2); with
+   the rank-one value the factor is :math:`[z_x; z_{x_r}]` (Prop. 6, Eq. 22);
+2. the players' curvature: each player's own (Table 1: :math:`Q_{uv} = 0` for the
+   first-order methods; EKFAC per layer), or with ``curvature="exact"`` the dense joint
+   :math:`Q_{ww}` with its exact cross blocks (the cooperative game solved exactly: Eq.
+   14-15 / 40 with nothing approximated);
+3. forward: :math:`\delta w_t = -P^{-1}(d_t + \mathbb{E}_i[Q_{wy}^i\,\delta y_t^i])`,
+   :math:`\delta y_t = \hat y_t - y_t` (residual deviations included), stage by stage.
+
+On a network without residuals and players this is DDPNOpt, step for step (tested).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from trajopt.errors import UnsupportedModelError
+from trajopt.riccati import operator_riccati_step
+
+from .batchnorm import batch_statistics, frozen
+from .curvature import Exact
+from .ddpnopt import DDPNOpt
+from .graph import graph_stages
+from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
+
+__all__ = ["GTDDP"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class GTDDP(DDPNOpt):
+    r"""Game-Theoretic DDP Neural Optimizer (module docstring).
+
+    Takes the arguments of :class:`nnbridge.DDPNOpt` (``lr``, ``curvature``,
+    ``feedback``, ``value_hessian``, ``tikhonov``, ``value_psd``, ``value_recursion``,
+    ``terminal_hessian``, ``loss`` and the curvature's hyper-parameters) and any network
+    :func:`nnbridge.graph.graph_stages` decomposes: residual blocks (identity and
+    projection shortcuts), BatchNorm (batch statistics held fixed in the DDP pass,
+    :mod:`nnbridge.batchnorm`), parallel branches merged by a sum or a concatenation.
+    ``feedback=False`` is exactly the base optimizer.
+    """
+
+    def _decompose(self, net: nn.Module):
+        self._graph = graph_stages(net)
+        players = self._graph.players
+        order = {id(p): k for k, p in enumerate(players)}
+        #: per stage, the index of each of its players in ``self._stages``
+        self._ids = [[order[id(p)] for p in gs.players] for gs in self._graph.stages]
+        self._nominal: list[list[torch.Tensor]] | None = None
+        self._seen: dict = {}
+        return self._graph.pre, players
+
+    def _maps(self):
+        return [(gs.index, m) for gs in self._graph.stages for top in gs.modules()
+                for m in top.modules()]
+
+    def _frozen_maps(self, rec):
+        """Runs the stage graph once on the recorded :math:`x_0` (the nominal
+        :math:`y_t`, with the inputs each layer sees), capturing the batch statistics of
+        the BatchNorm layers in training mode, and freezes them for the step."""
+        self._nominal = None
+        if rec is None:
+            return nullcontext()
+        bns = [m for _, m in self._maps() if isinstance(m, _BN) and m.training]
+        seen: dict = {}
+
+        def run():
+            ys = [[rec.inputs[0]]]
+            for gs, ids in zip(self._graph.stages, self._ids):
+                record: dict = {}
+                ys.append(gs.run(ys[-1], record=record))
+                for j, k in enumerate(ids):
+                    seen[k] = record["x", j]
+            return ys
+
+        self._nominal, stats = batch_statistics(bns, run)
+        self._seen = seen
+        return frozen(stats)
+
+    def _verify_decomposition(self, rec) -> None:
+        """Once: every layer's input on the stage graph's forward pass is what the
+        training loop's forward pass fed it, and so is the output."""
+        want = list(rec.inputs) + [rec.output]
+        got = [self._seen[k] for k in range(len(self._stages))] + [self._nominal[-1][0]]
+        for k, (a, b) in enumerate(zip(got, want)):
+            scale = float(b.abs().amax()) if b.numel() else 0.0
+            if a.shape != b.shape or float((a - b).abs().amax()) > 1e-2 * (1.0 + scale):
+                what = ("the output" if k == len(self._stages) else
+                        f"the input of {type(self._stages[k].module).__name__} (stage "
+                        f"{self._stages[k].index})")
+                raise UnsupportedModelError(
+                    f"model: {what} on the stage graph differs from the training loop's "
+                    f"forward pass (shapes {tuple(a.shape)} and {tuple(b.shape)}): the "
+                    f"forward pass does something its torch.fx graph does not show (a "
+                    f"branch on self.training or a Python value)")
+        self._verified = True
+
+    # ------------------------------------------------------------------ the step
+    def _player_lu(self, st, lin, j, h_grad, hp, mean) -> torch.Tensor:
+        """Player j's :math:`l_u`: ``p.grad`` minus what the backward pass sent through
+        the network, plus weight decay's :math:`\\lambda \\tilde U` (as DDPNOpt's)."""
+        lu = self._grad(st)
+        if h_grad is not None:
+            lu = lu - mean(lin.control_gradient(j, h_grad) * mean.local)
+        if hp["weight_decay"]:
+            lu = lu + hp["weight_decay"] * lin.U[j]
+        return lu
+
+    def _ddp_update(self, rec, group, frozen_, mean):
+        graph, ys = self._graph, self._nominal
+        T = len(graph.stages)
+        curv = self.curvature
+        value = self._terminal(rec, mean)
+        steps: list[Any] = [None] * T
+        lins: list[GraphLinearization] = [None] * T
+        made: list[dict] = [None] * T
+        for t in range(T - 1, -1, -1):
+            gs, ids = graph.stages[t], self._ids[t]
+            active = [not frozen_[k] for k in ids]
+            lin = GraphLinearization(gs, ys[t], active, mean)
+            lins[t] = lin
+            tik = group["tikhonov"] if t < T - 1 else 0.0
+            hps = [self._hp(self._stages[k], group) for k in ids]
+            lus = [self._player_lu(self._stages[k], lin, j, rec.h_grads[k], hps[j][0], mean)
+                   if active[j] else None for j, k in enumerate(ids)]
+            info: dict = {}
+            made[t] = info
+
+            def make(Qu, val, lin=lin, hps=hps, lus=lus, tik=tik, info=info, active=active):
+                if not any(active):
+                    info.update(pre=BlockDiagonal([None] * len(active)), g=None)
+                    return GraphResponse(info["pre"], lin, None)
+                g = [None if q is None else q + lu for q, lu in zip(Qu, lus)]
+                if isinstance(curv, Exact):
+                    pre = joint_exact(lin, val, tik, hps[0][0])
+                    states = [{} if a else None for a in active]
+                else:
+                    ws = lin.factors(val.Vx.unsqueeze(1)) if curv.needs_factors else None
+                    states, pres = [], []
+                    for j, (hp, state, step) in enumerate(hps):
+                        if not active[j]:
+                            states.append(None)
+                            pres.append(None)
+                            continue
+                        w = None if ws is None else ws[j].squeeze(1)
+                        cst = curv.update(state, g[j], hp, step, w, lin.X[j], mean)
+                        states.append(cst)
+                        pres.append(curv.preconditioner(cst, hp, step))
+                    pre = BlockDiagonal(pres)
+                info.update(g=g, states=states, pre=pre)
+                return GraphResponse(pre, lin, lus)
+
+            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
+                                             project_psd=group["value_psd"],
+                                             recursion=group["value_recursion"],
+                                             propagate=t > 0, batch_size=mean.size)
+            value = steps[t].value
+        # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
+        controls: list = [None] * len(self._stages)
+        states: list = [None] * len(self._stages)
+        yhat = ys[0]
+        for t in range(T):
+            lin, info, ids = lins[t], made[t], self._ids[t]
+            if info["g"] is None:          # every player frozen
+                if t < T - 1:
+                    yhat = lin.forward(yhat, [None] * len(ids))
+                continue
+            pre, g = info["pre"], info["g"]
+            du = []
+            for j, k in enumerate(ids):
+                if g[j] is None:
+                    du.append(None)
+                    continue
+                hp, _, step = self._hp(self._stages[k], group)
+                if isinstance(curv, Exact):
+                    du.append(None)
+                else:
+                    du.append(curv.open_loop(info["states"][j], g[j], hp, step, pre.pres[j]))
+            if isinstance(curv, Exact):
+                du = [None if d is None else -d for d in pre.inverse(g)]
+            if t > 0:
+                dY = lin.flat(yhat) - lin.flat(ys[t])
+                fb = pre.inverse(steps[t].feedback(dY))
+                du = [None if d is None else d - f for d, f in zip(du, fb)]
+            new = [None if d is None else lin.U[j] + d for j, d in enumerate(du)]
+            for j, k in enumerate(ids):
+                controls[k] = new[j]
+                if new[j] is not None:
+                    states[k] = info["states"][j]
+            if t < T - 1:
+                yhat = lin.forward(yhat, new)
+        return controls, states
