@@ -199,8 +199,8 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
             raise UnsupportedModelError(
                 f"model: {node_name(node)} uses a value of {where} after stage {current} "
                 f"began: a skip connection or a branch (residual x + f(x), concatenated "
-                f"branches) is not a chain of stages; residual networks are decomposed "
-                f"with GT-DDP's spans (not yet in nnbridge.stages)")
+                f"branches) is not a chain of stages; use nnbridge.GTDDP "
+                f"(nnbridge.graph_stages: residual spans and players)")
         module = modules.get(node.target) if node.op == "call_module" else None
         check_node(node, modules, params, current >= 0)
         if module is not None and isinstance(module, AFFINE):

@@ -1,0 +1,296 @@
+"""GT-DDP on residual and branching networks: the stage graph, and the optimizer against
+DDPNOpt (chains), the torch.optim baselines (no feedback), trajopt's span-aware
+GTDDPSolver and plain DDP on the explicitly augmented state (GT-DDP Eq. 26)."""
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import nnbridge
+from tests.nnbridge.conftest import closure_for, data, mlp
+from tests.reference.span_augmented import augmented_problem
+from trajopt import Cost, DDPSolver, GTDDPSolver, Span
+from trajopt.errors import UnsupportedModelError
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + idt)
+
+
+class ResNet(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.b1 = Block(4, 4)
+        self.b2 = Block(4, 6, stride=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.b2(self.b1(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ResMLP(nn.Module):
+    """x1 = tanh(L0 x0); x2 = tanh(L1 x1); x3 = tanh(L2 x2) + x1; out = L3 x3 + P x2:
+    an identity span (1, 2) and a parametrized shortcut span (2, 3) with player P."""
+
+    def __init__(self, seed=0, d=4):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l0, self.l1, self.l2 = nn.Linear(3, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.l3, self.p = nn.Linear(d, 3), nn.Linear(d, 3)
+
+    def forward(self, x):
+        x1 = torch.tanh(self.l0(x))
+        x2 = torch.tanh(self.l1(x1))
+        x3 = torch.tanh(self.l2(x2)) + x1
+        return self.l3(x3) + self.p(x2)
+
+
+class Inception(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(1, 3, 3, padding=1)
+        self.a = nn.Conv2d(3, 2, 1)
+        self.b1, self.b2 = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 3, padding=1)
+        self.c = nn.Conv2d(3, 2, 1)
+        self.fc = nn.Linear(6 * 16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b2(F.relu(self.b1(x)))),
+                       F.relu(self.c(F.max_pool2d(x, 3, 1, 1)))], 1)
+        return self.fc(y.flatten(1))
+
+
+class PreAct(nn.Module):
+    def __init__(self, seed=0, d=5):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.out = nn.Linear(4, d), nn.Linear(d, 3)
+        self.n1, self.f1 = nn.LayerNorm(d), nn.Linear(d, d)
+        self.n2, self.f2 = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.f1(torch.relu(self.n1(x)))
+        x = x + self.f2(torch.relu(self.n2(x)))
+        return self.out(x)
+
+
+# ------------------------------------------------------------------ decomposition
+@pytest.mark.parametrize("make,shape,players,residuals", [
+    (ResNet, (3, 1, 4, 4), [1, 1, 1, 1, 2, 1], [0, 0, 1, 0, 1, 0]),
+    (ResMLP, (3, 3), [1, 1, 1, 2], [0, 0, 1, 1]),
+    (Inception, (2, 1, 4, 4), [1, 1, 3, 1], [0, 0, 1, 0]),
+    (PreAct, (3, 4), [1, 1, 1, 1], [0, 1, 1, 0]),
+], ids=["resnet-bn-projection", "custom-mlp", "inception", "pre-activation"])
+def test_stage_graph_reproduces_the_model(make, shape, players, residuals):
+    model = make()
+    model.train()
+    g = nnbridge.graph_stages(model)
+    assert [len(s.players) for s in g.stages] == players
+    assert [len(s.inputs) - 1 for s in g.stages] == residuals
+    x = torch.randn(*shape)
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        want = model(x)
+        for m in bn:   # the second pass updates them again: compare in eval mode too
+            m.eval()
+        want_eval = model(x)
+        got_eval = g(x)
+        for m in bn:
+            m.train()
+        got = g(x)
+    assert torch.equal(got_eval, want_eval)
+    assert torch.equal(got, want)
+
+
+def test_identity_span_opens_and_merges_where_the_residual_is_used():
+    g = nnbridge.graph_stages(ResMLP())
+    assert g.stages[1].opens == ["tanh"] and g.stages[2].merges == ["tanh"]
+    assert g.stages[2].opens == ["tanh_1"] and g.stages[3].merges == ["tanh_1"]
+    assert [type(p.module) for p in g.stages[3].players] == [nn.Linear, nn.Linear]
+    assert g.stages[3].players[1].module is g.stages[3].players[1].module
+
+
+def test_unsupported_graphs_are_refused_with_the_node_named():
+    class RawSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            z = x * 2.0
+            return self.b(torch.tanh(self.a(z))) + x
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(torch.tanh(self.a(x)))
+
+    with pytest.raises(UnsupportedModelError, match="'x'.*input transform"):
+        nnbridge.graph_stages(RawSkip())
+    with pytest.raises(UnsupportedModelError, match="called more than once"):
+        nnbridge.graph_stages(Tied())
+    with pytest.raises(UnsupportedModelError, match="nnbridge.GTDDP"):
+        nnbridge.DDPNOpt(ResMLP())
+
+
+# ------------------------------------------------------------------ optimizer
+def _run(model, opt, batches, loss=F.cross_entropy):
+    for X, y in batches:
+        def closure(X=X, y=y):
+            opt.zero_grad()
+            out = loss(model(X), y)
+            out.backward()
+            return out
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("curvature,value_hessian", [
+    ("identity", "outer"), ("rmsprop", "outer"), ("adam", "full"), ("ekfac", "outer"),
+    ("exact", "full")])
+def test_on_a_chain_gtddp_is_ddpnopt_step_for_step(curvature, value_hessian):
+    kw = dict(curvature=curvature, value_hessian=value_hessian)
+    if curvature == "exact":
+        kw["regularization"] = 2.0
+    a, b = mlp(), mlp()
+    oa, ob = nnbridge.DDPNOpt(a, **kw), nnbridge.GTDDP(b, **kw)
+    batches = [data(B=6, seed=s) for s in range(5)]
+    _run(a, oa, batches)
+    _run(b, ob, batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,ours,theirs", [
+    ("sgd", dict(curvature="identity", lr=0.05, momentum=0.9, weight_decay=1e-3),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    ("adam", dict(curvature="adam", lr=1e-2),
+     lambda ps: torch.optim.Adam(ps, lr=1e-2)),
+    ("rmsprop", dict(curvature="rmsprop", lr=1e-3),
+     lambda ps: torch.optim.RMSprop(ps, lr=1e-3)),
+])
+def test_without_feedback_it_is_the_baseline_on_a_resnet(name, ours, theirs):
+    """20 steps on the BatchNorm ResNet with projection shortcuts (BN parameters: the
+    base optimizer from p.grad)."""
+    a, b = ResNet(), ResNet()
+    with pytest.warns(UserWarning, match="no DDP model"):
+        oa = nnbridge.GTDDP(a, feedback=False, **ours)
+    ob = theirs(b.parameters())
+    batches = [data(B=4, shape=(1, 4, 4), seed=s) for s in range(20)]
+    _run(a, oa, batches)
+    _run(b, ob, batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def _as_ocp(opt, wd, target):
+    """The network of ResMLP as an OCP with spans: stage dynamics without the merges,
+    Span(1, 2) identity, Span(2, 3) with P's parameters as the shortcut's."""
+    heads = opt._stages            # main chain l0..l3, then the player p
+    shapes = [st.control().shape for st in heads]
+    acts = [torch.tanh, torch.tanh, torch.tanh, lambda h: h]
+
+    def dynamics(x, u, t):
+        return acts[t](heads[t].affine(x, u.reshape(shapes[t])))
+
+    def shortcut(r, v):
+        return heads[4].affine(r, v.reshape(shapes[4]))
+
+    spans = [Span(1, 2), Span(2, 3, shortcut=shortcut, n_params=shapes[4].numel())]
+    cost = Cost(running=lambda x, u, t: 0.5 * wd * (u * u).sum(-1),
+                terminal=lambda x: -torch.log_softmax(x, -1)[..., target])
+    us = [st.control().reshape(1, -1).clone() for st in heads[:4]]
+    us[3] = torch.cat([us[3], heads[4].control().reshape(1, -1)], -1)
+    return dynamics, cost, spans, us, shapes
+
+
+def _one_iteration(solver, X, us, mu):
+    with torch.no_grad():
+        solver.structure.setup(us)
+        traj = solver.rollout(X, us)
+        derivs, Vx, Vxx = solver.derivatives(traj)
+        pol = solver.backward_pass(derivs, Vx, Vxx, torch.full((1,), mu), traj)
+        return solver.forward_pass(traj, pol, 1.0).us
+
+
+def test_exact_step_equals_span_ddp_and_augmented_ddp():
+    """GT-DDP Eq. 9-15 / 26: with the exact curvature and B = 1, one GTDDP step on the
+    residual MLP is one iteration of trajopt's GTDDPSolver on the network written with
+    spans, and of plain DDP on the explicitly augmented state [x_t, x_r]."""
+    X, y = data(B=1, shape=(3,))
+    model = ResMLP()
+    wd, mu = 0.05, 0.3
+    opt = nnbridge.GTDDP(model, curvature="exact", value_hessian="full", weight_decay=wd,
+                         regularization=mu, value_psd=False)
+    dynamics, cost, spans, us, shapes = _as_ocp(opt, wd, int(y[0]))
+    new_span = _one_iteration(GTDDPSolver(dynamics, cost, spans=spans), X, us, mu)
+    dims = [3, 4, 4, 4, 3]
+    F_aug, C_aug = augmented_problem(dynamics, cost, spans, dims, [s.numel() for s in shapes[:4]])
+    x_aug = X
+    new_aug = _one_iteration(DDPSolver(F_aug, C_aug, mode="ilqr"), x_aug, us, mu)
+    opt.step(closure_for(opt, model, X, y))
+    got = [st.control().reshape(-1) for st in opt._stages[:4]]
+    got[3] = torch.cat([got[3], opt._stages[4].control().reshape(-1)])
+    for g, a, b, u0 in zip(got, new_span, new_aug, us):
+        scale = float((a - u0).abs().max())
+        assert float((g - a[0]).abs().max()) < 1e-10 * scale
+        assert float((g - b[0]).abs().max()) < 1e-10 * scale
+
+
+def test_residual_feedback_changes_the_step():
+    """The residual blocks matter: on the residual MLP, the step with feedback differs
+    from the open-loop one, and from what it would be if the residual deviations were
+    dropped (checked by zeroing the feedback's residual columns)."""
+    X, y = data(B=6, shape=(3,))
+    a, b = ResMLP(), ResMLP()
+    oa = nnbridge.GTDDP(a, curvature="adam", lr=1e-2)
+    ob = nnbridge.GTDDP(b, curvature="adam", lr=1e-2, feedback=False)
+    for _ in range(3):
+        oa.step(closure_for(oa, a, X, y))
+        ob.step(closure_for(ob, b, X, y))
+    diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    assert diff > 1e-6
+
+
+def test_trains_a_batchnorm_resnet():
+    """Digits-like task on the BN ResNet: the loss falls with every curvature, the BN
+    running statistics are updated once per forward pass (not by the DDP pass)."""
+    torch.manual_seed(0)
+    X = torch.randn(32, 1, 4, 4)
+    y = (X.mean((1, 2, 3)) > 0).long() + (X[:, 0, 0, 0] > 0).long()
+    for curvature, lr in [("adam", 1e-2), ("identity", 0.1), ("ekfac", 0.05)]:
+        model = ResNet()
+        with pytest.warns(UserWarning, match="no DDP model"):
+            opt = nnbridge.GTDDP(model, curvature=curvature, lr=lr)
+        first = None
+        for _ in range(15):
+            loss = float(opt.step(closure_for(opt, model, X, y)))
+            first = loss if first is None else first
+        tracked = model.b1.bn1.num_batches_tracked
+        assert int(tracked) == 15
+        assert loss < 0.8 * first, (curvature, first, loss)
