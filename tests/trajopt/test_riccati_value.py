@@ -162,3 +162,29 @@ def test_softmax_cross_entropy_gauss_newton_factor():
         lambda s, i=i: torch.nn.functional.cross_entropy(s[None], y[i:i + 1]), logits[i])
         for i in range(4)])
     torch.testing.assert_close(v.Vxx, H, rtol=1e-13, atol=1e-14)
+
+
+def test_psd_projection_survives_an_eigensolver_failure(monkeypatch):
+    """float32 eigh can fail to converge (found on a 512-wide BN ResNet value): the
+    projection is then computed in float64; where that fails too the result is NaN (the
+    optimizer's finiteness check skips the step), never a raw LinAlgError."""
+    from trajopt.riccati import value as v
+    real = torch.linalg.eigh
+    W = torch.randn(3, 4, 4, dtype=torch.float64)
+    W = W + W.transpose(-1, -2)
+    lam, Q = real(W)
+    want = (Q * lam.clamp(min=0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+    def flaky(M):
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+        return real(M)
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    got = v._psd(W.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    def broken(M):
+        raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    assert torch.isnan(v._psd(W)).all()

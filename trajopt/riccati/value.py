@@ -59,7 +59,13 @@ def _psd(W: torch.Tensor) -> torch.Tensor:
     all_finite = bool(finite.all())
     if not all_finite:
         W = torch.where(finite, W, torch.zeros_like(W))
-    lam, Q = torch.linalg.eigh(W)
+    try:
+        lam, Q = torch.linalg.eigh(W)
+    except RuntimeError:  # LinAlgError: no convergence (float32, many repeated zeros)
+        try:
+            lam, Q = (v.to(W.dtype) for v in torch.linalg.eigh(W.to(torch.float64)))
+        except RuntimeError:  # NaN: the caller's finiteness check sees it
+            return torch.full_like(W, math.nan)
     out = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
     return out if all_finite else torch.where(finite, out, torch.full_like(out, math.nan))
 
