@@ -134,7 +134,7 @@ class GraphLinearization:
         return self._cat([o.transpose(0, 1) for o in outs])
 
     def _jvp_batched(self, ty, th):
-        """:math:`F_y\,t_y + F_h\,t_h` for J tangents (leading dimension J)."""
+        r""":math:`F_y\,t_y + F_h\,t_h` for J tangents (leading dimension J)."""
         if ty[0].shape[0] == 1:
             return [o.unsqueeze(0) for o in
                     self._jvp(([t[0] for t in ty], [t[0] for t in th]))[0]]

@@ -14,19 +14,29 @@ from torch.nn.parallel import DistributedDataParallel
 import nnbridge
 
 from .conftest import data, mlp
+from .test_gtddp import ResMLP
 
 CASES = [("identity", True, {"lr": 0.3, "momentum": 0.9}), ("rmsprop", True, {"lr": 1e-2}),
          ("adam", True, {"lr": 1e-2}), ("ekfac", True, {"lr": 0.1, "update_freq": 2}),
          ("exact", True, {"lr": 1.0, "regularization": 2.0}),
          ("ekfac", False, {"lr": 0.1, "update_freq": 2}),
          # the default terminal Hessian: each sample draws what it draws in one process
-         ("identity", True, {"lr": 0.3, "terminal_hessian": "fisher"})]
+         ("identity", True, {"lr": 0.3, "terminal_hessian": "fisher"}),
+         # GT-DDP on a residual network (spans and a projection player)
+         ("adam", True, {"lr": 1e-2, "gtddp": True}),
+         ("exact", True, {"lr": 1.0, "regularization": 2.0, "gtddp": True})]
 STEPS = 3
 
 
 def _optimizer(target, curvature, feedback, hp):
-    return nnbridge.DDPNOpt(target, curvature=curvature, feedback=feedback,
-                            **{"terminal_hessian": "ggn", "weight_decay": 1e-3, **hp})
+    hp = dict(hp)
+    cls = nnbridge.GTDDP if hp.pop("gtddp", False) else nnbridge.DDPNOpt
+    return cls(target, curvature=curvature, feedback=feedback,
+               **{"terminal_hessian": "ggn", "weight_decay": 1e-3, **hp})
+
+
+def _model(hp):
+    return ResMLP(n_in=4) if hp.get("gtddp") else mlp()
 
 
 def _train(forward, opt, X, y):
@@ -49,7 +59,7 @@ def _worker(rank, world, port, out):
         local = slice(4 * rank, 4 * rank + 4)
         results = []
         for k, (curvature, feedback, hp) in enumerate(CASES):
-            model = mlp()
+            model = _model(hp)
             if k % 2 == 0:   # the optimizer on the model, then the wrapper
                 opt = _optimizer(model, curvature, feedback, hp)
                 ddp = DistributedDataParallel(model)
@@ -75,7 +85,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     X, y = data(B=8)
     for k, (curvature, feedback, hp) in enumerate(CASES):
-        model = mlp()
+        model = _model(hp)
         start = [p.detach().clone() for p in model.parameters()]
         opt = _optimizer(model, curvature, feedback, hp)
         _train(model, opt, X, y)

@@ -52,10 +52,10 @@ class ResMLP(nn.Module):
     """x1 = tanh(L0 x0); x2 = tanh(L1 x1); x3 = tanh(L2 x2) + x1; out = L3 x3 + P x2:
     an identity span (1, 2) and a parametrized shortcut span (2, 3) with player P."""
 
-    def __init__(self, seed=0, d=4):
+    def __init__(self, seed=0, d=4, n_in=3):
         super().__init__()
         torch.manual_seed(seed)
-        self.l0, self.l1, self.l2 = nn.Linear(3, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.l0, self.l1, self.l2 = nn.Linear(n_in, d), nn.Linear(d, d), nn.Linear(d, d)
         self.l3, self.p = nn.Linear(d, 3), nn.Linear(d, 3)
 
     def forward(self, x):
@@ -294,3 +294,72 @@ def test_trains_a_batchnorm_resnet():
         tracked = model.b1.bn1.num_batches_tracked
         assert int(tracked) == 15
         assert loss < 0.8 * first, (curvature, first, loss)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac", "exact"])
+def test_outer_equals_full_for_a_rank_one_terminal_hessian(curvature):
+    """Prop. 6: a rank-one terminal Hessian stays rank one through the augmented
+    recursion, V_{yy} = c [z_x; z_r][z_x; z_r]' (residual blocks included), so the
+    factored and the dense per-sample values give the same steps."""
+    X, y = data(B=6, shape=(3,))
+    a = torch.randn(3)
+
+    def factor(out):   # Hessian of 1/2 (a'x - y)^2 is a a'
+        return a.expand(out.shape[0], 3)
+
+    extra = {"regularization": 2.0} if curvature == "exact" else {"lr": 0.05}
+    results = []
+    for vh in ("outer", "full"):
+        model = ResMLP()
+        opt = nnbridge.GTDDP(model, curvature=curvature, value_hessian=vh,
+                             terminal_hessian=factor, value_psd=False, **extra)
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = 0.5 * ((model(X) @ a - y.double()) ** 2).mean()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            opt.step(closure)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-12)
+
+
+def test_state_dict_roundtrip_and_skipped_step_on_a_resnet():
+    """The torch.optim conventions DDPNOpt has: a state dict resumes exactly, a
+    non-finite loss leaves parameters and state as they were."""
+    import io
+
+    from trajopt.errors import SkippedStepWarning
+    batches = [data(B=4, shape=(1, 4, 4), seed=s) for s in range(6)]
+    with pytest.warns(UserWarning, match="no DDP model"):
+        a = ResNet()
+        oa = nnbridge.GTDDP(a, curvature="adam", lr=1e-2)
+    _run(a, oa, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    with pytest.warns(UserWarning, match="no DDP model"):
+        b = ResNet(seed=5)
+        ob = nnbridge.GTDDP(b, curvature="adam", lr=0.5)
+    b.load_state_dict(saved["model"])
+    ob.load_state_dict(saved["opt"])
+    _run(a, oa, batches[3:])
+    _run(b, ob, batches[3:])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    before = [p.detach().clone() for p in a.parameters()]
+    state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+             for k, s in oa.state.items()}
+    Xbad, ybad = batches[0]
+    Xbad = Xbad.clone()
+    Xbad[0, 0, 0, 0] = float("nan")
+    with pytest.warns(SkippedStepWarning):
+        oa.step(closure_for(oa, a, Xbad, ybad))
+    for p, q in zip(a.parameters(), before):
+        assert torch.equal(p, q)
+    for k, s in oa.state.items():
+        for n, v in s.items():
+            assert torch.equal(v, state[k][n]) if torch.is_tensor(v) else v == state[k][n]
