@@ -106,7 +106,7 @@ class Preconditioner:
 
     def per_sample(self, w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """[S (w^i x~^i')] x~^i: w (B, J, out, P), X (B, in', P) -> (B, J, out, P)."""
-        if X.shape[-1] == 1:  # Linear: rank-one per-sample cotangents
+        if X.shape[-1] == 1 and X.dim() == 3:  # Linear: rank-one per-sample cotangents
             a, x = w[..., 0], X[..., 0]
             if not torch.is_tensor(self.D):
                 return w * (self.D * (x * x).sum(-1))[:, None, None, None]
@@ -117,8 +117,9 @@ class Preconditioner:
             if self.rot is not None:
                 res = res @ self.rot[0].transpose(-1, -2)
             return res.unsqueeze(-1)
-        G = torch.einsum("bjop,bip->bjoi", w, X)
-        return torch.einsum("bjoi,bip->bjop", self.value_inverse(G), X)
+        # (a grouped convolution: one more dimension, the groups, before out / in')
+        G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
+        return torch.einsum("bj...oi,b...ip->bj...op", self.value_inverse(G), X)
 
 
 @dataclass(frozen=True)
@@ -296,17 +297,21 @@ class EKFAC(Curvature):
         if mean is None:
             def mean(local_sum):
                 return local_sum / B
-        Wf = w.reshape(B, w.shape[-2], P)
-        st["A"] = _moment(st.get("A"), mean(torch.einsum("bip,bjp->ij", X, X)) / P, a)
-        st["G"] = _moment(st.get("G"), mean(torch.einsum("bop,bqp->oq", Wf, Wf)) / P, a)
+        # a grouped convolution has one more dimension (the groups) before out / in':
+        # one Kronecker pair per group
+        Wf = w.reshape(B, *w.shape[-X.dim() + 1:-1], P)
+        st["A"] = _moment(st.get("A"), mean(torch.einsum("b...ip,b...jp->...ij", X, X)) / P,
+                          a)
+        st["G"] = _moment(st.get("G"), mean(torch.einsum("b...op,b...qp->...oq", Wf, Wf))
+                          / P, a)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
-        if P == 1:
+        if P == 1 and X.dim() == 3:
             s = mean(((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1)
                      @ (X[..., 0] @ st["QA"]) ** 2)
         else:
-            Gi = torch.einsum("bop,bip->boi", Wf, X)
+            Gi = torch.einsum("b...op,b...ip->b...oi", Wf, X)
             s = mean(((st["QG"].transpose(-1, -2) @ Gi @ st["QA"]) ** 2).sum(0))
         st["S"] = s if fresh else _moment(st["S"], s, a)
         return st
@@ -351,7 +356,7 @@ class Exact(Curvature):
 
     def build(self, lin, value, tikhonov: float, hp) -> DensePreconditioner:
         """Form Q_uu from the next value (called by the optimizer before the solve)."""
-        if lin.X.shape[-1] != 1:
+        if lin.X.shape[-1] != 1 or lin.X.dim() != 3:
             raise InvalidArgumentError(
                 "curvature='exact' supports Linear stages only (Conv2d would need the dense "
                 "per-sample control Jacobian); use 'ekfac' for convolutions")

@@ -464,7 +464,7 @@ class DDPNOpt(torch.optim.Optimizer):
             if self.curvature.needs_factors:
                 X = st.unfold(rec.inputs[t])
                 hg = rec.h_grads[t]
-                w = (hg * hg.shape[0]).reshape(hg.shape[0], hg.shape[1], -1)
+                w = st.factor_view(hg * hg.shape[0])
             new = self.curvature.update(state, g, hp, step, w, X, mean)
             pre = self.curvature.preconditioner(new, hp, step)
             controls.append(U + self.curvature.open_loop(new, g, hp, step, pre))

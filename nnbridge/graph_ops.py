@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from trajopt.errors import InvalidArgumentError
 from trajopt.riccati.solvers import cholesky_factor
 
 from .curvature import DensePreconditioner, Preconditioner
 from .graph import GraphStage
+from .stages import outer_sum
 
 __all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
            "joint_exact"]
@@ -120,8 +122,8 @@ class GraphLinearization:
         :math:`f_{w_j}^{i\\top} Y^i = w_j^i \\tilde x_j^{i\\top}` (None: frozen)."""
         gh = self._pull(Y)[1]
         B, J = Y.shape[:2]
-        return [g.reshape(B, J, g.shape[2], -1) if a else None
-                for g, a in zip(gh, self.active)]
+        return [p.factor_view(g, lead=2) if a else None
+                for p, g, a in zip(self.stage.players, gh, self.active)]
 
     def from_h(self, D: list[torch.Tensor | None]) -> torch.Tensor:
         """Pre-activation changes (B, J, out_j, P_j) per player -> (B, J, n1)."""
@@ -142,13 +144,13 @@ class GraphLinearization:
 
     def fu_T_mean(self, Y: torch.Tensor) -> Controls:
         """Batch mean of :math:`F_{w_j}^{i\\top} Y^i` per player, (out_j, in'_j)."""
-        return [None if w is None else self.mean(_outer_sum(w[:, 0], X))
+        return [None if w is None else self.mean(outer_sum(w[:, 0], X))
                 for w, X in zip(self.factors(Y.unsqueeze(1)), self.X)]
 
     def control_gradient(self, j: int, h_grad: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_i g^i \\tilde x_j^{i\\top}` for player j's pre-activation
         cotangents (a sum over the local samples)."""
-        return _outer_sum(h_grad.reshape(self.B, h_grad.shape[1], -1), self.X[j])
+        return outer_sum(self.stage.players[j].factor_view(h_grad), self.X[j])
 
     def gu(self, j: int, G: torch.Tensor) -> torch.Tensor:
         """Player j's pre-activation change (B, out_j, P_j) for a shared control G."""
@@ -161,12 +163,6 @@ class GraphLinearization:
     def flat(self, ys: list[torch.Tensor]) -> torch.Tensor:
         """:math:`y` as (B, n)."""
         return torch.cat([y.reshape(y.shape[0], -1) for y in ys], -1)
-
-
-def _outer_sum(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """:math:`\\sum_{i,p} w_{i,:,p} X_{i,:,p}^\\top` for w (B, out, P), X (B, in', P)."""
-    return (w.transpose(0, 1).reshape(w.shape[1], -1)
-            @ X.transpose(0, 1).reshape(X.shape[1], -1).T)
 
 
 @dataclass(frozen=True)
@@ -235,6 +231,10 @@ def joint_exact(lin: GraphLinearization, value, tikhonov: float, hp: dict) -> Jo
     B = lin.B
     act = [j for j, a in enumerate(lin.active) if a]
     for j in act:
+        if lin.U[j].dim() != 2:
+            raise InvalidArgumentError(
+                f"curvature='exact' at stage {lin.stage.index}: a grouped convolution's "
+                "control has no dense per-sample Jacobian here; use 'ekfac'")
         out, n_in = lin.U[j].shape
         P = lin.X[j].shape[-1]
         # unit controls E_(o,i) -> pre-activation changes E X: (B, out*in', out, P)

@@ -24,6 +24,15 @@ def cnn(seed=1):
                          nn.Linear(8, 3))
 
 
+def grouped_cnn(seed=1):
+    """A grouped (groups=2) and a depthwise convolution between ordinary layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Tanh(),
+                         nn.Conv2d(4, 4, 1, groups=4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(16, 3))
+
+
 def data(B=5, shape=(4,), seed=0, classes=3):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, *shape, generator=g), torch.randint(0, classes, (B,), generator=g)

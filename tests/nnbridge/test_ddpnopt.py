@@ -13,7 +13,7 @@ from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
-from .conftest import closure_for, cnn, data, mlp
+from .conftest import closure_for, cnn, data, grouped_cnn, mlp
 
 LRS = {"identity": 0.3, "rmsprop": 1e-2, "adam": 1e-2, "ekfac": 0.1, "exact": 1.0}
 
@@ -67,9 +67,11 @@ def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, 
 @pytest.mark.parametrize("value_hessian", ["outer", "full"])
 @pytest.mark.parametrize("terminal,ref_terminal,psd", [("empirical", "gn", True),
                                                        ("ggn", "hessian", False)])
-def test_cnn_step_equals_literal_alg3(curvature, value_hessian, terminal, ref_terminal, psd):
+@pytest.mark.parametrize("make", [cnn, grouped_cnn], ids=["cnn", "grouped"])
+def test_cnn_step_equals_literal_alg3(curvature, value_hessian, terminal, ref_terminal, psd,
+                                      make):
     X, y = data(B=3, shape=(1, 5, 5))
-    model = cnn()
+    model = make()
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01,
                            value_recursion="mean", terminal_hessian=terminal,

@@ -323,6 +323,9 @@ def test_modules_without_a_per_sample_derivative_are_refused_between_stages():
     (lambda: nn.Conv2d(2, 3, (2, 3), padding="same", bias=False), (2, 5, 6)),
     (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="replicate", stride=2), (2, 5, 6)),
     (lambda: nn.Conv2d(2, 3, 3, padding="valid", dilation=(1, 2)), (2, 5, 6)),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 6)),               # grouped
+    (lambda: nn.Conv2d(4, 4, 3, stride=2, groups=4, bias=False), (4, 5, 6)),    # depthwise
+    (lambda: nn.Conv1d(4, 6, 4, padding="same", groups=2), (4, 9)),
 ])
 def test_convolutions_with_any_padding_equal_their_dense_jacobians(conv, shape):
     torch.manual_seed(0)
@@ -339,8 +342,15 @@ def test_convolutions_with_any_padding_equal_their_dense_jacobians(conv, shape):
     torch.testing.assert_close(lin.fx(dX), (fx @ dX.unsqueeze(-1)).squeeze(-1),
                                rtol=1e-12, atol=1e-12)
     w = lin.factors(Y)
-    per = torch.einsum("bjop,bip->bjoi", w, lin.X).reshape(3, 2, -1)
+    per = torch.einsum("bj...op,b...ip->bj...oi", w, lin.X).reshape(3, 2, -1)
     torch.testing.assert_close(per, Y @ fu, rtol=1e-12, atol=1e-12)
+    U = lin.U
+    torch.testing.assert_close(sts[0].join(sts[0].split(U)), U, rtol=0, atol=0)
+    # the pre-activation change of a control direction G, against the dense Jacobian
+    G = torch.randn_like(U)
+    dh = lin.gu(G)
+    torch.testing.assert_close(lin.from_h(dh.unsqueeze(1)).squeeze(1),
+                               fu @ G.reshape(-1), rtol=1e-12, atol=1e-12)
 
 
 def test_a_1d_cnn_trains_with_ddpnopt():
@@ -358,6 +368,53 @@ def test_a_1d_cnn_trains_with_ddpnopt():
         assert losses[-1] < 0.7 * losses[0], (curvature, losses)
 
 
-def test_grouped_convolutions_are_refused_by_name():
-    with pytest.raises(UnsupportedModelError, match=r"groups=2 \(grouped / depthwise"):
-        nnbridge.stages(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)))
+class _Halves(nn.Module):
+    """The grouped convolution Conv2d(4, 4, 3, stride=2, groups=2) written as two
+    ordinary convolutions on the channel halves, concatenated (two players)."""
+
+    def __init__(self, grouped):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 3, stride=2), nn.Conv2d(2, 2, 3, stride=2)
+        with torch.no_grad():
+            for k, m in enumerate((self.a, self.b)):
+                m.weight.copy_(grouped.weight[2 * k:2 * k + 2])
+                m.bias.copy_(grouped.bias[2 * k:2 * k + 2])
+
+    def forward(self, x):
+        return torch.cat([self.a(x[:, :2]), self.b(x[:, 2:])], 1)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "ekfac"])
+def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
+    """Block-diagonal control over the groups: DDPNOpt with feedback on a network with a
+    grouped convolution takes the steps GT-DDP takes on the same network with that layer
+    written as one convolution per group (two players of one stage); for EKFAC, one
+    Kronecker pair per group is EKFAC on each separate layer."""
+    from .conftest import grouped_cnn
+    a = grouped_cnn()
+    convs = list(a)
+    convs[4] = nn.Conv2d(4, 4, 1)       # the depthwise one: ungrouped here
+    with torch.no_grad():
+        convs[4].weight.copy_(torch.diag_embed(a[4].weight[:, 0, 0, 0])[..., None, None])
+        convs[4].bias.copy_(a[4].bias)
+    a = nn.Sequential(*convs)
+    b = nn.Sequential(convs[0], convs[1], _Halves(convs[2]), *[copy.deepcopy(m)
+                                                              for m in convs[3:]])
+    b[0] = copy.deepcopy(convs[0])
+    X, y = data(B=6, shape=(1, 5, 5))
+    lr = 1e-2 if curvature == "adam" else 0.1
+    oa = nnbridge.DDPNOpt(a, lr=lr, curvature=curvature, update_freq=2) if \
+        curvature == "ekfac" else nnbridge.DDPNOpt(a, lr=lr, curvature=curvature)
+    kw = {"update_freq": 2} if curvature == "ekfac" else {}
+    ob = nnbridge.GTDDP(b, lr=lr, curvature=curvature, **kw)
+    for s in range(4):
+        Xs, ys = data(B=6, shape=(1, 5, 5), seed=s)
+        oa.step(closure_for(oa, a, Xs, ys))
+        ob.step(closure_for(ob, b, Xs, ys))
+    g = a[2]
+    torch.testing.assert_close(g.weight, torch.cat([b[2].a.weight, b[2].b.weight]),
+                               rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(g.bias, torch.cat([b[2].a.bias, b[2].b.bias]),
+                               rtol=1e-11, atol=1e-12)
+    for m, n in [(a[0], b[0]), (a[7], b[7])]:
+        torch.testing.assert_close(m.weight, n.weight, rtol=1e-11, atol=1e-12)
