@@ -17,11 +17,11 @@ from .ddpnopt import EKFAC, DDPNOpt
 from .decompose import stages
 from .deq import DEQ, DEQBlock
 from .graph import graph_stages
-from .gtddp import GTDDP
+from .gtddp import GTDDP, GTEKFAC
 from .recorder import capture
 from .stages import Stage, StageLinearization
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
-__all__ = ["stages", "graph_stages", "GTDDP", "Stage", "StageLinearization", "capture",
+__all__ = ["stages", "graph_stages", "GTDDP", "GTEKFAC", "Stage", "StageLinearization", "capture",
            "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock"]

@@ -36,12 +36,13 @@ from trajopt.errors import UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
 from .batchnorm import batch_statistics, frozen
-from .curvature import Exact
+from .cooperative import CooperativeEKFAC, can_cooperate
+from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
 from .graph import graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
-__all__ = ["GTDDP"]
+__all__ = ["GTDDP", "GTEKFAC"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -59,6 +60,7 @@ class GTDDP(DDPNOpt):
     """
 
     def _decompose(self, net: nn.Module):
+        self._coop = CooperativeEKFAC()
         self._graph = graph_stages(net)
         players = self._graph.players
         order = {id(p): k for k, p in enumerate(players)}
@@ -124,6 +126,73 @@ class GTDDP(DDPNOpt):
             lu = lu + hp["weight_decay"] * lin.U[j]
         return lu
 
+    def _players(self, g, hps, ws, Xs, mean, active, exact):
+        """The curvature of one stage's players: ``(preconditioner, new states, open-loop
+        updates)``, lists over the players (None: frozen).
+
+        * ``"exact"``: the dense joint :math:`Q_{ww}` (``exact()`` forms it);
+        * ``"ekfac"`` with two or more players that share their positions P: GT-DDP-EKFAC,
+          Theorem 3's cooperative Kronecker factors (:class:`~nnbridge.cooperative.
+          CooperativeEKFAC`; the joint state is kept under the first active player);
+        * otherwise each player's own curvature (:math:`Q_{uv} = 0`, Table 1).
+        """
+        curv = self.curvature
+        if isinstance(curv, Exact):
+            pre = exact()
+            return pre, [{} if a else None for a in active], [
+                None if d is None else -d for d in pre.inverse(g)]
+        if isinstance(curv, EKFAC) and sum(active) > 1 and can_cooperate(Xs, active):
+            j0 = active.index(True)
+            hp, state, step = hps[j0]
+            jst = self._coop.update(state, g, hp, step, ws, Xs, mean)
+            pre = self._coop.preconditioner(jst, hp, step)
+            states = [None if not a else jst if j == j0 else {}
+                      for j, a in enumerate(active)]
+            return pre, states, self._coop.open_loop(jst, g, hp, step, pre)
+        states, pres, du = [], [], []
+        for j, (hp, state, step) in enumerate(hps):
+            if not active[j]:
+                states.append(None)
+                pres.append(None)
+                du.append(None)
+                continue
+            w = None if ws is None else ws[j]
+            cst = curv.update(state, g[j], hp, step, w, Xs[j], mean)
+            pc = curv.preconditioner(cst, hp, step)
+            states.append(cst)
+            pres.append(pc)
+            du.append(curv.open_loop(cst, g[j], hp, step, pc))
+        return BlockDiagonal(pres), states, du
+
+    def _open_loop_update(self, rec, group, frozen_, mean):
+        """Without feedback: the base optimizer; for EKFAC, stages with several players
+        use the cooperative Kronecker factors (GT-EKFAC, Corollary 7 without feedback)."""
+        if not isinstance(self.curvature, EKFAC):
+            return super()._open_loop_update(rec, group, frozen_, mean)
+        controls: list = [None] * len(self._stages)
+        states: list = [None] * len(self._stages)
+        for ids in self._ids:
+            active = [not frozen_[k] for k in ids]
+            if not any(active):
+                continue
+            sts = [self._stages[k] for k in ids]
+            hps = [self._hp(st, group) for st in sts]
+            Us = [st.control() for st in sts]
+            g = []
+            for st, U, a, (hp, _, _) in zip(sts, Us, active, hps):
+                gj = self._grad(st) if a else None
+                if a and hp["weight_decay"]:
+                    gj = gj + hp["weight_decay"] * U
+                g.append(gj)
+            Xs = [st.unfold(rec.inputs[k]) for st, k in zip(sts, ids)]
+            ws = [st.factor_view(rec.h_grads[k] * rec.h_grads[k].shape[0]) if a else None
+                  for st, k, a in zip(sts, ids, active)]
+            _, new, du = self._players(g, hps, ws, Xs, mean, active, None)
+            for j, k in enumerate(ids):
+                if du[j] is not None:
+                    controls[k], states[k] = Us[j] + du[j], new[j]
+        return controls, states
+
     def _ddp_update(self, rec, group, frozen_, mean):
         graph, ys = self._graph, self._nominal
         T = len(graph.stages)
@@ -149,23 +218,14 @@ class GTDDP(DDPNOpt):
                     info.update(pre=BlockDiagonal([None] * len(active)), g=None)
                     return GraphResponse(info["pre"], lin, None)
                 g = [None if q is None else q + lu for q, lu in zip(Qu, lus)]
-                if isinstance(curv, Exact):
-                    pre = joint_exact(lin, val, tik, hps[0][0])
-                    states = [{} if a else None for a in active]
-                else:
-                    ws = lin.factors(val.Vx.unsqueeze(1)) if curv.needs_factors else None
-                    states, pres = [], []
-                    for j, (hp, state, step) in enumerate(hps):
-                        if not active[j]:
-                            states.append(None)
-                            pres.append(None)
-                            continue
-                        w = None if ws is None else ws[j].squeeze(1)
-                        cst = curv.update(state, g[j], hp, step, w, lin.X[j], mean)
-                        states.append(cst)
-                        pres.append(curv.preconditioner(cst, hp, step))
-                    pre = BlockDiagonal(pres)
-                info.update(g=g, states=states, pre=pre)
+                ws = None
+                if curv.needs_factors:
+                    ws = [None if w is None else w.squeeze(1)
+                          for w in lin.factors(val.Vx.unsqueeze(1))]
+                pre, states, open_loop = self._players(g, hps, ws, lin.X, mean, active,
+                                                       lambda: joint_exact(lin, val, tik,
+                                                                           hps[0][0]))
+                info.update(g=g, states=states, pre=pre, open_loop=open_loop)
                 return GraphResponse(pre, lin, lus)
 
             steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
@@ -183,19 +243,7 @@ class GTDDP(DDPNOpt):
                 if t < T - 1:
                     yhat = lin.forward(yhat, [None] * len(ids))
                 continue
-            pre, g = info["pre"], info["g"]
-            du = []
-            for j, k in enumerate(ids):
-                if g[j] is None:
-                    du.append(None)
-                    continue
-                hp, _, step = self._hp(self._stages[k], group)
-                if isinstance(curv, Exact):
-                    du.append(None)
-                else:
-                    du.append(curv.open_loop(info["states"][j], g[j], hp, step, pre.pres[j]))
-            if isinstance(curv, Exact):
-                du = [None if d is None else -d for d in pre.inverse(g)]
+            pre, du = info["pre"], info["open_loop"]
             if t > 0:
                 dY = lin.flat(yhat) - lin.flat(ys[t])
                 fb = pre.inverse(steps[t].feedback(dY))
@@ -208,3 +256,28 @@ class GTDDP(DDPNOpt):
             if t < T - 1:
                 yhat = lin.forward(yhat, new)
         return controls, states
+
+
+class GTEKFAC(GTDDP):
+    """GT-EKFAC (GT-DDP paper, Sec. 6, Corollary 7) as a standalone optimizer: EKFAC whose
+    stages with several players (a projection shortcut, parallel branches) use the
+    cooperative Kronecker factors of Theorem 3 (:mod:`nnbridge.cooperative`), without
+    the DDP feedback; ``GTDDP(curvature="ekfac")`` adds it.
+
+    Parameters
+    ----------
+    model : nn.Module
+    lr : float
+    eps : float
+        Damping added to the eigenvalue estimates.
+    alpha : float
+        Running-average factor of the Kronecker factors and the eigenvalue estimates.
+    update_freq : int
+        Eigenbases are recomputed every ``update_freq`` steps.
+    weight_decay : float
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, *, eps: float = 0.1,
+                 alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0):
+        super().__init__(model, lr, curvature="ekfac", feedback=False, eps=eps, alpha=alpha,
+                         update_freq=update_freq, weight_decay=weight_decay)
