@@ -43,6 +43,7 @@ from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
+from .graph import graph_stages
 from .recorder import BatchRecorder
 from .stages import StageLinearization
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
@@ -542,7 +543,9 @@ class DDPNOpt(torch.optim.Optimizer):
 
 class EKFAC(DDPNOpt):
     """EKFAC (George et al. 2018) as a standalone optimizer: ``DDPNOpt`` with the EKFAC
-    curvature and no feedback, the baseline of the DDPNOpt paper.
+    curvature and no feedback, the baseline of the DDPNOpt paper.  It takes any network
+    :func:`nnbridge.graph_stages` decomposes (residual and branching ones too: one
+    Kronecker pair per layer; :class:`nnbridge.GTEKFAC` couples the players of a stage).
 
     Parameters
     ----------
@@ -561,3 +564,9 @@ class EKFAC(DDPNOpt):
                  alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0):
         super().__init__(model, lr, curvature="ekfac", feedback=False, eps=eps, alpha=alpha,
                          update_freq=update_freq, weight_decay=weight_decay)
+
+    def _decompose(self, net: nn.Module):
+        """Every affine layer of the network (no feedback pass: no stage structure
+        needed beyond each layer's input and pre-activation gradient)."""
+        graph = graph_stages(net)
+        return graph.pre, graph.players

@@ -434,3 +434,18 @@ def test_gtddp_ekfac_is_cooperative_with_feedback():
     st = opt.state[model.u.weight]
     assert st["A"].shape == (10, 10) and st["G"].shape == (10, 10)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_plain_ekfac_takes_residual_networks_layer_by_layer():
+    """nnbridge.EKFAC on a residual network: one Kronecker pair per layer (the
+    projection p has its own factors), and it trains; GT-EKFAC couples p with l3."""
+    X, y = data(B=32, shape=(3,))
+    model = ResMLP()
+    opt = nnbridge.EKFAC(model, lr=0.1)
+    losses = [float(opt.step(closure_for(opt, model, X, y))) for _ in range(10)]
+    assert opt.state[model.p.weight]["A"].shape == (5, 5)     # its own factors
+    assert opt.state[model.l3.weight]["A"].shape == (5, 5)
+    assert losses[-1] < losses[0]
+    coop = nnbridge.GTEKFAC(ResMLP(), lr=0.1)
+    coop.step(closure_for(coop, coop.model, X, y))
+    assert coop.state[coop.model.l3.weight]["A"].shape == (10, 10)   # joint with p
