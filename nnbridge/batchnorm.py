@@ -26,7 +26,8 @@ from torch import nn
 
 from .stages import Stage
 
-__all__ = ["training_batchnorms", "frozen_batch_statistics", "batch_statistics", "frozen"]
+__all__ = ["training_batchnorms", "frozen_batch_statistics", "batch_statistics", "frozen",
+           "input_statistics", "stage_statistics"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -35,6 +36,24 @@ def training_batchnorms(stage: Stage) -> list[nn.Module]:
     """The BatchNorm modules in training mode inside the stage's :math:`\\sigma`."""
     return [m for post in stage.post for m in post.modules()
             if isinstance(m, _BN) and m.training]
+
+
+def input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` (B, C, ...): what a BatchNorm in
+    training mode normalizes its input ``x`` with."""
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+def stage_statistics(stage: Stage, x: torch.Tensor
+                     ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The batch statistics to hold fixed for a stage whose own module is a BatchNorm in
+    training mode (its affine parameters as a stage, :class:`nnbridge.stages.NormStage`),
+    from the stage's recorded input ``x``; empty otherwise."""
+    m = stage.module
+    if isinstance(m, _BN) and m.training:
+        return {m: input_statistics(x)}
+    return {}
 
 
 @contextmanager
@@ -68,9 +87,7 @@ def batch_statistics(bns: Sequence[nn.Module], run: Callable[[], Any]
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(mod, args):
-        z = args[0]
-        dims = [d for d in range(z.ndim) if d != 1]
-        stats[mod] = (z.mean(dims), z.var(dims, unbiased=False))
+        stats[mod] = input_statistics(args[0])
 
     with ExitStack() as stack, torch.no_grad():
         for bn in bns:
@@ -99,6 +116,7 @@ def frozen_batch_statistics(stages: Sequence[Stage], inputs: Sequence[torch.Tens
     fixed (module docstring); modes and running statistics are restored on exit."""
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     for st, x in zip(stages, inputs):
+        stats.update(stage_statistics(st, x))
         bns = training_batchnorms(st)
         if bns:
             stats.update(batch_statistics(bns, lambda st=st, x=x: st.forward(x))[1])

@@ -42,7 +42,7 @@ from torch import fx, nn
 from trajopt.errors import UnsupportedModelError
 
 from .distributed import unwrap
-from .stages import AFFINE, Stage
+from .stages import AFFINE, Stage, is_layer, make_stage
 
 __all__ = ["stages"]
 
@@ -103,7 +103,7 @@ def node_name(node: fx.Node) -> str:
 def trace(model: nn.Module) -> fx.GraphModule:
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, AFFINE) or super().is_leaf_module(m, qualname)
+            return is_layer(m) or super().is_leaf_module(m, qualname)
 
     try:
         graph = Tracer().trace(model)
@@ -133,7 +133,7 @@ def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
                 f"model: {node_name(node)}: torch.fx fixes F.dropout's `training` flag "
                 f"when it traces; use an nn.Dropout module (it follows model.eval())")
     module = modules.get(node.target) if node.op == "call_module" else None
-    if (in_stages and module is not None and not isinstance(module, AFFINE)
+    if (in_stages and module is not None and not is_layer(module)
             and not isinstance(module, PER_SAMPLE) and any(True for _ in module.parameters())):
         # no DDP model: a fixed map inside the DDP pass, its parameters updated by the
         # base optimizer; between stages its derivative must be per sample
@@ -168,7 +168,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
         (a ``TypeError``) naming the node or module that cannot be decomposed.
     """
     model = unwrap(model)
-    if isinstance(model, AFFINE):  # one layer is a one-stage network
+    if is_layer(model):  # one layer is a one-stage network
         model = nn.Sequential(model)
     gm = trace(model)
     modules = dict(gm.named_modules())
@@ -203,7 +203,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
                 f"(nnbridge.graph_stages: residual spans and players)")
         module = modules.get(node.target) if node.op == "call_module" else None
         check_node(node, modules, params, current >= 0)
-        if module is not None and isinstance(module, AFFINE):
+        if module is not None and is_layer(module):
             if len(node.all_input_nodes) != 1:
                 raise UnsupportedModelError(f"model: {node_name(node)} takes more than one "
                                             "tensor")
@@ -228,7 +228,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
     out = []
     for t, (head, end) in enumerate(zip(heads, ends)):
         post = _chain(gm, modules, head, end, f"stage {t}")
-        out.append(Stage(t, modules[head.target], tuple(post)))
+        out.append(make_stage(t, modules[head.target], tuple(post)))
     return pre, out
 
 

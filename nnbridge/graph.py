@@ -38,7 +38,7 @@ from trajopt.errors import UnsupportedModelError
 
 from .decompose import _chain, check_node, node_name, trace
 from .distributed import unwrap
-from .stages import AFFINE, Stage
+from .stages import AFFINE, Stage, is_layer, make_stage
 
 __all__ = ["GraphStage", "StageGraph", "graph_stages"]
 
@@ -187,7 +187,7 @@ def graph_stages(model: nn.Module) -> StageGraph:
         (a ``TypeError``) naming the node that cannot be decomposed.
     """
     model = unwrap(model)
-    if isinstance(model, AFFINE):
+    if is_layer(model):
         model = nn.Sequential(model)
     gm = trace(model)
     modules = dict(gm.named_modules())
@@ -204,7 +204,7 @@ def graph_stages(model: nn.Module) -> StageGraph:
     result = out_node.args[0]
     live = _ancestors(result)
     order = [n for n in nodes if n in live]
-    is_head = {n: n.op == "call_module" and isinstance(modules[n.target], AFFINE)
+    is_head = {n: n.op == "call_module" and is_layer(modules[n.target])
                for n in order}
     # the main chain: the path through the most affine layers (first argument on ties)
     count: dict[fx.Node, int] = {}
@@ -280,7 +280,7 @@ def graph_stages(model: nn.Module) -> StageGraph:
         ins, outs = [xs[t]] + slots[t], [xs[t + 1]] + slots[t + 1]
         heads = {h: j for j, h in enumerate(players)}
         out.append(GraphStage(
-            t, [Stage(t, modules[h.target], ()) for h in players],
+            t, [make_stage(t, modules[h.target], ()) for h in players],
             [n.name for n in ins], [n.name for n in outs], mine, ins, outs, heads, gm))
     pre = _chain(gm, modules, places[0], xs[0], "the input transform")
     return StageGraph(pre, out)

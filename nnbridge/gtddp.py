@@ -35,7 +35,7 @@ from torch import nn
 from trajopt.errors import UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
-from .batchnorm import batch_statistics, frozen
+from .batchnorm import batch_statistics, frozen, stage_statistics
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
@@ -95,6 +95,8 @@ class GTDDP(DDPNOpt):
 
         self._nominal, stats = batch_statistics(bns, run)
         self._seen = seen
+        for k, st in enumerate(self._stages):    # BatchNorm layers that are stages
+            stats.update(stage_statistics(st, seen[k]))
         return frozen(stats)
 
     def _verify_decomposition(self, rec) -> None:

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
-__all__ = ["Stage", "StageLinearization", "SUPPORTED", "AFFINE", "outer_sum"]
+from trajopt.errors import UnsupportedModelError
+
+__all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "outer_sum",
+           "is_layer", "is_norm_layer", "make_stage"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
@@ -346,6 +349,11 @@ class StageLinearization:
     def _gx_T(self, Wh: torch.Tensor) -> torch.Tensor:
         """:math:`g_x^\\top w`: ``(B, J, *h_shape)`` -> (B, J, n)."""
         B, J = Wh.shape[:2]
+        if isinstance(self.stage, NormStage):
+            _, vjp = torch.func.vjp(lambda z: self.stage.affine(z, self.U, bias=False),
+                                    self.x)
+            out = torch.func.vmap(vjp, in_dims=1, out_dims=1)(Wh.reshape(B, J, *self.h_shape))
+            return out[0].reshape(B, J, -1)
         flat = Wh.reshape(B * J, *self.h_shape)
         if self.stage.is_conv:
             g = self.stage.conv
@@ -380,7 +388,11 @@ class StageLinearization:
 
     def fx(self, dX: torch.Tensor) -> torch.Tensor:
         dx = dX.reshape(self.B, *self.x_shape)
-        D = self.stage.affine(dx, self.U, bias=False)
+        if isinstance(self.stage, NormStage):   # g_x of the normalization at x
+            D = torch.func.jvp(lambda z: self.stage.affine(z, self.U, bias=False),
+                               (self.x,), (dx,))[1]
+        else:
+            D = self.stage.affine(dx, self.U, bias=False)
         return self.sigma(D.unsqueeze(1)).squeeze(1)
 
     def fu_T_mean(self, Y: torch.Tensor) -> torch.Tensor:
@@ -414,3 +426,96 @@ class StageLinearization:
         jx, ju = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)), in_dims=(0, None))(
             x, self.U)
         return jx.reshape(self.B, self.n1, -1), ju.reshape(self.B, self.n1, -1)
+
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def is_norm_layer(m: nn.Module) -> bool:
+    """A normalization whose affine parameters are a stage: BatchNorm (not SyncBatchNorm)
+    with ``affine=True``, LayerNorm with ``elementwise_affine=True``."""
+    return ((isinstance(m, _BN) and not isinstance(m, nn.SyncBatchNorm) and m.affine)
+            or (isinstance(m, nn.LayerNorm) and m.elementwise_affine))
+
+
+def is_layer(m: nn.Module) -> bool:
+    """A module that is a stage: an affine layer (``AFFINE``) or a normalization's affine
+    parameters (:func:`is_norm_layer`)."""
+    return isinstance(m, AFFINE) or is_norm_layer(m)
+
+
+def make_stage(index: int, module: nn.Module, post: tuple[nn.Module, ...]) -> Stage:
+    """The :class:`Stage` of ``module`` (a :class:`NormStage` for a normalization)."""
+    return (NormStage if is_norm_layer(module) else Stage)(index, module, post)
+
+
+@dataclass(eq=False)
+class NormStage(Stage):
+    r"""The affine parameters of a BatchNorm / LayerNorm as a stage:
+    :math:`h = \gamma \odot n(x) + \beta` with :math:`n` the normalization.
+
+    The control is block diagonal, one (1, 2) block :math:`[\gamma_c \mid \beta_c]` per
+    channel (BatchNorm) or per normalized feature (LayerNorm): ``groups`` = that count,
+    the unfolded input :math:`\tilde x = [n(x); 1]` of shape (B, groups, 2, P), P the
+    positions a channel is shared over (BatchNorm2d: H W; LayerNorm: 1, so LayerNorm must
+    normalize all non-batch dimensions).  :math:`n` is differentiated by ``torch.func``
+    (LayerNorm: the per-sample normalization; BatchNorm: per channel, with the batch
+    statistics held fixed in the DDP pass, :mod:`nnbridge.batchnorm`).
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.groups = self.module.weight.numel()
+
+    @property
+    def is_conv(self) -> bool:
+        return False
+
+    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        W = tensors[0].reshape(self.groups, 1, 1)
+        return torch.cat([W, tensors[1].reshape(self.groups, 1, 1)], -1) \
+            if self.has_bias else W
+
+    def split(self, U: torch.Tensor) -> list[torch.Tensor]:
+        out = [U[..., 0].reshape(self.module.weight.shape)]
+        if self.has_bias:
+            out.append(U[..., 1].reshape(self.module.bias.shape))
+        return out
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`n(x)`; BatchNorm in training mode with the statistics of ``x`` itself
+        (what its forward pass used), never touching the running statistics."""
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            if tuple(x.shape[1:]) != tuple(m.normalized_shape):
+                raise UnsupportedModelError(
+                    f"stage {self.index}: LayerNorm{tuple(m.normalized_shape)} on inputs of "
+                    f"shape {tuple(x.shape[1:])}: as a stage it must normalize all "
+                    "non-batch dimensions (positions sharing its parameters are not "
+                    "supported yet)")
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        dims = [d for d in range(x.ndim) if d != 1]
+        if m.training or m.running_mean is None:
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        else:
+            mean, var = m.running_mean, m.running_var
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + m.eps)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.normalize(x).reshape(x.shape[0], self.groups, 1, -1)
+        if self.has_bias:
+            z = torch.cat([z, torch.ones_like(z)], -2)
+        return z
+
+    def affine(self, x: torch.Tensor, U: torch.Tensor | None = None,
+               bias: bool = True) -> torch.Tensor:
+        if U is None:
+            g, b = self.module.weight, self.module.bias
+        else:
+            g, *rest = self.split(U)
+            b = rest[0] if rest else None
+        z = self.normalize(x)
+        shape = [-1] + [1] * (x.ndim - 2) if isinstance(self.module, _BN) else list(g.shape)
+        out = z * g.reshape(shape)
+        return out + b.reshape(shape) if (bias and b is not None) else out

@@ -42,7 +42,7 @@ from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 from .closure import loss_is_finite
 from .decompose import stages
 from .recorder import capture
-from .stages import StageLinearization
+from .stages import NormStage, StageLinearization
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
@@ -149,12 +149,12 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
 def _check_all_stages(model: nn.Module, sts) -> None:
     """The steepest-descent LQR has the stages' controls only: a model with parameters
     outside them (a LayerNorm, an Embedding) is refused by name."""
-    grouped = [st.index for st in sts if st.groups != 1]
+    grouped = [st.index for st in sts if st.groups != 1 and not isinstance(st, NormStage)]
     if grouped:
         raise UnsupportedModelError(
             f"model: stage {grouped[0]} is a grouped convolution; the steepest-descent "
             "LQR forms dense per-sample control Jacobians of ungrouped layers only")
-    owned = {id(p) for st in sts for p in st.params()}
+    owned = {id(p) for st in sts if not isinstance(st, NormStage) for p in st.params()}
     other = sorted({n.rpartition(".")[0] or n for n, p in model.named_parameters()
                     if id(p) not in owned})
     if other:

@@ -449,3 +449,26 @@ def test_ekfac_eigenbasis_falls_back_to_float64_then_to_a_skipped_step(monkeypat
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     for k, s in opt.state.items():
         assert all(torch.equal(v, state[k][n]) for n, v in s.items() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
+@pytest.mark.parametrize("value_hessian", ["outer", "full"])
+def test_layernorm_stage_step_equals_literal_alg3(curvature, value_hessian):
+    """A LayerNorm's affine parameters as a stage (h = gamma n(x) + beta, n the exact
+    per-sample normalization): the step equals the literal dense Alg. 3."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = data(B=5)
+    opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
+                           value_hessian=value_hessian, weight_decay=0.01,
+                           value_recursion="mean", terminal_hessian="empirical",
+                           value_psd=False)
+
+    def phi(xT, i):
+        return -torch.log_softmax(xT, -1)[y[i]]
+
+    ref = ddpnopt_step(opt._stages, X, phi, curvature, dict(opt.param_groups[0]),
+                       terminal="gn", recursion="mean")
+    U0 = [st.control().clone() for st in opt._stages]
+    opt.step(closure_for(opt, model, X, y))
+    assert _rel_update_error(opt, ref, U0) < 1e-11

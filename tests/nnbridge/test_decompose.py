@@ -233,10 +233,11 @@ def _tokens(seed):
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_modules_without_a_ddp_model_get_the_base_update(norm):
     """feedback=False: DDPNOpt(adam) on a network with an Embedding and a LayerNorm /
-    BatchNorm (training mode) equals torch.optim.Adam on all its parameters, 1e-12 over
-    5 steps; the modules without a DDP model are named in a warning."""
+    BatchNorm (training mode, its affine parameters a stage) equals torch.optim.Adam on
+    all its parameters, 1e-12 over 5 steps; the Embedding, which has no DDP model, is
+    named in a warning."""
     model, ref = _Normed(norm), _Normed(norm)
-    with pytest.warns(UserWarning, match=r"\['emb', 'norm'\] have no DDP model"):
+    with pytest.warns(UserWarning, match=r"\['emb'\] have no DDP model"):
         opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="adam", feedback=False)
     ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
     for step in range(5):
@@ -247,51 +248,51 @@ def test_modules_without_a_ddp_model_get_the_base_update(norm):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-def test_layernorm_between_stages_with_feedback():
-    """The value passes through the LayerNorm by its exact per-sample derivative (checked
-    against dense Jacobians); the feedback step trains."""
-    model = _Normed("layer")
-    with pytest.warns(UserWarning):
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_norm_affine_parameters_are_stages_with_feedback(norm):
+    """LayerNorm / BatchNorm affine parameters are a stage h = gamma n(x) + beta (one
+    (1, 2) control block per feature / channel): its operators equal the dense per-sample
+    Jacobians (BatchNorm with the recorded batch statistics held fixed), and the feedback
+    step trains them."""
+    from nnbridge.batchnorm import frozen_batch_statistics
+    model = _Normed(norm)
+    with pytest.warns(UserWarning, match=r"\['emb'\]"):
         opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam")
     pre, sts = nnbridge.stages(model)
+    assert [type(st.module) for st in sts] == [nn.Linear, type(model.norm), nn.Linear]
     i, y = _tokens(0)
-    h = model.emb(i)
-    lin = StageLinearization(sts[0], h)
-    fx, _ = lin.jacobians()
-    Y = torch.randn(8, 2, fx.shape[1])
-    torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
+    x = torch.tanh(model.fc1(model.emb(i))).detach()      # the norm stage's input
+    with frozen_batch_statistics(sts[1:2], [x]):
+        lin = StageLinearization(sts[1], x)
+        fx, fu = lin.jacobians()
+        Y = torch.randn(8, 2, fx.shape[1])
+        dX = torch.randn(8, fx.shape[2])
+        torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.fx(dX), (fx @ dX.unsqueeze(-1)).squeeze(-1),
+                                   rtol=1e-12, atol=1e-12)
+        per = torch.einsum("bj...op,b...ip->bj...oi", lin.factors(Y), lin.X)
+        torch.testing.assert_close(per.reshape(8, 2, -1), Y @ fu, rtol=1e-12, atol=1e-12)
+    if norm == "batch":   # the frozen map, by hand
+        mu, var = x.mean(0), x.var(0, unbiased=False)
+        bn = model.norm
+        dense = torch.stack([torch.func.jacrev(
+            lambda z: bn.weight * (z - mu) / torch.sqrt(var + bn.eps))(x[b])
+            for b in range(8)])
+        torch.testing.assert_close(fx, dense.detach(), rtol=1e-12, atol=1e-12)
     losses = [opt.step(closure_for(opt, model, i, y)).item() for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0]
-    assert model.norm.weight.grad is not None and not torch.equal(
-        model.norm.weight, torch.ones(6))
+    assert not torch.equal(model.norm.weight, torch.ones(6))
 
 
 def test_batchnorm_in_training_mode_uses_the_recorded_batch_statistics():
     """GT-DDP Sec. 4.2's block-diagonal approximation: in the DDP pass a training-mode
-    BatchNorm is the affine map of the recorded batch's statistics (checked against that
-    map written by hand); the optimizer leaves its mode and running statistics as the
-    training loop's forward pass left them; the feedback step trains."""
-    from nnbridge.batchnorm import frozen_batch_statistics
+    BatchNorm normalizes with the recorded batch's statistics (its map by hand: the norm
+    test above); the optimizer leaves its mode and running statistics as the training
+    loop's forward pass left them."""
     model = _Normed("batch")
     with pytest.warns(UserWarning):
         opt = nnbridge.DDPNOpt(model, lr=0.05)
     i, y = _tokens(0)
-    _, sts = nnbridge.stages(model)
-    x = model.emb(i).detach()
-    with frozen_batch_statistics(sts, [x, None]):
-        lin = StageLinearization(sts[0], x)
-        fx, _ = lin.jacobians()
-        assert not model.norm.training
-    assert model.norm.training
-    a = torch.tanh(model.fc1(x)).detach()
-    mu, var = a.mean(0), a.var(0, unbiased=False)
-    bn = model.norm
-
-    def frozen(z):  # the block-diagonal model of one sample, by hand
-        a = torch.tanh(model.fc1(z))
-        return bn.weight * (a - mu) / torch.sqrt(var + bn.eps) + bn.bias
-    dense = torch.stack([torch.func.jacrev(frozen)(x[b]) for b in range(8)])
-    torch.testing.assert_close(fx, dense.detach(), rtol=1e-12, atol=1e-12)
     # the optimizer's passes leave the running statistics alone
     opt.zero_grad()
     nn.functional.cross_entropy(model(i), y).backward()
@@ -386,9 +387,9 @@ class _Halves(nn.Module):
 
 @pytest.mark.parametrize("curvature", ["adam", "ekfac"])
 def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
-    """Block-diagonal control over the groups: DDPNOpt with feedback on a network with a
-    grouped convolution takes the steps GT-DDP takes on the same network with that layer
-    written as one convolution per group (two players of one stage); for EKFAC, one
+    """Block-diagonal control over the groups: DDPNOpt(adam) with feedback on a network
+    with a grouped convolution takes the steps GT-DDP takes on the same network with that
+    layer written as one convolution per group (two players of one stage); EKFAC's one
     Kronecker pair per group is EKFAC on each separate layer."""
     from .conftest import grouped_cnn
     a = grouped_cnn()
@@ -401,12 +402,11 @@ def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
     b = nn.Sequential(convs[0], convs[1], _Halves(convs[2]), *[copy.deepcopy(m)
                                                               for m in convs[3:]])
     b[0] = copy.deepcopy(convs[0])
-    X, y = data(B=6, shape=(1, 5, 5))
-    lr = 1e-2 if curvature == "adam" else 0.1
-    oa = nnbridge.DDPNOpt(a, lr=lr, curvature=curvature, update_freq=2) if \
-        curvature == "ekfac" else nnbridge.DDPNOpt(a, lr=lr, curvature=curvature)
-    kw = {"update_freq": 2} if curvature == "ekfac" else {}
-    ob = nnbridge.GTDDP(b, lr=lr, curvature=curvature, **kw)
+    if curvature == "ekfac":   # per layer (GTDDP's EKFAC would couple the two players)
+        oa, ob = nnbridge.EKFAC(a, update_freq=2), nnbridge.EKFAC(b, update_freq=2)
+    else:
+        oa = nnbridge.DDPNOpt(a, lr=1e-2, curvature=curvature)
+        ob = nnbridge.GTDDP(b, lr=1e-2, curvature=curvature)
     for s in range(4):
         Xs, ys = data(B=6, shape=(1, 5, 5), seed=s)
         oa.step(closure_for(oa, a, Xs, ys))
