@@ -180,7 +180,8 @@ class DDPNOpt(torch.optim.Optimizer):
                     else curvature)
             warnings.warn(
                 f"{type(self).__name__}: the parameters of {owners} have no DDP model (only "
-                f"Linear and Conv layers are stages): they are updated by {base} from "
+                f"Linear / Conv layers and BatchNorm / LayerNorm affine parameters are "
+                f"stages): they are updated by {base} from "
                 f"p.grad, without feedback, and held fixed in the DDP pass", UserWarning,
                 stacklevel=2)
         self._fixed = [p for _, p in fixed]

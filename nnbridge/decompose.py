@@ -4,8 +4,9 @@ r"""Any torch network to stages, from its torch.fx graph.
 custom modules are traced through, so a hand-written ``forward`` is fine) and walks the
 graph once:
 
-* every call of a parametrized affine module (``AFFINE``) opens a stage
-  :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`;
+* every call of a parametrized affine module (``AFFINE``; grouped convolutions too) or
+  of a BatchNorm / LayerNorm with affine parameters (:class:`~nnbridge.stages.NormStage`)
+  opens a stage :math:`x_{t+1} = \sigma_t(g_t(x_t, u_t))`;
 * the parameter-free nodes between the call of stage t's module and the input of stage
   t+1's module -- activations as modules (``nn.ReLU``) or functions (``F.relu``,
   ``torch.tanh``, ``x.relu()``), ``flatten`` / ``view`` / pooling -- are its
@@ -13,18 +14,19 @@ graph once:
   derivatives), anything else one opaque map differentiated by ``torch.func``;
 * the nodes before the first stage are a fixed input transform (``pre``).
 
-Parametrized modules that are not affine layers have no DDP model: before the first
-stage any module (an ``Embedding``), between stages those whose derivative acts sample by
-sample (``PER_SAMPLE``: normalizations, PReLU) are part of the maps, held fixed in the DDP
-pass; the optimizers update their parameters from ``p.grad``.
+Other parametrized modules have no DDP model: before the first stage any module (an
+``Embedding``), between stages those whose derivative acts sample by sample
+(``PER_SAMPLE``: GroupNorm, InstanceNorm, RMSNorm, PReLU) are part of the maps, held
+fixed in the DDP pass; the optimizers update their parameters from ``p.grad``.
 
 What the walk refuses, naming the node (``UnsupportedModelError``): a tensor that skips
 a stage (a residual ``x + f(x)``, a concatenation of branches: residual and branching
-networks come with GT-DDP's spans and players), a parameter used outside a module
-(``F.linear(x, self.weight)``), a parametrized module between stages whose derivative
-need not act sample by sample (RNNs, attention), ``F.dropout`` in ``forward`` (torch.fx
-fixes its ``training`` flag when tracing: use ``nn.Dropout``), more than one input or
-output, and a ``forward`` that torch.fx cannot trace (data-dependent Python control flow).
+networks are :func:`nnbridge.graph_stages`' and :class:`nnbridge.GTDDP`'s), a parameter
+used outside a module (``F.linear(x, self.weight)``), a parametrized module between
+stages whose derivative need not act sample by sample (RNNs, attention), ``F.dropout``
+in ``forward`` (torch.fx fixes its ``training`` flag when tracing: use ``nn.Dropout``),
+more than one input or output, and a ``forward`` that torch.fx cannot trace (data-
+dependent Python control flow).
 
 ``nn.Sequential`` models decompose to the same stages as before (their modules are the
 graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
