@@ -35,6 +35,7 @@ from torch import nn
 from trajopt.errors import UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
+from . import ddpnopt as _ddpnopt
 from .batchnorm import batch_statistics, frozen, stage_statistics
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
@@ -260,26 +261,11 @@ class GTDDP(DDPNOpt):
         return controls, states
 
 
-class GTEKFAC(GTDDP):
+class GTEKFAC(GTDDP, _ddpnopt.EKFAC):
     """GT-EKFAC (GT-DDP paper, Sec. 6, Corollary 7) as a standalone optimizer: EKFAC whose
     stages with several players (a projection shortcut, parallel branches) use the
     cooperative Kronecker factors of Theorem 3 (:mod:`nnbridge.cooperative`), without
-    the DDP feedback; ``GTDDP(curvature="ekfac")`` adds it.
-
-    Parameters
-    ----------
-    model : nn.Module
-    lr : float
-    eps : float
-        Damping added to the eigenvalue estimates.
-    alpha : float
-        Running-average factor of the Kronecker factors and the eigenvalue estimates.
-    update_freq : int
-        Eigenbases are recomputed every ``update_freq`` steps.
-    weight_decay : float
+    the DDP feedback; ``GTDDP(curvature="ekfac")`` adds it.  The arguments are
+    :class:`nnbridge.EKFAC`'s (``lr``, ``eps``, ``alpha``, ``update_freq``,
+    ``weight_decay``).
     """
-
-    def __init__(self, model: nn.Module, lr: float = 0.1, *, eps: float = 0.1,
-                 alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0):
-        super().__init__(model, lr, curvature="ekfac", feedback=False, eps=eps, alpha=alpha,
-                         update_freq=update_freq, weight_decay=weight_decay)
