@@ -11,8 +11,9 @@ per-channel affine map :math:`x \mapsto \gamma (x - \mu_B)/\sqrt{\sigma_B^2 + \e
 + \beta`.  What is dropped is the derivative through :math:`\mu_B, \sigma_B^2` (the
 :math:`O(1/B)` coupling between samples, and the part of a sample's own derivative that
 passes through the statistics).  The nominal values are exact: with the recorded inputs
-the stages reproduce the forward pass.  The running statistics are not touched by the
-optimizer's passes.
+the stages reproduce the forward pass.  The feedback (forward) pass runs the true
+dynamics instead (:func:`live_statistics`: the statistics of the batch it sees).  The
+running statistics are not touched by the optimizer's passes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from .stages import Stage
 
 __all__ = ["training_batchnorms", "frozen_batch_statistics", "batch_statistics", "frozen",
-           "input_statistics", "stage_statistics"]
+           "input_statistics", "stage_statistics", "live_statistics"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -70,8 +71,10 @@ def _as_eval_with(bn: nn.Module, mean: torch.Tensor | None = None,
         if mean is not None:
             bn.train(False)
             bn.running_mean, bn.running_var = mean, var
+            bn._nnbridge_frozen = True
         yield
     finally:
+        bn.__dict__.pop("_nnbridge_frozen", None)
         bn.train(training)
         for name, original, value in zip(names, originals, values):
             setattr(bn, name, original)
@@ -121,4 +124,26 @@ def frozen_batch_statistics(stages: Sequence[Stage], inputs: Sequence[torch.Tens
         if bns:
             stats.update(batch_statistics(bns, lambda st=st, x=x: st.forward(x))[1])
     with frozen(stats):
+        yield
+
+
+@contextmanager
+def live_statistics(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block the BatchNorm layers among ``modules`` that were in training mode
+    when the step began (now frozen, :func:`frozen`) normalize with the statistics of
+    whatever batch they see -- the network's true dynamics -- and their running statistics
+    are left as they were (they update throw-away copies)."""
+    with ExitStack() as stack:
+        for bn in modules:
+            if not isinstance(bn, _BN) or not getattr(bn, "_nnbridge_frozen", False):
+                continue
+            saved = (bn.training, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+
+            def restore(bn=bn, saved=saved):
+                bn.training, bn.running_mean, bn.running_var, bn.num_batches_tracked = saved
+            stack.callback(restore)
+            bn.training = True
+            bn.running_mean = None if saved[1] is None else saved[1].clone()
+            bn.running_var = None if saved[2] is None else saved[2].clone()
+            bn.num_batches_tracked = (None if saved[3] is None else saved[3].clone())
         yield

@@ -38,7 +38,7 @@ from torch import nn
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
-from .batchnorm import frozen_batch_statistics
+from .batchnorm import frozen_batch_statistics, live_statistics
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
@@ -513,7 +513,18 @@ class DDPNOpt(torch.optim.Optimizer):
                                              propagate=t > 0, batch_size=mean.size)
             value = steps[t].value
             out[t] = rec_t
-        # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
+        # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i, on the
+        # network's true dynamics (BatchNorm with the statistics of the batch it sees)
+        with live_statistics(self._bn_candidates()):
+            return self._feedback_pass(rec, out, steps, frozen, mean)
+
+    def _bn_candidates(self) -> list[nn.Module]:
+        """Every module the DDP pass runs (maps and stage modules)."""
+        return [m for _, m in self._maps()] + [st.module for st in self._stages]
+
+    def _feedback_pass(self, rec, out, steps, frozen, mean):
+        T = len(self._stages)
+        curv = self.curvature
         controls = []
         xhat = rec.inputs[0]
         for t, st in enumerate(self._stages):

@@ -36,7 +36,7 @@ from trajopt.errors import UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
 from . import ddpnopt as _ddpnopt
-from .batchnorm import batch_statistics, frozen, stage_statistics
+from .batchnorm import batch_statistics, frozen, live_statistics, stage_statistics
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
@@ -236,7 +236,13 @@ class GTDDP(DDPNOpt):
                                              recursion=group["value_recursion"],
                                              propagate=t > 0, batch_size=mean.size)
             value = steps[t].value
-        # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
+        # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i]), on the
+        # network's true dynamics (BatchNorm with the statistics of the batch it sees)
+        with live_statistics(self._bn_candidates()):
+            return self._feedback_pass(ys, lins, made, steps)
+
+    def _feedback_pass(self, ys, lins, made, steps):
+        T = len(self._graph.stages)
         controls: list = [None] * len(self._stages)
         states: list = [None] * len(self._stages)
         yhat = ys[0]

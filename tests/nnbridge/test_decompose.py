@@ -418,3 +418,25 @@ def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
                                rtol=1e-11, atol=1e-12)
     for m, n in [(a[0], b[0]), (a[7], b[7])]:
         torch.testing.assert_close(m.weight, n.weight, rtol=1e-11, atol=1e-12)
+
+
+def test_the_feedback_pass_runs_batchnorm_on_live_statistics():
+    """The backward pass models a training-mode BatchNorm with the recorded statistics
+    held fixed; the feedback (forward) pass runs the network's true dynamics, BatchNorm
+    normalizing with the statistics of the batch it sees; neither touches the running
+    statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(),
+                          nn.Linear(6, 3))
+    opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam")
+    X, y = data(B=8)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    seen = []
+    handle = model[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    buffers = [b.clone() for b in model[1].buffers()]
+    opt.step()
+    handle.remove()
+    assert False in seen and True in seen     # frozen in the backward, live in the forward
+    assert all(torch.equal(b, c) for b, c in zip(model[1].buffers(), buffers))
+    assert model[1].training
