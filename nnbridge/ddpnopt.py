@@ -38,7 +38,7 @@ from torch import nn
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
-from .batchnorm import frozen_batch_statistics, live_statistics
+from .batchnorm import batch_coupled
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
@@ -217,10 +217,10 @@ class DDPNOpt(torch.optim.Optimizer):
                 for m in post.modules()]
 
     def _frozen_maps(self, rec):
-        """Context in which BatchNorm in training mode normalizes with the recorded
-        batch's statistics (:mod:`nnbridge.batchnorm`); ``rec`` None: nothing frozen."""
-        return frozen_batch_statistics(self._stages if rec is not None else [],
-                                       [] if rec is None else rec.inputs)
+        """Context of the DDP pass: BatchNorm in training mode normalizes with the
+        statistics of the batch it sees and leaves its running statistics alone
+        (:mod:`nnbridge.batchnorm`); ``rec`` None (no DDP pass): nothing."""
+        return batch_coupled(self._bn_candidates() if rec is not None else [])
 
     # ------------------------------------------------------------------ helpers
     def _check_feedback_modules(self):
@@ -513,10 +513,8 @@ class DDPNOpt(torch.optim.Optimizer):
                                              propagate=t > 0, batch_size=mean.size)
             value = steps[t].value
             out[t] = rec_t
-        # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i, on the
-        # network's true dynamics (BatchNorm with the statistics of the batch it sees)
-        with live_statistics(self._bn_candidates()):
-            return self._feedback_pass(rec, out, steps, frozen, mean)
+        # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
+        return self._feedback_pass(rec, out, steps, frozen, mean)
 
     def _bn_candidates(self) -> list[nn.Module]:
         """Every module the DDP pass runs (maps and stage modules)."""

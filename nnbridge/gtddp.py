@@ -26,7 +26,7 @@ On a network without residuals and players this is DDPNOpt, step for step (teste
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ from trajopt.errors import UnsupportedModelError
 from trajopt.riccati import operator_riccati_step
 
 from . import ddpnopt as _ddpnopt
-from .batchnorm import batch_statistics, frozen, live_statistics, stage_statistics
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
@@ -44,9 +43,6 @@ from .graph import graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
 __all__ = ["GTDDP", "GTEKFAC"]
-
-_BN = nn.modules.batchnorm._BatchNorm
-
 
 class GTDDP(DDPNOpt):
     r"""Game-Theoretic DDP Neural Optimizer (module docstring).
@@ -76,29 +72,28 @@ class GTDDP(DDPNOpt):
                 for m in top.modules()]
 
     def _frozen_maps(self, rec):
-        """Runs the stage graph once on the recorded :math:`x_0` (the nominal
-        :math:`y_t`, with the inputs each layer sees), capturing the batch statistics of
-        the BatchNorm layers in training mode, and freezes them for the step."""
+        """The DDP pass's context (:class:`DDPNOpt`'s: BatchNorm batch-coupled, running
+        statistics left alone); inside it, runs the stage graph once on the recorded
+        :math:`x_0`: the nominal :math:`y_t` and the input each layer sees."""
         self._nominal = None
         if rec is None:
             return nullcontext()
-        bns = [m for _, m in self._maps() if isinstance(m, _BN) and m.training]
+        stack = ExitStack()
+        stack.enter_context(super()._frozen_maps(rec))
         seen: dict = {}
-
-        def run():
-            ys = [[rec.inputs[0]]]
-            for gs, ids in zip(self._graph.stages, self._ids):
-                record: dict = {}
-                ys.append(gs.run(ys[-1], record=record))
-                for j, k in enumerate(ids):
-                    seen[k] = record["x", j]
-            return ys
-
-        self._nominal, stats = batch_statistics(bns, run)
-        self._seen = seen
-        for k, st in enumerate(self._stages):    # BatchNorm layers that are stages
-            stats.update(stage_statistics(st, seen[k]))
-        return frozen(stats)
+        ys = [[rec.inputs[0]]]
+        try:
+            with torch.no_grad():
+                for gs, ids in zip(self._graph.stages, self._ids):
+                    record: dict = {}
+                    ys.append(gs.run(ys[-1], record=record))
+                    for j, k in enumerate(ids):
+                        seen[k] = record["x", j]
+        except BaseException:
+            stack.close()   # the modules as they were
+            raise
+        self._nominal, self._seen = ys, seen
+        return stack
 
     def _verify_decomposition(self, rec) -> None:
         """Once: every layer's input on the stage graph's forward pass is what the
@@ -236,10 +231,8 @@ class GTDDP(DDPNOpt):
                                              recursion=group["value_recursion"],
                                              propagate=t > 0, batch_size=mean.size)
             value = steps[t].value
-        # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i]), on the
-        # network's true dynamics (BatchNorm with the statistics of the batch it sees)
-        with live_statistics(self._bn_candidates()):
-            return self._feedback_pass(ys, lins, made, steps)
+        # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
+        return self._feedback_pass(ys, lins, made, steps)
 
     def _feedback_pass(self, ys, lins, made, steps):
         T = len(self._graph.stages)

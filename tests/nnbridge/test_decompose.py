@@ -251,10 +251,10 @@ def test_modules_without_a_ddp_model_get_the_base_update(norm):
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_norm_affine_parameters_are_stages_with_feedback(norm):
     """LayerNorm / BatchNorm affine parameters are a stage h = gamma n(x) + beta (one
-    (1, 2) control block per feature / channel): its operators equal the dense per-sample
-    Jacobians (BatchNorm with the recorded batch statistics held fixed), and the feedback
-    step trains them."""
-    from nnbridge.batchnorm import frozen_batch_statistics
+    (1, 2) control block per feature / channel): its operators equal the dense Jacobians
+    -- per sample for LayerNorm, of the whole batch for a training-mode BatchNorm (its
+    statistics couple the samples) -- and the feedback step trains them."""
+    from nnbridge.batchnorm import batch_coupled
     model = _Normed(norm)
     with pytest.warns(UserWarning, match=r"\['emb'\]"):
         opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="adam")
@@ -262,33 +262,38 @@ def test_norm_affine_parameters_are_stages_with_feedback(norm):
     assert [type(st.module) for st in sts] == [nn.Linear, type(model.norm), nn.Linear]
     i, y = _tokens(0)
     x = torch.tanh(model.fc1(model.emb(i))).detach()      # the norm stage's input
-    with frozen_batch_statistics(sts[1:2], [x]):
+    B, n = x.shape
+    with batch_coupled([model]):
         lin = StageLinearization(sts[1], x)
-        fx, fu = lin.jacobians()
-        Y = torch.randn(8, 2, fx.shape[1])
-        dX = torch.randn(8, fx.shape[2])
-        torch.testing.assert_close(lin.fx_T(Y), Y @ fx, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(lin.fx(dX), (fx @ dX.unsqueeze(-1)).squeeze(-1),
+        U = lin.U
+
+        def batch_map(z, u):   # the whole batch, flat in and out
+            return sts[1].forward(z.reshape(B, n), u.reshape(U.shape)).reshape(-1)
+        jx, ju = torch.func.jacrev(batch_map, argnums=(0, 1))(x.reshape(-1), U.reshape(-1))
+        Y = torch.randn(B, 2, n)
+        dX = torch.randn(B, n)
+        Yb = Y.transpose(0, 1).reshape(2, -1)                  # 2 batch cotangents
+        torch.testing.assert_close(lin.fx_T(Y), (Yb @ jx).reshape(2, B, n).transpose(0, 1),
                                    rtol=1e-12, atol=1e-12)
-        per = torch.einsum("bj...op,b...ip->bj...oi", lin.factors(Y), lin.X)
-        torch.testing.assert_close(per.reshape(8, 2, -1), Y @ fu, rtol=1e-12, atol=1e-12)
-    if norm == "batch":   # the frozen map, by hand
-        mu, var = x.mean(0), x.var(0, unbiased=False)
-        bn = model.norm
-        dense = torch.stack([torch.func.jacrev(
-            lambda z: bn.weight * (z - mu) / torch.sqrt(var + bn.eps))(x[b])
-            for b in range(8)])
-        torch.testing.assert_close(fx, dense.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.fx(dX), (jx @ dX.reshape(-1)).reshape(B, n),
+                                   rtol=1e-12, atol=1e-12)
+        per = torch.einsum("bj...op,b...ip->j...oi", lin.factors(Y), lin.X)
+        torch.testing.assert_close(per.reshape(2, -1), Yb @ ju, rtol=1e-12, atol=1e-12)
+        if norm == "layer":   # no coupling: block diagonal
+            off = jx.reshape(B, n, B, n)[0, :, 1]
+            assert float(off.abs().max()) == 0.0
+        else:
+            off = jx.reshape(B, n, B, n)[0, :, 1]
+            assert float(off.abs().max()) > 1e-3
     losses = [opt.step(closure_for(opt, model, i, y)).item() for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0]
     assert not torch.equal(model.norm.weight, torch.ones(6))
 
 
 def test_batchnorm_in_training_mode_uses_the_recorded_batch_statistics():
-    """GT-DDP Sec. 4.2's block-diagonal approximation: in the DDP pass a training-mode
-    BatchNorm normalizes with the recorded batch's statistics (its map by hand: the norm
-    test above); the optimizer leaves its mode and running statistics as the training
-    loop's forward pass left them."""
+    """In the DDP pass a training-mode BatchNorm normalizes with the statistics of the
+    batch it sees (the norm test above checks its batch Jacobian); the optimizer leaves
+    its mode and running statistics as the training loop's forward pass left them."""
     model = _Normed("batch")
     with pytest.warns(UserWarning):
         opt = nnbridge.DDPNOpt(model, lr=0.05)
@@ -420,11 +425,10 @@ def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
         torch.testing.assert_close(m.weight, n.weight, rtol=1e-11, atol=1e-12)
 
 
-def test_the_feedback_pass_runs_batchnorm_on_live_statistics():
-    """The backward pass models a training-mode BatchNorm with the recorded statistics
-    held fixed; the feedback (forward) pass runs the network's true dynamics, BatchNorm
-    normalizing with the statistics of the batch it sees; neither touches the running
-    statistics."""
+def test_the_ddp_pass_runs_batchnorm_on_the_batch_it_sees():
+    """Backward and feedback passes run a training-mode BatchNorm (between stages, no
+    affine parameters) in training mode, normalizing with the batch's own statistics;
+    its running statistics are untouched and restored as the module's own tensors."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(),
                           nn.Linear(6, 3))
@@ -433,10 +437,12 @@ def test_the_feedback_pass_runs_batchnorm_on_live_statistics():
     opt.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
     seen = []
-    handle = model[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
-    buffers = [b.clone() for b in model[1].buffers()]
+    handle = model[1].register_forward_pre_hook(
+        lambda m, a: seen.append((m.training, m.running_mean is None)))
+    buffers = list(model[1].buffers())
+    values = [b.clone() for b in buffers]
     opt.step()
     handle.remove()
-    assert False in seen and True in seen     # frozen in the backward, live in the forward
-    assert all(torch.equal(b, c) for b, c in zip(model[1].buffers(), buffers))
-    assert model[1].training
+    assert seen and all(s == (True, True) for s in seen)
+    assert all(a is b for a, b in zip(model[1].buffers(), buffers))
+    assert all(torch.equal(b, c) for b, c in zip(model[1].buffers(), values))
