@@ -23,6 +23,5 @@ from .stages import Stage, StageLinearization
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
-__all__ = ["stages", "graph_stages", "GTDDP", "Stage", "StageLinearization", "capture", "DDPNOpt", "EKFAC",
-           "lqr_direction", "LQRDescent", "DEQ",
-           "DEQBlock"]
+__all__ = ["stages", "graph_stages", "GTDDP", "Stage", "StageLinearization", "capture",
+           "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock"]
