@@ -102,4 +102,4 @@ def test_gtddp_table2_smoke(tmp_path):
     assert "per-layer EKFAC" in text and "MNIST-1D: not run" in text
     assert (tmp_path / "img" / "gtddp_digits.png").stat().st_size > 10_000
     raw = json.loads((tmp_path / "experiments_gtddp.json").read_text())
-    assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 4
+    assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8
