@@ -93,23 +93,26 @@ def _std(rs, key="test_accuracy"):
 
 
 def select_lr(runner: Runner, dataset: str, seeds: int, smoke: bool,
-              methods: tuple[str, ...] | None = None, epochs: int | None = None) -> dict:
+              methods: tuple[str, ...] | None = None, epochs: int | None = None,
+              grids: dict | None = None, **config) -> dict:
     """Best mean validation accuracy (ties: lower training loss) per method (default:
-    Table 3's, and on digits the other DDPNOpt curvatures) on the grids ``GRIDS``."""
+    Table 3's, and on digits the other DDPNOpt curvatures) on the grids ``grids``
+    (default ``GRIDS``); ``config``: more ``RunConfig`` fields (model, batch_size)."""
     configs = []
+    grids = GRIDS if grids is None else grids
     if methods is None:
         methods = METHODS + (SELECT_ONLY if dataset == "digits" else ())
     epochs = EPOCHS[dataset] if epochs is None else epochs
     for m in methods:
-        grid = GRIDS[m][:1] if smoke else GRIDS[m]
+        grid = grids[m][:1] if smoke else grids[m]
         n = 1 if m == "vanilla-ddp" else seeds
         configs += [dict(dataset=dataset, optimizer=m, lr=lr, seed=100 + s, split="train",
-                         epochs=epochs) for lr in grid for s in range(n)]
+                         epochs=epochs, **config) for lr in grid for s in range(n)]
     results = runner.map(configs)
     chosen, table = {}, []
     for m in methods:
         scores = []
-        for lr in (GRIDS[m][:1] if smoke else GRIDS[m]):
+        for lr in (grids[m][:1] if smoke else grids[m]):
             rs = [r for r in results if r["optimizer"] == m and r["lr"] == lr]
             scores.append((_mean(rs), -_mean(rs, "final_train_loss"), lr))
             table.append((m, lr, _mean(rs)))

@@ -112,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default="digits", choices=_data.DATASETS,
                     help="default digits")
     ap.add_argument("--model", default="mlp", choices=MODELS,
-                    help="mlp (any dataset) or cnn (digits); default mlp")
+                    help="mlp (any dataset), cnn or resnet (digits, mnist1d); default mlp")
     ap.add_argument("--optimizer", type=_optimizers, default=["adam", "ddpnopt"],
                     help=f"comma-separated list of {', '.join(OPTIMIZERS)} "
                          "(default adam,ddpnopt)")
     ap.add_argument("--curvature", default="adam", choices=CURVATURES,
-                    help="curvature of a plain 'ddpnopt' (default adam)")
+                    help="curvature of a plain 'ddpnopt' or 'gtddp' (default adam)")
     ap.add_argument("--lr", type=_lr, default=None,
                     help="learning rate for every optimizer (default: each optimizer's "
                          "own, chosen on the digits validation split: " + ", ".join(
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                              split="train" if a.validation else "full", device=device)
                    for lab in labels for s in range(a.seeds)]
         ds = _data.load(a.dataset, configs[0].split)
-        if a.model == "cnn" and ds.image_shape is None:
-            ap.error(f"--model cnn needs image or signal data (digits, mnist1d); "
+        if a.model in ("cnn", "resnet") and ds.image_shape is None:
+            ap.error(f"--model {a.model} needs image or signal data (digits, mnist1d); "
                      f"{a.dataset} has none")
         results = []
         for cfg in configs:

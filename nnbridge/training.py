@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
 from . import data as _data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .curvature import CURVATURES
 from .ddpnopt import EKFAC, DDPNOpt
+from .gtddp import GTDDP
 from .models import default_model
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "RunConfig", "RunResult", "make_optimizer",
@@ -41,31 +42,35 @@ __all__ = ["OPTIMIZERS", "DEFAULT_LR", "RunConfig", "RunResult", "make_optimizer
 DEFAULT_LR = {"sgd": 0.5, "rmsprop": 5e-3, "adam": 5e-3,
               "ekfac": CURVATURES["ekfac"].defaults["lr"],
               "vanilla-ddp": CURVATURES["exact"].defaults["lr"],
-              **{f"ddpnopt-{k}": CURVATURES[c].defaults["lr"]
+              **{f"{o}-{k}": CURVATURES[c].defaults["lr"] for o in ("ddpnopt", "gtddp")
                  for k, c in (("sgd", "identity"), ("rmsprop", "rmsprop"), ("adam", "adam"),
                               ("ekfac", "ekfac"))}}
 _BASE = {"sgd": "identity", "rmsprop": "rmsprop", "adam": "adam", "ekfac": "ekfac"}
 _CURV_ALIAS = {"identity": "identity", "sgd": "identity", "rmsprop": "rmsprop",
                "adam": "adam", "ekfac": "ekfac"}
-#: accepted names; "ddpnopt" takes --curvature, "ddpnopt-<c>" names it
+#: accepted names; "ddpnopt" / "gtddp" take --curvature, "ddpnopt-<c>" / "gtddp-<c>"
+#: name it
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "ekfac", "vanilla-ddp", "ddpnopt",
-              "ddpnopt-sgd", "ddpnopt-rmsprop", "ddpnopt-adam", "ddpnopt-ekfac")
+              "ddpnopt-sgd", "ddpnopt-rmsprop", "ddpnopt-adam", "ddpnopt-ekfac", "gtddp",
+              "gtddp-sgd", "gtddp-rmsprop", "gtddp-adam", "gtddp-ekfac")
 
 
 def parse_optimizer(name: str, curvature: str = "adam") -> tuple[str, str | None]:
     """Canonical ``(label, curvature)``: ``("adam", None)`` for a torch.optim baseline,
-    ``("ddpnopt-adam", "adam")`` for DDPNOpt, ``("vanilla-ddp", "exact")``."""
+    ``("ddpnopt-adam", "adam")`` for DDPNOpt, ``("gtddp-adam", "adam")`` for GT-DDP,
+    ``("vanilla-ddp", "exact")``."""
     key = name.strip().lower().replace("_", "-")
     if key in _BASE:
         return key, None
     if key in ("vanilla-ddp", "ddp"):
         return "vanilla-ddp", "exact"
-    if key == "ddpnopt":
-        key = f"ddpnopt-{curvature}"
-    if key.startswith("ddpnopt-") and key[8:] in _CURV_ALIAS:
-        curv = _CURV_ALIAS[key[8:]]
-        label = "ddpnopt-sgd" if curv == "identity" else f"ddpnopt-{curv}"
-        return label, curv
+    for family in ("ddpnopt", "gtddp"):
+        if key == family:
+            key = f"{family}-{curvature}"
+        head, _, curv = key.partition("-")
+        if head == family and curv in _CURV_ALIAS:
+            curv = _CURV_ALIAS[curv]
+            return f"{family}-{'sgd' if curv == 'identity' else curv}", curv
     raise InvalidArgumentError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; "
                                f"got {name!r}")
 
@@ -76,7 +81,10 @@ def default_lr(label: str) -> float:
 
 
 def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim.Optimizer:
-    """The optimizer for a canonical label (see :func:`parse_optimizer`)."""
+    """The optimizer for a canonical label (see :func:`parse_optimizer`).  ``"ekfac"`` is
+    :class:`EKFAC` on a network :func:`nnbridge.stages` decomposes (a chain) and
+    ``GTDDP(curvature="ekfac", feedback=False)``, the same optimizer on the stage graph,
+    on a residual network."""
     if not lr >= 0:
         raise InvalidArgumentError(f"lr must be >= 0; got {lr}")
     if label == "sgd":
@@ -86,11 +94,15 @@ def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim
     if label == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, **kw)
     if label == "ekfac":
-        return EKFAC(model, lr=lr, **kw)
+        try:
+            return EKFAC(model, lr=lr, **kw)
+        except UnsupportedModelError:    # residuals / branches: the stage graph
+            return GTDDP(model, lr=lr, curvature="ekfac", feedback=False, **kw)
     if label == "vanilla-ddp":
         return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full", **kw)
     label, curv = parse_optimizer(label)
-    return DDPNOpt(model, lr=lr, curvature=curv, **kw)
+    cls = GTDDP if label.startswith("gtddp-") else DDPNOpt
+    return cls(model, lr=lr, curvature=curv, **kw)
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,7 @@ def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float
 
 
 def _shape(X: torch.Tensor, dataset, model_name: str) -> torch.Tensor:
-    return X.reshape(-1, *dataset.image_shape) if model_name == "cnn" else X
+    return X.reshape(-1, *dataset.image_shape) if model_name in ("cnn", "resnet") else X
 
 
 def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool = False,

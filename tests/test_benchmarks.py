@@ -22,3 +22,17 @@ def test_run_all_quick_prints_every_row(capsys):
     assert "DARE" in out
     for r in rows:
         assert set(r) >= {"figure", "goal", "trajopt", "peer", "ratio", "met"}
+
+
+def test_bench_gtddp_nn_quick_prints_both_tables(capsys):
+    """benchmarks/bench_gtddp_nn.py --quick: GT-DDP against its base optimizer and
+    value_hessian outer against full, in one process (~10 s)."""
+    path = RUN_ALL.parent / "bench_gtddp_nn.py"
+    spec = importlib.util.spec_from_file_location("bench_gtddp_nn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "Table 2" in out and "| full / outer |" in out
+    assert [r["curvature"] for r in res["base"]] == ["sgd"]
+    assert all(r["time"] > 0 for r in res["value_hessian"].values())

@@ -1,6 +1,7 @@
 """Smoke tests: every example and the demo commands run end to end (tiny settings)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,18 @@ def test_mnist1d_experiment_smoke(tmp_path):
     text = (tmp_path / "experiments_mnist1d.md").read_text()
     assert "| ddpnopt-adam |" in text and "Smoke run" in text and "nan" not in text
     assert (tmp_path / "img" / "mnist1d.png").stat().st_size > 10_000
+
+
+def test_gtddp_table2_smoke(tmp_path):
+    """experiments/gtddp_table2.py end to end (1 epoch on 64 samples, 1 seed, 1 grid
+    value; MNIST-1D not run: its cost is measured and stated)."""
+    pytest.importorskip("mnist1d")
+    module = _experiment("gtddp_table2")
+    assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "experiments_gtddp.md").read_text()
+    for m in ("sgd", "rmsprop", "adam", "ekfac"):
+        assert f"| {m} |" in text and f"| gtddp-{m} |" in text
+    assert "per-layer EKFAC" in text and "MNIST-1D: not run" in text
+    assert (tmp_path / "img" / "gtddp_digits.png").stat().st_size > 10_000
+    raw = json.loads((tmp_path / "experiments_gtddp.json").read_text())
+    assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8

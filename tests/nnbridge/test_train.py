@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -255,3 +256,90 @@ def test_cli_trains_a_1d_cnn_on_mnist1d(capsys):
     assert len(rows) == 2 and "nan" not in table
     for row in rows:  # one epoch: above chance (10 classes)
         assert float(row.split("|")[4].split()[0]) > 15
+
+
+# ------------------------------------------------------------------ ResNet and GT-DDP
+def _small(name, n=48):
+    """The first ``n`` training and evaluation samples of a dataset (fast runs)."""
+    import dataclasses
+    ds = data.load(name)
+    return dataclasses.replace(ds, X_train=ds.X_train[:n], y_train=ds.y_train[:n],
+                               X_eval=ds.X_eval[:n], y_eval=ds.y_eval[:n])
+
+
+@pytest.mark.parametrize("shape,conv", [((1, 8, 8), torch.nn.Conv2d),
+                                        ((1, 40), torch.nn.Conv1d)])
+def test_resnet_has_identity_and_projection_shortcuts_on_the_stage_graph(shape, conv):
+    import nnbridge
+    from nnbridge.models import resnet
+    model = resnet(shape, 10)
+    assert not isinstance(model, torch.nn.Sequential)
+    assert {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+            } == {conv}
+    assert model(torch.randn(3, *shape)).shape == (3, 10)
+    g = nnbridge.graph_stages(model)
+    # stem, block 1 (identity: a residual across its two convs), block 2 (projection: a
+    # second player where the residual merges), fc, head
+    assert [len(s.players) for s in g.stages] == [1, 1, 1, 1, 2, 1, 1]
+    assert [len(s.inputs) - 1 for s in g.stages] == [0, 0, 1, 0, 1, 0, 0]
+    sc = g.stages[4].players[1].module
+    assert sc.kernel_size in ((1, 1), (1,)) and sc.stride in ((2, 2), (2,))
+
+
+def test_gtddp_optimizer_names():
+    import nnbridge
+    from nnbridge.models import resnet
+    from nnbridge.training import DEFAULT_LR, OPTIMIZERS, make_optimizer
+    assert parse_optimizer("gtddp", "rmsprop") == ("gtddp-rmsprop", "rmsprop")
+    assert parse_optimizer("GTDDP-identity") == ("gtddp-sgd", "identity")
+    assert parse_optimizer("gtddp_ekfac") == ("gtddp-ekfac", "ekfac")
+    for c in ("sgd", "rmsprop", "adam", "ekfac"):
+        assert f"gtddp-{c}" in OPTIMIZERS
+        assert DEFAULT_LR[f"gtddp-{c}"] == DEFAULT_LR[f"ddpnopt-{c}"]
+    model = resnet((1, 8, 8), 10)
+    with pytest.warns(UserWarning, match="no DDP model"):
+        opt = make_optimizer("gtddp-adam", model, 1e-3)
+    assert isinstance(opt, nnbridge.GTDDP) and opt.param_groups[0]["feedback"]
+    assert type(opt.curvature).__name__ == "Adam"
+    with pytest.warns(UserWarning, match="no DDP model"):
+        base = make_optimizer("ekfac", model, 0.1)   # EKFAC on the stage graph
+    assert isinstance(base, nnbridge.GTDDP) and not base.param_groups[0]["feedback"]
+    assert isinstance(make_optimizer("ekfac", torch.nn.Sequential(torch.nn.Linear(2, 2)),
+                                     0.1), nnbridge.EKFAC)
+
+
+@pytest.mark.filterwarnings("ignore:GTDDP. the parameters")
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+@pytest.mark.parametrize("opt", ["gtddp-sgd", "gtddp-ekfac", "ekfac"])
+def test_resnet_runs_with_gtddp(dataset, opt):
+    if dataset == "mnist1d":
+        pytest.importorskip("mnist1d")
+    r = run(RunConfig(dataset=dataset, model="resnet", optimizer=opt, epochs=1,
+                      batch_size=16, seed=0), _small(dataset))
+    assert len(r.history["step"]) == 3 and r.skipped_steps == 0
+    assert all(math.isfinite(v) for v in r.history["train_loss"])
+    assert 0 <= r.test_accuracy <= 1
+
+
+@pytest.mark.filterwarnings("ignore:GTDDP. the parameters")
+def test_cli_resnet_with_gtddp_on_digits(capsys):
+    assert train.main(["--model", "resnet", "--optimizer", "sgd,gtddp", "--curvature",
+                       "sgd", "--epochs", "1", "--seeds", "1", "--batch-size", "512",
+                       "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| sgd |" in table and "| gtddp-sgd |" in table and "nan" not in table
+
+
+def test_cli_resnet_on_mnist1d(capsys):
+    pytest.importorskip("mnist1d")
+    assert train.main(["--dataset", "mnist1d", "--model", "resnet", "--optimizer", "adam",
+                       "--epochs", "1", "--seeds", "1", "--batch-size", "256",
+                       "--no-progress"]) == 0
+    assert "| adam |" in capsys.readouterr().out
+
+
+def test_cli_resnet_refuses_tabular_data():
+    p = subprocess.run([sys.executable, "-m", "nnbridge.train", "--no-progress", "--dataset",
+                        "iris", "--model", "resnet"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--model resnet needs image or signal data" in p.stderr
+    assert "Traceback" not in p.stderr
