@@ -184,7 +184,8 @@ def step_time(dataset: str, method: str, batch: int, steps: int = 5) -> float:
     return statistics.median(times)
 
 
-def run_dataset(runner: Runner, dataset: str, smoke: bool) -> dict:
+def run_dataset(runner: Runner, dataset: str, smoke: bool, paper_rates: bool = False
+                ) -> dict:
     s = SETUP[dataset]
     bases = s["bases"]
     methods = bases + tuple(f"gtddp-{b}" for b in bases)
@@ -192,8 +193,11 @@ def run_dataset(runner: Runner, dataset: str, smoke: bool) -> dict:
     t0 = time.perf_counter()
     sel_b = paper.select_lr(runner, dataset, 1 if smoke else 2, smoke, methods=bases,
                             epochs=s["select_epochs"], grids=GRIDS, **extra)
-    sel_g = paper.select_lr(runner, dataset, 1, smoke, methods=methods[len(bases):],
-                            epochs=s["select_epochs"], grids=GRIDS, **extra)
+    if paper_rates:   # the paper's protocol: GT-DDP at its baseline's rate
+        sel_g = {"chosen": {f"gtddp-{b}": sel_b["chosen"][b] for b in bases}, "grid": []}
+    else:
+        sel_g = paper.select_lr(runner, dataset, 1, smoke, methods=methods[len(bases):],
+                                epochs=s["select_epochs"], grids=GRIDS, **extra)
     chosen = {**sel_b["chosen"], **sel_g["chosen"]}
     t1 = time.perf_counter()
     test = runner.map([dict(dataset=dataset, optimizer=m, lr=chosen[m], seed=k,
@@ -361,6 +365,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist1d", action="store_true", help="also MNIST-1D (sgd, adam, "
                     "ekfac and their GT-DDP variants, 5 seeds)")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 64 samples, 1 seed")
+    ap.add_argument("--paper-rates", action="store_true",
+                    help="GT-DDP at its baseline's chosen rate (the paper's protocol) "
+                         "instead of its own selection")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite experiments_gtddp.md from experiments_gtddp.json, "
                          "measuring the feedback sizes again (seconds; no training runs)")
@@ -381,7 +388,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         raw = {}
         for ds in ("digits", "mnist1d") if a.mnist1d else ("digits",):
-            res = run_dataset(runner, ds, a.smoke)
+            res = run_dataset(runner, ds, a.smoke, a.paper_rates)
+            res["paper_rates"] = a.paper_rates
             s = res["setup"]
             paper._plot_curves(res["test"], a.out / "img" / f"gtddp_{ds}.png",
                                f"{ds}, ResNet, batch {s['batch_size']}, test split")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 
 from . import data as _data
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -82,9 +82,8 @@ def default_lr(label: str) -> float:
 
 def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim.Optimizer:
     """The optimizer for a canonical label (see :func:`parse_optimizer`).  ``"ekfac"`` is
-    :class:`EKFAC` on a network :func:`nnbridge.stages` decomposes (a chain) and
-    ``GTDDP(curvature="ekfac", feedback=False)``, the same optimizer on the stage graph,
-    on a residual network."""
+    :class:`EKFAC` (one Kronecker pair per layer, any network); ``"gtddp-ekfac"`` couples
+    the players of a stage (Theorem 3) and adds the feedback."""
     if not lr >= 0:
         raise InvalidArgumentError(f"lr must be >= 0; got {lr}")
     if label == "sgd":
@@ -94,10 +93,7 @@ def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim
     if label == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, **kw)
     if label == "ekfac":
-        try:
-            return EKFAC(model, lr=lr, **kw)
-        except UnsupportedModelError:    # residuals / branches: the stage graph
-            return GTDDP(model, lr=lr, curvature="ekfac", feedback=False, **kw)
+        return EKFAC(model, lr=lr, **kw)
     if label == "vanilla-ddp":
         return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full", **kw)
     label, curv = parse_optimizer(label)
