@@ -225,7 +225,7 @@ class DDPNOpt(torch.optim.Optimizer):
     # ------------------------------------------------------------------ helpers
     def _check_feedback_modules(self):
         """The feedback pass re-runs each stage's sigma: it must be deterministic (and
-        BatchNorm in training mode is run with the recorded batch's statistics,
+        BatchNorm in training mode is run with the statistics of the batch it sees,
         :mod:`nnbridge.batchnorm`)."""
         for index, p in self._maps():
             if isinstance(p, nn.Dropout) and p.p > 0 and p.training:

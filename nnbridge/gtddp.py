@@ -51,7 +51,7 @@ class GTDDP(DDPNOpt):
     ``feedback``, ``value_hessian``, ``tikhonov``, ``value_psd``, ``value_recursion``,
     ``terminal_hessian``, ``loss`` and the curvature's hyper-parameters) and any network
     :func:`nnbridge.graph.graph_stages` decomposes: residual blocks (identity and
-    projection shortcuts), BatchNorm (batch statistics held fixed in the DDP pass,
+    projection shortcuts), BatchNorm (its batch-coupled dynamics in the DDP pass,
     :mod:`nnbridge.batchnorm`), parallel branches merged by a sum or a concatenation.
     ``feedback=False`` is exactly the base optimizer.
     """

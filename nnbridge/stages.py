@@ -459,8 +459,8 @@ class NormStage(Stage):
     the unfolded input :math:`\tilde x = [n(x); 1]` of shape (B, groups, 2, P), P the
     positions a channel is shared over (BatchNorm2d: H W; LayerNorm: 1, so LayerNorm must
     normalize all non-batch dimensions).  :math:`n` is differentiated by ``torch.func``
-    (LayerNorm: the per-sample normalization; BatchNorm: per channel, with the batch
-    statistics held fixed in the DDP pass, :mod:`nnbridge.batchnorm`).
+    (LayerNorm: the per-sample normalization; BatchNorm in training mode: through the
+    statistics of the batch, which couple the samples, :mod:`nnbridge.batchnorm`).
     """
 
     def __post_init__(self):
