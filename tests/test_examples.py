@@ -99,7 +99,7 @@ def test_gtddp_table2_smoke(tmp_path):
     text = (tmp_path / "experiments_gtddp.md").read_text()
     for m in ("sgd", "rmsprop", "adam", "ekfac"):
         assert f"| {m} |" in text and f"| gtddp-{m} |" in text
-    assert "per-layer EKFAC" in text and "MNIST-1D: not run" in text
+    assert "Theorem 3" in text and "MNIST-1D: not run" in text
     assert (tmp_path / "img" / "gtddp_digits.png").stat().st_size > 10_000
     raw = json.loads((tmp_path / "experiments_gtddp.json").read_text())
     assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8

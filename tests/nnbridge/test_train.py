@@ -278,11 +278,12 @@ def test_resnet_has_identity_and_projection_shortcuts_on_the_stage_graph(shape, 
             } == {conv}
     assert model(torch.randn(3, *shape)).shape == (3, 10)
     g = nnbridge.graph_stages(model)
-    # stem, block 1 (identity: a residual across its two convs), block 2 (projection: a
-    # second player where the residual merges), fc, head
-    assert [len(s.players) for s in g.stages] == [1, 1, 1, 1, 2, 1, 1]
-    assert [len(s.inputs) - 1 for s in g.stages] == [0, 0, 1, 0, 1, 0, 0]
-    sc = g.stages[4].players[1].module
+    # stem conv + BN, block 1 (identity: a residual across conv1, bn1, conv2, bn2),
+    # block 2 (projection: its conv and BN are players where the residual merges, at
+    # bn2), fc, head; BatchNorm affine parameters are stages
+    assert [len(s.players) for s in g.stages] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1]
+    assert [len(s.inputs) - 1 for s in g.stages] == [0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0]
+    sc = g.stages[9].players[1].module
     assert sc.kernel_size in ((1, 1), (1,)) and sc.stride in ((2, 2), (2,))
 
 
@@ -297,13 +298,11 @@ def test_gtddp_optimizer_names():
         assert f"gtddp-{c}" in OPTIMIZERS
         assert DEFAULT_LR[f"gtddp-{c}"] == DEFAULT_LR[f"ddpnopt-{c}"]
     model = resnet((1, 8, 8), 10)
-    with pytest.warns(UserWarning, match="no DDP model"):
-        opt = make_optimizer("gtddp-adam", model, 1e-3)
+    opt = make_optimizer("gtddp-adam", model, 1e-3)     # BN affine: stages, no warning
     assert isinstance(opt, nnbridge.GTDDP) and opt.param_groups[0]["feedback"]
     assert type(opt.curvature).__name__ == "Adam"
-    with pytest.warns(UserWarning, match="no DDP model"):
-        base = make_optimizer("ekfac", model, 0.1)   # EKFAC on the stage graph
-    assert isinstance(base, nnbridge.GTDDP) and not base.param_groups[0]["feedback"]
+    base = make_optimizer("ekfac", model, 0.1)          # per-layer EKFAC, any network
+    assert type(base) is nnbridge.EKFAC and not base.param_groups[0]["feedback"]
     assert isinstance(make_optimizer("ekfac", torch.nn.Sequential(torch.nn.Linear(2, 2)),
                                      0.1), nnbridge.EKFAC)
 
