@@ -216,7 +216,7 @@ class DDPNOpt(torch.optim.Optimizer):
         return [(st.index, m) for st in self._stages for post in st.post
                 for m in post.modules()]
 
-    def _frozen_maps(self, rec):
+    def _ddp_context(self, rec):
         """Context of the DDP pass: BatchNorm in training mode normalizes with the
         statistics of the batch it sees and leaves its running statistics alone
         (:mod:`nnbridge.batchnorm`); ``rec`` None (no DDP pass): nothing."""
@@ -280,16 +280,17 @@ class DDPNOpt(torch.optim.Optimizer):
         # applied when the generator is created on the data's device (first step)
         self._rng, self._rng_state = None, rng
 
-    def _running_cost_gradient(self, st, lin, h_grad, hp, mean) -> torch.Tensor:
-        r""":math:`l_u` of the stage: weight decay's :math:`\lambda\tilde U` plus
-        ``p.grad`` minus the gradient the backward pass sent through the network
-        (:math:`\sum_i \nabla_{h^i}\text{loss}\; \tilde x^{i\top}`, from the recorded
-        pre-activation gradients; zero up to rounding when nothing edited ``p.grad``)."""
+    def _running_cost_gradient(self, st, U, sent, hp, mean) -> torch.Tensor:
+        r""":math:`l_u` of the layer ``st`` with control ``U``: weight decay's
+        :math:`\lambda\tilde U` plus ``p.grad`` minus ``sent``, the gradient the backward
+        pass sent through the network (:math:`\sum_i \nabla_{h^i}\text{loss}\;
+        \tilde x^{i\top}` over the local samples, from the recorded pre-activation
+        gradients, or None; zero up to rounding when nothing edited ``p.grad``)."""
         lu = self._grad(st)
-        if h_grad is not None:
-            lu = lu - mean(lin.control_gradient(h_grad) * mean.local)
+        if sent is not None:
+            lu = lu - mean(sent * mean.local)
         if hp["weight_decay"]:
-            lu = lu + hp["weight_decay"] * lin.U
+            lu = lu + hp["weight_decay"] * U
         return lu
 
     def _grad(self, st) -> torch.Tensor:
@@ -335,7 +336,7 @@ class DDPNOpt(torch.optim.Optimizer):
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
                                f"before step(), or pass {_CLOSURE_HELP}")
-        with self._frozen_maps(rec if feedback else None):
+        with self._ddp_context(rec if feedback else None):
             return self._step(rec, group, feedback, loss)
 
     def _step(self, rec, group, feedback, loss):
@@ -489,8 +490,9 @@ class DDPNOpt(torch.optim.Optimizer):
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
             # what the loop did to p.grad after the backward pass (a penalty's gradient,
             # clipping, hooks) is a running cost l(u): its gradient joins weight decay's
-            lu = None if frozen[t] else self._running_cost_gradient(st, lin, rec.h_grads[t],
-                                                                   hp, mean)
+            h = rec.h_grads[t]
+            lu = None if frozen[t] else self._running_cost_gradient(
+                st, U, None if h is None else lin.control_gradient(h), hp, mean)
 
             def make(Qu, val, lin=lin, hp=hp, state=state, step=step, tik=tik,
                      rec_t=rec_t, lu=lu):

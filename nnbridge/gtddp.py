@@ -71,7 +71,7 @@ class GTDDP(DDPNOpt):
         return [(gs.index, m) for gs in self._graph.stages for top in gs.modules()
                 for m in top.modules()]
 
-    def _frozen_maps(self, rec):
+    def _ddp_context(self, rec):
         """The DDP pass's context (:class:`DDPNOpt`'s: BatchNorm batch-coupled, running
         statistics left alone); inside it, runs the stage graph once on the recorded
         :math:`x_0`: the nominal :math:`y_t` and the input each layer sees."""
@@ -79,7 +79,7 @@ class GTDDP(DDPNOpt):
         if rec is None:
             return nullcontext()
         stack = ExitStack()
-        stack.enter_context(super()._frozen_maps(rec))
+        stack.enter_context(super()._ddp_context(rec))
         seen: dict = {}
         ys = [[rec.inputs[0]]]
         try:
@@ -114,16 +114,6 @@ class GTDDP(DDPNOpt):
         self._verified = True
 
     # ------------------------------------------------------------------ the step
-    def _player_lu(self, st, lin, j, h_grad, hp, mean) -> torch.Tensor:
-        """Player j's :math:`l_u`: ``p.grad`` minus what the backward pass sent through
-        the network, plus weight decay's :math:`\\lambda \\tilde U` (as DDPNOpt's)."""
-        lu = self._grad(st)
-        if h_grad is not None:
-            lu = lu - mean(lin.control_gradient(j, h_grad) * mean.local)
-        if hp["weight_decay"]:
-            lu = lu + hp["weight_decay"] * lin.U[j]
-        return lu
-
     def _players(self, g, hps, ws, Xs, mean, active, exact):
         """The curvature of one stage's players: ``(preconditioner, new states, open-loop
         updates)``, lists over the players (None: frozen).
@@ -206,8 +196,10 @@ class GTDDP(DDPNOpt):
             lins[t] = lin
             tik = group["tikhonov"] if t < T - 1 else 0.0
             hps = [self._hp(self._stages[k], group) for k in ids]
-            lus = [self._player_lu(self._stages[k], lin, j, rec.h_grads[k], hps[j][0], mean)
-                   if active[j] else None for j, k in enumerate(ids)]
+            lus = [self._running_cost_gradient(
+                self._stages[k], lin.U[j],
+                None if rec.h_grads[k] is None else lin.control_gradient(j, rec.h_grads[k]),
+                hps[j][0], mean) if active[j] else None for j, k in enumerate(ids)]
             info: dict = {}
             made[t] = info
 
