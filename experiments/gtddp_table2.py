@@ -105,7 +105,8 @@ def _without_batchnorm(module) -> None:
 
 
 def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int = 30,
-                  seed: int = 0, batchnorm: bool = True) -> dict:
+                  seed: int = 0, batchnorm: bool = True,
+                  terminal_hessian: str | None = None) -> dict:
     """Norm of the feedback part of one GT-DDP step over the norm of its open-loop part,
     per layer (from the same state, reached by ``steps`` steps without feedback);
     ``batchnorm=False``: the same ResNet with its BatchNorm layers removed."""
@@ -121,6 +122,7 @@ def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int =
     if not batchnorm:
         _without_batchnorm(model)
     curv = CURV[method]
+    kw = {} if terminal_hessian is None else {"terminal_hessian": terminal_hessian}
     g = torch.Generator().manual_seed(seed)
 
     def closure(m, o, idx):
@@ -133,14 +135,14 @@ def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int =
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "GTDDP: the parameters", UserWarning)
-        ref = nnbridge.GTDDP(model, lr=lr, curvature=curv, feedback=False)
+        ref = nnbridge.GTDDP(model, lr=lr, curvature=curv, feedback=False, **kw)
         for _ in range(steps):
             ref.step(closure(model, ref, torch.randint(0, len(X), (batch,), generator=g)))
         idx = torch.randint(0, len(X), (batch,), generator=g)
         delta = {}
         for fb in (False, True):
             m = copy.deepcopy(model)
-            o = nnbridge.GTDDP(m, lr=lr, curvature=curv, feedback=fb)
+            o = nnbridge.GTDDP(m, lr=lr, curvature=curv, feedback=fb, **kw)
             o.load_state_dict(ref.state_dict())
             o.param_groups[0]["feedback"] = fb    # the state dict holds feedback=False
             before = [p.detach().clone() for p in m.parameters()]
@@ -153,7 +155,8 @@ def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int =
     return {"method": f"gtddp-{method}", "lr": lr, "batchnorm": batchnorm, "layers": layers}
 
 
-def step_time(dataset: str, method: str, batch: int, steps: int = 5) -> float:
+def step_time(dataset: str, method: str, batch: int, steps: int = 5,
+              terminal_hessian: str | None = None) -> float:
     """Median seconds of one step on the ResNet (random batch of the training data)."""
     import torch
 
@@ -164,10 +167,12 @@ def step_time(dataset: str, method: str, batch: int, steps: int = 5) -> float:
     ds = data.load(dataset, "train")
     X, y = ds.X_train.reshape(-1, *ds.image_shape)[:batch], ds.y_train[:batch]
     model = default_model("resnet", ds)
-    label = parse_optimizer(method)[0]
+    label, curv = parse_optimizer(method)
+    kw = {} if terminal_hessian is None or curv is None else {
+        "terminal_hessian": terminal_hessian}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "GTDDP: the parameters", UserWarning)
-        opt = make_optimizer(label, model, default_lr(label))
+        opt = make_optimizer(label, model, default_lr(label), **kw)
 
     def closure():
         opt.zero_grad()
@@ -184,12 +189,13 @@ def step_time(dataset: str, method: str, batch: int, steps: int = 5) -> float:
     return statistics.median(times)
 
 
-def run_dataset(runner: Runner, dataset: str, smoke: bool, paper_rates: bool = False
-                ) -> dict:
+def run_dataset(runner: Runner, dataset: str, smoke: bool, paper_rates: bool = False,
+                terminal_hessian: str | None = None) -> dict:
     s = SETUP[dataset]
     bases = s["bases"]
     methods = bases + tuple(f"gtddp-{b}" for b in bases)
-    extra = dict(model="resnet", batch_size=s["batch_size"])
+    extra = dict(model="resnet", batch_size=s["batch_size"],
+                 terminal_hessian=terminal_hessian)
     t0 = time.perf_counter()
     sel_b = paper.select_lr(runner, dataset, 1 if smoke else 2, smoke, methods=bases,
                             epochs=s["select_epochs"], grids=GRIDS, **extra)
@@ -205,10 +211,12 @@ def run_dataset(runner: Runner, dataset: str, smoke: bool, paper_rates: bool = F
                        for m in methods for k in range(1 if smoke else s["seeds"])])
     t2 = time.perf_counter()
     fb = [feedback_size(dataset, b, chosen[f"gtddp-{b}"], s["batch_size"],
-                        steps=2 if smoke else 30, batchnorm=bn)
+                        steps=2 if smoke else 30, batchnorm=bn,
+                        terminal_hessian=terminal_hessian)
           for bn in (True, False) for b in bases]
     return {"dataset": dataset, "setup": {**s, "bases": list(bases)}, "chosen": chosen,
             "grid": sel_b["grid"] + sel_g["grid"], "test": test, "feedback": fb,
+            "terminal_hessian": terminal_hessian,
             "minutes": {"selection": (t1 - t0) / 60, "test": (t2 - t1) / 60}}
 
 
@@ -373,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-rates", action="store_true",
                     help="GT-DDP at its baseline's chosen rate (the paper's protocol) "
                          "instead of its own selection")
+    ap.add_argument("--terminal-hessian", choices=("ggn", "fisher", "empirical"),
+                    default=None, help="GT-DDP's terminal Hessian (default: GTDDP's own)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite experiments_gtddp.md from experiments_gtddp.json, "
                          "measuring the feedback sizes again (seconds; no training runs)")
@@ -385,7 +395,8 @@ def main(argv=None) -> int:
             if ds in raw:
                 s, res = SETUP[ds], raw[ds]
                 res["feedback"] = [feedback_size(ds, b, res["chosen"][f"gtddp-{b}"],
-                                                 s["batch_size"], batchnorm=bn)
+                                                 s["batch_size"], batchnorm=bn,
+                                                 terminal_hessian=res.get("terminal_hessian"))
                                    for bn in (True, False) for b in s["bases"]]
     else:
         (a.out / "img").mkdir(parents=True, exist_ok=True)
@@ -393,7 +404,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         raw = {}
         for ds in ("digits", "mnist1d") if a.mnist1d else ("digits",):
-            res = run_dataset(runner, ds, a.smoke, a.paper_rates)
+            res = run_dataset(runner, ds, a.smoke, a.paper_rates, a.terminal_hessian)
             res["paper_rates"] = a.paper_rates
             s = res["setup"]
             paper._plot_curves(res["test"], a.out / "img" / f"gtddp_{ds}.png",
@@ -404,7 +415,8 @@ def main(argv=None) -> int:
         raw["minutes"] = (time.perf_counter() - t0) / 60
         if not a.mnist1d:
             s = SETUP["mnist1d"]
-            times = {m: step_time("mnist1d", m, s["batch_size"], 2 if a.smoke else 5)
+            times = {m: step_time("mnist1d", m, s["batch_size"], 2 if a.smoke else 5,
+                                  a.terminal_hessian)
                      for m in ("adam", "gtddp-adam")}
             raw["mnist1d_not_run"] = {"time_per_step": times, **s,
                                       "bases": list(s["bases"])}

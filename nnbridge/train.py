@@ -44,6 +44,7 @@ from trajopt.errors import TrajoptError
 
 from . import data as _data
 from .models import MODELS
+from .terminal import TERMINAL_HESSIANS
 from .training import DEFAULT_LR, OPTIMIZERS, RunConfig, RunResult, parse_optimizer, run
 
 __all__ = ["main", "summarize", "plot_curves"]
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning rate for every optimizer (default: each optimizer's "
                          "own, chosen on the digits validation split: " + ", ".join(
                              f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    ap.add_argument("--terminal-hessian", default=None, choices=TERMINAL_HESSIANS,
+                    help="DDPNOpt's / GT-DDP's model of the loss Hessian at the output "
+                         "(default: each optimizer's own; docs/ddpnopt.md)")
     ap.add_argument("--epochs", type=_positive(int), default=20, help="default 20")
     ap.add_argument("--batch-size", type=_positive(int), default=32,
                     help="minibatch size (over all ranks under torchrun; default 32)")
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = list(dict.fromkeys(parse_optimizer(o, a.curvature)[0] for o in a.optimizer))
         configs = [RunConfig(dataset=a.dataset, model=a.model, optimizer=lab, lr=a.lr,
                              epochs=a.epochs, batch_size=a.batch_size, seed=a.seed0 + s,
-                             split="train" if a.validation else "full", device=device)
+                             split="train" if a.validation else "full", device=device,
+                             terminal_hessian=a.terminal_hessian)
                    for lab in labels for s in range(a.seeds)]
         ds = _data.load(a.dataset, configs[0].split)
         if a.model in ("cnn", "resnet") and ds.image_shape is None:

@@ -30,6 +30,7 @@ from .curvature import CURVATURES
 from .ddpnopt import EKFAC, DDPNOpt
 from .gtddp import GTDDP
 from .models import default_model
+from .terminal import check_terminal_options
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "RunConfig", "RunResult", "make_optimizer",
            "parse_optimizer", "run"]
@@ -103,7 +104,10 @@ def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What one run trains.  ``lr=None``: :data:`DEFAULT_LR`."""
+    """What one run trains.  ``lr=None``: :data:`DEFAULT_LR`.  ``terminal_hessian``:
+    DDPNOpt's / GT-DDP's (``nnbridge.terminal``; None: the optimizer's default); the
+    torch.optim baselines and EKFAC have none and ignore it, so that one configuration
+    can describe a comparison."""
 
     dataset: str = "digits"
     model: str = "mlp"
@@ -114,6 +118,7 @@ class RunConfig:
     seed: int = 0
     split: str = "full"
     device: str = "cpu"
+    terminal_hessian: str | None = None
 
     def __post_init__(self):
         if self.dataset not in _data.DATASETS:
@@ -125,6 +130,8 @@ class RunConfig:
                 raise InvalidArgumentError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
             raise InvalidArgumentError(f"lr must be a finite number >= 0; got {self.lr}")
+        if self.terminal_hessian is not None:
+            check_terminal_options(self.terminal_hessian, "cross_entropy")
 
     @property
     def label(self) -> str:
@@ -214,7 +221,9 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     lr = cfg.learning_rate
     torch.manual_seed(cfg.seed)
     model = default_model(cfg.model, ds).to(cfg.device)
-    opt = make_optimizer(label, model, lr)
+    kw = ({} if cfg.terminal_hessian is None or parse_optimizer(label)[1] is None
+          else {"terminal_hessian": cfg.terminal_hessian})
+    opt = make_optimizer(label, model, lr, **kw)
     rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_available()
                    and dist.is_initialized() else (0, 1))
     forward = model
@@ -236,6 +245,7 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
         ck = load_checkpoint(path)
         mine, theirs = asdict(cfg), dict(ck["config"])
         mine.pop("epochs"), theirs.pop("epochs")  # more epochs: continue training
+        theirs.setdefault("terminal_hessian", None)  # written before the field existed
         if mine != theirs:
             raise InvalidArgumentError(f"checkpoint {path} was written by another "
                                        f"configuration: {ck['config']}")
