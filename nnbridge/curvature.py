@@ -34,6 +34,8 @@ import torch
 from trajopt.errors import InvalidArgumentError
 from trajopt.riccati.solvers import cholesky_factor
 
+from .stages import outer_sum_rows, spread
+
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
            "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse", "NoControl"]
 
@@ -397,6 +399,13 @@ class NetworkResponse:
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
 
+    def response_shared(self, Y: torch.Tensor) -> torch.Tensor:
+        r""":math:`f_u^i S \sum_k f_u^{k\top} Y^k` (the batch-augmented form's response,
+        :mod:`trajopt.riccati.joint`), (B, J, n1) -> (B, J, n1)."""
+        X = self.lin.X
+        return self.lin.from_h(spread(self.pre.value_inverse(
+            outer_sum_rows(self.lin.factors(Y), X)), X))
+
     def response_const(self) -> torch.Tensor | None:
         return None if self.wdU is None else self.apply_control(self.wdU)
 
@@ -415,6 +424,8 @@ class NoControl:
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(Y)
+
+    response_shared = response
 
     def response_const(self) -> None:
         return None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
-from trajopt.riccati import operator_riccati_step
+from trajopt.riccati import joint_riccati_step, joint_value, operator_riccati_step
 
 from .batchnorm import batch_coupled
 from .closure import loss_is_finite
@@ -75,9 +75,13 @@ class DDPNOpt(torch.optim.Optimizer):
         Marquardt :math:`\mu`, default 1.0).
     feedback : bool
         Apply the feedback policies (``False``: exactly the baseline optimizer).
-    value_hessian : {"outer", "full"}
-        Rank-one per-sample :math:`V_{xx} = c z z^\top` (Prop. 4; memory O(B n)) or dense
-        per-sample :math:`V_{xx}` (B, n, n) (small models).
+    value_hessian : {"outer", "full", "joint"}
+        Rank-one per-sample :math:`V_{xx} = c z z^\top` (Prop. 4; memory O(B n)), dense
+        per-sample :math:`V_{xx}` (B, n, n) (small models), or the dense value of the
+        batch-augmented state, (B n, B n), with the cross-sample blocks the shared
+        weights create (:mod:`trajopt.riccati.joint`: the exact dynamic program of the
+        batch, memory O(B^2 n^2): to measure what the per-sample forms approximate;
+        first-order and EKFAC curvatures, one process).
     tikhonov : float
         :math:`\epsilon_V` added to every non-terminal :math:`V_{xx}` (Alg. 3).
     value_psd : bool
@@ -99,8 +103,9 @@ class DDPNOpt(torch.optim.Optimizer):
         Fisher), or ``f(output)`` -> a factor (B, n) or (B, n, r), or the Hessian
         (B, n, n) with ``value_hessian="full"``.  Default (None): ``"fisher"`` with
         ``value_hessian="outer"`` (measured: as stable as "ggn" at the cost of
-        "empirical"), ``"ggn"`` with ``"full"`` (the loss's true Hessian, so that a
-        full-mode step with the exact curvature is a DDP step); see ``docs/ddpnopt.md``.
+        "empirical"), ``"ggn"`` with ``"full"`` and ``"joint"`` (the loss's true Hessian,
+        so that a full-mode step with the exact curvature is a DDP step); see
+        ``docs/ddpnopt.md``.
     loss : {"cross_entropy", "mse"}
         The per-sample loss the closure's batch mean is of (torch's definitions,
         ``reduction="mean"``); used by ``"ggn"`` and ``"fisher"``.
@@ -128,11 +133,16 @@ class DDPNOpt(torch.optim.Optimizer):
         if value_recursion not in ("mean", "per_sample"):
             raise InvalidArgumentError(f"value_recursion must be 'mean' or 'per_sample'; "
                                        f"got {value_recursion!r}")
-        if value_hessian not in ("outer", "full"):
-            raise InvalidArgumentError(f"value_hessian must be 'outer' or 'full'; got "
-                                       f"{value_hessian!r}")
+        if value_hessian not in ("outer", "full", "joint"):
+            raise InvalidArgumentError(f"value_hessian must be 'outer', 'full' or 'joint'; "
+                                       f"got {value_hessian!r}")
+        if value_hessian == "joint" and curvature == "exact":
+            raise InvalidArgumentError(
+                "value_hessian='joint' with curvature='exact': the exact Q_uu of the "
+                "batch-augmented state needs its cross-sample blocks, which are not formed; "
+                "use value_hessian='full' (or a first-order / 'ekfac' curvature)")
         if terminal_hessian is None:
-            terminal_hessian = "ggn" if value_hessian == "full" else "fisher"
+            terminal_hessian = "fisher" if value_hessian == "outer" else "ggn"
         check_terminal_options(terminal_hessian, loss)
         if not tikhonov >= 0:
             raise ValueError(f"Invalid tikhonov value: {tikhonov}")
@@ -247,8 +257,28 @@ class DDPNOpt(torch.optim.Optimizer):
             self._rng = torch.Generator(device=Vx.device).manual_seed(torch.initial_seed())
             if self._rng_state is not None:  # from load_state_dict
                 self._rng.set_state(self._rng_state)
-        return terminal_value(Vx, rec.output, self.terminal_hessian, self.loss,
-                              self.value_hessian, self._rng, mean.rows)
+        if self.value_hessian != "joint":
+            return terminal_value(Vx, rec.output, self.terminal_hessian, self.loss,
+                                  self.value_hessian, self._rng, mean.rows)
+        if mean.size != B:
+            raise InvalidArgumentError(
+                "value_hessian='joint' couples all the samples of a batch in one value; "
+                "with the batch split over ranks use 'outer' or 'full'")
+        return joint_value(terminal_value(Vx, rec.output, self.terminal_hessian,
+                                          self.loss, "full", self._rng, mean.rows))
+
+    def _riccati_step(self, value, lin, make, *, tikhonov: float, project_psd: bool,
+                      recursion: str, propagate: bool, mean: BatchMean):
+        """One backward step: per sample (:func:`trajopt.riccati.operator_riccati_step`)
+        or, with ``value_hessian="joint"``, batch-augmented (:func:`trajopt.riccati.
+        joint_riccati_step`; its recursion is the joint one)."""
+        if self.value_hessian == "joint":
+            return joint_riccati_step(value, lin, make, samples=mean.local,
+                                      tikhonov=tikhonov, project_psd=project_psd,
+                                      propagate=propagate)
+        return operator_riccati_step(value, lin, make, tikhonov=tikhonov,
+                                     project_psd=project_psd, recursion=recursion,
+                                     propagate=propagate, batch_size=mean.size)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict, plus the state of the generator of the sampled
@@ -509,10 +539,10 @@ class DDPNOpt(torch.optim.Optimizer):
                 rec_t.update(g=g, state=cst, pre=pre)
                 return NetworkResponse(pre, lin, lu)
 
-            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
-                                             project_psd=hp["value_psd"],
-                                             recursion=hp["value_recursion"],
-                                             propagate=t > 0, batch_size=mean.size)
+            steps[t] = self._riccati_step(value, lin, make, tikhonov=tik,
+                                          project_psd=hp["value_psd"],
+                                          recursion=hp["value_recursion"],
+                                          propagate=t > 0, mean=mean)
             value = steps[t].value
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i

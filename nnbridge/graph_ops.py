@@ -31,7 +31,7 @@ from trajopt.riccati.solvers import cholesky_factor
 
 from .curvature import DensePreconditioner, Preconditioner
 from .graph import GraphStage
-from .stages import outer_sum
+from .stages import outer_sum, outer_sum_rows, spread
 
 __all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
            "joint_exact"]
@@ -271,6 +271,17 @@ class GraphResponse:
         if all(w is None for w in ws):
             return torch.zeros_like(Y)
         return self.lin.from_h(self.pre.per_sample(ws, self.lin.X))
+
+    def response_shared(self, Y: torch.Tensor) -> torch.Tensor:
+        r"""The batch-augmented form's response :math:`F_w^i S \sum_k F_w^{k\top} Y^k`
+        (:mod:`trajopt.riccati.joint`), (B, J, n1) -> (B, J, n1)."""
+        ws = self.lin.factors(Y)
+        if all(w is None for w in ws):
+            return torch.zeros_like(Y)
+        G = [None if w is None else outer_sum_rows(w, X) for w, X in zip(ws, self.lin.X)]
+        S = self.pre.value_inverse(G)
+        return self.lin.from_h([None if s is None else spread(s, X)
+                                for s, X in zip(S, self.lin.X)])
 
     def response_const(self) -> torch.Tensor | None:
         return None if self.lu is None else self.apply_control(self.lu)

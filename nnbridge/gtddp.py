@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from trajopt.errors import UnsupportedModelError
-from trajopt.riccati import operator_riccati_step
 
 from . import ddpnopt as _ddpnopt
 from .cooperative import CooperativeEKFAC, can_cooperate
@@ -218,10 +217,10 @@ class GTDDP(DDPNOpt):
                 info.update(g=g, states=states, pre=pre, open_loop=open_loop)
                 return GraphResponse(pre, lin, lus)
 
-            steps[t] = operator_riccati_step(value, lin, make, tikhonov=tik,
-                                             project_psd=group["value_psd"],
-                                             recursion=group["value_recursion"],
-                                             propagate=t > 0, batch_size=mean.size)
+            steps[t] = self._riccati_step(value, lin, make, tikhonov=tik,
+                                          project_psd=group["value_psd"],
+                                          recursion=group["value_recursion"],
+                                          propagate=t > 0, mean=mean)
             value = steps[t].value
         # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
         return self._feedback_pass(ys, lins, made, steps)

@@ -257,6 +257,18 @@ def outer_sum(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bgop,bgip->goi", w, X)
 
 
+def outer_sum_rows(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """:func:`outer_sum` for J cotangents: w (B, J, [G,] out, P), X (B, [G,] in', P) ->
+    (J, [G,] out, in')."""
+    return torch.einsum("bj...op,b...ip->j...oi", w, X)
+
+
+def spread(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """J shared controls on every sample's inputs: G (J, [G,] out, in'), X (B, [G,] in',
+    P) -> pre-activation changes (B, J, [G,] out, P)."""
+    return torch.einsum("j...oi,b...ip->bj...op", G, X)
+
+
 class StageLinearization:
     """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
     :class:`trajopt.riccati.operator.OperatorStage` on flattened states.

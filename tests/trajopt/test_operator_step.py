@@ -104,3 +104,40 @@ def test_rank_one_equals_dense(seed, B, n, n1, m, scale, psd):
     assert torch.isfinite(low.c).all()
     if psd:
         assert bool((low.c >= 0).all())
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n=st.integers(1, 4),
+       n1=st.integers(1, 4), m=st.integers(1, 4), psd=st.booleans())
+def test_joint_step_equals_explicit_batch_augmented_formulas(seed, B, n, n1, m, psd):
+    """The batch-augmented step (trajopt.riccati.joint) on dense per-sample Jacobians:
+    with the stacked F_u (B n1 x m), block-diagonal F_x and a dense joint value,
+    V_X = F_x'(V_X' - V' F_u S (E[Q_u] + l_u)), V = F_x'(V' - V' F_u S F_u' V' / B) F_x,
+    feedback(dX) = F_u' V' F_x dX / B."""
+    from trajopt.riccati import joint_riccati_step
+
+    A, Bu, _, _, lu = _problem(seed, B, n, n1, m)
+    g = torch.Generator().manual_seed(seed + 1)
+    Z = torch.randn(B * n1, B * n1, generator=g, dtype=torch.float64)
+    V = Z @ Z.T
+    Vx = torch.randn(1, B * n1, generator=g, dtype=torch.float64)
+    P = torch.eye(m, dtype=torch.float64) * 2.0 + 0.1
+    S = torch.linalg.inv(P)
+    stage = DenseOperatorStage(A, Bu)
+    step = joint_riccati_step(DenseValue(Vx=Vx, Vxx=V[None]), stage,
+                              lambda Qu, val: DenseResponse(stage, P, lu=lu), samples=B,
+                              project_psd=psd)
+    Fx = torch.block_diag(*A)
+    Fu = Bu.reshape(B * n1, m)
+    Qu = Fu.T @ Vx[0] / B
+    W = V - V @ Fu @ S @ Fu.T @ V / B
+    if psd:
+        lam, Q = torch.linalg.eigh(0.5 * (W + W.T))
+        W = Q @ torch.diag(lam.clamp(min=0)) @ Q.T
+    want_Vx = Fx.T @ (Vx[0] - V @ Fu @ S @ (Qu + lu))
+    assert torch.allclose(step.Qu, Qu, atol=1e-12)
+    assert torch.allclose(step.value.Vx[0], want_Vx, atol=1e-10)
+    assert torch.allclose(step.value.Vxx[0], Fx.T @ W @ Fx, atol=1e-9)
+    dX = torch.randn(B, n, generator=g, dtype=torch.float64)
+    assert torch.allclose(step.feedback(dX), Fu.T @ V @ Fx @ dX.reshape(-1) / B,
+                          atol=1e-10)

@@ -14,6 +14,14 @@ three plugs, called by every solver and optimizer (``docs/architecture.md``).
 
 from .boxqp import BoxQPResult, box_qp
 from .expansion import DenseStage, QExpansion, expand_q, expand_q_joint, joint_blocks
+from .joint import (
+    JointResponse,
+    JointStage,
+    JointStep,
+    joint_riccati_step,
+    joint_value,
+    sample_blocks,
+)
 from .operator import (
     ControlResponse,
     DenseOperatorStage,
@@ -47,7 +55,13 @@ __all__ = [
     "QExpansion", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage", "SpanStage",
     "OperatorStage", "ControlResponse", "OperatorStep", "operator_riccati_step",
     "DenseOperatorStage", "DenseResponse",
-    "DenseValue", "RankOneValue", "RankRValue", "Value",
+    "DenseValue",
+    "JointResponse",
+    "JointStage",
+    "JointStep",
+    "joint_riccati_step",
+    "joint_value",
+    "sample_blocks", "RankOneValue", "RankRValue", "Value",
     "QuuSolver", "CholeskySolver", "PerElementCholesky", "cholesky_solve",
     "cholesky_factor", "solve_policy",
     "Gains", "GainsPlug", "CholeskyGains", "PlayerGains", "BoxGains",

@@ -90,6 +90,9 @@ class ControlResponse(Protocol):
     def apply_control(self, G: Any) -> torch.Tensor:
         """:math:`f_u^i S G` for one control-shaped G shared by the samples, (B, n1)."""
 
+    # optional, for the batch-augmented form (:mod:`trajopt.riccati.joint`):
+    # response_shared(Y): f_u^i S sum_k f_u^k' Y^k, (B, J, n1) -> (B, J, n1)
+
 
 @dataclass(frozen=True)
 class OperatorStep:
@@ -241,6 +244,13 @@ class DenseResponse:
     def response(self, Y):
         Bu = self.stage.Bu
         return (Y @ Bu) @ self._S().transpose(-1, -2) @ Bu.transpose(-1, -2)
+
+    def response_shared(self, Y):
+        r""":math:`f_u^i S \sum_k f_u^{k\top} Y^k` (the joint form's cross-sample
+        response), (B, J, n1) -> (B, J, n1)."""
+        Bu = self.stage.Bu
+        G = torch.einsum("bjn,bnm->jm", Y, Bu) @ self._S().transpose(-1, -2)
+        return torch.einsum("jm,bnm->bjn", G, Bu)
 
     def response_const(self):
         if self.lu is None:
