@@ -74,7 +74,7 @@ def test_joint_chain_with_batchnorm_equals_the_dense_batch_augmented_ddp():
         _step(opt, model, X, y)
         got = [_flat(m) for m in (model.l0, model.l1, model.l2)]
         step = [w - v for w, v in zip(want, u)]
-        for g, w, v, s in zip(got, want, u, step):
+        for g, w, s in zip(got, want, step):
             assert torch.allclose(g, w, atol=1e-12 * s.abs().max(), rtol=0), (g - w).abs().max()
         # the cross-sample blocks matter: the per-sample dense value gives another step
         model2 = BNChain()
