@@ -36,3 +36,17 @@ def test_bench_gtddp_nn_quick_prints_both_tables(capsys):
     assert "Table 1" in out and "Table 2" in out and "| full / outer |" in out
     assert [r["curvature"] for r in res["base"]] == ["sgd"]
     assert all(r["time"] > 0 for r in res["value_hessian"].values())
+
+
+def test_bench_gtddp_fig1_quick_prints_the_three_forms(capsys):
+    """benchmarks/bench_gtddp_fig1.py --quick: outer / full / joint over two batch sizes,
+    in one process."""
+    path = RUN_ALL.parent / "bench_gtddp_fig1.py"
+    spec = importlib.util.spec_from_file_location("bench_gtddp_fig1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "outer / joint time" in out
+    assert sorted(res) == [2, 4]
+    assert all(r[f]["time"] > 0 for r in res.values() for f in ("outer", "full", "joint"))

@@ -103,3 +103,16 @@ def test_gtddp_table2_smoke(tmp_path):
     assert (tmp_path / "img" / "gtddp_digits.png").stat().st_size > 10_000
     raw = json.loads((tmp_path / "experiments_gtddp.json").read_text())
     assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8
+
+
+def test_gtddp_fig4_smoke(tmp_path):
+    """experiments/gtddp_fig4.py end to end (2 training steps): the off-block shares are
+    in [0, 1] for every stage, with and without BatchNorm, and the picture exists."""
+    module = _experiment("gtddp_fig4")
+    assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "experiments_fig4.json").read_text())
+    for name in ("bn", "no_bn"):
+        for row in raw[name]:
+            assert row["shares"] and all(0 <= v <= 1 for v in row["shares"])
+            assert row["feedback_error"] >= 0
+    assert (tmp_path / "img" / "gtddp_fig4.png").stat().st_size > 10_000
