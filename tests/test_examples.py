@@ -114,5 +114,6 @@ def test_gtddp_fig4_smoke(tmp_path):
     for name in ("bn", "no_bn"):
         for row in raw[name]:
             assert row["shares"] and all(0 <= v <= 1 for v in row["shares"])
-            assert row["feedback_error"] >= 0
+            assert set(row["feedback_errors"]) == {"blocks", "full", "outer"}
+            assert all(v >= 0 for v in row["feedback_errors"].values())
     assert (tmp_path / "img" / "gtddp_fig4.png").stat().st_size > 10_000
