@@ -190,7 +190,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [(name, k) for name in ("bn", "no_bn") for k in sorted(res[name]["maps"])]
-    fig, axes = plt.subplots(2, len(keys) // 2, figsize=(3.2 * len(keys) // 2, 6.4))
+    fig, axes = plt.subplots(2, len(keys) // 2, figsize=(3.2 * len(keys) // 2, 7.2))
     for ax, (name, k) in zip(axes.flat, keys):
         V = res[name]["maps"][k].abs()
         ax.imshow((V / V.max()).numpy() ** 0.5, cmap="gray")
@@ -204,7 +204,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_yticks([])
     fig.suptitle("|V_xx| of the batch-augmented state (B = 4), first residual block "
                  "(sqrt scale)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=2.0)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

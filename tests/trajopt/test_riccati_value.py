@@ -188,3 +188,25 @@ def test_psd_projection_survives_an_eigensolver_failure(monkeypatch):
         raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     assert torch.isnan(v._psd(W)).all()
+
+
+def test_psd_projection_retries_when_the_eigensolver_returns_nan(monkeypatch):
+    """float32 eigh can also return NaN without raising (found on a 1024 x 1024
+    batch-augmented value of a BatchNorm MLP, which then skipped a step): the projection
+    is computed in float64 then, and is finite."""
+    from trajopt.riccati import value as v
+    real = torch.linalg.eigh
+    W = torch.randn(2, 5, 5, dtype=torch.float64)
+    W = W + W.transpose(-1, -2)
+    lam, Q = real(W)
+    want = (Q * lam.clamp(min=0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+    def silent(M):
+        lam, Q = real(M)
+        if M.dtype == torch.float32:
+            return torch.full_like(lam, float("nan")), Q
+        return lam, Q
+    monkeypatch.setattr(torch.linalg, "eigh", silent)
+    got = v._psd(W.float())
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -61,7 +61,12 @@ def _psd(W: torch.Tensor) -> torch.Tensor:
         W = torch.where(finite, W, torch.zeros_like(W))
     try:
         lam, Q = torch.linalg.eigh(W)
+        # float32 LAPACK can also return NaN without raising (measured: a 1024 x 1024
+        # batch-augmented value with many repeated zero eigenvalues)
+        converged = bool(torch.isfinite(lam).all()) and bool(torch.isfinite(Q).all())
     except RuntimeError:  # LinAlgError: no convergence (float32, many repeated zeros)
+        converged = False
+    if not converged:
         try:
             lam, Q = (v.to(W.dtype) for v in torch.linalg.eigh(W.to(torch.float64)))
         except RuntimeError:  # NaN: the caller's finiteness check sees it
