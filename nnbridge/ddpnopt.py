@@ -102,10 +102,10 @@ class DDPNOpt(torch.optim.Optimizer):
         ``"empirical"`` :math:`z = \nabla\phi` (the paper's factor, the empirical
         Fisher), or ``f(output)`` -> a factor (B, n) or (B, n, r), or the Hessian
         (B, n, n) with ``value_hessian="full"``.  Default (None): ``"fisher"`` with
-        ``value_hessian="outer"`` (measured: as stable as "ggn" at the cost of
-        "empirical"), ``"ggn"`` with ``"full"`` and ``"joint"`` (the loss's true Hessian,
-        so that a full-mode step with the exact curvature is a DDP step); see
-        ``docs/ddpnopt.md``.
+        ``value_hessian="outer"`` (measured on MLPs: as stable as "ggn" at the cost of
+        "empirical"; :class:`nnbridge.GTDDP`'s is "ggn"), ``"ggn"`` with ``"full"`` and
+        ``"joint"`` (the loss's true Hessian, so that a full-mode step with the exact
+        curvature is a DDP step); see ``docs/ddpnopt.md``.
     loss : {"cross_entropy", "mse"}
         The per-sample loss the closure's batch mean is of (torch's definitions,
         ``reduction="mean"``); used by ``"ggn"`` and ``"fisher"``.
@@ -113,10 +113,14 @@ class DDPNOpt(torch.optim.Optimizer):
         Curvature hyper-parameters.
     """
 
+    #: the terminal Hessian of ``value_hessian="outer"`` when none is given (the dense
+    #: forms default to "ggn"); a class's choice, by measurement (``docs/ddpnopt.md``)
+    default_terminal_hessian = "fisher"
+
     def __init__(self, model: nn.Module, lr: float | None = None, *,
                  curvature: Literal["identity", "rmsprop", "adam", "ekfac", "exact"] = "adam",
                  feedback: bool = True,
-                 value_hessian: Literal["outer", "full"] = "outer",
+                 value_hessian: Literal["outer", "full", "joint"] = "outer",
                  tikhonov: float = 0.0,
                  value_psd: bool = True,
                  value_recursion: Literal["mean", "per_sample"] = "mean",
@@ -142,7 +146,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 "batch-augmented state needs its cross-sample blocks, which are not formed; "
                 "use value_hessian='full' (or a first-order / 'ekfac' curvature)")
         if terminal_hessian is None:
-            terminal_hessian = "fisher" if value_hessian == "outer" else "ggn"
+            terminal_hessian = (self.default_terminal_hessian if value_hessian == "outer"
+                                else "ggn")
         check_terminal_options(terminal_hessian, loss)
         if not tikhonov >= 0:
             raise ValueError(f"Invalid tikhonov value: {tikhonov}")

@@ -173,11 +173,13 @@ def _run(model, opt, batches, loss=F.cross_entropy):
         opt.step(closure)
 
 
-@pytest.mark.parametrize("curvature,value_hessian", [
-    ("identity", "outer"), ("rmsprop", "outer"), ("adam", "full"), ("ekfac", "outer"),
-    ("exact", "full")])
-def test_on_a_chain_gtddp_is_ddpnopt_step_for_step(curvature, value_hessian):
-    kw = dict(curvature=curvature, value_hessian=value_hessian)
+@pytest.mark.parametrize("curvature,value_hessian,terminal", [
+    ("identity", "outer", "fisher"), ("rmsprop", "outer", "ggn"), ("adam", "full", "ggn"),
+    ("ekfac", "outer", "fisher"), ("exact", "full", "ggn"), ("adam", "joint", "ggn")])
+def test_on_a_chain_gtddp_is_ddpnopt_step_for_step(curvature, value_hessian, terminal):
+    """With the same terminal Hessian (their defaults differ in "outer" mode: GTDDP's is
+    "ggn", DDPNOpt's "fisher")."""
+    kw = dict(curvature=curvature, value_hessian=value_hessian, terminal_hessian=terminal)
     if curvature == "exact":
         kw["regularization"] = 2.0
     a, b = mlp(), mlp()
@@ -295,6 +297,16 @@ def test_trains_a_batchnorm_resnet():
         tracked = model.b1.bn1.num_batches_tracked
         assert int(tracked) == 15
         assert loss < 0.8 * first, (curvature, first, loss)
+
+
+def test_default_terminal_hessians():
+    """GTDDP: the exact GGN in every value form (measured on the BN ResNet: the sampled
+    Fisher collapsed GT-DDP runs, docs/experiments_gtddp.md); DDPNOpt: the sampled Fisher
+    in "outer" mode (measured on MLPs, docs/ddpnopt.md), the GGN otherwise."""
+    for vh in ("outer", "full", "joint"):
+        assert nnbridge.GTDDP(ResMLP(), value_hessian=vh).terminal_hessian == "ggn"
+        assert nnbridge.DDPNOpt(mlp(), value_hessian=vh).terminal_hessian == (
+            "fisher" if vh == "outer" else "ggn")
 
 
 @pytest.mark.parametrize("curvature", ["adam", "ekfac", "exact"])
