@@ -342,3 +342,16 @@ def test_cli_resnet_refuses_tabular_data():
                         "iris", "--model", "resnet"], capture_output=True, text=True)
     assert p.returncode == 2 and "--model resnet needs image or signal data" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_terminal_hessian_reaches_ddpnopt_and_not_the_baselines():
+    """RunConfig.terminal_hessian (--terminal-hessian): DDPNOpt trains differently with
+    "ggn" than with "fisher"; a torch.optim baseline ignores it (identical runs); an
+    unknown name is refused."""
+    def losses(opt, th):
+        cfg = RunConfig(optimizer=opt, epochs=1, terminal_hessian=th)
+        return run(cfg).history["train_loss"]
+    assert losses("ddpnopt-sgd", "ggn") != losses("ddpnopt-sgd", "fisher")
+    assert losses("sgd", "ggn") == losses("sgd", None)
+    with pytest.raises(InvalidArgumentError, match="terminal_hessian"):
+        RunConfig(terminal_hessian="hessian")
