@@ -73,17 +73,17 @@ class JointStage:
     stage: OperatorStage
     B: int
 
-    def _samples(self, Y: torch.Tensor) -> torch.Tensor:
+    def split(self, Y: torch.Tensor) -> torch.Tensor:
         """(1, J, B k) -> (B, J, k)."""
         J = Y.shape[1]
         return Y.reshape(J, self.B, -1).transpose(0, 1)
 
-    def _joint(self, Y: torch.Tensor) -> torch.Tensor:
+    def join(self, Y: torch.Tensor) -> torch.Tensor:
         """(B, J, k) -> (1, J, B k)."""
         return Y.transpose(0, 1).reshape(1, Y.shape[1], -1)
 
     def fx_T(self, Y):
-        return self._joint(self.stage.fx_T(self._samples(Y)))
+        return self.join(self.stage.fx_T(self.split(Y)))
 
     def fx(self, dX):
         return self.stage.fx(dX.reshape(self.B, -1)).reshape(1, -1)
@@ -102,7 +102,7 @@ class JointResponse:
 
     def response(self, Y):
         st = self.stage
-        return st._joint(self.response_.response_shared(st._samples(Y)))
+        return st.join(self.response_.response_shared(st.split(Y)))
 
     def response_const(self):
         c = self.response_.response_const()
