@@ -1,11 +1,32 @@
 """Run one benchmark configuration in a fresh process (so peak-memory figures are its
-own) and read back the JSON line it prints."""
+own) and read back the JSON line it prints; time the steps of an optimizer there."""
 
 from __future__ import annotations
 
 import json
+import resource
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+
+
+def measure_steps(step: Callable[[], object], steps: int, warmup: int) -> dict:
+    """Median seconds of ``steps`` calls of ``step()`` after ``warmup`` untimed ones, the
+    growth of the peak resident set size over all of them (MB; a fresh process's own,
+    see ``bench_gtddp_nn.py`` for why RSS) and the last call's result as ``"loss"``
+    (a float when it is a tensor)."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, out = [], None
+    for k in range(steps + warmup):
+        t0 = time.perf_counter()
+        out = step()
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = float(out.detach()) if hasattr(out, "detach") else out
+    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024, "loss": loss}
 
 
 def run_child(script: str, cfg: dict) -> dict:

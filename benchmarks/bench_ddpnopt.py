@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +28,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _child import run_child  # noqa: E402
+from _child import measure_steps, run_child  # noqa: E402
 
 import nnbridge  # noqa: E402
 
@@ -78,16 +75,8 @@ def run_one(cfg: dict) -> dict:
         loss.backward()
         return loss
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for k in range(cfg["steps"] + 3):
-        t0 = time.perf_counter()
-        opt.step(closure)
-        if k >= 3:
-            times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": statistics.median(times), "mem_kb": rss1 - rss0,
-            "loss": float(closure().detach())}
+    r = measure_steps(lambda: opt.step(closure), cfg["steps"], warmup=3)
+    return {**r, "mem_kb": 1024 * r["mem_mb"], "loss": float(closure().detach())}
 
 
 def child(cfg: dict) -> dict:

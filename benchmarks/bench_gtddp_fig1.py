@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +37,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _child import run_child  # noqa: E402
+from _child import measure_steps, run_child  # noqa: E402
 
 FORMS = ("outer", "full", "joint")
 
@@ -81,15 +78,7 @@ def run_one(cfg: dict) -> dict:
         loss.backward()
         return loss
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for k in range(cfg["steps"] + 1):
-        t0 = time.perf_counter()
-        opt.step(closure)
-        if k >= 1:
-            times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024}
+    return measure_steps(lambda: opt.step(closure), cfg["steps"], warmup=1)
 
 
 def _r(a, b) -> str:

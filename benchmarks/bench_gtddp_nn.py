@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -55,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from _child import run_child  # noqa: E402
+from _child import measure_steps, run_child  # noqa: E402
 
 CURVATURES = (("sgd", "identity", 0.1), ("adam", "adam", 2e-3), ("ekfac", "ekfac", 0.03))
 KINDS = ("torch.optim", "GTDDP feedback=False", "GTDDP outer")
@@ -92,17 +89,7 @@ def run_one(cfg: dict) -> dict:
         loss.backward()
         return loss
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    warm = cfg.get("warmup", 2)
-    for k in range(cfg["steps"] + warm):
-        t0 = time.perf_counter()
-        loss = opt.step(closure)
-        if k >= warm:
-            times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024,
-            "loss": float(loss.detach())}
+    return measure_steps(lambda: opt.step(closure), cfg["steps"], cfg.get("warmup", 2))
 
 
 def _ratio(a: float | None, b: float | None) -> str:
