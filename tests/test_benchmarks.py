@@ -8,10 +8,16 @@ from pathlib import Path
 RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
 
 
-def test_run_all_quick_prints_every_row(capsys):
-    spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
+def _bench(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, RUN_ALL.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_run_all_quick_prints_every_row(capsys):
+    module = _bench("run_all")
     rows = module.main(["--quick"])
     out = capsys.readouterr().out
     assert out.count("\n| ") >= len(rows) + 1  # header + one line per row
@@ -27,10 +33,7 @@ def test_run_all_quick_prints_every_row(capsys):
 def test_bench_gtddp_nn_quick_prints_both_tables(capsys):
     """benchmarks/bench_gtddp_nn.py --quick: GT-DDP against its base optimizer and
     value_hessian outer against full, in one process (~10 s)."""
-    path = RUN_ALL.parent / "bench_gtddp_nn.py"
-    spec = importlib.util.spec_from_file_location("bench_gtddp_nn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("bench_gtddp_nn")
     res = module.main(["--quick"])
     out = capsys.readouterr().out
     assert "Table 1" in out and "Table 2" in out and "| full / outer |" in out
@@ -41,10 +44,7 @@ def test_bench_gtddp_nn_quick_prints_both_tables(capsys):
 def test_bench_gtddp_fig1_quick_prints_the_three_forms(capsys):
     """benchmarks/bench_gtddp_fig1.py --quick: outer / full / joint over two batch sizes,
     in one process."""
-    path = RUN_ALL.parent / "bench_gtddp_fig1.py"
-    spec = importlib.util.spec_from_file_location("bench_gtddp_fig1", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("bench_gtddp_fig1")
     res = module.main(["--quick"])
     out = capsys.readouterr().out
     assert "outer / joint time" in out
