@@ -410,8 +410,8 @@ def test_a_grouped_convolution_is_its_groups_as_separate_layers(curvature):
     if curvature == "ekfac":   # per layer (GTDDP's EKFAC would couple the two players)
         oa, ob = nnbridge.EKFAC(a, update_freq=2), nnbridge.EKFAC(b, update_freq=2)
     else:
-        oa = nnbridge.DDPNOpt(a, lr=1e-2, curvature=curvature)
-        ob = nnbridge.GTDDP(b, lr=1e-2, curvature=curvature)
+        kw = dict(lr=1e-2, curvature=curvature, terminal_hessian="ggn")  # (defaults differ)
+        oa, ob = nnbridge.DDPNOpt(a, **kw), nnbridge.GTDDP(b, **kw)
     for s in range(4):
         Xs, ys = data(B=6, shape=(1, 5, 5), seed=s)
         oa.step(closure_for(oa, a, Xs, ys))
