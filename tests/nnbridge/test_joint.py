@@ -153,3 +153,84 @@ def test_joint_equals_full_at_batch_size_one(cls, curvature):
 def test_joint_refuses_the_exact_curvature():
     with pytest.raises(InvalidArgumentError, match="value_hessian='joint'"):
         nnbridge.DDPNOpt(ResMLP(), curvature="exact", value_hessian="joint")
+
+
+class InceptionMLP(nn.Module):
+    """x = tanh(stem x0); y = [tanh(a x), tanh(b2 tanh(b1 x)), tanh(c x)]; out = fc y:
+    three branches merged by concatenation, so a, c and b2 are the three players of
+    b2's stage."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem, self.a, self.b1 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 3)
+        self.b2, self.c, self.fc = nn.Linear(3, 2), nn.Linear(4, 2), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x))
+        y = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b2(torch.tanh(self.b1(x)))),
+                       torch.tanh(self.c(x))], 1)
+        return self.fc(y)
+
+
+def _inception_reference(model, X, y, **how):
+    """The reference step on InceptionMLP written as a chain on [h, x] with the three
+    branches' controls concatenated (b2, a, c) at the merge stage."""
+    B = X.shape[0]
+    mods = (model.stem, model.b1, model.b2, model.a, model.c, model.fc)
+    u = [_flat(m) for m in mods]
+    mb2, ma = u[2].numel(), u[3].numel()
+
+    def f0(x, v):
+        return torch.tanh(_linear(x, v, 4, 3, B)).reshape(-1)
+
+    def f1(x, v):                 # -> [h1, x]
+        x = x.reshape(B, 4)
+        return torch.cat([torch.tanh(_linear(x, v, 3, 4, B)), x], 1).reshape(-1)
+
+    def f2(z, v):                 # [h1, x] -> [a, b2, c]
+        h1, x = z.reshape(B, 7).split([3, 4], 1)
+        vb2, va, vc = v[:mb2], v[mb2:mb2 + ma], v[mb2 + ma:]
+        return torch.cat([torch.tanh(_linear(x, va, 2, 4, B)),
+                          torch.tanh(_linear(h1, vb2, 2, 3, B)),
+                          torch.tanh(_linear(x, vc, 2, 4, B))], 1).reshape(-1)
+
+    def f3(z, v):
+        return _linear(z, v, 3, 6, B).reshape(-1)
+
+    ctrl = [u[0], u[1], torch.cat(u[2:5]), u[5]]
+    if "lr" in how:
+        how = {"Pinv": [how["lr"] * torch.eye(v.numel()) for v in ctrl]}
+    new = batch_augmented_step([f0, f1, f2, f3], ctrl, X.reshape(-1), y, **how)
+    mc = u[4].numel()
+    return mods, u, new[:2] + list(new[2].split([mb2, ma, mc])) + new[3:]
+
+
+@pytest.mark.parametrize("how", ["exact", "joint"])
+def test_inception_step_equals_ddp_on_the_joint_control_of_the_branches(how):
+    """Three branches merged by concatenation are three players of one stage:
+    * "exact", B = 1: GTDDP with the exact curvature (the dense joint Q_ww of the three
+      players) is vanilla DDP on the joint control (b2, a, c), P = (Q_uu + mu I) / lr;
+    * "joint", B = 3, SGD's curvature: the batch-augmented step on the same."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = InceptionMLP()
+        if how == "exact":
+            X, y = data(B=1, shape=(3,))
+            mods, u, want = _inception_reference(model, X, y, exact=(0.5, 1.0))
+            opt = nnbridge.GTDDP(model, lr=0.5, curvature="exact", regularization=1.0,
+                                 value_hessian="full")
+        else:
+            X, y = data(B=3, shape=(3,))
+            mods, u, want = _inception_reference(model, X, y, lr=LR)
+            opt = nnbridge.GTDDP(model, lr=LR, curvature="identity",
+                                 value_hessian="joint", value_psd=False)
+        assert [len(gs.players) for gs in nnbridge.graph_stages(model).stages] == [1, 1, 3, 1]
+        _step(opt, model, X, y)
+        for m, w, v in zip(mods, want, u):
+            s = float((w - v).abs().max())
+            assert s > 0
+            assert torch.allclose(_flat(m), w, atol=1e-10 * s, rtol=0), \
+                (_flat(m) - w).abs().max() / s
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -35,7 +35,8 @@ def _ggn_of_mean_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def batch_augmented_step(stages: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
                          controls: Sequence[torch.Tensor], X0: torch.Tensor,
-                         y: torch.Tensor, Pinv: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                         y: torch.Tensor, Pinv: Sequence[torch.Tensor] | None = None, *,
+                         exact: tuple[float, float] | None = None) -> list[torch.Tensor]:
     """One DDP step on the batch-augmented state.
 
     Parameters
@@ -48,7 +49,11 @@ def batch_augmented_step(stages: Sequence[Callable[[torch.Tensor, torch.Tensor],
     X0 : (B n0,)
     y : (B,) class labels
     Pinv : list of (m_t, m_t)
-        The inverse curvature of each stage.
+        The inverse curvature of each stage (a curvature model: Q_uu := P).
+    exact : (lr, mu), optional
+        Instead of ``Pinv``: vanilla DDP, P = (Q_uu + mu I) / lr with the exact
+        Q_uu = Bu' V_XX Bu, and the value of that policy under the true Q_uu,
+        V = Q_XX - Q_Xu S Q_uX with S = 2 P^{-1} - P^{-1} Q_uu P^{-1}.
 
     Returns
     -------
@@ -77,10 +82,17 @@ def batch_augmented_step(stages: Sequence[Callable[[torch.Tensor, torch.Tensor],
         Qu = Bu[t].T @ VX
         QuX = Bu[t].T @ VXX @ A[t]
         QXX = A[t].T @ VXX @ A[t]
-        k[t] = -Pinv[t] @ Qu
-        K[t] = -Pinv[t] @ QuX
-        VX = A[t].T @ VX - QuX.T @ Pinv[t] @ Qu
-        VXX = QXX - QuX.T @ Pinv[t] @ QuX
+        if exact is None:
+            Pi = S = Pinv[t]
+        else:
+            lr, mu = exact
+            Quu = Bu[t].T @ VXX @ Bu[t]
+            Pi = torch.linalg.inv((Quu + mu * torch.eye(Quu.shape[0], dtype=Quu.dtype)) / lr)
+            S = 2 * Pi - Pi @ Quu @ Pi
+        k[t] = -Pi @ Qu
+        K[t] = -Pi @ QuX
+        VX = A[t].T @ VX - QuX.T @ S @ Qu
+        VXX = QXX - QuX.T @ S @ QuX
         VXX = 0.5 * (VXX + VXX.T)
     new = []
     Xhat = X0
