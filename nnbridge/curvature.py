@@ -119,6 +119,11 @@ class Preconditioner:
             if self.rot is not None:
                 res = res @ self.rot[0].transpose(-1, -2)
             return res.unsqueeze(-1)
+        if not torch.is_tensor(self.D) and self.rot is None:
+            # S = D I (SGD): [D w^i x~^i'] x~^i = D w^i (x~^i' x~^i), through the P x P Gram
+            # matrix of each sample's positions, without per-sample (out x in') gradients
+            gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
+            return self.D * torch.einsum("bj...op,b...pq->bj...oq", w, gram)
         # (a grouped convolution: one more dimension, the groups, before out / in')
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
         return torch.einsum("bj...oi,b...ip->bj...op", self.value_inverse(G), X)
