@@ -10,7 +10,7 @@ its two value-Hessian forms, in one run.
   Adam; EKFAC has none that takes a residual network), ``GTDDP(feedback=False)`` (the base
   optimizer on the stage graph: equal to torch.optim step for step, tested) and ``GTDDP``
   with its defaults: ``value_hessian="outer"`` (block-diagonal per-sample value,
-  factored, Prop. 6) and the exact GGN terminal Hessian (a rank-10 factor here);
+  factored, Prop. 6) and the exact GGN terminal Hessian (a rank-9 factor here: classes - 1);
 * table 2, SGD curvature, batch ``--small-batch`` (4): ``value_hessian="outer"`` against
   ``"full"`` (block-diagonal, each sample's value Hessian dense on the augmented state,
   2 x 1024 on the first block).  "full" runs with ``value_psd=False``: with the default

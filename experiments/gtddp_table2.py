@@ -364,7 +364,7 @@ def _terminal_history(raw: dict, out: Path, terminal: str) -> str:
         f'| method | "{terminal}" | "fisher" |', "|---|---:|---:|", *rows, "",
         "The sampled Fisher is an unbiased rank-one estimate of the GGN; on this "
         "BatchNorm ResNet its noise made whole runs collapse, so GTDDP now defaults to "
-        "the exact factor (rank 10 here: ~1.7x the step time of the rank-one form).  "
+        "the exact factor (rank 9 here, classes - 1: ~1.7x the step time of the rank-one form).  "
         "DDPNOpt keeps the Fisher in its factored form, where it was measured as stable "
         "on MLPs (`docs/ddpnopt.md`).", ""])
 

@@ -98,7 +98,7 @@ class DDPNOpt(torch.optim.Optimizer):
     terminal_hessian : {"ggn", "fisher", "empirical"} or callable, optional
         The model of :math:`\nabla^2\phi` at the output (:mod:`nnbridge.terminal`):
         ``"ggn"`` the exact Gauss-Newton matrix of ``loss`` (= its Hessian; cross-entropy:
-        a rank-r factor, r = classes), ``"fisher"`` a sampled rank-one Fisher,
+        a rank-r factor, r = classes - 1), ``"fisher"`` a sampled rank-one Fisher,
         ``"empirical"`` :math:`z = \nabla\phi` (the paper's factor, the empirical
         Fisher), or ``f(output)`` -> a factor (B, n) or (B, n, r), or the Hessian
         (B, n, n) with ``value_hessian="full"``.  Default (None): ``"fisher"`` with

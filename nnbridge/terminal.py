@@ -10,7 +10,8 @@ network output (torch's ``reduction="mean"``), so
 * ``"ggn"`` -- the exact Gauss-Newton matrix of the loss in the output, which for these
   losses is the exact Hessian: softmax cross-entropy on logits,
   :math:`\mathrm{diag}(p) - p p^\top = Z Z^\top` with
-  :math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top` (rank r = classes); MSE over n
+  :math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top` rotated to its n - 1 nonzero
+  directions (rank r = classes - 1); MSE over n
   outputs (torch's mean over all elements, so :math:`\phi = \tfrac1n\|x_T - y\|^2`),
   :math:`\tfrac2n I`;
 * ``"fisher"`` -- a sampled rank-one Fisher: :math:`z = p - e_{\hat y}`,
@@ -55,14 +56,28 @@ def _check_output(output: torch.Tensor) -> None:
 
 
 def ggn_factor(output: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """Z (B, n, n) with :math:`Z Z^\\top` the per-sample Gauss-Newton matrix (= Hessian)
-    of ``loss`` at the output (B, n)."""
+    r"""Z with :math:`Z Z^\top` the per-sample Gauss-Newton matrix (= Hessian) of ``loss``
+    at the output (B, n): (B, n, n - 1) for cross-entropy, (B, n, n) for MSE.
+
+    Cross-entropy: :math:`\mathrm{diag}(p) - p p^\top = Z_0 Z_0^\top` with
+    :math:`Z_0 = \mathrm{diag}(\sqrt p) - p \sqrt p^\top`, and :math:`Z_0 \sqrt p = 0`
+    (the probabilities sum to one), so the rank is n - 1: :math:`Z = Z_0 Q` with Q the
+    first n - 1 columns of the Householder reflection that maps :math:`\sqrt p` to
+    :math:`-e_n` (an orthonormal basis of :math:`\sqrt p^\perp`; :math:`Z Z^\top =
+    Z_0 (I - \sqrt p \sqrt p^\top) Z_0^\top`), one operator response fewer per sample and
+    stage (half of them for two classes)."""
     _check_output(output)
     B, n = output.shape
     if loss == "cross_entropy":
         p = torch.softmax(output, -1)
         sp = p.sqrt()
-        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+        Z0 = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+        if n == 1:
+            return Z0
+        v = sp.clone()
+        v[:, -1] += 1.0                  # sqrt(p) + e_n: |v|^2 = 2 + 2 sqrt(p_n) >= 2
+        Hv = (Z0 @ v.unsqueeze(-1)) * (2.0 / (v * v).sum(-1))[:, None, None]
+        return (Z0 - Hv * v.unsqueeze(-2))[..., :-1]     # Z0 (I - 2 v v' / v'v), n - 1 columns
     eye = torch.eye(n, dtype=output.dtype, device=output.device)
     return (2.0 / n) ** 0.5 * eye.expand(B, n, n)
 

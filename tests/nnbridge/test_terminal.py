@@ -74,3 +74,21 @@ def test_options_are_checked():
         nnbridge.DDPNOpt(mlp(), terminal_hessian="hessian")
     with pytest.raises(InvalidArgumentError, match="loss must be one of"):
         nnbridge.DDPNOpt(mlp(), loss="nll")
+
+
+def test_ggn_factor_of_cross_entropy_has_classes_minus_one_columns():
+    """Z_0 = diag(sqrt p) - p sqrt(p)' has the null vector sqrt(p); the factor keeps the
+    n - 1 other directions: Z Z' equals the autograd Hessian of cross-entropy, also for
+    a confident sample on the last class (where the Householder vector is largest) and
+    for two classes (one column)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 10):
+        out = 4 * torch.randn(6, n, generator=g, dtype=torch.float64)
+        out[0, -1], out[1, 0] = 60.0, 60.0
+        Z = ggn_factor(out, "cross_entropy")
+        assert Z.shape == (6, n, n - 1)
+        for i in range(6):
+            H = torch.autograd.functional.hessian(
+                lambda s: torch.nn.functional.cross_entropy(s[None], torch.tensor([0])),
+                out[i])
+            torch.testing.assert_close(Z[i] @ Z[i].T, H, rtol=0, atol=1e-15)

@@ -23,7 +23,8 @@ Z (C - w C Z^\top M Z C) Z^\top` and :math:`f_x^\top Z C Z^\top f_x = (f_x^\top 
 r (instead of n) responses per sample.  ``RankRValue`` with ``C = None`` is
 :math:`Z Z^\top` (the exact Gauss-Newton Hessian of softmax cross-entropy is
 :math:`\mathrm{diag}(p) - p p^\top = Z Z^\top` with
-:math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top`, r = classes); the core C appears at
+:math:`Z = \mathrm{diag}(\sqrt p) - p \sqrt p^\top`, r = classes, or classes - 1 after a
+rotation, :func:`nnbridge.terminal.ggn_factor`); the core C appears at
 the first downdate.  With r = 1 it is :class:`RankOneValue` (``C = c``).
 
 A Tikhonov :math:`\epsilon I` enters every product with :math:`V'` (``hess_apply``); the
