@@ -113,12 +113,12 @@ def _one_step(model: nn.Module, X, y, cls=nnbridge.GTDDP, **kw):
 
 
 def joint_values(model: nn.Module, X: torch.Tensor, y: torch.Tensor, **kw
-                 ) -> tuple[list[torch.Tensor], float]:
+                 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     r"""The joint value Hessians of one step on (X, y), last stage first, and the errors
     of the block-diagonal steps' feedback relative to the joint one's,
     :math:`\|\delta - \delta_{joint}\| / \|\delta_{joint} - \delta_{open}\|`
     (``feedback=False`` is the open-loop step) for the exact diagonal blocks
-    (:class:`_BlockDiagonalJoint`), GTDDP's per-sample dense ("full") and rank-one
+    (:class:`_BlockDiagonalJoint`), GTDDP's per-sample dense ("full") and factored
     ("outer", its default) values; the model is left as it was."""
     kw.setdefault("terminal_hessian", "ggn")   # the same terminal value in every form
     d_joint, opt = _one_step(model, X, y, _Recording, value_hessian="joint", **kw)
