@@ -122,7 +122,6 @@ def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int =
     if not batchnorm:
         _without_batchnorm(model)
     curv = CURV[method]
-    kw = {} if terminal_hessian is None else {"terminal_hessian": terminal_hessian}
     g = torch.Generator().manual_seed(seed)
 
     def closure(m, o, idx):
@@ -135,14 +134,16 @@ def feedback_size(dataset: str, method: str, lr: float, batch: int, steps: int =
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "GTDDP: the parameters", UserWarning)
-        ref = nnbridge.GTDDP(model, lr=lr, curvature=curv, feedback=False, **kw)
+        ref = nnbridge.GTDDP(model, lr=lr, curvature=curv, feedback=False,
+                             terminal_hessian=terminal_hessian)
         for _ in range(steps):
             ref.step(closure(model, ref, torch.randint(0, len(X), (batch,), generator=g)))
         idx = torch.randint(0, len(X), (batch,), generator=g)
         delta = {}
         for fb in (False, True):
             m = copy.deepcopy(model)
-            o = nnbridge.GTDDP(m, lr=lr, curvature=curv, feedback=fb, **kw)
+            o = nnbridge.GTDDP(m, lr=lr, curvature=curv, feedback=fb,
+                               terminal_hessian=terminal_hessian)
             o.load_state_dict(ref.state_dict())
             o.param_groups[0]["feedback"] = fb    # the state dict holds feedback=False
             before = [p.detach().clone() for p in m.parameters()]
@@ -167,12 +168,11 @@ def step_time(dataset: str, method: str, batch: int, steps: int = 5,
     ds = data.load(dataset, "train")
     X, y = ds.X_train.reshape(-1, *ds.image_shape)[:batch], ds.y_train[:batch]
     model = default_model("resnet", ds)
-    label, curv = parse_optimizer(method)
-    kw = {} if terminal_hessian is None or curv is None else {
-        "terminal_hessian": terminal_hessian}
+    label = parse_optimizer(method)[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "GTDDP: the parameters", UserWarning)
-        opt = make_optimizer(label, model, default_lr(label), **kw)
+        opt = make_optimizer(label, model, default_lr(label),
+                             terminal_hessian=terminal_hessian)
 
     def closure():
         opt.zero_grad()

@@ -230,9 +230,9 @@ class GTDDP(DDPNOpt):
                                           propagate=t > 0, mean=mean)
             value = steps[t].value
         # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
-        return self._feedback_pass(ys, lins, made, steps)
+        return self._graph_feedback_pass(ys, lins, made, steps)
 
-    def _feedback_pass(self, ys, lins, made, steps):
+    def _graph_feedback_pass(self, ys, lins, made, steps):
         T = len(self._graph.stages)
         controls: list = [None] * len(self._stages)
         states: list = [None] * len(self._stages)

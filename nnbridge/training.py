@@ -81,10 +81,13 @@ def default_lr(label: str) -> float:
     return DEFAULT_LR[label]
 
 
-def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim.Optimizer:
+def make_optimizer(label: str, model: nn.Module, lr: float, *,
+                   terminal_hessian: str | None = None, **kw) -> torch.optim.Optimizer:
     """The optimizer for a canonical label (see :func:`parse_optimizer`).  ``"ekfac"`` is
     :class:`EKFAC` (one Kronecker pair per layer, any network); ``"gtddp-ekfac"`` couples
-    the players of a stage (Theorem 3) and adds the feedback."""
+    the players of a stage (Theorem 3) and adds the feedback.  ``terminal_hessian`` goes
+    to DDPNOpt / GT-DDP (None: the class's default); the optimizers without a DDP pass
+    ignore it."""
     if not lr >= 0:
         raise InvalidArgumentError(f"lr must be >= 0; got {lr}")
     if label == "sgd":
@@ -96,10 +99,11 @@ def make_optimizer(label: str, model: nn.Module, lr: float, **kw) -> torch.optim
     if label == "ekfac":
         return EKFAC(model, lr=lr, **kw)
     if label == "vanilla-ddp":
-        return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full", **kw)
+        return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full",
+                       terminal_hessian=terminal_hessian, **kw)
     label, curv = parse_optimizer(label)
     cls = GTDDP if label.startswith("gtddp-") else DDPNOpt
-    return cls(model, lr=lr, curvature=curv, **kw)
+    return cls(model, lr=lr, curvature=curv, terminal_hessian=terminal_hessian, **kw)
 
 
 @dataclass(frozen=True)
@@ -221,9 +225,7 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
     lr = cfg.learning_rate
     torch.manual_seed(cfg.seed)
     model = default_model(cfg.model, ds).to(cfg.device)
-    kw = ({} if cfg.terminal_hessian is None or parse_optimizer(label)[1] is None
-          else {"terminal_hessian": cfg.terminal_hessian})
-    opt = make_optimizer(label, model, lr, **kw)
+    opt = make_optimizer(label, model, lr, terminal_hessian=cfg.terminal_hessian)
     rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_available()
                    and dist.is_initialized() else (0, 1))
     forward = model

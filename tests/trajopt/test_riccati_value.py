@@ -164,49 +164,45 @@ def test_softmax_cross_entropy_gauss_newton_factor():
     torch.testing.assert_close(v.Vxx, H, rtol=1e-13, atol=1e-14)
 
 
+def _psd_under(monkeypatch, eigh_float32, size=(3, 4, 4)):
+    """``_psd`` of a random symmetric float32 matrix with float32 ``eigh`` replaced by
+    ``eigh_float32(real_eigh, M)``; returns (result, the float64 projection)."""
+    from trajopt.riccati import value as v
+    real = torch.linalg.eigh
+    W = torch.randn(*size, dtype=torch.float64)
+    W = W + W.transpose(-1, -2)
+    lam, Q = real(W)
+    want = (Q * lam.clamp(min=0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+    monkeypatch.setattr(torch.linalg, "eigh", lambda M: eigh_float32(real, M)
+                        if M.dtype == torch.float32 else real(M))
+    return v._psd(W.float()), want
+
+
 def test_psd_projection_survives_an_eigensolver_failure(monkeypatch):
     """float32 eigh can fail to converge (found on a 512-wide BN ResNet value): the
     projection is then computed in float64; where that fails too the result is NaN (the
     optimizer's finiteness check skips the step), never a raw LinAlgError."""
     from trajopt.riccati import value as v
-    real = torch.linalg.eigh
-    W = torch.randn(3, 4, 4, dtype=torch.float64)
-    W = W + W.transpose(-1, -2)
-    lam, Q = real(W)
-    want = (Q * lam.clamp(min=0).unsqueeze(-2)) @ Q.transpose(-1, -2)
 
-    def flaky(M):
-        if M.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
-        return real(M)
-    monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    got = v._psd(W.float())
+    def flaky(real, M):
+        raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+    got, want = _psd_under(monkeypatch, flaky)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
     def broken(M):
         raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
     monkeypatch.setattr(torch.linalg, "eigh", broken)
-    assert torch.isnan(v._psd(W)).all()
+    assert torch.isnan(v._psd(want)).all()
 
 
 def test_psd_projection_retries_when_the_eigensolver_returns_nan(monkeypatch):
     """float32 eigh can also return NaN without raising (found on a 1024 x 1024
     batch-augmented value of a BatchNorm MLP, which then skipped a step): the projection
     is computed in float64 then, and is finite."""
-    from trajopt.riccati import value as v
-    real = torch.linalg.eigh
-    W = torch.randn(2, 5, 5, dtype=torch.float64)
-    W = W + W.transpose(-1, -2)
-    lam, Q = real(W)
-    want = (Q * lam.clamp(min=0).unsqueeze(-2)) @ Q.transpose(-1, -2)
-
-    def silent(M):
+    def silent(real, M):
         lam, Q = real(M)
-        if M.dtype == torch.float32:
-            return torch.full_like(lam, float("nan")), Q
-        return lam, Q
-    monkeypatch.setattr(torch.linalg, "eigh", silent)
-    got = v._psd(W.float())
+        return torch.full_like(lam, float("nan")), Q
+    got, want = _psd_under(monkeypatch, silent, size=(2, 5, 5))
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
