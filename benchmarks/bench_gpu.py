@@ -6,10 +6,19 @@
     same call on the CPU and a Python loop of scipy (the CPU peer);
 (b) finite-horizon LQR T=1000, n=10, m=4 at batch 64 and 4,096 (torch in / out);
 (c) one DDPNOpt step (adam curvature, feedback, default terminal Hessian) and one
-    torch.optim.Adam step on the digits MLP (64-32x4-10) at batch 32 and 4,096.
+    torch.optim.Adam step on the digits MLP (64-32x4-10) at batch 32 and 4,096;
+(d) the network rows of the issue "Speed for the network optimizers" on the GPU: one
+    DDPNOpt(adam) / Adam step on the 6 x 256 ReLU MLP at batch 128, and one GT-DDP step
+    (sgd / adam / ekfac curvature, defaults) against its base (torch.optim SGD / Adam,
+    ``GTDDP(curvature="ekfac", feedback=False)``) on the digits ResNet at batch 128 and
+    1,024, each with its peak GPU memory: ``torch.cuda.max_memory_allocated`` above what
+    model, data and optimizer hold before the first step;
+(e) iLQR (``solve_ddp``, user-written pendulum dynamics, QuadraticCost, 30 iterations) on
+    256 and 4,096 pendulums, T=100, GPU against CPU.
 Times are the best of a few runs after a warm-up, with ``torch.cuda.synchronize()``;
-float64 for (a), (b), float32 for (c).  Residuals: relative DARE residual (max over the
-batch), K difference GPU vs CPU for (b).  Without CUDA it says so and exits 0.
+float64 for (a), (b), (e), float32 for (c), (d).  Residuals: relative DARE residual (max
+over the batch), K difference GPU vs CPU for (b), control difference for (e).  Without
+CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -120,6 +129,109 @@ def rows_ddpnopt(batch, rep):
     return rows
 
 
+def _peak_step(step, rep, device):
+    """Best time of ``step`` and the peak GPU memory (MB) it allocates above what is held
+    before its first call (nan on the CPU)."""
+    if device != "cuda":
+        return best_time(step, rep)[0], float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t, _ = best_time(step, rep, True)
+    return t, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def _closure_step(model, opt, X, y):
+    from torch import nn
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+    return lambda: opt.step(closure)
+
+
+def rows_networks(rep, quick, devices=("cuda",)):
+    """(d): the 6 x 256 MLP (DDPNOpt(adam) vs Adam) and the digits ResNet (GT-DDP vs its
+    base), time and peak memory, each configuration from the same seed."""
+    import warnings
+
+    from torch import nn
+
+    import nnbridge
+    from nnbridge.models import resnet
+
+    def mlp256():
+        layers = [nn.Linear(64, 256), nn.ReLU()]
+        for _ in range(4):
+            layers += [nn.Linear(256, 256), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(256, 10))
+
+    configs = [("6 x 256 ReLU MLP, batch 128", mlp256, (64,), 128, [
+        ("torch.optim.Adam", lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)),
+        ("DDPNOpt(adam)", lambda m: nnbridge.DDPNOpt(m, lr=1e-3, curvature="adam"))])]
+    base = [("torch.optim.SGD", lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
+            ("GTDDP(sgd)", lambda m: nnbridge.GTDDP(m, lr=0.1, curvature="identity")),
+            ("torch.optim.Adam", lambda m: torch.optim.Adam(m.parameters(), lr=2e-3)),
+            ("GTDDP(adam)", lambda m: nnbridge.GTDDP(m, lr=2e-3, curvature="adam")),
+            ("EKFAC (GTDDP feedback=False)", lambda m: nnbridge.GTDDP(
+                m, lr=0.03, curvature="ekfac", feedback=False)),
+            ("GTDDP(ekfac)", lambda m: nnbridge.GTDDP(m, lr=0.03, curvature="ekfac"))]
+    for batch in ((128,) if quick else (128, 1024)):
+        configs.append((f"digits ResNet, batch {batch}", lambda: resnet((1, 8, 8), 10),
+                        (1, 8, 8), batch, base))
+    rows = []
+    for label, build, shape, batch, opts in configs:
+        for device in devices:
+            g = torch.Generator().manual_seed(1)
+            X = torch.randn(batch, *shape, generator=g).to(device)
+            y = torch.randint(0, 10, (batch,), generator=g).to(device)
+            for k, (name, make) in enumerate(opts):
+                torch.manual_seed(0)
+                model = build().to(device)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "GTDDP: the parameters", UserWarning)
+                    opt = make(model)
+                t, mem = _peak_step(_closure_step(model, opt, X, y), rep, device)
+                case = f"(d) one step, {label}" if not rows or k == 0 and device == \
+                    devices[0] else ""
+                where = "GPU" if device == "cuda" else "CPU"
+                rows.append((case, f"{name}, {where}", t, float("nan"), mem))
+    return rows
+
+
+def rows_ilqr(batch, rep, devices=("cuda", "cpu")):
+    """(e): iLQR on ``batch`` pendulums, T = 100, 30 iterations, GPU against CPU."""
+    import math
+
+    def f(x, u, t):
+        th, dth = x[..., 0], x[..., 1]
+        return torch.stack([th + 0.05 * dth,
+                            dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
+
+    def solve(dev):
+        dt = torch.float64
+        eye = torch.eye(2, dtype=dt, device=dev)
+        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=dt, device=dev),
+                                     100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=dt,
+                                                                   device=dev))
+        x0 = torch.zeros(batch, 2, dtype=dt, device=dev)
+        x0[:, 0] = torch.linspace(-0.3, 0.3, batch, dtype=dt)
+        return trajopt.solve_ddp(f, cost, x0, torch.zeros(batch, 100, 1, dtype=dt,
+                                                          device=dev),
+                                 max_iter=30, tol=1e-14)
+    rows, us = [], {}
+    for dev in devices:
+        t, r = best_time(lambda dev=dev: solve(dev), rep, dev == "cuda")
+        us[dev] = r.us.cpu()
+        err = float((us[dev] - us[devices[0]]).abs().max())
+        rows.append((f"(e) iLQR, {batch} pendulums T=100, 30 it" if not rows else "",
+                     f"trajopt solve_ddp, {'GPU' if dev == 'cuda' else 'CPU'}", t, err,
+                     float("nan")))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
@@ -137,16 +249,22 @@ def main(argv=None) -> int:
         rows += rows_lqr(1000, 4096, 2)
     for batch in ((32, 4096) if not a.quick else (32,)):
         rows += rows_ddpnopt(batch, rep)
+    rows = [r + (float("nan"),) for r in rows]
+    rows += rows_networks(rep, a.quick)
+    for batch in ((256,) if a.quick else (256, 4096)):
+        rows += rows_ilqr(batch, 1 if batch > 256 else rep)
     name = torch.cuda.get_device_name()
     print(f"GPU: {name}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}\n")
-    print("| case | solver | time | ratio to the first row | residual / error |")
-    print("|---|---|---:|---:|---:|")
-    first = None
-    for case, solver, t, res in rows:
+    print("| case | solver | time | ratio to the first row | residual / error | "
+          "peak GPU memory | memory ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    first = first_mem = None
+    for case, solver, t, res, mem in rows:
         if case:
-            first = t
-        print(f"| {case} | {solver} | {t * 1e3:.2f} ms | {t / first:.2f} | "
-              f"{res:.1e} |".replace("| nan |", "| - |"))
+            first, first_mem = t, mem
+        print(f"| {case} | {solver} | {t * 1e3:.2f} ms | {t / first:.2f} | {res:.1e} | "
+              f"{mem:.1f} MB | {mem / first_mem:.2f} |".replace("nan MB", "-")
+              .replace("| nan |", "| - |").replace("| nan |", "| - |"))
     if a.json is not None:
         a.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
                                       "rows": rows}, indent=1))

@@ -136,3 +136,48 @@ def test_training_run_on_cuda():
     from nnbridge.training import RunConfig, run
     r = run(RunConfig(optimizer="ddpnopt-adam", dataset="iris", epochs=2, device="cuda"))
     assert 0.3 < r.test_accuracy <= 1 and math.isfinite(r.final_train_loss)
+
+
+@pytest.mark.parametrize("curvature", ["identity", "adam", "ekfac"])
+def test_gtddp_resnet_on_cuda(curvature):
+    """Two GT-DDP steps on the BatchNorm ResNet (convolution stages, residual slots, a
+    projection-shortcut player, the default GGN terminal Hessian): GPU == CPU."""
+    from nnbridge.models import resnet
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(8, 1, 8, 8, generator=g, dtype=DT)
+    y = torch.randint(0, 10, (8,), generator=g)
+
+    def train(dev):
+        torch.manual_seed(0)
+        model = resnet((1, 8, 8), 10).to(dev, DT)
+        opt = nnbridge.GTDDP(model, lr=0.05 if curvature != "adam" else 1e-2,
+                             curvature=curvature)
+        Xd, yd = X.to(dev), y.to(dev)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(Xd), yd).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+    cpu, gpu = _both(train)
+    for p, q in zip(cpu, gpu):
+        assert q.device.type == "cuda"
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-9)
+
+
+def test_joint_value_on_cuda():
+    """The batch-augmented value (``value_hessian="joint"``) on the GPU == on the CPU."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(4, 6, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (4,), generator=g)
+
+    def train(dev):
+        model = _mlp(dev)
+        opt = nnbridge.DDPNOpt(model, lr=0.05, curvature="identity", value_hessian="joint",
+                               terminal_hessian="ggn")
+        opt.zero_grad()
+        F.cross_entropy(model(X.to(dev)), y.to(dev)).backward()
+        opt.step()
+        return [p.detach() for p in model.parameters()]
+    cpu, gpu = _both(train)
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-10)
