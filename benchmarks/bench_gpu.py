@@ -236,23 +236,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--only", default="abcde", help="the cases to run, e.g. 'd' (default "
+                    "all: abcde)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured")
         return 0
     rep = 2 if a.quick else 5
-    rows = rows_dare(1000, rep, True)
-    if not a.quick:
-        rows += rows_dare(10_000, rep, False)
-    rows += rows_lqr(1000 if not a.quick else 100, 64, rep)
-    if not a.quick:
-        rows += rows_lqr(1000, 4096, 2)
-    for batch in ((32, 4096) if not a.quick else (32,)):
-        rows += rows_ddpnopt(batch, rep)
+    rows = []
+    if "a" in a.only:
+        rows += rows_dare(1000, rep, True)
+        if not a.quick:
+            rows += rows_dare(10_000, rep, False)
+    if "b" in a.only:
+        rows += rows_lqr(1000 if not a.quick else 100, 64, rep)
+        if not a.quick:
+            rows += rows_lqr(1000, 4096, 2)
+    if "c" in a.only:
+        for batch in ((32, 4096) if not a.quick else (32,)):
+            rows += rows_ddpnopt(batch, rep)
     rows = [r + (float("nan"),) for r in rows]
-    rows += rows_networks(rep, a.quick)
-    for batch in ((256,) if a.quick else (256, 4096)):
-        rows += rows_ilqr(batch, 1 if batch > 256 else rep)
+    if "d" in a.only:
+        rows += rows_networks(rep, a.quick)
+    if "e" in a.only:
+        for batch in ((256,) if a.quick else (256, 4096)):
+            rows += rows_ilqr(batch, 1 if batch > 256 else rep)
     name = torch.cuda.get_device_name()
     print(f"GPU: {name}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}\n")
     print("| case | solver | time | ratio to the first row | residual / error | "

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._linalg import sym
+from .._linalg import sym, thin_qr
 
 __all__ = ["DenseValue", "RankOneValue", "RankRValue", "Value"]
 
@@ -196,7 +196,7 @@ class RankRValue:
         (the dense projection, eigenvalues clamped at 0) as ``(Q, P(R C_new R'))``,
         ``Z = QR`` (Q orthonormal, so clamping the core's eigenvalues clamps the
         matrix's; clamping ``C_new`` itself would give another, larger PSD matrix
-        whenever Z is not orthonormal)."""
+        whenever Z is not orthonormal; the QR by :func:`trajopt._linalg.thin_qr`'s rule)."""
         G = sym(D @ MD.transpose(-1, -2))                # Z'MZ
         if self.C is None:
             C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
@@ -204,7 +204,7 @@ class RankRValue:
             C = sym(self.C - w * (self.C @ G @ self.C))
         if not project_psd:
             return self.Z, C
-        Q, R = torch.linalg.qr(self.Z)
+        Q, R = thin_qr(self.Z)
         return Q, _psd(R @ C @ R.transpose(-1, -2))
 
     def pullback(self, fx_T: Pullback, g: torch.Tensor,
