@@ -181,6 +181,10 @@ def rows_networks(rep, quick, devices=("cuda",)):
     for batch in ((128,) if quick else (128, 1024)):
         configs.append((f"digits ResNet, batch {batch}", lambda: resnet((1, 8, 8), 10),
                         (1, 8, 8), batch, base))
+    for device in devices:      # cuBLAS / cuDNN handles and workspaces: before any peak
+        w = torch.randn(8, 8, device=device, requires_grad=True)
+        torch.nn.functional.conv2d((w @ w).view(1, 1, 8, 8), w[:3, :3].reshape(1, 1, 3, 3)
+                                   ).sum().backward()
     rows = []
     for label, build, shape, batch, opts in configs:
         for device in devices:

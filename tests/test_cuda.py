@@ -162,9 +162,13 @@ def test_gtddp_resnet_on_cuda(curvature):
             opt.step()
         return [p.detach() for p in model.parameters()]
     cpu, gpu = _both(train)
+    # EKFAC: 1e-7 (measured 6.7e-9 on an H200): its per-eigendirection scaling follows the
+    # eigenvectors of the Kronecker factors, which amplify rounding where eigenvalues
+    # nearly coincide; permuting the batch on the CPU moves the step by 1e-8 too
+    tol = dict(rtol=1e-6, atol=1e-7) if curvature == "ekfac" else dict(rtol=1e-8, atol=1e-9)
     for p, q in zip(cpu, gpu):
         assert q.device.type == "cuda"
-        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(q.cpu(), p, **tol)
 
 
 def test_joint_value_on_cuda():
