@@ -3,7 +3,8 @@
 numpy in -> numpy out, torch in -> torch out; see ``docs/notation.md`` for conventions.
 """
 
-from . import errors
+from . import compat, errors
+from .care import CARESolution, solve_care
 from .dare import DARESolution, solve_dare
 from .ddp import (
     Cost,
@@ -29,13 +30,15 @@ from .lqr import (
     solve_infinite_lqr,
     solve_lqr,
 )
+from .lqr.zoh import c2d
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "errors",
+    "errors", "compat", "c2d",
     "LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout",
     "DARESolution", "solve_dare",
+    "CARESolution", "solve_care",
     "InfiniteLQRSolution", "solve_infinite_lqr",
     "CyclicLQRSolution", "solve_cyclic_lqr",
     "Dynamics", "Cost", "QuadraticCost", "discretize",

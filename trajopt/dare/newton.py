@@ -18,7 +18,7 @@ from __future__ import annotations
 from ._common import DAREData, gain, ops, relative_residual, residual_matrix
 
 
-def _stein_smith(F, C, max_iter: int = 60):
+def stein_smith(F, C, max_iter: int = 60):
     """Solve ``F' Y F - Y + C = 0`` for stable F by squared Smith doubling (numpy or
     torch, batched)."""
     o = ops(C)
@@ -47,7 +47,7 @@ def newton_refine(d: DAREData, X, steps: int = 1, res=None):
         Acl = d.A + d.B @ K
         F = Acl if d.E is None else o.solve(d.E, Acl)
         res, _ = residual_matrix(d, best)
-        Dt = _stein_smith(F, res)
+        Dt = stein_smith(F, res)
         if d.E is not None:
             Einv_t = o.T(o.inv(d.E))
             Dt = Einv_t @ Dt @ o.T(Einv_t)

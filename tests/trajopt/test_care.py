@@ -1,0 +1,180 @@
+"""The CARE (``solve_care``), ZOH discretization (``c2d``) and the python-control layer
+(``trajopt.compat``) against scipy and python-control."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.signal
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+from tests._hypothesis import examples
+from trajopt import compat
+from trajopt.errors import InvalidArgumentError, NotStabilizableError, ShapeError
+
+
+def _system(seed, n, m, with_e, with_s):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, n))
+    B = rng.normal(size=(n, m))
+    L = rng.normal(size=(n, n))
+    Q = L @ L.T / n + 0.1 * np.eye(n)
+    R = np.eye(m) + 0.1 * np.diag(rng.uniform(size=m))
+    E = np.eye(n) + 0.05 * rng.normal(size=(n, n)) if with_e else None
+    S = 0.05 * rng.normal(size=(n, m)) if with_s else None
+    return A, B, Q, R, E, S
+
+
+def _ric(A, B, Q, R, E, S, X):
+    E = np.eye(len(A)) if E is None else E
+    H = B.T @ X @ E + (0 if S is None else S.T)
+    return A.T @ X @ E + E.T @ X @ A - H.T @ np.linalg.solve(R, H) + Q
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6), m=st.integers(1, 3),
+       with_e=st.booleans(), with_s=st.booleans(),
+       method=st.sampled_from(["auto", "scipy", "sign"]))
+def test_care_matches_scipy(seed, n, m, with_e, with_s, method):
+    """P equals scipy's (unbalanced with E, see the next test) and solves the equation;
+    K is the gain of u = K x and the closed loop is stable."""
+    A, B, Q, R, E, S = _system(seed, n, m, with_e, with_s)
+    ref = scipy.linalg.solve_continuous_are(A, B, Q, R, e=E, s=S, balanced=E is None)
+    sol = trajopt.solve_care(A, B, Q, R, E, S, method=method)
+    assert isinstance(sol.P, np.ndarray)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(sol.P, ref, rtol=0, atol=1e-8 * scale)
+    res = _ric(A, B, Q, R, E, S, sol.P)
+    assert np.abs(res).max() <= 1e-9 * max(scale * np.abs(A).max(), 1.0)
+    Ee = np.eye(n) if E is None else E
+    K = -np.linalg.solve(R, B.T @ sol.P @ Ee + (0 if S is None else S.T))
+    np.testing.assert_allclose(sol.K, K, rtol=0, atol=1e-9 * max(np.abs(K).max(), 1.0))
+    eig = np.asarray(sol.closed_loop_eigvals)
+    assert (eig.real < 0).all()
+    np.testing.assert_allclose(np.sort_complex(eig), np.sort_complex(
+        np.linalg.eigvals(np.linalg.solve(Ee, A + B @ sol.K))), atol=1e-8)
+
+
+def test_care_with_e_avoids_scipys_balancing():
+    """scipy's balancing with E != I returns a wrong solution on this system (residual
+    0.4); solve_care's scipy path does not balance with E and the sign path is exact."""
+    A, B, Q, R, E, S = _system(0, 4, 2, True, True)
+    bad = scipy.linalg.solve_continuous_are(A, B, Q, R, e=E, s=S)
+    for method in ("scipy", "sign"):
+        sol = trajopt.solve_care(A, B, Q, R, E, S, method=method)
+        assert np.abs(_ric(A, B, Q, R, E, S, sol.P)).max() < 1e-12
+    if np.abs(_ric(A, B, Q, R, E, S, bad)).max() < 1e-6:
+        pytest.skip("this scipy balances E correctly")
+
+
+def test_batched_sign_equals_loop():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 6, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(64, 6, 2, generator=g, dtype=torch.float64)
+    Q, R = torch.eye(6, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    sol = trajopt.solve_care(A, B, Q, R)
+    assert sol.method == "sign+newton" and sol.P.shape == (64, 6, 6)
+    ref = np.stack([scipy.linalg.solve_continuous_are(A[i].numpy(), B[i].numpy(),
+                                                      np.eye(6), np.eye(2))
+                    for i in range(64)])
+    torch.testing.assert_close(sol.P, torch.as_tensor(ref), rtol=1e-10, atol=1e-10)
+    assert float(sol.residual.max()) < 1e-13
+
+
+def test_float32_and_torch_out():
+    A, B, Q, R, _, _ = _system(3, 5, 2, False, False)
+    t = [torch.as_tensor(v, dtype=torch.float32) for v in (A, B, Q, R)]
+    sol = trajopt.solve_care(*t, method="sign")
+    assert sol.P.dtype == torch.float32
+    ref = scipy.linalg.solve_continuous_are(A, B, Q, R)
+    np.testing.assert_allclose(sol.P.numpy(), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_unstabilizable_names_the_mode():
+    """An unstable mode (lambda = 1) that B cannot reach: no stabilizing solution."""
+    A = np.diag([1.0, -2.0])
+    B = np.array([[0.0], [1.0]])
+    for method in ("auto", "scipy", "sign"):
+        with pytest.raises(NotStabilizableError, match="lambda = 1"):
+            trajopt.solve_care(A, B, np.eye(2), np.eye(1), method=method)
+
+
+def test_bad_input_names_the_argument():
+    A, B, Q, R, _, _ = _system(0, 3, 1, False, False)
+    with pytest.raises(ShapeError, match="B"):
+        trajopt.solve_care(A, B[:2], Q, R)
+    with pytest.raises(InvalidArgumentError, match="R must be invertible"):
+        trajopt.solve_care(A, B, Q, np.zeros((1, 1)))
+    with pytest.raises(InvalidArgumentError, match="method"):
+        trajopt.solve_care(A, B, Q, R, method="newton")
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_c2d_matches_scipy_cont2discrete(batch):
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(*batch, 4, 4))
+    B = rng.normal(size=(*batch, 4, 2))
+    Ad, Bd = trajopt.c2d(A, B, 0.1)
+    for idx in np.ndindex(*batch):
+        r = scipy.signal.cont2discrete((A[idx], B[idx], np.eye(4), np.zeros((4, 2))), 0.1,
+                                       method="zoh")
+        np.testing.assert_allclose(Ad[idx], r[0], rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(Bd[idx], r[1], rtol=1e-13, atol=1e-14)
+    with pytest.raises(InvalidArgumentError, match="dt"):
+        trajopt.c2d(A, B, 0.0)
+
+
+def test_discretize_of_a_matrix_pair_points_to_c2d():
+    with pytest.raises(InvalidArgumentError, match="c2d"):
+        trajopt.discretize((np.eye(2), np.ones((2, 1))), 0.1)
+
+
+# --------------------------------------------------------------------- python-control
+
+
+def _close(ours, theirs, eig_atol=1e-10):
+    for a, b in zip(ours, theirs):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim == 1:   # eigenvalues: as sets
+            np.testing.assert_allclose(np.sort_complex(a), np.sort_complex(b), atol=eig_atol)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("with_n", [False, True])
+def test_compat_matches_python_control(with_n):
+    control = pytest.importorskip("control")
+    A, B, Q, R, _, S = _system(7, 4, 2, False, True)
+    N = S if with_n else None
+    extra = (N,) if with_n else ()
+    _close(compat.dlqr(A, B, Q, R, *extra), control.dlqr(A, B, Q, R, *extra))
+    _close(compat.lqr(A, B, Q, R, *extra), control.lqr(A, B, Q, R, *extra))
+    _close(compat.dare(A, B, Q, R, N), control.dare(A, B, Q, R, N, method="scipy"))
+    _close(compat.care(A, B, Q, R, N), control.care(A, B, Q, R, N, method="scipy"))
+
+
+def test_compat_estimators_and_state_space_objects():
+    """dlqe / lqe (gain, covariance; eigenvalues against eig(A - L C) tightly and against
+    python-control's, which come from a QZ of the pencil, to 1e-6) and StateSpace
+    arguments, scalar weights included."""
+    control = pytest.importorskip("control")
+    rng = np.random.default_rng(8)
+    A, G, C = rng.normal(size=(4, 4)), np.eye(4), rng.normal(size=(2, 4))
+    QN, RN = 0.1 * np.eye(4), np.eye(2)
+    for ours, theirs in ((compat.dlqe(A, G, C, QN, RN), control.dlqe(A, G, C, QN, RN)),
+                         (compat.lqe(A, G, C, QN, RN), control.lqe(A, G, C, QN, RN))):
+        _close(ours, theirs, eig_atol=1e-6)
+        L, _, E = ours
+        np.testing.assert_allclose(np.sort_complex(E),
+                                   np.sort_complex(np.linalg.eigvals(A - L @ C)), atol=1e-10)
+    B1 = rng.normal(size=(4, 1))
+    sys = control.ss(A, B1, C, 0)
+    _close(compat.lqr(sys, np.eye(4), 1), control.lqr(sys, np.eye(4), 1))
+    dsys = control.ss(A / 3, B1, C, 0, 0.1)
+    _close(compat.dlqr(dsys, np.eye(4), 1), control.dlqr(dsys, np.eye(4), 1))
+    _close(compat.dlqe(dsys, QN[:1, :1], RN), control.dlqe(dsys, QN[:1, :1], RN),
+           eig_atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="dlqr"):
+        compat.dlqr(A)

@@ -1,0 +1,257 @@
+"""The public CARE entry point :func:`solve_care`."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal, get_args
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from .._arrays import as_tensors
+from ..dare._common import DAREData, ops, prepare, scale
+from ..errors import ConvergenceWarning, InvalidArgumentError, NotStabilizableError
+from ._common import (
+    care_closed_loop_eigvals,
+    care_gain,
+    care_relative_residual,
+)
+from .newton import care_newton_refine
+from .sign import solve_sign
+
+__all__ = ["CARESolution", "solve_care", "CAREMethod"]
+
+CAREMethod = Literal["auto", "scipy", "sign"]
+#: relative residual above which a result is flagged (sqrt(eps), as for the DARE)
+_INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
+
+
+@dataclass(frozen=True)
+class CARESolution:
+    """Stabilizing solution of the CARE (the fields of :class:`trajopt.DARESolution`).
+
+    Attributes
+    ----------
+    P : (..., n, n)
+        The symmetric stabilizing solution (scipy's return value).
+    K : (..., m, n)
+        Optimal gain in the convention ``u = K x``: ``K = -R^{-1}(B'PE + S')``
+        (python-control's ``lqr`` / ``care`` return ``-K``).
+    closed_loop_eigvals : (..., n) complex
+        Eigenvalues of the pencil ``(A + BK, E)``, all in the open left half-plane.
+    residual : (...)
+        Relative residual ``||Ric(P)||_F`` over the sum of the Frobenius norms of the
+        equation's terms.
+    method : str
+        The method(s) that produced P, e.g. ``"sign+newton"``, ``"scipy"``.
+    """
+
+    P: Any
+    K: Any
+    residual: Any
+    method: str
+    _eigvals: Callable[[], Any] = field(repr=False, compare=False)
+
+    @cached_property
+    def closed_loop_eigvals(self) -> Any:
+        return self._eigvals()
+
+
+def _scipy_one(A, B, Q, R, E, S):
+    # scipy 1.17's balancing is wrong for E != I here too (as for the DARE, docs/dare.md):
+    # a random n = 4 system with E = I + 0.05 noise had residual 0.4 balanced, 1e-14 not
+    try:
+        return scipy.linalg.solve_continuous_are(A, B, Q, R, e=E, s=S, balanced=E is None)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise NotStabilizableError(f"scipy found no stabilizing solution: {exc}") from exc
+
+
+def solve_care_scipy(d: DAREData) -> torch.Tensor:
+    """``scipy.linalg.solve_continuous_are`` element by element (float64, CPU)."""
+    out = torch.empty(*d.batch, d.n, d.n, dtype=d.A.dtype, device=d.A.device)
+
+    def np_(t):
+        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
+    for index in itertools.product(*(range(s) for s in d.batch)):
+        e = d.element(index)
+        try:
+            X = _scipy_one(np_(e.A), np_(e.B), np_(e.Q), np_(e.R), np_(e.E), np_(e.S))
+        except NotStabilizableError as exc:
+            bad = torch.zeros(d.batch, dtype=torch.bool)
+            bad[index] = True
+            _raise_unstabilizable(d, bad, str(exc))
+        out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
+    return out
+
+
+def _auto(d: DAREData, tol, max_iter) -> tuple[torch.Tensor, list[str]]:
+    """One small CPU system: scipy (per-call overhead dominates).  Otherwise the batched
+    sign iteration, Newton-polished, with scipy per element where it did not converge or
+    is not accurate."""
+    if d.batch.numel() == 1 and d.A.device.type == "cpu" and d.n <= 32:
+        return solve_care_scipy(d), ["scipy"]
+    X, ok = solve_sign(d, tol=tol, max_iter=max_iter)
+    used = ["sign"]
+    X = torch.where(ok[..., None, None], X, torch.zeros_like(X))
+    X, res = care_newton_refine(d, X, steps=2)
+    bad = ~ok | ~(res <= 1e3 * d.n * torch.finfo(X.dtype).eps)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
+        sub = d.subset(idx)
+        Xr = solve_care_scipy(sub)
+        used.append("scipy")
+        flat = X.reshape(-1, d.n, d.n).clone()
+        res_r = care_relative_residual(sub, Xr)
+        take = (res_r < res.reshape(-1)[idx]) | ~ok.reshape(-1)[idx]
+        flat[idx] = torch.where(take[:, None, None], Xr, flat[idx])
+        X = flat.reshape(X.shape)
+    return X, used
+
+
+def solve_care(
+    A: Any,
+    B: Any,
+    Q: Any,
+    R: Any,
+    E: Any = None,
+    S: Any = None,
+    *,
+    method: CAREMethod = "auto",
+    refine: int = 0,
+    tol: float | None = None,
+    max_iter: int = 100,
+) -> CARESolution:
+    r"""Solve the continuous algebraic Riccati equation (drop-in for scipy's).
+
+    .. math::
+
+        A^\top P E + E^\top P A - (E^\top P B + S) R^{-1} (B^\top P E + S^\top) + Q = 0
+
+    Arguments mean exactly what they mean in ``scipy.linalg.solve_continuous_are(a, b, q,
+    r, e, s)``.  Leading dimensions are batch dimensions (broadcast); numpy input returns
+    numpy (float64), torch input returns torch of its dtype and device.
+
+    Parameters
+    ----------
+    A : (..., n, n)
+    B : (..., n, m)
+    Q : (..., n, n), symmetric
+    R : (..., m, m), symmetric, invertible
+    E : (..., n, n), optional, invertible
+    S : (..., n, m), optional
+    method : {"auto", "scipy", "sign"}
+        "scipy" loops over the batch on the CPU (Schur method on the Hamiltonian pencil);
+        "sign" is the batched matrix-sign-function iteration in torch (any device);
+        "auto": scipy for one small CPU system, else "sign" with two Newton steps and a
+        per-element fallback to scipy where it did not converge or is not accurate
+        (``docs/care.md``).
+    refine : int
+        Newton (Kleinman) steps after the chosen method, each kept only where it lowers
+        the residual ("auto" applies two to the sign iteration's result).
+    tol, max_iter
+        Convergence tolerance (relative change of the sign iterate, default 10 n eps) and
+        iteration cap of the sign iteration.
+
+    Returns
+    -------
+    CARESolution
+
+    Raises
+    ------
+    ShapeError, NonFiniteError, NotSymmetricError
+        On bad input, naming the argument.
+    NotStabilizableError
+        When no stabilizing solution exists (the message names an uncontrollable unstable
+        mode when there is one).
+    """
+    if method not in get_args(CAREMethod):
+        raise InvalidArgumentError(f"method must be one of {get_args(CAREMethod)}; got "
+                                   f"{method!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
+    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}, sequences=False)
+    d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    for name, M in (("R", d.R), ("E", d.E)):
+        if M is not None and not bool((torch.linalg.inv_ex(M)[1] == 0).all()):
+            raise InvalidArgumentError(f"{name} must be invertible for the CARE")
+    d, e = scale(d)  # the cost scaled to O(1); P = 2^e X
+    if method == "auto":
+        X, used = _auto(d, tol, max_iter)
+    elif method == "scipy":
+        X, used = solve_care_scipy(d), ["scipy"]
+    else:
+        X, ok = solve_sign(d, tol=tol, max_iter=max_iter)
+        used = ["sign"]
+        if not bool(ok.all()):
+            _raise_unstabilizable(d, ~ok, "the sign iteration did not converge (H has "
+                                  "eigenvalues on or near the imaginary axis)")
+    label = ",".join(used)
+    if refine:
+        X0 = X
+        X, _ = care_newton_refine(d, X, steps=refine)
+        if X is not X0:
+            label += "+newton"
+    elif method == "auto" and "sign" in used:
+        label = label.replace("sign", "sign+newton")
+    K = care_gain(d, X)
+    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(K).flatten(-2).all(-1)
+    if not bool(finite.all()):
+        _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
+    eig = care_closed_loop_eigvals(d, K)
+    scale_ = torch.linalg.matrix_norm(d.A, 1)[..., None]
+    margin = 1000 * d.n * torch.finfo(X.dtype).eps * scale_.clamp(min=1.0)
+    stable = (eig.real < -margin).all(-1)
+    if not bool(stable.all()):
+        _raise_unstabilizable(d, ~stable, "the solution found is not stabilizing "
+                              f"(closed-loop eigenvalue real part "
+                              f"{float(eig.real.amax()):.3g})")
+    res = care_relative_residual(d, X)
+    worst = float(res.max())
+    if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
+        warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
+                      "problem is ill-conditioned; try refine=2 or method='scipy')",
+                      ConvergenceWarning, stacklevel=2)
+    P = ops(X).ldexp(X, e)
+    sol = CARESolution(P=kind.out(P), K=kind.out(K), residual=kind.out(res), method=label,
+                       _eigvals=lambda: kind.out(eig))
+    return sol
+
+
+def _raise_unstabilizable(d: DAREData, bad: torch.Tensor, what: str) -> None:
+    first = torch.nonzero(bad.reshape(-1))[0].item()
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
+        if len(d.batch) else ()
+    where = f" for batch element {index}" if index else ""
+    mode = _uncontrollable_unstable_mode(d.element(index))
+    if mode is not None:
+        raise NotStabilizableError(
+            f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (Re lambda >= "
+            "0) is not controllable through B")
+    raise NotStabilizableError(
+        f"no stabilizing solution{where}: {what}; check that (A, B) is stabilizable and "
+        "that (Q, A) has no unobservable mode on the imaginary axis")
+
+
+def _uncontrollable_unstable_mode(d: DAREData) -> complex | None:
+    """PBH test on one system for the continuous time: an eigenvalue with Re >= 0 of
+    (A, E) at which ``[A - lambda E, B]`` loses rank (the DARE's test on the Cayley
+    transform would do, but the direct one reads better)."""
+    A = d.A.to(torch.complex128)
+    E = torch.eye(d.n, dtype=A.dtype) if d.E is None else d.E.to(A.dtype)
+    lam = torch.linalg.eigvals(torch.linalg.solve(E, A))
+    Bc = d.B.to(A.dtype)
+    big = max(float(torch.linalg.matrix_norm(A, 2)), float(torch.linalg.matrix_norm(Bc, 2)),
+              1e-300)
+    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps * big
+    for lv in lam.tolist():
+        if lv.real < -1e-10 * big:
+            continue
+        sv = torch.linalg.svdvals(torch.cat([A - lv * E, Bc], dim=-1))
+        if float(sv[-1]) <= tol:
+            return lv
+    return None
