@@ -50,3 +50,15 @@ def test_bench_gtddp_fig1_quick_prints_the_three_forms(capsys):
     assert "outer / joint time" in out
     assert sorted(res) == [2, 4]
     assert all(r[f]["time"] > 0 for r in res.values() for f in ("outer", "full", "joint"))
+
+
+def test_bench_care_quick_prints_every_case(capsys):
+    """benchmarks/bench_care.py --quick: one CARE n = 4 / 10 and the batch, each against
+    scipy, with residuals at rounding level."""
+    _bench("bench_care").main(["--quick"])
+    out = capsys.readouterr().out
+    for case in ("(s) one CARE n=4", "(s) one CARE n=10", "(a) 100 CARE"):
+        assert case in out, case
+    residuals = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines()
+                 if line.startswith("| ") and "e-" in line.rsplit("|", 2)[-2]]
+    assert len(residuals) == 6 and max(residuals) < 1e-12

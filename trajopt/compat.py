@@ -58,6 +58,13 @@ def _system(args: tuple, names: tuple[str, ...], fn: str) -> list[Any]:
     return [_mat(a) for a in args[:len(names)]] + list(args[len(names):])
 
 
+def _discrete(sys_: Any) -> bool:
+    """A state-space object with a sampling time (python-control: ``dt`` True or > 0)."""
+    dt = getattr(sys_, "dt", None)
+    return not isinstance(sys_, (np.ndarray, torch.Tensor)) and dt is not None and \
+        dt is not False and (dt is True or dt > 0)
+
+
 def _weights(rest: list, fn: str, names: tuple[str, ...], optional: int = 1) -> list[Any]:
     if not len(names) - optional <= len(rest) <= len(names):
         raise InvalidArgumentError(f"{fn}: expected {', '.join(names)}; got "
@@ -77,7 +84,10 @@ def dlqr(*args: Any) -> tuple[Any, Any, Any]:
 
 def lqr(*args: Any) -> tuple[Any, Any, Any]:
     """``K, S, E = lqr(A, B, Q, R[, N])`` or ``lqr(sys, Q, R[, N])``: the continuous-time
-    LQR gain for ``u = -K x`` (python-control's ``lqr``)."""
+    LQR gain for ``u = -K x`` (python-control's ``lqr``; a discrete-time ``sys`` goes to
+    :func:`dlqr`, as there)."""
+    if _discrete(args[0] if args else None):   # python-control dispatches to dlqr
+        return dlqr(*args)
     A, B, *rest = _system(args, ("A", "B"), "lqr")
     Q, R, N = _weights(rest, "lqr", ("Q", "R", "N"))
     sol = solve_care(A, B, Q, R, S=N)

@@ -174,6 +174,7 @@ def test_compat_estimators_and_state_space_objects():
     _close(compat.lqr(sys, np.eye(4), 1), control.lqr(sys, np.eye(4), 1))
     dsys = control.ss(A / 3, B1, C, 0, 0.1)
     _close(compat.dlqr(dsys, np.eye(4), 1), control.dlqr(dsys, np.eye(4), 1))
+    _close(compat.lqr(dsys, np.eye(4), 1), control.lqr(dsys, np.eye(4), 1))
     _close(compat.dlqe(dsys, QN[:1, :1], RN), control.dlqe(dsys, QN[:1, :1], RN),
            eig_atol=1e-6)
     with pytest.raises(InvalidArgumentError, match="dlqr"):
