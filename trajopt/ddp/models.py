@@ -251,8 +251,15 @@ class QuadraticCost(Cost):
     Parameters
     ----------
     Q : (n, n); R : (m, m); QT : (n, n)
-    x_ref : (n,), optional (zero); u_ref : (m,), optional (zero);
-    x_goal : (n,), optional (defaults to x_ref)
+    x_ref : (n,) or (T+1, n), optional (zero)
+        One reference for every stage, or a trajectory to track: row t at stage t.
+    u_ref : (m,) or (T, m), optional (zero)
+    x_goal : (n,), optional
+        Defaults to ``x_ref`` (its last row for a trajectory).
+
+    A trajectory reference makes the cost time varying; its derivatives are still taken
+    for all stages in one call (the stage index selects the rows).  A horizon longer
+    than the reference raises :class:`~trajopt.errors.ShapeError` naming it.
     """
 
     def __init__(self, Q, R, QT, x_ref=None, u_ref=None, x_goal=None):
@@ -263,8 +270,8 @@ class QuadraticCost(Cost):
             torch.as_tensor(x_ref, dtype=self.Q.dtype)
         self.u_ref = torch.zeros(m, dtype=self.Q.dtype) if u_ref is None else \
             torch.as_tensor(u_ref, dtype=self.Q.dtype)
-        self.x_goal = self.x_ref if x_goal is None else torch.as_tensor(x_goal,
-                                                                        dtype=self.Q.dtype)
+        last = self.x_ref if self.x_ref.ndim < 2 else self.x_ref[-1]
+        self.x_goal = last if x_goal is None else torch.as_tensor(x_goal, dtype=self.Q.dtype)
         for name, M, size in (("Q", self.Q, n), ("R", self.R, m), ("QT", self.QT, n)):
             check_square(M, name, size)
             if M.ndim != 2:
@@ -272,11 +279,29 @@ class QuadraticCost(Cost):
                                  f"{shape_str(M)}")
             check_finite(M, name)
             check_symmetric(M, name)  # the derivatives assume symmetry (lx = Q dx)
-        for name, v, size in (("x_ref", self.x_ref, n), ("u_ref", self.u_ref, m),
-                              ("x_goal", self.x_goal, n)):
-            if v.shape != (size,):
-                raise ShapeError(f"{name} must have shape ({size},); got {shape_str(v)}")
+        for name, v, size, rows in (("x_ref", self.x_ref, n, "T+1"),
+                                    ("u_ref", self.u_ref, m, "T"),
+                                    ("x_goal", self.x_goal, n, None)):
+            ok = v.shape == (size,) or (rows is not None and v.ndim == 2 and
+                                        v.shape[-1] == size and v.shape[0] >= 1)
+            if not ok:
+                shapes = f"({size},)" + (f" or ({rows}, {size})" if rows else "")
+                raise ShapeError(f"{name} must have shape {shapes}; got {shape_str(v)}")
             check_finite(v, name)
+        self.time_invariant = self.x_ref.ndim == 1 and self.u_ref.ndim == 1
+
+    @staticmethod
+    def _at(ref: torch.Tensor, t, name: str) -> torch.Tensor:
+        """The reference at stage ``t`` (an int, or a tensor of stage indices: rows)."""
+        if ref.ndim == 1:
+            return ref
+        last = int(t.max()) if isinstance(t, torch.Tensor) else int(t)
+        if last >= ref.shape[0]:
+            raise ShapeError(f"{name} has {ref.shape[0]} rows (stages 0..{ref.shape[0] - 1})"
+                             f" but the horizon reaches stage {last}")
+        if isinstance(t, torch.Tensor):
+            return ref.index_select(0, t.reshape(-1).to(ref.device))
+        return ref[t]
 
     def _like(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         # ``t`` itself when nothing changes (what ``.to`` returns, without its dispatch:
@@ -286,8 +311,8 @@ class QuadraticCost(Cost):
         return t.to(dtype=ref.dtype, device=ref.device)
 
     def running(self, x, u, t):
-        dx = x - self._like(self.x_ref, x)
-        du = u - self._like(self.u_ref, u)
+        dx = x - self._like(self._at(self.x_ref, t, "x_ref"), x)
+        du = u - self._like(self._at(self.u_ref, t, "u_ref"), u)
         Q, R = self._like(self.Q, x), self._like(self.R, x)
         return 0.5 * ((dx @ Q) * dx).sum(-1) + 0.5 * ((du @ R) * du).sum(-1)
 
@@ -299,7 +324,8 @@ class QuadraticCost(Cost):
         Q, R = self._like(self.Q, x), self._like(self.R, x)
         N, n, m = x.shape[0], x.shape[-1], u.shape[-1]
         return CostDerivatives(
-            lx=(x - self._like(self.x_ref, x)) @ Q, lu=(u - self._like(self.u_ref, u)) @ R,
+            lx=(x - self._like(self._at(self.x_ref, t, "x_ref"), x)) @ Q,
+            lu=(u - self._like(self._at(self.u_ref, t, "u_ref"), u)) @ R,
             lxx=Q.expand(N, n, n), luu=R.expand(N, m, m), lux=x.new_zeros(N, m, n))
 
     def terminal_derivatives(self, x):

@@ -149,6 +149,45 @@ class LQR:
         """Number of stages (horizon)."""
         return len(self.stages)
 
+    @classmethod
+    def time_invariant(cls, A: Any, B: Any, Q: Any, R: Any, T: int, *, M: Any = None,
+                       q: Any = None, r: Any = None, c: Any = None, QT: Any = None,
+                       qT: Any = None) -> LQR:
+        """The same stage matrices at each of ``T`` stages, without stacking them by hand:
+        ``LQR.time_invariant(A, B, Q, R, T=50, QT=P)``.
+
+        Stage arguments are one stage's arrays (``A`` (..., n, n), ``q`` (..., n), ...);
+        they are repeated along a new time axis (a broadcast view for torch input, no
+        copy).  ``QT`` defaults to ``Q``; e.g. the DARE solution
+        (``solve_dare(A, B, Q, R).P``) makes the finite horizon's gains those of the
+        infinite one.
+        """
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise InvalidArgumentError(f"T must be a positive integer; got {T!r}")
+        named = {"A": A, "B": B, "Q": Q, "R": R, "M": M, "q": q, "r": r, "c": c}
+        for name, v in named.items():
+            if isinstance(v, (list, tuple)):
+                raise InvalidArgumentError(
+                    f"{name}: LQR.time_invariant takes one stage's array, not a sequence; "
+                    f"for stages that differ use LQR(...) with a sequence or a stacked array")
+        tensors, kind = as_tensors({**named, "QT": Q if QT is None else QT, "qT": qT},
+                                   sequences=False)
+
+        def repeat(name: str, v: torch.Tensor | None) -> Any:
+            if v is None:
+                return None
+            rank = _RANK[name]
+            if v.ndim < rank:
+                raise ShapeError(f"{name} must have at least {rank} dimensions; got "
+                                 f"{shape_str(v)}")
+            v = v.unsqueeze(-rank - 1)
+            v = v.expand(*v.shape[:-rank - 1], T, *v.shape[-rank:])
+            return v.contiguous().numpy() if kind.numpy else v
+        def back(v: torch.Tensor | None) -> Any:
+            return None if v is None else (v.numpy() if kind.numpy else v)
+        out = {name: repeat(name, tensors[name]) for name in named}
+        return cls(**out, QT=back(tensors["QT"]), qT=back(tensors["qT"]))
+
 
 def dense_stages(problem: LQR) -> list[DenseStage]:
     """The problem's stages as the kernel's dense expansion plug
