@@ -179,3 +179,30 @@ def test_compat_estimators_and_state_space_objects():
            eig_atol=1e-6)
     with pytest.raises(InvalidArgumentError, match="dlqr"):
         compat.dlqr(A)
+
+
+def test_continuous_infinite_lqr_is_the_limit_of_fine_discretizations():
+    """time="continuous": P, K, p, k equal the dt -> 0 limit of the discrete problem with
+    A_d = I + dt A, B_d = dt B and the cost times dt (Richardson-extrapolated from dt and
+    dt / 2: the error is O(dt^2)), and K equals python-control's lqr (sign flipped)."""
+    rng = np.random.default_rng(11)
+    n, m = 3, 2
+    A, B = rng.normal(size=(n, n)), rng.normal(size=(n, m))
+    Q, R = np.eye(n), np.eye(m)
+    M, q, r = 0.1 * rng.normal(size=(m, n)), rng.normal(size=n), rng.normal(size=m)
+    sol = trajopt.solve_infinite_lqr(A, B, Q, R, M, q, r, time="continuous")
+    assert isinstance(sol.riccati, trajopt.CARESolution) and sol.dare is sol.riccati
+
+    def discrete(dt):
+        s = trajopt.solve_infinite_lqr(np.eye(n) + dt * A, dt * B, dt * Q, dt * R, dt * M,
+                                       dt * q, dt * r)
+        return np.concatenate([s.P.ravel(), s.K.ravel(), s.p.ravel(), s.k.ravel()])
+    dt = 1e-3
+    limit = 2 * discrete(dt / 2) - discrete(dt)
+    ours = np.concatenate([sol.P.ravel(), sol.K.ravel(), sol.p.ravel(), sol.k.ravel()])
+    # measured: 7.7e-4 at dt = 1e-3 without extrapolation, 3.2e-7 with it (O(dt^2))
+    np.testing.assert_allclose(ours, limit, rtol=0, atol=1e-6 * np.abs(ours).max())
+    control = pytest.importorskip("control")
+    np.testing.assert_allclose(-sol.K, control.lqr(A, B, Q, R, M.T)[0], atol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="time"):
+        trajopt.solve_infinite_lqr(A, B, Q, R, time="hybrid")

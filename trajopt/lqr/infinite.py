@@ -17,21 +17,32 @@ value is the fixed point of Eq. 2.3.9, which in our notation reads
 and the stationary policy is :math:`u = Kx + k`.  With linear terms the total cost is
 infinite; :math:`p` is the gradient of the relative value function, the quantity the
 thesis (Eq. 2.3.10, 4.1.7) uses.
+
+In continuous time (``time="continuous"``: :math:`\dot x = Ax + Bu`, the same running
+cost integrated) :math:`P` solves the CARE and the HJB equation's terms linear in x give
+
+.. math::
+
+    (A + BK)^\top p + q + K^\top r = 0, \qquad k = -R^{-1}(r + B^\top p),
+    \qquad K = -R^{-1}(B^\top P + M).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .._arrays import as_tensors
 from .._checks import check_finite, check_matrix, check_vector
+from ..care import CARESolution, solve_care
 from ..dare._common import prepare
-from ..dare.solve import DAREMethod, DARESolution, solve_dare
+from ..dare.solve import DARESolution, solve_dare
+from ..errors import InvalidArgumentError
 
-__all__ = ["InfiniteLQRSolution", "solve_infinite_lqr", "linear_fixed_point"]
+__all__ = ["InfiniteLQRSolution", "solve_infinite_lqr", "linear_fixed_point",
+           "continuous_linear_fixed_point"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ class InfiniteLQRSolution:
     Attributes
     ----------
     P : (..., n, n)
-        Value Hessian (stabilizing DARE solution).
+        Value Hessian (stabilizing DARE solution; CARE in continuous time).
     K : (..., m, n)
         Feedback gain, ``u = K x + k``.
     p : (..., n)
@@ -50,8 +61,10 @@ class InfiniteLQRSolution:
         Feedforward term; zeros when q = r = 0.
     closed_loop_eigvals : (..., n) complex
     residual : (...)
-        Relative DARE residual.
+        Relative DARE (CARE) residual.
     method : str
+    riccati : DARESolution or CARESolution
+        The Riccati solution P came from.
     """
 
     P: Any
@@ -60,12 +73,17 @@ class InfiniteLQRSolution:
     k: Any
     residual: Any
     method: str
-    dare: DARESolution = field(repr=False, compare=False)
+    riccati: DARESolution | CARESolution = field(repr=False, compare=False)
 
     @property
     def closed_loop_eigvals(self) -> Any:
         """Eigenvalues of ``A + BK`` (computed on first access, see DARESolution)."""
-        return self.dare.closed_loop_eigvals
+        return self.riccati.closed_loop_eigvals
+
+    @property
+    def dare(self) -> DARESolution | CARESolution:
+        """The Riccati solution (the name from before continuous time; ``riccati``)."""
+        return self.riccati
 
 
 def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +107,28 @@ def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]
     return p, k
 
 
+def continuous_linear_fixed_point(A, B, R, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p = -(A+BK)'^{-1}(q + K'r)`` and ``k = -R^{-1}(r + B'p)`` (continuous time)."""
+    n = A.shape[-1]
+    batch = torch.broadcast_shapes(A.shape[:-2], K.shape[:-2])
+    w = torch.zeros(*batch, n, dtype=A.dtype, device=A.device)
+    if q is not None:
+        w = w + q
+    if r is not None:
+        w = w + (K.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+    p = -torch.linalg.solve((A + B @ K).transpose(-1, -2), w)
+    rhs = (B.transpose(-1, -2) @ p.unsqueeze(-1)).squeeze(-1)
+    if r is not None:
+        rhs = rhs + r
+    return p, -torch.linalg.solve(R, rhs)
+
+
 def solve_infinite_lqr(
     A: Any, B: Any, Q: Any, R: Any, M: Any = None, q: Any = None, r: Any = None, *,
-    method: DAREMethod = "auto",
+    method: str = "auto", time: Literal["discrete", "continuous"] = "discrete",
 ) -> InfiniteLQRSolution:
-    """Solve the infinite-horizon LQR (cost convention of ``docs/notation.md``).
+    """Solve the infinite-horizon LQR (cost convention of ``docs/notation.md``), in
+    discrete time (the DARE) or continuous time (the CARE).
 
     Parameters
     ----------
@@ -106,7 +141,11 @@ def solve_infinite_lqr(
     q : (..., n), optional
     r : (..., m), optional
     method : str
-        DARE method, see :func:`trajopt.solve_dare`.
+        DARE method (:func:`trajopt.solve_dare`), or CARE method
+        (:func:`trajopt.solve_care`) in continuous time.
+    time : {"discrete", "continuous"}
+        ``x_{t+1} = Ax_t + Bu_t`` with a summed cost, or ``dx/dt = Ax + Bu`` with an
+        integrated one.
 
     Returns
     -------
@@ -126,10 +165,19 @@ def solve_infinite_lqr(
     if t["r"] is not None:
         check_vector(t["r"], "r", d.m)
         check_finite(t["r"], "r")
-    sol = solve_dare(d.A, d.B, d.Q, d.R, None, d.S, method=method)
-    p, k = linear_fixed_point(d.A, d.B, d.R, sol.P, sol.K, t["q"], t["r"])
+    if time == "continuous":
+        sol = solve_care(d.A, d.B, d.Q, d.R, None, d.S, method=method)
+        p, k = continuous_linear_fixed_point(d.A, d.B, d.R, sol.K, t["q"], t["r"])
+        riccati = CARESolution
+    elif time == "discrete":
+        sol = solve_dare(d.A, d.B, d.Q, d.R, None, d.S, method=method)
+        p, k = linear_fixed_point(d.A, d.B, d.R, sol.P, sol.K, t["q"], t["r"])
+        riccati = DARESolution
+    else:
+        raise InvalidArgumentError(f"time must be 'discrete' or 'continuous'; got {time!r}")
     return InfiniteLQRSolution(
         P=kind.out(sol.P), K=kind.out(sol.K), p=kind.out(p), k=kind.out(k),
         residual=kind.out(sol.residual), method=sol.method,
-        dare=DARESolution(P=kind.out(sol.P), K=kind.out(sol.K), residual=kind.out(sol.residual),
-                          method=sol.method, _eigvals=lambda: kind.out(sol.closed_loop_eigvals)))
+        riccati=riccati(P=kind.out(sol.P), K=kind.out(sol.K),
+                        residual=kind.out(sol.residual), method=sol.method,
+                        _eigvals=lambda: kind.out(sol.closed_loop_eigvals)))
