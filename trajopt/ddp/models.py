@@ -250,10 +250,14 @@ class QuadraticCost(Cost):
 
     Parameters
     ----------
-    Q : (n, n); R : (m, m); QT : (n, n)
-    x_ref : (n,) or (T+1, n), optional (zero)
-        One reference for every stage, or a trajectory to track: row t at stage t.
-    u_ref : (m,) or (T, m), optional (zero)
+    Q : (n, n)
+    R : (m, m)
+    QT : (n, n)
+    x_ref : (n,) or (T+1, n), optional
+        One reference for every stage, or a trajectory to track: row t at stage t
+        (default zero).
+    u_ref : (m,) or (T, m), optional
+        Likewise for the controls (default zero).
     x_goal : (n,), optional
         Defaults to ``x_ref`` (its last row for a trajectory).
 
