@@ -248,6 +248,10 @@ class QuadraticCost(Cost):
     r"""``1/2 (x-x_ref)'Q(x-x_ref) + 1/2 (u-u_ref)'R(u-u_ref)`` per stage and
     ``1/2 (x-x_goal)'Q_T(x-x_goal)`` at the end, with analytic derivatives.
 
+    A trajectory reference makes the cost time varying; its derivatives are still taken
+    for all stages in one call (the stage index selects the rows).  A horizon longer
+    than the reference raises :class:`~trajopt.errors.ShapeError` naming it.
+
     Parameters
     ----------
     Q : (n, n)
@@ -260,10 +264,6 @@ class QuadraticCost(Cost):
         Likewise for the controls (default zero).
     x_goal : (n,), optional
         Defaults to ``x_ref`` (its last row for a trajectory).
-
-    A trajectory reference makes the cost time varying; its derivatives are still taken
-    for all stages in one call (the stage index selects the rows).  A horizon longer
-    than the reference raises :class:`~trajopt.errors.ShapeError` naming it.
     """
 
     def __init__(self, Q, R, QT, x_ref=None, u_ref=None, x_goal=None):
