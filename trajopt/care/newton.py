@@ -61,3 +61,15 @@ def care_newton_refine(d: DAREData, X: torch.Tensor, steps: int = 1,
         best = torch.where(better[..., None, None], cand, best)
         best_res = torch.where(better, cand_res, best_res)
     return best, best_res
+
+
+def care_adjoint(d: DAREData, P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    r"""The adjoint of the CARE residual's derivative at P: Λ with
+    :math:`A_c \Lambda E^\top + E \Lambda A_c^\top + G = 0` (``trajopt.dare.implicit``)."""
+    F = d.A + d.B @ care_gain(d, P)
+    if d.E is not None:                      # F = A_c E^{-1}
+        F = torch.linalg.solve(d.E.transpose(-1, -2), F.transpose(-1, -2)).transpose(-1, -2)
+    L = solve_lyapunov(F.transpose(-1, -2), G)
+    if d.E is not None:                      # Λ = E^{-1} Λ' E^{-T}
+        L = torch.linalg.solve(d.E, torch.linalg.solve(d.E, L).transpose(-1, -2))
+    return sym(L)

@@ -15,13 +15,15 @@ import torch
 
 from .._arrays import as_tensors
 from ..dare._common import DAREData, ops, prepare, scale
+from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..errors import ConvergenceWarning, InvalidArgumentError, NotStabilizableError
 from ._common import (
     care_closed_loop_eigvals,
     care_gain,
     care_relative_residual,
+    care_residual_matrix,
 )
-from .newton import care_newton_refine
+from .newton import care_adjoint, care_newton_refine
 from .sign import solve_sign
 
 __all__ = ["CARESolution", "solve_care", "CAREMethod"]
@@ -182,6 +184,9 @@ def solve_care(
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}, sequences=False)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    grad_d = None
+    if requires_grad(d):  # solve outside autograd, attach P after (implicit gradient)
+        grad_d, d = d, detached(d)
     for name, M in (("R", d.R), ("E", d.E)):
         if M is not None and not bool((torch.linalg.inv_ex(M)[1] == 0).all()):
             raise InvalidArgumentError(f"{name} must be invertible for the CARE")
@@ -223,6 +228,10 @@ def solve_care(
                       "problem is ill-conditioned; try refine=2 or method='scipy')",
                       ConvergenceWarning, stacklevel=2)
     P = ops(X).ldexp(X, e)
+    if grad_d is not None:
+        P = attach_riccati_grad(P, grad_d, adjoint=care_adjoint,
+                                residual=lambda dd, Y: care_residual_matrix(dd, Y)[0])
+        K = care_gain(grad_d, P)
     sol = CARESolution(P=kind.out(P), K=kind.out(K), residual=kind.out(res), method=label,
                        _eigvals=lambda: kind.out(eig))
     return sol

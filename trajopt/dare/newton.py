@@ -60,3 +60,17 @@ def newton_refine(d: DAREData, X, steps: int = 1, res=None):
         best = o.where(better[..., None, None], cand, best)
         best_res = o.where(better, cand_res, best_res)
     return best, best_res
+
+
+def dare_adjoint(d: DAREData, P, G):
+    r"""The adjoint of the DARE residual's derivative at P: Λ with
+    :math:`A_c \Lambda A_c^\top - E \Lambda E^\top + G = 0` (torch, batched;
+    ``trajopt.dare.implicit``)."""
+    o = ops(P)
+    F = d.A + d.B @ gain(d, P)
+    if d.E is not None:                      # F = A_c E^{-1}
+        F = o.T(o.solve(o.T(d.E), o.T(F)))
+    L = stein_smith(o.T(F), G)
+    if d.E is not None:                      # Λ = E^{-1} Λ' E^{-T}
+        L = o.solve(d.E, o.T(o.solve(d.E, L)))
+    return 0.5 * (L + o.T(L))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal, get_args
 
@@ -29,12 +29,14 @@ from ._common import (
     prepare,
     prepare_numpy,
     relative_residual,
+    residual_matrix,
     scale,
     uncontrollable_unstable_mode,
 )
 from .backends import slycot_available, solve_scipy, solve_slycot
 from .doubling import solve_doubling
-from .newton import newton_refine
+from .implicit import attach_riccati_grad, detached, requires_grad
+from .newton import dare_adjoint, newton_refine
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
 
@@ -294,6 +296,9 @@ def solve_dare(
     else:
         t, kind = as_tensors(named, sequences=False)
         d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    grad_d = None
+    if not d.is_numpy and requires_grad(d):  # solve outside autograd, attach P after
+        grad_d, d = d, detached(d)
     d, e = scale(d)  # solve with the cost scaled to O(1); P = 2^e X
     certified = res = None
     if method == "auto":
@@ -313,6 +318,10 @@ def solve_dare(
         if X is not X0:  # newton_refine returns X itself when no step lowered the residual
             label += "+newton"
     sol, res = _finish(d, X, certified, e, label, kind, res)  # raises if not stabilizing
+    if grad_d is not None:
+        P = attach_riccati_grad(sol.P, grad_d, adjoint=dare_adjoint,
+                                residual=lambda dd, X: residual_matrix(dd, X)[0])
+        sol = replace(sol, P=P, K=gain(grad_d, P))
     if method == "doubling" and not bool(certified.all()):
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",

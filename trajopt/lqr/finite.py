@@ -20,48 +20,23 @@ from typing import Any
 import torch
 
 from .._arrays import ArrayKind, as_tensors
-from .._checks import (
-    batch_shape,
-    check_finite,
-    check_matrix,
-    check_square,
-    check_symmetric,
-    check_vector,
-    shape_str,
-)
+from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
 from ..errors import InvalidArgumentError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
+from .stages import (
+    RANK,
+    STAGE_ARGS,
+    Stage,
+    split_stages,
+    validate_shapes,
+    validate_values,
+)
 
-__all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout", "dense_stages"]
-
-_STAGE_ARGS = ("A", "B", "Q", "R", "M", "q", "r", "c")
-_RANK = {"A": 2, "B": 2, "Q": 2, "R": 2, "M": 2, "q": 1, "r": 1, "c": 1}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One LQR stage as tensors (internal).  Optional terms are None when absent."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    Q: torch.Tensor
-    R: torch.Tensor
-    M: torch.Tensor | None
-    q: torch.Tensor | None
-    r: torch.Tensor | None
-    c: torch.Tensor | None
-
-    @property
-    def n(self) -> int:
-        return self.A.shape[-1]
-
-    @property
-    def m(self) -> int:
-        return self.B.shape[-1]
-
+__all__ = ["LQR", "LQRSolution", "Trajectory", "solve_lqr", "rollout", "dense_stages",
+           "Stage"]
 
 @dataclass(frozen=True, kw_only=True)
 class LQR:
@@ -110,7 +85,7 @@ class LQR:
     stacked: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        raw = {name: getattr(self, name) for name in _STAGE_ARGS}
+        raw = {name: getattr(self, name) for name in STAGE_ARGS}
         raw["QT"], raw["qT"] = self.QT, self.qT
         tensors, kind = as_tensors(raw, whole=("QT", "qT"))
         stacked = not isinstance(self.A, (list, tuple))
@@ -124,18 +99,18 @@ class LQR:
         QT, qT = tensors["QT"], tensors["qT"]
         if QT is None:
             raise ShapeError("QT (terminal Hessian) is required")
-        per_stage = {name: _split(tensors[name], name, T) for name in _STAGE_ARGS}
-        stages = [Stage(**{name: per_stage[name][t] for name in _STAGE_ARGS})
+        per_stage = {name: split_stages(tensors[name], name, T) for name in STAGE_ARGS}
+        stages = [Stage(**{name: per_stage[name][t] for name in STAGE_ARGS})
                   for t in range(T)]
-        _validate_shapes(stages, QT, qT)
+        validate_shapes(stages, QT, qT)
         if stacked:  # one check per argument instead of one per stage
-            _validate_values({n: tensors[n] for n in _STAGE_ARGS}, QT, qT, "")
+            validate_values({n: tensors[n] for n in STAGE_ARGS}, QT, qT, "")
         else:
             for t, st_ in enumerate(stages):
-                _validate_values({n: getattr(st_, n) for n in _STAGE_ARGS}, None, None,
+                validate_values({n: getattr(st_, n) for n in STAGE_ARGS}, None, None,
                                  f"[{t}]")
-            _validate_values({}, QT, qT, "")
-        object.__setattr__(self, "arrays", {n: tensors[n] for n in _STAGE_ARGS}
+            validate_values({}, QT, qT, "")
+        object.__setattr__(self, "arrays", {n: tensors[n] for n in STAGE_ARGS}
                            if stacked else None)
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "terminal", (QT, qT))
@@ -176,7 +151,7 @@ class LQR:
         def repeat(name: str, v: torch.Tensor | None) -> Any:
             if v is None:
                 return None
-            rank = _RANK[name]
+            rank = RANK[name]
             if v.ndim < rank:
                 raise ShapeError(f"{name} must have at least {rank} dimensions; got "
                                  f"{shape_str(v)}")
@@ -203,76 +178,6 @@ def dense_stages(problem: LQR) -> list[DenseStage]:
         packed = [joint_blocks(s.A, s.B, s.q, s.r, s.Q, s.R, s.M) for s in problem.stages]
         Fs, Ls = [p[0] for p in packed], [p[1] for p in packed]
     return [DenseStage(F, L, s.n, s.c) for s, F, L in zip(problem.stages, Fs, Ls)]
-
-
-def _split(value: Any, name: str, T: int, label: str | None = None
-           ) -> list[torch.Tensor | None]:
-    """Per-stage list of ``value`` (a list, or stacked with its time axis before the core
-    axes of argument ``name``); ``label`` names the argument in messages."""
-    rank = _RANK[name]
-    name = label or name
-    if value is None:
-        return [None] * T
-    if isinstance(value, list):
-        if len(value) != T:
-            raise ShapeError(f"{name} has {len(value)} stages but A has {T}")
-        return value
-    if value.ndim < rank + 1 or value.shape[-rank - 1] != T:
-        want = "(..., T, r, c)" if rank == 2 else "(..., T, r)"
-        raise ShapeError(f"{name} must be stacked as {want} with T = {T}, or a sequence "
-                         f"of {T} stage arrays; got shape {shape_str(value)}")
-    return list(value.unbind(dim=-rank - 1))
-
-
-def _validate_shapes(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None
-                     ) -> None:
-    """Shapes of every stage (Python-level, cheap) and batch broadcasting."""
-    for t, s in enumerate(stages):
-        check_matrix(s.A, f"A[{t}]", None, None)
-        n, n1 = s.A.shape[-1], s.A.shape[-2]
-        if t + 1 < len(stages) and stages[t + 1].A.shape[-1] != n1:
-            raise ShapeError(
-                f"A[{t}] maps to a state of size {n1} but A[{t + 1}] expects "
-                f"{stages[t + 1].A.shape[-1]} (A[{t}] is {shape_str(s.A)}, "
-                f"A[{t + 1}] is {shape_str(stages[t + 1].A)})")
-        check_matrix(s.B, f"B[{t}]", n1, None)
-        m = s.B.shape[-1]
-        check_square(s.Q, f"Q[{t}]", n)
-        check_square(s.R, f"R[{t}]", m)
-        if s.M is not None:
-            check_matrix(s.M, f"M[{t}]", m, n)
-        if s.q is not None:
-            check_vector(s.q, f"q[{t}]", n)
-        if s.r is not None:
-            check_vector(s.r, f"r[{t}]", m)
-        if s.c is not None:
-            check_vector(s.c, f"c[{t}]", n1)
-    nT = stages[-1].A.shape[-2]
-    check_square(QT, "QT", nT)
-    if qT is not None:
-        check_vector(qT, "qT", nT)
-    first, last = stages[0], stages[-1]  # all stages share a batch shape when stacked
-    batch_shape(*((getattr(s, name), _RANK[name], f"{name}[{t}]")
-                  for t, s in ((0, first), (len(stages) - 1, last)) for name in _STAGE_ARGS),
-                (QT, 2, "QT"), (qT, 1, "qT"))
-    if len(stages) > 2 and any(s.A.ndim != first.A.ndim for s in stages):
-        batch_shape(*((s.A, 2, f"A[{t}]") for t, s in enumerate(stages)))
-
-
-def _validate_values(named: dict[str, torch.Tensor | None], QT: torch.Tensor | None,
-                     qT: torch.Tensor | None, suffix: str) -> None:
-    """Finiteness and symmetry, on stacked arrays or on one stage (``suffix`` = "[t]")."""
-    for name, v in named.items():
-        if v is not None:
-            check_finite(v, name + suffix)
-    for name in ("Q", "R"):
-        if named.get(name) is not None:
-            check_symmetric(named[name], name + suffix)
-    if QT is not None:
-        check_finite(QT, "QT")
-        check_symmetric(QT, "QT")
-    if qT is not None:
-        check_finite(qT, "qT")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Gradients through the Riccati solvers (implicit differentiation, trajopt.dare.implicit)
+against finite differences (torch.autograd.gradcheck, float64)."""
+
+import warnings
+
+import pytest
+import torch
+
+import trajopt
+from trajopt.dare.backends import slycot_available
+
+DT = torch.float64
+
+
+def _data(seed, n, m, batch=(), with_e=False, with_s=False):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*batch, n, n, generator=g, dtype=DT) / n ** 0.5
+    B = torch.randn(*batch, n, m, generator=g, dtype=DT)
+    L = torch.randn(n, n, generator=g, dtype=DT)
+    Q = L @ L.T / n + 0.5 * torch.eye(n, dtype=DT)
+    R = torch.eye(m, dtype=DT) + 0.1 * torch.diag(torch.rand(m, generator=g, dtype=DT))
+    E = torch.eye(n, dtype=DT) + 0.05 * torch.randn(n, n, generator=g, dtype=DT) \
+        if with_e else None
+    S = 0.05 * torch.randn(n, m, generator=g, dtype=DT) if with_s else None
+    return [v.requires_grad_() if v is not None else None for v in (A, B, Q, R, E, S)]
+
+
+def _check(solve, args, method):
+    A, B, Q, R, E, S = args
+    present = [v for v in args if v is not None]
+    has_e, has_s = E is not None, S is not None
+
+    def fn(*xs):
+        it = iter(xs)
+        A, B, Q, R = (next(it) for _ in range(4))
+        E = next(it) if has_e else None
+        S = next(it) if has_s else None
+        sol = solve(A, B, 0.5 * (Q + Q.mT), 0.5 * (R + R.mT), E, S, method=method)
+        return sol.P, sol.K
+    assert torch.autograd.gradcheck(fn, present, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+DARE_METHODS = ["auto", "scipy", "doubling"] + (["slycot"] if slycot_available() else [])
+
+
+@pytest.mark.parametrize("method", DARE_METHODS)
+@pytest.mark.parametrize("with_e,with_s", [(False, False), (True, True)])
+def test_dare_gradients_match_finite_differences(method, with_e, with_s):
+    _check(trajopt.solve_dare, _data(0, 3, 2, with_e=with_e, with_s=with_s), method)
+
+
+@pytest.mark.parametrize("method", ["auto", "scipy", "sign"])
+@pytest.mark.parametrize("with_e,with_s", [(False, False), (True, True)])
+def test_care_gradients_match_finite_differences(method, with_e, with_s):
+    _check(trajopt.solve_care, _data(1, 3, 2, with_e=with_e, with_s=with_s), method)
+
+
+@pytest.mark.parametrize("solve", [trajopt.solve_dare, trajopt.solve_care])
+def test_batched_gradients(solve):
+    _check(solve, _data(2, 3, 1, batch=(3,)), "auto")
+
+
+def test_the_gradient_is_implicit_not_unrolled():
+    """P's graph is one node over the problem's matrices (no doubling iterations in it),
+    and "auto" no longer warns that scipy's answer is not differentiable."""
+    A, B, Q, R, _, _ = _data(3, 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = trajopt.solve_dare(A, B, Q, R)
+    assert type(sol.P.grad_fn).__name__ == "_ImplicitBackward"
+    assert sol.K.requires_grad
+    sol.P.sum().backward()
+    assert all(v.grad is not None for v in (A, B, Q, R))
+
+
+@pytest.mark.parametrize("time", ["discrete", "continuous"])
+def test_infinite_lqr_gradients(time):
+    """p and k (through P and K) with respect to the problem and the linear terms."""
+    A, B, Q, R, _, _ = _data(4, 3, 2)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, generator=g, dtype=DT, requires_grad=True)
+    r = torch.randn(2, generator=g, dtype=DT, requires_grad=True)
+
+    def fn(A, B, Q, q, r):
+        s = trajopt.solve_infinite_lqr(A, B, 0.5 * (Q + Q.T), R.detach(), None, q, r,
+                                       time=time)
+        return s.P, s.K, s.p, s.k
+    assert torch.autograd.gradcheck(fn, (A, B, Q, q, r), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_finite_lqr_gradients():
+    """solve_lqr is differentiable by autograd through the recursion (xs, us, cost with
+    respect to x0 and the matrices)."""
+    g = torch.Generator().manual_seed(6)
+    T, n, m = 5, 3, 2
+    A = (torch.randn(T, n, n, generator=g, dtype=DT) / 2).requires_grad_()
+    B = torch.randn(T, n, m, generator=g, dtype=DT, requires_grad=True)
+    x0 = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+
+    def fn(A, B, x0):
+        prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, dtype=DT).expand(T, n, n),
+                           R=torch.eye(m, dtype=DT).expand(T, m, m),
+                           QT=torch.eye(n, dtype=DT))
+        s = trajopt.solve_lqr(prob, x0)
+        return s.xs, s.us, s.cost
+    assert torch.autograd.gradcheck(fn, (A, B, x0), eps=1e-6, atol=1e-6, rtol=1e-5)
