@@ -3,12 +3,17 @@ players are given."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
+import torch
+
+from ..errors import InvalidArgumentError
 from .gtddp import GTDDPSolver
 from .models import Cost, Dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
+from .sensitivity import differentiable_outputs
 from .solver import DDPSolver
 
 __all__ = ["solve_ddp"]
@@ -19,7 +24,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
               regularization: Regularization | None = None,
               line_search: LineSearch | None = None, control_limits=None,
               callback: Callable[[IterationLog], Any] | None = None,
-              spans=None, players=None) -> DDPResult:
+              spans=None, players=None, params: Sequence[Any] = ()) -> DDPResult:
     r"""Optimize a control sequence by iLQR or DDP.
 
     .. math::
@@ -52,11 +57,40 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         gains ``K[t]`` then act on ``[x_t, x_start of each span open at t]`` (span order).
     players : sequence of int or callable ``t -> sequence``, optional
         Split of each stage's control among cooperative players (GT-DDP Sec. 3.2).
+    params : sequence of torch tensors, optional
+        Tensors the dynamics and cost use (a mass, a damping, a reference, a network's
+        parameters).  When ``params`` or a torch ``x0`` require a gradient, the result's
+        ``xs``, ``us`` and ``cost`` are differentiable with respect to them: implicit
+        differentiation of the optimality conditions at the returned optimum (one
+        adjoint LQR solve with the exact Hessian of the Lagrangian; controls at a box
+        limit held fixed), not an unrolled solve (``trajopt.ddp.sensitivity``,
+        ``docs/ddp.md``).  The other fields stay detached.
 
     Returns
     -------
     DDPResult
     """
+    params = tuple(params)
+    for i, prm in enumerate(params):
+        if not isinstance(prm, torch.Tensor):
+            raise InvalidArgumentError(f"params[{i}] must be a torch tensor; got "
+                                       f"{type(prm).__name__}")
+    grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or (
+        isinstance(x0, torch.Tensor) and x0.requires_grad))
+    if grad:
+        if spans or players is not None:
+            raise InvalidArgumentError("gradients through solve_ddp (params, or an x0 that "
+                                       "requires grad) are not supported with spans or "
+                                       "players yet")
+        solver = DDPSolver(dynamics, cost, mode=mode, max_iter=max_iter, tol=tol,
+                           regularization=regularization, line_search=line_search,
+                           control_limits=control_limits, callback=callback)
+        res = solver.solve(x0.detach() if isinstance(x0, torch.Tensor) else x0, us0)
+        x0t = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(
+            x0, dtype=res.xs.dtype, device=res.xs.device)
+        xs, us, J = differentiable_outputs(res, solver.dynamics, solver.cost, x0t, params,
+                                           control_limits)
+        return replace(res, xs=xs, us=us, cost=J)
     if spans or players is not None:
         return GTDDPSolver(dynamics, cost, spans=spans or (), players=players, mode=mode,
                            max_iter=max_iter, tol=tol, regularization=regularization,
