@@ -1,7 +1,8 @@
 """Receding-horizon control (MPC) of a unicycle with a warm-started DDP solver.
 
-At every step the solver is restarted from the previous plan shifted by one step, a few
-iterations are run, and the first control is applied to the (here: nominal) plant.
+``trajopt.MPC``: at every step the solver restarts from the previous plan shifted by one
+step (rolled out with its feedback gains), runs a few iterations, and the first control
+is applied to the (here: nominal) plant.
 
     python examples/mpc_unicycle.py [--out DIR] [--smoke]
 """
@@ -13,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import trajopt  # noqa: E402
@@ -25,21 +27,23 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite")
     args = ap.parse_args(argv)
     p = problems.unicycle(T=30)
-    steps = 5 if args.smoke else 60
-    solver = trajopt.DDPSolver(p.dynamics, p.cost, control_limits=p.control_limits,
-                               max_iter=10)
-    x, plan = p.x0, p.us0
-    path = [x]
-    for k in range(steps):
-        res = solver.solve(x, plan)
-        u = res.us[0]
-        x = p.dynamics(x, u, 0)
-        path.append(x)
-        plan = torch.cat([res.us[1:], res.us[-1:]], 0)  # warm start: shift the plan
-        if k % 10 == 0:
-            print(f"step {k:3d}: x = {x.numpy().round(3)}, plan cost {float(res.cost):.4f}, "
-                  f"{int(res.iterations)} iterations")
-    path = torch.stack(path).numpy()
+    steps = 5 if args.smoke else 80
+    # the problem's cost weighs the state only at the end of its 80-stage horizon; a
+    # receding horizon needs the goal in every stage (else it stops short of it)
+    goal = torch.tensor([2.0, 1.0, 1.5707963267948966], dtype=torch.float64)
+    cost = trajopt.QuadraticCost(torch.diag(torch.tensor([1.0, 1.0, 0.1],
+                                                         dtype=torch.float64)),
+                                 0.01 * torch.eye(2, dtype=torch.float64),
+                                 100 * torch.eye(3, dtype=torch.float64), x_ref=goal)
+    mpc = trajopt.MPC(p.dynamics, cost, horizon=30, iterations=10,
+                      control_limits=p.control_limits)
+    run = mpc.simulate(p.dynamics, p.x0, steps,
+                       callback=lambda k, x, r: k % 10 == 0 and print(
+                           f"step {k:3d}: x = {x.numpy().round(3)}, plan cost "
+                           f"{float(r.cost):.4f}, {int(r.iterations)} iterations"))
+    print(f"final state {run.xs[-1].numpy().round(4)} (goal {goal.numpy().round(4)}); "
+          f"median solve {1e3 * float(np.median(run.solve_times)):.0f} ms")
+    path = run.xs.numpy()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(path[:, 0], path[:, 1], "o-", ms=3)
     ax.plot([2.0], [1.0], "r*", ms=12, label="goal")

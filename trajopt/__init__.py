@@ -7,12 +7,14 @@ from . import compat, errors
 from .care import CARESolution, solve_care
 from .dare import DARESolution, solve_dare
 from .ddp import (
+    MPC,
     Cost,
     DDPResult,
     DDPSolver,
     Dynamics,
     GTDDPSolver,
     LineSearch,
+    MPCRun,
     QuadraticCost,
     Regularization,
     Span,
@@ -43,5 +45,5 @@ __all__ = [
     "CyclicLQRSolution", "solve_cyclic_lqr",
     "Dynamics", "Cost", "QuadraticCost", "discretize",
     "solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
-    "Span", "GTDDPSolver",
+    "Span", "GTDDPSolver", "MPC", "MPCRun",
 ]

@@ -14,6 +14,7 @@ from .models import (
     as_dynamics,
     discretize,
 )
+from .mpc import MPC, MPCRun
 from .options import DDPResult, IterationLog, LineSearch, Regularization
 from .solver import DDPSolver
 from .spans import Span, SpanChain
@@ -22,5 +23,5 @@ __all__ = [
     "Dynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
     "as_dynamics", "discretize", "box_qp", "BoxQPResult",
     "solve_ddp", "DDPSolver", "DDPResult", "IterationLog", "LineSearch", "Regularization",
-    "GTDDPSolver", "Span", "Chain", "SpanChain",
+    "GTDDPSolver", "Span", "Chain", "SpanChain", "MPC", "MPCRun",
 ]

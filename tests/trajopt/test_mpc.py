@@ -1,0 +1,73 @@
+"""trajopt.MPC: receding-horizon control around a warm-started DDPSolver."""
+
+import numpy as np
+import pytest
+import torch
+
+import trajopt
+from trajopt.errors import InvalidArgumentError, ShapeError
+
+DT = torch.float64
+
+
+def _lq():
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=DT)
+    B = torch.tensor([[0.005], [0.1]], dtype=DT)
+    Q, R = torch.eye(2, dtype=DT), 0.1 * torch.eye(1, dtype=DT)
+    P = trajopt.solve_dare(A, B, Q, R).P
+    return A, B, Q, R, P
+
+
+def test_lq_mpc_with_the_dare_terminal_is_the_stationary_lqr():
+    """On a linear system with a quadratic cost whose terminal weight is the DARE
+    solution, every MPC step's first control is the infinite-horizon gain's: the closed
+    loop equals x_{k+1} = (A + BK) x_k (batched, 10 steps)."""
+    A, B, Q, R, P = _lq()
+    cost = trajopt.QuadraticCost(Q, R, P)
+    mpc = trajopt.MPC(lambda x, u, t: x @ A.T + u @ B.T, cost, horizon=15, n_controls=1,
+                      iterations=2)
+    x0 = torch.tensor([[1.0, 0.0], [-0.5, 0.3]], dtype=DT)
+    run = mpc.simulate(lambda x, u, k: x @ A.T + u @ B.T, x0, 10)
+    K = trajopt.solve_dare(A, B, Q, R).K
+    x, ref = x0, [x0]
+    for _ in range(10):
+        x = x @ (A + B @ K).T
+        ref.append(x)
+    torch.testing.assert_close(run.xs, torch.stack(ref, 1), rtol=1e-9, atol=1e-10)
+    assert run.us.shape == (2, 10, 1) and run.plan_costs.shape == (2, 10)
+    assert run.reasons.shape == (2, 10) and run.solve_times.shape == (10,)
+
+
+def test_warm_start_on_the_nominal_plant_needs_no_iteration():
+    """When the plant is the model, the next state is the predicted one: the shifted,
+    closed-loop-rolled-out warm start is already optimal (the solve converges at once)."""
+    A, B, Q, R, P = _lq()
+    def f(x, u, t):
+        return (x @ A.T + u @ B.T)
+    mpc = trajopt.MPC(f, trajopt.QuadraticCost(Q, R, P), horizon=15, n_controls=1,
+                      iterations=5)
+    x = torch.tensor([1.0, 0.0], dtype=DT)
+    u = mpc.step(x)
+    first_plan = mpc.last.us.clone()
+    x = f(x, u, 0)
+    mpc.step(x)
+    assert mpc.last.reason.item() == "converged" and int(mpc.last.iterations) <= 1
+    torch.testing.assert_close(mpc.last.us[:-1], first_plan[1:], rtol=1e-8, atol=1e-10)
+
+
+def test_mpc_bad_input():
+    A, B, Q, R, P = _lq()
+    cost = trajopt.QuadraticCost(Q, R, P)
+    def f(x, u, t):
+        return (x @ A.T + u @ B.T)
+    with pytest.raises(InvalidArgumentError, match="horizon"):
+        trajopt.MPC(f, cost, horizon=0, n_controls=1)
+    with pytest.raises(InvalidArgumentError, match="n_controls"):
+        trajopt.MPC(f, cost, horizon=5)
+    mpc = trajopt.MPC(f, cost, horizon=5, n_controls=1)
+    with pytest.raises(ShapeError, match="plant must return"):
+        mpc.simulate(lambda x, u, k: x[:1], torch.zeros(2, dtype=DT), 2)
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        mpc.simulate(f, torch.zeros(2, dtype=DT), 0)
+    assert isinstance(np.asarray(mpc.simulate(f, torch.ones(2, dtype=DT), 1).reasons),
+                      np.ndarray)

@@ -1,0 +1,163 @@
+"""Receding-horizon control around one warm-started DDP solver: :class:`MPC`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError, ShapeError
+from .models import Cost, Dynamics
+from .options import DDPResult, LineSearch, Mode, Regularization
+from .solver import DDPSolver
+
+__all__ = ["MPC", "MPCRun"]
+
+
+@dataclass(frozen=True)
+class MPCRun:
+    """A closed-loop run of :meth:`MPC.simulate` (batch dimensions lead).
+
+    Attributes
+    ----------
+    xs : (..., steps+1, n)   the plant's states
+    us : (..., steps, m)     the applied controls
+    plan_costs : (..., steps)  the cost of each step's plan (the model's prediction)
+    reasons : numpy array of str, shape (..., steps): each step's solver reason
+        ("converged", "max_iter", ...; "max_iter" is normal with a fixed budget)
+    solve_times : (steps,) seconds of each step's solve (wall clock)
+    """
+
+    xs: torch.Tensor
+    us: torch.Tensor
+    plan_costs: torch.Tensor
+    reasons: np.ndarray
+    solve_times: np.ndarray
+
+
+class MPC:
+    r"""Model-predictive control: at every step, optimize the next ``horizon`` controls
+    from the current state with a fixed iteration budget, apply the first, shift the
+    plan by one stage (the last control repeated) as the next warm start.
+
+    Parameters
+    ----------
+    dynamics : Dynamics or callable ``f(x, u, t)``
+        The model the controller plans with (the plant may differ: :meth:`simulate`).
+    cost : Cost
+        Its stage index t counts from the current step (the window moves with time).
+    horizon : int
+        Number of stages planned at every step.
+    n_controls : int, optional
+        Control dimension m, for the first plan (zeros); taken from ``control_limits``
+        when those are given.
+    iterations : int
+        DDP iterations per step (the real-time budget); default 3.
+    control_limits, mode, regularization, line_search, tol
+        As for :func:`trajopt.solve_ddp`.
+
+    Batched: a state of shape (B, n) runs B controllers at once (one solve).
+    """
+
+    def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, horizon: int,
+                 n_controls: int | None = None, iterations: int = 3, control_limits=None,
+                 mode: Mode = "ilqr", regularization: Regularization | None = None,
+                 line_search: LineSearch | None = None, tol: float = 1e-8):
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise InvalidArgumentError(f"horizon must be a positive integer; got {horizon!r}")
+        if control_limits is not None:
+            m = int(torch.as_tensor(control_limits[0]).numel())
+            if n_controls is not None and n_controls != m:
+                raise ShapeError(f"n_controls = {n_controls} but control_limits have {m} "
+                                 "entries")
+            n_controls = m
+        if n_controls is None or isinstance(n_controls, bool) or not isinstance(
+                n_controls, int) or n_controls < 1:
+            raise InvalidArgumentError("n_controls must be a positive integer (or give "
+                                       f"control_limits); got {n_controls!r}")
+        self.horizon, self.n_controls = horizon, n_controls
+        self.solver = DDPSolver(dynamics, cost, mode=mode, max_iter=iterations, tol=tol,
+                                regularization=regularization, line_search=line_search,
+                                control_limits=control_limits)
+        self.plan: torch.Tensor | None = None
+        self.last: DDPResult | None = None
+
+    def reset(self, plan: Any = None) -> None:
+        """Forget the warm start (or set it: controls (..., horizon, m))."""
+        self.plan = None if plan is None else torch.as_tensor(plan)
+        self.last = None
+
+    def step(self, x: Any) -> torch.Tensor:
+        """The control to apply at state ``x`` (..., n): one warm-started solve; the plan
+        and its result are kept (``self.plan``, ``self.last``).
+
+        The warm start is the previous solution shifted by one stage and rolled out from
+        ``x`` *with its feedback gains*, ``u_t = u_bar_{t+1} + K_{t+1}(x_t - x_bar_{t+1})``
+        (clamped to the limits): on an unstable system an open-loop rollout of the old
+        controls from a state the model did not predict (a disturbance, a model error)
+        drifts away within the horizon and leaves the few iterations a useless
+        linearization (measured: a cart-pole held upright under a 20 % model error failed
+        with the open-loop warm start and holds with this one)."""
+        x = torch.as_tensor(x)
+        shape = (*x.shape[:-1], self.horizon, self.n_controls)
+        if self.plan is None or tuple(self.plan.shape) != shape:
+            self.plan = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        elif self.last is not None and tuple(self.last.us.shape) == shape:
+            self.plan = self._closed_loop_warm_start(x)
+        res = self.solver.solve(x, self.plan)
+        self.last = res
+        self.plan = torch.cat([res.us[..., 1:, :], res.us[..., -1:, :]], -2)
+        return res.us[..., 0, :]
+
+    def _closed_loop_warm_start(self, x: torch.Tensor) -> torch.Tensor:
+        last = self.last
+        xs = torch.cat([last.xs[..., 1:, :], last.xs[..., -1:, :]], -2)
+        K = torch.cat([last.K[..., 1:, :, :], last.K[..., -1:, :, :]], -3)
+        limits = self.solver.control_limits
+        lo, hi = (None, None) if limits is None else (
+            torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in limits)
+        us = []
+        with torch.no_grad():
+            for t in range(self.horizon):
+                u = self.plan[..., t, :] + (K[..., t, :, :] @ (x - xs[..., t, :]).unsqueeze(-1)
+                                            ).squeeze(-1)
+                if lo is not None:
+                    u = torch.maximum(torch.minimum(u, hi), lo)
+                us.append(u)
+                x = self.solver.dynamics(x, u, t)
+        plan = torch.stack(us, -2)
+        return torch.where(torch.isfinite(plan), plan, self.plan)
+
+    def simulate(self, plant: Callable, x0: Any, steps: int,
+                 callback: Callable[[int, torch.Tensor, DDPResult], Any] | None = None
+                 ) -> MPCRun:
+        """Run the closed loop for ``steps`` steps: ``u = self.step(x)``, then
+        ``x = plant(x, u, k)`` (the true system, which may differ from the model; e.g.
+        ``dynamics`` itself for a nominal run).  ``callback(k, x, result)`` after each
+        solve (a progress bar, logging)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidArgumentError(f"steps must be a positive integer; got {steps!r}")
+        x = torch.as_tensor(x0)
+        xs, us, costs, reasons, times = [x], [], [], [], []
+        for k in range(steps):
+            t0 = time.perf_counter()
+            u = self.step(x)
+            times.append(time.perf_counter() - t0)
+            if callback is not None:
+                callback(k, x, self.last)
+            x = plant(x, u, k)
+            if not torch.is_tensor(x) or x.shape != xs[0].shape:
+                raise ShapeError(f"plant must return the next state with shape "
+                                 f"{tuple(xs[0].shape)}; got "
+                                 f"{getattr(x, 'shape', type(x).__name__)} at step {k}")
+            xs.append(x)
+            us.append(u)
+            costs.append(torch.as_tensor(self.last.cost))
+            reasons.append(np.asarray(self.last.reason))
+        return MPCRun(xs=torch.stack(xs, -2), us=torch.stack(us, -2),
+                      plan_costs=torch.stack(costs, -1), reasons=np.stack(reasons, -1),
+                      solve_times=np.asarray(times))
