@@ -188,3 +188,49 @@ def test_joint_value_on_cuda():
     cpu, gpu = _both(train)
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-10)
+
+
+def test_care_sign_and_gradients_on_cuda():
+    """The batched CARE (sign iteration + Newton) and the implicit DARE / CARE gradients on
+    the GPU equal the CPU's."""
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(32, 5, 5, generator=g, dtype=DT) / 5 ** 0.5
+    Bm = torch.randn(32, 5, 2, generator=g, dtype=DT)
+
+    def run(dev, solve):
+        a = A.to(dev).requires_grad_()
+        b = Bm.to(dev).requires_grad_()
+        sol = solve(a, b, torch.eye(5, dtype=DT, device=dev), torch.eye(2, dtype=DT,
+                                                                         device=dev))
+        (sol.P.sum() + sol.K.square().sum()).backward()
+        return sol.P.detach(), a.grad, b.grad
+    for solve in (trajopt.solve_care, trajopt.solve_dare):
+        cpu, gpu = _both(lambda dev, solve=solve: run(dev, solve))
+        for c, q in zip(cpu, gpu):
+            assert q.device.type == "cuda"
+            torch.testing.assert_close(q.cpu(), c, rtol=1e-8, atol=1e-9)
+
+
+def test_c2d_and_ddp_gradients_on_cuda():
+    A = torch.randn(4, 3, 3, dtype=DT)
+    Bm = torch.randn(4, 3, 1, dtype=DT)
+    cpu, gpu = _both(lambda dev: trajopt.c2d(A.to(dev), Bm.to(dev), 0.1))
+    for c, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.cpu(), c, rtol=1e-12, atol=1e-13)
+
+    def grads(dev):
+        damp = torch.tensor(0.1, dtype=DT, device=dev, requires_grad=True)
+
+        def f(x, u, t):
+            return torch.stack([x[..., 0] + 0.05 * x[..., 1], x[..., 1] + 0.05 * (
+                u[..., 0] - damp * x[..., 1] - 9.81 * torch.sin(x[..., 0]))], -1)
+        eye = torch.eye(2, dtype=DT, device=dev)
+        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
+                                     10 * eye)
+        x0 = torch.tensor([[0.3, 0.0], [-0.2, 0.1]], dtype=DT, device=dev)
+        res = trajopt.solve_ddp(f, cost, x0, torch.zeros(2, 20, 1, dtype=DT, device=dev),
+                                params=(damp,), tol=1e-12)
+        (g,) = torch.autograd.grad(res.us.square().sum(), damp)
+        return g
+    cpu, gpu = _both(grads)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-9)
