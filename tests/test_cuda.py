@@ -198,8 +198,8 @@ def test_care_sign_and_gradients_on_cuda():
     Bm = torch.randn(32, 5, 2, generator=g, dtype=DT)
 
     def run(dev, solve):
-        a = A.to(dev).requires_grad_()
-        b = Bm.to(dev).requires_grad_()
+        a = A.detach().to(dev).clone().requires_grad_()
+        b = Bm.detach().to(dev).clone().requires_grad_()
         sol = solve(a, b, torch.eye(5, dtype=DT, device=dev), torch.eye(2, dtype=DT,
                                                                          device=dev))
         (sol.P.sum() + sol.K.square().sum()).backward()
