@@ -117,3 +117,21 @@ def test_gtddp_fig4_smoke(tmp_path):
             assert set(row["feedback_errors"]) == {"blocks", "full", "outer"}
             assert all(v >= 0 for v in row["feedback_errors"].values())
     assert (tmp_path / "img" / "gtddp_fig4.png").stat().st_size > 10_000
+
+
+def test_demo_solve_options(tmp_path, capsys):
+    """--horizon before or after the command, --x0, --limit, and the x-y path for a
+    vehicle; bad values are refused."""
+    assert demo.main(["--horizon", "25", "solve", "double_integrator",
+                      "--out", str(tmp_path)]) == 0
+    assert "T=25" in capsys.readouterr().out
+    assert demo.main(["solve", "unicycle", "--horizon", "20", "--x0", "0,0.5,0",
+                      "--limit", "none", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "T=20" in out and "limits=None" in out
+    assert (tmp_path / "ddp_unicycle.png").stat().st_size > 1000
+    from trajopt.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="--x0 has 2 numbers"):
+        demo.main(["solve", "unicycle", "--x0", "0,1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        demo.main(["solve", "unicycle", "--limit", "-1", "--out", str(tmp_path)])

@@ -2,6 +2,7 @@
 
     python -m trajopt.demo [lqr] [--out DIR]
     python -m trajopt.demo solve PROBLEM [--mode ilqr|ddp] [--max-iter N] [--batch B]
+                                 [--horizon T] [--x0 a,b,...] [--limit L|none]
     python -m trajopt.demo list
 
 ``solve`` runs iLQR / DDP on a classical problem (``list`` shows them), prints the
@@ -103,12 +104,29 @@ def _plot(out: Path, fin, dt: float) -> int:
     return 0
 
 
-def demo_solve(name: str, mode: str, max_iter: int, batch: int, out: Path, seed: int) -> int:
+def demo_solve(name: str, mode: str, max_iter: int, batch: int, out: Path, seed: int, *,
+               horizon: int | None = None, x0: list[float] | None = None,
+               limit: float | str | None = None) -> int:
+    """``horizon``: the problem's T (None: its default); ``x0``: its initial state;
+    ``limit``: a symmetric control bound, "none" for none (None: the problem's)."""
+    import dataclasses
+
     import torch
 
     from . import problems, solve_ddp
+    from .errors import InvalidArgumentError
 
-    p = problems.get(name)
+    p = problems.get(name) if horizon is None else problems.get(name, T=horizon)
+    if x0 is not None:
+        if len(x0) != p.n:
+            raise InvalidArgumentError(f"--x0 has {len(x0)} numbers; {p.name} has n = {p.n} "
+                                       f"states {p.state_names}")
+        p = dataclasses.replace(p, x0=torch.tensor(x0, dtype=p.x0.dtype))
+    if limit is not None:
+        lims = None if limit == "none" else (
+            torch.full((p.m,), -limit, dtype=p.x0.dtype),
+            torch.full((p.m,), limit, dtype=p.x0.dtype))
+        p = dataclasses.replace(p, control_limits=lims)
     x0 = p.x0
     if batch > 1:  # perturbed initial states around the default one
         gen = torch.Generator().manual_seed(seed)
@@ -142,7 +160,25 @@ def _plot_trajectory(out: Path, p, res) -> int:
     xs = np.asarray(res.xs).reshape(-1, p.T + 1, p.n)
     us = np.asarray(res.us).reshape(-1, p.T, p.m)
     t = np.arange(p.T + 1) * p.dt
-    fig, axes = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    planar = {"px", "py"} <= set(p.state_names)
+    if planar:  # a vehicle: its path in the plane beside the time plots
+        fig = plt.figure(figsize=(11, 5.5))
+        axes = [fig.add_subplot(2, 2, 1), fig.add_subplot(2, 2, 3)]
+        axes[1].sharex(axes[0])
+        ax_xy = fig.add_subplot(1, 2, 2)
+        ix, iy = p.state_names.index("px"), p.state_names.index("py")
+        for b in range(min(len(xs), 16)):
+            ax_xy.plot(xs[b, :, ix], xs[b, :, iy], "-", color="C0",
+                       alpha=1.0 if b == 0 else 0.3)
+        ax_xy.plot(xs[0, 0, ix], xs[0, 0, iy], "ko", label="start")
+        ax_xy.plot(xs[0, -1, ix], xs[0, -1, iy], "r*", ms=12, label="end")
+        ax_xy.set_xlabel("px")
+        ax_xy.set_ylabel("py")
+        ax_xy.axis("equal")
+        ax_xy.legend(fontsize=8)
+        ax_xy.set_title("path")
+    else:
+        fig, axes = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     for b in range(min(len(xs), 16)):
         for i, lab in enumerate(p.state_names):
             axes[0].plot(t, xs[b, :, i], color=f"C{i}", alpha=1.0 if b == 0 else 0.3,
@@ -178,13 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     for p in (parser, p_lqr, p_solve):
         p.add_argument("--out", type=Path, default=Path("demo_out"),
                        help="folder for the plot (default: demo_out)")
-    for p in (parser, p_lqr):
-        p.add_argument("--horizon", type=int, default=100, help="finite horizon T")
+    # --horizon before or after the command; the subcommands' copies must not overwrite
+    # a value given before them with their default (argparse.SUPPRESS)
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="horizon T (lqr: default 100; solve: the problem's)")
+    for p in (p_lqr, p_solve):
+        p.add_argument("--horizon", type=int, default=argparse.SUPPRESS,
+                       help="horizon T (lqr: default 100; solve: the problem's)")
     from .problems import names
 
     p_solve.add_argument("problem", choices=names())
     p_solve.add_argument("--mode", choices=["ilqr", "ddp"], default="ilqr")
-    p_solve.add_argument("--max-iter", type=int, default=200)
+    p_solve.add_argument("--max-iter", type=int, default=1000,
+                         help="iteration cap (default 1000; the solver stops at convergence)")
+    p_solve.add_argument("--x0", type=str, default=None,
+                         help="initial state, comma-separated (default: the problem's)")
+    p_solve.add_argument("--limit", type=str, default=None,
+                         help="symmetric control bound |u_i| <= LIMIT, or 'none' "
+                              "(default: the problem's)")
     p_solve.add_argument("--batch", type=int, default=1,
                          help="solve this many perturbed initial states at once")
     p_solve.add_argument("--seed", type=int, default=0)
@@ -196,14 +243,22 @@ def main(argv: list[str] | None = None) -> int:
             p = get(name)
             print(f"{name:<18} n={p.n} m={p.m} T={p.T}  {p.reference}")
         return 0
+    if args.horizon is not None and args.horizon < 1:
+        parser.error("--horizon must be a positive integer")
     if args.command == "solve":
         if args.max_iter < 0 or args.batch < 1:
             parser.error("--max-iter must be >= 0 and --batch >= 1")
+        try:
+            x0 = None if args.x0 is None else [float(v) for v in args.x0.split(",")]
+            limit = None if args.limit is None else (
+                "none" if args.limit.lower() == "none" else float(args.limit))
+        except ValueError:
+            parser.error("--x0 takes comma-separated numbers, --limit a number or 'none'")
+        if isinstance(limit, float) and not limit > 0:
+            parser.error("--limit must be positive (or 'none')")
         return demo_solve(args.problem, args.mode, args.max_iter, args.batch, args.out,
-                          args.seed)
-    if args.horizon < 1:
-        parser.error("--horizon must be a positive integer")
-    return demo_lqr(args.out, args.horizon)
+                          args.seed, horizon=args.horizon, x0=x0, limit=limit)
+    return demo_lqr(args.out, 100 if args.horizon is None else args.horizon)
 
 
 if __name__ == "__main__":
