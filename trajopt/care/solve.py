@@ -6,7 +6,7 @@ import itertools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from .._arrays import as_tensors
 from ..dare._common import DAREData, ops, prepare, scale
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
+from ..dare.stability import lyapunov_certificate, raise_unstabilizable
 from ..errors import ConvergenceWarning, InvalidArgumentError, NotStabilizableError
 from ._common import (
     care_closed_loop_eigvals,
@@ -29,6 +30,8 @@ from .sign import solve_sign
 __all__ = ["CARESolution", "solve_care", "CAREMethod"]
 
 CAREMethod = Literal["auto", "scipy", "sign"]
+#: the continuous-time NotStabilizableError (modes with Re lambda >= 0)
+_unstabilizable = partial(raise_unstabilizable, continuous=True)
 #: relative residual above which a result is flagged (sqrt(eps), as for the DARE)
 _INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
 
@@ -86,7 +89,7 @@ def solve_care_scipy(d: DAREData) -> torch.Tensor:
         except NotStabilizableError as exc:
             bad = torch.zeros(d.batch, dtype=torch.bool)
             bad[index] = True
-            _raise_unstabilizable(d, bad, str(exc))
+            _unstabilizable(d, bad, str(exc))
         out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
     return out
 
@@ -199,7 +202,7 @@ def solve_care(
         X, ok = solve_sign(d, tol=tol, max_iter=max_iter)
         used = ["sign"]
         if not bool(ok.all()):
-            _raise_unstabilizable(d, ~ok, "the sign iteration did not converge (H has "
+            _unstabilizable(d, ~ok, "the sign iteration did not converge (H has "
                                   "eigenvalues on or near the imaginary axis)")
     label = ",".join(used)
     if refine:
@@ -212,10 +215,10 @@ def solve_care(
     K = care_gain(d, X)
     finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(K).flatten(-2).all(-1)
     if not bool(finite.all()):
-        _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
+        _unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     # Lyapunov certificate first (two batched Cholesky factorizations); the eigenvalues
     # (a non-symmetric eigensolver, slow on GPUs) only where it does not hold
-    unchecked = ~_lyapunov_certificate(d, X, K)
+    unchecked = ~lyapunov_certificate(d, X, K)
     if bool(unchecked.any()):
         flat = unchecked.reshape(-1)
         sub = d.subset(flat)
@@ -227,7 +230,7 @@ def solve_care(
         stable[flat] = ok
         stable = stable.reshape(d.batch)
         if not bool(stable.all()):
-            _raise_unstabilizable(d, ~stable, "the solution found is not stabilizing "
+            _unstabilizable(d, ~stable, "the solution found is not stabilizing "
                                   f"(closed-loop eigenvalue real part "
                                   f"{float(eig.real.amax()):.3g})")
     res = care_relative_residual(d, X)
@@ -245,53 +248,3 @@ def solve_care(
         return kind.out(care_closed_loop_eigvals(d, K.detach()))
     return CARESolution(P=kind.out(P), K=kind.out(K), residual=kind.out(res), method=label,
                         _eigvals=eigvals)
-
-
-def _lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """(batch,) bool: X and ``W = Q + K'RK + SK + K'S'`` positive definite, so that the
-    CARE at X, ``A_c'XE + E'XA_c = -W``, proves the closed loop stable (Lyapunov; E = I
-    only, False otherwise)."""
-    if d.E is not None:
-        return torch.zeros(d.batch, dtype=torch.bool, device=X.device)
-    W = d.Q + K.transpose(-1, -2) @ d.R @ K
-    if d.S is not None:
-        SK = d.S @ K
-        W = W + SK + SK.transpose(-1, -2)
-    ok_w = torch.linalg.cholesky_ex(0.5 * (W + W.mT))[1] == 0
-    ok_x = torch.linalg.cholesky_ex(0.5 * (X + X.mT))[1] == 0
-    return ok_w & ok_x
-
-
-def _raise_unstabilizable(d: DAREData, bad: torch.Tensor, what: str) -> None:
-    first = torch.nonzero(bad.reshape(-1))[0].item()
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
-        if len(d.batch) else ()
-    where = f" for batch element {index}" if index else ""
-    mode = _uncontrollable_unstable_mode(d.element(index))
-    if mode is not None:
-        raise NotStabilizableError(
-            f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (Re lambda >= "
-            "0) is not controllable through B")
-    raise NotStabilizableError(
-        f"no stabilizing solution{where}: {what}; check that (A, B) is stabilizable and "
-        "that (Q, A) has no unobservable mode on the imaginary axis")
-
-
-def _uncontrollable_unstable_mode(d: DAREData) -> complex | None:
-    """PBH test on one system for the continuous time: an eigenvalue with Re >= 0 of
-    (A, E) at which ``[A - lambda E, B]`` loses rank (the DARE's test on the Cayley
-    transform would do, but the direct one reads better)."""
-    A = d.A.to(torch.complex128)
-    E = torch.eye(d.n, dtype=A.dtype) if d.E is None else d.E.to(A.dtype)
-    lam = torch.linalg.eigvals(torch.linalg.solve(E, A))
-    Bc = d.B.to(A.dtype)
-    big = max(float(torch.linalg.matrix_norm(A, 2)), float(torch.linalg.matrix_norm(Bc, 2)),
-              1e-300)
-    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps * big
-    for lv in lam.tolist():
-        if lv.real < -1e-10 * big:
-            continue
-        sv = torch.linalg.svdvals(torch.cat([A - lv * E, Bc], dim=-1))
-        if float(sv[-1]) <= tol:
-            return lv
-    return None

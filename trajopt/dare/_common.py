@@ -322,26 +322,6 @@ def closed_loop_eigvals(d: DAREData, K):
     return o.eigvals(Acl)
 
 
-def uncontrollable_unstable_mode(d: DAREData) -> complex | None:
-    """PBH test on one (unbatched) system: an eigenvalue ``|lambda| >= 1`` of (A, E) at
-    which ``[A - lambda E, B]`` loses rank, or None."""
-    d = d.torch()
-    A = d.A.to(torch.complex128)
-    E = torch.eye(d.n, dtype=A.dtype, device=A.device) if d.E is None else d.E.to(A.dtype)
-    lam = torch.linalg.eigvals(torch.linalg.solve(E, A))
-    Bc = d.B.to(A.dtype)
-    scale_ = max(float(torch.linalg.matrix_norm(A, 2)), float(torch.linalg.matrix_norm(Bc, 2)),
-                 1e-300)
-    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps * scale_
-    for lv in lam.tolist():
-        if abs(lv) < 1 - 1e-10:
-            continue
-        sv = torch.linalg.svdvals(torch.cat([A - lv * E, Bc], dim=-1))
-        if float(sv[-1]) <= tol:
-            return lv
-    return None
-
-
 def numpy_single(named: dict[str, Any], max_n: int) -> tuple[dict[str, Any], ArrayKind] | None:
     """The arguments as 2-D float64 numpy arrays when they are one float64 CPU system
     with n <= ``max_n`` (numpy arrays, nested lists, or CPU float64 tensors without

@@ -12,11 +12,9 @@ import numpy as np
 import torch
 
 from .._arrays import ArrayKind, as_tensors
-from .._linalg import sym
 from ..errors import (
     ConvergenceWarning,
     InvalidArgumentError,
-    NotStabilizableError,
     NumericalError,
     TrajoptError,
 )
@@ -31,12 +29,12 @@ from ._common import (
     relative_residual,
     residual_matrix,
     scale,
-    uncontrollable_unstable_mode,
 )
 from .backends import slycot_available, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import dare_adjoint, newton_refine
+from .stability import lyapunov_certificate, raise_unstabilizable
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
 
@@ -346,10 +344,10 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     o = ops(X)
     finite = o.allfinite(X)
     if not bool(finite.all()):
-        _raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
+        raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     K = gain(d, X)
     if not bool(o.allfinite(K).all()):
-        _raise_unstabilizable(d, ~o.allfinite(K), "R + B'PB is singular at the solution "
+        raise_unstabilizable(d, ~o.allfinite(K), "R + B'PB is singular at the solution "
                               "found (no gain K)")
     # a radius within rounding of 1 is a unit-circle mode, not a stable one
     margin = 1.0 - 1000 * d.n * _eps(X)
@@ -358,7 +356,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         eig = closed_loop_eigvals(d, K)
         rho = float(np.abs(eig).max())
         if not rho < margin:
-            _raise_unstabilizable(d, np.asarray(True), "the solution found is not "
+            raise_unstabilizable(d, np.asarray(True), "the solution found is not "
                                   f"stabilizing (closed-loop spectral radius {rho:.17g})")
     else:
         if certified is None:
@@ -368,7 +366,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         # Lyapunov certificate holds too; the other elements get the eigenvalue check
         unchecked = ~certified
         if bool(certified.any()):
-            unchecked = unchecked | (certified & ~_lyapunov_certificate(d, X, K))
+            unchecked = unchecked | (certified & ~lyapunov_certificate(d, X, K))
         if bool(unchecked.any()):
             flat = unchecked.reshape(-1)
             sub = d.subset(flat)
@@ -378,7 +376,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
             rho[flat] = rho_sub
             rho = rho.reshape(d.batch)
             if not bool((rho < margin).all()):
-                _raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
+                raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
                                       "stabilizing (closed-loop spectral radius "
                                       f"{float(rho.max()):.17g})")
     if res is None:
@@ -398,33 +396,3 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     sol = DARESolution(P=_out(kind, P), K=_out(kind, K), residual=_out(kind, res),
                        method=label, _eigvals=eig_fn)
     return sol, res
-
-
-def _lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """(batch,) bool: ``X`` and ``W = [I; K]'[[Q, S], [S', R]][I; K]`` are positive
-    definite, so ``X = (A + BK)'X(A + BK) + W`` proves the closed loop stable (Lyapunov).
-    Two batched Cholesky factorizations; False (not proven) with E."""
-    if d.E is not None:
-        return torch.zeros(d.batch, dtype=torch.bool, device=X.device)
-    W = d.Q + K.transpose(-1, -2) @ d.R @ K
-    if d.S is not None:
-        SK = d.S @ K
-        W = W + SK + SK.transpose(-1, -2)
-    ok_w = torch.linalg.cholesky_ex(sym(W))[1] == 0
-    ok_x = torch.linalg.cholesky_ex(sym(X))[1] == 0
-    return ok_w & ok_x
-
-
-def _raise_unstabilizable(d: DAREData, bad: torch.Tensor, what: str) -> None:
-    first = torch.nonzero(bad.reshape(-1))[0].item()
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
-        if len(d.batch) else ()
-    where = f" for batch element {index}" if index else ""
-    mode = uncontrollable_unstable_mode(d.element(index))
-    if mode is not None:
-        raise NotStabilizableError(
-            f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (|lambda| = "
-            f"{abs(mode):.6g} >= 1) is not controllable through B")
-    raise NotStabilizableError(
-        f"no stabilizing solution{where}: {what}; check that (A, B) is stabilizable and "
-        f"that (Q, A) has no unobservable mode on the unit circle")

@@ -86,19 +86,23 @@ class InfiniteLQRSolution:
         return self.riccati
 
 
-def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
-    """``p = (I - (A+BK)')^{-1}(q + K'r)`` and ``k = -(R + B'PB)^{-1}(r + B'p)``
-    (tensors, batched)."""
-    n = A.shape[-1]
+def _linear_terms(A, K, q, r) -> torch.Tensor:
+    """``q + K'r`` (batch, n), zeros where both are None: the value's linear source."""
     batch = torch.broadcast_shapes(A.shape[:-2], K.shape[:-2])
-    w = torch.zeros(*batch, n, dtype=A.dtype, device=A.device)
+    w = torch.zeros(*batch, A.shape[-1], dtype=A.dtype, device=A.device)
     if q is not None:
         w = w + q
     if r is not None:
         w = w + (K.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-    Acl = A + B @ K
+    return w
+
+
+def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p = (I - (A+BK)')^{-1}(q + K'r)`` and ``k = -(R + B'PB)^{-1}(r + B'p)``
+    (tensors, batched)."""
+    n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
-    p = torch.linalg.solve(eye - Acl.transpose(-1, -2), w)
+    p = torch.linalg.solve(eye - (A + B @ K).transpose(-1, -2), _linear_terms(A, K, q, r))
     rhs = (B.transpose(-1, -2) @ p.unsqueeze(-1)).squeeze(-1)
     if r is not None:
         rhs = rhs + r
@@ -109,14 +113,7 @@ def linear_fixed_point(A, B, R, P, K, q, r) -> tuple[torch.Tensor, torch.Tensor]
 
 def continuous_linear_fixed_point(A, B, R, K, q, r) -> tuple[torch.Tensor, torch.Tensor]:
     """``p = -(A+BK)'^{-1}(q + K'r)`` and ``k = -R^{-1}(r + B'p)`` (continuous time)."""
-    n = A.shape[-1]
-    batch = torch.broadcast_shapes(A.shape[:-2], K.shape[:-2])
-    w = torch.zeros(*batch, n, dtype=A.dtype, device=A.device)
-    if q is not None:
-        w = w + q
-    if r is not None:
-        w = w + (K.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-    p = -torch.linalg.solve((A + B @ K).transpose(-1, -2), w)
+    p = -torch.linalg.solve((A + B @ K).transpose(-1, -2), _linear_terms(A, K, q, r))
     rhs = (B.transpose(-1, -2) @ p.unsqueeze(-1)).squeeze(-1)
     if r is not None:
         rhs = rhs + r
