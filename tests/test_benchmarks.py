@@ -62,3 +62,14 @@ def test_bench_care_quick_prints_every_case(capsys):
     residuals = [float(line.rsplit("|", 2)[-2]) for line in out.splitlines()
                  if line.startswith("| ") and "e-" in line.rsplit("|", 2)[-2]]
     assert len(residuals) == 6 and max(residuals) < 1e-12
+
+
+def test_bench_ddp_grad_quick_agrees_with_finite_differences(capsys):
+    """benchmarks/bench_ddp_grad.py --quick: trajopt's gradient through the box-limited
+    iLQR of mpc.pytorch's pendulum against its own finite differences (mpc.pytorch is
+    skipped in the quick run)."""
+    res = _bench("bench_ddp_grad").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "trajopt solve_ddp(params=)" in out and "finite differences" in out
+    for ours, fd in zip(res["ours"]["grad"], res["fd"]):
+        assert abs(ours - fd) <= 1e-3 * max(abs(fd), 1.0)

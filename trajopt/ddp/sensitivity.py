@@ -45,8 +45,11 @@ def _grad(fn, *args):
     """Gradient of ``fn(*args).sum()`` with respect to each arg (rows independent)."""
     leaves = [a.detach().requires_grad_() for a in args]
     with torch.enable_grad():
-        out = torch.autograd.grad(fn(*leaves).sum(), leaves)
-    return [o.detach() for o in out]
+        y = fn(*leaves).sum()
+        if not y.requires_grad:     # a function of neither (e.g. no terminal cost)
+            return [torch.zeros_like(a) for a in args]
+        out = torch.autograd.grad(y, leaves, allow_unused=True)
+    return [torch.zeros_like(a) if o is None else o.detach() for o, a in zip(out, args)]
 
 
 def _costates(dyn, cost, xs, us):
@@ -148,8 +151,12 @@ class _DDPSolution(torch.autograd.Function):
                     + (mu[:, t] * fval).sum() + (g_J * cost.running(x, u, t)).sum()
             xT = xs[:, T].detach().requires_grad_()
             lT = cost.terminal(xT)
-            (gT,) = torch.autograd.grad(lT.sum(), xT, create_graph=True)
-            S = S + (gT * dx[:, T]).sum() + (g_J * lT).sum()
+            if lT.requires_grad:
+                (gT,) = torch.autograd.grad(lT.sum(), xT, create_graph=True,
+                                            allow_unused=True)
+                if gT is not None:
+                    S = S + (gT * dx[:, T]).sum()
+                S = S + (g_J * lT).sum()
             inputs = [v for v, w in zip([x0l, *params], wanted) if w]
             grads = iter(torch.autograd.grad(S, inputs, allow_unused=True)) if inputs else \
                 iter(())
