@@ -54,7 +54,7 @@ def ours(batch, T, max_iter, seed, params, theta0=0.5):
     loss = (W * res.us).sum()
     grads = torch.autograd.grad(loss, params) if loss.requires_grad else (None,) * 3
     t2 = time.perf_counter()
-    return dict(forward=t1 - t0, backward=t2 - t1, loss=float(loss),
+    return dict(forward=t1 - t0, backward=t2 - t1, loss=float(loss.detach()),
                 grad=[float("nan") if v is None else float(v) for v in grads],
                 converged=int(res.converged.sum()))
 
