@@ -171,6 +171,9 @@ def solve_care(
     Returns
     -------
     CARESolution
+        With torch inputs that require a gradient, ``P`` and ``K`` are differentiable
+        with respect to them (every method), by implicit differentiation (one adjoint
+        Lyapunov solve; ``docs/dare.md``, "Gradients").
 
     Raises
     ------

@@ -270,6 +270,9 @@ def solve_dare(
     Returns
     -------
     DARESolution
+        With torch inputs that require a gradient, ``P`` and ``K`` are differentiable
+        with respect to them (every method): implicit differentiation, one adjoint Stein
+        solve in the backward pass (``trajopt.dare.implicit``, ``docs/dare.md``).
 
     Raises
     ------
