@@ -34,57 +34,57 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConvergenceWarning
+from ..errors import ConvergenceWarning, InvalidArgumentError
 from ..lqr.finite import LQR, solve_lqr
 from .models import Cost, Dynamics
+from .stagewise import StageDerivatives
 
 __all__ = ["differentiable_outputs"]
 
 
-def _grad(fn, *args):
-    """Gradient of ``fn(*args).sum()`` with respect to each arg (rows independent)."""
-    leaves = [a.detach().requires_grad_() for a in args]
-    with torch.enable_grad():
-        y = fn(*leaves).sum()
-        if not y.requires_grad:     # a function of neither (e.g. no terminal cost)
-            return [torch.zeros_like(a) for a in args]
-        out = torch.autograd.grad(y, leaves, allow_unused=True)
-    return [torch.zeros_like(a) if o is None else o.detach() for o, a in zip(out, args)]
+def _stage_major(v: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(T*B, ...) stage-major rows -> (B, T, ...)."""
+    return v.reshape(T, B, *v.shape[1:]).transpose(0, 1)
 
 
-def _costates(dyn, cost, xs, us):
-    T = us.shape[1]
-    lam = [None] * (T + 1)
-    lam[T] = _grad(cost.terminal, xs[:, T])[0]
-    for t in reversed(range(T)):
-        lam[t] = _grad(lambda x, u, t=t, lt=lam[t + 1]: cost.running(x, u, t)
-                       + (lt * dyn(x, u, t)).sum(-1), xs[:, t], us[:, t])[0]
-    return torch.stack(lam, 1)
-
-
-def _adjoint_lqr(dyn, cost, xs, us, lam, gx, gu, active):
-    """The adjoint LQR's matrices at the solution and its solution (w, P, p)."""
-    from torch.func import hessian, jacrev, vmap
+def _expansion(dyn: Dynamics, cost: Cost, xs: torch.Tensor, us: torch.Tensor):
+    """The derivatives at the solution, all stages in one call per model where the model
+    allows (the solver's rule, ``trajopt.ddp.stagewise``): dynamics to second order,
+    running cost, terminal cost; and the costates
+    :math:`\\lambda_T = \nabla l_T`, :math:`\\lambda_t = l_x + f_x^\top \\lambda_{t+1}`."""
     B, T = us.shape[:2]
-    A_, B_, Q_, R_, M_ = [], [], [], [], []
-    for t in range(T):
-        def h(x, u, lt, t=t):
-            return cost.running(x[None], u[None], t)[0] + (lt * dyn(x[None], u[None], t)[0]
-                                                           ).sum()
+    args = [(xs[:, t], us[:, t]) for t in range(T)]
+    dd, _ = StageDerivatives(dyn.derivatives, dyn, time_invariant=dyn.time_invariant,
+                             name="the dynamics")(args, second_order=True)
+    cd, _ = StageDerivatives(cost.derivatives, cost.running,
+                             time_invariant=cost.time_invariant,
+                             name="the running cost")(args)
+    if dd is None or cd is None:
+        raise InvalidArgumentError("gradients through solve_ddp need stages of equal state "
+                                   "and control sizes")
+    gT, HT = cost.terminal_derivatives(xs[:, T])
+    fx, fu = _stage_major(dd.fx, B, T), _stage_major(dd.fu, B, T)
+    lx, lu = _stage_major(cd.lx, B, T), _stage_major(cd.lu, B, T)
+    lam = [None] * (T + 1)
+    lam[T] = gT
+    for t in reversed(range(T)):
+        lam[t] = lx[:, t] + (fx[:, t].transpose(-1, -2) @ lam[t + 1].unsqueeze(-1)
+                             ).squeeze(-1)
+    lam = torch.stack(lam, 1)
+    nxt = lam[:, 1:].transpose(0, 1).reshape(T * B, -1)      # lambda_{t+1}, stage-major
+    Hxx = cd.lxx + torch.einsum("Ni,Nijk->Njk", nxt, dd.fxx)
+    Hux = cd.lux + torch.einsum("Ni,Nijk->Njk", nxt, dd.fux)
+    Huu = cd.luu + torch.einsum("Ni,Nijk->Njk", nxt, dd.fuu)
+    return dict(fx=fx, fu=fu, lx=torch.cat([lx, gT.unsqueeze(1)], 1), lu=lu, lam=lam,
+                Q=_stage_major(0.5 * (Hxx + Hxx.mT), B, T),
+                R=_stage_major(0.5 * (Huu + Huu.mT), B, T), M=_stage_major(Hux, B, T),
+                QT=0.5 * (HT + HT.mT))
 
-        def f1(x, u, t=t):
-            return dyn(x[None], u[None], t)[0]
-        (hxx, hxu), (hux, huu) = vmap(hessian(h, argnums=(0, 1)))(xs[:, t], us[:, t],
-                                                                 lam[:, t + 1])
-        fx, fu = vmap(jacrev(f1, argnums=(0, 1)))(xs[:, t], us[:, t])
-        A_.append(fx)
-        B_.append(fu)
-        Q_.append(0.5 * (hxx + hxx.mT))
-        R_.append(0.5 * (huu + huu.mT))
-        M_.append(0.5 * (hux + hxu.mT))
-    QT = vmap(hessian(lambda x: cost.terminal(x[None])[0]))(xs[:, T])
-    A, Bm, Q, R, M = (torch.stack(v, 1) for v in (A_, B_, Q_, R_, M_))
-    r = gu
+
+def _adjoint_lqr(ex: dict, gx: torch.Tensor, gu: torch.Tensor, active) -> object:
+    """The adjoint LQR at the solution (controls at a limit held fixed) and its solution
+    (w = its xs / us, the costates from its P, p)."""
+    Bm, R, M, r = ex["fu"], ex["R"], ex["M"], gu
     if active is not None and bool(active.any()):   # hold the controls at a limit fixed
         a = active.to(R.dtype)
         keep = 1 - a
@@ -92,9 +92,10 @@ def _adjoint_lqr(dyn, cost, xs, us, lam, gx, gu, active):
         M = M * keep[..., :, None]
         Bm = Bm * keep[..., None, :]
         r = r * keep
-    prob = LQR(A=A, B=Bm, Q=Q, R=R, M=M, q=gx[:, :T], r=r, QT=0.5 * (QT + QT.mT),
+    T = R.shape[1]
+    prob = LQR(A=ex["fx"], B=Bm, Q=ex["Q"], R=R, M=M, q=gx[:, :T], r=r, QT=ex["QT"],
                qT=gx[:, T])
-    return solve_lqr(prob, torch.zeros_like(xs[:, 0]))
+    return solve_lqr(prob, torch.zeros_like(gx[:, 0]))
 
 
 class _DDPSolution(torch.autograd.Function):
@@ -121,17 +122,13 @@ class _DDPSolution(torch.autograd.Function):
             else g_cost.reshape(-1)
         T = T1 - 1
         with torch.no_grad():
-            lam = _costates(dyn, cost, xs, us)
-            lx = torch.stack([_grad(lambda x, u, t=t: cost.running(x, u, t), xs[:, t],
-                                    us[:, t])[0] for t in range(T)]
-                             + [_grad(cost.terminal, xs[:, T])[0]], 1)
-            lu = torch.stack([_grad(lambda x, u, t=t: cost.running(x, u, t), xs[:, t],
-                                    us[:, t])[1] for t in range(T)], 1)
-            gx = g_xs + g_J[:, None, None] * lx
-            gu = g_us + g_J[:, None, None] * lu
+            ex = _expansion(dyn, cost, xs, us)
+            lam = ex["lam"]
+            gx = g_xs + g_J[:, None, None] * ex["lx"]
+            gu = g_us + g_J[:, None, None] * ex["lu"]
             active = st["active"]
             active = None if active is None else active.reshape(-1, T, m)
-            sol = _adjoint_lqr(dyn, cost, xs, us, lam, gx, gu, active)
+            sol = _adjoint_lqr(ex, gx, gu, active)
             dx, du = sol.xs, sol.us
             mu = (sol.P[:, 1:] @ dx[:, 1:, :, None]).squeeze(-1) + sol.p[:, 1:]
             mu0 = -sol.p[:, 0]
