@@ -143,9 +143,12 @@ class _DDPSolution(torch.autograd.Function):
                 u = us[:, t].detach().requires_grad_()
                 fval = dyn(x, u, t)
                 h = cost.running(x, u, t) + (lam[:, t + 1] * fval).sum(-1)
-                hx, hu = torch.autograd.grad(h.sum(), (x, u), create_graph=True)
-                S = S + (hx * dx[:, t]).sum() + (hu * du[:, t]).sum() \
-                    + (mu[:, t] * fval).sum() + (g_J * cost.running(x, u, t)).sum()
+                hx, hu = torch.autograd.grad(h.sum(), (x, u), create_graph=True,
+                                             allow_unused=True)
+                for d_, w_ in ((hx, dx[:, t]), (hu, du[:, t])):
+                    if d_ is not None:
+                        S = S + (d_ * w_).sum()
+                S = S + (mu[:, t] * fval).sum() + (g_J * cost.running(x, u, t)).sum()
             xT = xs[:, T].detach().requires_grad_()
             lT = cost.terminal(xT)
             if lT.requires_grad:
