@@ -14,9 +14,8 @@ import sys
 import time
 
 import torch
-from mpc import mpc
+from _mpc_pytorch_pendulum import problem
 from mpc.env_dx import pendulum
-from mpc.mpc import GradMethods, QuadCost
 
 
 def main():
@@ -26,20 +25,10 @@ def main():
     dx = pendulum.PendulumDx()
     dx.params = dx.params.double().clone().requires_grad_()
     th = theta0 + 0.1 * torch.randn(batch, generator=torch.Generator().manual_seed(seed))
-    x_init = torch.stack([torch.cos(th), torch.sin(th), torch.zeros(batch)], 1)
-    q = torch.cat((dx.goal_weights.double(), dx.ctrl_penalty * torch.ones(dx.n_ctrl)))
-    px = -torch.sqrt(dx.goal_weights.double()) * dx.goal_state.double()
-    p = torch.cat((px, torch.zeros(dx.n_ctrl)))
-    Q = torch.diag(q).unsqueeze(0).unsqueeze(0).repeat(T, batch, 1, 1)
-    p = p.unsqueeze(0).repeat(T, batch, 1)
+    x_init, cost, ctrl = problem(dx, th, T, 1e-6, max_iter)
     W = torch.randn(T, batch, 1, generator=torch.Generator().manual_seed(seed + 1))
-    ctrl = mpc.MPC(dx.n_state, dx.n_ctrl, T, u_lower=dx.lower, u_upper=dx.upper,
-                   lqr_iter=max_iter, verbose=-1, exit_unconverged=False,
-                   detach_unconverged=False, linesearch_decay=dx.linesearch_decay,
-                   max_linesearch_iter=dx.max_linesearch_iter,
-                   grad_method=GradMethods.AUTO_DIFF, eps=1e-6, n_batch=batch)
     t0 = time.perf_counter()
-    _, u, _ = ctrl(x_init, QuadCost(Q, p), dx)
+    _, u, _ = ctrl(x_init, cost, dx)
     t1 = time.perf_counter()
     (W * u).sum().backward()
     t2 = time.perf_counter()

@@ -96,8 +96,6 @@ def rows_lqr(T, batch, rep):
 
 
 def rows_ddpnopt(batch, rep):
-    from torch import nn
-
     import nnbridge
     from nnbridge.models import mlp
 
@@ -114,15 +112,7 @@ def rows_ddpnopt(batch, rep):
             model = make(device)
             opt = (nnbridge.DDPNOpt(model, lr=2e-3) if name.startswith("DDPNOpt")
                    else torch.optim.Adam(model.parameters(), lr=2e-3))
-
-            def step(model=model, opt=opt, X=X, y=y):
-                def closure():
-                    opt.zero_grad()
-                    loss = nn.functional.cross_entropy(model(X), y)
-                    loss.backward()
-                    return loss
-                return opt.step(closure)
-            t, _ = best_time(step, rep, device == "cuda")
+            t, _ = best_time(_closure_step(model, opt, X, y), rep, device == "cuda")
             label = f"(c) one step, digits MLP, batch {batch}" if not rows else ""
             rows.append((label, f"{name}, {device.upper() if device == 'cpu' else 'GPU'}",
                          t, float("nan")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import torch
 
 from .._arrays import as_tensors
 from ..dare._common import DAREData, ops, prepare, scale
+from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..dare.stability import lyapunov_certificate, raise_unstabilizable
 from ..errors import ConvergenceWarning, InvalidArgumentError, NotStabilizableError
@@ -77,21 +77,13 @@ def _scipy_one(A, B, Q, R, E, S):
 
 
 def solve_care_scipy(d: DAREData) -> torch.Tensor:
-    """``scipy.linalg.solve_continuous_are`` element by element (float64, CPU)."""
-    out = torch.empty(*d.batch, d.n, d.n, dtype=d.A.dtype, device=d.A.device)
-
-    def np_(t):
-        return None if t is None else t.detach().cpu().to(torch.float64).numpy()
-    for index in itertools.product(*(range(s) for s in d.batch)):
-        e = d.element(index)
-        try:
-            X = _scipy_one(np_(e.A), np_(e.B), np_(e.Q), np_(e.R), np_(e.E), np_(e.S))
-        except NotStabilizableError as exc:
-            bad = torch.zeros(d.batch, dtype=torch.bool)
-            bad[index] = True
-            _unstabilizable(d, bad, str(exc))
-        out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
-    return out
+    """``scipy.linalg.solve_continuous_are`` element by element (float64, CPU); a failed
+    element is named, with its uncontrollable mode when it has one."""
+    def name_it(index, exc):
+        bad = torch.zeros(d.batch, dtype=torch.bool)
+        bad[index] = True
+        _unstabilizable(d, bad, str(exc))
+    return loop_elements(d, _scipy_one, on_failure=name_it)
 
 
 def _auto(d: DAREData, tol, max_iter) -> tuple[torch.Tensor, list[str]]:

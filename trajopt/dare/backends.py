@@ -26,11 +26,21 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().to(torch.float64).numpy()
 
 
-def _loop(d: DAREData, solve_one) -> torch.Tensor:
+def loop_elements(d: DAREData, solve_one, on_failure=None) -> torch.Tensor:
+    """``solve_one(A, B, Q, R, E, S)`` (float64 numpy, one system) for every batch
+    element, stacked as tensors of ``d``'s dtype and device.  ``on_failure(index, exc)``,
+    when given, is called with the batch index of an element whose solve raised
+    :class:`NotStabilizableError` (e.g. to name it); it must raise."""
     out = torch.empty(*d.batch, d.n, d.n, dtype=d.A.dtype, device=d.A.device)
     for index in itertools.product(*(range(s) for s in d.batch)):
         e = d.element(index)
-        X = solve_one(_np(e.A), _np(e.B), _np(e.Q), _np(e.R), _np(e.E), _np(e.S))
+        try:
+            X = solve_one(_np(e.A), _np(e.B), _np(e.Q), _np(e.R), _np(e.E), _np(e.S))
+        except NotStabilizableError as exc:
+            if on_failure is None:
+                raise
+            on_failure(index, exc)
+            raise
         out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
     return out
 
@@ -76,7 +86,7 @@ def solve_scipy(d: DAREData):
     """``scipy.linalg.solve_discrete_are`` element by element (numpy data: one call)."""
     if d.is_numpy:
         return _scipy_one(d.A, d.B, d.Q, d.R, d.E, d.S)
-    return _loop(d, _scipy_one)
+    return loop_elements(d, _scipy_one)
 
 
 def solve_slycot(d: DAREData):
@@ -87,4 +97,4 @@ def solve_slycot(d: DAREData):
             "pip install 'trajopt-nnbridge[slycot]'")
     if d.is_numpy:
         return _slycot_one(d.A, d.B, d.Q, d.R, d.E, d.S)
-    return _loop(d, _slycot_one)
+    return loop_elements(d, _slycot_one)
