@@ -8,6 +8,8 @@ from .care import CARESolution, solve_care
 from .dare import DARESolution, solve_dare
 from .ddp import (
     MPC,
+    AugmentedLagrangian,
+    Constraint,
     Cost,
     DDPResult,
     DDPSolver,
@@ -45,5 +47,5 @@ __all__ = [
     "CyclicLQRSolution", "solve_cyclic_lqr",
     "Dynamics", "Cost", "QuadraticCost", "discretize",
     "solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
-    "Span", "GTDDPSolver", "MPC", "MPCRun",
+    "Span", "GTDDPSolver", "MPC", "MPCRun", "Constraint", "AugmentedLagrangian",
 ]

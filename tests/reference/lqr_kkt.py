@@ -77,10 +77,26 @@ def _kkt(stages, QT, qT, x0):
     return H, g, KKT, d, xo, uo, ns
 
 
-def kkt_solve(stages, QT, qT, x0):
-    """Optimal xs (list), us (list) and cost of the LQR from x0 by one dense KKT solve."""
+def kkt_solve(stages, QT, qT, x0, equalities=()):
+    """Optimal xs (list), us (list) and cost of the LQR from x0 by one dense KKT solve.
+
+    ``equalities``: extra linear constraints ``(t, Ex, Eu, e)`` meaning
+    ``Ex x_t + Eu u_t = e`` (``Eu`` None at t = T, or for a state-only constraint)."""
     H, g, KKT, d, xo, uo, ns = _kkt(stages, QT, qT, x0)
     N = H.shape[0]
+    if equalities:
+        rows, rhs = [], []
+        for t, Ex, Eu, e in equalities:
+            row = np.zeros((len(e), N))
+            row[:, xo[t]:xo[t + 1]] = Ex
+            if Eu is not None:
+                row[:, uo[t]:uo[t + 1]] = Eu
+            rows.append(row)
+            rhs.append(e)
+        C = np.vstack([KKT[N:, :N]] + rows)
+        d = np.concatenate([d] + rhs)
+        nc = C.shape[0]
+        KKT = np.block([[H, C.T], [C, np.zeros((nc, nc))]])
     sol = np.linalg.solve(KKT, np.concatenate([-g, d]))
     z = sol[:N]
     T = len(stages)

@@ -3,7 +3,9 @@
 
 from ..riccati.boxqp import BoxQPResult, box_qp
 from .api import solve_ddp
+from .augmented import AugmentedCost, ConstrainedSolver
 from .chain import Chain
+from .constraints import Constraint, ConstraintJacobians
 from .gtddp import GTDDPSolver
 from .models import (
     Cost,
@@ -15,7 +17,7 @@ from .models import (
     discretize,
 )
 from .mpc import MPC, MPCRun
-from .options import DDPResult, IterationLog, LineSearch, Regularization
+from .options import AugmentedLagrangian, DDPResult, IterationLog, LineSearch, Regularization
 from .solver import DDPSolver
 from .spans import Span, SpanChain
 
@@ -24,4 +26,6 @@ __all__ = [
     "as_dynamics", "discretize", "box_qp", "BoxQPResult",
     "solve_ddp", "DDPSolver", "DDPResult", "IterationLog", "LineSearch", "Regularization",
     "GTDDPSolver", "Span", "Chain", "SpanChain", "MPC", "MPCRun",
+    "Constraint", "ConstraintJacobians", "AugmentedLagrangian", "AugmentedCost",
+    "ConstrainedSolver",
 ]

@@ -10,9 +10,18 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
+from .augmented import AugmentedCost, ConstrainedSolver, check_constraints
+from .constraints import Constraint
 from .gtddp import GTDDPSolver
 from .models import Cost, Dynamics
-from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
+from .options import (
+    AugmentedLagrangian,
+    DDPResult,
+    IterationLog,
+    LineSearch,
+    Mode,
+    Regularization,
+)
 from .sensitivity import differentiable_outputs
 from .solver import DDPSolver
 
@@ -24,7 +33,9 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
               regularization: Regularization | None = None,
               line_search: LineSearch | None = None, control_limits=None,
               callback: Callable[[IterationLog], Any] | None = None,
-              spans=None, players=None, params: Sequence[Any] = ()) -> DDPResult:
+              spans=None, players=None, params: Sequence[Any] = (),
+              constraints: Sequence[Constraint] | Constraint | None = None,
+              augmented_lagrangian: AugmentedLagrangian | None = None) -> DDPResult:
     r"""Optimize a control sequence by iLQR or DDP.
 
     .. math::
@@ -65,11 +76,26 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         adjoint LQR solve with the exact Hessian of the Lagrangian; controls at a box
         limit held fixed), not an unrolled solve (``trajopt.ddp.sensitivity``,
         ``docs/ddp.md``).  The other fields stay detached.
+    constraints : sequence of trajopt.Constraint, optional
+        State, path and terminal constraints (``fn <= 0`` or ``fn == 0``), met by an
+        augmented-Lagrangian loop around this solver (with the box limits, spans and
+        players above, batched); the result then carries ``max_violation`` and
+        ``multipliers``, and the reason ``"constraint_violation"`` for an element whose
+        constraints could not be met (``docs/constraints.md``).
+    augmented_lagrangian : AugmentedLagrangian, optional
+        Tolerance on the violation (default 1e-6), penalty schedule and outer iteration
+        limit of that loop; ``max_iter`` and ``tol`` apply to each inner solve.
 
     Returns
     -------
     DDPResult
     """
+    cons = check_constraints(constraints) if constraints is not None else []
+    if augmented_lagrangian is not None and not isinstance(augmented_lagrangian,
+                                                           AugmentedLagrangian):
+        raise InvalidArgumentError(f"augmented_lagrangian must be a trajopt."
+                                   f"AugmentedLagrangian; got "
+                                   f"{type(augmented_lagrangian).__name__}")
     params = tuple(params)
     for i, prm in enumerate(params):
         if not isinstance(prm, torch.Tensor):
@@ -78,6 +104,10 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or (
         isinstance(x0, torch.Tensor) and x0.requires_grad))
     if grad:
+        if cons:
+            raise InvalidArgumentError("gradients through solve_ddp (params, or an x0 that "
+                                       "requires grad) are not supported with constraints "
+                                       "yet")
         if spans or players is not None:
             raise InvalidArgumentError("gradients through solve_ddp (params, or an x0 that "
                                        "requires grad) are not supported with spans or "
@@ -91,11 +121,21 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         xs, us, J = differentiable_outputs(res, solver.dynamics, solver.cost, x0t, params,
                                            control_limits)
         return replace(res, xs=xs, us=us, cost=J)
+    if cons:
+        if not isinstance(cost, Cost):
+            raise TypeError(f"cost must be a trajopt.Cost; got {type(cost).__name__}")
+        inner_cost, inner_callback = AugmentedCost(cost, cons), None
+    else:
+        inner_cost, inner_callback = cost, callback
     if spans or players is not None:
-        return GTDDPSolver(dynamics, cost, spans=spans or (), players=players, mode=mode,
-                           max_iter=max_iter, tol=tol, regularization=regularization,
-                           line_search=line_search, control_limits=control_limits,
-                           callback=callback).solve(x0, us0)
-    return DDPSolver(dynamics, cost, mode=mode, max_iter=max_iter, tol=tol,
-                     regularization=regularization, line_search=line_search,
-                     control_limits=control_limits, callback=callback).solve(x0, us0)
+        solver = GTDDPSolver(dynamics, inner_cost, spans=spans or (), players=players,
+                             mode=mode, max_iter=max_iter, tol=tol,
+                             regularization=regularization, line_search=line_search,
+                             control_limits=control_limits, callback=inner_callback)
+    else:
+        solver = DDPSolver(dynamics, inner_cost, mode=mode, max_iter=max_iter, tol=tol,
+                           regularization=regularization, line_search=line_search,
+                           control_limits=control_limits, callback=inner_callback)
+    if cons:
+        return ConstrainedSolver(solver, augmented_lagrangian, callback).solve(x0, us0)
+    return solver.solve(x0, us0)

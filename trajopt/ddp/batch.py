@@ -6,22 +6,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["Traj", "Policy", "merge_policy", "select_gains", "step_size"]
+from .options import DDPResult
+
+__all__ = ["Traj", "Policy", "merge_policy", "select_gains", "step_size", "pack_result"]
 
 
 @dataclass
 class Traj:
     """A rolled-out trajectory: ``xs`` T+1 tensors (B, n_t), ``us`` T tensors (B, m_t),
-    ``cost`` (B,)."""
+    ``cost`` (B,); ``rows`` (B,) the element of the solve's flat batch each row belongs to
+    (None: row i is element i), so that per-element data (a multiplier, a reference)
+    follows the rows through the loop's selections (:meth:`trajopt.Cost.bind_rows`)."""
 
     xs: list[torch.Tensor]
     us: list[torch.Tensor]
     cost: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> Traj:
-        return Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx])
+        rows = idx if self.rows is None else self.rows[idx]
+        return Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx],
+                    rows)
 
     def assign(self, idx: torch.Tensor, other: Traj) -> None:
         """Write ``other`` into the rows ``idx`` (in order); when they are all the rows,
@@ -111,3 +119,25 @@ def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
     full.dV[idx] = part.dV
     full.ok[idx] = part.ok
     return full
+
+
+def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
+                converged: torch.Tensor, iterations: torch.Tensor, reason: np.ndarray,
+                history: list, **extra) -> DDPResult:
+    """The :class:`~trajopt.ddp.options.DDPResult` of a flat-batch solve in the caller's
+    batch shape and array type (stages stacked unless the controls came as a list or the
+    stage sizes differ); ``extra`` fields (already packed) are passed through."""
+    def pack(values):
+        out = [v.reshape(*batch, *v.shape[1:]) for v in values]
+        if listed or any(v.shape != out[0].shape for v in out):
+            return kind.out(out)
+        return kind.out(torch.stack(out, dim=len(batch)))
+
+    return DDPResult(
+        xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),
+        Vx=pack(pol.Vx), Vxx=pack(pol.Vxx),
+        cost=kind.out(traj.cost.reshape(batch)),
+        converged=kind.out(converged.reshape(batch)),
+        iterations=kind.out(iterations.reshape(batch)),
+        reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
+        history=history, **extra)

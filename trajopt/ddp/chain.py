@@ -48,8 +48,12 @@ class Chain:
         """Control sizes of the players at each stage (None: one player everywhere)."""
         return None
 
-    def simulate(self, x0: torch.Tensor, T: int, control: Control) -> Traj:
-        """Roll out ``T`` stages from ``x0`` (B, n) with ``u_t = control(t, xs)``."""
+    def simulate(self, x0: torch.Tensor, T: int, control: Control,
+                 rows: torch.Tensor | None = None) -> Traj:
+        """Roll out ``T`` stages from ``x0`` (B, n) with ``u_t = control(t, xs)``; ``rows``
+        (B,) are the flat-batch elements of the rows (see :class:`~trajopt.ddp.batch.Traj`;
+        None: all elements in order), bound to the cost before it is evaluated."""
+        self.cost.bind_rows(rows)
         xs, us = [x0], []
         x = x0
         cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -59,7 +63,7 @@ class Chain:
             x = self.transition(t, x, u, xs)
             xs.append(x)
             us.append(u)
-        return Traj(xs, us, cost + self.cost.terminal(x))
+        return Traj(xs, us, cost + self.cost.terminal(x), rows)
 
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:
@@ -76,6 +80,7 @@ class Chain:
         """Packed stage derivatives on the flat batch of ``traj`` and the terminal
         gradient / Hessian, evaluated over all stages at once where the model allows
         (:class:`~trajopt.ddp.stagewise.StageDerivatives`)."""
+        self.cost.bind_rows(traj.rows)
         B = traj.cost.shape[0]
         args = list(zip(traj.xs[:-1], traj.us))
         fd, fds = self._dynamics_derivatives(args, second_order=second_order)

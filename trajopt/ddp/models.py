@@ -213,6 +213,14 @@ class Cost:
             return x.new_zeros(x.shape[:-1])
         return self._terminal(x)
 
+    def bind_rows(self, rows: torch.Tensor | None) -> None:
+        """Called by the DDP loop before it evaluates the cost or its derivatives on a
+        batch whose row i is element ``rows[i]`` of the solve's flat batch (None: row i is
+        element i).  The loop works on subsets and replicas of the batch (elements that
+        are still active, one copy per line-search step), so a cost holding data per
+        batch element (an augmented Lagrangian's multipliers, one reference per element)
+        reads its rows here; the default ignores it."""
+
     def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor
                     ) -> CostDerivatives:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an

@@ -11,7 +11,8 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["Mode", "Regularization", "LineSearch", "IterationLog", "DDPResult"]
+__all__ = ["Mode", "Regularization", "LineSearch", "AugmentedLagrangian", "IterationLog",
+           "DDPResult"]
 
 Mode = Literal["ilqr", "ddp"]
 
@@ -70,6 +71,55 @@ class LineSearch:
 
 
 @dataclass(frozen=True)
+class AugmentedLagrangian:
+    r"""The outer loop that meets constraints (``solve_ddp(..., constraints=...)``).
+
+    Each outer iteration solves the DDP problem with the augmented cost (the
+    Powell-Hestenes-Rockafellar form, per component, multiplier :math:`\lambda`,
+    penalty :math:`\rho`)
+
+    .. math::
+
+        \text{equality: } \lambda c + \tfrac{\rho}{2} c^2, \qquad
+        \text{inequality: } \tfrac{1}{2\rho}\left(\max(0, \lambda + \rho c)^2
+        - \lambda^2\right),
+
+    warm-started from the previous controls, then updates :math:`\lambda \leftarrow
+    \lambda + \rho c` (inequalities: :math:`\max(0, \cdot)`) and, for an element
+    whose violation did not fall below ``decrease`` times the previous one,
+    :math:`\rho \leftarrow` ``factor`` :math:`\rho` (Bertsekas 1982, Sec. 2.2;
+    ALTRO's multiplier and penalty updates, Howell et al. 2019).  An element is done
+    when its largest violation (:math:`|c|` of equalities, :math:`\max(0, c)` of
+    inequalities) is at most ``tol``; it stops with reason ``"constraint_violation"``
+    when its penalty would exceed ``max_penalty`` or after ``max_outer`` iterations.
+
+    The penalty is per batch element, the multipliers per element, stage and component.
+    The initial ``penalty`` is 100, not ALTRO's 1: from 1, the first, nearly
+    unconstrained solve of the cart-pole swing-up with a track limit picks a swing the
+    track forbids, and the loop ends locally infeasible (violation 0.054); from 100 it
+    meets the limit, and the pendulum's terminal equality and the unicycle's obstacles
+    take 30 % fewer iterations (``docs/constraints.md``).  It compares the squared
+    violation with the cost, so scale it with a cost far from order 1-1000.
+    """
+
+    tol: float = 1e-6
+    penalty: float = 100.0
+    factor: float = 10.0
+    max_penalty: float = 1e8
+    max_outer: int = 30
+    decrease: float = 0.25
+
+    def __post_init__(self):
+        if not (self.tol > 0 and self.penalty > 0 and self.factor > 1
+                and self.max_penalty >= self.penalty and 0 < self.decrease <= 1):
+            raise InvalidArgumentError(f"invalid augmented-Lagrangian options {self}")
+        if isinstance(self.max_outer, bool) or not isinstance(self.max_outer, int) or \
+                self.max_outer < 1:
+            raise InvalidArgumentError(f"max_outer must be a positive integer; got "
+                                       f"{self.max_outer!r}")
+
+
+@dataclass(frozen=True)
 class IterationLog:
     """One iteration, per batch element (flattened batch, shape (B,)): the cost after the
     iteration, the regularization used, the accepted step (0 = rejected / not active), the
@@ -98,13 +148,24 @@ class DDPResult:
     converged : (...) bool
     iterations : (...) int   accepted steps per element
     reason : numpy array of str, shape (...): "converged", "max_iter",
-        "regularization_limit", "line_search_failed" or "diverged".  An element stopped
-        at the regularization limit returns its last accepted trajectory with the gains
-        and value derivatives of its last successful backward pass (zeros if none
-        succeeded): finite, never the failed pass's NaN.  A "diverged" element's rollout
-        of ``us0`` was already non-finite (a ConvergenceWarning names it): it is not
-        optimized, its ``xs`` are that rollout and its ``cost`` is inf.
+        "regularization_limit", "line_search_failed", "constraint_violation" (the
+        constraints could not be met: see :class:`AugmentedLagrangian`) or "diverged".
+        An element stopped at the regularization limit returns its last accepted
+        trajectory with the gains and value derivatives of its last successful backward
+        pass (zeros if none succeeded): finite, never the failed pass's NaN.  A
+        "diverged" element's rollout of ``us0`` was already non-finite (a
+        ConvergenceWarning names it): it is not optimized, its ``xs`` are that rollout
+        and its ``cost`` is inf.
     history : list of IterationLog
+    max_violation : (...), or None without constraints
+        The largest constraint violation of the returned trajectory (``|c|`` of the
+        equalities, ``max(0, c)`` of the inequalities).
+    multipliers : tuple, or None without constraints
+        One array per constraint, in the order given: (..., T, p) for a running
+        constraint, (..., p) for a terminal one; the Lagrange multiplier estimates
+        (>= 0 for inequalities).  With constraints, ``cost`` is the cost without the
+        augmented-Lagrangian terms, while ``K``, ``k``, ``Vx``, ``Vxx`` are those of the
+        last augmented problem (the feedback of the constrained optimum).
     """
 
     xs: Any
@@ -118,3 +179,5 @@ class DDPResult:
     iterations: Any
     reason: np.ndarray
     history: list = field(repr=False)
+    max_violation: Any = None
+    multipliers: tuple | None = field(default=None, repr=False)

@@ -45,7 +45,7 @@ from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, S
 from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
-from .batch import Policy, Traj, merge_policy, select_gains, step_size
+from .batch import Policy, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import Chain
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
@@ -165,9 +165,9 @@ class DDPSolver:
                       dev(t, xs, traj.xs).unsqueeze(-1)).squeeze(-1)
             return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
 
-        out = self.structure.simulate(traj.xs[0], len(traj.us), control)
+        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows)
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
-        return Traj(out.xs, out.us, cost)
+        return Traj(out.xs, out.us, cost, traj.rows)
 
     def accept_step(self, actual: torch.Tensor, expected: torch.Tensor,
                     cost: torch.Tensor | None = None) -> torch.Tensor:
@@ -402,17 +402,5 @@ class DDPSolver:
         return pol, stopped
 
     def _result(self, kind, batch, listed, traj, pol, converged, iterations, reason, history):
-        def pack(values):
-            out = [v.reshape(*batch, *v.shape[1:]) for v in values]
-            if listed or any(v.shape != out[0].shape for v in out):
-                return kind.out(out)
-            return kind.out(torch.stack(out, dim=len(batch)))
-
-        return DDPResult(
-            xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),
-            Vx=pack(pol.Vx), Vxx=pack(pol.Vxx),
-            cost=kind.out(traj.cost.reshape(batch)),
-            converged=kind.out(converged.reshape(batch)),
-            iterations=kind.out(iterations.reshape(batch)),
-            reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
-            history=history)
+        return pack_result(kind, batch, listed, traj, pol, converged, iterations, reason,
+                           history)

@@ -162,6 +162,7 @@ class SpanChain(Chain):
         for all its spans."""
         if second_order:
             raise InvalidArgumentError("spans and players support mode='ilqr' only")
+        self.cost.bind_rows(traj.rows)
         T = len(traj.us)
         xs, ws = traj.xs[:-1], traj.us
         us = [w[..., :self._mu_size[t]] for t, w in enumerate(ws)]

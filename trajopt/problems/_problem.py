@@ -12,7 +12,8 @@ from ..ddp.models import Cost, Dynamics
 @dataclass(frozen=True)
 class Problem:
     """A trajectory-optimization problem: solve with
-    ``trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, control_limits=p.control_limits)``.
+    ``trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, control_limits=p.control_limits,
+    constraints=p.constraints)``.
 
     Attributes
     ----------
@@ -26,6 +27,7 @@ class Problem:
     state_names, control_names : labels for plots
     parameters : dict of the physical parameters
     reference : str  where the parameters come from
+    constraints : tuple of trajopt.Constraint (pass ``constraints=p.constraints``)
     """
 
     name: str
@@ -39,6 +41,7 @@ class Problem:
     control_names: tuple[str, ...]
     parameters: dict = field(default_factory=dict)
     reference: str = ""
+    constraints: tuple = ()
 
     @property
     def n(self) -> int:

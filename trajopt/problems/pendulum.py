@@ -6,12 +6,14 @@ import math
 
 import torch
 
+from ..ddp.constraints import Constraint
 from ..ddp.models import Cost, CostDerivatives, Dynamics, QuadraticCost, discretize
 from ._problem import Problem, limits
 
 
 def pendulum(*, T: int = 100, dt: float = 0.05, m: float = 1.0, l: float = 1.0,
-             g: float = 9.81, b: float = 0.1, u_max: float | None = 5.0) -> Problem:
+             g: float = 9.81, b: float = 0.1, u_max: float | None = 5.0,
+             reach_goal: bool = False) -> Problem:
     r"""Damped pendulum swing-up from hanging (theta = 0) to upright (theta = pi).
 
     :math:`m l^2 \ddot\theta = u - b\dot\theta - m g l \sin\theta` (R. Tedrake,
@@ -19,6 +21,9 @@ def pendulum(*, T: int = 100, dt: float = 0.05, m: float = 1.0, l: float = 1.0,
     dt = 0.05 s.  Cost ``1/2 (0.01 |x - x_goal|^2 + 0.1 u^2)`` per stage and
     ``1/2 (x - x_goal)' diag(100, 10) (x - x_goal)`` at T.  |u| <= 5 N m by default (less
     than m g l, so the pendulum must be pumped).
+
+    ``reach_goal``: the terminal equality :math:`x_T = (\pi, 0)` (the problem's
+    ``constraints``; the terminal cost alone stops 0.05 rad short).
     """
     def f(x, u):
         th, dth = x[..., 0], x[..., 1]
@@ -35,7 +40,9 @@ def pendulum(*, T: int = 100, dt: float = 0.05, m: float = 1.0, l: float = 1.0,
                    None if u_max is None else limits(u_max, 1), ("theta", "dtheta"), ("u",),
                    dict(m=m, l=l, g=g, b=b, u_max=u_max),
                    "R. Tedrake, Underactuated Robotics (MIT 6.832), Ch. 2 'The simple "
-                   "pendulum'")
+                   "pendulum'",
+                   (Constraint(lambda x: x - goal.to(x), kind="equality", where="terminal",
+                               name="goal"),) if reach_goal else ())
 
 
 class MPCPendulumDynamics(Dynamics):

@@ -1,0 +1,382 @@
+r"""Constraints by an augmented-Lagrangian loop around the DDP solver.
+
+:class:`AugmentedCost` is the user's cost plus, per constraint component, the
+Powell-Hestenes-Rockafellar term (multiplier :math:`\lambda`, penalty :math:`\rho`):
+
+.. math::
+
+    \text{equality: } \lambda c + \tfrac{\rho}{2} c^2, \qquad
+    \text{inequality: } \tfrac{1}{2\rho}\left(\max(0, \lambda + \rho c)^2 - \lambda^2\right),
+
+whose gradients are :math:`s\, c_x`, :math:`s\, c_u` with :math:`s = \lambda + \rho c`
+(inequalities: :math:`\max(0, \cdot)`) and whose Hessians are taken Gauss-Newton,
+:math:`\rho\, c_x^\top c_x` over the components with :math:`s > 0` (ALTRO's choice:
+positive semidefinite, exact at the fixed point, which the constraint curvature does not
+move).  :class:`ConstrainedSolver` runs the outer loop of
+:class:`~trajopt.ddp.options.AugmentedLagrangian`: the inner solver (plain, box-limited,
+residual spans, players) is unchanged; it only sees this cost.
+
+The multipliers belong to batch elements; the DDP loop tells the cost which element each
+row of a batch is (:meth:`trajopt.Cost.bind_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
+from .batch import Policy, Traj, pack_result
+from .constraints import Constraint
+from .models import Cost, CostDerivatives
+from .options import AugmentedLagrangian, DDPResult, IterationLog
+
+__all__ = ["AugmentedCost", "ConstrainedSolver", "check_constraints"]
+
+
+def check_constraints(constraints: Sequence[Any]) -> list[Constraint]:
+    """The constraints as a list, each a :class:`Constraint` (named by position)."""
+    if isinstance(constraints, Constraint):
+        constraints = [constraints]
+    out = []
+    for i, c in enumerate(constraints):
+        if not isinstance(c, Constraint):
+            raise InvalidArgumentError(f"constraints[{i}] must be a trajopt.Constraint; got "
+                                       f"{type(c).__name__}")
+        if c.name is None:
+            c = Constraint(c.fn, c.kind, c.where, name=f"constraints[{i}]")
+        out.append(c)
+    return out
+
+
+def _penalty_terms(c: torch.Tensor, lam: torch.Tensor, rho: torch.Tensor, equality: bool):
+    """Value (N,), gradient weight s (N, p) and Gauss-Newton weight w (N, p) of the
+    augmented terms of components ``c`` (N, p), multipliers ``lam`` (N, p), penalties
+    ``rho`` (N, 1)."""
+    if equality:
+        s = lam + rho * c
+        return (lam * c).sum(-1) + 0.5 * rho[:, 0] * (c * c).sum(-1), s, rho.expand_as(c)
+    s = torch.clamp(lam + rho * c, min=0)
+    value = (s * s - lam * lam).sum(-1) / (2 * rho[:, 0])
+    return value, s, rho * (s > 0).to(c.dtype)
+
+
+class AugmentedCost(Cost):
+    """``base`` plus the augmented-Lagrangian terms of ``constraints`` with the
+    multipliers and penalties set by :meth:`reset` / :meth:`select`.
+
+    Parameters
+    ----------
+    base : Cost
+    constraints : sequence of Constraint
+    """
+
+    def __init__(self, base: Cost, constraints: Sequence[Constraint]):
+        self.base = base
+        self.running_constraints = [c for c in constraints if c.where == "running"]
+        self.terminal_constraints = [c for c in constraints if c.where == "terminal"]
+        self.constraints = list(constraints)
+        super().__init__(time_invariant=base.time_invariant and not self.running_constraints)
+        self.lam: list[torch.Tensor] = []  # running: (T, B, p); terminal: (B, p)
+        self.rho: torch.Tensor | None = None  # (B,)
+        self.outer: torch.Tensor | None = None  # the elements of the inner solve's batch
+        self.elements: torch.Tensor | None = None  # the element of each bound row
+
+    # ------------------------------------------------------------------ state
+    def reset(self, lam: list[torch.Tensor], rho: torch.Tensor) -> None:
+        """Multipliers (one per constraint, in order) and penalties (B,) of the flat
+        batch."""
+        self.lam, self.rho = lam, rho
+        self.select(None)
+
+    def select(self, outer: torch.Tensor | None) -> None:
+        """The elements ``outer`` (B',) of the flat batch that the next solve works on."""
+        self.outer = outer
+        self.bind_rows(None)
+
+    def bind_rows(self, rows: torch.Tensor | None) -> None:
+        if rows is None:
+            self.elements = self.outer
+        else:
+            self.elements = rows if self.outer is None else self.outer[rows]
+        self.base.bind_rows(self.elements)
+
+    def _rows(self, N: int, device) -> torch.Tensor:
+        """The element of each of N rows (stage-major stacks repeat the batch)."""
+        if self.elements is None:
+            B = self.rho.shape[0]
+            return torch.arange(N, device=device) % B
+        e = self.elements
+        return e if e.shape[0] == N else e.repeat(N // e.shape[0])
+
+    def _stage_lam(self, lam: torch.Tensor, t, rows: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(t):
+            return lam[t.to(lam.device), rows]
+        return lam[t, rows]
+
+    # ------------------------------------------------------------------ values
+    def running(self, x, u, t):
+        J = self.base.running(x, u, t)
+        if not self.running_constraints:
+            return J
+        rows = self._rows(x.shape[0], x.device)
+        rho = self.rho[rows].unsqueeze(-1)
+        for con, lam in self._running_pairs():
+            value, _, _ = _penalty_terms(con(x, u, t), self._stage_lam(lam, t, rows), rho,
+                                         con.equality)
+            J = J + value
+        return J
+
+    def terminal(self, x):
+        J = self.base.terminal(x)
+        if not self.terminal_constraints:
+            return J
+        rows = self._rows(x.shape[0], x.device)
+        rho = self.rho[rows].unsqueeze(-1)
+        for con, lam in self._terminal_pairs():
+            J = J + _penalty_terms(con(x), lam[rows], rho, con.equality)[0]
+        return J
+
+    def _running_pairs(self):
+        return [(c, lam) for c, lam in zip(self.constraints, self.lam) if c.where == "running"]
+
+    def _terminal_pairs(self):
+        return [(c, lam) for c, lam in zip(self.constraints, self.lam)
+                if c.where == "terminal"]
+
+    # ------------------------------------------------------------------ derivatives
+    def derivatives(self, x, u, t):
+        d = self.base.derivatives(x, u, t)
+        if not self.running_constraints:
+            return d
+        rows = self._rows(x.shape[0], x.device)
+        rho = self.rho[rows].unsqueeze(-1)
+        lx, lu, lxx, luu, lux = d.lx, d.lu, d.lxx, d.luu, d.lux
+        for con, lam in self._running_pairs():
+            J = con.jacobians(x, u, t)
+            _, s, w = _penalty_terms(J.c, self._stage_lam(lam, t, rows), rho, con.equality)
+            wx, wu = w.unsqueeze(-1) * J.cx, w.unsqueeze(-1) * J.cu
+            lx = lx + (s.unsqueeze(-2) @ J.cx).squeeze(-2)
+            lu = lu + (s.unsqueeze(-2) @ J.cu).squeeze(-2)
+            lxx = lxx + J.cx.mT @ wx
+            luu = luu + J.cu.mT @ wu
+            lux = lux + J.cu.mT @ wx
+        return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
+
+    def terminal_derivatives(self, x):
+        g, H = self.base.terminal_derivatives(x)
+        if not self.terminal_constraints:
+            return g, H
+        rows = self._rows(x.shape[0], x.device)
+        rho = self.rho[rows].unsqueeze(-1)
+        for con, lam in self._terminal_pairs():
+            J = con.jacobians(x)
+            _, s, w = _penalty_terms(J.c, lam[rows], rho, con.equality)
+            g = g + (s.unsqueeze(-2) @ J.cx).squeeze(-2)
+            H = H + J.cx.mT @ (w.unsqueeze(-1) * J.cx)
+        return g, H
+
+
+class ConstrainedSolver:
+    """The augmented-Lagrangian outer loop around ``inner``, a
+    :class:`~trajopt.ddp.solver.DDPSolver` (or :class:`~trajopt.ddp.gtddp.GTDDPSolver`)
+    built on an :class:`AugmentedCost`.  :func:`~trajopt.solve_ddp` with ``constraints``
+    is ``ConstrainedSolver(inner, options).solve(x0, us0)``.
+
+    Parameters
+    ----------
+    inner : DDPSolver
+        Its cost must be an :class:`AugmentedCost`.
+    options : AugmentedLagrangian, optional
+    callback : callable(IterationLog), optional
+        Called after every inner iteration with a log over the whole flat batch
+        (elements not being solved show zero steps).
+    """
+
+    def __init__(self, inner, options: AugmentedLagrangian | None = None,
+                 callback: Callable[[IterationLog], Any] | None = None):
+        if not isinstance(inner.cost, AugmentedCost):
+            raise InvalidArgumentError("the inner solver's cost must be an AugmentedCost")
+        self.inner = inner
+        self.cost: AugmentedCost = inner.cost
+        self.options = options or AugmentedLagrangian()
+        self.callback = callback
+
+    @property
+    def dynamics(self):
+        return self.inner.dynamics
+
+    @property
+    def control_limits(self):
+        return self.inner.control_limits
+
+    # ------------------------------------------------------------------ constraints
+    def violations(self, xs: list[torch.Tensor], us: list[torch.Tensor]
+                   ) -> list[torch.Tensor]:
+        """The constraint values on a trajectory (flat batch): (T, B, p) per running
+        constraint, (B, p) per terminal one, in order."""
+        out = []
+        T, B = len(us), xs[0].shape[0]
+        for con in self.cost.constraints:
+            if con.where == "terminal":
+                out.append(con(xs[-1]))
+            elif con.time_invariant and all(v.shape == us[0].shape for v in us) and \
+                    all(v.shape == xs[0].shape for v in xs[:-1]):
+                c = con(torch.cat(xs[:-1], 0), torch.cat(us, 0))
+                out.append(c.reshape(T, B, c.shape[-1]))
+            else:
+                per_stage = [con(x, u, t) for t, (x, u) in enumerate(zip(xs[:-1], us))]
+                if any(c.shape != per_stage[0].shape for c in per_stage):
+                    raise ShapeError(f"{con.label} returned "
+                                     f"{sorted({c.shape[-1] for c in per_stage})} components "
+                                     f"at different stages; it must return the same p at "
+                                     f"every stage")
+                out.append(torch.stack(per_stage))
+        return out
+
+    def max_violation(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """(B,) largest violation over stages and components (nan counts as inf)."""
+        worst = None
+        for con, c in zip(self.cost.constraints, values):
+            v = c.abs() if con.equality else torch.clamp(c, min=0)
+            v = v.flatten(0, -3).amax(0) if con.where == "running" else v
+            v = torch.nan_to_num(v.amax(-1), nan=math.inf)
+            worst = v if worst is None else torch.maximum(worst, v)
+        return worst
+
+    # ------------------------------------------------------------------ driver
+    @torch.no_grad()
+    def solve(self, x0: Any, us0: Any) -> DDPResult:
+        """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m)
+        under the constraints (the outer loop of
+        :class:`~trajopt.ddp.options.AugmentedLagrangian`)."""
+        opt, inner, cost = self.options, self.inner, self.cost
+        inp = inner.prepare(x0, us0)
+        x0f, us = inp.x0, [u.clone() for u in inp.us]
+        B, T = x0f.shape[0], len(us)
+        dt, dev = x0f.dtype, x0f.device
+        # sizes from the rollout of us0 (every element)
+        xs = [x0f]
+        for t in range(T):
+            xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
+        values = self.violations(xs, us)
+        finite = torch.stack([torch.isfinite(x).all(-1) for x in xs]).all(0)  # (B,)
+        for con, c in zip(cost.constraints, values):
+            bad = ~torch.isfinite(c).all(-1) & finite
+            if bool(bad.any()):
+                which = torch.nonzero(bad.reshape(-1, B).any(0)).flatten()[:10].tolist()
+                raise NonFiniteError(f"{con.label} is not finite on the rollout of us0 from "
+                                     f"x0 (flat batch elements {which})")
+        cost.reset([torch.zeros_like(c) for c in values],
+                   torch.full((B,), opt.penalty, dtype=dt, device=dev))
+        lam, rho = cost.lam, cost.rho
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        converged = torch.zeros(B, dtype=torch.bool, device=dev)
+        iterations = torch.zeros(B, dtype=torch.long, device=dev)
+        violation = torch.full((B,), math.inf, dtype=dt, device=dev)
+        reason = np.array(["constraint_violation"] * B, dtype=object)
+        history: list[IterationLog] = []
+        pol: Policy | None = None
+        for _ in range(opt.max_outer):
+            idx = torch.nonzero(active).flatten()
+            if idx.numel() == 0:
+                break
+            everyone = idx.numel() == B
+            cost.select(None if everyone else idx)
+            logs = self._logger(idx, B, history)
+            inner.callback = logs
+            res = inner.solve(x0f if everyone else x0f[idx], [u[idx] for u in us])
+            sub_xs, sub_us = list(res.xs), list(res.us)
+            for full, part in zip(xs, sub_xs):
+                full[idx] = part
+            for full, part in zip(us, sub_us):
+                full[idx] = part
+            pol = _scatter_policy(pol, res, idx, B)
+            iterations[idx] += res.iterations
+            values = self.violations(sub_xs, sub_us)
+            viol = self.max_violation(values)
+            # the multiplier estimates at this solution (also of the elements now done)
+            for con, c, lm in zip(cost.constraints, values, lam):
+                r = rho[idx].reshape(-1, 1) if con.where == "terminal" else \
+                    rho[idx].reshape(1, -1, 1)
+                new = lm[..., idx, :] + r * c if con.where == "running" else lm[idx] + r * c
+                if not con.equality:
+                    new = torch.clamp(new, min=0)
+                if con.where == "running":
+                    lm[:, idx] = new
+                else:
+                    lm[idx] = new
+            inner_reason = np.asarray(res.reason, dtype=object).reshape(-1)
+            met = (viol <= opt.tol).cpu().numpy()
+            diverged = inner_reason == "diverged"
+            done = met | diverged
+            reason[idx.cpu().numpy()[done]] = inner_reason[done]
+            converged[idx] = res.converged & torch.as_tensor(met, device=dev)
+            slow = viol > opt.decrease * violation[idx]
+            violation[idx] = viol
+            grow = idx[slow & ~torch.as_tensor(done, device=dev)]
+            rho[grow] = rho[grow] * opt.factor
+            over = grow[rho[grow] > opt.max_penalty]
+            rho[over] = opt.max_penalty
+            active[idx[torch.as_tensor(done, device=dev)]] = False
+            active[over] = False
+        cost.select(None)
+        total = self._base_cost(xs, us)
+        ok = torch.isfinite(total) & torch.as_tensor(reason != "diverged", device=dev)
+        traj = Traj(xs, us, torch.where(ok, total, torch.full_like(total, math.inf)))
+        batch, kind = inp.batch, inp.kind
+        multipliers = tuple(
+            kind.out(lm.movedim(0, 1).reshape(*batch, *lm.shape[:1], *lm.shape[2:])
+                     if con.where == "running" else lm.reshape(*batch, *lm.shape[1:]))
+            for con, lm in zip(cost.constraints, lam))
+        return pack_result(kind, batch, inp.listed, traj, pol, converged, iterations,
+                           reason, history, max_violation=kind.out(violation.reshape(batch)),
+                           multipliers=multipliers)
+
+    def _base_cost(self, xs, us) -> torch.Tensor:
+        base = self.cost.base
+        base.bind_rows(None)
+        J = base.terminal(xs[-1])
+        for t, (x, u) in enumerate(zip(xs[:-1], us)):
+            J = J + base.running(x, u, t)
+        return J
+
+    def _logger(self, idx: torch.Tensor, B: int, history: list) -> Callable:
+        """The inner callback: logs of the rows ``idx`` written into whole-batch logs,
+        numbered on from the previous solves."""
+        offset = len(history)
+
+        def log(part: IterationLog) -> None:
+            def full(v):
+                out = torch.zeros(B, dtype=v.dtype, device=v.device)
+                out[idx] = v
+                return out
+            entry = IterationLog(iteration=offset + part.iteration, cost=full(part.cost),
+                                 regularization=full(part.regularization),
+                                 step=full(part.step), expected=full(part.expected),
+                                 actual=full(part.actual))
+            history.append(entry)
+            if self.callback is not None:
+                self.callback(entry)
+        return log
+
+
+def _scatter_policy(pol: Policy | None, res: DDPResult, idx: torch.Tensor, B: int
+                    ) -> Policy:
+    """Write the gains and value derivatives of ``res`` (rows ``idx``, stage lists) into the
+    whole-batch policy ``pol`` (allocated on the first call)."""
+    parts = [list(getattr(res, name)) for name in ("K", "k", "Vx", "Vxx")]
+    if pol is None:
+        def alloc(v):
+            return torch.zeros(B, *v.shape[1:], dtype=v.dtype, device=v.device)
+        pol = Policy(*([alloc(v) for v in p] for p in parts),
+                     dV=res.cost.new_zeros(B, 2),
+                     ok=torch.ones(B, dtype=torch.bool, device=idx.device))
+    for full, part in zip((pol.K, pol.k, pol.Vx, pol.Vxx), parts):
+        for a, b in zip(full, part):
+            a[idx] = b
+    return pol
