@@ -91,11 +91,15 @@ def _rk4(ocp: OCP, x, u):
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def solve(ocp: OCP, x0, xs_init, us_init, tol: float = 1e-10, max_iter: int = 3000
-          ) -> dict:
+def solve(ocp: OCP, x0, xs_init, us_init, tol: float = 1e-10, max_iter: int = 3000,
+          near: bool = False) -> dict:
     """IPOPT on the multiple-shooting NLP from the initial guess ``xs_init`` (T+1, n),
     ``us_init`` (T, m).  Returns xs, us, cost, max_violation, the solver status and the
-    wall time of ``solver(...)`` (the NLP is built before the clock starts)."""
+    wall time of ``solver(...)`` (the NLP is built before the clock starts).
+
+    ``near``: the guess is taken to be near a solution (a small initial barrier parameter
+    and bound push, so that IPOPT polishes the guess instead of first moving into the
+    interior, where it may find another local optimum)."""
     _casadi()
     n, m, T = ocp.n, ocp.m, ocp.T
     X = ca.SX.sym("X", n, T + 1)
@@ -127,9 +131,13 @@ def solve(ocp: OCP, x0, xs_init, us_init, tol: float = 1e-10, max_iter: int = 30
     ubw = [ca.inf] * (n * (T + 1)) + ([ocp.u_max] * (m * T) if ocp.u_max else
                                       [ca.inf] * (m * T))
     nlp = {"x": w, "f": J, "g": ca.vertcat(*g)}
-    solver = ca.nlpsol("ipopt", "ipopt", nlp, {
-        "ipopt.tol": tol, "ipopt.constr_viol_tol": 1e-10, "ipopt.print_level": 0,
-        "print_time": False, "ipopt.max_iter": max_iter})
+    opts = {"ipopt.tol": tol, "ipopt.constr_viol_tol": 1e-10, "ipopt.print_level": 0,
+            "print_time": False, "ipopt.max_iter": max_iter}
+    if near:
+        opts.update({"ipopt.mu_init": 1e-9, "ipopt.bound_push": 1e-9,
+                     "ipopt.bound_frac": 1e-9, "ipopt.slack_bound_push": 1e-9,
+                     "ipopt.slack_bound_frac": 1e-9})
+    solver = ca.nlpsol("ipopt", "ipopt", nlp, opts)
     w0 = np.concatenate([np.asarray(xs_init, float).T.reshape(-1, order="F"),
                          np.asarray(us_init, float).T.reshape(-1, order="F")])
     t0 = time.perf_counter()

@@ -281,6 +281,7 @@ class ConstrainedSolver:
         reason = np.array(["constraint_violation"] * B, dtype=object)
         history: list[IterationLog] = []
         pol: Policy | None = None
+        user_tol = inner.tol
         for _ in range(opt.max_outer):
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
@@ -289,6 +290,11 @@ class ConstrainedSolver:
             cost.select(None if everyone else idx)
             logs = self._logger(idx, B, history)
             inner.callback = logs
+            # intermediate solves to a looser tolerance (the multipliers are still
+            # wrong), the user's once the violation is near the target
+            prev = float(violation[idx].min())
+            tight = prev <= 100 * opt.tol or opt.inner_tol <= user_tol
+            inner.tol = user_tol if tight else max(user_tol, min(opt.inner_tol, prev * prev))
             res = inner.solve(x0f if everyone else x0f[idx], [u[idx] for u in us])
             sub_xs, sub_us = list(res.xs), list(res.us)
             for full, part in zip(xs, sub_xs):
@@ -311,7 +317,7 @@ class ConstrainedSolver:
                 else:
                     lm[idx] = new
             inner_reason = np.asarray(res.reason, dtype=object).reshape(-1)
-            met = (viol <= opt.tol).cpu().numpy()
+            met = (viol <= opt.tol).cpu().numpy() & tight
             diverged = inner_reason == "diverged"
             done = met | diverged
             reason[idx.cpu().numpy()[done]] = inner_reason[done]
@@ -324,6 +330,7 @@ class ConstrainedSolver:
             rho[over] = opt.max_penalty
             active[idx[torch.as_tensor(done, device=dev)]] = False
             active[over] = False
+        inner.tol = user_tol
         cost.select(None)
         total = self._base_cost(xs, us)
         ok = torch.isfinite(total) & torch.as_tensor(reason != "diverged", device=dev)
