@@ -73,3 +73,16 @@ def test_bench_ddp_grad_quick_agrees_with_finite_differences(capsys):
     assert "trajopt solve_ddp(params=)" in out and "finite differences" in out
     for ours, fd in zip(res["ours"]["grad"], res["fd"]):
         assert abs(ours - fd) <= 1e-3 * max(abs(fd), 1.0)
+
+
+def test_bench_constrained_quick_meets_the_constraints(capsys):
+    """benchmarks/bench_constrained.py --quick: every problem solved by trajopt and by
+    IPOPT, both feasible to 1e-6."""
+    import pytest
+    pytest.importorskip("casadi")
+    res = _bench("bench_constrained").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "trajopt / IPOPT time" in out and len(res) == 4
+    for d in res:
+        assert d["trajopt_viol"] <= 1e-6 and d["ipopt_viol"] <= 1e-6, d["case"]
+        assert d["trajopt_s"] > 0 and d["ipopt_s"] > 0

@@ -139,3 +139,79 @@ def test_bad_params_and_unsupported_combinations():
         trajopt.solve_ddp(f, cost, x0, us0, params=params, max_iter=1)
     assert any(issubclass(w.category, ConvergenceWarning) and "gradients" in str(w.message)
                for w in caught)
+
+
+def test_gradients_through_constraints_equal_the_dense_kkt_reference():
+    """With a terminal equality (the target a parameter) and a path inequality whose
+    bound is a parameter and which is active at some stages, the gradients of a loss of
+    xs, us and the cost equal the dense reduced-space KKT reference
+    (tests/reference/ddp_sensitivity_dense.py, active set from our multipliers) to 1e-6
+    (the solution itself is accurate to the augmented Lagrangian's tolerance, 1e-10)."""
+    from tests.reference.ddp_sensitivity_dense import (
+        implicit_gradient_constrained,
+        polish_constrained,
+    )
+    f, cost, (mass, damp, _) = _problem()
+    goal = torch.tensor([2.5, 0.0], dtype=DT, requires_grad=True)
+    vmax = torch.tensor(3.5, dtype=DT, requires_grad=True)  # the free peak is 3.70
+    cons = [trajopt.Constraint(lambda x: x - goal, kind="equality", where="terminal"),
+            trajopt.Constraint(lambda x: x[..., 1] - vmax)]
+    x0 = torch.tensor([0.2, 0.0], dtype=DT, requires_grad=True)
+    params = (mass, damp, goal, vmax)
+    al = trajopt.AugmentedLagrangian(tol=1e-11)
+    res = trajopt.solve_ddp(f, cost, x0, torch.zeros(T, 1, dtype=DT), params=params,
+                            constraints=cons, tol=1e-13, augmented_lagrangian=al)
+    assert res.reason == "converged"
+    nu_path = res.multipliers[1][:, 0]
+    active = torch.nonzero(nu_path > 1e-8).flatten()
+    assert 0 < active.numel() < T  # the path constraint binds at some stages only
+    g_w = torch.Generator().manual_seed(1)
+    w_x = torch.randn(res.xs.shape, generator=g_w, dtype=DT)
+    w_u = torch.randn(res.us.shape, generator=g_w, dtype=DT)
+    total = (res.xs * w_x).sum() + (res.us * w_u).sum() + 0.3 * res.cost
+    ours = torch.autograd.grad(total, (*params, x0))
+
+    def phi(u):
+        return _rollout_cost(f, cost, x0, u.reshape(T, 1))[1]
+
+    def g(u):
+        xs, _ = _rollout_cost(f, cost, x0, u.reshape(T, 1))
+        return torch.cat([xs[-1] - goal, xs[active, 1] - vmax])
+
+    def loss(u):
+        xs, J = _rollout_cost(f, cost, x0, u.reshape(T, 1))
+        return (xs * w_x).sum() + (u.reshape(T, 1) * w_u).sum() + 0.3 * J
+    u, nu, stat, feas = polish_constrained(phi, g, res.us.detach().reshape(-1))
+    assert stat < 1e-9 and feas < 1e-12
+    torch.testing.assert_close(u.reshape(T, 1), res.us.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(nu[2:], nu_path[active], rtol=1e-5, atol=1e-6)
+    refs = implicit_gradient_constrained(phi, g, loss, u, nu, (*params, x0))
+    for o, r in zip(ours, refs):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_through_constraints_match_finite_differences():
+    """A batch of two, the obstacle radius a parameter: d(cost)/d(radius) by central
+    differences of re-solved problems (h = 1e-5)."""
+    radius = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    center = torch.tensor([0.5, 0.05], dtype=DT)
+
+    def f(x, u):
+        return x + 0.1 * u
+
+    cost = trajopt.Cost(lambda x, u: 0.5 * (u * u).sum(-1),
+                        lambda x: 50 * ((x - torch.tensor([1.0, 0.0], dtype=DT)) ** 2).sum(-1))
+
+    def solve(r, grad=False):
+        con = trajopt.Constraint(lambda x: r ** 2 - ((x - center) ** 2).sum(-1))
+        x0 = torch.tensor([[0.0, 0.0], [0.0, -0.1]], dtype=DT)
+        return trajopt.solve_ddp(f, cost, x0, torch.full((2, 20, 2), 0.01, dtype=DT),
+                                 constraints=[con], tol=1e-13, params=(r,) if grad else (),
+                                 augmented_lagrangian=trajopt.AugmentedLagrangian(tol=1e-11))
+    res = solve(radius, grad=True)
+    assert list(res.reason) == ["converged", "converged"]
+    ours = torch.autograd.grad(res.cost.sum(), radius)[0]
+    h = 1e-5
+    with torch.no_grad():
+        fd = (solve(radius + h).cost.sum() - solve(radius - h).cost.sum()) / (2 * h)
+    assert abs(float(ours) - float(fd)) <= 1e-5 * abs(float(fd)), (float(ours), float(fd))

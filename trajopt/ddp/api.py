@@ -74,8 +74,9 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         ``xs``, ``us`` and ``cost`` are differentiable with respect to them: implicit
         differentiation of the optimality conditions at the returned optimum (one
         adjoint LQR solve with the exact Hessian of the Lagrangian; controls at a box
-        limit held fixed), not an unrolled solve (``trajopt.ddp.sensitivity``,
-        ``docs/ddp.md``).  The other fields stay detached.
+        limit held fixed; with ``constraints``, the active ones held as equalities),
+        not an unrolled solve (``trajopt.ddp.sensitivity``, ``docs/ddp.md``).  The
+        other fields stay detached.
     constraints : sequence of trajopt.Constraint, optional
         State, path and terminal constraints (``fn <= 0`` or ``fn == 0``), met by an
         augmented-Lagrangian loop around this solver (with the box limits, spans and
@@ -104,23 +105,30 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or (
         isinstance(x0, torch.Tensor) and x0.requires_grad))
     if grad:
-        if cons:
-            raise InvalidArgumentError("gradients through solve_ddp (params, or an x0 that "
-                                       "requires grad) are not supported with constraints "
-                                       "yet")
         if spans or players is not None:
             raise InvalidArgumentError("gradients through solve_ddp (params, or an x0 that "
                                        "requires grad) are not supported with spans or "
                                        "players yet")
-        solver = DDPSolver(dynamics, cost, mode=mode, max_iter=max_iter, tol=tol,
-                           regularization=regularization, line_search=line_search,
-                           control_limits=control_limits, callback=callback)
-        res = solver.solve(x0.detach() if isinstance(x0, torch.Tensor) else x0, us0)
+        res, solver = _solve(dynamics, cost, cons, augmented_lagrangian, callback,
+                             x0.detach() if isinstance(x0, torch.Tensor) else x0, us0,
+                             mode=mode, max_iter=max_iter, tol=tol,
+                             regularization=regularization, line_search=line_search,
+                             control_limits=control_limits)
         x0t = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(
             x0, dtype=res.xs.dtype, device=res.xs.device)
-        xs, us, J = differentiable_outputs(res, solver.dynamics, solver.cost, x0t, params,
-                                           control_limits)
+        xs, us, J = differentiable_outputs(res, solver.dynamics, cost, x0t, params,
+                                           control_limits, cons)
         return replace(res, xs=xs, us=us, cost=J)
+    return _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0,
+                  spans=spans, players=players, mode=mode, max_iter=max_iter, tol=tol,
+                  regularization=regularization, line_search=line_search,
+                  control_limits=control_limits)[0]
+
+
+def _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0, *, spans=None,
+           players=None, **options):
+    """The solver the arguments call for (plain, GT-DDP; inside the augmented-Lagrangian
+    loop with constraints), its result and the solver."""
     if cons:
         if not isinstance(cost, Cost):
             raise TypeError(f"cost must be a trajopt.Cost; got {type(cost).__name__}")
@@ -129,13 +137,10 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         inner_cost, inner_callback = cost, callback
     if spans or players is not None:
         solver = GTDDPSolver(dynamics, inner_cost, spans=spans or (), players=players,
-                             mode=mode, max_iter=max_iter, tol=tol,
-                             regularization=regularization, line_search=line_search,
-                             control_limits=control_limits, callback=inner_callback)
+                             callback=inner_callback, **options)
     else:
-        solver = DDPSolver(dynamics, inner_cost, mode=mode, max_iter=max_iter, tol=tol,
-                           regularization=regularization, line_search=line_search,
-                           control_limits=control_limits, callback=inner_callback)
+        solver = DDPSolver(dynamics, inner_cost, callback=inner_callback, **options)
     if cons:
-        return ConstrainedSolver(solver, augmented_lagrangian, callback).solve(x0, us0)
-    return solver.solve(x0, us0)
+        outer = ConstrainedSolver(solver, augmented_lagrangian, callback)
+        return outer.solve(x0, us0), outer
+    return solver.solve(x0, us0), solver

@@ -63,6 +63,7 @@ class Constraint:
     A track limit :math:`|x_0| \le 1` at every stage and a terminal equality:
 
     >>> track = Constraint(lambda x: torch.stack([x[..., 0] - 1, -x[..., 0] - 1], -1))
+    >>> x_goal = torch.tensor([0.0, 3.14159])
     >>> goal = Constraint(lambda x: x - x_goal, kind="equality", where="terminal")
     """
 

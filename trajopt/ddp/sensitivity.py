@@ -36,6 +36,8 @@ import torch
 
 from ..errors import ConvergenceWarning, InvalidArgumentError
 from ..lqr.finite import LQR, solve_lqr
+from .constraints import Constraint
+from .lagrangian import ActiveConstraints, LagrangianCost, active_constraints
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives
 
@@ -81,10 +83,14 @@ def _expansion(dyn: Dynamics, cost: Cost, xs: torch.Tensor, us: torch.Tensor):
                 QT=0.5 * (HT + HT.mT))
 
 
-def _adjoint_lqr(ex: dict, gx: torch.Tensor, gu: torch.Tensor, active) -> object:
+def _adjoint_lqr(ex: dict, gx: torch.Tensor, gu: torch.Tensor, active,
+                 G: ActiveConstraints | None = None):
     """The adjoint LQR at the solution (controls at a limit held fixed) and its solution
-    (w = its xs / us, the costates from its P, p)."""
+    (w = its xs / us, the costates from its P, p); with active constraints ``G``, the
+    adjoint also satisfies ``G w = 0``: returns the solution and the multipliers of those
+    rows, (B, T, P) running and (B, P_T) terminal (None without)."""
     Bm, R, M, r = ex["fu"], ex["R"], ex["M"], gu
+    keep = None
     if active is not None and bool(active.any()):   # hold the controls at a limit fixed
         a = active.to(R.dtype)
         keep = 1 - a
@@ -93,9 +99,55 @@ def _adjoint_lqr(ex: dict, gx: torch.Tensor, gu: torch.Tensor, active) -> object
         Bm = Bm * keep[..., None, :]
         r = r * keep
     T = R.shape[1]
-    prob = LQR(A=ex["fx"], B=Bm, Q=ex["Q"], R=R, M=M, q=gx[:, :T], r=r, QT=ex["QT"],
-               qT=gx[:, T])
-    return solve_lqr(prob, torch.zeros_like(gx[:, 0]))
+    Q, QT, q, qT = ex["Q"], ex["QT"], gx[:, :T], gx[:, T]
+    x0 = torch.zeros_like(gx[:, 0])
+    if G is None:
+        return solve_lqr(LQR(A=ex["fx"], B=Bm, Q=Q, R=R, M=M, q=q, r=r, QT=QT, qT=qT),
+                         x0), None, None
+    return _constrained_adjoint(ex["fx"], Bm, Q, R, M, q, r, QT, qT, x0, G, keep)
+
+
+def _constrained_adjoint(A, Bm, Q, R, M, q, r, QT, qT, x0, G: ActiveConstraints, keep):
+    """The adjoint LQR with the equalities ``G w = 0`` by the method of multipliers on
+    this quadratic problem: LQR solves with the penalty ``rho |G w|^2 / 2`` and the
+    linear term ``eta' G w``, ``eta <- eta + rho G w``, until ``|G w|`` is at rounding
+    level (exact in the limit, for any rho; rho = 1e4 times the ratio of the Hessian's
+    scale to G's converges in a few solves)."""
+    Gx, Gu, GT = G.Gx, G.Gu, G.GT
+    if Gu is not None and keep is not None:
+        Gu = Gu * keep[..., None, :]
+    scale_H = max(float(v.abs().amax()) for v in (Q, R, QT))
+    scale_G = max(float(v.abs().amax()) for v in (Gx, Gu, GT) if v is not None)
+    rho = 1e4 * scale_H / max(scale_G ** 2, 1e-300)
+    if Gx is not None:
+        Q = Q + rho * Gx.mT @ Gx
+        R = R + rho * Gu.mT @ Gu
+        M = M + rho * Gu.mT @ Gx
+        eta = Gx.new_zeros(Gx.shape[:-1])
+    if GT is not None:
+        QT = QT + rho * GT.mT @ GT
+        etaT = GT.new_zeros(GT.shape[:-1])
+    for _ in range(100):
+        qk, rk, qTk = q, r, qT
+        if Gx is not None:
+            qk = q + (Gx.mT @ eta.unsqueeze(-1)).squeeze(-1)
+            rk = r + (Gu.mT @ eta.unsqueeze(-1)).squeeze(-1)
+        if GT is not None:
+            qTk = qT + (GT.mT @ etaT.unsqueeze(-1)).squeeze(-1)
+        sol = solve_lqr(LQR(A=A, B=Bm, Q=Q, R=R, M=M, q=qk, r=rk, QT=QT, qT=qTk), x0)
+        size = 1.0 + max(float(sol.xs.abs().amax()), float(sol.us.abs().amax()))
+        worst = 0.0
+        if Gx is not None:
+            res = (Gx @ sol.xs[:, :-1, :, None] + Gu @ sol.us[..., None]).squeeze(-1)
+            eta = eta + rho * res
+            worst = float(res.abs().amax())
+        if GT is not None:
+            resT = (GT @ sol.xs[:, -1, :, None]).squeeze(-1)
+            etaT = etaT + rho * resT
+            worst = max(worst, float(resT.abs().amax()))
+        if worst <= 1e-14 * size:
+            break
+    return sol, (eta if Gx is not None else None), (etaT if GT is not None else None)
 
 
 class _DDPSolution(torch.autograd.Function):
@@ -128,7 +180,9 @@ class _DDPSolution(torch.autograd.Function):
             gu = g_us + g_J[:, None, None] * ex["lu"]
             active = st["active"]
             active = None if active is None else active.reshape(-1, T, m)
-            sol = _adjoint_lqr(ex, gx, gu, active)
+            cons, nus = st["constraints"], st["nus"]
+            G = active_constraints(cons, nus, xs, us) if cons else None
+            sol, eta, etaT = _adjoint_lqr(ex, gx, gu, active, G)
             dx, du = sol.xs, sol.us
             mu = (sol.P[:, 1:] @ dx[:, 1:, :, None]).squeeze(-1) + sol.p[:, 1:]
             mu0 = -sol.p[:, 0]
@@ -149,6 +203,8 @@ class _DDPSolution(torch.autograd.Function):
                     if d_ is not None:
                         S = S + (d_ * w_).sum()
                 S = S + (mu[:, t] * fval).sum() + (g_J * cost.running(x, u, t)).sum()
+                if eta is not None:  # eta' g_A: constraints that depend on theta
+                    S = S + (eta[:, t] * _running_values(cons, x, u, t)).sum()
             xT = xs[:, T].detach().requires_grad_()
             lT = cost.terminal(xT)
             if lT.requires_grad:
@@ -157,6 +213,9 @@ class _DDPSolution(torch.autograd.Function):
                 if gT is not None:
                     S = S + (gT * dx[:, T]).sum()
                 S = S + (g_J * lT).sum()
+            if etaT is not None:
+                S = S + (etaT * torch.cat([c(xT) for c in cons if c.where == "terminal"],
+                                          -1)).sum()
             inputs = [v for v, w in zip([x0l, *params], wanted) if w]
             grads = iter(torch.autograd.grad(S, inputs, allow_unused=True)) if inputs else \
                 iter(())
@@ -167,11 +226,26 @@ class _DDPSolution(torch.autograd.Function):
         return (None, *out)
 
 
+def _running_values(cons, x, u, t) -> torch.Tensor:
+    return torch.cat([c(x, u, t) for c in cons if c.where == "running"], -1)
+
+
 def differentiable_outputs(result, dynamics: Dynamics, cost: Cost, x0: torch.Tensor,
-                           params: Sequence[torch.Tensor], control_limits):
+                           params: Sequence[torch.Tensor], control_limits,
+                           constraints: Sequence[Constraint] = ()):
     """``(xs, us, cost)`` of ``result`` attached to ``x0`` and ``params`` (see the module
     docstring).  Warns when an element did not converge: the gradient is that of the
-    optimum the solver was approaching, exact only at one."""
+    optimum the solver was approaching, exact only at one.  With ``constraints``, the
+    multipliers of ``result`` define the Lagrangian and the active set
+    (:mod:`trajopt.ddp.lagrangian`)."""
+    nus: list[torch.Tensor] = []
+    if constraints:
+        B = result.xs.reshape(-1, *result.xs.shape[-2:]).shape[0]
+        for con, nu in zip(constraints, result.multipliers):
+            nu = torch.as_tensor(nu, dtype=result.xs.dtype, device=result.xs.device)
+            nus.append(nu.reshape(B, *nu.shape[-2:]) if con.where == "running"
+                       else nu.reshape(B, nu.shape[-1]))
+        cost = LagrangianCost(cost, constraints, nus)
     if not bool(torch.as_tensor(result.converged).all()):
         warnings.warn("solve_ddp: some elements did not converge; their gradients assume "
                       "the returned trajectory is an optimum", ConvergenceWarning,
@@ -185,5 +259,6 @@ def differentiable_outputs(result, dynamics: Dynamics, cost: Cost, x0: torch.Ten
             torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo))
         active = (result.us <= lo + band) | (result.us >= hi - band)
     state = dict(dynamics=dynamics, cost=cost, xs=result.xs, us=result.us, J=result.cost,
-                 x0=x0, params=tuple(params), active=active)
+                 x0=x0, params=tuple(params), active=active, constraints=list(constraints),
+                 nus=nus)
     return _DDPSolution.apply(state, x0, *params)
