@@ -191,8 +191,10 @@ def test_gradients_through_constraints_equal_the_dense_kkt_reference():
 
 
 def test_gradients_through_constraints_match_finite_differences():
-    """A batch of two, the obstacle radius a parameter: d(cost)/d(radius) by central
-    differences of re-solved problems (h = 1e-5)."""
+    """A batch of two, the obstacle radius a parameter: the derivative of the cost and
+    of a state in the middle of the path, by central differences of re-solved problems
+    (h = 1e-5).  (The cost alone would not test the adjoint: its derivative is the
+    multiplier times the constraint's, by the envelope theorem.)"""
     radius = torch.tensor(0.3, dtype=DT, requires_grad=True)
     center = torch.tensor([0.5, 0.05], dtype=DT)
 
@@ -208,10 +210,12 @@ def test_gradients_through_constraints_match_finite_differences():
         return trajopt.solve_ddp(f, cost, x0, torch.full((2, 20, 2), 0.01, dtype=DT),
                                  constraints=[con], tol=1e-13, params=(r,) if grad else (),
                                  augmented_lagrangian=trajopt.AugmentedLagrangian(tol=1e-11))
+    def loss(res):
+        return res.cost.sum() + 3 * res.xs[:, 8, 1].sum() - res.us[:, 4].sum()
     res = solve(radius, grad=True)
     assert list(res.reason) == ["converged", "converged"]
-    ours = torch.autograd.grad(res.cost.sum(), radius)[0]
+    ours = torch.autograd.grad(loss(res), radius)[0]
     h = 1e-5
     with torch.no_grad():
-        fd = (solve(radius + h).cost.sum() - solve(radius - h).cost.sum()) / (2 * h)
+        fd = (loss(solve(radius + h)) - loss(solve(radius - h))) / (2 * h)
     assert abs(float(ours) - float(fd)) <= 1e-5 * abs(float(fd)), (float(ours), float(fd))
