@@ -61,7 +61,7 @@ def polish_constrained(phi, g, u, steps: int = 8):
         step = torch.linalg.solve(K, -torch.cat([gp + G.T @ nu, g(u)]))
         u = u + step[:n]
     stat = float((gp + G.T @ nu).norm())
-    return u.detach(), nu.detach(), stat, float(g(u).norm())
+    return u.detach(), nu.detach(), stat, float(g(u).detach().norm())
 
 
 def implicit_gradient_constrained(phi, g, loss, u, nu, thetas):

@@ -294,9 +294,6 @@ def test_bad_constraints_are_named():
         AugmentedLagrangian(factor=1.0)
     with pytest.raises(InvalidArgumentError, match="max_outer"):
         AugmentedLagrangian(max_outer=0)
-    with pytest.raises(InvalidArgumentError, match="not supported with constraints"):
-        trajopt.solve_ddp(dyn, cost, x0, us0, constraints=[Constraint(lambda x: x - 9)],
-                          params=[torch.ones(1, dtype=D, requires_grad=True)])
 
 
 def test_numpy_in_numpy_out():

@@ -162,6 +162,37 @@ class _Discretized(Dynamics):
         k4 = f(torch.add(x, k3, alpha=dt), u)
         return torch.add(x, k1 + 2.0 * (k2 + k3) + k4, alpha=dt / 6.0)
 
+    def derivatives(self, x, u, t, *, second_order=False):
+        """First order by the chain rule through the RK4 (or Euler) step from the
+        Jacobians of ``f`` at its four evaluation points, taken in one vectorized
+        call: differentiating ``f`` under torch.func costs per op, and the step has four
+        copies of ``f`` plus its own arithmetic (3-4x fewer ops under the transforms;
+        ``docs/performance.md``).  Second order: the generic path."""
+        if second_order:
+            return super().derivatives(x, u, t, second_order=True)
+        f, dt = self.fc, self.dt
+        jac = vmap(jacfwd(f, argnums=(0, 1)))
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        if self.method == "euler":
+            Jx, Ju = _like(jac(x, u), x)
+            return DynamicsDerivatives(fx=eye + dt * Jx, fu=dt * Ju)
+        k1 = f(x, u)
+        x2 = torch.add(x, k1, alpha=0.5 * dt)
+        k2 = f(x2, u)
+        x3 = torch.add(x, k2, alpha=0.5 * dt)
+        k3 = f(x3, u)
+        x4 = torch.add(x, k3, alpha=dt)
+        N = x.shape[0]
+        Jx, Ju = _like(jac(torch.cat([x, x2, x3, x4]), u.repeat(4, 1)), x)
+        Jx, Ju = Jx.reshape(4, N, *Jx.shape[1:]), Ju.reshape(4, N, *Ju.shape[1:])
+        Dx, Du = [Jx[0]], [Ju[0]]   # dk_i / dx, dk_i / du
+        for i, h in ((1, 0.5 * dt), (2, 0.5 * dt), (3, dt)):
+            Dx.append(Jx[i] + h * Jx[i] @ Dx[-1])          # J (I + h dk_{i-1}/dx)
+            Du.append(Ju[i] + h * Jx[i] @ Du[-1])
+        w = dt / 6.0
+        return DynamicsDerivatives(fx=eye + w * (Dx[0] + 2.0 * (Dx[1] + Dx[2]) + Dx[3]),
+                                   fu=w * (Du[0] + 2.0 * (Du[1] + Du[2]) + Du[3]))
+
 
 def discretize(f: Callable, dt: float, method: Literal["rk4", "euler"] = "rk4", *,
                time_invariant: bool = True) -> Dynamics:
