@@ -71,3 +71,27 @@ def test_mpc_bad_input():
         mpc.simulate(f, torch.zeros(2, dtype=DT), 0)
     assert isinstance(np.asarray(mpc.simulate(f, torch.ones(2, dtype=DT), 1).reasons),
                       np.ndarray)
+
+
+def test_mpc_with_an_obstacle_keeps_out_and_reaches_the_goal():
+    """The unicycle with a round obstacle on its path, closed loop: the obstacle keeps the
+    plant out (to the approximation of two outer iterations a step: within 10 % of the
+    radius; without the constraint the path crosses it) and the goal is reached; the
+    multipliers are warm-started (the second step's initial multipliers are the first
+    step's shifted)."""
+    from trajopt import problems
+    p = problems.unicycle(T=30, obstacles=((1.0, 0.1, 0.25),))
+    mpc = trajopt.MPC(p.dynamics, p.cost, horizon=30, iterations=3,
+                      control_limits=p.control_limits, constraints=p.constraints)
+    mpc.step(p.x0)
+    first = mpc.last.multipliers
+    shifted = mpc._shifted_multipliers()
+    torch.testing.assert_close(shifted[0][:-1], first[0][1:])
+    run = mpc.simulate(p.dynamics, p.x0, 69)
+    centre = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    dist = (run.xs[:, :2] - centre).norm(dim=-1)
+    assert float(dist.min()) >= 0.9 * 0.25
+    free = trajopt.MPC(p.dynamics, p.cost, horizon=30, iterations=3,
+                       control_limits=p.control_limits).simulate(p.dynamics, p.x0, 70)
+    assert float((free.xs[:, :2] - centre).norm(dim=-1).min()) < 0.15
+    assert float((run.xs[-1, :2] - torch.tensor([2.0, 1.0], dtype=torch.float64)).norm()) < 0.1

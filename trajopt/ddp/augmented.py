@@ -250,10 +250,15 @@ class ConstrainedSolver:
 
     # ------------------------------------------------------------------ driver
     @torch.no_grad()
-    def solve(self, x0: Any, us0: Any) -> DDPResult:
+    def solve(self, x0: Any, us0: Any, multipliers: Sequence[Any] | None = None
+              ) -> DDPResult:
         """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m)
         under the constraints (the outer loop of
-        :class:`~trajopt.ddp.options.AugmentedLagrangian`)."""
+        :class:`~trajopt.ddp.options.AugmentedLagrangian`).
+
+        ``multipliers``: initial multipliers, shaped as a result's (one per constraint,
+        (..., T, p) running, (..., p) terminal; a warm start, e.g. the previous MPC step's
+        shifted by one stage); default zeros."""
         opt, inner, cost = self.options, self.inner, self.cost
         inp = inner.prepare(x0, us0)
         x0f, us = inp.x0, [u.clone() for u in inp.us]
@@ -271,14 +276,15 @@ class ConstrainedSolver:
                 which = torch.nonzero(bad.reshape(-1, B).any(0)).flatten()[:10].tolist()
                 raise NonFiniteError(f"{con.label} is not finite on the rollout of us0 from "
                                      f"x0 (flat batch elements {which})")
-        cost.reset([torch.zeros_like(c) for c in values],
+        cost.reset(self._initial_multipliers(values, multipliers, B),
                    torch.full((B,), opt.penalty, dtype=dt, device=dev))
         lam, rho = cost.lam, cost.rho
         active = torch.ones(B, dtype=torch.bool, device=dev)
         converged = torch.zeros(B, dtype=torch.bool, device=dev)
         iterations = torch.zeros(B, dtype=torch.long, device=dev)
         violation = torch.full((B,), math.inf, dtype=dt, device=dev)
-        reason = np.array(["constraint_violation"] * B, dtype=object)
+        # still active after max_outer iterations: out of budget, not infeasible
+        reason = np.array(["max_iter"] * B, dtype=object)
         history: list[IterationLog] = []
         pol: Policy | None = None
         user_tol = inner.tol
@@ -328,6 +334,7 @@ class ConstrainedSolver:
             rho[grow] = rho[grow] * opt.factor
             over = grow[rho[grow] > opt.max_penalty]
             rho[over] = opt.max_penalty
+            reason[over.cpu().numpy()] = "constraint_violation"
             active[idx[torch.as_tensor(done, device=dev)]] = False
             active[over] = False
         inner.tol = user_tol
@@ -343,6 +350,35 @@ class ConstrainedSolver:
         return pack_result(kind, batch, inp.listed, traj, pol, converged, iterations,
                            reason, history, max_violation=kind.out(violation.reshape(batch)),
                            multipliers=multipliers)
+
+    def _initial_multipliers(self, values, given, B: int) -> list[torch.Tensor]:
+        """Zeros shaped like the constraint ``values`` ((T, B, p) / (B, p)), or ``given``
+        (the result's layout) checked and moved into that layout."""
+        if given is None:
+            return [torch.zeros_like(c) for c in values]
+        cons = self.cost.constraints
+        if len(given) != len(cons):
+            raise ShapeError(f"multipliers must hold one array per constraint "
+                             f"({len(cons)}); got {len(given)}")
+        out = []
+        for i, (con, c, lam) in enumerate(zip(cons, values, given)):
+            lam = torch.as_tensor(lam, dtype=c.dtype, device=c.device)
+            if con.where == "running":
+                T, p = c.shape[0], c.shape[-1]
+                if lam.numel() != B * T * p or lam.shape[-2:] != (T, p):
+                    raise ShapeError(f"multipliers[{i}] must have shape (..., {T}, {p}) "
+                                     f"for a batch of {B}; got {tuple(lam.shape)}")
+                lam = lam.reshape(B, T, p).transpose(0, 1)
+            else:
+                if lam.numel() != c.numel() or lam.shape[-1] != c.shape[-1]:
+                    raise ShapeError(f"multipliers[{i}] must have shape (..., "
+                                     f"{c.shape[-1]}) for a batch of {B}; got "
+                                     f"{tuple(lam.shape)}")
+                lam = lam.reshape(c.shape)
+            if not bool(torch.isfinite(lam).all()):
+                raise NonFiniteError(f"multipliers[{i}] is not finite")
+            out.append(lam.clone() if con.equality else torch.clamp(lam, min=0))
+        return out
 
     def _base_cost(self, xs, us) -> torch.Tensor:
         base = self.cost.base

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError, ShapeError
+from .augmented import AugmentedCost, ConstrainedSolver, check_constraints
+from .constraints import Constraint
 from .models import Cost, Dynamics
-from .options import DDPResult, LineSearch, Mode, Regularization
+from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
 from .solver import DDPSolver
 
 __all__ = ["MPC", "MPCRun"]
@@ -59,6 +61,13 @@ class MPC:
         DDP iterations per step (the real-time budget); default 3.
     control_limits, mode, regularization, line_search, tol
         As for :func:`trajopt.solve_ddp`.
+    constraints : sequence of trajopt.Constraint, optional
+        Met by the augmented-Lagrangian loop; the multipliers are warm-started from the
+        previous step (shifted by one stage, like the plan), so that a few outer
+        iterations per step suffice.
+    augmented_lagrangian : AugmentedLagrangian, optional
+        Default ``AugmentedLagrangian(max_outer=2)``: the budget per step is then
+        ``iterations`` inner iterations in each of at most 2 outer iterations.
 
     Batched: a state of shape (B, n) runs B controllers at once (one solve).
     """
@@ -66,7 +75,9 @@ class MPC:
     def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, horizon: int,
                  n_controls: int | None = None, iterations: int = 3, control_limits=None,
                  mode: Mode = "ilqr", regularization: Regularization | None = None,
-                 line_search: LineSearch | None = None, tol: float = 1e-8):
+                 line_search: LineSearch | None = None, tol: float = 1e-8,
+                 constraints: Sequence[Constraint] | None = None,
+                 augmented_lagrangian: AugmentedLagrangian | None = None):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise InvalidArgumentError(f"horizon must be a positive integer; got {horizon!r}")
         if control_limits is not None:
@@ -80,9 +91,13 @@ class MPC:
             raise InvalidArgumentError("n_controls must be a positive integer (or give "
                                        f"control_limits); got {n_controls!r}")
         self.horizon, self.n_controls = horizon, n_controls
-        self.solver = DDPSolver(dynamics, cost, mode=mode, max_iter=iterations, tol=tol,
-                                regularization=regularization, line_search=line_search,
-                                control_limits=control_limits)
+        cons = check_constraints(constraints) if constraints else []
+        inner = DDPSolver(dynamics, AugmentedCost(cost, cons) if cons else cost, mode=mode,
+                          max_iter=iterations, tol=tol, regularization=regularization,
+                          line_search=line_search, control_limits=control_limits)
+        self.solver = ConstrainedSolver(
+            inner, augmented_lagrangian or AugmentedLagrangian(max_outer=2)) if cons \
+            else inner
         self.plan: torch.Tensor | None = None
         self.last: DDPResult | None = None
 
@@ -108,10 +123,27 @@ class MPC:
             self.plan = torch.zeros(shape, dtype=x.dtype, device=x.device)
         elif self.last is not None and tuple(self.last.us.shape) == shape:
             self.plan = self._closed_loop_warm_start(x)
-        res = self.solver.solve(x, self.plan)
+        if isinstance(self.solver, ConstrainedSolver):
+            same = self.last is not None and tuple(self.last.us.shape) == shape
+            res = self.solver.solve(x, self.plan, self._shifted_multipliers() if same
+                                    else None)
+        else:
+            res = self.solver.solve(x, self.plan)
         self.last = res
         self.plan = torch.cat([res.us[..., 1:, :], res.us[..., -1:, :]], -2)
         return res.us[..., 0, :]
+
+    def _shifted_multipliers(self):
+        """The previous step's multipliers shifted by one stage (None the first time)."""
+        last = self.last
+        if last is None or last.multipliers is None:
+            return None
+        out = []
+        for con, lam in zip(self.solver.cost.constraints, last.multipliers):
+            lam = torch.as_tensor(lam)
+            out.append(torch.cat([lam[..., 1:, :], lam[..., -1:, :]], -2)
+                       if con.where == "running" else lam)
+        return out
 
     def _closed_loop_warm_start(self, x: torch.Tensor) -> torch.Tensor:
         last = self.last

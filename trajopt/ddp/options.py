@@ -91,7 +91,9 @@ class AugmentedLagrangian:
     ALTRO's multiplier and penalty updates, Howell et al. 2019).  An element is done
     when its largest violation (:math:`|c|` of equalities, :math:`\max(0, c)` of
     inequalities) is at most ``tol``; it stops with reason ``"constraint_violation"``
-    when its penalty would exceed ``max_penalty`` or after ``max_outer`` iterations.
+    when its penalty would exceed ``max_penalty`` (the constraints could not be met),
+    with ``"max_iter"`` after ``max_outer`` iterations (the budget, e.g. of an MPC step,
+    ran out).
 
     The inner solves are inexact while the multipliers are still far off (Bertsekas'
     inexact minimization): their tolerance is ``min(inner_tol, v^2)`` (``v`` the smallest
