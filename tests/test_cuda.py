@@ -234,3 +234,33 @@ def test_c2d_and_ddp_gradients_on_cuda():
         return g
     cpu, gpu = _both(grads)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-9)
+
+
+def test_constrained_ddp_and_its_gradient_on_cuda():
+    """A batch of unicycles around two obstacles, constraints by the augmented Lagrangian
+    (multipliers per element on the device), and the gradient of the cost with respect to
+    an obstacle's radius through the active set: the CPU's results."""
+    from trajopt import problems
+    radius = 0.25
+
+    def solve(dev):
+        r = torch.tensor(radius, dtype=DT, device=dev, requires_grad=True)
+        p = problems.unicycle(T=40, dt=0.2)
+        centre = torch.tensor([1.0, 0.1], dtype=DT, device=dev)
+
+        def outside(x):
+            return (r ** 2 - ((x[..., :2] - centre) ** 2).sum(-1))
+        cons = [trajopt.Constraint(outside), trajopt.Constraint(outside, where="terminal")]
+        x0 = torch.zeros(4, 3, dtype=DT, device=dev)
+        x0[:, 1] = torch.linspace(-0.1, 0.1, 4, dtype=DT, device=dev)
+        lim = tuple(v.to(dev) for v in p.control_limits)
+        res = trajopt.solve_ddp(p.dynamics, p.cost, x0, torch.zeros(4, 40, 2, dtype=DT,
+                                                                    device=dev),
+                                control_limits=lim, constraints=cons, params=(r,),
+                                tol=1e-12)
+        return res, torch.autograd.grad(res.cost.sum(), r)[0]
+    (cpu, g_cpu), (gpu, g_gpu) = _both(solve)
+    assert gpu.us.device.type == "cuda" and list(gpu.reason) == list(cpu.reason)
+    assert float(gpu.max_violation.max()) <= 1e-6
+    torch.testing.assert_close(gpu.us.detach().cpu(), cpu.us.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-6, atol=1e-8)
