@@ -105,10 +105,44 @@ def rows(quick: bool) -> list[dict]:
     return out
 
 
+def gpu_rows(batches=(16, 1024, 4096)) -> list[dict]:
+    """The batched unicycle row on the GPU (no IPOPT: it has no batched GPU solve)."""
+    name, p, _ = _cases(False)[2]
+    dev = torch.device("cuda")
+    out = []
+    for count in batches:
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.zeros(count, 3, dtype=torch.float64)
+        x0[:, :2] = 0.3 * (torch.rand(count, 2, generator=gen, dtype=torch.float64) - 0.5)
+        x0 = x0.to(dev)
+        us0 = torch.zeros(count, p.T, p.m, dtype=torch.float64, device=dev)
+        lim = tuple(v.to(dev) for v in p.control_limits)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, control_limits=lim,
+                              constraints=p.constraints, max_iter=1000)
+        torch.cuda.synchronize()
+        out.append(dict(case=f"{count} x {name} on {torch.cuda.get_device_name()}",
+                        seconds=time.perf_counter() - t0,
+                        converged=int((r.reason == "converged").sum()),
+                        viol=float(r.max_violation.max()), iterations=int(r.iterations.max())))
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gpu", action="store_true",
+                    help="only the batched unicycle on the CUDA device (16, 1024, 4096)")
     args = ap.parse_args(argv)
+    if args.gpu:
+        res = gpu_rows()
+        print("| batch | seconds | converged | max violation | inner iterations (max) |")
+        print("|---|---|---|---|---|")
+        for d in res:
+            print(f"| {d['case']} | {d['seconds']:.2f} | {d['converged']} | "
+                  f"{d['viol']:.1e} | {d['iterations']} |")
+        return res
     res = rows(args.quick)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; casadi "
           f"{casadi_ocp._casadi().__version__} (IPOPT, MUMPS)")
