@@ -89,8 +89,8 @@ def test_infinite_lqr_gradients(time):
 
 
 def test_finite_lqr_gradients():
-    """solve_lqr is differentiable by autograd through the recursion (xs, us, cost with
-    respect to x0 and the matrices)."""
+    """solve_lqr's xs, us, cost are differentiable with respect to x0 and the matrices
+    (the adjoint LQR of trajopt.lqr.implicit)."""
     g = torch.Generator().manual_seed(6)
     T, n, m = 5, 3, 2
     A = (torch.randn(T, n, n, generator=g, dtype=DT) / 2).requires_grad_()
@@ -104,3 +104,63 @@ def test_finite_lqr_gradients():
         s = trajopt.solve_lqr(prob, x0)
         return s.xs, s.us, s.cost
     assert torch.autograd.gradcheck(fn, (A, B, x0), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_finite_lqr_trajectory_gradient_is_the_adjoint_solve():
+    """Every problem tensor (A, B, Q, R, M, q, r, c, QT, qT) and x0, a batch that
+    broadcasts against unbatched cost matrices, against finite differences (gradcheck);
+    the trajectory's graph is the adjoint's one node, not the rollout."""
+    g = torch.Generator().manual_seed(7)
+    T, n, m, Bt = 4, 3, 2, 2
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=DT)).requires_grad_()
+    A, B = rnd(Bt, T, n, n, scale=0.5), rnd(Bt, T, n, m)
+    Qh, Rh = rnd(T, n, n, scale=0.3), rnd(T, m, m, scale=0.3)
+    M, q, r, c = rnd(T, m, n, scale=0.1), rnd(T, n), rnd(T, m), rnd(Bt, T, n)
+    QTh, qT, x0 = rnd(n, n, scale=0.3), rnd(n), rnd(Bt, n)
+
+    def fn(A, B, Qh, Rh, M, q, r, c, QTh, qT, x0):
+        eye_n, eye_m = torch.eye(n, dtype=DT), torch.eye(m, dtype=DT)
+        Q = eye_n + Qh @ Qh.mT
+        R = eye_m + Rh @ Rh.mT
+        prob = trajopt.LQR(A=A, B=B, Q=Q, R=R, M=M, q=q, r=r, c=c,
+                           QT=eye_n + QTh @ QTh.mT, qT=qT)
+        s = trajopt.solve_lqr(prob, x0)
+        return s.xs, s.us, s.cost
+    args = (A, B, Qh, Rh, M, q, r, c, QTh, qT, x0)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+    xs, _, _ = fn(*args)
+    # stacked from the custom function's outputs: no rollout ops in the graph
+    names = set()
+    stack = [xs.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node.name() in names:
+            continue
+        names.add(node.name())
+        if "LQRTrajectory" in node.name():
+            continue
+        stack += [nxt for nxt, _ in node.next_functions]
+    assert any("LQRTrajectory" in nm for nm in names)
+    assert not any("Mm" in nm or "Bmm" in nm for nm in names), names
+
+
+def test_finite_lqr_gradients_with_stages_of_different_sizes():
+    """A problem given as lists with n_t, m_t varying: gradcheck of xs, us, cost."""
+    g = torch.Generator().manual_seed(8)
+    ns, ms = [2, 3, 2], [1, 2]
+    A = [(0.5 * torch.randn(ns[t + 1], ns[t], generator=g, dtype=DT)).requires_grad_()
+         for t in range(2)]
+    B = [torch.randn(ns[t + 1], ms[t], generator=g, dtype=DT, requires_grad=True)
+         for t in range(2)]
+    x0 = torch.randn(2, generator=g, dtype=DT, requires_grad=True)
+
+    def fn(A0, A1, B0, B1, x0):
+        prob = trajopt.LQR(A=[A0, A1], B=[B0, B1],
+                           Q=[torch.eye(k, dtype=DT) for k in ns[:2]],
+                           R=[torch.eye(k, dtype=DT) for k in ms],
+                           QT=torch.eye(ns[2], dtype=DT))
+        s = trajopt.solve_lqr(prob, x0)
+        return (*s.xs, *s.us, s.cost)
+    assert torch.autograd.gradcheck(fn, (*A, *B, x0), eps=1e-6, atol=1e-6, rtol=1e-5)

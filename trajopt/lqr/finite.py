@@ -26,11 +26,14 @@ from ..errors import InvalidArgumentError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
+from .implicit import lqr_trajectory
 from .stages import (
     RANK,
     STAGE_ARGS,
     Stage,
     split_stages,
+    stage_cost,
+    terminal_cost,
     validate_shapes,
     validate_values,
 )
@@ -223,28 +226,6 @@ class Trajectory:
     cost: Any
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
-
-
-def stage_cost(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``1/2 x'Qx + 1/2 u'Ru + u'Mx + q'x + r'u`` for batched x (..., n), u (..., m)."""
-    cost = 0.5 * _dot(x, _mv(s.Q, x)) + 0.5 * _dot(u, _mv(s.R, u))
-    if s.M is not None:
-        cost = cost + _dot(u, _mv(s.M, x))
-    if s.q is not None:
-        cost = cost + _dot(s.q, x)
-    if s.r is not None:
-        cost = cost + _dot(s.r, u)
-    return cost
-
-
-def _terminal_cost(problem: LQR, x: torch.Tensor) -> torch.Tensor:
-    QT, qT = problem.terminal
-    cost = 0.5 * _dot(x, _mv(QT, x))
-    return cost if qT is None else cost + _dot(qT, x)
-
-
 def _step(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     x1 = _mv(s.A, x) + _mv(s.B, u)
     return x1 if s.c is None else x1 + s.c
@@ -260,7 +241,7 @@ def _simulate(problem: LQR, x: torch.Tensor, control) -> tuple[list, list, torch
         x = _step(s, x, u)
         xs.append(x)
         us.append(u)
-    return xs, us, total + _terminal_cost(problem, x)
+    return xs, us, total + terminal_cost(*problem.terminal, x)
 
 
 def _stack(values: list[torch.Tensor], rank: int, problem: LQR, kind: ArrayKind) -> Any:
@@ -328,14 +309,44 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     ks.reverse()
     xs = us = cost = None
     if x0 is not None:
-        xs_l, us_l, total = _simulate(problem, _x0_tensor(problem, x0),
-                                      lambda t, x: _mv(Ks[t], x) + ks[t])
+        x0t = _x0_tensor(problem, x0)
+
+        def closed_loop(K, k, x):
+            return _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
+        if torch.is_grad_enabled() and _requires_grad(problem, x0t):
+            xs_l, us_l, total = lqr_trajectory(problem, x0t, Ks, ks, Ps, ps, closed_loop,
+                                               _adjoint_solver(problem))
+        else:
+            xs_l, us_l, total = closed_loop(Ks, ks, x0t)
         xs, us, cost = _stack(xs_l, 1, problem, kind), _stack(us_l, 1, problem, kind), \
             kind.out(total)
     return LQRSolution(
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
+
+
+def _requires_grad(problem: LQR, x0: torch.Tensor) -> bool:
+    QT, qT = problem.terminal
+    return x0.requires_grad or QT.requires_grad or (qT is not None and qT.requires_grad) \
+        or any(v is not None and v.requires_grad for s in problem.stages
+               for v in vars(s).values())
+
+
+def _adjoint_solver(problem: LQR):
+    """``solve(q, r, qT)``: the problem's LQR (detached) with the linear terms replaced,
+    solved from x0 = 0 (the adjoint of :mod:`trajopt.lqr.implicit`); lists per stage."""
+    st = [{k: (None if v is None else v.detach()) for k, v in vars(s).items()}
+          for s in problem.stages]
+    QT = problem.terminal[0].detach()
+
+    def solve(q, r, qT):
+        adjoint = LQR(A=[d["A"] for d in st], B=[d["B"] for d in st],
+                      Q=[d["Q"] for d in st], R=[d["R"] for d in st],
+                      M=None if st[0]["M"] is None else [d["M"] for d in st],
+                      q=q, r=r, QT=QT, qT=qT)
+        return solve_lqr(adjoint, torch.zeros_like(q[0]))
+    return solve
 
 
 def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:

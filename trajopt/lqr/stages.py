@@ -17,6 +17,7 @@ from .._checks import (
     check_vector,
     shape_str,
 )
+from .._linalg import mv
 from ..errors import ShapeError
 
 STAGE_ARGS = ("A", "B", "Q", "R", "M", "q", "r", "c")
@@ -43,6 +44,29 @@ class Stage:
     @property
     def m(self) -> int:
         return self.B.shape[-1]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
+def stage_cost(s: Stage, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``1/2 x'Qx + 1/2 u'Ru + u'Mx + q'x + r'u`` for batched x (..., n), u (..., m)."""
+    cost = 0.5 * _dot(x, mv(s.Q, x)) + 0.5 * _dot(u, mv(s.R, u))
+    if s.M is not None:
+        cost = cost + _dot(u, mv(s.M, x))
+    if s.q is not None:
+        cost = cost + _dot(s.q, x)
+    if s.r is not None:
+        cost = cost + _dot(s.r, u)
+    return cost
+
+
+def terminal_cost(QT: torch.Tensor, qT: torch.Tensor | None, x: torch.Tensor
+                  ) -> torch.Tensor:
+    """``1/2 x'Q_T x + q_T'x`` for batched x (..., n)."""
+    cost = 0.5 * _dot(x, mv(QT, x))
+    return cost if qT is None else cost + _dot(qT, x)
 
 
 def split_stages(value: Any, name: str, T: int, label: str | None = None
