@@ -164,3 +164,34 @@ def test_finite_lqr_gradients_with_stages_of_different_sizes():
         s = trajopt.solve_lqr(prob, x0)
         return (*s.xs, *s.us, s.cost)
     assert torch.autograd.gradcheck(fn, (*A, *B, x0), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_finite_lqr_adjoint_equals_autograd_through_the_unrolled_solve():
+    """The adjoint gradient of xs, us, cost equals autograd through the unrolled solve:
+    the recursion's K, k (differentiable) rolled out by hand from x0."""
+    g = torch.Generator().manual_seed(9)
+    T, n, m = 6, 3, 2
+    A = (0.5 * torch.randn(T, n, n, generator=g, dtype=DT)).requires_grad_()
+    B = torch.randn(T, n, m, generator=g, dtype=DT, requires_grad=True)
+    q = torch.randn(T, n, generator=g, dtype=DT, requires_grad=True)
+    x0 = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+    w_x = torch.randn(T + 1, n, generator=g, dtype=DT)
+    w_u = torch.randn(T, m, generator=g, dtype=DT)
+    prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, dtype=DT).expand(T, n, n),
+                       R=torch.eye(m, dtype=DT).expand(T, m, m), q=q,
+                       QT=2 * torch.eye(n, dtype=DT))
+    s = trajopt.solve_lqr(prob, x0)
+    ours = torch.autograd.grad((s.xs * w_x).sum() + (s.us * w_u).sum() + 0.7 * s.cost,
+                               (A, B, q, x0))
+    x, xs, us, J = x0, [x0], [], 0.0
+    for t in range(T):
+        u = s.K[t] @ x + s.k[t]
+        J = J + 0.5 * x @ x + 0.5 * u @ u + q[t] @ x
+        x = A[t] @ x + B[t] @ u
+        xs.append(x)
+        us.append(u)
+    J = J + x @ x
+    unrolled = torch.autograd.grad((torch.stack(xs) * w_x).sum()
+                                   + (torch.stack(us) * w_u).sum() + 0.7 * J, (A, B, q, x0))
+    for a, b in zip(ours, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
