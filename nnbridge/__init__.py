@@ -7,6 +7,8 @@ control).
 * :func:`graph_stages`, :class:`GTDDP` -- residual and branching networks on the
   augmented state, the Game-Theoretic DDP optimizer;
 * :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline;
+* :class:`EMSA` -- the extended method of successive approximations (Li et al. 2018),
+  the Pontryagin-based baseline of the DDPNOpt paper;
 * :func:`lqr_direction` -- gradient / natural-gradient / Newton directions as an LQR
   (thesis Ch. 3);
 * :class:`DEQ` -- deep equilibrium models with the gradient from the infinite-horizon LQR;
@@ -16,6 +18,7 @@ control).
 from .ddpnopt import EKFAC, DDPNOpt
 from .decompose import stages
 from .deq import DEQ, DEQBlock
+from .emsa import EMSA
 from .graph import graph_stages
 from .gtddp import GTDDP, GTEKFAC
 from .recorder import capture
@@ -24,4 +27,4 @@ from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
 __all__ = ["stages", "graph_stages", "GTDDP", "GTEKFAC", "Stage", "StageLinearization", "capture",
-           "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock"]
+           "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock", "EMSA"]
