@@ -28,6 +28,7 @@ from . import data as _data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .curvature import CURVATURES
 from .ddpnopt import EKFAC, DDPNOpt
+from .emsa import EMSA
 from .gtddp import GTDDP
 from .models import default_model
 from .terminal import check_terminal_options
@@ -40,7 +41,7 @@ __all__ = ["OPTIMIZERS", "DEFAULT_LR", "RunConfig", "RunResult", "make_optimizer
 #: (docs/experiments.md): the torch.optim baselines' here, DDPNOpt's and vanilla DDP's
 #: are the defaults of the optimizer classes themselves (nnbridge.curvature), so that
 #: the class, the command, the README and the example use one rate per curvature
-DEFAULT_LR = {"sgd": 0.5, "rmsprop": 5e-3, "adam": 5e-3,
+DEFAULT_LR = {"sgd": 0.5, "rmsprop": 5e-3, "adam": 5e-3, "emsa": 0.2,
               "ekfac": CURVATURES["ekfac"].defaults["lr"],
               "vanilla-ddp": CURVATURES["exact"].defaults["lr"],
               **{f"{o}-{k}": CURVATURES[c].defaults["lr"] for o in ("ddpnopt", "gtddp")
@@ -51,7 +52,7 @@ _CURV_ALIAS = {"identity": "identity", "sgd": "identity", "rmsprop": "rmsprop",
                "adam": "adam", "ekfac": "ekfac"}
 #: accepted names; "ddpnopt" / "gtddp" take --curvature, "ddpnopt-<c>" / "gtddp-<c>"
 #: name it
-OPTIMIZERS = ("sgd", "rmsprop", "adam", "ekfac", "vanilla-ddp", "ddpnopt",
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "ekfac", "emsa", "vanilla-ddp", "ddpnopt",
               "ddpnopt-sgd", "ddpnopt-rmsprop", "ddpnopt-adam", "ddpnopt-ekfac", "gtddp",
               "gtddp-sgd", "gtddp-rmsprop", "gtddp-adam", "gtddp-ekfac")
 
@@ -61,8 +62,8 @@ def parse_optimizer(name: str, curvature: str = "adam") -> tuple[str, str | None
     ``("ddpnopt-adam", "adam")`` for DDPNOpt, ``("gtddp-adam", "adam")`` for GT-DDP,
     ``("vanilla-ddp", "exact")``."""
     key = name.strip().lower().replace("_", "-")
-    if key in _BASE:
-        return key, None
+    if key in _BASE or key in ("emsa", "e-msa"):
+        return ("emsa" if key == "e-msa" else key), None
     if key in ("vanilla-ddp", "ddp"):
         return "vanilla-ddp", "exact"
     for family in ("ddpnopt", "gtddp"):
@@ -98,6 +99,8 @@ def make_optimizer(label: str, model: nn.Module, lr: float, *,
         return torch.optim.Adam(model.parameters(), lr=lr, **kw)
     if label == "ekfac":
         return EKFAC(model, lr=lr, **kw)
+    if label == "emsa":
+        return EMSA(model, lr=lr, **kw)
     if label == "vanilla-ddp":
         return DDPNOpt(model, lr=lr, curvature="exact", value_hessian="full",
                        terminal_hessian=terminal_hessian, **kw)

@@ -304,3 +304,57 @@ def test_numpy_in_numpy_out():
     assert isinstance(res.us, np.ndarray) and isinstance(res.multipliers[0], np.ndarray)
     assert isinstance(res.max_violation, np.ndarray) and float(res.max_violation) <= 1e-6
     assert math.isclose(float(res.xs[-1, 0]), 0.5, abs_tol=1e-6)
+
+
+def test_nonconvex_batch_elements_are_independent():
+    """Unicycles around obstacles (nonconvex; each element's inner tolerance follows its
+    own violation): two elements solved together give what each gives alone."""
+    from trajopt import problems
+    p = problems.unicycle(T=30, dt=0.27, obstacles=((1.0, 0.1, 0.25), (1.7, 0.6, 0.2)))
+    x0 = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.12, 0.0]], dtype=D)
+    us0 = torch.zeros(2, p.T, p.m, dtype=D)
+    both = trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, control_limits=p.control_limits,
+                             constraints=p.constraints)
+    for i in range(2):
+        one = trajopt.solve_ddp(p.dynamics, p.cost, x0[i], us0[i],
+                                control_limits=p.control_limits, constraints=p.constraints)
+        assert both.reason[i] == one.reason and int(both.iterations[i]) == int(
+            one.iterations)
+        torch.testing.assert_close(both.us[i], one.us, rtol=0, atol=1e-12)
+
+
+def test_inner_solver_is_left_as_it_was():
+    """The outer loop neither keeps a loose tolerance on the inner solver nor swallows its
+    callback, also when a solve raises."""
+    from trajopt.ddp import ConstrainedSolver, DDPSolver
+    _, _, _, _, _, dyn, cost, T = _double_integrator(T=5)
+    calls = []
+
+    def record(log):
+        calls.append(log)
+    con = Constraint(lambda x: x[..., 0] - 0.5, where="terminal")
+    inner = DDPSolver(dyn, AugmentedCost(cost, check_constraints([con])), tol=1e-10,
+                      callback=record)
+    outer = ConstrainedSolver(inner)
+    x0 = torch.tensor([1.0, 0.0], dtype=D)
+    res = outer.solve(x0, torch.zeros(T, 1, dtype=D))
+    assert res.reason == "converged" and calls and inner.tol == 1e-10
+    assert inner.callback is record
+    with pytest.raises(ShapeError):
+        outer.solve(x0, torch.zeros(T, 3, dtype=D))
+    assert inner.tol == 1e-10 and inner.callback is record
+
+
+def test_more_bad_constraint_input():
+    _, _, _, _, _, dyn, cost, T = _double_integrator(T=3)
+    x0, us0 = torch.zeros(2, dtype=D), torch.zeros(T, 1, dtype=D)
+    with pytest.raises(InvalidArgumentError, match="constraints must be a sequence"):
+        trajopt.solve_ddp(dyn, cost, x0, us0, constraints=lambda x: x)
+    with pytest.raises(InvalidArgumentError, match="terminal constraint is fn"):
+        Constraint(lambda x, u: x, where="terminal")
+    with pytest.raises(InvalidArgumentError, match="no constraints"):
+        trajopt.solve_ddp(dyn, cost, x0, us0, augmented_lagrangian=AugmentedLagrangian())
+    # a float32 constant in a float64 problem is cast, not an indexing error
+    res = trajopt.solve_ddp(dyn, cost, x0, us0, constraints=[
+        Constraint(lambda x: (x[..., 0] - 0.5).float(), kind="equality", where="terminal")])
+    assert res.reason == "converged" and float(res.max_violation) <= 1e-6

@@ -85,8 +85,15 @@ def test_mpc_with_an_obstacle_keeps_out_and_reaches_the_goal():
                       control_limits=p.control_limits, constraints=p.constraints)
     mpc.step(p.x0)
     first = mpc.last.multipliers
-    shifted = mpc._shifted_multipliers()
-    torch.testing.assert_close(shifted[0][:-1], first[0][1:])
+    seen = []
+    solve = mpc.solver.solve
+    mpc.solver.solve = lambda x, plan, multipliers=None: (seen.append(multipliers),
+                                                          solve(x, plan, multipliers))[1]
+    mpc.step(mpc.last.xs[1])
+    mpc.solver.solve = solve
+    torch.testing.assert_close(seen[0][0][:-1], first[0][1:])   # shifted by one stage
+    torch.testing.assert_close(seen[0][1], first[1])            # terminal: as it was
+    mpc.reset()
     run = mpc.simulate(p.dynamics, p.x0, 69)
     centre = torch.tensor([1.0, 0.1], dtype=torch.float64)
     dist = (run.xs[:, :2] - centre).norm(dim=-1)

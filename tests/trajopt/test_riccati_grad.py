@@ -195,3 +195,40 @@ def test_finite_lqr_adjoint_equals_autograd_through_the_unrolled_solve():
                                    + (torch.stack(us) * w_u).sum() + 0.7 * J, (A, B, q, x0))
     for a, b in zip(ours, unrolled):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_finite_lqr_gradient_paths_agree_and_say_their_limits():
+    """One matrix repeated over the stages (LQR(A=[A] * T)) is counted once; with reg the
+    trajectory is differentiated through the recursion (gradcheck); torch.func.jacrev
+    works; the adjoint path equals the explicit CholeskySolver() path (autograd through
+    the recursion and rollout), which also gives second derivatives, while the adjoint
+    path asked for them raises a named error."""
+    from trajopt.errors import InvalidArgumentError
+    from trajopt.riccati import CholeskySolver
+    g = torch.Generator().manual_seed(10)
+    T, n, m = 4, 3, 2
+    A = (0.5 * torch.randn(n, n, generator=g, dtype=DT)).requires_grad_()
+    B = torch.randn(n, m, generator=g, dtype=DT, requires_grad=True)
+    S = torch.randn(n, n, generator=g, dtype=DT, requires_grad=True)
+    x0 = torch.randn(n, generator=g, dtype=DT)
+
+    def f(A, B, S, **kw):
+        Q = torch.eye(n, dtype=DT) + 0.1 * (S + S.T)
+        prob = trajopt.LQR(A=[A] * T, B=[B] * T, Q=[Q] * T,
+                           R=[torch.eye(m, dtype=DT)] * T, QT=Q)
+        s = trajopt.solve_lqr(prob, x0, **kw)
+        return (torch.stack(s.xs) ** 2).sum() + (torch.stack(s.us) ** 3).sum() + s.cost
+    adjoint = torch.autograd.grad(f(A, B, S), (A, B, S))
+    unrolled = torch.autograd.grad(f(A, B, S, solver=CholeskySolver()), (A, B, S))
+    for a, b in zip(adjoint, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: f(*a, reg=0.5), (A, B, S), eps=1e-6,
+                                    atol=1e-6, rtol=1e-5)
+    J = torch.func.jacrev(lambda a: f(a, B.detach(), S.detach()))(A.detach())
+    torch.testing.assert_close(J, adjoint[0], rtol=1e-10, atol=1e-12)
+    H = torch.autograd.functional.hessian(
+        lambda a: f(a, B.detach(), S.detach(), solver=CholeskySolver()), A.detach())
+    assert float(H.abs().max()) > 0
+    with pytest.raises(InvalidArgumentError, match="first order"):
+        torch.autograd.functional.hessian(lambda a: f(a, B.detach(), S.detach()),
+                                          A.detach())

@@ -92,11 +92,14 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     DDPResult
     """
     cons = check_constraints(constraints) if constraints is not None else []
-    if augmented_lagrangian is not None and not isinstance(augmented_lagrangian,
-                                                           AugmentedLagrangian):
-        raise InvalidArgumentError(f"augmented_lagrangian must be a trajopt."
-                                   f"AugmentedLagrangian; got "
-                                   f"{type(augmented_lagrangian).__name__}")
+    if augmented_lagrangian is not None:
+        if not isinstance(augmented_lagrangian, AugmentedLagrangian):
+            raise InvalidArgumentError(f"augmented_lagrangian must be a trajopt."
+                                       f"AugmentedLagrangian; got "
+                                       f"{type(augmented_lagrangian).__name__}")
+        if not cons:
+            raise InvalidArgumentError("augmented_lagrangian is given but there are no "
+                                       "constraints for it to meet")
     params = tuple(params)
     for i, prm in enumerate(params):
         if not isinstance(prm, torch.Tensor):

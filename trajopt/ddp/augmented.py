@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._checks import shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Policy, Traj, pack_result
 from .constraints import Constraint
@@ -42,6 +44,9 @@ def check_constraints(constraints: Sequence[Any]) -> list[Constraint]:
     """The constraints as a list, each a :class:`Constraint` (named by position)."""
     if isinstance(constraints, Constraint):
         constraints = [constraints]
+    if not isinstance(constraints, (list, tuple)):
+        raise InvalidArgumentError(f"constraints must be a sequence of trajopt.Constraint; "
+                                   f"got {type(constraints).__name__}")
     out = []
     for i, c in enumerate(constraints):
         if not isinstance(c, Constraint):
@@ -181,6 +186,26 @@ class AugmentedCost(Cost):
         return g, H
 
 
+@dataclass
+class _Batch:
+    """The whole-batch state of the outer loop: initial states, trajectory (lists over
+    stages), multipliers and penalties, flags, counters, the violation, reasons, the
+    history and the last gains."""
+
+    x0f: torch.Tensor
+    xs: list
+    us: list
+    lam: list
+    rho: torch.Tensor
+    active: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    violation: torch.Tensor
+    reason: np.ndarray
+    history: list
+    pol: Policy | None = None
+
+
 class ConstrainedSolver:
     """The augmented-Lagrangian outer loop around ``inner``, a
     :class:`~trajopt.ddp.solver.DDPSolver` (or :class:`~trajopt.ddp.gtddp.GTDDPSolver`)
@@ -266,8 +291,13 @@ class ConstrainedSolver:
         dt, dev = x0f.dtype, x0f.device
         # sizes from the rollout of us0 (every element)
         xs = [x0f]
-        for t in range(T):
-            xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
+        try:
+            for t in range(T):
+                xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
+        except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
+            raise ShapeError(
+                f"the dynamics failed on x0 of shape {shape_str(x0f)} and controls of "
+                f"shape {shape_str(us[0])} (flattened batch): {exc}") from exc
         values = self.violations(xs, us)
         finite = torch.stack([torch.isfinite(x).all(-1) for x in xs]).all(0)  # (B,)
         for con, c in zip(cost.constraints, values):
@@ -286,58 +316,14 @@ class ConstrainedSolver:
         # still active after max_outer iterations: out of budget, not infeasible
         reason = np.array(["max_iter"] * B, dtype=object)
         history: list[IterationLog] = []
-        pol: Policy | None = None
-        user_tol = inner.tol
-        for _ in range(opt.max_outer):
-            idx = torch.nonzero(active).flatten()
-            if idx.numel() == 0:
-                break
-            everyone = idx.numel() == B
-            cost.select(None if everyone else idx)
-            logs = self._logger(idx, B, history)
-            inner.callback = logs
-            # intermediate solves to a looser tolerance (the multipliers are still
-            # wrong), the user's once the violation is near the target
-            prev = float(violation[idx].min())
-            tight = prev <= 100 * opt.tol or opt.inner_tol <= user_tol
-            inner.tol = user_tol if tight else max(user_tol, min(opt.inner_tol, prev * prev))
-            res = inner.solve(x0f if everyone else x0f[idx], [u[idx] for u in us])
-            sub_xs, sub_us = list(res.xs), list(res.us)
-            for full, part in zip(xs, sub_xs):
-                full[idx] = part
-            for full, part in zip(us, sub_us):
-                full[idx] = part
-            pol = _scatter_policy(pol, res, idx, B)
-            iterations[idx] += res.iterations
-            values = self.violations(sub_xs, sub_us)
-            viol = self.max_violation(values)
-            # the multiplier estimates at this solution (also of the elements now done)
-            for con, c, lm in zip(cost.constraints, values, lam):
-                r = rho[idx].reshape(-1, 1) if con.where == "terminal" else \
-                    rho[idx].reshape(1, -1, 1)
-                new = lm[..., idx, :] + r * c if con.where == "running" else lm[idx] + r * c
-                if not con.equality:
-                    new = torch.clamp(new, min=0)
-                if con.where == "running":
-                    lm[:, idx] = new
-                else:
-                    lm[idx] = new
-            inner_reason = np.asarray(res.reason, dtype=object).reshape(-1)
-            met = (viol <= opt.tol).cpu().numpy() & tight
-            diverged = inner_reason == "diverged"
-            done = met | diverged
-            reason[idx.cpu().numpy()[done]] = inner_reason[done]
-            converged[idx] = res.converged & torch.as_tensor(met, device=dev)
-            slow = viol > opt.decrease * violation[idx]
-            violation[idx] = viol
-            grow = idx[slow & ~torch.as_tensor(done, device=dev)]
-            rho[grow] = rho[grow] * opt.factor
-            over = grow[rho[grow] > opt.max_penalty]
-            rho[over] = opt.max_penalty
-            reason[over.cpu().numpy()] = "constraint_violation"
-            active[idx[torch.as_tensor(done, device=dev)]] = False
-            active[over] = False
-        inner.tol = user_tol
+        b = _Batch(x0f, xs, us, lam, rho, active, converged, iterations, violation, reason,
+                   history)
+        own_callback = inner.callback
+        try:
+            self._outer_loop(b, inner.tol, own_callback)
+        finally:  # the inner solver is the user's too (MPC keeps it): leave it as it was
+            inner.callback = own_callback
+        pol = b.pol
         cost.select(None)
         total = self._base_cost(xs, us)
         ok = torch.isfinite(total) & torch.as_tensor(reason != "diverged", device=dev)
@@ -350,6 +336,62 @@ class ConstrainedSolver:
         return pack_result(kind, batch, inp.listed, traj, pol, converged, iterations,
                            reason, history, max_violation=kind.out(violation.reshape(batch)),
                            multipliers=multipliers)
+
+    def _outer_loop(self, b: _Batch, user_tol: float, own_callback) -> None:
+        """The outer iterations (see :meth:`solve`), writing into the whole-batch state
+        ``b``."""
+        opt, inner, cost = self.options, self.inner, self.cost
+        B, dev = b.x0f.shape[0], b.x0f.device
+        for _ in range(opt.max_outer):
+            idx = torch.nonzero(b.active).flatten()
+            if idx.numel() == 0:
+                break
+            everyone = idx.numel() == B
+            cost.select(None if everyone else idx)
+            inner.callback = self._logger(idx, B, b.history, own_callback)
+            # intermediate solves to a looser tolerance (the multipliers are still
+            # wrong), the user's once the violation is near the target; per element, so
+            # that an element's result does not depend on the others
+            prev = b.violation[idx]
+            tight = (prev <= 100 * opt.tol) | (opt.inner_tol <= user_tol)
+            loose = torch.clamp(prev * prev, min=user_tol, max=opt.inner_tol)
+            res = inner.solve(b.x0f if everyone else b.x0f[idx], [u[idx] for u in b.us],
+                              tol=torch.where(tight, torch.full_like(prev, user_tol), loose))
+            sub_xs, sub_us = list(res.xs), list(res.us)
+            for full, part in zip(b.xs, sub_xs):
+                full[idx] = part
+            for full, part in zip(b.us, sub_us):
+                full[idx] = part
+            b.pol = _scatter_policy(b.pol, res, idx, B)
+            b.iterations[idx] += res.iterations
+            values = self.violations(sub_xs, sub_us)
+            viol = self.max_violation(values)
+            # the multiplier estimates at this solution (also of the elements now done)
+            for con, c, lm in zip(cost.constraints, values, b.lam):
+                r = b.rho[idx].reshape(-1, 1) if con.where == "terminal" else \
+                    b.rho[idx].reshape(1, -1, 1)
+                new = lm[..., idx, :] + r * c if con.where == "running" else lm[idx] + r * c
+                if not con.equality:
+                    new = torch.clamp(new, min=0)
+                if con.where == "running":
+                    lm[:, idx] = new
+                else:
+                    lm[idx] = new
+            inner_reason = np.asarray(res.reason, dtype=object).reshape(-1)
+            met = ((viol <= opt.tol) & tight).cpu().numpy()
+            diverged = inner_reason == "diverged"
+            done = met | diverged
+            b.reason[idx.cpu().numpy()[done]] = inner_reason[done]
+            b.converged[idx] = res.converged & torch.as_tensor(met, device=dev)
+            slow = viol > opt.decrease * b.violation[idx]
+            b.violation[idx] = viol
+            grow = idx[slow & ~torch.as_tensor(done, device=dev)]
+            b.rho[grow] = b.rho[grow] * opt.factor
+            over = grow[b.rho[grow] > opt.max_penalty]
+            b.rho[over] = opt.max_penalty
+            b.reason[over.cpu().numpy()] = "constraint_violation"
+            b.active[idx[torch.as_tensor(done, device=dev)]] = False
+            b.active[over] = False
 
     def _initial_multipliers(self, values, given, B: int) -> list[torch.Tensor]:
         """Zeros shaped like the constraint ``values`` ((T, B, p) / (B, p)), or ``given``
@@ -388,9 +430,10 @@ class ConstrainedSolver:
             J = J + base.running(x, u, t)
         return J
 
-    def _logger(self, idx: torch.Tensor, B: int, history: list) -> Callable:
+    def _logger(self, idx: torch.Tensor, B: int, history: list, own=None) -> Callable:
         """The inner callback: logs of the rows ``idx`` written into whole-batch logs,
-        numbered on from the previous solves."""
+        numbered on from the previous solves (and the inner solver's own callback, if it
+        has one, called with the inner log)."""
         offset = len(history)
 
         def log(part: IterationLog) -> None:
@@ -403,6 +446,8 @@ class ConstrainedSolver:
                                  step=full(part.step), expected=full(part.expected),
                                  actual=full(part.actual))
             history.append(entry)
+            if own is not None:
+                own(part)
             if self.callback is not None:
                 self.callback(entry)
         return log

@@ -78,8 +78,9 @@ class Constraint:
             raise InvalidArgumentError(f"where must be 'running' or 'terminal'; got "
                                        f"{where!r}")
         arity = _positional_arity(fn)
-        if where == "terminal" and arity is not None and arity < 1:
-            raise InvalidArgumentError("a terminal constraint is fn(x)")
+        if where == "terminal" and arity is not None and arity != 1:
+            raise InvalidArgumentError(f"a terminal constraint is fn(x) of the final state; "
+                                       f"got a function of {arity} arguments")
         self.fn, self.kind, self.where, self.name = fn, kind, where, name
         # how many of (x, u, t) fn takes: 1 (state only), 2 (time invariant) or 3
         self.arity = 1 if where == "terminal" else min(arity or 3, 3)
@@ -105,6 +106,8 @@ class Constraint:
         if not torch.is_tensor(c):
             raise ShapeError(f"{self.label} must return a tensor; got {type(c).__name__}")
         c = c.unsqueeze(-1) if c.ndim == x.ndim - 1 else c
+        if c.dtype != x.dtype:  # a float32 constant in a float64 problem
+            c = c.to(x.dtype)
         if c.shape[:-1] != x.shape[:-1]:
             raise ShapeError(f"{self.label} must return shape (..., p) or (...,) for states "
                              f"of shape {shape_str(x)}; got {shape_str(c)}")

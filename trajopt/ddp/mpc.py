@@ -92,6 +92,9 @@ class MPC:
                                        f"control_limits); got {n_controls!r}")
         self.horizon, self.n_controls = horizon, n_controls
         cons = check_constraints(constraints) if constraints else []
+        if augmented_lagrangian is not None and not cons:
+            raise InvalidArgumentError("augmented_lagrangian is given but there are no "
+                                       "constraints for it to meet")
         inner = DDPSolver(dynamics, AugmentedCost(cost, cons) if cons else cost, mode=mode,
                           max_iter=iterations, tol=tol, regularization=regularization,
                           line_search=line_search, control_limits=control_limits)

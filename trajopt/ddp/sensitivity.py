@@ -145,8 +145,12 @@ def _constrained_adjoint(A, Bm, Q, R, M, q, r, QT, qT, x0, G: ActiveConstraints,
             resT = (GT @ sol.xs[:, -1, :, None]).squeeze(-1)
             etaT = etaT + rho * resT
             worst = max(worst, float(resT.abs().amax()))
-        if worst <= 1e-14 * size:
+        if worst <= 100 * torch.finfo(sol.xs.dtype).eps * size:
             break
+    else:
+        warnings.warn(f"solve_ddp gradient: the adjoint's active constraints are met to "
+                      f"{worst:.1e} only (relative to {size:.1e}) after 100 solves",
+                      ConvergenceWarning, stacklevel=4)
     return sol, (eta if Gx is not None else None), (etaT if GT is not None else None)
 
 

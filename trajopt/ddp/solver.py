@@ -179,20 +179,35 @@ class DDPSolver:
 
     # ------------------------------------------------------------------ driver
     @torch.no_grad()
-    def solve(self, x0: Any, us0: Any) -> DDPResult:
+    def solve(self, x0: Any, us0: Any, *, tol: float | torch.Tensor | None = None
+              ) -> DDPResult:
         """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
 
         Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
         there); the result is not differentiable with respect to the inputs.  A small
         problem (batch x (n+m) x (1+n+m) below torch's parallel grain) runs with one
         intra-op thread (:func:`trajopt._threads.threads_for`).
+
+        ``tol``: this solve's tolerance instead of the solver's, a number or one per
+        batch element (a tensor of the batch's shape: the augmented-Lagrangian loop
+        solves each element to its own accuracy).
         """
         inp = self.prepare(x0, us0)
+        B = inp.x0.shape[0]
+        if tol is None:
+            tol = self.tol
+        elif torch.is_tensor(tol):
+            if tol.numel() != B or not bool((tol > 0).all()):
+                raise InvalidArgumentError(f"tol must be positive, one per batch element "
+                                           f"({B}); got shape {tuple(tol.shape)}")
+            tol = tol.reshape(B).to(dtype=inp.x0.dtype, device=inp.x0.device)
+        elif not tol > 0:
+            raise InvalidArgumentError(f"tol must be positive; got {tol}")
         n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
-        with threads_for(inp.x0.shape[0] * (n + m) * (1 + n + m)):
-            return self._solve(inp)
+        with threads_for(B * (n + m) * (1 + n + m)):
+            return self._solve(inp, tol)
 
-    def _solve(self, inp: SolveInputs) -> DDPResult:
+    def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
         B = x0f.shape[0]
@@ -253,14 +268,15 @@ class DDPSolver:
             # the step is still taken (quadratic convergence: the result is then ~tol
             # from the optimum) unless it is below tol
             size = step_size(pol.k, sub.us)
-            done = pol.ok & (size <= math.sqrt(self.tol))
+            tol_sub = tol[idx] if torch.is_tensor(tol) else tol
+            done = pol.ok & (size <= (tol_sub ** 0.5))
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
                 reason[idx[done].cpu().numpy()] = "converged"
             if it == self.max_iter:
                 break
-            polish = done & (size > self.tol)
+            polish = done & (size > tol_sub)
             todo = pol.ok & ((~done & active[idx]) | polish)
             step = torch.zeros(B, dtype=dt, device=dev)
             exp_log = torch.zeros(B, dtype=dt, device=dev)
@@ -273,7 +289,7 @@ class DDPSolver:
             iterations[gacc] += 1
             fresh[gacc] = False
             # Tassa's second test: an accepted step that barely changed the cost
-            small = accepted & (act_log[idx] <= self.tol * traj.cost[idx].abs())
+            small = accepted & (act_log[idx] <= tol_sub * traj.cost[idx].abs())
             if bool(small.any()):
                 converged[idx[small]] = True
                 active[idx[small]] = False

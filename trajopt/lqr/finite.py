@@ -281,6 +281,12 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     Returns
     -------
     LQRSolution
+        Differentiable (torch inputs that require grad): ``xs``, ``us``, ``cost`` by one
+        adjoint LQR solve (:mod:`trajopt.lqr.implicit`, first order), ``K, k, P, p`` by
+        autograd through the recursion.  With ``reg``, a ``solver`` (including an
+        explicit ``CholeskySolver()``: the way to second derivatives) or inside a
+        torch.func transform, the trajectory is differentiated through the recursion
+        and the rollout.
 
     Raises
     ------
@@ -295,6 +301,10 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     if solver is not None and reg:
         raise InvalidArgumentError("give reg or solver, not both (a CholeskySolver "
                                    "takes reg itself)")
+    # the trajectory's gradient by the adjoint LQR needs the exact optimum: no reg, no
+    # other Q_uu solver (an explicit CholeskySolver() asks for autograd through the
+    # recursion and rollout, e.g. for second derivatives)
+    exact = solver is None and not reg
     solver = CholeskySolver(reg=float(reg)) if solver is None else solver
     for t, s in reversed(list(enumerate(dense_stages(problem)))):
         step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
@@ -313,7 +323,8 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
 
         def closed_loop(K, k, x):
             return _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
-        if torch.is_grad_enabled() and _requires_grad(problem, x0t):
+        if exact and torch.is_grad_enabled() and _requires_grad(problem, x0t) and \
+                not _under_functorch():
             xs_l, us_l, total = lqr_trajectory(problem, x0t, Ks, ks, Ps, ps, closed_loop,
                                                _adjoint_solver(problem))
         else:
@@ -324,6 +335,15 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
+
+
+def _under_functorch() -> bool:
+    """Inside a torch.func transform (jacrev, vmap, ...), which a custom
+    autograd.Function without ``setup_context`` cannot enter."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def _requires_grad(problem: LQR, x0: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .stages import stage_cost, terminal_cost
 
 __all__ = ["lqr_trajectory"]
@@ -45,6 +46,12 @@ class _LQRTrajectory(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
+            raise InvalidArgumentError(
+                "solve_lqr: the trajectory's gradient by the adjoint LQR is first order; "
+                "for second derivatives (create_graph=True, hessian) pass "
+                "solver=trajopt.riccati.CholeskySolver() to differentiate the recursion "
+                "and the rollout instead")
         st = ctx.state
         problem, xs, us, lam = st["problem"], st["xs"], st["us"], st["lam"]
         T = len(us)
@@ -111,9 +118,14 @@ def lqr_trajectory(problem, x0: torch.Tensor, Ks, ks, Ps, ps, rollout, adjoint):
     with torch.no_grad():
         xs, us, cost = rollout(Kd, kd, x0.detach())
         lam = [_mv(P.detach(), x) + p.detach() for P, p, x in zip(Ps, ps, xs)]
-    tensors = [v for s in problem.stages for v in vars(s).values() if v is not None]
+    # each tensor once: a stage list may repeat one matrix (LQR(A=[A] * T)), and a
+    # gradient returned per repeat would be summed once per repeat by autograd
+    tensors, seen = [], set()
     QT, qT = problem.terminal
-    tensors += [QT] + ([] if qT is None else [qT])
+    for v in [v for s in problem.stages for v in vars(s).values()] + [QT, qT]:
+        if v is not None and id(v) not in seen:
+            seen.add(id(v))
+            tensors.append(v)
     cost = torch.as_tensor(cost, dtype=x0.dtype, device=x0.device)
     state = dict(problem=problem, xs=xs, us=us, cost=cost, lam=lam, x0=x0,
                  tensors=tensors, adjoint=adjoint)
