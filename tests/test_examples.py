@@ -135,3 +135,15 @@ def test_demo_solve_options(tmp_path, capsys):
         demo.main(["solve", "unicycle", "--x0", "0,1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         demo.main(["solve", "unicycle", "--limit", "-1", "--out", str(tmp_path)])
+
+
+def test_emsa_table3_smoke(tmp_path):
+    """experiments/emsa_table3.py end to end (wine, 1 epoch), beside the stored rows; it
+    refuses to overwrite its results."""
+    module = _experiment("emsa_table3")
+    args = ["--smoke", "--workers", "1", "--out", str(tmp_path)]
+    assert module.main(args) == 0
+    text = (tmp_path / "experiments_emsa.md").read_text()
+    assert "| emsa | 0.05 |" in text and "| ddpnopt-adam |" in text and "nan" not in text
+    assert module.main(args) == 2
+    assert module.main(args + ["--overwrite"]) == 0

@@ -3,8 +3,9 @@
 
 from ..riccati.boxqp import BoxQPResult, box_qp
 from .api import solve_ddp
-from .augmented import AugmentedCost, ConstrainedSolver
+from .augmented import AugmentedCost
 from .chain import Chain
+from .constrained import ConstrainedSolver
 from .constraints import Constraint, ConstraintJacobians
 from .gtddp import GTDDPSolver
 from .models import (

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .augmented import AugmentedCost, ConstrainedSolver, check_constraints
+from .augmented import AugmentedCost, check_constraints
+from .constrained import ConstrainedSolver
 from .constraints import Constraint
 from .gtddp import GTDDPSolver
 from .models import Cost, Dynamics

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError, ShapeError
-from .augmented import AugmentedCost, ConstrainedSolver, check_constraints
+from .augmented import AugmentedCost, check_constraints
+from .constrained import ConstrainedSolver
 from .constraints import Constraint
 from .models import Cost, Dynamics
 from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
