@@ -87,6 +87,8 @@ class EMSA(torch.optim.Optimizer):
     inner_steps : int
         Gradient-ascent steps per iteration and layer.
 
+    Notes
+    -----
     ``step(closure)``: the closure runs zero_grad, the forward pass and
     ``loss.backward()`` and returns the loss; ``step()`` without one uses the passes run
     since the last step.  A non-finite loss or update skips the step (weights unchanged,
