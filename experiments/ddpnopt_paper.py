@@ -1,7 +1,7 @@
 """Regenerate docs/experiments.md: the DDPNOpt paper's Table 3 on the datasets we have, the
 feedback ablation of its Fig. 4a and the runtime / memory of its Fig. 3.
 
-    python experiments/ddpnopt_paper.py [--workers 2] [--out docs] [--smoke]
+    python experiments/ddpnopt_paper.py [--workers 2] [--ray [ADDRESS]] [--out docs] [--smoke]
 
 1. Learning rates: every method gets its own, chosen on the validation split (3 seeds,
    best mean validation accuracy) from a grid inside the search range of the paper's
@@ -13,8 +13,9 @@ feedback ablation of its Fig. 4a and the runtime / memory of its Fig. 3.
 ``--smoke``: wine only, 1 epoch, 1-2 seeds, the first grid values (the test suite).
 4. Fig. 3: ``benchmarks/bench_ddpnopt.py --fig3`` (time and memory against batch size).
 
-Runs go to a process pool (one torch thread each); ``--smoke`` is a tiny version for the
-test suite.
+Runs go to a process pool (one torch thread each), or to Ray with ``--ray`` (a local
+instance, or an existing cluster's address; the same results files); ``--smoke`` is a
+tiny version for the test suite.
 """
 
 from __future__ import annotations
@@ -72,16 +73,67 @@ def _task(kw: dict) -> dict:
                                                    "test_accuracy")}}
 
 
+def _on_one_thread(fn, kw: dict) -> dict:
+    """``fn(kw)`` with one torch thread (what the process pool's initializer sets): a Ray
+    task then computes exactly what a pool worker computes."""
+    _init()
+    return fn(kw)
+
+
 class Runner:
-    def __init__(self, workers: int, smoke: bool):
-        # workers <= 1: in this process (also when the module is not importable by name)
-        self.pool = ProcessPoolExecutor(workers, initializer=_init) if workers > 1 else None
+    """Where the runs go: a local process pool of ``workers`` (default), this process
+    (``workers <= 1``), or Ray (``ray``: ``"local"`` starts a local instance with
+    ``workers`` CPUs, anything else is the address of an existing cluster, e.g.
+    ``"ray://head:10001"`` or ``"auto"``).  Every run has one torch thread, so the three
+    give the same numbers (tested for the pool and Ray)."""
+
+    def __init__(self, workers: int, smoke: bool, ray: str | None = None):
         self.smoke = smoke
+        self.pool = self._remote = None
+        if ray is not None:
+            self._remote = _ray_task(ray, workers)
+        elif workers > 1:
+            self.pool = ProcessPoolExecutor(workers, initializer=_init)
+
+    def _map(self, fn, configs: list[dict]) -> list[dict]:
+        if self._remote is not None:
+            import ray
+            return ray.get([self._remote.remote(fn, c) for c in configs])
+        return list((self.pool.map if self.pool else map)(fn, configs))
 
     def map(self, configs: list[dict]) -> list[dict]:
         if self.smoke:
             configs = [{**c, "epochs": 1} for c in configs]
-        return list((self.pool.map if self.pool else map)(_task, configs))
+        return self._map(_task, configs)
+
+
+def add_ray_option(ap: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]`` for an experiment script (see :class:`Runner`)."""
+    ap.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run the grid on Ray: a local instance with --workers CPUs, or "
+                         "the cluster at ADDRESS (needs the 'ray' extra)")
+
+
+def _ray_task(address: str, workers: int):
+    """A Ray remote of :func:`_on_one_thread`, after connecting to (or starting) the
+    cluster; the workers import this repository (the experiment modules and the
+    packages) through ``PYTHONPATH`` on a local instance and through the uploaded
+    working directory on a remote cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("--ray needs Ray: pip install -e '.[ray]'") from None
+    paths = [str(ROOT), str(ROOT / "experiments")]
+    if address == "local":
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
+                 runtime_env=env, ignore_reinit_error=True)
+    else:
+        env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "docs/img"],
+               "env_vars": {"PYTHONPATH": os.pathsep.join([".", "experiments"])}}
+        ray.init(address=address, runtime_env=env, log_to_driver=False,
+                 ignore_reinit_error=True)
+    return ray.remote(num_cpus=1)(_on_one_thread)
 
 
 def _mean(rs, key="test_accuracy"):
@@ -203,6 +255,7 @@ def _ablation_report(results, img: Path, smoke: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
+    add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1-2 seeds, tiny grids")
     ap.add_argument("--skip-fig3", action="store_true")
@@ -210,7 +263,7 @@ def main(argv=None) -> int:
     seeds, sel_seeds = (2, 1) if a.smoke else (10, 3)
     img = a.out / "img"
     img.mkdir(parents=True, exist_ok=True)
-    runner = Runner(a.workers, a.smoke)
+    runner = Runner(a.workers, a.smoke, a.ray)
     t0 = time.perf_counter()
     raw: dict = {}
     sections = []

@@ -32,6 +32,7 @@ PAPER_EMSA_DIGITS = 94.87
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
+    paper.add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1-2 seeds, one lr")
     ap.add_argument("--overwrite", action="store_true")
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     seeds, sel_seeds = (2, 1) if a.smoke else (10, 3)
     a.out.mkdir(parents=True, exist_ok=True)
-    runner = paper.Runner(a.workers, a.smoke)
+    runner = paper.Runner(a.workers, a.smoke, a.ray)
     stored = json.loads((ROOT / "docs" / "experiments.json").read_text())
     t0 = time.perf_counter()
     raw, sections = {}, []

@@ -91,7 +91,7 @@ class Runner(paper.Runner):
     def map(self, configs: list[dict]) -> list[dict]:
         if self.smoke:
             configs = [{**c, "epochs": 1, "subset": SMOKE_SAMPLES} for c in configs]
-        return list((self.pool.map if self.pool else map)(_task, configs))
+        return self._map(_task, configs)
 
 
 def _without_batchnorm(module) -> None:
@@ -410,6 +410,7 @@ def write_report(raw: dict, out: Path, workers: int, smoke: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
+    paper.add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs")
     ap.add_argument("--mnist1d", action="store_true", help="also MNIST-1D (sgd, adam, "
                     "ekfac and their GT-DDP variants, 5 seeds)")
@@ -436,7 +437,7 @@ def main(argv=None) -> int:
                                    for bn in (True, False) for b in s["bases"]]
     else:
         (a.out / "img").mkdir(parents=True, exist_ok=True)
-        runner = Runner(a.workers, a.smoke)
+        runner = Runner(a.workers, a.smoke, a.ray)
         t0 = time.perf_counter()
         raw = {}
         for ds in ("digits", "mnist1d") if a.mnist1d else ("digits",):

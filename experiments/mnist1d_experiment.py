@@ -66,10 +66,11 @@ def report(res: dict, out: Path, smoke: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
+    paper.add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1 seed, 1 grid value")
     a = ap.parse_args(argv)
-    runner = paper.Runner(a.workers, a.smoke)
+    runner = paper.Runner(a.workers, a.smoke, a.ray)
     res = run(runner, a.smoke)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "experiments_mnist1d.md").write_text(report(res, a.out, a.smoke))

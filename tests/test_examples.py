@@ -147,3 +147,26 @@ def test_emsa_table3_smoke(tmp_path):
     assert "| emsa | 0.05 |" in text and "| ddpnopt-adam |" in text and "nan" not in text
     assert module.main(args) == 2
     assert module.main(args + ["--overwrite"]) == 0
+
+
+def test_experiment_grid_on_ray_equals_the_process_pool(tmp_path):
+    """The same tiny grid (experiments/emsa_table3.py --smoke) on a local Ray instance and
+    on the local process pool: the same results files, number for number (timings
+    aside)."""
+    pytest.importorskip("ray")
+    import ray
+    module = _experiment("emsa_table3")
+    pool, on_ray = tmp_path / "pool", tmp_path / "ray"
+    assert module.main(["--smoke", "--workers", "2", "--out", str(pool)]) == 0
+    try:
+        assert module.main(["--smoke", "--workers", "2", "--ray", "--out", str(on_ray)]) == 0
+    finally:
+        ray.shutdown()
+    timing = ("wall", "time_per_step")
+
+    def numbers(path):
+        raw = json.loads((path / "experiments_emsa.json").read_text())["wine"]
+        return raw["selection"], [{k: v for k, v in r.items() if k not in timing}
+                                  for r in raw["table3"]]
+    a, b = numbers(pool), numbers(on_ray)
+    assert a == b and len(a[1]) == 2
