@@ -81,6 +81,8 @@ class AugmentedCost(Cost):
         self.constraints = list(constraints)
         super().__init__(time_invariant=base.time_invariant and not self.running_constraints)
         self.lam: list[torch.Tensor] = []  # running: (T, B, p); terminal: (B, p)
+        self._running_pairs: list = []
+        self._terminal_pairs: list = []
         self.rho: torch.Tensor | None = None  # (B,)
         self.outer: torch.Tensor | None = None  # the elements of the inner solve's batch
         self.elements: torch.Tensor | None = None  # the element of each bound row
@@ -90,6 +92,10 @@ class AugmentedCost(Cost):
         """Multipliers (one per constraint, in order) and penalties (B,) of the flat
         batch."""
         self.lam, self.rho = lam, rho
+        # (constraint, multipliers) by kind, formed once per solve, not per stage
+        pairs = list(zip(self.constraints, lam))
+        self._running_pairs = [(c, m) for c, m in pairs if c.where == "running"]
+        self._terminal_pairs = [(c, m) for c, m in pairs if c.where == "terminal"]
         self.select(None)
 
     def select(self, outer: torch.Tensor | None) -> None:
@@ -124,7 +130,7 @@ class AugmentedCost(Cost):
             return J
         rows = self._rows(x.shape[0], x.device)
         rho = self.rho[rows].unsqueeze(-1)
-        for con, lam in self._running_pairs():
+        for con, lam in self._running_pairs:
             value, _, _ = _penalty_terms(con(x, u, t), self._stage_lam(lam, t, rows), rho,
                                          con.equality)
             J = J + value
@@ -136,16 +142,9 @@ class AugmentedCost(Cost):
             return J
         rows = self._rows(x.shape[0], x.device)
         rho = self.rho[rows].unsqueeze(-1)
-        for con, lam in self._terminal_pairs():
+        for con, lam in self._terminal_pairs:
             J = J + _penalty_terms(con(x), lam[rows], rho, con.equality)[0]
         return J
-
-    def _running_pairs(self):
-        return [(c, lam) for c, lam in zip(self.constraints, self.lam) if c.where == "running"]
-
-    def _terminal_pairs(self):
-        return [(c, lam) for c, lam in zip(self.constraints, self.lam)
-                if c.where == "terminal"]
 
     # ------------------------------------------------------------------ derivatives
     def derivatives(self, x, u, t):
@@ -155,7 +154,7 @@ class AugmentedCost(Cost):
         rows = self._rows(x.shape[0], x.device)
         rho = self.rho[rows].unsqueeze(-1)
         lx, lu, lxx, luu, lux = d.lx, d.lu, d.lxx, d.luu, d.lux
-        for con, lam in self._running_pairs():
+        for con, lam in self._running_pairs:
             J = con.jacobians(x, u, t)
             _, s, w = _penalty_terms(J.c, self._stage_lam(lam, t, rows), rho, con.equality)
             wx, wu = w.unsqueeze(-1) * J.cx, w.unsqueeze(-1) * J.cu
@@ -172,7 +171,7 @@ class AugmentedCost(Cost):
             return g, H
         rows = self._rows(x.shape[0], x.device)
         rho = self.rho[rows].unsqueeze(-1)
-        for con, lam in self._terminal_pairs():
+        for con, lam in self._terminal_pairs:
             J = con.jacobians(x)
             _, s, w = _penalty_terms(J.c, lam[rows], rho, con.equality)
             g = g + (s.unsqueeze(-2) @ J.cx).squeeze(-2)

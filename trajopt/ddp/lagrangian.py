@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import jacfwd, jacrev, vmap
+from torch.func import jacfwd, vmap
 
 from .constraints import Constraint
-from .models import Cost, CostDerivatives
+from .models import Cost, CostDerivatives, _with_gradient
 
 __all__ = ["LagrangianCost", "ActiveConstraints", "active_constraints"]
 
@@ -34,6 +34,11 @@ def _point_rows(nu: torch.Tensor, t, N: int) -> torch.Tensor:
     if torch.is_tensor(t):
         return nu[elements, t.to(nu.device)]
     return nu[elements, t]
+
+
+def _terminal_rows(nu: torch.Tensor, N: int) -> torch.Tensor:
+    """Terminal multipliers (B, p) of N rows (element = row mod B)."""
+    return nu[torch.arange(N, device=nu.device) % nu.shape[0]]
 
 
 class LagrangianCost(Cost):
@@ -66,7 +71,7 @@ class LagrangianCost(Cost):
         J = self.base.terminal(x)
         for con, nu in self.pairs:
             if con.where == "terminal":
-                J = J + (nu[torch.arange(x.shape[0]) % nu.shape[0]] * con(x)).sum(-1)
+                J = J + (_terminal_rows(nu, x.shape[0]) * con(x)).sum(-1)
         return J
 
     def derivatives(self, x, u, t):
@@ -84,9 +89,9 @@ class LagrangianCost(Cost):
                 def h(xi, ui, wi, con=con):
                     return (wi * con(xi, ui, t)).sum()
                 args = (x, u, w)
-            grad = jacrev(h, argnums=(0, 1))
-            (hxx, hxu), (hux, huu) = vmap(jacfwd(grad, argnums=(0, 1)))(*args)
-            gx, gu = vmap(grad)(*args)
+            # gradient and Hessian in one call, as Cost.derivatives takes them
+            ((hxx, _), (hux, huu)), (gx, gu) = vmap(jacfwd(
+                _with_gradient(h, (0, 1)), argnums=(0, 1), has_aux=True))(*args)
             lx, lu = lx + gx.to(x.dtype), lu + gu.to(x.dtype)
             lxx, luu, lux = lxx + hxx.to(x.dtype), luu + huu.to(x.dtype), \
                 lux + hux.to(x.dtype)
@@ -97,12 +102,12 @@ class LagrangianCost(Cost):
         for con, nu in self.pairs:
             if con.where != "terminal":
                 continue
-            w = nu[torch.arange(x.shape[0]) % nu.shape[0]]
+            w = _terminal_rows(nu, x.shape[0])
 
             def h(xi, wi, con=con):
                 return (wi * con(xi)).sum()
-            g = g + vmap(jacrev(h))(x, w).to(x.dtype)
-            H = H + vmap(jacfwd(jacrev(h)))(x, w).to(x.dtype)
+            Hc, gc = vmap(jacfwd(_with_gradient(h, 0), has_aux=True))(x, w)
+            g, H = g + gc.to(x.dtype), H + Hc.to(x.dtype)
         return g, H
 
 

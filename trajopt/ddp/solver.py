@@ -321,8 +321,8 @@ class DDPSolver:
                 traj.select(stale), stale, mu.clone(), delta.clone(), lo, hi, k_warm,
                 reason.copy())
             policy_full = merge_policy(policy_full, pol, stale, B)
-        return self._result(kind, batch, listed, traj, policy_full, converged, iterations,
-                            reason, history)
+        return pack_result(kind, batch, listed, traj, policy_full, converged, iterations,
+                           reason, history)
 
     def _line_search(self, sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi):
         """Try the alphas for the ``pending`` rows of ``sub`` (see LineSearch.strategy);
@@ -416,7 +416,3 @@ class DDPSolver:
             if local.numel() == 0:
                 break
         return pol, stopped
-
-    def _result(self, kind, batch, listed, traj, pol, converged, iterations, reason, history):
-        return pack_result(kind, batch, listed, traj, pol, converged, iterations, reason,
-                           history)
