@@ -38,7 +38,7 @@ from trajopt.errors import UnsupportedModelError
 
 from .decompose import _chain, check_node, node_name, trace
 from .distributed import unwrap
-from .stages import AFFINE, Stage, is_layer, make_stage
+from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage
 
 __all__ = ["GraphStage", "StageGraph", "graph_stages"]
 
@@ -78,6 +78,20 @@ class GraphStage:
         """Residuals used (and dropped) here."""
         return [n for n in self.inputs[1:] if n not in self.outputs[1:]]
 
+    @property
+    def calls(self) -> list[int]:
+        """Per player, how many times the stage calls its layer."""
+        n = [0] * len(self.players)
+        for j in self._heads.values():
+            n[j] += 1
+        return n
+
+    def unfold(self, j: int, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Player j's unfolded inputs :math:`\\tilde x` of all its calls, (B, in', P)
+        with the calls' positions concatenated."""
+        st = self.players[j]
+        return st.unfold(xs[0]) if len(xs) == 1 else torch.cat([st.unfold(x) for x in xs], -1)
+
     def modules(self) -> list[nn.Module]:
         """The modules this stage calls (players and fixed maps)."""
         return [self._root.get_submodule(n.target) for n in self._nodes
@@ -97,9 +111,20 @@ class GraphStage:
         dh : list, optional
             Perturbations added to each player's pre-activation (for derivatives).
         record : dict, optional
-            Filled with ``("x", j)`` / ``("h", j)``: player j's input and pre-activation.
+            Filled with ``("x", j)``: the list of player j's inputs, one per call, and
+            ``("h", j)``: its pre-activation (several calls:
+            :func:`~nnbridge.stages.combine_calls`).
+
+        Notes
+        -----
+        A player called several times (a control shared by the stage's steps) has one
+        pre-activation made of all its calls'
+        (:func:`~nnbridge.stages.combine_calls`); ``dh[j]`` is laid out the same way.
         """
         env: dict[fx.Node, torch.Tensor] = dict(zip(self._in_nodes, ys))
+        calls = self.calls
+        off = [0] * len(self.players)
+        hs: list[list[torch.Tensor]] = [[] for _ in self.players]
         for node in self._nodes:
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
@@ -108,9 +133,15 @@ class GraphStage:
                 st = self.players[j]
                 out = st.affine(args[0], None if Us is None else Us[j])
                 if dh is not None and dh[j] is not None:
-                    out = out + dh[j]
+                    if calls[j] == 1:
+                        out = out + dh[j]
+                    else:   # this call's positions of the combined pre-activation
+                        P = out[0, 0].numel()
+                        out = out + dh[j][..., off[j]:off[j] + P].reshape(out.shape)
+                        off[j] += P
                 if record is not None:
-                    record["x", j], record["h", j] = args[0], out
+                    record.setdefault(("x", j), []).append(args[0])
+                    hs[j].append(out)
             elif node.op == "call_module":
                 out = self._root.get_submodule(node.target)(*args, **kwargs)
             elif node.op == "call_function":
@@ -120,6 +151,9 @@ class GraphStage:
             else:  # get_attr: a buffer or constant
                 out = _attr(self._root, node.target)
             env[node] = out
+        if record is not None:
+            for j, h in enumerate(hs):
+                record["h", j] = h[0] if len(h) == 1 else combine_calls(h)
         return [env[n] for n in self._out_nodes]
 
 
@@ -139,10 +173,14 @@ class StageGraph:
     pre : list of nn.Module
         The input transform (before the first stage's layer).
     stages : list of GraphStage
+    raw_input : bool
+        :math:`x_0` is the network's input (the parameter-free input transform is part of
+        stage 0); else the first layer's input.
     """
 
     pre: list[nn.Module]
     stages: list[GraphStage]
+    raw_input: bool = False
 
     @property
     def players(self) -> list[Stage]:
@@ -226,13 +264,26 @@ def graph_stages(model: nn.Module) -> StageGraph:
     for h in chain + [n for n in order if is_head[n] and n not in index]:
         if len(h.all_input_nodes) != 1:
             raise UnsupportedModelError(f"model: {node_name(h)} takes more than one tensor")
-    targets = [h.target for h in order if is_head[h]]
-    dup = {t for t in targets if targets.count(t) > 1}
-    if dup:
-        raise UnsupportedModelError(
-            f"model: the layer(s) {sorted(dup)} are called more than once (tied weights): "
-            "one control used at two stages is not supported yet")
+    calls: dict[str, list[fx.Node]] = {}
+    for h in order:
+        if is_head[h]:
+            calls.setdefault(h.target, []).append(h)
+    for target, hs in calls.items():
+        if len(hs) > 1 and not isinstance(modules[target], AFFINE):
+            raise UnsupportedModelError(
+                f"model: the normalization layer {target!r} is called {len(hs)} times; a "
+                f"control shared by several stages is supported for "
+                f"{', '.join(c.__name__ for c in AFFINE)} layers")
     xs = [h.all_input_nodes[0] for h in chain] + [result]   # x_0 .. x_T
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in order}
+    for n in order:
+        for a in n.all_input_nodes:
+            users[a].append(n)
+    pre_nodes = _ancestors(xs[0]) & live
+    raw = _raw_input(pre_nodes, xs[0], users, modules)
+    if raw:   # a parameter-free input transform used later: x_0 is the raw input
+        xs[0] = places[0]
+        pre_nodes = {places[0]}
     # stage of each node: the main segments t (descendants of layer t up to x_{t+1}),
     # the input transform -1, everything else as late as its users allow
     depth: dict[fx.Node, int] = {}
@@ -240,7 +291,6 @@ def graph_stages(model: nn.Module) -> StageGraph:
         depth[n] = max([depth[a] for a in n.all_input_nodes]
                        + [index[n] + 1 if n in index else 0])
     sched: dict[fx.Node, int] = {}
-    pre_nodes = _ancestors(xs[0]) & live
     for n in pre_nodes:
         sched[n] = -1
     for t in range(T):
@@ -248,10 +298,6 @@ def graph_stages(model: nn.Module) -> StageGraph:
         for n in seg:
             if depth[n] == t + 1:
                 sched[n] = t
-    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in order}
-    for n in order:
-        for a in n.all_input_nodes:
-            users[a].append(n)
     for n in reversed(order):
         if n not in sched:
             later = [sched[u] for u in users[n]]
@@ -274,16 +320,53 @@ def graph_stages(model: nn.Module) -> StageGraph:
         raise UnsupportedModelError(f"model: {node_name(slots[T][0])} is used after the "
                                     "output")
     out = []
-    for t in range(T):
-        mine = [n for n in order if sched[n] == t]
-        players = [chain[t]] + [n for n in mine if is_head[n] and n is not chain[t]]
-        ins, outs = [xs[t]] + slots[t], [xs[t + 1]] + slots[t + 1]
-        heads = {h: j for j, h in enumerate(players)}
+    for a, b in _blocks(T, [[sched[h] for h in hs] for hs in calls.values()]):
+        mine = [n for n in order if a <= sched[n] <= b]
+        first = [chain[a]] + [n for n in mine if is_head[n] and n is not chain[a]]
+        unique: dict[str, fx.Node] = {}
+        for h in first:
+            unique.setdefault(h.target, h)
+        players = list(unique.values())
+        slot = {h.target: j for j, h in enumerate(players)}
+        ins, outs = [xs[a]] + slots[a], [xs[b + 1]] + slots[b + 1]
+        heads = {h: slot[h.target] for h in mine if is_head[h]}
         out.append(GraphStage(
-            t, [make_stage(t, modules[h.target], ()) for h in players],
+            len(out), [make_stage(len(out), modules[h.target], ()) for h in players],
             [n.name for n in ins], [n.name for n in outs], mine, ins, outs, heads, gm))
     pre = _chain(gm, modules, places[0], xs[0], "the input transform")
-    return StageGraph(pre, out)
+    return StageGraph(pre, out, raw_input=raw)
+
+
+def _raw_input(pre_nodes: set[fx.Node], x0: fx.Node, users: dict, modules: dict) -> bool:
+    """Whether :math:`x_0` must be the raw input: a value of the input transform other
+    than the first layer's input is used by a stage, and the transform holds no
+    parameters (so it can be replayed inside stage 0, whose state is never perturbed)."""
+    used = any(u not in pre_nodes for n in pre_nodes if n is not x0 for u in users[n])
+    if not used:
+        return False
+    return not any(n.op == "call_module" and any(True for _ in modules[n.target].parameters())
+                   for n in pre_nodes)
+
+
+def _blocks(T: int, uses: list[list[int]]) -> list[tuple[int, int]]:
+    """The stages ``[a, b]`` of the chain positions ``0..T-1``: a layer called at several
+    positions (a control shared by stages: a Neural-ODE block, tied weights) joins every
+    position from its first call to its last into one stage; overlapping ranges merge."""
+    end = list(range(T))
+    for pos in uses:
+        lo, hi = min(pos), max(pos)
+        for t in range(lo, hi + 1):
+            end[t] = max(end[t], hi)
+    blocks, a = [], 0
+    while a < T:
+        b = end[a]
+        t = a
+        while t <= b:          # ranges starting inside the block extend it
+            b = max(b, end[t])
+            t += 1
+        blocks.append((a, b))
+        a = b + 1
+    return blocks
 
 
 def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:

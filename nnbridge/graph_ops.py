@@ -70,7 +70,7 @@ class GraphLinearization:
         self.n = sum(y[0].numel() for y in ys)
         self.n1 = sum(y[0].numel() for y in outs)
         self.x_next = outs[0]
-        self.X = [p.unfold(rec["x", j]) for j, p in enumerate(stage.players)]
+        self.X = [stage.unfold(j, rec["x", j]) for j in range(len(stage.players))]
         self.h_shapes = [tuple(rec["h", j].shape[1:]) for j in range(len(stage.players))]
         self._zeros = [torch.zeros_like(rec["h", j]) for j in range(len(stage.players))]
         U = self.U

@@ -87,7 +87,7 @@ class GTDDP(DDPNOpt):
         stack = ExitStack()
         stack.enter_context(super()._ddp_context(rec))
         seen: dict = {}
-        ys = [[rec.inputs[0]]]
+        ys = [[rec.model_input if self._graph.raw_input else rec.inputs[0]]]
         try:
             with torch.no_grad():
                 for gs, ids in zip(self._graph.stages, self._ids):
@@ -104,12 +104,19 @@ class GTDDP(DDPNOpt):
     def _verify_decomposition(self, rec) -> None:
         """Once: every layer's input on the stage graph's forward pass is what the
         training loop's forward pass fed it, and so is the output."""
-        want = list(rec.inputs) + [rec.output]
-        got = [self._seen[k] for k in range(len(self._stages))] + [self._nominal[-1][0]]
-        for k, (a, b) in enumerate(zip(got, want)):
+        want = [x for xs in rec.calls for x in xs] + [rec.output]
+        got = [x for k in range(len(self._stages)) for x in self._seen[k]] + [
+            self._nominal[-1][0]]
+        owner = [k for k in range(len(self._stages)) for _ in self._seen[k]] + [None]
+        if len(got) != len(want):
+            raise UnsupportedModelError(
+                f"model: the training loop's forward pass called the layers {len(want) - 1} "
+                f"times, the stage graph {len(got) - 1}: the forward pass does something its "
+                "torch.fx graph does not show (a loop or branch on a Python value)")
+        for k, a, b in zip(owner, got, want):
             scale = float(b.abs().amax()) if b.numel() else 0.0
             if a.shape != b.shape or float((a - b).abs().amax()) > 1e-2 * (1.0 + scale):
-                what = ("the output" if k == len(self._stages) else
+                what = ("the output" if k is None else
                         f"the input of {type(self._stages[k].module).__name__} (stage "
                         f"{self._stages[k].index})")
                 raise UnsupportedModelError(
@@ -120,12 +127,13 @@ class GTDDP(DDPNOpt):
         self._verified = True
 
     # ------------------------------------------------------------------ the step
-    def _players(self, g, hps, ws, Xs, mean, active, exact):
+    def _players(self, g, hps, ws, Xs, mean, active, exact, calls):
         """The curvature of one stage's players: ``(preconditioner, new states, open-loop
         updates)``, lists over the players (None: frozen).
 
         * ``"exact"``: the dense joint :math:`Q_{ww}` (``exact()`` forms it);
-        * ``"ekfac"`` with two or more players that share their positions P: GT-DDP-EKFAC,
+        * ``"ekfac"`` with two or more players that share their positions P, each called
+          once (``calls``: per player, its calls in the stage): GT-DDP-EKFAC,
           Theorem 3's cooperative Kronecker factors (:class:`~nnbridge.cooperative.
           CooperativeEKFAC`; the joint state is kept under the first active player);
         * otherwise each player's own curvature (:math:`Q_{uv} = 0`, Table 1).
@@ -135,7 +143,8 @@ class GTDDP(DDPNOpt):
             pre = exact()
             return pre, [{} if a else None for a in active], [
                 None if d is None else -d for d in pre.inverse(g)]
-        if isinstance(curv, EKFAC) and sum(active) > 1 and can_cooperate(Xs, active):
+        if (isinstance(curv, EKFAC) and sum(active) > 1 and max(calls) == 1
+                and can_cooperate(Xs, active)):
             j0 = active.index(True)
             hp, state, step = hps[j0]
             jst = self._coop.update(state, g, hp, step, ws, Xs, mean)
@@ -165,7 +174,7 @@ class GTDDP(DDPNOpt):
             return super()._open_loop_update(rec, group, frozen_, mean)
         controls: list = [None] * len(self._stages)
         states: list = [None] * len(self._stages)
-        for ids in self._ids:
+        for gs, ids in zip(self._graph.stages, self._ids):
             active = [not frozen_[k] for k in ids]
             if not any(active):
                 continue
@@ -178,10 +187,10 @@ class GTDDP(DDPNOpt):
                 if a and hp["weight_decay"]:
                     gj = gj + hp["weight_decay"] * U
                 g.append(gj)
-            Xs = [st.unfold(rec.inputs[k]) for st, k in zip(sts, ids)]
+            Xs = [gs.unfold(j, rec.calls[k]) for j, k in enumerate(ids)]
             ws = [st.factor_view(rec.h_grads[k] * rec.h_grads[k].shape[0]) if a else None
                   for st, k, a in zip(sts, ids, active)]
-            _, new, du = self._players(g, hps, ws, Xs, mean, active, None)
+            _, new, du = self._players(g, hps, ws, Xs, mean, active, None, gs.calls)
             for j, k in enumerate(ids):
                 if du[j] is not None:
                     controls[k], states[k] = Us[j] + du[j], new[j]
@@ -220,7 +229,8 @@ class GTDDP(DDPNOpt):
                           for w in lin.factors(val.Vx.unsqueeze(1))]
                 pre, states, open_loop = self._players(g, hps, ws, lin.X, mean, active,
                                                        lambda: joint_exact(lin, val, tik,
-                                                                           hps[0][0]))
+                                                                           hps[0][0]),
+                                                       lin.stage.calls)
                 info.update(g=g, states=states, pre=pre, open_loop=open_loop)
                 return GraphResponse(pre, lin, lus)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .stages import Stage
+from .stages import Stage, combine_calls
 
 __all__ = ["BatchRecorder", "Capture", "capture"]
 
@@ -41,26 +41,40 @@ class Capture:
     Attributes
     ----------
     inputs : list of Tensor
-        Nominal stage inputs :math:`x_t` (B, ...), detached.
+        Nominal stage inputs :math:`x_t` (B, ...), detached (a layer called several
+        times: its first call's).
     h_grads : list of Tensor or None
-        Gradients of the loss with respect to each stage's pre-activation.
+        Gradients of the loss with respect to each stage's pre-activation (a layer
+        called several times: of all its calls, combined as
+        :func:`nnbridge.stages.combine_calls` lays them out).
     output, output_grad : Tensor or None
         Network output :math:`x_T` and the loss gradient with respect to it.
+    calls : list of list of Tensor
+        Per layer, its inputs at each of its calls, in call order.
+    model_input : Tensor or None
+        The network's input.
     """
 
     inputs: list = field(default_factory=list)
     h_grads: list = field(default_factory=list)
     output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
+    calls: list = field(default_factory=list)
+    model_input: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
 class _Chunk:
-    inputs: list
-    h_grads: list
+    inputs: list        # per layer, the list of its calls' inputs
+    h_grads: list       # per layer, per call, the pre-activation gradient or None
+    model_input: torch.Tensor | None = None
     output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
-    pending: set = field(default_factory=set)  # gradients not yet received
+
+    @classmethod
+    def open(cls, n: int, x) -> _Chunk:
+        return cls([[] for _ in range(n)], [[] for _ in range(n)],
+                   x.detach() if torch.is_tensor(x) else None)
 
     @property
     def complete(self) -> bool:
@@ -72,8 +86,9 @@ class _Chunk:
         if key == "out":
             self.output_grad = g if self.output_grad is None else self.output_grad + g
         else:
-            old = self.h_grads[key]
-            self.h_grads[key] = g if old is None else old + g
+            i, c = key
+            old = self.h_grads[i][c]
+            self.h_grads[i][c] = g if old is None else old + g
 
 
 def _cat(parts: list, dtype: torch.dtype | None):
@@ -121,14 +136,25 @@ class BatchRecorder:
         """The completed chunks concatenated along the batch (cast to ``dtype``, e.g. the
         parameters' dtype after an autocast forward), or None when none completed.
         ``h_grads`` entries are None where a chunk lacks them."""
-        done = [c for c in self._chunks if c.complete and all(x is not None for x in c.inputs)]
+        done = [c for c in self._chunks if c.complete and all(c.inputs)]
         if not done:
             return None
+        counts = {tuple(len(x) for x in c.inputs) for c in done}
+        if len(counts) > 1:
+            raise RuntimeError(
+                "the recorded forward passes called the layers different numbers of times "
+                f"({sorted(counts)}): one batch must run the same network")
+        calls = [[_cat([ch.inputs[i][c] for ch in done], dtype)
+                  for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
+        grads = [[_cat([ch.h_grads[i][c] for ch in done], dtype)
+                  for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
         return Capture(
-            inputs=[_cat([c.inputs[i] for c in done], dtype) for i in range(self.n)],
-            h_grads=[_cat([c.h_grads[i] for c in done], dtype) for i in range(self.n)],
+            inputs=[x[0] for x in calls],
+            h_grads=[g[0] if len(g) == 1 else None if any(h is None for h in g)
+                     else combine_calls(g) for g in grads],
             output=_cat([c.output for c in done], dtype),
-            output_grad=_cat([c.output_grad for c in done], dtype))
+            output_grad=_cat([c.output_grad for c in done], dtype),
+            calls=calls, model_input=_cat([c.model_input for c in done], dtype))
 
     # the hooks' side ----------------------------------------------------------
     def _watch(self, chunk: _Chunk, key, out: torch.Tensor) -> None:
@@ -145,8 +171,8 @@ def _begin(ref):
     def hook(mod, args):
         rec = ref()
         if rec is not None:
-            rec._open = (_Chunk([None] * rec.n, [None] * rec.n) if torch.is_grad_enabled()
-                         else None)
+            rec._open = (_Chunk.open(rec.n, args[0] if args else None)
+                         if torch.is_grad_enabled() else None)
     return hook
 
 
@@ -167,7 +193,8 @@ def _stage_input(ref, i):
     def hook(mod, args):
         rec = ref()
         if rec is not None and rec._open is not None:
-            rec._open.inputs[i] = args[0].detach()
+            rec._open.inputs[i].append(args[0].detach())
+            rec._open.h_grads[i].append(None)
     return hook
 
 
@@ -175,7 +202,7 @@ def _stage_output(ref, i):
     def hook(mod, args, out):
         rec = ref()
         if rec is not None and rec._open is not None:
-            rec._watch(rec._open, i, out)
+            rec._watch(rec._open, (i, len(rec._open.inputs[i]) - 1), out)
     return hook
 
 
@@ -195,5 +222,6 @@ def capture(model: nn.Module, stage_list: list[Stage], *,
         recorder.remove()
         if got is not None:
             rec.inputs, rec.output, rec.output_grad = got.inputs, got.output, got.output_grad
+            rec.calls, rec.model_input = got.calls, got.model_input
             if h_grads:
                 rec.h_grads = got.h_grads

@@ -27,8 +27,8 @@ from torch import nn
 
 from trajopt.errors import UnsupportedModelError
 
-__all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "outer_sum",
-           "is_layer", "is_norm_layer", "make_stage"]
+__all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
+           "outer_sum", "is_layer", "is_norm_layer", "make_stage"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
@@ -242,6 +242,15 @@ def _derivative_from_output(post, y: torch.Tensor) -> torch.Tensor | None:
         return torch.ones_like(y)
     form = _closed_form(acts[0]) if len(acts) == 1 else None
     return None if form is None else form[1](y)
+
+
+def combine_calls(hs: list[torch.Tensor]) -> torch.Tensor:
+    """The pre-activations of a layer's calls (B, out, ...) as one (B, out, P): each
+    call's positions flattened, the calls concatenated (a Linear call is one position).
+    The control cotangent of the shared control is then :math:`w \\tilde x^\\top`
+    with the unfolded inputs laid out alike (:meth:`nnbridge.graph.GraphStage.unfold`), as for a
+    convolution's positions."""
+    return torch.cat([h.reshape(h.shape[0], h.shape[1], -1) for h in hs], -1)
 
 
 def outer_sum(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
