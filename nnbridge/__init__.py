@@ -11,6 +11,8 @@ control).
   the Pontryagin-based baseline of the DDPNOpt paper;
 * :func:`lqr_direction` -- gradient / natural-gradient / Newton directions as an LQR
   (thesis Ch. 3);
+* :class:`ODEBlock` -- Neural-ODE blocks (fixed-step Runge-Kutta), trained by
+  :class:`GTDDP` as stages sharing one control;
 * :class:`DEQ` -- deep equilibrium models with the gradient from the infinite-horizon LQR;
 * ``python -m nnbridge.train`` -- the training command (:mod:`nnbridge.train`).
 """
@@ -21,10 +23,12 @@ from .deq import DEQ, DEQBlock
 from .emsa import EMSA
 from .graph import graph_stages
 from .gtddp import GTDDP, GTEKFAC
+from .ode import ODEBlock
 from .recorder import capture
 from .stages import Stage, StageLinearization
 from .steepest import LQRDescent, lqr_direction
 
 __version__ = "0.1.0"
 __all__ = ["stages", "graph_stages", "GTDDP", "GTEKFAC", "Stage", "StageLinearization", "capture",
-           "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock", "EMSA"]
+           "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock", "EMSA",
+           "ODEBlock"]
