@@ -16,11 +16,13 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError
 
+from .ode import ODEBlock
+
 __all__ = ["ACTIVATIONS", "MODELS", "mlp", "cnn", "resnet", "BasicBlock", "ResNet",
-           "default_model"]
+           "ODEFunc", "ODENet", "odenet", "default_model"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
-MODELS = ("mlp", "cnn", "resnet")
+MODELS = ("mlp", "cnn", "resnet", "odenet")
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -150,12 +152,53 @@ def resnet(image_shape: tuple[int, ...], n_classes: int, *, channels: int = 16,
     return ResNet(image_shape, n_classes, channels=channels, blocks=blocks, hidden=hidden)
 
 
+class ODEFunc(nn.Module):
+    r""":math:`f(t, x) = W_2 \tanh(W_1 [x; t] + b_1) + b_2`, time-dependent, (B, n) ->
+    (B, n)."""
+
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(n + 1, hidden), nn.Linear(hidden, n)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(torch.tanh(self.inner(torch.cat([x, t.expand(x.shape[0], 1)], 1))))
+
+
+class ODENet(nn.Module):
+    """Linear -> Tanh -> ``blocks`` Neural-ODE blocks -> Linear: block k integrates
+    :class:`ODEFunc` k (its own parameters, piecewise constant in time) over
+    ``[k/blocks, (k+1)/blocks]`` with ``steps`` fixed steps of ``method``."""
+
+    def __init__(self, n_features: int, n_classes: int, *, hidden: int = 32,
+                 blocks: int = 1, steps: int = 4, method: str = "rk4"):
+        super().__init__()
+        if blocks < 1 or hidden < 1:
+            raise InvalidArgumentError(f"blocks and hidden must be >= 1; got {blocks}, "
+                                       f"{hidden}")
+        self.inp = nn.Linear(n_features, hidden)
+        self.blocks = nn.ModuleList([
+            ODEBlock(ODEFunc(hidden, hidden), k / blocks, (k + 1) / blocks, steps=steps,
+                     method=method) for k in range(blocks)])
+        self.out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.inp(x.flatten(1)))
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+def odenet(n_features: int, n_classes: int, **kw) -> ODENet:
+    """:class:`ODENet` (defaults: hidden 32, one RK4 block of 4 steps on [0, 1])."""
+    return ODENet(n_features, n_classes, **kw)
+
+
 def default_model(name: str, dataset) -> nn.Module:
     """The network used for ``dataset`` (a :class:`nnbridge.data.Dataset`) by the training
     command: MLP 5 Linear layers, hidden 32, Tanh on digits / wine (wine: hidden 16 and a
     sigmoid head, as in the paper), ReLU on breast_cancer / iris / mnist1d; CNN on digits
     (Conv2d) and mnist1d (Conv1d); the ResNet of :func:`resnet` (its defaults) on the
-    same two."""
+    same two; the ODE network of :func:`odenet` (its defaults) on any."""
     if name in ("cnn", "resnet"):
         if dataset.image_shape is None:
             raise InvalidArgumentError(
@@ -163,6 +206,8 @@ def default_model(name: str, dataset) -> nn.Module:
                 f"{dataset.name!r} has none")
         build = cnn if name == "cnn" else resnet
         return build(dataset.image_shape, dataset.n_classes)
+    if name == "odenet":
+        return odenet(dataset.n_features, dataset.n_classes)
     if name != "mlp":
         raise InvalidArgumentError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
     if dataset.name == "wine":
