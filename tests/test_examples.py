@@ -149,6 +149,20 @@ def test_emsa_table3_smoke(tmp_path):
     assert module.main(args + ["--overwrite"]) == 0
 
 
+def test_ode_experiments_smoke(tmp_path):
+    """experiments/ode_experiments.py end to end (digits 1 epoch, the flow on 256
+    samples): tables, both pictures, and no overwrite without --overwrite."""
+    pytest.importorskip("sklearn")
+    module = _experiment("ode_experiments")
+    args = ["--smoke", "--workers", "1", "--out", str(tmp_path)]
+    assert module.main(args) == 0
+    text = (tmp_path / "experiments_ode.md").read_text()
+    assert "| gtddp-adam |" in text and "test NLL" in text and "nan" not in text
+    for img in ("ode_curves.png", "cnf_moons.png"):
+        assert (tmp_path / "img" / img).stat().st_size > 1000
+    assert module.main(args) == 2
+
+
 def test_experiment_grid_on_ray_equals_the_process_pool(tmp_path):
     """The same tiny grid (experiments/emsa_table3.py --smoke) on a local Ray instance and
     on the local process pool: the same results files, number for number (timings
