@@ -185,8 +185,9 @@ class DDPNOpt(torch.optim.Optimizer):
                 if id(p) in owner:
                     raise InvalidArgumentError(
                         f"stages {owner[id(p)]} and {st.index} share a parameter (tied "
-                        f"weights, shape {tuple(p.shape)}): one control used at two stages "
-                        "is not supported yet")
+                        f"weights, shape {tuple(p.shape)}): DDPNOpt's stages are a chain "
+                        "with one control each; nnbridge.GTDDP takes a layer called at "
+                        "several stages (docs/ode.md)")
                 owner[id(p)] = st.index
         fixed = [(n, p) for n, p in net.named_parameters() if all(p is not q for q in params)]
         if fixed:  # kfac-pytorch's rule for the layers it cannot precondition

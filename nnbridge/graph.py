@@ -20,11 +20,19 @@ So stage t is a map :math:`y_{t+1} = F_t(y_t, u_t, v_t, \dots)` of tuples of ten
 DDP pass differentiates it with ``torch.func`` (:mod:`nnbridge.graph_ops`).  A chain
 network has no residuals and one player per stage: the stages of :func:`nnbridge.stages`.
 
+A layer called at several positions of the chain (a Neural-ODE block's field, tied
+weights) is a control shared by those stages: every stage from its first call to its
+last is joined into one stage (overlapping ranges merge), whose players are the layers it
+calls, each with all its calls (``docs/ode.md`` derives why this is DDP on the unrolled
+network with the shared control decided where the block starts).  When a parameter-free
+input transform has a value used by a stage (a skip from the raw input), :math:`x_0` is
+the network's input and the transform is part of stage 0 (``StageGraph.raw_input``).
+
 Refused, with the node named (``UnsupportedModelError``): what :func:`nnbridge.stages`
 refuses (a parameter used outside its module, ``F.dropout``, parametrized modules
-without a per-sample derivative between stages, several inputs or outputs), a layer
-called twice (tied weights), and a value of the input transform other than :math:`x_0`
-used after the first stage (a skip from the raw input).
+without a per-sample derivative between stages, several inputs or outputs), a
+normalization layer called twice, and a value of a *parametrized* input transform other
+than :math:`x_0` used after the first stage.
 """
 
 from __future__ import annotations

@@ -343,8 +343,9 @@ def test_a_frozen_middle_layer_stays_and_partial_freezing_is_refused():
 def test_tied_weights_and_extra_parameter_groups_are_refused():
     lin = nn.Linear(4, 4)
     tied = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
-    with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter"):
+    with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter.*GTDDP"):
         nnbridge.DDPNOpt(tied)
+    assert [gs.calls for gs in nnbridge.GTDDP(tied)._graph.stages] == [[2], [1]]
     opt = nnbridge.DDPNOpt(mlp(), lr=0.1)
     with pytest.raises(InvalidArgumentError, match="one parameter group"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
