@@ -163,6 +163,21 @@ def test_ode_experiments_smoke(tmp_path):
     assert module.main(args) == 2
 
 
+def test_ocnopt_experiments_smoke(tmp_path):
+    """experiments/ocnopt_experiments.py end to end (64 samples, 1 epoch): the three
+    parts' tables and pictures; no overwrite without --overwrite."""
+    module = _experiment("ocnopt_experiments")
+    args = ["--smoke", "--workers", "1", "--out", str(tmp_path)]
+    assert module.main(args) == 0
+    text = (tmp_path / "experiments_ocnopt.md").read_text()
+    for part in ("| ddpnopt-ekfac |", "| gtddp-sgd |", "| ekfac | 0.03 |", "memory overhead"):
+        assert part in text
+    assert "nan" not in text
+    for img in ("ocnopt_ablation.png", "ocnopt_lr_robustness.png"):
+        assert (tmp_path / "img" / img).stat().st_size > 1000
+    assert module.main(args) == 2
+
+
 def test_experiment_grid_on_ray_equals_the_process_pool(tmp_path):
     """The same tiny grid (experiments/emsa_table3.py --smoke) on a local Ray instance and
     on the local process pool: the same results files, number for number (timings
