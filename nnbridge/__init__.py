@@ -6,6 +6,8 @@ control).
   rmsprop / adam / ekfac / exact, feedback policies from trajopt's operator Riccati step;
 * :func:`graph_stages`, :class:`GTDDP` -- residual and branching networks on the
   augmented state, the Game-Theoretic DDP optimizer;
+* :class:`AlignmentBandit` -- GT-DDP whose placement of the off-chain layers an EXP3++
+  bandit (:class:`EXP3PP`) chooses during training (OCNOpt Sec. VI-B);
 * :class:`EKFAC` -- the eigenvalue-corrected Kronecker-factored baseline;
 * :class:`EMSA` -- the extended method of successive approximations (Li et al. 2018),
   the Pontryagin-based baseline of the DDPNOpt paper;
@@ -17,6 +19,7 @@ control).
 * ``python -m nnbridge.train`` -- the training command (:mod:`nnbridge.train`).
 """
 
+from .alignment import EXP3PP, AlignmentBandit
 from .ddpnopt import EKFAC, DDPNOpt
 from .decompose import stages
 from .deq import DEQ, DEQBlock
@@ -31,4 +34,4 @@ from .steepest import LQRDescent, lqr_direction
 __version__ = "0.1.0"
 __all__ = ["stages", "graph_stages", "GTDDP", "GTEKFAC", "Stage", "StageLinearization", "capture",
            "DDPNOpt", "EKFAC", "lqr_direction", "LQRDescent", "DEQ", "DEQBlock", "EMSA",
-           "ODEBlock"]
+           "ODEBlock", "AlignmentBandit", "EXP3PP"]

@@ -42,13 +42,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from trajopt.errors import UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .decompose import _chain, check_node, node_name, trace
 from .distributed import unwrap
 from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage
 
-__all__ = ["GraphStage", "StageGraph", "graph_stages"]
+__all__ = ["GraphStage", "StageGraph", "graph_stages", "Alignment"]
+
+#: where the players off the main chain act (:func:`graph_stages`)
+Alignment = str | dict
 
 
 @dataclass(eq=False)
@@ -214,7 +217,7 @@ class StageGraph:
         return self.forward(x)[-1][0]
 
 
-def graph_stages(model: nn.Module) -> StageGraph:
+def graph_stages(model: nn.Module, alignment: Alignment = "merge") -> StageGraph:
     """Decompose ``model`` into stages on an augmented state (module docstring).
 
     Parameters
@@ -222,6 +225,14 @@ def graph_stages(model: nn.Module) -> StageGraph:
     model : nn.Module
         Any network (custom ``forward``, residual blocks, projection shortcuts, parallel
         branches); DDP / compiled wrappers are unwrapped.
+    alignment : {"merge", "split"} or dict
+        Where each affine layer off the main chain (a projection shortcut, a parallel
+        branch's layer) is a player: ``"merge"`` at the stage where its output is used
+        (its output is computed there), ``"split"`` at the first stage whose state holds
+        its input (its output is then carried as a residual to the merge).  A dict maps
+        layer names (``model.named_modules()``) to either; layers it omits are
+        ``"merge"``.  GT-DDP paper, remark under Eq. 15: the OCP is the same, the
+        policies differ (``docs/alignment.md``).
 
     Returns
     -------
@@ -231,6 +242,8 @@ def graph_stages(model: nn.Module) -> StageGraph:
     ------
     UnsupportedModelError
         (a ``TypeError``) naming the node that cannot be decomposed.
+    InvalidArgumentError
+        ``alignment`` neither "merge", "split" nor a dict of them naming off-chain layers.
     """
     model = unwrap(model)
     if is_layer(model):
@@ -306,10 +319,14 @@ def graph_stages(model: nn.Module) -> StageGraph:
         for n in seg:
             if depth[n] == t + 1:
                 sched[n] = t
+    late: list[fx.Node] = []
     for n in reversed(order):
         if n not in sched:
             later = [sched[u] for u in users[n]]
             sched[n] = min(later) if later else T - 1
+            late.append(n)
+    _align(order, sched, set(late), [h for h in order if is_head[h] and h not in index],
+           xs, alignment)
     for n in order:
         check_node(n, modules, params, sched[n] >= 0)
     # residual slots crossing into each stage
@@ -343,6 +360,37 @@ def graph_stages(model: nn.Module) -> StageGraph:
             [n.name for n in ins], [n.name for n in outs], mine, ins, outs, heads, gm))
     pre = _chain(gm, modules, places[0], xs[0], "the input transform")
     return StageGraph(pre, out, raw_input=raw)
+
+
+def _align(order: list[fx.Node], sched: dict, late: set, off_chain: list[fx.Node],
+           xs: list[fx.Node], alignment: Alignment) -> None:
+    """Move the off-chain layers ``alignment`` places at the split (and the parameter-free
+    nodes they need that were scheduled late) to the first stage whose state holds
+    their input, in ``sched``."""
+    names = {h.target for h in off_chain}
+    if isinstance(alignment, dict):
+        bad = {k: v for k, v in alignment.items() if v not in ("merge", "split")}
+        unknown = sorted(set(alignment) - names)
+        if bad or unknown:
+            raise InvalidArgumentError(
+                f"alignment: values must be 'merge' or 'split' (got {bad}) and keys layers "
+                f"off the main chain {sorted(names)} (unknown: {unknown})")
+        split = {k for k, v in alignment.items() if v == "split"}
+    elif alignment in ("merge", "split"):
+        split = names if alignment == "split" else set()
+    else:
+        raise InvalidArgumentError(f"alignment must be 'merge', 'split' or a dict of them "
+                                   f"by layer name; got {alignment!r}")
+    move: set[fx.Node] = set()
+    for h in off_chain:
+        if h.target in split:
+            move |= _ancestors(h) & late
+    state = {x: t for t, x in enumerate(xs)}
+    for n in order:
+        if n in move:
+            # x_t is produced by stage t - 1 and is the state of stage t
+            sched[n] = max([max(0, state[a]) if a in state else max(0, sched[a])
+                            for a in n.all_input_nodes] + [0])
 
 
 def _raw_input(pre_nodes: set[fx.Node], x0: fx.Node, users: dict, modules: dict) -> bool:

@@ -38,7 +38,7 @@ from . import ddpnopt as _ddpnopt
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
-from .graph import graph_stages
+from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
 __all__ = ["GTDDP", "GTEKFAC"]
@@ -52,7 +52,9 @@ class GTDDP(DDPNOpt):
     :func:`nnbridge.graph.graph_stages` decomposes: residual blocks (identity and
     projection shortcuts), BatchNorm (its batch-coupled dynamics in the DDP pass,
     :mod:`nnbridge.batchnorm`), parallel branches merged by a sum or a concatenation.
-    ``feedback=False`` is exactly the base optimizer.
+    ``feedback=False`` is exactly the base optimizer.  ``alignment`` places the players
+    off the main chain (:func:`nnbridge.graph.graph_stages`: ``"merge"``, the default, or
+    ``"split"``, or per layer; ``docs/alignment.md``).
 
     The default terminal Hessian is the exact Gauss-Newton matrix ("ggn") in every value
     form: on the BatchNorm ResNet of ``docs/experiments_gtddp.md`` the sampled Fisher
@@ -62,9 +64,14 @@ class GTDDP(DDPNOpt):
 
     default_terminal_hessian = "ggn"
 
+    def __init__(self, model: nn.Module, lr: float | None = None, *,
+                 alignment: Alignment = "merge", **kwargs: Any):
+        self.alignment = alignment
+        super().__init__(model, lr, **kwargs)
+
     def _decompose(self, net: nn.Module):
         self._coop = CooperativeEKFAC()
-        self._graph = graph_stages(net)
+        self._graph = graph_stages(net, self.alignment)
         players = self._graph.players
         order = {id(p): k for k, p in enumerate(players)}
         #: per stage, the index of each of its players in ``self._stages``
