@@ -17,6 +17,10 @@ on what runs here (digits; MNIST / CIFAR cannot be downloaded).
    peak-memory growth (RSS, a fresh process per optimizer, ``benchmarks/_child.py``), and
    the time to reach ``TARGET`` test accuracy (steps to the first epoch at the target
    times the median step time; evaluation excluded).
+4. **Layer alignment** (OCNOpt Sec. VI-B) on the ResNet: GT-DDP(adam) with the
+   projection shortcut a player at the merge, at the split, and chosen at every step by
+   the EXP3++ bandit (``nnbridge.AlignmentBandit``): test accuracy, final training loss,
+   how often the bandit chose each placement.
 
 Writes ``experiments_ocnopt.md`` / ``.json`` and ``img/ocnopt_*.png`` (refuses to
 overwrite them unless ``--overwrite``).  ``--smoke``: 1 epoch on 64 samples, 1 seed,
@@ -30,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +47,10 @@ import gtddp_table2  # noqa: E402
 BASES = {"sgd": "ddpnopt-sgd", "adam": "ddpnopt-adam", "ekfac": "ddpnopt-ekfac"}
 ABLATION = {"sgd": (0.1, 0.3, 1.0), "adam": (1e-3, 3e-3, 1e-2), "ekfac": (0.03, 0.1, 0.3)}
 ROBUST = {"sgd": (0.03, 0.1, 0.3, 1.0, 3.0), "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
-EPOCHS = {"ablation": 8, "lr": 5, "wallclock": 10}
-SEEDS = {"ablation": 4, "lr": 2, "wallclock": 4}
+EPOCHS = {"ablation": 8, "lr": 5, "wallclock": 10, "alignment": 5}
+SEEDS = {"ablation": 4, "lr": 2, "wallclock": 4, "alignment": 3}
+ALIGN_LR = 3e-3
+ALIGNMENTS = ("merge", "split", "bandit")
 WALL_LR = 0.1
 #: batches of the memory measurement (at 32 the CNN's growth is below the RSS resolution)
 MEMORY_BATCHES = (128, 512)
@@ -162,6 +169,88 @@ def _robust_report(results, img):
     return "\n".join(rows)
 
 
+# ------------------------------------------------------------------ 4. alignment
+def _align_task(kw: dict) -> dict:
+    import torch
+
+    import nnbridge
+    from nnbridge import data
+    from nnbridge.models import default_model
+    from trajopt.errors import SkippedStepWarning
+    paper._init()
+    ds = data.load("digits")
+    n = kw.get("subset")
+    X, y = ds.X_train[:n].reshape(-1, *ds.image_shape), ds.y_train[:n]
+    Xe, ye = ds.X_eval[:n].reshape(-1, *ds.image_shape), ds.y_eval[:n]
+    torch.manual_seed(kw["seed"])
+    model = default_model("resnet", ds)
+    how = kw["alignment"]
+    opt = (nnbridge.AlignmentBandit(model, ALIGN_LR, seed=kw["seed"]) if how == "bandit"
+           else nnbridge.GTDDP(model, ALIGN_LR, alignment=how))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", SkippedStepWarning)
+        acc, loss, times = _train(opt, model, (X, y, Xe, ye), kw["seed"], kw["epochs"])
+    skipped = sum(issubclass(w.category, SkippedStepWarning) for w in seen)
+    out = {**kw, "test_accuracy": acc[-1], "curve": acc, "final_train_loss": loss,
+           "time_per_step": statistics.median(times), "skipped_steps": skipped}
+    if how == "bandit":
+        out["pulls"] = opt.bandit.pulls.tolist()
+    return out
+
+
+def _train(opt, model, tensors, seed, epochs):
+    """Minibatch epochs; test accuracy after each, the final training loss, step times."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    X, y, Xe, ye = tensors
+    g = torch.Generator().manual_seed(seed)
+    acc, times = [], []
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(X), generator=g)
+        for i in range(0, len(X), BATCH):
+            idx = perm[i:i + BATCH]
+            t0 = time.perf_counter()
+            opt.step(lambda idx=idx: _ce_closure(opt, model, X[idx], y[idx]))
+            times.append(time.perf_counter() - t0)
+        model.eval()
+        with torch.no_grad():
+            acc.append(float((model(Xe).argmax(1) == ye).float().mean()))
+            loss = float(F.cross_entropy(model(X), y))
+    return acc, loss, times
+
+
+def _ce_closure(opt, model, X, y):
+    import torch.nn.functional as F  # noqa: N812
+    opt.zero_grad()
+    loss = F.cross_entropy(model(X), y)
+    loss.backward()
+    return loss
+
+
+def alignment(runner, smoke):
+    extra = {"subset": 64} if smoke else {}
+    return runner._map(_align_task, [
+        dict(alignment=how, seed=s, epochs=1 if smoke else EPOCHS["alignment"], **extra)
+        for how in ALIGNMENTS for s in range(1 if smoke else SEEDS["alignment"])])
+
+
+def _align_report(results):
+    rows = ["| shortcut placement | test acc % (std) | final train loss | ms / step | "
+            "bandit's choices (merge / split) |", "|---|---:|---:|---:|---|"]
+    for how in ALIGNMENTS:
+        rs = [r for r in results if r["alignment"] == how]
+        m, sd, _ = _cell(rs)
+        pulls = ""
+        if how == "bandit":
+            tot = [sum(r["pulls"][k] for r in rs) for k in range(2)]
+            pulls = f"{tot[0]:.0f} / {tot[1]:.0f}"
+        rows.append(f"| {how} | {100 * m:.2f} ({100 * sd:.2f}) | "
+                    f"{paper._mean(rs, 'final_train_loss'):.4f} | "
+                    f"{1e3 * paper._mean(rs, 'time_per_step'):.0f} | {pulls} |")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------ 3. wall clock
 def _child(cfg: dict) -> dict:
     """In a fresh process: ``steps`` steps of one optimizer on the CNN, digits batch; the
@@ -245,12 +334,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     paper.add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
-    ap.add_argument("--only", default="ablation,lr,wallclock")
+    ap.add_argument("--only", default="ablation,lr,wallclock,alignment")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
-    unknown = set(parts) - {"ablation", "lr", "wallclock"}
+    unknown = set(parts) - {"ablation", "lr", "wallclock", "alignment"}
     if unknown:
         ap.error(f"--only: unknown part(s) {sorted(unknown)}")
     md, js = a.out / "experiments_ocnopt.md", a.out / "experiments_ocnopt.json"
@@ -274,7 +363,13 @@ def main(argv=None) -> int:
         raw["wallclock"] = wallclock(runner, a.smoke)
         text["wallclock"], text["memory"], _ = _wall_report(raw["wallclock"])
         print(f"wallclock: done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for part in raw.values():
+    if "alignment" in parts:
+        raw["alignment"] = alignment(runner, a.smoke)
+        text["alignment"] = _align_report(raw["alignment"])
+        print(f"alignment: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for key, part in raw.items():
+        if key == "alignment":
+            continue
         for r in part if isinstance(part, list) else part["runs"]:
             r["history"] = {k: r["history"][k] for k in ("epoch_step", "test_accuracy")}
     minutes = (time.perf_counter() - t0) / 60
@@ -305,6 +400,13 @@ def _document(text, minutes, a):
                    f"seeds)\n\n" + text["wallclock"] + "\n\nStep time and peak-memory "
                    "growth in a fresh process per optimizer (10 steps):\n\n"
                    + text["memory"] + "\n")
+    if "alignment" in text:
+        out.append(f"## 4. Layer alignment on the ResNet (GT-DDP(adam), lr {ALIGN_LR:g}, "
+                   f"{EPOCHS['alignment']} epochs, {SEEDS['alignment']} seeds)\n\n"
+                   "The projection shortcut (conv + BatchNorm) a player at the merge, at the "
+                   "split, or chosen at every step by EXP3++ (`nnbridge.AlignmentBandit`, "
+                   "which evaluates the loss again after each step).\n\n"
+                   + text["alignment"] + "\n")
     return "\n".join(out)
 
 

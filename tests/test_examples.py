@@ -170,7 +170,8 @@ def test_ocnopt_experiments_smoke(tmp_path):
     args = ["--smoke", "--workers", "1", "--out", str(tmp_path)]
     assert module.main(args) == 0
     text = (tmp_path / "experiments_ocnopt.md").read_text()
-    for part in ("| ddpnopt-ekfac |", "| gtddp-sgd |", "| ekfac | 0.03 |", "memory overhead"):
+    for part in ("| ddpnopt-ekfac |", "| gtddp-sgd |", "| ekfac | 0.03 |", "memory overhead",
+                 "| bandit |"):
         assert part in text
     assert "nan" not in text
     for img in ("ocnopt_ablation.png", "ocnopt_lr_robustness.png"):
