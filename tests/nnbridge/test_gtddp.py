@@ -302,6 +302,22 @@ def test_trains_a_batchnorm_resnet():
         assert loss < 0.8 * first, (curvature, first, loss)
 
 
+@pytest.mark.parametrize("alignment", ["merge", "split"])
+def test_trains_an_inception_block(alignment):
+    """Three parallel branches (one of two layers, one behind a max-pool) merged by
+    concatenation, as players of one stage (merge) or of the branches' first stage
+    (split): the loss falls with adam, identity and ekfac (cooperative factors where
+    the players share positions)."""
+    torch.manual_seed(0)
+    X = torch.randn(32, 1, 4, 4)
+    y = (X.mean((1, 2, 3)) > 0).long() + (X[:, 0, 0, 0] > 0).long()
+    for curvature, lr in [("adam", 1e-2), ("identity", 0.5), ("ekfac", 0.05)]:
+        model = Inception()
+        opt = nnbridge.GTDDP(model, curvature=curvature, lr=lr, alignment=alignment)
+        losses = [float(opt.step(closure_for(opt, model, X, y))) for _ in range(15)]
+        assert losses[-1] < 0.8 * losses[0], (curvature, losses)
+
+
 def test_default_terminal_hessians():
     """GTDDP: the exact GGN in every value form (measured on the BN ResNet: the sampled
     Fisher collapsed GT-DDP runs, docs/experiments_gtddp.md); DDPNOpt: the sampled Fisher
