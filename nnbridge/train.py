@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default="digits", choices=_data.DATASETS,
                     help="default digits")
     ap.add_argument("--model", default="mlp", choices=MODELS,
-                    help="mlp (any dataset), cnn or resnet (digits, mnist1d); default mlp")
+                    help="mlp or odenet (any dataset), cnn or resnet (digits, mnist1d); "
+                         "default mlp")
     ap.add_argument("--optimizer", type=_optimizers, default=["adam", "ddpnopt"],
                     help=f"comma-separated list of {', '.join(OPTIMIZERS)} "
                          "(default adam,ddpnopt)")
