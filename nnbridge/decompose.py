@@ -35,7 +35,9 @@ graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -102,13 +104,33 @@ def node_name(node: fx.Node) -> str:
     return f"node {node.name!r} ({node.op} {what})"
 
 
+@contextmanager
+def _len_of_proxies():
+    """While tracing, ``len(x)`` of a traced tensor is ``x.size(0)`` (a graph node), as
+    in eager mode; torch.fx refuses ``len`` unless the model's module calls
+    ``torch.fx.wrap("len")``, and ``len(x)`` for the batch size is common in forward
+    passes (e.g. ``t.expand(len(x), 1)`` in an ODE field).  Other objects are passed to
+    the builtin.  The builtin is restored on exit."""
+    builtin = builtins.len
+
+    def traced_len(obj):
+        return obj.size(0) if isinstance(obj, fx.Proxy) else builtin(obj)
+
+    builtins.len = traced_len
+    try:
+        yield
+    finally:
+        builtins.len = builtin
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_layer(m) or super().is_leaf_module(m, qualname)
 
     try:
-        graph = Tracer().trace(model)
+        with _len_of_proxies():
+            graph = Tracer().trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise UnsupportedModelError(
             f"model: torch.fx cannot trace {type(model).__name__}.forward ({exc}); "

@@ -137,6 +137,28 @@ def test_recorded_calls_give_the_shared_gradient():
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
+def test_len_of_a_traced_tensor_is_its_batch_size():
+    """``len(x)`` in a forward pass (common in ODE fields) traces as ``x.size(0)``;
+    ``len`` of anything else is the builtin, also after tracing."""
+    class LenField(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lins = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+
+        def forward(self, t, x):
+            for k in range(len(self.lins)):
+                x = torch.tanh(self.lins[k](x + t.expand(len(x), 1)))
+            return x
+
+    model = nn.Sequential(nn.Linear(2, 3), nnbridge.ODEBlock(LenField(), steps=2),
+                          nn.Linear(3, 2))
+    g = nnbridge.graph_stages(model)
+    X, _ = data(B=5, shape=(2,))
+    assert torch.equal(g(X), model(X))
+    assert g.stages[1].calls == [8, 8]
+    assert len([1, 2]) == 2 and len.__module__ == "builtins"
+
+
 # ------------------------------------------------------------------ the step
 def _flat(lin):
     return torch.cat([lin.weight, lin.bias[:, None]], 1).reshape(-1).detach().clone()
