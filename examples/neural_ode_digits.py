@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import nnbridge
+from nnbridge import data as datasets
 
 
 class Field(nn.Module):
@@ -42,16 +43,6 @@ class ODEClassifier(nn.Module):
 
     def forward(self, x):
         return self.decode(self.ode(torch.tanh(self.encode(x))))
-
-
-def load_digits(seed: int = 0):
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-    X, y = sk_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=seed, stratify=y)
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-8
-    f = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
-    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
 
 
 def train(kind: str, data, epochs: int, lr: float, seed: int = 0):
@@ -85,7 +76,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite")
     a = ap.parse_args(argv)
     epochs = 1 if a.smoke else a.epochs
-    data = load_digits()
+    ds = datasets.load("digits")       # fixed split, standardized (nnbridge.data)
+    data = (ds.X_train, ds.y_train, ds.X_eval, ds.y_eval)
     if a.smoke:
         data = tuple(t[:96] for t in data)
     curves = {}

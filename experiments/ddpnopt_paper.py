@@ -114,6 +114,29 @@ def add_ray_option(ap: argparse.ArgumentParser) -> None:
                          "the cluster at ADDRESS (needs the 'ray' extra)")
 
 
+def experiment_parser(doc: str, smoke_help: str = "a tiny run for the test suite"
+                      ) -> argparse.ArgumentParser:
+    """The options of an experiment that writes one results page: ``--workers``,
+    ``--ray [ADDRESS]``, ``--out`` (default docs/), ``--smoke``, ``--overwrite``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    add_ray_option(ap)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def results_paths(a: argparse.Namespace, stem: str) -> tuple[Path, Path] | None:
+    """``(stem.md, stem.json)`` under ``a.out``; None (and a message) when one exists and
+    ``--overwrite`` was not given: results are never overwritten silently."""
+    md, js = a.out / f"{stem}.md", a.out / f"{stem}.json"
+    if not a.overwrite and (md.exists() or js.exists()):
+        print(f"{md} or {js} exists: pass --overwrite to replace them", file=sys.stderr)
+        return None
+    return md, js
+
+
 def _ray_task(address: str, workers: int):
     """A Ray remote of :func:`_on_one_thread`, after connecting to (or starting) the
     cluster; the workers import this repository (the experiment modules and the

@@ -14,7 +14,6 @@ unless ``--overwrite``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,17 +29,12 @@ PAPER_EMSA_DIGITS = 94.87
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
-    paper.add_ray_option(ap)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
-    ap.add_argument("--smoke", action="store_true", help="1 epoch, 1-2 seeds, one lr")
-    ap.add_argument("--overwrite", action="store_true")
+    ap = paper.experiment_parser(__doc__, "1 epoch, 1-2 seeds, one lr")
     a = ap.parse_args(argv)
-    md, js = a.out / "experiments_emsa.md", a.out / "experiments_emsa.json"
-    if not a.overwrite and (md.exists() or js.exists()):
-        print(f"{md} or {js} exists: pass --overwrite to replace them", file=sys.stderr)
+    paths = paper.results_paths(a, "experiments_emsa")
+    if paths is None:
         return 2
+    md, js = paths
     seeds, sel_seeds = (2, 1) if a.smoke else (10, 3)
     a.out.mkdir(parents=True, exist_ok=True)
     runner = paper.Runner(a.workers, a.smoke, a.ray)

@@ -29,7 +29,6 @@ the first rates, SGD only in part 2 (the test suite).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -330,22 +329,17 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         print(json.dumps(_child(json.loads(sys.argv[2]))))
         return 0
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
-    paper.add_ray_option(ap)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap = paper.experiment_parser(__doc__)
     ap.add_argument("--only", default="ablation,lr,wallclock,alignment")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
     unknown = set(parts) - {"ablation", "lr", "wallclock", "alignment"}
     if unknown:
         ap.error(f"--only: unknown part(s) {sorted(unknown)}")
-    md, js = a.out / "experiments_ocnopt.md", a.out / "experiments_ocnopt.json"
-    if not a.overwrite and (md.exists() or js.exists()):
-        print(f"{md} or {js} exists: pass --overwrite to replace them", file=sys.stderr)
+    paths = paper.results_paths(a, "experiments_ocnopt")
+    if paths is None:
         return 2
+    md, js = paths
     img = a.out / "img"
     img.mkdir(parents=True, exist_ok=True)
     runner = gtddp_table2.Runner(a.workers, a.smoke, a.ray)   # smoke: 64 samples

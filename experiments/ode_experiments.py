@@ -26,7 +26,6 @@ Writes ``experiments_ode.md`` / ``.json``, ``img/ode_curves.png`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -231,17 +230,11 @@ def _plot(results, cnf, img: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
-    paper.add_ray_option(ap)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
-    md, js = a.out / "experiments_ode.md", a.out / "experiments_ode.json"
-    if not a.overwrite and (md.exists() or js.exists()):
-        print(f"{md} or {js} exists: pass --overwrite to replace them", file=sys.stderr)
+    a = paper.experiment_parser(__doc__).parse_args(argv)
+    paths = paper.results_paths(a, "experiments_ode")
+    if paths is None:
         return 2
+    md, js = paths
     (a.out / "img").mkdir(parents=True, exist_ok=True)
     runner = paper.Runner(a.workers, a.smoke, a.ray)
     t0 = time.perf_counter()
