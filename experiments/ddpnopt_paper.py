@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -135,6 +136,33 @@ def results_paths(a: argparse.Namespace, stem: str) -> tuple[Path, Path] | None:
         print(f"{md} or {js} exists: pass --overwrite to replace them", file=sys.stderr)
         return None
     return md, js
+
+
+def train_epochs(opt, model, tensors, seed: int, epochs: int, batch: int):
+    """Minibatch epochs of cross-entropy with a closure (any optimizer): the test accuracy
+    after each epoch, the final training loss and the step times (s).  ``tensors``:
+    ``(X, y, X_eval, y_eval)``; the minibatch order comes from ``seed``."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    X, y, Xe, ye = tensors
+    g = torch.Generator().manual_seed(seed)
+    acc, times, loss = [], [], math.nan
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(X), generator=g).split(batch):
+            def closure(idx=idx):
+                opt.zero_grad()
+                out = F.cross_entropy(model(X[idx]), y[idx])
+                out.backward()
+                return out
+            t0 = time.perf_counter()
+            opt.step(closure)
+            times.append(time.perf_counter() - t0)
+        model.eval()
+        with torch.no_grad():
+            acc.append(float((model(Xe).argmax(1) == ye).float().mean()))
+            loss = float(F.cross_entropy(model(X), y))
+    return acc, loss, times
 
 
 def _ray_task(address: str, workers: int):

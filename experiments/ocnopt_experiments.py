@@ -188,43 +188,14 @@ def _align_task(kw: dict) -> dict:
            else nnbridge.GTDDP(model, ALIGN_LR, alignment=how))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", SkippedStepWarning)
-        acc, loss, times = _train(opt, model, (X, y, Xe, ye), kw["seed"], kw["epochs"])
+        acc, loss, times = paper.train_epochs(opt, model, (X, y, Xe, ye), kw["seed"],
+                                              kw["epochs"], BATCH)
     skipped = sum(issubclass(w.category, SkippedStepWarning) for w in seen)
     out = {**kw, "test_accuracy": acc[-1], "curve": acc, "final_train_loss": loss,
            "time_per_step": statistics.median(times), "skipped_steps": skipped}
     if how == "bandit":
         out["pulls"] = opt.bandit.pulls.tolist()
     return out
-
-
-def _train(opt, model, tensors, seed, epochs):
-    """Minibatch epochs; test accuracy after each, the final training loss, step times."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-    X, y, Xe, ye = tensors
-    g = torch.Generator().manual_seed(seed)
-    acc, times = [], []
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(X), generator=g)
-        for i in range(0, len(X), BATCH):
-            idx = perm[i:i + BATCH]
-            t0 = time.perf_counter()
-            opt.step(lambda idx=idx: _ce_closure(opt, model, X[idx], y[idx]))
-            times.append(time.perf_counter() - t0)
-        model.eval()
-        with torch.no_grad():
-            acc.append(float((model(Xe).argmax(1) == ye).float().mean()))
-            loss = float(F.cross_entropy(model(X), y))
-    return acc, loss, times
-
-
-def _ce_closure(opt, model, X, y):
-    import torch.nn.functional as F  # noqa: N812
-    opt.zero_grad()
-    loss = F.cross_entropy(model(X), y)
-    loss.backward()
-    return loss
 
 
 def alignment(runner, smoke):

@@ -163,6 +163,18 @@ def test_ode_experiments_smoke(tmp_path):
     assert module.main(args) == 2
 
 
+def test_ode_variations_smoke(tmp_path):
+    """experiments/ode_variations.py end to end (128 samples, 1 epoch); its sanity row
+    (GT-DDP without feedback) is Adam's number."""
+    pytest.importorskip("mnist1d")
+    module = _experiment("ode_variations")
+    assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in
+            (tmp_path / "experiments_ode_variations.md").read_text().splitlines()
+            if line.startswith("| ") and "variant" not in line}
+    assert rows["feedback=False"] == rows["adam"]
+
+
 def test_ocnopt_experiments_smoke(tmp_path):
     """experiments/ocnopt_experiments.py end to end (64 samples, 1 epoch): the three
     parts' tables and pictures; no overwrite without --overwrite."""
