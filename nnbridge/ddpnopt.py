@@ -184,10 +184,10 @@ class DDPNOpt(torch.optim.Optimizer):
             for p in st.params():
                 if id(p) in owner:
                     raise InvalidArgumentError(
-                        f"stages {owner[id(p)]} and {st.index} share a parameter (tied "
-                        f"weights, shape {tuple(p.shape)}): DDPNOpt's stages are a chain "
-                        "with one control each; nnbridge.GTDDP takes a layer called at "
-                        "several stages (docs/ode.md)")
+                        f"stages {owner[id(p)]} and {st.index} share a parameter (two "
+                        f"modules with one tensor, shape {tuple(p.shape)}): not supported; "
+                        "one module called at several stages is (nnbridge.GTDDP, "
+                        "docs/ode.md)")
                 owner[id(p)] = st.index
         fixed = [(n, p) for n, p in net.named_parameters() if all(p is not q for q in params)]
         if fixed:  # kfac-pytorch's rule for the layers it cannot precondition
@@ -501,7 +501,7 @@ class DDPNOpt(torch.optim.Optimizer):
                 g = g + hp["weight_decay"] * U
             w = X = None
             if self.curvature.needs_factors:
-                X = st.unfold(rec.inputs[t])
+                X = st.unfold_calls(rec.calls[t])     # every call (nnbridge.EKFAC)
                 hg = rec.h_grads[t]
                 w = st.factor_view(hg * hg.shape[0])
             new = self.curvature.update(state, g, hp, step, w, X, mean)

@@ -241,6 +241,14 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
         raise UnsupportedModelError(
             f"model has no {' or '.join(c.__name__ for c in AFFINE)} layer: "
             "nothing to optimize")
+    targets = [h.target for h in heads]
+    for t, target in enumerate(targets):
+        if target in targets[:t]:
+            raise UnsupportedModelError(
+                f"model: the layer {target!r} is called at stages {targets.index(target)} "
+                f"and {t} (a control shared by stages: tied weights, a Neural-ODE block); "
+                "a chain of stages has one control each; nnbridge.GTDDP takes it "
+                "(docs/ode.md)")
     if out_node is None or not isinstance(out_node.args[0], fx.Node):
         raise UnsupportedModelError("model: forward must return one tensor")
     ends = inputs[1:] + [out_node.args[0]]

@@ -37,6 +37,7 @@ than :math:`x_0` used after the first stage.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -100,8 +101,7 @@ class GraphStage:
     def unfold(self, j: int, xs: list[torch.Tensor]) -> torch.Tensor:
         """Player j's unfolded inputs :math:`\\tilde x` of all its calls, (B, in', P)
         with the calls' positions concatenated."""
-        st = self.players[j]
-        return st.unfold(xs[0]) if len(xs) == 1 else torch.cat([st.unfold(x) for x in xs], -1)
+        return self.players[j].unfold_calls(xs)
 
     def modules(self) -> list[nn.Module]:
         """The modules this stage calls (players and fixed maps)."""
@@ -187,11 +187,15 @@ class StageGraph:
     raw_input : bool
         :math:`x_0` is the network's input (the parameter-free input transform is part of
         stage 0); else the first layer's input.
+    first_call : int
+        Which call of the first stage's main layer is the main chain's (its input is
+        :math:`x_0`): the layer may also be called off the chain, earlier.
     """
 
     pre: list[nn.Module]
     stages: list[GraphStage]
     raw_input: bool = False
+    first_call: int = 0
 
     @property
     def players(self) -> list[Stage]:
@@ -289,6 +293,7 @@ def graph_stages(model: nn.Module, alignment: Alignment = "merge") -> StageGraph
     for h in order:
         if is_head[h]:
             calls.setdefault(h.target, []).append(h)
+    shared = [target for target, hs in calls.items() if len(hs) > 1]
     for target, hs in calls.items():
         if len(hs) > 1 and not isinstance(modules[target], AFFINE):
             raise UnsupportedModelError(
@@ -359,7 +364,13 @@ def graph_stages(model: nn.Module, alignment: Alignment = "merge") -> StageGraph
             len(out), [make_stage(len(out), modules[h.target], ()) for h in players],
             [n.name for n in ins], [n.name for n in outs], mine, ins, outs, heads, gm))
     pre = _chain(gm, modules, places[0], xs[0], "the input transform")
-    return StageGraph(pre, out, raw_input=raw)
+    if len(out) == 1 and T > 1:
+        warnings.warn(
+            f"graph_stages: the layers called at several stages ({sorted(shared)}) join all "
+            f"{T} stages of the network into one: GT-DDP's step has no feedback (the one "
+            "stage's state is the data), only its cost", UserWarning, stacklevel=2)
+    return StageGraph(pre, out, raw_input=raw,
+                      first_call=calls[chain[0].target].index(chain[0]))
 
 
 def _align(order: list[fx.Node], sched: dict, late: set, off_chain: list[fx.Node],

@@ -94,7 +94,8 @@ class GTDDP(DDPNOpt):
         stack = ExitStack()
         stack.enter_context(super()._ddp_context(rec))
         seen: dict = {}
-        ys = [[rec.model_input if self._graph.raw_input else rec.inputs[0]]]
+        graph = self._graph
+        ys = [[rec.model_input if graph.raw_input else rec.calls[0][graph.first_call]]]
         try:
             with torch.no_grad():
                 for gs, ids in zip(self._graph.stages, self._ids):

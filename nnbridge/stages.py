@@ -168,6 +168,12 @@ class Stage:
             X = torch.cat([X, X.new_ones(*X.shape[:-2], 1, X.shape[-1])], -2)
         return X
 
+    def unfold_calls(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`unfold` of every call's input, the calls' positions concatenated, (B,
+        in', sum P): the layout of :func:`combine_calls` (a layer called several times)."""
+        return self.unfold(xs[0]) if len(xs) == 1 else torch.cat(
+            [self.unfold(x) for x in xs], -1)
+
     # ------------------------------------------------------------- evaluation
     def affine(self, x: torch.Tensor, U: torch.Tensor | None = None,
                bias: bool = True) -> torch.Tensor:

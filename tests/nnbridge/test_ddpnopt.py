@@ -343,9 +343,25 @@ def test_a_frozen_middle_layer_stays_and_partial_freezing_is_refused():
 def test_tied_weights_and_extra_parameter_groups_are_refused():
     lin = nn.Linear(4, 4)
     tied = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
-    with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter.*GTDDP"):
+    with pytest.raises(UnsupportedModelError, match="called at stages 0 and 1.*GTDDP"):
         nnbridge.DDPNOpt(tied)
+    for cls in (nnbridge.EMSA, nnbridge.LQRDescent):
+        with pytest.raises(UnsupportedModelError, match="called at stages 0 and 1"):
+            cls(tied)
     assert [gs.calls for gs in nnbridge.GTDDP(tied)._graph.stages] == [[2], [1]]
+
+    class SharedTensor(nn.Module):     # two modules, one weight: refused by every optimizer
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    for cls in (nnbridge.DDPNOpt, nnbridge.GTDDP):
+        with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter"):
+            cls(SharedTensor())
     opt = nnbridge.DDPNOpt(mlp(), lr=0.1)
     with pytest.raises(InvalidArgumentError, match="one parameter group"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})

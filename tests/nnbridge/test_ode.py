@@ -274,6 +274,63 @@ def test_tied_weights_step_is_ddp_on_the_unrolled_ocp():
         assert float((_flat(m) - want[k]).abs().max()) < 1e-10 * scale, k
 
 
+def test_first_layer_called_off_the_chain_first():
+    """S is called off the chain (on tanh(x)) before its chain call (on x): x_0 is the
+    chain call's input.  S's calls join every stage into one (a warning says the step
+    has no feedback); the exact step is the unrolled DDP with S, M, O decided at the
+    start (inputs of size ~1, where taking the off-chain call's input as x_0 differs)."""
+    class OffFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.S, self.M, self.O = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            b = self.S(torch.tanh(x))
+            h = torch.tanh(self.M(torch.tanh(self.S(x))))
+            return self.O(h + b)
+
+    model = OffFirst()
+    X, y = data(B=2, shape=(3,), classes=2)
+    X = 2 * X
+
+    def lin(theta, x, n_out):
+        M = theta.reshape(n_out, -1)
+        return M[:, :-1] @ x + M[:, -1]
+
+    fs = [lambda x, th: torch.cat([torch.tanh(lin(th["S"], x, 3)), x]),
+          lambda z, th: torch.cat([torch.tanh(lin(th["M"], z[:3], 3)), z[3:]]),
+          lambda z, th: lin(th["O"], z[:3] + lin(th["S"], torch.tanh(z[3:]), 3), 2)]
+    params = {k: _flat(getattr(model, k)) for k in ("S", "M", "O")}
+
+    def phi(xT, i):
+        return F.cross_entropy(xT[None], y[i:i + 1])
+
+    want = unrolled_step(fs, [["S"], ["M"], ["O", "S"]], {0: ["S", "M", "O"]}, params, X,
+                         phi, lam=0.0, mu=0.5, lr=1.0, recursion="mean")
+    with pytest.warns(UserWarning, match="into one"):
+        opt = nnbridge.GTDDP(model, curvature="exact", value_hessian="full",
+                             regularization=0.5, value_psd=False)
+    opt.step(closure_for(opt, model, X, y))
+    for k in params:
+        scale = float((want[k] - params[k]).abs().max())
+        assert float((_flat(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
+
+
+def test_ekfac_takes_every_call_of_a_shared_layer():
+    """nnbridge.EKFAC on an ODE network (one Kronecker pair over all calls of a layer) is
+    GT-DDP's EKFAC without feedback (no cooperation for layers called several times)."""
+    X, y = data(B=8, shape=(3,))
+    a, b = ODENet(method="midpoint"), ODENet(method="midpoint")
+    ours = nnbridge.EKFAC(a, lr=0.05, update_freq=2)
+    ref = nnbridge.GTDDP(b, curvature="ekfac", lr=0.05, update_freq=2, feedback=False)
+    for _ in range(4):
+        ours.step(closure_for(ours, a, X, y))
+        ref.step(closure_for(ref, b, X, y))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
 # ------------------------------------------------------------------ in a training loop
 @pytest.mark.parametrize("name,theirs", [("adam", torch.optim.Adam),
                                          ("identity", torch.optim.SGD)])
