@@ -12,7 +12,8 @@ parameter-group list and one curvature state, and at every step
 2. takes that arm's GT-DDP step on the closure's batch,
 3. evaluates the closure again and feeds the bandit the loss
    :math:`\ell = \min(1, \tfrac12 L_{\text{after}} / L_{\text{before}})` (0.5: no change;
-   our choice, ``docs/alignment.md``).
+   our choice, ``docs/alignment.md``); the module buffers this pass updates (BatchNorm's
+   running statistics) are restored, so it measures without training.
 
 :class:`EXP3PP` is EXP3++ (Seldin & Slivkins, ICML 2014) with the parametrization of
 Seldin & Lugosi (COLT 2017): learning rate :math:`\eta_t = \tfrac12\sqrt{\ln K / (tK)}`,
@@ -170,6 +171,7 @@ class AlignmentBandit(torch.optim.Optimizer):
         if len(arms) < 2:
             raise InvalidArgumentError(f"arms: at least two alignments; got {arms!r}")
         self.arms = arms
+        self.model = model
         self.optimizers = [GTDDP(model, lr, alignment=a, **kwargs) for a in arms]
         first = self.optimizers[0]
         for o in self.optimizers[1:]:
@@ -193,8 +195,14 @@ class AlignmentBandit(torch.optim.Optimizer):
                             "loss.backward(), return the loss): it measures the step's effect")
         arm = self.bandit.draw()
         before = self.optimizers[arm].step(closure)
+        # the measuring pass must leave no trace: BatchNorm's running statistics (and any
+        # other buffer a training-mode forward updates) are put back as they were
+        saved = [b.detach().clone() for b in self.model.buffers()]
         with torch.enable_grad():
             after = closure()
+        with torch.no_grad():
+            for b, v in zip(self.model.buffers(), saved):
+                b.copy_(v)
         b, a = float(before), float(after)
         if math.isfinite(b) and math.isfinite(a) and b > 0:
             self.bandit.update(arm, min(1.0, 0.5 * a / b))

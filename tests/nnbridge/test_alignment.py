@@ -206,6 +206,25 @@ def test_bandit_trains_with_a_scheduler_and_resumes_exactly():
         assert torch.equal(p, q)
 
 
+def test_the_measuring_pass_leaves_batchnorm_statistics_alone():
+    """The extra closure evaluation of each step restores the running statistics: with
+    two identical arms on a BatchNorm ResNet, the bandit's parameters *and buffers* are
+    plain GT-DDP's."""
+    X = torch.randn(8, 1, 8, 8)
+    y = torch.arange(8) % 10
+    torch.manual_seed(0)
+    a = resnet((1, 8, 8), 10)
+    torch.manual_seed(0)
+    b = resnet((1, 8, 8), 10)
+    bandit = nnbridge.AlignmentBandit(a, 1e-2, arms=("merge", "merge"))
+    plain = nnbridge.GTDDP(b, 1e-2)
+    _loop(bandit, a, X, y, 3)
+    _loop(plain, b, X, y, 3)
+    for p, q in zip(list(a.parameters()) + list(a.buffers()),
+                    list(b.parameters()) + list(b.buffers())):
+        assert torch.allclose(p.double(), q.double(), rtol=1e-10, atol=1e-12)
+
+
 def test_bandit_refuses_what_it_cannot_do():
     with pytest.raises(InvalidArgumentError, match="ekfac"):
         nnbridge.AlignmentBandit(ResMLP(), curvature="ekfac")
