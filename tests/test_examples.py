@@ -168,11 +168,13 @@ def test_ode_variations_smoke(tmp_path):
     (GT-DDP without feedback) is Adam's number."""
     pytest.importorskip("mnist1d")
     module = _experiment("ode_variations")
-    assert module.main(["--smoke", "--workers", "1", "--out", str(tmp_path)]) == 0
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in
-            (tmp_path / "experiments_ode_variations.md").read_text().splitlines()
-            if line.startswith("| ") and "variant" not in line}
-    assert rows["feedback=False"] == rows["adam"]
+    for setup in ("ode", "cnn-sgd"):
+        args = ["--smoke", "--workers", "1", "--setup", setup, "--out", str(tmp_path)]
+        assert module.main(args) == 0
+        rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in
+                (tmp_path / f"experiments_variations_{setup}.md").read_text().splitlines()
+                if line.startswith("| ") and "variant" not in line}
+        assert rows["feedback=False"] == rows["base"]
 
 
 def test_ocnopt_experiments_smoke(tmp_path):
