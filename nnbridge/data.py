@@ -12,6 +12,10 @@ mnist1d        5000     40        10       1-D signals (``image_shape`` (1, 40))
                                            the ``mnist1d`` package, generated locally
 =============  =======  ========  =======  ==========================================
 
+MNIST, Fashion-MNIST (28 x 28, ``image_shape`` (1, 28, 28)) and CIFAR-10 (32 x 32 RGB,
+(3, 32, 32)) are read from files the user has (:mod:`nnbridge.datafiles`), with their
+official train / test split.
+
 Split (fixed, independent of the training seed): 30% test, stratified, ``random_state=0``
 (MNIST-1D: its own 4000 / 1000 train / test split, as its authors use it); of the
 remaining training part, 20% is held out as the validation split (stratified,
@@ -25,13 +29,17 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trajopt.errors import InvalidArgumentError, SolverUnavailableError
 
+from .datafiles import IMAGE_DATASETS, read_images
+
 __all__ = ["DATASETS", "Dataset", "load"]
 
-DATASETS = ("digits", "wine", "breast_cancer", "iris", "mnist1d")
+DATASETS = ("digits", "wine", "breast_cancer", "iris", "mnist1d", "mnist", "fashion_mnist",
+            "cifar10")
 TEST_FRACTION = 0.3
 VAL_FRACTION = 0.2
 
@@ -70,16 +78,21 @@ class Dataset:
                        self.y_eval.to(device), self.n_classes, self.image_shape)
 
 
-def load(name: str, split: str = "full") -> Dataset:
-    """Load a scikit-learn dataset with the fixed split of the module docstring.
+def load(name: str, split: str = "full", root: str | None = None) -> Dataset:
+    """Load a dataset with the fixed split of the module docstring.
 
     Parameters
     ----------
-    name : {"digits", "wine", "breast_cancer", "iris"}
+    name : str
+        One of :data:`DATASETS`; "mnist", "fashion_mnist" and "cifar10" from files the
+        user has (:mod:`nnbridge.datafiles`: never downloaded), with their official
+        train / test split.
     split : {"full", "train"}
         ``"full"``: train on train + validation (70%), evaluate on the test split (30%).
         ``"train"``: train on the 56% training part, evaluate on the validation split
         (14%) -- for choosing hyper-parameters without touching the test split.
+    root : str, optional
+        Where the image files are (default ``$NNBRIDGE_DATA``, else ``./data``).
 
     Returns
     -------
@@ -95,6 +108,10 @@ def load(name: str, split: str = "full") -> Dataset:
     if name == "mnist1d":
         Xtr, Xte, ytr, yte = _mnist1d()
         y = ytr
+    elif name in IMAGE_DATASETS:
+        Xtr, ytr, Xte, yte = read_images(name, root)
+        Xtr, Xte = Xtr.astype(np.float64), Xte.astype(np.float64)
+        y = ytr
     else:
         import sklearn.datasets as skd
 
@@ -108,11 +125,12 @@ def load(name: str, split: str = "full") -> Dataset:
     sd[sd == 0] = 1.0  # constant pixels of digits
     t = lambda a: torch.tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
     return Dataset(name, t(Xtr), torch.tensor(ytr, dtype=torch.int64), t(Xte),
-                   torch.tensor(yte, dtype=torch.int64), int(y.max()) + 1,
+                   torch.tensor(yte, dtype=torch.int64),
+                   10 if name in IMAGE_DATASETS else int(y.max()) + 1,
                    _SHAPES.get(name))
 
 
-_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40)}
+_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), **IMAGE_DATASETS}
 
 
 @functools.lru_cache(maxsize=1)

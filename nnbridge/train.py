@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trajopt.errors import TrajoptError
+from trajopt.errors import SolverUnavailableError, TrajoptError
 
 from . import data as _data
 from .models import MODELS
@@ -111,7 +111,11 @@ def _optimizers(text):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="nnbridge.train", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits", choices=_data.DATASETS,
-                    help="default digits")
+                    help="default digits; mnist, fashion_mnist and cifar10 are read from "
+                         "files you have (--data-root), never downloaded")
+    ap.add_argument("--data-root", default=None,
+                    help="where the mnist / fashion_mnist / cifar10 files are (default "
+                         "$NNBRIDGE_DATA, else ./data; nnbridge.datafiles)")
     ap.add_argument("--model", default="mlp", choices=MODELS,
                     help="mlp or odenet (any dataset), cnn or resnet (digits, mnist1d); "
                          "default mlp")
@@ -318,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                              split="train" if a.validation else "full", device=device,
                              terminal_hessian=a.terminal_hessian)
                    for lab in labels for s in range(a.seeds)]
-        ds = _data.load(a.dataset, configs[0].split)
+        try:
+            ds = _data.load(a.dataset, configs[0].split, root=a.data_root)
+        except SolverUnavailableError as exc:
+            ap.error(str(exc))
         if a.model in ("cnn", "resnet") and ds.image_shape is None:
             ap.error(f"--model {a.model} needs image or signal data (digits, mnist1d); "
                      f"{a.dataset} has none")
