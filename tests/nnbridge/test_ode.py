@@ -276,9 +276,10 @@ def test_tied_weights_step_is_ddp_on_the_unrolled_ocp():
 
 def test_first_layer_called_off_the_chain_first():
     """S is called off the chain (on tanh(x)) before its chain call (on x): x_0 is the
-    chain call's input.  S's calls join every stage into one (a warning says the step
-    has no feedback); the exact step is the unrolled DDP with S, M, O decided at the
-    start (inputs of size ~1, where taking the off-chain call's input as x_0 differs)."""
+    chain call's input.  S's calls join its stage and M's (b = S(tanh x) is computed with
+    M, before O uses it); the exact step is the unrolled DDP with S and M decided at the
+    start and O at the end (inputs of size ~1, where taking the off-chain call's input
+    as x_0 differs)."""
     class OffFirst(nn.Module):
         def __init__(self):
             super().__init__()
@@ -306,15 +307,29 @@ def test_first_layer_called_off_the_chain_first():
     def phi(xT, i):
         return F.cross_entropy(xT[None], y[i:i + 1])
 
-    want = unrolled_step(fs, [["S"], ["M"], ["O", "S"]], {0: ["S", "M", "O"]}, params, X,
-                         phi, lam=0.0, mu=0.5, lr=1.0, recursion="mean")
-    with pytest.warns(UserWarning, match="into one"):
-        opt = nnbridge.GTDDP(model, curvature="exact", value_hessian="full",
-                             regularization=0.5, value_psd=False)
+    assert [s.calls for s in nnbridge.graph_stages(model).stages] == [[2, 1], [1]]
+    want = unrolled_step(fs, [["S"], ["M"], ["O", "S"]], {0: ["S", "M"], 2: ["O"]}, params,
+                         X, phi, lam=0.0, mu=0.5, lr=1.0, recursion="mean")
+    opt = nnbridge.GTDDP(model, curvature="exact", value_hessian="full",
+                         regularization=0.5, value_psd=False)
     opt.step(closure_for(opt, model, X, y))
     for k in params:
         scale = float((want[k] - params[k]).abs().max())
         assert float((_flat(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
+
+
+def test_tying_the_first_and_last_layer_warns_that_nothing_is_left_to_feed_back():
+    class FirstLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.m = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(torch.tanh(self.m(torch.tanh(self.a(x)))))
+
+    with pytest.warns(UserWarning, match="into one: GT-DDP's step has no feedback"):
+        g = nnbridge.graph_stages(FirstLast())
+    assert [s.calls for s in g.stages] == [[2, 1]]
 
 
 def test_ekfac_takes_every_call_of_a_shared_layer():
