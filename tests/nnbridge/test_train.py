@@ -91,7 +91,8 @@ def test_resumed_run_continues_identically(opt, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--dataset", "mnist"], "invalid choice"),
+    (["--dataset", "svhn"], "invalid choice"),
+    (["--dataset", "mnist", "--data-root", "/nonexistent"], "nothing is downloaded"),
     (["--optimizer", "adam,lbfgs"], "unknown optimizer 'lbfgs'"),
     (["--lr", "-0.1"], "learning rate must be >= 0"),
     (["--epochs", "0"], "must be > 0"),
