@@ -249,7 +249,9 @@ def main(argv=None) -> int:
                                lr=sel["chosen"][m], seed=s, epochs=st["epochs"],
                                batch_size=st["batch_size"])
                           for m in METHODS for s in range(1 if a.smoke else SEEDS)])
-        raw[ds] = {"selection": sel, "runs": res}
+        raw[ds] = {"selection": sel, "runs": [
+            {**r, "history": {k: r["history"][k] for k in ("epoch_step", "test_accuracy")}}
+            for r in res]}
         curves[ds] = res
         sections.append(_classifier_section(ds, sel, res))
         print(f"{ds}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
