@@ -29,6 +29,7 @@ cumulative losses :math:`\tilde L`.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -135,6 +136,13 @@ class EXP3PP:
         self.alpha, self.beta = float(state["alpha"]), float(state["beta"])
 
 
+def _value(loss) -> float:
+    if loss is None:
+        raise TypeError("AlignmentBandit: the closure must return the loss (the bandit "
+                        "measures each step by it)")
+    return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+
+
 class AlignmentBandit(torch.optim.Optimizer):
     """GT-DDP whose alignment an EXP3++ bandit chooses at every step (module docstring).
 
@@ -178,8 +186,8 @@ class AlignmentBandit(torch.optim.Optimizer):
             o.param_groups = first.param_groups
             o.state = first.state
         self.bandit = EXP3PP(len(arms), seed=seed)
-        #: per step: (arm, loss before, loss after)
-        self.history: list[tuple[int, float, float]] = []
+        #: the last 1000 steps: (arm, loss before, loss after)
+        self.history: deque[tuple[int, float, float]] = deque(maxlen=1000)
         super().__init__(first.param_groups, first.defaults)
         self.param_groups = first.param_groups
         self.state = first.state
@@ -203,7 +211,7 @@ class AlignmentBandit(torch.optim.Optimizer):
         with torch.no_grad():
             for b, v in zip(self.model.buffers(), saved):
                 b.copy_(v)
-        b, a = float(before), float(after)
+        b, a = _value(before), _value(after)
         if math.isfinite(b) and math.isfinite(a) and b > 0:
             self.bandit.update(arm, min(1.0, 0.5 * a / b))
         else:

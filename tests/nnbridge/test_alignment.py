@@ -230,6 +230,14 @@ def test_bandit_refuses_what_it_cannot_do():
         nnbridge.AlignmentBandit(ResMLP(), curvature="ekfac")
     with pytest.raises(InvalidArgumentError, match="at least two"):
         nnbridge.AlignmentBandit(ResMLP(), arms=("merge",))
-    opt = nnbridge.AlignmentBandit(ResMLP())
+    model = ResMLP()
+    opt = nnbridge.AlignmentBandit(model)
     with pytest.raises(TypeError, match="closure"):
         opt.step()
+    X, y = data(B=4, shape=(3,))
+
+    def silent():
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+    with pytest.raises(TypeError, match="must return the loss"):
+        opt.step(silent)
