@@ -267,7 +267,6 @@ def _wall_report(out):
     rows = ["| optimizer | ms / step (median over seeds) | test acc % | epochs to "
             f"{100 * TARGET:.0f} % | time to {100 * TARGET:.0f} % (s, steps x ms/step) |",
             "|---|---:|---:|---:|---:|"]
-    summary = {}
     for m in ("ekfac", "ddpnopt-ekfac"):
         rs = [r for r in runs if r["optimizer"] == m]
         ms = statistics.median(r["time_per_step"] for r in rs)
@@ -280,7 +279,6 @@ def _wall_report(out):
         ep = (f"{statistics.fmean(k for k, _ in reached):.1f} ({len(reached)}/{len(rs)})"
               if reached else f"not reached (0/{len(rs)})")
         tt = f"{statistics.fmean(t for _, t in reached):.1f}" if reached else "-"
-        summary[m] = {"ms": 1e3 * ms, "time_to_target": [t for _, t in reached]}
         rows.append(f"| {m} | {1e3 * ms:.1f} | {100 * paper._mean(rs):.2f} | {ep} | {tt} |")
     mrows = ["| batch | EKFAC ms / step | DDPNOpt(EKFAC) ms / step | time ratio | EKFAC peak "
              "MB | DDPNOpt(EKFAC) peak MB | memory overhead |",
@@ -293,7 +291,7 @@ def _wall_report(out):
         mrows.append(f"| {b} | {1e3 * e['time']:.1f} | {1e3 * d['time']:.1f} | "
                      f"{d['time'] / e['time']:.2f}x | {e['mem_mb']:.1f} | {d['mem_mb']:.1f} "
                      f"| {over} |")
-    return "\n".join(rows), "\n".join(mrows), summary
+    return "\n".join(rows), "\n".join(mrows)
 
 
 def main(argv=None) -> int:
@@ -326,7 +324,7 @@ def main(argv=None) -> int:
         print(f"lr: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "wallclock" in parts:
         raw["wallclock"] = wallclock(runner, a.smoke)
-        text["wallclock"], text["memory"], _ = _wall_report(raw["wallclock"])
+        text["wallclock"], text["memory"] = _wall_report(raw["wallclock"])
         print(f"wallclock: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "alignment" in parts:
         raw["alignment"] = alignment(runner, a.smoke)

@@ -78,6 +78,7 @@ class EXP3PP:
         self.total = torch.zeros(arms, dtype=torch.float64)     # sum of observed losses
         self.pulls = torch.zeros(arms, dtype=torch.float64)
         self._gen = torch.Generator().manual_seed(seed)
+        self._last: torch.Tensor | None = None   # the distribution of the pending draw
 
     def probabilities(self) -> torch.Tensor:
         """:math:`p_{t+1}`, the distribution of the next draw (K,)."""
@@ -111,7 +112,7 @@ class EXP3PP:
             raise InvalidArgumentError(f"arm must be an integer in [0, {self.K}); got {arm!r}")
         if not (0.0 <= loss <= 1.0):
             raise InvalidArgumentError(f"loss must be in [0, 1]; got {loss!r}")
-        p = getattr(self, "_last", None)
+        p = self._last
         if p is None:
             raise RuntimeError("EXP3PP.update without a draw: call draw() first")
         self.weighted[arm] += loss / float(p[arm])

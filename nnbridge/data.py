@@ -111,7 +111,6 @@ def load(name: str, split: str = "full", root: str | None = None) -> Dataset:
     elif name in IMAGE_DATASETS:
         Xtr, ytr, Xte, yte = read_images(name, root)
         Xtr, Xte = Xtr.astype(np.float64), Xte.astype(np.float64)
-        y = ytr
     else:
         import sklearn.datasets as skd
 

@@ -11,7 +11,7 @@ import nnbridge
 from nnbridge.models import resnet
 from tests.nnbridge.conftest import closure_for, data
 from tests.nnbridge.test_gtddp import Inception, ResMLP
-from tests.reference.shared_unrolled import unrolled_step
+from tests.reference.shared_unrolled import affine, cross_entropy, flat_control, unrolled_step
 from trajopt.errors import InvalidArgumentError
 
 
@@ -54,9 +54,6 @@ def test_per_layer_alignment_and_bad_alignments_are_named():
 
 
 # ------------------------------------------------------------------ the step
-def _flat(lin):
-    return torch.cat([lin.weight, lin.bias[:, None]], 1).reshape(-1).detach().clone()
-
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_split_step_is_ddp_with_the_shortcut_decided_at_the_split(B):
@@ -67,26 +64,21 @@ def test_split_step_is_ddp_with_the_shortcut_decided_at_the_split(B):
     model = ResMLP()
     lam, mu, lr = 0.05, 0.3, 0.8
 
-    def lin(theta, x, n_out):
-        M = theta.reshape(n_out, -1)
-        return M[:, :-1] @ x + M[:, -1]
-
-    fs = [lambda x, th: torch.tanh(lin(th["l0"], x, 4)),
-          lambda x, th: torch.cat([torch.tanh(lin(th["l1"], x, 4)), x]),        # [x2, x1]
-          lambda z, th: torch.cat([torch.tanh(lin(th["l2"], z[:4], 4)) + z[4:],
-                                   lin(th["p"], z[:4], 3)]),                    # [x3, P x2]
-          lambda z, th: lin(th["l3"], z[:4], 3) + z[4:]]
+    fs = [lambda x, th: torch.tanh(affine(th["l0"], x, 4)),
+          lambda x, th: torch.cat([torch.tanh(affine(th["l1"], x, 4)), x]),        # [x2, x1]
+          lambda z, th: torch.cat([torch.tanh(affine(th["l2"], z[:4], 4)) + z[4:],
+                                   affine(th["p"], z[:4], 3)]),                    # [x3, P x2]
+          lambda z, th: affine(th["l3"], z[:4], 3) + z[4:]]
     uses = [["l0"], ["l1"], ["l2", "p"], ["l3"]]
-    params = {k: _flat(getattr(model, k)) for k in ("l0", "l1", "l2", "l3", "p")}
+    params = {k: flat_control(getattr(model, k)) for k in ("l0", "l1", "l2", "l3", "p")}
 
-    def phi(xT, i):
-        return F.cross_entropy(xT[None], y[i:i + 1])
+    phi = cross_entropy(y)
 
     want = unrolled_step(fs, uses, {0: ["l0"], 1: ["l1"], 2: ["l2", "p"], 3: ["l3"]},
                          params, X, phi, lam=lam, mu=mu, lr=lr, recursion="mean")
     fs_merge = fs[:2] + [
-        lambda z, th: torch.cat([torch.tanh(lin(th["l2"], z[:4], 4)) + z[4:], z[:4]]),
-        lambda z, th: lin(th["l3"], z[:4], 3) + lin(th["p"], z[4:], 3)]   # [x3, x2]
+        lambda z, th: torch.cat([torch.tanh(affine(th["l2"], z[:4], 4)) + z[4:], z[:4]]),
+        lambda z, th: affine(th["l3"], z[:4], 3) + affine(th["p"], z[4:], 3)]   # [x3, x2]
     merge = unrolled_step(fs_merge, [["l0"], ["l1"], ["l2"], ["l3", "p"]],
                           {0: ["l0"], 1: ["l1"], 2: ["l2"], 3: ["l3", "p"]},
                           params, X, phi, lam=lam, mu=mu, lr=lr, recursion="mean")
@@ -96,7 +88,7 @@ def test_split_step_is_ddp_with_the_shortcut_decided_at_the_split(B):
     opt.step(closure_for(opt, model, X, y))
     for k in params:
         scale = float((want[k] - params[k]).abs().max())
-        assert float((_flat(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
+        assert float((flat_control(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
 
 
 # ------------------------------------------------------------------ EXP3++

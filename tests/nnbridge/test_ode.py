@@ -9,7 +9,7 @@ from torch import nn
 
 import nnbridge
 from tests.nnbridge.conftest import closure_for, data
-from tests.reference.shared_unrolled import unrolled_step
+from tests.reference.shared_unrolled import affine, cross_entropy, flat_control, unrolled_step
 from trajopt.errors import InvalidArgumentError
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
@@ -160,31 +160,24 @@ def test_len_of_a_traced_tensor_is_its_batch_size():
 
 
 # ------------------------------------------------------------------ the step
-def _flat(lin):
-    return torch.cat([lin.weight, lin.bias[:, None]], 1).reshape(-1).detach().clone()
-
 
 def _unrolled(model, steps):
     """ODENet (Euler) written out as one stage per layer call, the residual x_k carried
     through the stage that computes z_k = tanh(a([x_k, t_k]))."""
     h = 1.0 / steps
 
-    def lin(theta, x, n_out):
-        M = theta.reshape(n_out, -1)
-        return M[:, :-1] @ x + M[:, -1]
-
-    fs = [lambda x, th: torch.tanh(lin(th["inp"], x, 4))]
+    fs = [lambda x, th: torch.tanh(affine(th["inp"], x, 4))]
     uses = [["inp"]]
     for k in range(steps):
         t = k * h
         fs.append(lambda x, th, t=t: torch.cat(
-            [x, torch.tanh(lin(th["a"], torch.cat([x, x.new_full((1,), t)]), 5))]))
-        fs.append(lambda y, th: y[:4] + h * lin(th["b"], y[4:], 4))
+            [x, torch.tanh(affine(th["a"], torch.cat([x, x.new_full((1,), t)]), 5))]))
+        fs.append(lambda y, th: y[:4] + h * affine(th["b"], y[4:], 4))
         uses += [["a"], ["b"]]
-    fs.append(lambda x, th: lin(th["out"], x, 3))
+    fs.append(lambda x, th: affine(th["out"], x, 3))
     uses.append(["out"])
-    params = {"inp": _flat(model.inp), "a": _flat(model.ode.func.a),
-              "b": _flat(model.ode.func.b), "out": _flat(model.out)}
+    params = {"inp": flat_control(model.inp), "a": flat_control(model.ode.func.a),
+              "b": flat_control(model.ode.func.b), "out": flat_control(model.out)}
     return fs, uses, params
 
 
@@ -200,8 +193,7 @@ def test_exact_step_is_ddp_on_the_unrolled_ocp(B, recursion):
     fs, uses, params = _unrolled(model, steps)
     T = len(fs)
 
-    def phi(xT, i):
-        return F.cross_entropy(xT[None], y[i:i + 1])
+    phi = cross_entropy(y)
 
     want = unrolled_step(fs, uses, {0: ["inp"], 1: ["a", "b"], T - 1: ["out"]}, params, X,
                          phi, lam=lam, mu=mu, lr=lr, recursion=recursion)
@@ -209,8 +201,8 @@ def test_exact_step_is_ddp_on_the_unrolled_ocp(B, recursion):
                          regularization=mu, lr=lr, value_psd=False,
                          value_recursion=recursion)
     opt.step(closure_for(opt, model, X, y))
-    got = {"inp": _flat(model.inp), "a": _flat(model.ode.func.a),
-           "b": _flat(model.ode.func.b), "out": _flat(model.out)}
+    got = {"inp": flat_control(model.inp), "a": flat_control(model.ode.func.a),
+           "b": flat_control(model.ode.func.b), "out": flat_control(model.out)}
     for k in params:
         scale = float((want[k] - params[k]).abs().max())
         assert float((got[k] - want[k]).abs().max()) < 1e-10 * scale, k
@@ -227,8 +219,7 @@ def test_deciding_each_parameter_at_its_first_use_is_another_step():
     fs, uses, params = _unrolled(model, steps)
     T = len(fs)
 
-    def phi(xT, i):
-        return F.cross_entropy(xT[None], y[i:i + 1])
+    phi = cross_entropy(y)
 
     joint = unrolled_step(fs, uses, {0: ["inp"], 1: ["a", "b"], T - 1: ["out"]}, params,
                           X, phi, lam=0.05, mu=0.3, lr=0.7)
@@ -252,17 +243,12 @@ def test_tied_weights_step_is_ddp_on_the_unrolled_ocp():
     model = Tied()
     X, y = data(B=2, shape=(4,))
 
-    def lin(theta, x, n_out):
-        M = theta.reshape(n_out, -1)
-        return M[:, :-1] @ x + M[:, -1]
+    fs = [lambda x, th: torch.tanh(affine(th["a"], x, 4)),
+          lambda x, th: torch.tanh(affine(th["a"], x, 4)),
+          lambda x, th: affine(th["b"], x, 3)]
+    params = {"a": flat_control(model.a), "b": flat_control(model.b)}
 
-    fs = [lambda x, th: torch.tanh(lin(th["a"], x, 4)),
-          lambda x, th: torch.tanh(lin(th["a"], x, 4)),
-          lambda x, th: lin(th["b"], x, 3)]
-    params = {"a": _flat(model.a), "b": _flat(model.b)}
-
-    def phi(xT, i):
-        return F.cross_entropy(xT[None], y[i:i + 1])
+    phi = cross_entropy(y)
 
     want = unrolled_step(fs, [["a"], ["a"], ["b"]], {0: ["a"], 2: ["b"]}, params, X, phi,
                          lam=0.0, mu=0.2, lr=1.0, recursion="mean")
@@ -271,7 +257,7 @@ def test_tied_weights_step_is_ddp_on_the_unrolled_ocp():
     opt.step(closure_for(opt, model, X, y))
     for k, m in (("a", model.a), ("b", model.b)):
         scale = float((want[k] - params[k]).abs().max())
-        assert float((_flat(m) - want[k]).abs().max()) < 1e-10 * scale, k
+        assert float((flat_control(m) - want[k]).abs().max()) < 1e-10 * scale, k
 
 
 def test_first_layer_called_off_the_chain_first():
@@ -295,17 +281,12 @@ def test_first_layer_called_off_the_chain_first():
     X, y = data(B=2, shape=(3,), classes=2)
     X = 2 * X
 
-    def lin(theta, x, n_out):
-        M = theta.reshape(n_out, -1)
-        return M[:, :-1] @ x + M[:, -1]
+    fs = [lambda x, th: torch.cat([torch.tanh(affine(th["S"], x, 3)), x]),
+          lambda z, th: torch.cat([torch.tanh(affine(th["M"], z[:3], 3)), z[3:]]),
+          lambda z, th: affine(th["O"], z[:3] + affine(th["S"], torch.tanh(z[3:]), 3), 2)]
+    params = {k: flat_control(getattr(model, k)) for k in ("S", "M", "O")}
 
-    fs = [lambda x, th: torch.cat([torch.tanh(lin(th["S"], x, 3)), x]),
-          lambda z, th: torch.cat([torch.tanh(lin(th["M"], z[:3], 3)), z[3:]]),
-          lambda z, th: lin(th["O"], z[:3] + lin(th["S"], torch.tanh(z[3:]), 3), 2)]
-    params = {k: _flat(getattr(model, k)) for k in ("S", "M", "O")}
-
-    def phi(xT, i):
-        return F.cross_entropy(xT[None], y[i:i + 1])
+    phi = cross_entropy(y)
 
     assert [s.calls for s in nnbridge.graph_stages(model).stages] == [[2, 1], [1]]
     want = unrolled_step(fs, [["S"], ["M"], ["O", "S"]], {0: ["S", "M"], 2: ["O"]}, params,
@@ -315,7 +296,7 @@ def test_first_layer_called_off_the_chain_first():
     opt.step(closure_for(opt, model, X, y))
     for k in params:
         scale = float((want[k] - params[k]).abs().max())
-        assert float((_flat(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
+        assert float((flat_control(getattr(model, k)) - want[k]).abs().max()) < 1e-10 * scale, k
 
 
 def test_tying_the_first_and_last_layer_warns_that_nothing_is_left_to_feed_back():

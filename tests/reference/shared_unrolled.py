@@ -27,7 +27,27 @@ gradient and Hessian of the per-sample loss.  Nothing is shared with nnbridge.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch.func import grad, hessian, jacrev
+
+
+def flat_control(layer) -> torch.Tensor:
+    """A Linear layer's parameters as the flat control ``[W | b]`` (row-major), detached."""
+    return torch.cat([layer.weight, layer.bias[:, None]], 1).reshape(-1).detach().clone()
+
+
+def affine(theta: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``W x + b`` for the flat control ``theta = [W | b]`` of :func:`flat_control`, one
+    sample."""
+    M = theta.reshape(n_out, -1)
+    return M[:, :-1] @ x + M[:, -1]
+
+
+def cross_entropy(y: torch.Tensor):
+    """``phi(x_T, i)``: the cross-entropy of sample i's logits against ``y[i]``."""
+    def phi(xT, i):
+        return F.cross_entropy(xT[None], y[i:i + 1])
+    return phi
 
 
 def unrolled_step(fs, uses, decide, params, x0, phi, *, lam=0.0, mu=0.0, lr=1.0,
