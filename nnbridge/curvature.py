@@ -418,6 +418,9 @@ class NetworkResponse:
         h = self.lin.gu(self.pre.value_inverse(G))
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)
 
+    def apply_total(self, G: torch.Tensor) -> torch.Tensor:
+        return self.apply_control(G if self.wdU is None else G + self.wdU)
+
 
 @dataclass
 class NoControl:
@@ -437,3 +440,5 @@ class NoControl:
 
     def apply_control(self, G: torch.Tensor) -> torch.Tensor:
         return self.lin.x_next.new_zeros(self.lin.B, self.lin.n1)
+
+    apply_total = apply_control

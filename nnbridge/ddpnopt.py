@@ -520,15 +520,20 @@ class DDPNOpt(torch.optim.Optimizer):
             st = self._stages[t]
             hp, state, step = self._hp(st, group)
             x_next = rec.inputs[t + 1] if t < T - 1 else rec.output
-            lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean)
+            # what the loop did to p.grad after the backward pass (a penalty's gradient,
+            # clipping, hooks) is a running cost l(u): its gradient joins weight decay's.
+            # With the "mean" recursion only E[Q_u] = E[f_u' V_x'] + l_u enters the step,
+            # so the gradient the backward pass sent (h, recorded) is left out of both
+            # (StageLinearization.value_gradient): l_u + sent = p.grad, one product
+            h = rec.h_grads[t]
+            fused = h is not None and not frozen[t] and hp["value_recursion"] == "mean"
+            lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean,
+                                     sent=h * mean.local if fused else None)
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
-            # what the loop did to p.grad after the backward pass (a penalty's gradient,
-            # clipping, hooks) is a running cost l(u): its gradient joins weight decay's
-            h = rec.h_grads[t]
             lu = None if frozen[t] else self._running_cost_gradient(
-                st, U, None if h is None else lin.control_gradient(h), hp, mean)
+                st, U, None if h is None or fused else lin.control_gradient(h), hp, mean)
 
             def make(Qu, val, lin=lin, hp=hp, state=state, step=step, tik=tik,
                      rec_t=rec_t, lu=lu):

@@ -146,6 +146,8 @@ class GraphLinearization:
         return [None if w is None else self.mean(outer_sum(w[:, 0], X))
                 for w, X in zip(self.factors(Y.unsqueeze(1)), self.X)]
 
+    value_gradient = fu_T_mean
+
     def control_gradient(self, j: int, h_grad: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_i g^i \\tilde x_j^{i\\top}` for player j's pre-activation
         cotangents (a sum over the local samples)."""
@@ -285,6 +287,12 @@ class GraphResponse:
 
     def response_const(self) -> torch.Tensor | None:
         return None if self.lu is None else self.apply_control(self.lu)
+
+    def apply_total(self, G: Controls) -> torch.Tensor:
+        if self.lu is None:
+            return self.apply_control(G)
+        return self.apply_control([g if lu is None else lu if g is None else g + lu
+                                   for g, lu in zip(G, self.lu)])
 
     def apply_control(self, G: Controls) -> torch.Tensor:
         S = self.pre.value_inverse(G)

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from torch import nn
 
 import nnbridge
-from nnbridge.stages import StageLinearization
+from nnbridge.stages import StageLinearization, make_stage
 
+from .._hypothesis import examples
 from .conftest import cnn, data, mlp
 
 
@@ -70,3 +73,51 @@ def test_capture_with_inplace_relu():
         torch.testing.assert_close(got, h.grad, rtol=1e-13, atol=1e-15)
     assert all(len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0
                for m in model.modules())
+
+
+def _unfold_reference(st, x):
+    """F.unfold of the padded input with the row of ones, plainly."""
+    g = st.conv
+    X = nn.functional.unfold(g.input(x), g.kernel, dilation=g.dilation, padding=g.inner,
+                             stride=g.stride)
+    if st.groups != 1:
+        X = X.reshape(X.shape[0], st.groups, -1, X.shape[-1])
+    if st.has_bias:
+        X = torch.cat([X, X.new_ones(*X.shape[:-2], 1, X.shape[-1])], -2)
+    return X
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(one_d=hst.booleans(), groups=hst.sampled_from([1, 2]), k=hst.integers(1, 3),
+       stride=hst.integers(1, 2), dilation=hst.integers(1, 2), bias=hst.booleans(),
+       padding=hst.sampled_from([0, 1, "same"]),
+       mode=hst.sampled_from(["zeros", "reflect", "circular"]), size=hst.integers(5, 8))
+def test_conv_unfold_and_weight_gradient(one_d, groups, k, stride, dilation, bias, padding,
+                                         mode, size):
+    """The strided unfold equals F.unfold (bitwise); a convolution's control gradient
+    (its weight gradient by convolution_backward) equals the sum of the factored
+    per-sample cotangents w x~' over the unfolded input; value_gradient leaves out
+    exactly the control gradient of the cotangents the caller already holds."""
+    if padding == "same" and stride > 1:
+        stride = 1
+    cls = nn.Conv1d if one_d else nn.Conv2d
+    torch.manual_seed(0)
+    m = cls(4, 6, k, stride=stride, dilation=dilation, padding=padding, groups=groups,
+            bias=bias, padding_mode=mode).double()
+    st = make_stage(0, m, (nn.Tanh(),))
+    shape = (3, 4, size) if one_d else (3, 4, size, size + 1)
+    x = torch.randn(*shape, dtype=torch.float64)
+    X = st.unfold(x)
+    assert torch.equal(X, _unfold_reference(st, x))
+    h = torch.randn(3, *m(x).shape[1:], dtype=torch.float64)
+    w = st.factor_view(h)
+    lead = "bop,bip->oi" if groups == 1 else "bgop,bgip->goi"
+    lin = StageLinearization(st, x)
+    torch.testing.assert_close(lin.control_gradient(h), torch.einsum(lead, w, X),
+                               rtol=1e-12, atol=1e-12)
+    Y = torch.randn(3, lin.n1, dtype=torch.float64)
+    sent = 0.3 * h
+    lin_s = StageLinearization(st, x, sent=sent)
+    torch.testing.assert_close(lin_s.value_gradient(Y),
+                               lin.fu_T_mean(Y) - lin.control_gradient(sent) / 3,
+                               rtol=1e-12, atol=1e-12)

@@ -91,6 +91,9 @@ class JointStage:
     def fu_T_mean(self, Y):
         return self.stage.fu_T_mean(Y.reshape(self.B, -1))
 
+    def value_gradient(self, Y):
+        return self.stage.value_gradient(Y.reshape(self.B, -1))
+
 
 @dataclass(frozen=True)
 class JointResponse:
@@ -110,6 +113,9 @@ class JointResponse:
 
     def apply_control(self, G):
         return self.response_.apply_control(G).reshape(1, -1)
+
+    def apply_total(self, G):
+        return self.response_.apply_total(G).reshape(1, -1)
 
 
 @dataclass(frozen=True)

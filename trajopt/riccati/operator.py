@@ -77,6 +77,14 @@ class OperatorStage(Protocol):
         """Batch mean :math:`\\frac1B \\sum_i f_u^{i\\top} Y^i` for Y (B, n1); the control's
         own type (a matrix, a tensor shaped like the weights)."""
 
+    def value_gradient(self, Vx: torch.Tensor) -> Any:
+        """The part of :math:`\\mathbb{E}[Q_u] = \\mathbb{E}[f_u^\\top V_x'] + l_u` the step
+        computes: ``fu_T_mean(Vx)``, or ``fu_T_mean(Vx) - s`` for a gradient ``s`` the
+        caller already holds and adds to :math:`l_u` instead (a network's own
+        back-propagated gradient: only the difference is multiplied, one product
+        instead of two).  The step uses it only in the sum with :math:`l_u` under
+        ``recursion="mean"``; under ``"per_sample"`` it must be ``fu_T_mean(Vx)``."""
+
 
 class ControlResponse(Protocol):
     """How the shared curvature acts on the next state (the Q_uu plug point)."""
@@ -90,6 +98,10 @@ class ControlResponse(Protocol):
     def apply_control(self, G: Any) -> torch.Tensor:
         """:math:`f_u^i S G` for one control-shaped G shared by the samples, (B, n1)."""
 
+    def apply_total(self, G: Any) -> torch.Tensor:
+        """:math:`f_u^i S (G + l_u)`, (B, n1): ``apply_control(G) + response_const()`` in
+        one application."""
+
     # optional, for the batch-augmented form (:mod:`trajopt.riccati.joint`):
     # response_shared(Y): f_u^i S sum_k f_u^k' Y^k, (B, J, n1) -> (B, J, n1)
 
@@ -101,8 +113,9 @@ class OperatorStep:
     Attributes
     ----------
     Qu : control-shaped
-        Batch mean :math:`\\mathbb{E}_i f_u^{i\\top} V_x'^{\\,i}` (add :math:`l_u` for
-        :math:`\\mathbb{E}[Q_u]`).
+        ``stage.value_gradient(V_x')``: the batch mean :math:`\\mathbb{E}_i f_u^{i\\top}
+        V_x'^{\\,i}` (add :math:`l_u` for :math:`\\mathbb{E}[Q_u]`), less what the stage's
+        caller moved into :math:`l_u`.
     value : DenseValue, RankOneValue, RankRValue or None
         Value derivatives at this stage (None when not propagated).
     stage, next_value, tikhonov
@@ -178,7 +191,7 @@ def operator_riccati_step(
         raise InvalidArgumentError(f"batch_size must be a positive integer; got "
                                    f"{batch_size!r}")
     Vx1 = value.Vx
-    Qu = stage.fu_T_mean(Vx1)                          # 1. expansion (operators)
+    Qu = stage.value_gradient(Vx1)                     # 1. expansion (operators)
     resp = curvature(Qu, value)                        # 2. the Q_uu plug
     if not propagate:
         return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
@@ -188,15 +201,15 @@ def operator_riccati_step(
     D = value.directions(tikhonov)
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
-        r = resp.apply_control(Qu)
+        r = resp.apply_total(Qu)
         MD = resp.response(D)
     else:
         w = 1.0
         R = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
         r, MD = R[:, 0], R[:, 1:]
-    const = resp.response_const()
-    if const is not None:
-        r = r + const
+        const = resp.response_const()
+        if const is not None:
+            r = r + const
     g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
     new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov)
@@ -219,6 +232,8 @@ class DenseOperatorStage:
 
     def fu_T_mean(self, Y):
         return (Y.unsqueeze(-2) @ self.Bu).squeeze(-2).mean(0)
+
+    value_gradient = fu_T_mean
 
 
 @dataclass(frozen=True)
@@ -259,3 +274,6 @@ class DenseResponse:
 
     def apply_control(self, G):
         return self.stage.Bu @ (self._S() @ G)
+
+    def apply_total(self, G):
+        return self.apply_control(G if self.lu is None else G + self.lu)
