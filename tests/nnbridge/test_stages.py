@@ -8,8 +8,8 @@ from torch import nn
 
 import nnbridge
 from nnbridge.stages import StageLinearization, make_stage
+from tests._hypothesis import examples
 
-from .._hypothesis import examples
 from .conftest import cnn, data, mlp
 
 

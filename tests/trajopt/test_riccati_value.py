@@ -1,6 +1,8 @@
 """The kernel's value-Hessian plug: the rank-r representation Z C Z' against the dense one
 and against the rank-one form (float64), through the operator-form step."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -206,3 +208,28 @@ def test_psd_projection_retries_when_the_eigensolver_returns_nan(monkeypatch):
     got, want = _psd_under(monkeypatch, silent, size=(2, 5, 5))
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n0=st.integers(1, 5),
+       n1=st.integers(1, 5), n2=st.integers(1, 6), r=st.integers(1, 4),
+       m=st.integers(1, 4), psd=st.booleans(), rank_one=st.booleans())
+def test_feedback_from_the_pulled_directions(seed, B, n0, n1, n2, r, m, psd, rank_one):
+    """The feedback of a factored value read off the pull-back (its directions' f_x'
+    product, times R where the PSD projection replaced Z by Q = Z R^-1) equals the
+    feedback through f_x, for a signed core and with the projection on and off."""
+    stages, Vx, P, lu, g = _chain(seed, B, [n0, n1, n2], m)
+    if rank_one:
+        value = RankOneValue(Vx, torch.randn(B, generator=g, dtype=DT),
+                             torch.randn(B, n2, generator=g, dtype=DT))
+    else:
+        S = torch.randn(B, r, r, generator=g, dtype=DT)
+        value = RankRValue(Vx, torch.randn(B, n2, r, generator=g, dtype=DT),
+                           0.5 * (S + S.transpose(-1, -2)))
+    steps = _run(value, stages, P, lu, project_psd=psd, recursion="mean")
+    for step, n in zip(steps, (n1, n0)):
+        assert step.pulled is not None
+        dx = torch.randn(B, n, generator=g, dtype=DT)
+        plain = dataclasses.replace(step, pulled=None)
+        torch.testing.assert_close(step.feedback(dx), plain.feedback(dx), rtol=1e-11,
+                                   atol=1e-11)

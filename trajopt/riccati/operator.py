@@ -120,6 +120,9 @@ class OperatorStep:
         Value derivatives at this stage (None when not propagated).
     stage, next_value, tikhonov
         What :meth:`feedback` needs.
+    pulled : (B, r, n) or None
+        :math:`f_x^\\top` of ``next_value``'s r directions (a factored value), taken by the
+        pull-back anyway: the feedback then needs no :math:`f_x` of its own.
     """
 
     Qu: Any
@@ -127,11 +130,18 @@ class OperatorStep:
     stage: OperatorStage
     next_value: Value
     tikhonov: float
+    pulled: torch.Tensor | None = None
 
     def feedback(self, dX: torch.Tensor) -> Any:
         """Batch mean of :math:`Q_{ux}^i dX^i = f_u^{i\\top} V' f_x dX^i` for dX (B, n); the
-        applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`."""
-        Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
+        applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`.
+        For a factored :math:`V' = Z C Z^\\top` the coordinates :math:`Z^\\top f_x dX =
+        (f_x^\\top Z)^\\top dX` come from :attr:`pulled`."""
+        if self.pulled is not None and not self.tikhonov:
+            a = (self.pulled @ dX.reshape(dX.shape[0], -1, 1)).transpose(-1, -2)
+            Y = self.next_value.hess_from_coords(a)
+        else:
+            Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
         return self.stage.fu_T_mean(Y.squeeze(1))
 
 
@@ -211,8 +221,10 @@ def operator_riccati_step(
         if const is not None:
             r = r + const
     g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
-    new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
-    return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov)
+    core = value.downdate(D, MD, w, project_psd)
+    new = value.pullback(stage.fx_T, g, core)
+    return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
+                        pulled=value.pulled_directions(new, core))
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,10 @@ class DenseValue:
         eye = torch.eye(n, dtype=self.Vx.dtype, device=self.Vx.device)
         return self.hess_apply(eye.expand(self.Vx.shape[0], n, n), tikhonov)
 
+    def pulled_directions(self, new: DenseValue, core) -> None:
+        """None: a dense value has no few directions (the feedback applies f_x)."""
+        return None
+
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
                  project_psd: bool) -> torch.Tensor:
         """:math:`W = V - w V M V` from ``D = V`` and ``MD`` its responses (rows)."""
@@ -143,6 +147,15 @@ class RankOneValue:
         """The factor as one row, (B, 1, n)."""
         return self.z.unsqueeze(1)
 
+    def hess_from_coords(self, a: torch.Tensor) -> torch.Tensor:
+        """:math:`V Y` from the coordinates ``a = z' Y`` (B, J, 1) of rows Y: (B, J, n)."""
+        return (self.c[:, None, None] * a) * self.z.unsqueeze(1)
+
+    def pulled_directions(self, new: RankOneValue, core) -> torch.Tensor:
+        """:math:`f_x^\\top z` as a row (B, 1, n), read off the pulled-back value
+        ``new`` (the downdate leaves z as it is)."""
+        return new.z.unsqueeze(1)
+
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
                  project_psd: bool) -> torch.Tensor:
         """The new coefficient :math:`c (1 - w c\\, z^\\top M z)` (B,)."""
@@ -179,21 +192,32 @@ class RankRValue:
 
     def hess_apply(self, Y: torch.Tensor, tikhonov: float = 0.0) -> torch.Tensor:
         """:math:`(Z C Z^\\top + \\epsilon I) Y` for Y (B, J, n): two thin products."""
-        YZ = Y @ self.Z                                  # (B, J, r)
-        if self.C is not None:
-            YZ = YZ @ self.C
-        out = YZ @ self.Z.transpose(-1, -2)
+        out = self.hess_from_coords(Y @ self.Z)        # (B, J, r) coordinates
         return out + tikhonov * Y if tikhonov else out
+
+    def hess_from_coords(self, a: torch.Tensor) -> torch.Tensor:
+        """:math:`V Y` from the coordinates ``a = Y Z`` (B, J, r) of rows Y: (B, J, n)."""
+        if self.C is not None:
+            a = a @ self.C
+        return a @ self.Z.transpose(-1, -2)
+
+    def pulled_directions(self, new: RankRValue, core) -> torch.Tensor:
+        """:math:`(f_x^\\top Z)^\\top` (B, r, n), read off the pulled-back value ``new``:
+        its factor is :math:`f_x^\\top Z`, or :math:`f_x^\\top Q` when the downdate
+        replaced Z by Q = Z R^{-1} (``core``'s third entry R), so times R."""
+        R = core[2]
+        F = new.Z if R is None else new.Z @ R
+        return F.transpose(-1, -2)
 
     def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
         """The factor's columns as rows, (B, r, n)."""
         return self.Z.transpose(-1, -2)
 
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
-                 project_psd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 project_psd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The factor and core of :math:`Z (C - w C (Z^\\top M Z) C) Z^\\top`:
-        ``(Z, C_new)``; with ``project_psd`` its nearest positive semidefinite matrix
-        (the dense projection, eigenvalues clamped at 0) as ``(Q, P(R C_new R'))``,
+        ``(Z, C_new, None)``; with ``project_psd`` its nearest positive semidefinite matrix
+        (the dense projection, eigenvalues clamped at 0) as ``(Q, P(R C_new R'), R)``,
         ``Z = QR`` (Q orthonormal, so clamping the core's eigenvalues clamps the
         matrix's; clamping ``C_new`` itself would give another, larger PSD matrix
         whenever Z is not orthonormal; the QR by :func:`trajopt._linalg.thin_qr`'s rule)."""
@@ -203,15 +227,15 @@ class RankRValue:
         else:
             C = sym(self.C - w * (self.C @ G @ self.C))
         if not project_psd:
-            return self.Z, C
+            return self.Z, C, None
         Q, R = thin_qr(self.Z)
-        return Q, _psd(R @ C @ R.transpose(-1, -2))
+        return Q, _psd(R @ C @ R.transpose(-1, -2)), R
 
     def pullback(self, fx_T: Pullback, g: torch.Tensor,
-                 core: tuple[torch.Tensor, torch.Tensor]) -> RankRValue:
-        """``RankRValue(f_x' g, f_x' Z, C)`` for ``core = (Z, C)`` from :meth:`downdate`:
+                 core: tuple) -> RankRValue:
+        """``RankRValue(f_x' g, f_x' Z, C)`` for ``core = (Z, C, R)`` from :meth:`downdate`:
         one operator call for the r + 1 rows."""
-        Z, C = core
+        Z, C = core[:2]
         FY = fx_T(torch.cat([g.unsqueeze(1), Z.transpose(-1, -2)], 1))
         return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
 
