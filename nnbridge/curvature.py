@@ -37,7 +37,8 @@ from trajopt.riccati.solvers import cholesky_factor
 from .stages import outer_sum_rows, spread
 
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
-           "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse", "NoControl"]
+           "Adam", "EKFAC", "Exact", "CURVATURES", "NetworkResponse", "NoControl",
+           "response_gram"]
 
 State = dict[str, Any]
 
@@ -128,6 +129,26 @@ class Preconditioner:
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
         return torch.einsum("bj...oi,b...ip->bj...op", self.value_inverse(G), X)
 
+    def gram(self, w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """:math:`\\langle w_j^i \\tilde x^{i\\top}, S(w_k^i \\tilde x^{i\\top})\\rangle`
+        (B, J, J) for w (B, J, out, P): what a factored value's downdate needs of the
+        response, without mapping :meth:`per_sample` back to positions."""
+        if X.shape[-1] == 1 and X.dim() == 3:  # Linear: rank-one per-sample cotangents
+            a, x = w[..., 0], X[..., 0]
+            if not torch.is_tensor(self.D):
+                return (self.D * (x * x).sum(-1))[:, None, None] * (a @ a.transpose(-1, -2))
+            if self.rot is not None:
+                a, x = a @ self.rot[0], x @ self.rot[1]
+            e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
+            return (a * e.unsqueeze(1)) @ a.transpose(-1, -2)
+        if not torch.is_tensor(self.D) and self.rot is None:
+            # S = D I through the P x P Gram matrix of each sample's positions
+            gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
+            t = torch.einsum("bj...op,b...pq->bj...oq", w, gram)
+            return self.D * (t.flatten(2) @ w.flatten(2).transpose(-1, -2))
+        G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
+        return response_gram(G, self.value_inverse(G))
+
 
 @dataclass(frozen=True)
 class DensePreconditioner(Preconditioner):
@@ -164,6 +185,16 @@ class DensePreconditioner(Preconditioner):
     def per_sample(self, w, X):
         G = torch.einsum("bjop,bip->bjoi", w, X)
         return torch.einsum("bjoi,bip->bjop", self.value_inverse(G), X)
+
+    def gram(self, w, X):
+        return response_gram(w, self.per_sample(w, X))
+
+
+def response_gram(w: torch.Tensor, Sw: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix (B, J, J) of J per-sample cotangent factors ``w`` and their
+    responses ``Sw`` (both (B, J, ...) in the same layout): :math:`\\langle w_j, Sw_k
+    \\rangle` per sample."""
+    return w.flatten(2) @ Sw.flatten(2).transpose(-1, -2)
 
 
 def _moment(old: torch.Tensor | None, new: torch.Tensor, keep: float) -> torch.Tensor:
@@ -403,6 +434,11 @@ class NetworkResponse:
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
+
+    def response_gram(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`Y^i M^i Y^{i\\top}` (B, J, J), in control space (no map back to the
+        state: :meth:`Preconditioner.gram`)."""
+        return self.pre.gram(self.lin.factors(Y), self.lin.X)
 
     def response_shared(self, Y: torch.Tensor) -> torch.Tensor:
         r""":math:`f_u^i S \sum_k f_u^{k\top} Y^k` (the batch-augmented form's response,

@@ -29,7 +29,7 @@ import torch
 from trajopt.errors import InvalidArgumentError
 from trajopt.riccati.solvers import cholesky_factor
 
-from .curvature import DensePreconditioner, Preconditioner
+from .curvature import DensePreconditioner, Preconditioner, response_gram
 from .graph import GraphStage
 from .stages import outer_sum, outer_sum_rows, spread
 
@@ -183,6 +183,10 @@ class BlockDiagonal:
         return [None if p is None else p.per_sample(w, X)
                 for p, w, X in zip(self.pres, ws, Xs)]
 
+    def gram(self, ws, Xs) -> torch.Tensor:
+        """Sum over the players of :meth:`~nnbridge.curvature.Preconditioner.gram`."""
+        return sum(p.gram(w, X) for p, w, X in zip(self.pres, ws, Xs) if p is not None)
+
 
 @dataclass(frozen=True)
 class JointDense:
@@ -273,6 +277,17 @@ class GraphResponse:
         if all(w is None for w in ws):
             return torch.zeros_like(Y)
         return self.lin.from_h(self.pre.per_sample(ws, self.lin.X))
+
+    def response_gram(self, Y: torch.Tensor) -> torch.Tensor:
+        """:math:`Y^i M^i Y^{i\\top}` (B, J, J) in control space: the players' factors
+        against their responses, without the map back to the stage's output."""
+        ws = self.lin.factors(Y)
+        if all(w is None for w in ws):
+            return Y.new_zeros(Y.shape[0], Y.shape[1], Y.shape[1])
+        if hasattr(self.pre, "gram"):
+            return self.pre.gram(ws, self.lin.X)
+        ps = self.pre.per_sample(ws, self.lin.X)
+        return sum(response_gram(w, p) for w, p in zip(ws, ps) if w is not None)
 
     def response_shared(self, Y: torch.Tensor) -> torch.Tensor:
         r"""The batch-augmented form's response :math:`F_w^i S \sum_k F_w^{k\top} Y^k`

@@ -104,6 +104,8 @@ class ControlResponse(Protocol):
 
     # optional, for the batch-augmented form (:mod:`trajopt.riccati.joint`):
     # response_shared(Y): f_u^i S sum_k f_u^k' Y^k, (B, J, n1) -> (B, J, n1)
+    # optional, for factored values: response_gram(Y): Y^i M^i Y^i', (B, J, n1) ->
+    # (B, J, J), = <f_u^i' Y^i, S f_u^i' Y^i> in control space (no map back to the state)
 
 
 @dataclass(frozen=True)
@@ -209,10 +211,15 @@ def operator_riccati_step(
     # 3. value: the responses of the value's directions (and, per sample, of V_x'),
     # in one operator call
     D = value.directions(tikhonov)
+    core = None
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
         r = resp.apply_total(Qu)
-        MD = resp.response(D)
+        gram = getattr(resp, "response_gram", None)
+        if gram is not None and hasattr(value, "downdate_gram"):
+            core = value.downdate_gram(gram(D), w, project_psd)
+        else:
+            MD = resp.response(D)
     else:
         w = 1.0
         R = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
@@ -221,7 +228,8 @@ def operator_riccati_step(
         if const is not None:
             r = r + const
     g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
-    core = value.downdate(D, MD, w, project_psd)
+    if core is None:
+        core = value.downdate(D, MD, w, project_psd)
     new = value.pullback(stage.fx_T, g, core)
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
                         pulled=value.pulled_directions(new, core))
@@ -271,6 +279,11 @@ class DenseResponse:
     def response(self, Y):
         Bu = self.stage.Bu
         return (Y @ Bu) @ self._S().transpose(-1, -2) @ Bu.transpose(-1, -2)
+
+    def response_gram(self, Y):
+        """:math:`Y^i M^i Y^{i\\top}` (B, J, J) in control space."""
+        F = Y @ self.stage.Bu                               # (B, J, m): f_u' Y
+        return F @ (F @ self._S().transpose(-1, -2)).transpose(-1, -2)
 
     def response_shared(self, Y):
         r""":math:`f_u^i S \sum_k f_u^{k\top} Y^k` (the joint form's cross-sample

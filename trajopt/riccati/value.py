@@ -6,7 +6,9 @@ value Hessian :math:`V'` (batch of ``B`` samples, next-state size ``n1``):
 * ``hess_apply(Y, eps)``: :math:`(V' + \epsilon I) Y` on rows Y (B, J, n1);
 * ``directions(eps)`` and ``downdate(D, MD, w, project_psd)``: the correction
   :math:`V' - w\, V' M V'` by a policy's response :math:`M` (symmetric, next-state
-  space), computed from the responses ``MD`` of a few rows ``D`` only;
+  space), computed from the responses ``MD`` of a few rows ``D`` only; the factored
+  forms need only the Gram matrix :math:`D M D^\top` (``downdate_gram``), which a
+  response can give without mapping back to the state (``response_gram``);
 * ``pullback(fx_T, g, downdated)``: :math:`f_x^\top (\cdot) f_x` onto this stage.
 
 Three representations implement them:
@@ -159,8 +161,12 @@ class RankOneValue:
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
                  project_psd: bool) -> torch.Tensor:
         """The new coefficient :math:`c (1 - w c\\, z^\\top M z)` (B,)."""
-        beta = w * (D[:, 0] * MD[:, 0]).sum(-1)
-        c = self.c * (1.0 - self.c * beta)
+        return self.downdate_gram((D[:, 0] * MD[:, 0]).sum(-1)[:, None, None], w,
+                                  project_psd)
+
+    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool) -> torch.Tensor:
+        """:meth:`downdate` from :math:`z^\\top M z` (B, 1, 1) alone."""
+        c = self.c * (1.0 - self.c * (w * G[:, 0, 0]))
         return c.clamp(min=0.0) if project_psd else c
 
     def pullback(self, fx_T: Pullback, g: torch.Tensor, c: torch.Tensor) -> RankOneValue:
@@ -221,7 +227,11 @@ class RankRValue:
         ``Z = QR`` (Q orthonormal, so clamping the core's eigenvalues clamps the
         matrix's; clamping ``C_new`` itself would give another, larger PSD matrix
         whenever Z is not orthonormal; the QR by :func:`trajopt._linalg.thin_qr`'s rule)."""
-        G = sym(D @ MD.transpose(-1, -2))                # Z'MZ
+        return self.downdate_gram(D @ MD.transpose(-1, -2), w, project_psd)
+
+    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool) -> tuple:
+        """:meth:`downdate` from :math:`Z^\\top M Z` (B, r, r) alone."""
+        G = sym(G)
         if self.C is None:
             C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
         else:
