@@ -301,7 +301,7 @@ class Adam(Curvature):
     def scale(self, st, hp, step):
         b2 = hp["betas"][1]
         v = st["max_exp_avg_sq"] if hp["amsgrad"] else st["exp_avg_sq"]
-        return hp["lr"] / (v.sqrt() / math.sqrt(1 - b2 ** step) + hp["eps"])
+        return hp["lr"] / (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(hp["eps"])
 
     def direction(self, st, g, hp, step):
         return st["exp_avg"] / (1 - hp["betas"][0] ** step)

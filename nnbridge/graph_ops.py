@@ -51,11 +51,16 @@ class GraphLinearization:
         Per player: its control is optimized (False: frozen, a constant of the stage).
     mean : callable
         Batch mean from a sum over the local samples.
+    sent : list of Tensor or None, optional
+        Per player, pre-activation cotangents whose control gradient the caller already
+        holds (the training loop's backward pass), left out by :meth:`value_gradient`.
     """
 
     def __init__(self, stage: GraphStage, ys: list[torch.Tensor], active: list[bool],
-                 mean: Callable[[torch.Tensor], torch.Tensor]):
+                 mean: Callable[[torch.Tensor], torch.Tensor],
+                 sent: list[torch.Tensor | None] | None = None):
         self.stage = stage
+        self.sent = sent
         self.ys = list(ys)
         self.active = active
         self.mean = mean
@@ -146,7 +151,15 @@ class GraphLinearization:
         return [None if w is None else self.mean(outer_sum(w[:, 0], X))
                 for w, X in zip(self.factors(Y.unsqueeze(1)), self.X)]
 
-    value_gradient = fu_T_mean
+    def value_gradient(self, Vx: torch.Tensor) -> Controls:
+        """``fu_T_mean(Vx)``, less the mean control gradient of each player's
+        :attr:`sent` cotangents (one product of the difference)."""
+        if self.sent is None:
+            return self.fu_T_mean(Vx)
+        return [None if w is None else self.mean(outer_sum(
+            w[:, 0] if s is None else w[:, 0] - p.factor_view(s), X))
+            for w, X, s, p in zip(self.factors(Vx.unsqueeze(1)), self.X, self.sent,
+                                  self.stage.players)]
 
     def control_gradient(self, j: int, h_grad: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_i g^i \\tilde x_j^{i\\top}` for player j's pre-activation

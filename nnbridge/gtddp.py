@@ -215,13 +215,19 @@ class GTDDP(DDPNOpt):
         for t in range(T - 1, -1, -1):
             gs, ids = graph.stages[t], self._ids[t]
             active = [not frozen_[k] for k in ids]
-            lin = GraphLinearization(gs, ys[t], active, mean)
+            # as DDPNOpt's: under the "mean" recursion the gradient the backward pass sent
+            # is left out of Q_u and of l_u alike (GraphLinearization.value_gradient)
+            fused = group["value_recursion"] == "mean"
+            sent = [rec.h_grads[k] * mean.local if fused and a and rec.h_grads[k] is not None
+                    else None for k, a in zip(ids, active)]
+            lin = GraphLinearization(gs, ys[t], active, mean, sent if fused else None)
             lins[t] = lin
             tik = group["tikhonov"] if t < T - 1 else 0.0
             hps = [self._hp(self._stages[k], group) for k in ids]
             lus = [self._running_cost_gradient(
                 self._stages[k], lin.U[j],
-                None if rec.h_grads[k] is None else lin.control_gradient(j, rec.h_grads[k]),
+                None if rec.h_grads[k] is None or sent[j] is not None
+                else lin.control_gradient(j, rec.h_grads[k]),
                 hps[j][0], mean) if active[j] else None for j, k in enumerate(ids)]
             info: dict = {}
             made[t] = info
