@@ -1,10 +1,11 @@
 """DDPNOpt step time and peak memory against the matching torch.optim baselines, one run.
 
-    python benchmarks/bench_ddpnopt.py [--quick] [--threads N] [--fig3]
+    python benchmarks/bench_ddpnopt.py [--quick] [--threads N] [--fig3 | --no-fig3]
 
 * models (float32, CPU, batch 128, cross-entropy on random data): a 6-layer MLP
-  (64 -> 64 x 5 -> 10, tanh) and a CNN with 4 3x3 convolutions (1 -> 16 -> 16 -> 32 -> 32
-  channels on 16 x 16 inputs, ReLU, two stride-2) and 2 linear layers (-> 64 -> 10);
+  (64 -> 64 x 5 -> 10, tanh), the issue's 6 x 256 ReLU MLP (64 -> 256 x 5 -> 10) and a
+  CNN with 4 3x3 convolutions (1 -> 16 -> 16 -> 32 -> 32 channels on 16 x 16 inputs,
+  ReLU, two stride-2) and 2 linear layers (-> 64 -> 10);
 * pairs: SGD vs DDPNOpt(identity), RMSprop vs DDPNOpt(rmsprop), Adam vs DDPNOpt(adam),
   nnbridge.EKFAC vs DDPNOpt(ekfac); DDPNOpt with value_hessian="outer";
 * step time: median of ``--steps`` steps after 3 warm-up steps, each step = the closure
@@ -38,10 +39,12 @@ PAIRS = [("sgd", "identity", 0.05), ("rmsprop", "rmsprop", 1e-3), ("adam", "adam
 
 def build(model_name: str, width: int = 64, depth: int = 6):
     torch.manual_seed(0)
-    if model_name == "mlp":
-        layers = [nn.Linear(64, width), nn.Tanh()]
+    if model_name in ("mlp", "mlp256"):
+        act = nn.Tanh if model_name == "mlp" else nn.ReLU
+        width = 256 if model_name == "mlp256" else width
+        layers = [nn.Linear(64, width), act()]
         for _ in range(depth - 2):
-            layers += [nn.Linear(width, width), nn.Tanh()]
+            layers += [nn.Linear(width, width), act()]
         return nn.Sequential(*layers, nn.Linear(width, 10)), (64,)
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
@@ -90,6 +93,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and batch sizes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fig3", action="store_true", help="only the batch-size sweep")
+    ap.add_argument("--no-fig3", action="store_true", help="only the table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -103,7 +107,7 @@ def main() -> None:
     print("| model | baseline | baseline ms | DDPNOpt ms | time ratio | baseline peak MB "
           "| DDPNOpt peak MB | memory overhead |")
     print("|---|---|---|---|---|---|---|---|")
-    for model_name in ("mlp", "cnn"):
+    for model_name in ("mlp", "mlp256", "cnn"):
         for base, curv, lr in PAIRS:
             common = dict(model=model_name, batch=128, steps=steps, threads=a.threads,
                           curvature=curv, lr=lr)
@@ -114,7 +118,8 @@ def main() -> None:
             print(f"| {model_name} | {base} | {1e3 * b['time']:.2f} | {1e3 * d['time']:.2f} "
                   f"| {d['time'] / b['time']:.2f}x | {mb_b:.1f} | {mb_d:.1f} | "
                   f"{100 * over:+.0f}% |", flush=True)
-    fig3(a.threads, steps, a.quick)
+    if not a.no_fig3:
+        fig3(a.threads, steps, a.quick)
 
 
 def fig3(threads: int, steps: int, quick: bool) -> None:
