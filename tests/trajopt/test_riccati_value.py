@@ -214,7 +214,7 @@ def test_psd_projection_retries_when_the_eigensolver_returns_nan(monkeypatch):
 @given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n0=st.integers(1, 5),
        n1=st.integers(1, 5), n2=st.integers(1, 6), r=st.integers(1, 4),
        m=st.integers(1, 4), psd=st.booleans(), rank_one=st.booleans())
-def test_feedback_from_the_pulled_directions(seed, B, n0, n1, n2, r, m, psd, rank_one):
+def test_feedback_from_the_pulled_back_factor(seed, B, n0, n1, n2, r, m, psd, rank_one):
     """The feedback of a factored value read off the pull-back (its directions' f_x'
     product, times R where the PSD projection replaced Z by Q = Z R^-1) equals the
     feedback through f_x, for a signed core and with the projection on and off."""
@@ -228,8 +228,10 @@ def test_feedback_from_the_pulled_directions(seed, B, n0, n1, n2, r, m, psd, ran
                            0.5 * (S + S.transpose(-1, -2)))
     steps = _run(value, stages, P, lu, project_psd=psd, recursion="mean")
     for step, n in zip(steps, (n1, n0)):
-        assert step.pulled is not None
+        assert step.next_value.factored
+        assert (step.factor_map is not None) == (psd and not rank_one)
         dx = torch.randn(B, n, generator=g, dtype=DT)
-        plain = dataclasses.replace(step, pulled=None)
+        nv = step.next_value          # the same matrix, dense: the feedback through f_x
+        plain = dataclasses.replace(step, next_value=DenseValue(nv.Vx, nv.Vxx))
         torch.testing.assert_close(step.feedback(dx), plain.feedback(dx), rtol=1e-11,
                                    atol=1e-11)

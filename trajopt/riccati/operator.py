@@ -122,9 +122,10 @@ class OperatorStep:
         Value derivatives at this stage (None when not propagated).
     stage, next_value, tikhonov
         What :meth:`feedback` needs.
-    pulled : (B, r, n) or None
-        :math:`f_x^\\top` of ``next_value``'s r directions (a factored value), taken by the
-        pull-back anyway: the feedback then needs no :math:`f_x` of its own.
+    factor_map : (B, r, r) or None
+        For a factored ``next_value`` (:math:`Z C Z^\\top`): ``value``'s factor is
+        :math:`f_x^\\top Z` times the inverse of this (None: the identity), so the
+        feedback needs no :math:`f_x` of its own.
     """
 
     Qu: Any
@@ -132,16 +133,18 @@ class OperatorStep:
     stage: OperatorStage
     next_value: Value
     tikhonov: float
-    pulled: torch.Tensor | None = None
+    factor_map: torch.Tensor | None = None
 
     def feedback(self, dX: torch.Tensor) -> Any:
         """Batch mean of :math:`Q_{ux}^i dX^i = f_u^{i\\top} V' f_x dX^i` for dX (B, n); the
         applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`.
         For a factored :math:`V' = Z C Z^\\top` the coordinates :math:`Z^\\top f_x dX =
-        (f_x^\\top Z)^\\top dX` come from :attr:`pulled`."""
-        if self.pulled is not None and not self.tikhonov:
-            a = (self.pulled @ dX.reshape(dX.shape[0], -1, 1)).transpose(-1, -2)
-            Y = self.next_value.hess_from_coords(a)
+        (f_x^\\top Z)^\\top dX` come from this stage's pulled-back factor (kept anyway)."""
+        if self.value is not None and self.next_value.factored and not self.tikhonov:
+            a = self.value.directions() @ dX.reshape(dX.shape[0], -1, 1)      # (B, r, 1)
+            if self.factor_map is not None:
+                a = self.factor_map.transpose(-1, -2) @ a
+            Y = self.next_value.hess_from_coords(a.transpose(-1, -2))
         else:
             Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
         return self.stage.fu_T_mean(Y.squeeze(1))
@@ -232,7 +235,7 @@ def operator_riccati_step(
         core = value.downdate(D, MD, w, project_psd)
     new = value.pullback(stage.fx_T, g, core)
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
-                        pulled=value.pulled_directions(new, core))
+                        factor_map=value.factor_map(core) if value.factored else None)
 
 
 @dataclass(frozen=True)

@@ -102,9 +102,9 @@ class DenseValue:
         eye = torch.eye(n, dtype=self.Vx.dtype, device=self.Vx.device)
         return self.hess_apply(eye.expand(self.Vx.shape[0], n, n), tikhonov)
 
-    def pulled_directions(self, new: DenseValue, core) -> None:
-        """None: a dense value has no few directions (the feedback applies f_x)."""
-        return None
+    #: no few directions: the feedback pass applies f_x (:class:`~trajopt.riccati.operator.
+    #: OperatorStep`)
+    factored = False
 
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
                  project_psd: bool) -> torch.Tensor:
@@ -153,10 +153,15 @@ class RankOneValue:
         """:math:`V Y` from the coordinates ``a = z' Y`` (B, J, 1) of rows Y: (B, J, n)."""
         return (self.c[:, None, None] * a) * self.z.unsqueeze(1)
 
-    def pulled_directions(self, new: RankOneValue, core) -> torch.Tensor:
-        """:math:`f_x^\\top z` as a row (B, 1, n), read off the pulled-back value
-        ``new`` (the downdate leaves z as it is)."""
-        return new.z.unsqueeze(1)
+    #: the feedback pass reads Z' f_x dX off the pulled-back factor
+    #: (:class:`~trajopt.riccati.operator.OperatorStep`)
+    factored = True
+
+    @staticmethod
+    def factor_map(core) -> None:
+        """None: the pulled-back factor is :math:`f_x^\\top z` itself (the downdate
+        leaves z as it is)."""
+        return None
 
     def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
                  project_psd: bool) -> torch.Tensor:
@@ -207,13 +212,14 @@ class RankRValue:
             a = a @ self.C
         return a @ self.Z.transpose(-1, -2)
 
-    def pulled_directions(self, new: RankRValue, core) -> torch.Tensor:
-        """:math:`(f_x^\\top Z)^\\top` (B, r, n), read off the pulled-back value ``new``:
-        its factor is :math:`f_x^\\top Z`, or :math:`f_x^\\top Q` when the downdate
-        replaced Z by Q = Z R^{-1} (``core``'s third entry R), so times R."""
-        R = core[2]
-        F = new.Z if R is None else new.Z @ R
-        return F.transpose(-1, -2)
+    factored = True
+
+    @staticmethod
+    def factor_map(core) -> torch.Tensor | None:
+        """R (B, r, r) where the downdate replaced Z by :math:`Q = Z R^{-1}` (so
+        :math:`f_x^\\top Z = (f_x^\\top Q) R`, Q's pull-back being the new factor), else
+        None; ``core`` from :meth:`downdate`."""
+        return core[2]
 
     def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
         """The factor's columns as rows, (B, r, n)."""
