@@ -528,7 +528,7 @@ class DDPNOpt(torch.optim.Optimizer):
             h = rec.h_grads[t]
             fused = h is not None and not frozen[t] and hp["value_recursion"] == "mean"
             lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean,
-                                     sent=h * mean.local if fused else None)
+                                     sent=h if fused else None)
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}

@@ -52,8 +52,10 @@ class GraphLinearization:
     mean : callable
         Batch mean from a sum over the local samples.
     sent : list of Tensor or None, optional
-        Per player, pre-activation cotangents whose control gradient the caller already
-        holds (the training loop's backward pass), left out by :meth:`value_gradient`.
+        Per player, the recorded gradient of the batch-mean loss at its pre-activation
+        (the training loop's backward pass): the control gradient of its per-sample
+        cotangents (B times it) is what the caller already holds, left out by
+        :meth:`value_gradient`.
     """
 
     def __init__(self, stage: GraphStage, ys: list[torch.Tensor], active: list[bool],
@@ -157,7 +159,8 @@ class GraphLinearization:
         if self.sent is None:
             return self.fu_T_mean(Vx)
         return [None if w is None else self.mean(outer_sum(
-            w[:, 0] if s is None else w[:, 0] - p.factor_view(s), X))
+            w[:, 0] if s is None else torch.sub(w[:, 0], p.factor_view(s), alpha=self.B),
+            X))
             for w, X, s, p in zip(self.factors(Vx.unsqueeze(1)), self.X, self.sent,
                                   self.stage.players)]
 

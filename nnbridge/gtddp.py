@@ -218,8 +218,7 @@ class GTDDP(DDPNOpt):
             # as DDPNOpt's: under the "mean" recursion the gradient the backward pass sent
             # is left out of Q_u and of l_u alike (GraphLinearization.value_gradient)
             fused = group["value_recursion"] == "mean"
-            sent = [rec.h_grads[k] * mean.local if fused and a and rec.h_grads[k] is not None
-                    else None for k, a in zip(ids, active)]
+            sent = [rec.h_grads[k] if fused and a else None for k, a in zip(ids, active)]
             lin = GraphLinearization(gs, ys[t], active, mean, sent if fused else None)
             lins[t] = lin
             tik = group["tikhonov"] if t < T - 1 else 0.0

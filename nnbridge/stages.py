@@ -319,9 +319,10 @@ class StageLinearization:
                  mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  sent: torch.Tensor | None = None):
         self.stage = stage
-        #: pre-activation cotangents ``(B, *h_shape)`` whose control gradient the caller
-        #: already holds (the training loop's backward pass): :meth:`value_gradient`
-        #: leaves them out
+        #: the recorded gradient ``(B, *h_shape)`` of the batch-mean loss at the
+        #: pre-activation (the training loop's backward pass): the caller already holds
+        #: the control gradient of its per-sample cotangents (B times it), and
+        #: :meth:`value_gradient` leaves them out
         self.sent = sent
         self.x = x
         self.x_shape = tuple(x.shape[1:])
@@ -454,7 +455,7 @@ class StageLinearization:
         of the difference of the cotangents)."""
         if self.sent is None:
             return self.fu_T_mean(Vx)
-        h = self.sigma_T(Vx.unsqueeze(1)).squeeze(1) - self.sent
+        h = torch.sub(self.sigma_T(Vx.unsqueeze(1)).squeeze(1), self.sent, alpha=self.B)
         return self.mean(self.control_gradient(h))
 
     def control_gradient(self, h_grad: torch.Tensor) -> torch.Tensor:

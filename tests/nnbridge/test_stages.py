@@ -119,5 +119,5 @@ def test_conv_unfold_and_weight_gradient(one_d, groups, k, stride, dilation, bia
     sent = 0.3 * h
     lin_s = StageLinearization(st, x, sent=sent)
     torch.testing.assert_close(lin_s.value_gradient(Y),
-                               lin.fu_T_mean(Y) - lin.control_gradient(sent) / 3,
+                               lin.fu_T_mean(Y) - lin.control_gradient(3 * sent) / 3,
                                rtol=1e-12, atol=1e-12)
