@@ -31,7 +31,7 @@ from trajopt.riccati.solvers import cholesky_factor
 
 from .curvature import DensePreconditioner, Preconditioner, response_gram
 from .graph import GraphStage
-from .stages import outer_sum, outer_sum_rows, spread
+from .stages import outer_sum, outer_sum_rows, samplewise, spread
 
 __all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
            "joint_exact"]
@@ -117,6 +117,12 @@ class GraphLinearization:
     def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
         """:math:`F_y^\\top Y`, (B, J, n1) -> (B, J, n)."""
         return self._cat(self._pull(Y)[0])
+
+    @property
+    def samplewise(self) -> bool:
+        """:math:`F_y` acts sample by sample (:func:`nnbridge.stages.samplewise`)."""
+        return samplewise(self.stage, self.stage.modules(), self.fx_T, self.B, self.n1,
+                          self.x_next)
 
     def fx(self, dX: torch.Tensor) -> torch.Tensor:
         """:math:`F_y\\, dY`, (B, n) -> (B, n1)."""

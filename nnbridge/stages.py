@@ -28,7 +28,7 @@ from torch import nn
 from trajopt.errors import UnsupportedModelError
 
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
-           "outer_sum", "is_layer", "is_norm_layer", "make_stage"]
+           "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
@@ -302,6 +302,25 @@ def spread(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return torch.einsum("j...oi,b...ip->bj...op", G, X)
 
 
+def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) -> bool:
+    """Whether a stage's :math:`f_x` acts sample by sample (no batch statistics, nothing
+    that mixes the samples), so that the kernel may read per-sample quantities off
+    per-sample pull-backs (:class:`trajopt.riccati.operator.OperatorStep`).  Decided once
+    per stage and training mode of its ``modules``: one pull-back of a cotangent
+    on sample 0 alone must leave every other sample exactly zero (BatchNorm in training
+    mode, or any function of the batch, does not); cached on ``key_owner``."""
+    if B == 1:
+        return True
+    key = tuple(m.training for m in modules)
+    cache = key_owner.__dict__.setdefault("_samplewise", {})
+    if key not in cache:
+        Y = torch.zeros(B, 1, n1, dtype=like.dtype, device=like.device)
+        Y[0, 0] = torch.linspace(1.0, 2.0, n1, dtype=like.dtype, device=like.device)
+        with torch.no_grad():
+            cache[key] = not bool(fx_T(Y)[1:].any())
+    return cache[key]
+
+
 class StageLinearization:
     """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
     :class:`trajopt.riccati.operator.OperatorStage` on flattened states.
@@ -436,6 +455,12 @@ class StageLinearization:
     # ------------------------------------------------------------- OperatorStage
     def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
         return self._gx_T(self.sigma_T(Y))
+
+    @property
+    def samplewise(self) -> bool:
+        """:math:`f_x` acts sample by sample (:func:`samplewise`)."""
+        return samplewise(self.stage, [self.stage.module, *self.stage.post], self.fx_T,
+                          self.B, self.n1, self.x)
 
     def fx(self, dX: torch.Tensor) -> torch.Tensor:
         dx = dX.reshape(self.B, *self.x_shape)

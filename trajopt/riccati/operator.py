@@ -140,7 +140,8 @@ class OperatorStep:
         applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`.
         For a factored :math:`V' = Z C Z^\\top` the coordinates :math:`Z^\\top f_x dX =
         (f_x^\\top Z)^\\top dX` come from this stage's pulled-back factor (kept anyway)."""
-        if self.value is not None and self.next_value.factored and not self.tikhonov:
+        if (self.value is not None and self.next_value.factored and not self.tikhonov
+                and getattr(self.stage, "samplewise", False)):
             a = self.value.directions() @ dX.reshape(dX.shape[0], -1, 1)      # (B, r, 1)
             if self.factor_map is not None:
                 a = self.factor_map.transpose(-1, -2) @ a
@@ -219,7 +220,8 @@ def operator_riccati_step(
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
         r = resp.apply_total(Qu)
         gram = getattr(resp, "response_gram", None)
-        if gram is not None and hasattr(value, "downdate_gram"):
+        if (gram is not None and hasattr(value, "downdate_gram")
+                and getattr(stage, "samplewise", False)):
             core = value.downdate_gram(gram(D), w, project_psd)
         else:
             MD = resp.response(D)
@@ -255,6 +257,9 @@ class DenseOperatorStage:
 
     def fu_T_mean(self, Y):
         return (Y.unsqueeze(-2) @ self.Bu).squeeze(-2).mean(0)
+
+    #: per-sample Jacobians: nothing mixes the samples
+    samplewise = True
 
     value_gradient = fu_T_mean
 
