@@ -85,6 +85,9 @@ class OperatorStage(Protocol):
         instead of two).  The step uses it only in the sum with :math:`l_u` under
         ``recursion="mean"``; under ``"per_sample"`` it must be ``fu_T_mean(Vx)``."""
 
+    # optional: samplewise (bool), f_x acts sample by sample (nothing mixes the samples):
+    # the step may then read per-sample quantities off per-sample pull-backs (the
+    # feedback's coordinates, the Gram-matrix downdate); absent means False
 
 class ControlResponse(Protocol):
     """How the shared curvature acts on the next state (the Q_uu plug point)."""
