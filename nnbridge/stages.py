@@ -305,19 +305,29 @@ def spread(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) -> bool:
     """Whether a stage's :math:`f_x` acts sample by sample (no batch statistics, nothing
     that mixes the samples), so that the kernel may read per-sample quantities off
-    per-sample pull-backs (:class:`trajopt.riccati.operator.OperatorStep`).  Decided once
-    per stage and training mode of its ``modules``: one pull-back of a cotangent
-    on sample 0 alone must leave every other sample exactly zero (BatchNorm in training
-    mode, or any function of the batch, does not); cached on ``key_owner``."""
+    per-sample pull-backs (:class:`trajopt.riccati.operator.OperatorStep`).
+
+    A BatchNorm among ``modules`` using batch statistics mixes the samples, whatever its
+    weights (zero-initialized ones pass nothing back at first).  Otherwise one pull-back
+    of a cotangent on sample 0 alone must reach sample 0 and leave every other sample
+    exactly zero (a function of the batch in the stage's graph does not); that answer is
+    cached on ``key_owner`` per training mode of ``modules``, and an inconclusive probe
+    (nothing reaches sample 0: a dead unit) is not cached and counts as mixing."""
     if B == 1:
         return True
+    if any(isinstance(m, _BN) and (m.training or m.running_mean is None)
+           for mod in modules for m in mod.modules()):
+        return False
     key = tuple(m.training for m in modules)
     cache = key_owner.__dict__.setdefault("_samplewise", {})
     if key not in cache:
         Y = torch.zeros(B, 1, n1, dtype=like.dtype, device=like.device)
         Y[0, 0] = torch.linspace(1.0, 2.0, n1, dtype=like.dtype, device=like.device)
         with torch.no_grad():
-            cache[key] = not bool(fx_T(Y)[1:].any())
+            out = fx_T(Y)
+        if not bool(out[0].any()):
+            return False
+        cache[key] = not bool(out[1:].any())
     return cache[key]
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 import nnbridge
+from nnbridge.batchnorm import batch_coupled
 from nnbridge.graph_ops import GraphLinearization
 from nnbridge.models import resnet
 from nnbridge.stages import StageLinearization
@@ -76,3 +77,93 @@ def test_batchnorm_in_training_mode_is_detected(monkeypatch):
     scale = off.abs().max()
     assert (on - off).abs().max() > 1e-6 * scale
     assert (auto - off).abs().max() <= 1e-12 * scale
+
+
+class _Center(torch.nn.Module):
+    """A parameter-free map that mixes the samples (the batch mean subtracted)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("case", ["bn-zero-weight", "bn-dead-sample", "batch-function",
+                                  "plain"])
+def test_samplewise_detection(case):
+    """BatchNorm in training mode mixes the samples whatever its weights (zero-initialized,
+    or with sample 0's units dead after it: the probe alone would see nothing leak); a
+    function of the batch is found by the probe; a plain stage is sample by sample.
+    (BatchNorm in eval mode: the ResNet test above takes the shortcuts.)"""
+    torch.manual_seed(0)
+    post = {"bn-zero-weight": (torch.nn.BatchNorm1d(3), torch.nn.ReLU()),
+            "bn-dead-sample": (torch.nn.BatchNorm1d(3, affine=False), torch.nn.ReLU()),
+            "batch-function": (_Center(), torch.nn.Tanh()),
+            "plain": (torch.nn.Tanh(),)}[case]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), *post, torch.nn.Linear(3, 2)).double()
+    if case == "bn-zero-weight":
+        torch.nn.init.zeros_(model[1].weight)
+    _, stages = nnbridge.stages(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if case == "bn-dead-sample":
+        x[0] = -100.0 * model[0].weight.detach().sum(0).sign()   # far below the others
+    k = 1 if case == "bn-zero-weight" else 0      # an affine BatchNorm is its own stage
+    if k:
+        x = stages[0].forward(x).detach()
+    with batch_coupled(list(model.modules())):   # as the optimizers run their DDP pass
+        lin = StageLinearization(stages[k], x)
+        assert lin.samplewise == (case == "plain")
+
+
+def test_a_stage_and_response_without_the_new_methods():
+    """An OperatorStage / ControlResponse written to the older protocol (fu_T_mean,
+    apply_control and response_const only) gives the same step."""
+    from trajopt.riccati import (
+        DenseOperatorStage,
+        DenseResponse,
+        RankOneValue,
+        operator_riccati_step,
+    )
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float64
+    st = DenseOperatorStage(torch.randn(3, 4, 5, generator=g, dtype=dt),
+                            torch.randn(3, 4, 2, generator=g, dtype=dt))
+    P = torch.eye(2, dtype=dt) * 2
+    lu = torch.randn(2, generator=g, dtype=dt)
+
+    class Old:
+        def __init__(self, s):
+            self.s = s
+
+        def fx_T(self, Y):
+            return self.s.fx_T(Y)
+
+        def fx(self, dX):
+            return self.s.fx(dX)
+
+        def fu_T_mean(self, Y):
+            return self.s.fu_T_mean(Y)
+
+    class OldResponse:
+        def __init__(self, r):
+            self.r = r
+
+        def response(self, Y):
+            return self.r.response(Y)
+
+        def response_const(self):
+            return self.r.response_const()
+
+        def apply_control(self, G):
+            return self.r.apply_control(G)
+
+    value = RankOneValue(torch.randn(3, 4, generator=g, dtype=dt),
+                         torch.rand(3, generator=g, dtype=dt),
+                         torch.randn(3, 4, generator=g, dtype=dt))
+    new = operator_riccati_step(value, st, lambda Qu, v: DenseResponse(st, P, None, lu),
+                                recursion="mean")
+    old = operator_riccati_step(value, Old(st),
+                                lambda Qu, v: OldResponse(DenseResponse(st, P, None, lu)),
+                                recursion="mean")
+    torch.testing.assert_close(old.value.Vx, new.value.Vx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(old.value.c, new.value.c, rtol=1e-12, atol=1e-12)
+    dX = torch.randn(3, 5, generator=g, dtype=dt)
+    torch.testing.assert_close(old.feedback(dX), new.feedback(dX), rtol=1e-12, atol=1e-12)

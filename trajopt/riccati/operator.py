@@ -78,9 +78,10 @@ class OperatorStage(Protocol):
         own type (a matrix, a tensor shaped like the weights)."""
 
     def value_gradient(self, Vx: torch.Tensor) -> Any:
-        """The part of :math:`\\mathbb{E}[Q_u] = \\mathbb{E}[f_u^\\top V_x'] + l_u` the step
-        computes: ``fu_T_mean(Vx)``, or ``fu_T_mean(Vx) - s`` for a gradient ``s`` the
-        caller already holds and adds to :math:`l_u` instead (a network's own
+        """(Optional; absent: ``fu_T_mean``.) The part of
+        :math:`\\mathbb{E}[Q_u] = \\mathbb{E}[f_u^\\top V_x'] + l_u` the step computes:
+        ``fu_T_mean(Vx)``, or ``fu_T_mean(Vx) - s`` for a gradient ``s`` the caller
+        already holds and adds to :math:`l_u` instead (a network's own
         back-propagated gradient: only the difference is multiplied, one product
         instead of two).  The step uses it only in the sum with :math:`l_u` under
         ``recursion="mean"``; under ``"per_sample"`` it must be ``fu_T_mean(Vx)``."""
@@ -102,8 +103,8 @@ class ControlResponse(Protocol):
         """:math:`f_u^i S G` for one control-shaped G shared by the samples, (B, n1)."""
 
     def apply_total(self, G: Any) -> torch.Tensor:
-        """:math:`f_u^i S (G + l_u)`, (B, n1): ``apply_control(G) + response_const()`` in
-        one application."""
+        """(Optional; absent: the two applications.) :math:`f_u^i S (G + l_u)`, (B, n1):
+        ``apply_control(G) + response_const()`` in one application."""
 
     # optional, for the batch-augmented form (:mod:`trajopt.riccati.joint`):
     # response_shared(Y): f_u^i S sum_k f_u^k' Y^k, (B, J, n1) -> (B, J, n1)
@@ -210,7 +211,8 @@ def operator_riccati_step(
         raise InvalidArgumentError(f"batch_size must be a positive integer; got "
                                    f"{batch_size!r}")
     Vx1 = value.Vx
-    Qu = stage.value_gradient(Vx1)                     # 1. expansion (operators)
+    # 1. expansion (operators); a stage without value_gradient: fu_T_mean
+    Qu = getattr(stage, "value_gradient", stage.fu_T_mean)(Vx1)
     resp = curvature(Qu, value)                        # 2. the Q_uu plug
     if not propagate:
         return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
@@ -221,7 +223,12 @@ def operator_riccati_step(
     core = None
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
-        r = resp.apply_total(Qu)
+        if hasattr(resp, "apply_total"):
+            r = resp.apply_total(Qu)
+        else:   # a response written without it: the two applications
+            r = resp.apply_control(Qu)
+            const = resp.response_const()
+            r = r if const is None else r + const
         gram = getattr(resp, "response_gram", None)
         if (gram is not None and hasattr(value, "downdate_gram")
                 and getattr(stage, "samplewise", False)):
