@@ -21,6 +21,7 @@ player j's pre-activation, as for chain stages (:mod:`nnbridge.stages`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,9 +119,10 @@ class GraphLinearization:
         """:math:`F_y^\\top Y`, (B, J, n1) -> (B, J, n)."""
         return self._cat(self._pull(Y)[0])
 
-    @property
+    @functools.cached_property
     def samplewise(self) -> bool:
-        """:math:`F_y` acts sample by sample (:func:`nnbridge.stages.samplewise`)."""
+        """:math:`F_y` acts sample by sample (:func:`nnbridge.stages.samplewise`).
+        Once per linearization: the step asks at its Gram downdate and its feedback."""
         return samplewise(self.stage, self.stage.modules(), self.fx_T, self.B, self.n1,
                           self.x_next)
 

@@ -18,6 +18,7 @@ tensors unless a curvature asks for them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -466,9 +467,10 @@ class StageLinearization:
     def fx_T(self, Y: torch.Tensor) -> torch.Tensor:
         return self._gx_T(self.sigma_T(Y))
 
-    @property
+    @functools.cached_property
     def samplewise(self) -> bool:
-        """:math:`f_x` acts sample by sample (:func:`samplewise`)."""
+        """:math:`f_x` acts sample by sample (:func:`samplewise`).
+        Once per linearization: the step asks at its Gram downdate and its feedback."""
         return samplewise(self.stage, [self.stage.module, *self.stage.post], self.fx_T,
                           self.B, self.n1, self.x)
 
