@@ -68,7 +68,12 @@ def test_shortcuts_are_exact_on_samplewise_stages(name, monkeypatch):
 
 def test_batchnorm_in_training_mode_is_detected(monkeypatch):
     """BatchNorm in training mode couples the samples: the per-sample shortcuts would give
-    another step (so forcing them on differs), and the detected path is the plain one."""
+    another step (so forcing them on differs), and the detected path is the plain one on
+    those stages.  The stages without BatchNorm (the head) still take the shortcuts, exact
+    but rounded differently, so "auto" equals "off" to the 1e-10 of the test above (1.8e-12
+    seen here, under 1e-12 on an earlier machine: the BLAS code path depends on the CPU),
+    four orders
+    below the 1e-6 by which forcing them on differs."""
     fn = OPTS["gtddp-adam-ggn"]
     model_fn = lambda: resnet((1, 8, 8), 10)  # noqa: E731
     on = _step(model_fn, fn, True, monkeypatch)
@@ -76,7 +81,7 @@ def test_batchnorm_in_training_mode_is_detected(monkeypatch):
     auto = _step(model_fn, fn, None, monkeypatch)
     scale = off.abs().max()
     assert (on - off).abs().max() > 1e-6 * scale
-    assert (auto - off).abs().max() <= 1e-12 * scale
+    assert (auto - off).abs().max() <= 1e-10 * scale
 
 
 class _Center(torch.nn.Module):
