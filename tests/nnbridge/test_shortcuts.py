@@ -72,8 +72,7 @@ def test_batchnorm_in_training_mode_is_detected(monkeypatch):
     those stages.  The stages without BatchNorm (the head) still take the shortcuts, exact
     but rounded differently, so "auto" equals "off" to the 1e-10 of the test above (1.8e-12
     seen here, under 1e-12 on an earlier machine: the BLAS code path depends on the CPU),
-    four orders
-    below the 1e-6 by which forcing them on differs."""
+    four orders below the 1e-6 by which forcing them on differs."""
     fn = OPTS["gtddp-adam-ggn"]
     model_fn = lambda: resnet((1, 8, 8), 10)  # noqa: E731
     on = _step(model_fn, fn, True, monkeypatch)
