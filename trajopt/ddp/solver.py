@@ -50,6 +50,7 @@ from .chain import Chain
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
+from .scanpass import scan_applies, scan_backward_pass
 
 __all__ = ["DDPSolver", "SolveInputs"]
 
@@ -124,12 +125,18 @@ class DDPSolver:
                       k_warm: list[torch.Tensor] | None = None) -> Policy:
         """The Riccati recursion with per-element regularization ``mu`` (B,): per stage,
         expansion -> gains -> value update.  Elements whose regularized Q_uu is not
-        positive definite get ``ok = False``."""
+        positive definite get ``ok = False``.  Where :func:`~trajopt.ddp.scanpass.
+        scan_applies` (iLQR, mu = 0, no limits, few small problems over many stages) the
+        values come from the parallel scan and the step runs once over all stages."""
         T = len(stages)
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
         oks, terms = [], []
         gains = self.policy(mu, traj, lo, hi, k_warm)
+        if scan_applies(stages, gains, mu, lo):  # the same pass in O(log T) rounds
+            pol = scan_backward_pass(stages, Vx, Vxx, gains)
+            if pol is not None:
+                return pol
         for t in range(T - 1, -1, -1):
             Q = stages[t].expand(Vx, Vxx)
             g = gains.gains(Q, t)

@@ -1,0 +1,212 @@
+"""The parallel scan of the LQ value functions (trajopt.riccati.scan) and the iLQR backward
+pass built on it (trajopt.ddp.scanpass), float64:
+
+* the scan's values equal the textbook recursion and the dense KKT solution of
+  ``tests/reference/lqr_kkt.py`` (cross terms, linear terms, offsets, batches; hypothesis);
+* a backward pass by the scan equals the recursion's (gains, values, expected change, ok
+  flags), including elements whose Q_uu is not positive definite;
+* whole DDP solves take the scan by default where the rule says so, and give the
+  recursion's result; the rule leaves it out for regularized passes, limits, second-order
+  dynamics and large batches; an inconsistent scan falls back to the recursion.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+import trajopt.ddp.scanpass as scanpass
+from tests._hypothesis import examples
+from tests.reference.lqr_kkt import kkt_value, random_stages, riccati_numpy
+from trajopt.riccati.expansion import DenseStage, joint_blocks
+from trajopt.riccati.policy import CholeskyGains
+from trajopt.riccati.scan import scan_values
+
+F64 = dict(dtype=torch.float64)
+
+
+def _packed(stage_lists, n, m):
+    """F (T, B, n, n+m), L (T, B, n+m, 1+n+m), c (T, B, n) of B problems."""
+    Fs, Ls, cs = [], [], []
+    for t in range(len(stage_lists[0])):
+        per = [p[t] for p in stage_lists]
+
+        def col(name, shape, per=per):
+            return torch.tensor(np.stack([np.zeros(shape) if getattr(s, name) is None
+                                          else getattr(s, name) for s in per]), **F64)
+        F, L = joint_blocks(col("A", (n, n)), col("B", (n, m)), col("q", n), col("r", m),
+                            col("Q", (n, n)), col("R", (m, m)), col("M", (m, n)))
+        Fs.append(F)
+        Ls.append(L)
+        cs.append(col("c", n))
+    return torch.stack(Fs), torch.stack(Ls), torch.stack(cs)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(T=st.integers(1, 40), n=st.integers(1, 5), m=st.integers(1, 3),
+       B=st.integers(1, 3), cross=st.booleans(), linear=st.booleans(),
+       offset=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_scan_equals_the_textbook_recursion(T, n, m, B, cross, linear, offset, seed):
+    rng = np.random.default_rng(seed)
+    probs = [random_stages(rng, [n] * (T + 1), [m] * T, cross=cross, linear=linear,
+                           offset=offset) for _ in range(B)]
+    F, L, c = _packed([p[0] for p in probs], n, m)
+    QT = torch.tensor(np.stack([p[1] for p in probs]), **F64)
+    qT = torch.tensor(np.stack([np.zeros(n) if p[2] is None else p[2] for p in probs]), **F64)
+    vals = scan_values(F, L, n, qT, QT, c if offset else None)
+    assert vals.ok.all()
+    for b, (stages, QTb, qTb) in enumerate(probs):
+        _, _, Ps, ps = riccati_numpy(stages, QTb, qTb)
+        for t in range(T + 1):
+            P, p = torch.tensor(Ps[t]), torch.tensor(ps[t])
+            assert (vals.Vxx[t, b] - P).abs().max() <= 1e-10 * (1 + P.abs().max())
+            assert (vals.Vx[t, b] - p).abs().max() <= 1e-10 * (1 + p.abs().max() + P.abs().max())
+
+
+def test_scan_equals_the_kkt_values():
+    """Independent of any recursion: the value of the tail problem from the dense KKT."""
+    rng = np.random.default_rng(3)
+    n, m, T = 3, 2, 9
+    stages, QT, qT = random_stages(rng, [n] * (T + 1), [m] * T)
+    F, L, c = _packed([stages], n, m)
+    vals = scan_values(F, L, n, torch.tensor(qT)[None], torch.tensor(QT)[None], c)
+    for t in (0, 4, T - 1):
+        P, p = kkt_value(stages, QT, qT, t)
+        assert np.abs(vals.Vxx[t, 0].numpy() - P).max() <= 1e-10 * np.abs(P).max()
+        assert np.abs(vals.Vx[t, 0].numpy() - p).max() <= 1e-10 * np.abs(P).max()
+
+
+def test_scan_flags_a_singular_control_cost():
+    rng = np.random.default_rng(4)
+    n, m, T = 2, 2, 5
+    probs = [random_stages(rng, [n] * (T + 1), [m] * T) for _ in range(2)]
+    probs[1][0][2].R[:] = 0.0  # element 1, stage 2: R = 0 (Q_uu = B'PB may still be PD)
+    F, L, c = _packed([p[0] for p in probs], n, m)
+    QT = torch.tensor(np.stack([p[1] for p in probs]))
+    vals = scan_values(F, L, n, torch.zeros(2, n, **F64), QT, c)
+    assert vals.ok.tolist() == [True, False]
+
+
+def _stages(T, B, n, m, seed, indefinite=False):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(n, **F64) + 0.2 * torch.randn(T, B, n, n, generator=g, **F64)
+    Bm = torch.randn(T, B, n, m, generator=g, **F64)
+    W = torch.randn(T, B, n + m, n + m, generator=g, **F64)
+    H = W @ W.transpose(-1, -2) / (n + m) + 0.1 * torch.eye(n + m, **F64)
+    if indefinite:  # element 0, a concave state cost: Q_uu = R + B'V B fails somewhere
+        H[:, 0, :n, :n] -= 3.0 * torch.eye(n, **F64)
+    F, L = joint_blocks(A, Bm, torch.randn(T, B, n, generator=g, **F64),
+                        torch.randn(T, B, m, generator=g, **F64), H[..., :n, :n],
+                        H[..., n:, n:], H[..., n:, :n])
+    return [DenseStage(F[t], L[t], n) for t in range(T)]
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_backward_pass_by_the_scan_equals_the_recursion(indefinite, monkeypatch):
+    T, B, n, m = 30, 3, 3, 2
+    stages = _stages(T, B, n, m, 5, indefinite)
+    g = torch.Generator().manual_seed(6)
+    Vx = torch.randn(B, n, generator=g, **F64)
+    Vxx = torch.eye(n, **F64).expand(B, n, n).clone()
+    mu = torch.zeros(B, **F64)
+    solver = trajopt.DDPSolver(lambda x, u, t: x, trajopt.QuadraticCost(
+        torch.eye(n, **F64), torch.eye(m, **F64), torch.eye(n, **F64)))
+    assert scanpass.scan_applies(stages, CholeskyGains(mu), mu, None)
+    scan = scanpass.scan_backward_pass(stages, Vx, Vxx, CholeskyGains(mu))
+    monkeypatch.setattr(scanpass, "MAX_WORK", 0)
+    ref = solver.backward_pass(stages, Vx, Vxx, mu, None)
+    assert scan is not None
+    assert scan.ok.tolist() == ref.ok.tolist()
+    assert ref.ok.tolist() == [not indefinite, True, True]  # the case is what it claims
+    good = ref.ok
+    for t in range(T):
+        scale = 1 + ref.K[t][good].abs().max()
+        assert (scan.K[t][good] - ref.K[t][good]).abs().max() <= 1e-10 * scale
+        assert (scan.k[t][good] - ref.k[t][good]).abs().max() <= 1e-10 * (
+            1 + ref.k[t][good].abs().max())
+        assert (scan.Vxx[t][good] - ref.Vxx[t][good]).abs().max() <= 1e-10 * (
+            1 + ref.Vxx[t][good].abs().max())
+        assert (scan.Vx[t][good] - ref.Vx[t][good]).abs().max() <= 1e-10 * (
+            1 + ref.Vx[t][good].abs().max())
+    assert (scan.dV[good] - ref.dV[good]).abs().max() <= 1e-10 * ref.dV[good].abs().max()
+
+
+def _pendulum():
+    dt = 0.05
+
+    def f(x, u, t):
+        return torch.stack([x[..., 0] + dt * x[..., 1],
+                            x[..., 1] + dt * (-9.81 * torch.sin(x[..., 0]) + u[..., 0])], -1)
+
+    def running(x, u, t):
+        return 1e-2 * (x ** 2).sum(-1) + 1e-2 * (u ** 2).sum(-1)
+
+    def terminal(x):
+        return 10.0 * ((x[..., 0] - math.pi) ** 2 + x[..., 1] ** 2)
+
+    return f, trajopt.Cost(running, terminal)
+
+
+def _solve(monkeypatch, B=1, work=None, consistency=None, calls=None, **kw):
+    monkeypatch.undo()
+    if work is not None:
+        monkeypatch.setattr(scanpass, "MAX_WORK", work)
+    if consistency is not None:
+        monkeypatch.setattr(scanpass, "CONSISTENCY", consistency)
+    if calls is not None:
+        original = scanpass.scan_backward_pass
+
+        def counted(*a, **k):
+            pol = original(*a, **k)
+            calls.append(pol is not None)
+            return pol
+        monkeypatch.setattr("trajopt.ddp.solver.scan_backward_pass", counted)
+    f, cost = _pendulum()
+    x0 = torch.zeros(B, 2, **F64) + 0.1 * torch.arange(B, **F64)[:, None]
+    return trajopt.solve_ddp(f, cost, x0, torch.zeros(B, 60, 1, **F64), **kw)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_ddp_takes_the_scan_by_default_and_matches_the_recursion(B, monkeypatch):
+    calls = []
+    res = _solve(monkeypatch, B, calls=calls)
+    ref = _solve(monkeypatch, B, work=0)
+    assert calls and all(calls)  # taken, and accepted, on every pass it applied to
+    assert res.iterations.tolist() == ref.iterations.tolist()
+    assert (res.us - ref.us).abs().max() <= 1e-9 * ref.us.abs().max()
+    assert (res.K - ref.K).abs().max() <= 1e-9 * ref.K.abs().max()
+    assert (res.cost - ref.cost).abs().max() <= 1e-12 * ref.cost.abs().max()
+
+
+def test_an_inconsistent_scan_falls_back_to_the_recursion(monkeypatch):
+    calls = []
+    res = _solve(monkeypatch, 1, consistency=-1.0, calls=calls)
+    ref = _solve(monkeypatch, 1, work=0)
+    assert calls and not any(calls)  # tried, refused every time
+    assert torch.equal(res.us, ref.us) and torch.equal(res.K, ref.K)
+
+
+@pytest.mark.parametrize("case", ["limits", "ddp"])
+def test_the_rule_leaves_the_scan_out(case, monkeypatch):
+    calls = []
+    kw = {"limits": dict(control_limits=(-3.0, 3.0)), "ddp": dict(mode="ddp")}[case]
+    _solve(monkeypatch, 1, calls=calls, **kw)
+    assert calls == []
+
+
+def test_the_rule_needs_zero_regularization_many_stages_and_a_small_batch():
+    stages = _stages(20, 1, 2, 1, 7)
+    zero = torch.zeros(1, **F64)
+    assert scanpass.scan_applies(stages, CholeskyGains(zero), zero, None)
+    mu = torch.full((1,), 1e-3, **F64)
+    assert not scanpass.scan_applies(stages, CholeskyGains(mu), mu, None)
+    assert not scanpass.scan_applies(stages[:10], CholeskyGains(zero), zero, None)
+    big = _stages(20, 29, 2, 1, 7)  # 29 * 3^2 = 261 > MAX_WORK
+    zero = torch.zeros(29, **F64)
+    assert not scanpass.scan_applies(big, CholeskyGains(zero), zero, None)
+    assert scanpass.scan_applies([s.select(slice(0, 28)) for s in big],
+                                 CholeskyGains(zero[:28]), zero[:28], None)
