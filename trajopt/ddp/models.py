@@ -27,6 +27,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from .._checks import check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
+from .reverse import gradient_and_hessian, jacobians
 
 __all__ = [
     "Dynamics",
@@ -101,9 +102,12 @@ class Dynamics:
         stages of a trajectory in one call; :meth:`forward` then sees ``t`` as a 0-d
         tensor under ``vmap``)."""
         single, args = _per_point(self.forward, x, u, t)
-        fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         if not second_order:
+            fast = _reverse_mode(jacobians, single, args, x.shape[-1])
+            fx, fu = _like(fast if fast is not None else
+                           vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
             return DynamicsDerivatives(fx=fx, fu=fu)
+        fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         first = jacrev(single, argnums=(0, 1))
         (fxx, _), (fux, fuu) = vmap(jacfwd(first, argnums=(0, 1)))(*args)
         fxx, fux, fuu = _like((fxx, fux, fuu), x)
@@ -116,6 +120,20 @@ def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Te
     if torch.is_tensor(t):
         return (lambda xi, ui, ti: fn(xi, ui, ti)), (x, u, t)
     return (lambda xi, ui: fn(xi, ui, t)), (x, u)
+
+
+def _reverse_mode(fn: Callable, *args):
+    """``fn(*args)`` of :mod:`trajopt.ddp.reverse` (one reverse-mode pass over the
+    replicated points, several times faster than ``vmap(jacfwd)``; ``docs/performance.md``)
+    where it applies: grad mode off (the result carries no outer graph, as the transforms'
+    would with grad mode on) and a function reverse mode can run under ``vmap``; None
+    otherwise, and the caller takes the transforms (which name a genuine error)."""
+    if torch.is_grad_enabled():
+        return None
+    try:
+        return fn(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _like(tensors, x: torch.Tensor):
@@ -171,7 +189,10 @@ class _Discretized(Dynamics):
         if second_order:
             return super().derivatives(x, u, t, second_order=True)
         f, dt = self.fc, self.dt
-        jac = vmap(jacfwd(f, argnums=(0, 1)))
+
+        def jac(xs, us):
+            fast = _reverse_mode(jacobians, lambda xi, ui: f(xi, ui), (xs, us), xs.shape[-1])
+            return fast if fast is not None else vmap(jacfwd(f, argnums=(0, 1)))(xs, us)
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         if self.method == "euler":
             Jx, Ju = _like(jac(x, u), x)
@@ -257,8 +278,14 @@ class Cost:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
         int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
         single, args = _per_point(self.running, x, u, t)
-        ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(_with_gradient(single, (0, 1)),
-                                                      argnums=(0, 1), has_aux=True))(*args)
+        fast = _reverse_mode(gradient_and_hessian, single, args)
+        if fast is not None:
+            n = x.shape[-1]
+            (g, H) = fast
+            lx, lu, lxx, lux, luu = g[:, :n], g[:, n:], H[:, :n, :n], H[:, n:, :n], H[:, n:, n:]
+        else:
+            ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(
+                _with_gradient(single, (0, 1)), argnums=(0, 1), has_aux=True))(*args)
         lx, lu, lxx, lux, luu = _like((lx, lu, lxx, lux, luu), x)
         return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
 
@@ -267,7 +294,9 @@ class Cost:
         if self._terminal is None and type(self).terminal is Cost.terminal:
             n = x.shape[-1]
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
-        H, g = vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)
+        fast = _reverse_mode(gradient_and_hessian, self.terminal, (x,), 1)
+        H, g = (fast[1], fast[0]) if fast is not None else \
+            vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)
         return _like((g, H), x)
 
 

@@ -1,0 +1,134 @@
+"""Stage derivatives by one reverse-mode pass over replicated points
+(trajopt.ddp.reverse), against torch.func's transforms computed here independently, float64:
+Jacobians, gradients and Hessians of nonlinear per-point maps (time-varying ones with a
+stage tensor too), unused inputs, linear costs; the models take that path under no_grad
+and the transforms with grad mode on (the result then carries the graph to a parameter)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import hessian, jacfwd, vmap
+
+import trajopt
+from tests._hypothesis import examples
+from trajopt.ddp.reverse import gradient_and_hessian, jacobians
+
+F64 = dict(dtype=torch.float64)
+
+
+def _data(N, n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n + m, generator=g, **F64)
+    return (torch.randn(N, n, generator=g, **F64), torch.randn(N, m, generator=g, **F64),
+            torch.randint(0, 7, (N,), generator=g), W)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(N=st.integers(1, 9), n=st.integers(1, 4), m=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_jacobians_equal_forward_mode(N, n, m, seed):
+    x, u, t, W = _data(N, n, m, seed)
+
+    def f(xi, ui, ti):
+        z = torch.cat([xi, ui], -1)
+        return torch.tanh(W @ z) * (1 + 0.1 * ti) + torch.sin(xi) * ui.sum()
+
+    fx, fu = jacobians(f, (x, u, t), n)
+    rx, ru = vmap(jacfwd(f, argnums=(0, 1)))(x, u, t)
+    assert (fx - rx).abs().max() <= 1e-13 and (fu - ru).abs().max() <= 1e-13
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(N=st.integers(1, 9), n=st.integers(1, 4), m=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_gradient_and_hessian_equal_the_transforms(N, n, m, seed):
+    x, u, t, W = _data(N, n, m, seed)
+
+    def cost(xi, ui, ti):
+        z = torch.cat([xi, ui], -1)
+        return torch.log1p((W @ z) ** 2).sum() * (1 + ti) + torch.exp(0.3 * xi).sum() * ui[0]
+
+    g, H = gradient_and_hessian(cost, (x, u, t))
+
+    def joint(z, ti):
+        return cost(z[:n], z[n:], ti)
+    z = torch.cat([x, u], -1)
+    rg = vmap(torch.func.grad(joint))(z, t)
+    rH = vmap(hessian(joint))(z, t)
+    assert (g - rg).abs().max() <= 1e-12 * (1 + rg.abs().max())
+    assert (H - rH).abs().max() <= 1e-12 * (1 + rH.abs().max())
+
+
+def test_unused_inputs_and_linear_costs_give_zeros():
+    x, u, t, _ = _data(5, 3, 2, 0)
+    fx, fu = jacobians(lambda xi, ui, ti: 2.0 * xi, (x, u, t), 3)
+    assert torch.equal(fu, torch.zeros(5, 3, 2, **F64))
+    assert torch.equal(fx, 2.0 * torch.eye(3, **F64).expand(5, 3, 3))
+    g, H = gradient_and_hessian(lambda xi, ui, ti: xi.sum() + 3.0 * ui.sum(), (x, u, t))
+    assert torch.equal(H, torch.zeros(5, 5, 5, **F64))
+    assert torch.equal(g, torch.tensor([1.0] * 3 + [3.0] * 2, **F64).expand(5, 5))
+    g, H = gradient_and_hessian(lambda xi, ui, ti: torch.ones((), **F64), (x, u, t))
+    assert not g.any() and not H.any()
+
+
+def test_a_different_output_size_is_refused():
+    x, u, t, _ = _data(4, 3, 1, 1)
+    assert jacobians(lambda xi, ui, ti: xi[:2], (x, u, t), 3) is None
+    assert gradient_and_hessian(lambda xi, ui, ti: xi, (x, u, t)) is None
+
+
+def _pendulum_models(p):
+    def f(x, u, t):
+        return torch.stack([x[..., 0] + 0.1 * x[..., 1],
+                            x[..., 1] + 0.1 * (u[..., 0] - p * torch.sin(x[..., 0]))], -1)
+
+    def running(x, u, t):
+        return p * (torch.cos(x[..., 0]) + x[..., 1] ** 2) + (u ** 2).sum(-1) * (1 + 0.01 * t)
+
+    def terminal(x):
+        return p * ((x[..., 0] - math.pi) ** 2 + x[..., 1] ** 4)
+    return trajopt.Dynamics(f), trajopt.Cost(running, terminal)
+
+
+@pytest.mark.parametrize("t", [3, "tensor"])
+def test_models_take_the_reverse_path_under_no_grad(t):
+    dyn, cost = _pendulum_models(9.81)
+    x, u, tt, _ = _data(6, 2, 1, 2)
+    t = tt if t == "tensor" else t
+    with torch.no_grad():
+        d = dyn.derivatives(x, u, t)
+        c = cost.derivatives(x, u, t)
+        gT, HT = cost.terminal_derivatives(x)
+    with torch.enable_grad():  # the transforms
+        rd = dyn.derivatives(x, u, t)
+        rc = cost.derivatives(x, u, t)
+        rgT, rHT = cost.terminal_derivatives(x)
+    for a, b in ((d.fx, rd.fx), (d.fu, rd.fu), (c.lx, rc.lx), (c.lu, rc.lu),
+                 (c.lxx, rc.lxx), (c.luu, rc.luu), (c.lux, rc.lux), (gT, rgT), (HT, rHT)):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-13 * (1 + b.abs().max())
+
+
+def test_grad_mode_keeps_the_graph_to_parameters():
+    p = torch.tensor(9.81, **F64, requires_grad=True)
+    dyn, cost = _pendulum_models(p)
+    x, u, t, _ = _data(4, 2, 1, 3)
+    d = dyn.derivatives(x, u, 0)
+    c = cost.derivatives(x, u, 0)
+    (dp,) = torch.autograd.grad(d.fx.sum() + c.lxx.sum(), p)
+    # d/dp of sum f_x (-0.1 p cos th) and of sum l_xx (diag(-p cos th, 2 p))
+    expected = (-0.1 * torch.cos(x[:, 0])).sum() + (2.0 - torch.cos(x[:, 0])).sum()
+    assert torch.allclose(dp, expected, rtol=1e-12, atol=0)
+
+
+def test_rk4_discretization_derivatives_equal_the_transforms():
+    def fc(x, u):
+        return torch.stack([x[..., 1], -torch.sin(x[..., 0]) + u[..., 0] * x[..., 1]], -1)
+    dyn = trajopt.discretize(fc, 0.05)
+    x, u, _, _ = _data(7, 2, 1, 4)
+    with torch.no_grad():
+        d = dyn.derivatives(x, u, 0)
+    rx, ru = vmap(jacfwd(lambda xi, ui: dyn(xi, ui, 0), argnums=(0, 1)))(x, u)
+    assert (d.fx - rx).abs().max() <= 1e-13 and (d.fu - ru).abs().max() <= 1e-13
