@@ -56,14 +56,15 @@ class Chain:
         self.cost.bind_rows(rows)
         xs, us = [x0], []
         x = x0
-        cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for t in range(T):
             u = control(t, xs)
-            cost = cost + self.cost.running(x, u, t)
             x = self.transition(t, x, u, xs)
             xs.append(x)
             us.append(u)
-        return Traj(xs, us, cost + self.cost.terminal(x), rows)
+        # the running cost of all stages at once, after the states are known
+        # (StageDerivatives.total: one call where the cost allows)
+        running = self._cost_derivatives.total(list(zip(xs[:-1], us))) if T else 0.0
+        return Traj(xs, us, running + self.cost.terminal(x), rows)
 
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:

@@ -16,6 +16,11 @@ The rule (``docs/performance.md``, "Stage derivatives"):
    is differentiated stage by stage from then on;
 3. stage by stage when the stages have different state or control sizes.
 
+The same rule gives the running cost of a rollout (:meth:`StageDerivatives.total`): the
+values of all stages in one call after the states are known (the time-varying case under
+``vmap`` with a 0-d stage tensor, compared once with the ``int`` stage on its own), summed
+over the stages, instead of one call per stage inside the rollout loop.
+
 The first evaluation also checks the user's function: derivatives that are exactly zero
 at a stage where the function's value changes with ``x`` and ``u`` mean torch.func could
 not see the computation (``.detach()``, ``.numpy()``, ``torch.no_grad()``, ``.data``):
@@ -30,6 +35,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 import torch
+from torch.func import vmap
 
 from ..errors import InvalidArgumentError
 
@@ -61,7 +67,51 @@ class StageDerivatives:
         self.time_invariant = time_invariant
         self.name = name
         self.tensor_t: bool | None = None  # None: not tried yet
+        self.value_tensor_t: bool | None = None  # the same, for the values (total)
         self.checked = False
+
+    def total(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """The value summed over the stages, (B,): ``sum_t value(*args_per_stage[t], t)``
+        in one call over all ``T * B`` points where the rule allows, else stage by stage
+        (in stage order)."""
+        T = len(args_per_stage)
+        first = args_per_stage[0]
+        B = first[0].shape[0]
+        if T > 1 and all(all(a.shape == b.shape for a, b in zip(args, first))
+                         for args in args_per_stage):
+            flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
+            out = None
+            if self.time_invariant:
+                out = self.value(*flat, 0)
+            elif self.value_tensor_t is not False:
+                out = self._vectorized_values(flat, args_per_stage)
+            if out is not None and out.shape == (T * B,):
+                return out.view(T, B).sum(0)
+        total = self.value(*first, 0)
+        for t in range(1, T):
+            total = total + self.value(*args_per_stage[t], t)
+        return total
+
+    def _vectorized_values(self, flat, args_per_stage):
+        """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
+        derivatives' convention), checked once against the ``int`` stage at 5 stages."""
+        T, B = len(args_per_stage), args_per_stage[0][0].shape[0]
+        stages = torch.arange(T, device=flat[0].device).repeat_interleave(B)
+        try:
+            out = vmap(lambda *a: self.value(*a))(*flat, stages)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            if self.value_tensor_t:
+                raise
+            self.value_tensor_t = False
+            return None
+        if self.value_tensor_t is None:
+            for t in sorted({0, 1, T // 3, (2 * T) // 3, T - 1}):
+                ref = self.value(*args_per_stage[t], t)
+                if not _close((out[t * B:(t + 1) * B],), (ref,)):
+                    self.value_tensor_t = False
+                    return None
+            self.value_tensor_t = True
+        return out
 
     def __call__(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]], **kw
                  ) -> tuple[Any | None, list]:
