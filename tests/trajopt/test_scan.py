@@ -117,7 +117,7 @@ def test_backward_pass_by_the_scan_equals_the_recursion(indefinite, monkeypatch)
         torch.eye(n, **F64), torch.eye(m, **F64), torch.eye(n, **F64)))
     assert scanpass.scan_applies(stages, CholeskyGains(mu), mu, None)
     scan = scanpass.scan_backward_pass(stages, Vx, Vxx, CholeskyGains(mu))
-    monkeypatch.setattr(scanpass, "MAX_WORK", 0)
+    monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
     ref = solver.backward_pass(stages, Vx, Vxx, mu, None)
     assert scan is not None
     assert scan.ok.tolist() == ref.ok.tolist()
@@ -154,9 +154,9 @@ def _pendulum():
 def _solve(monkeypatch, B=1, work=None, consistency=None, calls=None, **kw):
     monkeypatch.undo()
     if work is not None:
-        monkeypatch.setattr(scanpass, "MAX_WORK", work)
+        monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", work)
     if consistency is not None:
-        monkeypatch.setattr(scanpass, "CONSISTENCY", consistency)
+        monkeypatch.setattr("trajopt.riccati.scan.AGREEMENT", consistency)
     if calls is not None:
         original = scanpass.scan_backward_pass
 
@@ -210,3 +210,75 @@ def test_the_rule_needs_zero_regularization_many_stages_and_a_small_batch():
     assert not scanpass.scan_applies(big, CholeskyGains(zero), zero, None)
     assert scanpass.scan_applies([s.select(slice(0, 28)) for s in big],
                                  CholeskyGains(zero[:28]), zero[:28], None)
+
+
+def _lqr(T, B, n, m, seed, indefinite_at=None):
+    rng = np.random.default_rng(seed)
+    probs = [random_stages(rng, [n] * (T + 1), [m] * T) for _ in range(B)]
+    if indefinite_at is not None:  # R_t + B'P B indefinite at that stage
+        for p in probs:
+            p[0][indefinite_at].R[:] = -50.0 * np.eye(m)
+    st = [p[0] for p in probs]
+
+    def arr(name):
+        return np.stack([np.stack([getattr(s, name) for s in stages]) for stages in st])
+    return trajopt.LQR(A=arr("A"), B=arr("B"), Q=arr("Q"), R=arr("R"), M=arr("M"),
+                       q=arr("q"), r=arr("r"), c=arr("c"),
+                       QT=np.stack([p[1] for p in probs]), qT=np.stack([p[2] for p in probs]))
+
+
+def _counting(monkeypatch, calls):
+    import trajopt.lqr.finite as finite
+    original = finite._scan_backward
+
+    def counted(*a, **k):
+        out = original(*a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(finite, "_scan_backward", counted)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_solve_lqr_takes_the_scan_and_equals_the_recursion_and_the_kkt(B, monkeypatch):
+    prob = _lqr(40, B, 3, 2, 8)
+    x0 = np.random.default_rng(9).normal(size=(B, 3))
+    calls = []
+    _counting(monkeypatch, calls)
+    sol = trajopt.solve_lqr(prob, x0)
+    assert calls == [True]
+    monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
+    ref = trajopt.solve_lqr(prob, x0)
+    assert calls == [True, False]
+    for a, b in ((sol.K, ref.K), (sol.k, ref.k), (sol.P, ref.P), (sol.p, ref.p),
+                 (sol.xs, ref.xs), (sol.us, ref.us), (sol.cost, ref.cost)):
+        assert np.abs(a - b).max() <= 1e-10 * (1 + np.abs(b).max())
+
+
+def test_solve_lqr_still_names_the_indefinite_stage(monkeypatch):
+    from trajopt.errors import NotPositiveDefiniteError
+    calls = []
+    _counting(monkeypatch, calls)
+    with pytest.raises(NotPositiveDefiniteError, match="stage 30"):
+        trajopt.solve_lqr(_lqr(40, 1, 3, 2, 10, indefinite_at=30))
+    assert calls == [False]  # tried, declined: the recursion raised
+
+
+def test_solve_lqr_gradients_through_the_scan_equal_the_recursion(monkeypatch):
+    prob = _lqr(20, 1, 2, 1, 11)
+    QT = torch.tensor(prob.QT, requires_grad=True)
+    A = torch.tensor(prob.A, requires_grad=True)
+
+    def grads():
+        p = trajopt.LQR(A=A, B=torch.tensor(prob.B), Q=torch.tensor(prob.Q),
+                        R=torch.tensor(prob.R), QT=QT)
+        sol = trajopt.solve_lqr(p)
+        return torch.autograd.grad(sol.K.square().sum() + sol.P[..., 0, :, :].sum(), (QT, A))
+    g = grads()
+    monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
+    r = grads()
+    # QT is symmetric: only the symmetric part of its gradient is defined by the problem
+    # (the recursion and the scan read the matrix in different orders, so the skew parts
+    # of their raw gradients differ); A has no such freedom
+    sym = [0.5 * (v + v.transpose(-1, -2)) for v in (g[0], r[0])]
+    for a, b in ((sym[0], sym[1]), (g[1], r[1])):
+        assert (a - b).abs().max() <= 1e-10 * (1 + b.abs().max())

@@ -34,6 +34,7 @@ COSTS = {
                  + u[..., 0], True),
     "branch on t": (lambda x, u, t: (x ** 2).sum(-1) * (2.0 if t == 5 else 1.0), False),
     # 0.1 * t: a Python float for an int t, float32 for an int64 tensor t
+    # 0.1 * t: a Python float for an int t, float32 for an int64 tensor t
     "float32 t": (lambda x, u, t: (x ** 2).sum(-1) + 0.1 * t, False),
 }
 

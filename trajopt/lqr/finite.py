@@ -7,8 +7,10 @@ r"""Finite-horizon, time-varying LQR (thesis Sec. 2.3.1, Eq. 2.3.3-2.3.6, App. B
         + \tfrac12 x_T^\top Q_T x_T + q_T^\top x_T
     \quad\text{s.t.}\quad x_{t+1} = A_t x_t + B_t u_t + c_t .
 
-The backward pass is :func:`trajopt.riccati.riccati_step_joint` applied stage by stage; the
-optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
+The backward pass is :func:`trajopt.riccati.riccati_step_joint` applied stage by stage, or,
+for a few small problems over many stages, once over all stages with the values from the
+parallel scan of :mod:`trajopt.riccati.scan` (the same values up to rounding;
+``docs/performance.md``); the optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
 :math:`V_t(x) = \tfrac12 x^\top P_t x + p_t^\top x + \text{const}`.
 """
 
@@ -22,8 +24,9 @@ import torch
 from .._arrays import ArrayKind, as_tensors
 from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
-from ..errors import InvalidArgumentError, ShapeError
+from ..errors import InvalidArgumentError, NotPositiveDefiniteError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
+from ..riccati.scan import scan_pays, scan_values, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .implicit import lqr_trajectory
@@ -306,17 +309,22 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     # recursion and rollout, e.g. for second derivatives)
     exact = solver is None and not reg
     solver = CholeskySolver(reg=float(reg)) if solver is None else solver
-    for t, s in reversed(list(enumerate(dense_stages(problem)))):
-        step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
-        P, p = step.Vxx, step.Vx
-        Ps.append(P)
-        ps.append(p)
-        Ks.append(step.K)
-        ks.append(step.k)
-    Ps.reverse()
-    ps.reverse()
-    Ks.reverse()
-    ks.reverse()
+    stages = dense_stages(problem)
+    scanned = _scan_backward(stages, P, p) if exact else None
+    if scanned is not None:
+        Ks, ks, Ps, ps = scanned
+    else:
+        for t, s in reversed(list(enumerate(stages))):
+            step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
+            P, p = step.Vxx, step.Vx
+            Ps.append(P)
+            ps.append(p)
+            Ks.append(step.K)
+            ks.append(step.k)
+        Ps.reverse()
+        ps.reverse()
+        Ks.reverse()
+        ks.reverse()
     xs = us = cost = None
     if x0 is not None:
         x0t = _x0_tensor(problem, x0)
@@ -335,6 +343,38 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
+
+
+def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
+    """``(K, k, P, p)`` lists of the exact backward pass with the values from the parallel
+    scan (:mod:`trajopt.riccati.scan`) and the Riccati step run once over all stages,
+    where :func:`~trajopt.riccati.scan.scan_pays` and the stages are stacked alike; None
+    otherwise, and where the scan's values disagree with the step's or some Q_uu is not
+    positive definite (the recursion then runs, and names the stage)."""
+    if not stages or _under_functorch():
+        return None
+    stacked = stacked_stages(stages)
+    if stacked is None:
+        return None
+    F, L, c = stacked
+    batch = F.shape[1:-2]
+    if not scan_pays(len(stages), batch.numel(), F.shape[-1]) or L.shape[1:-2] != batch \
+            or P.shape[:-2] != batch or p.shape[:-1] != batch:
+        return None
+    n = stages[0].n
+    vals = scan_values(F, L, n, p, P, c)
+    if not bool(vals.ok.all()):
+        return None
+    try:
+        step = riccati_step_joint(vals.Vx[1:], vals.Vxx[1:], F, L, n, c,
+                                  solver=CholeskySolver())
+    except NotPositiveDefiniteError:
+        return None
+    if not vals.agrees(step.Vx, step.Vxx, torch.ones(batch, dtype=torch.bool,
+                                                     device=F.device)):
+        return None
+    return (list(step.K.unbind(0)), list(step.k.unbind(0)),
+            list(step.Vxx.unbind(0)) + [P], list(step.Vx.unbind(0)) + [p])
 
 
 def _under_functorch() -> bool:

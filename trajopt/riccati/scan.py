@@ -65,7 +65,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ScanValues", "scan_values"]
+from .expansion import DenseStage
+
+__all__ = ["ScanValues", "scan_values", "stacked_stages", "scan_pays", "AGREEMENT",
+           "MIN_STAGES", "MAX_WORK"]
+
+#: fewest stages for which the solvers take the scan (below it the recursion is as fast)
+MIN_STAGES = 16
+#: largest ``batch * (n + m)^2`` for which they take it: the scan does O(T log T) small
+#: matrix operations against the recursion's O(T), so it pays only where the recursion is
+#: bound by per-operation dispatch (measured on the CPU, ``docs/performance.md``)
+MAX_WORK = 256
+
+#: largest relative difference between the scan's values and the Riccati step's
+#: (:meth:`ScanValues.agrees`)
+AGREEMENT = 1e-8
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,39 @@ class ScanValues:
     Vx: torch.Tensor
     Vxx: torch.Tensor
     ok: torch.Tensor
+
+    def agrees(self, Vx: torch.Tensor, Vxx: torch.Tensor, valid: torch.Tensor) -> bool:
+        """Whether the Riccati step's values ``Vx`` (T, ..., n), ``Vxx`` (T, ..., n, n) at
+        stages 0 .. T-1, computed from this scan's values at 1 .. T, equal the scan's own
+        to :data:`AGREEMENT` relative to their size, for the elements ``valid`` (...)
+        (the others -- a Q_uu that was not positive definite -- are the caller's to
+        flag).  A scan that broke down (a nearly singular :math:`I + C_i J_j`) fails it."""
+        scale = self.Vxx[:-1].abs().amax((-2, -1)) + self.Vx[:-1].abs().amax(-1)
+        diff = torch.maximum((Vxx - self.Vxx[:-1]).abs().amax((-2, -1)),
+                             (Vx - self.Vx[:-1]).abs().amax(-1))
+        return bool(((diff <= AGREEMENT * scale) | ~valid).all())
+
+
+def scan_pays(T: int, batch: int, size: int) -> bool:
+    """The solvers' rule: ``T`` stages of ``batch`` problems with ``n + m = size``."""
+    return T >= MIN_STAGES and batch * size * size <= MAX_WORK
+
+
+def stacked_stages(stages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(F, L, c)`` stacked over the stages (T, ...) of a list of
+    :class:`~trajopt.riccati.expansion.DenseStage`, or None where the scan does not apply:
+    second-order dynamics terms, stages of different sizes or a state size that changes."""
+    s0 = stages[0]
+    if s0.F.shape[-2] != s0.n:
+        return None
+    with_c = s0.c is not None
+    for s in stages:
+        if (type(s) is not DenseStage or s.fxx is not None or s.F.shape != s0.F.shape
+                or s.L.shape != s0.L.shape or (s.c is not None) != with_c
+                or (with_c and s.c.shape != s0.c.shape)):
+            return None
+    return (torch.stack([s.F for s in stages]), torch.stack([s.L for s in stages]),
+            torch.stack([s.c for s in stages]) if with_c else None)
 
 
 def _elements(F: torch.Tensor, L: torch.Tensor, n: int, c: torch.Tensor | None):
@@ -159,8 +206,8 @@ def scan_values(F: torch.Tensor, L: torch.Tensor, n: int, Vx: torch.Tensor,
     batch = F.shape[1:-2]
     P, D, info = _elements(F, L, n, c)
     term_D = torch.cat([Vxx, Vx.unsqueeze(-1)], -1).expand(*batch, n, n + 1)
-    P = torch.cat([P, torch.zeros_like(P[:1])]).flatten(1, -3)
-    D = torch.cat([D, term_D.unsqueeze(0)]).flatten(1, -3)
+    P = torch.cat([P, torch.zeros_like(P[:1])]).reshape(T + 1, -1, n, 2 * n + 1)
+    D = torch.cat([D, term_D.unsqueeze(0)]).reshape(T + 1, -1, n, n + 1)
     eye = torch.eye(n, dtype=F.dtype, device=F.device)
     d = 1
     while d <= T:
