@@ -571,9 +571,11 @@ def test_time_varying_models_are_differentiated_in_one_call():
                    lambda x, u, t: ((x[..., 0] - refs.index_select(
                        0, torch.as_tensor(t).reshape(1))[0]) ** 2) + (u ** 2).sum(-1),
                    True, True),
-        # vmap cannot index with a 0-d tensor: refs[t] is evaluated stage by stage
+        # refs[t] with a 0-d stage tensor: plain vmap indexes with it (the cost's
+        # derivatives are taken by reverse mode under vmap, trajopt.ddp.reverse), where
+        # vmap(jacfwd) could not; the answer is checked against the int stage
         "indexed": (lin, lambda x, u, t: ((x[..., 0] - refs[t]) ** 2) + (u ** 2).sum(-1),
-                    True, False),
+                    True, True),
         "list": (lambda x, u, t: lin(x, u, t) * (1 + 0.01 * ref_list[t]),
                  lambda x, u, t: ((x[..., 0] - ref_list[t]) ** 2) + (u ** 2).sum(-1),
                  False, False),

@@ -77,9 +77,12 @@ MIN_STAGES = 16
 #: bound by per-operation dispatch (measured on the CPU, ``docs/performance.md``)
 MAX_WORK = 256
 
-#: largest relative difference between the scan's values and the Riccati step's
-#: (:meth:`ScanValues.agrees`)
-AGREEMENT = 1e-8
+#: largest relative difference between the scan's values and the Riccati step's, in units
+#: of the dtype's eps (:meth:`ScanValues.agrees`): well-conditioned problems agree to
+#: ~10 eps; a large penalty (an augmented Lagrangian's 1e5..1e7 Hessians) gives 1e-13 ..
+#: 4e-12 in float64, where the scan's value gradients are that much less accurate than
+#: the recursion's and the recursion is taken instead (``docs/performance.md``)
+AGREEMENT = 128
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,14 @@ class ScanValues:
     def agrees(self, Vx: torch.Tensor, Vxx: torch.Tensor, valid: torch.Tensor) -> bool:
         """Whether the Riccati step's values ``Vx`` (T, ..., n), ``Vxx`` (T, ..., n, n) at
         stages 0 .. T-1, computed from this scan's values at 1 .. T, equal the scan's own
-        to :data:`AGREEMENT` relative to their size, for the elements ``valid`` (...)
+        to :data:`AGREEMENT` eps relative to their size, for the elements ``valid`` (...)
         (the others -- a Q_uu that was not positive definite -- are the caller's to
         flag).  A scan that broke down (a nearly singular :math:`I + C_i J_j`) fails it."""
         scale = self.Vxx[:-1].abs().amax((-2, -1)) + self.Vx[:-1].abs().amax(-1)
         diff = torch.maximum((Vxx - self.Vxx[:-1]).abs().amax((-2, -1)),
                              (Vx - self.Vx[:-1]).abs().amax(-1))
-        return bool(((diff <= AGREEMENT * scale) | ~valid).all())
+        tol = AGREEMENT * torch.finfo(Vxx.dtype).eps
+        return bool(((diff <= tol * scale) | ~valid).all())
 
 
 def scan_pays(T: int, batch: int, size: int) -> bool:
