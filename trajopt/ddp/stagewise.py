@@ -85,7 +85,7 @@ class StageDerivatives:
                 out = self.value(*flat, 0)
             elif self.value_tensor_t is not False:
                 out = self._vectorized_values(flat, args_per_stage)
-            if out is not None and out.shape == (T * B,):
+            if torch.is_tensor(out) and out.shape == (T * B,):
                 return out.view(T, B).sum(0)
         total = self.value(*first, 0)
         for t in range(1, T):
