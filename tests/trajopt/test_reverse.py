@@ -132,3 +132,39 @@ def test_rk4_discretization_derivatives_equal_the_transforms():
         d = dyn.derivatives(x, u, 0)
     rx, ru = vmap(jacfwd(lambda xi, ui: dyn(xi, ui, 0), argnums=(0, 1)))(x, u)
     assert (d.fx - rx).abs().max() <= 1e-13 and (d.fu - ru).abs().max() <= 1e-13
+
+
+def test_a_where_guarded_singularity_keeps_forward_modes_finite_answer():
+    """torch.where(w != 0, sin(w)/w, 1) at w = 0: reverse mode sends a zero cotangent into
+    the unselected branch (0 * NaN = NaN); the models recompute such derivatives with the
+    transforms, as before."""
+    def f(x, u, t):
+        w = u[..., 1]
+        safe = torch.where(w.abs() > 1e-6, w, torch.ones_like(w))
+        sinc = torch.where(w.abs() > 1e-6, torch.sin(safe) / safe, torch.ones_like(w))
+        return torch.stack([x[..., 0] + 0.1 * u[..., 0] * sinc, x[..., 1] + 0.1 * w], -1)
+
+    def f_unsafe(x, u, t):  # the branch divides by w itself: NaN in reverse mode
+        w = u[..., 1]
+        sinc = torch.where(w.abs() > 1e-6, torch.sin(w) / w, torch.ones_like(w))
+        return torch.stack([x[..., 0] + 0.1 * u[..., 0] * sinc, x[..., 1] + 0.1 * w], -1)
+    x = torch.zeros(3, 2, **F64)
+    u = torch.tensor([[1.0, 0.0], [0.5, 0.3], [0.0, 0.0]], **F64)
+    for fn in (f, f_unsafe):
+        with torch.no_grad():
+            d = trajopt.Dynamics(fn).derivatives(x, u, 0)
+        rx, ru = vmap(jacfwd(lambda xi, ui, fn=fn: fn(xi, ui, 0), argnums=(0, 1)))(x, u)
+        assert torch.isfinite(d.fu).all() and torch.isfinite(ru).all()
+        assert (d.fu - ru).abs().max() <= 1e-15 and (d.fx - rx).abs().max() <= 1e-15
+
+
+def test_inference_mode_solves_as_no_grad_does():
+    dyn, cost = _pendulum_models(9.81)
+    x0 = torch.tensor([0.1, 0.0], **F64)
+    with torch.no_grad():
+        ref = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(30, 1, **F64))
+    with torch.inference_mode():
+        res = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(30, 1, **F64))
+    # inference mode takes the transforms (no graph can be recorded there): rounding only
+    assert res.reason == ref.reason == "converged"
+    assert (res.us - ref.us).abs().max() <= 1e-10 * ref.us.abs().max()

@@ -126,14 +126,22 @@ def _reverse_mode(fn: Callable, *args):
     """``fn(*args)`` of :mod:`trajopt.ddp.reverse` (one reverse-mode pass over the
     replicated points, several times faster than ``vmap(jacfwd)``; ``docs/performance.md``)
     where it applies: grad mode off (the result carries no outer graph, as the transforms'
-    would with grad mode on) and a function reverse mode can run under ``vmap``; None
-    otherwise, and the caller takes the transforms (which name a genuine error)."""
-    if torch.is_grad_enabled():
+    would with grad mode on), not in inference mode (no graph can be recorded there), a
+    function reverse mode can run under ``vmap``, and finite derivatives.  None otherwise,
+    and the caller takes the transforms, which name a genuine error.  Non-finite
+    derivatives are recomputed there because reverse mode differs from forward mode on a
+    common pattern: ``torch.where(z != 0, sin(z) / z, 1)`` at ``z = 0`` sends a zero
+    cotangent into the unselected branch, whose local derivative is NaN (0 * NaN), where
+    forward mode selects the finite tangent."""
+    if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return None
     try:
-        return fn(*args)
+        out = fn(*args)
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None
+    if out is not None and not all(bool(torch.isfinite(v).all()) for v in out):
+        return None
+    return out
 
 
 def _like(tensors, x: torch.Tensor):
