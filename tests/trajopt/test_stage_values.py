@@ -71,3 +71,29 @@ def test_rollout_cost_is_the_sum_of_stage_and_terminal_costs():
         x = f(x, us[:, t], t)
     expected = expected + terminal(x)
     assert (traj.cost - expected).abs().max() <= 1e-13 * expected.abs().max()
+
+
+def test_a_stage_singled_out_by_python_control_flow_is_seen():
+    """``if t in waypoints:`` hashes a stage tensor and is silently False under vmap: only
+    the stage it singles out shows it (30 here, not among the five sampled stages). The
+    values are compared at every stage, so both the rollout cost and the derivatives are
+    taken stage by stage, and the solution passes through the waypoint."""
+    waypoint = {30: torch.tensor([1.0, 0.0], **F64)}
+
+    def f(x, u):
+        return torch.stack([x[..., 0] + 0.1 * x[..., 1], x[..., 1] + 0.1 * u[..., 0]], -1)
+
+    def running(x, u, t):
+        c = 1e-2 * (u ** 2).sum(-1)
+        if t in waypoint:
+            c = c + 100.0 * ((x - waypoint[t]) ** 2).sum(-1)
+        return c
+    cost = trajopt.Cost(running, lambda x: (x ** 2).sum(-1))
+    solver = trajopt.DDPSolver(f, cost)
+    traj = solver.rollout(torch.zeros(1, 2, **F64), [torch.zeros(1, 1, **F64)] * 60)
+    assert traj.cost.tolist() == [100.0]
+    res = solver.solve(torch.zeros(2, **F64), torch.zeros(60, 1, **F64))
+    chain = solver.structure
+    assert chain._cost_derivatives.value_tensor_t is False
+    assert chain._cost_derivatives.tensor_t is False
+    assert res.converged and (res.xs[30] - waypoint[30]).abs().max() < 0.01

@@ -13,7 +13,10 @@ The rule (``docs/performance.md``, "Stage derivatives"):
    with a call at the plain ``int`` stage; a callable that cannot take a tensor ``t``
    (``if t == T - 1:``, ``refs[t]``: vmap cannot index with a 0-d tensor) or gives a
    different answer (``0.01 * t`` is float32 for an int64 ``t``, in a float64 problem)
-   is differentiated stage by stage from then on;
+   is differentiated stage by stage from then on; the model's *values* are compared at
+   every stage the first time as well (``if t in waypoints:`` does not fail under
+   ``vmap``, it is silently False for a tensor ``t``, and only the stages it singles out
+   show it);
 3. stage by stage when the stages have different state or control sizes.
 
 The same rule gives the running cost of a rollout (:meth:`StageDerivatives.total`): the
@@ -94,7 +97,11 @@ class StageDerivatives:
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
-        derivatives' convention), checked once against the ``int`` stage at 5 stages."""
+        derivatives' convention), checked once against the ``int`` stage at **every**
+        stage (T plain calls, once): Python control flow on ``t`` that does not fail
+        under ``vmap`` -- ``if t in waypoints:`` hashes the tensor and is always False --
+        changes the answer at the stages it singles out, which a sample of stages can
+        miss."""
         T, B = len(args_per_stage), args_per_stage[0][0].shape[0]
         stages = torch.arange(T, device=flat[0].device).repeat_interleave(B)
         try:
@@ -105,7 +112,7 @@ class StageDerivatives:
             self.value_tensor_t = False
             return None
         if self.value_tensor_t is None:
-            for t in sorted({0, 1, T // 3, (2 * T) // 3, T - 1}):
+            for t in range(T):
                 ref = self.value(*args_per_stage[t], t)
                 if not _close((out[t * B:(t + 1) * B],), (ref,)):
                     self.value_tensor_t = False
@@ -166,8 +173,16 @@ class StageDerivatives:
                 raise
             self.tensor_t = False
             return None
-        if self.tensor_t is None:  # the first time: against the int stage, at 5 stages
+        if self.tensor_t is None:  # the first time: against the int stage, at 5 stages,
+            # and the values at every stage (a stage singled out by Python control flow
+            # on t, `if t in waypoints:`, is seen there; derivatives at every stage would
+            # cost T transform calls)
             B, T = args_per_stage[0][0].shape[0], len(args_per_stage)
+            if self.value_tensor_t is False or (
+                    self.value_tensor_t is None
+                    and self._vectorized_values(flat[:2], args_per_stage) is None):
+                self.tensor_t = False
+                return None
             for t in sorted({0, 1, T // 3, (2 * T) // 3, T - 1}):
                 ref = self._call(args_per_stage[t], t, t, **kw)
                 if not _close(_rows(out, slice(t * B, (t + 1) * B)), ref):
