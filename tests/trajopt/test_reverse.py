@@ -168,3 +168,30 @@ def test_inference_mode_solves_as_no_grad_does():
     # inference mode takes the transforms (no graph can be recorded there): rounding only
     assert res.reason == ref.reason == "converged"
     assert (res.us - ref.us).abs().max() <= 1e-10 * ref.us.abs().max()
+
+
+def test_a_part_hidden_from_reverse_mode_keeps_the_transforms():
+    """A torch.no_grad() block inside f is seen by forward mode (the transforms) and not by
+    reverse mode: the first evaluation compares the two, and the model keeps the
+    transforms; a model where they agree takes reverse mode from then on."""
+    def f(x, u, t):
+        with torch.no_grad():  # e.g. a frozen sub-model
+            drag = 0.1 * x[..., 1] * x[..., 1].abs()
+        return torch.stack([x[..., 0] + 0.1 * x[..., 1], x[..., 1] + 0.1 * (u[..., 0] - drag)],
+                           -1)
+
+    def g(x, u, t):
+        drag = 0.1 * x[..., 1] * x[..., 1].abs()
+        return torch.stack([x[..., 0] + 0.1 * x[..., 1], x[..., 1] + 0.1 * (u[..., 0] - drag)],
+                           -1)
+    x = torch.tensor([[0.0, 2.0], [0.3, -1.0]], **F64)
+    u = torch.zeros(2, 1, **F64)
+    for fn, agrees in ((f, False), (g, True)):
+        dyn = trajopt.Dynamics(fn)
+        rx, ru = vmap(jacfwd(lambda xi, ui, fn=fn: fn(xi, ui, 0), argnums=(0, 1)))(x, u)
+        for _ in range(2):  # the first call decides, the second follows the decision
+            with torch.no_grad():
+                d = dyn.derivatives(x, u, 0)
+            assert (d.fx - rx).abs().max() <= 1e-15 and (d.fu - ru).abs().max() <= 1e-15
+        assert dyn._reverse_agrees is agrees
+    assert rx[0, 1, 1] == 1 - 0.1 * 0.1 * 2 * 2.0  # the drag's derivative is in the answer

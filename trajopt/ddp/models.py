@@ -103,9 +103,9 @@ class Dynamics:
         tensor under ``vmap``)."""
         single, args = _per_point(self.forward, x, u, t)
         if not second_order:
-            fast = _reverse_mode(jacobians, single, args, x.shape[-1])
-            fx, fu = _like(fast if fast is not None else
-                           vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
+            fx, fu = _like(_derivatives(
+                self, "_reverse_agrees", lambda: jacobians(single, args, x.shape[-1]),
+                lambda: vmap(jacfwd(single, argnums=(0, 1)))(*args)), x)
             return DynamicsDerivatives(fx=fx, fu=fu)
         fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         first = jacrev(single, argnums=(0, 1))
@@ -122,25 +122,43 @@ def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Te
     return (lambda xi, ui: fn(xi, ui, t)), (x, u)
 
 
-def _reverse_mode(fn: Callable, *args):
-    """``fn(*args)`` of :mod:`trajopt.ddp.reverse` (one reverse-mode pass over the
-    replicated points, several times faster than ``vmap(jacfwd)``; ``docs/performance.md``)
-    where it applies: grad mode off (the result carries no outer graph, as the transforms'
-    would with grad mode on), not in inference mode (no graph can be recorded there), a
-    function reverse mode can run under ``vmap``, and finite derivatives.  None otherwise,
-    and the caller takes the transforms, which name a genuine error.  Non-finite
-    derivatives are recomputed there because reverse mode differs from forward mode on a
-    common pattern: ``torch.where(z != 0, sin(z) / z, 1)`` at ``z = 0`` sends a zero
-    cotangent into the unselected branch, whose local derivative is NaN (0 * NaN), where
-    forward mode selects the finite tangent."""
-    if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return None
+def _derivatives(model: object, key: str, fast: Callable, slow: Callable):
+    """The derivatives by one reverse-mode pass (``fast()``, :mod:`trajopt.ddp.reverse`:
+    several times faster than ``vmap(jacfwd)``; ``docs/performance.md``) where that gives
+    the transforms' answer, else by the transforms (``slow()``).
+
+    Reverse mode is taken with grad mode off (the result carries no outer graph, as the
+    transforms' would with grad mode on), outside inference mode (no graph is recorded
+    there), for functions reverse mode can run under ``vmap``, where the result is finite
+    (``torch.where(w != 0, sin(w) / w, 1)`` at ``w = 0`` sends a zero cotangent into the
+    unselected branch, whose local derivative is NaN; forward mode selects the finite
+    tangent), and for a model whose first evaluation (``key`` names it on ``model``)
+    agreed with the transforms: a ``torch.no_grad()`` block or a custom autograd Function
+    inside the function is seen by forward mode and not by reverse mode, or the other way
+    round (a check at the first evaluation's points: a hidden part whose derivative is
+    zero there is not seen).  The transforms name a genuine error."""
+    state = getattr(model, key, None)
+    if state is False or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return slow()
     try:
-        out = fn(*args)
+        out = fast()
     except (RuntimeError, TypeError, ValueError, IndexError):
-        return None
-    if out is not None and not all(bool(torch.isfinite(v).all()) for v in out):
-        return None
+        out = None
+    if out is None or not all(bool(torch.isfinite(v).all()) for v in out):
+        return slow()
+    if state is None:  # the first evaluation: against the transforms
+        try:
+            ref = slow()
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            # the transforms cannot run it (``refs[t]`` under vmap(jacfwd)): nothing to
+            # compare with, reverse mode is the only way to vectorize it
+            setattr(model, key, True)
+            return out
+        setattr(model, key, all(
+            a.shape == b.shape and bool(((a - b).abs() <= 1000 * torch.finfo(b.dtype).eps
+                                         * (1 + b.abs().amax())).all())
+            for a, b in zip(out, ref)))
+        return ref
     return out
 
 
@@ -199,8 +217,10 @@ class _Discretized(Dynamics):
         f, dt = self.fc, self.dt
 
         def jac(xs, us):
-            fast = _reverse_mode(jacobians, lambda xi, ui: f(xi, ui), (xs, us), xs.shape[-1])
-            return fast if fast is not None else vmap(jacfwd(f, argnums=(0, 1)))(xs, us)
+            return _derivatives(
+                self, "_reverse_agrees_f",
+                lambda: jacobians(lambda xi, ui: f(xi, ui), (xs, us), xs.shape[-1]),
+                lambda: vmap(jacfwd(f, argnums=(0, 1)))(xs, us))
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         if self.method == "euler":
             Jx, Ju = _like(jac(x, u), x)
@@ -286,15 +306,16 @@ class Cost:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
         int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
         single, args = _per_point(self.running, x, u, t)
-        fast = _reverse_mode(gradient_and_hessian, single, args)
-        if fast is not None:
-            n = x.shape[-1]
-            (g, H) = fast
-            lx, lu, lxx, lux, luu = g[:, :n], g[:, n:], H[:, :n, :n], H[:, n:, :n], H[:, n:, n:]
-        else:
+        def slow():
             ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(
                 _with_gradient(single, (0, 1)), argnums=(0, 1), has_aux=True))(*args)
-        lx, lu, lxx, lux, luu = _like((lx, lu, lxx, lux, luu), x)
+            top = torch.cat([lxx, lux.transpose(-1, -2)], -1)
+            return torch.cat([lx, lu], -1), torch.cat([top, torch.cat([lux, luu], -1)], -2)
+        g, H = _derivatives(self, "_reverse_agrees_running",
+                            lambda: gradient_and_hessian(single, args), slow)
+        n = x.shape[-1]
+        lx, lu, lxx, lux, luu = _like((g[:, :n], g[:, n:], H[:, :n, :n], H[:, n:, :n],
+                                       H[:, n:, n:]), x)
         return CostDerivatives(lx=lx, lu=lu, lxx=lxx, luu=luu, lux=lux)
 
     def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,9 +323,10 @@ class Cost:
         if self._terminal is None and type(self).terminal is Cost.terminal:
             n = x.shape[-1]
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
-        fast = _reverse_mode(gradient_and_hessian, self.terminal, (x,), 1)
-        H, g = (fast[1], fast[0]) if fast is not None else \
-            vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)
+        g, H = _derivatives(
+            self, "_reverse_agrees_terminal",
+            lambda: gradient_and_hessian(self.terminal, (x,), 1),
+            lambda: vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)[::-1])
         return _like((g, H), x)
 
 
