@@ -85,8 +85,9 @@ def _pendulum_models(p):
         return torch.stack([x[..., 0] + 0.1 * x[..., 1],
                             x[..., 1] + 0.1 * (u[..., 0] - p * torch.sin(x[..., 0]))], -1)
 
-    def running(x, u, t):
-        return p * (torch.cos(x[..., 0]) + x[..., 1] ** 2) + (u ** 2).sum(-1) * (1 + 0.01 * t)
+    def running(x, u, t):  # with an x-u cross term (l_ux != 0)
+        return p * (torch.cos(x[..., 0]) + x[..., 1] ** 2) + (u ** 2).sum(-1) * (1 + 0.01 * t) \
+            + u[..., 0] * torch.sin(x[..., 0]) * x[..., 1]
 
     def terminal(x):
         return p * ((x[..., 0] - math.pi) ** 2 + x[..., 1] ** 4)
@@ -109,6 +110,25 @@ def test_models_take_the_reverse_path_under_no_grad(t):
     for a, b in ((d.fx, rd.fx), (d.fu, rd.fu), (c.lx, rc.lx), (c.lu, rc.lu),
                  (c.lxx, rc.lxx), (c.luu, rc.luu), (c.lux, rc.lux), (gT, rgT), (HT, rHT)):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-13 * (1 + b.abs().max())
+    assert rc.lux.abs().max() > 0.1  # the cross term is there to be checked
+    # reverse mode agreed at the first evaluation and is taken from then on
+    assert dyn._reverse_agrees is True and cost._reverse_agrees_running is True
+    assert cost._reverse_agrees_terminal is True
+    calls = []
+    import trajopt.ddp.models as models
+    original = models.jacobians
+
+    def counted(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+    models.jacobians = counted
+    try:
+        with torch.no_grad():
+            again = dyn.derivatives(x, u, t)
+    finally:
+        models.jacobians = original
+    # (the first evaluation returned the transforms' answer, this one reverse mode's)
+    assert calls == [1] and (again.fx - d.fx).abs().max() <= 1e-13 * d.fx.abs().max()
 
 
 def test_grad_mode_keeps_the_graph_to_parameters():
@@ -195,3 +215,22 @@ def test_a_part_hidden_from_reverse_mode_keeps_the_transforms():
             assert (d.fx - rx).abs().max() <= 1e-15 and (d.fu - ru).abs().max() <= 1e-15
         assert dyn._reverse_agrees is agrees
     assert rx[0, 1, 1] == 1 - 0.1 * 0.1 * 2 * 2.0  # the drag's derivative is in the answer
+
+
+def test_a_hidden_part_that_vanishes_at_the_first_points_is_still_seen():
+    """The drag v|v| under no_grad has a zero derivative at rest, where the first
+    evaluation happens (a rollout from rest with zero controls): the check at moved points
+    sees it, and later evaluations away from rest keep the transforms' answer."""
+    def f(x, u, t):
+        with torch.no_grad():
+            drag = 0.5 * x[..., 1] * x[..., 1].abs()
+        return torch.stack([x[..., 0] + 0.1 * x[..., 1], x[..., 1] + 0.1 * (u[..., 0] - drag)],
+                           -1)
+    dyn = trajopt.Dynamics(f)
+    with torch.no_grad():
+        dyn.derivatives(torch.zeros(4, 2, **F64), torch.zeros(4, 1, **F64), 0)
+        d = dyn.derivatives(torch.tensor([[0.0, 2.0]], **F64), torch.zeros(1, 1, **F64), 0)
+    assert dyn._reverse_agrees is False
+    assert torch.allclose(d.fx[0], torch.tensor([[1.0, 0.1], [0.0, 0.8]], **F64), rtol=0,
+                          atol=1e-15)
+

@@ -282,3 +282,35 @@ def test_solve_lqr_gradients_through_the_scan_equal_the_recursion(monkeypatch):
     sym = [0.5 * (v + v.transpose(-1, -2)) for v in (g[0], r[0])]
     for a, b in ((sym[0], sym[1]), (g[1], r[1])):
         assert (a - b).abs().max() <= 1e-10 * (1 + b.abs().max())
+
+
+def test_agreement_reads_both_value_derivatives():
+    rng = np.random.default_rng(12)
+    n, m, T = 3, 2, 20
+    stages, QT, qT = random_stages(rng, [n] * (T + 1), [m] * T)
+    F, L, c = _packed([stages], n, m)
+    vals = scan_values(F, L, n, torch.tensor(qT)[None], torch.tensor(QT)[None], c)
+    Vx, Vxx = vals.Vx[:-1].clone(), vals.Vxx[:-1].clone()
+    valid = torch.ones(1, dtype=torch.bool)
+    assert vals.agrees(Vx, Vxx, valid)
+    bumped = Vx.clone()
+    bumped[5, 0, 1] *= 1 + 1e-9
+    assert not vals.agrees(bumped, Vxx, valid)
+    bumped = Vxx.clone()
+    bumped[5, 0, 1, 1] *= 1 + 1e-9
+    assert not vals.agrees(Vx, bumped, valid)
+    assert vals.agrees(bumped, bumped * 0, ~valid)  # invalid elements are the caller's
+
+
+@pytest.mark.parametrize("how", ["reg", "solver"])
+def test_solve_lqr_with_reg_or_a_solver_keeps_the_recursion(how, monkeypatch):
+    from trajopt.riccati.solvers import CholeskySolver
+    prob = _lqr(40, 1, 3, 2, 13)
+    calls = []
+    _counting(monkeypatch, calls)
+    kw = dict(reg=10.0) if how == "reg" else dict(solver=CholeskySolver(reg=10.0))
+    sol = trajopt.solve_lqr(prob, **kw)
+    exact = trajopt.solve_lqr(prob)
+    assert calls == [True]  # only the exact solve took the scan
+    assert np.abs(sol.K - exact.K).max() > 1e-3  # the regularization is in the answer
+

@@ -27,7 +27,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from .._checks import check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
-from .reverse import gradient_and_hessian, jacobians
+from .reverse import gradient_and_hessian, jacobians, moved_pair, reverse_or_transforms
 
 __all__ = [
     "Dynamics",
@@ -103,9 +103,13 @@ class Dynamics:
         tensor under ``vmap``)."""
         single, args = _per_point(self.forward, x, u, t)
         if not second_order:
-            fx, fu = _like(_derivatives(
-                self, "_reverse_agrees", lambda: jacobians(single, args, x.shape[-1]),
-                lambda: vmap(jacfwd(single, argnums=(0, 1)))(*args)), x)
+            def fast(a=args):
+                return jacobians(single, a, x.shape[-1])
+
+            def slow(a=args):
+                return vmap(jacfwd(single, argnums=(0, 1)))(*a)
+            fx, fu = _like(reverse_or_transforms(self, "_reverse_agrees", fast, slow,
+                                        moved_pair(fast, slow, args)), x)
             return DynamicsDerivatives(fx=fx, fu=fu)
         fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         first = jacrev(single, argnums=(0, 1))
@@ -120,46 +124,6 @@ def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Te
     if torch.is_tensor(t):
         return (lambda xi, ui, ti: fn(xi, ui, ti)), (x, u, t)
     return (lambda xi, ui: fn(xi, ui, t)), (x, u)
-
-
-def _derivatives(model: object, key: str, fast: Callable, slow: Callable):
-    """The derivatives by one reverse-mode pass (``fast()``, :mod:`trajopt.ddp.reverse`:
-    several times faster than ``vmap(jacfwd)``; ``docs/performance.md``) where that gives
-    the transforms' answer, else by the transforms (``slow()``).
-
-    Reverse mode is taken with grad mode off (the result carries no outer graph, as the
-    transforms' would with grad mode on), outside inference mode (no graph is recorded
-    there), for functions reverse mode can run under ``vmap``, where the result is finite
-    (``torch.where(w != 0, sin(w) / w, 1)`` at ``w = 0`` sends a zero cotangent into the
-    unselected branch, whose local derivative is NaN; forward mode selects the finite
-    tangent), and for a model whose first evaluation (``key`` names it on ``model``)
-    agreed with the transforms: a ``torch.no_grad()`` block or a custom autograd Function
-    inside the function is seen by forward mode and not by reverse mode, or the other way
-    round (a check at the first evaluation's points: a hidden part whose derivative is
-    zero there is not seen).  The transforms name a genuine error."""
-    state = getattr(model, key, None)
-    if state is False or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return slow()
-    try:
-        out = fast()
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        out = None
-    if out is None or not all(bool(torch.isfinite(v).all()) for v in out):
-        return slow()
-    if state is None:  # the first evaluation: against the transforms
-        try:
-            ref = slow()
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            # the transforms cannot run it (``refs[t]`` under vmap(jacfwd)): nothing to
-            # compare with, reverse mode is the only way to vectorize it
-            setattr(model, key, True)
-            return out
-        setattr(model, key, all(
-            a.shape == b.shape and bool(((a - b).abs() <= 1000 * torch.finfo(b.dtype).eps
-                                         * (1 + b.abs().amax())).all())
-            for a, b in zip(out, ref)))
-        return ref
-    return out
 
 
 def _like(tensors, x: torch.Tensor):
@@ -217,10 +181,13 @@ class _Discretized(Dynamics):
         f, dt = self.fc, self.dt
 
         def jac(xs, us):
-            return _derivatives(
-                self, "_reverse_agrees_f",
-                lambda: jacobians(lambda xi, ui: f(xi, ui), (xs, us), xs.shape[-1]),
-                lambda: vmap(jacfwd(f, argnums=(0, 1)))(xs, us))
+            def fast(a=(xs, us)):
+                return jacobians(lambda xi, ui: f(xi, ui), a, xs.shape[-1])
+
+            def slow(a=(xs, us)):
+                return vmap(jacfwd(f, argnums=(0, 1)))(*a)
+            return reverse_or_transforms(self, "_reverse_agrees_f", fast, slow,
+                                moved_pair(fast, slow, (xs, us)))
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         if self.method == "euler":
             Jx, Ju = _like(jac(x, u), x)
@@ -306,13 +273,16 @@ class Cost:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
         int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
         single, args = _per_point(self.running, x, u, t)
-        def slow():
+        def fast(a=args):
+            return gradient_and_hessian(single, a)
+
+        def slow(a=args):
             ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(
-                _with_gradient(single, (0, 1)), argnums=(0, 1), has_aux=True))(*args)
+                _with_gradient(single, (0, 1)), argnums=(0, 1), has_aux=True))(*a)
             top = torch.cat([lxx, lux.transpose(-1, -2)], -1)
             return torch.cat([lx, lu], -1), torch.cat([top, torch.cat([lux, luu], -1)], -2)
-        g, H = _derivatives(self, "_reverse_agrees_running",
-                            lambda: gradient_and_hessian(single, args), slow)
+        g, H = reverse_or_transforms(self, "_reverse_agrees_running", fast, slow,
+                            moved_pair(fast, slow, args))
         n = x.shape[-1]
         lx, lu, lxx, lux, luu = _like((g[:, :n], g[:, n:], H[:, :n, :n], H[:, n:, :n],
                                        H[:, n:, n:]), x)
@@ -323,10 +293,13 @@ class Cost:
         if self._terminal is None and type(self).terminal is Cost.terminal:
             n = x.shape[-1]
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
-        g, H = _derivatives(
-            self, "_reverse_agrees_terminal",
-            lambda: gradient_and_hessian(self.terminal, (x,), 1),
-            lambda: vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(x)[::-1])
+        def fast(a=(x,)):
+            return gradient_and_hessian(self.terminal, a, 1)
+
+        def slow(a=(x,)):
+            return vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(*a)[::-1]
+        g, H = reverse_or_transforms(self, "_reverse_agrees_terminal", fast, slow,
+                            moved_pair(fast, slow, (x,), 1))
         return _like((g, H), x)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
-__all__ = ["jacobians", "gradient_and_hessian"]
+__all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms", "moved_pair"]
 
 
 def _replicated(args: tuple[torch.Tensor, ...], nd: int, k: int):
@@ -86,3 +86,81 @@ def gradient_and_hessian(single: Callable, args: tuple[torch.Tensor, ...], nd: i
         g = torch.cat(_grads(val, rep[:nd], torch.ones_like(val), create_graph=True), -1)
         H = torch.cat(_grads(g, rep[:nd], _unit_rows(d, N, g)), -1)
     return g[:N].detach(), H.view(d, N, d).transpose(0, 1)
+
+
+def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callable,
+                          probe: Callable | None = None):
+    """The derivatives by one reverse-mode pass (``fast()``, :mod:`trajopt.ddp.reverse`:
+    several times faster than ``vmap(jacfwd)``; ``docs/performance.md``) where that gives
+    the transforms' answer, else by the transforms (``slow()``).
+
+    Reverse mode is taken with grad mode off (the result carries no outer graph, as the
+    transforms' would with grad mode on), outside inference mode (no graph is recorded
+    there), for functions reverse mode can run under ``vmap``, where the result is finite
+    (``torch.where(w != 0, sin(w) / w, 1)`` at ``w = 0`` sends a zero cotangent into the
+    unselected branch, whose local derivative is NaN; forward mode selects the finite
+    tangent), and for a model whose first evaluation (``key`` names it on ``model``)
+    agreed with the transforms: a ``torch.no_grad()`` block or a custom autograd Function
+    inside the function is seen by forward mode and not by reverse mode, or the other way
+    round.  The check runs at the first evaluation's points and, by ``probe()`` (the pair
+    at points moved off them), where a hidden part's derivative does not vanish by
+    accident (a drag ``v |v|`` at rest).  The transforms name a genuine error."""
+    state = getattr(model, key, None)
+    if state is False or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return slow()
+    try:
+        out = fast()
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        out = None
+    if out is None or not all(bool(torch.isfinite(v).all()) for v in out):
+        return slow()
+    if state is None:  # the first evaluation: against the transforms
+        try:
+            ref = slow()
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            # the transforms cannot run it (``refs[t]`` under vmap(jacfwd)): nothing to
+            # compare with, reverse mode is the only way to vectorize it
+            setattr(model, key, True)
+            return out
+        agree = _agree(out, ref)
+        if agree and probe is not None:
+            # and at points moved off the first ones: a hidden part whose derivative
+            # vanishes there (a drag v|v| at rest) would pass the check above
+            moved = probe()
+            if moved is not None:
+                agree = _agree(*moved)
+        setattr(model, key, agree)
+        return ref
+    return out
+
+
+def _agree(out, ref) -> bool:
+    """Equal to 1000 eps of each reference tensor's scale where both are finite."""
+    for a, b in zip(out, ref):
+        if a.shape != b.shape:
+            return False
+        ok = torch.isfinite(a) & torch.isfinite(b)
+        tol = 1000 * torch.finfo(b.dtype).eps * (1 + b[ok].abs().amax() if ok.any() else 1)
+        if not bool(((a - b).abs() <= tol)[ok].all()):
+            return False
+    return True
+
+
+def _moved(args: tuple, nd: int) -> tuple:
+    """The first ``nd`` arguments moved by 1e-3 (1 + |v|) in a fixed random direction."""
+    g = torch.Generator(device=args[0].device).manual_seed(0)
+    return tuple(a + 1e-3 * (1 + a.abs()) * torch.randn(a.shape, generator=g, dtype=a.dtype,
+                                                          device=a.device)
+                 if i < nd else a for i, a in enumerate(args))
+
+
+def moved_pair(fast: Callable, slow: Callable, args: tuple, nd: int = 2):
+    """``() -> (fast(moved), slow(moved))`` for :func:`reverse_or_transforms`, None on
+    failure."""
+    def run():
+        moved = _moved(args, nd)
+        try:
+            return fast(moved), slow(moved)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return None
+    return run
