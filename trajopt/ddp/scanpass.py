@@ -52,7 +52,7 @@ def scan_applies(stages: list, gains: GainsPlug, mu: torch.Tensor, lo) -> bool:
     if type(s0) is not DenseStage or s0.F.ndim != 3 or s0.fxx is not None:
         return False
     B, _, nm = s0.F.shape
-    return scan_pays(len(stages), B, nm) and not bool(mu.any())
+    return scan_pays(len(stages), B, nm, s0.F.device) and not bool(mu.any())
 
 
 def scan_backward_pass(stages: list[DenseStage], Vx: torch.Tensor, Vxx: torch.Tensor,

@@ -358,7 +358,8 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
         return None
     F, L, c = stacked
     batch = F.shape[1:-2]
-    if not scan_pays(len(stages), batch.numel(), F.shape[-1]) or L.shape[1:-2] != batch \
+    if not scan_pays(len(stages), batch.numel(), F.shape[-1], F.device) \
+            or L.shape[1:-2] != batch \
             or P.shape[:-2] != batch or p.shape[:-1] != batch:
         return None
     n = stages[0].n
