@@ -135,12 +135,14 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
 
 
 def _agree(out, ref) -> bool:
-    """Equal to 1000 eps of each reference tensor's scale where both are finite."""
+    """Equal to 1000 eps (of the coarser dtype: forward mode may promote float32 to
+    float64) of each reference tensor's scale where both are finite."""
     for a, b in zip(out, ref):
         if a.shape != b.shape:
             return False
         ok = torch.isfinite(a) & torch.isfinite(b)
-        tol = 1000 * torch.finfo(b.dtype).eps * (1 + b[ok].abs().amax() if ok.any() else 1)
+        eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+        tol = 1000 * eps * (1 + b[ok].abs().amax() if ok.any() else 1)
         if not bool(((a - b).abs() <= tol)[ok].all()):
             return False
     return True
