@@ -18,8 +18,9 @@ backward pass as a parallel scan"):
   (``mode="ilqr"``), all of one size;
 * :func:`~trajopt.riccati.scan.scan_pays`: at least
   :data:`~trajopt.riccati.scan.MIN_STAGES` stages and ``batch * (n + m)^2 <=``
-  :data:`~trajopt.riccati.scan.MAX_WORK` (a few problems of a few states, where the
-  recursion is bound by per-operation dispatch).
+  :data:`~trajopt.riccati.scan.MAX_WORK` on the CPU,
+  :data:`~trajopt.riccati.scan.MAX_WORK_CUDA` on a GPU (a few problems of a few states,
+  where the recursion is bound by per-operation dispatch or kernel launches).
 
 It then checks itself: the step's :math:`V_t`, computed from the scan's
 :math:`V_{t+1}`, must equal the scan's :math:`V_t` to
