@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._linalg import sym
 from .expansion import DenseStage
 
 __all__ = ["ScanValues", "scan_values", "stacked_stages", "scan_pays", "AGREEMENT",
@@ -229,4 +230,4 @@ def scan_values(F: torch.Tensor, L: torch.Tensor, n: int, Vx: torch.Tensor,
     D = D.view(T + 1, *batch, n, n + 1)
     J = D[..., :n]
     ok = (info == 0).all(0) if T else torch.ones(batch, dtype=torch.bool, device=F.device)
-    return ScanValues(Vx=D[..., n], Vxx=0.5 * (J + J.transpose(-1, -2)), ok=ok)
+    return ScanValues(Vx=D[..., n], Vxx=sym(J), ok=ok)
