@@ -42,7 +42,7 @@ from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 from .closure import loss_is_finite
 from .decompose import stages
 from .recorder import capture
-from .stages import NormStage, StageLinearization
+from .stages import NormStage, StageLinearization, outer_sum
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
@@ -170,35 +170,67 @@ def _output_space_steps(lins, out, aN, divergence, damping):
     With no stage cost (:math:`Q_i = M_i = 0`), :math:`R_i = r I` and the state
     perturbation starting at 0, the terminal perturbation is :math:`X_N = J u`, J the
     Jacobian of the batch's outputs in all controls, and the LQR's solution is
-    :math:`u = -(rI + J^	op Q_N J)^{-1} J^	op a = -J^	op (rI + Q_N S)^{-1} a` (push-
-    through identity) with :math:`S = J J^	op = \sum_i J_i J_i^	op`, the Gramian, of
+    :math:`u = -(rI + J^\top Q_N J)^{-1} J^\top a = -J^\top (rI + Q_N S)^{-1} a` (push-
+    through identity) with :math:`S = J J^\top = \sum_i J_i J_i^\top`, the Gramian, of
     size :math:`B n_N` (outputs), not :math:`B n_i` (hidden states) as the Riccati
-    matrices are.  :math:`J_i` per sample from the stage operators:
-    :math:`Y_N = I`, :math:`Y_i = Y_{i+1} f_x`, rows of :math:`J_i` = :math:`f_u^	op`
-    applied to :math:`Y_{i+1}`.  Cost :math:`O(B n_N \sum_i m_i)` memory,
-    :math:`O((B n_N)^2 \sum_i m_i + (B n_N)^3)` time (docs/steepest.md)."""
+    matrices are.  The rows of :math:`J_i` are :math:`f_u^\top` applied to
+    :math:`Y_{i+1}` (:math:`Y_N = I`, :math:`Y_i = Y_{i+1} f_x`): per sample b and output
+    j the cotangent factor :math:`w_{bj}` times the input :math:`\tilde x_b^\top`, so
+    (:func:`_stage_gramian`) a Linear stage's :math:`J_i J_i^\top` is
+    :math:`(w_{bj}^\top w_{ck})(\tilde x_b^\top \tilde x_c)` without forming
+    :math:`J_i`, and :math:`J_i^\top v` is one control gradient.  :math:`Q_N` is block
+    diagonal (one softmax Fisher block per sample) and multiplies S block by block.
+    Cost: time :math:`O((B n_N)^2 \sum_i \mathrm{out}_i + B^2 \sum_i \mathrm{in}_i +
+    (B n_N)^3)`, memory :math:`O((B n_N)^2)` (convolutions: from the explicit
+    :math:`J_i`, :math:`O((B n_N)^2 m_i)` time; docs/steepest.md)."""
     B = out.shape[0]
     n_out = out[0].numel()
     Y = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
-    Js = [None] * len(lins)
+    factors = [None] * len(lins)
     for t in range(len(lins) - 1, -1, -1):
-        lin = lins[t]
-        w = lin.factors(Y)                                         # (B, n_out, out, P)
-        Js[t] = torch.einsum("bjop,bip->bjoi", w, lin.X).reshape(B * n_out, -1)
+        factors[t] = lins[t].factors(Y)                            # (B, n_out, out, P)
         if t > 0:
-            Y = lin.fx_T(Y)
+            Y = lins[t].fx_T(Y)
     a = aN.reshape(B * n_out)
     if divergence == "euclidean":                                  # Q_N = 0, r = 1 + delta
         v = a / (1.0 + damping)
     else:                                                          # the softmax Fisher
         p = torch.softmax(out.reshape(B, -1), -1)
-        QN = _block_diag(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B
+        QN = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B   # (B, n, n)
         if damping == 0:   # the undamped natural gradient: F itself must be invertible
-            return _undamped_natural_gradient(Js, QN, a, B * (n_out - 1))
-        S = sum(J @ J.T for J in Js)
-        eye = torch.eye(B * n_out, dtype=out.dtype, device=out.device)
-        v = torch.linalg.solve(damping * eye + QN @ S, a)
-    return [-(J.T @ v) for J in Js]
+            Js = [_stage_jacobian(w, lin.X) for w, lin in zip(factors, lins)]
+            return _undamped_natural_gradient(Js, _block_diag(QN), a, B * (n_out - 1))
+        S = sum(_stage_gramian(w, lin.X) for w, lin in zip(factors, lins))
+        QS = (QN @ S.reshape(B, n_out, -1)).reshape(B * n_out, -1)
+        QS.diagonal().add_(damping)
+        v = torch.linalg.solve(QS, a)
+    v = v.reshape(B, n_out)
+    # J_i' v: the control gradient of the per-sample cotangent sum_j v_bj w_bj
+    return [-outer_sum(torch.einsum("bj,bjop->bop", v, w), lin.X).reshape(-1)
+            for w, lin in zip(factors, lins)]
+
+
+def _stage_jacobian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    r"""The rows :math:`w_{bj} \tilde x_b^\top` of one stage's output Jacobian, (B n_N,
+    out in'), from the factors w (B, n_N, out, P) and the unfolded input X (B, in', P)."""
+    B, n = w.shape[:2]
+    return torch.einsum("bjop,bip->bjoi", w, X).reshape(B * n, -1)
+
+
+def _stage_gramian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    r""":math:`J_i J_i^\top` (B n_N, B n_N) of one stage.  A Linear stage (one position,
+    P = 1): the elementwise product of the factors' Gram matrix (B n_N, B n_N) and the
+    inputs' (B, B) repeated per output, :math:`O((B n_N)^2 \mathrm{out} + B^2
+    \mathrm{in}')` instead of the :math:`O((B n_N)^2\, \mathrm{out}\, \mathrm{in}')` of
+    the explicit rows; a convolution (positions couple): from the explicit rows."""
+    B, n = w.shape[:2]
+    if X.dim() == 3 and X.shape[-1] == 1:
+        Wf = w[..., 0].reshape(B * n, -1)
+        Xf = X[..., 0]
+        K = (Xf @ Xf.T).repeat_interleave(n, 0).repeat_interleave(n, 1)
+        return (Wf @ Wf.T).mul_(K)
+    J = _stage_jacobian(w, X)
+    return J @ J.T
 
 
 def _undamped_natural_gradient(Js, QN, a, max_rank):
