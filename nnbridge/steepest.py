@@ -200,7 +200,9 @@ def _output_space_steps(lins, out, aN, divergence, damping):
         if damping == 0:   # the undamped natural gradient: F itself must be invertible
             Js = [_stage_jacobian(w, lin.X) for w, lin in zip(factors, lins)]
             return _undamped_natural_gradient(Js, _block_diag(QN), a, B * (n_out - 1))
-        S = sum(_stage_gramian(w, lin.X) for w, lin in zip(factors, lins))
+        S = _stage_gramian(factors[0], lins[0].X)
+        for w, lin in zip(factors[1:], lins[1:]):
+            S += _stage_gramian(w, lin.X)
         QS = (QN @ S.reshape(B, n_out, -1)).reshape(B * n_out, -1)
         QS.diagonal().add_(damping)
         v = torch.linalg.solve(QS, a)
@@ -227,8 +229,9 @@ def _stage_gramian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     if X.dim() == 3 and X.shape[-1] == 1:
         Wf = w[..., 0].reshape(B * n, -1)
         Xf = X[..., 0]
-        K = (Xf @ Xf.T).repeat_interleave(n, 0).repeat_interleave(n, 1)
-        return (Wf @ Wf.T).mul_(K)
+        S = Wf @ Wf.T
+        S.view(B, n, B, n).mul_((Xf @ Xf.T)[:, None, :, None])
+        return S
     J = _stage_jacobian(w, X)
     return J @ J.T
 
