@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tests._hypothesis import examples
 from trajopt.riccati import (
+    Carried,
     DenseOperatorStage,
     DenseResponse,
     DenseValue,
@@ -235,3 +236,100 @@ def test_feedback_from_the_pulled_back_factor(seed, B, n0, n1, n2, r, m, psd, ra
         plain = dataclasses.replace(step, next_value=DenseValue(nv.Vx, nv.Vxx))
         torch.testing.assert_close(step.feedback(dx), plain.feedback(dx), rtol=1e-11,
                                    atol=1e-11)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CarryingStage:
+    """A dense stage that holds f_x' K for one cotangent K (as a network stage holds the
+    gradient autograd sent to its input) and counts the rows it pulls back."""
+
+    inner: DenseOperatorStage
+    K_next: torch.Tensor
+    K: torch.Tensor
+    rows: list
+
+    samplewise = True
+
+    @property
+    def Bu(self):   # noqa: N802  (DenseResponse reads the stage's control Jacobian)
+        return self.inner.Bu
+
+    def fx_T(self, Y):
+        self.rows.append(Y.shape[1])
+        return self.inner.fx_T(Y)
+
+    def fx(self, dX):
+        return self.inner.fx(dX)
+
+    def fu_T_mean(self, Y):
+        return self.inner.fu_T_mean(Y)
+
+    value_gradient = fu_T_mean
+
+    def carried_pullback(self, K):
+        return self.K if K is self.K_next else None
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n0=st.integers(1, 5),
+       n1=st.integers(1, 5), n2=st.integers(1, 6), r=st.integers(1, 3),
+       m=st.integers(1, 4), psd=st.booleans(), rank_one=st.booleans(),
+       recursion=st.sampled_from(["per_sample", "mean"]))
+def test_carried_gradient_equals_the_pulled_back_gradient(seed, B, n0, n1, n2, r, m, psd,
+                                                          rank_one, recursion):
+    """V_x = K + Z a with f_x' K held by the stages: the step pulls back only the r
+    directions and gives the V_x, V_xx, Q_u and feedback of the plain pull-back of
+    V_x - V r (signed core, projection on and off, both recursions) to 1e-12."""
+    stages, _, P, lu, g = _chain(seed, B, [n0, n1, n2], m)
+    r = 1 if rank_one else r
+    K2 = torch.randn(B, n2, generator=g, dtype=DT)
+    Ks = [K2]
+    for stg in stages:
+        Ks.append(stg.fx_T(Ks[-1].unsqueeze(1)).squeeze(1))
+    rows = []
+    carrying = [_CarryingStage(stg, Ks[i], Ks[i + 1], rows) for i, stg in enumerate(stages)]
+    a = torch.randn(B, r, generator=g, dtype=DT)
+    if rank_one:
+        z = torch.randn(B, n2, generator=g, dtype=DT)
+        c = torch.randn(B, generator=g, dtype=DT)
+        plain = RankOneValue(K2 + a * z, c, z)
+    else:
+        Z = torch.randn(B, n2, r, generator=g, dtype=DT)
+        S = torch.randn(B, r, r, generator=g, dtype=DT)
+        plain = RankRValue(K2 + (Z @ a.unsqueeze(-1)).squeeze(-1), Z,
+                           0.5 * (S + S.transpose(-1, -2)))
+    carried = dataclasses.replace(plain, carried=Carried(K2, a))
+    got = _run(carried, carrying, P, lu, project_psd=psd, recursion=recursion)
+    want = _run(plain, stages, P, lu, project_psd=psd, recursion=recursion)
+    # the directions only (r of them, fewer where the projection's QR found fewer)
+    assert rows == [s_.value.directions().shape[1] for s_ in got]
+    for sa, sb, n in zip(got, want, (n1, n0)):
+        assert sa.value.carried is not None
+        torch.testing.assert_close(sa.value.Vx, sb.value.Vx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sa.value.Vxx, sb.value.Vxx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sa.Qu, sb.Qu, rtol=1e-12, atol=1e-12)
+        dx = torch.randn(B, n, generator=g, dtype=DT)
+        torch.testing.assert_close(sa.feedback(dx), sb.feedback(dx), rtol=1e-12, atol=1e-12)
+
+
+def test_carried_gradient_falls_back_to_the_pull_back():
+    """A Tikhonov term (eps r leaves the span of K and Z) or a stage that does not hold
+    the cotangent: V_x - V r is pulled back with the directions (r + 1 rows) and the
+    result no longer carries K."""
+    stages, _, P, lu, g = _chain(0, 3, [2, 3, 4], 2)
+    K2 = torch.randn(3, 4, generator=g, dtype=DT)
+    z = torch.randn(3, 4, generator=g, dtype=DT)
+    a = torch.randn(3, 1, generator=g, dtype=DT)
+    value = RankOneValue(K2 + a * z, torch.ones(3, dtype=DT), z, carried=Carried(K2, a))
+    K1 = stages[0].fx_T(K2.unsqueeze(1)).squeeze(1)
+    for stage_K, tik in ((K1, 0.3), (None, 0.0)):
+        rows = []
+        stg = _CarryingStage(stages[0], K2 if stage_K is not None else K2.clone(), K1, rows)
+        step = operator_riccati_step(value, stg, lambda Qu, v, s_=stg: DenseResponse(
+                                         s_, P, None, lu),
+                                     tikhonov=tik, recursion="mean")
+        ref = operator_riccati_step(dataclasses.replace(value, carried=None), stages[0],
+                                    lambda Qu, v: DenseResponse(stages[0], P, None, lu),
+                                    tikhonov=tik, recursion="mean")
+        assert rows == [2] and step.value.carried is None
+        torch.testing.assert_close(step.value.Vx, ref.value.Vx, rtol=0, atol=0)

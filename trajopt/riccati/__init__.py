@@ -49,7 +49,7 @@ from .step import (
     total_expected_change,
     value_update,
 )
-from .value import DenseValue, RankOneValue, RankRValue, Value
+from .value import Carried, DenseValue, RankOneValue, RankRValue, Value
 
 __all__ = [
     "QExpansion", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage", "SpanStage",
@@ -57,7 +57,7 @@ __all__ = [
     "DenseOperatorStage", "DenseResponse",
     "JointStage", "JointResponse", "JointStep", "joint_riccati_step", "joint_value",
     "sample_blocks",
-    "DenseValue", "RankOneValue", "RankRValue", "Value",
+    "Carried", "DenseValue", "RankOneValue", "RankRValue", "Value",
     "QuuSolver", "CholeskySolver", "PerElementCholesky", "cholesky_solve",
     "cholesky_factor", "solve_policy",
     "Gains", "GainsPlug", "CholeskyGains", "PlayerGains", "BoxGains",

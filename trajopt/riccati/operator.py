@@ -86,6 +86,12 @@ class OperatorStage(Protocol):
         instead of two).  The step uses it only in the sum with :math:`l_u` under
         ``recursion="mean"``; under ``"per_sample"`` it must be ``fu_T_mean(Vx)``."""
 
+    def carried_pullback(self, K: torch.Tensor) -> torch.Tensor | None:
+        """(Optional; absent: None.) :math:`f_x^\\top K` for the cotangent K (B, n1) a
+        factored value carries (:class:`trajopt.riccati.value.Carried`) when the stage
+        already holds it (a network stage: the gradient autograd sent to its input),
+        else None; the step then pulls back only the value's directions."""
+
     # optional: samplewise (bool), f_x acts sample by sample (nothing mixes the samples):
     # the step may then read per-sample quantities off per-sample pull-backs (the
     # feedback's coordinates, the Gram-matrix downdate); absent means False
@@ -242,12 +248,28 @@ def operator_riccati_step(
         const = resp.response_const()
         if const is not None:
             r = r + const
-    g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
     if core is None:
         core = value.downdate(D, MD, w, project_psd)
-    new = value.pullback(stage.fx_T, g, core)
+    K = _carried_pullback(value, stage, tikhonov)
+    if K is not None:   # V_x = K + Z a: only the directions are pulled back
+        new = value.pullback_carried(stage.fx_T, r, core, K)
+    else:
+        g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
+        new = value.pullback(stage.fx_T, g, core)
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
                         factor_map=value.factor_map(core) if value.factored else None)
+
+
+def _carried_pullback(value: Value, stage: OperatorStage,
+                      tikhonov: float) -> torch.Tensor | None:
+    r""":math:`f_x^\top K` of the value's carried cotangent from the stage, or None (no
+    carried part; a Tikhonov term, which puts :math:`\epsilon r` outside the span of K
+    and the directions; a stage that does not hold it)."""
+    carried = getattr(value, "carried", None)
+    pull = getattr(stage, "carried_pullback", None)
+    if carried is None or tikhonov or pull is None:
+        return None
+    return pull(carried.K)
 
 
 @dataclass(frozen=True)

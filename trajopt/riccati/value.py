@@ -29,6 +29,13 @@ r (instead of n) responses per sample.  ``RankRValue`` with ``C = None`` is
 rotation, :func:`nnbridge.terminal.ggn_factor`); the core C appears at
 the first downdate.  With r = 1 it is :class:`RankOneValue` (``C = c``).
 
+A factored value may carry its gradient split as :math:`V_x = K + Z a`
+(:class:`Carried`), K a cotangent whose pull-backs the caller already holds (a network's
+own back-propagated gradient, recorded by autograd): the step then pulls back only the r
+directions, and the new gradient is :math:`f_x^\top K + (f_x^\top Z) b` with
+:math:`b = a - C Z^\top r` (``pullback_carried``), the same vector as
+:math:`f_x^\top (V_x - V r)`.
+
 A Tikhonov :math:`\epsilon I` enters every product with :math:`V'` (``hess_apply``); the
 dense form also propagates it to earlier stages, the factored forms do not (it would
 destroy the low rank) -- ``docs/ddpnopt.md`` discusses the choice.  ``project_psd``
@@ -48,7 +55,7 @@ import torch
 
 from .._linalg import sym, thin_qr
 
-__all__ = ["DenseValue", "RankOneValue", "RankRValue", "Value"]
+__all__ = ["Carried", "DenseValue", "RankOneValue", "RankRValue", "Value"]
 
 Pullback = Callable[[torch.Tensor], torch.Tensor]  # f_x' on rows: (B, J, n1) -> (B, J, n)
 
@@ -76,6 +83,23 @@ def _psd(W: torch.Tensor) -> torch.Tensor:
             return torch.full_like(W, math.nan)
     out = (Q * lam.clamp(min=0.0).unsqueeze(-2)) @ Q.transpose(-1, -2)
     return out if all_finite else torch.where(finite, out, torch.full_like(out, math.nan))
+
+
+@dataclass(frozen=True)
+class Carried:
+    r"""A factored value's gradient as :math:`V_x = K + Z a` (module docstring).
+
+    Attributes
+    ----------
+    K : (B, n)
+        A cotangent the stages can pull back without a product
+        (:meth:`trajopt.riccati.operator.OperatorStage.carried_pullback`).
+    a : (B, r)
+        Its coordinates in the value's factor Z (B, n, r) (rank one: z, r = 1).
+    """
+
+    K: torch.Tensor
+    a: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,8 @@ class RankOneValue:
     Vx: torch.Tensor
     c: torch.Tensor
     z: torch.Tensor
+    #: ``Vx = K + a z`` (:class:`Carried`), or None
+    carried: Carried | None = None
 
     @property
     def Vxx(self) -> torch.Tensor:
@@ -179,6 +205,17 @@ class RankOneValue:
         FY = fx_T(torch.stack([g, self.z], 1))
         return RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
 
+    def pullback_carried(self, fx_T: Pullback, r: torch.Tensor, c: torch.Tensor,
+                         K: torch.Tensor) -> RankOneValue:
+        r""":meth:`pullback` of :math:`g = V_x - c z z^\top r` (B, n1) when
+        :attr:`carried` holds :math:`V_x = K_1 + a z` and ``K`` is :math:`f_x^\top K_1`:
+        :math:`g = K_1 + b z` with :math:`b = a - c\, z^\top r`, so only z is pulled
+        back."""
+        b = self.carried.a[:, 0] - self.c * (self.z * r).sum(-1)
+        z = fx_T(self.z.unsqueeze(1))[:, 0]
+        return RankOneValue(Vx=K + b[:, None] * z, c=c, z=z,
+                            carried=Carried(K=K, a=b[:, None]))
+
 
 @dataclass(frozen=True)
 class RankRValue:
@@ -194,6 +231,8 @@ class RankRValue:
     Vx: torch.Tensor
     Z: torch.Tensor
     C: torch.Tensor | None = None
+    #: ``Vx = K + Z a`` (:class:`Carried`), or None
+    carried: Carried | None = None
 
     @property
     def Vxx(self) -> torch.Tensor:
@@ -254,6 +293,23 @@ class RankRValue:
         Z, C = core[:2]
         FY = fx_T(torch.cat([g.unsqueeze(1), Z.transpose(-1, -2)], 1))
         return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
+
+    def pullback_carried(self, fx_T: Pullback, r: torch.Tensor, core: tuple,
+                         K: torch.Tensor) -> RankRValue:
+        r""":meth:`pullback` of :math:`g = V_x - Z C Z^\top r` (B, n1) when :attr:`carried`
+        holds :math:`V_x = K_1 + Z a` and ``K`` is :math:`f_x^\top K_1`: :math:`g = K_1 + Z
+        b` with :math:`b = a - C Z^\top r`; only the r directions are pulled back, and
+        :math:`f_x^\top Z b = Z_{new} R b` (R the downdate's factor map, or I)."""
+        coords = (r.unsqueeze(1) @ self.Z).squeeze(1)                   # (B, r)
+        if self.C is not None:
+            coords = (coords.unsqueeze(1) @ self.C).squeeze(1)
+        b = self.carried.a - coords
+        Q, C, R = core
+        Z = fx_T(Q.transpose(-1, -2)).transpose(-1, -2)                 # (B, n, r)
+        if R is not None:
+            b = (R @ b.unsqueeze(-1)).squeeze(-1)
+        Vx = K + (Z @ b.unsqueeze(-1)).squeeze(-1)
+        return RankRValue(Vx=Vx, Z=Z, C=C, carried=Carried(K=K, a=b))
 
 
 Value = DenseValue | RankOneValue | RankRValue
