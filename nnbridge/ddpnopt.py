@@ -28,6 +28,7 @@ SkippedStepWarning`: parameters and optimizer state are left exactly as they wer
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
-from trajopt.riccati import joint_riccati_step, joint_value, operator_riccati_step
+from trajopt.riccati import Carried, joint_riccati_step, joint_value, operator_riccati_step
 
 from .batchnorm import batch_coupled
 from .closure import loss_is_finite
@@ -112,6 +113,11 @@ class DDPNOpt(torch.optim.Optimizer):
     **hyper
         Curvature hyper-parameters.
     """
+
+    #: the backward pass carries the value gradient as V_x = K + Z a, K the gradient the
+    #: training loop's backward pass sent to each stage (recorded), so that only the
+    #: value's directions are pulled back (:class:`trajopt.riccati.value.Carried`)
+    _carries_gradient = True
 
     #: the terminal Hessian of ``value_hessian="outer"`` when none is given (the dense
     #: forms default to "ggn"); a class's choice, by measurement (``docs/ddpnopt.md``)
@@ -202,7 +208,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 stacklevel=2)
         self._fixed = [p for _, p in fixed]
         super().__init__(params + self._fixed, defaults)
-        self._recorder = BatchRecorder(net, self._stages)
+        self._recorder = BatchRecorder(net, self._stages,
+                                       input_grads=feedback and self._carries_gradient)
         self._verified = False  # the decomposition, against the first recorded batch
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -510,9 +517,25 @@ class DDPNOpt(torch.optim.Optimizer):
             states.append(new)
         return controls, states
 
+    def _carried(self, rec, value, mean):
+        r"""``(value, Ks)``: the terminal value carrying :math:`V_x = K_T + Z\cdot 0`
+        and :math:`K_t = B \times` the gradient stage t's module sent to its input
+        (:mod:`nnbridge.recorder`), or ``(value, None)`` where nothing is carried (dense
+        values, no record)."""
+        grads = rec.input_grads
+        if not (getattr(value, "factored", False) and grads and
+                any(g is not None for g in grads[1:])):
+            return value, None
+        B = mean.local
+        r = value.directions().shape[1]
+        value = dataclasses.replace(value, carried=Carried(
+            K=value.Vx, a=value.Vx.new_zeros(B, r)))
+        Ks = [None if g is None else (g * B).reshape(B, -1) for g in grads]
+        return value, Ks + [value.Vx]
+
     def _ddp_update(self, rec, group, frozen, mean):
         T = len(self._stages)
-        value = self._terminal(rec, mean)
+        value, Ks = self._carried(rec, self._terminal(rec, mean), mean)
         curv = self.curvature
         out: list[dict] = [None] * T
         steps = [None] * T
@@ -527,8 +550,9 @@ class DDPNOpt(torch.optim.Optimizer):
             # (StageLinearization.value_gradient): l_u + sent = p.grad, one product
             h = rec.h_grads[t]
             fused = h is not None and not frozen[t] and hp["value_recursion"] == "mean"
+            carry = None if Ks is None or t == 0 else (Ks[t + 1], Ks[t], h)
             lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean,
-                                     sent=h if fused else None)
+                                     sent=h if fused else None, carry=carry)
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}

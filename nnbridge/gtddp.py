@@ -64,6 +64,10 @@ class GTDDP(DDPNOpt):
 
     default_terminal_hessian = "ggn"
 
+    #: the stage graph's pull-backs take the value gradient with the directions (the
+    #: carried form of DDPNOpt's chain is not wired through the graph's players)
+    _carries_gradient = False
+
     def __init__(self, model: nn.Module, lr: float | None = None, *,
                  alignment: Alignment = "merge", **kwargs: Any):
         self.alignment = alignment

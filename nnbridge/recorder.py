@@ -10,6 +10,13 @@ each stage's pre-activation).  Forward passes under ``torch.no_grad()`` /
 gradient of the affine output *before* any in-place activation, so
 ``ReLU(inplace=True)`` is fine.
 
+With ``input_grads=True`` a stage's input is handed to its module through an alias
+(``x.view_as(x)``), so that the gradient recorded there is the one the stage's own
+module sent back (its vector-Jacobian product, :math:`g_x^\top \nabla_h`), not the
+total at :math:`x_t` that other consumers of the tensor add to; DDPNOpt's backward
+pass reads :math:`f_x^\top K` off it (:meth:`nnbridge.stages.StageLinearization.
+carried_pullback`).
+
 At ``step()`` the chunks whose backward pass has run are the batch (gradient
 accumulation: several forward/backward passes before one step are one batch, concatenated);
 chunks still waiting for their backward pass are dropped.  ``zero_grad()`` drops the
@@ -53,6 +60,9 @@ class Capture:
         Per layer, its inputs at each of its calls, in call order.
     model_input : Tensor or None
         The network's input.
+    input_grads : list of Tensor or None
+        Per stage, the gradient its module sent to its input (recorded with
+        ``input_grads=True``, for a layer called once), else None.
     """
 
     inputs: list = field(default_factory=list)
@@ -61,19 +71,21 @@ class Capture:
     output_grad: torch.Tensor | None = None
     calls: list = field(default_factory=list)
     model_input: torch.Tensor | None = None
+    input_grads: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class _Chunk:
     inputs: list        # per layer, the list of its calls' inputs
     h_grads: list       # per layer, per call, the pre-activation gradient or None
+    in_grads: list      # per layer, per call, the gradient its module sent to its input
     model_input: torch.Tensor | None = None
     output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
 
     @classmethod
     def open(cls, n: int, x) -> _Chunk:
-        return cls([[] for _ in range(n)], [[] for _ in range(n)],
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
                    x.detach() if torch.is_tensor(x) else None)
 
     @property
@@ -85,10 +97,11 @@ class _Chunk:
         g = g.detach()
         if key == "out":
             self.output_grad = g if self.output_grad is None else self.output_grad + g
-        else:
-            i, c = key
-            old = self.h_grads[i][c]
-            self.h_grads[i][c] = g if old is None else old + g
+            return
+        kind, i, c = key
+        store = self.h_grads if kind == "h" else self.in_grads
+        old = store[i][c]
+        store[i][c] = g if old is None else old + g
 
 
 def _cat(parts: list, dtype: torch.dtype | None):
@@ -107,10 +120,15 @@ class BatchRecorder:
         The network whose forward pass opens a chunk (not a DDP wrapper: the module it
         wraps).
     stage_list : list of Stage
+    input_grads : bool
+        Also record the gradient each stage's module sends to its input (module
+        docstring).
     """
 
-    def __init__(self, model: nn.Module, stage_list: list[Stage]):
+    def __init__(self, model: nn.Module, stage_list: list[Stage], *,
+                 input_grads: bool = False):
         self.n = len(stage_list)
+        self.input_grads = bool(input_grads)
         self._chunks: list[_Chunk] = []
         self._open: _Chunk | None = None
         ref = weakref.ref(self)
@@ -148,13 +166,16 @@ class BatchRecorder:
                   for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
         grads = [[_cat([ch.h_grads[i][c] for ch in done], dtype)
                   for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
+        in_grads = [_cat([ch.in_grads[i][0] for ch in done], dtype)
+                    if len(done[0].inputs[i]) == 1 else None for i in range(self.n)]
         return Capture(
             inputs=[x[0] for x in calls],
             h_grads=[g[0] if len(g) == 1 else None if any(h is None for h in g)
                      else combine_calls(g) for g in grads],
             output=_cat([c.output for c in done], dtype),
             output_grad=_cat([c.output_grad for c in done], dtype),
-            calls=calls, model_input=_cat([c.model_input for c in done], dtype))
+            calls=calls, model_input=_cat([c.model_input for c in done], dtype),
+            input_grads=in_grads)
 
     # the hooks' side ----------------------------------------------------------
     def _watch(self, chunk: _Chunk, key, out: torch.Tensor) -> None:
@@ -193,8 +214,17 @@ def _stage_input(ref, i):
     def hook(mod, args):
         rec = ref()
         if rec is not None and rec._open is not None:
-            rec._open.inputs[i].append(args[0].detach())
-            rec._open.h_grads[i].append(None)
+            x = args[0]
+            chunk = rec._open
+            chunk.inputs[i].append(x.detach())
+            chunk.h_grads[i].append(None)
+            chunk.in_grads[i].append(None)
+            if rec.input_grads and torch.is_tensor(x) and x.requires_grad:
+                # the module sees an alias: its gradient is this module's alone
+                alias = x.view_as(x)
+                rec._watch(chunk, ("in", i, len(chunk.inputs[i]) - 1), alias)
+                return (alias, *args[1:])
+        return None
     return hook
 
 
@@ -202,7 +232,7 @@ def _stage_output(ref, i):
     def hook(mod, args, out):
         rec = ref()
         if rec is not None and rec._open is not None:
-            rec._watch(rec._open, (i, len(rec._open.inputs[i]) - 1), out)
+            rec._watch(rec._open, ("h", i, len(rec._open.inputs[i]) - 1), out)
     return hook
 
 

@@ -19,6 +19,7 @@ tensors unless a curvature asks for them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -269,6 +270,29 @@ def _derivative_from_output(post, y: torch.Tensor) -> torch.Tensor | None:
     return None if form is None else form[1](y)
 
 
+def _is_flatten(p: nn.Module) -> bool:
+    return isinstance(p, nn.Flatten) and p.start_dim == 1 and p.end_dim == -1
+
+
+def _unflatten_post(post):
+    """The stage's post-activation modules without a final ``nn.Flatten()``."""
+    return post[:-1] if post and _is_flatten(post[-1]) else post
+
+
+def _unflattened(stage, x: torch.Tensor, U: torch.Tensor,
+                 x_next: torch.Tensor) -> torch.Tensor:
+    """The captured output ``x_next`` in the shape of the pre-activation when the stage's
+    post ends with ``nn.Flatten()`` (a convolution before the classifier): sigma'(h)
+    then comes from the output alone, the Flatten being a reshape; the shape from the
+    layer on one sample."""
+    if not (stage.post and _is_flatten(stage.post[-1])):
+        return x_next
+    h_shape = tuple(stage.affine(x[:1], U).shape[1:])
+    if math.prod(h_shape) != x_next[0].numel():
+        return None
+    return x_next.reshape(x_next.shape[0], *h_shape)
+
+
 def combine_calls(hs: list[torch.Tensor]) -> torch.Tensor:
     """The pre-activations of a layer's calls (B, out, ...) as one (B, out, P): each
     call's positions flattened, the calls concatenated (a Linear call is one position).
@@ -347,8 +371,13 @@ class StageLinearization:
     def __init__(self, stage: Stage, x: torch.Tensor, U: torch.Tensor | None = None,
                  x_next: torch.Tensor | None = None,
                  mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 sent: torch.Tensor | None = None):
+                 sent: torch.Tensor | None = None,
+                 carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.stage = stage
+        #: ``(K_next, K, h_grad)``: B times the gradients the next stage's module and
+        #: this one's sent to their inputs, (B, n1) and (B, n), and the recorded
+        #: pre-activation gradient (:meth:`carried_pullback`), or None
+        self.carry = carry
         #: the recorded gradient ``(B, *h_shape)`` of the batch-mean loss at the
         #: pre-activation (the training loop's backward pass): the caller already holds
         #: the control gradient of its per-sample cotangents (B times it), and
@@ -365,10 +394,11 @@ class StageLinearization:
         self._vjp = None
         with torch.no_grad():
             self.X = stage.unfold(x)
-            s = None if x_next is None else _derivative_from_output(stage.post, x_next)
+            y = None if x_next is None else _unflattened(stage, x, self.U, x_next)
+            s = None if y is None else _derivative_from_output(_unflatten_post(stage.post), y)
             if s is not None:  # the captured output suffices: no recomputation of h
                 self.x_next, self.s, self._h = x_next, s, None
-                self.h_shape = tuple(x_next.shape[1:])
+                self.h_shape = tuple(y.shape[1:])
                 self.n1 = self.x_next[0].numel()
                 return
             self._h = stage.affine(x, self.U)
@@ -473,6 +503,28 @@ class StageLinearization:
         Once per linearization: the step asks at its Gram downdate and its feedback."""
         return samplewise(self.stage, [self.stage.module, *self.stage.post], self.fx_T,
                           self.B, self.n1, self.x)
+
+    def carried_pullback(self, K: torch.Tensor) -> torch.Tensor | None:
+        r""":math:`f_x^\top K` without a product, when ``K`` is the recorded
+        :math:`K_{t+1} = B\,\nabla_{x_{t+1}}` the next stage's module sent back: then
+        :math:`f_x^\top K = g_x^\top(\sigma_h^\top K)`, and autograd computed
+        :math:`g_x^\top (B \nabla_h)` for this module's input (recorded, ``carry``).  The
+        two are the same vector exactly when :math:`\sigma_h^\top K = B \nabla_h`
+        elementwise (to 8 eps): nothing else used :math:`h` or :math:`x_{t+1}` (a
+        penalty on the activations, a detach, a second consumer would show there).
+        None otherwise (no record, an activation without a closed-form derivative, a
+        mismatch): the step then pulls the gradient back itself."""
+        if self.carry is None or self.s is None or isinstance(self.stage, NormStage):
+            return None
+        K_next, K_own, h = self.carry
+        if K is not K_next or K_own is None or h is None:
+            return None
+        sK = K.reshape(self.s.shape) * self.s
+        Bh = h.reshape(self.s.shape) * self.B
+        eps = torch.finfo(sK.dtype).eps
+        if not bool(((sK - Bh).abs() <= 8 * eps * (sK.abs() + Bh.abs())).all()):
+            return None
+        return K_own
 
     def fx(self, dX: torch.Tensor) -> torch.Tensor:
         dx = dX.reshape(self.B, *self.x_shape)

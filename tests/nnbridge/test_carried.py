@@ -1,0 +1,123 @@
+"""DDPNOpt's backward pass carries the value gradient as V_x = K + Z a, K the gradient the
+training loop's backward pass sent to each stage's module (recorded), and pulls back only
+the value's directions.  Float64: the step equals the step of the plain pull-back of V_x,
+the carried path is taken where the record is the pull-back, and it is refused (the plain
+pull-back runs) where something else entered the recorded gradients: a penalty on the
+activations, a second consumer of a stage input, a detach."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import nnbridge
+from nnbridge.ddpnopt import DDPNOpt
+from nnbridge.stages import StageLinearization
+
+
+class Net(nn.Module):
+    """A custom module (not an nn.Sequential) with an in-place ReLU, optionally with a
+    penalty on a stage input or on a pre-activation (added to the loss)."""
+
+    def __init__(self, extra=None):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.extra = extra
+        self.penalty = None
+
+    def forward(self, x):
+        h1 = torch.tanh(self.fc1(x))
+        h2 = F.relu(self.fc2(h1), inplace=True)
+        if self.extra == "penalty":          # on a stage input
+            self.penalty = 1e-2 * (h2 ** 2).sum()
+        z3 = self.fc3(h2)
+        if self.extra == "pre_penalty":      # on a pre-activation
+            self.penalty = 1e-2 * (z3 ** 2).sum()
+        return self.fc4(torch.tanh(z3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, 8), nn.ReLU(inplace=True),
+                         nn.Linear(8, 4))
+
+
+def _run(model_fn, shape, carried, monkeypatch, steps=2, **kw):
+    """Parameters after ``steps`` DDPNOpt steps and how often the stages returned a
+    carried pull-back."""
+    torch.manual_seed(0)
+    model = model_fn().double()
+    monkeypatch.setattr(DDPNOpt, "_carries_gradient", carried)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = nnbridge.DDPNOpt(model, **kw)
+    monkeypatch.undo()
+    taken = []
+    orig = StageLinearization.carried_pullback
+
+    def spy(self, K):
+        out = orig(self, K)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(StageLinearization, "carried_pullback", spy)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(5, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,), generator=g)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        if getattr(model, "penalty", None) is not None:
+            loss = loss + model.penalty
+        loss.backward()
+        opt.step()
+    monkeypatch.undo()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), taken
+
+
+OPTS = [dict(lr=1e-2, curvature="adam"),                          # rank one (Fisher)
+        dict(lr=0.1, curvature="identity", terminal_hessian="ggn"),  # rank r
+        dict(lr=1e-2, curvature="rmsprop", value_recursion="per_sample"),
+        # update_freq=1: with B = 5 samples EKFAC's Kronecker factors are rank
+        # deficient, and an eigenbasis kept from an earlier step rotates its degenerate
+        # (null) subspace with the last bit of the factors' inputs: the next step then
+        # moves by ~1e-5 under any rounding change, carried or not
+        dict(lr=0.05, curvature="ekfac", value_psd=False, update_freq=1)]
+
+
+@pytest.mark.parametrize("kw", OPTS, ids=lambda kw: kw["curvature"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_carried_step_equals_the_plain_pull_back(model, kw, monkeypatch):
+    fn, shape = (Net, (6,)) if model == "mlp" else (_cnn, (1, 6, 6))
+    a, taken = _run(fn, shape, True, monkeypatch, **kw)
+    b, none = _run(fn, shape, False, monkeypatch, **kw)
+    assert taken and all(taken) and none == []
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("extra", ["penalty", "pre_penalty"])
+def test_a_gradient_the_dynamics_do_not_explain_is_not_carried(extra, monkeypatch):
+    """A penalty on a stage input or on a pre-activation adds to the recorded gradients:
+    the stage that sees the difference refuses the carried pull-back (and so do the
+    stages before it), and the step is the plain pull-back's, which models the terminal
+    loss and the dynamics only, as before."""
+    a, taken = _run(lambda: Net(extra), (6,), True, monkeypatch, lr=1e-2)
+    b, _ = _run(lambda: Net(extra), (6,), False, monkeypatch, lr=1e-2)
+    # the stage whose output the penalty reads refuses (stage 1 for its input h2, stage
+    # 2 for its pre-activation), the later ones carry, the earlier ones get nothing
+    assert taken == ([True, True, False] if extra == "penalty" else [True, False]) * 2
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_values_and_gtddp_do_not_record_input_gradients(monkeypatch):
+    """value_hessian='full' has no directions to carry with; GT-DDP's graph stages pull
+    the gradient back themselves: neither takes the carried path."""
+    _, taken = _run(Net, (6,), True, monkeypatch, lr=1e-2, value_hessian="full")
+    assert taken == []
+    torch.manual_seed(0)
+    opt = nnbridge.GTDDP(Net().double(), lr=1e-2)
+    assert not opt._recorder.input_grads
