@@ -33,11 +33,14 @@ runs the recursion.  Elements whose :math:`Q_{uu}` is not positive definite are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from ..riccati.expansion import DenseStage, expand_q_joint
 from ..riccati.policy import CholeskyGains, GainsPlug
-from ..riccati.scan import scan_pays, scan_values, stacked_stages
+from ..riccati.scan import scan_pays, scanned_step, stacked_stages
 from ..riccati.step import total_expected_change, value_update
 from .batch import Policy
 
@@ -70,23 +73,36 @@ def scan_backward_pass(stages: list[DenseStage], Vx: torch.Tensor, Vxx: torch.Te
     gains : CholeskyGains
         The gains plug of the pass (every ``reg`` zero).
     """
+    def step(Vx1, Vxx1, F, L, n, c):
+        Q = expand_q_joint(Vx1, Vxx1, F, L, n, c)
+        g = gains.gains(Q, 0)  # all stages at once: K (T, B, m, n), ok (T, B)
+        # elements whose Q_uu was not PD somewhere are flagged, as the recursion flags them
+        return _Pass(g, value_update(Q, g.K, g.k, exact_policy=False, kK=g.kK)), g.ok.all(0)
+
     stacked = stacked_stages(stages)
-    if stacked is None:
+    done = None if stacked is None else scanned_step(stacked, stages[0].n, Vx, Vxx, step)
+    if done is None:
         return None
-    F, L, c = stacked
-    n = stages[0].n
-    vals = scan_values(F, L, n, Vx, Vxx, c)
-    if not bool(vals.ok.all()):
-        return None
-    Q = expand_q_joint(vals.Vx[1:], vals.Vxx[1:], F, L, n, c)
-    g = gains.gains(Q, 0)  # all stages at once: K (T, B, m, n), ok (T, B)
-    step = value_update(Q, g.K, g.k, exact_policy=False, kK=g.kK)
-    # elements whose Q_uu was not PD somewhere are flagged, as the recursion flags them
-    ok = g.ok.all(0)
-    if not vals.agrees(step.Vx, step.Vxx, ok):
-        return None
-    k, Qu, Qg = (v.transpose(0, 1).flatten(1) for v in step.change_terms())
+    g, ok = done.gains, done.gains.ok.all(0)
+    k, Qu, Qg = (v.transpose(0, 1).flatten(1) for v in done.step.change_terms())
     dV = total_expected_change([(k, Qu, Qg)])
     return Policy(list(g.K.unbind(0)), list(g.k.unbind(0)),
-                  list(step.Vx.unbind(0)) + [Vx], list(step.Vxx.unbind(0)) + [Vxx], dV,
+                  list(done.Vx.unbind(0)) + [Vx], list(done.Vxx.unbind(0)) + [Vxx], dV,
                   ok & torch.isfinite(dV).all(-1))
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The gains and the value update of all stages (``Vx``, ``Vxx``: the step's, for
+    :func:`~trajopt.riccati.scan.scanned_step`'s check)."""
+
+    gains: Any
+    step: Any
+
+    @property
+    def Vx(self) -> torch.Tensor:  # noqa: N802
+        return self.step.Vx
+
+    @property
+    def Vxx(self) -> torch.Tensor:  # noqa: N802
+        return self.step.Vxx

@@ -26,7 +26,7 @@ from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
 from ..errors import InvalidArgumentError, NotPositiveDefiniteError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
-from ..riccati.scan import scan_pays, scan_values, stacked_stages
+from ..riccati.scan import scan_pays, scanned_step, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .implicit import lqr_trajectory
@@ -362,20 +362,19 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
             or L.shape[1:-2] != batch \
             or P.shape[:-2] != batch or p.shape[:-1] != batch:
         return None
-    n = stages[0].n
-    vals = scan_values(F, L, n, p, P, c)
-    if not bool(vals.ok.all()):
+
+    def step(Vx1, Vxx1, F, L, n, c):
+        try:
+            out = riccati_step_joint(Vx1, Vxx1, F, L, n, c, solver=CholeskySolver())
+        except NotPositiveDefiniteError:
+            return None
+        return out, torch.ones(batch, dtype=torch.bool, device=F.device)
+
+    done = scanned_step(stacked, stages[0].n, p, P, step)
+    if done is None:
         return None
-    try:
-        step = riccati_step_joint(vals.Vx[1:], vals.Vxx[1:], F, L, n, c,
-                                  solver=CholeskySolver())
-    except NotPositiveDefiniteError:
-        return None
-    if not vals.agrees(step.Vx, step.Vxx, torch.ones(batch, dtype=torch.bool,
-                                                     device=F.device)):
-        return None
-    return (list(step.K.unbind(0)), list(step.k.unbind(0)),
-            list(step.Vxx.unbind(0)) + [P], list(step.Vx.unbind(0)) + [p])
+    return (list(done.K.unbind(0)), list(done.k.unbind(0)),
+            list(done.Vxx.unbind(0)) + [P], list(done.Vx.unbind(0)) + [p])
 
 
 def _under_functorch() -> bool:

@@ -61,6 +61,7 @@ every stage of the same sizes, ``n1 = n``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +69,8 @@ import torch
 from .._linalg import sym
 from .expansion import DenseStage
 
-__all__ = ["ScanValues", "scan_values", "stacked_stages", "scan_pays", "AGREEMENT",
-           "MIN_STAGES", "MAX_WORK", "MAX_WORK_CUDA"]
+__all__ = ["ScanValues", "scan_values", "scanned_step", "stacked_stages", "scan_pays",
+           "AGREEMENT", "MIN_STAGES", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: fewest stages for which the solvers take the scan (below it the recursion is as fast)
 MIN_STAGES = 16
@@ -231,3 +232,38 @@ def scan_values(F: torch.Tensor, L: torch.Tensor, n: int, Vx: torch.Tensor,
     J = D[..., :n]
     ok = (info == 0).all(0) if T else torch.ones(batch, dtype=torch.bool, device=F.device)
     return ScanValues(Vx=D[..., n], Vxx=sym(J), ok=ok)
+
+
+def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
+                 step: Callable):
+    r"""The exact backward pass with the values from :func:`scan_values` and the Riccati
+    step run once over all stages (stages as the leading batch dimension), or None.
+
+    Parameters
+    ----------
+    stacked : (F, L, c)
+        The stages stacked by :func:`stacked_stages`; ``n`` the state size.
+    Vx : (..., n), Vxx : (..., n, n)
+        Terminal value derivatives.
+    step : callable
+        ``step(Vx_next, Vxx_next, F, L, n, c)`` with the scan's values at stages 1 .. T
+        ((T, ..., n), (T, ..., n, n)) -> ``(result, valid)``: anything with the step's
+        value derivatives ``result.Vx`` (T, ..., n) and ``result.Vxx``, and the elements
+        (...) whose :math:`Q_{uu}` was positive definite at every stage; or None (a step
+        that refuses, e.g. a solver that raises on an indefinite :math:`Q_{uu}`).
+
+    Returns
+    -------
+    ``result``, or None where a stage's ``R`` is not positive definite, the step returns
+    None, or the step's values disagree with the scan's (:meth:`ScanValues.agrees`): the
+    caller then runs the recursion.
+    """
+    F, L, c = stacked
+    vals = scan_values(F, L, n, Vx, Vxx, c)
+    if not bool(vals.ok.all()):
+        return None
+    got = step(vals.Vx[1:], vals.Vxx[1:], F, L, n, c)
+    if got is None:
+        return None
+    result, valid = got
+    return result if vals.agrees(result.Vx, result.Vxx, valid) else None
