@@ -314,3 +314,22 @@ def test_parameters_outside_the_stages_are_refused_by_name():
         lqr_direction(model, x, y, F.cross_entropy)
     with pytest.raises(TypeError, match=r"parameters of \['2'\] are not stages"):
         LQRDescent(model)
+
+
+def test_kl_falls_back_to_lu_when_the_symmetric_system_is_not_numerically_pd(monkeypatch):
+    """The output-space KL solve goes through the SPD system damping I + Z' S Z; where
+    rounding makes its Cholesky fail it solves damping I + Q_N S by LU: the same
+    direction (the explicit damped Fisher inverse)."""
+    model = mlp()
+    x, y = data(5, (4,))
+    g, _, Fi = _explicit(model, x, y)
+    ref = -torch.linalg.solve(Fi + 1e-2 * torch.eye(len(g)), g)
+    chol = torch.linalg.cholesky_ex
+
+    def failing(A, **kw):
+        L, info = chol(A, **kw)
+        return L, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-2))
+    assert float((d - ref).norm() / ref.norm()) < 1e-8
