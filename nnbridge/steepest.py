@@ -204,7 +204,9 @@ def _output_space_steps(lins, out, aN, divergence, damping):
         S = _stage_gramian(factors[0], lins[0].X)
         for w, lin in zip(factors[1:], lins[1:]):
             S += _stage_gramian(w, lin.X)
-        v = _damped_fisher_solve(S, _fisher_factor(p, B), a, damping)
+        gramian = [S]
+        del S   # the solve releases it once used (memory: B n x B n matrices)
+        v = _damped_fisher_solve(gramian, _fisher_factor(p, B), a, damping)
     v = v.reshape(B, n_out)
     # J_i' v: the control gradient of the per-sample cotangent sum_j v_bj w_bj
     return [-outer_sum(torch.einsum("bj,bjop->bop", v, w), lin.X).reshape(-1)
@@ -219,27 +221,31 @@ def _fisher_factor(p: torch.Tensor, B: int) -> torch.Tensor:
     return (torch.diag_embed(r) - p.unsqueeze(-1) * r.unsqueeze(-2)) / math.sqrt(B)
 
 
-def _damped_fisher_solve(S: torch.Tensor, Z: torch.Tensor, a: torch.Tensor,
+def _damped_fisher_solve(gramian: list, Z: torch.Tensor, a: torch.Tensor,
                          damping: float) -> torch.Tensor:
-    r""":math:`v = (\delta I + Q_N S)^{-1} a` for the Gramian S (B n, B n) and
-    :math:`Q_N = Z Z^\top` block diagonal (Z (B, n, n)), by the symmetric positive
-    definite system :math:`(\delta I + Z^\top S Z)\, c = Z^\top S a`,
-    :math:`v = (a - Z c)/\delta` (one Cholesky factorization, half an LU's work; the
-    identity :math:`(\delta I + Z Z^\top S)(a - Z c) = \delta a` when c solves it).
-    Where rounding leaves that system not positive definite (a tiny damping), the
-    unsymmetric one by LU."""
+    r""":math:`v = (\delta I + Q_N S)^{-1} a` for the Gramian S (B n, B n), handed over in
+    a one-element list (released here once used), and :math:`Q_N = Z Z^\top` block
+    diagonal (Z (B, n, n)), by the symmetric positive definite system
+    :math:`(\delta I + Z^\top S Z)\, c = Z^\top S a`, :math:`v = (a - Z c)/\delta`
+    (one Cholesky factorization, half an LU's work; the identity
+    :math:`(\delta I + Z Z^\top S)(a - Z c) = \delta a` when c solves it).  Where
+    rounding leaves that system not positive definite (a tiny damping), the unsymmetric
+    one by LU."""
     B, n = Z.shape[:2]
-    S4 = S.view(B, n, B, n)
-    ZSZ = torch.einsum("bji,bjck,ckl->bicl", Z, S4, Z).reshape(B * n, B * n)
+    S = gramian.pop()
+    ZSa = (Z.transpose(-1, -2) @ (S @ a).view(B, n, 1)).reshape(-1, 1)
+    ZS = Z.transpose(-1, -2) @ S.view(B, n, B * n)                  # (B, n, B n)
+    del S
+    ZSZ = (ZS.view(B * n, B, 1, n) @ Z).reshape(B * n, B * n)
     ZSZ.diagonal().add_(damping)
     L, info = torch.linalg.cholesky_ex(ZSZ)
-    if bool(info.any()):   # rounding at a tiny damping: the unsymmetric system by LU
-        QS = ((Z @ Z.transpose(-1, -2)) @ S.view(B, n, B * n)).reshape(B * n, B * n)
+    del ZSZ
+    if bool(info.any()):
+        QS = (Z @ ZS).reshape(B * n, B * n)
         QS.diagonal().add_(damping)
         return torch.linalg.solve(QS, a)
-    ZSa = torch.einsum("bji,bj->bi", Z, (S @ a).view(B, n)).reshape(-1, 1)
-    c = torch.cholesky_solve(ZSa, L).view(B, n)
-    return (a.view(B, n) - torch.einsum("bij,bj->bi", Z, c)).reshape(-1) / damping
+    c = torch.cholesky_solve(ZSa, L).view(B, n, 1)
+    return (a - (Z @ c).reshape(-1)) / damping
 
 
 def _stage_jacobian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
