@@ -236,7 +236,8 @@ def _damped_fisher_solve(gramian: list, Z: torch.Tensor, a: torch.Tensor,
     ZSa = (Z.transpose(-1, -2) @ (S @ a).view(B, n, 1)).reshape(-1, 1)
     ZS = Z.transpose(-1, -2) @ S.view(B, n, B * n)                  # (B, n, B n)
     del S
-    ZSZ = (ZS.view(B * n, B, 1, n) @ Z).reshape(B * n, B * n)
+    # (Z'SZ)[(b, i), (c, l)] = sum_k (Z'S)[(b, i), (c, k)] Z_c[k, l]: one product per c
+    ZSZ = (ZS.view(B * n, B, n).transpose(0, 1) @ Z).transpose(0, 1).reshape(B * n, B * n)
     ZSZ.diagonal().add_(damping)
     L, info = torch.linalg.cholesky_ex(ZSZ)
     del ZSZ
