@@ -510,8 +510,10 @@ class StageLinearization:
         :math:`f_x^\top K = g_x^\top(\sigma_h^\top K)`, and autograd computed
         :math:`g_x^\top (B \nabla_h)` for this module's input (recorded, ``carry``).  The
         two are the same vector exactly when :math:`\sigma_h^\top K = B \nabla_h`
-        elementwise (to 8 eps): nothing else used :math:`h` or :math:`x_{t+1}` (a
-        penalty on the activations, a detach, a second consumer would show there).
+        elementwise (to 8 eps of :math:`|\sigma_h K| + |B \nabla_h| + |K|`, the last
+        for the rounding of :math:`\sigma_h` itself): nothing else used :math:`h` or
+        :math:`x_{t+1}` (a penalty on the activations, a second consumer would show
+        there).
         None otherwise (no record, an activation without a closed-form derivative, a
         mismatch): the step then pulls the gradient back itself."""
         if self.carry is None or self.s is None or isinstance(self.stage, NormStage):
@@ -522,8 +524,11 @@ class StageLinearization:
         sK = K.reshape(self.s.shape) * self.s
         Bh = h.reshape(self.s.shape) * self.B
         if not torch.equal(sK, Bh):   # (bitwise with ReLU and a power-of-two batch)
+            # sigma' itself is rounded (1 - y^2 near saturation: an absolute error of
+            # ~eps, autograd's and ours in another order), hence the |K| term
             eps = torch.finfo(sK.dtype).eps
-            if not bool(((sK - Bh).abs() <= 8 * eps * (sK.abs() + Bh.abs())).all()):
+            Kh = K.reshape(self.s.shape).abs()
+            if not bool(((sK - Bh).abs() <= 8 * eps * (sK.abs() + Bh.abs() + Kh)).all()):
                 return None
         return K_own
 
