@@ -280,13 +280,16 @@ def _unflatten_post(post):
 
 
 def _unflattened(stage, x: torch.Tensor, U: torch.Tensor,
-                 x_next: torch.Tensor) -> torch.Tensor:
+                 x_next: torch.Tensor) -> torch.Tensor | None:
     """The captured output ``x_next`` in the shape of the pre-activation when the stage's
     post ends with ``nn.Flatten()`` (a convolution before the classifier): sigma'(h)
     then comes from the output alone, the Flatten being a reshape; the shape from the
-    layer on one sample."""
+    layer on one sample (not for a Norm stage, whose batch statistics one sample would
+    not give: None, the derivative then comes from the recomputed pre-activation)."""
     if not (stage.post and _is_flatten(stage.post[-1])):
         return x_next
+    if isinstance(stage, NormStage):
+        return None
     h_shape = tuple(stage.affine(x[:1], U).shape[1:])
     if math.prod(h_shape) != x_next[0].numel():
         return None

@@ -160,3 +160,19 @@ def test_float32_saturated_tanh_keeps_the_carried_path(monkeypatch):
     b, _ = run(False)
     assert taken == [True, True]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_stage_before_a_flatten(monkeypatch):
+    """A BatchNorm stage whose post ends with nn.Flatten: its sigma' comes from the
+    recomputed pre-activation (not from one sample's layer output), it does not carry,
+    and the step equals the plain pull-back's."""
+    def net():
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8, 4))
+
+    a, taken = _run(net, (6,), True, monkeypatch, lr=1e-2)
+    b, _ = _run(net, (6,), False, monkeypatch, lr=1e-2)
+    assert taken == [True, False] * 2       # the last Linear carries, the Norm stage not
+    # two steps through the batch statistics: rounding differences (1e-16 in the carried
+    # V_x) grow to ~1e-10 relative in one element; a wrong pull-back would be O(1)
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
