@@ -34,3 +34,24 @@ def run_child(script: str, cfg: dict) -> dict:
     out = subprocess.run([sys.executable, script, "--child", json.dumps(cfg)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_alternating(script: str, cfgs: list[dict], rounds: int) -> list[dict]:
+    """Each configuration of ``cfgs`` in ``rounds`` fresh processes, the configurations
+    alternating (A B A B ...), so that the load of a shared machine falls on all of
+    them alike; per configuration the last round's result with the minimum ``time``
+    and minimum memory figures over the rounds (``"times"``: every round's)."""
+    runs: list[list[dict]] = [[] for _ in cfgs]
+    for _ in range(max(1, rounds)):
+        for got, cfg in zip(runs, cfgs):
+            got.append(run_child(script, cfg))
+    out = []
+    for got in runs:
+        best = dict(got[-1])
+        best["times"] = [g["time"] for g in got]
+        best["time"] = min(best["times"])
+        for key in ("mem_mb", "mem_kb"):
+            if key in best:
+                best[key] = min(g[key] for g in got)
+        out.append(best)
+    return out

@@ -9,7 +9,9 @@
 * pairs: SGD vs DDPNOpt(identity), RMSprop vs DDPNOpt(rmsprop), Adam vs DDPNOpt(adam),
   nnbridge.EKFAC vs DDPNOpt(ekfac); DDPNOpt with value_hessian="outer";
 * step time: median of ``--steps`` steps after 3 warm-up steps, each step = the closure
-  (forward + backward) + the update, the same closure for both;
+  (forward + backward) + the update, the same closure for both; each pair runs
+  ``--rounds`` times (default 3), baseline and DDPNOpt alternating, and the minimum of
+  each is reported (single runs on a shared 2-core machine move by up to 4x);
 * peak memory: each configuration runs in its own process; we report the peak resident
   set size minus the resident size after model, data and optimizer are built (CPU has no
   allocator counter like ``torch.cuda.max_memory_allocated``; on CUDA that one is used);
@@ -29,7 +31,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _child import measure_steps, run_child  # noqa: E402
+from _child import measure_steps, run_alternating, run_child  # noqa: E402
 
 import nnbridge  # noqa: E402
 
@@ -94,16 +96,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fig3", action="store_true", help="only the batch-size sweep")
     ap.add_argument("--no-fig3", action="store_true", help="only the table")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternating runs of each pair, the minimum reported (default 3, "
+                         "1 with --quick)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(run_one(json.loads(a.child))))
         return
     steps = 5 if a.quick else 20
+    rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     if a.fig3:
         fig3(a.threads, steps, a.quick)
         return
-    print(f"torch {torch.__version__}, {a.threads} threads, batch 128, float32, CPU\n")
+    print(f"torch {torch.__version__}, {a.threads} threads, batch 128, float32, CPU; "
+          f"the minimum of {rounds} alternating runs per pair\n")
     print("| model | baseline | baseline ms | DDPNOpt ms | time ratio | baseline peak MB "
           "| DDPNOpt peak MB | memory overhead |")
     print("|---|---|---|---|---|---|---|---|")
@@ -111,8 +118,8 @@ def main() -> None:
         for base, curv, lr in PAIRS:
             common = dict(model=model_name, batch=128, steps=steps, threads=a.threads,
                           curvature=curv, lr=lr)
-            b = child({**common, "kind": "baseline"})
-            d = child({**common, "kind": "ddpnopt"})
+            b, d = run_alternating(__file__, [{**common, "kind": "baseline"},
+                                              {**common, "kind": "ddpnopt"}], rounds)
             mb_b, mb_d = b["mem_kb"] / 1024, d["mem_kb"] / 1024
             over = (mb_d - mb_b) / max(mb_b, 1e-9)
             print(f"| {model_name} | {base} | {1e3 * b['time']:.2f} | {1e3 * d['time']:.2f} "

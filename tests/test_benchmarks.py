@@ -86,3 +86,22 @@ def test_bench_constrained_quick_meets_the_constraints(capsys):
     for d in res:
         assert d["trajopt_viol"] <= 1e-6 and d["ipopt_viol"] <= 1e-6, d["case"]
         assert d["trajopt_s"] > 0 and d["ipopt_s"] > 0
+
+
+def test_run_alternating_alternates_and_keeps_the_minimum(tmp_path):
+    """benchmarks/_child.run_alternating: configurations run A B A B in fresh processes;
+    each reports its minimum time and memory over the rounds and every round's time."""
+    log = tmp_path / "order.txt"
+    script = tmp_path / "fake_bench.py"
+    script.write_text(
+        "import json, sys\n"
+        "cfg = json.loads(sys.argv[2])\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(cfg['name'])\n"
+        f"n = len(open({str(log)!r}).read())\n"
+        "print(json.dumps({'time': 10.0 - n, 'mem_mb': float(n), 'name': cfg['name']}))\n")
+    module = _bench("_child")
+    a, b = module.run_alternating(str(script), [{"name": "A"}, {"name": "B"}], 3)
+    assert log.read_text() == "ABABAB"
+    assert a["times"] == [9.0, 7.0, 5.0] and a["time"] == 5.0 and a["mem_mb"] == 1.0
+    assert b["times"] == [8.0, 6.0, 4.0] and b["time"] == 4.0 and b["mem_mb"] == 2.0
