@@ -62,7 +62,8 @@ class Capture:
         The network's input.
     input_grads : list of Tensor or None
         Per stage, the gradient its module sent to its input (recorded with
-        ``input_grads=True``, for a layer called once), else None.
+        ``input_grads=True``, for a layer called once, in the dtype asked of
+        :meth:`BatchRecorder.batch`: not under autocast), else None.
     """
 
     inputs: list = field(default_factory=list)
@@ -102,6 +103,13 @@ class _Chunk:
         store = self.h_grads if kind == "h" else self.in_grads
         old = store[i][c]
         store[i][c] = g if old is None else old + g
+
+
+def _recorded_in(parts: list, dtype: torch.dtype | None) -> bool:
+    """Every part was recorded in ``dtype`` (not in an autocast region's lower one: an
+    input gradient of bfloat16 products is no stand-in for the float32 pull-back the
+    optimizer's own pass computes)."""
+    return all(p is not None and (dtype is None or p.dtype == dtype) for p in parts)
 
 
 def _cat(parts: list, dtype: torch.dtype | None):
@@ -167,7 +175,9 @@ class BatchRecorder:
         grads = [[_cat([ch.h_grads[i][c] for ch in done], dtype)
                   for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
         in_grads = [_cat([ch.in_grads[i][0] for ch in done], dtype)
-                    if len(done[0].inputs[i]) == 1 else None for i in range(self.n)]
+                    if len(done[0].inputs[i]) == 1 and _recorded_in(
+                        [ch.in_grads[i][0] for ch in done], dtype) else None
+                    for i in range(self.n)]
         return Capture(
             inputs=[x[0] for x in calls],
             h_grads=[g[0] if len(g) == 1 else None if any(h is None for h in g)

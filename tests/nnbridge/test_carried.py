@@ -131,7 +131,7 @@ def test_float32_saturated_tanh_keeps_the_carried_path(monkeypatch):
     def net():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 4))
+                          nn.Linear(16, 4)).float()   # (the suite's default is float64)
         with torch.no_grad():
             for lin in (m[0], m[2]):
                 lin.weight.mul_(6.0)          # most units saturate
@@ -148,7 +148,7 @@ def test_float32_saturated_tanh_keeps_the_carried_path(monkeypatch):
                             lambda self, K: taken.append(orig(self, K) is not None)
                             or orig(self, K))
         g = torch.Generator().manual_seed(2)
-        X = torch.randn(64, 6, generator=g)
+        X = torch.randn(64, 6, generator=g, dtype=torch.float32)
         y = torch.randint(0, 4, (64,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(X), y).backward()
@@ -176,3 +176,32 @@ def test_norm_stage_before_a_flatten(monkeypatch):
     # two steps through the batch statistics: rounding differences (1e-16 in the carried
     # V_x) grow to ~1e-10 relative in one element; a wrong pull-back would be O(1)
     torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_autocast_records_are_not_carried(monkeypatch):
+    """Under a bf16 autocast the gradients autograd sent to the stage inputs are bf16
+    products: the recorder drops them (the DDP pass pulls V_x back in float32 itself),
+    while a float32 run of the same ReLU network carries at every stage."""
+    def run(autocast):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                              nn.Linear(16, 4)).float()   # autocast casts float32 only
+        opt = nnbridge.DDPNOpt(model, lr=1e-2)
+        taken = []
+        orig = StageLinearization.carried_pullback
+        monkeypatch.setattr(StageLinearization, "carried_pullback",
+                            lambda self, K: taken.append(orig(self, K) is not None)
+                            or orig(self, K))
+        g = torch.Generator().manual_seed(2)
+        X = torch.randn(32, 6, generator=g, dtype=torch.float32)
+        y = torch.randint(0, 4, (32,), generator=g)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        monkeypatch.undo()
+        return taken
+
+    assert run(False) == [True, True]
+    assert run(True) == []
