@@ -259,7 +259,7 @@ def _stage_jacobian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def _stage_gramian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     r""":math:`J_i J_i^\top` (B n_N, B n_N) of one stage.  A Linear stage (one position,
     P = 1): the elementwise product of the factors' Gram matrix (B n_N, B n_N) and the
-    inputs' (B, B) repeated per output, :math:`O((B n_N)^2 \mathrm{out} + B^2
+    inputs' (B, B) broadcast over the outputs, :math:`O((B n_N)^2 \mathrm{out} + B^2
     \mathrm{in}')` instead of the :math:`O((B n_N)^2\, \mathrm{out}\, \mathrm{in}')` of
     the explicit rows; a convolution (positions couple): from the explicit rows."""
     B, n = w.shape[:2]
