@@ -46,11 +46,13 @@ def _cnn():
                          nn.Linear(8, 4))
 
 
-def _run(model_fn, shape, carried, monkeypatch, steps=2, **kw):
-    """Parameters after ``steps`` DDPNOpt steps and how often the stages returned a
-    carried pull-back."""
+def _run(model_fn, shape, carried, monkeypatch, steps=2, *, dtype=torch.float64, batch=5,
+         autocast=False, **kw):
+    """Parameters after ``steps`` DDPNOpt steps (model and data in ``dtype``, the forward
+    pass under a bf16 autocast if asked) and, per stage pull-back, whether the stage
+    returned a carried one."""
     torch.manual_seed(0)
-    model = model_fn().double()
+    model = model_fn().to(dtype)
     monkeypatch.setattr(DDPNOpt, "_carries_gradient", carried)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,11 +68,12 @@ def _run(model_fn, shape, carried, monkeypatch, steps=2, **kw):
 
     monkeypatch.setattr(StageLinearization, "carried_pullback", spy)
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(5, *shape, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (5,), generator=g)
+    X = torch.randn(batch, *shape, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (batch,), generator=g)
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.cross_entropy(model(X), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(X), y)
         if getattr(model, "penalty", None) is not None:
             loss = loss + model.penalty
         loss.backward()
@@ -129,35 +132,16 @@ def test_float32_saturated_tanh_keeps_the_carried_path(monkeypatch):
     relative to |sigma' K|, 0.5 eps of |K|): the check's |K| term accepts it, and the
     step is the plain pull-back's up to float32 rounding."""
     def net():
-        torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 4)).float()   # (the suite's default is float64)
+                          nn.Linear(16, 4))
         with torch.no_grad():
             for lin in (m[0], m[2]):
                 lin.weight.mul_(6.0)          # most units saturate
         return m
 
-    def run(carried):
-        model = net()
-        monkeypatch.setattr(DDPNOpt, "_carries_gradient", carried)
-        opt = nnbridge.DDPNOpt(model, lr=1e-2)
-        monkeypatch.undo()
-        taken = []
-        orig = StageLinearization.carried_pullback
-        monkeypatch.setattr(StageLinearization, "carried_pullback",
-                            lambda self, K: taken.append(orig(self, K) is not None)
-                            or orig(self, K))
-        g = torch.Generator().manual_seed(2)
-        X = torch.randn(64, 6, generator=g, dtype=torch.float32)
-        y = torch.randint(0, 4, (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
-        opt.step()
-        monkeypatch.undo()
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), taken
-
-    a, taken = run(True)
-    b, _ = run(False)
+    f32 = dict(dtype=torch.float32, batch=64, steps=1, lr=1e-2)
+    a, taken = _run(net, (6,), True, monkeypatch, **f32)
+    b, _ = _run(net, (6,), False, monkeypatch, **f32)
     assert taken == [True, True]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -182,26 +166,10 @@ def test_autocast_records_are_not_carried(monkeypatch):
     """Under a bf16 autocast the gradients autograd sent to the stage inputs are bf16
     products: the recorder drops them (the DDP pass pulls V_x back in float32 itself),
     while a float32 run of the same ReLU network carries at every stage."""
-    def run(autocast):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                              nn.Linear(16, 4)).float()   # autocast casts float32 only
-        opt = nnbridge.DDPNOpt(model, lr=1e-2)
-        taken = []
-        orig = StageLinearization.carried_pullback
-        monkeypatch.setattr(StageLinearization, "carried_pullback",
-                            lambda self, K: taken.append(orig(self, K) is not None)
-                            or orig(self, K))
-        g = torch.Generator().manual_seed(2)
-        X = torch.randn(32, 6, generator=g, dtype=torch.float32)
-        y = torch.randint(0, 4, (32,), generator=g)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = F.cross_entropy(model(X), y)
-        loss.backward()
-        opt.step()
-        monkeypatch.undo()
-        return taken
+    def net():
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 4))
 
-    assert run(False) == [True, True]
-    assert run(True) == []
+    f32 = dict(dtype=torch.float32, batch=32, steps=1, lr=1e-2)  # autocast: float32 only
+    assert _run(net, (6,), True, monkeypatch, **f32)[1] == [True, True]
+    assert _run(net, (6,), True, monkeypatch, autocast=True, **f32)[1] == []
