@@ -29,6 +29,15 @@ from trajopt.riccati.scan import scan_values
 F64 = dict(dtype=torch.float64)
 
 
+def _scanned_problem(seed, n, m, T):
+    """One random problem (stages, QT, qT) with n states, m controls, T stages, and the
+    scan of its values (batch 1)."""
+    stages, QT, qT = random_stages(np.random.default_rng(seed), [n] * (T + 1), [m] * T)
+    F, L, c = _packed([stages], n, m)
+    vals = scan_values(F, L, n, torch.tensor(qT)[None], torch.tensor(QT)[None], c)
+    return stages, QT, qT, vals
+
+
 def _packed(stage_lists, n, m):
     """F (T, B, n, n+m), L (T, B, n+m, 1+n+m), c (T, B, n) of B problems."""
     Fs, Ls, cs = [], [], []
@@ -69,11 +78,8 @@ def test_scan_equals_the_textbook_recursion(T, n, m, B, cross, linear, offset, s
 
 def test_scan_equals_the_kkt_values():
     """Independent of any recursion: the value of the tail problem from the dense KKT."""
-    rng = np.random.default_rng(3)
-    n, m, T = 3, 2, 9
-    stages, QT, qT = random_stages(rng, [n] * (T + 1), [m] * T)
-    F, L, c = _packed([stages], n, m)
-    vals = scan_values(F, L, n, torch.tensor(qT)[None], torch.tensor(QT)[None], c)
+    T = 9
+    stages, QT, qT, vals = _scanned_problem(3, 3, 2, T)
     for t in (0, 4, T - 1):
         P, p = kkt_value(stages, QT, qT, t)
         assert np.abs(vals.Vxx[t, 0].numpy() - P).max() <= 1e-10 * np.abs(P).max()
@@ -285,11 +291,7 @@ def test_solve_lqr_gradients_through_the_scan_equal_the_recursion(monkeypatch):
 
 
 def test_agreement_reads_both_value_derivatives():
-    rng = np.random.default_rng(12)
-    n, m, T = 3, 2, 20
-    stages, QT, qT = random_stages(rng, [n] * (T + 1), [m] * T)
-    F, L, c = _packed([stages], n, m)
-    vals = scan_values(F, L, n, torch.tensor(qT)[None], torch.tensor(QT)[None], c)
+    vals = _scanned_problem(12, 3, 2, 20)[3]
     Vx, Vxx = vals.Vx[:-1].clone(), vals.Vxx[:-1].clone()
     valid = torch.ones(1, dtype=torch.bool)
     assert vals.agrees(Vx, Vxx, valid)
