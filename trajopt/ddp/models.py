@@ -27,7 +27,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from .._checks import check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
-from .reverse import gradient_and_hessian, jacobians, moved_pair, reverse_or_transforms
+from .reverse import gradient_and_hessian, jacobians, reverse_or_transforms
 
 __all__ = [
     "Dynamics",
@@ -103,13 +103,12 @@ class Dynamics:
         tensor under ``vmap``)."""
         single, args = _per_point(self.forward, x, u, t)
         if not second_order:
-            def fast(a=args):
+            def fast(a):
                 return jacobians(single, a, x.shape[-1])
 
-            def slow(a=args):
+            def slow(a):
                 return vmap(jacfwd(single, argnums=(0, 1)))(*a)
-            fx, fu = _like(reverse_or_transforms(self, "_reverse_agrees", fast, slow,
-                                        moved_pair(fast, slow, args)), x)
+            fx, fu = _like(reverse_or_transforms(self, "_reverse_agrees", fast, slow, args), x)
             return DynamicsDerivatives(fx=fx, fu=fu)
         fx, fu = _like(vmap(jacfwd(single, argnums=(0, 1)))(*args), x)
         first = jacrev(single, argnums=(0, 1))
@@ -181,13 +180,12 @@ class _Discretized(Dynamics):
         f, dt = self.fc, self.dt
 
         def jac(xs, us):
-            def fast(a=(xs, us)):
+            def fast(a):
                 return jacobians(lambda xi, ui: f(xi, ui), a, xs.shape[-1])
 
-            def slow(a=(xs, us)):
+            def slow(a):
                 return vmap(jacfwd(f, argnums=(0, 1)))(*a)
-            return reverse_or_transforms(self, "_reverse_agrees_f", fast, slow,
-                                moved_pair(fast, slow, (xs, us)))
+            return reverse_or_transforms(self, "_reverse_agrees_f", fast, slow, (xs, us))
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         if self.method == "euler":
             Jx, Ju = _like(jac(x, u), x)
@@ -273,16 +271,16 @@ class Cost:
         """Gradient and Hessian of the running cost at (N, n), (N, m) of stage ``t`` (an
         int, or a (N,) integer tensor of stages as in :meth:`Dynamics.derivatives`)."""
         single, args = _per_point(self.running, x, u, t)
-        def fast(a=args):
+
+        def fast(a):
             return gradient_and_hessian(single, a)
 
-        def slow(a=args):
+        def slow(a):
             ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(
                 _with_gradient(single, (0, 1)), argnums=(0, 1), has_aux=True))(*a)
             top = torch.cat([lxx, lux.transpose(-1, -2)], -1)
             return torch.cat([lx, lu], -1), torch.cat([top, torch.cat([lux, luu], -1)], -2)
-        g, H = reverse_or_transforms(self, "_reverse_agrees_running", fast, slow,
-                            moved_pair(fast, slow, args))
+        g, H = reverse_or_transforms(self, "_reverse_agrees_running", fast, slow, args)
         n = x.shape[-1]
         lx, lu, lxx, lux, luu = _like((g[:, :n], g[:, n:], H[:, :n, :n], H[:, n:, :n],
                                        H[:, n:, n:]), x)
@@ -293,13 +291,13 @@ class Cost:
         if self._terminal is None and type(self).terminal is Cost.terminal:
             n = x.shape[-1]
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
-        def fast(a=(x,)):
+
+        def fast(a):
             return gradient_and_hessian(self.terminal, a, 1)
 
-        def slow(a=(x,)):
+        def slow(a):
             return vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(*a)[::-1]
-        g, H = reverse_or_transforms(self, "_reverse_agrees_terminal", fast, slow,
-                            moved_pair(fast, slow, (x,), 1))
+        g, H = reverse_or_transforms(self, "_reverse_agrees_terminal", fast, slow, (x,), 1)
         return _like((g, H), x)
 
 

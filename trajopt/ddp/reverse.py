@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
-__all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms", "moved_pair"]
+__all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms"]
 
 
 def _replicated(args: tuple[torch.Tensor, ...], nd: int, k: int):
@@ -89,10 +89,11 @@ def gradient_and_hessian(single: Callable, args: tuple[torch.Tensor, ...], nd: i
 
 
 def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callable,
-                          probe: Callable | None = None):
-    """The derivatives by one reverse-mode pass (``fast()``, :mod:`trajopt.ddp.reverse`:
-    several times faster than ``vmap(jacfwd)``; ``docs/performance.md``) where that gives
-    the transforms' answer, else by the transforms (``slow()``).
+                          args: tuple, nd: int = 2):
+    """The derivatives at the points ``args`` by one reverse-mode pass (``fast(args)``,
+    :mod:`trajopt.ddp.reverse`: several times faster than ``vmap(jacfwd)``;
+    ``docs/performance.md``) where that gives the transforms' answer, else by the
+    transforms (``slow(args)``).
 
     Reverse mode is taken with grad mode off (the result carries no outer graph, as the
     transforms' would with grad mode on), outside inference mode (no graph is recorded
@@ -102,33 +103,29 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
     tangent), and for a model whose first evaluation (``key`` names it on ``model``)
     agreed with the transforms: a ``torch.no_grad()`` block or a custom autograd Function
     inside the function is seen by forward mode and not by reverse mode, or the other way
-    round.  The check runs at the first evaluation's points and, by ``probe()`` (the pair
-    at points moved off them), where a hidden part's derivative does not vanish by
+    round.  The check runs at the first evaluation's points and at points moved off them
+    (the first ``nd`` arguments), where a hidden part's derivative does not vanish by
     accident (a drag ``v |v|`` at rest).  The transforms name a genuine error."""
     state = getattr(model, key, None)
     if state is False or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return slow()
+        return slow(args)
     try:
-        out = fast()
+        out = fast(args)
     except (RuntimeError, TypeError, ValueError, IndexError):
         out = None
     if out is None or not all(bool(torch.isfinite(v).all()) for v in out):
-        return slow()
+        return slow(args)
     if state is None:  # the first evaluation: against the transforms
         try:
-            ref = slow()
+            ref = slow(args)
         except (RuntimeError, TypeError, ValueError, IndexError):
             # the transforms cannot run it (``refs[t]`` under vmap(jacfwd)): nothing to
             # compare with, reverse mode is the only way to vectorize it
             setattr(model, key, True)
             return out
-        agree = _agree(out, ref)
-        if agree and probe is not None:
-            # and at points moved off the first ones: a hidden part whose derivative
-            # vanishes there (a drag v|v| at rest) would pass the check above
-            moved = probe()
-            if moved is not None:
-                agree = _agree(*moved)
+        # and at points moved off the first ones: a hidden part whose derivative
+        # vanishes there (a drag v|v| at rest) would pass the first comparison
+        agree = _agree(out, ref) and _agree_moved(fast, slow, args, nd)
         setattr(model, key, agree)
         return ref
     return out
@@ -156,13 +153,11 @@ def _moved(args: tuple, nd: int) -> tuple:
                  if i < nd else a for i, a in enumerate(args))
 
 
-def moved_pair(fast: Callable, slow: Callable, args: tuple, nd: int = 2):
-    """``() -> (fast(moved), slow(moved))`` for :func:`reverse_or_transforms`, None on
-    failure."""
-    def run():
-        moved = _moved(args, nd)
-        try:
-            return fast(moved), slow(moved)
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            return None
-    return run
+def _agree_moved(fast: Callable, slow: Callable, args: tuple, nd: int) -> bool:
+    """:func:`_agree` of the two at :func:`_moved` points (True when either cannot run
+    there: nothing to compare)."""
+    moved = _moved(args, nd)
+    try:
+        return _agree(fast(moved), slow(moved))
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return True
