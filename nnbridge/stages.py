@@ -524,14 +524,15 @@ class StageLinearization:
         K_next, K_own, h = self.carry
         if K is not K_next or K_own is None or h is None:
             return None
-        sK = K.reshape(self.s.shape) * self.s
+        Kh = K.reshape(self.s.shape)
+        sK = Kh * self.s
         Bh = h.reshape(self.s.shape) * self.B
         if not torch.equal(sK, Bh):   # (bitwise with ReLU and a power-of-two batch)
             # sigma' itself is rounded (1 - y^2 near saturation: an absolute error of
             # ~eps, autograd's and ours in another order), hence the |K| term
             eps = torch.finfo(sK.dtype).eps
-            Kh = K.reshape(self.s.shape).abs()
-            if not bool(((sK - Bh).abs() <= 8 * eps * (sK.abs() + Bh.abs() + Kh)).all()):
+            if not bool(((sK - Bh).abs()
+                         <= 8 * eps * (sK.abs() + Bh.abs() + Kh.abs())).all()):
                 return None
         return K_own
 
