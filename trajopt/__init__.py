@@ -15,6 +15,7 @@ from .ddp import (
     DDPSolver,
     Dynamics,
     GTDDPSolver,
+    LinearDynamics,
     LineSearch,
     MPCRun,
     QuadraticCost,
@@ -45,7 +46,7 @@ __all__ = [
     "CARESolution", "solve_care",
     "InfiniteLQRSolution", "solve_infinite_lqr",
     "CyclicLQRSolution", "solve_cyclic_lqr",
-    "Dynamics", "Cost", "QuadraticCost", "discretize",
+    "Dynamics", "LinearDynamics", "Cost", "QuadraticCost", "discretize",
     "solve_ddp", "DDPSolver", "DDPResult", "Regularization", "LineSearch",
     "Span", "GTDDPSolver", "MPC", "MPCRun", "Constraint", "AugmentedLagrangian",
 ]

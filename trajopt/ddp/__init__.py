@@ -8,6 +8,7 @@ from .chain import Chain
 from .constrained import ConstrainedSolver
 from .constraints import Constraint, ConstraintJacobians
 from .gtddp import GTDDPSolver
+from .linear import LinearDynamics
 from .models import (
     Cost,
     CostDerivatives,
@@ -23,7 +24,7 @@ from .solver import DDPSolver
 from .spans import Span, SpanChain
 
 __all__ = [
-    "Dynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
+    "Dynamics", "LinearDynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
     "as_dynamics", "discretize", "box_qp", "BoxQPResult",
     "solve_ddp", "DDPSolver", "DDPResult", "IterationLog", "LineSearch", "Regularization",
     "GTDDPSolver", "Span", "Chain", "SpanChain", "MPC", "MPCRun",

@@ -128,10 +128,10 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
     batch shape and array type (stages stacked unless the controls came as a list or the
     stage sizes differ); ``extra`` fields (already packed) are passed through."""
     def pack(values):
-        out = [v.reshape(*batch, *v.shape[1:]) for v in values]
-        if listed or any(v.shape != out[0].shape for v in out):
-            return kind.out(out)
-        return kind.out(torch.stack(out, dim=len(batch)))
+        if listed or any(v.shape != values[0].shape for v in values):
+            return kind.out([v.reshape(*batch, *v.shape[1:]) for v in values])
+        out = torch.stack(values, dim=1)  # (B, T, ...): one reshape, not one per stage
+        return kind.out(out.reshape(*batch, *out.shape[1:]))
 
     return DDPResult(
         xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),

@@ -11,18 +11,36 @@ the feedback acts on, and the stage derivatives handed to the Riccati kernel.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..lqr.affine_scan import consistent, rollout_pays, scan_states
 from ..riccati.expansion import DenseStage, joint_blocks
 from .batch import Traj
+from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible
 
-__all__ = ["Chain", "Control"]
+__all__ = ["Chain", "Control", "AffineLaw"]
 
 # control(t, xs) -> u_t, with xs = [x_0, ..., x_t] of the rollout so far
 Control = Callable[[int, list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AffineLaw:
+    """The controls of a rollout as an affine law of the state, ``u_t = ff_t + K_t (x_t -
+    xbar_t)`` (``K`` and ``xbar`` None: open loop, ``u_t = ff_t``): what lets
+    :meth:`Chain.simulate` roll linear dynamics out by a parallel scan.
+
+    ff : T tensors (B, m); K : T tensors (B, m, n) or None; xbar : T (or T+1) tensors
+    (B, n) or None.
+    """
+
+    ff: Sequence[torch.Tensor]
+    K: Sequence[torch.Tensor] | None = None
+    xbar: Sequence[torch.Tensor] | None = None
 
 
 class Chain:
@@ -48,23 +66,85 @@ class Chain:
         """Control sizes of the players at each stage (None: one player everywhere)."""
         return None
 
+    def linear_model(self) -> LinearDynamics | None:
+        """The dynamics when they are a :class:`~trajopt.ddp.linear.LinearDynamics` whose
+        transitions are this structure's (None otherwise): what :meth:`simulate` may
+        scan."""
+        return self.dynamics if isinstance(self.dynamics, LinearDynamics) else None
+
     def simulate(self, x0: torch.Tensor, T: int, control: Control,
-                 rows: torch.Tensor | None = None) -> Traj:
+                 rows: torch.Tensor | None = None, law: AffineLaw | None = None) -> Traj:
         """Roll out ``T`` stages from ``x0`` (B, n) with ``u_t = control(t, xs)``; ``rows``
         (B,) are the flat-batch elements of the rows (see :class:`~trajopt.ddp.batch.Traj`;
-        None: all elements in order), bound to the cost before it is evaluated."""
+        None: all elements in order), bound to the cost before it is evaluated.
+
+        ``law``: the same controls as an :class:`AffineLaw`, given when ``control`` is
+        one.  Linear dynamics (:meth:`linear_model`) are then rolled out by the parallel
+        scan of :mod:`trajopt.lqr.affine_scan` where its rule allows and its self-check
+        holds (the stage loop otherwise)."""
         self.cost.bind_rows(rows)
-        xs, us = [x0], []
-        x = x0
-        for t in range(T):
-            u = control(t, xs)
-            x = self.transition(t, x, u, xs)
-            xs.append(x)
-            us.append(u)
+        scanned = None if law is None else self._scanned(x0, T, law)
+        if scanned is not None:
+            xs, us = scanned
+            x = xs[-1]
+        else:
+            xs, us = [x0], []
+            x = x0
+            for t in range(T):
+                u = control(t, xs)
+                x = self.transition(t, x, u, xs)
+                xs.append(x)
+                us.append(u)
         # the running cost of all stages at once, after the states are known
         # (StageDerivatives.total: one call where the cost allows)
         running = self._cost_derivatives.total(list(zip(xs[:-1], us))) if T else 0.0
         return Traj(xs, us, running + self.cost.terminal(x), rows)
+
+    def _scanned(self, x0: torch.Tensor, T: int, law: AffineLaw
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """States and controls of ``law`` on the linear dynamics by the parallel scan, or
+        None where the rule (:func:`~trajopt.lqr.affine_scan.rollout_pays`) or the
+        self-check (:func:`~trajopt.lqr.affine_scan.consistent`) says no."""
+        dyn = self.linear_model()
+        B, n = x0.shape
+        if dyn is None or not rollout_pays(T, B, n, x0.device) or \
+                any(f.shape != law.ff[0].shape for f in law.ff):
+            return None
+        A, Bm, c = dyn.maps(T, x0)
+        ff = torch.stack(list(law.ff))  # (T, B, m)
+        if law.K is None:  # one map for the batch: its states are the columns
+            v = ff @ Bm.transpose(-1, -2)
+            if c is not None:
+                v = v + c.unsqueeze(1)
+            xs = scan_states(A.expand(T, n, n).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
+                             x0.t().unsqueeze(0)).squeeze(1).transpose(1, 2).contiguous()
+        else:
+            K = torch.stack(list(law.K))  # (T, B, m, n)
+            xbar = torch.stack(list(law.xbar[:T]))
+            v = (Bm.unsqueeze(1) @ torch.baddbmm(
+                ff.reshape(-1, ff.shape[-1], 1), K.reshape(-1, *K.shape[-2:]),
+                xbar.reshape(-1, n, 1), alpha=-1).reshape(T, B, -1, 1)).squeeze(-1)
+            if c is not None:
+                v = v + c.unsqueeze(1)
+            M = A.unsqueeze(1) + Bm.unsqueeze(1) @ K
+            xs = scan_states(M, v.unsqueeze(-1), x0.unsqueeze(-1)).squeeze(-1)
+        X = xs[:-1]
+        # the law's controls at the scanned states, as the loop computes them, with the
+        # magnitudes of their terms (their rounding reaches x_{t+1} through B)
+        if law.K is None:
+            us, u_scale = ff, ff.abs()
+        else:
+            us = ff + (K @ (X - xbar).unsqueeze(-1)).squeeze(-1)
+            u_scale = ff.abs() + (K.abs() @ (X.abs() + xbar.abs()).unsqueeze(-1)).squeeze(-1)
+        # the model's own transitions from the scanned states, and their magnitudes
+        At, Bt = A.transpose(-1, -2), Bm.transpose(-1, -2)
+        pred = X @ At + us @ Bt
+        scale = X.abs() @ At.abs() + u_scale @ Bt.abs()
+        if c is not None:
+            pred, scale = pred + c.unsqueeze(1), scale + c.abs().unsqueeze(1)
+        if not consistent(xs[1:], pred, scale):
+            return None
+        return list(xs.unbind(0)), list(us.unbind(0))
 
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:

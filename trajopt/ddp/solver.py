@@ -46,7 +46,7 @@ from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
 from .batch import Policy, Traj, merge_policy, pack_result, select_gains, step_size
-from .chain import Chain
+from .chain import AffineLaw, Chain
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
@@ -105,7 +105,7 @@ class DDPSolver:
     # ------------------------------------------------------------------ steps
     def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> Traj:
         """Open-loop rollout with cost (flat batch)."""
-        return self.structure.simulate(x0, len(us), lambda t, xs: us[t])
+        return self.structure.simulate(x0, len(us), lambda t, xs: us[t], law=AffineLaw(us))
 
     def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The stage expansions (kernel plug 1) and the terminal gradient / Hessian on the
@@ -172,7 +172,8 @@ class DDPSolver:
                       dev(t, xs, traj.xs).unsqueeze(-1)).squeeze(-1)
             return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
 
-        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows)
+        law = None if lo is not None else AffineLaw(ff, policy.K, traj.xs)
+        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows, law)
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
         return Traj(out.xs, out.us, cost, traj.rows)
 

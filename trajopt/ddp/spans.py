@@ -131,6 +131,11 @@ class SpanChain(Chain):
         return self._players
 
     # ------------------------------------------------------------------ simulation
+    def linear_model(self) -> None:
+        """None: the shortcuts and the parameters in the controls make a span chain's
+        transitions other than its dynamics', so it is never scanned."""
+        return None
+
     def _merge(self, x_next, t, w, xs):
         off = self._mu_size[t]
         for s in self._merging[t]:

@@ -29,6 +29,7 @@ from ..riccati.expansion import DenseStage, joint_blocks
 from ..riccati.scan import scan_pays, scanned_step, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
+from .affine_scan import scan_closed_loop
 from .implicit import lqr_trajectory
 from .stages import (
     RANK,
@@ -330,6 +331,9 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         x0t = _x0_tensor(problem, x0)
 
         def closed_loop(K, k, x):
+            scanned = None if _under_functorch() else scan_closed_loop(problem, K, k, x)
+            if scanned is not None:
+                return scanned
             return _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
         if exact and torch.is_grad_enabled() and _requires_grad(problem, x0t) and \
                 not _under_functorch():

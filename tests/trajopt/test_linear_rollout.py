@@ -1,0 +1,226 @@
+"""Linear dynamics and their rollout by a parallel scan (trajopt.ddp.linear,
+trajopt.lqr.affine_scan), float64:
+
+* ``scan_states`` equals a plainly written loop over the affine recurrence (hypothesis
+  over horizons, shared and per-element maps);
+* ``LinearDynamics`` evaluates and differentiates as the same map written as a callable
+  (torch.func's Jacobians), time-varying with an offset included, and names a bad
+  argument;
+* DDP solves with ``LinearDynamics`` take the scan for the open-loop and the closed-loop
+  rollouts and equal the solves with the callable; with control limits they keep the loop;
+* a scan whose self-check fails (an unstable open loop held back by its controls) falls
+  back to the loop, which then runs unchanged;
+* ``solve_lqr``'s rollout by the scan equals the loop's for every batch layout.
+
+Tolerances: the scan reaches ``x_t`` through products of up to t maps, so it equals the
+loop to rounding relative to the largest state, not bitwise (1e-12 on these problems of
+states ~1-1e4).
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+import trajopt.ddp.chain as chain_mod
+import trajopt.lqr.affine_scan as affine_scan
+import trajopt.lqr.finite as finite
+from tests._hypothesis import examples
+from trajopt.errors import ShapeError
+
+F64 = dict(dtype=torch.float64)
+
+
+def _loop_states(M, v, x0):
+    """x_{t+1} = M_t x_t + v_t, one stage at a time."""
+    xs = [x0]
+    for t in range(M.shape[0]):
+        xs.append(M[t] @ xs[-1] + v[t])
+    return torch.stack(xs)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(T=st.integers(1, 70), G=st.integers(1, 3), R=st.integers(1, 3), n=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_scan_states_equal_the_loop(T, G, R, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = 0.9 * torch.randn(T, G, n, n, generator=g, **F64) / n ** 0.5
+    v = torch.randn(T, G, n, R, generator=g, **F64)
+    x0 = torch.randn(G, n, R, generator=g, **F64)
+    ref = _loop_states(M, v, x0)
+    got = affine_scan.scan_states(M, v, x0)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+
+
+def _system(seed, n=4, m=2, T=30, varying=False, offset=False):
+    rng = np.random.default_rng(seed)
+    shape = (T,) if varying else ()
+    A = torch.tensor(np.eye(n) + 0.15 * rng.normal(size=shape + (n, n)))
+    B = torch.tensor(rng.normal(size=shape + (n, m)))
+    c = torch.tensor(rng.normal(size=shape + (n,))) if offset else None
+    return A, B, c
+
+
+def _as_callable(A, B, c):
+    """The same map as a user writes it (stage t reads row t of time-varying arrays)."""
+    def f(x, u, t):
+        At = A if A.ndim == 2 else A.index_select(0, torch.as_tensor(t).reshape(1))[0]
+        Bt = B if B.ndim == 2 else B.index_select(0, torch.as_tensor(t).reshape(1))[0]
+        out = x @ At.T + u @ Bt.T
+        if c is None:
+            return out
+        return out + (c if c.ndim == 1 else c.index_select(0, torch.as_tensor(t).reshape(1))[0])
+    return f
+
+
+@pytest.mark.parametrize("varying,offset", [(False, False), (True, True), (False, True)])
+def test_linear_dynamics_match_the_callable_and_torch_func(varying, offset):
+    A, B, c = _system(0, varying=varying, offset=offset)
+    lin = trajopt.LinearDynamics(A, B, c)
+    assert lin.time_invariant is not varying and lin.n == 4 and lin.m == 2
+    f = _as_callable(A, B, c)
+    generic = trajopt.Dynamics(f)
+    x, u = torch.randn(6, 4, **F64), torch.randn(6, 2, **F64)
+    for t in (0, 7, 29):
+        assert torch.equal(lin(x, u, t), f(x, u, t))
+        d, ref = lin.derivatives(x, u, t), generic.derivatives(x, u, t)
+        assert torch.allclose(d.fx, ref.fx, rtol=0, atol=1e-15)
+        assert torch.allclose(d.fu, ref.fu, rtol=0, atol=1e-15)
+    stages = torch.tensor([0, 3, 3, 29, 5, 1])  # one stage per point
+    d = lin.derivatives(x, u, stages)
+    for i, t in enumerate(stages.tolist()):
+        assert torch.equal(d.fx[i], A if A.ndim == 2 else A[t])
+        assert torch.allclose(lin(x[i:i + 1], u[i:i + 1], t)[0], lin(x, u, stages)[i],
+                              rtol=0, atol=1e-14)  # one point vs six: other GEMM kernels
+    assert lin.derivatives(x, u, 0, second_order=True).fxx is None  # linear: none
+
+
+def test_linear_dynamics_name_bad_arguments():
+    with pytest.raises(ShapeError, match="A must be"):
+        trajopt.LinearDynamics(torch.zeros(3, 4), torch.zeros(3, 1))
+    with pytest.raises(ShapeError, match="B must be"):
+        trajopt.LinearDynamics(torch.eye(3), torch.zeros(2, 1))
+    with pytest.raises(ShapeError, match="c must be"):
+        trajopt.LinearDynamics(torch.eye(3), torch.zeros(3, 1), torch.zeros(2))
+    with pytest.raises(ValueError, match="A"):
+        trajopt.LinearDynamics(torch.tensor([[float("nan")]]), torch.ones(1, 1))
+    A, B, _ = _system(0, T=10, varying=True)
+    lin = trajopt.LinearDynamics(A, B)
+    with pytest.raises(ShapeError, match="A has 10 stages"):
+        lin(torch.zeros(1, 4, **F64), torch.zeros(1, 2, **F64), 10)
+    with pytest.raises(ShapeError, match="A has 10 stages"):
+        trajopt.solve_ddp(lin, trajopt.QuadraticCost(torch.eye(4), torch.eye(2),
+                                                      torch.eye(4)),
+                          torch.ones(4, **F64), torch.zeros(12, 2, **F64))
+
+
+def _count_scans(monkeypatch):
+    """Count the rollouts the DDP loop scans (and whether the scan's check held)."""
+    seen = []
+    real = chain_mod.consistent
+
+    def spy(*a):
+        ok = real(*a)
+        seen.append(ok)
+        return ok
+    monkeypatch.setattr(chain_mod, "consistent", spy)
+    return seen
+
+
+@pytest.mark.parametrize("varying,offset,batch", [(False, False, 1), (True, True, 3),
+                                                  (False, True, 5)])
+def test_ddp_with_linear_dynamics_scans_and_equals_the_callable(monkeypatch, varying,
+                                                                 offset, batch):
+    A, B, c = _system(1, varying=varying, offset=offset)
+    cost = trajopt.QuadraticCost(torch.eye(4), 0.1 * torch.eye(2), 10 * torch.eye(4),
+                                 x_goal=torch.ones(4))
+    x0 = torch.randn(batch, 4, generator=torch.Generator().manual_seed(2), **F64)
+    us0 = torch.zeros(batch, 30, 2, **F64)
+    ref = trajopt.solve_ddp(trajopt.Dynamics(_as_callable(A, B, c)), cost, x0, us0)
+    seen = _count_scans(monkeypatch)
+    got = trajopt.solve_ddp(trajopt.LinearDynamics(A, B, c), cost, x0, us0)
+    # the initial rollout and every forward pass were scanned, and held the check
+    assert len(seen) >= 2 and all(seen)
+    assert torch.equal(got.iterations, ref.iterations) and bool(got.converged.all())
+    scale = float(ref.xs.abs().max())
+    assert torch.allclose(got.xs, ref.xs, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(got.cost, ref.cost, rtol=1e-12, atol=0)
+    assert torch.allclose(got.K, ref.K, rtol=0, atol=1e-12 * float(ref.K.abs().max()))
+
+
+def test_ddp_with_control_limits_keeps_the_loop(monkeypatch):
+    A, B, _ = _system(3)
+    cost = trajopt.QuadraticCost(torch.eye(4), 0.01 * torch.eye(2), 10 * torch.eye(4),
+                                 x_goal=3 * torch.ones(4))
+    limits = (-0.5 * torch.ones(2, **F64), 0.5 * torch.ones(2, **F64))
+    x0, us0 = torch.zeros(4, **F64), torch.zeros(30, 2, **F64)
+    ref = trajopt.solve_ddp(trajopt.Dynamics(_as_callable(A, B, None)), cost, x0, us0,
+                            control_limits=limits)
+    seen = _count_scans(monkeypatch)
+    got = trajopt.solve_ddp(trajopt.LinearDynamics(A, B), cost, x0, us0,
+                            control_limits=limits)
+    assert len(seen) == 1  # the initial open-loop rollout only; the clamped passes loop
+    assert bool((got.us.abs() >= 0.5 - 1e-12).any())  # the limits are active
+    assert torch.equal(got.iterations, ref.iterations)
+    assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12)
+
+
+def test_a_failed_self_check_falls_back_to_the_loop(monkeypatch):
+    """x' = 2x + u from x0 = 1 with u = -1 stays at 1; the scan reaches x_t through 2^t
+    and loses it, its check fails, and the loop's exact states are returned."""
+    lin = trajopt.LinearDynamics(torch.tensor([[2.0]], **F64), torch.tensor([[1.0]], **F64))
+    solver = trajopt.DDPSolver(lin, trajopt.QuadraticCost(torch.eye(1), torch.eye(1),
+                                                         torch.eye(1)))
+    seen = _count_scans(monkeypatch)
+    us = [-torch.ones(1, 1, **F64)] * 100
+    traj = solver.rollout(torch.ones(1, 1, **F64), us)
+    assert seen == [False]
+    assert all(torch.equal(x, torch.ones(1, 1, **F64)) for x in traj.xs)
+    # the scan alone is off by far more than rounding here
+    M = torch.full((100, 1, 1, 1), 2.0, **F64)
+    scanned = affine_scan.scan_states(M, -torch.ones(100, 1, 1, 1, **F64),
+                                      torch.ones(1, 1, 1, **F64))
+    assert float((scanned - 1).abs().max()) >= 0.5
+
+
+def _lqr(pb, seed, T=40, n=4, m=2, full=True):
+    rng = np.random.default_rng(seed)
+    kw = {}
+    if full:
+        kw = dict(c=torch.tensor(rng.normal(size=(*pb, T, n))),
+                  q=torch.tensor(rng.normal(size=(*pb, T, n))),
+                  M=0.1 * torch.tensor(rng.normal(size=(*pb, T, m, n))))
+    return trajopt.LQR(A=torch.tensor(np.eye(n) + 0.2 * rng.normal(size=(*pb, T, n, n))),
+                       B=torch.tensor(rng.normal(size=(*pb, T, n, m))),
+                       Q=torch.eye(n, **F64).expand(*pb, T, n, n),
+                       R=torch.eye(m, **F64).expand(*pb, T, m, m),
+                       QT=torch.eye(n, **F64), **kw)
+
+
+@pytest.mark.parametrize("pb,xb,full", [((), (), True), ((), (5,), True), ((3,), (3,), True),
+                                        ((3,), (), True), ((2, 1), (2, 3), True),
+                                        ((), (5,), False)])
+def test_solve_lqr_rollout_by_the_scan_equals_the_loop(monkeypatch, pb, xb, full):
+    prob = _lqr(pb, 4, full=full)
+    x0 = torch.tensor(np.random.default_rng(5).normal(size=(*xb, 4)))
+    calls = []
+    real = finite.scan_closed_loop
+
+    def spy(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(finite, "scan_closed_loop", spy)
+    got = trajopt.solve_lqr(prob, x0)
+    assert calls == [True]
+    monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
+    ref = trajopt.solve_lqr(prob, x0)
+    scale = float(ref.xs.abs().max())
+    assert got.xs.shape == ref.xs.shape and got.us.shape == ref.us.shape
+    assert torch.allclose(got.xs, ref.xs, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(got.cost, ref.cost, rtol=1e-12, atol=0)

@@ -1,0 +1,153 @@
+r"""The states of an affine recurrence by a parallel scan: the rollout of linear dynamics.
+
+A closed loop :math:`u_t = k_t + K_t (x_t - \bar x_t)` on linear dynamics
+:math:`x_{t+1} = A_t x_t + B_t u_t + c_t` is the affine recurrence
+
+.. math::
+
+    x_{t+1} = M_t x_t + v_t, \qquad M_t = A_t + B_t K_t, \quad
+    v_t = B_t (k_t - K_t \bar x_t) + c_t .
+
+The maps :math:`e_t(x) = M_t x + v_t` compose associatively,
+:math:`(M_j, v_j) \circ (M_i, v_i) = (M_j M_i, M_j v_i + v_j)`, so the states are the prefix
+compositions :math:`x_{t+1} = (e_t \circ \dots \circ e_0)(x_0)`, computed here in
+:math:`\lceil \log_2 T \rceil` rounds of batched operations over all stages (Hillis-Steele,
+as the values of :mod:`trajopt.riccati.scan`): a few dozen torch operations for T = 100
+where the stage-by-stage loop takes several hundred.  The first map is folded into a
+constant one, :math:`e_0 \equiv M_0 x_0 + v_0`, so every prefix is a state and round
+:math:`k` only multiplies the maps of the stages :math:`t \ge 2^{k+1}` that are not yet
+complete.
+
+**The self-check.**  The scan reaches :math:`x_{t+1}` through products of up to T maps,
+not through :math:`x_t`, so where those products are large and the states small (an
+unstable open loop driven back by its controls) it is less accurate than the loop.  The
+callers therefore recompute every transition from the scanned states in one batched
+product and accept the scan only where :math:`|x_{t+1} - (A_t x_t + B_t u_t + c_t)|` is
+within :data:`CONSISTENCY` eps of :math:`|A_t||x_t| + |B_t||u_t| + |c_t| + |x_{t+1}|`
+(the largest entry of each, :func:`consistent`; with :math:`|u_t|` the magnitudes of the
+law's terms, :math:`|k_t| + |K_t|(|x_t| + |\bar x_t|)`, whose rounding reaches
+:math:`x_{t+1}` through :math:`B_t`): the scanned trajectory then satisfies the dynamics
+to within a few dozen roundings of the terms, as the loop's satisfies them to a few;
+otherwise they run the loop.
+``docs/performance.md`` ("Linear rollouts") has the measurements behind the rule
+(:func:`rollout_pays`) and the bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._linalg import mv as _mv
+from ..riccati.scan import MIN_STAGES
+from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
+
+__all__ = ["scan_states", "scan_closed_loop", "consistent", "rollout_pays", "CONSISTENCY",
+           "MAX_WORK", "MAX_WORK_CUDA"]
+
+#: largest ``batch * n^2`` for which the scan replaces the loop on the CPU
+MAX_WORK = 4096
+#: the same on a GPU (kernel launches, not arithmetic, bound both there)
+MAX_WORK_CUDA = 262144
+#: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`;
+#: the bound :data:`trajopt.riccati.scan.AGREEMENT` puts on the values' scan)
+CONSISTENCY = 128
+
+
+def rollout_pays(T: int, batch: int, n: int, device: torch.device | None = None) -> bool:
+    """The callers' rule: the scan for ``T`` stages of ``batch`` problems with ``n``
+    states on ``device`` (where the loop is bound by per-operation dispatch)."""
+    bound = MAX_WORK_CUDA if device is not None and device.type == "cuda" else MAX_WORK
+    return T >= MIN_STAGES and batch * n * n <= bound
+
+
+def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    r"""States of :math:`x_{t+1} = M_t x_t + v_t` from ``x0``, for G groups of R states
+    that share their maps (the columns of ``v`` and ``x0``): R = 1 for maps of their own
+    (a closed loop per batch element), G = 1 for one map over a whole batch (an open loop
+    of one model, one LQR problem from many initial states).
+
+    Parameters
+    ----------
+    M : (T, G, n, n)
+    v : (T, G, n, R)
+    x0 : (G, n, R)
+
+    Returns
+    -------
+    (T+1, G, n, R)
+        :math:`x_0, \dots, x_T` (up to rounding; see the module's self-check).
+    """
+    T, G, n, R = v.shape
+    # element 0 as the constant map x_1: every prefix that contains it is a state
+    w = torch.cat([torch.baddbmm(v[0], M[0], x0).unsqueeze(0), v[1:]])
+    rest = M[1:]  # the maps of the incomplete stages t >= d: rest[i] is stage d + i
+    d = 1
+    while d < T:
+        # w_t <- M_t w_{t-d} + w_t for t >= d
+        upd = torch.baddbmm(w[d:].reshape(-1, n, R), rest.reshape(-1, n, n),
+                            w[:T - d].reshape(-1, n, R))
+        w = torch.cat([w[:d], upd.view(T - d, G, n, R)])
+        if 2 * d < T:  # M_t <- M_t M_{t-d} for the stages still incomplete (t >= 2d)
+            rest = torch.matmul(rest[d:], rest[:T - 2 * d])
+        d *= 2
+    return torch.cat([x0.unsqueeze(0), w])
+
+
+def consistent(x_next: torch.Tensor, predicted: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether scanned states ``x_next`` (..., n) equal the transitions ``predicted``
+    recomputed from the scanned states, to :data:`CONSISTENCY` eps of ``scale`` (the
+    magnitudes of the terms, elementwise, of the same shape), state by state in the max
+    norm.  NaN and inf fail."""
+    tol = CONSISTENCY * torch.finfo(x_next.dtype).eps
+    err = (x_next - predicted).abs().amax(-1)
+    return bool((err <= tol * (scale + x_next.abs()).amax(-1)).all())
+
+
+def _time_first(v: torch.Tensor | None, rank: int, nbatch: int) -> torch.Tensor | None:
+    """A stacked array (..., T, core) as (T, 1.., ..., core) with ``nbatch`` batch axes."""
+    if v is None:
+        return None
+    v = v.movedim(-rank - 1, 0)
+    return v.reshape(v.shape[0], *[1] * (nbatch - v.ndim + 1 + rank), *v.shape[1:])
+
+
+def scan_closed_loop(problem, Ks: list, ks: list, x0: torch.Tensor):
+    """The rollout of :func:`trajopt.solve_lqr`'s closed loop ``u_t = K_t x_t + k_t`` (the
+    ``Ks``, ``ks`` lists of its recursion) from ``x0`` (..., n) on the stacked stages of
+    ``problem`` (a :class:`~trajopt.lqr.finite.LQR`) by the scan: the state list (T+1),
+    the control list (T) and the total cost, as the stage loop returns them, or None
+    where the stages are not stacked, :func:`rollout_pays` says no or the self-check
+    (:func:`consistent`) fails."""
+    if not problem.stacked:
+        return None
+    T, arr = problem.T, problem.arrays
+    Kt, kt = torch.stack(Ks), torch.stack(ks)  # (T, *problem batch, m, n), (T, ..., m)
+    batch = torch.broadcast_shapes(x0.shape[:-1], Kt.shape[1:-2], kt.shape[1:-1], *(
+        arr[name].shape[:-RANK[name] - 1] for name in STAGE_ARGS if arr[name] is not None))
+    n, N, nb = x0.shape[-1], batch.numel(), len(batch)
+    if not rollout_pays(T, N, n, x0.device):
+        return None
+    st = Stage(**{name: _time_first(arr[name], RANK[name], nb) for name in STAGE_ARGS})
+    Kt = Kt.reshape(T, *[1] * (nb + 3 - Kt.ndim), *Kt.shape[1:])
+    kt = kt.reshape(T, *[1] * (nb + 2 - kt.ndim), *kt.shape[1:])
+    M = st.A + st.B @ Kt
+    v = _mv(st.B, kt) if st.c is None else _mv(st.B, kt) + st.c
+    x = x0.expand(*batch, n).reshape(N, n)
+    if M.shape[1:-2].numel() == 1 and v.shape[1:-1].numel() == 1:  # one map: states as columns
+        xs = scan_states(M.reshape(T, 1, n, n), v.reshape(T, 1, n, 1).expand(T, 1, n, N),
+                         x.t().unsqueeze(0)).squeeze(1).transpose(1, 2)
+    else:
+        xs = scan_states(M.expand(T, *batch, n, n).reshape(T, N, n, n),
+                         v.expand(T, *batch, n).reshape(T, N, n, 1), x.unsqueeze(-1))
+    xs = xs.reshape(T + 1, *batch, n)
+    X = xs[:-1]
+    U = _mv(Kt, X) + kt
+    # the dynamics' own transitions from the scanned states, and their magnitudes
+    pred = _mv(st.A, X) + _mv(st.B, U)
+    scale = _mv(st.A.abs(), X.abs()) + _mv(st.B.abs(), _mv(Kt.abs(), X.abs()) + kt.abs())
+    if st.c is not None:
+        pred, scale = pred + st.c, scale + st.c.abs()
+    if not consistent(xs[1:], pred, scale):
+        return None
+    total = stage_cost(st, X, U).sum(0) + terminal_cost(*problem.terminal, xs[-1])
+    return list(xs.unbind(0)), list(U.unbind(0)), total
