@@ -118,15 +118,16 @@ def test_linear_dynamics_name_bad_arguments():
 
 
 def _count_scans(monkeypatch):
-    """Count the rollouts the DDP loop scans (and whether the scan's check held)."""
+    """Record, for each rollout the DDP loop tries to scan, whether the scan held its
+    check (after the refinement where the first check failed)."""
     seen = []
-    real = chain_mod.consistent
+    real = chain_mod.checked_states
 
     def spy(*a):
-        ok = real(*a)
-        seen.append(ok)
-        return ok
-    monkeypatch.setattr(chain_mod, "consistent", spy)
+        xs = real(*a)
+        seen.append(xs is not None)
+        return xs
+    monkeypatch.setattr(chain_mod, "checked_states", spy)
     return seen
 
 
@@ -170,21 +171,44 @@ def test_ddp_with_control_limits_keeps_the_loop(monkeypatch):
 
 
 def test_a_failed_self_check_falls_back_to_the_loop(monkeypatch):
-    """x' = 2x + u from x0 = 1 with u = -1 stays at 1; the scan reaches x_t through 2^t
-    and loses it, its check fails, and the loop's exact states are returned."""
-    lin = trajopt.LinearDynamics(torch.tensor([[2.0]], **F64), torch.tensor([[1.0]], **F64))
+    """x' = 1e10 x + u from x0 = 1 with u = 1 - 1e10 stays at 1 exactly in the loop; the
+    scan reaches x_t through 1e10^t, which overflows: its check fails (after the
+    refinement too) and the loop's states are returned."""
+    lin = trajopt.LinearDynamics(torch.tensor([[1e10]], **F64), torch.tensor([[1.0]], **F64))
     solver = trajopt.DDPSolver(lin, trajopt.QuadraticCost(torch.eye(1), torch.eye(1),
                                                          torch.eye(1)))
+    checks = []
+    real = affine_scan.consistent
+    monkeypatch.setattr(affine_scan, "consistent", lambda *a: checks.append(real(*a))
+                        or checks[-1])
     seen = _count_scans(monkeypatch)
-    us = [-torch.ones(1, 1, **F64)] * 100
-    traj = solver.rollout(torch.ones(1, 1, **F64), us)
-    assert seen == [False]
+    traj = solver.rollout(torch.ones(1, 1, **F64), [torch.full((1, 1), 1 - 1e10, **F64)] * 40)
+    assert seen == [False] and checks == [False, False]
     assert all(torch.equal(x, torch.ones(1, 1, **F64)) for x in traj.xs)
-    # the scan alone is off by far more than rounding here
-    M = torch.full((100, 1, 1, 1), 2.0, **F64)
-    scanned = affine_scan.scan_states(M, -torch.ones(100, 1, 1, 1, **F64),
-                                      torch.ones(1, 1, 1, **F64))
-    assert float((scanned - 1).abs().max()) >= 0.5
+
+
+def test_decaying_states_are_refined_once(monkeypatch):
+    """A closed loop whose states decay from ~1 to ~1e-14: the scan's error is relative to
+    products over many stages, so its first check fails; one refinement (the residuals'
+    recurrence, scanned) passes it, and the states equal the loop's."""
+    rng = np.random.default_rng(0)
+    T, n, m = 100, 8, 3
+    prob = trajopt.LQR(A=torch.tensor(np.eye(n) + 0.1 * rng.normal(size=(T, n, n))),
+                       B=torch.tensor(0.3 * rng.normal(size=(T, n, m))),
+                       Q=torch.eye(n, **F64).expand(T, n, n),
+                       R=torch.eye(m, **F64).expand(T, m, m), QT=torch.eye(n, **F64))
+    x0 = torch.tensor(rng.normal(size=(16, n)))
+    checks = []
+    real = affine_scan.consistent
+    monkeypatch.setattr(affine_scan, "consistent", lambda *a: checks.append(real(*a))
+                        or checks[-1])
+    got = trajopt.solve_lqr(prob, x0)
+    assert checks == [False, True]
+    monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
+    ref = trajopt.solve_lqr(prob, x0)
+    assert float(ref.xs[:, -1].abs().max()) < 1e-12  # decayed by > 12 orders
+    err = (got.xs - ref.xs).abs().amax(-1) / ref.xs.abs().amax(-1)  # per stage
+    assert float(err.max()) < 1e-12
 
 
 def _lqr(pb, seed, T=40, n=4, m=2, full=True):

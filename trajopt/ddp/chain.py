@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lqr.affine_scan import consistent, rollout_pays, scan_states
+from ..lqr.affine_scan import checked_states, rollout_pays
 from ..riccati.expansion import DenseStage, joint_blocks
 from .batch import Traj
 from .linear import LinearDynamics
@@ -104,7 +104,7 @@ class Chain:
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """States and controls of ``law`` on the linear dynamics by the parallel scan, or
         None where the rule (:func:`~trajopt.lqr.affine_scan.rollout_pays`) or the
-        self-check (:func:`~trajopt.lqr.affine_scan.consistent`) says no."""
+        self-check (:func:`~trajopt.lqr.affine_scan.checked_states`) says no."""
         dyn = self.linear_model()
         B, n = x0.shape
         if dyn is None or not rollout_pays(T, B, n, x0.device) or \
@@ -112,39 +112,39 @@ class Chain:
             return None
         A, Bm, c = dyn.maps(T, x0)
         ff = torch.stack(list(law.ff))  # (T, B, m)
-        if law.K is None:  # one map for the batch: its states are the columns
-            v = ff @ Bm.transpose(-1, -2)
-            if c is not None:
-                v = v + c.unsqueeze(1)
-            xs = scan_states(A.expand(T, n, n).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
-                             x0.t().unsqueeze(0)).squeeze(1).transpose(1, 2).contiguous()
+        At, Bt = A.transpose(-1, -2), Bm.transpose(-1, -2)
+        if law.K is None:  # open loop: one map for the whole batch
+            M = A.expand(T, n, n).unsqueeze(1)
+            v = ff @ Bt
         else:
             K = torch.stack(list(law.K))  # (T, B, m, n)
             xbar = torch.stack(list(law.xbar[:T]))
             v = (Bm.unsqueeze(1) @ torch.baddbmm(
                 ff.reshape(-1, ff.shape[-1], 1), K.reshape(-1, *K.shape[-2:]),
                 xbar.reshape(-1, n, 1), alpha=-1).reshape(T, B, -1, 1)).squeeze(-1)
-            if c is not None:
-                v = v + c.unsqueeze(1)
             M = A.unsqueeze(1) + Bm.unsqueeze(1) @ K
-            xs = scan_states(M, v.unsqueeze(-1), x0.unsqueeze(-1)).squeeze(-1)
-        X = xs[:-1]
-        # the law's controls at the scanned states, as the loop computes them, with the
-        # magnitudes of their terms (their rounding reaches x_{t+1} through B)
-        if law.K is None:
-            us, u_scale = ff, ff.abs()
-        else:
-            us = ff + (K @ (X - xbar).unsqueeze(-1)).squeeze(-1)
-            u_scale = ff.abs() + (K.abs() @ (X.abs() + xbar.abs()).unsqueeze(-1)).squeeze(-1)
-        # the model's own transitions from the scanned states, and their magnitudes
-        At, Bt = A.transpose(-1, -2), Bm.transpose(-1, -2)
-        pred = X @ At + us @ Bt
-        scale = X.abs() @ At.abs() + u_scale @ Bt.abs()
         if c is not None:
-            pred, scale = pred + c.unsqueeze(1), scale + c.abs().unsqueeze(1)
-        if not consistent(xs[1:], pred, scale):
+            v = v + c.unsqueeze(1)
+
+        def controls(X):
+            """The law's controls at states X (T, B, n), as the loop computes them."""
+            return ff if law.K is None else ff + (K @ (X - xbar).unsqueeze(-1)).squeeze(-1)
+
+        def transitions(xs):
+            """The model's own transitions from the states, and the magnitudes of their
+            terms (the law's terms too: their rounding reaches x_{t+1} through B)."""
+            X = xs[:-1]
+            u_scale = ff.abs() if law.K is None else ff.abs() + (
+                K.abs() @ (X.abs() + xbar.abs()).unsqueeze(-1)).squeeze(-1)
+            pred = X @ At + controls(X) @ Bt
+            scale = X.abs() @ At.abs() + u_scale @ Bt.abs()
+            if c is not None:
+                pred, scale = pred + c.unsqueeze(1), scale + c.abs().unsqueeze(1)
+            return pred, scale
+        xs = checked_states(M, v, x0, transitions)
+        if xs is None:
             return None
-        return list(xs.unbind(0)), list(us.unbind(0))
+        return list(xs.unbind(0)), list(controls(xs[:-1]).unbind(0))
 
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:

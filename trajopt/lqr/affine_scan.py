@@ -35,22 +35,24 @@ otherwise they run the loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._linalg import mv as _mv
 from ..riccati.scan import MIN_STAGES
 from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
 
-__all__ = ["scan_states", "scan_closed_loop", "consistent", "rollout_pays", "CONSISTENCY",
-           "MAX_WORK", "MAX_WORK_CUDA"]
+__all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
+           "rollout_pays", "CONSISTENCY", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: largest ``batch * n^2`` for which the scan replaces the loop on the CPU
 MAX_WORK = 4096
 #: the same on a GPU (kernel launches, not arithmetic, bound both there)
 MAX_WORK_CUDA = 262144
-#: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`;
-#: the bound :data:`trajopt.riccati.scan.AGREEMENT` puts on the values' scan)
-CONSISTENCY = 128
+#: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`):
+#: a few dozen roundings, the order of what a loop's step commits for a few dozen terms
+CONSISTENCY = 32
 
 
 def rollout_pays(T: int, batch: int, n: int, device: torch.device | None = None) -> bool:
@@ -93,6 +95,62 @@ def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Ten
     return torch.cat([x0.unsqueeze(0), w])
 
 
+def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
+                   transitions: Callable) -> torch.Tensor | None:
+    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, checked against
+    the caller's own transitions and refined once where the check fails.
+
+    Parameters
+    ----------
+    M : (T, G, n, n)
+        One map per stage for every element (G = N) or for all of them (G = 1).
+    v : (T, N, n)
+    x0 : (N, n)
+    transitions : callable
+        ``transitions(xs) -> (predicted, scale)``: for states ``xs`` (T+1, N, n), the
+        transitions :math:`x_{t+1}` as the caller's model computes them from
+        :math:`x_t` (T, N, n), and the magnitudes of their terms (see
+        :func:`consistent`).
+
+    Returns
+    -------
+    (T+1, N, n), or None where the check fails after the refinement.
+
+    Notes
+    -----
+    The refinement is one step of iterative refinement: with the residuals
+    :math:`r_t = 	ext{predicted}_t - x_{t+1}` of the scanned states, the correction
+    :math:`\delta_{t+1} = M_t \delta_t + r_t`, :math:`\delta_0 = 0`, is scanned in the
+    same way and added; its own rounding is relative to the (rounding-sized) residuals.
+    It is needed where the states decay by orders of magnitude along the horizon: the
+    scan's error is relative to products of maps over many stages, not to the state.
+    """
+    T, N, n = v.shape
+    if M.shape[1] == 1:  # one map: the states are the columns of one recurrence
+        def fold(z):
+            return z.transpose(-1, -2).unsqueeze(1)
+
+        def unfold(w):
+            return w.squeeze(1).transpose(-1, -2)
+    else:
+        def fold(z):
+            return z.unsqueeze(-1)
+
+        def unfold(w):
+            return w.squeeze(-1)
+    xs = unfold(scan_states(M, fold(v), fold(x0.unsqueeze(0))[0]))
+    for refined in (False, True):
+        predicted, scale = transitions(xs)
+        if consistent(xs[1:], predicted, scale):
+            return xs.contiguous()
+        if refined:
+            return None
+        delta = unfold(scan_states(M, fold(predicted - xs[1:]),
+                                   fold(torch.zeros_like(x0).unsqueeze(0))[0]))
+        xs = torch.cat([xs[:1], xs[1:] + delta[1:]])
+    return None
+
+
 def consistent(x_next: torch.Tensor, predicted: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether scanned states ``x_next`` (..., n) equal the transitions ``predicted``
     recomputed from the scanned states, to :data:`CONSISTENCY` eps of ``scale`` (the
@@ -132,22 +190,25 @@ def scan_closed_loop(problem, Ks: list, ks: list, x0: torch.Tensor):
     kt = kt.reshape(T, *[1] * (nb + 2 - kt.ndim), *kt.shape[1:])
     M = st.A + st.B @ Kt
     v = _mv(st.B, kt) if st.c is None else _mv(st.B, kt) + st.c
-    x = x0.expand(*batch, n).reshape(N, n)
-    if M.shape[1:-2].numel() == 1 and v.shape[1:-1].numel() == 1:  # one map: states as columns
-        xs = scan_states(M.reshape(T, 1, n, n), v.reshape(T, 1, n, 1).expand(T, 1, n, N),
-                         x.t().unsqueeze(0)).squeeze(1).transpose(1, 2)
-    else:
-        xs = scan_states(M.expand(T, *batch, n, n).reshape(T, N, n, n),
-                         v.expand(T, *batch, n).reshape(T, N, n, 1), x.unsqueeze(-1))
+    shared = M.shape[1:-2].numel() == 1
+    Kabs = Kt.abs()
+
+    def transitions(xs):  # the dynamics' own, from the scanned states, and magnitudes
+        X = xs[:-1].reshape(T, *batch, n)
+        U = _mv(Kt, X) + kt
+        pred = _mv(st.A, X) + _mv(st.B, U)
+        scale = _mv(st.A.abs(), X.abs()) + _mv(st.B.abs(), _mv(Kabs, X.abs()) + kt.abs())
+        if st.c is not None:
+            pred, scale = pred + st.c, scale + st.c.abs()
+        return pred.reshape(T, N, n), scale.reshape(T, N, n)
+    xs = checked_states(M.reshape(T, 1, n, n) if shared else
+                        M.expand(T, *batch, n, n).reshape(T, N, n, n),
+                        v.expand(T, *batch, n).reshape(T, N, n),
+                        x0.expand(*batch, n).reshape(N, n), transitions)
+    if xs is None:
+        return None
     xs = xs.reshape(T + 1, *batch, n)
     X = xs[:-1]
     U = _mv(Kt, X) + kt
-    # the dynamics' own transitions from the scanned states, and their magnitudes
-    pred = _mv(st.A, X) + _mv(st.B, U)
-    scale = _mv(st.A.abs(), X.abs()) + _mv(st.B.abs(), _mv(Kt.abs(), X.abs()) + kt.abs())
-    if st.c is not None:
-        pred, scale = pred + st.c, scale + st.c.abs()
-    if not consistent(xs[1:], pred, scale):
-        return None
     total = stage_cost(st, X, U).sum(0) + terminal_cost(*problem.terminal, xs[-1])
     return list(xs.unbind(0)), list(U.unbind(0)), total
