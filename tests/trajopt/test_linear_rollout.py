@@ -248,3 +248,19 @@ def test_solve_lqr_rollout_by_the_scan_equals_the_loop(monkeypatch, pb, xb, full
     assert torch.allclose(got.xs, ref.xs, rtol=0, atol=1e-12 * scale)
     assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12 * scale)
     assert torch.allclose(got.cost, ref.cost, rtol=1e-12, atol=0)
+
+
+def test_the_rule_leaves_large_batches_and_short_horizons_to_the_loop(monkeypatch):
+    assert affine_scan.rollout_pays(100, 4, 8, shared=False)
+    assert not affine_scan.rollout_pays(100, 16, 8, shared=False)
+    assert affine_scan.rollout_pays(100, 64, 8, shared=True)
+    assert not affine_scan.rollout_pays(100, 256, 8, shared=True)
+    assert not affine_scan.rollout_pays(15, 1, 2, shared=True)
+    prob = _lqr((), 6)
+    calls = []
+    real = affine_scan.scan_states
+    monkeypatch.setattr(affine_scan, "scan_states", lambda *a: calls.append(1) or real(*a))
+    sol = trajopt.solve_lqr(prob, torch.zeros(1024, 4, **F64))
+    assert calls == [] and sol.xs.shape == (1024, 41, 4)
+    trajopt.solve_lqr(prob, torch.zeros(8, 4, **F64))
+    assert calls == [1]

@@ -107,7 +107,7 @@ class Chain:
         self-check (:func:`~trajopt.lqr.affine_scan.checked_states`) says no."""
         dyn = self.linear_model()
         B, n = x0.shape
-        if dyn is None or not rollout_pays(T, B, n, x0.device) or \
+        if dyn is None or not rollout_pays(T, B, n, law.K is None, x0.device) or \
                 any(f.shape != law.ff[0].shape for f in law.ff):
             return None
         A, Bm, c = dyn.maps(T, x0)

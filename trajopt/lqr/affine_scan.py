@@ -46,20 +46,26 @@ from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
 __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
            "rollout_pays", "CONSISTENCY", "MAX_WORK", "MAX_WORK_CUDA"]
 
-#: largest ``batch * n^2`` for which the scan replaces the loop on the CPU
-MAX_WORK = 4096
-#: the same on a GPU (kernel launches, not arithmetic, bound both there)
-MAX_WORK_CUDA = 262144
+#: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
+#: every element has its own maps (a closed loop), ``batch * n`` where they share them
+#: (one model's open loop, one LQR problem from many initial states), measured
+#: (``docs/performance.md``, "Linear rollouts")
+MAX_WORK = 512
+#: the same on a GPU, where kernel launches bound the loop (by analogy with the values'
+#: scan, :data:`trajopt.riccati.scan.MAX_WORK_CUDA`; not measured for the rollout)
+MAX_WORK_CUDA = 32768
 #: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`):
 #: a few dozen roundings, the order of what a loop's step commits for a few dozen terms
 CONSISTENCY = 32
 
 
-def rollout_pays(T: int, batch: int, n: int, device: torch.device | None = None) -> bool:
-    """The callers' rule: the scan for ``T`` stages of ``batch`` problems with ``n``
-    states on ``device`` (where the loop is bound by per-operation dispatch)."""
+def rollout_pays(T: int, batch: int, n: int, shared: bool,
+                 device: torch.device | None = None) -> bool:
+    """The callers' rule: the scan for ``T`` stages of ``batch`` states of size ``n`` on
+    ``device``, whose maps are ``shared`` by the batch or each element's own."""
     bound = MAX_WORK_CUDA if device is not None and device.type == "cuda" else MAX_WORK
-    return T >= MIN_STAGES and batch * n * n <= bound
+    work = max(batch * n, n * n) if shared else batch * n * n
+    return T >= MIN_STAGES and work <= bound
 
 
 def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -183,14 +189,16 @@ def scan_closed_loop(problem, Ks: list, ks: list, x0: torch.Tensor):
     batch = torch.broadcast_shapes(x0.shape[:-1], Kt.shape[1:-2], kt.shape[1:-1], *(
         arr[name].shape[:-RANK[name] - 1] for name in STAGE_ARGS if arr[name] is not None))
     n, N, nb = x0.shape[-1], batch.numel(), len(batch)
-    if not rollout_pays(T, N, n, x0.device):
+    shared = all(arr[name] is None or arr[name].shape[:-RANK[name] - 1].numel() == 1
+                 for name in ("A", "B", "c")) and Kt.shape[1:-2].numel() == 1 \
+        and kt.shape[1:-1].numel() == 1
+    if not rollout_pays(T, N, n, shared, x0.device):
         return None
     st = Stage(**{name: _time_first(arr[name], RANK[name], nb) for name in STAGE_ARGS})
     Kt = Kt.reshape(T, *[1] * (nb + 3 - Kt.ndim), *Kt.shape[1:])
     kt = kt.reshape(T, *[1] * (nb + 2 - kt.ndim), *kt.shape[1:])
     M = st.A + st.B @ Kt
     v = _mv(st.B, kt) if st.c is None else _mv(st.B, kt) + st.c
-    shared = M.shape[1:-2].numel() == 1
     Kabs = Kt.abs()
 
     def transitions(xs):  # the dynamics' own, from the scanned states, and magnitudes
