@@ -214,9 +214,12 @@ def row_pendulum(T=100, rep=3):
                 peer_note=f"{it} it, cost {c:.6g}")
 
 
-def row_lq(T=100, rep=3):
+def row_lq(T=100, rep=3, linear=False):
     """One LQ problem n=8 m=3 (QuadraticCost, linear dynamics) against crocoddyl's C++
-    ActionModelLQR with SolverDDP, reg_min = 0 (as in :func:`rows_crocoddyl`)."""
+    ActionModelLQR with SolverDDP, reg_min = 0 (as in :func:`rows_crocoddyl`).  The
+    dynamics are a user-written callable, or with ``linear`` a
+    ``trajopt.LinearDynamics`` (analytic derivatives, scanned rollouts: the model that
+    corresponds to crocoddyl's LQR action model)."""
     rng = np.random.default_rng(0)
     n, m = 8, 3
     A = np.eye(n) + 0.1 * rng.normal(size=(n, n))
@@ -224,12 +227,15 @@ def row_lq(T=100, rep=3):
     Q, R = np.eye(n), 0.1 * np.eye(m)
     x0 = rng.normal(size=(1, n))[0]
     At, Bt = torch.tensor(A), torch.tensor(Bm)
-    dyn = trajopt.Dynamics(lambda x, u, t: x @ At.T + u @ Bt.T, time_invariant=True)
+    dyn = trajopt.LinearDynamics(At, Bt) if linear else \
+        trajopt.Dynamics(lambda x, u, t: x @ At.T + u @ Bt.T, time_invariant=True)
     cost = trajopt.QuadraticCost(Q, R, Q)
     t_o, r = timed(lambda: trajopt.solve_ddp(dyn, cost, torch.tensor(x0),
                                              torch.zeros(T, m, **F64)), rep)
-    row = dict(figure=f"LQ n={n} m={m} T={T} (QuadraticCost), solve_ddp vs crocoddyl C++ "
-                      f"ActionModelLQR (reg_min 0)", goal=5.0, trajopt_ms=1e3 * t_o,
+    dyn_name = "LinearDynamics" if linear else "a callable"
+    row = dict(figure=f"LQ n={n} m={m} T={T} (QuadraticCost, {dyn_name}), solve_ddp vs "
+                      f"crocoddyl C++ ActionModelLQR (reg_min 0)", goal=5.0,
+               trajopt_ms=1e3 * t_o,
                trajopt_note=f"{int(r.iterations)} it, cost {float(r.cost):.6g}")
     try:
         import crocoddyl

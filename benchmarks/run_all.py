@@ -7,7 +7,8 @@ Rows (goals from the issue):
 
 * pendulum swing-up T=100, trajopt with a user-written ``f(x, u, t)`` and ``trajopt.Cost``
   (no flags) vs crocoddyl FDDP with a Python action model: <= 3x crocoddyl's time;
-* LQ n=8 m=3 T=100 (QuadraticCost) vs crocoddyl's C++ ``ActionModelLQR``: <= 5x;
+* LQ n=8 m=3 T=100 (QuadraticCost) vs crocoddyl's C++ ``ActionModelLQR``: <= 5x, with the
+  dynamics as a user-written callable and as ``trajopt.LinearDynamics``;
 * MPC step, cart-pole T=50, 3 iterations, warm start: < 50 ms;
 * the DARE rows (1,000 batched DAREs vs a scipy loop; one small DARE, "auto" vs scipy)
   from ``bench_lqr_dare.dare_rows`` when that exists;
@@ -49,7 +50,8 @@ def _ratio_row(d: dict, goal: float) -> dict:
 def ddp_rows(quick: bool, skip_mpc: bool) -> list[dict]:
     rep = 1 if quick else 3
     rows = [_ratio_row(bench_ddp.row_pendulum(100, rep), 3.0),
-            _ratio_row(bench_ddp.row_lq(100, rep), 5.0)]
+            _ratio_row(bench_ddp.row_lq(100, rep), 5.0),
+            _ratio_row(bench_ddp.row_lq(100, rep, linear=True), 5.0)]
     m = bench_ddp.row_mpc_step(50, 5 if quick else 20)
     rows.append(dict(figure=m["figure"], goal="< 50 ms",
                      trajopt=f"{m['trajopt_ms']:.1f} ms ({m['trajopt_note']})", peer="-",
