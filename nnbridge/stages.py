@@ -183,6 +183,14 @@ class Stage:
         """Unfolded, bias-augmented input :math:`\\tilde x`, (B, in', P)."""
         if self.is_conv:
             return self.conv.unfold(x, self.groups, self.has_bias)
+        if x.dim() != 2:
+            raise UnsupportedModelError(
+                f"model: the {type(self.module).__name__} of stage {self.index} is applied "
+                f"to an input of shape {tuple(x.shape)}; a Linear stage takes (batch, "
+                f"in_features): positions before the features (a Linear applied token by "
+                f"token) are not supported. Write it as nn.Conv1d(in, out, 1) on (batch, "
+                f"features, positions), the same map at every position, or flatten the "
+                f"positions into the features before the layer")
         X = x.unsqueeze(-1)
         if self.has_bias:
             X = torch.cat([X, X.new_ones(*X.shape[:-2], 1, X.shape[-1])], -2)

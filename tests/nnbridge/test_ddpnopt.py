@@ -489,3 +489,24 @@ def test_layernorm_stage_step_equals_literal_alg3(curvature, value_hessian):
     U0 = [st.control().clone() for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))
     assert _rel_update_error(opt, ref, U0) < 1e-11
+
+
+@pytest.mark.parametrize("cls", ["DDPNOpt", "GTDDP", "EKFAC", "LQRDescent"])
+def test_a_linear_layer_applied_over_positions_is_refused_by_name(cls):
+    """A Linear on (batch, positions, features) (token by token) is not a stage the
+    optimizers' layouts cover: the step names the layer and the shape, before it
+    changes a weight (it crashed inside an einsum before)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 4))
+    opt = getattr(nnbridge, cls)(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = torch.randn(8, 3, 6), torch.randint(0, 4, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+    with pytest.raises(UnsupportedModelError, match=r"Linear of stage 0 .* shape \(8, 3, 6\)"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
