@@ -117,18 +117,23 @@ def test_linear_dynamics_name_bad_arguments():
                           torch.ones(4, **F64), torch.zeros(12, 2, **F64))
 
 
-def _count_scans(monkeypatch):
-    """Record, for each rollout the DDP loop tries to scan, whether the scan held its
-    check (after the refinement where the first check failed)."""
+def _spy(monkeypatch, module, name, record=lambda out: out is not None):
+    """Replace ``module.name`` by a wrapper that records ``record(result)`` of each call."""
     seen = []
-    real = chain_mod.checked_states
+    real = getattr(module, name)
 
     def spy(*a):
-        xs = real(*a)
-        seen.append(xs is not None)
-        return xs
-    monkeypatch.setattr(chain_mod, "checked_states", spy)
+        out = real(*a)
+        seen.append(record(out))
+        return out
+    monkeypatch.setattr(module, name, spy)
     return seen
+
+
+def _count_scans(monkeypatch):
+    """For each rollout the DDP loop tries to scan, whether the scan held its check
+    (after the refinement where the first check failed)."""
+    return _spy(monkeypatch, chain_mod, "checked_states")
 
 
 @pytest.mark.parametrize("varying,offset,batch", [(False, False, 1), (True, True, 3),
@@ -177,10 +182,7 @@ def test_a_failed_self_check_falls_back_to_the_loop(monkeypatch):
     lin = trajopt.LinearDynamics(torch.tensor([[1e10]], **F64), torch.tensor([[1.0]], **F64))
     solver = trajopt.DDPSolver(lin, trajopt.QuadraticCost(torch.eye(1), torch.eye(1),
                                                          torch.eye(1)))
-    checks = []
-    real = affine_scan.consistent
-    monkeypatch.setattr(affine_scan, "consistent", lambda *a: checks.append(real(*a))
-                        or checks[-1])
+    checks = _spy(monkeypatch, affine_scan, "consistent", bool)
     seen = _count_scans(monkeypatch)
     traj = solver.rollout(torch.ones(1, 1, **F64), [torch.full((1, 1), 1 - 1e10, **F64)] * 40)
     assert seen == [False] and checks == [False, False]
@@ -198,10 +200,7 @@ def test_decaying_states_are_refined_once(monkeypatch):
                        Q=torch.eye(n, **F64).expand(T, n, n),
                        R=torch.eye(m, **F64).expand(T, m, m), QT=torch.eye(n, **F64))
     x0 = torch.tensor(rng.normal(size=(16, n)))
-    checks = []
-    real = affine_scan.consistent
-    monkeypatch.setattr(affine_scan, "consistent", lambda *a: checks.append(real(*a))
-                        or checks[-1])
+    checks = _spy(monkeypatch, affine_scan, "consistent", bool)
     got = trajopt.solve_lqr(prob, x0)
     assert checks == [False, True]
     monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
@@ -231,14 +230,7 @@ def _lqr(pb, seed, T=40, n=4, m=2, full=True):
 def test_solve_lqr_rollout_by_the_scan_equals_the_loop(monkeypatch, pb, xb, full):
     prob = _lqr(pb, 4, full=full)
     x0 = torch.tensor(np.random.default_rng(5).normal(size=(*xb, 4)))
-    calls = []
-    real = finite.scan_closed_loop
-
-    def spy(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(finite, "scan_closed_loop", spy)
+    calls = _spy(monkeypatch, finite, "scan_closed_loop")
     got = trajopt.solve_lqr(prob, x0)
     assert calls == [True]
     monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
@@ -257,9 +249,7 @@ def test_the_rule_leaves_large_batches_and_short_horizons_to_the_loop(monkeypatc
     assert not affine_scan.rollout_pays(100, 256, 8, shared=True)
     assert not affine_scan.rollout_pays(15, 1, 2, shared=True)
     prob = _lqr((), 6)
-    calls = []
-    real = affine_scan.scan_states
-    monkeypatch.setattr(affine_scan, "scan_states", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, affine_scan, "scan_states", lambda out: 1)
     sol = trajopt.solve_lqr(prob, torch.zeros(1024, 4, **F64))
     assert calls == [] and sol.xs.shape == (1024, 41, 4)
     trajopt.solve_lqr(prob, torch.zeros(8, 4, **F64))
