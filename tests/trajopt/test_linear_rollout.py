@@ -175,24 +175,34 @@ def test_ddp_with_control_limits_keeps_the_loop(monkeypatch):
     assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12)
 
 
-def test_a_failed_self_check_falls_back_to_the_loop(monkeypatch):
-    """x' = 1e10 x + u from x0 = 1 with u = 1 - 1e10 stays at 1 exactly in the loop; the
-    scan reaches x_t through 1e10^t, which overflows: its check fails (after the
-    refinement too) and the loop's states are returned."""
-    lin = trajopt.LinearDynamics(torch.tensor([[1e10]], **F64), torch.tensor([[1.0]], **F64))
+@pytest.mark.parametrize("a,T", [(1e10, 40), (1.7, 100)])
+def test_an_amplifying_recurrence_falls_back_to_the_loop(monkeypatch, a, T):
+    """x' = a x + u from x0 = 1 with u = 1 - a stays at 1 exactly in the loop. The scan
+    reaches x_t through a^t: for 1e10 it overflows; for 1.7 its states drift off the
+    unstable equilibrium (to ~1e6 at T = 100) while satisfying every transition to 32 eps
+    -- a trajectory of the dynamics, not the loop's. The forward-error estimate (the
+    residuals' recurrence) is far above its bound in both, and the loop's states are
+    returned."""
+    lin = trajopt.LinearDynamics(torch.tensor([[a]], **F64), torch.tensor([[1.0]], **F64))
     solver = trajopt.DDPSolver(lin, trajopt.QuadraticCost(torch.eye(1), torch.eye(1),
                                                          torch.eye(1)))
     checks = _spy(monkeypatch, affine_scan, "consistent", bool)
     seen = _count_scans(monkeypatch)
-    traj = solver.rollout(torch.ones(1, 1, **F64), [torch.full((1, 1), 1 - 1e10, **F64)] * 40)
-    assert seen == [False] and checks == [False, False]
+    traj = solver.rollout(torch.ones(1, 1, **F64), [torch.full((1, 1), 1 - a, **F64)] * T)
+    assert seen == [False] and checks == []  # refused by the forward estimate
     assert all(torch.equal(x, torch.ones(1, 1, **F64)) for x in traj.xs)
+    # the scan alone is off by far more than rounding here
+    raw = affine_scan.scan_states(torch.full((T, 1, 1, 1), a, **F64),
+                                  torch.full((T, 1, 1, 1), 1 - a, **F64),
+                                  torch.ones(1, 1, 1, **F64))
+    assert not bool(((raw - 1).abs() < 1e-3).all())
 
 
 def test_decaying_states_are_refined_once(monkeypatch):
     """A closed loop whose states decay from ~1 to ~1e-14: the scan's error is relative to
-    products over many stages, so its first check fails; one refinement (the residuals'
-    recurrence, scanned) passes it, and the states equal the loop's."""
+    products over many stages (its transitions are off by up to ~170 eps of their terms,
+    measured, against the check's 32); corrected by the residuals' recurrence, the scan
+    is taken, and its states equal the loop's stage by stage."""
     rng = np.random.default_rng(0)
     T, n, m = 100, 8, 3
     prob = trajopt.LQR(A=torch.tensor(np.eye(n) + 0.1 * rng.normal(size=(T, n, n))),
@@ -200,9 +210,9 @@ def test_decaying_states_are_refined_once(monkeypatch):
                        Q=torch.eye(n, **F64).expand(T, n, n),
                        R=torch.eye(m, **F64).expand(T, m, m), QT=torch.eye(n, **F64))
     x0 = torch.tensor(rng.normal(size=(16, n)))
-    checks = _spy(monkeypatch, affine_scan, "consistent", bool)
+    calls = _spy(monkeypatch, finite, "scan_closed_loop")
     got = trajopt.solve_lqr(prob, x0)
-    assert checks == [False, True]
+    assert calls == [True]
     monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
     ref = trajopt.solve_lqr(prob, x0)
     assert float(ref.xs[:, -1].abs().max()) < 1e-12  # decayed by > 12 orders
@@ -253,4 +263,40 @@ def test_the_rule_leaves_large_batches_and_short_horizons_to_the_loop(monkeypatc
     sol = trajopt.solve_lqr(prob, torch.zeros(1024, 4, **F64))
     assert calls == [] and sol.xs.shape == (1024, 41, 4)
     trajopt.solve_lqr(prob, torch.zeros(8, 4, **F64))
-    assert calls == [1]
+    assert calls == [1, 1]  # the states and their correction
+
+
+@pytest.mark.parametrize("which", ["A", "B", "c"])
+def test_linear_dynamics_with_one_argument_per_stage_evaluate_per_point(which):
+    """Only one of A, B, c per stage: a tensor of stages (one per point) gives each point
+    its own stage's map, as the int stage does (the shape of the result included)."""
+    rng = np.random.default_rng(7)
+    A, B, c = torch.tensor(rng.normal(size=(3, 3))), torch.tensor(rng.normal(size=(3, 2))), \
+        torch.tensor(rng.normal(size=(3,)))
+    arrays = dict(A=A, B=B, c=c)
+    arrays[which] = torch.tensor(rng.normal(size=(10, *arrays[which].shape)))
+    lin = trajopt.LinearDynamics(**arrays)
+    x, u = torch.randn(4, 3, **F64), torch.randn(4, 2, **F64)
+    stages = torch.tensor([0, 3, 3, 9])
+    out = lin(x, u, stages)
+    assert out.shape == (4, 3)
+    for i, t in enumerate(stages.tolist()):
+        assert torch.allclose(out[i], lin(x[i:i + 1], u[i:i + 1], t)[0], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["ilqr", "ddp"])
+def test_gradients_through_solve_ddp_with_linear_dynamics(mode):
+    """Implicit differentiation of the solution (no second-order dynamics terms: none
+    to add) equals that of the same dynamics as a callable, for x0 and for A."""
+    A, B, _ = _system(8, n=3, m=1, T=20)
+    cost = trajopt.QuadraticCost(torch.eye(3), 0.1 * torch.eye(1), torch.eye(3))
+    us0 = torch.zeros(20, 1, **F64)
+    grads = []
+    for make in (lambda A_: trajopt.LinearDynamics(A_, B),
+                 lambda A_: trajopt.Dynamics(lambda x, u: x @ A_.T + u @ B.T)):
+        x0 = torch.ones(3, **F64, requires_grad=True)
+        Ap = A.clone().requires_grad_()
+        res = trajopt.solve_ddp(make(Ap), cost, x0, us0, mode=mode, params=[Ap])
+        grads.append(torch.autograd.grad(res.cost.sum(), (x0, Ap)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

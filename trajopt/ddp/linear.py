@@ -83,10 +83,7 @@ class LinearDynamics(Dynamics):
     def forward(self, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor
                 ) -> torch.Tensor:
         A, B = self._rows(self.A, t, "A", 2, x), self._rows(self.B, t, "B", 2, x)
-        if A.ndim == 3 and x.ndim == 2:  # one stage per point
-            out = (A @ x.unsqueeze(-1) + B @ u.unsqueeze(-1)).squeeze(-1)
-        else:
-            out = x @ A.transpose(-1, -2) + u @ B.transpose(-1, -2)
+        out = _apply(A, x) + _apply(B, u)
         return out if self.c is None else out + self._rows(self.c, t, "c", 1, x)
 
     def derivatives(self, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor, *,
@@ -110,6 +107,14 @@ class LinearDynamics(Dynamics):
             self._rows(v, T - 1, name, rank, like)  # names v when the horizon is longer
             return _cast(v[:T], like)
         return rows(self.A, "A", 2), rows(self.B, "B", 2), rows(self.c, "c", 1)
+
+
+def _apply(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M v`` for a batch ``v`` (..., k): one matrix (r, k) for all, or one per point
+    (N, r, k) with ``v`` (N, k)."""
+    if M.ndim == 3 and v.ndim == 2:
+        return (M @ v.unsqueeze(-1)).squeeze(-1)
+    return v @ M.transpose(-1, -2)
 
 
 def _cast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

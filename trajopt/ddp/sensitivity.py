@@ -74,9 +74,10 @@ def _expansion(dyn: Dynamics, cost: Cost, xs: torch.Tensor, us: torch.Tensor):
                              ).squeeze(-1)
     lam = torch.stack(lam, 1)
     nxt = lam[:, 1:].transpose(0, 1).reshape(T * B, -1)      # lambda_{t+1}, stage-major
-    Hxx = cd.lxx + torch.einsum("Ni,Nijk->Njk", nxt, dd.fxx)
-    Hux = cd.lux + torch.einsum("Ni,Nijk->Njk", nxt, dd.fux)
-    Huu = cd.luu + torch.einsum("Ni,Nijk->Njk", nxt, dd.fuu)
+    def curvature(l2, f2):  # l2 + lambda' f2; f2 None: no second-order terms (linear)
+        return l2 if f2 is None else l2 + torch.einsum("Ni,Nijk->Njk", nxt, f2)
+    Hxx, Hux, Huu = curvature(cd.lxx, dd.fxx), curvature(cd.lux, dd.fux), \
+        curvature(cd.luu, dd.fuu)
     return dict(fx=fx, fu=fu, lx=torch.cat([lx, gT.unsqueeze(1)], 1), lu=lu, lam=lam,
                 Q=_stage_major(0.5 * (Hxx + Hxx.mT), B, T),
                 R=_stage_major(0.5 * (Huu + Huu.mT), B, T), M=_stage_major(Hux, B, T),

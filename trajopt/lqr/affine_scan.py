@@ -44,7 +44,7 @@ from ..riccati.scan import MIN_STAGES
 from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
 
 __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
-           "rollout_pays", "CONSISTENCY", "MAX_WORK", "MAX_WORK_CUDA"]
+           "rollout_pays", "CONSISTENCY", "FORWARD", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
 #: every element has its own maps (a closed loop), ``batch * n`` where they share them
@@ -57,6 +57,9 @@ MAX_WORK_CUDA = 32768
 #: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`):
 #: a few dozen roundings, the order of what a loop's step commits for a few dozen terms
 CONSISTENCY = 32
+#: accepted estimate of the scan's forward error, in eps of the states' magnitudes
+#: (:func:`checked_states`)
+FORWARD = 1024
 
 
 def rollout_pays(T: int, batch: int, n: int, shared: bool,
@@ -103,8 +106,8 @@ def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 
 def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
                    transitions: Callable) -> torch.Tensor | None:
-    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, checked against
-    the caller's own transitions and refined once where the check fails.
+    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, refined once
+    and checked against the caller's own transitions.
 
     Parameters
     ----------
@@ -120,16 +123,22 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
 
     Returns
     -------
-    (T+1, N, n), or None where the check fails after the refinement.
+    (T+1, N, n), or None where the scan is not accurate enough (the caller runs its
+    loop).
 
     Notes
     -----
-    The refinement is one step of iterative refinement: with the residuals
-    :math:`r_t = 	ext{predicted}_t - x_{t+1}` of the scanned states, the correction
-    :math:`\delta_{t+1} = M_t \delta_t + r_t`, :math:`\delta_0 = 0`, is scanned in the
-    same way and added; its own rounding is relative to the (rounding-sized) residuals.
-    It is needed where the states decay by orders of magnitude along the horizon: the
-    scan's error is relative to products of maps over many stages, not to the state.
+    One step of iterative refinement: with the residuals :math:`r_t =
+    \mathrm{predicted}_t - x_{t+1}` of the scanned states, the correction
+    :math:`\delta_{t+1} = M_t \delta_t + r_t`, :math:`\delta_0 = 0`, is scanned the same
+    way.  It is the distance of the scanned states from the exact trajectory of the
+    recurrence (up to its own rounding, relative to the rounding-sized residuals), so
+    it is required to be within :data:`FORWARD` eps of the states' magnitudes: where the
+    recurrence amplifies rounding -- an unstable loop held near a point by its inputs,
+    whose scanned states drift off it -- it is not, and None is returned.  Otherwise the
+    corrected states must pass :func:`consistent`.  The correction matters where the
+    states decay by orders of magnitude along the horizon: the scan's error is relative
+    to products of maps over many stages, not to the state.
     """
     T, N, n = v.shape
     if M.shape[1] == 1:  # one map: the states are the columns of one recurrence
@@ -145,16 +154,18 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
         def unfold(w):
             return w.squeeze(-1)
     xs = unfold(scan_states(M, fold(v), fold(x0.unsqueeze(0))[0]))
-    for refined in (False, True):
-        predicted, scale = transitions(xs)
-        if consistent(xs[1:], predicted, scale):
-            return xs.contiguous()
-        if refined:
-            return None
-        delta = unfold(scan_states(M, fold(predicted - xs[1:]),
-                                   fold(torch.zeros_like(x0).unsqueeze(0))[0]))
-        xs = torch.cat([xs[:1], xs[1:] + delta[1:]])
-    return None
+    predicted, scale = transitions(xs)
+    # the correction to the exact trajectory of the recurrence: the residuals' own
+    # recurrence, scanned; large where the recurrence amplifies them (an unstable loop
+    # held near a point by its inputs), where the loop runs instead
+    delta = unfold(scan_states(M, fold(predicted - xs[1:]),
+                               fold(torch.zeros_like(x0).unsqueeze(0))[0]))[1:]
+    size = (scale + xs[1:].abs()).amax(-1)
+    if not bool((delta.abs().amax(-1) <= FORWARD * torch.finfo(xs.dtype).eps * size).all()):
+        return None
+    xs = torch.cat([xs[:1], xs[1:] + delta])
+    predicted, scale = transitions(xs)
+    return xs.contiguous() if consistent(xs[1:], predicted, scale) else None
 
 
 def consistent(x_next: torch.Tensor, predicted: torch.Tensor, scale: torch.Tensor) -> bool:
