@@ -18,19 +18,19 @@ constant one, :math:`e_0 \equiv M_0 x_0 + v_0`, so every prefix is a state and r
 :math:`k` only multiplies the maps of the stages :math:`t \ge 2^{k+1}` that are not yet
 complete.
 
-**The self-check.**  The scan reaches :math:`x_{t+1}` through products of up to T maps,
-not through :math:`x_t`, so where those products are large and the states small (an
-unstable open loop driven back by its controls) it is less accurate than the loop.  The
-callers therefore recompute every transition from the scanned states in one batched
-product and accept the scan only where :math:`|x_{t+1} - (A_t x_t + B_t u_t + c_t)|` is
-within :data:`CONSISTENCY` eps of :math:`|A_t||x_t| + |B_t||u_t| + |c_t| + |x_{t+1}|`
-(the largest entry of each, :func:`consistent`; with :math:`|u_t|` the magnitudes of the
-law's terms, :math:`|k_t| + |K_t|(|x_t| + |\bar x_t|)`, whose rounding reaches
-:math:`x_{t+1}` through :math:`B_t`): the scanned trajectory then satisfies the dynamics
-to within a few dozen roundings of the terms, as the loop's satisfies them to a few;
-otherwise they run the loop.
-``docs/performance.md`` ("Linear rollouts") has the measurements behind the rule
-(:func:`rollout_pays`) and the bound.
+**The self-check** (:func:`checked_states`).  The scan reaches :math:`x_{t+1}` through
+products of up to T maps, not through :math:`x_t`, so where those products are large and
+the states small (an unstable loop held near a point by its inputs) it is less accurate
+than the loop.  The callers recompute every transition from the scanned states in one
+batched product; the residuals' own recurrence, scanned, estimates the scanned states'
+distance from the exact trajectory, which must be within :data:`FORWARD` eps of the
+magnitudes :math:`|A_t||x_t| + |B_t||u_t| + |c_t| + |x_{t+1}|` (the largest entry of
+each; :math:`|u_t|` the magnitudes of the law's terms, :math:`|k_t| + |K_t|(|x_t| +
+|\bar x_t|)`, whose rounding reaches :math:`x_{t+1}` through :math:`B_t`); the states
+corrected by it must satisfy every transition to :data:`CONSISTENCY` eps of the same
+(:func:`consistent`).  Otherwise the callers run the loop.  ``docs/performance.md``
+("Fourth round") has the measurements behind the rule (:func:`rollout_pays`) and the
+bounds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
 #: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
 #: every element has its own maps (a closed loop), ``batch * n`` where they share them
 #: (one model's open loop, one LQR problem from many initial states), measured
-#: (``docs/performance.md``, "Linear rollouts")
+#: (``docs/performance.md``, "Fourth round")
 MAX_WORK = 512
 #: the same on a GPU, where kernel launches bound the loop (by analogy with the values'
 #: scan, :data:`trajopt.riccati.scan.MAX_WORK_CUDA`; not measured for the rollout)
