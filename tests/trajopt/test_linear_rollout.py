@@ -255,8 +255,8 @@ def test_solve_lqr_rollout_by_the_scan_equals_the_loop(monkeypatch, pb, xb, full
 def test_the_rule_leaves_large_batches_and_short_horizons_to_the_loop(monkeypatch):
     assert affine_scan.rollout_pays(100, 4, 8, shared=False)
     assert not affine_scan.rollout_pays(100, 16, 8, shared=False)
-    assert affine_scan.rollout_pays(100, 64, 8, shared=True)
-    assert not affine_scan.rollout_pays(100, 256, 8, shared=True)
+    assert affine_scan.rollout_pays(100, 16, 8, shared=True)
+    assert not affine_scan.rollout_pays(100, 64, 8, shared=True)
     assert not affine_scan.rollout_pays(15, 1, 2, shared=True)
     prob = _lqr((), 6)
     calls = _spy(monkeypatch, affine_scan, "scan_states", lambda out: 1)

@@ -47,7 +47,7 @@ __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
            "rollout_pays", "CONSISTENCY", "FORWARD", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
-#: every element has its own maps (a closed loop), ``batch * n`` where they share them
+#: every element has its own maps (a closed loop), ``n (n + batch)`` where they share them
 #: (one model's open loop, one LQR problem from many initial states), measured
 #: (``docs/performance.md``, "Fourth round")
 MAX_WORK = 512
@@ -67,7 +67,7 @@ def rollout_pays(T: int, batch: int, n: int, shared: bool,
     """The callers' rule: the scan for ``T`` stages of ``batch`` states of size ``n`` on
     ``device``, whose maps are ``shared`` by the batch or each element's own."""
     bound = MAX_WORK_CUDA if device is not None and device.type == "cuda" else MAX_WORK
-    work = max(batch * n, n * n) if shared else batch * n * n
+    work = n * (n + batch) if shared else batch * n * n
     return T >= MIN_STAGES and work <= bound
 
 
