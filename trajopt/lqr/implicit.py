@@ -117,6 +117,11 @@ def lqr_trajectory(problem, x0: torch.Tensor, Ks, ks, Ps, ps, rollout, adjoint):
     kd = [k.detach() for k in ks]
     with torch.no_grad():
         xs, us, cost = rollout(Kd, kd, x0.detach())
+        # x_0 in the batch of the trajectory: the adjoint takes each element's gradient
+        # at stage 0 (an unbatched x0 of a batched problem got their sum, for every
+        # element: a wrong x0 gradient)
+        batch = torch.broadcast_shapes(*(x.shape[:-1] for x in xs))
+        xs = [xs[0].expand(*batch, xs[0].shape[-1])] + list(xs[1:])
         lam = [_mv(P.detach(), x) + p.detach() for P, p, x in zip(Ps, ps, xs)]
     # each tensor once: a stage list may repeat one matrix (LQR(A=[A] * T)), and a
     # gradient returned per repeat would be summed once per repeat by autograd
