@@ -174,6 +174,13 @@ CASES = [
                                                3, 2, 2), R=torch.eye(1).expand(3, 1, 1),
                                            QT=torch.eye(2)), torch.zeros(2)),
      InvalidArgumentError, "^A is a meta tensor"),
+    # stacked A with another stage argument as a list (a TypeError from isfinite before)
+    (lambda: trajopt.LQR(A=torch.eye(2).expand(3, 2, 2), B=torch.ones(3, 2, 1),
+                         Q=torch.eye(2).expand(3, 2, 2), R=torch.eye(1).expand(3, 1, 1),
+                         c=[torch.zeros(2)] * 3, QT=torch.eye(2)),
+     ShapeError, "A is a stacked array but c given as sequences"),
+    (lambda: trajopt.LinearDynamics(torch.eye(2), torch.ones(3, 1)),
+     ShapeError, r"B must be \(2, m\)"),
 ]
 
 

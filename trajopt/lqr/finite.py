@@ -96,6 +96,10 @@ class LQR:
         raw["QT"], raw["qT"] = self.QT, self.qT
         tensors, kind = as_tensors(raw, whole=("QT", "qT"))
         stacked = not isinstance(self.A, (list, tuple))
+        listed = [name for name in STAGE_ARGS if isinstance(tensors[name], list)]
+        if stacked and listed:
+            raise ShapeError(f"A is a stacked array but {', '.join(listed)} given as "
+                             f"sequences of stages: stack them too, or give A as a sequence")
         if stacked and tensors["A"].ndim < 3:
             raise ShapeError(
                 f"A must be a sequence of T matrices or a stacked array (..., T, n, n); "
