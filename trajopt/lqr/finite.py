@@ -336,9 +336,7 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
 
         def closed_loop(K, k, x):
             scanned = None if _under_functorch() else scan_closed_loop(problem, K, k, x)
-            if scanned is not None:
-                return scanned
-            return _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
+            return scanned or _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
         if exact and torch.is_grad_enabled() and _requires_grad(problem, x0t) and \
                 not _under_functorch():
             xs_l, us_l, total = lqr_trajectory(problem, x0t, Ks, ks, Ps, ps, closed_loop,
