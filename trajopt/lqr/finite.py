@@ -96,14 +96,14 @@ class LQR:
         raw["QT"], raw["qT"] = self.QT, self.qT
         tensors, kind = as_tensors(raw, whole=("QT", "qT"))
         stacked = not isinstance(self.A, (list, tuple))
-        listed = [name for name in STAGE_ARGS if isinstance(tensors[name], list)]
-        if stacked and listed:
-            raise ShapeError(f"A is a stacked array but {', '.join(listed)} given as "
-                             f"sequences of stages: stack them too, or give A as a sequence")
         if stacked and tensors["A"].ndim < 3:
             raise ShapeError(
                 f"A must be a sequence of T matrices or a stacked array (..., T, n, n); "
                 f"got shape {shape_str(tensors['A'])}")
+        listed = [name for name in STAGE_ARGS if isinstance(tensors[name], list)]
+        if stacked and listed:
+            raise ShapeError(f"A is a stacked array but {', '.join(listed)} given as "
+                             f"sequences of stages: stack them too, or give A as a sequence")
         T = tensors["A"].shape[-3] if stacked else len(tensors["A"])
         if T < 1:
             raise ShapeError("A must hold at least one stage (T >= 1)")
