@@ -192,7 +192,7 @@ def scan_closed_loop(problem, Ks: list, ks: list, x0: torch.Tensor):
     ``problem`` (a :class:`~trajopt.lqr.finite.LQR`) by the scan: the state list (T+1),
     the control list (T) and the total cost, as the stage loop returns them, or None
     where the stages are not stacked, :func:`rollout_pays` says no or the self-check
-    (:func:`consistent`) fails."""
+    (:func:`checked_states`) fails."""
     if not problem.stacked:
         return None
     T, arr = problem.T, problem.arrays
