@@ -105,3 +105,14 @@ def test_run_alternating_alternates_and_keeps_the_minimum(tmp_path):
     assert log.read_text() == "ABABAB"
     assert a["times"] == [9.0, 7.0, 5.0] and a["time"] == 5.0 and a["mem_mb"] == 1.0
     assert b["times"] == [8.0, 6.0, 4.0] and b["time"] == 4.0 and b["mem_mb"] == 2.0
+
+
+def test_bench_rollout_quick_scans_and_agrees_with_the_loop(capsys):
+    """benchmarks/bench_rollout.py --quick: every case timed both ways, the scan held its
+    self-check and its states equal the loop's to rounding."""
+    rows = _bench("bench_rollout").main(["--quick"])
+    out = capsys.readouterr().out
+    assert len(rows) == 4 and out.count("\n") >= len(rows) + 2
+    for r in rows:
+        assert r["loop_ms"] > 0 and r["scan_ms"] > 0 and r["scan_held"]
+        assert r["diff"] < 1e-13

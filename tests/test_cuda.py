@@ -264,3 +264,72 @@ def test_constrained_ddp_and_its_gradient_on_cuda():
     assert float(gpu.max_violation.max()) <= 1e-6
     torch.testing.assert_close(gpu.us.detach().cpu(), cpu.us.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-6, atol=1e-8)
+
+
+def _spy_on(monkeypatch, module, name):
+    """Record, for each call of ``module.name``, whether it returned something."""
+    seen, real = [], getattr(module, name)
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(out is not None)
+        return out
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_linear_dynamics_scanned_rollouts_on_cuda(monkeypatch):
+    """DDP with time-varying ``LinearDynamics`` (offset included) on three initial states:
+    the GPU's rollouts are taken by the parallel scan (every one held its self-check) and
+    its solution equals the CPU's."""
+    import trajopt.ddp.chain as chain_mod
+    g = torch.Generator().manual_seed(3)
+    T, n, m = 40, 4, 2
+    A = torch.eye(n, dtype=DT) + 0.15 * torch.randn(T, n, n, generator=g, dtype=DT)
+    Bm = torch.randn(T, n, m, generator=g, dtype=DT)
+    c = torch.randn(T, n, generator=g, dtype=DT)
+    x0 = torch.randn(3, n, generator=g, dtype=DT)
+    seen = _spy_on(monkeypatch, chain_mod, "checked_states")
+
+    def solve(dev):
+        eye_n, eye_m = (torch.eye(k, dtype=DT, device=dev) for k in (n, m))
+        cost = trajopt.QuadraticCost(eye_n, 0.1 * eye_m, 10 * eye_n,
+                                     x_goal=torch.ones(n, dtype=DT, device=dev))
+        dyn = trajopt.LinearDynamics(A.to(dev), Bm.to(dev), c.to(dev))
+        return trajopt.solve_ddp(dyn, cost, x0.to(dev), torch.zeros(3, T, m, dtype=DT,
+                                                                     device=dev))
+    cpu = solve("cpu")
+    seen.clear()
+    gpu = solve("cuda")
+    assert gpu.xs.device.type == "cuda" and len(seen) >= 2 and all(seen)
+    assert torch.equal(gpu.iterations.cpu(), cpu.iterations)
+    scale = float(cpu.xs.abs().max())
+    torch.testing.assert_close(gpu.xs.cpu(), cpu.xs, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(gpu.us.cpu(), cpu.us, rtol=0, atol=1e-12 * scale)
+
+
+def test_solve_lqr_scanned_rollout_on_cuda(monkeypatch):
+    """``solve_lqr``'s optimal rollout of 16 initial states (time-varying stages shared by
+    the batch) by the scan on the GPU: the CPU's states, controls and costs."""
+    import trajopt.lqr.finite as finite
+    g = torch.Generator().manual_seed(4)
+    T, n, m = 60, 6, 2
+    A = torch.eye(n, dtype=DT) + 0.1 * torch.randn(T, n, n, generator=g, dtype=DT)
+    Bm = torch.randn(T, n, m, generator=g, dtype=DT)
+    x0 = torch.randn(16, n, generator=g, dtype=DT)
+    seen = _spy_on(monkeypatch, finite, "scan_closed_loop")
+
+    def solve(dev):
+        eye_n, eye_m = (torch.eye(k, dtype=DT, device=dev) for k in (n, m))
+        prob = trajopt.LQR(A=A.to(dev), B=Bm.to(dev), Q=eye_n.expand(T, n, n),
+                           R=eye_m.expand(T, m, m), QT=eye_n)
+        return trajopt.solve_lqr(prob, x0.to(dev))
+    cpu = solve("cpu")
+    seen.clear()
+    gpu = solve("cuda")
+    assert seen == [True]
+    for name in ("xs", "us", "cost"):
+        ref, got = getattr(cpu, name), getattr(gpu, name)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), ref, rtol=0,
+                                   atol=1e-12 * float(ref.abs().max()))
