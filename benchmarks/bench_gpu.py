@@ -4,7 +4,8 @@
 
 (a) DAREs n=10, m=3, batched doubling: 1,000 and 10,000 systems on the GPU against the
     same call on the CPU and a Python loop of scipy (the CPU peer);
-(b) finite-horizon LQR T=1000, n=10, m=4 at batch 64 and 4,096 (torch in / out);
+(b) finite-horizon LQR T=1000, n=10, m=4 at batch 64 and 4,096 (torch in / out), the
+    default (the values' scan where ``scan_pays``) and the recursion forced;
 (c) one DDPNOpt step (adam curvature, feedback, default terminal Hessian) and one
     torch.optim.Adam step on the digits MLP (64-32x4-10) at batch 32 and 4,096;
 (d) the network rows of the issue "Speed for the network optimizers" on the GPU: one
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trajopt  # noqa: E402
+import trajopt.riccati.scan as scan  # noqa: E402
 from trajopt.dare._common import prepare, relative_residual  # noqa: E402
 
 
@@ -89,10 +91,19 @@ def rows_lqr(T, batch, rep):
     gpu = trajopt.LQR(A=A.cuda(), B=B.cuda(), Q=Q.cuda(), R=R.cuda(),
                       QT=torch.eye(n, dtype=A.dtype, device="cuda"))
     t_gpu, sg = best_time(lambda: trajopt.solve_lqr(gpu, x0.cuda()), rep, True)
+    bound, scan.MAX_WORK_CUDA = scan.MAX_WORK_CUDA, 0   # the recursion, for comparison
+    try:
+        t_rec, sr = best_time(lambda: trajopt.solve_lqr(gpu, x0.cuda()), rep, True)
+    finally:
+        scan.MAX_WORK_CUDA = bound
     t_cpu, sc = best_time(lambda: trajopt.solve_lqr(cpu, x0), rep)
-    err = float((sg.K.cpu() - sc.K).abs().max())
-    return [(f"(b) finite LQR T={T} n=10 m=4 batch {batch}", "trajopt solve_lqr, GPU",
-             t_gpu, err), ("", "trajopt solve_lqr, CPU", t_cpu, 0.0)]
+    pick = "scan" if scan.scan_pays(T, batch, n + m, torch.device("cuda")) else "recursion"
+    return [(f"(b) finite LQR T={T} n=10 m=4 batch {batch}",
+             f"trajopt solve_lqr, GPU (default: {pick})", t_gpu,
+             float((sg.K.cpu() - sc.K).abs().max())),
+            ("", "trajopt solve_lqr, GPU, the recursion", t_rec,
+             float((sr.K.cpu() - sc.K).abs().max())),
+            ("", "trajopt solve_lqr, CPU", t_cpu, 0.0)]
 
 
 def rows_ddpnopt(batch, rep):

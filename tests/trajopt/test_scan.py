@@ -260,6 +260,31 @@ def test_solve_lqr_takes_the_scan_and_equals_the_recursion_and_the_kkt(B, monkey
         assert np.abs(a - b).max() <= 1e-10 * (1 + np.abs(b).max())
 
 
+
+@pytest.mark.parametrize("shared", ["QT", "QT and Q, R"])
+def test_solve_lqr_takes_the_scan_with_arrays_shared_by_the_batch(shared, monkeypatch):
+    """A batch of dynamics with one terminal cost (and one stage cost) for all of them:
+    the terminal value and the cost blocks are broadcast to the batch and the scan is
+    taken (it was skipped before: an unbatched QT did not match the stages' batch)."""
+    rng = np.random.default_rng(10)
+    T, n, m, B = 40, 3, 2, 3
+    lead = (B, T) if shared == "QT" else (T,)
+    Q, R = np.broadcast_to(np.eye(n), (*lead, n, n)), np.broadcast_to(np.eye(m), (*lead, m, m))
+    prob = trajopt.LQR(A=np.eye(n) + 0.2 * rng.normal(size=(B, T, n, n)),
+                       B=rng.normal(size=(B, T, n, m)), Q=Q, R=R, QT=2 * np.eye(n))
+    x0 = rng.normal(size=(B, n))
+    calls = []
+    _counting(monkeypatch, calls)
+    sol = trajopt.solve_lqr(prob, x0)
+    assert calls == [True]
+    monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
+    ref = trajopt.solve_lqr(prob, x0)
+    for a, b in ((sol.K, ref.K), (sol.k, ref.k), (sol.P, ref.P), (sol.p, ref.p),
+                 (sol.xs, ref.xs), (sol.us, ref.us), (sol.cost, ref.cost)):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-10 * (1 + np.abs(b).max())
+
+
 def test_solve_lqr_still_names_the_indefinite_stage(monkeypatch):
     from trajopt.errors import NotPositiveDefiniteError
     calls = []

@@ -23,12 +23,14 @@ products of up to T maps, not through :math:`x_t`, so where those products are l
 the states small (an unstable loop held near a point by its inputs) it is less accurate
 than the loop.  The callers recompute every transition from the scanned states in one
 batched product; the residuals' own recurrence, scanned, estimates the scanned states'
-distance from the exact trajectory, which must be within :data:`FORWARD` eps of the
-magnitudes :math:`|A_t||x_t| + |B_t||u_t| + |c_t| + |x_{t+1}|` (the largest entry of
-each; :math:`|u_t|` the magnitudes of the law's terms, :math:`|k_t| + |K_t|(|x_t| +
-|\bar x_t|)`, whose rounding reaches :math:`x_{t+1}` through :math:`B_t`); the states
-corrected by it must satisfy every transition to :data:`CONSISTENCY` eps of the same
-(:func:`consistent`).  Otherwise the callers run the loop.  ``docs/performance.md``
+distance from the exact trajectory and corrects them.  The states are accepted once a
+correction is within :data:`FORWARD` eps of the magnitudes :math:`|A_t||x_t| +
+|B_t||u_t| + |c_t| + |x_{t+1}|` (the largest entry of each; :math:`|u_t|` the magnitudes
+of the law's terms, :math:`|k_t| + |K_t|(|x_t| + |\bar x_t|)`, whose rounding reaches
+:math:`x_{t+1}` through :math:`B_t`) -- after at most :data:`REFINEMENTS` corrections,
+each shrinking the estimate by :data:`CONVERGENCE` -- and the corrected states satisfy
+every transition to :data:`CONSISTENCY` eps of the same (:func:`consistent`).  Otherwise
+the callers run the loop.  ``docs/performance.md``
 ("Fourth round") has the measurements behind the rule (:func:`rollout_pays`) and the
 bounds.
 """
@@ -44,22 +46,29 @@ from ..riccati.scan import MIN_STAGES
 from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
 
 __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
-           "rollout_pays", "CONSISTENCY", "FORWARD", "MAX_WORK", "MAX_WORK_CUDA"]
+           "rollout_pays", "CONSISTENCY", "FORWARD", "REFINEMENTS",
+           "CONVERGENCE", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
 #: every element has its own maps (a closed loop), ``n (n + batch)`` where they share them
 #: (one model's open loop, one LQR problem from many initial states), measured
 #: (``docs/performance.md``, "Fourth round")
 MAX_WORK = 512
-#: the same on a GPU, where kernel launches bound the loop (by analogy with the values'
-#: scan, :data:`trajopt.riccati.scan.MAX_WORK_CUDA`; not measured for the rollout)
-MAX_WORK_CUDA = 32768
+#: the same on a GPU, where kernel launches bound the loop: measured on an H200, T = 100,
+#: n = 8 / 20 (``benchmarks/bench_rollout.py``; ``docs/performance.md``, "Fifth round"):
+#: the scan 1.7-3.2x faster up to this work, 0.3-1.0x at 3-8 times it
+MAX_WORK_CUDA = 131072
 #: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`):
 #: a few dozen roundings, the order of what a loop's step commits for a few dozen terms
 CONSISTENCY = 32
 #: accepted estimate of the scan's forward error, in eps of the states' magnitudes
 #: (:func:`checked_states`)
 FORWARD = 1024
+#: most corrections of the scanned states, and the factor by which each must shrink the
+#: estimate (else the recurrence amplifies rounding and the loop runs):
+#: :func:`checked_states`
+REFINEMENTS = 4
+CONVERGENCE = 4
 
 
 def rollout_pays(T: int, batch: int, n: int, shared: bool,
@@ -106,8 +115,9 @@ def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 
 def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
                    transitions: Callable) -> torch.Tensor | None:
-    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, refined once
-    and checked against the caller's own transitions.
+    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, refined (once,
+    or twice where the first correction is large) and checked against the caller's own
+    transitions.
 
     Parameters
     ----------
@@ -128,17 +138,25 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
 
     Notes
     -----
-    One step of iterative refinement: with the residuals :math:`r_t =
-    \mathrm{predicted}_t - x_{t+1}` of the scanned states, the correction
-    :math:`\delta_{t+1} = M_t \delta_t + r_t`, :math:`\delta_0 = 0`, is scanned the same
-    way.  It is the distance of the scanned states from the exact trajectory of the
-    recurrence (up to its own rounding, relative to the rounding-sized residuals), so
-    it is required to be within :data:`FORWARD` eps of the states' magnitudes: where the
-    recurrence amplifies rounding -- an unstable loop held near a point by its inputs,
-    whose scanned states drift off it -- it is not, and None is returned.  Otherwise the
-    corrected states must pass :func:`consistent`.  The correction matters where the
-    states decay by orders of magnitude along the horizon: the scan's error is relative
-    to products of maps over many stages, not to the state.
+    Iterative refinement: with the residuals :math:`r_t = \mathrm{predicted}_t - x_{t+1}`
+    of the states, the correction :math:`\delta_{t+1} = M_t \delta_t + r_t`,
+    :math:`\delta_0 = 0`, is scanned the same way.  It is the states' distance from the
+    exact trajectory of the recurrence (up to its own rounding, relative to the
+    rounding-sized residuals).  The states are corrected by it; where it is within
+    :data:`FORWARD` eps of the states' magnitudes they are accepted if they pass
+    :func:`consistent`.  Where it is not, the corrected states are refined once more and
+    the second correction must be within that bound:
+
+    * states that decay by orders of magnitude along the horizon (a stable closed loop
+      over a long horizon: 1e-300 after 1,000 stages) are scanned with an error relative
+      to the products of maps over many stages, not to the state; the first correction is
+      accurate (the recurrence contracts it) and the second is rounding-sized;
+    * where the recurrence amplifies rounding -- an unstable loop held near a point by
+      its inputs, whose scanned states drift off it -- every correction is as inaccurate
+      as the states it corrects, and None is returned.
+
+    Magnitudes are taken no smaller than the dtype's smallest normal number: below it
+    (subnormal states of a long decay) rounding is absolute, for the loop too.
     """
     T, N, n = v.shape
     if M.shape[1] == 1:  # one map: the states are the columns of one recurrence
@@ -154,18 +172,29 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
         def unfold(w):
             return w.squeeze(-1)
     xs = unfold(scan_states(M, fold(v), fold(x0.unsqueeze(0))[0]))
-    predicted, scale = transitions(xs)
-    # the correction to the exact trajectory of the recurrence: the residuals' own
-    # recurrence, scanned; large where the recurrence amplifies them (an unstable loop
-    # held near a point by its inputs), where the loop runs instead
-    delta = unfold(scan_states(M, fold(predicted - xs[1:]),
-                               fold(torch.zeros_like(x0).unsqueeze(0))[0]))[1:]
-    size = (scale + xs[1:].abs()).amax(-1)
-    if not bool((delta.abs().amax(-1) <= FORWARD * torch.finfo(xs.dtype).eps * size).all()):
-        return None
-    xs = torch.cat([xs[:1], xs[1:] + delta])
-    predicted, scale = transitions(xs)
-    return xs.contiguous() if consistent(xs[1:], predicted, scale) else None
+    zero = fold(torch.zeros_like(x0).unsqueeze(0))[0]
+    eps = torch.finfo(xs.dtype).eps
+    previous = float("inf")
+    for _ in range(REFINEMENTS):
+        predicted, scale = transitions(xs)
+        # the correction to the exact trajectory of the recurrence: the residuals' own
+        # recurrence, scanned
+        delta = unfold(scan_states(M, fold(predicted - xs[1:]), zero))[1:]
+        error = float((delta.abs().amax(-1) / _size(scale, xs[1:])).max()) / eps
+        xs = torch.cat([xs[:1], xs[1:] + delta])
+        if error <= FORWARD:
+            predicted, scale = transitions(xs)
+            return xs.contiguous() if consistent(xs[1:], predicted, scale) else None
+        if not error < previous / CONVERGENCE:  # not converging (or NaN): amplified
+            return None
+        previous = error
+    return None
+
+
+def _size(scale: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+    """Per state, the largest magnitude of a transition's terms and of its result, no
+    smaller than the smallest normal number of the dtype."""
+    return (scale + x_next.abs()).amax(-1).clamp_min(torch.finfo(x_next.dtype).tiny)
 
 
 def consistent(x_next: torch.Tensor, predicted: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -175,7 +204,7 @@ def consistent(x_next: torch.Tensor, predicted: torch.Tensor, scale: torch.Tenso
     norm.  NaN and inf fail."""
     tol = CONSISTENCY * torch.finfo(x_next.dtype).eps
     err = (x_next - predicted).abs().amax(-1)
-    return bool((err <= tol * (scale + x_next.abs()).amax(-1)).all())
+    return bool((err <= tol * _size(scale, x_next)).all())
 
 
 def _time_first(v: torch.Tensor | None, rank: int, nbatch: int) -> torch.Tensor | None:

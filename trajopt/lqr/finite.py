@@ -326,10 +326,8 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
             ps.append(p)
             Ks.append(step.K)
             ks.append(step.k)
-        Ps.reverse()
-        ps.reverse()
-        Ks.reverse()
-        ks.reverse()
+        for seq in (Ps, ps, Ks, ks):
+            seq.reverse()
     xs = us = cost = None
     if x0 is not None:
         x0t = _x0_tensor(problem, x0)
@@ -354,20 +352,22 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
 def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     """``(K, k, P, p)`` lists of the exact backward pass with the values from the parallel
     scan (:mod:`trajopt.riccati.scan`) and the Riccati step run once over all stages,
-    where :func:`~trajopt.riccati.scan.scan_pays` and the stages are stacked alike; None
-    otherwise, and where the scan's values disagree with the step's or some Q_uu is not
+    where :func:`~trajopt.riccati.scan.scan_pays` and the stages are stacked alike; else
+    None, as where the scan's values disagree with the step's or some Q_uu is not
     positive definite (the recursion then runs, and names the stage)."""
-    if not stages or _under_functorch():
-        return None
-    stacked = stacked_stages(stages)
-    if stacked is None:
+    if not stages or _under_functorch() or (stacked := stacked_stages(stages)) is None:
         return None
     F, L, c = stacked
-    batch = F.shape[1:-2]
-    if not scan_pays(len(stages), batch.numel(), F.shape[-1], F.device) \
-            or L.shape[1:-2] != batch \
-            or P.shape[:-2] != batch or p.shape[:-1] != batch:
+    T, n = len(stages), stages[0].n
+    try:  # stages, terminal value: one batch (an unbatched QT of a batched problem)
+        batch = torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], P.shape[:-2],
+                                       p.shape[:-1], () if c is None else c.shape[1:-1])
+    except RuntimeError:
         return None
+    if not scan_pays(T, batch.numel(), F.shape[-1], F.device):
+        return None
+    F, L = F.expand(T, *batch, *F.shape[-2:]), L.expand(T, *batch, *L.shape[-2:])
+    c = None if c is None else c.expand(T, *batch, n)
 
     def step(Vx1, Vxx1, F, L, n, c):
         try:
@@ -376,7 +376,7 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
             return None
         return out, torch.ones(batch, dtype=torch.bool, device=F.device)
 
-    done = scanned_step(stacked, stages[0].n, p, P, step)
+    done = scanned_step((F, L, c), n, p.expand(*batch, n), P.expand(*batch, n, n), step)
     if done is None:
         return None
     return (list(done.K.unbind(0)), list(done.k.unbind(0)),
