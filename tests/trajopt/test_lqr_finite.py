@@ -114,6 +114,44 @@ def test_shared_problem_broadcasts_over_batch_of_x0():
     np.testing.assert_allclose(sol.xs[5], one.xs, rtol=1e-13, atol=1e-13)
 
 
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("name", ["c", "q", "r", "qT"])
+def test_a_batch_carried_by_one_linear_term_equals_the_elements(name, scan, monkeypatch):
+    """One system, T = 20, with a batch of 4 in only one of c, q, r, qT (a batch of
+    references or disturbances): each element equals the same problem solved alone, by
+    the values' scan and by the recursion (before, c and qT raised a RuntimeError from an
+    expand in the Q expansion, not naming the argument)."""
+    if not scan:
+        monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
+    rng = np.random.default_rng(12)
+    data = _stacked(rng, (), 20, 3, 2)
+    core = {"c": 3, "q": 3, "r": 2, "qT": 3}[name]
+    data[name] = rng.normal(size=(4, core) if name == "qT" else (4, 20, core))
+    x0 = rng.normal(size=3)
+    sol = trajopt.solve_lqr(trajopt.LQR(**data), x0)
+    assert sol.K.shape == (4, 20, 2, 3) and sol.xs.shape == (4, 21, 3)
+    for i in range(4):
+        ref = trajopt.solve_lqr(trajopt.LQR(**dict(data, **{name: data[name][i]})), x0)
+        for field in ("K", "k", "P", "p", "xs", "us", "cost"):
+            np.testing.assert_allclose(getattr(sol, field)[i], getattr(ref, field),
+                                       rtol=1e-12, atol=1e-12)
+    # gradients of the summed cost (the adjoint LQR): the elements' own, x0's summed
+    term = torch.tensor(data[name], requires_grad=True)
+    x0t = torch.tensor(x0, requires_grad=True)
+    tdata = {k: torch.tensor(v) for k, v in data.items()}
+    cost = trajopt.solve_lqr(trajopt.LQR(**dict(tdata, **{name: term})), x0t).cost
+    g_term, g_x0 = torch.autograd.grad(cost.sum(), (term, x0t))
+    g_sum = torch.zeros_like(g_x0)
+    for i in range(4):
+        one, x1 = term[i].detach().requires_grad_(), x0t.detach().requires_grad_()
+        c1 = trajopt.solve_lqr(trajopt.LQR(**dict(tdata, **{name: one})), x1).cost
+        g1, gx = torch.autograd.grad(c1, (one, x1))
+        torch.testing.assert_close(g_term[i], g1, rtol=1e-12, atol=1e-12)
+        g_sum += gx
+    torch.testing.assert_close(g_x0, g_sum, rtol=1e-12, atol=1e-12)
+
+
 def test_numpy_equals_torch_and_types_follow_input():
     rng = np.random.default_rng(4)
     data = _stacked(rng, (2,), 4, 3, 2)

@@ -366,8 +366,9 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
         return None
     if not scan_pays(T, batch.numel(), F.shape[-1], F.device):
         return None
-    F, L = F.expand(T, *batch, *F.shape[-2:]), L.expand(T, *batch, *L.shape[-2:])
-    c = None if c is None else c.expand(T, *batch, n)
+    F, L, c = (None if v is None else v.reshape(T, *[1] * (len(batch) + 1 + core - v.ndim),
+                                                 *v.shape[1:]).expand(T, *batch, *v.shape[-core:])
+               for v, core in ((F, 2), (L, 2), (c, 1)))
 
     def step(Vx1, Vxx1, F, L, n, c):
         try:

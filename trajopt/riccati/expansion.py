@@ -168,8 +168,9 @@ def expand_q_joint(
     # bmm where the batch shapes agree: matmul's own dispatch costs ~5 us more per call
     VF = torch.bmm(Vxx, F) if Vxx.ndim == F.ndim == 3 and Vxx.shape[0] == F.shape[0] \
         else Vxx @ F
-    if Vx.shape[:-1] != VF.shape[:-2]:
-        Vx = Vx.expand(*VF.shape[:-2], Vx.shape[-1])
+    if Vx.shape[:-1] != VF.shape[:-2]:  # a batch carried by V_x alone (c, q, qT) too
+        batch = torch.broadcast_shapes(Vx.shape[:-1], VF.shape[:-2])
+        Vx, VF = Vx.expand(*batch, Vx.shape[-1]), VF.expand(*batch, *VF.shape[-2:])
     return QExpansion(joint=addmm(L, F.transpose(-1, -2),
                                   torch.cat([Vx.unsqueeze(-1), VF], -1)), n=n)
 
