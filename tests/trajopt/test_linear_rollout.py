@@ -265,6 +265,33 @@ def test_a_long_decay_is_refined_twice_and_as_accurate_as_the_loop(monkeypatch):
     assert error(got.xs) < 1e-12 and error(ref.xs) < 1e-12
 
 
+
+def test_autograd_through_the_scanned_rollout_equals_the_loop_and_warns_nothing(
+        monkeypatch):
+    """An explicit CholeskySolver() differentiates the recursion and the rollout by
+    autograd: through the scan (with its refinement's float estimate, taken from a
+    detached tensor) the gradients are the loop's, and no warning is raised."""
+    import warnings
+
+    from trajopt.riccati.solvers import CholeskySolver
+    prob = _lqr((3,), 11, full=False)
+    grads = []
+    for scanned in (True, False):
+        if not scanned:
+            monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
+        x0 = torch.tensor(np.random.default_rng(1).normal(size=(3, 4)), requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sol = trajopt.solve_lqr(prob, x0, solver=CholeskySolver())
+            grads.append(torch.autograd.grad(sol.xs.square().sum() + sol.cost.sum(), x0)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_an_empty_batch_of_initial_states_rolls_out_nothing():
+    sol = trajopt.solve_lqr(_lqr((), 12), torch.zeros(0, 4, **F64))
+    assert sol.xs.shape == (0, 41, 4) and sol.us.shape == (0, 40, 2) and sol.cost.shape == (0,)
+
+
 def _lqr(pb, seed, T=40, n=4, m=2, full=True):
     rng = np.random.default_rng(seed)
     kw = {}

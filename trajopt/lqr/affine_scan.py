@@ -31,8 +31,8 @@ of the law's terms, :math:`|k_t| + |K_t|(|x_t| + |\bar x_t|)`, whose rounding re
 each shrinking the estimate by :data:`CONVERGENCE` -- and the corrected states satisfy
 every transition to :data:`CONSISTENCY` eps of the same (:func:`consistent`).  Otherwise
 the callers run the loop.  ``docs/performance.md``
-("Fourth round") has the measurements behind the rule (:func:`rollout_pays`) and the
-bounds.
+("Fourth round", "Fifth round") has the measurements behind the rule
+(:func:`rollout_pays`) and the bounds.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def rollout_pays(T: int, batch: int, n: int, shared: bool,
     ``device``, whose maps are ``shared`` by the batch or each element's own."""
     bound = MAX_WORK_CUDA if device is not None and device.type == "cuda" else MAX_WORK
     work = n * (n + batch) if shared else batch * n * n
-    return T >= MIN_STAGES and work <= bound
+    return T >= MIN_STAGES and batch > 0 and work <= bound
 
 
 def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -115,9 +115,8 @@ def scan_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor) -> torch.Ten
 
 def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
                    transitions: Callable) -> torch.Tensor | None:
-    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, refined (once,
-    or twice where the first correction is large) and checked against the caller's own
-    transitions.
+    r"""States of :math:`x_{t+1} = M_t x_t + v_t` by :func:`scan_states`, refined and
+    checked against the caller's own transitions.
 
     Parameters
     ----------
@@ -144,8 +143,9 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
     exact trajectory of the recurrence (up to its own rounding, relative to the
     rounding-sized residuals).  The states are corrected by it; where it is within
     :data:`FORWARD` eps of the states' magnitudes they are accepted if they pass
-    :func:`consistent`.  Where it is not, the corrected states are refined once more and
-    the second correction must be within that bound:
+    :func:`consistent`.  Where it is not, the corrected states are refined again, up to
+    :data:`REFINEMENTS` corrections in all, each of which must shrink the estimate by
+    :data:`CONVERGENCE` (else None):
 
     * states that decay by orders of magnitude along the horizon (a stable closed loop
       over a long horizon: 1e-300 after 1,000 stages) are scanned with an error relative
@@ -180,7 +180,7 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
         # the correction to the exact trajectory of the recurrence: the residuals' own
         # recurrence, scanned
         delta = unfold(scan_states(M, fold(predicted - xs[1:]), zero))[1:]
-        error = float((delta.abs().amax(-1) / _size(scale, xs[1:])).max()) / eps
+        error = float((delta.abs().amax(-1) / _size(scale, xs[1:])).max().detach()) / eps
         xs = torch.cat([xs[:1], xs[1:] + delta])
         if error <= FORWARD:
             predicted, scale = transitions(xs)
