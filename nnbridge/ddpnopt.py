@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
-from trajopt.riccati import Carried, joint_riccati_step, joint_value, operator_riccati_step
+from trajopt.riccati import (
+    Carried,
+    JointStep,
+    joint_riccati_step,
+    joint_value,
+    operator_riccati_step,
+)
 
 from .batchnorm import batch_coupled
 from .closure import loss_is_finite
@@ -579,6 +585,7 @@ class DDPNOpt(torch.optim.Optimizer):
                                           recursion=hp["value_recursion"],
                                           propagate=t > 0, mean=mean)
             value = steps[t].value
+            steps[t] = _released(steps[t])
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
         return self._feedback_pass(rec, out, steps, frozen, mean)
@@ -616,6 +623,15 @@ class DDPNOpt(torch.optim.Optimizer):
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}(curvature={self.curvature.name!r}, "
                 f"value_hessian={self.value_hessian!r}, {g})")
+
+
+
+def _released(step):
+    """The backward step as the feedback pass keeps it: its :math:`Q_u` (a control-sized
+    tensor per stage, summed into the stage's ``g``) released, the values kept."""
+    if isinstance(step, JointStep):
+        return dataclasses.replace(step, step=dataclasses.replace(step.step, Qu=None))
+    return dataclasses.replace(step, Qu=None)
 
 
 class EKFAC(DDPNOpt):
