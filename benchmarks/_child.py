@@ -11,13 +11,18 @@ import sys
 import time
 from collections.abc import Callable
 
+from _live import in_use, live_peak
+
 
 def measure_steps(step: Callable[[], object], steps: int, warmup: int) -> dict:
     """Median seconds of ``steps`` calls of ``step()`` after ``warmup`` untimed ones, the
     growth of the peak resident set size over all of them (MB; a fresh process's own,
-    see ``bench_gtddp_nn.py`` for why RSS) and the last call's result as ``"loss"``
-    (a float when it is a tensor)."""
+    see ``bench_gtddp_nn.py`` for why RSS), the peak of live bytes of one more, untimed
+    call above what was live before the first (``"live_mb"``, :mod:`_live`: the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``; None without glibc) and the last
+    call's result as ``"loss"`` (a float when it is a tensor)."""
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    live0 = in_use()
     times, out = [], None
     for k in range(steps + warmup):
         t0 = time.perf_counter()
@@ -25,8 +30,10 @@ def measure_steps(step: Callable[[], object], steps: int, warmup: int) -> dict:
         if k >= warmup:
             times.append(time.perf_counter() - t0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, peak = live_peak(step)
     loss = float(out.detach()) if hasattr(out, "detach") else out
-    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024, "loss": loss}
+    return {"time": statistics.median(times), "mem_mb": (rss1 - rss0) / 1024, "loss": loss,
+            "live_mb": None if peak is None else (peak - live0) / 2 ** 20}
 
 
 def run_child(script: str, cfg: dict) -> dict:
@@ -50,8 +57,8 @@ def run_alternating(script: str, cfgs: list[dict], rounds: int) -> list[dict]:
         best = dict(got[-1])
         best["times"] = [g["time"] for g in got]
         best["time"] = min(best["times"])
-        for key in ("mem_mb", "mem_kb"):
-            if key in best:
+        for key in ("mem_mb", "mem_kb", "live_mb"):
+            if best.get(key) is not None:
                 best[key] = min(g[key] for g in got)
         out.append(best)
     return out
