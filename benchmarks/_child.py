@@ -21,6 +21,7 @@ def measure_steps(step: Callable[[], object], steps: int, warmup: int) -> dict:
     call above what was live before the first (``"live_mb"``, :mod:`_live`: the CPU
     counterpart of ``torch.cuda.max_memory_allocated``; None without glibc) and the last
     call's result as ``"loss"`` (a float when it is a tensor)."""
+    live_peak(lambda: None)  # the dispatch mode's first use imports and caches (~20 MB)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     live0 = in_use()
     times, out = [], None

@@ -116,3 +116,22 @@ def test_bench_rollout_quick_scans_and_agrees_with_the_loop(capsys):
     for r in rows:
         assert r["loop_ms"] > 0 and r["scan_ms"] > 0 and r["scan_held"]
         assert r["diff"] < 1e-13
+
+
+def test_live_bytes_see_a_temporary_tensor():
+    """benchmarks/_live.py: the peak of live bytes over a call includes a 16 MB tensor
+    the call creates and frees (torch's CPU tensors live in glibc's arenas / mmaps)."""
+    import pytest
+    import torch
+    live = _bench("_live")
+    if live.in_use() is None:
+        pytest.skip("no glibc mallinfo2 here")
+
+    def make_and_free():
+        return float(torch.ones(4_000_000).sum())  # 16 MB of float32, freed at once
+    live.live_peak(make_and_free)  # the dispatch mode's first use imports and caches
+    before = live.in_use()
+    out, peak = live.live_peak(make_and_free)
+    assert out == 4_000_000.0
+    assert peak - before >= 15 * 2 ** 20
+    assert live.in_use() - before < 4 * 2 ** 20  # and it was freed again
