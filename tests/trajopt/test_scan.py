@@ -246,19 +246,23 @@ def _counting(monkeypatch, calls):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_solve_lqr_takes_the_scan_and_equals_the_recursion_and_the_kkt(B, monkeypatch):
-    prob = _lqr(40, B, 3, 2, 8)
-    x0 = np.random.default_rng(9).normal(size=(B, 3))
+    _scan_equals_the_recursion(_lqr(40, B, 3, 2, 8),
+                               np.random.default_rng(9).normal(size=(B, 3)), monkeypatch)
+
+
+def _scan_equals_the_recursion(prob, x0, monkeypatch):
+    """``solve_lqr`` takes the scan by default and equals the recursion (forced), shapes
+    included, to 1e-10 relative."""
     calls = []
     _counting(monkeypatch, calls)
     sol = trajopt.solve_lqr(prob, x0)
-    assert calls == [True]
     monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
     ref = trajopt.solve_lqr(prob, x0)
     assert calls == [True, False]
     for a, b in ((sol.K, ref.K), (sol.k, ref.k), (sol.P, ref.P), (sol.p, ref.p),
                  (sol.xs, ref.xs), (sol.us, ref.us), (sol.cost, ref.cost)):
+        assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-10 * (1 + np.abs(b).max())
-
 
 
 @pytest.mark.parametrize("shared", ["QT", "QT and Q, R"])
@@ -272,17 +276,7 @@ def test_solve_lqr_takes_the_scan_with_arrays_shared_by_the_batch(shared, monkey
     Q, R = np.broadcast_to(np.eye(n), (*lead, n, n)), np.broadcast_to(np.eye(m), (*lead, m, m))
     prob = trajopt.LQR(A=np.eye(n) + 0.2 * rng.normal(size=(B, T, n, n)),
                        B=rng.normal(size=(B, T, n, m)), Q=Q, R=R, QT=2 * np.eye(n))
-    x0 = rng.normal(size=(B, n))
-    calls = []
-    _counting(monkeypatch, calls)
-    sol = trajopt.solve_lqr(prob, x0)
-    assert calls == [True]
-    monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
-    ref = trajopt.solve_lqr(prob, x0)
-    for a, b in ((sol.K, ref.K), (sol.k, ref.k), (sol.P, ref.P), (sol.p, ref.p),
-                 (sol.xs, ref.xs), (sol.us, ref.us), (sol.cost, ref.cost)):
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() <= 1e-10 * (1 + np.abs(b).max())
+    _scan_equals_the_recursion(prob, rng.normal(size=(B, n)), monkeypatch)
 
 
 def test_solve_lqr_still_names_the_indefinite_stage(monkeypatch):
