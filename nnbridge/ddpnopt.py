@@ -625,7 +625,6 @@ class DDPNOpt(torch.optim.Optimizer):
                 f"value_hessian={self.value_hessian!r}, {g})")
 
 
-
 def _released(step):
     """The backward step as the feedback pass keeps it: its :math:`Q_u` (a control-sized
     tensor per stage, summed into the stage's ``g``) released, the values kept."""
