@@ -114,7 +114,6 @@ def test_shared_problem_broadcasts_over_batch_of_x0():
     np.testing.assert_allclose(sol.xs[5], one.xs, rtol=1e-13, atol=1e-13)
 
 
-
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("name", ["c", "q", "r", "qT"])
 def test_a_batch_carried_by_one_linear_term_equals_the_elements(name, scan, monkeypatch):
