@@ -359,16 +359,13 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
         return None
     F, L, c = stacked
     T, n = len(stages), stages[0].n
-    try:  # stages, terminal value: one batch (an unbatched QT of a batched problem)
+    try:  # the batch scanned_step brings stages and terminal value to (one QT, say)
         batch = torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], P.shape[:-2],
                                        p.shape[:-1], () if c is None else c.shape[1:-1])
     except RuntimeError:
         return None
     if not scan_pays(T, batch.numel(), F.shape[-1], F.device):
         return None
-    F, L, c = (None if v is None else v.reshape(T, *[1] * (len(batch) + 1 + core - v.ndim),
-                                                 *v.shape[1:]).expand(T, *batch, *v.shape[-core:])
-               for v, core in ((F, 2), (L, 2), (c, 1)))
 
     def step(Vx1, Vxx1, F, L, n, c):
         try:
@@ -377,7 +374,7 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
             return None
         return out, torch.ones(batch, dtype=torch.bool, device=F.device)
 
-    done = scanned_step((F, L, c), n, p.expand(*batch, n), P.expand(*batch, n, n), step)
+    done = scanned_step(stacked, n, p, P, step)
     if done is None:
         return None
     return (list(done.K.unbind(0)), list(done.k.unbind(0)),

@@ -242,12 +242,15 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
     Parameters
     ----------
     stacked : (F, L, c)
-        The stages stacked by :func:`stacked_stages`; ``n`` the state size.
+        The stages stacked by :func:`stacked_stages`; ``n`` the state size.  Their batch
+        axes and the terminal value's broadcast to one batch ``...`` (one terminal cost or
+        one stage cost for a batch of dynamics; a batch carried by a linear term alone).
     Vx : (..., n), Vxx : (..., n, n)
         Terminal value derivatives.
     step : callable
         ``step(Vx_next, Vxx_next, F, L, n, c)`` with the scan's values at stages 1 .. T
-        ((T, ..., n), (T, ..., n, n)) -> ``(result, valid)``: anything with the step's
+        ((T, ..., n), (T, ..., n, n)) and the stages brought to that batch ->
+        ``(result, valid)``: anything with the step's
         value derivatives ``result.Vx`` (T, ..., n) and ``result.Vxx``, and the elements
         (...) whose :math:`Q_{uu}` was positive definite at every stage; or None (a step
         that refuses, e.g. a solver that raises on an indefinite :math:`Q_{uu}`).
@@ -259,7 +262,11 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
     caller then runs the recursion.
     """
     F, L, c = stacked
-    vals = scan_values(F, L, n, Vx, Vxx, c)
+    batch = torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], Vx.shape[:-1],
+                                   Vxx.shape[:-2], () if c is None else c.shape[1:-1])
+    F, L, c = (None if v is None else _over(v, batch, core) for v, core in ((F, 2), (L, 2),
+                                                                             (c, 1)))
+    vals = scan_values(F, L, n, Vx.expand(*batch, n), Vxx.expand(*batch, n, n), c)
     if not bool(vals.ok.all()):
         return None
     got = step(vals.Vx[1:], vals.Vxx[1:], F, L, n, c)
@@ -267,3 +274,11 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
         return None
     result, valid = got
     return result if vals.agrees(result.Vx, result.Vxx, valid) else None
+
+
+def _over(v: torch.Tensor, batch: torch.Size, core: int) -> torch.Tensor:
+    """A stacked array (T, ..., *core) with its batch axes ``...`` broadcast to ``batch``
+    (missing leading axes inserted after the stage axis; the stages stay first)."""
+    T = v.shape[0]
+    return v.reshape(T, *[1] * (len(batch) + 1 + core - v.ndim), *v.shape[1:]).expand(
+        T, *batch, *v.shape[-core:])
