@@ -15,7 +15,11 @@
     1,024, each with its peak GPU memory: ``torch.cuda.max_memory_allocated`` above what
     model, data and optimizer hold before the first step;
 (e) iLQR (``solve_ddp``, user-written pendulum dynamics, QuadraticCost, 30 iterations) on
-    256 and 4,096 pendulums, T=100, GPU against CPU.
+    256 and 4,096 pendulums, T=100, GPU against CPU;
+(f) the values' scan rule on the GPU (``MAX_WORK_CUDA`` of ``trajopt.riccati.scan``):
+    ``solve_lqr`` without its rollout (``x0=None``) by the recursion and by the scan,
+    each forced, T=100 n=8 m=3 and T=1000 n=10 m=4 over batches from 64 to 4,096 (the
+    first row of each pair is the recursion, so the scan's ratio is scan / recursion).
 Times are the best of a few runs after a warm-up, with ``torch.cuda.synchronize()``;
 float64 for (a), (b), (e), float32 for (c), (d).  Residuals: relative DARE residual (max
 over the batch), K difference GPU vs CPU for (b), control difference for (e).  Without
@@ -104,6 +108,39 @@ def rows_lqr(T, batch, rep):
             ("", "trajopt solve_lqr, GPU, the recursion", t_rec,
              float((sr.K.cpu() - sc.K).abs().max())),
             ("", "trajopt solve_lqr, CPU", t_cpu, 0.0)]
+
+
+def rows_rule(rep, quick):
+    """(f): recursion and scan, each forced, by batch."""
+    rows = []
+    grid = [(100, 8, 3, b) for b in ((64, 1024) if quick else (64, 256, 512, 1024, 2048,
+                                                                   4096))]
+    if not quick:
+        grid += [(1000, 10, 4, b) for b in (64, 256, 1024)]
+    for T, n, m, batch in grid:
+        g = torch.Generator().manual_seed(3)
+        A = (torch.randn(batch, T, n, n, generator=g, dtype=torch.float64) / n ** 0.5).cuda()
+        B = torch.randn(batch, T, n, m, generator=g, dtype=torch.float64).cuda()
+        Q = torch.eye(n, dtype=A.dtype, device="cuda").expand(batch, T, n, n)
+        R = torch.eye(m, dtype=A.dtype, device="cuda").expand(batch, T, m, m)
+        prob = trajopt.LQR(A=A, B=B, Q=Q, R=R, QT=torch.eye(n, dtype=A.dtype, device="cuda"))
+        bound = scan.MAX_WORK_CUDA
+        times, Ks = [], []
+        try:
+            for forced in (0, 1 << 40):
+                scan.MAX_WORK_CUDA = forced
+                t, sol = best_time(lambda p=prob: trajopt.solve_lqr(p), rep, True)
+                times.append(t)
+                Ks.append(sol.K)
+        finally:
+            scan.MAX_WORK_CUDA = bound
+        work = batch * (n + m) ** 2
+        diff = float((Ks[1] - Ks[0]).abs().max() / Ks[0].abs().max())
+        pick = "scan" if scan.scan_pays(T, batch, n + m, torch.device("cuda")) else "recursion"
+        rows.append((f"(f) values only, T={T} n={n} m={m} batch {batch} (work {work}, "
+                     f"default {pick})", "recursion forced", times[0], 0.0))
+        rows.append(("", "scan forced", times[1], diff))
+    return rows
 
 
 def rows_ddpnopt(batch, rep):
@@ -241,8 +278,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("--only", default="abcde", help="the cases to run, e.g. 'd' (default "
-                    "all: abcde)")
+    ap.add_argument("--only", default="abcdef", help="the cases to run, e.g. 'd' (default "
+                    "all: abcdef)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured")
@@ -260,6 +297,8 @@ def main(argv=None) -> int:
     if "c" in a.only:
         for batch in ((32, 4096) if not a.quick else (32,)):
             rows += rows_ddpnopt(batch, rep)
+    if "f" in a.only:
+        rows += rows_rule(rep, a.quick)
     rows = [r + (float("nan"),) for r in rows]
     if "d" in a.only:
         rows += rows_networks(rep, a.quick)

@@ -116,7 +116,7 @@ def main(argv=None) -> list[dict]:
         grid = [(20, 4, 2, b, s) for b in (1, 8) for s in (True, False)]
         repeat = 2
     else:
-        batches = (1, 16, 64, 256, 1024, 4096) if device.type == "cuda" else (1, 4, 16, 64)
+        batches = (1, 16, 64, 256, 1024, 2048, 4096) if device.type == "cuda" else (1, 4, 16, 64)
         grid = [(100, n, m, b, s) for n, m in ((8, 3), (20, 5)) for s in (True, False)
                 for b in batches]
         grid += [(1000, 8, 3, b, s) for s in (True, False) for b in batches[:3]]
