@@ -264,6 +264,38 @@ def test_a_long_decay_is_refined_twice_and_as_accurate_as_the_loop(monkeypatch):
     assert error(got.xs) < 1e-12 and error(ref.xs) < 1e-12
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).eps > 1e-18, reason="no extended precision")
+def test_a_decay_to_1e_minus_300_stalls_and_is_taken_at_the_loops_accuracy(monkeypatch):
+    """T = 1,000 stages of random optimal closed loops (the GPU benchmark's problem at batch
+    8), states decaying from ~1 to ~1e-308: the corrections' estimates are 3.5e4, 7.4e3
+    and 4.8e3 eps (measured), the third not 4x smaller than the second: the floor of the
+    transitions' own rounding, above FORWARD.  The scan is taken there (before STALLED it
+    was refused and the loop ran).  Against extended precision the scan is 2.1e4 eps from
+    the exact states, the loop 2.0e4 eps (per state, relative, measured)."""
+    monkeypatch.setattr(affine_scan, "MAX_WORK", 1 << 20)  # batch 8 at n = 10 on the CPU
+    rng = np.random.default_rng(100)
+    T, n, m, N = 1000, 10, 4, 8
+    A = torch.tensor(rng.normal(size=(N, T, n, n)) / np.sqrt(n))
+    B = torch.tensor(rng.normal(size=(N, T, n, m)))
+    prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, **F64).expand(N, T, n, n),
+                       R=torch.eye(m, **F64).expand(N, T, m, m), QT=torch.eye(n, **F64))
+    x0 = torch.tensor(rng.normal(size=(N, n)))
+    calls = _spy(monkeypatch, finite, "scan_closed_loop")
+    scans = _spy(monkeypatch, affine_scan, "scan_states", lambda out: 1)
+    got = trajopt.solve_lqr(prob, x0)
+    assert calls == [True] and len(scans) == 4  # the states and three corrections
+    monkeypatch.setattr(finite, "scan_closed_loop", lambda *a: None)
+    ref = trajopt.solve_lqr(prob, x0)
+    assert float(ref.xs[:, -1].abs().max()) < 1e-300
+    exact = _longdouble_states(A, B, ref.K, ref.k, x0)
+    size = np.maximum(np.abs(exact).max(-1), np.finfo(np.float64).tiny)
+
+    def error(xs):  # per state, relative to the state, in eps
+        diff = np.abs(xs.numpy().astype(np.longdouble) - exact).max(-1) / size
+        return float(diff.max()) / float(np.finfo(np.float64).eps)
+    assert error(got.xs) <= 2 * error(ref.xs) and error(ref.xs) < 1e5
+
+
 def test_autograd_through_the_scanned_rollout_equals_the_loop_and_warns_nothing(
         monkeypatch):
     """An explicit CholeskySolver() differentiates the recursion and the rollout by

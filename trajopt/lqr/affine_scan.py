@@ -46,7 +46,7 @@ from .stages import RANK, STAGE_ARGS, Stage, stage_cost, terminal_cost
 
 __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
            "rollout_pays", "CONSISTENCY", "FORWARD", "REFINEMENTS",
-           "CONVERGENCE", "MAX_WORK", "MAX_WORK_CUDA"]
+           "CONVERGENCE", "STALLED", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: largest work for which the scan replaces the loop on the CPU: ``batch * n^2`` where
 #: every element has its own maps (a closed loop), ``n (n + batch)`` where they share them
@@ -54,9 +54,10 @@ __all__ = ["scan_states", "checked_states", "scan_closed_loop", "consistent",
 #: (``docs/performance.md``, "Fourth round")
 MAX_WORK = 512
 #: the same on a GPU, where kernel launches bound the loop: measured on an H200, T = 100,
-#: n = 8 / 20 (``benchmarks/bench_rollout.py``; ``docs/performance.md``, "Fifth round"):
-#: the scan 1.7-3.2x faster up to this work, 0.3-1.0x at 3-8 times it
-MAX_WORK_CUDA = 131072
+#: n = 8 / 20 (``benchmarks/bench_rollout.py``; ``docs/performance.md``, "Fifth round"
+#: and "Sixth round"): the scan 1.5-3.8x faster up to this work (n = 20, batch 256),
+#: 0.88x at 131,072 (n = 8, batch 2,048), 0.3-1.0x beyond
+MAX_WORK_CUDA = 102400
 #: accepted residual of a scanned transition, in eps of its magnitudes (:func:`consistent`):
 #: a few dozen roundings, the order of what a loop's step commits for a few dozen terms
 CONSISTENCY = 32
@@ -64,10 +65,14 @@ CONSISTENCY = 32
 #: (:func:`checked_states`)
 FORWARD = 1024
 #: most corrections of the scanned states, and the factor by which each must shrink the
-#: estimate (else the recurrence amplifies rounding and the loop runs):
-#: :func:`checked_states`
+#: estimate: :func:`checked_states`
 REFINEMENTS = 4
 CONVERGENCE = 4
+#: accepted estimate, in eps of the states' magnitudes, once the corrections have stopped
+#: shrinking it: the transitions' own rounding propagated along the horizon, the order of
+#: the loop's forward error on long decays (4e3-5e4 eps at T = 600-2,000, measured);
+#: above it the recurrence amplifies rounding and the loop runs (:func:`checked_states`)
+STALLED = 65536
 
 
 def rollout_pays(T: int, batch: int, n: int, shared: bool,
@@ -143,18 +148,21 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
     rounding-sized residuals).  The states are corrected by it; where it is within
     :data:`FORWARD` eps of the states' magnitudes they are accepted if they pass
     :func:`consistent`.  Where it is not, the corrected states are refined again, up to
-    :data:`REFINEMENTS` corrections in all, each of which must shrink the estimate by
-    :data:`CONVERGENCE` (else None):
+    :data:`REFINEMENTS` corrections in all, as long as each shrinks the estimate by
+    :data:`CONVERGENCE`.  A correction that does not has reached the floor of the
+    residuals' own rounding, the transitions' rounding propagated along the horizon
+    (what the loop commits too): the states are accepted there if the estimate is within
+    :data:`STALLED` eps and they pass :func:`consistent`, else None:
 
     * states that decay by orders of magnitude along the horizon (a stable closed loop
-      over a long horizon: 1e-90 after 300 stages) are scanned with an error relative to
-      the products of maps over many stages, not to the state; each correction shrinks
-      the estimate (~40x a correction, measured) until it is within the bound, or stops
-      shrinking where the scan's own rounding is reached (then None: 1e-300 after 1,000
-      stages, where the loop itself is ~3e4 eps from the exact states);
+      over a long horizon: 1e-90 after 300 stages, 1e-300 after 1,000) are scanned with
+      an error relative to the products of maps over many stages, not to the state; each
+      correction shrinks the estimate (~40x a correction, measured) until it is within
+      :data:`FORWARD`, or stalls at the floor, measured at 1e3-2e4 eps where the loop
+      itself is 3e3-5e4 eps from the exact states (T = 600-2,000);
     * where the recurrence amplifies rounding -- an unstable loop held near a point by
-      its inputs, whose scanned states drift off it -- every correction is as inaccurate
-      as the states it corrects, and None is returned.
+      its inputs, whose scanned states drift off it -- the floor is the amplified
+      rounding (7e20 eps for ``x' = 1.7 x - 0.7`` at T = 100), and None is returned.
 
     Magnitudes are taken no smaller than the dtype's smallest normal number: below it
     (subnormal states of a long decay) rounding is absolute, for the loop too.
@@ -183,10 +191,11 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
         delta = unfold(scan_states(M, fold(predicted - xs[1:]), zero))[1:]
         error = float((delta.abs().amax(-1) / _size(scale, xs[1:])).max().detach()) / eps
         xs = torch.cat([xs[:1], xs[1:] + delta])
-        if error <= FORWARD:
+        stalled = not error < previous / CONVERGENCE  # (or NaN)
+        if error <= FORWARD or stalled and error <= STALLED:
             predicted, scale = transitions(xs)
             return xs.contiguous() if consistent(xs[1:], predicted, scale) else None
-        if not error < previous / CONVERGENCE:  # not converging (or NaN): amplified
+        if stalled:  # at the floor of its own rounding, far above the states: amplified
             return None
         previous = error
     return None

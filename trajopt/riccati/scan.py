@@ -79,8 +79,10 @@ MIN_STAGES = 16
 #: the recursion is bound by per-operation dispatch (``docs/performance.md``)
 MAX_WORK = 256
 #: the same on a GPU, where every kernel launch costs ~10 us whatever its size (H200,
-#: n = 8, m = 3, T = 100: the scan 4.2-5.2x faster up to batch 256, slower at 4,096)
-MAX_WORK_CUDA = 32768
+#: ``benchmarks/bench_gpu.py --only f``, values only: the scan 2-5.5x faster up to this
+#: work -- T = 100, n + m = 11, batch 512 -- 1.1x at 123,904, slower beyond; at
+#: T = 1,000, n + m = 14, 2.3x faster at 50,176, 0.72x at 200,704)
+MAX_WORK_CUDA = 65536
 
 #: largest relative difference between the scan's values and the Riccati step's, in units
 #: of the dtype's eps (:meth:`ScanValues.agrees`): well-conditioned problems agree to
