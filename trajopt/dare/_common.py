@@ -283,31 +283,37 @@ def gain(d: DAREData, X):
     return -o.solve(G, H)
 
 
-def residual_matrix(d: DAREData, X):
-    """The Riccati residual and the sum of the norms of its terms (for scaling)."""
+def residual_matrix(d: DAREData, X, K=None):
+    """The Riccati residual and the sum of the norms of its terms (for scaling).  ``K``:
+    X's gain from :func:`gain`, when the caller has it -- the correction term
+    ``H' G^-1 H`` is then ``-H'K``, the same numbers without a second solve."""
     o = ops(X)
     AXA = o.T(d.A) @ X @ d.A
     EXE = X if d.E is None else o.T(d.E) @ X @ d.E
     H = o.T(d.B) @ X @ d.A
     if d.S is not None:
         H = H + o.T(d.S)
-    G = d.R + o.T(d.B) @ X @ d.B
-    G = 0.5 * (G + o.T(G))
-    corr = o.T(H) @ o.solve(G, H)
+    if K is None:
+        G = d.R + o.T(d.B) @ X @ d.B
+        G = 0.5 * (G + o.T(G))
+        corr = o.T(H) @ o.solve(G, H)
+    else:
+        corr = -(o.T(H) @ K)
     res = AXA - EXE - corr + d.Q
     res = 0.5 * (res + o.T(res))
     scale_ = o.norm(AXA) + o.norm(EXE) + o.norm(corr) + o.norm(d.Q)
     return res, scale_
 
 
-def relative_residual(d: DAREData, X):
+def relative_residual(d: DAREData, X, K=None):
     r"""``||Ric(X)||_F / (||A'XA||_F + ||E'XE||_F + ||(..)G^{-1}(..)||_F + ||Q||_F)``.
 
     NaN-free: a non-finite X gives ``inf``.  Scale-invariant: solvers evaluate it on the
-    scaled problem (:func:`scale`), where its terms cannot overflow.
+    scaled problem (:func:`scale`), where its terms cannot overflow.  ``K``: X's gain,
+    when the caller has it (:func:`residual_matrix`).
     """
     o = ops(X)
-    res, scale_ = residual_matrix(d, X)
+    res, scale_ = residual_matrix(d, X, K)
     tiny = o.finfo(X).tiny
     rel = o.norm(res) / o.where(scale_ > tiny, scale_, tiny)
     return o.where(o.isfinite(rel), rel, float("inf"))

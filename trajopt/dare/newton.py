@@ -46,7 +46,7 @@ def newton_refine(d: DAREData, X, steps: int = 1, res=None):
         K = gain(d, best)
         Acl = d.A + d.B @ K
         F = Acl if d.E is None else o.solve(d.E, Acl)
-        res, _ = residual_matrix(d, best)
+        res, _ = residual_matrix(d, best, K)
         Dt = stein_smith(F, res)
         if d.E is not None:
             Einv_t = o.T(o.inv(d.E))

@@ -383,7 +383,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                                       "stabilizing (closed-loop spectral radius "
                                       f"{float(rho.max()):.17g})")
     if res is None:
-        res = relative_residual(d, X)
+        res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
         e = torch.as_tensor(e, device=X.device)
     P = o.ldexp(X, e)
