@@ -542,6 +542,7 @@ class DDPNOpt(torch.optim.Optimizer):
     def _ddp_update(self, rec, group, frozen, mean):
         T = len(self._stages)
         value, Ks = self._carried(rec, self._terminal(rec, mean), mean)
+        rec.input_grads = None  # B-scaled into Ks (or not carried): not read again
         curv = self.curvature
         out: list[dict] = [None] * T
         steps = [None] * T
@@ -586,6 +587,13 @@ class DDPNOpt(torch.optim.Optimizer):
                                           propagate=t > 0, mean=mean)
             value = steps[t].value
             steps[t] = _released(steps[t])
+            # what only this backward step read: its sent and carried gradients, and the
+            # value V_{t+1} beyond its factor (``docs/performance.md``, "Memory")
+            lin.carry = lin.sent = rec.h_grads[t] = None
+            if t + 1 < T:
+                steps[t], steps[t + 1] = _consumed(steps[t], steps[t + 1])
+                if Ks is not None:
+                    Ks[t + 1] = None
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
         return self._feedback_pass(rec, out, steps, frozen, mean)
@@ -613,6 +621,11 @@ class DDPNOpt(torch.optim.Optimizer):
                 du = du - pre.inverse(steps[t].feedback(dX))
             Unew = U + du
             controls.append(Unew)
+            # the stage is done: its step and the tensors only it read go (the moments in
+            # ``state`` stay for the commit)
+            steps[t] = None
+            r["g"] = r["pre"] = r["U"] = None
+            del U, pre
             if t < T - 1:
                 xhat = st.forward(xhat, Unew)
         states = [None if frozen[t] else {} if isinstance(curv, Exact) else out[t]["state"]
@@ -623,6 +636,23 @@ class DDPNOpt(torch.optim.Optimizer):
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}(curvature={self.curvature.name!r}, "
                 f"value_hessian={self.value_hessian!r}, {g})")
+
+
+def _consumed(step, later):
+    """``step`` (stage t) and ``later`` (stage t+1) once the backward pass is past stage t:
+    the value :math:`V_{t+1}` they share keeps what the feedback pass reads (its factor,
+    its Hessian), not its gradient nor its carried form (a (B, n) tensor or two)."""
+    inner, inner_later = (s.step if isinstance(s, JointStep) else s for s in (step, later))
+    v = inner.next_value
+    if v is not inner_later.value or not dataclasses.is_dataclass(v):
+        return step, later
+    lean = dataclasses.replace(v, **dict.fromkeys(
+        {f.name for f in dataclasses.fields(v)} & {"Vx", "carried"}))
+    inner = dataclasses.replace(inner, next_value=lean)
+    inner_later = dataclasses.replace(inner_later, value=lean)
+    return ((dataclasses.replace(step, step=inner) if isinstance(step, JointStep) else inner),
+            (dataclasses.replace(later, step=inner_later) if isinstance(later, JointStep)
+             else inner_later))
 
 
 def _released(step):
