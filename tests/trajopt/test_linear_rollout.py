@@ -31,6 +31,7 @@ from tests._hypothesis import examples
 from trajopt.errors import ShapeError
 
 F64 = dict(dtype=torch.float64)
+F64_EPS = float(torch.finfo(torch.float64).eps)
 
 
 def _loop_states(M, v, x0):
@@ -235,6 +236,24 @@ def _longdouble_states(A, B, K, k, x0):
     return np.stack(xs, 1)
 
 
+def _random_optimal_loops(seed, T, n, m, N):
+    """N random LQR problems (``A ~ N(0, 1/n)``, ``B ~ N(0, 1)``, unit costs) of T stages
+    and initial states: their optimal closed loops decay by orders of magnitude."""
+    rng = np.random.default_rng(seed)
+    A = torch.tensor(rng.normal(size=(N, T, n, n)) / np.sqrt(n))
+    B = torch.tensor(rng.normal(size=(N, T, n, m)))
+    prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, **F64).expand(N, T, n, n),
+                       R=torch.eye(m, **F64).expand(N, T, m, m), QT=torch.eye(n, **F64))
+    return A, B, prob, torch.tensor(rng.normal(size=(N, n)))
+
+
+def _relative_error(xs, exact):
+    """Largest per-state error of ``xs`` against ``exact`` (longdouble), relative to the
+    state (no smaller than the smallest normal float64)."""
+    size = np.maximum(np.abs(exact).max(-1), np.finfo(np.float64).tiny)
+    return float((np.abs(xs.numpy().astype(np.longdouble) - exact).max(-1) / size).max())
+
+
 @pytest.mark.skipif(np.finfo(np.longdouble).eps > 1e-18, reason="no extended precision")
 def test_a_long_decay_is_refined_twice_and_as_accurate_as_the_loop(monkeypatch):
     """T = 300 stages of a random optimal closed loop, states decaying from ~1 to 1e-91:
@@ -243,13 +262,7 @@ def test_a_long_decay_is_refined_twice_and_as_accurate_as_the_loop(monkeypatch):
     5.8e2 eps; the scan is taken with two corrections.  Against an extended-precision rollout
     the scan is 2.5e3 eps from the exact states, the loop 6.2e2 eps (per state, relative,
     measured): both within 1e-12."""
-    rng = np.random.default_rng(1)
-    T, n, m, N = 300, 10, 4, 4
-    A = torch.tensor(rng.normal(size=(N, T, n, n)) / np.sqrt(n))
-    B = torch.tensor(rng.normal(size=(N, T, n, m)))
-    prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, **F64).expand(N, T, n, n),
-                       R=torch.eye(m, **F64).expand(N, T, m, m), QT=torch.eye(n, **F64))
-    x0 = torch.tensor(rng.normal(size=(N, n)))
+    A, B, prob, x0 = _random_optimal_loops(1, T=300, n=10, m=4, N=4)
     scans = _spy(monkeypatch, affine_scan, "scan_states", lambda out: 1)
     got = trajopt.solve_lqr(prob, x0)
     assert len(scans) == 3  # the states and two corrections
@@ -257,11 +270,7 @@ def test_a_long_decay_is_refined_twice_and_as_accurate_as_the_loop(monkeypatch):
     ref = trajopt.solve_lqr(prob, x0)
     assert float(ref.xs[:, -1].abs().max()) < 1e-85
     exact = _longdouble_states(A, B, ref.K, ref.k, x0)
-    size = np.abs(exact).max(-1)
-
-    def error(xs):  # per state, relative to the state
-        return float((np.abs(xs.numpy().astype(np.longdouble) - exact).max(-1) / size).max())
-    assert error(got.xs) < 1e-12 and error(ref.xs) < 1e-12
+    assert _relative_error(got.xs, exact) < 1e-12 and _relative_error(ref.xs, exact) < 1e-12
 
 
 @pytest.mark.skipif(np.finfo(np.longdouble).eps > 1e-18, reason="no extended precision")
@@ -273,13 +282,7 @@ def test_a_decay_to_1e_minus_300_stalls_and_is_taken_at_the_loops_accuracy(monke
     was refused and the loop ran).  Against extended precision the scan is 2.1e4 eps from
     the exact states, the loop 2.0e4 eps (per state, relative, measured)."""
     monkeypatch.setattr(affine_scan, "MAX_WORK", 1 << 20)  # batch 8 at n = 10 on the CPU
-    rng = np.random.default_rng(100)
-    T, n, m, N = 1000, 10, 4, 8
-    A = torch.tensor(rng.normal(size=(N, T, n, n)) / np.sqrt(n))
-    B = torch.tensor(rng.normal(size=(N, T, n, m)))
-    prob = trajopt.LQR(A=A, B=B, Q=torch.eye(n, **F64).expand(N, T, n, n),
-                       R=torch.eye(m, **F64).expand(N, T, m, m), QT=torch.eye(n, **F64))
-    x0 = torch.tensor(rng.normal(size=(N, n)))
+    A, B, prob, x0 = _random_optimal_loops(100, T=1000, n=10, m=4, N=8)
     calls = _spy(monkeypatch, finite, "scan_closed_loop")
     scans = _spy(monkeypatch, affine_scan, "scan_states", lambda out: 1)
     got = trajopt.solve_lqr(prob, x0)
@@ -288,12 +291,8 @@ def test_a_decay_to_1e_minus_300_stalls_and_is_taken_at_the_loops_accuracy(monke
     ref = trajopt.solve_lqr(prob, x0)
     assert float(ref.xs[:, -1].abs().max()) < 1e-300
     exact = _longdouble_states(A, B, ref.K, ref.k, x0)
-    size = np.maximum(np.abs(exact).max(-1), np.finfo(np.float64).tiny)
-
-    def error(xs):  # per state, relative to the state, in eps
-        diff = np.abs(xs.numpy().astype(np.longdouble) - exact).max(-1) / size
-        return float(diff.max()) / float(np.finfo(np.float64).eps)
-    assert error(got.xs) <= 2 * error(ref.xs) and error(ref.xs) < 1e5
+    loop = _relative_error(ref.xs, exact)
+    assert _relative_error(got.xs, exact) <= 2 * loop and loop < 1e5 * F64_EPS
 
 
 def test_autograd_through_the_scanned_rollout_equals_the_loop_and_warns_nothing(
