@@ -176,14 +176,17 @@ def test_ddp_with_control_limits_keeps_the_loop(monkeypatch):
     assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("a,T", [(1e10, 40), (1.7, 100)])
+@pytest.mark.parametrize("a,T", [(1e10, 40), (1.7, 100), (1.05, 200), (1.1, 100)])
 def test_an_amplifying_recurrence_falls_back_to_the_loop(monkeypatch, a, T):
     """x' = a x + u from x0 = 1 with u = 1 - a stays at 1 exactly in the loop. The scan
     reaches x_t through a^t: for 1e10 it overflows; for 1.7 its states drift off the
     unstable equilibrium (to ~1e6 at T = 100) while satisfying every transition to 32 eps
     -- a trajectory of the dynamics, not the loop's. The forward-error estimate (the
     residuals' recurrence) is far above its bound in both, and the loop's states are
-    returned."""
+    returned.  For 1.05 (T = 200) and 1.1 (T = 100) the estimate stalls from the first
+    correction on at 1e3-1e4 eps, within ``STALLED`` (a reviewer's case: accepted there,
+    3e4 eps off the loop's exact states); a stall counts only after a correction that
+    shrank the estimate, which an amplified floor does not give."""
     lin = trajopt.LinearDynamics(torch.tensor([[a]], **F64), torch.tensor([[1.0]], **F64))
     solver = trajopt.DDPSolver(lin, trajopt.QuadraticCost(torch.eye(1), torch.eye(1),
                                                          torch.eye(1)))
@@ -195,11 +198,11 @@ def test_an_amplifying_recurrence_falls_back_to_the_loop(monkeypatch, a, T):
     # ... as soon as a correction failed to shrink it (not after every refinement)
     assert len(scans) < 1 + affine_scan.REFINEMENTS
     assert all(torch.equal(x, torch.ones(1, 1, **F64)) for x in traj.xs)
-    # the scan alone is off by far more than rounding here
+    # the scan alone is off by far more than rounding here (3e4 eps for 1.05, ~1e6 for 1.7)
     raw = affine_scan.scan_states(torch.full((T, 1, 1, 1), a, **F64),
                                   torch.full((T, 1, 1, 1), 1 - a, **F64),
                                   torch.ones(1, 1, 1, **F64))
-    assert not bool(((raw - 1).abs() < 1e-3).all())
+    assert not bool(((raw - 1).abs() <= 1e3 * F64_EPS).all())
 
 
 def test_decaying_states_are_refined_once(monkeypatch):

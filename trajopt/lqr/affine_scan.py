@@ -68,11 +68,12 @@ FORWARD = 1024
 #: estimate: :func:`checked_states`
 REFINEMENTS = 4
 CONVERGENCE = 4
-#: accepted estimate, in eps of the states' magnitudes, once the corrections have stopped
-#: shrinking it: the transitions' own rounding propagated along the horizon, the order of
-#: the loop's forward error on long decays (4e3-5e4 eps at T = 600-2,000, measured);
-#: above it the recurrence amplifies rounding and the loop runs (:func:`checked_states`)
-STALLED = 65536
+#: accepted estimate, relative to the states' magnitudes, once the corrections have
+#: stopped shrinking it after shrinking it at least once: the transitions' own rounding
+#: propagated along the horizon, the order of the loop's forward error on long decays
+#: (4e3-5e4 eps of float64 at T = 600-2,000, measured).  2^-36 (65,536 eps of float64);
+#: below one float32 rounding, so float32 keeps to :data:`FORWARD` (:func:`checked_states`)
+STALLED = 2.0 ** -36
 
 
 def rollout_pays(T: int, batch: int, n: int, shared: bool,
@@ -151,8 +152,9 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
     :data:`REFINEMENTS` corrections in all, as long as each shrinks the estimate by
     :data:`CONVERGENCE`.  A correction that does not has reached the floor of the
     residuals' own rounding, the transitions' rounding propagated along the horizon
-    (what the loop commits too): the states are accepted there if the estimate is within
-    :data:`STALLED` eps and they pass :func:`consistent`, else None:
+    (what the loop commits too): after at least one correction that did shrink it (the
+    scan's own error removed), the states are accepted there if the estimate is within
+    :data:`STALLED` (relative) and they pass :func:`consistent`, else None:
 
     * states that decay by orders of magnitude along the horizon (a stable closed loop
       over a long horizon: 1e-90 after 300 stages, 1e-300 after 1,000) are scanned with
@@ -162,7 +164,9 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
       itself is 3e3-5e4 eps from the exact states (T = 600-2,000);
     * where the recurrence amplifies rounding -- an unstable loop held near a point by
       its inputs, whose scanned states drift off it -- the floor is the amplified
-      rounding (7e20 eps for ``x' = 1.7 x - 0.7`` at T = 100), and None is returned.
+      rounding (7e20 eps for ``x' = 1.7 x - 0.7`` at T = 100), which the first
+      corrections do not shrink (``x' = 1.05 x - 0.05``, T = 200: 1.4e4 -> 1.2e4 eps,
+      where the loop is exact), and None is returned.
 
     Magnitudes are taken no smaller than the dtype's smallest normal number: below it
     (subnormal states of a long decay) rounding is absolute, for the loop too.
@@ -183,7 +187,7 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
     xs = unfold(scan_states(M, fold(v), fold(x0.unsqueeze(0))[0]))
     zero = fold(torch.zeros_like(x0).unsqueeze(0))[0]
     eps = torch.finfo(xs.dtype).eps
-    previous = float("inf")
+    previous, converged = float("inf"), False
     for _ in range(REFINEMENTS):
         predicted, scale = transitions(xs)
         # the correction to the exact trajectory of the recurrence: the residuals' own
@@ -192,12 +196,12 @@ def checked_states(M: torch.Tensor, v: torch.Tensor, x0: torch.Tensor,
         error = float((delta.abs().amax(-1) / _size(scale, xs[1:])).max().detach()) / eps
         xs = torch.cat([xs[:1], xs[1:] + delta])
         stalled = not error < previous / CONVERGENCE  # (or NaN)
-        if error <= FORWARD or stalled and error <= STALLED:
+        if error <= FORWARD or stalled and converged and error * eps <= STALLED:
             predicted, scale = transitions(xs)
             return xs.contiguous() if consistent(xs[1:], predicted, scale) else None
         if stalled:  # at the floor of its own rounding, far above the states: amplified
             return None
-        previous = error
+        converged, previous = previous < float("inf"), error
     return None
 
 
