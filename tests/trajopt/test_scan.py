@@ -192,8 +192,24 @@ def test_an_inconsistent_scan_falls_back_to_the_recursion(monkeypatch):
     calls = []
     res = _solve(monkeypatch, 1, consistency=-1.0, calls=calls)
     ref = _solve(monkeypatch, 1, work=0)
-    assert calls and not any(calls)  # tried, refused every time
+    assert calls == [False]  # tried once, refused: the recursion for the rest of the solve
+    assert int(res.iterations) > 1
     assert torch.equal(res.us, ref.us) and torch.equal(res.K, ref.K)
+
+
+def test_a_refused_scan_is_tried_again_in_the_next_solve(monkeypatch):
+    """A solver keeps to the recursion after one refusal within a solve (an ill-conditioned
+    problem's scans are refused pass after pass: the cart-pole's 288 of 303, each a wasted
+    scan), and tries the scan again in its next solve (an MPC step, an augmented
+    Lagrangian's next inner solve)."""
+    calls = []
+    _solve(monkeypatch, 1, consistency=-1.0, calls=calls)  # installs the counting spy
+    f, cost = _pendulum()
+    solver = trajopt.DDPSolver(f, cost)
+    calls.clear()
+    for _ in range(2):
+        solver.solve(torch.zeros(1, 2, **F64), torch.zeros(1, 60, 1, **F64))
+    assert calls == [False, False]
 
 
 @pytest.mark.parametrize("case", ["limits", "ddp"])

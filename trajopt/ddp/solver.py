@@ -127,16 +127,20 @@ class DDPSolver:
         expansion -> gains -> value update.  Elements whose regularized Q_uu is not
         positive definite get ``ok = False``.  Where :func:`~trajopt.ddp.scanpass.
         scan_applies` (iLQR, mu = 0, no limits, few small problems over many stages) the
-        values come from the parallel scan and the step runs once over all stages."""
+        values come from the parallel scan and the step runs once over all stages; after
+        the scan's self-check has refused it once, a solve keeps to the recursion."""
         T = len(stages)
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
         oks, terms = [], []
         gains = self.policy(mu, traj, lo, hi, k_warm)
-        if scan_applies(stages, gains, mu, lo):  # the same pass in O(log T) rounds
+        # the same pass in O(log T) rounds; once its check refuses it in a solve, the
+        # recursion for the rest of the solve (the problem's conditioning, not the pass's)
+        if scan_applies(stages, gains, mu, lo) and not self.__dict__.get("_scan_refused"):
             pol = scan_backward_pass(stages, Vx, Vxx, gains)
             if pol is not None:
                 return pol
+            self._scan_refused = True
         for t in range(T - 1, -1, -1):
             Q = stages[t].expand(Vx, Vxx)
             g = gains.gains(Q, t)
@@ -218,6 +222,7 @@ class DDPSolver:
     def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
+        self._scan_refused = False  # backward_pass: the scan is tried again in each solve
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
         try:
