@@ -638,29 +638,30 @@ class DDPNOpt(torch.optim.Optimizer):
                 f"value_hessian={self.value_hessian!r}, {g})")
 
 
+def _with(step, **changes):
+    """``step`` with ``changes`` to its :class:`~trajopt.riccati.OperatorStep` (the one a
+    :class:`~trajopt.riccati.JointStep` wraps, for the joint form)."""
+    if isinstance(step, JointStep):
+        return dataclasses.replace(step, step=dataclasses.replace(step.step, **changes))
+    return dataclasses.replace(step, **changes)
+
+
 def _consumed(step, later):
     """``step`` (stage t) and ``later`` (stage t+1) once the backward pass is past stage t:
     the value :math:`V_{t+1}` they share keeps what the feedback pass reads (its factor,
     its Hessian), not its gradient nor its carried form (a (B, n) tensor or two)."""
-    inner, inner_later = (s.step if isinstance(s, JointStep) else s for s in (step, later))
-    v = inner.next_value
-    if v is not inner_later.value or not dataclasses.is_dataclass(v):
+    v = (step.step if isinstance(step, JointStep) else step).next_value
+    if v is not later.value or not dataclasses.is_dataclass(v):
         return step, later
     lean = dataclasses.replace(v, **dict.fromkeys(
         {f.name for f in dataclasses.fields(v)} & {"Vx", "carried"}))
-    inner = dataclasses.replace(inner, next_value=lean)
-    inner_later = dataclasses.replace(inner_later, value=lean)
-    return ((dataclasses.replace(step, step=inner) if isinstance(step, JointStep) else inner),
-            (dataclasses.replace(later, step=inner_later) if isinstance(later, JointStep)
-             else inner_later))
+    return _with(step, next_value=lean), _with(later, value=lean)
 
 
 def _released(step):
     """The backward step as the feedback pass keeps it: its :math:`Q_u` (a control-sized
     tensor per stage, summed into the stage's ``g``) released, the values kept."""
-    if isinstance(step, JointStep):
-        return dataclasses.replace(step, step=dataclasses.replace(step.step, Qu=None))
-    return dataclasses.replace(step, Qu=None)
+    return _with(step, Qu=None)
 
 
 class EKFAC(DDPNOpt):

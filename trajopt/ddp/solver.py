@@ -69,6 +69,10 @@ class DDPSolver:
     ``docs/architecture.md`` for its methods.
     """
 
+    #: the values scan's self-check refused it in the current solve (:meth:`backward_pass`
+    #: then keeps to the recursion); reset by each solve
+    _scan_refused = False
+
     def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, mode: Mode = "ilqr",
                  max_iter: int = 100, tol: float = 1e-8,
                  regularization: Regularization | None = None,
@@ -136,7 +140,7 @@ class DDPSolver:
         gains = self.policy(mu, traj, lo, hi, k_warm)
         # the same pass in O(log T) rounds; once its check refuses it in a solve, the
         # recursion for the rest of the solve (the problem's conditioning, not the pass's)
-        if scan_applies(stages, gains, mu, lo) and not self.__dict__.get("_scan_refused"):
+        if scan_applies(stages, gains, mu, lo) and not self._scan_refused:
             pol = scan_backward_pass(stages, Vx, Vxx, gains)
             if pol is not None:
                 return pol
@@ -222,7 +226,7 @@ class DDPSolver:
     def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
-        self._scan_refused = False  # backward_pass: the scan is tried again in each solve
+        self._scan_refused = False  # the scan is tried again in each solve
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
         try:

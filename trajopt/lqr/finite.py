@@ -26,7 +26,7 @@ from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
 from ..errors import InvalidArgumentError, NotPositiveDefiniteError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
-from ..riccati.scan import scan_pays, scanned_step, stacked_stages
+from ..riccati.scan import scan_batch, scan_pays, scanned_step, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .affine_scan import scan_closed_loop
@@ -357,11 +357,9 @@ def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     positive definite (the recursion then runs, and names the stage)."""
     if not stages or _under_functorch() or (stacked := stacked_stages(stages)) is None:
         return None
-    F, L, c = stacked
-    T, n = len(stages), stages[0].n
+    T, n, F = len(stages), stages[0].n, stacked[0]
     try:  # the batch scanned_step brings stages and terminal value to (one QT, say)
-        batch = torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], P.shape[:-2],
-                                       p.shape[:-1], () if c is None else c.shape[1:-1])
+        batch = scan_batch(stacked, p, P)
     except RuntimeError:
         return None
     if not scan_pays(T, batch.numel(), F.shape[-1], F.device):

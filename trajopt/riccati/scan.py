@@ -69,8 +69,8 @@ import torch
 from .._linalg import sym
 from .expansion import DenseStage
 
-__all__ = ["ScanValues", "scan_values", "scanned_step", "stacked_stages", "scan_pays",
-           "AGREEMENT", "MIN_STAGES", "MAX_WORK", "MAX_WORK_CUDA"]
+__all__ = ["ScanValues", "scan_values", "scanned_step", "scan_batch", "stacked_stages",
+           "scan_pays", "AGREEMENT", "MIN_STAGES", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: fewest stages for which the solvers take the scan (below it the recursion is as fast)
 MIN_STAGES = 16
@@ -263,11 +263,9 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
     None, or the step's values disagree with the scan's (:meth:`ScanValues.agrees`): the
     caller then runs the recursion.
     """
-    F, L, c = stacked
-    batch = torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], Vx.shape[:-1],
-                                   Vxx.shape[:-2], () if c is None else c.shape[1:-1])
-    F, L, c = (None if v is None else _over(v, batch, core) for v, core in ((F, 2), (L, 2),
-                                                                             (c, 1)))
+    batch = scan_batch(stacked, Vx, Vxx)
+    F, L, c = (None if v is None else _over(v, batch, core) for v, core in (
+        (stacked[0], 2), (stacked[1], 2), (stacked[2], 1)))
     vals = scan_values(F, L, n, Vx.expand(*batch, n), Vxx.expand(*batch, n, n), c)
     if not bool(vals.ok.all()):
         return None
@@ -276,6 +274,15 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
         return None
     result, valid = got
     return result if vals.agrees(result.Vx, result.Vxx, valid) else None
+
+
+def scan_batch(stacked: tuple, Vx: torch.Tensor, Vxx: torch.Tensor) -> torch.Size:
+    """The one batch :func:`scanned_step` brings the stacked stages ``(F, L, c)`` and the
+    terminal value ``Vx`` (..., n), ``Vxx`` (..., n, n) to (RuntimeError where they do not
+    broadcast)."""
+    F, L, c = stacked
+    return torch.broadcast_shapes(F.shape[1:-2], L.shape[1:-2], Vx.shape[:-1],
+                                  Vxx.shape[:-2], () if c is None else c.shape[1:-1])
 
 
 def _over(v: torch.Tensor, batch: torch.Size, core: int) -> torch.Tensor:
