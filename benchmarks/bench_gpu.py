@@ -29,6 +29,7 @@ CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -83,23 +84,38 @@ def rows_dare(count, rep, scipy_loop):
     return rows
 
 
+def _lqr(A, B, device):
+    """A finite-horizon LQR with unit costs for stacked A (batch, T, n, n), B (batch, T,
+    n, m), on ``device``."""
+    batch, T, n, m = B.shape
+    A, B = A.to(device), B.to(device)
+
+    def eye(k):
+        return torch.eye(k, dtype=A.dtype, device=A.device)
+    return trajopt.LQR(A=A, B=B, Q=eye(n).expand(batch, T, n, n),
+                       R=eye(m).expand(batch, T, m, m), QT=eye(n))
+
+
+@contextlib.contextmanager
+def _cuda_bound(bound):
+    """The values scan's GPU bound set to ``bound`` (0: the recursion forced)."""
+    old, scan.MAX_WORK_CUDA = scan.MAX_WORK_CUDA, bound
+    try:
+        yield
+    finally:
+        scan.MAX_WORK_CUDA = old
+
+
 def rows_lqr(T, batch, rep):
     rng = np.random.default_rng(2)
     n, m = 10, 4
     A = torch.as_tensor(rng.normal(size=(batch, T, n, n)) / np.sqrt(n))
     B = torch.as_tensor(rng.normal(size=(batch, T, n, m)))
-    Q = torch.eye(n, dtype=A.dtype).expand(batch, T, n, n)
-    R = torch.eye(m, dtype=A.dtype).expand(batch, T, m, m)
     x0 = torch.as_tensor(rng.normal(size=(batch, n)))
-    cpu = trajopt.LQR(A=A, B=B, Q=Q, R=R, QT=torch.eye(n, dtype=A.dtype))
-    gpu = trajopt.LQR(A=A.cuda(), B=B.cuda(), Q=Q.cuda(), R=R.cuda(),
-                      QT=torch.eye(n, dtype=A.dtype, device="cuda"))
+    cpu, gpu = _lqr(A, B, "cpu"), _lqr(A, B, "cuda")
     t_gpu, sg = best_time(lambda: trajopt.solve_lqr(gpu, x0.cuda()), rep, True)
-    bound, scan.MAX_WORK_CUDA = scan.MAX_WORK_CUDA, 0   # the recursion, for comparison
-    try:
+    with _cuda_bound(0):  # the recursion, for comparison
         t_rec, sr = best_time(lambda: trajopt.solve_lqr(gpu, x0.cuda()), rep, True)
-    finally:
-        scan.MAX_WORK_CUDA = bound
     t_cpu, sc = best_time(lambda: trajopt.solve_lqr(cpu, x0), rep)
     pick = "scan" if scan.scan_pays(T, batch, n + m, torch.device("cuda")) else "recursion"
     return [(f"(b) finite LQR T={T} n=10 m=4 batch {batch}",
@@ -119,21 +135,15 @@ def rows_rule(rep, quick):
         grid += [(1000, 10, 4, b) for b in (64, 256, 1024)]
     for T, n, m, batch in grid:
         g = torch.Generator().manual_seed(3)
-        A = (torch.randn(batch, T, n, n, generator=g, dtype=torch.float64) / n ** 0.5).cuda()
-        B = torch.randn(batch, T, n, m, generator=g, dtype=torch.float64).cuda()
-        Q = torch.eye(n, dtype=A.dtype, device="cuda").expand(batch, T, n, n)
-        R = torch.eye(m, dtype=A.dtype, device="cuda").expand(batch, T, m, m)
-        prob = trajopt.LQR(A=A, B=B, Q=Q, R=R, QT=torch.eye(n, dtype=A.dtype, device="cuda"))
-        bound = scan.MAX_WORK_CUDA
+        A = torch.randn(batch, T, n, n, generator=g, dtype=torch.float64) / n ** 0.5
+        B = torch.randn(batch, T, n, m, generator=g, dtype=torch.float64)
+        prob = _lqr(A, B, "cuda")
         times, Ks = [], []
-        try:
-            for forced in (0, 1 << 40):
-                scan.MAX_WORK_CUDA = forced
+        for forced in (0, 1 << 40):
+            with _cuda_bound(forced):
                 t, sol = best_time(lambda p=prob: trajopt.solve_lqr(p), rep, True)
-                times.append(t)
-                Ks.append(sol.K)
-        finally:
-            scan.MAX_WORK_CUDA = bound
+            times.append(t)
+            Ks.append(sol.K)
         work = batch * (n + m) ** 2
         diff = float((Ks[1] - Ks[0]).abs().max() / Ks[0].abs().max())
         pick = "scan" if scan.scan_pays(T, batch, n + m, torch.device("cuda")) else "recursion"
