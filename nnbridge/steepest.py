@@ -24,7 +24,6 @@ Divergences (:math:`\delta` = ``damping``):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -42,6 +41,13 @@ from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
 from .closure import loss_is_finite
 from .decompose import stages
+from .gramian import (
+    OutputGramian,
+    check_solve,
+    damped_fisher_direction,
+    fisher_factor,
+    stage_jacobian,
+)
 from .recorder import capture
 from .stages import NormStage, StageLinearization, outer_sum
 
@@ -58,7 +64,8 @@ def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
 def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                   divergence: str = "euclidean", damping: float = 0.0,
-                  neumann_terms: int | None = None) -> list[torch.Tensor]:
+                  neumann_terms: int | None = None, solve: str = "auto"
+                  ) -> list[torch.Tensor]:
     r"""The steepest-descent direction of ``loss(model(x), y)`` from the LQR.
 
     Parameters
@@ -79,6 +86,12 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         Replace each stage's inverse by a truncated Neumann series with the
         layer-adaptive damping :math:`\delta_i = \max(\delta, 1.1\,\rho_i)` (thesis
         Ch. 5, :class:`trajopt.steepest.NeumannSolver`): no matrix is inverted.
+    solve : {"auto", "direct", "cg"}
+        How the "kl" direction's output-space system (size ``B n_out``) is solved:
+        Cholesky of the formed system, conjugate gradients on the applied one, or
+        "auto": CG from ``B n_out >= 1024`` within the direct solve's cost, else (and
+        where CG stops short) direct (:func:`nnbridge.gramian.damped_fisher_direction`,
+        ``docs/steepest.md``).
 
     Returns
     -------
@@ -86,6 +99,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         One tensor per ``model.parameters()`` entry, shaped like it.
     """
     _check(divergence, damping, neumann_terms)
+    check_solve(solve)
     pre, sts = stages(model)
     _check_all_stages(model, sts)
     with torch.no_grad():
@@ -107,7 +121,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if not bool(torch.isfinite(aN).all()):
         raise NonFiniteError("lqr_direction: the loss gradient at the output is not finite "
                              "(check x, y and the loss)")
-    d = _direction(model, sts, xs, aN, QN, divergence, damping, neumann_terms)
+    d = _direction(model, sts, xs, aN, QN, divergence, damping, neumann_terms, solve=solve)
     if not all(bool(torch.isfinite(v).all()) for v in d):
         raise NonFiniteError(f"lqr_direction: the {divergence} direction is not finite "
                              "(increase damping)")
@@ -128,7 +142,7 @@ def _check(divergence: str, damping: float, neumann_terms: int | None = None) ->
 
 
 def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_terms=None,
-               riccati: bool = False):
+               riccati: bool = False, solve: str = "auto"):
     """The LQR of the module docstring from the stage inputs ``xs`` (x_0 .. x_N), the
     output gradient ``aN`` (B n_N,) and, for Newton, the output Hessian: Euclidean and KL
     in output space (:func:`_output_space_steps`), Newton and the Neumann variant (and
@@ -136,7 +150,7 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
     (:func:`_riccati_steps`)."""
     if divergence in ("euclidean", "kl") and neumann_terms is None and not riccati:
         lins = [StageLinearization(st, xs[t], x_next=xs[t + 1]) for t, st in enumerate(sts)]
-        steps = _output_space_steps(lins, xs[-1], aN, divergence, damping)
+        steps = _output_space_steps(lins, xs[-1], aN, divergence, damping, solve)
     else:
         lins, steps = _riccati_steps(sts, xs, aN, loss_hessian, divergence, damping,
                                      neumann_terms)
@@ -165,7 +179,7 @@ def _check_all_stages(model: nn.Module, sts) -> None:
             "updates them from p.grad")
 
 
-def _output_space_steps(lins, out, aN, divergence, damping):
+def _output_space_steps(lins, out, aN, divergence, damping, solve="auto"):
     r"""The Euclidean / KL LQR solved through its controllability Gramian in output space.
 
     With no stage cost (:math:`Q_i = M_i = 0`), :math:`R_i = r I` and the state
@@ -176,14 +190,13 @@ def _output_space_steps(lins, out, aN, divergence, damping):
     size :math:`B n_N` (outputs), not :math:`B n_i` (hidden states) as the Riccati
     matrices are.  The rows of :math:`J_i` are :math:`f_u^\top` applied to
     :math:`Y_{i+1}` (:math:`Y_N = I`, :math:`Y_i = Y_{i+1} f_x`): per sample b and output
-    j the cotangent factor :math:`w_{bj}` times the input :math:`\tilde x_b^\top`, so
-    (:func:`_stage_gramian`) a Linear stage's :math:`J_i J_i^\top` is
-    :math:`(w_{bj}^\top w_{ck})(\tilde x_b^\top \tilde x_c)` without forming
-    :math:`J_i`, and :math:`J_i^\top v` is one control gradient.  :math:`Q_N` is block
-    diagonal (one softmax Fisher block per sample) and multiplies S block by block.
-    Cost: time :math:`O((B n_N)^2 \sum_i \mathrm{out}_i + B^2 \sum_i \mathrm{in}_i +
-    (B n_N)^3)`, memory :math:`O((B n_N)^2)` (convolutions: from the explicit
-    :math:`J_i`, :math:`O((B n_N)^2 m_i)` time; docs/steepest.md)."""
+    j the cotangent factor :math:`w_{bj}` times the input :math:`\tilde x_b^\top`
+    (:class:`nnbridge.gramian.OutputGramian`: S formed, or applied without forming it).
+    :math:`Q_N` is block diagonal (one softmax Fisher block per sample).  The damped
+    system is solved by :func:`nnbridge.gramian.damped_fisher_direction` (``solve``):
+    directly in time :math:`O((B n_N)^2 \sum_i \mathrm{out}_i + (B n_N)^3)` and memory
+    :math:`O((B n_N)^2)`, or by conjugate gradients, linear in B per iteration
+    (docs/steepest.md)."""
     B = out.shape[0]
     n_out = out[0].numel()
     Y = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
@@ -199,78 +212,14 @@ def _output_space_steps(lins, out, aN, divergence, damping):
         p = torch.softmax(out.reshape(B, -1), -1)
         QN = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / B   # (B, n, n)
         if damping == 0:   # the undamped natural gradient: F itself must be invertible
-            Js = [_stage_jacobian(w, lin.X) for w, lin in zip(factors, lins)]
+            Js = [stage_jacobian(w, lin.X) for w, lin in zip(factors, lins)]
             return _undamped_natural_gradient(Js, _block_diag(QN), a, B * (n_out - 1))
-        S = _stage_gramian(factors[0], lins[0].X)
-        for w, lin in zip(factors[1:], lins[1:]):
-            S += _stage_gramian(w, lin.X)
-        gramian = [S]
-        del S   # the solve releases it once used (memory: B n x B n matrices)
-        v = _damped_fisher_solve(gramian, _fisher_factor(p, B), a, damping)
+        gramian = OutputGramian(factors, [lin.X for lin in lins])
+        v = damped_fisher_direction(gramian, fisher_factor(p, B), a, damping, solve)
     v = v.reshape(B, n_out)
     # J_i' v: the control gradient of the per-sample cotangent sum_j v_bj w_bj
     return [-outer_sum(torch.einsum("bj,bjop->bop", v, w), lin.X).reshape(-1)
             for w, lin in zip(factors, lins)]
-
-
-def _fisher_factor(p: torch.Tensor, B: int) -> torch.Tensor:
-    r"""Z (B, n, n) with :math:`Z_b Z_b^\top = (\mathrm{diag}(p_b) - p_b p_b^\top)/B`, the
-    blocks of :math:`Q_N`: :math:`Z_b = (\mathrm{diag}(\sqrt{p_b}) - p_b
-    \sqrt{p_b}^\top)/\sqrt B` (as :math:`\sum_j p_{bj} = 1`)."""
-    r = p.sqrt()
-    return (torch.diag_embed(r) - p.unsqueeze(-1) * r.unsqueeze(-2)) / math.sqrt(B)
-
-
-def _damped_fisher_solve(gramian: list, Z: torch.Tensor, a: torch.Tensor,
-                         damping: float) -> torch.Tensor:
-    r""":math:`v = (\delta I + Q_N S)^{-1} a` for the Gramian S (B n, B n), handed over in
-    a one-element list (released here once used), and :math:`Q_N = Z Z^\top` block
-    diagonal (Z (B, n, n)), by the symmetric positive definite system
-    :math:`(\delta I + Z^\top S Z)\, c = Z^\top S a`, :math:`v = (a - Z c)/\delta`
-    (one Cholesky factorization, half an LU's work; the identity
-    :math:`(\delta I + Z Z^\top S)(a - Z c) = \delta a` when c solves it).  Where
-    rounding leaves that system not positive definite (a tiny damping), the unsymmetric
-    one by LU."""
-    B, n = Z.shape[:2]
-    S = gramian.pop()
-    ZSa = (Z.transpose(-1, -2) @ (S @ a).view(B, n, 1)).reshape(-1, 1)
-    ZS = Z.transpose(-1, -2) @ S.view(B, n, B * n)                  # (B, n, B n)
-    del S
-    # (Z'SZ)[(b, i), (c, l)] = sum_k (Z'S)[(b, i), (c, k)] Z_c[k, l]: one product per c
-    ZSZ = (ZS.view(B * n, B, n).transpose(0, 1) @ Z).transpose(0, 1).reshape(B * n, B * n)
-    ZSZ.diagonal().add_(damping)
-    L, info = torch.linalg.cholesky_ex(ZSZ)
-    del ZSZ
-    if bool(info.any()):
-        QS = (Z @ ZS).reshape(B * n, B * n)
-        QS.diagonal().add_(damping)
-        return torch.linalg.solve(QS, a)
-    c = torch.cholesky_solve(ZSa, L).view(B, n, 1)
-    return (a - (Z @ c).reshape(-1)) / damping
-
-
-def _stage_jacobian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    r"""The rows :math:`w_{bj} \tilde x_b^\top` of one stage's output Jacobian, (B n_N,
-    out in'), from the factors w (B, n_N, out, P) and the unfolded input X (B, in', P)."""
-    B, n = w.shape[:2]
-    return torch.einsum("bjop,bip->bjoi", w, X).reshape(B * n, -1)
-
-
-def _stage_gramian(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    r""":math:`J_i J_i^\top` (B n_N, B n_N) of one stage.  A Linear stage (one position,
-    P = 1): the elementwise product of the factors' Gram matrix (B n_N, B n_N) and the
-    inputs' (B, B) broadcast over the outputs, :math:`O((B n_N)^2 \mathrm{out} + B^2
-    \mathrm{in}')` instead of the :math:`O((B n_N)^2\, \mathrm{out}\, \mathrm{in}')` of
-    the explicit rows; a convolution (positions couple): from the explicit rows."""
-    B, n = w.shape[:2]
-    if X.dim() == 3 and X.shape[-1] == 1:
-        Wf = w[..., 0].reshape(B * n, -1)
-        Xf = X[..., 0]
-        S = Wf @ Wf.T
-        S.view(B, n, B, n).mul_((Xf @ Xf.T)[:, None, :, None])
-        return S
-    J = _stage_jacobian(w, X)
-    return J @ J.T
 
 
 def _undamped_natural_gradient(Js, QN, a, max_rank):
@@ -343,15 +292,18 @@ class LQRDescent(torch.optim.Optimizer):
     loss_hessian : callable, optional
     neumann_terms : int, optional
         The Neumann-series variant (see :func:`lqr_direction`).
+    solve : {"auto", "direct", "cg"}
+        The output-space solve of the "kl" direction (see :func:`lqr_direction`).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, *, divergence: str = "kl",
                  damping: float = 1e-3,
                  loss_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 neumann_terms: int | None = None):
+                 neumann_terms: int | None = None, solve: str = "auto"):
         if not lr >= 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         _check(divergence, damping, neumann_terms)
+        check_solve(solve)
         if divergence == "newton" and loss_hessian is None:
             raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
         self.model = model
@@ -360,7 +312,8 @@ class LQRDescent(torch.optim.Optimizer):
         self.loss_hessian = loss_hessian
         super().__init__(model.parameters(), {"lr": lr, "divergence": divergence,
                                               "damping": damping,
-                                              "neumann_terms": neumann_terms})
+                                              "neumann_terms": neumann_terms,
+                                              "solve": solve})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -379,7 +332,8 @@ class LQRDescent(torch.optim.Optimizer):
         aN = rec.output_grad.reshape(-1)
         H = None if group["divergence"] != "newton" else self.loss_hessian(out)
         d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
-                       group["damping"], group["neumann_terms"])
+                       group["damping"], group["neumann_terms"],
+                       solve=group.get("solve", "auto"))
         if not all(bool(torch.isfinite(v).all()) for v in d):
             warnings.warn("non-finite direction; step skipped", SkippedStepWarning,
                           stacklevel=2)

@@ -333,3 +333,137 @@ def test_kl_falls_back_to_lu_when_the_symmetric_system_is_not_numerically_pd(mon
     monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
     d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-2))
     assert float((d - ref).norm() / ref.norm()) < 1e-8
+
+
+# ------------------------------------------------------- the output-space solve: CG / auto
+def _cg_spy(monkeypatch):
+    """Record every conjugate-gradient solve the output-space path runs."""
+    import nnbridge.gramian as gramian
+    runs = []
+    real = gramian.conjugate_gradient
+
+    def spy(*a, **kw):
+        res = real(*a, **kw)
+        runs.append(res)
+        return res
+    monkeypatch.setattr(gramian, "conjugate_gradient", spy)
+    return runs
+
+
+@pytest.mark.parametrize("make,shape", [(mlp, (4,)), (cnn, (1, 5, 5))])
+@pytest.mark.parametrize("solve", ["cg", "auto"])
+def test_cg_equals_the_explicit_damped_fisher_inverse(monkeypatch, make, shape, solve):
+    """B = 350 samples, 3 classes: the output-space system has size 1,050 >= CG_MIN_SIZE,
+    so "auto" takes conjugate gradients too (the spy sees them converge); the direction
+    is the explicit -(F + delta I)^-1 g (1e-8: cond(F + 1e-3 I) up to ~1e3, as above)."""
+    runs = _cg_spy(monkeypatch)
+    model = make()
+    x, y = data(350, shape)
+    g, _, Fi = _explicit(model, x, y)
+    ref = -torch.linalg.solve(Fi + 1e-3 * torch.eye(len(g)), g)
+    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve=solve))
+    assert len(runs) == 1 and runs[0].converged and runs[0].iterations < 200
+    assert float((d - ref).norm() / ref.norm()) < 1e-8
+    direct = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl",
+                                 damping=1e-3, solve="direct"))
+    assert len(runs) == 1   # "direct" runs no CG
+    assert float((d - direct).norm() / direct.norm()) < 1e-10
+
+
+def test_auto_below_the_size_is_the_direct_solve(monkeypatch):
+    runs = _cg_spy(monkeypatch)
+    model = mlp()
+    x, y = data(300, (4,))   # 900 < CG_MIN_SIZE
+    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
+    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve="direct"))
+    assert runs == [] and torch.equal(a, b)
+
+
+def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
+    """"auto" gives CG the iterations the cost model says take the direct solve's time;
+    with none to give (the rate constant made huge) CG stops at once and the direct
+    solve answers: bitwise the "direct" direction."""
+    import nnbridge.gramian as gramian
+    runs = _cg_spy(monkeypatch)
+    monkeypatch.setattr(gramian, "CG_RATE", 1e30)
+    model = mlp()
+    x, y = data(350, (4,))
+    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
+    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve="direct"))
+    assert len(runs) == 1 and runs[0].reason == "max_iter" and not runs[0].converged
+    assert torch.equal(a, b)
+
+
+def test_cg_that_stops_short_raises_naming_solve(monkeypatch):
+    import nnbridge.gramian as gramian
+    from trajopt.errors import NumericalError
+    real = gramian.conjugate_gradient
+    monkeypatch.setattr(gramian, "conjugate_gradient",
+                        lambda apply, b, *, tol, max_iter: real(apply, b, tol=tol,
+                                                                max_iter=2))
+    model = mlp()
+    x, y = data(20, (4,))
+    with pytest.raises(NumericalError, match=r"solve='cg': conjugate gradients stopped "
+                                             r"\(max_iter\) after 2 products"):
+        lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                      solve="cg")
+
+
+def test_bad_solve_is_refused_by_name():
+    model = mlp()
+    x, y = data(4, (4,))
+    with pytest.raises(InvalidArgumentError, match="solve must be one of auto, direct, cg; "
+                                                   "got 'lu'"):
+        lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                      solve="lu")
+    with pytest.raises(InvalidArgumentError, match="solve must be one of"):
+        LQRDescent(model, solve="iterative")
+
+
+@settings(max_examples=examples(10), deadline=None)
+@given(seed=st.integers(0, 1000), B=st.integers(1, 6), conv=st.booleans())
+def test_the_applied_gramian_is_the_formed_one(seed, B, conv):
+    """OutputGramian.apply(v) = dense() @ v (Linear stages and convolutions), float64."""
+    from nnbridge import stages
+    from nnbridge.gramian import OutputGramian
+    from nnbridge.stages import StageLinearization
+    model = cnn(seed) if conv else mlp(seed)
+    x, _ = data(B, (1, 5, 5) if conv else (4,), seed=seed)
+    _, sts = stages(model)
+    with torch.no_grad():
+        xs = [x]
+        for s_ in sts:
+            xs.append(s_.forward(xs[-1]))
+    lins = [StageLinearization(s_, xs[t], x_next=xs[t + 1]) for t, s_ in enumerate(sts)]
+    Y = torch.eye(3, dtype=x.dtype).expand(B, 3, 3)
+    factors = [None] * len(lins)
+    for t in range(len(lins) - 1, -1, -1):
+        factors[t] = lins[t].factors(Y)
+        if t > 0:
+            Y = lins[t].fx_T(Y)
+    G = OutputGramian(factors, [lin.X for lin in lins])
+    v = torch.randn(3 * B, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    S = G.dense()
+    torch.testing.assert_close(G.apply(v), S @ v, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(S, S.T, rtol=0, atol=1e-14)
+
+
+def test_lqr_descent_with_cg_steps_like_the_direct_solve():
+    model_a, model_b = mlp(), mlp()
+    x, y = data(40, (4,))
+    for model, solve in ((model_a, "cg"), (model_b, "direct")):
+        opt = LQRDescent(model, lr=0.5, damping=1e-2, solve=solve)
+        assert opt.param_groups[0]["solve"] == solve
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
