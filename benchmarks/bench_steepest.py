@@ -11,10 +11,13 @@ explicitly formed Fisher, one run.
   F = J' W J / B (m x m), and ``torch.linalg.solve(F + damping I, g)``;
 * time: median of 3 (1 warm-up); memory: peak RSS growth of a fresh process.
 
-Second table (``--batches``): one ``LQRDescent`` step (kl, damping 1e-3) on the digits MLP
-64-32x4-10 (tanh, float64) at growing batch sizes: the default path (the LQR solved in
-output space, size B x 10) against the batch-augmented Riccati recursion (size B x 32 per
-stage; skipped above batch 64, where it takes minutes).
+Second table: one ``LQRDescent`` direction (kl) on the digits MLP 64-32x4-10 (tanh,
+float64) at growing batch sizes: the default path (the LQR in output space, size B x 10,
+``solve="auto"``: conjugate gradients from B x 10 >= 1024) against the same system solved
+directly (``solve="direct"``, Cholesky; skipped above batch 1024, where it needs
+B^2 x 800 bytes) and the batch-augmented Riccati recursion (size B x 32 per stage;
+skipped above batch 64, where it takes minutes); damping 1e-3 (LQRDescent's default) and
+1e-5 (a harder system for CG).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from _child import run_child  # noqa: E402
 
@@ -71,7 +75,7 @@ def digits_mlp(batch):
 
 
 def run_batch(cfg):
-    """One direction on the digits MLP: "output" (default) or "riccati"."""
+    """One direction on the digits MLP: "output" (``cfg["solve"]``) or "riccati"."""
     from nnbridge import stages
     from nnbridge.steepest import _direction
     torch.set_num_threads(cfg["threads"])
@@ -86,11 +90,12 @@ def run_batch(cfg):
         out = xs[-1]
         aN = torch.func.grad(lambda o: F.cross_entropy(o.reshape(out.shape), y))(
             out.reshape(-1))
-        return _direction(model, sts, xs, aN, None, "kl", 1e-3,
-                          riccati=cfg["kind"] == "riccati")
+        return _direction(model, sts, xs, aN, None, "kl", cfg.get("damping", 1e-3),
+                          riccati=cfg["kind"] == "riccati", solve=cfg.get("solve", "auto"))
     ref, times, mem_mb = measure(fn, 2)
-    return {"time": min(times), "mem_mb": mem_mb,
-            "norm": float(torch.cat([v.reshape(-1) for v in ref]).norm())}
+    flat = torch.cat([v.reshape(-1) for v in ref])
+    return {"time": min(times), "mem_mb": mem_mb, "norm": float(flat.norm()),
+            "direction": flat.tolist()}
 
 
 def run_one(cfg):
@@ -112,16 +117,16 @@ def run_one(cfg):
     return {"time": statistics.median(times), "mem_mb": mem_mb, "m": m}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(run_one(json.loads(a.child))))
         return
-    widths = (8, 16) if a.quick else (8, 16, 32, 64)
+    widths = (8,) if a.quick else (8, 16, 32, 64)
     print(f"torch {torch.__version__}, {a.threads} threads, float64, batch 8, CPU\n")
     print("| width | parameters | explicit Fisher ms | LQR ms | ratio | LQR + Neumann ms "
           "| ratio | explicit MB | LQR MB | Neumann MB |")
@@ -136,19 +141,32 @@ def main():
               f"{r['lqr']['time'] / e:.2f}x | {1e3 * r['neumann']['time']:.1f} | "
               f"{r['neumann']['time'] / e:.2f}x | {r['explicit']['mem_mb']:.1f} | "
               f"{r['lqr']['mem_mb']:.1f} | {r['neumann']['mem_mb']:.1f} |", flush=True)
-    batches = (8, 32) if a.quick else (8, 32, 64, 256, 1024)
+    cases = [(8, 1e-3), (128, 1e-3)] if a.quick else \
+        [(8, 1e-3), (32, 1e-3), (64, 1e-3), (128, 1e-3), (256, 1e-3), (1024, 1e-3),
+         (4096, 1e-3), (256, 1e-5), (1024, 1e-5)]
     print(f"\nLQRDescent direction (kl), digits MLP 64-32x4-10, float64, {a.threads} threads\n")
-    print("| batch | output space ms | MB | batch-augmented Riccati ms | MB | ratio |")
-    print("|---|---|---|---|---|---|")
-    for b in batches:
-        o = run_child(__file__, {"batch": b, "kind": "output", "threads": a.threads})
-        if b <= 64:
-            r = run_child(__file__, {"batch": b, "kind": "riccati", "threads": a.threads})
+    print("| batch | damping | default (auto) ms | MB | direct ms | MB | direct / auto "
+          "| relative difference | batch-augmented Riccati ms | MB | Riccati / auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for b, damping in cases:
+        cfg = {"batch": b, "kind": "output", "threads": a.threads, "damping": damping}
+        o = run_child(__file__, cfg)
+        if b <= 1024:
+            d = run_child(__file__, {**cfg, "solve": "direct"})
+            x, y = (torch.tensor(r["direction"], dtype=torch.float64) for r in (o, d))
+            dc = (f"{1e3 * d['time']:.1f} | {d['mem_mb']:.0f} | "
+                  f"{d['time'] / o['time']:.1f}x | "
+                  f"{float((x - y).norm() / y.norm()):.1e}")
+        else:
+            dc = "(skipped) | | | "
+        if b <= (8 if a.quick else 64):
+            r = run_child(__file__, {**cfg, "kind": "riccati"})
             rc = (f"{1e3 * r['time']:.0f} | {r['mem_mb']:.0f} | "
                   f"{r['time'] / o['time']:.0f}x")
         else:
             rc = "(skipped) | | "
-        print(f"| {b} | {1e3 * o['time']:.1f} | {o['mem_mb']:.0f} | {rc} |", flush=True)
+        print(f"| {b} | {damping:g} | {1e3 * o['time']:.1f} | {o['mem_mb']:.0f} | {dc} | "
+              f"{rc} |", flush=True)
 
 
 if __name__ == "__main__":
