@@ -141,7 +141,7 @@ def main(argv=None):
               f"{r['lqr']['time'] / e:.2f}x | {1e3 * r['neumann']['time']:.1f} | "
               f"{r['neumann']['time'] / e:.2f}x | {r['explicit']['mem_mb']:.1f} | "
               f"{r['lqr']['mem_mb']:.1f} | {r['neumann']['mem_mb']:.1f} |", flush=True)
-    cases = [(8, 1e-3), (128, 1e-3)] if a.quick else \
+    cases = [(8, 1e-3), (256, 1e-3)] if a.quick else \
         [(8, 1e-3), (32, 1e-3), (64, 1e-3), (128, 1e-3), (256, 1e-3), (1024, 1e-3),
          (4096, 1e-3), (256, 1e-5), (1024, 1e-5)]
     print(f"\nLQRDescent direction (kl), digits MLP 64-32x4-10, float64, {a.threads} threads\n")

@@ -37,15 +37,19 @@ __all__ = ["SOLVES", "CG_MIN_SIZE", "OutputGramian", "damped_fisher_direction",
 #: how the damped output-space system is solved: "auto" (the rule below), "direct"
 #: (Cholesky of the formed system), "cg" (conjugate gradients on the applied one)
 SOLVES = ("auto", "direct", "cg")
-#: "auto" tries CG from this system size D = B n_N up (B >= 103 with 10 classes); below
-#: it the formed system costs less than a few dozen products (docs/steepest.md)
-CG_MIN_SIZE = 1024
+#: "auto" tries CG from this system size D = B n_N up (B >= 205 with 10 classes); below
+#: it the direct solve's cost buys fewer CG iterations than a damping of 1e-3 needs
+#: (~100 on the digits MLP; docs/steepest.md)
+CG_MIN_SIZE = 2048
 #: the fixed cost of one torch operation in multiply-adds (~10 us at ~10 GFLOP/s; CPU)
 OP_COST = 1e5
-#: CG's multiply-adds run at about half the direct solve's rate (small products against
-#: one large Cholesky factorization; measured on the digits MLP, docs/steepest.md), so
-#: "auto" gives CG the direct solve's count divided by this
-CG_RATE = 2.0
+#: CG's multiply-adds run at a third of the direct solve's rate or less (small products
+#: against one large Cholesky factorization: 2.9x at D = 1,280, 6.3x at D = 10,240 on the
+#: digits MLP, docs/steepest.md), so "auto" gives CG the direct solve's count divided by
+#: this
+CG_RATE = 3.0
+#: "auto" abandons CG once this many iterations show that its budget will not do
+CG_PATIENCE = 16
 #: CG stops at a relative residual of this many eps of the dtype: the direction is then
 #: as accurate as the direct solve's (measured against an explicitly formed, refined
 #: Fisher solve: 2.3e-14 against 2.0e-14 at cond 282, 1.0e-12 against 1.3e-12 at cond
@@ -161,8 +165,10 @@ def damped_fisher_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Te
       \mathrm{out}_i)`, memory :math:`O(D)` beyond the factors.
     * ``"auto"``: ``"cg"`` from :data:`CG_MIN_SIZE` up, with at most as many iterations
       as take the direct solve's time by the cost model (:meth:`OutputGramian.flops`,
-      :data:`CG_RATE`), else (and where CG stops short) ``"direct"``: about twice the
-      direct solve at worst, and linear in B per iteration where CG converges.
+      :data:`CG_RATE`), abandoned as soon as the residual's progress so far
+      (:math:`k \log(\mathrm{tol}) / \log(\mathrm{residual}_k)` iterations at its rate,
+      an underestimate: CG's rate slows here) says that will not do; else (and where CG
+      stops short) ``"direct"``.
     """
     check_solve(solve)
     B, n = Z.shape[:2]
@@ -170,14 +176,16 @@ def damped_fisher_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Te
     if solve == "cg" or (solve == "auto" and D >= CG_MIN_SIZE):
         dense_cost, product_cost = gramian.flops()
         budget = D if solve == "cg" else min(D, int(dense_cost / (CG_RATE * product_cost)))
-        v = _cg_direction(gramian, Z, a, damping, budget, strict=solve == "cg")
+        v = _cg_direction(gramian, Z, a, damping, budget, patient=solve == "cg")
         if v is not None:
             return v
     return _direct_direction([gramian.dense()], Z, a, damping)
 
 
 def _cg_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Tensor,
-                  damping: float, budget: int, strict: bool) -> torch.Tensor | None:
+                  damping: float, budget: int, patient: bool) -> torch.Tensor | None:
+    """CG's direction, or None where "auto" (not ``patient``) gave up on it; "cg"
+    (``patient``) raises instead."""
     B, n = Z.shape[:2]
     Zt = Z.transpose(-1, -2)
 
@@ -191,10 +199,15 @@ def _cg_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Tensor,
         return torch.add(zt(gramian.apply(z(c))), c, alpha=damping)
 
     tol = CG_TOL * torch.finfo(a.dtype).eps
-    res = conjugate_gradient(system, zt(gramian.apply(a)), tol=tol, max_iter=budget)
+
+    def hopeless(k: int, rel: float) -> bool:
+        return k >= CG_PATIENCE and (rel >= 1.0 or k * math.log(tol) / math.log(rel) > budget)
+
+    res = conjugate_gradient(system, zt(gramian.apply(a)), tol=tol, max_iter=budget,
+                             stop=None if patient else hopeless)
     if res.converged:
         return (a - z(res.x)) / damping
-    if strict:
+    if patient:
         raise NumericalError(
             f"solve='cg': conjugate gradients stopped ({res.reason}) after {res.iterations} "
             f"products at relative residual {res.residual:.1e} (wanted {tol:.1e}); use "

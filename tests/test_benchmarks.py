@@ -139,11 +139,11 @@ def test_live_bytes_see_a_temporary_tensor():
 
 def test_bench_steepest_quick_prints_the_batch_table(capsys):
     """benchmarks/bench_steepest.py --quick: the explicit-Fisher row and the batch table,
-    whose batch-128 row takes conjugate gradients ("auto") and agrees with the direct
+    whose batch-256 row takes conjugate gradients ("auto") and agrees with the direct
     solve."""
     _bench("bench_steepest").main(["--quick"])
     out = capsys.readouterr().out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 128 |")]
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 256 |")]
     assert len(rows) == 1
     assert float(rows[0][7]) < 1e-10   # relative difference auto / direct
     assert "| 8 | 0.001 |" in out and "| 8 | 298 |" in out

@@ -36,9 +36,10 @@ class CGResult:
     residual : float
         The last recursive residual relative to ``||b||``.
     reason : str
-        ``"converged"``, ``"max_iter"``, ``"not_positive_definite"`` (a direction with
-        :math:`p^\top A p \le 0`: A is not numerically positive definite) or
-        ``"non_finite"`` (a NaN / inf in the iteration).
+        ``"converged"``, ``"max_iter"``, ``"stopped"`` (by the caller's ``stop``),
+        ``"not_positive_definite"`` (a direction with :math:`p^\top A p \le 0`: A is
+        not numerically positive definite) or ``"non_finite"`` (a NaN / inf in the
+        iteration).
     """
 
     x: torch.Tensor
@@ -49,7 +50,8 @@ class CGResult:
 
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *,
-                       tol: float, max_iter: int) -> CGResult:
+                       tol: float, max_iter: int,
+                       stop: Callable[[int, float], bool] | None = None) -> CGResult:
     r"""Solve :math:`A x = b` by conjugate gradients from :math:`x_0 = 0`.
 
     Parameters
@@ -62,6 +64,9 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         residual).
     max_iter : int
         The most products of A taken (at most D are needed in exact arithmetic).
+    stop : callable ``(iterations, relative residual) -> bool``, optional
+        Asked after every unconverged iteration; True ends the iteration (reason
+        ``"stopped"``), e.g. when the residual's progress says ``max_iter`` will not do.
 
     Returns
     -------
@@ -94,6 +99,8 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
             return CGResult(x, it, True, rel, "converged")
         if not rel < float("inf"):
             return CGResult(x, it, False, rel, "non_finite")
+        if stop is not None and stop(it, rel):
+            return CGResult(x, it, False, rel, "stopped")
         p = torch.add(r, p, alpha=float(rr_new / rr))
         rr = rr_new
     return CGResult(x, max_iter, False, rel if max_iter > 0 else 1.0, "max_iter")

@@ -353,12 +353,12 @@ def _cg_spy(monkeypatch):
 @pytest.mark.parametrize("make,shape", [(mlp, (4,)), (cnn, (1, 5, 5))])
 @pytest.mark.parametrize("solve", ["cg", "auto"])
 def test_cg_equals_the_explicit_damped_fisher_inverse(monkeypatch, make, shape, solve):
-    """B = 350 samples, 3 classes: the output-space system has size 1,050 >= CG_MIN_SIZE,
+    """B = 700 samples, 3 classes: the output-space system has size 2,100 >= CG_MIN_SIZE,
     so "auto" takes conjugate gradients too (the spy sees them converge); the direction
     is the explicit -(F + delta I)^-1 g (1e-8: cond(F + 1e-3 I) up to ~1e3, as above)."""
     runs = _cg_spy(monkeypatch)
     model = make()
-    x, y = data(350, shape)
+    x, y = data(700, shape)
     g, _, Fi = _explicit(model, x, y)
     ref = -torch.linalg.solve(Fi + 1e-3 * torch.eye(len(g)), g)
     d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
@@ -374,7 +374,7 @@ def test_cg_equals_the_explicit_damped_fisher_inverse(monkeypatch, make, shape, 
 def test_auto_below_the_size_is_the_direct_solve(monkeypatch):
     runs = _cg_spy(monkeypatch)
     model = mlp()
-    x, y = data(300, (4,))   # 900 < CG_MIN_SIZE
+    x, y = data(680, (4,))   # 2,040 < CG_MIN_SIZE
     a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
     b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
                             solve="direct"))
@@ -389,7 +389,7 @@ def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
     runs = _cg_spy(monkeypatch)
     monkeypatch.setattr(gramian, "CG_RATE", 1e30)
     model = mlp()
-    x, y = data(350, (4,))
+    x, y = data(700, (4,))
     a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
     b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
                             solve="direct"))
@@ -397,13 +397,30 @@ def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
     assert torch.equal(a, b)
 
 
+def test_auto_abandons_cg_when_its_progress_says_the_budget_will_not_do(monkeypatch):
+    """With a budget of 20 iterations (the cost model made to give it), the residual after
+    CG_PATIENCE = 16 iterations predicts more than 20: "auto" stops there, before its
+    budget runs out, and the direct solve answers (bitwise the "direct" direction)."""
+    import nnbridge.gramian as gramian
+    runs = _cg_spy(monkeypatch)
+    monkeypatch.setattr(gramian.OutputGramian, "flops", lambda self: (20.5, 1.0))
+    monkeypatch.setattr(gramian, "CG_RATE", 1.0)
+    model = mlp()
+    x, y = data(700, (4,))
+    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
+    assert [(r.reason, r.iterations) for r in runs] == [("stopped", gramian.CG_PATIENCE)]
+    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve="direct"))
+    assert len(runs) == 1 and torch.equal(a, b)
+
+
 def test_cg_that_stops_short_raises_naming_solve(monkeypatch):
     import nnbridge.gramian as gramian
     from trajopt.errors import NumericalError
     real = gramian.conjugate_gradient
     monkeypatch.setattr(gramian, "conjugate_gradient",
-                        lambda apply, b, *, tol, max_iter: real(apply, b, tol=tol,
-                                                                max_iter=2))
+                        lambda apply, b, *, tol, max_iter, stop: real(apply, b, tol=tol,
+                                                                      max_iter=2))
     model = mlp()
     x, y = data(20, (4,))
     with pytest.raises(NumericalError, match=r"solve='cg': conjugate gradients stopped "

@@ -59,3 +59,11 @@ def test_stopping_reasons():
     assert (nan.converged, nan.reason) == (False, "non_finite")
     inf = conjugate_gradient(lambda v: A @ v, b * float("inf"), tol=1e-12, max_iter=5)
     assert (inf.converged, inf.reason) == (False, "non_finite")
+    asked = []
+    stopped = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, max_iter=10,
+                                 stop=lambda k, rel: asked.append((k, rel)) or k == 2)
+    assert (stopped.converged, stopped.reason, stopped.iterations) == (False, "stopped", 2)
+    assert [k for k, _ in asked] == [1, 2] and asked[-1][1] == stopped.residual
+    done = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, max_iter=10,
+                              stop=lambda k, rel: False)
+    assert done.converged and done.iterations == 4   # 4 distinct eigenvalues
