@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -87,6 +87,14 @@ class Curvature:
                   pre: Preconditioner) -> torch.Tensor:
         return -pre.inverse(self.direction(st, g, hp, step))
 
+    def reuses_response(self, st: State, hp: dict) -> bool:
+        """Whether :meth:`open_loop` is :math:`-P^{-1} g` for the ``g`` it is given (no
+        momentum, no first moment): the value recursion's response applies
+        :math:`S = P^{-1}` to that same ``g``, and the feedback pass may take the step
+        from there (:class:`NetworkResponse`) instead of applying :math:`P^{-1}` again."""
+        return (type(self).direction is Curvature.direction
+                and type(self).open_loop is Curvature.open_loop)
+
 
 @dataclass(frozen=True)
 class Preconditioner:
@@ -95,6 +103,8 @@ class Preconditioner:
 
     D: torch.Tensor | float
     rot: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: :meth:`value_inverse` is :meth:`inverse` (S = P^{-1}: the curvature is its own Q_uu)
+    value_is_inverse: ClassVar[bool] = True
 
     def inverse(self, G: torch.Tensor) -> torch.Tensor:
         if self.rot is None:
@@ -169,6 +179,7 @@ class DensePreconditioner(Preconditioner):
 
     Quu: torch.Tensor | None = None
     lr: float = 1.0
+    value_is_inverse: ClassVar[bool] = False
 
     def _solve(self, flat: torch.Tensor) -> torch.Tensor:
         """:math:`P^{-1}` on the rows of ``flat`` (k, m)."""
@@ -231,6 +242,9 @@ class Identity(Curvature):
         buf = st["momentum_buffer"]
         return g + buf * mu if hp["nesterov"] else buf
 
+    def reuses_response(self, st, hp):
+        return not hp["momentum"]
+
     def preconditioner(self, st, hp, step):
         return Preconditioner(float(hp["lr"]))
 
@@ -273,6 +287,9 @@ class RMSprop(Curvature):
         if hp["momentum"]:
             return -hp["lr"] * st["momentum_buffer"]
         return -pre.inverse(g)
+
+    def reuses_response(self, st, hp):
+        return not hp["momentum"]
 
 
 class Adam(Curvature):
@@ -426,11 +443,19 @@ CURVATURES: dict[str, type[Curvature]] = {c.name: c for c in
 class NetworkResponse:
     """:class:`trajopt.riccati.operator.ControlResponse` of a preconditioner on a network
     stage linearization ``lin`` (see :class:`nnbridge.stages.StageLinearization`);
-    ``wdU`` is :math:`l_u = \\lambda \\tilde U` or None."""
+    ``wdU`` is :math:`l_u = \\lambda \\tilde U` or None.
+
+    ``total`` (optional) is :math:`\\mathbb{E}[Q_u] + l_u` as the caller formed it from
+    the step's ``qu``: :meth:`apply_total` of that ``qu`` then uses it and keeps
+    :math:`S\\,` ``total`` in ``Sg`` (the open-loop step when :math:`S = P^{-1}`,
+    :meth:`Curvature.reuses_response`)."""
 
     pre: Preconditioner
     lin: Any
     wdU: torch.Tensor | None
+    total: torch.Tensor | None = None
+    qu: Any = None
+    Sg: torch.Tensor | None = None
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
@@ -455,6 +480,9 @@ class NetworkResponse:
         return self.lin.from_h(h.unsqueeze(1)).squeeze(1)
 
     def apply_total(self, G: torch.Tensor) -> torch.Tensor:
+        if self.total is not None and G is self.qu:
+            self.Sg = self.pre.value_inverse(self.total)
+            return self.lin.from_h(self.lin.gu(self.Sg).unsqueeze(1)).squeeze(1)
         return self.apply_control(G if self.wdU is None else G + self.wdU)
 
 

@@ -579,6 +579,10 @@ class DDPNOpt(torch.optim.Optimizer):
                     cst = curv.update(state, g, hp, step, w, lin.X, mean)
                     pre = curv.preconditioner(cst, hp, step)
                 rec_t.update(g=g, state=cst, pre=pre)
+                if pre.value_is_inverse and curv.reuses_response(cst, hp):
+                    # the value's response applies P^-1 to this g: the open-loop step
+                    rec_t["resp"] = NetworkResponse(pre, lin, lu, total=g, qu=Qu)
+                    return rec_t["resp"]
                 return NetworkResponse(pre, lin, lu)
 
             steps[t] = self._riccati_step(value, lin, make, tikhonov=tik,
@@ -587,6 +591,10 @@ class DDPNOpt(torch.optim.Optimizer):
                                           propagate=t > 0, mean=mean)
             value = steps[t].value
             steps[t] = _released(steps[t])
+            resp = rec_t.pop("resp", None)
+            if resp is not None and resp.Sg is not None:   # -P^-1 g, kept instead of g
+                rec_t["Sg"], rec_t["g"] = resp.Sg, None
+            del resp
             # what only this backward step read: its sent and carried gradients, and the
             # value V_{t+1} beyond its factor (``docs/performance.md``, "Memory")
             lin.carry = lin.sent = rec.h_grads[t] = None
@@ -615,7 +623,9 @@ class DDPNOpt(torch.optim.Optimizer):
                     xhat = st.forward(xhat, r["U"])
                 continue
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
-            du = curv.open_loop(cst, r["g"], hp, step, pre)
+            Sg = r.pop("Sg", None)   # P^-1 g from the value's response (reuses_response)
+            du = -Sg if Sg is not None else curv.open_loop(cst, r["g"], hp, step, pre)
+            del Sg
             if t > 0:
                 dX = (xhat - rec.inputs[t]).reshape(mean.local, -1)
                 du = du - pre.inverse(steps[t].feedback(dX))

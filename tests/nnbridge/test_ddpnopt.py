@@ -510,3 +510,49 @@ def test_a_linear_layer_applied_over_positions_is_refused_by_name(cls):
     with pytest.raises(UnsupportedModelError, match=r"Linear of stage 0 .* shape \(8, 3, 6\)"):
         opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize("curvature,extra", [("ekfac", {}), ("ekfac", {"weight_decay": 0.1}),
+                                             ("identity", {}), ("rmsprop", {})])
+@pytest.mark.parametrize("make,shape", [(mlp, (4,)), (cnn, (1, 5, 5))])
+def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvature, extra,
+                                                             make, shape):
+    """Where the open-loop step is -P^-1 g for the g whose S g = P^-1 g the value's
+    response formed (no momentum, no first moment), the feedback pass takes it from there:
+    P^-1 applied T - 1 times fewer a step (once per stage past the first; EKFAC: four
+    products each), and the parameters are bitwise those of the path that applies it
+    again."""
+    from nnbridge.curvature import Curvature, Preconditioner
+    calls = []
+    inverse = Preconditioner.inverse
+
+    def counted(self, G):
+        calls.append(1)
+        return inverse(self, G)
+    monkeypatch.setattr(Preconditioner, "inverse", counted)
+    X, y = data(6, shape)
+    params, counts = [], []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(Curvature, "reuses_response", lambda self, st, hp: False)
+            for cls in Curvature.__subclasses__():
+                monkeypatch.setattr(cls, "reuses_response", lambda self, st, hp: False,
+                                    raising=False)
+        model = make()
+        opt = nnbridge.DDPNOpt(model, curvature=curvature, lr=0.05, **extra)
+        T = len(opt._stages)
+        for _ in range(2):
+            calls.clear()
+            opt.step(closure_for(opt, model, X, y))
+        counts.append(len(calls))
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert counts[0] == counts[1] - (T - 1)
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+def test_momentum_and_adam_do_not_take_the_open_loop_step_from_the_response():
+    from nnbridge.curvature import CURVATURES
+    assert not CURVATURES["identity"]().reuses_response({}, {"momentum": 0.9})
+    assert not CURVATURES["rmsprop"]().reuses_response({}, {"momentum": 0.5})
+    assert not CURVATURES["adam"]().reuses_response({}, {})
+    assert CURVATURES["ekfac"]().reuses_response({}, {})
