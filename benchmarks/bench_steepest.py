@@ -13,7 +13,7 @@ explicitly formed Fisher, one run.
 
 Second table: one ``LQRDescent`` direction (kl) on the digits MLP 64-32x4-10 (tanh,
 float64) at growing batch sizes: the default path (the LQR in output space, size B x 10,
-``solve="auto"``: conjugate gradients from B x 10 >= 1024) against the same system solved
+``solve="auto"``: conjugate gradients from B x 10 >= 2048) against the same system solved
 directly (``solve="direct"``, Cholesky; skipped above batch 1024, where it needs
 B^2 x 800 bytes) and the batch-augmented Riccati recursion (size B x 32 per stage;
 skipped above batch 64, where it takes minutes); damping 1e-3 (LQRDescent's default) and

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -103,8 +103,12 @@ class Preconditioner:
 
     D: torch.Tensor | float
     rot: tuple[torch.Tensor, torch.Tensor] | None = None
-    #: :meth:`value_inverse` is :meth:`inverse` (S = P^{-1}: the curvature is its own Q_uu)
-    value_is_inverse: ClassVar[bool] = True
+
+    @property
+    def value_is_inverse(self) -> bool:
+        """:meth:`value_inverse` is :meth:`inverse` (S = P^{-1}: the curvature model is
+        its own Q_uu): true unless a subclass defines its own :meth:`value_inverse`."""
+        return type(self).value_inverse is Preconditioner.value_inverse
 
     def inverse(self, G: torch.Tensor) -> torch.Tensor:
         if self.rot is None:
@@ -179,7 +183,6 @@ class DensePreconditioner(Preconditioner):
 
     Quu: torch.Tensor | None = None
     lr: float = 1.0
-    value_is_inverse: ClassVar[bool] = False
 
     def _solve(self, flat: torch.Tensor) -> torch.Tensor:
         """:math:`P^{-1}` on the rows of ``flat`` (k, m)."""

@@ -89,7 +89,7 @@ def lqr_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     solve : {"auto", "direct", "cg"}
         How the "kl" direction's output-space system (size ``B n_out``) is solved:
         Cholesky of the formed system, conjugate gradients on the applied one, or
-        "auto": CG from ``B n_out >= 1024`` within the direct solve's cost, else (and
+        "auto": CG from ``B n_out >= 2048`` within the direct solve's cost, else (and
         where CG stops short) direct (:func:`nnbridge.gramian.damped_fisher_direction`,
         ``docs/steepest.md``).
 

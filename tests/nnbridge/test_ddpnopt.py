@@ -532,6 +532,13 @@ def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvat
     monkeypatch.setattr(Preconditioner, "inverse", counted)
     X, y = data(6, shape)
     params, counts = [], []
+    kept = []
+    feedback = nnbridge.DDPNOpt._feedback_pass
+
+    def inspect(self, rec, out, *a):
+        kept.append([r.get("g") is not None for r in out])
+        return feedback(self, rec, out, *a)
+    monkeypatch.setattr(nnbridge.DDPNOpt, "_feedback_pass", inspect)
     for reuse in (True, False):
         if not reuse:
             monkeypatch.setattr(Curvature, "reuses_response", lambda self, st, hp: False)
@@ -548,6 +555,9 @@ def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvat
         params.append([p.detach().clone() for p in model.parameters()])
     assert counts[0] == counts[1] - (T - 1)
     assert all(torch.equal(a, b) for a, b in zip(*params))
+    # S g is kept in place of g (memory): g only at the first stage, whose value is not
+    # formed; without the reuse g at every stage
+    assert kept[0] == [True] + [False] * (T - 1) and kept[-1] == [True] * T
 
 
 def test_momentum_and_adam_do_not_take_the_open_loop_step_from_the_response():

@@ -16,7 +16,7 @@ from tests.reference.fisher_dense import explicit_derivatives
 from trajopt.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
-from .conftest import cnn, data, mlp
+from .conftest import closure_for, cnn, data, mlp
 
 
 def _flat(ts):
@@ -374,11 +374,67 @@ def test_cg_equals_the_explicit_damped_fisher_inverse(monkeypatch, make, shape, 
 def test_auto_below_the_size_is_the_direct_solve(monkeypatch):
     runs = _cg_spy(monkeypatch)
     model = mlp()
-    x, y = data(680, (4,))   # 2,040 < CG_MIN_SIZE
+    x, y = data(683, (4,))
+    x, y = x[:682], y[:682]   # 2,046 < CG_MIN_SIZE = 2,048
     a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
     b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
                             solve="direct"))
     assert runs == [] and torch.equal(a, b)
+    x, y = data(683, (4,))    # 2,049: conjugate gradients
+    lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3)
+    assert len(runs) == 1 and runs[0].converged
+
+
+def test_auto_keeps_cg_through_a_transient_rise_of_the_residual(monkeypatch):
+    """CG's residual is not monotone: on this CNN (damping 1e-6) it rises for a while and
+    CG converges at ~170 iterations, inside its budget (~330).  Predicting from the
+    current residual abandoned it at 108 (found in review) and paid the direct solve on
+    top; the smallest residual so far does not."""
+    runs = _cg_spy(monkeypatch)
+    model = cnn()
+    x, y = data(700, (1, 5, 5))
+    lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-6)
+    assert len(runs) == 1 and runs[0].converged and runs[0].iterations > 108
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_cg_on_small_systems_converges(dtype, seed):
+    """solve='cg' on B = 8 (D = 24): CG needs a few more than D iterations to reach 10
+    eps in floating point; the cap of D raised NumericalError on well-conditioned
+    systems (found in review).  The direction equals the direct one (float64: 1e-10;
+    float32: 1e-3, each solve being ~cond x eps32 ~ 1e-4 from the exact direction, cond
+    up to ~1e3 at this damping)."""
+    torch.set_default_dtype(dtype)
+    model = mlp(seed)
+    x, y = data(8, (4,), seed=seed)
+    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve="cg"))
+    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
+                            solve="direct"))
+    assert float((a - b).norm() / b.norm()) < (1e-10 if dtype == torch.float64 else 1e-3)
+
+
+def test_an_overflowing_cg_solve_skips_the_step_as_the_direct_one_does():
+    """A feature that never reaches the output (its weights zero) but overflows x x' in
+    float32: the Gramian product is not finite while the loss is.  Every solve gives a
+    non-finite direction, which LQRDescent skips (SkippedStepWarning), "cg" included
+    (it raised NumericalError; found in review)."""
+    import warnings
+    torch.set_default_dtype(torch.float32)
+    for solve in ("direct", "cg"):
+        model = mlp()
+        x, y = data(40, (4,))
+        with torch.no_grad():
+            model[0].weight[:, 3] = 0
+        x[:, 3] = 1e30
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = LQRDescent(model, lr=0.1, damping=1e-2, solve=solve)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(closure_for(opt, model, x, y))
+        assert any("non-finite direction; step skipped" in str(w.message) for w in caught)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
