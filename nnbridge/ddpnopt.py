@@ -29,6 +29,7 @@ SkippedStepWarning`: parameters and optimizer state are left exactly as they wer
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -403,12 +404,14 @@ class DDPNOpt(torch.optim.Optimizer):
             else:
                 controls, states = self._open_loop_update(rec, group, frozen, mean)
             fixed = self._fixed_update(group)
-            # one check: NaN / inf anywhere makes the sum non-finite
-            total = sum(U.sum() for U in controls if U is not None) + sum(
-                v.sum() for s in states + [s for _, _, s in fixed] if s is not None
-                for v in s.values() if torch.is_tensor(v)) + sum(
-                v.sum() for _, v, _ in fixed)
-            if not bool(torch.isfinite(total)):
+            # one check, over every new control and state: the largest magnitude is NaN /
+            # inf exactly where an entry is (one foreach reduction per dtype; a sum, as
+            # before, also overflowed on large finite entries and skipped good steps)
+            new = [U for U in controls if U is not None] + [
+                v for s in states + [s for _, _, s in fixed] if s is not None
+                for v in s.values() if torch.is_tensor(v) and v.is_floating_point()] + [
+                v for _, v, _ in fixed]
+            if new and not bool(torch.isfinite(_largest_magnitude(new))):
                 warnings.warn("non-finite update; step skipped (parameters and state "
                               "unchanged)", SkippedStepWarning, stacklevel=3)
                 if rng_before is None:   # the Fisher generator is part of the state too
@@ -703,3 +706,12 @@ class EKFAC(DDPNOpt):
         needed beyond each layer's input and pre-activation gradient)."""
         graph = graph_stages(net)
         return graph.pre, graph.players
+
+
+def _largest_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
+    r""":math:`\max |x|` over the entries of all ``tensors`` (NaN where one is NaN), in a
+    few operations: torch's foreach norm (torch >= 2.6), else one norm a tensor."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(tensors, math.inf)
+    return torch.stack([torch.linalg.vector_norm(t, math.inf).double() for t in tensors]).max()

@@ -566,3 +566,23 @@ def test_momentum_and_adam_do_not_take_the_open_loop_step_from_the_response():
     assert not CURVATURES["rmsprop"]().reuses_response({}, {"momentum": 0.5})
     assert not CURVATURES["adam"]().reuses_response({}, {})
     assert CURVATURES["ekfac"]().reuses_response({}, {})
+
+
+def test_large_finite_parameters_are_not_taken_for_a_non_finite_step():
+    """The step's finiteness check is the largest magnitude over the new controls and
+    states; it was their sum, which overflowed float32 on large finite entries (three
+    of 1.5e38 in one layer) and skipped a good step."""
+    import warnings
+    torch.set_default_dtype(torch.float32)
+    model = mlp()
+    X, y = data(6, (4,))
+    X = X.clamp(-1, 1) * 0.1
+    with torch.no_grad():
+        model[0].weight[:3, 0] = 1.5e38
+    opt = nnbridge.DDPNOpt(model, curvature="identity", lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedStepWarning)
+        opt.step(closure_for(opt, model, X, y))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
