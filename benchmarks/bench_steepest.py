@@ -121,6 +121,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plot", metavar="PNG",
+                    help="also draw the batch table (time against batch, log-log) to PNG")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -148,9 +150,11 @@ def main(argv=None):
     print("| batch | damping | default (auto) ms | MB | direct ms | MB | direct / auto "
           "| relative difference | batch-augmented Riccati ms | MB | Riccati / auto |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    times = []   # (batch, damping, auto, direct or None, riccati or None), seconds
     for b, damping in cases:
         cfg = {"batch": b, "kind": "output", "threads": a.threads, "damping": damping}
         o = run_child(__file__, cfg)
+        d = r = None
         if b <= 1024:
             d = run_child(__file__, {**cfg, "solve": "direct"})
             x, y = (torch.tensor(r["direction"], dtype=torch.float64) for r in (o, d))
@@ -167,6 +171,40 @@ def main(argv=None):
             rc = "(skipped) | | "
         print(f"| {b} | {damping:g} | {1e3 * o['time']:.1f} | {o['mem_mb']:.0f} | {dc} | "
               f"{rc} |", flush=True)
+        times.append((b, damping, o["time"], d and d["time"], r and r["time"]))
+    if a.plot:
+        plot_batches(times, a.plot, a.threads)
+
+
+def plot_batches(times, path, threads):
+    """Time of one LQRDescent direction against the batch, log-log: "auto" (CG from
+    B x 10 >= 2048), the direct solve and the batch-augmented Riccati recursion, solid at
+    damping 1e-3 and single markers at the other dampings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for col, label, style in ((2, "default (solve=\"auto\")", "o-"),
+                              (3, "direct (Cholesky, B x 10 system)", "s--"),
+                              (4, "batch-augmented Riccati", "^:")):
+        pts = [(t[0], t[col]) for t in times if t[1] == 1e-3 and t[col] is not None]
+        if pts:
+            line, = ax.plot(*zip(*pts), style, label=label)
+            other = [(t[0], t[col]) for t in times if t[1] != 1e-3 and t[col] is not None]
+            if other:
+                ax.plot(*zip(*other), style[0], mfc="none", color=line.get_color(),
+                        label=f"{label.split(' (')[0]}, damping 1e-5")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("seconds per direction")
+    ax.set_title(f"LQRDescent (KL, damping 1e-3), digits MLP, float64, {threads} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nplot written to {path}")
 
 
 if __name__ == "__main__":

@@ -137,11 +137,13 @@ def test_live_bytes_see_a_temporary_tensor():
     assert live.in_use() - before < 4 * 2 ** 20  # and it was freed again
 
 
-def test_bench_steepest_quick_prints_the_batch_table(capsys):
-    """benchmarks/bench_steepest.py --quick: the explicit-Fisher row and the batch table,
-    whose batch-256 row takes conjugate gradients ("auto") and agrees with the direct
-    solve."""
-    _bench("bench_steepest").main(["--quick"])
+def test_bench_steepest_quick_prints_the_batch_table(capsys, tmp_path):
+    """benchmarks/bench_steepest.py --quick --plot: the explicit-Fisher row and the batch
+    table, whose batch-256 row takes conjugate gradients ("auto") and agrees with the
+    direct solve, and its plot."""
+    png = tmp_path / "batch.png"
+    _bench("bench_steepest").main(["--quick", "--plot", str(png)])
+    assert png.stat().st_size > 10_000
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 256 |")]
     assert len(rows) == 1
