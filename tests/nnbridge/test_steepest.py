@@ -336,6 +336,12 @@ def test_kl_falls_back_to_lu_when_the_symmetric_system_is_not_numerically_pd(mon
 
 
 # ------------------------------------------------------- the output-space solve: CG / auto
+def _kl(model, x, y, damping=1e-3, **kw):
+    """The flattened "kl" direction of the cross-entropy loss."""
+    return _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl",
+                               damping=damping, **kw))
+
+
 def _cg_spy(monkeypatch):
     """Record every conjugate-gradient solve the output-space path runs."""
     import nnbridge.gramian as gramian
@@ -361,12 +367,10 @@ def test_cg_equals_the_explicit_damped_fisher_inverse(monkeypatch, make, shape, 
     x, y = data(700, shape)
     g, _, Fi = _explicit(model, x, y)
     ref = -torch.linalg.solve(Fi + 1e-3 * torch.eye(len(g)), g)
-    d = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve=solve))
+    d = _kl(model, x, y, solve=solve)
     assert len(runs) == 1 and runs[0].converged and runs[0].iterations < 200
     assert float((d - ref).norm() / ref.norm()) < 1e-8
-    direct = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl",
-                                 damping=1e-3, solve="direct"))
+    direct = _kl(model, x, y, solve="direct")
     assert len(runs) == 1   # "direct" runs no CG
     assert float((d - direct).norm() / direct.norm()) < 1e-10
 
@@ -376,9 +380,8 @@ def test_auto_below_the_size_is_the_direct_solve(monkeypatch):
     model = mlp()
     x, y = data(683, (4,))
     x, y = x[:682], y[:682]   # 2,046 < CG_MIN_SIZE = 2,048
-    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
-    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve="direct"))
+    a = _kl(model, x, y)
+    b = _kl(model, x, y, solve="direct")
     assert runs == [] and torch.equal(a, b)
     x, y = data(683, (4,))    # 2,049: conjugate gradients
     lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3)
@@ -408,10 +411,8 @@ def test_cg_on_small_systems_converges(dtype, seed):
     torch.set_default_dtype(dtype)
     model = mlp(seed)
     x, y = data(8, (4,), seed=seed)
-    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve="cg"))
-    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve="direct"))
+    a = _kl(model, x, y, solve="cg")
+    b = _kl(model, x, y, solve="direct")
     assert float((a - b).norm() / b.norm()) < (1e-10 if dtype == torch.float64 else 1e-3)
 
 
@@ -446,9 +447,8 @@ def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
     monkeypatch.setattr(gramian, "CG_RATE", 1e30)
     model = mlp()
     x, y = data(700, (4,))
-    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
-    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve="direct"))
+    a = _kl(model, x, y)
+    b = _kl(model, x, y, solve="direct")
     assert len(runs) == 1 and runs[0].reason == "max_iter" and not runs[0].converged
     assert torch.equal(a, b)
 
@@ -463,10 +463,9 @@ def test_auto_abandons_cg_when_its_progress_says_the_budget_will_not_do(monkeypa
     monkeypatch.setattr(gramian, "CG_RATE", 1.0)
     model = mlp()
     x, y = data(700, (4,))
-    a = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3))
+    a = _kl(model, x, y)
     assert [(r.reason, r.iterations) for r in runs] == [("stopped", gramian.CG_PATIENCE)]
-    b = _flat(lqr_direction(model, x, y, F.cross_entropy, divergence="kl", damping=1e-3,
-                            solve="direct"))
+    b = _kl(model, x, y, solve="direct")
     assert len(runs) == 1 and torch.equal(a, b)
 
 
