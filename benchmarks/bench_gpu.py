@@ -1,6 +1,6 @@
 """GPU columns: the batched cases on a CUDA device against the CPU, ratios in one run.
 
-    python benchmarks/bench_gpu.py [--quick] [--json FILE]
+    python benchmarks/bench_gpu.py [--quick] [--json FILE] [--only abcdefg]
 
 (a) DAREs n=10, m=3, batched doubling: 1,000 and 10,000 systems on the GPU against the
     same call on the CPU and a Python loop of scipy (the CPU peer);
@@ -19,7 +19,12 @@
 (f) the values' scan rule on the GPU (``MAX_WORK_CUDA`` of ``trajopt.riccati.scan``):
     ``solve_lqr`` without its rollout (``x0=None``) by the recursion and by the scan,
     each forced, T=100 n=8 m=3 and T=1000 n=10 m=4 over batches from 64 to 4,096 (the
-    first row of each pair is the recursion, so the scan's ratio is scan / recursion).
+    first row of each pair is the recursion, so the scan's ratio is scan / recursion);
+(g) one LQRDescent (natural-gradient, "kl") direction on the digits MLP (64-32x4-10,
+    float64, damping 1e-3) by batch: the default (``solve="auto"``: conjugate gradients on
+    the output-space Gramian from B x 10 >= 2048) and the direct Cholesky solve on the GPU
+    (up to batch 4,096: B^2 x 800 bytes), and "auto" on the CPU (up to batch 4,096);
+    error: relative difference from the first row's direction.
 Times are the best of a few runs after a warm-up, with ``torch.cuda.synchronize()``;
 float64 for (a), (b), (e), float32 for (c), (d).  Residuals: relative DARE residual (max
 over the batch), K difference GPU vs CPU for (b), control difference for (e).  Without
@@ -284,12 +289,45 @@ def rows_ilqr(batch, rep, devices=("cuda", "cpu")):
     return rows
 
 
+def rows_lqr_descent(rep, quick, gpu="cuda"):
+    """(g): the natural-gradient direction by batch, GPU ("auto", "direct") and CPU."""
+    import nnbridge
+    from nnbridge.models import mlp
+    rows = []
+    for batch in ((256, 1024) if quick else (256, 1024, 4096, 16384)):
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(batch, 64, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        ref = None
+        for dev, how in ((gpu, "auto"), (gpu, "direct"), ("cpu", "auto")):
+            if batch > 4096 and (how == "direct" or dev == "cpu"):
+                continue
+            torch.manual_seed(0)
+            model = mlp(64, 10).to(dev, torch.float64)
+            Xd, yd = X.to(dev), y.to(dev)
+            where = "GPU" if dev == gpu else "CPU"
+            try:
+                t, d = best_time(lambda m=model, Xd=Xd, yd=yd, how=how: nnbridge.lqr_direction(
+                    m, Xd, yd, torch.nn.functional.cross_entropy, divergence="kl",
+                    damping=1e-3, solve=how), rep if batch <= 1024 else 1, dev == "cuda")
+            except torch.cuda.OutOfMemoryError:
+                print(f"(g) batch {batch}, solve={how!r}, {where}: out of memory")
+                continue
+            flat = torch.cat([v.reshape(-1) for v in d]).cpu()
+            ref = flat if ref is None else ref
+            rows.append((f"(g) LQRDescent direction, digits MLP, batch {batch}"
+                         if ref is flat else "",
+                         f"solve={how!r}, {where}", t,
+                         float((flat - ref).norm() / ref.norm())))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("--only", default="abcdef", help="the cases to run, e.g. 'd' (default "
-                    "all: abcdef)")
+    ap.add_argument("--only", default="abcdefg", help="the cases to run, e.g. 'd' (default "
+                    "all: abcdefg)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured")
@@ -309,6 +347,8 @@ def main(argv=None) -> int:
             rows += rows_ddpnopt(batch, rep)
     if "f" in a.only:
         rows += rows_rule(rep, a.quick)
+    if "g" in a.only:
+        rows += rows_lqr_descent(rep, a.quick)
     rows = [r + (float("nan"),) for r in rows]
     if "d" in a.only:
         rows += rows_networks(rep, a.quick)
