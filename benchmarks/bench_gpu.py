@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -187,6 +188,7 @@ def _peak_step(step, rep, device):
     before its first call (nan on the CPU)."""
     if device != "cuda":
         return best_time(step, rep)[0], float("nan")
+    gc.collect()        # what earlier rows left is freed before the base, not inside the peak
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -294,7 +296,7 @@ def rows_lqr_descent(rep, quick, gpu="cuda"):
     import nnbridge
     from nnbridge.models import mlp
     rows = []
-    for batch in ((256, 1024) if quick else (256, 1024, 4096, 16384)):
+    for batch in ((256, 1024) if quick else (256, 1024, 2048, 4096, 16384)):
         g = torch.Generator().manual_seed(1)
         X = torch.randn(batch, 64, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (batch,), generator=g)

@@ -31,8 +31,8 @@ from trajopt.krylov import conjugate_gradient
 
 from .stages import outer_sum
 
-__all__ = ["SOLVES", "CG_MIN_SIZE", "OutputGramian", "damped_fisher_direction",
-           "fisher_factor", "stage_jacobian"]
+__all__ = ["SOLVES", "CG_MIN_SIZE", "OP_COST", "OP_COST_CUDA", "OutputGramian",
+           "damped_fisher_direction", "fisher_factor", "stage_jacobian"]
 
 #: how the damped output-space system is solved: "auto" (the rule below), "direct"
 #: (Cholesky of the formed system), "cg" (conjugate gradients on the applied one)
@@ -41,8 +41,14 @@ SOLVES = ("auto", "direct", "cg")
 #: it the direct solve's cost buys fewer CG iterations than a damping of 1e-3 needs
 #: (~100 on the digits MLP; docs/steepest.md)
 CG_MIN_SIZE = 2048
-#: the fixed cost of one torch operation in multiply-adds (~10 us at ~10 GFLOP/s; CPU)
+#: the fixed cost of one torch operation in multiply-adds at the direct solve's rate:
+#: ~10 us at ~10 GFLOP/s on the CPU
 OP_COST = 1e5
+#: the same on a CUDA device: ~30 us a launch (CG's ~34 a product) at the ~3e13 float64
+#: multiply-adds a second of a large Cholesky; fitted on an H200, where the direct solve
+#: took 9.8 / 32 / 723 ms at D = 2,560 / 10,240 / 40,960 and a CG iteration ~1 ms
+#: whatever D (docs/steepest.md): "auto" keeps the direct solve there up to B ~ 2,000
+OP_COST_CUDA = 3e8
 #: CG's multiply-adds run at a third of the direct solve's rate or less (small products
 #: against one large Cholesky factorization: 2.9x at D = 1,280, 6.3x at D = 10,240 on the
 #: digits MLP, docs/steepest.md), so "auto" gives CG the direct solve's count divided by
@@ -132,10 +138,12 @@ class OutputGramian:
         """Multiply-add counts ``(direct solve, one CG iteration)``: forming S and the
         (D, D) system and factoring it, against one :meth:`apply` and the iteration's
         vector work, each of its ~4 operations a stage and ~10 more counted as
-        :data:`OP_COST` (their fixed cost: at this size an iteration is bound by it)."""
+        :data:`OP_COST` (their fixed cost: at this size an iteration is bound by it;
+        :data:`OP_COST_CUDA` on a CUDA device)."""
         D = float(self.size)
         form = D ** 3 / 3 + D * D * self.n
-        prod = (4 * len(self.factors) + 10) * OP_COST
+        op = OP_COST_CUDA if self.factors[0].device.type == "cuda" else OP_COST
+        prod = (4 * len(self.factors) + 10) * op
         for w, X in zip(self.factors, self.inputs):
             out, P, inp = w.shape[2], w.shape[3], X.shape[1]
             form += D * D * out if P == 1 else D * out * inp * (D + P)
@@ -167,8 +175,9 @@ def damped_fisher_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Te
       \mathrm{out}_i)`, memory :math:`O(D)` beyond the factors.
     * ``"auto"``: ``"cg"`` from :data:`CG_MIN_SIZE` up, with at most as many iterations
       as take the direct solve's time by the cost model (:meth:`OutputGramian.flops`,
-      :data:`CG_RATE`), abandoned from :data:`CG_PATIENCE` iterations on as soon as the
-      smallest residual so far predicts more (:math:`k \log(\mathrm{tol}) /
+      :data:`CG_RATE`; none where that is under :data:`CG_PATIENCE`), abandoned from
+      :data:`CG_PATIENCE` iterations on as soon as the smallest residual so far predicts
+      more (:math:`k \log(\mathrm{tol}) /
       \log(\min_{j \le k} \mathrm{residual}_j)` iterations at its average rate); else
       (and where CG stops short) ``"direct"``.
     """
@@ -181,7 +190,9 @@ def damped_fisher_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Te
         cap = 3 * D + 20
         dense_cost, product_cost = gramian.flops()
         budget = cap if solve == "cg" else min(cap, int(dense_cost / (CG_RATE * product_cost)))
-        v = _cg_direction(gramian, Z, a, damping, budget, patient=solve == "cg")
+        # "auto" with a budget too small to judge CG by (a GPU's fast dense solve): direct
+        v = None if budget < CG_PATIENCE else _cg_direction(gramian, Z, a, damping, budget,
+                                                             patient=solve == "cg")
         if v is not None:
             return v
     return _direct_direction([gramian.dense()], Z, a, damping)

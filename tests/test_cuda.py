@@ -336,12 +336,19 @@ def test_solve_lqr_scanned_rollout_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("solve", ["cg", "auto"])
-def test_lqr_descent_conjugate_gradients_on_cuda(solve):
-    """The natural-gradient direction's output-space system solved by conjugate gradients
-    (B n_out = 2,560 >= 2,048, so "auto" runs CG too) on the GPU equals the direct solve
-    on the CPU; then one ``LQRDescent`` step per device agrees to the same tolerance
-    (CG stops at 10 eps relative residual; the Gramian's condition is ~1e3 here)."""
+def test_lqr_descent_output_space_solve_on_cuda(monkeypatch, solve):
+    """The natural-gradient direction's output-space system (B n_out = 2,560) on the GPU:
+    "cg" (conjugate gradients) equals the CPU's direct solve; "auto" runs no CG there (a
+    GPU's per-launch cost leaves CG less than CG_PATIENCE iterations of the direct solve's
+    time at this size: ``OP_COST_CUDA``) and is bitwise the GPU's "direct".  Then one
+    ``LQRDescent`` step per device agrees to the same tolerance (CG stops at 10 eps
+    relative residual; the Gramian's condition is ~1e3 here)."""
+    import nnbridge.gramian as gramian
     from nnbridge.models import mlp
+    runs = []
+    real = gramian.conjugate_gradient
+    monkeypatch.setattr(gramian, "conjugate_gradient",
+                        lambda *a, **kw: runs.append(real(*a, **kw)) or runs[-1])
     g = torch.Generator().manual_seed(8)
     X = torch.randn(256, 64, generator=g, dtype=DT)
     y = torch.randint(0, 10, (256,), generator=g)
@@ -355,6 +362,10 @@ def test_lqr_descent_conjugate_gradients_on_cuda(solve):
     ref = direction("cpu", "direct")
     got = direction("cuda", solve)
     assert got.device.type == "cuda"
+    if solve == "cg":
+        assert len(runs) == 1 and runs[0].converged
+    else:
+        assert runs == [] and torch.equal(got, direction("cuda", "direct"))
     err = float((got.cpu() - ref).norm() / ref.norm())
     assert err < 1e-10, err
 
