@@ -29,7 +29,6 @@ SkippedStepWarning`: parameters and optimizer state are left exactly as they wer
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -405,8 +404,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 controls, states = self._open_loop_update(rec, group, frozen, mean)
             fixed = self._fixed_update(group)
             # one check, over every new control and state: the largest magnitude is NaN /
-            # inf exactly where an entry is (one foreach reduction per dtype; a sum, as
-            # before, also overflowed on large finite entries and skipped good steps)
+            # inf exactly where an entry is (a sum, as before, also overflowed on large
+            # finite entries and skipped good steps)
             new = [U for U in controls if U is not None] + [
                 v for s in states + [s for _, _, s in fixed] if s is not None
                 for v in s.values() if torch.is_tensor(v) and v.is_floating_point()] + [
@@ -709,9 +708,12 @@ class EKFAC(DDPNOpt):
 
 
 def _largest_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
-    r""":math:`\max |x|` over the entries of all ``tensors`` (NaN where one is NaN), in a
-    few operations: torch's foreach norm (torch >= 2.6), else one norm a tensor."""
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if total_norm is not None:
-        return total_norm(tensors, math.inf)
-    return torch.stack([torch.linalg.vector_norm(t, math.inf).double() for t in tensors]).max()
+    r""":math:`\max |x|` over the entries of all ``tensors`` (NaN where one is NaN): one
+    ``aminmax`` a tensor (NaN propagates through both; on the CPU 8-17x faster than an
+    infinity norm, ``linalg.vector_norm(t, inf)`` or torch's foreach norm, which cost
+    ~2.9 ms a step on the 6 x 256 MLP: docs/performance.md), then one reduction."""
+    ends = [e for t in tensors if t.numel() for e in torch.aminmax(t)]
+    if not ends:
+        return torch.zeros(())
+    where = ends[0].device       # a model spread over devices: gathered on the first
+    return torch.stack([e if e.device == where else e.to(where) for e in ends]).abs().max()

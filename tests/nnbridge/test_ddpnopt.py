@@ -2,9 +2,12 @@
 (Prop. 2), a plain EKFAC, and one iteration of trajopt's DDP on the network as an OCP."""
 
 import io
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from torch import nn
 
 import nnbridge
@@ -586,3 +589,31 @@ def test_large_finite_parameters_are_not_taken_for_a_non_finite_step():
         opt.step(closure_for(opt, model, X, y))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hst.lists(hst.tuples(hst.integers(0, 5), hst.sampled_from(
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    hst.lists(hst.sampled_from([0.0, 1.0, -2.5, 3e38, -1e300, math.inf, -math.inf, math.nan]),
+             max_size=3)), min_size=1, max_size=5), hst.integers(0, 2**31 - 1))
+def test_the_largest_magnitude_is_the_plain_max_abs(specs, seed):
+    """The step's finiteness check (``_largest_magnitude``, one ``aminmax`` a tensor)
+    against the plain ``max |x|`` over all entries in float64: equal, NaN where an entry
+    is NaN, inf where one is infinite (or overflows its dtype), empty tensors skipped,
+    mixed dtypes."""
+    from nnbridge.ddpnopt import _largest_magnitude
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for size, dtype, specials in specs:
+        t = torch.randn(size, generator=g, dtype=torch.float64) * 10
+        for i, v in enumerate(specials[:size]):
+            t[i] = v
+        tensors.append(t.to(dtype))
+    flat = torch.cat([t.double().reshape(-1) for t in tensors])
+    got = float(_largest_magnitude(tensors))
+    if flat.numel() == 0:
+        assert got == 0.0
+    elif bool(flat.isnan().any()):
+        assert math.isnan(got)
+    else:
+        assert got == float(flat.abs().max())
