@@ -385,3 +385,24 @@ def test_lqr_descent_output_space_solve_on_cuda(monkeypatch, solve):
     cpu, gpu = _both(step)
     for p, q in zip(cpu, gpu):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("special", [None, math.nan, math.inf, -math.inf, 3e38])
+def test_the_step_check_on_cuda(special):
+    """DDPNOpt's finiteness check takes torch's foreach norm on a GPU (one launch per
+    dtype) and one ``aminmax`` a tensor on the CPU: both give the plain max |x|, NaN where
+    an entry is NaN (float32 and float64 mixed, an empty tensor among them)."""
+    from nnbridge.ddpnopt import _largest_magnitude
+    g = torch.Generator().manual_seed(9)
+    ts = [torch.randn(7, 5, generator=g), torch.randn(0), torch.randn(4, generator=g,
+                                                                       dtype=DT)]
+    if special is not None:
+        ts[0][3, 2] = special
+    cpu = float(_largest_magnitude(ts))
+    gpu = _largest_magnitude([t.cuda() for t in ts])
+    ref = float(torch.cat([t.double().reshape(-1) for t in ts]).abs().max())
+    assert gpu.device.type == "cuda"
+    if special is not None and math.isnan(special):
+        assert math.isnan(cpu) and math.isnan(float(gpu))
+    else:
+        assert cpu == ref and float(gpu) == ref
