@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .._linalg import sym
+from .._linalg import finite_rows, norm1, sym
 from ..dare._common import DAREData
 from ._common import from_standard, standard_form
 
@@ -34,7 +34,7 @@ def solve_sign(d: DAREData, tol: float | None = None, max_iter: int = 100
     done = torch.zeros(d.batch, dtype=torch.bool, device=W.device)
     for k in range(max_iter):
         Winv, info = torch.linalg.inv_ex(W)
-        ok = (info == 0) & torch.isfinite(Winv).flatten(-2).all(-1)
+        ok = (info == 0) & finite_rows(Winv)
         if k < 8:   # determinant scaling for the first steps (quadratic convergence after)
             logdet = torch.linalg.slogdet(W)[1]
             c = torch.exp(-logdet / (2 * n)).clamp(1e-8, 1e8)[..., None, None]
@@ -43,8 +43,8 @@ def solve_sign(d: DAREData, tol: float | None = None, max_iter: int = 100
             c = torch.ones_like(W[..., :1, :1])
         new = 0.5 * (c * W + Winv / c)
         new = torch.where(ok[..., None, None], new, torch.full_like(new, float("nan")))
-        step = torch.linalg.matrix_norm(new - W, 1)
-        done = done | (step <= tol * torch.linalg.matrix_norm(new, 1))
+        step = norm1(new - W)
+        done = done | (step <= tol * norm1(new))
         W = new
         if bool((done | ~ok).all()):
             break
@@ -56,5 +56,4 @@ def solve_sign(d: DAREData, tol: float | None = None, max_iter: int = 100
     # consistent, and [W12; W22 + I] has full column rank at a converged sign
     Y = torch.linalg.lstsq(lhs, rhs).solution
     X = from_standard(d, sym(Y))
-    finite = torch.isfinite(X).flatten(-2).all(-1)
-    return X, done & finite
+    return X, done & finite_rows(X)

@@ -13,6 +13,7 @@ import scipy.linalg
 import torch
 
 from .._arrays import as_tensors
+from .._linalg import finite_rows, norm1
 from ..dare._common import DAREData, ops, prepare, scale
 from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
@@ -208,7 +209,7 @@ def solve_care(
     elif method == "auto" and "sign" in used:
         label = label.replace("sign", "sign+newton")
     K = care_gain(d, X)
-    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(K).flatten(-2).all(-1)
+    finite = finite_rows(X) & finite_rows(K)
     if not bool(finite.all()):
         _unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     # Lyapunov certificate first (two batched Cholesky factorizations); the eigenvalues
@@ -218,7 +219,7 @@ def solve_care(
         flat = unchecked.reshape(-1)
         sub = d.subset(flat)
         eig = care_closed_loop_eigvals(sub, K.reshape(-1, *K.shape[-2:])[flat])
-        scale_ = torch.linalg.matrix_norm(sub.A, 1)[..., None]
+        scale_ = norm1(sub.A)[..., None]
         margin = 1000 * d.n * torch.finfo(X.dtype).eps * scale_.clamp(min=1.0)
         ok = (eig.real < -margin).all(-1)
         stable = torch.ones(flat.shape, dtype=torch.bool, device=X.device)

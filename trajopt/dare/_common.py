@@ -37,7 +37,7 @@ from .._checks import (
     shape_str,
     symmetry_tol,
 )
-from .._linalg import batched_solve, sym
+from .._linalg import batched_solve, finite_rows, sym
 from ..errors import NonFiniteError, NotSymmetricError, ShapeError
 
 
@@ -64,7 +64,7 @@ class _TorchOps:
 
     @staticmethod
     def allfinite(x):
-        return torch.isfinite(x).all(dim=(-2, -1))
+        return finite_rows(x)
 
     @staticmethod
     def inv(x):

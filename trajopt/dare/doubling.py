@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._linalg import batched_solve, sym
+from .._linalg import batched_solve, finite_rows, sym
 from ..errors import NumericalError
 from ._common import DAREData
 
@@ -87,7 +87,7 @@ def solve_doubling(d: DAREData, *, tol: float | None = None, max_iter: int = 100
     if d.E is not None:
         Einv_t = torch.linalg.inv(d.E).transpose(-1, -2)
         X = sym(Einv_t @ X @ Einv_t.transpose(-1, -2))
-    return X, converged & torch.isfinite(X).all(dim=(-2, -1))
+    return X, converged & finite_rows(X)
 
 
 def _iterate(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: float, max_iter: int

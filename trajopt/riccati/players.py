@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._linalg import finite_rows
 from ..errors import InvalidArgumentError, ShapeError
 from .solvers import cholesky_solve
 
@@ -166,5 +167,5 @@ def joint_curvature(Qww: torch.Tensor, sizes: Sequence[int], *,
 def _policy(gains, ok, B, check_finite) -> CooperativePolicy:
     ok = ok.reshape(B)
     if check_finite:
-        ok = ok & torch.isfinite(gains).flatten(1).all(-1)
+        ok = ok & finite_rows(gains, gains.dim() - 1)
     return CooperativePolicy(k=gains[..., 0], K=gains[..., 1:], ok=ok)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._linalg import sym, thin_qr
+from .._linalg import finite_rows, sym, thin_qr
 
 __all__ = ["Carried", "DenseValue", "RankOneValue", "RankRValue", "Value"]
 
@@ -65,7 +65,7 @@ def _psd(W: torch.Tensor) -> torch.Tensor:
     non-finite (NaN) instead of failing the eigensolver, so a caller's finiteness check
     sees it (an optimizer then skips the step)."""
     W = sym(W)
-    finite = torch.isfinite(W).flatten(-2).all(-1)[..., None, None]
+    finite = finite_rows(W)[..., None, None]
     all_finite = bool(finite.all())
     if not all_finite:
         W = torch.where(finite, W, torch.zeros_like(W))
