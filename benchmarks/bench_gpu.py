@@ -21,9 +21,10 @@
     each forced, T=100 n=8 m=3 and T=1000 n=10 m=4 over batches from 64 to 4,096 (the
     first row of each pair is the recursion, so the scan's ratio is scan / recursion);
 (g) one LQRDescent (natural-gradient, "kl") direction on the digits MLP (64-32x4-10,
-    float64, damping 1e-3) by batch: the default (``solve="auto"``: conjugate gradients on
-    the output-space Gramian from B x 10 >= 2048) and the direct Cholesky solve on the GPU
-    (up to batch 4,096: B^2 x 800 bytes), and "auto" on the CPU (up to batch 4,096);
+    float64, damping 1e-3) by batch: the default (``solve="auto"``: the direct solve or
+    conjugate gradients on the output-space Gramian by the cost model of
+    ``nnbridge.gramian``, whose constants differ by device) and the direct Cholesky solve on
+    the GPU (up to batch 4,096: B^2 x 800 bytes), and "auto" on the CPU (up to 4,096);
     error: relative difference from the first row's direction.
 Times are the best of a few runs after a warm-up, with ``torch.cuda.synchronize()``;
 float64 for (a), (b), (e), float32 for (c), (d).  Residuals: relative DARE residual (max
@@ -296,7 +297,7 @@ def rows_lqr_descent(rep, quick, gpu="cuda"):
     import nnbridge
     from nnbridge.models import mlp
     rows = []
-    for batch in ((256, 1024) if quick else (256, 1024, 2048, 4096, 16384)):
+    for batch in ((256, 1024) if quick else (256, 1024, 1536, 2048, 4096, 16384)):
         g = torch.Generator().manual_seed(1)
         X = torch.randn(batch, 64, generator=g, dtype=torch.float64)
         y = torch.randint(0, 10, (batch,), generator=g)

@@ -713,7 +713,7 @@ def _largest_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     On the CPU one ``aminmax`` a tensor (NaN propagates through both ends), then one
     reduction: torch's infinity norm (``linalg.vector_norm(t, inf)``, which its foreach
-    norm reaches there) is 8-17x slower and cost ~2.9 ms a step on the 6 x 256 MLP.  On
+    norm reaches there) is 17-23x slower and cost ~2.9 ms a step on the 6 x 256 MLP.  On
     a GPU torch's foreach norm (``get_total_norm``: one fused launch per dtype) is 3-4x
     faster than a launch per tensor (H200; docs/performance.md)."""
     tensors = [t for t in tensors if t.numel()]

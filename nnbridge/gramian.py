@@ -44,10 +44,13 @@ CG_MIN_SIZE = 2048
 #: the fixed cost of one torch operation in multiply-adds at the direct solve's rate:
 #: ~10 us at ~10 GFLOP/s on the CPU
 OP_COST = 1e5
-#: the same on a CUDA device: ~30 us a launch (CG's ~34 a product) at the ~3e13 float64
-#: multiply-adds a second of a large Cholesky; fitted on an H200, where the direct solve
-#: took 9.8 / 32 / 723 ms at D = 2,560 / 10,240 / 40,960 and a CG iteration ~1 ms
-#: whatever D (docs/steepest.md): "auto" keeps the direct solve there up to B ~ 2,000
+#: the same on a CUDA device, fitted (with CG_RATE) on an H200, where the direct solve took
+#: 9.3 / 30 / 125 / 719 ms at D = 2,560 / 10,240 / 20,480 / 40,960 and a CG iteration
+#: 1.0-1.4 ms whatever D (~30 us a launch, ~34 launches): the budget at D = 40,960 is then
+#: the ~700 iterations the direct solve's time buys.  "auto" keeps the direct solve up to
+#: B ~ 1,100 on the digits MLP, tries CG from there (abandoned after CG_PATIENCE
+#: iterations where ~95 are needed and the budget is smaller, up to B ~ 2,000) and keeps
+#: it above (docs/steepest.md)
 OP_COST_CUDA = 3e8
 #: CG's multiply-adds run at a third of the direct solve's rate or less (small products
 #: against one large Cholesky factorization: 2.9x at D = 1,280, 6.3x at D = 10,240 on the
@@ -193,7 +196,8 @@ def damped_fisher_direction(gramian: OutputGramian, Z: torch.Tensor, a: torch.Te
         cap = 3 * D + 20
         dense_cost, product_cost = gramian.flops()
         budget = cap if solve == "cg" else min(cap, int(dense_cost / (CG_RATE * product_cost)))
-        # "auto" with a budget too small to judge CG by (a GPU's fast dense solve): direct
+        # "auto" whose budget is too small to judge CG by (a dense solve that is cheap
+        # against CG's products: a GPU's, or wide layers' on the CPU): the direct solve
         v = None if budget < CG_PATIENCE else _cg_direction(gramian, Z, a, damping, budget,
                                                              patient=solve == "cg")
         if v is not None:

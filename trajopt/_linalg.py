@@ -25,6 +25,8 @@ def finite_rows(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
     (bool, shape ``x.shape[:-dims]``): the largest magnitude is finite exactly then (NaN
     propagates through ``abs`` and ``amax``).  On the CPU 5-9x faster than
     ``isfinite(x).all(dims)`` (1,000 10 x 10 matrices: 64 against 558 us, torch 2.13)."""
+    if not 1 <= dims <= x.dim():
+        raise ValueError(f"finite_rows: dims must be 1..{x.dim()}; got {dims}")
     reduced = tuple(range(-dims, 0))
     if any(x.shape[d] == 0 for d in reduced):   # empty elements: all of nothing is finite
         return torch.ones(x.shape[:-dims], dtype=torch.bool, device=x.device)
@@ -35,6 +37,8 @@ def norm1(x: torch.Tensor) -> torch.Tensor:
     """The matrix 1-norm (the largest column sum of magnitudes) over the last two
     dimensions; ``torch.linalg.matrix_norm(x, 1)`` is ~10x slower on the CPU (1,000 10 x 10
     matrices: 1.6 ms against 0.16 ms, torch 2.13)."""
+    if x.shape[-1] == 0:          # no columns: the norm of an empty matrix, 0
+        return x.new_zeros(x.shape[:-2])
     return x.abs().sum(-2).amax(-1)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as hst
 from torch import nn
 
 import nnbridge
+from tests._hypothesis import examples
 from tests.reference.ddpnopt_dense import ddpnopt_step
 from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
@@ -591,7 +592,7 @@ def test_large_finite_parameters_are_not_taken_for_a_non_finite_step():
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(hst.lists(hst.tuples(hst.integers(0, 5), hst.sampled_from(
     [torch.float16, torch.bfloat16, torch.float32, torch.float64]),
     hst.lists(hst.sampled_from([0.0, 1.0, -2.5, 3e38, -1e300, math.inf, -math.inf, math.nan]),

@@ -438,22 +438,49 @@ def test_an_overflowing_cg_solve_skips_the_step_as_the_direct_one_does():
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-@pytest.mark.parametrize("constant,value", [("CG_RATE", 1e30), ("OP_COST", "OP_COST_CUDA")])
+@pytest.mark.parametrize("constant,value", [("CG_RATE", 1e30), ("OP_COST", "OP_COST_CUDA"),
+                                            ("flops", 15.5), ("flops", 16.5)])
 def test_auto_takes_the_direct_solve_when_the_budget_is_too_small(monkeypatch, constant,
                                                                    value):
     """"auto" gives CG the iterations the cost model says take the direct solve's time;
-    with fewer than CG_PATIENCE to give (the rate constant made huge, or a GPU's
-    per-operation cost: its dense solve is fast at D = 2,100) CG is not started and the
-    direct solve answers: bitwise the "direct" direction."""
+    with fewer than CG_PATIENCE = 16 to give (the rate constant made huge, a GPU's
+    per-operation cost: its dense solve is fast at D = 2,100, or the cost model made to
+    give 15) CG is not started and the direct solve answers: bitwise the "direct"
+    direction.  A budget of exactly 16 starts it."""
     import nnbridge.gramian as gramian
     runs = _cg_spy(monkeypatch)
-    monkeypatch.setattr(gramian, constant,
-                        getattr(gramian, value) if isinstance(value, str) else value)
+    if constant == "flops":
+        monkeypatch.setattr(gramian.OutputGramian, "flops", lambda self: (value, 1.0))
+        monkeypatch.setattr(gramian, "CG_RATE", 1.0)
+    else:
+        monkeypatch.setattr(gramian, constant,
+                            getattr(gramian, value) if isinstance(value, str) else value)
     model = mlp()
     x, y = data(700, (4,))
     a = _kl(model, x, y)
     b = _kl(model, x, y, solve="direct")
-    assert runs == [] and torch.equal(a, b)
+    assert torch.equal(a, b)
+    assert len(runs) == (1 if value == 16.5 else 0)
+
+
+def test_auto_falls_back_to_the_direct_solve_when_cg_runs_out(monkeypatch):
+    """With the abandonment rule off, a budget of 20 iterations runs CG to its cap
+    (not converged: reason "max_iter") and the direct solve answers, bitwise."""
+    import nnbridge.gramian as gramian
+    runs = []
+    real = gramian.conjugate_gradient
+
+    def never_abandoned(apply, b, *, tol, max_iter, stop):
+        runs.append(real(apply, b, tol=tol, max_iter=max_iter))
+        return runs[-1]
+    monkeypatch.setattr(gramian, "conjugate_gradient", never_abandoned)
+    monkeypatch.setattr(gramian.OutputGramian, "flops", lambda self: (20.5, 1.0))
+    monkeypatch.setattr(gramian, "CG_RATE", 1.0)
+    model = mlp()
+    x, y = data(700, (4,))
+    a = _kl(model, x, y)
+    assert [(r.reason, r.iterations) for r in runs] == [("max_iter", 20)]
+    assert torch.equal(a, _kl(model, x, y, solve="direct"))
 
 
 def test_auto_abandons_cg_when_its_progress_says_the_budget_will_not_do(monkeypatch):

@@ -38,6 +38,20 @@ def test_finite_rows_is_isfinite_all(seed, shape, dims, dtype, specials):
     assert torch.equal(got, want)
 
 
+def test_finite_rows_of_large_finite_entries_and_bad_dims():
+    """Large finite entries whose sum overflows (the failure a sum-based check has) are
+    finite; dims outside 1..ndim is an error, not a reduction over everything."""
+    import pytest
+    for x in (torch.full((2, 3, 3), 1e308, dtype=torch.float64),
+              torch.full((2, 3, 3), -3e38, dtype=torch.float32),
+              torch.full((2, 3, 3), 4e4, dtype=torch.float16)):
+        assert bool(finite_rows(x).all()) and finite_rows(x).shape == (2,)
+    with pytest.raises(ValueError, match="dims"):
+        finite_rows(torch.ones(2, 3), 0)
+    with pytest.raises(ValueError, match="dims"):
+        finite_rows(torch.ones(2, 3), 3)
+
+
 @settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(0, 3), r=st.integers(1, 6),
        c=st.integers(1, 6), scale=st.sampled_from([1e-300, 1.0, 1e300]))
@@ -51,8 +65,11 @@ def test_norm1_is_the_matrix_one_norm(seed, batch, r, c, scale):
     torch.testing.assert_close(got, want, rtol=4 * torch.finfo(x.dtype).eps, atol=0)
 
 
-def test_norm1_propagates_nan_and_inf():
+def test_norm1_propagates_nan_and_inf_and_takes_empty_matrices():
     x = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
     x[1, 0, 2], x[2, 1, 1] = math.nan, -math.inf
     got = norm1(x)
     assert float(got[0]) == 1.0 and math.isnan(float(got[1])) and float(got[2]) == math.inf
+    for shape in ((2, 0, 0), (2, 3, 0), (2, 0, 3)):
+        e = torch.zeros(shape)
+        assert torch.equal(norm1(e), torch.linalg.matrix_norm(e, 1))
