@@ -108,12 +108,18 @@ class OutputGramian:
         out = None
         for w, X in zip(self.factors, self.inputs):
             if X.shape[-1] == 1:      # Linear: (B, n, out) factors, (B, in') inputs
-                # per-sample vector-matrix products as broadcast products and sums: a
-                # batched matmul with a vector operand runs one small BLAS call a sample
-                # on the CPU (B = 1,024, n = 10, out = 32: 861 against 217 us)
                 wf, Xf = w[..., 0], X[..., 0]
-                G = (V.transpose(1, 2) * wf).sum(1).T @ Xf              # (out, in')
-                Jg = (wf * (Xf @ G.T).unsqueeze(1)).sum(-1)             # (B, n)
+                if wf.device.type == "cpu":
+                    # per-sample vector-matrix products as broadcast products and sums:
+                    # a batched matmul with a vector operand runs a small BLAS call a
+                    # sample on the CPU (B = 1,024, n = 10, out = 32: 861 against 217 us);
+                    # on a GPU the batched matmul is the faster (one launch, not two:
+                    # CG 0-25 % faster on an H200)
+                    G = (V.transpose(1, 2) * wf).sum(1).T @ Xf          # (out, in')
+                    Jg = (wf * (Xf @ G.T).unsqueeze(1)).sum(-1)         # (B, n)
+                else:
+                    G = (V @ wf).squeeze(1).T @ Xf
+                    Jg = (wf @ (Xf @ G.T).unsqueeze(-1)).squeeze(-1)
             else:
                 G = outer_sum((V @ w.flatten(2)).view(w.shape[0], *w.shape[2:]), X)
                 Jg = torch.einsum("bjop,bop->bj", w, G @ X)
