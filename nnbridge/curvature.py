@@ -134,7 +134,7 @@ class Preconditioner:
             if self.rot is not None:
                 res = res @ self.rot[0].transpose(-1, -2)
             return res.unsqueeze(-1)
-        if not torch.is_tensor(self.D) and self.rot is None:
+        if not torch.is_tensor(self.D) and self.rot is None and _positions_gram_pays(w, X):
             # S = D I (SGD): [D w^i x~^i'] x~^i = D w^i (x~^i' x~^i), through the P x P Gram
             # matrix of each sample's positions, without per-sample (out x in') gradients
             gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
@@ -155,13 +155,24 @@ class Preconditioner:
                 a, x = a @ self.rot[0], x @ self.rot[1]
             e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
             return (a * e.unsqueeze(1)) @ a.transpose(-1, -2)
-        if not torch.is_tensor(self.D) and self.rot is None:
+        if not torch.is_tensor(self.D) and self.rot is None and _positions_gram_pays(w, X):
             # S = D I through the P x P Gram matrix of each sample's positions
             gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
             t = torch.einsum("bj...op,b...pq->bj...oq", w, gram)
             return self.D * (t.flatten(2) @ w.flatten(2).transpose(-1, -2))
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
         return response_gram(G, self.value_inverse(G))
+
+
+def _positions_gram_pays(w: torch.Tensor, X: torch.Tensor) -> bool:
+    """Whether a scalar S (SGD) goes through each sample's P x P Gram matrix of positions,
+    ~P^2 (in' + J out) multiply-adds a sample (and group), rather than through per-sample
+    (out x in') gradients, ~2 J out in' P: for w (B, J, ..., out, P), X (B, ..., in', P).
+    A convolution with many input channels takes the Gram matrix; a BatchNorm stage
+    (in' = 2: 64 x 64 Gram matrices for a 2-entry gradient, 22 ms a call on the digits
+    ResNet) or a first convolution on few channels does not."""
+    J, out, P = w.shape[1], w.shape[-2], w.shape[-1]
+    return P * (X.shape[-2] + J * out) < 2 * J * out * X.shape[-2]
 
 
 @dataclass(frozen=True)

@@ -618,3 +618,27 @@ def test_the_largest_magnitude_is_the_plain_max_abs(specs, seed):
         assert math.isnan(got)
     else:
         assert got == float(flat.abs().max())
+
+
+@pytest.mark.parametrize("w_shape,x_shape,gram_pays", [
+    ((6, 10, 16, 1, 64), (6, 16, 2, 64), False),   # BatchNorm, 16 channels: in' = 2
+    ((6, 10, 16, 64), (6, 10, 64), False),          # a first convolution, 1 channel + bias
+    ((6, 10, 16, 64), (6, 145, 64), True),          # a 3x3 convolution on 16 channels
+    ((6, 3, 4, 2, 9), (6, 4, 7, 9), False)])        # a grouped convolution, few positions
+def test_sgd_response_by_either_route_is_the_same(monkeypatch, w_shape, x_shape, gram_pays):
+    """A scalar S (SGD) maps per-sample cotangents through each sample's P x P Gram matrix
+    of positions or through per-sample (out x in') gradients, whichever costs fewer
+    multiply-adds (``curvature._positions_gram_pays``); both routes give the same response
+    and response Gram (float64, 1e-12)."""
+    from nnbridge import curvature
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(*w_shape, generator=g, dtype=torch.float64)
+    X = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    pre = curvature.Preconditioner(D=0.3)
+    real = curvature._positions_gram_pays
+    assert real(w, X) == gram_pays
+    a, ga = pre.per_sample(w, X), pre.gram(w, X)
+    monkeypatch.setattr(curvature, "_positions_gram_pays", lambda w, X: not real(w, X))
+    b, gb = pre.per_sample(w, X), pre.gram(w, X)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-10)
