@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def backward(fx, fu, fxx, fux, fuu, lx, lu, lxx, luu, lux, VxT, VxxT, mu, full):
+def backward(fx, fu, fxx, fux, fuu, lx, lu, lxx, luu, lux, VxT, VxxT, mu, full, c=None):
     """One backward pass.  Lists over t of (n1,n), (n1,m), (n1,n,n)... Returns dict of
     lists K, k, Qu, Quu, Qux, Vx, Vxx (Vx, Vxx with T+1 entries) and dV (2,), or None if
-    some Q_uu + mu I is not positive definite."""
+    some Q_uu + mu I is not positive definite.  ``c``: optional list of the dynamics'
+    offsets (x' = f + c_t: the next value seen from stage t has gradient Vx + Vxx c)."""
     T = len(fx)
     Vx, Vxx = VxT, VxxT
     out = {name: [None] * T for name in ("K", "k", "Qu", "Quu", "Qux", "Qx", "Qxx")}
@@ -22,6 +23,8 @@ def backward(fx, fu, fxx, fux, fuu, lx, lu, lxx, luu, lux, VxT, VxxT, mu, full):
     out["Vx"][T], out["Vxx"][T] = Vx, Vxx
     dV = np.zeros(2)
     for t in reversed(range(T)):
+        if c is not None:
+            Vx = Vx + Vxx @ c[t]
         Qx = lx[t] + fx[t].T @ Vx
         Qu = lu[t] + fu[t].T @ Vx
         Qxx = lxx[t] + fx[t].T @ Vxx @ fx[t]

@@ -34,6 +34,15 @@ F64 = dict(dtype=torch.float64)
 F64_EPS = float(torch.finfo(torch.float64).eps)
 
 
+@pytest.fixture(autouse=True)
+def _no_compiled_pass(monkeypatch):
+    """The DDP solves here compare the scanned rollouts with the loop's under the torch
+    backward pass they were measured with; the compiled recursion that the solver tries
+    first for small CPU problems (trajopt.ddp.compiledpass, its own tests in
+    test_compiled.py) is switched off by its documented environment variable."""
+    monkeypatch.setenv("TRAJOPT_COMPILED", "0")
+
+
 def _loop_states(M, v, x0):
     """x_{t+1} = M_t x_t + v_t, one stage at a time."""
     xs = [x0]

@@ -29,6 +29,14 @@ from trajopt.riccati.scan import scan_values
 F64 = dict(dtype=torch.float64)
 
 
+@pytest.fixture(autouse=True)
+def _no_compiled_pass(monkeypatch):
+    """The DDP solves here are about the scan: the compiled recursion, which the solver
+    tries first for small problems on the CPU (trajopt.ddp.compiledpass), is switched
+    off by its documented environment variable."""
+    monkeypatch.setenv("TRAJOPT_COMPILED", "0")
+
+
 def _scanned_problem(seed, n, m, T):
     """One random problem (stages, QT, qT) with n states, m controls, T stages, and the
     scan of its values (batch 1)."""
@@ -159,6 +167,7 @@ def _pendulum():
 
 def _solve(monkeypatch, B=1, work=None, consistency=None, calls=None, **kw):
     monkeypatch.undo()
+    monkeypatch.setenv("TRAJOPT_COMPILED", "0")  # undone above: see _no_compiled_pass
     if work is not None:
         monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", work)
     if consistency is not None:

@@ -47,6 +47,7 @@ from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
 from .batch import Policy, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain
+from .compiledpass import compiled_backward_pass
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
@@ -140,6 +141,9 @@ class DDPSolver:
         gains = self.policy(mu, traj, lo, hi, k_warm)
         # the same pass in O(log T) rounds; once its check refuses it in a solve, the
         # recursion for the rest of the solve (the problem's conditioning, not the pass's)
+        pol = compiled_backward_pass(stages, Vx, Vxx, gains, lo)
+        if pol is not None:  # one compiled loop (small problems on the CPU)
+            return pol
         if scan_applies(stages, gains, mu, lo) and not self._scan_refused:
             pol = scan_backward_pass(stages, Vx, Vxx, gains)
             if pol is not None:

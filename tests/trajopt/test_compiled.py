@@ -1,0 +1,224 @@
+"""The compiled Riccati recursion (trajopt.riccati.compiled) and the DDP backward pass
+built on it (trajopt.ddp.compiledpass):
+
+* the compiled pass equals the plain numpy reference of ``tests/reference/ddp_numpy.py``
+  (gains, values, expected change) with offsets, cross terms and per-element
+  regularization (hypothesis, float64), and flags elements whose regularized Q_uu is not
+  positive definite, leaving the others exact;
+* float32 inputs give the float64 answer rounded to float32;
+* whole DDP solves take it by default for small problems on the CPU and give the torch
+  recursion's result (convex and nonconvex problems, where mu is raised); the rule
+  leaves it out for gradients, limits, second-order dynamics, large batches, without
+  numba and when switched off.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+import trajopt.ddp.compiledpass as compiledpass
+import trajopt.riccati.compiled as compiled
+from tests._hypothesis import examples
+from tests.reference.ddp_numpy import backward as reference_backward
+from tests.reference.lqr_kkt import random_stages
+from trajopt.riccati.compiled import compiled_pays, compiled_recursion
+from trajopt.riccati.expansion import joint_blocks
+
+F64 = dict(dtype=torch.float64)
+
+pytestmark = pytest.mark.skipif(not compiled.compiled_available(),
+                                reason="numba is not installed")
+
+
+def _problem(seed, B, T, n, m, offset):
+    """B random convex problems: numpy stage lists per element, and the packed stacked
+    tensors F (T, B, n, n+m), L (T, B, n+m, 1+n+m), c (T, B, n) or None, Vx, Vxx."""
+    rng = np.random.default_rng(seed)
+    probs = [random_stages(rng, [n] * (T + 1), [m] * T, offset=offset) for _ in range(B)]
+
+    def col(name, t, shape):
+        return torch.tensor(np.stack([np.zeros(shape) if getattr(p[0][t], name) is None
+                                      else getattr(p[0][t], name) for p in probs]), **F64)
+    Fs, Ls = [], []
+    for t in range(T):
+        F, L = joint_blocks(col("A", t, (n, n)), col("B", t, (n, m)), col("q", t, n),
+                            col("r", t, m), col("Q", t, (n, n)), col("R", t, (m, m)),
+                            col("M", t, (m, n)))
+        Fs.append(F)
+        Ls.append(L)
+    c = torch.stack([col("c", t, n) for t in range(T)]) if offset else None
+    Vx = torch.tensor(np.stack([p[2] for p in probs]), **F64)
+    Vxx = torch.tensor(np.stack([p[1] for p in probs]), **F64)
+    return probs, torch.stack(Fs), torch.stack(Ls), c, Vx, Vxx
+
+
+def _reference(prob, mu, offset):
+    stages, QT, qT = prob
+    T = len(stages)
+    n, m = stages[0].B.shape
+
+    def get(name, shape):
+        return [np.zeros(shape) if getattr(s, name) is None else getattr(s, name)
+                for s in stages]
+    return reference_backward(
+        [s.A for s in stages], [s.B for s in stages], None, None, None,
+        get("q", n), get("r", m), get("Q", (n, n)), get("R", (m, m)), get("M", (m, n)),
+        qT, QT, mu, False, c=[s.c for s in stages] if offset else None) if T else None
+
+
+def _close(a, b, rel):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.abs(a - b).max() <= rel * max(1.0, np.abs(b).max())
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(T=st.integers(1, 25), n=st.integers(1, 5), m=st.integers(1, 3),
+       B=st.integers(1, 3), offset=st.booleans(), seed=st.integers(0, 2**16),
+       mus=st.lists(st.sampled_from([0.0, 0.3, 5.0]), min_size=3, max_size=3))
+def test_compiled_pass_equals_the_reference(T, n, m, B, offset, seed, mus):
+    probs, F, L, c, Vx, Vxx = _problem(seed, B, T, n, m, offset)
+    mu = torch.tensor(mus[:B], **F64)
+    got = compiled_recursion(F, L, c, Vx, Vxx, mu)
+    assert got.ok.all()
+    for b in range(B):
+        ref = _reference(probs[b], mus[b], offset)
+        # float64 identities; the bound is relative to the largest entry, and the values
+        # of T random stages grow with T (conditioning, not rounding, sets the 1e-10)
+        for t in range(T):
+            assert _close(got.kK[t, b, :, 0], ref["k"][t], 1e-10)
+            assert _close(got.kK[t, b, :, 1:], ref["K"][t], 1e-10)
+            assert _close(got.Vx[t, b], ref["Vx"][t], 1e-10)
+            assert _close(got.Vxx[t, b], ref["Vxx"][t], 1e-10)
+            assert torch.equal(got.Vxx[t, b], got.Vxx[t, b].T)
+        assert _close(got.dV[b], ref["dV"], 1e-10)
+
+
+def test_not_positive_definite_elements_are_flagged_and_the_others_exact():
+    probs, F, L, c, Vx, Vxx = _problem(3, 3, 12, 4, 2, True)
+    L[5, 1, 4:, 5:] = -1e3 * torch.eye(2, **F64)  # element 1: Q_uu indefinite at stage 5
+    mu = torch.zeros(3, **F64)
+    got = compiled_recursion(F, L, c, Vx, Vxx, mu)
+    assert got.ok.tolist() == [True, False, True]
+    assert torch.isnan(got.kK[:6, 1]).all() and torch.isnan(got.Vxx[:6, 1]).all()
+    assert torch.isfinite(got.kK[6:, 1]).all()
+    for b in (0, 2):
+        ref = _reference(probs[b], 0.0, True)
+        assert _close(got.kK[0, b, :, 1:], ref["K"][0], 1e-10)
+        assert _close(got.dV[b], ref["dV"], 1e-10)
+    # a regularization that makes it positive definite again: the reference's answer
+    probs[1][0][5].R[...] = -1e3 * np.eye(2)
+    mu = torch.tensor([0.0, 2e3, 0.0], **F64)
+    got = compiled_recursion(F, L, c, Vx, Vxx, mu)
+    ref = _reference(probs[1], 2e3, True)
+    assert got.ok.all() and _close(got.kK[0, 1, :, 1:], ref["K"][0], 1e-10)
+
+
+def test_non_finite_data_are_flagged_not_returned():
+    _, F, L, c, Vx, Vxx = _problem(4, 2, 8, 3, 1, False)
+    F[2, 0, 0, 0] = math.nan
+    got = compiled_recursion(F, L, c, Vx, Vxx, torch.zeros(2, **F64))
+    assert got.ok.tolist() == [False, True]
+
+
+def test_float32_is_the_float64_answer_rounded():
+    _, F, L, c, Vx, Vxx = _problem(5, 2, 30, 4, 2, True)
+    mu = torch.tensor([0.0, 0.1], **F64)
+    ref = compiled_recursion(F, L, c, Vx, Vxx, mu)
+    args = [v.float() for v in (F, L, c, Vx, Vxx, mu)]
+    got = compiled_recursion(*args)
+    assert got.kK.dtype == torch.float32 and got.dV.dtype == torch.float32
+    # the inputs are rounded to float32 (relative 6e-8) and the recursion carries that
+    # perturbation through 30 stages: 1e-5 relative to the largest entry
+    for a, b in ((got.kK, ref.kK), (got.Vxx, ref.Vxx), (got.dV, ref.dV)):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _pendulum(nonconvex=False):
+    dt = 0.05
+
+    def f(x, u, t):
+        return torch.stack([x[..., 0] + dt * x[..., 1],
+                            x[..., 1] + dt * (-9.81 * torch.sin(x[..., 0]) + u[..., 0])], -1)
+
+    def running(x, u, t):
+        c = 1e-2 * (x ** 2).sum(-1) + 1e-2 * (u ** 2).sum(-1)
+        return c - 0.5 * torch.cos(3 * u[..., 0]) * 1e-2 if nonconvex else c
+
+    def terminal(x):
+        return 10.0 * ((x[..., 0] - math.pi) ** 2 + x[..., 1] ** 2)
+
+    return f, trajopt.Cost(running, terminal)
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = compiledpass.compiled_recursion
+
+    def spy(*a):
+        calls.append(a[-1].clone())  # the pass's mu
+        return real(*a)
+    monkeypatch.setattr(compiledpass, "compiled_recursion", spy)
+    return calls
+
+
+@pytest.mark.parametrize("B,nonconvex", [(1, False), (4, False), (3, True)])
+def test_ddp_takes_the_compiled_pass_and_matches_the_recursion(B, nonconvex, monkeypatch):
+    f, cost = _pendulum(nonconvex)
+    x0 = torch.zeros(B, 2, **F64) + 0.1 * torch.arange(B, **F64)[:, None]
+    us0 = torch.zeros(B, 60, 1, **F64)
+    calls = _spy(monkeypatch)
+    res = trajopt.solve_ddp(f, cost, x0, us0)
+    assert calls  # taken by default
+    with monkeypatch.context() as mp:
+        mp.setenv("TRAJOPT_COMPILED", "0")
+        n_calls = len(calls)
+        ref = trajopt.solve_ddp(f, cost, x0, us0)
+        assert len(calls) == n_calls  # switched off
+    if nonconvex:  # some pass ran regularized, through the compiled loop
+        assert any(bool(mu.gt(0).any()) for mu in calls)
+    assert res.iterations.tolist() == ref.iterations.tolist()
+    assert res.reason.tolist() == ref.reason.tolist()
+    assert (res.us - ref.us).abs().max() <= 1e-9 * ref.us.abs().max()
+    assert (res.K - ref.K).abs().max() <= 1e-9 * ref.K.abs().max()
+    assert (res.cost - ref.cost).abs().max() <= 1e-12 * ref.cost.abs().max()
+
+
+@pytest.mark.parametrize("case", ["limits", "ddp", "batch", "grad", "off", "no numba"])
+def test_the_rule_leaves_the_compiled_pass_out(case, monkeypatch):
+    calls = _spy(monkeypatch)
+    f, cost = _pendulum()
+    B = 2 if case == "batch" else 1
+    kw = {}
+    if case == "batch":  # 2 * (2 + 1)^3 = 54 over the bound
+        monkeypatch.setattr(compiled, "MAX_WORK", 53)
+    if case == "limits":
+        kw["control_limits"] = (-torch.ones(1, **F64), torch.ones(1, **F64))
+    if case == "ddp":
+        kw["mode"] = "ddp"
+    if case == "off":
+        monkeypatch.setenv("TRAJOPT_COMPILED", "0")
+    if case == "no numba":
+        monkeypatch.setattr(compiled, "_kernel", lambda: None)
+    if case == "grad":
+        F = torch.zeros(20, 1, 2, 3, **F64, requires_grad=True)
+        assert not compiled_pays(20, 1, 2, 1, F)
+        assert compiled_pays(20, 1, 2, 1, F.detach())
+        return
+    trajopt.solve_ddp(f, cost, torch.zeros(B, 2, **F64), torch.zeros(B, 30, 1, **F64),
+                      max_iter=2, **kw)
+    assert calls == []
+
+
+def test_the_rule_by_size_device_and_dtype():
+    x = torch.zeros(3, **F64)
+    work = compiled.MAX_WORK
+    assert compiled_pays(100, work // 11 ** 3, 8, 3, x)
+    assert not compiled_pays(100, work // 11 ** 3 + 1, 8, 3, x)
+    assert not compiled_pays(100, 1, 8, 3, x.to(torch.complex128))
+    assert not compiled_pays(100, 1, 8, 3, x.half())
+    assert not compiled_pays(100, 1, 8, 3, torch.zeros(3, device="meta"))

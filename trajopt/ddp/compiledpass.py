@@ -1,0 +1,57 @@
+r"""The iLQR backward pass by the compiled recursion, where it applies and pays.
+
+:func:`trajopt.riccati.compiled.compiled_recursion` is the backward pass of
+:meth:`trajopt.ddp.DDPSolver.backward_pass` -- expansion, Cholesky gains with each
+element's Levenberg-Marquardt :math:`\mu`, general value update, the expected change and
+the ok flags -- as one compiled loop. It applies to the plain gains plug
+(:class:`~trajopt.riccati.policy.CholeskyGains`, any :math:`\mu`), no control limits,
+dense first-order stages (``mode="ilqr"``) of one size, and pays by
+:func:`~trajopt.riccati.compiled.compiled_pays` (CPU, small problems, numba importable).
+Elsewhere the solver takes the parallel scan (:mod:`trajopt.ddp.scanpass`) or the torch
+recursion.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..riccati.compiled import compiled_pays, compiled_recursion
+from ..riccati.expansion import DenseStage
+from ..riccati.policy import CholeskyGains, GainsPlug
+from ..riccati.scan import stacked_stages
+from .batch import Policy
+
+__all__ = ["compiled_backward_pass"]
+
+
+def compiled_backward_pass(stages: list, Vx: torch.Tensor, Vxx: torch.Tensor,
+                           gains: GainsPlug, lo) -> Policy | None:
+    """The backward pass by the compiled loop, or ``None`` where it does not apply or pay
+    (the caller then runs the scan or the torch recursion).
+
+    Parameters
+    ----------
+    stages : list of DenseStage, each F (B, n, n+m), L (B, n+m, 1+n+m)
+    Vx : (B, n), Vxx : (B, n, n)
+        Terminal value derivatives.
+    gains : GainsPlug
+        The pass's gains plug; only :class:`~trajopt.riccati.policy.CholeskyGains` applies.
+    lo : tensor or None
+        The lower control limit (limits: does not apply).
+    """
+    if lo is not None or type(gains) is not CholeskyGains or not stages:
+        return None
+    s0 = stages[0]
+    if type(s0) is not DenseStage or s0.F.ndim != 3:
+        return None
+    B, n, nm = s0.F.shape
+    mu = torch.as_tensor(gains.reg)
+    if not compiled_pays(len(stages), B, n, nm - n, s0.F, s0.L, Vx, Vxx, mu):
+        return None
+    stacked = stacked_stages(stages)
+    if stacked is None:
+        return None
+    done = compiled_recursion(*stacked, Vx, Vxx, mu.expand(B))
+    return Policy(list(done.kK[..., 1:].unbind(0)), list(done.kK[..., 0].unbind(0)),
+                  list(done.Vx.unbind(0)) + [Vx], list(done.Vxx.unbind(0)) + [Vxx],
+                  done.dV, done.ok)
