@@ -26,6 +26,7 @@ import trajopt.riccati.compiled as compiled
 from tests._hypothesis import examples
 from tests.reference.ddp_numpy import backward as reference_backward
 from tests.reference.lqr_kkt import random_stages
+from trajopt.lqr.compiled_rollout import compiled_rollout
 from trajopt.riccati.compiled import compiled_pays, compiled_recursion
 from trajopt.riccati.expansion import joint_blocks
 
@@ -222,3 +223,72 @@ def test_the_rule_by_size_device_and_dtype():
     assert not compiled_pays(100, 1, 8, 3, x.to(torch.complex128))
     assert not compiled_pays(100, 1, 8, 3, x.half())
     assert not compiled_pays(100, 1, 8, 3, torch.zeros(3, device="meta"))
+
+
+# ---------------------------------------------------------------- the compiled rollout
+
+def _loop(A, B, c, ff, K, xbar, x0):
+    """The law on the dynamics, one stage at a time in plain torch (float64)."""
+    xs, us = [x0], []
+    def at(v, t):
+        return None if v is None else v[t if v.shape[0] > 1 else 0]
+    for t in range(ff.shape[0]):
+        u = ff[t] if K is None else ff[t] + ((xs[-1] - xbar[t]).unsqueeze(1) @
+                                             K[t].transpose(-1, -2)).squeeze(1)
+        x = xs[-1] @ at(A, t).T + u @ at(B, t).T
+        xs.append(x if c is None else x + at(c, t))
+        us.append(u)
+    return torch.stack(xs), torch.stack(us)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(T=st.integers(1, 40), n=st.integers(1, 5), m=st.integers(1, 3),
+       B=st.integers(1, 3), varying=st.booleans(), offset=st.booleans(),
+       closed=st.booleans(), seed=st.integers(0, 2**16))
+def test_compiled_rollout_equals_the_loop(T, n, m, B, varying, offset, closed, seed):
+    g = torch.Generator().manual_seed(seed)
+    S = T if varying else 1
+    A = torch.eye(n, **F64) + 0.3 * torch.randn(S, n, n, generator=g, **F64) / n ** 0.5
+    Bm = torch.randn(S, n, m, generator=g, **F64)
+    c = torch.randn(S, n, generator=g, **F64) if offset else None
+    ff = torch.randn(T, B, m, generator=g, **F64)
+    K = -0.3 * torch.randn(T, B, m, n, generator=g, **F64) if closed else None
+    xbar = torch.randn(T, B, n, generator=g, **F64) if closed else None
+    x0 = torch.randn(B, n, generator=g, **F64)
+    xs, us = compiled_rollout(A, Bm, c, ff, K, xbar, x0)
+    rx, ru = _loop(A, Bm, c, ff, K, xbar, x0)
+    # the same loop; only the order of each stage's sums differs (a few eps per stage,
+    # carried by the dynamics over T stages)
+    assert torch.allclose(xs, rx, rtol=0, atol=1e-12 * float(rx.abs().max()))
+    assert torch.allclose(us, ru, rtol=0, atol=1e-12 * float(ru.abs().max()))
+    x32, u32 = compiled_rollout(*(None if v is None else v.float()
+                                  for v in (A, Bm, c, ff, K, xbar, x0)))
+    assert x32.dtype == torch.float32 and torch.isfinite(x32).all()
+
+
+def test_ddp_with_linear_dynamics_takes_the_compiled_loop_and_equals_the_callable(
+        monkeypatch):
+    import trajopt.ddp.chain as chain_mod
+    from tests.trajopt.test_linear_rollout import _as_callable, _system
+    seen = []
+    real = chain_mod.compiled_rollout
+
+    def spy(*a):
+        seen.append(a[4] is not None)  # closed loop
+        return real(*a)
+    monkeypatch.setattr(chain_mod, "compiled_rollout", spy)
+    for varying, offset, batch in [(False, False, 1), (True, True, 3)]:
+        A, B, c = _system(1, varying=varying, offset=offset)
+        cost = trajopt.QuadraticCost(torch.eye(4), 0.1 * torch.eye(2), 10 * torch.eye(4),
+                                     x_goal=torch.ones(4))
+        x0 = torch.randn(batch, 4, generator=torch.Generator().manual_seed(2), **F64)
+        us0 = torch.zeros(batch, 30, 2, **F64)
+        ref = trajopt.solve_ddp(trajopt.Dynamics(_as_callable(A, B, c)), cost, x0, us0)
+        seen.clear()
+        got = trajopt.solve_ddp(trajopt.LinearDynamics(A, B, c), cost, x0, us0)
+        assert seen[0] is False and True in seen  # the open loop, then a forward pass
+        assert torch.equal(got.iterations, ref.iterations) and bool(got.converged.all())
+        scale = float(ref.xs.abs().max())
+        assert torch.allclose(got.xs, ref.xs, rtol=0, atol=1e-13 * scale)
+        assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-13 * scale)
+        assert torch.allclose(got.cost, ref.cost, rtol=1e-13, atol=0)

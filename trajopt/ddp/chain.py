@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lqr.affine_scan import checked_states, rollout_pays
+from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.expansion import DenseStage, joint_blocks
 from .batch import Traj
 from .linear import LinearDynamics
@@ -83,7 +84,8 @@ class Chain:
         scan of :mod:`trajopt.lqr.affine_scan` where its rule allows and its self-check
         holds (the stage loop otherwise)."""
         self.cost.bind_rows(rows)
-        scanned = None if law is None else self._scanned(x0, T, law)
+        scanned = None if law is None else (self._compiled(x0, T, law)
+                                            or self._scanned(x0, T, law))
         if scanned is not None:
             xs, us = scanned
             x = xs[-1]
@@ -99,6 +101,25 @@ class Chain:
         # (StageDerivatives.total: one call where the cost allows)
         running = self._cost_derivatives.total(list(zip(xs[:-1], us))) if T else 0.0
         return Traj(xs, us, running + self.cost.terminal(x), rows)
+
+    def _compiled(self, x0: torch.Tensor, T: int, law: AffineLaw
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """States and controls of ``law`` on the linear dynamics by the compiled loop
+        (:mod:`trajopt.lqr.compiled_rollout`), or None where its rule says no."""
+        dyn = self.linear_model()
+        if dyn is None or T == 0 or any(f.shape != law.ff[0].shape for f in law.ff):
+            return None
+        B, n = x0.shape
+        A, Bm, c = dyn.maps(T, x0)
+        gains = () if law.K is None else (law.K[0], law.xbar[0])
+        if not compiled_rollout_pays(T, B, n, law.ff[0].shape[-1], x0, A, Bm,
+                                     law.ff[0], *gains):
+            return None
+        closed = law.K is not None
+        xs, us = compiled_rollout(A, Bm, c, torch.stack(list(law.ff)),
+                                  torch.stack(list(law.K)) if closed else None,
+                                  torch.stack(list(law.xbar[:T])) if closed else None, x0)
+        return list(xs.unbind(0)), list(us.unbind(0))
 
     def _scanned(self, x0: torch.Tensor, T: int, law: AffineLaw
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["CompiledPass", "compiled_available", "compiled_pays", "compiled_recursion",
-           "MAX_WORK"]
+__all__ = ["CompiledPass", "compiled_available", "compilable", "compiled_pays",
+           "compiled_recursion", "jit", "MAX_WORK"]
 
 #: largest ``batch * (n + m)^3`` for which the solvers take the compiled loop
 #: (``docs/performance.md``, "A compiled recursion")
@@ -61,32 +61,40 @@ ENV_SWITCH = "TRAJOPT_COMPILED"
 
 
 @functools.cache
-def _kernel():
-    """The compiled loop (numba imported and the function compiled or loaded on first
-    use), or None without numba."""
+def jit(fn):
+    """``fn`` compiled by numba (imported, and the function compiled or loaded from its
+    cache, on first use), or None without numba."""
     try:
         import numba
     except ImportError:
         return None
-    return numba.njit(cache=True, nogil=True)(_recursion)
+    return numba.njit(cache=True, nogil=True)(fn)
+
+
+def _kernel():
+    return jit(_recursion)
 
 
 def compiled_available() -> bool:
-    """Whether the compiled loop can run here (numba importable, not switched off by the
+    """Whether the compiled loops can run here (numba importable, not switched off by the
     environment variable ``TRAJOPT_COMPILED=0``)."""
     return os.environ.get(ENV_SWITCH, "1") != "0" and _kernel() is not None
 
 
-def compiled_pays(T: int, batch: int, n: int, m: int, *tensors: torch.Tensor) -> bool:
-    """The solvers' rule for ``T`` stages of ``batch`` problems with ``n`` states and
-    ``m`` controls whose data are ``tensors`` (see the module docstring)."""
-    if T < 1 or batch * (n + m) ** 3 > MAX_WORK:
-        return False
+def compilable(*tensors: torch.Tensor) -> bool:
+    """Whether a compiled loop may read and write ``tensors``: CPU, float32 / float64, no
+    gradient, not under a torch.func transform, and :func:`compiled_available`."""
     for v in tensors:
         if (v.device.type != "cpu" or v.dtype not in (torch.float32, torch.float64)
                 or v.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(v)):
             return False
     return compiled_available()
+
+
+def compiled_pays(T: int, batch: int, n: int, m: int, *tensors: torch.Tensor) -> bool:
+    """The solvers' rule for ``T`` stages of ``batch`` problems with ``n`` states and
+    ``m`` controls whose data are ``tensors`` (see the module docstring)."""
+    return T >= 1 and batch * (n + m) ** 3 <= MAX_WORK and compilable(*tensors)
 
 
 @dataclass(frozen=True)
