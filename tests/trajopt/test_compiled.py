@@ -26,6 +26,7 @@ import trajopt.riccati.compiled as compiled
 from tests._hypothesis import examples
 from tests.reference.ddp_numpy import backward as reference_backward
 from tests.reference.lqr_kkt import random_stages
+from trajopt.ddp.gtddp import GTDDPSolver
 from trajopt.lqr.compiled_rollout import compiled_rollout
 from trajopt.riccati.compiled import compiled_pays, compiled_recursion
 from trajopt.riccati.expansion import joint_blocks
@@ -157,31 +158,65 @@ def _pendulum(nonconvex=False):
 
 
 def _spy(monkeypatch):
+    """Record (mu, with limits) of every compiled pass."""
     calls = []
     real = compiledpass.compiled_recursion
 
     def spy(*a):
-        calls.append(a[-1].clone())  # the pass's mu
+        calls.append((a[5].clone(), a[6] is not None))
         return real(*a)
     monkeypatch.setattr(compiledpass, "compiled_recursion", spy)
     return calls
 
 
-@pytest.mark.parametrize("B,nonconvex", [(1, False), (4, False), (3, True)])
-def test_ddp_takes_the_compiled_pass_and_matches_the_recursion(B, nonconvex, monkeypatch):
-    f, cost = _pendulum(nonconvex)
-    x0 = torch.zeros(B, 2, **F64) + 0.1 * torch.arange(B, **F64)[:, None]
-    us0 = torch.zeros(B, 60, 1, **F64)
+def _planar(T=40):
+    """Two controls: a point mass in the plane pushed towards (1, 1) by a bounded force
+    with a nonconvex running cost (the box QP with m = 2: projected Newton)."""
+    dt = 0.1
+
+    def f(x, u, t):
+        return torch.cat([x[..., :2] + dt * x[..., 2:], x[..., 2:] + dt * u], -1)
+
+    def running(x, u, t):
+        return 1e-2 * (u ** 2).sum(-1) + 1e-2 * torch.sin(3 * x[..., 0]) ** 2
+
+    def terminal(x):
+        return 20.0 * ((x[..., :2] - 1) ** 2).sum(-1) + (x[..., 2:] ** 2).sum(-1)
+
+    return f, trajopt.Cost(running, terminal), 4, 2
+
+
+CASES = {  # name: (problem, batch, limits or None)
+    "one": (_pendulum, 1, None),
+    "batch": (_pendulum, 4, None),
+    "nonconvex": (lambda: _pendulum(True), 3, None),
+    "limits m=1": (_pendulum, 3, 2.0),
+    "limits m=2": (_planar, 3, 0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ddp_takes_the_compiled_pass_and_matches_the_recursion(case, monkeypatch):
+    make, B, bound = CASES[case]
+    f, cost, *sizes = make()
+    n, m = sizes if sizes else (2, 1)
+    x0 = torch.zeros(B, n, **F64) + 0.1 * torch.arange(B, **F64)[:, None]
+    us0 = torch.zeros(B, 40 if sizes else 60, m, **F64)
+    kw = {} if bound is None else dict(
+        control_limits=(-bound * torch.ones(m, **F64), bound * torch.ones(m, **F64)))
     calls = _spy(monkeypatch)
-    res = trajopt.solve_ddp(f, cost, x0, us0)
+    res = trajopt.solve_ddp(f, cost, x0, us0, **kw)
     assert calls  # taken by default
     with monkeypatch.context() as mp:
         mp.setenv("TRAJOPT_COMPILED", "0")
         n_calls = len(calls)
-        ref = trajopt.solve_ddp(f, cost, x0, us0)
+        ref = trajopt.solve_ddp(f, cost, x0, us0, **kw)
         assert len(calls) == n_calls  # switched off
-    if nonconvex:  # some pass ran regularized, through the compiled loop
-        assert any(bool(mu.gt(0).any()) for mu in calls)
+    assert all(limited == (bound is not None) for _, limited in calls)
+    if case == "nonconvex":  # some pass ran regularized, through the compiled loop
+        assert any(bool(mu.gt(0).any()) for mu, _ in calls)
+    if bound is not None:  # the limits are active in the solution
+        assert bool((res.us.abs() >= bound * (1 - 1e-12)).any())
     assert res.iterations.tolist() == ref.iterations.tolist()
     assert res.reason.tolist() == ref.reason.tolist()
     assert (res.us - ref.us).abs().max() <= 1e-9 * ref.us.abs().max()
@@ -189,7 +224,7 @@ def test_ddp_takes_the_compiled_pass_and_matches_the_recursion(B, nonconvex, mon
     assert (res.cost - ref.cost).abs().max() <= 1e-12 * ref.cost.abs().max()
 
 
-@pytest.mark.parametrize("case", ["limits", "ddp", "batch", "grad", "off", "no numba"])
+@pytest.mark.parametrize("case", ["players", "ddp", "batch", "grad", "off", "no numba"])
 def test_the_rule_leaves_the_compiled_pass_out(case, monkeypatch):
     calls = _spy(monkeypatch)
     f, cost = _pendulum()
@@ -197,18 +232,25 @@ def test_the_rule_leaves_the_compiled_pass_out(case, monkeypatch):
     kw = {}
     if case == "batch":  # 2 * (2 + 1)^3 = 54 over the bound
         monkeypatch.setattr(compiled, "MAX_WORK", 53)
-    if case == "limits":
-        kw["control_limits"] = (-torch.ones(1, **F64), torch.ones(1, **F64))
     if case == "ddp":
         kw["mode"] = "ddp"
     if case == "off":
         monkeypatch.setenv("TRAJOPT_COMPILED", "0")
     if case == "no numba":
-        monkeypatch.setattr(compiled, "_kernel", lambda: None)
+        monkeypatch.setattr(compiled, "kernels", lambda: None)
     if case == "grad":
         F = torch.zeros(20, 1, 2, 3, **F64, requires_grad=True)
         assert not compiled_pays(20, 1, 2, 1, F)
         assert compiled_pays(20, 1, 2, 1, F.detach())
+        return
+    if case == "players":  # an approximate player's curvature: its own box QP
+        class Approx(GTDDPSolver):
+            def player_curvature(self, t, i, block):
+                return 2 * block
+        Approx(f, cost, players=[1], max_iter=2, control_limits=(
+            -torch.ones(1, **F64), torch.ones(1, **F64))).solve(
+            torch.zeros(1, 2, **F64), torch.zeros(1, 30, 1, **F64))
+        assert calls == []
         return
     trajopt.solve_ddp(f, cost, torch.zeros(B, 2, **F64), torch.zeros(B, 30, 1, **F64),
                       max_iter=2, **kw)

@@ -141,7 +141,7 @@ class DDPSolver:
         gains = self.policy(mu, traj, lo, hi, k_warm)
         # the same pass in O(log T) rounds; once its check refuses it in a solve, the
         # recursion for the rest of the solve (the problem's conditioning, not the pass's)
-        pol = compiled_backward_pass(stages, Vx, Vxx, gains, lo)
+        pol = compiled_backward_pass(stages, Vx, Vxx, gains)
         if pol is not None:  # one compiled loop (small problems on the CPU)
             return pol
         if scan_applies(stages, gains, mu, lo) and not self._scan_refused:

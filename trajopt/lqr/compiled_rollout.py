@@ -2,7 +2,7 @@ r"""The rollout of an affine law on linear dynamics as one compiled CPU loop.
 
 The closed loop :math:`u_t = \mathrm{ff}_t + K_t (x_t - \bar x_t)` (open loop without
 :math:`K`) on :math:`x_{t+1} = A_t x_t + B_t u_t + c_t`, stage by stage as the torch loop
-computes it, compiled by numba (:func:`trajopt.riccati.compiled.jit`): no per-operation
+computes it, compiled by numba (:mod:`trajopt.riccati._kernels`): no per-operation
 dispatch and no self-check -- it *is* the sequential loop, so its states carry the loop's
 rounding, not the parallel scan's (:mod:`trajopt.lqr.affine_scan`). Sums are formed in
 float64 whatever the dtype.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..riccati.compiled import compilable, jit
+from ..riccati.compiled import compilable, kernels
 
 __all__ = ["compiled_rollout", "compiled_rollout_pays", "MAX_WORK"]
 
@@ -64,45 +64,6 @@ def compiled_rollout(A: torch.Tensor, B: torch.Tensor, c: torch.Tensor | None,
         return np.ascontiguousarray(v.detach().to(dt).numpy())
     xs = torch.empty(T + 1, Bn, n, dtype=dt)
     us = torch.empty(T, Bn, m, dtype=dt)
-    jit(_rollout)(arr(A, 0), arr(B, 0), arr(c, (0, 0)), arr(ff, 0), arr(K, (0, 0, 0, 0)),
+    kernels().rollout(arr(A, 0), arr(B, 0), arr(c, (0, 0)), arr(ff, 0), arr(K, (0, 0, 0, 0)),
                   arr(xbar, (0, 0, 0)), arr(x0, 0), xs.numpy(), us.numpy())
     return xs, us
-
-
-def _rollout(A, Bm, c, ff, K, xbar, x0, xs, us):  # pragma: no cover
-    # (compiled by numba; the plain-Python call is exercised by the tests)
-    T, Bn, m = ff.shape
-    n = x0.shape[1]
-    closed = K.shape[0] > 0
-    with_c = c.shape[0] > 0
-    x = np.empty(n)
-    xn = np.empty(n)
-    u = np.empty(m)
-    for b in range(Bn):
-        for i in range(n):
-            x[i] = x0[b, i]
-            xs[0, b, i] = x0[b, i]
-        for t in range(T):
-            ta = t if A.shape[0] > 1 else 0
-            tb = t if Bm.shape[0] > 1 else 0
-            for i in range(m):
-                s = ff[t, b, i]
-                if closed:
-                    for j in range(n):
-                        s += K[t, b, i, j] * (x[j] - xbar[t, b, j])
-                u[i] = s
-                us[t, b, i] = s
-            for i in range(m):  # the control as stored (float32: rounded), as the loop
-                u[i] = us[t, b, i]
-            for i in range(n):
-                s = 0.0
-                for j in range(n):
-                    s += A[ta, i, j] * x[j]
-                for j in range(m):
-                    s += Bm[tb, i, j] * u[j]
-                if with_c:
-                    s += c[t if c.shape[0] > 1 else 0, i]
-                xn[i] = s
-            for i in range(n):
-                xs[t + 1, b, i] = xn[i]
-                x[i] = xs[t + 1, b, i]

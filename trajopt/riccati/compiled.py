@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["CompiledPass", "compiled_available", "compilable", "compiled_pays",
-           "compiled_recursion", "jit", "MAX_WORK"]
+__all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
+           "compiled_pays", "compiled_recursion", "kernels", "MAX_WORK"]
 
 #: largest ``batch * (n + m)^3`` for which the solvers take the compiled loop
 #: (``docs/performance.md``, "A compiled recursion")
@@ -61,24 +61,21 @@ ENV_SWITCH = "TRAJOPT_COMPILED"
 
 
 @functools.cache
-def jit(fn):
-    """``fn`` compiled by numba (imported, and the function compiled or loaded from its
-    cache, on first use), or None without numba."""
+def kernels():
+    """The compiled loops (:mod:`trajopt.riccati._kernels`: numba imported on first use,
+    each loop compiled or loaded from numba's cache on its first call), or None without
+    numba."""
     try:
-        import numba
+        from . import _kernels
     except ImportError:
         return None
-    return numba.njit(cache=True, nogil=True)(fn)
-
-
-def _kernel():
-    return jit(_recursion)
+    return _kernels
 
 
 def compiled_available() -> bool:
     """Whether the compiled loops can run here (numba importable, not switched off by the
     environment variable ``TRAJOPT_COMPILED=0``)."""
-    return os.environ.get(ENV_SWITCH, "1") != "0" and _kernel() is not None
+    return os.environ.get(ENV_SWITCH, "1") != "0" and kernels() is not None
 
 
 def compilable(*tensors: torch.Tensor) -> bool:
@@ -120,9 +117,28 @@ class CompiledPass:
     ok: torch.Tensor
 
 
+@dataclass(frozen=True)
+class BoxLimits:
+    """Control limits of a pass: ``lo <= u_t + k <= hi``.
+
+    Attributes
+    ----------
+    lo, hi : (m,)
+    us : (T, B, m)
+        The nominal controls.
+    warm : (T, B, m) or None
+        Warm starts of the box QPs (the last feedforward terms).
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    us: torch.Tensor
+    warm: torch.Tensor | None = None
+
+
 def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
-                       Vx: torch.Tensor, Vxx: torch.Tensor, mu: torch.Tensor
-                       ) -> CompiledPass:
+                       Vx: torch.Tensor, Vxx: torch.Tensor, mu: torch.Tensor,
+                       limits: BoxLimits | None = None) -> CompiledPass:
     """The regularized Riccati recursion of the module docstring over stacked stages.
 
     Parameters
@@ -137,6 +153,9 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
         The terminal value derivatives.
     mu : (B,)
         Levenberg-Marquardt regularization of ``Q_uu`` per element.
+    limits : BoxLimits or None
+        Control limits: the gains of :class:`~trajopt.riccati.policy.BoxGains` (one
+        player) instead of the Cholesky gains.
 
     Callers check :func:`compiled_pays` first (CPU, float32 / float64, no autograd).
     """
@@ -144,138 +163,19 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
     m = nm - n
     dt = F.dtype
 
-    def arr(v):
+    def arr(v, empty=1):
+        if v is None:
+            return np.zeros((0,) * empty, dtype=np.float64 if dt == torch.float64
+                            else np.float32)
         return np.ascontiguousarray(v.detach().to(dt).numpy())
 
-    cc = arr(c) if c is not None else np.zeros((0, 0, 0), dtype=arr(F).dtype)
+    box = limits if limits is not None else BoxLimits(None, None, None)
     kK = torch.empty(T, B, m, 1 + n, dtype=dt)
     Vxs = torch.empty(T, B, n, dtype=dt)
     Vxxs = torch.empty(T, B, n, n, dtype=dt)
     dV = torch.empty(B, 2, dtype=torch.float64)
     ok = torch.empty(B, dtype=torch.bool)
-    _kernel()(arr(F), arr(L), cc, arr(Vx), arr(Vxx), arr(mu), kK.numpy(), Vxs.numpy(),
-              Vxxs.numpy(), dV.numpy(), ok.numpy())
+    kernels().recursion(arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu),
+                        arr(box.lo), arr(box.hi), arr(box.us, 3), arr(box.warm, 3),
+                        kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())
     return CompiledPass(kK, Vxs, Vxxs, dV.to(dt), ok)
-
-
-def _recursion(F, L, c, VxT, VxxT, mu, kK, Vxs, Vxxs, dV, ok):  # pragma: no cover
-    # (compiled by numba; the plain-Python call is exercised by the tests)
-    T, B, n, nm = F.shape
-    m = nm - n
-    with_c = c.shape[0] > 0
-    vx = np.empty(n)
-    vc = np.empty(n)
-    vxx = np.empty((n, n))
-    G = np.empty((n, 1 + nm))  # [V_x + V_xx c | V_xx F]
-    J = np.empty((nm, 1 + nm))  # [[Q_x Q_xx Q_xu], [Q_u Q_ux Q_uu]]
-    H = np.empty((m, m))  # Cholesky factor of Q_uu + mu I (lower)
-    S = np.empty((m, 1 + n))  # [k | K]
-    P = np.empty((nm, 1 + n))  # J[:, :1+n] + J[:, 1+n:] [k | K]
-    V = np.empty((n, 1 + n))
-    for b in range(B):
-        for i in range(n):
-            vx[i] = VxT[b, i]
-            for j in range(n):
-                vxx[i, j] = VxxT[b, i, j]
-        good = True
-        kQu = 0.0
-        kg = 0.0
-        for t in range(T - 1, -1, -1):
-            if not good:
-                for i in range(m):
-                    for j in range(1 + n):
-                        kK[t, b, i, j] = np.nan
-                for i in range(n):
-                    Vxs[t, b, i] = np.nan
-                    for j in range(n):
-                        Vxxs[t, b, i, j] = np.nan
-                continue
-            # G = [V_x + V_xx c | V_xx F]
-            for i in range(n):
-                s = vx[i]
-                if with_c:
-                    for q in range(n):
-                        s += vxx[i, q] * c[t, b, q]
-                vc[i] = s
-            for i in range(n):
-                G[i, 0] = vc[i]
-                for j in range(nm):
-                    s = 0.0
-                    for q in range(n):
-                        s += vxx[i, q] * F[t, b, q, j]
-                    G[i, 1 + j] = s
-            # J = L + F' G
-            for r in range(nm):
-                for j in range(1 + nm):
-                    s = L[t, b, r, j]
-                    for q in range(n):
-                        s += F[t, b, q, r] * G[q, j]
-                    J[r, j] = s
-            # Cholesky of Q_uu + mu I, from its lower triangle
-            for j in range(m):
-                s = J[n + j, 1 + n + j] + mu[b]
-                for q in range(j):
-                    s -= H[j, q] * H[j, q]
-                if not s > 0.0:
-                    good = False
-                    break
-                H[j, j] = np.sqrt(s)
-                for i in range(j + 1, m):
-                    s = J[n + i, 1 + n + j]
-                    for q in range(j):
-                        s -= H[i, q] * H[j, q]
-                    H[i, j] = s / H[j, j]
-            if not good:
-                for i in range(m):
-                    for j in range(1 + n):
-                        kK[t, b, i, j] = np.nan
-                for i in range(n):
-                    Vxs[t, b, i] = np.nan
-                    for j in range(n):
-                        Vxxs[t, b, i, j] = np.nan
-                continue
-            # [k | K] = -(H H')^{-1} [Q_u | Q_ux]
-            for j in range(1 + n):
-                for i in range(m):
-                    s = -J[n + i, j]
-                    for q in range(i):
-                        s -= H[i, q] * S[q, j]
-                    S[i, j] = s / H[i, i]
-                for i in range(m - 1, -1, -1):
-                    s = S[i, j]
-                    for q in range(i + 1, m):
-                        s -= H[q, i] * S[q, j]
-                    S[i, j] = s / H[i, i]
-            # P = J[:, :1+n] + J[:, 1+n:] [k | K]
-            for r in range(nm):
-                for j in range(1 + n):
-                    s = J[r, j]
-                    for q in range(m):
-                        s += J[r, 1 + n + q] * S[q, j]
-                    P[r, j] = s
-            # [V_x | V_xx] = P_x + K' P_u
-            for i in range(n):
-                for j in range(1 + n):
-                    s = P[i, j]
-                    for q in range(m):
-                        s += S[q, 1 + i] * P[n + q, j]
-                    V[i, j] = s
-            for i in range(n):
-                vx[i] = V[i, 0]
-                for j in range(i + 1):
-                    a = 0.5 * (V[i, 1 + j] + V[j, 1 + i])
-                    vxx[i, j] = a
-                    vxx[j, i] = a
-            for q in range(m):
-                kQu += S[q, 0] * J[n + q, 0]
-                kg += S[q, 0] * P[n + q, 0]
-            for i in range(m):
-                for j in range(1 + n):
-                    kK[t, b, i, j] = S[i, j]
-            for i in range(n):
-                Vxs[t, b, i] = vx[i]
-                for j in range(n):
-                    Vxxs[t, b, i, j] = vxx[i, j]
-        dV[b, 0] = kQu
-        dV[b, 1] = 0.5 * (kg - kQu)
-        ok[b] = good and np.isfinite(kQu) and np.isfinite(kg)
