@@ -334,3 +334,48 @@ def test_ddp_with_linear_dynamics_takes_the_compiled_loop_and_equals_the_callabl
         assert torch.allclose(got.xs, ref.xs, rtol=0, atol=1e-13 * scale)
         assert torch.allclose(got.us, ref.us, rtol=0, atol=1e-13 * scale)
         assert torch.allclose(got.cost, ref.cost, rtol=1e-13, atol=0)
+
+
+# ---------------------------------------------------------------- solve_lqr
+
+def test_solve_lqr_takes_the_compiled_loop_and_equals_the_kkt_solution(monkeypatch):
+    """A batch (3, 2) of stacked problems with cross terms, offsets and linear terms:
+    the compiled loop's values equal the dense KKT solution, its gains the torch
+    recursion's; an indefinite stage still raises, naming the stage."""
+    import trajopt.lqr.finite as finite
+    from tests.reference.lqr_kkt import NpStage, kkt_solve
+    from tests.trajopt.test_lqr_finite import _stacked
+    from trajopt.errors import NotPositiveDefiniteError
+    seen = []
+    real = finite.compiled_recursion
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(bool(out.ok.all()))
+        return out
+    monkeypatch.setattr(finite, "compiled_recursion", spy)
+    rng = np.random.default_rng(2)
+    data = _stacked(rng, (3, 2), 20, 4, 2)
+    x0 = rng.normal(size=(3, 2, 4))
+    sol = trajopt.solve_lqr(trajopt.LQR(**data), x0)
+    assert seen == [True]
+    with monkeypatch.context() as mp:
+        mp.setenv("TRAJOPT_COMPILED", "0")
+        mp.setattr("trajopt.riccati.scan.MAX_WORK", 0)
+        ref = trajopt.solve_lqr(trajopt.LQR(**data), x0)
+    for field in ("K", "k", "P", "p", "xs", "us", "cost"):
+        np.testing.assert_allclose(getattr(sol, field), getattr(ref, field), rtol=1e-10,
+                                   atol=1e-10 * np.abs(getattr(ref, field)).max())
+    for i in range(3):
+        for j in range(2):
+            one = {k: v[i, j] for k, v in data.items() if k not in ("QT", "qT")}
+            stages = [NpStage(**{k: v[t] for k, v in one.items()}) for t in range(20)]
+            xs, us, value = kkt_solve(stages, data["QT"], data["qT"], x0[i, j])
+            assert abs(sol.cost[i, j] - value) <= 1e-10 * max(1.0, abs(value))
+            np.testing.assert_allclose(sol.us[i, j], np.stack(us), rtol=0,
+                                       atol=1e-10 * np.abs(us).max())
+    data["R"] = data["R"].copy()
+    data["R"][1, 0, 7] = -50 * np.eye(2)
+    with pytest.raises(NotPositiveDefiniteError, match="stage 7"):
+        trajopt.solve_lqr(trajopt.LQR(**data))
+    assert seen[-1] is False  # refused by the compiled loop, named by the recursion

@@ -114,14 +114,16 @@ def test_shared_problem_broadcasts_over_batch_of_x0():
     np.testing.assert_allclose(sol.xs[5], one.xs, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("path", ["compiled", "scan", "recursion"])
 @pytest.mark.parametrize("name", ["c", "q", "r", "qT"])
-def test_a_batch_carried_by_one_linear_term_equals_the_elements(name, scan, monkeypatch):
+def test_a_batch_carried_by_one_linear_term_equals_the_elements(name, path, monkeypatch):
     """One system, T = 20, with a batch of 4 in only one of c, q, r, qT (a batch of
     references or disturbances): each element equals the same problem solved alone, by
-    the values' scan and by the recursion (before, c and qT raised a RuntimeError from an
-    expand in the Q expansion, not naming the argument)."""
-    if not scan:
+    the compiled loop, the values' scan and the recursion (before, c and qT raised a
+    RuntimeError from an expand in the Q expansion, not naming the argument)."""
+    if path != "compiled":
+        monkeypatch.setenv("TRAJOPT_COMPILED", "0")
+    if path == "recursion":
         monkeypatch.setattr("trajopt.riccati.scan.MAX_WORK", 0)
     rng = np.random.default_rng(12)
     data = _stacked(rng, (), 20, 3, 2)

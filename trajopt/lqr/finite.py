@@ -25,8 +25,9 @@ from .._arrays import ArrayKind, as_tensors
 from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
 from ..errors import InvalidArgumentError, NotPositiveDefiniteError, ShapeError
+from ..riccati.compiled import compiled_pays, compiled_recursion
 from ..riccati.expansion import DenseStage, joint_blocks
-from ..riccati.scan import scan_batch, scan_pays, scanned_step, stacked_stages
+from ..riccati.scan import broadcast_stages, scan_batch, scan_pays, scanned_step, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .affine_scan import scan_closed_loop
@@ -315,7 +316,8 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     exact = solver is None and not reg
     solver = CholeskySolver(reg=float(reg)) if solver is None else solver
     stages = dense_stages(problem)
-    scanned = _scan_backward(stages, P, p) if exact else None
+    scanned = (_compiled_backward(stages, P, p) or _scan_backward(stages, P, p)) \
+        if exact else None
     if scanned is not None:
         Ks, ks, Ps, ps = scanned
     else:
@@ -347,6 +349,38 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
+
+
+def _compiled_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
+    """``(K, k, P, p)`` lists of the exact backward pass by the compiled loop
+    (:mod:`trajopt.riccati.compiled`), where its rule allows (CPU, small problems, no
+    input that requires grad, outside torch.func transforms) and the stages are stacked
+    alike; else None, as where some Q_uu is not positive definite (the recursion then
+    runs, and names the stage)."""
+    if not stages or (stacked := stacked_stages(stages)) is None:
+        return None
+    F, L, c = stacked
+    T, n = len(stages), stages[0].n
+    try:
+        batch = scan_batch(stacked, p, P)
+    except RuntimeError:
+        return None
+    N, m = batch.numel(), F.shape[-1] - n
+    if not compiled_pays(T, N, n, m, *(v for v in (F, L, c, P, p) if v is not None)):
+        return None
+
+    def flat(v, core):  # (T, ..., *core) -> (T, N, *core)
+        return broadcast_stages(v, batch, core).reshape(T, N, *v.shape[-core:])
+    done = compiled_recursion(flat(F, 2), flat(L, 2), None if c is None else flat(c, 1),
+                              p.expand(*batch, n).reshape(N, n),
+                              P.expand(*batch, n, n).reshape(N, n, n),
+                              torch.zeros(N, dtype=F.dtype))
+    if not bool(done.ok.all()):
+        return None
+    kK = done.kK.reshape(T, *batch, m, 1 + n)
+    return (list(kK[..., 1:].unbind(0)), list(kK[..., 0].unbind(0)),
+            list(done.Vxx.reshape(T, *batch, n, n).unbind(0)) + [P],
+            list(done.Vx.reshape(T, *batch, n).unbind(0)) + [p])
 
 
 def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):

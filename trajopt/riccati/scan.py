@@ -70,6 +70,7 @@ from .._linalg import sym
 from .expansion import DenseStage
 
 __all__ = ["ScanValues", "scan_values", "scanned_step", "scan_batch", "stacked_stages",
+           "broadcast_stages",
            "scan_pays", "AGREEMENT", "MIN_STAGES", "MAX_WORK", "MAX_WORK_CUDA"]
 
 #: fewest stages for which the solvers take the scan (below it the recursion is as fast)
@@ -264,7 +265,7 @@ def scanned_step(stacked: tuple, n: int, Vx: torch.Tensor, Vxx: torch.Tensor,
     caller then runs the recursion.
     """
     batch = scan_batch(stacked, Vx, Vxx)
-    F, L, c = (None if v is None else _over(v, batch, core) for v, core in (
+    F, L, c = (None if v is None else broadcast_stages(v, batch, core) for v, core in (
         (stacked[0], 2), (stacked[1], 2), (stacked[2], 1)))
     vals = scan_values(F, L, n, Vx.expand(*batch, n), Vxx.expand(*batch, n, n), c)
     if not bool(vals.ok.all()):
@@ -285,7 +286,7 @@ def scan_batch(stacked: tuple, Vx: torch.Tensor, Vxx: torch.Tensor) -> torch.Siz
                                   Vxx.shape[:-2], () if c is None else c.shape[1:-1])
 
 
-def _over(v: torch.Tensor, batch: torch.Size, core: int) -> torch.Tensor:
+def broadcast_stages(v: torch.Tensor, batch: torch.Size, core: int) -> torch.Tensor:
     """A stacked array (T, ..., *core) with its batch axes ``...`` broadcast to ``batch``
     (missing leading axes inserted after the stage axis; the stages stay first)."""
     T = v.shape[0]
