@@ -14,7 +14,7 @@ from numba.extending import register_jitable
 
 __all__ = ["recursion", "rollout"]
 
-_jit = numba.njit(cache=True, nogil=True)
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
 @register_jitable
@@ -98,11 +98,12 @@ def _masked_cholesky(H, free, Lf, Hm, m):
 
 
 @register_jitable
-def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m):
+def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm):
     """The box QP of :func:`trajopt.riccati.boxqp.box_qp` for one element (the same
     steps: the closed form for m = 1; the unconstrained minimizer where it is inside the
     box; projected Newton with the same Armijo backtracking otherwise). Writes x,
-    clamped and the factor Lf of the free block; returns False where it failed."""
+    clamped and the factor Lf of the free block; returns False where it failed. grad,
+    free (m), d (m, 1), cand (m), Hm (m, m): work arrays."""
     if m == 1:
         h = H[0, 0]
         xv = _clamp(-g[0] / h, lo[0], hi[0])
@@ -114,11 +115,6 @@ def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m):
         else:
             Lf[0, 0] = np.sqrt(h) if h > 0.0 else (0.0 if h <= 0.0 else h)
         return h > 0.0
-    grad = np.empty(m)
-    free = np.empty(m, dtype=np.bool_)
-    d = np.empty((m, 1))
-    cand = np.empty(m)
-    Hm = np.empty((m, m))
     if _cholesky(H, Lf, m):
         for i in range(m):
             d[i, 0] = -g[i]
@@ -197,15 +193,19 @@ def _nan_stage(kK, Vxs, Vxxs, t, b, n, m):
 @_jit
 def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
     """The Riccati recursion of :func:`trajopt.riccati.compiled.compiled_recursion`
-    (box limits where ``lo`` is not empty)."""
+    (box limits where ``lo`` is not empty). Stages outside, elements inside: each stage's
+    data of the whole batch are read and written in memory order."""
     T, B, n, nm = F.shape
     m = nm - n
     with_c = c.shape[0] > 0
     boxed = lo.shape[0] > 0
     has_warm = warm.shape[0] > 0
-    vx = np.empty(n)
+    vx = np.empty((B, n))  # the value of every element at the current stage
+    vxx = np.empty((B, n, n))
+    good = np.ones(B, dtype=np.bool_)
+    kQu = np.zeros(B)
+    kg = np.zeros(B)
     vc = np.empty(n)
-    vxx = np.empty((n, n))
     G = np.empty((n, 1 + nm))  # [V_x + V_xx c | V_xx F]
     J = np.empty((nm, 1 + nm))  # [[Q_x Q_xx Q_xu], [Q_u Q_ux Q_uu]]
     H = np.empty((m, m))  # Q_uu + mu I
@@ -219,30 +219,33 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
     x0 = np.empty(m)
     xq = np.empty(m)
     clamped = np.empty(m, dtype=np.bool_)
+    grad = np.empty(m)
+    free = np.empty(m, dtype=np.bool_)
+    d = np.empty((m, 1))
+    cand = np.empty(m)
+    Hm = np.empty((m, m))
     for b in range(B):
         for i in range(n):
-            vx[i] = VxT[b, i]
+            vx[b, i] = VxT[b, i]
             for j in range(n):
-                vxx[i, j] = VxxT[b, i, j]
-        good = True
-        kQu = 0.0
-        kg = 0.0
-        for t in range(T - 1, -1, -1):
-            if not good:
+                vxx[b, i, j] = VxxT[b, i, j]
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            if not good[b]:
                 _nan_stage(kK, Vxs, Vxxs, t, b, n, m)
                 continue
             for i in range(n):
-                s = vx[i]
+                s = vx[b, i]
                 if with_c:
                     for q in range(n):
-                        s += vxx[i, q] * c[t, b, q]
+                        s += vxx[b, i, q] * c[t, b, q]
                 vc[i] = s
             for i in range(n):
                 G[i, 0] = vc[i]
                 for j in range(nm):
                     s = 0.0
                     for q in range(n):
-                        s += vxx[i, q] * F[t, b, q, j]
+                        s += vxx[b, i, q] * F[t, b, q, j]
                     G[i, 1 + j] = s
             for r in range(nm):
                 for j in range(1 + nm):
@@ -260,8 +263,9 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
                     blo[i] = lo[i] - us[t, b, i]
                     bhi[i] = hi[i] - us[t, b, i]
                     x0[i] = warm[t, b, i] if has_warm else 0.0
-                good = _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m)
-                if good:
+                ok_t = _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m, grad,
+                               free, d, cand, Hm)
+                if ok_t:
                     # k the QP's minimizer; K = -H_free^{-1} Q_ux with clamped rows zero
                     for i in range(m):
                         S[i, 0] = xq[i]
@@ -270,14 +274,15 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
                     for j in range(n):
                         _chol_solve_col(Lf, S, 1 + j, m)
             else:
-                good = _cholesky(H, Lf, m)
-                if good:  # [k | K] = -(Q_uu + mu I)^{-1} [Q_u | Q_ux]
+                ok_t = _cholesky(H, Lf, m)
+                if ok_t:  # [k | K] = -(Q_uu + mu I)^{-1} [Q_u | Q_ux]
                     for i in range(m):
                         for j in range(1 + n):
                             S[i, j] = -J[n + i, j]
                     for j in range(1 + n):
                         _chol_solve_col(Lf, S, j, m)
-            if not good:
+            if not ok_t:
+                good[b] = False
                 _nan_stage(kK, Vxs, Vxxs, t, b, n, m)
                 continue
             for r in range(nm):
@@ -293,24 +298,25 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
                         s += S[q, 1 + i] * P[n + q, j]
                     V[i, j] = s
             for i in range(n):
-                vx[i] = V[i, 0]
+                vx[b, i] = V[i, 0]
                 for j in range(i + 1):
                     a = 0.5 * (V[i, 1 + j] + V[j, 1 + i])
-                    vxx[i, j] = a
-                    vxx[j, i] = a
+                    vxx[b, i, j] = a
+                    vxx[b, j, i] = a
             for q in range(m):
-                kQu += S[q, 0] * J[n + q, 0]
-                kg += S[q, 0] * P[n + q, 0]
+                kQu[b] += S[q, 0] * J[n + q, 0]
+                kg[b] += S[q, 0] * P[n + q, 0]
             for i in range(m):
                 for j in range(1 + n):
                     kK[t, b, i, j] = S[i, j]
             for i in range(n):
-                Vxs[t, b, i] = vx[i]
+                Vxs[t, b, i] = vx[b, i]
                 for j in range(n):
-                    Vxxs[t, b, i, j] = vxx[i, j]
-        dV[b, 0] = kQu
-        dV[b, 1] = 0.5 * (kg - kQu)
-        ok[b] = good and np.isfinite(kQu) and np.isfinite(kg)
+                    Vxxs[t, b, i, j] = vxx[b, i, j]
+    for b in range(B):
+        dV[b, 0] = kQu[b]
+        dV[b, 1] = 0.5 * (kg[b] - kQu[b])
+        ok[b] = good[b] and np.isfinite(kQu[b]) and np.isfinite(kg[b])
 
 
 @_jit
