@@ -31,9 +31,10 @@ not bitwise.
 **When it is used** (:func:`compiled_pays`): numba importable, a CPU tensor of float32 or
 float64 that needs no gradient and is not under a torch.func transform, and
 ``batch * (n + m)^3 <=`` :data:`MAX_WORK` (measured with two threads, T = 50: the
-compiled loop 1.35-70x faster than the torch recursion up to it, from one pendulum to
-1,024 problems of 12 states; 0.78x at 64 problems of 40 states and 10 controls, where the
-loop's plain triple products fall out of cache; the loop runs on one thread). The first call in a
+compiled loop 1.2-35x faster than the torch recursion up to it, from one pendulum to 64
+problems of 12 states or one of 50 states; 0.4-0.85x from 500,000, where the torch
+recursion's batched products amortize its per-operation cost and use both threads; the
+loop runs on one). The first call in a
 process loads the compiled loop from numba's cache (``__pycache__`` beside this file or
 numba's user cache directory): ~1 s; the very first on a machine compiles it, ~5-20 s per
 dtype.
@@ -52,8 +53,8 @@ __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
            "compiled_pays", "compiled_recursion", "kernels", "MAX_WORK"]
 
 #: largest ``batch * (n + m)^3`` for which the solvers take the compiled loop
-#: (``docs/performance.md``, "A compiled recursion")
-MAX_WORK = 2 ** 22
+#: (``docs/performance.md``, "Seventh round")
+MAX_WORK = 2 ** 18
 
 #: set to "0" to keep the solvers off the compiled loop (a debugging aid: the torch
 #: recursion is then used everywhere)
