@@ -379,3 +379,23 @@ def test_solve_lqr_takes_the_compiled_loop_and_equals_the_kkt_solution(monkeypat
     with pytest.raises(NotPositiveDefiniteError, match="stage 7"):
         trajopt.solve_lqr(trajopt.LQR(**data))
     assert seen[-1] is False  # refused by the compiled loop, named by the recursion
+
+
+def test_without_numba_the_solvers_warn_once_and_use_the_torch_recursion(monkeypatch):
+    import sys
+
+    import trajopt.riccati as riccati
+    monkeypatch.setitem(sys.modules, "trajopt.riccati._kernels", None)  # import fails
+    monkeypatch.delattr(riccati, "_kernels", raising=False)
+    compiled.kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="numba could not be imported"):
+            assert not compiled.compiled_available()
+        f, cost = _pendulum()
+        res = trajopt.solve_ddp(f, cost, torch.zeros(1, 2, **F64),
+                                torch.zeros(1, 30, 1, **F64), max_iter=3)
+        assert torch.isfinite(res.us).all()
+    finally:
+        monkeypatch.undo()
+        compiled.kernels.cache_clear()
+    assert compiled.compiled_available()
