@@ -311,7 +311,7 @@ def test_compiled_rollout_equals_the_loop(T, n, m, B, varying, offset, closed, s
 def test_ddp_with_linear_dynamics_takes_the_compiled_loop_and_equals_the_callable(
         monkeypatch):
     import trajopt.ddp.chain as chain_mod
-    from tests.trajopt.test_linear_rollout import _as_callable, _system
+    from tests.trajopt.test_linear_rollout import _as_callable, linear_problem
     seen = []
     real = chain_mod.compiled_rollout
 
@@ -320,11 +320,7 @@ def test_ddp_with_linear_dynamics_takes_the_compiled_loop_and_equals_the_callabl
         return real(*a)
     monkeypatch.setattr(chain_mod, "compiled_rollout", spy)
     for varying, offset, batch in [(False, False, 1), (True, True, 3)]:
-        A, B, c = _system(1, varying=varying, offset=offset)
-        cost = trajopt.QuadraticCost(torch.eye(4), 0.1 * torch.eye(2), 10 * torch.eye(4),
-                                     x_goal=torch.ones(4))
-        x0 = torch.randn(batch, 4, generator=torch.Generator().manual_seed(2), **F64)
-        us0 = torch.zeros(batch, 30, 2, **F64)
+        A, B, c, cost, x0, us0 = linear_problem(varying, offset, batch)
         ref = trajopt.solve_ddp(trajopt.Dynamics(_as_callable(A, B, c)), cost, x0, us0)
         seen.clear()
         got = trajopt.solve_ddp(trajopt.LinearDynamics(A, B, c), cost, x0, us0)
@@ -342,18 +338,18 @@ def test_solve_lqr_takes_the_compiled_loop_and_equals_the_kkt_solution(monkeypat
     """A batch (3, 2) of stacked problems with cross terms, offsets and linear terms:
     the compiled loop's values equal the dense KKT solution, its gains the torch
     recursion's; an indefinite stage still raises, naming the stage."""
-    import trajopt.lqr.finite as finite
+    import trajopt.lqr.exact_pass as exact_pass
     from tests.reference.lqr_kkt import NpStage, kkt_solve
     from tests.trajopt.test_lqr_finite import _stacked
     from trajopt.errors import NotPositiveDefiniteError
     seen = []
-    real = finite.compiled_recursion
+    real = exact_pass.compiled_recursion
 
     def spy(*a):
         out = real(*a)
         seen.append(bool(out.ok.all()))
         return out
-    monkeypatch.setattr(finite, "compiled_recursion", spy)
+    monkeypatch.setattr(exact_pass, "compiled_recursion", spy)
     rng = np.random.default_rng(2)
     data = _stacked(rng, (3, 2), 20, 4, 2)
     x0 = rng.normal(size=(3, 2, 4))

@@ -146,15 +146,21 @@ def _count_scans(monkeypatch):
     return _spy(monkeypatch, chain_mod, "checked_states")
 
 
-@pytest.mark.parametrize("varying,offset,batch", [(False, False, 1), (True, True, 3),
-                                                  (False, True, 5)])
-def test_ddp_with_linear_dynamics_scans_and_equals_the_callable(monkeypatch, varying,
-                                                                 offset, batch):
+def linear_problem(varying, offset, batch):
+    """``(A, B, c, cost, x0, us0)``: a 4-state, 2-control system (:func:`_system`, seed 1),
+    a quadratic cost towards (1, 1, 1, 1), ``batch`` initial states, T = 30."""
     A, B, c = _system(1, varying=varying, offset=offset)
     cost = trajopt.QuadraticCost(torch.eye(4), 0.1 * torch.eye(2), 10 * torch.eye(4),
                                  x_goal=torch.ones(4))
     x0 = torch.randn(batch, 4, generator=torch.Generator().manual_seed(2), **F64)
-    us0 = torch.zeros(batch, 30, 2, **F64)
+    return A, B, c, cost, x0, torch.zeros(batch, 30, 2, **F64)
+
+
+@pytest.mark.parametrize("varying,offset,batch", [(False, False, 1), (True, True, 3),
+                                                  (False, True, 5)])
+def test_ddp_with_linear_dynamics_scans_and_equals_the_callable(monkeypatch, varying,
+                                                                 offset, batch):
+    A, B, c, cost, x0, us0 = linear_problem(varying, offset, batch)
     ref = trajopt.solve_ddp(trajopt.Dynamics(_as_callable(A, B, c)), cost, x0, us0)
     seen = _count_scans(monkeypatch)
     got = trajopt.solve_ddp(trajopt.LinearDynamics(A, B, c), cost, x0, us0)

@@ -260,13 +260,13 @@ def _lqr(T, B, n, m, seed, indefinite_at=None):
 
 def _counting(monkeypatch, calls):
     import trajopt.lqr.finite as finite
-    original = finite._scan_backward
+    original = finite.scan_backward
 
     def counted(*a, **k):
         out = original(*a, **k)
         calls.append(out is not None)
         return out
-    monkeypatch.setattr(finite, "_scan_backward", counted)
+    monkeypatch.setattr(finite, "scan_backward", counted)
 
 
 @pytest.mark.parametrize("B", [1, 3])

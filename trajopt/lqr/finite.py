@@ -9,8 +9,10 @@ r"""Finite-horizon, time-varying LQR (thesis Sec. 2.3.1, Eq. 2.3.3-2.3.6, App. B
 
 The backward pass is :func:`trajopt.riccati.riccati_step_joint` applied stage by stage, or,
 for a few small problems over many stages, once over all stages with the values from the
-parallel scan of :mod:`trajopt.riccati.scan` (the same values up to rounding;
-``docs/performance.md``); the optimal policy is :math:`u_t = K_t x_t + k_t` and the value is
+parallel scan of :mod:`trajopt.riccati.scan`, and for small problems on the CPU by the
+compiled loop of :mod:`trajopt.riccati.compiled` (the same values up to rounding;
+:mod:`trajopt.lqr.exact_pass`, ``docs/performance.md``); the optimal policy is
+:math:`u_t = K_t x_t + k_t` and the value is
 :math:`V_t(x) = \tfrac12 x^\top P_t x + p_t^\top x + \text{const}`.
 """
 
@@ -24,13 +26,12 @@ import torch
 from .._arrays import ArrayKind, as_tensors
 from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
-from ..errors import InvalidArgumentError, NotPositiveDefiniteError, ShapeError
-from ..riccati.compiled import compiled_pays, compiled_recursion
+from ..errors import InvalidArgumentError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
-from ..riccati.scan import broadcast_stages, scan_batch, scan_pays, scanned_step, stacked_stages
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .affine_scan import scan_closed_loop
+from .exact_pass import compiled_backward, scan_backward, under_functorch
 from .implicit import lqr_trajectory
 from .stages import (
     RANK,
@@ -316,7 +317,7 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     exact = solver is None and not reg
     solver = CholeskySolver(reg=float(reg)) if solver is None else solver
     stages = dense_stages(problem)
-    scanned = (_compiled_backward(stages, P, p) or _scan_backward(stages, P, p)) \
+    scanned = (compiled_backward(stages, P, p) or scan_backward(stages, P, p)) \
         if exact else None
     if scanned is not None:
         Ks, ks, Ps, ps = scanned
@@ -335,10 +336,10 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         x0t = _x0_tensor(problem, x0)
 
         def closed_loop(K, k, x):
-            scanned = None if _under_functorch() else scan_closed_loop(problem, K, k, x)
+            scanned = None if under_functorch() else scan_closed_loop(problem, K, k, x)
             return scanned or _simulate(problem, x, lambda t, x: _mv(K[t], x) + k[t])
         if exact and torch.is_grad_enabled() and _requires_grad(problem, x0t) and \
-                not _under_functorch():
+                not under_functorch():
             xs_l, us_l, total = lqr_trajectory(problem, x0t, Ks, ks, Ps, ps, closed_loop,
                                                _adjoint_solver(problem))
         else:
@@ -349,77 +350,6 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
-
-
-def _compiled_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
-    """``(K, k, P, p)`` lists of the exact backward pass by the compiled loop
-    (:mod:`trajopt.riccati.compiled`), where its rule allows (CPU, small problems, no
-    input that requires grad, outside torch.func transforms) and the stages are stacked
-    alike; else None, as where some Q_uu is not positive definite (the recursion then
-    runs, and names the stage)."""
-    if not stages or (stacked := stacked_stages(stages)) is None:
-        return None
-    F, L, c = stacked
-    T, n = len(stages), stages[0].n
-    try:
-        batch = scan_batch(stacked, p, P)
-    except RuntimeError:
-        return None
-    N, m = batch.numel(), F.shape[-1] - n
-    if not compiled_pays(T, N, n, m, *(v for v in (F, L, c, P, p) if v is not None)):
-        return None
-
-    def flat(v, core):  # (T, ..., *core) -> (T, N, *core)
-        return broadcast_stages(v, batch, core).reshape(T, N, *v.shape[-core:])
-    done = compiled_recursion(flat(F, 2), flat(L, 2), None if c is None else flat(c, 1),
-                              p.expand(*batch, n).reshape(N, n),
-                              P.expand(*batch, n, n).reshape(N, n, n),
-                              torch.zeros(N, dtype=F.dtype))
-    if not bool(done.ok.all()):
-        return None
-    kK = done.kK.reshape(T, *batch, m, 1 + n)
-    return (list(kK[..., 1:].unbind(0)), list(kK[..., 0].unbind(0)),
-            list(done.Vxx.reshape(T, *batch, n, n).unbind(0)) + [P],
-            list(done.Vx.reshape(T, *batch, n).unbind(0)) + [p])
-
-
-def _scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
-    """``(K, k, P, p)`` lists of the exact backward pass with the values from the parallel
-    scan (:mod:`trajopt.riccati.scan`) and the Riccati step run once over all stages,
-    where :func:`~trajopt.riccati.scan.scan_pays` and the stages are stacked alike; else
-    None, as where the scan's values disagree with the step's or some Q_uu is not
-    positive definite (the recursion then runs, and names the stage)."""
-    if not stages or _under_functorch() or (stacked := stacked_stages(stages)) is None:
-        return None
-    T, n, F = len(stages), stages[0].n, stacked[0]
-    try:  # the batch scanned_step brings stages and terminal value to (one QT, say)
-        batch = scan_batch(stacked, p, P)
-    except RuntimeError:
-        return None
-    if not scan_pays(T, batch.numel(), F.shape[-1], F.device):
-        return None
-
-    def step(Vx1, Vxx1, F, L, n, c):
-        try:
-            out = riccati_step_joint(Vx1, Vxx1, F, L, n, c, solver=CholeskySolver())
-        except NotPositiveDefiniteError:
-            return None
-        return out, torch.ones(batch, dtype=torch.bool, device=F.device)
-
-    done = scanned_step(stacked, n, p, P, step)
-    if done is None:
-        return None
-    return (list(done.K.unbind(0)), list(done.k.unbind(0)),
-            list(done.Vxx.unbind(0)) + [P], list(done.Vx.unbind(0)) + [p])
-
-
-def _under_functorch() -> bool:
-    """Inside a torch.func transform (jacrev, vmap, ...), which a custom
-    autograd.Function without ``setup_context`` cannot enter."""
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 def _requires_grad(problem: LQR, x0: torch.Tensor) -> bool:
