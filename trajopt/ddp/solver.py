@@ -130,20 +130,23 @@ class DDPSolver:
                       k_warm: list[torch.Tensor] | None = None) -> Policy:
         """The Riccati recursion with per-element regularization ``mu`` (B,): per stage,
         expansion -> gains -> value update.  Elements whose regularized Q_uu is not
-        positive definite get ``ok = False``.  Where :func:`~trajopt.ddp.scanpass.
-        scan_applies` (iLQR, mu = 0, no limits, few small problems over many stages) the
-        values come from the parallel scan and the step runs once over all stages; after
-        the scan's self-check has refused it once, a solve keeps to the recursion."""
+        positive definite get ``ok = False``.  Small problems on the CPU take the same
+        pass as one compiled loop (:mod:`trajopt.ddp.compiledpass`, limits included).
+        Elsewhere, where :func:`~trajopt.ddp.scanpass.scan_applies` (iLQR, mu = 0, no
+        limits, few small problems over many stages) the values come from the parallel
+        scan and the step runs once over all stages; after the scan's self-check has
+        refused it once, a solve keeps to the recursion."""
         T = len(stages)
         Ks, ks, Vxs, Vxxs = [None] * T, [None] * T, [None] * (T + 1), [None] * (T + 1)
         Vxs[T], Vxxs[T] = Vx, Vxx
         oks, terms = [], []
         gains = self.policy(mu, traj, lo, hi, k_warm)
+        # the same pass as one compiled loop (small problems on the CPU)
+        pol = compiled_backward_pass(stages, Vx, Vxx, gains)
+        if pol is not None:
+            return pol
         # the same pass in O(log T) rounds; once its check refuses it in a solve, the
         # recursion for the rest of the solve (the problem's conditioning, not the pass's)
-        pol = compiled_backward_pass(stages, Vx, Vxx, gains)
-        if pol is not None:  # one compiled loop (small problems on the CPU)
-            return pol
         if scan_applies(stages, gains, mu, lo) and not self._scan_refused:
             pol = scan_backward_pass(stages, Vx, Vxx, gains)
             if pol is not None:
