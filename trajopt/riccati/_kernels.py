@@ -98,12 +98,13 @@ def _masked_cholesky(H, free, Lf, Hm, m):
 
 
 @register_jitable
-def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm):
+def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm, qp):
     """The box QP of :func:`trajopt.riccati.boxqp.box_qp` for one element (the same
     steps: the closed form for m = 1; the unconstrained minimizer where it is inside the
     box; projected Newton with the same Armijo backtracking otherwise). Writes x,
     clamped and the factor Lf of the free block; returns False where it failed. grad,
-    free (m), d (m, 1), cand (m), Hm (m, m): work arrays."""
+    free (m), d (m, 1), cand (m), Hm (m, m): work arrays; qp: the settings (max_iter,
+    tol, armijo, shrink, min_step) of :mod:`trajopt.riccati.boxqp`."""
     if m == 1:
         h = H[0, 0]
         xv = _clamp(-g[0] / h, lo[0], hi[0])
@@ -132,7 +133,8 @@ def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm
         x[i] = _clamp(x0[i] if has_x0 else 0.0, lo[i], hi[i])
     failed = False
     value = _qp_value(H, g, x, m)
-    for _ in range(100):  # box_qp's max_iter, tol, armijo, shrink, min_step
+    max_iter, tol, armijo, shrink, min_step = int(qp[0]), qp[1], qp[2], qp[3], qp[4]
+    for _ in range(max_iter):
         _clamped_set(H, g, x, lo, hi, grad, clamped, m)
         gmax = 0.0
         anyfree = False
@@ -141,7 +143,7 @@ def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm
             if free[i]:
                 anyfree = True
                 gmax = max(gmax, abs(grad[i]))
-        if gmax <= 1e-12 or not anyfree:
+        if gmax <= tol or not anyfree:
             break
         if not _masked_cholesky(H, free, Lf, Hm, m):
             failed = True
@@ -162,13 +164,13 @@ def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm
             for i in range(m):
                 cand[i] = _clamp(x[i] + step * d[i, 0], lo[i], hi[i])
             v = _qp_value(H, g, cand, m)
-            if (v - value) <= 0.1 * step * slope:
+            if (v - value) <= armijo * step * slope:
                 for i in range(m):
                     x[i] = cand[i]
                 value = v
                 break
-            step *= 0.6
-            if step < 1e-20:
+            step *= shrink
+            if step < min_step:
                 stop = True
                 break
         if stop:
@@ -191,7 +193,7 @@ def _nan_stage(kK, Vxs, Vxxs, t, b, n, m):
 
 
 @_jit
-def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
+def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, ok):
     """The Riccati recursion of :func:`trajopt.riccati.compiled.compiled_recursion`
     (box limits where ``lo`` is not empty). Stages outside, elements inside: each stage's
     data of the whole batch are read and written in memory order."""
@@ -264,7 +266,7 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, kK, Vxs, Vxxs, dV, ok):
                     bhi[i] = hi[i] - us[t, b, i]
                     x0[i] = warm[t, b, i] if has_warm else 0.0
                 ok_t = _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m, grad,
-                               free, d, cand, Hm)
+                               free, d, cand, Hm, qp)
                 if ok_t:
                     # k the QP's minimizer; K = -H_free^{-1} Q_ux with clamped rows zero
                     for i in range(m):

@@ -38,9 +38,16 @@ def _value(H: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x * (H @ x.unsqueeze(-1)).squeeze(-1)).sum(-1) + (g * x).sum(-1)
 
 
+#: projected Newton's settings: iterations, tolerance on the free gradient (max-norm),
+#: Armijo fraction, backtracking factor, smallest step (the defaults of :func:`box_qp`,
+#: and the settings of the compiled loop's box QP, :mod:`trajopt.riccati.compiled`)
+MAX_ITER, TOL, ARMIJO, SHRINK, MIN_STEP = 100, 1e-12, 0.1, 0.6, 1e-20
+
+
 def box_qp(H: torch.Tensor, g: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-           x0: torch.Tensor | None = None, *, max_iter: int = 100, tol: float = 1e-12,
-           armijo: float = 0.1, shrink: float = 0.6, min_step: float = 1e-20) -> BoxQPResult:
+           x0: torch.Tensor | None = None, *, max_iter: int = MAX_ITER, tol: float = TOL,
+           armijo: float = ARMIJO, shrink: float = SHRINK, min_step: float = MIN_STEP
+           ) -> BoxQPResult:
     """Solve a batch of box QPs.
 
     Elements whose unconstrained minimizer ``-H^{-1} g`` is inside the box are done after

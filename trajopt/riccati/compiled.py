@@ -55,6 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import boxqp
+
 __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
            "compiled_pays", "compiled_recursion", "kernels", "MAX_WORK"]
 
@@ -187,5 +189,7 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
     ok = torch.empty(B, dtype=torch.bool)
     kernels().recursion(arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu),
                         arr(box.lo), arr(box.hi), arr(box.us, 3), arr(box.warm, 3),
+                        np.array([boxqp.MAX_ITER, boxqp.TOL, boxqp.ARMIJO, boxqp.SHRINK,
+                                  boxqp.MIN_STEP]),
                         kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())
     return CompiledPass(kK, Vxs, Vxxs, dV.to(dt), ok)
