@@ -1,5 +1,6 @@
-"""The compiled Riccati recursion (trajopt.riccati.compiled) and the DDP backward pass
-built on it (trajopt.ddp.compiledpass):
+"""The compiled Riccati recursion (trajopt.riccati.compiled), the DDP backward pass built
+on it (trajopt.ddp.compiledpass), solve_lqr's use of it (trajopt.lqr.exact_pass) and the
+compiled rollout of linear dynamics (trajopt.lqr.compiled_rollout):
 
 * the compiled pass equals the plain numpy reference of ``tests/reference/ddp_numpy.py``
   (gains, values, expected change) with offsets, cross terms and per-element
@@ -7,11 +8,15 @@ built on it (trajopt.ddp.compiledpass):
   positive definite, leaving the others exact;
 * float32 inputs give the float64 answer rounded to float32;
 * whole DDP solves take it by default for small problems on the CPU and give the torch
-  recursion's result (convex and nonconvex problems, where mu is raised); the rule
-  leaves it out for gradients, limits, second-order dynamics, large batches, without
-  numba and when switched off.
+  recursion's result (convex and nonconvex problems, where mu is raised, and box limits
+  with one and two controls); the rule leaves it out for gradients, approximate players,
+  second-order dynamics, large batches, without numba (with a warning) and when
+  switched off;
+* solve_lqr through it equals the dense KKT solution and still names a stage that is
+  not positive definite;
+* the compiled rollout equals the plain loop (hypothesis), and DDP with LinearDynamics
+  through it equals the callable model.
 """
-
 import math
 
 import numpy as np
