@@ -68,6 +68,16 @@ class Policy:
     ok: torch.Tensor
     shared: bool = False  # tensors borrowed from a backward pass: copy before writing
 
+    @classmethod
+    def from_stacked(cls, kK: torch.Tensor, Vx: torch.Tensor, Vxx: torch.Tensor,
+                     VxT: torch.Tensor, VxxT: torch.Tensor, dV: torch.Tensor,
+                     ok: torch.Tensor) -> Policy:
+        """The policy of a pass computed over all stages at once: the joint gains ``kK``
+        (T, B, m, 1+n), the values ``Vx`` (T, B, n), ``Vxx`` (T, B, n, n) of stages
+        0 .. T-1 and the terminal ``VxT``, ``VxxT`` appended (per-stage views)."""
+        return cls(list(kK[..., 1:].unbind(0)), list(kK[..., 0].unbind(0)),
+                   list(Vx.unbind(0)) + [VxT], list(Vxx.unbind(0)) + [VxxT], dV, ok)
+
 
 def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
     """The feedforward step relative to the controls, ``max_t,i |k_t,i| / max_t,i

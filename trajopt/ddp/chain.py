@@ -17,6 +17,7 @@ import torch
 
 from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
+from ..riccati.compiled import compilable
 from ..riccati.expansion import DenseStage, joint_blocks
 from .batch import Traj
 from .linear import LinearDynamics
@@ -110,10 +111,11 @@ class Chain:
         if dyn is None or T == 0 or any(f.shape != law.ff[0].shape for f in law.ff):
             return None
         B, n = x0.shape
-        A, Bm, c = dyn.maps(T, x0)
         gains = () if law.K is None else (law.K[0], law.xbar[0])
-        if not compiled_rollout_pays(T, B, n, law.ff[0].shape[-1], x0, A, Bm,
-                                     law.ff[0], *gains):
+        if not compiled_rollout_pays(T, B, n, law.ff[0].shape[-1], x0, law.ff[0], *gains):
+            return None  # before the maps: the scan, tried next, forms them itself
+        A, Bm, c = dyn.maps(T, x0)
+        if not compilable(A, Bm):
             return None
         closed = law.K is not None
         xs, us = compiled_rollout(A, Bm, c, torch.stack(list(law.ff)),

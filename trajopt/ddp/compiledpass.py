@@ -62,6 +62,4 @@ def compiled_backward_pass(stages: list, Vx: torch.Tensor, Vxx: torch.Tensor,
         box.lo, box.hi, torch.stack(list(box.us)),
         None if box.warm is None else torch.stack(list(box.warm)))
     done = compiled_recursion(*stacked, Vx, Vxx, mu.expand(B), limits)
-    return Policy(list(done.kK[..., 1:].unbind(0)), list(done.kK[..., 0].unbind(0)),
-                  list(done.Vx.unbind(0)) + [Vx], list(done.Vxx.unbind(0)) + [Vxx],
-                  done.dV, done.ok)
+    return Policy.from_stacked(done.kK, done.Vx, done.Vxx, Vx, Vxx, done.dV, done.ok)

@@ -86,9 +86,8 @@ def scan_backward_pass(stages: list[DenseStage], Vx: torch.Tensor, Vxx: torch.Te
     g, ok = done.gains, done.gains.ok.all(0)
     k, Qu, Qg = (v.transpose(0, 1).flatten(1) for v in done.step.change_terms())
     dV = total_expected_change([(k, Qu, Qg)])
-    return Policy(list(g.K.unbind(0)), list(g.k.unbind(0)),
-                  list(done.Vx.unbind(0)) + [Vx], list(done.Vxx.unbind(0)) + [Vxx], dV,
-                  ok & torch.isfinite(dV).all(-1))
+    return Policy.from_stacked(g.kK, done.Vx, done.Vxx, Vx, Vxx, dV,
+                               ok & torch.isfinite(dV).all(-1))
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,37 @@ from ..riccati.scan import broadcast_stages, scan_batch, scan_pays, scanned_step
 from ..riccati.solvers import CholeskySolver
 from ..riccati.step import riccati_step_joint
 
-__all__ = ["compiled_backward", "scan_backward", "under_functorch"]
+__all__ = ["stacked_for_pass", "compiled_backward", "scan_backward", "under_functorch"]
 
 
-def compiled_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
-    """``(K, k, P, p)`` lists of the exact backward pass by the compiled loop
-    (:mod:`trajopt.riccati.compiled`), where its rule allows (CPU, small problems, no
-    input that requires grad, outside torch.func transforms) and the stages are stacked
-    alike; else None, as where some Q_uu is not positive definite (the recursion then
-    runs, and names the stage)."""
+def stacked_for_pass(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
+    """``(F, L, c)`` stacked over the stages and the one batch they and the terminal value
+    ``P``, ``p`` broadcast to, what both passes below read (stacked once); None where the
+    stages are not stacked alike or do not broadcast."""
     if not stages or (stacked := stacked_stages(stages)) is None:
         return None
-    F, L, c = stacked
-    T, n = len(stages), stages[0].n
-    try:
-        batch = scan_batch(stacked, p, P)
+    try:  # the batch scanned_step brings stages and terminal value to (one QT, say)
+        return stacked, scan_batch(stacked, p, P)
     except RuntimeError:
         return None
-    N, m = batch.numel(), F.shape[-1] - n
+
+
+def _lists(K, k, Vxx, Vx, P, p):
+    """``(K, k, P, p)`` lists over the stages from stacked (T, ...) tensors, the terminal
+    value appended."""
+    return (list(K.unbind(0)), list(k.unbind(0)), list(Vxx.unbind(0)) + [P],
+            list(Vx.unbind(0)) + [p])
+
+
+def compiled_backward(stacked: tuple, batch: torch.Size, n: int, P: torch.Tensor,
+                      p: torch.Tensor):
+    """``(K, k, P, p)`` lists of the exact backward pass by the compiled loop
+    (:mod:`trajopt.riccati.compiled`) on the stages of :func:`stacked_for_pass`, where its
+    rule allows (CPU, small problems, no input that requires grad, outside torch.func
+    transforms); else None, as where some Q_uu is not positive definite (the recursion
+    then runs, and names the stage)."""
+    F, L, c = stacked
+    T, N, m = F.shape[0], batch.numel(), F.shape[-1] - n
     if not compiled_pays(T, N, n, m, *(v for v in (F, L, c, P, p) if v is not None)):
         return None
 
@@ -44,25 +57,19 @@ def compiled_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor
     if not bool(done.ok.all()):
         return None
     kK = done.kK.reshape(T, *batch, m, 1 + n)
-    return (list(kK[..., 1:].unbind(0)), list(kK[..., 0].unbind(0)),
-            list(done.Vxx.reshape(T, *batch, n, n).unbind(0)) + [P],
-            list(done.Vx.reshape(T, *batch, n).unbind(0)) + [p])
+    return _lists(kK[..., 1:], kK[..., 0], done.Vxx.reshape(T, *batch, n, n),
+                  done.Vx.reshape(T, *batch, n), P, p)
 
 
-def scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
+def scan_backward(stacked: tuple, batch: torch.Size, n: int, P: torch.Tensor,
+                  p: torch.Tensor):
     """``(K, k, P, p)`` lists of the exact backward pass with the values from the parallel
-    scan (:mod:`trajopt.riccati.scan`) and the Riccati step run once over all stages,
-    where :func:`~trajopt.riccati.scan.scan_pays` and the stages are stacked alike; else
-    None, as where the scan's values disagree with the step's or some Q_uu is not
-    positive definite (the recursion then runs, and names the stage)."""
-    if not stages or under_functorch() or (stacked := stacked_stages(stages)) is None:
-        return None
-    T, n, F = len(stages), stages[0].n, stacked[0]
-    try:  # the batch scanned_step brings stages and terminal value to (one QT, say)
-        batch = scan_batch(stacked, p, P)
-    except RuntimeError:
-        return None
-    if not scan_pays(T, batch.numel(), F.shape[-1], F.device):
+    scan (:mod:`trajopt.riccati.scan`) and the Riccati step run once over all stages of
+    :func:`stacked_for_pass`, where :func:`~trajopt.riccati.scan.scan_pays`; else None, as
+    where the scan's values disagree with the step's or some Q_uu is not positive
+    definite (the recursion then runs, and names the stage)."""
+    F = stacked[0]
+    if under_functorch() or not scan_pays(F.shape[0], batch.numel(), F.shape[-1], F.device):
         return None
 
     def step(Vx1, Vxx1, F, L, n, c):
@@ -75,8 +82,7 @@ def scan_backward(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     done = scanned_step(stacked, n, p, P, step)
     if done is None:
         return None
-    return (list(done.K.unbind(0)), list(done.k.unbind(0)),
-            list(done.Vxx.unbind(0)) + [P], list(done.Vx.unbind(0)) + [p])
+    return _lists(done.K, done.k, done.Vxx, done.Vx, P, p)
 
 
 def under_functorch() -> bool:

@@ -31,7 +31,7 @@ from ..riccati.expansion import DenseStage, joint_blocks
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
 from .affine_scan import scan_closed_loop
-from .exact_pass import compiled_backward, scan_backward, under_functorch
+from .exact_pass import compiled_backward, scan_backward, stacked_for_pass, under_functorch
 from .implicit import lqr_trajectory
 from .stages import (
     RANK,
@@ -317,8 +317,9 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     exact = solver is None and not reg
     solver = CholeskySolver(reg=float(reg)) if solver is None else solver
     stages = dense_stages(problem)
-    scanned = (compiled_backward(stages, P, p) or scan_backward(stages, P, p)) \
-        if exact else None
+    pre = stacked_for_pass(stages, P, p) if exact else None  # stacked once for both
+    scanned = None if pre is None else (compiled_backward(*pre, stages[0].n, P, p)
+                                        or scan_backward(*pre, stages[0].n, P, p))
     if scanned is not None:
         Ks, ks, Ps, ps = scanned
     else:
