@@ -150,11 +150,12 @@ class Preconditioner:
         if X.shape[-1] == 1 and X.dim() == 3:  # Linear: rank-one per-sample cotangents
             a, x = w[..., 0], X[..., 0]
             if not torch.is_tensor(self.D):
-                return (self.D * (x * x).sum(-1))[:, None, None] * (a @ a.transpose(-1, -2))
+                return (self.D * (x * x).sum(-1)).view(-1, 1, 1) * torch.bmm(
+                    a, a.transpose(-1, -2))
             if self.rot is not None:
                 a, x = a @ self.rot[0], x @ self.rot[1]
             e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
-            return (a * e.unsqueeze(1)) @ a.transpose(-1, -2)
+            return torch.bmm(a * e.unsqueeze(1), a.transpose(-1, -2))
         if not torch.is_tensor(self.D) and self.rot is None and _positions_gram_pays(w, X):
             # S = D I through the P x P Gram matrix of each sample's positions
             gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
@@ -222,6 +223,20 @@ def response_gram(w: torch.Tensor, Sw: torch.Tensor) -> torch.Tensor:
     return w.flatten(2) @ Sw.flatten(2).transpose(-1, -2)
 
 
+def _lr_over(lr: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``lr / x`` as torch rounds it, overwriting the fresh tensor ``x``: a number over a
+    tensor is its reciprocal times the number (``Tensor.__rtruediv__``); a tensor ``lr``
+    divides."""
+    return lr / x if torch.is_tensor(lr) else x.reciprocal_().mul_(lr)
+
+
+def _decayed(old: torch.Tensor | None, keep: float, new: torch.Tensor) -> torch.Tensor:
+    """``old * keep + new`` (``new`` alone when there is no ``old``: a zero state, as
+    torch.optim starts), into a fresh tensor: ``old`` is never modified (a skipped step
+    leaves the optimizer's state as it was); ``new`` may be overwritten."""
+    return new if old is None else (old * keep).add_(new)
+
+
 def _moment(old: torch.Tensor | None, new: torch.Tensor, keep: float) -> torch.Tensor:
     return new if old is None else old * keep + new * (1.0 - keep)
 
@@ -246,7 +261,7 @@ class Identity(Curvature):
         if mu:
             buf = st.get("momentum_buffer")
             st["momentum_buffer"] = (g.clone() if buf is None
-                                     else buf * mu + g * (1.0 - hp["dampening"]))
+                                     else _decayed(buf, mu, g * (1.0 - hp["dampening"])))
         return st
 
     def direction(self, st, g, hp, step):
@@ -280,22 +295,22 @@ class RMSprop(Curvature):
     def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         a = hp["alpha"]
-        st["square_avg"] = st.get("square_avg", torch.zeros_like(g)) * a + g * g * (1 - a)
+        st["square_avg"] = _decayed(st.get("square_avg"), a, (g * g).mul_(1 - a))
         if hp["centered"]:
-            st["grad_avg"] = st.get("grad_avg", torch.zeros_like(g)) * a + g * (1 - a)
+            st["grad_avg"] = _decayed(st.get("grad_avg"), a, g * (1 - a))
         if hp["momentum"]:
-            buf = st.get("momentum_buffer", torch.zeros_like(g))
-            st["momentum_buffer"] = buf * hp["momentum"] + g / self._avg(st, hp)
+            st["momentum_buffer"] = _decayed(st.get("momentum_buffer"), hp["momentum"],
+                                             g / self._avg(st, hp))
         return st
 
     def _avg(self, st, hp):
         v = st["square_avg"]
         if hp["centered"]:
             v = v - st["grad_avg"] * st["grad_avg"]
-        return v.sqrt() + hp["eps"]
+        return v.sqrt().add_(hp["eps"])
 
     def scale(self, st, hp, step):
-        return hp["lr"] / self._avg(st, hp)
+        return _lr_over(hp["lr"], self._avg(st, hp))
 
     def open_loop(self, st, g, hp, step, pre):
         if hp["momentum"]:
@@ -322,17 +337,20 @@ class Adam(Curvature):
     def update(self, st, g, hp, step, w=None, X=None, mean=None):
         st = dict(st)
         b1, b2 = hp["betas"]
-        st["exp_avg"] = st.get("exp_avg", torch.zeros_like(g)).lerp(g, 1 - b1)
-        st["exp_avg_sq"] = st.get("exp_avg_sq", torch.zeros_like(g)) * b2 + g * g * (1 - b2)
+        m = st.get("exp_avg")
+        st["exp_avg"] = (torch.zeros_like(g) if m is None else m).lerp(g, 1 - b1)
+        st["exp_avg_sq"] = _decayed(st.get("exp_avg_sq"), b2, (g * g).mul_(1 - b2))
         if hp["amsgrad"]:
-            st["max_exp_avg_sq"] = torch.maximum(
-                st.get("max_exp_avg_sq", torch.zeros_like(g)), st["exp_avg_sq"])
+            top = st.get("max_exp_avg_sq")
+            st["max_exp_avg_sq"] = st["exp_avg_sq"].clone() if top is None else \
+                torch.maximum(top, st["exp_avg_sq"])
         return st
 
     def scale(self, st, hp, step):
         b2 = hp["betas"][1]
         v = st["max_exp_avg_sq"] if hp["amsgrad"] else st["exp_avg_sq"]
-        return hp["lr"] / (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(hp["eps"])
+        # lr / (sqrt(v) / sqrt(1 - b2^t) + eps), each operation rounded as written
+        return _lr_over(hp["lr"], v.sqrt().div_(math.sqrt(1 - b2 ** step)).add_(hp["eps"]))
 
     def direction(self, st, g, hp, step):
         return st["exp_avg"] / (1 - hp["betas"][0] ** step)

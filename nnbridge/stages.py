@@ -159,16 +159,17 @@ class Stage:
 
     def split(self, U: torch.Tensor) -> list[torch.Tensor]:
         """The parameter-shaped tensors of an (out, in') control-shaped tensor."""
-        W = self.module.weight
+        shape = self.module.weight.shape
         if self.has_bias:
-            return [U[..., :-1].reshape(W.shape), U[..., -1].reshape(-1)]
-        return [U.reshape(W.shape)]
+            w, b = U[..., :-1], U[..., -1]
+            return [_shaped(w, shape), b if b.dim() == 1 else b.reshape(-1)]
+        return [_shaped(U, shape)]
 
     def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`split` (e.g. for ``p.grad``)."""
         lead = (tensors[0].shape[0],) if self.groups == 1 else (
             self.groups, tensors[0].shape[0] // self.groups)
-        W = tensors[0].reshape(*lead, -1)
+        W = _shaped(tensors[0], (*lead, math.prod(tensors[0].shape[1:])))
         return torch.cat([W, tensors[1].reshape(*lead, 1)], -1) if self.has_bias else W
 
     def factor_view(self, h: torch.Tensor, lead: int = 1) -> torch.Tensor:
@@ -302,6 +303,12 @@ def _unflattened(stage, x: torch.Tensor, U: torch.Tensor,
     if math.prod(h_shape) != x_next[0].numel():
         return None
     return x_next.reshape(x_next.shape[0], *h_shape)
+
+
+def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t.reshape(shape)``, or ``t`` itself when it has that shape already (a reshape to
+    the same shape is a view of the same numbers, but one more dispatched operation)."""
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def combine_calls(hs: list[torch.Tensor]) -> torch.Tensor:
@@ -452,7 +459,7 @@ class StageLinearization:
         """:math:`\\sigma_h^\\top Y`, (B, J, n1) -> ``(B, J, *h_shape)``."""
         B, J = Y.shape[:2]
         if self.s is not None:
-            return Y.reshape(B, J, *self.h_shape) * self.s.unsqueeze(1)
+            return _shaped(Y, (B, J, *self.h_shape)) * self._s_rows
         Yt = Y.transpose(0, 1).reshape(J, B, *self.x_next.shape[1:])
         out = torch.func.vmap(self._vjp)(Yt)[0]
         return out.transpose(0, 1)
@@ -461,11 +468,17 @@ class StageLinearization:
         """:math:`\\sigma_h D`, ``(B, J, *h_shape)`` -> (B, J, n1)."""
         B, J = D.shape[:2]
         if self.s is not None:
-            return (D * self.s.unsqueeze(1)).reshape(B, J, -1)
+            out = D * self._s_rows
+            return out if out.dim() == 3 else out.reshape(B, J, -1)
         fn = self.stage.post_fn
         Dt = D.transpose(0, 1)
         out = torch.func.vmap(lambda d: torch.func.jvp(fn, (self.h,), (d,))[1])(Dt)
         return out.transpose(0, 1).reshape(B, J, -1)
+
+    @functools.cached_property
+    def _s_rows(self) -> torch.Tensor:
+        """:math:`\\sigma'` with a row dimension, (B, 1, *h_shape)."""
+        return self.s.unsqueeze(1)
 
     # ------------------------------------------------------------- g_x, g_u
     def _gx_T(self, Wh: torch.Tensor) -> torch.Tensor:
@@ -539,8 +552,8 @@ class StageLinearization:
             # sigma' itself is rounded (1 - y^2 near saturation: an absolute error of
             # ~eps, autograd's and ours in another order), hence the |K| term
             eps = torch.finfo(sK.dtype).eps
-            if not bool(((sK - Bh).abs()
-                         <= 8 * eps * (sK.abs() + Bh.abs() + Kh.abs())).all()):
+            bound = sK.abs().add_(Bh.abs()).add_(Kh.abs()).mul_(8 * eps)
+            if not bool(((sK - Bh).abs_() <= bound).all()):
                 return None
         return K_own
 
@@ -553,16 +566,21 @@ class StageLinearization:
             D = self.stage.affine(dx, self.U, bias=False)
         return self.sigma(D.unsqueeze(1)).squeeze(1)
 
+    def _sigma_T_one(self, Y: torch.Tensor) -> torch.Tensor:
+        """:meth:`sigma_T` of one row per sample, (B, n1) -> ``(B, *h_shape)``."""
+        if self.s is not None:
+            return _shaped(Y, self.s.shape) * self.s
+        return self.sigma_T(Y.unsqueeze(1)).squeeze(1)
+
     def fu_T_mean(self, Y: torch.Tensor) -> torch.Tensor:
-        h = self.sigma_T(Y.unsqueeze(1)).squeeze(1)            # (B, *h_shape)
-        return self.mean(self.control_gradient(h))
+        return self.mean(self.control_gradient(self._sigma_T_one(Y)))
 
     def value_gradient(self, Vx: torch.Tensor) -> torch.Tensor:
         """``fu_T_mean(Vx)``, less the mean control gradient of :attr:`sent` (one product
         of the difference of the cotangents)."""
         if self.sent is None:
             return self.fu_T_mean(Vx)
-        h = torch.sub(self.sigma_T(Vx.unsqueeze(1)).squeeze(1), self.sent, alpha=self.B)
+        h = torch.sub(self._sigma_T_one(Vx), self.sent, alpha=self.B)
         return self.mean(self.control_gradient(h))
 
     def control_gradient(self, h_grad: torch.Tensor) -> torch.Tensor:

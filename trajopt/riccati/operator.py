@@ -152,7 +152,7 @@ class OperatorStep:
         (f_x^\\top Z)^\\top dX` come from this stage's pulled-back factor (kept anyway)."""
         if (self.value is not None and self.next_value.factored and not self.tikhonov
                 and getattr(self.stage, "samplewise", False)):
-            a = self.value.directions() @ dX.reshape(dX.shape[0], -1, 1)      # (B, r, 1)
+            a = torch.bmm(self.value.directions(), dX.reshape(dX.shape[0], -1, 1))  # (B, r, 1)
             if self.factor_map is not None:
                 a = self.factor_map.transpose(-1, -2) @ a
             Y = self.next_value.hess_from_coords(a.transpose(-1, -2))

@@ -177,7 +177,7 @@ class RankOneValue:
 
     def hess_from_coords(self, a: torch.Tensor) -> torch.Tensor:
         """:math:`V Y` from the coordinates ``a = z' Y`` (B, J, 1) of rows Y: (B, J, n)."""
-        return (self.c[:, None, None] * a) * self.z.unsqueeze(1)
+        return (self.c.view(-1, 1, 1) * a) * self.z.unsqueeze(1)
 
     #: the feedback pass reads Z' f_x dX off the pulled-back factor
     #: (:class:`~trajopt.riccati.operator.OperatorStep`)
@@ -197,7 +197,7 @@ class RankOneValue:
 
     def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool) -> torch.Tensor:
         """:meth:`downdate` from :math:`z^\\top M z` (B, 1, 1) alone."""
-        c = self.c * (1.0 - self.c * (w * G[:, 0, 0]))
+        c = self.c * (1.0 - self.c * (w * G.reshape(-1)))
         return c.clamp(min=0.0) if project_psd else c
 
     def pullback(self, fx_T: Pullback, g: torch.Tensor, c: torch.Tensor) -> RankOneValue:
