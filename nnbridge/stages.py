@@ -591,6 +591,8 @@ class StageLinearization:
         CPU than the product with it)."""
         st = self.stage
         if not st.is_conv:
+            if h_grad.dim() == 2 and st.groups == 1:   # Linear: (B, out)' (B, in')
+                return h_grad.T @ self.X.select(-1, 0)
             return outer_sum(st.factor_view(h_grad), self.X)
         g, W = st.conv, self.W
         gy = h_grad.unsqueeze(-2) if g.one_d else h_grad
