@@ -32,7 +32,7 @@ from trajopt.riccati.solvers import cholesky_factor
 
 from .curvature import DensePreconditioner, Preconditioner, response_gram
 from .graph import GraphStage
-from .stages import outer_sum, outer_sum_rows, samplewise, spread
+from .stages import controls_samplewise, outer_sum, outer_sum_rows, samplewise, spread
 
 __all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
            "joint_exact"]
@@ -125,6 +125,24 @@ class GraphLinearization:
         Once per linearization: the step asks at its Gram downdate and its feedback."""
         return samplewise(self.stage, self.stage.modules(), self.fx_T, self.B, self.n1,
                           self.x_next)
+
+    @functools.cached_property
+    def response_samplewise(self) -> bool:
+        """The players' controls act sample by sample: the map from their pre-activations
+        to :math:`y_{t+1}` mixes no samples, so the response :math:`f_u^i S f_u^{i\\top}`
+        is block diagonal and the kernel may downdate from its Gram matrix in control space
+        even where :math:`F_y` mixes the samples (a BatchNorm player after its own
+        normalization: the statistics are part of :math:`F_y`; not a layer followed by a
+        BatchNorm in the same stage).  Stages acting sample by sample (:attr:`samplewise`)
+        qualify; otherwise one pull-back of a cotangent on sample 0 alone must reach
+        every active player's sample 0 and no other sample, cached like
+        :func:`nnbridge.stages.samplewise` (an inconclusive probe counts as mixing)."""
+        if self.samplewise:
+            return True
+        return controls_samplewise(self.stage, self.stage.modules(),
+                                   lambda Y: [g for g, a in zip(self._pull(Y)[1], self.active)
+                                              if a],
+                                   self.B, self.n1, self.x_next)
 
     def fx(self, dX: torch.Tensor) -> torch.Tensor:
         """:math:`F_y\\, dY`, (B, n) -> (B, n1)."""

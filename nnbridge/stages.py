@@ -30,7 +30,8 @@ from torch import nn
 from trajopt.errors import UnsupportedModelError
 
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
-           "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise"]
+           "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise",
+           "controls_samplewise"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
@@ -374,6 +375,33 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
     return cache[key]
 
 
+def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
+                        like: torch.Tensor) -> bool:
+    """Whether the map from a stage's players' pre-activations to its output mixes no
+    samples (the response :math:`f_u^i S f_u^{i\top}` is then block diagonal, also where
+    :math:`f_x` is not: :attr:`nnbridge.graph_ops.GraphLinearization.response_samplewise`).
+
+    ``pull_h(Y)`` gives the active players' pre-activation cotangents (B, J, ...) of
+    output cotangents Y (B, J, n1).  One cotangent on sample 0 alone must reach sample 0
+    of every active player and leave every other sample exactly zero; the answer is cached
+    on ``key_owner`` per training mode of ``modules``.  An inconclusive probe (a player
+    that nothing reaches on sample 0: zero weights after it, a dead unit) is not cached and
+    counts as mixing, as :func:`samplewise`'s does."""
+    if B == 1:
+        return True
+    key = tuple(m.training for m in modules)
+    cache = key_owner.__dict__.setdefault("_controls_samplewise", {})
+    if key not in cache:
+        Y = torch.zeros(B, 1, n1, dtype=like.dtype, device=like.device)
+        Y[0, 0] = torch.linspace(1.0, 2.0, n1, dtype=like.dtype, device=like.device)
+        with torch.no_grad():
+            gh = pull_h(Y)
+        if not gh or not all(bool(g[0].any()) for g in gh):
+            return False
+        cache[key] = not any(bool(g[1:].any()) for g in gh)
+    return cache[key]
+
+
 class StageLinearization:
     """First-order operators of one stage around nominal inputs ``x`` (B, ...): implements
     :class:`trajopt.riccati.operator.OperatorStage` on flattened states.
@@ -527,6 +555,12 @@ class StageLinearization:
         Once per linearization: the step asks at its Gram downdate and its feedback."""
         return samplewise(self.stage, [self.stage.module, *self.stage.post], self.fx_T,
                           self.B, self.n1, self.x)
+
+    #: :math:`f_u^i = \sigma'(h^i)\,(\cdot\;\tilde x^i)` acts sample by sample at the
+    #: nominal inputs, also where :math:`f_x` does not (a normalization with batch
+    #: statistics, whose statistics are part of :math:`\tilde x`): the kernel's Gram-matrix
+    #: downdate is exact on every chain stage
+    response_samplewise = True
 
     def carried_pullback(self, K: torch.Tensor) -> torch.Tensor | None:
         r""":math:`f_x^\top K` without a product, when ``K`` is the recorded

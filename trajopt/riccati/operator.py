@@ -94,7 +94,10 @@ class OperatorStage(Protocol):
 
     # optional: samplewise (bool), f_x acts sample by sample (nothing mixes the samples):
     # the step may then read per-sample quantities off per-sample pull-backs (the
-    # feedback's coordinates, the Gram-matrix downdate); absent means False
+    # feedback's coordinates); absent means False
+    # optional: response_samplewise (bool), f_u acts sample by sample (the response M^i =
+    # f_u^i S f_u^i' is block diagonal, whatever f_x does): the value's downdate may then
+    # come from the response's Gram matrix in control space; absent means samplewise
 
 class ControlResponse(Protocol):
     """How the shared curvature acts on the next state (the Q_uu plug point)."""
@@ -237,7 +240,8 @@ def operator_riccati_step(
             r = r if const is None else r + const
         gram = getattr(resp, "response_gram", None)
         if (gram is not None and hasattr(value, "downdate_gram")
-                and getattr(stage, "samplewise", False)):
+                and getattr(stage, "response_samplewise",
+                            getattr(stage, "samplewise", False))):
             core = value.downdate_gram(gram(D), w, project_psd)
         else:
             MD = resp.response(D)
