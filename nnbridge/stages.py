@@ -556,11 +556,24 @@ class StageLinearization:
         return samplewise(self.stage, [self.stage.module, *self.stage.post], self.fx_T,
                           self.B, self.n1, self.x)
 
-    #: :math:`f_u^i = \sigma'(h^i)\,(\cdot\;\tilde x^i)` acts sample by sample at the
-    #: nominal inputs, also where :math:`f_x` does not (a normalization with batch
-    #: statistics, whose statistics are part of :math:`\tilde x`): the kernel's Gram-matrix
-    #: downdate is exact on every chain stage
-    response_samplewise = True
+    @functools.cached_property
+    def response_samplewise(self) -> bool:
+        """:math:`f_u^i = \\sigma_h^i\\,(\\cdot\\;\\tilde x^i)` acts sample by sample: the
+        response :math:`f_u^i S f_u^{i\\top}` is then block diagonal and the kernel may
+        downdate from its Gram matrix in control space, also where :math:`f_x` mixes the
+        samples (a normalization stage's batch statistics are part of its nominal
+        :math:`\\tilde x`).  True when :attr:`samplewise`, or when the ``post`` modules
+        are elementwise; a BatchNorm with batch statistics in the ``post`` mixes; other
+        ``post`` modules by the probe of :func:`controls_samplewise` through
+        :math:`\\sigma_h^\\top`."""
+        post = self.stage.post
+        if self.stage.elementwise or self.samplewise:
+            return True
+        if any(isinstance(m, _BN) and (m.training or m.running_mean is None)
+               for mod in post for m in mod.modules()):
+            return False
+        return controls_samplewise(self.stage, list(post), lambda Y: [self.sigma_T(Y)],
+                                   self.B, self.n1, self.x_next)
 
     def carried_pullback(self, K: torch.Tensor) -> torch.Tensor | None:
         r""":math:`f_x^\top K` without a product, when ``K`` is the recorded

@@ -115,6 +115,10 @@ def test_samplewise_detection(case):
     with batch_coupled(list(model.modules())):   # as the optimizers run their DDP pass
         lin = StageLinearization(stages[k], x)
         assert lin.samplewise == (case == "plain")
+        # the controls: an affine BatchNorm normalizes before its own control acts (its
+        # statistics are part of the nominal input), a BatchNorm or a function of the
+        # batch after the layer mixes what the layer's control changes
+        assert lin.response_samplewise == (case in ("plain", "bn-zero-weight"))
 
 
 def test_a_stage_and_response_without_the_new_methods():
@@ -269,3 +273,44 @@ def test_gram_downdate_under_batch_statistics_is_exact(curvature, monkeypatch):
     # the coupling's share of the mixing stage's downdate: 1e-6 relative with Adam's
     # curvature, 4e-10 with SGD's here; either is over 1,000 times the rounding above
     assert (on - off).abs().max() > 1e3 * max(float(exact), 1e-15 * float(scale))
+
+
+@pytest.mark.parametrize("curvature,terminal", [("adam", "ggn"), ("identity", "ggn"),
+                                                ("ekfac", "fisher")])
+def test_gram_downdate_on_chain_batchnorm_stages_is_exact(curvature, terminal, monkeypatch):
+    """DDPNOpt on a chain CNN with BatchNorm in training mode: its normalization stages
+    take the Gram downdate (their controls act sample by sample), the same step as the
+    response mapped back through the stage (forced) to 1e-12.  (The convolutions have no
+    bias: a bias before BatchNorm has a zero gradient, whose rounding noise Adam scales
+    to steps of 1e-11 relative that grow over the steps.)"""
+    from nnbridge.curvature import NetworkResponse
+    mapped = []
+
+    def run(force):
+        if force:
+            monkeypatch.setattr(StageLinearization, "response_samplewise",
+                                property(lambda self: self.samplewise))
+        response = NetworkResponse.response
+        monkeypatch.setattr(NetworkResponse, "response",
+                            lambda self, Y: mapped.append(force) or response(self, Y))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1, stride=2, bias=False),
+            torch.nn.BatchNorm2d(4), torch.nn.Tanh(), torch.nn.Flatten(),
+            torch.nn.Linear(64, 10)).double()
+        opt = nnbridge.DDPNOpt(model, lr=1e-2, curvature=curvature,
+                               terminal_hessian=terminal)
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (12,), generator=g)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(X), y).backward()
+            opt.step()
+        monkeypatch.undo()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    auto, plain = run(False), run(True)
+    assert (auto - plain).abs().max() <= 1e-12 * plain.abs().max()
+    assert mapped and all(mapped)   # only the forced run maps responses back
