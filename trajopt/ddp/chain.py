@@ -25,7 +25,11 @@ from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible
 
-__all__ = ["Chain", "Control", "AffineLaw"]
+__all__ = ["Chain", "Control", "AffineLaw", "STATES_RTOL_EPS"]
+
+#: given states pass :meth:`Chain.consistent_prefix` to this many times the dtype's
+#: machine epsilon, relative to the stage's states (the choice: its docstring)
+STATES_RTOL_EPS = 16.0
 
 # control(t, xs) -> u_t, with xs = [x_0, ..., x_t] of the rollout so far
 Control = Callable[[int, list[torch.Tensor]], torch.Tensor]
@@ -177,24 +181,60 @@ class Chain:
             return None
         return list(xs.unbind(0)), list(controls(xs[:-1]).unbind(0))
 
+    def open_loop(self, x0: torch.Tensor, us: Sequence[torch.Tensor],
+                  xs0: Sequence[torch.Tensor] | None = None) -> Traj:
+        """The open-loop rollout of ``us`` (T tensors (B, m_t)) from ``x0`` (B, n), with
+        its cost.
+
+        ``xs0``: T+1 tensors (B, n_t), states given for these controls (a warm start),
+        never trusted: checked by :meth:`consistent_prefix` in one call of the dynamics;
+        the leading stages every element passes are taken as given and the dynamics are
+        called from the earliest stage an element fails (the plain rollout when that is
+        stage 0).  The cost is computed as the rollout computes it (the running cost of
+        all stages in one call, then the terminal cost).
+        """
+        def control(t, xs):
+            return us[t]
+        if xs0 is not None:
+            k = int(self.consistent_prefix(x0, xs0, us).min())
+            if k > 0:
+                return self.simulate(x0, len(us), control, known=xs0[1:k + 1])
+        return self.simulate(x0, len(us), control, law=AffineLaw(us))
+
     def consistent_prefix(self, x0: torch.Tensor, xs: Sequence[torch.Tensor],
-                          us: Sequence[torch.Tensor], rtol: float) -> torch.Tensor:
+                          us: Sequence[torch.Tensor], rtol: float | None = None
+                          ) -> torch.Tensor:
         r"""How many leading stages of the given states ``xs`` (T+1 tensors (B, n_t)) the
         dynamics reproduce from ``x0`` (B, n) under the controls ``us`` (T tensors
-        (B, m_t)): (B,) int64, ``k`` for an element whose ``xs[0]`` equals ``x0`` exactly
-        and whose transitions ``t < k`` all pass
+        (B, m_t), as the rollout applies them: clamped): (B,) int64, ``k`` for an
+        element whose ``xs[0]`` equals ``x0`` exactly and whose transitions ``t < k``
+        all pass
 
         .. math::  |f_t(x_t, u_t) - x_{t+1}| \le \mathrm{rtol}\,
                    \max(\|x_t\|_\infty, \|x_{t+1}\|_\infty)
 
-        componentwise, with ``x_{t+1}`` and the prediction finite (NaN and inf fail).
+        componentwise, with ``x_{t+1}`` and the prediction finite (NaN and inf fail);
+        ``rtol`` defaults to ``STATES_RTOL_EPS`` (16) times the dtype's epsilon.
+
         The predictions of all stages come from one call of the dynamics over all
         ``T * B`` points where the model allows it
         (:meth:`~trajopt.ddp.stagewise.StageDerivatives.values`: time-invariant, or
         time-varying under ``vmap`` with one stage per row once a derivative pass has
         verified that call), else stage by stage (still from the given states, not a
-        rollout).  A call that fails or returns another
-        shape counts as inconsistent (the rollout then reports it).
+        rollout).  A call that fails or returns another shape counts as inconsistent
+        (the rollout then reports it).
+
+        The bound is relative to the stage's states, not to each component: the
+        rounding of ``f`` (an RK4 sum, a matrix product) is of the size of the terms it
+        combines, i.e. of the state, so a component crossing zero keeps an error of the
+        state's size; and a bound with an absolute part (``16 eps (1 + |x|)``) would
+        accept any guess for a problem scaled down far enough (an all-zero guess for
+        ``x0 ~ 1e-100``).  The batched call may round differently from the rollout's
+        per-stage calls: the built-in problems (elementwise ops) give bitwise the same
+        values; ``LinearDynamics`` states from the compiled rollout differ from the
+        batched product by up to 1.5 eps; 16 leaves room for other kernels and devices.
+        A wrong or stale guess therefore only costs the check, and an accepted one
+        differs from the rollout by rounding.
 
         Raises
         ------
@@ -209,6 +249,8 @@ class Chain:
                 f"transitions are not the dynamics' own: residual spans or players); "
                 f"leave xs0 out")
         B = x0.shape[0]
+        if rtol is None:
+            rtol = STATES_RTOL_EPS * torch.finfo(x0.dtype).eps
         start = (xs[0] == x0).all(-1) if xs[0].shape == x0.shape else \
             torch.zeros(B, dtype=torch.bool, device=x0.device)
         try:

@@ -18,7 +18,6 @@ from .._checks import shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .augmented import AugmentedCost
 from .batch import Policy, Traj, pack_result
-from .inputs import prepare_states
 from .options import AugmentedLagrangian, DDPResult, IterationLog
 
 __all__ = ["ConstrainedSolver"]
@@ -129,17 +128,15 @@ class ConstrainedSolver:
         trajectory's states as its ``xs0`` (checked again there: one vectorized call
         instead of a rollout per outer iteration)."""
         opt, inner, cost = self.options, self.inner, self.cost
-        inp = inner.prepare(x0, us0)
+        inp = inner.prepare(x0, us0, xs0)
         x0f, us = inp.x0, [u.clone() for u in inp.us]
         B, T = x0f.shape[0], len(us)
         dt, dev = x0f.dtype, x0f.device
-        given = xs0 is not None
+        given = inp.xs is not None
         start, xs = 0, [x0f]
         if given:  # the leading stages every element's given states pass
-            xs0f = prepare_states(xs0, inp)
-            rtol = inner.states_rtol_eps * torch.finfo(dt).eps
-            start = int(inner.structure.consistent_prefix(x0f, xs0f, us, rtol).min())
-            xs += xs0f[1:start + 1]
+            start = int(inner.structure.consistent_prefix(x0f, inp.xs, us).min())
+            xs += inp.xs[1:start + 1]
         # sizes from the rollout of us0 (every element)
         try:
             for t in range(start, T):

@@ -4,7 +4,7 @@ the user's cost returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,7 +21,8 @@ __all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes
 class SolveInputs:
     """The validated inputs of one solve: the array kind, the batch shape, whether the
     controls came as a list, the flat initial states (B, n) and controls (T x (B, m)),
-    and the control limits (m,) or None."""
+    the control limits (m,) or None, and the given states of the controls (T+1 x
+    (B, n_t), still to be checked against the dynamics) or None."""
 
     kind: ArrayKind
     batch: torch.Size
@@ -30,11 +31,12 @@ class SolveInputs:
     us: list[torch.Tensor]
     lo: torch.Tensor | None
     hi: torch.Tensor | None
+    xs: list[torch.Tensor] | None = None
 
 
-def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
+def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
     """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
-    clamp the controls to the limits."""
+    clamp the controls to the limits; ``xs0``, given states: :func:`prepare_states`."""
     kind = infer_kind(x0, us0)
     x0t = kind.tensor(x0, "x0")
     if x0t.ndim < 1:
@@ -103,7 +105,8 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
             usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
         else:
             usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
-    return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
+    inp = SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
+    return inp if xs0 is None else replace(inp, xs=prepare_states(xs0, inp))
 
 
 def prepare_states(xs0, inp: SolveInputs) -> list[torch.Tensor]:

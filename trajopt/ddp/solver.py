@@ -48,7 +48,7 @@ from ..riccati.step import total_expected_change, value_update
 from .batch import Policy, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain
 from .compiledpass import compiled_backward_pass
-from .inputs import SolveInputs, check_cost_shapes, prepare_inputs, prepare_states
+from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 from .scanpass import scan_applies, scan_backward_pass
@@ -73,10 +73,6 @@ class DDPSolver:
     #: the values scan's self-check refused it in the current solve (:meth:`backward_pass`
     #: then keeps to the recursion); reset by each solve
     _scan_refused = False
-
-    #: given states ``xs0`` pass the check of :meth:`rollout` to this many times the
-    #: dtype's machine epsilon, relative to the stage's states (see :meth:`solve`)
-    states_rtol_eps = 16.0
 
     def __init__(self, dynamics: Dynamics | Callable, cost: Cost, *, mode: Mode = "ilqr",
                  max_iter: int = 100, tol: float = 1e-8,
@@ -104,34 +100,19 @@ class DDPSolver:
         self.callback = callback
 
     # ------------------------------------------------------------------ inputs
-    def prepare(self, x0, us0) -> SolveInputs:
-        """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
-        clamp the controls to the limits (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
-        inp = prepare_inputs(x0, us0, self.control_limits)
+    def prepare(self, x0, us0, xs0=None) -> SolveInputs:
+        """Validate ``x0`` (..., n), ``us0`` (..., T, m) or a list and the given states
+        ``xs0``, flatten the batch and clamp the controls to the limits
+        (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
+        inp = prepare_inputs(x0, us0, self.control_limits, xs0)
         self.structure.setup(inp.us)
         return inp
 
     # ------------------------------------------------------------------ steps
-    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor],
-                xs0: list[torch.Tensor] | None = None) -> Traj:
-        """Open-loop rollout with cost (flat batch: ``x0`` (B, n), ``us`` T tensors
-        (B, m_t)).
-
-        ``xs0``: T+1 tensors (B, n_t), states given for these controls (never trusted):
-        checked against the dynamics in one vectorized call
-        (:meth:`~trajopt.ddp.chain.Chain.consistent_prefix`, to ``states_rtol_eps``
-        times the dtype's epsilon); the leading stages every element passes are taken as
-        given and the dynamics are called from the earliest stage an element fails (a
-        plain rollout when that is stage 0).  The cost is the rollout's: the running cost
-        of all stages at once and the terminal cost."""
-        def control(t, xs):
-            return us[t]
-        if xs0 is not None:
-            rtol = self.states_rtol_eps * torch.finfo(x0.dtype).eps
-            k = int(self.structure.consistent_prefix(x0, xs0, us, rtol).min())
-            if k > 0:
-                return self.structure.simulate(x0, len(us), control, known=xs0[1:k + 1])
-        return self.structure.simulate(x0, len(us), control, law=AffineLaw(us))
+    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor], xs0=None) -> Traj:
+        """Open-loop rollout with cost (flat batch); ``xs0``: given states of ``us``, T+1
+        tensors (B, n_t), checked, not trusted (:meth:`~trajopt.ddp.chain.Chain.open_loop`)."""
+        return self.structure.open_loop(x0, us, xs0)
 
     def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The stage expansions (kernel plug 1) and the terminal gradient / Hessian on the
@@ -225,33 +206,13 @@ class DDPSolver:
     @torch.no_grad()
     def solve(self, x0: Any, us0: Any, *, xs0: Any = None,
               tol: float | torch.Tensor | None = None) -> DDPResult:
-        r"""Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
+        """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
 
-        ``xs0`` (..., T+1, n), or a sequence of T+1 arrays (..., n_t): the states of
-        ``us0`` from ``x0`` where the caller has them (crocoddyl's ``init_xs``; in MPC the
-        previous solution shifted by one stage: ``xs0 = cat([r.xs[1:], r.xs[-1:]])``
-        with ``us0 = cat([r.us[1:], r.us[-1:]])``), to save the initial rollout.  They
-        are never trusted: one vectorized call of the dynamics over all stages and
-        elements predicts :math:`f_t(x_t, u_t)` from the given :math:`x_t` and the
-        controls as the rollout applies them (clamped to the limits), and an element's
-        leading stages are accepted while ``xs0[0]`` equals ``x0`` exactly and
-
-        .. math::  |f_t(x_t, u_t) - x_{t+1}| \le 16\,\epsilon\,
-                   \max(\|x_t\|_\infty, \|x_{t+1}\|_\infty)
-
-        componentwise (NaN / inf fail); the rollout runs from the earliest stage an
-        element fails.  So a wrong or stale ``xs0`` only costs the check, and the
-        result equals the one without ``xs0`` up to rounding.  The bound is relative to
-        the stage's states, not to each component: rounding in ``f`` (an RK4 sum, a
-        matrix product) is of the size of the terms it combines, i.e. of the state, and
-        a bound with an absolute part (``eps (1 + |x|)``) would accept any guess for a
-        problem scaled down far enough.  The vectorized call may round differently from
-        the rollout's per-stage calls (a batched matrix product: up to 1.5 eps here;
-        elementwise models such as the built-in problems: bitwise equal); 16 eps leaves
-        room for other kernels.  A batch of the same shape as ``x0`` and ``us0``
-        broadcasts; a torch ``xs0`` must have their dtype and device (else
-        :class:`~trajopt.errors.ShapeError`, as for a wrong shape).  Not supported by a
-        structure with other transitions (residual spans, players).
+        ``xs0`` (..., T+1, n) or T+1 arrays (..., n_t): the states of ``us0`` from ``x0``
+        (crocoddyl's ``init_xs``; MPC: the previous solution shifted by one stage), never
+        trusted: checked in one call of the dynamics over all stages, they save the rollout
+        up to the first stage that fails (:meth:`~trajopt.ddp.chain.Chain.open_loop`); the
+        result is that of ``xs0=None`` up to rounding (``docs/ddp.md``).
 
         Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
         there); the result is not differentiable with respect to the inputs.  A small
@@ -262,7 +223,7 @@ class DDPSolver:
         batch element (a tensor of the batch's shape: the augmented-Lagrangian loop
         solves each element to its own accuracy).
         """
-        inp = self.prepare(x0, us0)
+        inp = self.prepare(x0, us0, xs0)
         B = inp.x0.shape[0]
         if tol is None:
             tol = self.tol
@@ -273,20 +234,18 @@ class DDPSolver:
             tol = tol.reshape(B).to(dtype=inp.x0.dtype, device=inp.x0.device)
         elif not tol > 0:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
-        xs = None if xs0 is None else prepare_states(xs0, inp)
         n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
         with threads_for(B * (n + m) * (1 + n + m)):
-            return self._solve(inp, tol, xs)
+            return self._solve(inp, tol)
 
-    def _solve(self, inp: SolveInputs, tol: float | torch.Tensor,
-               xs0: list[torch.Tensor] | None = None) -> DDPResult:
+    def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
         self._scan_refused = False  # the scan is tried again in each solve
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
         try:
-            traj = self.rollout(x0f, usf, xs0)
+            traj = self.rollout(x0f, usf, inp.xs)
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
