@@ -248,23 +248,26 @@ def row_lq(T=100, rep=3, linear=False):
                 peer_note=f"{it} it, cost {c:.6g}")
 
 
-def mpc_steps(T=50, iterations=3, steps=20):
+def mpc_steps(T=50, iterations=3, steps=20, states=True):
     """Closed-loop MPC on ``problems.cartpole``: a persistent DDPSolver (max_iter =
     ``iterations``), each step warm-started from the previous solution shifted by one
-    stage, the plant advanced by the first control.  Returns the step times [s] (after
-    two warm-up steps) and the last result."""
+    stage -- the controls and, with ``states`` (default), their states as ``xs0`` (the
+    solver checks them in one batched call instead of rolling the controls out) --, the
+    plant advanced by the first control.  Returns the step times [s] (after two warm-up
+    steps) and the last result."""
     p = problems.cartpole(T=T)
     solver = trajopt.DDPSolver(p.dynamics, p.cost, control_limits=p.control_limits,
                                max_iter=iterations)
-    x, us = p.x0.clone(), torch.zeros(T, 1, **F64)
+    x, us, xs = p.x0.clone(), torch.zeros(T, 1, **F64), None
     times, r = [], None
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        r = solver.solve(x, us)
+        r = solver.solve(x, us, xs0=xs)
         if i >= 2:
             times.append(time.perf_counter() - t0)
         x = r.xs[1].clone()
         us = torch.cat([r.us[1:], r.us[-1:]], 0)
+        xs = torch.cat([r.xs[1:], r.xs[-1:]], 0) if states else None
     return times, r
 
 

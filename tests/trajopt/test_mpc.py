@@ -87,8 +87,8 @@ def test_mpc_with_an_obstacle_keeps_out_and_reaches_the_goal():
     first = mpc.last.multipliers
     seen = []
     solve = mpc.solver.solve
-    mpc.solver.solve = lambda x, plan, multipliers=None: (seen.append(multipliers),
-                                                          solve(x, plan, multipliers))[1]
+    mpc.solver.solve = lambda x, plan, multipliers=None, **kw: (
+        seen.append(multipliers), solve(x, plan, multipliers, **kw))[1]
     mpc.step(mpc.last.xs[1])
     mpc.solver.solve = solve
     torch.testing.assert_close(seen[0][0][:-1], first[0][1:])   # shifted by one stage

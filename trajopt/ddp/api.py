@@ -36,7 +36,8 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
               callback: Callable[[IterationLog], Any] | None = None,
               spans=None, players=None, params: Sequence[Any] = (),
               constraints: Sequence[Constraint] | Constraint | None = None,
-              augmented_lagrangian: AugmentedLagrangian | None = None) -> DDPResult:
+              augmented_lagrangian: AugmentedLagrangian | None = None,
+              xs0: Any = None) -> DDPResult:
     r"""Optimize a control sequence by iLQR or DDP.
 
     .. math::
@@ -87,12 +88,22 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     augmented_lagrangian : AugmentedLagrangian, optional
         Tolerance on the violation (default 1e-6), penalty schedule and outer iteration
         limit of that loop; ``max_iter`` and ``tol`` apply to each inner solve.
+    xs0 : (..., T+1, n) or sequence of T+1 arrays (..., n_t), optional
+        The states of ``us0`` from ``x0`` where they are known (a warm start: the
+        previous solution shifted by one stage), to save the initial rollout.  Checked
+        against the dynamics in one vectorized call, never trusted: the rollout runs from
+        the first stage that does not match to rounding (``DDPSolver.solve``,
+        ``docs/ddp.md``), so the result is that of the solve without ``xs0`` up to
+        rounding.  Not supported with ``spans`` or ``players``.
 
     Returns
     -------
     DDPResult
     """
     cons = check_constraints(constraints) if constraints is not None else []
+    if xs0 is not None and (spans or players is not None):
+        raise InvalidArgumentError("xs0 (given states) is not supported with spans or "
+                                   "players; leave xs0 out")
     if augmented_lagrangian is not None:
         if not isinstance(augmented_lagrangian, AugmentedLagrangian):
             raise InvalidArgumentError(f"augmented_lagrangian must be a trajopt."
@@ -115,7 +126,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
                                        "players yet")
         res, solver = _solve(dynamics, cost, cons, augmented_lagrangian, callback,
                              x0.detach() if isinstance(x0, torch.Tensor) else x0, us0,
-                             mode=mode, max_iter=max_iter, tol=tol,
+                             xs0=xs0, mode=mode, max_iter=max_iter, tol=tol,
                              regularization=regularization, line_search=line_search,
                              control_limits=control_limits)
         x0t = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(
@@ -124,13 +135,14 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
                                            control_limits, cons)
         return replace(res, xs=xs, us=us, cost=J)
     return _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0,
-                  spans=spans, players=players, mode=mode, max_iter=max_iter, tol=tol,
+                  spans=spans, players=players, xs0=xs0, mode=mode, max_iter=max_iter,
+                  tol=tol,
                   regularization=regularization, line_search=line_search,
                   control_limits=control_limits)[0]
 
 
 def _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0, *, spans=None,
-           players=None, **options):
+           players=None, xs0=None, **options):
     """The solver the arguments call for (plain, GT-DDP; inside the augmented-Lagrangian
     loop with constraints), its result and the solver."""
     if cons:
@@ -146,5 +158,5 @@ def _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0, *, spa
         solver = DDPSolver(dynamics, inner_cost, callback=inner_callback, **options)
     if cons:
         outer = ConstrainedSolver(solver, augmented_lagrangian, callback)
-        return outer.solve(x0, us0), outer
-    return solver.solve(x0, us0), solver
+        return outer.solve(x0, us0, xs0=xs0), outer
+    return solver.solve(x0, us0, xs0=xs0), solver

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.compiled import compilable
@@ -24,7 +25,11 @@ from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible
 
-__all__ = ["Chain", "Control", "AffineLaw"]
+__all__ = ["Chain", "Control", "AffineLaw", "STATES_RTOL_EPS"]
+
+#: given states pass :meth:`Chain.consistent_prefix` to this many times the dtype's
+#: machine epsilon, relative to the stage's states (the choice: its docstring)
+STATES_RTOL_EPS = 16.0
 
 # control(t, xs) -> u_t, with xs = [x_0, ..., x_t] of the rollout so far
 Control = Callable[[int, list[torch.Tensor]], torch.Tensor]
@@ -75,7 +80,8 @@ class Chain:
         return self.dynamics if isinstance(self.dynamics, LinearDynamics) else None
 
     def simulate(self, x0: torch.Tensor, T: int, control: Control,
-                 rows: torch.Tensor | None = None, law: AffineLaw | None = None) -> Traj:
+                 rows: torch.Tensor | None = None, law: AffineLaw | None = None,
+                 known: Sequence[torch.Tensor] = ()) -> Traj:
         """Roll out ``T`` stages from ``x0`` (B, n) with ``u_t = control(t, xs)``; ``rows``
         (B,) are the flat-batch elements of the rows (see :class:`~trajopt.ddp.batch.Traj`;
         None: all elements in order), bound to the cost before it is evaluated.
@@ -83,19 +89,25 @@ class Chain:
         ``law``: the same controls as an :class:`AffineLaw`, given when ``control`` is
         one.  Linear dynamics (:meth:`linear_model`) are then rolled out by the parallel
         scan of :mod:`trajopt.lqr.affine_scan` where its rule allows and its self-check
-        holds (the stage loop otherwise)."""
+        holds (the stage loop otherwise).
+
+        ``known``: the states ``x_1 .. x_k`` of these controls, already known (k tensors
+        (B, n_t); :meth:`consistent_prefix` checked them): taken as they are, and the
+        dynamics are called from stage ``k`` on (the stage loop).  The cost is computed
+        as for a full rollout."""
         self.cost.bind_rows(rows)
-        scanned = None if law is None else (self._compiled(x0, T, law)
-                                            or self._scanned(x0, T, law))
+        scanned = None if law is None or known else (self._compiled(x0, T, law)
+                                                     or self._scanned(x0, T, law))
         if scanned is not None:
             xs, us = scanned
             x = xs[-1]
         else:
             xs, us = [x0], []
             x = x0
+            k = len(known)
             for t in range(T):
                 u = control(t, xs)
-                x = self.transition(t, x, u, xs)
+                x = known[t] if t < k else self.transition(t, x, u, xs)
                 xs.append(x)
                 us.append(u)
         # the running cost of all stages at once, after the states are known
@@ -169,6 +181,106 @@ class Chain:
             return None
         return list(xs.unbind(0)), list(controls(xs[:-1]).unbind(0))
 
+    def open_loop(self, x0: torch.Tensor, us: Sequence[torch.Tensor],
+                  xs0: Sequence[torch.Tensor] | None = None) -> Traj:
+        """The open-loop rollout of ``us`` (T tensors (B, m_t)) from ``x0`` (B, n), with
+        its cost.
+
+        ``xs0``: T+1 tensors (B, n_t), states given for these controls (a warm start),
+        never trusted: checked by :meth:`consistent_prefix` in one call of the dynamics;
+        the leading stages every element passes are taken as given and the dynamics are
+        called from the earliest stage an element fails (the plain rollout when that is
+        stage 0).  The cost is computed as the rollout computes it (the running cost of
+        all stages in one call, then the terminal cost).
+        """
+        def control(t, xs):
+            return us[t]
+        if xs0 is not None:
+            k = int(self.consistent_prefix(x0, xs0, us).min())
+            if k > 0:
+                return self.simulate(x0, len(us), control, known=xs0[1:k + 1])
+        return self.simulate(x0, len(us), control, law=AffineLaw(us))
+
+    def consistent_prefix(self, x0: torch.Tensor, xs: Sequence[torch.Tensor],
+                          us: Sequence[torch.Tensor], rtol: float | None = None
+                          ) -> torch.Tensor:
+        r"""How many leading stages of the given states ``xs`` (T+1 tensors (B, n_t)) the
+        dynamics reproduce from ``x0`` (B, n) under the controls ``us`` (T tensors
+        (B, m_t), as the rollout applies them: clamped): (B,) int64, ``k`` for an
+        element whose ``xs[0]`` equals ``x0`` exactly and whose transitions ``t < k``
+        all pass
+
+        .. math::  |f_t(x_t, u_t) - x_{t+1}| \le \mathrm{rtol}\,
+                   \max(\|x_t\|_\infty, \|x_{t+1}\|_\infty)
+
+        componentwise, with ``x_{t+1}`` and the prediction finite (NaN and inf fail);
+        ``rtol`` defaults to ``STATES_RTOL_EPS`` (16) times the dtype's epsilon.
+
+        The predictions of all stages come from one call of the dynamics over all
+        ``T * B`` points where the model allows it
+        (:meth:`~trajopt.ddp.stagewise.StageDerivatives.values`: time-invariant, or
+        time-varying under ``vmap`` with one stage per row once a derivative pass has
+        verified that call), else stage by stage (still from the given states, not a
+        rollout).  A call that fails or returns another shape counts as inconsistent
+        (the rollout then reports it).
+
+        The bound is relative to the stage's states, not to each component: the
+        rounding of ``f`` (an RK4 sum, a matrix product) is of the size of the terms it
+        combines, i.e. of the state, so a component crossing zero keeps an error of the
+        state's size; and a bound with an absolute part (``16 eps (1 + |x|)``) would
+        accept any guess for a problem scaled down far enough (an all-zero guess for
+        ``x0 ~ 1e-100``).  The batched call may round differently from the rollout's
+        per-stage calls: the built-in problems (elementwise ops) give bitwise the same
+        values; ``LinearDynamics`` states from the compiled rollout differ from the
+        batched product by up to 1.5 eps; 16 leaves room for other kernels and devices.
+        A wrong or stale guess therefore only costs the check, and an accepted one
+        differs from the rollout by rounding.
+
+        Raises
+        ------
+        InvalidArgumentError
+            For a structure whose transitions are not the dynamics' own (a subclass that
+            overrides :meth:`transition`, e.g. residual spans): its states are not
+            checked here.
+        """
+        if type(self).transition is not Chain.transition:
+            raise InvalidArgumentError(
+                f"xs0 (given states) is not supported by {type(self).__name__} (its "
+                f"transitions are not the dynamics' own: residual spans or players); "
+                f"leave xs0 out")
+        B = x0.shape[0]
+        if rtol is None:
+            rtol = STATES_RTOL_EPS * torch.finfo(x0.dtype).eps
+        start = (xs[0] == x0).all(-1) if xs[0].shape == x0.shape else \
+            torch.zeros(B, dtype=torch.bool, device=x0.device)
+        try:
+            ok = self._consistent_stages(xs, us, rtol)
+        except (RuntimeError, IndexError, TypeError, AttributeError, ValueError):
+            ok = None
+        if ok is None:
+            return torch.zeros(B, dtype=torch.int64, device=x0.device)
+        return ok.to(torch.int64).cumprod(0).sum(0) * start
+
+    def _consistent_stages(self, xs, us, rtol) -> torch.Tensor | None:
+        """(T, B) bool: transition t of each element passes the test of
+        :meth:`consistent_prefix`; None where the dynamics returned another shape."""
+        T = len(us)
+        nxt = xs[1:]
+        pred = self._dynamics_derivatives.values(list(zip(xs[:-1], us)), probe=False)
+        if pred is not None and all(v.shape == nxt[0].shape for v in nxt):
+            if not torch.is_tensor(pred) or pred.shape != (T * nxt[0].shape[0],
+                                                           *nxt[0].shape[1:]):
+                return None
+            return _transitions_agree(pred.reshape(T, *nxt[0].shape), torch.stack(xs[:-1]),
+                                      torch.stack(nxt), rtol)
+        oks = []
+        for t, (x, u) in enumerate(zip(xs[:-1], us)):
+            p = self.dynamics(x, u, t)
+            if not torch.is_tensor(p) or p.shape != nxt[t].shape:
+                return None
+            oks.append(_transitions_agree(p, x, nxt[t], rtol))
+        return torch.stack(oks)
+
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:
         """``x_{t+1}`` from ``x_t``, the stage's control and the states so far ``xs``."""
@@ -213,3 +325,12 @@ class Chain:
             self._terminal_checked = True
             check_visible(self.cost.terminal, (x,), (Vx, Vxx), "the terminal cost")
         return Vx, Vxx
+
+
+def _transitions_agree(pred: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                       rtol: float) -> torch.Tensor:
+    """(...,) bool: ``pred`` (..., n1) matches ``x_next`` (..., n1) componentwise to
+    ``rtol`` times the larger max-norm of ``x`` (..., n) and ``x_next``, both finite."""
+    scale = torch.maximum(x.abs().amax(-1), x_next.abs().amax(-1)).unsqueeze(-1)
+    return (torch.isfinite(pred).all(-1) & torch.isfinite(x_next).all(-1)
+            & ((pred - x_next).abs() <= rtol * scale).all(-1))

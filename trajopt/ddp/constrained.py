@@ -112,24 +112,34 @@ class ConstrainedSolver:
 
     # ------------------------------------------------------------------ driver
     @torch.no_grad()
-    def solve(self, x0: Any, us0: Any, multipliers: Sequence[Any] | None = None
-              ) -> DDPResult:
+    def solve(self, x0: Any, us0: Any, multipliers: Sequence[Any] | None = None, *,
+              xs0: Any = None) -> DDPResult:
         """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m)
         under the constraints (the outer loop of
         :class:`~trajopt.ddp.options.AugmentedLagrangian`).
 
         ``multipliers``: initial multipliers, shaped as a result's (one per constraint,
         (..., T, p) running, (..., p) terminal; a warm start, e.g. the previous MPC step's
-        shifted by one stage); default zeros."""
+        shifted by one stage); default zeros.
+
+        ``xs0``: the states of ``us0`` from ``x0`` (as for
+        :meth:`~trajopt.ddp.solver.DDPSolver.solve`): checked against the dynamics, they
+        save this loop's rollout of ``us0``, and every inner solve then gets the current
+        trajectory's states as its ``xs0`` (checked again there: one vectorized call
+        instead of a rollout per outer iteration)."""
         opt, inner, cost = self.options, self.inner, self.cost
-        inp = inner.prepare(x0, us0)
+        inp = inner.prepare(x0, us0, xs0)
         x0f, us = inp.x0, [u.clone() for u in inp.us]
         B, T = x0f.shape[0], len(us)
         dt, dev = x0f.dtype, x0f.device
+        given = inp.xs is not None
+        start, xs = 0, [x0f]
+        if given:  # the leading stages every element's given states pass
+            start = int(inner.structure.consistent_prefix(x0f, inp.xs, us).min())
+            xs += inp.xs[1:start + 1]
         # sizes from the rollout of us0 (every element)
-        xs = [x0f]
         try:
-            for t in range(T):
+            for t in range(start, T):
                 xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
             raise ShapeError(
@@ -157,7 +167,7 @@ class ConstrainedSolver:
                    history)
         own_callback = inner.callback
         try:
-            self._outer_loop(b, inner.tol, own_callback)
+            self._outer_loop(b, inner.tol, own_callback, given)
         finally:  # the inner solver is the user's too (MPC keeps it): leave it as it was
             inner.callback = own_callback
         pol = b.pol
@@ -174,9 +184,10 @@ class ConstrainedSolver:
                            reason, history, max_violation=kind.out(violation.reshape(batch)),
                            multipliers=multipliers)
 
-    def _outer_loop(self, b: _Batch, user_tol: float, own_callback) -> None:
+    def _outer_loop(self, b: _Batch, user_tol: float, own_callback,
+                    with_states: bool = False) -> None:
         """The outer iterations (see :meth:`solve`), writing into the whole-batch state
-        ``b``."""
+        ``b``; ``with_states``: each inner solve gets the states ``b.xs`` as ``xs0``."""
         opt, inner, cost = self.options, self.inner, self.cost
         B, dev = b.x0f.shape[0], b.x0f.device
         for _ in range(opt.max_outer):
@@ -193,6 +204,7 @@ class ConstrainedSolver:
             tight = (prev <= 100 * opt.tol) | (opt.inner_tol <= user_tol)
             loose = torch.clamp(prev * prev, min=user_tol, max=opt.inner_tol)
             res = inner.solve(b.x0f if everyone else b.x0f[idx], [u[idx] for u in b.us],
+                              xs0=[x[idx] for x in b.xs] if with_states else None,
                               tol=torch.where(tight, torch.full_like(prev, user_tol), loose))
             sub_xs, sub_us = list(res.xs), list(res.us)
             for full, part in zip(b.xs, sub_xs):

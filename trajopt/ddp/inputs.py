@@ -1,10 +1,10 @@
-"""The boundary of the DDP solvers: validation of ``x0``, ``us0`` and the control limits
-(once per solve, with errors that name the argument), and of what the user's cost
-returns."""
+"""The boundary of the DDP solvers: validation of ``x0``, ``us0``, the given states ``xs0``
+and the control limits (once per solve, with errors that name the argument), and of what
+the user's cost returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,14 +14,15 @@ from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Traj
 from .models import Cost
 
-__all__ = ["SolveInputs", "prepare_inputs", "check_cost_shapes"]
+__all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes"]
 
 
 @dataclass(frozen=True)
 class SolveInputs:
     """The validated inputs of one solve: the array kind, the batch shape, whether the
     controls came as a list, the flat initial states (B, n) and controls (T x (B, m)),
-    and the control limits (m,) or None."""
+    the control limits (m,) or None, and the given states of the controls (T+1 x
+    (B, n_t), still to be checked against the dynamics) or None."""
 
     kind: ArrayKind
     batch: torch.Size
@@ -30,11 +31,12 @@ class SolveInputs:
     us: list[torch.Tensor]
     lo: torch.Tensor | None
     hi: torch.Tensor | None
+    xs: list[torch.Tensor] | None = None
 
 
-def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
+def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
     """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
-    clamp the controls to the limits."""
+    clamp the controls to the limits; ``xs0``, given states: :func:`prepare_states`."""
     kind = infer_kind(x0, us0)
     x0t = kind.tensor(x0, "x0")
     if x0t.ndim < 1:
@@ -103,7 +105,56 @@ def prepare_inputs(x0, us0, control_limits) -> SolveInputs:
             usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
         else:
             usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
-    return SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
+    inp = SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
+    return inp if xs0 is None else replace(inp, xs=prepare_states(xs0, inp))
+
+
+def prepare_states(xs0, inp: SolveInputs) -> list[torch.Tensor]:
+    """Validate the given states ``xs0`` of a solve whose inputs are ``inp``: an array
+    (..., T+1, n) or a sequence of T+1 arrays (..., n_t), with ``n`` (``n_0``) the size
+    of ``x0`` and batch dimensions that broadcast to the solve's batch; a torch tensor must
+    have the solve's dtype and device (a copy in another precision could not pass the
+    consistency check).  Returns T+1 tensors (B, n_t), copies (the solver writes into
+    its trajectory).  The values are not checked: NaN or a wrong state only fails the
+    check against the dynamics (:meth:`~trajopt.ddp.chain.Chain.consistent_prefix`)."""
+    kind, batch = inp.kind, inp.batch
+    T, n, B = len(inp.us), inp.x0.shape[-1], inp.x0.shape[0]
+
+    def tensor(v, name):
+        if isinstance(v, torch.Tensor) and (v.dtype != kind.dtype or v.device != kind.device):
+            raise ShapeError(f"{name} must have the dtype and device of the solve "
+                             f"({kind.dtype} on {kind.device}, from x0 and us0); got "
+                             f"{v.dtype} on {v.device}")
+        return kind.tensor(v, name)
+
+    def flat(v, name, tail):
+        try:
+            fits = torch.broadcast_shapes(v.shape[:v.ndim - len(tail)], batch) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ShapeError(f"the batch dimensions of {name} {shape_str(v)} must broadcast "
+                             f"to the batch {tuple(batch)} of x0 and us0")
+        return v.expand(*batch, *tail).reshape(B, *tail)
+
+    if isinstance(xs0, (list, tuple)):
+        if len(xs0) != T + 1:
+            raise ShapeError(f"xs0 must hold T+1 = {T + 1} states (us0 has {T} stages); "
+                             f"got {len(xs0)}")
+        xs = [tensor(v, f"xs0[{t}]") for t, v in enumerate(xs0)]
+        for t, v in enumerate(xs):
+            if v.ndim < 1 or v.shape[-1] == 0 or (t == 0 and v.shape[-1] != n):
+                want = n if t == 0 else "n_t"
+                raise ShapeError(f"xs0[{t}] must have shape (..., {want}); got "
+                                 f"{shape_str(v)}")
+        return [flat(v, f"xs0[{t}]", v.shape[-1:]).clone() for t, v in enumerate(xs)]
+    xt = tensor(xs0, "xs0")
+    if xt.ndim < 2 or xt.shape[-2:] != (T + 1, n):
+        raise ShapeError(f"xs0 must have shape (..., T+1, n) = (..., {T + 1}, {n}) (the "
+                         f"states of us0 from x0); got {shape_str(xt)}")
+    # stage-major, one contiguous copy: each stage (B, n) is contiguous
+    return list(flat(xt, "xs0", (T + 1, n)).transpose(0, 1).clone(
+        memory_format=torch.contiguous_format).unbind(0))
 
 
 def check_cost_shapes(cost: Cost, traj: Traj) -> None:

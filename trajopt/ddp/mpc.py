@@ -120,19 +120,25 @@ class MPC:
         controls from a state the model did not predict (a disturbance, a model error)
         drifts away within the horizon and leaves the few iterations a useless
         linearization (measured: a cart-pole held upright under a 20 % model error failed
-        with the open-loop warm start and holds with this one)."""
+        with the open-loop warm start and holds with this one).  The states of that
+        rollout go to the solver as ``xs0`` (checked there in one vectorized call), so
+        it does not roll the plan out a second time."""
         x = torch.as_tensor(x)
         shape = (*x.shape[:-1], self.horizon, self.n_controls)
+        states = None
         if self.plan is None or tuple(self.plan.shape) != shape:
             self.plan = torch.zeros(shape, dtype=x.dtype, device=x.device)
         elif self.last is not None and tuple(self.last.us.shape) == shape:
-            self.plan = self._closed_loop_warm_start(x)
+            self.plan, states = self._closed_loop_warm_start(x)
+            if not x.is_floating_point() or states.dtype != x.dtype or \
+                    states.shape != (*x.shape[:-1], self.horizon + 1, x.shape[-1]):
+                states = None  # not what the solver takes as xs0: it rolls out itself
         if isinstance(self.solver, ConstrainedSolver):
             same = self.last is not None and tuple(self.last.us.shape) == shape
             res = self.solver.solve(x, self.plan, self._shifted_multipliers() if same
-                                    else None)
+                                    else None, xs0=states)
         else:
-            res = self.solver.solve(x, self.plan)
+            res = self.solver.solve(x, self.plan, xs0=states)
         self.last = res
         self.plan = torch.cat([res.us[..., 1:, :], res.us[..., -1:, :]], -2)
         return res.us[..., 0, :]
@@ -149,14 +155,16 @@ class MPC:
                        if con.where == "running" else lam)
         return out
 
-    def _closed_loop_warm_start(self, x: torch.Tensor) -> torch.Tensor:
+    def _closed_loop_warm_start(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shifted plan under the previous gains from ``x`` and its states
+        (..., horizon+1, n)."""
         last = self.last
         xs = torch.cat([last.xs[..., 1:, :], last.xs[..., -1:, :]], -2)
         K = torch.cat([last.K[..., 1:, :, :], last.K[..., -1:, :, :]], -3)
         limits = self.solver.control_limits
         lo, hi = (None, None) if limits is None else (
             torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in limits)
-        us = []
+        us, states = [], [x]
         with torch.no_grad():
             for t in range(self.horizon):
                 u = self.plan[..., t, :] + (K[..., t, :, :] @ (x - xs[..., t, :]).unsqueeze(-1)
@@ -165,8 +173,9 @@ class MPC:
                     u = torch.maximum(torch.minimum(u, hi), lo)
                 us.append(u)
                 x = self.solver.dynamics(x, u, t)
+                states.append(x)
         plan = torch.stack(us, -2)
-        return torch.where(torch.isfinite(plan), plan, self.plan)
+        return torch.where(torch.isfinite(plan), plan, self.plan), torch.stack(states, -2)
 
     def simulate(self, plant: Callable, x0: Any, steps: int,
                  callback: Callable[[int, torch.Tensor, DDPResult], Any] | None = None

@@ -100,17 +100,19 @@ class DDPSolver:
         self.callback = callback
 
     # ------------------------------------------------------------------ inputs
-    def prepare(self, x0, us0) -> SolveInputs:
-        """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
-        clamp the controls to the limits (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
-        inp = prepare_inputs(x0, us0, self.control_limits)
+    def prepare(self, x0, us0, xs0=None) -> SolveInputs:
+        """Validate ``x0`` (..., n), ``us0`` (..., T, m) or a list and the given states
+        ``xs0``, flatten the batch and clamp the controls to the limits
+        (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
+        inp = prepare_inputs(x0, us0, self.control_limits, xs0)
         self.structure.setup(inp.us)
         return inp
 
     # ------------------------------------------------------------------ steps
-    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor]) -> Traj:
-        """Open-loop rollout with cost (flat batch)."""
-        return self.structure.simulate(x0, len(us), lambda t, xs: us[t], law=AffineLaw(us))
+    def rollout(self, x0: torch.Tensor, us: list[torch.Tensor], xs0=None) -> Traj:
+        """Open-loop rollout with cost (flat batch); ``xs0``: given states of ``us``, T+1
+        tensors (B, n_t), checked, not trusted (:meth:`~trajopt.ddp.chain.Chain.open_loop`)."""
+        return self.structure.open_loop(x0, us, xs0)
 
     def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The stage expansions (kernel plug 1) and the terminal gradient / Hessian on the
@@ -202,9 +204,15 @@ class DDPSolver:
 
     # ------------------------------------------------------------------ driver
     @torch.no_grad()
-    def solve(self, x0: Any, us0: Any, *, tol: float | torch.Tensor | None = None
-              ) -> DDPResult:
+    def solve(self, x0: Any, us0: Any, *, xs0: Any = None,
+              tol: float | torch.Tensor | None = None) -> DDPResult:
         """Optimize the controls from ``x0`` (..., n) starting at ``us0`` (..., T, m).
+
+        ``xs0`` (..., T+1, n) or T+1 arrays (..., n_t): the states of ``us0`` from ``x0``
+        (crocoddyl's ``init_xs``; MPC: the previous solution shifted by one stage), never
+        trusted: checked in one call of the dynamics over all stages, they save the rollout
+        up to the first stage that fails (:meth:`~trajopt.ddp.chain.Chain.open_loop`); the
+        result is that of ``xs0=None`` up to rounding (``docs/ddp.md``).
 
         Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
         there); the result is not differentiable with respect to the inputs.  A small
@@ -215,7 +223,7 @@ class DDPSolver:
         batch element (a tensor of the batch's shape: the augmented-Lagrangian loop
         solves each element to its own accuracy).
         """
-        inp = self.prepare(x0, us0)
+        inp = self.prepare(x0, us0, xs0)
         B = inp.x0.shape[0]
         if tol is None:
             tol = self.tol
@@ -237,7 +245,7 @@ class DDPSolver:
         B = x0f.shape[0]
         dev, dt = x0f.device, x0f.dtype
         try:
-            traj = self.rollout(x0f, usf)
+            traj = self.rollout(x0f, usf, inp.xs)
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "

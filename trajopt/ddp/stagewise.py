@@ -19,7 +19,8 @@ The rule (``docs/performance.md``, "Stage derivatives"):
    show it);
 3. stage by stage when the stages have different state or control sizes.
 
-The same rule gives the running cost of a rollout (:meth:`StageDerivatives.total`): the
+The same rule gives the running cost of a rollout (:meth:`StageDerivatives.total`) and the
+check of given states against the dynamics (:meth:`StageDerivatives.values`): the
 values of all stages in one call after the states are known (the time-varying case under
 ``vmap`` with a 0-d stage tensor, compared once with the ``int`` stage on its own), summed
 over the stages, instead of one call per stage inside the rollout loop.
@@ -80,20 +81,37 @@ class StageDerivatives:
         T = len(args_per_stage)
         first = args_per_stage[0]
         B = first[0].shape[0]
-        if T > 1 and all(all(a.shape == b.shape for a, b in zip(args, first))
-                         for args in args_per_stage):
-            flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
-            out = None
-            if self.time_invariant:
-                out = self.value(*flat, 0)
-            elif self.value_tensor_t is not False:
-                out = self._vectorized_values(flat, args_per_stage)
-            if torch.is_tensor(out) and out.shape == (T * B,):
-                return out.view(T, B).sum(0)
+        out = self.values(args_per_stage)
+        if torch.is_tensor(out) and out.shape == (T * B,):
+            return out.view(T, B).sum(0)
         total = self.value(*first, 0)
         for t in range(1, T):
             total = total + self.value(*args_per_stage[t], t)
         return total
+
+    def values(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]], *,
+               probe: bool = True) -> Any | None:
+        """The values ``value(*args_per_stage[t], t)`` of every stage in one call over all
+        ``T * B`` points, stacked stage-major (stage t is rows ``t*B:(t+1)*B``): with
+        ``t = 0`` for a time-invariant model, else under ``vmap`` with a 0-d stage tensor
+        (compared once with the ``int`` stage).  None where the rule does not allow one
+        call (a single stage, stages of different shapes, a callable that cannot take a
+        tensor stage): the caller then evaluates stage by stage.
+
+        ``probe=False``: a time-varying model whose vectorized call has not been compared
+        with the ``int`` stage yet is not tried (None), so that points that are not a
+        trajectory (a user's guess, possibly NaN) never decide the comparison."""
+        T = len(args_per_stage)
+        first = args_per_stage[0]
+        if T < 2 or not all(all(a.shape == b.shape for a, b in zip(args, first))
+                            for args in args_per_stage):
+            return None
+        flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
+        if self.time_invariant:
+            return self.value(*flat, 0)
+        if self.value_tensor_t is False or (self.value_tensor_t is None and not probe):
+            return None
+        return self._vectorized_values(flat, args_per_stage)
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
