@@ -520,7 +520,7 @@ class NetworkResponse:
 
 @dataclass
 class NoControl:
-    """:class:`trajopt.riccati.operator.ControlResponse` of a stage without control (all
+    r""":class:`trajopt.riccati.operator.ControlResponse` of a stage without control (all
     its parameters frozen): no policy, so the response is zero and the value is carried
     through :math:`f_x` unchanged (:math:`V = f_x^\top V' f_x`)."""
 

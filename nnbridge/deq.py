@@ -186,7 +186,7 @@ class DEQ(nn.Module):
         return z, it, res
 
     def _broyden(self, z, x, tol):
-        """Limited-memory 'good' Broyden on g(z) = f(z, x) - z (inverse-Jacobian
+        r"""Limited-memory 'good' Broyden on g(z) = f(z, x) - z (inverse-Jacobian
         updates), with a full step, safeguarded: an update whose denominator
         :math:`dz^\top H dg` is below 100 eps of its scale is skipped for that sample (it
         would divide by rounding noise: NaN in float32); a step that makes a sample's

@@ -377,7 +377,7 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
 
 def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
                         like: torch.Tensor) -> bool:
-    """Whether the map from a stage's players' pre-activations to its output mixes no
+    r"""Whether the map from a stage's players' pre-activations to its output mixes no
     samples (the response :math:`f_u^i S f_u^{i\top}` is then block diagonal, also where
     :math:`f_x` is not: :attr:`nnbridge.graph_ops.GraphLinearization.response_samplewise`).
 

@@ -223,7 +223,7 @@ def _output_space_steps(lins, out, aN, divergence, damping, solve="auto"):
 
 
 def _undamped_natural_gradient(Js, QN, a, max_rank):
-    """:math:`-F^{-1} J^\top a` with the Fisher :math:`F = J^\top Q_N J` (m x m), which
+    r""":math:`-F^{-1} J^\top a` with the Fisher :math:`F = J^\top Q_N J` (m x m), which
     has rank at most B (n_N - 1) (each softmax Fisher block has the null vector 1)."""
     J = torch.cat(Js, 1)
     m = J.shape[1]

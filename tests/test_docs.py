@@ -31,3 +31,20 @@ def test_api_reference_builds_without_warnings(tmp_path):
                    and not any(i.startswith(pkg.__name__) and i.endswith(f".{name}")
                                for i in ids)]
         assert not missing, f"{pkg.__name__}: not in the API reference: {missing}"
+
+
+def test_no_docstring_holds_a_control_character():
+    """A backslash in a docstring that is not a raw string turns ``\\top`` into a tab and
+    ``\\beta`` into a backspace (the math is then wrong in help() and the API reference):
+    every docstring of both packages is free of them."""
+    import ast
+    found = []
+    paths = sorted((ROOT / "trajopt").rglob("*.py")) + sorted((ROOT / "nnbridge").rglob("*.py"))
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if doc and any(c in doc for c in "\t\b\f\v\a"):
+                    found.append(f"{path.relative_to(ROOT)}:{getattr(node, 'name', '')}")
+    assert not found, found

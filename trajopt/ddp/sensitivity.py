@@ -53,7 +53,7 @@ def _expansion(dyn: Dynamics, cost: Cost, xs: torch.Tensor, us: torch.Tensor):
     """The derivatives at the solution, all stages in one call per model where the model
     allows (the solver's rule, ``trajopt.ddp.stagewise``): dynamics to second order,
     running cost, terminal cost; and the costates
-    :math:`\\lambda_T = \nabla l_T`, :math:`\\lambda_t = l_x + f_x^\top \\lambda_{t+1}`."""
+    :math:`\\lambda_T = \\nabla l_T`, :math:`\\lambda_t = l_x + f_x^\\top \\lambda_{t+1}`."""
     B, T = us.shape[:2]
     args = [(xs[:, t], us[:, t]) for t in range(T)]
     dd, _ = StageDerivatives(dyn.derivatives, dyn, time_invariant=dyn.time_invariant,

@@ -177,7 +177,7 @@ class RankOneValue:
 
     def hess_from_coords(self, a: torch.Tensor) -> torch.Tensor:
         """:math:`V Y` from the coordinates ``a = z' Y`` (B, J, 1) of rows Y: (B, J, n)."""
-        return (self.c.view(-1, 1, 1) * a) * self.z.unsqueeze(1)
+        return (self.c.reshape(-1, 1, 1) * a) * self.z.unsqueeze(1)
 
     #: the feedback pass reads Z' f_x dX off the pulled-back factor
     #: (:class:`~trajopt.riccati.operator.OperatorStep`)
