@@ -362,17 +362,7 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
     if any(isinstance(m, _BN) and (m.training or m.running_mean is None)
            for mod in modules for m in mod.modules()):
         return False
-    key = tuple(m.training for m in modules)
-    cache = key_owner.__dict__.setdefault("_samplewise", {})
-    if key not in cache:
-        Y = torch.zeros(B, 1, n1, dtype=like.dtype, device=like.device)
-        Y[0, 0] = torch.linspace(1.0, 2.0, n1, dtype=like.dtype, device=like.device)
-        with torch.no_grad():
-            out = fx_T(Y)
-        if not bool(out[0].any()):
-            return False
-        cache[key] = not bool(out[1:].any())
-    return cache[key]
+    return _probed(key_owner, "_samplewise", modules, lambda Y: [fx_T(Y)], B, n1, like)
 
 
 def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
@@ -389,16 +379,26 @@ def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
     counts as mixing, as :func:`samplewise`'s does."""
     if B == 1:
         return True
+    return _probed(key_owner, "_controls_samplewise", modules, pull_h, B, n1, like)
+
+
+def _probed(key_owner, name: str, modules, pull, B: int, n1: int,
+            like: torch.Tensor) -> bool:
+    """The probe of :func:`samplewise` / :func:`controls_samplewise`: ``pull(Y)`` (a
+    list of (B, J, ...) tensors) of a cotangent Y (B, 1, n1) on sample 0 alone reaches
+    sample 0 in every tensor and no other sample; cached on ``key_owner`` under ``name``
+    per training mode of ``modules``, except an inconclusive answer (nothing reached
+    sample 0 somewhere), which is False."""
     key = tuple(m.training for m in modules)
-    cache = key_owner.__dict__.setdefault("_controls_samplewise", {})
+    cache = key_owner.__dict__.setdefault(name, {})
     if key not in cache:
         Y = torch.zeros(B, 1, n1, dtype=like.dtype, device=like.device)
         Y[0, 0] = torch.linspace(1.0, 2.0, n1, dtype=like.dtype, device=like.device)
         with torch.no_grad():
-            gh = pull_h(Y)
-        if not gh or not all(bool(g[0].any()) for g in gh):
+            out = pull(Y)
+        if not out or not all(bool(g[0].any()) for g in out):
             return False
-        cache[key] = not any(bool(g[1:].any()) for g in gh)
+        cache[key] = not any(bool(g[1:].any()) for g in out)
     return cache[key]
 
 

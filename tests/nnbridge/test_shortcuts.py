@@ -16,25 +16,31 @@ from nnbridge.models import resnet
 from nnbridge.stages import StageLinearization
 
 
-def _step(model_fn, opt_fn, force, monkeypatch, bn_train=True):
+def _trained(model_fn, opt_fn, monkeypatch, *, batch=6, steps=2, bn_train=True):
+    """The parameters after ``steps`` steps (float64, seeded), then ``monkeypatch``
+    undone (what the caller patched before holds during the steps)."""
     torch.manual_seed(0)
     model = model_fn().double()
     model.train(bn_train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = opt_fn(model)
-    if force is not None:
-        for cls in (StageLinearization, GraphLinearization):
-            monkeypatch.setattr(cls, "samplewise", property(lambda self, f=force: f))
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (6,), generator=g)
-    for _ in range(2):
+    X = torch.randn(batch, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(X), y).backward()
         opt.step()
     monkeypatch.undo()
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _step(model_fn, opt_fn, force, monkeypatch, bn_train=True):
+    if force is not None:
+        for cls in (StageLinearization, GraphLinearization):
+            monkeypatch.setattr(cls, "samplewise", property(lambda self, f=force: f))
+    return _trained(model_fn, opt_fn, monkeypatch, bn_train=bn_train)
 
 
 def _cnn():
@@ -177,9 +183,15 @@ def test_a_stage_and_response_without_the_new_methods():
     torch.testing.assert_close(old.feedback(dX), new.feedback(dX), rtol=1e-12, atol=1e-12)
 
 
-def _graph_lins(model, X, y, opt):
-    """The GT-DDP step's graph linearizations (one step)."""
+def _graph_lins(model):
+    """The graph linearizations of one GTDDP(adam) step of ``model`` (float64, 6 samples)."""
     from nnbridge import graph_ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = nnbridge.GTDDP(model, lr=1e-2, curvature="adam")
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,), generator=g)
     lins, orig = [], graph_ops.GraphLinearization.__init__
 
     def init(self, *a, **k):
@@ -202,14 +214,8 @@ def test_controls_act_sample_by_sample_under_batch_statistics():
     followed by BatchNorm in the same stage) mixes them in its controls too."""
     torch.manual_seed(0)
     model = resnet((1, 8, 8), 10).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = nnbridge.GTDDP(model, lr=1e-2, curvature="adam")
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (6,), generator=g)
     found = {}
-    for lin in _graph_lins(model, X, y, opt):
+    for lin in _graph_lins(model):
         kinds = "+".join(type(p.module).__name__ for p in lin.stage.players)
         if kinds in ("BatchNorm2d", "BatchNorm2d+Conv2d+BatchNorm2d"):
             found.setdefault(kinds, set()).add((lin.samplewise, lin.response_samplewise))
@@ -225,13 +231,7 @@ def test_controls_probe_inconclusive_counts_as_mixing():
     bn = next(m for n, m in model.named_modules()
               if n.endswith("shortcut.1") and isinstance(m, torch.nn.BatchNorm2d))
     torch.nn.init.zeros_(bn.weight)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = nnbridge.GTDDP(model, lr=1e-2, curvature="adam")
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (6,), generator=g)
-    lin = next(lin for lin in _graph_lins(model, X, y, opt)
+    lin = next(lin for lin in _graph_lins(model)
                if "Conv2d" in [type(p.module).__name__ for p in lin.stage.players]
                and len(lin.stage.players) == 3)
     assert lin.response_samplewise is False
@@ -251,20 +251,9 @@ def test_gram_downdate_under_batch_statistics_is_exact(curvature, monkeypatch):
         if force is not None:
             monkeypatch.setattr(graph_ops.GraphLinearization, "response_samplewise",
                                 property(lambda self: force or self.samplewise))
-        torch.manual_seed(0)
-        model = resnet((1, 8, 8), 10).double()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = nnbridge.GTDDP(model, lr=0.05, curvature=curvature)
-        g = torch.Generator().manual_seed(1)
-        X = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 10, (12,), generator=g)
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(X), y).backward()
-            opt.step()
-        monkeypatch.undo()
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
+        return _trained(lambda: resnet((1, 8, 8), 10),
+                        lambda m: nnbridge.GTDDP(m, lr=0.05, curvature=curvature),
+                        monkeypatch, batch=12)
 
     auto, off, on = run(None), run(False), run(True)
     scale = off.abs().max()
@@ -293,23 +282,14 @@ def test_gram_downdate_on_chain_batchnorm_stages_is_exact(curvature, terminal, m
         response = NetworkResponse.response
         monkeypatch.setattr(NetworkResponse, "response",
                             lambda self, Y: mapped.append(force) or response(self, Y))
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
+        return _trained(lambda: torch.nn.Sequential(
             torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
             torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1, stride=2, bias=False),
             torch.nn.BatchNorm2d(4), torch.nn.Tanh(), torch.nn.Flatten(),
-            torch.nn.Linear(64, 10)).double()
-        opt = nnbridge.DDPNOpt(model, lr=1e-2, curvature=curvature,
-                               terminal_hessian=terminal)
-        g = torch.Generator().manual_seed(1)
-        X = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 10, (12,), generator=g)
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(X), y).backward()
-            opt.step()
-        monkeypatch.undo()
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
+            torch.nn.Linear(64, 10)),
+            lambda m: nnbridge.DDPNOpt(m, lr=1e-2, curvature=curvature,
+                                       terminal_hessian=terminal),
+            monkeypatch, batch=12, steps=3)
 
     auto, plain = run(False), run(True)
     assert (auto - plain).abs().max() <= 1e-12 * plain.abs().max()
