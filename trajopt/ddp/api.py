@@ -136,8 +136,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         return replace(res, xs=xs, us=us, cost=J)
     return _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0,
                   spans=spans, players=players, xs0=xs0, mode=mode, max_iter=max_iter,
-                  tol=tol,
-                  regularization=regularization, line_search=line_search,
+                  tol=tol, regularization=regularization, line_search=line_search,
                   control_limits=control_limits)[0]
 
 

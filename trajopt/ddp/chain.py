@@ -195,11 +195,19 @@ class Chain:
         """
         def control(t, xs):
             return us[t]
-        if xs0 is not None:
-            k = int(self.consistent_prefix(x0, xs0, us).min())
-            if k > 0:
-                return self.simulate(x0, len(us), control, known=xs0[1:k + 1])
+        known = self.known_states(x0, xs0, us)
+        if known:
+            return self.simulate(x0, len(us), control, known=known)
         return self.simulate(x0, len(us), control, law=AffineLaw(us))
+
+    def known_states(self, x0: torch.Tensor, xs0: Sequence[torch.Tensor] | None,
+                     us: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The given states ``x_1 .. x_k`` (views of ``xs0``) of the leading stages every
+        element passes (:meth:`consistent_prefix`); empty without ``xs0`` or where some
+        element fails at stage 0."""
+        if xs0 is None:
+            return []
+        return list(xs0[1:int(self.consistent_prefix(x0, xs0, us).min()) + 1])
 
     def consistent_prefix(self, x0: torch.Tensor, xs: Sequence[torch.Tensor],
                           us: Sequence[torch.Tensor], rtol: float | None = None

@@ -133,13 +133,11 @@ class ConstrainedSolver:
         B, T = x0f.shape[0], len(us)
         dt, dev = x0f.dtype, x0f.device
         given = inp.xs is not None
-        start, xs = 0, [x0f]
-        if given:  # the leading stages every element's given states pass
-            start = int(inner.structure.consistent_prefix(x0f, inp.xs, us).min())
-            xs += inp.xs[1:start + 1]
-        # sizes from the rollout of us0 (every element)
+        # the leading stages every element's given states pass, then the rollout of us0
+        # (sizes from every element)
+        xs = [x0f, *inner.structure.known_states(x0f, inp.xs, us)]
         try:
-            for t in range(start, T):
+            for t in range(len(xs) - 1, T):
                 xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
             raise ShapeError(
