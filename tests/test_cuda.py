@@ -74,6 +74,38 @@ def test_ddp_on_cuda():
     torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-10, atol=1e-12)
 
 
+
+def test_ddp_warm_start_with_states_on_cuda():
+    """``xs0`` on the GPU: the MPC shift of a solve (every stage but the last consistent)
+    is checked on the device and gives the cold solve's answer, GPU == CPU."""
+    def f(x, u, t):
+        th, dth = x[..., 0], x[..., 1]
+        return torch.stack([th + 0.05 * dth,
+                            dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
+
+    def solve(dev):
+        eye = torch.eye(2, dtype=DT, device=dev)
+        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
+                                     100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=DT,
+                                                                   device=dev))
+        solver = trajopt.DDPSolver(trajopt.Dynamics(f), cost, max_iter=5)
+        x0 = torch.zeros(3, 2, dtype=DT, device=dev)
+        x0[:, 0] = torch.linspace(-0.3, 0.3, 3, dtype=DT)
+        r = solver.solve(x0, torch.zeros(3, 40, 1, dtype=DT, device=dev))
+        x, us = r.xs[:, 1].clone(), torch.cat([r.us[:, 1:], r.us[:, -1:]], 1)
+        xs = torch.cat([r.xs[:, 1:], r.xs[:, -1:]], 1)
+        check, kept = solver.structure.consistent_prefix, []
+        solver.structure.consistent_prefix = lambda *a: kept.append(check(*a)) or kept[-1]
+        return solver.solve(x, us, xs0=xs), solver.solve(x, us), kept[-1]
+    (cpu, cpu_cold, cpu_kept), (gpu, gpu_cold, gpu_kept) = _both(solve)
+    assert gpu.us.device.type == "cuda"
+    assert gpu_kept.cpu().tolist() == cpu_kept.tolist() == [39] * 3  # all but the last
+    torch.testing.assert_close(gpu.us, gpu_cold.us, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cpu.us, cpu_cold.us, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gpu.us.cpu(), cpu.us, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-10, atol=1e-12)
+
+
 def _mlp(dev, dtype=DT):
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
