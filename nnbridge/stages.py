@@ -728,7 +728,11 @@ class NormStage(Stage):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`n(x)`; BatchNorm in training mode with the statistics of ``x`` itself
-        (what its forward pass used), never touching the running statistics."""
+        (what its forward pass used), never touching the running statistics.  That case is
+        ``F.batch_norm`` without running statistics: one native operation whose backward
+        is one too (also under ``vmap``), where ``x.var`` over several dimensions takes
+        torch's slow CPU reduction (~0.6 ms for 128 x 16 x 8 x 8) and its decomposed
+        backward a dozen elementwise operations (``docs/performance.md``, session 18)."""
         m = self.module
         if isinstance(m, nn.LayerNorm):
             if tuple(x.shape[1:]) != tuple(m.normalized_shape):
@@ -738,11 +742,9 @@ class NormStage(Stage):
                     "non-batch dimensions (positions sharing its parameters are not "
                     "supported yet)")
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        dims = [d for d in range(x.ndim) if d != 1]
         if m.training or m.running_mean is None:
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        else:
-            mean, var = m.running_mean, m.running_var
+            return F.batch_norm(x, None, None, training=True, eps=m.eps)
+        mean, var = m.running_mean, m.running_var
         shape = [1, -1] + [1] * (x.ndim - 2)
         return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + m.eps)
 

@@ -290,6 +290,55 @@ def test_norm_affine_parameters_are_stages_with_feedback(norm):
     assert not torch.equal(model.norm.weight, torch.ones(6))
 
 
+
+@pytest.mark.parametrize("shape,bn", [((5,), nn.BatchNorm1d), ((5, 7), nn.BatchNorm1d),
+                                      ((5, 4, 3), nn.BatchNorm2d)])
+def test_training_batchnorm_stage_equals_the_module(shape, bn):
+    """A training-mode BatchNorm stage against the module itself (torch's batch_norm with
+    running statistics, on a copy: the output) and against the normalization written out
+    (the batch mean, the biased variance as a mean of squares, ``eps`` inside the root:
+    the batch Jacobians in x and in (gamma, beta) by ``jacrev``), against the stage's
+    ``fx_T`` / ``fx`` (J = 3 cotangents a sample through its ``vmap``) and its per-sample
+    control factors, float64 to 1e-12."""
+    from nnbridge.batchnorm import batch_coupled
+    torch.manual_seed(5)
+    C, B = shape[0], 6
+    norm = bn(C)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    model = nn.Sequential(nn.Identity(), norm)
+    model.train()
+    _, sts = nnbridge.stages(model)
+    x = 2 * torch.randn(B, *shape) + 1
+    ref = copy.deepcopy(norm)
+    view = (1, C) + (1,) * (len(shape) - 1)
+
+    def written_out(z, w, b):   # the whole batch, flat in and out
+        z = z.reshape(B, *shape)
+        dims = [0] + list(range(2, z.ndim))
+        mean = z.mean(dims, keepdim=True)
+        var = ((z - mean) ** 2).mean(dims, keepdim=True)
+        return ((z - mean) / torch.sqrt(var + norm.eps) * w.reshape(view)
+                + b.reshape(view)).reshape(-1)
+    with batch_coupled([model]):
+        lin = StageLinearization(sts[-1], x)
+        torch.testing.assert_close(lin.x_next.reshape(B, -1), ref(x).reshape(B, -1),
+                                   rtol=1e-12, atol=1e-12)
+        jx, jw, jb = torch.func.jacrev(written_out, argnums=(0, 1, 2))(
+            x.reshape(-1), norm.weight.detach(), norm.bias.detach())
+        n = x[0].numel()
+        Y = torch.randn(B, 3, n)
+        Yb = Y.transpose(0, 1).reshape(3, -1)
+        torch.testing.assert_close(lin.fx_T(Y), (Yb @ jx).reshape(3, B, n).transpose(0, 1),
+                                   rtol=1e-12, atol=1e-12)
+        dX = torch.randn(B, n)
+        torch.testing.assert_close(lin.fx(dX), (jx @ dX.reshape(-1)).reshape(B, n),
+                                   rtol=1e-12, atol=1e-12)
+        per = torch.einsum("bj...op,b...ip->j...oi", lin.factors(Y), lin.X).reshape(3, C, 2)
+        torch.testing.assert_close(per, torch.stack([Yb @ jw, Yb @ jb], -1),
+                                   rtol=1e-12, atol=1e-12)
+
 def test_batchnorm_in_training_mode_uses_the_recorded_batch_statistics():
     """In the DDP pass a training-mode BatchNorm normalizes with the statistics of the
     batch it sees (the norm test above checks its batch Jacobian); the optimizer leaves
