@@ -139,6 +139,9 @@ class Preconditioner:
             # matrix of each sample's positions, without per-sample (out x in') gradients
             gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
             return self.D * torch.einsum("bj...op,b...pq->bj...oq", w, gram)
+        if self._rotates_factors(w, X, back=True):
+            Gr, Xr = self._rotated(w, X)
+            return self.rot[0] @ torch.einsum("bj...oi,b...ip->bj...op", Gr * self.D, Xr)
         # (a grouped convolution: one more dimension, the groups, before out / in')
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
         return torch.einsum("bj...oi,b...ip->bj...op", self.value_inverse(G), X)
@@ -161,8 +164,39 @@ class Preconditioner:
             gram = torch.einsum("b...ip,b...iq->b...pq", X, X)
             t = torch.einsum("bj...op,b...pq->bj...oq", w, gram)
             return self.D * (t.flatten(2) @ w.flatten(2).transpose(-1, -2))
+        if self._rotates_factors(w, X, back=False):
+            Gr = self._rotated(w, X)[0]
+            return response_gram(Gr, Gr * self.D)
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
         return response_gram(G, self.value_inverse(G))
+
+    def _rotates_factors(self, w: torch.Tensor, X: torch.Tensor, back: bool) -> bool:
+        r"""Whether an eigenbasis (EKFAC) maps per-sample cotangents through the rotated
+        factors (:meth:`_rotated`) rather than through per-sample gradients rotated there
+        and back.  By multiply-adds a sample (and group): ``J out^2 P (2 or 1) + in'^2
+        P`` (the rows' rotation, once more back for the response; the inputs' rotation,
+        shared by the J rows) against ``2 J out in' (out + in')`` (two rotations of each
+        per-sample gradient); both routes form J (out, in') products over the P
+        positions, the response one more.  ``back``: the response (:meth:`per_sample`),
+        else its Gram matrix, which needs no rotation back (Frobenius products are
+        invariant under it).  A first convolution on few channels over many positions
+        keeps the per-sample gradients."""
+        if self.rot is None or not torch.is_tensor(self.D) or not self.value_is_inverse:
+            return False
+        J, out, P, inp = w.shape[1], w.shape[-2], w.shape[-1], X.shape[-2]
+        return J * out * out * P * (2 if back else 1) + inp * inp * P < \
+            2 * J * out * inp * (out + inp)
+
+    def _rotated(self, w: torch.Tensor, X: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The per-sample gradients in the eigenbasis, :math:`\tilde G = Q_G^\top (w
+        X^\top) Q_A = \tilde w \tilde X^\top` (B, J, [G,] out, in') from the rotated
+        factors :math:`\tilde w = Q_G^\top w`, :math:`\tilde X = Q_A^\top X`, and
+        :math:`\tilde X` (B, [G,] in', P): then :math:`S G = Q_G (\tilde G \odot D)
+        Q_A^\top` and :math:`(S G) X = Q_G (\tilde G \odot D) \tilde X`."""
+        QG, QA = self.rot
+        Xr = QA.transpose(-1, -2) @ X
+        return torch.einsum("bj...op,b...ip->bj...oi", QG.transpose(-1, -2) @ w, Xr), Xr
 
 
 def _positions_gram_pays(w: torch.Tensor, X: torch.Tensor) -> bool:

@@ -620,6 +620,56 @@ def test_the_largest_magnitude_is_the_plain_max_abs(specs, seed):
         assert got == float(flat.abs().max())
 
 
+def _orthogonal(*shape, g):
+    return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("w_shape,x_shape,rotates", [
+    ((5, 9, 16, 64), (5, 145, 64), (True, True)),        # a 3x3 convolution, 16 channels
+    ((5, 9, 16, 64), (5, 10, 64), (False, False)),       # a first convolution, 1 channel
+    ((5, 9, 16, 1, 64), (5, 16, 2, 64), (False, False)),  # BatchNorm, 16 channels
+    ((5, 3, 4, 2, 9), (5, 4, 7, 9), (True, True)),        # grouped, few positions
+    ((5, 1, 16, 16), (5, 10, 16), (False, True))])         # its Gram pays, not the response
+def test_ekfac_response_by_either_route_equals_the_dense_kronecker(
+        monkeypatch, w_shape, x_shape, rotates):
+    """An eigenbasis preconditioner (EKFAC) maps per-sample cotangents through the rotated
+    factors or through per-sample gradients rotated there and back, whichever costs fewer
+    multiply-adds (``Preconditioner._rotates_factors``, decided apart for the response and
+    its Gram matrix); both equal the dense operator
+    ``S = (Q_G kron Q_A) diag(vec D) (Q_G kron Q_A)'`` on each sample's (out x in')
+    gradient ``w x'``, float64 to 1e-12."""
+    from nnbridge import curvature
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(*w_shape, generator=g, dtype=torch.float64)
+    X = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    groups = w_shape[2:-2]                  # () or (G,)
+    out, inp = w_shape[-2], x_shape[-2]
+    QG, QA = _orthogonal(*groups, out, out, g=g), _orthogonal(*groups, inp, inp, g=g)
+    D = torch.rand(*groups, out, inp, generator=g, dtype=torch.float64) + 0.1
+    pre = curvature.Preconditioner(D=D, rot=(QG, QA))
+    assert (pre._rotates_factors(w, X, back=True),
+            pre._rotates_factors(w, X, back=False)) == rotates
+    # the dense reference, group by group
+    wg, Xg = (w, X) if groups else (w.unsqueeze(2), X.unsqueeze(1))
+    QGg, QAg, Dg = (QG, QA, D) if groups else (QG[None], QA[None], D[None])
+    resp, gram = torch.zeros_like(wg), torch.zeros(w.shape[:2] + w.shape[1:2],
+                                                   dtype=torch.float64)
+    for k in range(wg.shape[2]):
+        U = torch.kron(QGg[k], QAg[k])
+        S = U @ torch.diag(Dg[k].reshape(-1)) @ U.T
+        G = torch.einsum("bjop,bip->bjoi", wg[:, :, k], Xg[:, k]).flatten(2)   # (B, J, o i)
+        SG = (G @ S).reshape(*G.shape[:2], out, inp)     # S symmetric
+        resp[:, :, k] = torch.einsum("bjoi,bip->bjop", SG, Xg[:, k])
+        gram += G @ S @ G.transpose(-1, -2)
+    resp = resp if groups else resp.squeeze(2)
+    for forced in (None, True, False):
+        if forced is not None:
+            monkeypatch.setattr(curvature.Preconditioner, "_rotates_factors",
+                                lambda self, w, X, back, f=forced: f)
+        torch.testing.assert_close(pre.per_sample(w, X), resp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pre.gram(w, X), gram, rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("w_shape,x_shape,gram_pays", [
     ((6, 10, 16, 1, 64), (6, 16, 2, 64), False),   # BatchNorm, 16 channels: in' = 2
     ((6, 10, 16, 64), (6, 10, 64), False),          # a first convolution, 1 channel + bias
