@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -103,6 +103,9 @@ class Preconditioner:
 
     D: torch.Tensor | float
     rot: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: one stage's inputs and their rotation :math:`\tilde x = x Q_A`, kept for the calls
+    #: of the same step (:meth:`rotated_inputs`)
+    _xr: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def value_is_inverse(self) -> bool:
@@ -113,8 +116,39 @@ class Preconditioner:
     def inverse(self, G: torch.Tensor) -> torch.Tensor:
         if self.rot is None:
             return G * self.D
+        return self.unrotate(self.rotate(G))
+
+    def rotate(self, G: torch.Tensor) -> torch.Tensor:
+        r""":math:`(Q_G^\top G Q_A) \odot D`: :math:`P^{-1} G` in the eigenbasis."""
         QG, QA = self.rot
-        return QG @ ((QG.transpose(-1, -2) @ G @ QA) * self.D) @ QA.transpose(-1, -2)
+        return (QG.transpose(-1, -2) @ G @ QA) * self.D
+
+    def unrotate(self, R: torch.Tensor) -> torch.Tensor:
+        r""":math:`Q_G R Q_A^\top`, back from the eigenbasis."""
+        QG, QA = self.rot
+        return QG @ R @ QA.transpose(-1, -2)
+
+    def rotated_inputs(self, X: torch.Tensor) -> torch.Tensor:
+        r""":math:`\tilde x = x Q_A` (B, in') of a Linear stage's inputs X (B, in', 1),
+        computed once for the calls that share this preconditioner and X."""
+        if self._xr.get("X") is not X:
+            self._xr.clear()
+            self._xr.update(X=X, Xr=X[..., 0] @ self.rot[1])
+        return self._xr["Xr"]
+
+    def eigen_step_pays(self, X: torch.Tensor) -> bool:
+        r"""Whether a Linear stage (inputs X (B, in', 1)) keeps its open-loop step in the
+        eigenbasis, :math:`R = (Q_G^\top g Q_A) \odot D` (:class:`NetworkResponse`),
+        and the feedback pass forms :math:`P^{-1}(g + F) = Q_G (R + (Q_G^\top F Q_A)
+        \odot D) Q_A^\top` with one rotation back, the value's response and the feedback
+        term from the rotated factors (:math:`x Q_A`, :math:`h Q_G`).  By multiply-adds:
+        ``B (in'^2 + 2 out^2)`` against the two rotations it saves, ``2 out in' (out +
+        in')``: so for batches below about the layer's width (256 wide: B <= 342)."""
+        if (self.rot is None or not torch.is_tensor(self.D) or not self.value_is_inverse
+                or X.dim() != 3 or X.shape[-1] != 1):
+            return False
+        B, i, o = X.shape[0], X.shape[1], self.rot[0].shape[-1]
+        return B * (i * i + 2 * o * o) < 2 * o * i * (o + i)
 
     def value_inverse(self, G: torch.Tensor) -> torch.Tensor:
         """S G (the value recursion's operator); = P^{-1} G when the curvature model is
@@ -128,7 +162,7 @@ class Preconditioner:
             if not torch.is_tensor(self.D):
                 return w * (self.D * (x * x).sum(-1))[:, None, None, None]
             if self.rot is not None:
-                a, x = a @ self.rot[0], x @ self.rot[1]
+                a, x = a @ self.rot[0], self.rotated_inputs(X)
             e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
             res = a * e.unsqueeze(1)
             if self.rot is not None:
@@ -156,7 +190,7 @@ class Preconditioner:
                 return (self.D * (x * x).sum(-1)).view(-1, 1, 1) * torch.bmm(
                     a, a.transpose(-1, -2))
             if self.rot is not None:
-                a, x = a @ self.rot[0], x @ self.rot[1]
+                a, x = a @ self.rot[0], self.rotated_inputs(X)
             e = (x * x) @ self.D.transpose(-1, -2)                       # (B, out)
             return torch.bmm(a * e.unsqueeze(1), a.transpose(-1, -2))
         if not torch.is_tensor(self.D) and self.rot is None and _positions_gram_pays(w, X):
@@ -514,7 +548,11 @@ class NetworkResponse:
     ``total`` (optional) is :math:`\\mathbb{E}[Q_u] + l_u` as the caller formed it from
     the step's ``qu``: :meth:`apply_total` of that ``qu`` then uses it and keeps
     :math:`S\\,` ``total`` in ``Sg`` (the open-loop step when :math:`S = P^{-1}`,
-    :meth:`Curvature.reuses_response`)."""
+    :meth:`Curvature.reuses_response`).  With ``rotated`` (the caller can take it) and
+    where :meth:`Preconditioner.eigen_step_pays`, it keeps that step in the eigenbasis
+    instead, ``Rg`` = :math:`(Q_G^\\top\\,` ``total`` :math:`Q_A) \\odot D` (``Sg``
+    = :meth:`Preconditioner.unrotate` of it), and the response comes from the rotated
+    inputs without forming ``Sg``."""
 
     pre: Preconditioner
     lin: Any
@@ -522,6 +560,8 @@ class NetworkResponse:
     total: torch.Tensor | None = None
     qu: Any = None
     Sg: torch.Tensor | None = None
+    rotated: bool = False
+    Rg: torch.Tensor | None = None
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
@@ -547,6 +587,12 @@ class NetworkResponse:
 
     def apply_total(self, G: torch.Tensor) -> torch.Tensor:
         if self.total is not None and G is self.qu:
+            if self.rotated and self.pre.eigen_step_pays(self.lin.X):
+                # g_u S g = x Q_A R' Q_G' per sample, (B, out)
+                self.Rg = self.pre.rotate(self.total)
+                h = (self.pre.rotated_inputs(self.lin.X) @ self.Rg.transpose(-1, -2)
+                     ) @ self.pre.rot[0].transpose(-1, -2)
+                return self.lin.from_h(h[:, None, :, None]).squeeze(1)
             self.Sg = self.pre.value_inverse(self.total)
             return self.lin.from_h(self.lin.gu(self.Sg).unsqueeze(1)).squeeze(1)
         return self.apply_control(G if self.wdU is None else G + self.wdU)

@@ -584,7 +584,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 rec_t.update(g=g, state=cst, pre=pre)
                 if pre.value_is_inverse and curv.reuses_response(cst, hp):
                     # the value's response applies P^-1 to this g: the open-loop step
-                    rec_t["resp"] = NetworkResponse(pre, lin, lu, total=g, qu=Qu)
+                    rec_t["resp"] = NetworkResponse(pre, lin, lu, total=g, qu=Qu,
+                                                    rotated=True)
                     return rec_t["resp"]
                 return NetworkResponse(pre, lin, lu)
 
@@ -597,6 +598,8 @@ class DDPNOpt(torch.optim.Optimizer):
             resp = rec_t.pop("resp", None)
             if resp is not None and resp.Sg is not None:   # -P^-1 g, kept instead of g
                 rec_t["Sg"], rec_t["g"] = resp.Sg, None
+            elif resp is not None and resp.Rg is not None:  # the same, in the eigenbasis
+                rec_t["Rg"], rec_t["g"] = resp.Rg, None
             del resp
             # what only this backward step read: its sent and carried gradients, and the
             # value V_{t+1} beyond its factor (``docs/performance.md``, "Memory")
@@ -626,12 +629,18 @@ class DDPNOpt(torch.optim.Optimizer):
                     xhat = st.forward(xhat, r["U"])
                 continue
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
-            Sg = r.pop("Sg", None)   # P^-1 g from the value's response (reuses_response)
-            du = -Sg if Sg is not None else curv.open_loop(cst, r["g"], hp, step, pre)
-            del Sg
-            if t > 0:
-                dX = (xhat - rec.inputs[t]).reshape(mean.local, -1)
-                du = du - pre.inverse(steps[t].feedback(dX))
+            dX = None if t == 0 else (xhat - rec.inputs[t]).reshape(mean.local, -1)
+            Rg = r.pop("Rg", None)   # P^-1 g in the eigenbasis (Preconditioner.rotate)
+            if Rg is not None:       # one rotation back for the step and the feedback term
+                du = -pre.unrotate(Rg if dX is None else Rg + _rotated_feedback(
+                    steps[t], dX, pre))
+            else:
+                Sg = r.pop("Sg", None)   # P^-1 g from the value's response (reuses_response)
+                du = -Sg if Sg is not None else curv.open_loop(cst, r["g"], hp, step, pre)
+                del Sg
+                if dX is not None:
+                    du = du - pre.inverse(steps[t].feedback(dX))
+            del Rg
             Unew = U + du
             controls.append(Unew)
             # the stage is done: its step and the tensors only it read go (the moments in
@@ -649,6 +658,18 @@ class DDPNOpt(torch.optim.Optimizer):
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}(curvature={self.curvature.name!r}, "
                 f"value_hessian={self.value_hessian!r}, {g})")
+
+
+def _rotated_feedback(step, dX: torch.Tensor, pre) -> torch.Tensor:
+    r""":math:`(Q_G^\top F Q_A) \odot D` for the feedback term :math:`F =
+    \mathbb{E}[Q_{ux} dX]` of a Linear stage (:meth:`Preconditioner.eigen_step_pays`):
+    from its rotated inputs and cotangents where the step gives the cotangent, else by
+    rotating F."""
+    cotangent = getattr(step, "feedback_cotangent", None)
+    if cotangent is None:
+        return pre.rotate(step.feedback(dX))
+    Xr = pre.rotated_inputs(step.stage.X)
+    return step.stage.fu_T_mean_rotated(cotangent(dX), pre.rot[0], Xr) * pre.D
 
 
 def _with(step, **changes):

@@ -622,6 +622,14 @@ class StageLinearization:
     def fu_T_mean(self, Y: torch.Tensor) -> torch.Tensor:
         return self.mean(self.control_gradient(self._sigma_T_one(Y)))
 
+    def fu_T_mean_rotated(self, Y: torch.Tensor, QG: torch.Tensor, Xr: torch.Tensor
+                          ) -> torch.Tensor:
+        r""":math:`Q_G^\top` ``fu_T_mean(Y)`` :math:`Q_A` of a Linear stage from its
+        rotated inputs ``Xr`` = :math:`x Q_A` (B, in'): the pre-activation cotangents
+        rotated, :math:`(h Q_G)^\top \tilde x`, one product each (not the (out, in')
+        gradient and two rotations of it)."""
+        return self.mean((self._sigma_T_one(Y) @ QG).T @ Xr)
+
     def value_gradient(self, Vx: torch.Tensor) -> torch.Tensor:
         """``fu_T_mean(Vx)``, less the mean control gradient of :attr:`sent` (one product
         of the difference of the cotangents)."""

@@ -525,8 +525,10 @@ def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvat
     response formed (no momentum, no first moment), the feedback pass takes it from there:
     P^-1 applied T - 1 times fewer a step (once per stage past the first; EKFAC: four
     products each), and the parameters are bitwise those of the path that applies it
-    again."""
+    again.  (EKFAC's Linear stages keep that step in the eigenbasis where it pays: that
+    path is switched off here, and tested below.)"""
     from nnbridge.curvature import Curvature, Preconditioner
+    monkeypatch.setattr(Preconditioner, "eigen_step_pays", lambda self, X: False)
     calls = []
     inverse = Preconditioner.inverse
 
@@ -562,6 +564,66 @@ def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvat
     # S g is kept in place of g (memory): g only at the first stage, whose value is not
     # formed; without the reuse g at every stage
     assert kept[0] == [True] + [False] * (T - 1) and kept[-1] == [True] * T
+
+
+@pytest.mark.parametrize("extra", [{}, {"weight_decay": 0.1}, {"tikhonov": 1e-3},
+                                   {"value_hessian": "joint"}, {"value_hessian": "full"}])
+def test_ekfac_step_in_the_eigenbasis_equals_the_plain_step(monkeypatch, extra):
+    """EKFAC on Linear stages narrower than the batch is wide keeps the open-loop step in
+    the eigenbasis (``Preconditioner.eigen_step_pays``): ``R = (Q_G' g Q_A) * D`` from the
+    value's response (whose ``g_u S g`` comes from ``x Q_A``), the feedback term from the
+    rotated cotangents ``(h Q_G)' x Q_A`` (rotated itself where the step gives no
+    cotangent: the joint value), one rotation back for both.  Over 3 steps the parameters
+    equal the plain path's (``S g``, ``P^-1 F``) to 1e-12 (float64); the path is taken
+    at every stage past the first; without the feedback term the step differs."""
+    from nnbridge import ddpnopt
+    from nnbridge.curvature import Preconditioner
+    X, y = data(4, (4,))   # batch 4: every stage past the first narrow enough to pay
+    kept, params = [], []
+    feedback = nnbridge.DDPNOpt._feedback_pass
+
+    def inspect(self, rec, out, *a):
+        kept.append(["Rg" in r for r in out])
+        return feedback(self, rec, out, *a)
+    monkeypatch.setattr(nnbridge.DDPNOpt, "_feedback_pass", inspect)
+    pays = Preconditioner.eigen_step_pays
+    rotated_feedback = ddpnopt._rotated_feedback
+    for variant in ("eigen", "plain", "no feedback term"):
+        monkeypatch.setattr(Preconditioner, "eigen_step_pays",
+                            pays if variant != "plain" else lambda self, X: False)
+        if variant == "no feedback term":
+            monkeypatch.setattr(ddpnopt, "_rotated_feedback",
+                                lambda step, dX, pre: torch.zeros_like(pre.D))
+        model = mlp()
+        opt = nnbridge.DDPNOpt(model, curvature="ekfac", lr=0.05, **extra)
+        T = len(opt._stages)
+        kept.clear()
+        for _ in range(3):
+            opt.step(closure_for(opt, model, X, y))
+        assert kept[-1] == ([False] + [True] * (T - 1) if variant != "plain" else [False] * T)
+        params.append([p.detach().clone() for p in model.parameters()])
+    monkeypatch.setattr(ddpnopt, "_rotated_feedback", rotated_feedback)
+    for a, b in zip(params[0], params[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert max(float((a - b).abs().max()) for a, b in zip(params[1], params[2])) > 1e-6
+
+
+def test_the_eigenbasis_step_is_taken_where_it_pays():
+    """The rule: a Linear stage (X (B, in', 1)) with an eigenbasis and a tensor D, when
+    ``B (in'^2 + 2 out^2) < 2 out in' (out + in')``; not for convolutions, scalar or
+    rotation-free curvatures."""
+    from nnbridge.curvature import Preconditioner
+
+    def pre(o, i, rot=True, D=True):
+        Q = (torch.eye(o), torch.eye(i)) if rot else None
+        return Preconditioner(D=torch.ones(o, i) if D else 0.1, rot=Q)
+    assert pre(256, 257).eigen_step_pays(torch.zeros(128, 257, 1))
+    assert pre(256, 257).eigen_step_pays(torch.zeros(342, 257, 1))
+    assert not pre(256, 257).eigen_step_pays(torch.zeros(343, 257, 1))
+    assert not pre(10, 257).eigen_step_pays(torch.zeros(128, 257, 1))     # a narrow head
+    assert not pre(16, 145).eigen_step_pays(torch.zeros(8, 145, 64))      # a convolution
+    assert not pre(256, 257, rot=False).eigen_step_pays(torch.zeros(8, 257, 1))
+    assert not pre(256, 257, D=False).eigen_step_pays(torch.zeros(8, 257, 1))
 
 
 def test_momentum_and_adam_do_not_take_the_open_loop_step_from_the_response():

@@ -150,7 +150,13 @@ class OperatorStep:
 
     def feedback(self, dX: torch.Tensor) -> Any:
         """Batch mean of :math:`Q_{ux}^i dX^i = f_u^{i\\top} V' f_x dX^i` for dX (B, n); the
-        applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`.
+        applied policy is :math:`\\delta u = -P^{-1}(\\mathbb{E}[Q_u] + \\text{this})`:
+        ``stage.fu_T_mean`` of :meth:`feedback_cotangent`."""
+        return self.stage.fu_T_mean(self.feedback_cotangent(dX))
+
+    def feedback_cotangent(self, dX: torch.Tensor) -> torch.Tensor:
+        """:math:`V' f_x dX^i` (B, n1), the cotangent whose :math:`f_u^\\top` batch mean
+        is :meth:`feedback` (for a caller that maps it to the controls its own way).
         For a factored :math:`V' = Z C Z^\\top` the coordinates :math:`Z^\\top f_x dX =
         (f_x^\\top Z)^\\top dX` come from this stage's pulled-back factor (kept anyway)."""
         if (self.value is not None and self.next_value.factored and not self.tikhonov
@@ -161,7 +167,7 @@ class OperatorStep:
             Y = self.next_value.hess_from_coords(a.transpose(-1, -2))
         else:
             Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
-        return self.stage.fu_T_mean(Y.squeeze(1))
+        return Y.squeeze(1)
 
 
 def operator_riccati_step(
