@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import same_shapes
 from .options import DDPResult
 
 __all__ = ["Traj", "Policy", "merge_policy", "select_gains", "step_size", "pack_result"]
@@ -48,7 +49,7 @@ class Traj:
     def finite(self) -> torch.Tensor:
         """(B,) bool: the cost and every state are finite."""
         xs = self.xs
-        if all(v.shape == xs[0].shape for v in xs):  # one op over all stages
+        if same_shapes(xs):  # one op over all stages
             return torch.isfinite(self.cost) & torch.isfinite(torch.stack(xs, 1)).flatten(
                 1).all(-1)
         return torch.isfinite(self.cost) & torch.stack(
@@ -138,7 +139,7 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
     batch shape and array type (stages stacked unless the controls came as a list or the
     stage sizes differ); ``extra`` fields (already packed) are passed through."""
     def pack(values):
-        if listed or any(v.shape != values[0].shape for v in values):
+        if listed or not same_shapes(values):
             return kind.out([v.reshape(*batch, *v.shape[1:]) for v in values])
         out = torch.stack(values, dim=1)  # (B, T, ...): one reshape, not one per stage
         return kind.out(out.reshape(*batch, *out.shape[1:]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import same_shapes
 from ..errors import InvalidArgumentError
 from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
@@ -120,7 +121,7 @@ class Chain:
         """States and controls of ``law`` on the linear dynamics by the compiled loop
         (:mod:`trajopt.lqr.compiled_rollout`), or None where its rule says no."""
         dyn = self.linear_model()
-        if dyn is None or T == 0 or any(f.shape != law.ff[0].shape for f in law.ff):
+        if dyn is None or T == 0 or not same_shapes(law.ff):
             return None
         B, n = x0.shape
         gains = () if law.K is None else (law.K[0], law.xbar[0])
@@ -143,7 +144,7 @@ class Chain:
         dyn = self.linear_model()
         B, n = x0.shape
         if dyn is None or not rollout_pays(T, B, n, law.K is None, x0.device) or \
-                any(f.shape != law.ff[0].shape for f in law.ff):
+                not same_shapes(law.ff):
             return None
         A, Bm, c = dyn.maps(T, x0)
         ff = torch.stack(list(law.ff))  # (T, B, m)
@@ -275,7 +276,7 @@ class Chain:
         T = len(us)
         nxt = xs[1:]
         pred = self._dynamics_derivatives.values(list(zip(xs[:-1], us)), probe=False)
-        if pred is not None and all(v.shape == nxt[0].shape for v in nxt):
+        if pred is not None and same_shapes(nxt):
             if not torch.is_tensor(pred) or pred.shape != (T * nxt[0].shape[0],
                                                            *nxt[0].shape[1:]):
                 return None

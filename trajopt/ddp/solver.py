@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import shape_str
+from .._checks import same_shapes, shape_str
 from .._threads import threads_for
 from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 from ..riccati.expansion import addmm
@@ -178,7 +178,7 @@ class DDPSolver:
             alpha = alpha.unsqueeze(-1)
         dev = self.structure.deviation
         us, k = traj.us, policy.k
-        if all(v.shape == us[0].shape for v in us) and all(v.shape == us[0].shape for v in k):
+        if same_shapes([*us, *k]):
             # u_bar + alpha k of every stage in four ops, not two per stage
             ff = (torch.stack(us) + alpha * torch.stack(k)).unbind(0)
         else:

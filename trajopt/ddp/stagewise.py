@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
+from .._checks import same_shapes_by_position
 from ..errors import InvalidArgumentError
 
 __all__ = ["StageDerivatives", "check_visible"]
@@ -102,9 +103,7 @@ class StageDerivatives:
         with the ``int`` stage yet is not tried (None), so that points that are not a
         trajectory (a user's guess, possibly NaN) never decide the comparison."""
         T = len(args_per_stage)
-        first = args_per_stage[0]
-        if T < 2 or not all(all(a.shape == b.shape for a, b in zip(args, first))
-                            for args in args_per_stage):
+        if T < 2 or not same_shapes_by_position(args_per_stage):
             return None
         flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
         if self.time_invariant:
@@ -150,8 +149,7 @@ class StageDerivatives:
         T = len(args_per_stage)
         first = args_per_stage[0]
         B = first[0].shape[0]
-        uniform = all(all(a.shape == b.shape for a, b in zip(args, first))
-                      for args in args_per_stage)
+        uniform = same_shapes_by_position(args_per_stage)
         stacked = None
         if uniform and T > 1:
             flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
