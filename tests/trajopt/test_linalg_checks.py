@@ -1,5 +1,7 @@
 """``trajopt._linalg.finite_rows`` and ``norm1`` (the fast forms of the solvers' finiteness
-checks and 1-norms) against the plain torch expressions they replace."""
+checks and 1-norms), and ``trajopt._checks``' shape helpers (``same_shapes``,
+``same_shapes_by_position``, ``broadcast_shapes``: the per-stage loop's fast forms)
+against the plain expressions they replace."""
 
 import math
 
@@ -8,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests._hypothesis import examples
+from trajopt._checks import broadcast_shapes, same_shapes, same_shapes_by_position
 from trajopt._linalg import finite_rows, norm1
 
 SPECIALS = [0.0, -1.5, 1e300, -1e308, 3e38, math.inf, -math.inf, math.nan]
@@ -73,3 +76,33 @@ def test_norm1_propagates_nan_and_inf_and_takes_empty_matrices():
     for shape in ((2, 0, 0), (2, 3, 0), (2, 0, 3)):
         e = torch.zeros(shape)
         assert torch.equal(norm1(e), torch.linalg.matrix_norm(e, 1))
+
+
+_SHAPES = st.lists(st.lists(st.integers(0, 3), max_size=3), max_size=5)
+
+
+@settings(max_examples=examples(120), deadline=None)
+@given(shapes=_SHAPES, second=_SHAPES)
+def test_shape_helpers_are_the_plain_comparisons(shapes, second):
+    """``same_shapes`` is "every shape equals the first" (True for none),
+    ``same_shapes_by_position`` that per position of rows, and ``broadcast_shapes`` is
+    torch's: the same shape, or the same error."""
+    ts = [torch.empty(s) for s in shapes]
+    assert same_shapes(ts) == all(t.shape == ts[0].shape for t in ts)
+    rows = [(a, torch.empty(b)) for a, b in zip(ts, second)]
+    assert same_shapes_by_position(rows) == all(
+        all(a.shape == b.shape for a, b in zip(r, rows[0])) for r in rows)
+    try:
+        want = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        want = None
+    if want is None:
+        try:
+            broadcast_shapes(*shapes)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError(f"no error for {shapes}")
+    else:
+        got = broadcast_shapes(*shapes)
+        assert got == want and type(got) is torch.Size

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .._arrays import ArrayKind, infer_kind
-from .._checks import check_finite, shape_str
+from .._checks import broadcast_shapes, check_finite, shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Traj
 from .models import Cost
@@ -61,7 +61,7 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
         for t, u in enumerate(us):
             check_finite(u, f"us0[{t}]")
     try:
-        batch = torch.broadcast_shapes(x0t.shape[:-1], *(u.shape[:-1] for u in us))
+        batch = broadcast_shapes(x0t.shape[:-1], *(u.shape[:-1] for u in us))
     except RuntimeError:
         raise ShapeError(f"batch dimensions of x0 {shape_str(x0t)} and us0 do not "
                          "broadcast") from None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import broadcast_shapes
 from .._linalg import mv as _mv
 
 __all__ = ["QExpansion", "addmm", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage"]
@@ -141,8 +142,8 @@ def joint_blocks(
     n, m = fx.shape[-1], fu.shape[-1]
     # the linear terms may carry more batch than the matrices (one LQR from many
     # initial states: its adjoint's linear terms are per element)
-    batch = torch.broadcast_shapes(fx.shape[:-2], fu.shape[:-2], lxx.shape[:-2],
-                                   luu.shape[:-2], *(v.shape[:-k] for v, k in (
+    batch = broadcast_shapes(fx.shape[:-2], fu.shape[:-2], lxx.shape[:-2],
+                             luu.shape[:-2], *(v.shape[:-k] for v, k in (
                                        (lx, 1), (lu, 1), (lux, 2)) if v is not None))
     F = torch.cat([fx.expand(*batch, *fx.shape[-2:]), fu.expand(*batch, *fu.shape[-2:])], -1)
     zeros = fx.new_zeros(())
