@@ -22,9 +22,9 @@ import trajopt
 import trajopt.ddp.scanpass as scanpass
 from tests._hypothesis import examples
 from tests.reference.lqr_kkt import kkt_value, random_stages, riccati_numpy
-from trajopt.riccati.expansion import DenseStage, joint_blocks
+from trajopt.riccati.expansion import DenseStage, DenseStages, joint_blocks
 from trajopt.riccati.policy import CholeskyGains
-from trajopt.riccati.scan import scan_values
+from trajopt.riccati.scan import scan_values, stacked_stages
 
 F64 = dict(dtype=torch.float64)
 
@@ -360,3 +360,35 @@ def test_solve_lqr_with_reg_or_a_solver_keeps_the_recursion(how, monkeypatch):
     assert calls == [True]  # only the exact solve took the scan
     assert np.abs(sol.K - exact.K).max() > 1e-3  # the regularization is in the answer
 
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_stacked_stages_are_the_sequence_of_their_rows(second_order):
+    """``DenseStages`` (the DDP loop's derivatives, stacked) reads as the list of
+    ``DenseStage`` views of its rows (index, negative index, slice, iteration, length),
+    and ``stacked_stages`` gives the stacked tensors themselves, equal to stacking that
+    list; with second-order dynamics terms it gives None (the scan's rule), as for the
+    list."""
+    g = torch.Generator().manual_seed(3)
+    T, B, n, m = 5, 2, 3, 2
+    F = torch.randn(T, B, n, n + m, generator=g, **F64)
+    L = torch.randn(T, B, n + m, 1 + n + m, generator=g, **F64)
+    second = [torch.randn(T, B, n, *s, generator=g, **F64) for s in ((n, n), (m, n), (m, m))] \
+        if second_order else [None] * 3
+    seq = DenseStages(F, L, n, *second)
+    rows = [DenseStage(F[t], L[t], n, None, *(None if v is None else v[t] for v in second))
+            for t in range(T)]
+    assert len(seq) == T and len(list(seq)) == T
+    for a, b in zip([*seq, seq[-1], *seq[1:4]], [*rows, rows[-1], *rows[1:4]]):
+        for f in ("F", "L", "fxx", "fux", "fuu"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or torch.equal(x, y)
+        assert a.n == n and a.c is None
+    with pytest.raises(IndexError):
+        seq[T]
+    got, want = stacked_stages(seq), stacked_stages(rows)
+    if second_order:
+        assert got is None and want is None
+    else:
+        assert got[0] is F and got[1] is L and got[2] is None
+        assert torch.equal(want[0], F) and torch.equal(want[1], L) and want[2] is None

@@ -20,7 +20,7 @@ from ..errors import InvalidArgumentError
 from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.compiled import compilable
-from ..riccati.expansion import DenseStage, joint_blocks
+from ..riccati.expansion import DenseStage, DenseStages, joint_blocks
 from .batch import Traj
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
@@ -314,11 +314,11 @@ class Chain:
             F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
             n, T = traj.xs[0].shape[-1], len(args)
 
-            def per_stage(v):  # T views in one op
-                return [None] * T if v is None else v.reshape(T, B, *v.shape[1:]).unbind(0)
+            def per_stage(v):  # (T, B, ...): stage t is row t (views, made when read)
+                return None if v is None else v.reshape(T, B, *v.shape[1:])
 
-            stages = [DenseStage(*blocks[:2], n, None, *blocks[2:]) for blocks in zip(
-                *(per_stage(v) for v in (F, L, fd.fxx, fd.fux, fd.fuu)))]
+            stages = DenseStages(*(per_stage(v) for v in (F, L)), n,
+                                 *(per_stage(v) for v in (fd.fxx, fd.fux, fd.fuu)))
         else:
             stages = []
             for (x, _), f, c in zip(args, fds, cds):

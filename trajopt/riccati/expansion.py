@@ -22,6 +22,7 @@ size of this stage, ``n1`` of the next, ``m`` the control size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ import torch
 from .._checks import broadcast_shapes
 from .._linalg import mv as _mv
 
-__all__ = ["QExpansion", "addmm", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage"]
+__all__ = ["QExpansion", "addmm", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage",
+           "DenseStages"]
 
 
 class QExpansion:
@@ -261,3 +263,37 @@ class DenseStage:
             return None if v is None else v[idx]
         return DenseStage(self.F[idx], self.L[idx], self.n, pick(self.c), pick(self.fxx),
                           pick(self.fux), pick(self.fuu))
+
+
+
+@dataclass(frozen=True, eq=False)
+class DenseStages(Sequence):
+    """T stages of one size as stacked tensors: the sequence of :class:`DenseStage` that
+    the DDP loop's derivatives give (stage t's views made when it is read), whose stacked
+    form the compiled pass and the scan take as it is (:func:`~trajopt.riccati.scan.
+    stacked_stages`) instead of stacking T stages back.
+
+    Attributes
+    ----------
+    F : (T, ..., n1, n+m)
+    L : (T, ..., n+m, 1+n+m)
+    n : int
+    fxx, fux, fuu : (T, ...) or None
+        As :class:`DenseStage`'s, stacked.
+    """
+
+    F: torch.Tensor
+    L: torch.Tensor
+    n: int
+    fxx: torch.Tensor | None = None
+    fux: torch.Tensor | None = None
+    fuu: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.F.shape[0]
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        return DenseStage(self.F[t], self.L[t], self.n, None,
+                          *(None if v is None else v[t] for v in (self.fxx, self.fux, self.fuu)))

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import torch
 
 from .._linalg import sym
-from .expansion import DenseStage
+from .expansion import DenseStage, DenseStages
 
 __all__ = ["ScanValues", "scan_values", "scanned_step", "scan_batch", "stacked_stages",
            "broadcast_stages",
@@ -137,6 +137,10 @@ def stacked_stages(stages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     """``(F, L, c)`` stacked over the stages (T, ...) of a list of
     :class:`~trajopt.riccati.expansion.DenseStage`, or None where the scan does not apply:
     second-order dynamics terms, stages of different sizes or a state size that changes."""
+    if isinstance(stages, DenseStages):   # stacked already
+        if stages.F.shape[-2] != stages.n or stages.fxx is not None:
+            return None
+        return stages.F, stages.L, None
     s0 = stages[0]
     if s0.F.shape[-2] != s0.n:
         return None
