@@ -15,7 +15,11 @@ _shape = operator.attrgetter("shape")
 def same_shapes(values: Iterable[torch.Tensor]) -> bool:
     """Whether the tensors all have one shape (True for none): the per-stage lists' test
     before one operation over all stages; a set of the shapes costs half of comparing each
-    with the first in Python (~9 against 16 us for 100 stages)."""
+    with the first in Python (~9 against 16 us for 100 stages); a sequence that knows
+    (``uniform_shapes``, :class:`trajopt.ddp.batch.Rows`) is not read."""
+    uniform = getattr(values, "uniform_shapes", None)
+    if uniform is not None:
+        return uniform
     return len(set(map(_shape, values))) <= 1
 
 

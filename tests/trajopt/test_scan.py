@@ -392,3 +392,40 @@ def test_stacked_stages_are_the_sequence_of_their_rows(second_order):
     else:
         assert got[0] is F and got[1] is L and got[2] is None
         assert torch.equal(want[0], F) and torch.equal(want[1], L) and want[2] is None
+
+
+def test_rows_read_as_their_per_stage_list_and_write_through():
+    """``Rows`` (a pass's gains and values over all stages) reads as the list of its rows
+    and the tail (index, negative index, slice, iteration, length), ``Rows.stack`` hands its
+    tensor on without a copy (a list or a tailed Rows: ``torch.stack``), writing into a row
+    writes into the stacked tensor, and a solve's result owns its arrays (the packed
+    gains are copies, not views of the pass's buffers)."""
+    from trajopt.ddp.batch import Rows
+    g = torch.Generator().manual_seed(4)
+    S, tail = torch.randn(4, 2, 3, generator=g, **F64), torch.randn(2, 3, generator=g, **F64)
+    plain, tailed = Rows(S), Rows(S, tail)
+    want = list(S.unbind(0))
+    assert len(plain) == 4 and len(tailed) == 5
+    for got, ref in ((list(plain), want), (list(tailed), want + [tail]),
+                     (tailed[1:5], want[1:] + [tail]), ([tailed[-1], plain[-1]], [tail, S[3]])):
+        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert tailed[4] is tail
+    for bad in (4, -5):
+        with pytest.raises(IndexError):
+            plain[bad]
+    assert Rows.stack(plain) is S
+    assert torch.equal(Rows.stack(tailed), torch.cat([S, tail[None]]))
+    assert torch.equal(Rows.stack(want), S)
+    plain[2][1] = 7.0
+    assert bool((S[2, 1] == 7.0).all())
+    assert plain.uniform_shapes and tailed.uniform_shapes
+    assert not Rows(S, torch.zeros(3)).uniform_shapes
+    # solves through the compiled pass (Rows inside) return arrays of their own
+    A = torch.eye(2, **F64) + 0.1 * torch.randn(2, 2, generator=g, **F64)
+    dyn = trajopt.LinearDynamics(A, torch.ones(2, 1, **F64))
+    cost = trajopt.QuadraticCost(torch.eye(2, **F64), torch.eye(1, **F64), torch.eye(2, **F64))
+    for x0 in (torch.ones(2, **F64), torch.randn(3, 2, generator=g, **F64)):
+        r = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(*x0.shape[:-1], 20, 1, **F64))
+        out = (r.K, r.k, r.Vx, r.Vxx, r.xs, r.us)
+        assert len({v.untyped_storage().data_ptr() for v in out}) == len(out)
+        assert all(v.is_contiguous() for v in out)

@@ -4,6 +4,7 @@ on its own, so the loop works on the rows still active)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,49 @@ import torch
 from .._checks import same_shapes
 from .options import DDPResult
 
-__all__ = ["Traj", "Policy", "merge_policy", "select_gains", "step_size", "pack_result"]
+__all__ = ["Traj", "Policy", "Rows", "merge_policy", "select_gains", "step_size",
+           "pack_result"]
+
+
+class Rows(Sequence):
+    """Per-stage tensors read as the rows of one stacked tensor, ``stacked`` (T, ...), and
+    an optional last element ``tail`` (a value's terminal derivative): what a pass over all
+    stages at once gives, read stage by stage as views made when read, and handed on
+    stacked (:meth:`stack`) without T views built and stacked back.  Writing into a row
+    (``rows[t][idx] = v``) writes into ``stacked``; the sequence itself is read-only.
+    """
+
+    __slots__ = ("stacked", "tail")
+
+    def __init__(self, stacked: torch.Tensor, tail: torch.Tensor | None = None):
+        self.stacked, self.tail = stacked, tail
+
+    def __len__(self) -> int:
+        return self.stacked.shape[0] + (self.tail is not None)
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        T = self.stacked.shape[0]
+        i = t + len(self) if t < 0 else t
+        if self.tail is not None and i == T:
+            return self.tail
+        if not 0 <= i < T:
+            raise IndexError(f"stage {t} of {len(self)}")
+        return self.stacked[i]
+
+    @property
+    def uniform_shapes(self) -> bool:
+        """Every element has one shape (read by :func:`trajopt._checks.same_shapes`)."""
+        return self.tail is None or self.tail.shape == self.stacked.shape[1:]
+
+    @staticmethod
+    def stack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Any sequence of tensors stacked (T, ...): a :class:`Rows`' own tensor where it
+        has no tail (no copy), else ``torch.stack``."""
+        if isinstance(rows, Rows) and rows.tail is None:
+            return rows.stacked
+        return torch.stack(list(rows))
 
 
 @dataclass
@@ -75,9 +118,9 @@ class Policy:
                      ok: torch.Tensor) -> Policy:
         """The policy of a pass computed over all stages at once: the joint gains ``kK``
         (T, B, m, 1+n), the values ``Vx`` (T, B, n), ``Vxx`` (T, B, n, n) of stages
-        0 .. T-1 and the terminal ``VxT``, ``VxxT`` appended (per-stage views)."""
-        return cls(list(kK[..., 1:].unbind(0)), list(kK[..., 0].unbind(0)),
-                   list(Vx.unbind(0)) + [VxT], list(Vxx.unbind(0)) + [VxxT], dV, ok)
+        0 .. T-1 and the terminal ``VxT``, ``VxxT`` appended (:class:`Rows` of them)."""
+        return cls(Rows(kK[..., 1:]), Rows(kK[..., 0]), Rows(Vx, VxT), Rows(Vxx, VxxT),
+                   dV, ok)
 
 
 def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
@@ -85,7 +128,8 @@ def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
     |u_t,i|`` per element (B,) (0 when both are 0, inf when only the controls are):
     unchanged when the problem is scaled (Tassa's ``|k| / (1 + |u|)`` is not: from a
     tiny initial state it calls the zero control converged)."""
-    step, size = (torch.cat(v, -1).abs().amax(-1) for v in (k, us))
+    step, size = (v.stacked.abs().amax(-1).amax(0) if isinstance(v, Rows) and v.tail is None
+                  else torch.cat(list(v), -1).abs().amax(-1) for v in (k, us))
     return torch.where(step == 0, torch.zeros_like(step), step / size)
 
 
@@ -141,7 +185,12 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
     def pack(values):
         if listed or not same_shapes(values):
             return kind.out([v.reshape(*batch, *v.shape[1:]) for v in values])
-        out = torch.stack(values, dim=1)  # (B, T, ...): one reshape, not one per stage
+        if isinstance(values, Rows):   # stacked already: (T, B, ...) -> a (B, T, ...) copy
+            out = values.stacked if values.tail is None else torch.cat(
+                [values.stacked, values.tail.unsqueeze(0)])
+            out = out.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        else:
+            out = torch.stack(list(values), dim=1)  # (B, T, ...): one reshape, not T
         return kind.out(out.reshape(*batch, *out.shape[1:]))
 
     return DDPResult(

@@ -21,7 +21,7 @@ from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.compiled import compilable
 from ..riccati.expansion import DenseStage, DenseStages, joint_blocks
-from .batch import Traj
+from .batch import Rows, Traj
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible
@@ -131,8 +131,8 @@ class Chain:
         if not compilable(A, Bm):
             return None
         closed = law.K is not None
-        xs, us = compiled_rollout(A, Bm, c, torch.stack(list(law.ff)),
-                                  torch.stack(list(law.K)) if closed else None,
+        xs, us = compiled_rollout(A, Bm, c, Rows.stack(law.ff),
+                                  Rows.stack(law.K) if closed else None,
                                   torch.stack(list(law.xbar[:T])) if closed else None, x0)
         return list(xs.unbind(0)), list(us.unbind(0))
 
@@ -147,13 +147,13 @@ class Chain:
                 not same_shapes(law.ff):
             return None
         A, Bm, c = dyn.maps(T, x0)
-        ff = torch.stack(list(law.ff))  # (T, B, m)
+        ff = Rows.stack(law.ff)  # (T, B, m)
         At, Bt = A.transpose(-1, -2), Bm.transpose(-1, -2)
         if law.K is None:  # open loop: one map for the whole batch
             M = A.expand(T, n, n).unsqueeze(1)
             v = ff @ Bt
         else:
-            K = torch.stack(list(law.K))  # (T, B, m, n)
+            K = Rows.stack(law.K)  # (T, B, m, n)
             xbar = torch.stack(list(law.xbar[:T]))
             v = (Bm.unsqueeze(1) @ torch.baddbmm(
                 ff.reshape(-1, ff.shape[-1], 1), K.reshape(-1, *K.shape[-2:]),

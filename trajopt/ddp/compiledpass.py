@@ -20,7 +20,7 @@ from ..riccati.compiled import BoxLimits, compiled_pays, compiled_recursion
 from ..riccati.expansion import DenseStage
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.scan import stacked_stages
-from .batch import Policy
+from .batch import Policy, Rows
 
 __all__ = ["compiled_backward_pass"]
 
@@ -59,7 +59,7 @@ def compiled_backward_pass(stages: list, Vx: torch.Tensor, Vxx: torch.Tensor,
     if stacked is None:
         return None
     limits = None if box is None else BoxLimits(
-        box.lo, box.hi, torch.stack(list(box.us)),
-        None if box.warm is None else torch.stack(list(box.warm)))
+        box.lo, box.hi, Rows.stack(box.us),
+        None if box.warm is None else Rows.stack(box.warm))
     done = compiled_recursion(*stacked, Vx, Vxx, mu.expand(B), limits)
     return Policy.from_stacked(done.kK, done.Vx, done.Vxx, Vx, Vxx, done.dV, done.ok)

@@ -45,7 +45,7 @@ from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, S
 from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
-from .batch import Policy, Traj, merge_policy, pack_result, select_gains, step_size
+from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain
 from .compiledpass import compiled_backward_pass
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
@@ -178,9 +178,9 @@ class DDPSolver:
             alpha = alpha.unsqueeze(-1)
         dev = self.structure.deviation
         us, k = traj.us, policy.k
-        if same_shapes([*us, *k]):
-            # u_bar + alpha k of every stage in four ops, not two per stage
-            ff = (torch.stack(us) + alpha * torch.stack(k)).unbind(0)
+        if us and same_shapes(us) and same_shapes(k) and us[0].shape == k[0].shape:
+            # u_bar + alpha k of every stage in a few ops, not two per stage
+            ff = Rows(torch.stack(us) + alpha * Rows.stack(k))
         else:
             ff = [u + alpha * kt for u, kt in zip(us, k)]
 
