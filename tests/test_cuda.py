@@ -52,22 +52,29 @@ def test_batched_dare_on_cuda(method):
     torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=1e-9, atol=1e-10)
 
 
+def _pendulum(x, u, t):
+    th, dth = x[..., 0], x[..., 1]
+    return torch.stack([th + 0.05 * dth,
+                        dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
+
+
+def _swing_up(dev, B):
+    """A QuadraticCost towards the upright pendulum and B initial states on ``dev``."""
+    eye = torch.eye(2, dtype=DT, device=dev)
+    cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
+                                 100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=DT,
+                                                               device=dev))
+    x0 = torch.zeros(B, 2, dtype=DT, device=dev)
+    x0[:, 0] = torch.linspace(-0.3, 0.3, B, dtype=DT)
+    return cost, x0
+
+
 def test_ddp_on_cuda():
     """iLQR on a batch of pendulums with a user-written dynamics and a QuadraticCost."""
-    def f(x, u, t):
-        th, dth = x[..., 0], x[..., 1]
-        return torch.stack([th + 0.05 * dth,
-                            dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
-
     def solve(dev):
-        eye = torch.eye(2, dtype=DT, device=dev)
-        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
-                                     100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=DT,
-                                                                   device=dev))
-        x0 = torch.zeros(4, 2, dtype=DT, device=dev)
-        x0[:, 0] = torch.linspace(-0.3, 0.3, 4, dtype=DT)
-        return trajopt.solve_ddp(f, cost, x0, torch.zeros(4, 40, 1, dtype=DT, device=dev),
-                                 max_iter=30)
+        cost, x0 = _swing_up(dev, 4)
+        return trajopt.solve_ddp(_pendulum, cost, x0,
+                                 torch.zeros(4, 40, 1, dtype=DT, device=dev), max_iter=30)
     cpu, gpu = _both(solve)
     assert gpu.us.device.type == "cuda"
     torch.testing.assert_close(gpu.us.cpu(), cpu.us, rtol=1e-7, atol=1e-8)
@@ -78,19 +85,9 @@ def test_ddp_on_cuda():
 def test_ddp_warm_start_with_states_on_cuda():
     """``xs0`` on the GPU: the MPC shift of a solve (every stage but the last consistent)
     is checked on the device and gives the cold solve's answer, GPU == CPU."""
-    def f(x, u, t):
-        th, dth = x[..., 0], x[..., 1]
-        return torch.stack([th + 0.05 * dth,
-                            dth + 0.05 * (u[..., 0] - 0.1 * dth - 9.81 * torch.sin(th))], -1)
-
     def solve(dev):
-        eye = torch.eye(2, dtype=DT, device=dev)
-        cost = trajopt.QuadraticCost(0.01 * eye, 0.1 * torch.eye(1, dtype=DT, device=dev),
-                                     100 * eye, x_ref=torch.tensor([math.pi, 0.0], dtype=DT,
-                                                                   device=dev))
-        solver = trajopt.DDPSolver(trajopt.Dynamics(f), cost, max_iter=5)
-        x0 = torch.zeros(3, 2, dtype=DT, device=dev)
-        x0[:, 0] = torch.linspace(-0.3, 0.3, 3, dtype=DT)
+        cost, x0 = _swing_up(dev, 3)
+        solver = trajopt.DDPSolver(trajopt.Dynamics(_pendulum), cost, max_iter=5)
         r = solver.solve(x0, torch.zeros(3, 40, 1, dtype=DT, device=dev))
         x, us = r.xs[:, 1].clone(), torch.cat([r.us[:, 1:], r.us[:, -1:]], 1)
         xs = torch.cat([r.xs[:, 1:], r.xs[:, -1:]], 1)

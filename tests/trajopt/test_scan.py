@@ -375,7 +375,7 @@ def test_stacked_stages_are_the_sequence_of_their_rows(second_order):
     L = torch.randn(T, B, n + m, 1 + n + m, generator=g, **F64)
     second = [torch.randn(T, B, n, *s, generator=g, **F64) for s in ((n, n), (m, n), (m, m))] \
         if second_order else [None] * 3
-    seq = DenseStages(F, L, n, *second)
+    seq = DenseStages(DenseStage(F, L, n, None, *second))
     rows = [DenseStage(F[t], L[t], n, None, *(None if v is None else v[t] for v in second))
             for t in range(T)]
     assert len(seq) == T and len(list(seq)) == T

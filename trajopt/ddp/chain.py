@@ -317,8 +317,8 @@ class Chain:
             def per_stage(v):  # (T, B, ...): stage t is row t (views, made when read)
                 return None if v is None else v.reshape(T, B, *v.shape[1:])
 
-            stages = DenseStages(*(per_stage(v) for v in (F, L)), n,
-                                 *(per_stage(v) for v in (fd.fxx, fd.fux, fd.fuu)))
+            stages = DenseStages(DenseStage(per_stage(F), per_stage(L), n, None, *(
+                per_stage(v) for v in (fd.fxx, fd.fux, fd.fuu))))
         else:
             stages = []
             for (x, _), f, c in zip(args, fds, cds):

@@ -265,7 +265,6 @@ class DenseStage:
                           pick(self.fux), pick(self.fuu))
 
 
-
 @dataclass(frozen=True, eq=False)
 class DenseStages(Sequence):
     """T stages of one size as stacked tensors: the sequence of :class:`DenseStage` that
@@ -275,25 +274,19 @@ class DenseStages(Sequence):
 
     Attributes
     ----------
-    F : (T, ..., n1, n+m)
-    L : (T, ..., n+m, 1+n+m)
-    n : int
-    fxx, fux, fuu : (T, ...) or None
-        As :class:`DenseStage`'s, stacked.
+    stacked : DenseStage
+        The stages' derivatives with the stages as their first dimension: F (T, ..., n1,
+        n+m), L (T, ..., n+m, 1+n+m), the optional terms (T, ...) or None.
     """
 
-    F: torch.Tensor
-    L: torch.Tensor
-    n: int
-    fxx: torch.Tensor | None = None
-    fux: torch.Tensor | None = None
-    fuu: torch.Tensor | None = None
+    stacked: DenseStage
 
     def __len__(self) -> int:
-        return self.F.shape[0]
+        return self.stacked.F.shape[0]
 
     def __getitem__(self, t):
         if isinstance(t, slice):
             return [self[i] for i in range(*t.indices(len(self)))]
-        return DenseStage(self.F[t], self.L[t], self.n, None,
-                          *(None if v is None else v[t] for v in (self.fxx, self.fux, self.fuu)))
+        s = self.stacked
+        return DenseStage(s.F[t], s.L[t], s.n, *(None if v is None else v[t]
+                                                  for v in (s.c, s.fxx, s.fux, s.fuu)))

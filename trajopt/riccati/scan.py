@@ -138,9 +138,10 @@ def stacked_stages(stages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     :class:`~trajopt.riccati.expansion.DenseStage`, or None where the scan does not apply:
     second-order dynamics terms, stages of different sizes or a state size that changes."""
     if isinstance(stages, DenseStages):   # stacked already
-        if stages.F.shape[-2] != stages.n or stages.fxx is not None:
+        st = stages.stacked
+        if st.F.shape[-2] != st.n or st.fxx is not None:
             return None
-        return stages.F, stages.L, None
+        return st.F, st.L, st.c
     s0 = stages[0]
     if s0.F.shape[-2] != s0.n:
         return None
