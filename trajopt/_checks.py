@@ -1,4 +1,5 @@
-"""Input checks run once at the public boundary (inner loops trust their inputs)."""
+"""Input checks run once at the public boundary (inner loops trust their inputs), and the
+cheap shape tests the inner loops make before one operation over all stages."""
 
 from __future__ import annotations
 

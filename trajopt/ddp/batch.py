@@ -101,8 +101,9 @@ class Traj:
 
 @dataclass
 class Policy:
-    """The gains and value derivatives of one backward pass (lists over stages), the
-    expected change ``dV`` (B, 2) and ``ok`` (B,)."""
+    """The gains and value derivatives of one backward pass (sequences over stages: lists,
+    or :class:`Rows` from a pass over all stages at once), the expected change ``dV``
+    (B, 2) and ``ok`` (B,)."""
 
     K: list[torch.Tensor]
     k: list[torch.Tensor]
