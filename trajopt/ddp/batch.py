@@ -33,9 +33,14 @@ class Rows(Sequence):
     def __len__(self) -> int:
         return self.stacked.shape[0] + (self.tail is not None)
 
+    def __iter__(self):
+        yield from self.stacked.unbind(0)   # one op for all the views, not one a row
+        if self.tail is not None:
+            yield self.tail
+
     def __getitem__(self, t):
         if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
+            return list(self)[t]
         T = self.stacked.shape[0]
         i = t + len(self) if t < 0 else t
         if self.tail is not None and i == T:
