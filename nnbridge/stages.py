@@ -359,10 +359,16 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
     (nothing reaches sample 0: a dead unit) is not cached and counts as mixing."""
     if B == 1:
         return True
-    if any(isinstance(m, _BN) and (m.training or m.running_mean is None)
-           for mod in modules for m in mod.modules()):
+    if _batch_statistics(modules):
         return False
     return _probed(key_owner, "_samplewise", modules, lambda Y: [fx_T(Y)], B, n1, like)
+
+
+def _batch_statistics(modules) -> bool:
+    """A BatchNorm among ``modules`` (or inside them) normalizes with the statistics of
+    the batch (training mode, or no running statistics): it mixes the samples."""
+    return any(isinstance(m, _BN) and (m.training or m.running_mean is None)
+               for mod in modules for m in mod.modules())
 
 
 def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
@@ -569,8 +575,7 @@ class StageLinearization:
         post = self.stage.post
         if self.stage.elementwise or self.samplewise:
             return True
-        if any(isinstance(m, _BN) and (m.training or m.running_mean is None)
-               for mod in post for m in mod.modules()):
+        if _batch_statistics(post):
             return False
         return controls_samplewise(self.stage, list(post), lambda Y: [self.sigma_T(Y)],
                                    self.B, self.n1, self.x_next)
