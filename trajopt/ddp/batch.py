@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .._checks import same_shapes
+from .inference import normal, outside
 from .options import DDPResult
 
 __all__ = ["Traj", "Policy", "Rows", "merge_policy", "select_gains", "step_size",
@@ -190,7 +191,7 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
     stage sizes differ); ``extra`` fields (already packed) are passed through."""
     def pack(values):
         if listed or not same_shapes(values):
-            return kind.out([v.reshape(*batch, *v.shape[1:]) for v in values])
+            return kind.out([v.reshape(*batch, *v.shape[1:]).clone() for v in values])
         if isinstance(values, Rows):   # stacked already: (T, B, ...) -> a (B, T, ...) copy
             out = values.stacked if values.tail is None else torch.cat(
                 [values.stacked, values.tail.unsqueeze(0)])
@@ -199,11 +200,12 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
             out = torch.stack(list(values), dim=1)  # (B, T, ...): one reshape, not T
         return kind.out(out.reshape(*batch, *out.shape[1:]))
 
-    return DDPResult(
-        xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),
-        Vx=pack(pol.Vx), Vxx=pack(pol.Vxx),
-        cost=kind.out(traj.cost.reshape(batch)),
-        converged=kind.out(converged.reshape(batch)),
-        iterations=kind.out(iterations.reshape(batch)),
-        reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
-        history=history, **extra)
+    with outside():   # the arrays leave the solve: normal tensors, never inference ones
+        return DDPResult(
+            xs=pack(traj.xs), us=pack(traj.us), K=pack(pol.K), k=pack(pol.k),
+            Vx=pack(pol.Vx), Vxx=pack(pol.Vxx),
+            cost=kind.out(normal(traj.cost.reshape(batch))),
+            converged=kind.out(normal(converged.reshape(batch))),
+            iterations=kind.out(normal(iterations.reshape(batch))),
+            reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
+            history=history, **extra)

@@ -18,8 +18,10 @@ The derivatives equal the forward-mode ones up to rounding (the products are sum
 another order).
 
 Only used where no outer autograd graph is wanted (grad mode off, as in every DDP
-solve): the result is detached.  Callers fall back to the torch.func transforms when
-``f`` cannot be differentiated this way or has an unexpected output size
+solve): the result is detached.  A solve runs under inference mode
+(:mod:`trajopt.ddp.inference`), where no graph is recorded: the pass leaves it, on
+replicas of the points made outside it (normal tensors).  Callers fall back to the
+torch.func transforms when ``f`` cannot be differentiated this way or has an unexpected output size
 (:func:`jacobians` and :func:`gradient_and_hessian` return ``None``).
 """
 
@@ -29,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 from torch.func import vmap
+
+from .inference import outside
 
 __all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms"]
 
@@ -62,7 +66,7 @@ def jacobians(single: Callable, args: tuple[torch.Tensor, ...], k: int, nd: int 
     ``nd`` arguments at the N points ``args`` (each (N, d_j); the rest, e.g. stages, (N,)),
     or ``None`` when ``single`` does not return ``k`` values per point."""
     N = args[0].shape[0]
-    with torch.enable_grad():
+    with outside(), torch.enable_grad():
         rep = _replicated(args, nd, k)
         y = vmap(single)(*rep)
         if y.ndim != 2 or y.shape[-1] != k:
@@ -78,7 +82,7 @@ def gradient_and_hessian(single: Callable, args: tuple[torch.Tensor, ...], nd: i
     ``args``; ``None`` when ``single`` does not return one value per point."""
     N = args[0].shape[0]
     d = sum(a.shape[-1] for a in args[:nd])
-    with torch.enable_grad():
+    with outside(), torch.enable_grad():
         rep = _replicated(args, nd, d)
         val = vmap(single)(*rep)
         if val.shape != (d * N,):
@@ -96,18 +100,18 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
     transforms (``slow(args)``).
 
     Reverse mode is taken with grad mode off (the result carries no outer graph, as the
-    transforms' would with grad mode on), outside inference mode (no graph is recorded
-    there), for functions reverse mode can run under ``vmap``, where the result is finite
-    (``torch.where(w != 0, sin(w) / w, 1)`` at ``w = 0`` sends a zero cotangent into the
-    unselected branch, whose local derivative is NaN; forward mode selects the finite
-    tangent), and for a model whose first evaluation (``key`` names it on ``model``)
-    agreed with the transforms: a ``torch.no_grad()`` block or a custom autograd Function
-    inside the function is seen by forward mode and not by reverse mode, or the other way
-    round.  The check runs at the first evaluation's points and at points moved off them
-    (the first ``nd`` arguments), where a hidden part's derivative does not vanish by
-    accident (a drag ``v |v|`` at rest).  The transforms name a genuine error."""
+    transforms' would with grad mode on), for functions reverse mode can run under
+    ``vmap``, where the result is finite (``torch.where(w != 0, sin(w) / w, 1)`` at
+    ``w = 0`` sends a zero cotangent into the unselected branch, whose local derivative
+    is NaN; forward mode selects the finite tangent), and for a model whose first
+    evaluation (``key`` names it on ``model``) agreed with the transforms: a
+    ``torch.no_grad()`` block or a custom autograd Function inside the function is seen
+    by forward mode and not by reverse mode, or the other way round.  The check runs at
+    the first evaluation's points and at points moved off them (the first ``nd``
+    arguments), where a hidden part's derivative does not vanish by accident (a drag
+    ``v |v|`` at rest).  The transforms name a genuine error."""
     state = getattr(model, key, None)
-    if state is False or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+    if state is False or torch.is_grad_enabled():
         return slow(args)
     try:
         out = fast(args)

@@ -45,6 +45,7 @@ from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, S
 from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
+from . import inference
 from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain
 from .compiledpass import compiled_backward_pass
@@ -214,10 +215,10 @@ class DDPSolver:
         up to the first stage that fails (:meth:`~trajopt.ddp.chain.Chain.open_loop`); the
         result is that of ``xs0=None`` up to rounding (``docs/ddp.md``).
 
-        Runs under ``torch.no_grad()`` (derivatives come from torch.func, which works
-        there); the result is not differentiable with respect to the inputs.  A small
-        problem (batch x (n+m) x (1+n+m) below torch's parallel grain) runs with one
-        intra-op thread (:func:`trajopt._threads.threads_for`).
+        Runs under ``torch.inference_mode()`` (a model needing autograd inside itself:
+        ``no_grad``; :mod:`trajopt.ddp.inference`); the result holds normal tensors, not
+        differentiable.  A small problem (batch x (n+m) x (1+n+m) below torch's parallel
+        grain) runs with one intra-op thread (:func:`trajopt._threads.threads_for`).
 
         ``tol``: this solve's tolerance instead of the solver's, a number or one per
         batch element (a tensor of the batch's shape: the augmented-Lagrangian loop
@@ -236,7 +237,7 @@ class DDPSolver:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
         n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
         with threads_for(B * (n + m) * (1 + n + m)):
-            return self._solve(inp, tol)
+            return inference.run(lambda: self._solve(inp, tol), (self, self.dynamics, self.cost))
 
     def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
@@ -247,6 +248,7 @@ class DDPSolver:
         try:
             traj = self.rollout(x0f, usf, inp.xs)
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
+            inference.refuse_if_runs_outside(lambda: self.rollout(x0f, usf, inp.xs), exc)
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
@@ -337,16 +339,14 @@ class DDPSolver:
                 stop = grej[over]
                 active[stop] = False
                 reason[stop.cpu().numpy()] = "line_search_failed"
-            log = IterationLog(iteration=it + 1, cost=traj.cost.clone(),
-                               regularization=mu.clone(), step=step, expected=exp_log,
-                               actual=act_log)
-            history.append(log)
-            if self.callback is not None:
-                self.callback(log)
+            with inference.outside():   # normal tensors, for the caller to keep
+                history.append(IterationLog(it + 1, *(v.clone() for v in (
+                    traj.cost, mu, step, exp_log, act_log))))
+                if self.callback is not None:
+                    self.callback(history[-1])
         # value derivatives and gains at the returned trajectory for elements whose last
-        # backward pass ran at an earlier trajectory
-        # (with the current regularization, raised on a copy where it is not enough; the
-        # stopping reasons are kept)
+        # backward pass ran at an earlier trajectory (with the current regularization,
+        # raised on a copy where it is not enough; the stopping reasons are kept)
         stale = torch.nonzero(~fresh & finite0).flatten()
         if stale.numel():
             pol, _ = self._backward_with_regularization(
