@@ -56,13 +56,14 @@ def test_rollouts_run_in_inference_mode():
 
 def test_nothing_that_leaves_is_an_inference_tensor():
     logs = []
-    r = trajopt.solve_ddp(_pendulum, _cost(), _x0(), torch.zeros(3, 40, 1, **F64),
-                          max_iter=5, callback=logs.append)
+    x0 = _x0().requires_grad_()    # as under no_grad: the solver's result has no graph
+    r = trajopt.DDPSolver(_pendulum, _cost(), max_iter=5, callback=logs.append).solve(
+        x0, torch.zeros(3, 40, 1, **F64))
     fields = [r.xs, r.us, r.K, r.k, r.Vx, r.Vxx, r.cost, r.converged, r.iterations]
     for log in r.history + logs:
         fields += [log.cost, log.regularization, log.step, log.expected, log.actual]
     assert len(logs) == len(r.history) > 0
-    assert not any(v.is_inference() for v in fields)
+    assert not any(v.is_inference() or v.requires_grad for v in fields)
     # what a caller does with them: update in place, differentiate through them
     r.us.add_(1.0)
     r.history[-1].cost.mul_(2.0)
@@ -71,11 +72,12 @@ def test_nothing_that_leaves_is_an_inference_tensor():
     assert torch.equal(w.grad, r.us.sum().reshape(1))
 
 
-def test_callback_runs_outside_inference_mode():
+def test_callback_runs_outside_inference_mode_without_grad():
     modes = []
     trajopt.solve_ddp(_pendulum, _cost(), _x0(), torch.zeros(3, 20, 1, **F64), max_iter=2,
-                      callback=lambda log: modes.append(torch.is_inference_mode_enabled()))
-    assert modes and not any(modes)
+                      callback=lambda log: modes.append((torch.is_inference_mode_enabled(),
+                                                         torch.is_grad_enabled())))
+    assert modes and not any(inf or grad for inf, grad in modes)   # as under no_grad
 
 
 def test_reverse_mode_derivatives_still_taken():

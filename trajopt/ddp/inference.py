@@ -26,7 +26,8 @@ the solve runs again under ``torch.no_grad()`` alone, as every later solve with 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -67,7 +68,7 @@ def refuse_if_runs_outside(rollout: Callable[[], object], exc: BaseException) ->
     if not torch.is_inference_mode_enabled():
         return
     try:
-        with torch.inference_mode(False):
+        with outside():
             rollout()
     except Exception:   # fails either way: the model's own error
         return
@@ -80,6 +81,10 @@ def normal(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_inference() else t
 
 
-def outside():
-    """The context that leaves inference mode (grad mode unchanged)."""
-    return torch.inference_mode(False)
+@contextmanager
+def outside() -> Iterator[None]:
+    """Leave inference mode, grad mode unchanged (``torch.inference_mode(False)`` alone
+    turns grad mode on: the guard sets it to ``not enabled``)."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
