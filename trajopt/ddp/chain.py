@@ -20,13 +20,13 @@ from ..errors import InvalidArgumentError
 from ..lqr.affine_scan import checked_states, rollout_pays
 from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.compiled import compilable
-from ..riccati.expansion import DenseStage, DenseStages, joint_blocks
+from ..riccati.expansion import DenseStage, DenseStages, addmm, joint_blocks
 from .batch import Rows, Traj
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible
 
-__all__ = ["Chain", "Control", "AffineLaw", "STATES_RTOL_EPS"]
+__all__ = ["Chain", "Control", "AffineLaw", "feedback_control", "STATES_RTOL_EPS"]
 
 #: given states pass :meth:`Chain.consistent_prefix` to this many times the dtype's
 #: machine epsilon, relative to the stage's states (the choice: its docstring)
@@ -49,6 +49,30 @@ class AffineLaw:
     ff: Sequence[torch.Tensor]
     K: Sequence[torch.Tensor] | None = None
     xbar: Sequence[torch.Tensor] | None = None
+
+
+def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> Control:
+    """The stage loop's control ``u_t = ff_t + K_t dev_t`` of ``law`` (``law.K`` and
+    ``law.xbar`` given), clamped to ``[lo, hi]`` where given; ``dev_t =
+    deviation(t, xs, law.xbar)`` (:meth:`Chain.deviation`).
+
+    The columns ``ff_t`` (as (B, m, 1)) and ``K_t`` are unbound from their stacked
+    tensors once, at the first call (a scanned rollout makes none), so a stage costs four
+    operations (the deviation, a view, ``baddbmm``, a view): the loop calls the user's
+    dynamics in between, one stage at a time, and every operation pays torch's dispatch.
+    """
+    cols: list[list[torch.Tensor]] = []
+
+    def control(t: int, xs: list[torch.Tensor]) -> torch.Tensor:
+        if not cols:
+            ff = law.ff
+            cols.append(list(Rows.stack(ff).unsqueeze(-1).unbind(0)) if isinstance(ff, Rows)
+                        else [f.unsqueeze(-1) for f in ff])
+            cols.append(list(law.K))
+        u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1))
+        u = u.squeeze(-1)
+        return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
+    return control
 
 
 class Chain:

@@ -42,12 +42,11 @@ import torch
 from .._checks import same_shapes, shape_str
 from .._threads import threads_for
 from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
-from ..riccati.expansion import addmm
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
 from . import inference
 from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
-from .chain import AffineLaw, Chain
+from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
 from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
 from .models import Cost, Dynamics, as_dynamics
@@ -177,7 +176,6 @@ class DDPSolver:
         step per row (N,).  Non-finite rollouts get cost inf."""
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
-        dev = self.structure.deviation
         us, k = traj.us, policy.k
         if us and same_shapes(us) and same_shapes(k) and us[0].shape == k[0].shape:
             # u_bar + alpha k of every stage in a few ops, not two per stage
@@ -185,13 +183,10 @@ class DDPSolver:
         else:
             ff = [u + alpha * kt for u, kt in zip(us, k)]
 
-        def control(t, xs):
-            u = addmm(ff[t].unsqueeze(-1), policy.K[t],
-                      dev(t, xs, traj.xs).unsqueeze(-1)).squeeze(-1)
-            return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
-
-        law = None if lo is not None else AffineLaw(ff, policy.K, traj.xs)
-        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows, law)
+        law = AffineLaw(ff, policy.K, traj.xs)
+        control = feedback_control(law, self.structure.deviation, lo, hi)
+        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows,
+                                      None if lo is not None else law)
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
         return Traj(out.xs, out.us, cost, traj.rows)
 
