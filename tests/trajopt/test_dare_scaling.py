@@ -45,12 +45,34 @@ def solve_all(A, B, Q, R, S):
     return out
 
 
+def refined_reference(A, B, Q, R, S, steps=3):
+    """scipy's solution refined by Newton's method on the DARE (Hewer's iteration: the
+    closed-loop Lyapunov equation of the current gain, by scipy): scipy's own answer can
+    be ~10 kappa eps off (seed 31550: 3e-12 with cond(P) = 1.5e3)."""
+    P = scipy.linalg.solve_discrete_are(A, B, Q, R, s=S)
+    Sm = np.zeros(B.shape) if S is None else S
+    for _ in range(steps):
+        K = -np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A + Sm.T)
+        P = scipy.linalg.solve_discrete_lyapunov((A + B @ K).T,
+                                                 Q + K.T @ R @ K + Sm @ K + K.T @ Sm.T)
+        P = 0.5 * (P + P.T)
+    return P
+
+
+# unrefined LAPACK back ends: their backward error, measured up to 1.2e-13 (scipy, seed
+# 31550); every other way is refined or checked against them ("auto")
+RAW_BACK_ENDS = ("scipy", "slycot")
+
+
 @settings(max_examples=examples(20), deadline=None)
 @given(exponent=st.integers(-250, 250), seed=st.integers(0, 2**31 - 1),
        with_s=st.booleans())
 def test_every_method_is_exact_at_any_scale_of_the_cost(exponent, seed, with_s):
     A, B, Q, R, S = unstable_system(seed, with_s=with_s)
-    P1 = scipy.linalg.solve_discrete_are(A, B, Q, R, s=S)
+    P1 = refined_reference(A, B, Q, R, S)
+    # the forward error a backward-stable solver may make: measured <= 9 kappa eps over
+    # 400 draws for every method (refined reference), so 64 kappa eps
+    bound = 64 * np.linalg.cond(P1) * np.finfo(float).eps
     K1 = -np.linalg.solve(R + B.T @ P1 @ B, B.T @ P1 @ A + (0 if S is None else S.T))
     c = 10.0 ** exponent
     with warnings.catch_warnings():
@@ -61,11 +83,12 @@ def test_every_method_is_exact_at_any_scale_of_the_cost(exponent, seed, with_s):
         P = P if P.ndim == 2 else P[1]
         assert np.isfinite(P).all(), name
         err = np.abs(P / c - P1).max() / np.abs(P1).max()
-        assert err <= 1e-12, (name, exponent, err)
+        assert err <= bound, (name, exponent, err, bound)
         np.testing.assert_allclose(np.asarray(sol.K).reshape(-1, *K1.shape)[-1], K1,
                                    rtol=1e-10, atol=1e-12, err_msg=name)
         res = np.asarray(sol.residual)
-        assert np.isfinite(res).all() and res.max() <= 1e-13, (name, res)
+        limit = 1e-12 if name in RAW_BACK_ENDS else 1e-13
+        assert np.isfinite(res).all() and res.max() <= limit, (name, res)
 
 
 @pytest.mark.parametrize("exponent", [-300, -200, -150, 0, 150, 200, 300])
