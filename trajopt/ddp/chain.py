@@ -24,7 +24,7 @@ from ..riccati.expansion import DenseStage, DenseStages, addmm, joint_blocks
 from .batch import Rows, Traj
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
-from .stagewise import StageDerivatives, check_visible
+from .stagewise import StageDerivatives, check_visible, stage_points
 
 __all__ = ["Chain", "Control", "AffineLaw", "feedback_control", "STATES_RTOL_EPS"]
 
@@ -123,9 +123,11 @@ class Chain:
         self.cost.bind_rows(rows)
         scanned = None if law is None or known else (self._compiled(x0, T, law)
                                                      or self._scanned(x0, T, law))
-        if scanned is not None:
-            xs, us = scanned
-            x = xs[-1]
+        points = None
+        if scanned is not None:   # stacked (T+1, B, n), (T, B, m): the cost's points too
+            X, U = scanned
+            xs, us, x = list(X.unbind(0)), list(U.unbind(0)), X[-1]
+            points = (X[:-1].reshape(-1, X.shape[-1]), U.reshape(-1, U.shape[-1]))
         else:
             xs, us = [x0], []
             x = x0
@@ -137,13 +139,14 @@ class Chain:
                 us.append(u)
         # the running cost of all stages at once, after the states are known
         # (StageDerivatives.total: one call where the cost allows)
-        running = self._cost_derivatives.total(list(zip(xs[:-1], us))) if T else 0.0
+        running = self._cost_derivatives.total(list(zip(xs[:-1], us)), points) if T else 0.0
         return Traj(xs, us, running + self.cost.terminal(x), rows)
 
     def _compiled(self, x0: torch.Tensor, T: int, law: AffineLaw
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """States and controls of ``law`` on the linear dynamics by the compiled loop
-        (:mod:`trajopt.lqr.compiled_rollout`), or None where its rule says no."""
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """States (T+1, B, n) and controls (T, B, m) of ``law`` on the linear dynamics by
+        the compiled loop (:mod:`trajopt.lqr.compiled_rollout`), or None where its rule
+        says no."""
         dyn = self.linear_model()
         if dyn is None or T == 0 or not same_shapes(law.ff):
             return None
@@ -158,13 +161,14 @@ class Chain:
         xs, us = compiled_rollout(A, Bm, c, Rows.stack(law.ff),
                                   Rows.stack(law.K) if closed else None,
                                   torch.stack(list(law.xbar[:T])) if closed else None, x0)
-        return list(xs.unbind(0)), list(us.unbind(0))
+        return xs, us
 
     def _scanned(self, x0: torch.Tensor, T: int, law: AffineLaw
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """States and controls of ``law`` on the linear dynamics by the parallel scan, or
-        None where the rule (:func:`~trajopt.lqr.affine_scan.rollout_pays`) or the
-        self-check (:func:`~trajopt.lqr.affine_scan.checked_states`) says no."""
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """States (T+1, B, n) and controls (T, B, m) of ``law`` on the linear dynamics by
+        the parallel scan, or None where the rule
+        (:func:`~trajopt.lqr.affine_scan.rollout_pays`) or the self-check
+        (:func:`~trajopt.lqr.affine_scan.checked_states`) says no."""
         dyn = self.linear_model()
         B, n = x0.shape
         if dyn is None or not rollout_pays(T, B, n, law.K is None, x0.device) or \
@@ -204,7 +208,7 @@ class Chain:
         xs = checked_states(M, v, x0, transitions)
         if xs is None:
             return None
-        return list(xs.unbind(0)), list(controls(xs[:-1]).unbind(0))
+        return xs, controls(xs[:-1])
 
     def open_loop(self, x0: torch.Tensor, us: Sequence[torch.Tensor],
                   xs0: Sequence[torch.Tensor] | None = None) -> Traj:
@@ -332,8 +336,9 @@ class Chain:
         self.cost.bind_rows(traj.rows)
         B = traj.cost.shape[0]
         args = list(zip(traj.xs[:-1], traj.us))
-        fd, fds = self._dynamics_derivatives(args, second_order=second_order)
-        cd, cds = self._cost_derivatives(args)
+        points = stage_points(args)   # shared by the two: the cats made once
+        fd, fds = self._dynamics_derivatives(args, points, second_order=second_order)
+        cd, cds = self._cost_derivatives(args, points)
         if fd is not None and cd is not None:  # pack all stages with one joint_blocks
             F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
             n, T = traj.xs[0].shape[-1], len(args)

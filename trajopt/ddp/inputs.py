@@ -55,13 +55,13 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
         if ut.ndim < 2 or ut.shape[-2] == 0:
             raise ShapeError(f"us0 must have shape (..., T, m) with T >= 1; got "
                              f"{shape_str(ut)}")
-        us = list(ut.unbind(-2))
     # one check over all stages; the stage-by-stage loop only to name a bad one
     if listed or not bool(torch.isfinite(ut).all()):
-        for t, u in enumerate(us):
+        for t, u in enumerate(us if listed else ut.unbind(-2)):
             check_finite(u, f"us0[{t}]")
     try:
-        batch = broadcast_shapes(x0t.shape[:-1], *(u.shape[:-1] for u in us))
+        batch = broadcast_shapes(x0t.shape[:-1], *((u.shape[:-1] for u in us) if listed
+                                                   else (ut.shape[:-2],)))
     except RuntimeError:
         raise ShapeError(f"batch dimensions of x0 {shape_str(x0t)} and us0 do not "
                          "broadcast") from None

@@ -44,10 +44,20 @@ from torch.func import vmap
 from .._checks import same_shapes_by_position
 from ..errors import InvalidArgumentError
 
-__all__ = ["StageDerivatives", "check_visible"]
+__all__ = ["StageDerivatives", "stage_points", "check_visible"]
 
 # torch.func's message for .item() / data-dependent control flow under vmap
 _DATA_DEPENDENT = ("data-dependent control flow", "calling .item()", ".item() on a Tensor")
+
+
+def stage_points(args_per_stage: Sequence[tuple[torch.Tensor, ...]]
+                 ) -> tuple[torch.Tensor, ...] | None:
+    """The points of all stages stacked stage-major, one (T*B, d) tensor per argument
+    (stage t is rows ``t*B:(t+1)*B``): what one call over all stages evaluates; None for
+    fewer than two stages or stages whose shapes differ."""
+    if len(args_per_stage) < 2 or not same_shapes_by_position(args_per_stage):
+        return None
+    return tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
 
 
 class StageDerivatives:
@@ -75,14 +85,16 @@ class StageDerivatives:
         self.value_tensor_t: bool | None = None  # the same, for the values (total)
         self.checked = False
 
-    def total(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def total(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]],
+              points: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The value summed over the stages, (B,): ``sum_t value(*args_per_stage[t], t)``
         in one call over all ``T * B`` points where the rule allows, else stage by stage
-        (in stage order)."""
+        (in stage order).  ``points``: :func:`stage_points` of ``args_per_stage``, where
+        the caller has them."""
         T = len(args_per_stage)
         first = args_per_stage[0]
         B = first[0].shape[0]
-        out = self.values(args_per_stage)
+        out = self.values(args_per_stage, points=points)
         if torch.is_tensor(out) and out.shape == (T * B,):
             return out.view(T, B).sum(0)
         total = self.value(*first, 0)
@@ -91,7 +103,8 @@ class StageDerivatives:
         return total
 
     def values(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]], *,
-               probe: bool = True) -> Any | None:
+               probe: bool = True, points: tuple[torch.Tensor, ...] | None = None
+               ) -> Any | None:
         """The values ``value(*args_per_stage[t], t)`` of every stage in one call over all
         ``T * B`` points, stacked stage-major (stage t is rows ``t*B:(t+1)*B``): with
         ``t = 0`` for a time-invariant model, else under ``vmap`` with a 0-d stage tensor
@@ -101,11 +114,13 @@ class StageDerivatives:
 
         ``probe=False``: a time-varying model whose vectorized call has not been compared
         with the ``int`` stage yet is not tried (None), so that points that are not a
-        trajectory (a user's guess, possibly NaN) never decide the comparison."""
-        T = len(args_per_stage)
-        if T < 2 or not same_shapes_by_position(args_per_stage):
+        trajectory (a user's guess, possibly NaN) never decide the comparison.
+
+        ``points``: :func:`stage_points` of ``args_per_stage``, where the caller has them
+        (not None)."""
+        flat = stage_points(args_per_stage) if points is None else points
+        if flat is None:
             return None
-        flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
         if self.time_invariant:
             return self.value(*flat, 0)
         if self.value_tensor_t is False or (self.value_tensor_t is None and not probe):
@@ -137,22 +152,25 @@ class StageDerivatives:
             self.value_tensor_t = True
         return out
 
-    def __call__(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]], **kw
+    def __call__(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]],
+                 points: tuple[torch.Tensor, ...] | None = None, **kw
                  ) -> tuple[Any | None, list]:
         """Derivatives at every stage: ``(stacked, per_stage)``.
 
         ``stacked`` holds all stages in one object of (T*B, ...) tensors, stage-major
         (stage t is rows ``t*B:(t+1)*B``), or None when the stages' shapes differ;
         ``per_stage`` is the sequence of T objects (views of ``stacked`` when there is
-        one, taken when read).
+        one, taken when read).  ``points``: :func:`stage_points` of ``args_per_stage``,
+        where the caller has them (not None: the dynamics and the cost of one
+        trajectory share them).
         """
         T = len(args_per_stage)
         first = args_per_stage[0]
         B = first[0].shape[0]
-        uniform = same_shapes_by_position(args_per_stage)
+        uniform = points is not None or same_shapes_by_position(args_per_stage)
         stacked = None
         if uniform and T > 1:
-            flat = tuple(torch.cat(col, 0) for col in zip(*args_per_stage))
+            flat = stage_points(args_per_stage) if points is None else points
             if self.time_invariant:
                 stacked = self._call(flat, 0, None, **kw)
             elif self.tensor_t is not False:
