@@ -429,3 +429,32 @@ def test_rows_read_as_their_per_stage_list_and_write_through():
         out = (r.K, r.k, r.Vx, r.Vxx, r.xs, r.us)
         assert len({v.untyped_storage().data_ptr() for v in out}) == len(out)
         assert all(v.is_contiguous() for v in out)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(T=st.integers(1, 6), B=st.integers(1, 5), ragged=st.booleans(), mask=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_rows_taken_and_put_as_the_per_stage_loops(T, B, ragged, mask, seed):
+    """``take_rows`` / ``put_rows`` (the DDP loop's row selections and merges, one indexing
+    of the stacked stages) equal the plain per-stage loops ``[v[idx] for v in values]`` /
+    ``dst[t][idx] = src[t]``, bitwise: index or mask, stages of one shape or of different
+    widths (the loop then), a :class:`Rows` destination written through."""
+    from trajopt.ddp.batch import Rows, put_rows, take_rows
+    g = torch.Generator().manual_seed(seed)
+    widths = [2 + (t % 2 if ragged else 0) for t in range(T)]
+    values = [torch.randn(B, w, generator=g, **F64) for w in widths]
+    keep = torch.rand(B, generator=g) < 0.6
+    idx = keep if mask else torch.nonzero(keep).flatten()
+    got, want = take_rows(values, idx), [v[idx] for v in values]
+    assert len(got) == T and all(torch.equal(a, b) for a, b in zip(got, want))
+    k = int(keep.sum())
+    src = [torch.randn(k, w, generator=g, **F64) for w in widths]
+    dst, ref = [v.clone() for v in values], [v.clone() for v in values]
+    for a, b in zip(ref, src):
+        a[idx] = b
+    put_rows(dst, idx, src)
+    assert all(torch.equal(a, b) for a, b in zip(dst, ref))
+    if not ragged:   # a Rows destination is written through, in place
+        S = torch.stack(values).clone()
+        put_rows(Rows(S), idx, src)
+        assert torch.equal(S, torch.stack(ref))

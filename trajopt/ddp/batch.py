@@ -15,7 +15,7 @@ from .inference import normal, outside
 from .options import DDPResult
 
 __all__ = ["Traj", "Policy", "Rows", "merge_policy", "select_gains", "step_size",
-           "pack_result"]
+           "pack_result", "take_rows", "put_rows"]
 
 
 class Rows(Sequence):
@@ -64,6 +64,31 @@ class Rows(Sequence):
         return torch.stack(list(rows))
 
 
+def take_rows(values: Sequence[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
+    """``[v[idx] for v in values]`` (``idx`` indices or a mask over the rows): one
+    indexing of the stacked stages where they share a shape (T index operations otherwise:
+    ~100 for a horizon of 100, each paying torch's dispatch)."""
+    if len(values) > 2 and same_shapes(values):
+        return list(Rows.stack(values)[:, idx].unbind(0))
+    return [v[idx] for v in values]
+
+
+def put_rows(dst: list[torch.Tensor], idx: torch.Tensor, src: Sequence[torch.Tensor]
+             ) -> None:
+    """``dst[t][idx] = src[t]`` for every stage: where ``dst`` is a list whose stages
+    share a shape, one write into the stacked stages, whose rows then replace the list's
+    tensors (the same values as writing each in place); a :class:`Rows` is written
+    through, row by row."""
+    if isinstance(dst, list) and len(dst) > 2 and same_shapes(dst) and same_shapes(src):
+        stacked = torch.stack(dst)
+        stacked[:, idx] = Rows.stack(src)
+        dst[:] = stacked.unbind(0)
+        return
+    for a, b in zip(dst, src):
+        if a is not b:  # a policy's terminal derivatives may be the very same tensor
+            a[idx] = b
+
+
 @dataclass
 class Traj:
     """A rolled-out trajectory: ``xs`` T+1 tensors (B, n_t), ``us`` T tensors (B, m_t),
@@ -78,8 +103,7 @@ class Traj:
 
     def select(self, idx: torch.Tensor) -> Traj:
         rows = idx if self.rows is None else self.rows[idx]
-        return Traj([x[idx] for x in self.xs], [u[idx] for u in self.us], self.cost[idx],
-                    rows)
+        return Traj(take_rows(self.xs, idx), take_rows(self.us, idx), self.cost[idx], rows)
 
     def assign(self, idx: torch.Tensor, other: Traj) -> None:
         """Write ``other`` into the rows ``idx`` (in order); when they are all the rows,
@@ -89,10 +113,8 @@ class Traj:
                 len({id(v) for v in other.xs + other.us}) == len(other.xs) + len(other.us):
             self.xs[:], self.us[:], self.cost = other.xs, other.us, other.cost
             return
-        for a, b in zip(self.xs, other.xs):
-            a[idx] = b
-        for a, b in zip(self.us, other.us):
-            a[idx] = b
+        put_rows(self.xs, idx, other.xs)
+        put_rows(self.us, idx, other.us)
         self.cost[idx] = other.cost
 
     def finite(self) -> torch.Tensor:
@@ -143,8 +165,7 @@ def step_size(k: list[torch.Tensor], us: list[torch.Tensor]) -> torch.Tensor:
 def select_gains(p: Policy, idx) -> Policy:
     """The rows ``idx`` of the gains K, k (all a forward pass reads; value derivatives are
     left out)."""
-    return Policy([K[idx] for K in p.K], [k[idx] for k in p.k], [], [], p.dV[idx],
-                  p.ok[idx])
+    return Policy(take_rows(p.K, idx), take_rows(p.k, idx), [], [], p.dV[idx], p.ok[idx])
 
 
 def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
@@ -170,14 +191,12 @@ def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
                       [alloc(v) for v in part.Vx], [alloc(v) for v in part.Vxx],
                       alloc(part.dV), torch.zeros(B, dtype=torch.bool, device=part.ok.device))
     if not bool(ok.all()):
-        idx, part = idx[ok], Policy([v[ok] for v in part.K], [v[ok] for v in part.k],
-                                    [v[ok] for v in part.Vx], [v[ok] for v in part.Vxx],
+        idx, part = idx[ok], Policy(take_rows(part.K, ok), take_rows(part.k, ok),
+                                    take_rows(part.Vx, ok), take_rows(part.Vxx, ok),
                                     part.dV[ok], ok[ok])
     for dst, src in ((full.K, part.K), (full.k, part.k), (full.Vx, part.Vx),
                      (full.Vxx, part.Vxx)):
-        for a, b in zip(dst, src):
-            if a is not b:  # the terminal derivatives may be the very same tensor
-                a[idx] = b
+        put_rows(dst, idx, src)
     full.dV[idx] = part.dV
     full.ok[idx] = part.ok
     return full
