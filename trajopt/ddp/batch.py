@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .._checks import same_shapes
+from .._linalg import finite_rows
 from .inference import normal, outside
 from .options import DDPResult
 
@@ -120,9 +121,8 @@ class Traj:
     def finite(self) -> torch.Tensor:
         """(B,) bool: the cost and every state are finite."""
         xs = self.xs
-        if same_shapes(xs):  # one op over all stages
-            return torch.isfinite(self.cost) & torch.isfinite(torch.stack(xs, 1)).flatten(
-                1).all(-1)
+        if same_shapes(xs):  # one reduction over all stages
+            return torch.isfinite(self.cost) & finite_rows(torch.stack(xs, 1), 2)
         return torch.isfinite(self.cost) & torch.stack(
             [torch.isfinite(v).all(-1) for v in xs], -1).all(-1)
 

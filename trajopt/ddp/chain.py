@@ -71,7 +71,7 @@ def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> C
             cols.append(list(law.K))
         u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1))
         u = u.squeeze(-1)
-        return u if lo is None else torch.minimum(torch.maximum(u, lo), hi)
+        return u if lo is None else torch.clamp(u, lo, hi)   # min(max(u, lo), hi)
     return control
 
 
