@@ -12,17 +12,12 @@ import pytest
 import torch
 
 import trajopt
+from tests.trajopt._pendulum import DT
+from tests.trajopt._pendulum import pendulum as _pendulum
 from trajopt.ddp.models import DynamicsDerivatives
 from trajopt.errors import ShapeError
 
 F64 = dict(dtype=torch.float64)
-DT = 0.1
-
-
-def _pendulum(x, u, t):
-    th, w = x[..., 0], x[..., 1]
-    return torch.stack([th + DT * w, w + DT * (u[..., 0] - 0.3 * w - 9.81 * torch.sin(th))],
-                       -1)
 
 
 def _cost():

@@ -18,6 +18,7 @@ from .._checks import shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .augmented import AugmentedCost
 from .batch import Policy, Traj, pack_result
+from .inputs import SolveInputs, widened
 from .options import AugmentedLagrangian, DDPResult, IterationLog
 
 __all__ = ["ConstrainedSolver"]
@@ -127,8 +128,10 @@ class ConstrainedSolver:
         save this loop's rollout of ``us0``, and every inner solve then gets the current
         trajectory's states as its ``xs0`` (checked again there: one vectorized call
         instead of a rollout per outer iteration)."""
+        return self._solve(self.inner.prepare(x0, us0, xs0), multipliers)
+
+    def _solve(self, inp: SolveInputs, multipliers: Sequence[Any] | None) -> DDPResult:
         opt, inner, cost = self.options, self.inner, self.cost
-        inp = inner.prepare(x0, us0, xs0)
         x0f, us = inp.x0, [u.clone() for u in inp.us]
         B, T = x0f.shape[0], len(us)
         dt, dev = x0f.dtype, x0f.device
@@ -144,6 +147,11 @@ class ConstrainedSolver:
                 f"the dynamics failed on x0 of shape {shape_str(x0f)} and controls of "
                 f"shape {shape_str(us[0])} (flattened batch): {exc}") from exc
         values = self.violations(xs, us)
+        base = cost.base
+        wide = widened(inp, [*(x.dtype for x in xs), *(c.dtype for c in values),
+                             base.running(xs[0], us[0], 0).dtype, base.terminal(xs[-1]).dtype])
+        if wide is not None:   # the model computes in a wider dtype: so does the solve
+            return self._solve(wide, multipliers)
         finite = torch.stack([torch.isfinite(x).all(-1) for x in xs]).all(0)  # (B,)
         for con, c in zip(cost.constraints, values):
             bad = ~torch.isfinite(c).all(-1) & finite

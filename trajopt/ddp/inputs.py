@@ -4,6 +4,7 @@ the user's cost returns."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -14,7 +15,7 @@ from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Traj
 from .models import Cost
 
-__all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes"]
+__all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes", "widened"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,35 @@ def prepare_states(xs0, inp: SolveInputs) -> list[torch.Tensor]:
     # stage-major, one contiguous copy: each stage (B, n) is contiguous
     return list(flat(xt, "xs0", (T + 1, n)).transpose(0, 1).clone(
         memory_format=torch.contiguous_format).unbind(0))
+
+
+def widened(inp: SolveInputs, dtypes: Iterable[torch.dtype]) -> SolveInputs | None:
+    """The inputs in the dtype the model computes in, where what its first rollout
+    returned (``dtypes``: of the states, the cost, constraint values) is wider than ``x0``
+    and ``us0`` (float32 inputs, float64 parameters in the dynamics or cost: torch's type
+    promotion makes the states or the cost float64, and the solve then runs in float64,
+    as the model's own arithmetic does); None where the rollout kept the dtype.  A model
+    that returns a *narrower* dtype (float32 states from float64 inputs) is refused: the
+    solve cannot keep its precision."""
+    dt = inp.x0.dtype
+    got = set(dtypes)
+    if got == {dt}:
+        return None
+    narrow = sorted(str(d) for d in got if torch.promote_types(d, dt) == dt and d != dt)
+    if narrow:
+        raise InvalidArgumentError(
+            f"the dynamics or cost returned {', '.join(narrow)} from {dt} x0 and us0: "
+            f"they must compute in the dtype of x0 and us0 (or pass x0 and us0 in "
+            f"{narrow[0]})")
+    wide = dt
+    for d in got:
+        wide = torch.promote_types(wide, d)
+
+    def cast(v):
+        return None if v is None else v.to(wide)
+    return replace(inp, kind=replace(inp.kind, dtype=wide), x0=cast(inp.x0),
+                   us=[cast(u) for u in inp.us], lo=cast(inp.lo), hi=cast(inp.hi),
+                   xs=None if inp.xs is None else [cast(x) for x in inp.xs])
 
 
 def check_cost_shapes(cost: Cost, traj: Traj) -> None:

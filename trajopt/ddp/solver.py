@@ -48,7 +48,7 @@ from . import inference
 from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
-from .inputs import SolveInputs, check_cost_shapes, prepare_inputs
+from .inputs import SolveInputs, check_cost_shapes, prepare_inputs, widened
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 from .scanpass import scan_applies, scan_backward_pass
@@ -248,6 +248,9 @@ class DDPSolver:
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
         check_cost_shapes(self.cost, traj)
+        wide = widened(inp, [traj.cost.dtype, *(x.dtype for x in traj.xs)])
+        if wide is not None:   # the model computes in a wider dtype: so does the solve
+            return self._solve(wide, tol)
         for t, x in enumerate(traj.xs[1:]):
             if not torch.is_tensor(x):
                 raise ShapeError(f"the dynamics must return a tensor (B, n); got "
