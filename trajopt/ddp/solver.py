@@ -248,9 +248,6 @@ class DDPSolver:
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
         check_cost_shapes(self.cost, traj)
-        wide = widened(inp, [traj.cost.dtype, *(x.dtype for x in traj.xs)])
-        if wide is not None:   # the model computes in a wider dtype: so does the solve
-            return self._solve(wide, tol)
         for t, x in enumerate(traj.xs[1:]):
             if not torch.is_tensor(x):
                 raise ShapeError(f"the dynamics must return a tensor (B, n); got "
@@ -258,6 +255,9 @@ class DDPSolver:
             if x.shape[0] != B:
                 raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
                                  f"expected a leading batch of {B}")
+        wide = widened(inp, [traj.cost.dtype, *(x.dtype for x in traj.xs)])
+        if wide is not None:   # the model computes in a wider dtype: so does the solve
+            return self._solve(wide, tol)
         reason = np.array(["max_iter"] * B, dtype=object)
         finite0 = traj.finite()
         if not bool(finite0.any()):
