@@ -1,10 +1,12 @@
 """The DDP loop under torch.inference_mode (trajopt.ddp.inference), float64: the solve's
-rollouts run in the mode; nothing that leaves the solve is an inference tensor (results,
-iteration logs, the callback's logs: updated in place and used in autograd afterwards);
-reverse-mode stage derivatives still run (outside the mode); a model that computes
-autograd gradients inside itself is detected by the first rollout and solved outside the
-mode, with the answer of the same model written without autograd; a model that fails
-either way keeps its error."""
+rollouts run in the mode from the second solve with a model (the first under no_grad:
+what a model makes at its first call, a lazy module's weights, is trained afterwards);
+nothing that leaves the solve is an inference tensor (results, iteration logs, the
+callback's logs: updated in place and used in autograd afterwards); reverse-mode stage
+derivatives still run (outside the mode); a model that computes autograd gradients inside
+itself is detected by the first rollout in the mode and solved outside it, with the answer
+of the same model written without autograd; a model that fails either way keeps its
+error."""
 
 import math
 
@@ -31,7 +33,11 @@ def _x0(B=3):
     return torch.linspace(-0.3, 0.3, B, **F64).unsqueeze(-1) * torch.tensor([1.0, 0.0], **F64)
 
 
-def test_rollouts_run_in_inference_mode():
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_rollouts_run_in_inference_mode_from_the_second_solve(wrapped):
+    """The first solve with a model under no_grad (what the model makes and keeps at its
+    first call must be normal tensors), every later one in inference mode -- also through
+    ``solve_ddp(f, ...)``, which wraps ``f`` anew at each call."""
     seen = []
 
     def f(x, u, t):
@@ -40,20 +46,47 @@ def test_rollouts_run_in_inference_mode():
                      torch.is_grad_enabled()))
         return _pendulum(x, u, t)
 
-    trajopt.solve_ddp(trajopt.Dynamics(f, time_invariant=True), _cost(), _x0(),
-                      torch.zeros(3, 40, 1, **F64), max_iter=3)
-    rollouts = [(inference, grad) for batch, inference, grad in seen if batch]
-    assert len(rollouts) >= 2 * 40 and all(inf and not grad for inf, grad in rollouts)
+    dyn = trajopt.Dynamics(f, time_invariant=True) if wrapped else f
+    for first in (True, False):
+        seen.clear()
+        trajopt.solve_ddp(dyn, _cost(), _x0(), torch.zeros(3, 40, 1, **F64), max_iter=3)
+        rollouts = [(inference, grad) for batch, inference, grad in seen if batch]
+        assert len(rollouts) >= 2 * 40 and not any(grad for _, grad in rollouts)
+        assert all(inf != first for inf, _ in rollouts)
     # the reverse-mode derivative passes leave the mode, with grad mode on
     assert any(grad and not inf for batch, inf, grad in seen if not batch)
     assert not torch.is_inference_mode_enabled()
 
 
+class _LazyPendulum(torch.nn.Module):
+    """The pendulum plus a lazily built linear correction (its weights made at the first
+    call): what a model keeps from its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.correction = torch.nn.LazyLinear(2, dtype=torch.float64)
+
+    def forward(self, x, u, t):
+        return _pendulum(x, u, t) + 1e-3 * self.correction(torch.cat([x, u], -1))
+
+
+def test_what_a_model_makes_at_its_first_call_is_trained_afterwards():
+    model = _LazyPendulum()
+    for _ in range(2):
+        trajopt.solve_ddp(trajopt.Dynamics(model, time_invariant=True), _cost(), _x0(),
+                          torch.zeros(3, 20, 1, **F64), max_iter=3)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(_x0(), torch.ones(3, 1, **F64), 0).sum().backward()
+    assert model.correction.weight.grad is not None
+
+
 def test_nothing_that_leaves_is_an_inference_tensor():
     logs = []
     x0 = _x0().requires_grad_()    # as under no_grad: the solver's result has no graph
-    r = trajopt.DDPSolver(_pendulum, _cost(), max_iter=5, callback=logs.append).solve(
-        x0, torch.zeros(3, 40, 1, **F64))
+    solver = trajopt.DDPSolver(_pendulum, _cost(), max_iter=5, callback=logs.append)
+    solver.solve(x0, torch.zeros(3, 40, 1, **F64))
+    logs.clear()
+    r = solver.solve(x0, torch.zeros(3, 40, 1, **F64))   # the second: in inference mode
     fields = [r.xs, r.us, r.K, r.k, r.Vx, r.Vxx, r.cost, r.converged, r.iterations]
     for log in r.history + logs:
         fields += [log.cost, log.regularization, log.step, log.expected, log.actual]
@@ -69,15 +102,17 @@ def test_nothing_that_leaves_is_an_inference_tensor():
 
 def test_callback_runs_outside_inference_mode_without_grad():
     modes = []
-    trajopt.solve_ddp(_pendulum, _cost(), _x0(), torch.zeros(3, 20, 1, **F64), max_iter=2,
-                      callback=lambda log: modes.append((torch.is_inference_mode_enabled(),
-                                                         torch.is_grad_enabled())))
+    for _ in range(2):   # the second solve in inference mode
+        trajopt.solve_ddp(_pendulum, _cost(), _x0(), torch.zeros(3, 20, 1, **F64), max_iter=2,
+                          callback=lambda log: modes.append((torch.is_inference_mode_enabled(),
+                                                             torch.is_grad_enabled())))
     assert modes and not any(inf or grad for inf, grad in modes)   # as under no_grad
 
 
 def test_reverse_mode_derivatives_still_taken():
     dyn = trajopt.Dynamics(_pendulum, time_invariant=True)
-    trajopt.solve_ddp(dyn, _cost(), _x0(), torch.zeros(3, 20, 1, **F64), max_iter=2)
+    for _ in range(2):   # the second solve in inference mode
+        trajopt.solve_ddp(dyn, _cost(), _x0(), torch.zeros(3, 20, 1, **F64), max_iter=2)
     # set by the first evaluation of the reverse-mode pass against the transforms
     assert dyn._reverse_agrees is True
 
@@ -118,10 +153,11 @@ def test_model_with_autograd_inside_is_solved_outside_the_mode():
     inside = _Analytic(_hamiltonian_step, time_invariant=True)
     ref = trajopt.solve_ddp(_Analytic(_explicit_step, time_invariant=True), _cost(), _x0(),
                             us0)
-    first = trajopt.solve_ddp(inside, _cost(), _x0(), us0)
+    first = trajopt.solve_ddp(inside, _cost(), _x0(), us0)    # under no_grad
+    second = trajopt.solve_ddp(inside, _cost(), _x0(), us0)   # refused, solved outside
     assert inside._trajopt_needs_autograd is True
     again = trajopt.solve_ddp(inside, _cost(), _x0(), us0)   # marked: no second try
-    for r in (first, again):
+    for r in (first, second, again):
         assert list(r.reason) == list(ref.reason)
         torch.testing.assert_close(r.us, ref.us, rtol=0, atol=1e-12)
         torch.testing.assert_close(r.cost, ref.cost, rtol=1e-14, atol=0)

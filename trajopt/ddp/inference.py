@@ -17,11 +17,16 @@ nor saved for a backward pass.  So nothing made inside leaves as one:
 - derivatives by reverse-mode autograd (:mod:`trajopt.ddp.reverse`) are taken outside the
   mode, on copies of the points.
 
+The first solve with a model runs under ``torch.no_grad()`` alone: what a model makes and
+keeps at its first call -- a lazy module's parameters, a cached matrix -- would otherwise
+be an inference tensor, which autograd later ignores silently (a ``LazyLinear``
+initialized in inference mode gets no gradient).  The models are marked as seen after it.
+
 A model that needs autograd inside its own evaluation (a dynamics computing
 ``torch.autograd.grad`` of an energy) cannot run under inference mode: no graph is recorded
 there.  The solve's first rollout tells (:func:`refuse_if_runs_outside`): when it fails
-under the mode and runs outside it, the solver, its dynamics and its cost are marked and
-the solve runs again under ``torch.no_grad()`` alone, as every later solve with them does.
+under the mode and runs outside it, the models are marked and the solve runs again under
+``torch.no_grad()`` alone, as every later solve with them does.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["run", "refuse_if_runs_outside", "normal", "outside"]
+__all__ = ["run", "user_objects", "refuse_if_runs_outside", "normal", "outside"]
 
 R = TypeVar("R")
 
-#: set to True on a model (and the solver) that failed under inference mode
+#: set to True on a model that failed under inference mode
 _MARK = "_trajopt_needs_autograd"
+#: set to True on a model after its first solve (run under no_grad)
+_SEEN = "_trajopt_seen"
 
 
 class RefusedError(Exception):
@@ -45,20 +52,69 @@ class RefusedError(Exception):
 
 
 def run(solve: Callable[[], R], models: tuple) -> R:
-    """``solve()`` under ``torch.inference_mode()`` unless one of ``models`` is marked;
-    on :class:`RefusedError` the models are marked and ``solve()`` runs again outside it."""
+    """``solve()`` under ``torch.inference_mode()`` where every one of ``models`` (the
+    user's code, :func:`user_objects`) has been solved before and none needs autograd;
+    the first solve with one under the caller's mode (``no_grad``); on
+    :class:`RefusedError` the models are marked and ``solve()`` runs again outside the
+    mode."""
+    models = tuple(m for m in models if m is not None)
     if any(getattr(m, _MARK, False) for m in models):
         return solve()
+    fresh = tuple(m for m in models if not getattr(m, _SEEN, False) and _markable(m))
+    if fresh:
+        out = solve()
+        _mark(fresh, _SEEN)
+        return out
     try:
         with torch.inference_mode():
             return solve()
     except RefusedError:
-        for m in models:
-            try:
-                setattr(m, _MARK, True)
-            except (AttributeError, TypeError):   # __slots__, a frozen object
-                pass
+        _mark(models, _MARK)
         return solve()
+
+
+def user_objects(*models, depth: int = 3) -> tuple:
+    """The user's code behind ``models``: an object whose class is not trajopt's (a
+    function, a module, a subclass of :class:`~trajopt.ddp.models.Dynamics` written by the
+    user) is itself; a trajopt object (``Dynamics(f)``, ``Cost(running, terminal)``,
+    ``QuadraticCost``, an augmented cost, made anew by ``solve_ddp`` at each call) is the
+    callables and trajopt objects it holds, ``depth`` levels down (lists included); a
+    trajopt object holding no user code (``LinearDynamics``, ``QuadraticCost``) gives
+    none."""
+    out: list = []
+    for m in models:
+        if m is None or isinstance(m, torch.Tensor):
+            continue
+        if not type(m).__module__.startswith("trajopt."):
+            if callable(m) or hasattr(m, "__dict__"):
+                out.append(m)
+            continue
+        if depth and hasattr(m, "__dict__"):
+            held = []
+            for v in vars(m).values():
+                for w in (v if isinstance(v, (list, tuple)) else (v,)):
+                    if callable(w) or type(w).__module__.startswith("trajopt."):
+                        held.append(w)
+            out.extend(user_objects(*held, depth=depth - 1))
+    return tuple(out)
+
+
+def _markable(m) -> bool:
+    """Whether ``m`` can carry the marks (a bound method cannot: it is then taken as
+    seen, since no first solve could be remembered)."""
+    try:
+        setattr(m, _SEEN, getattr(m, _SEEN, False))
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
+def _mark(models: tuple, name: str) -> None:
+    for m in models:
+        try:
+            setattr(m, name, True)
+        except (AttributeError, TypeError):   # __slots__, a frozen object, a method
+            pass
 
 
 def refuse_if_runs_outside(rollout: Callable[[], object], exc: BaseException) -> None:

@@ -232,7 +232,8 @@ class DDPSolver:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
         n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
         with threads_for(B * (n + m) * (1 + n + m)):
-            return inference.run(lambda: self._solve(inp, tol), (self, self.dynamics, self.cost))
+            return inference.run(lambda: self._solve(inp, tol),
+                                 inference.user_objects(self.dynamics, self.cost))
 
     def _solve(self, inp: SolveInputs, tol: float | torch.Tensor) -> DDPResult:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
