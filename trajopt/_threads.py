@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["GRAIN", "threads_for"]
+__all__ = ["GRAIN", "threads_for", "caller_threads"]
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE
 
@@ -53,3 +53,11 @@ def threads_for(work: int) -> Iterator[None]:
             _depth -= 1
             if _depth == 0 and _saved != 1:
                 torch.set_num_threads(_saved)
+
+
+def caller_threads() -> int:
+    """The intra-op thread count the caller set: torch's setting, or the one
+    :func:`threads_for` saved while a block runs with one thread (for code of ours that
+    runs its own threads, the compiled loops of :mod:`trajopt.riccati.compiled`)."""
+    with _lock:
+        return _saved if _depth > 0 else torch.get_num_threads()

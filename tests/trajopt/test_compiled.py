@@ -132,6 +132,46 @@ def test_non_finite_data_are_flagged_not_returned():
     assert got.ok.tolist() == [False, True]
 
 
+@pytest.mark.parametrize("boxed", [False, True])
+def test_the_batch_cut_between_threads_gives_the_same_pass(boxed, monkeypatch):
+    """A large pass runs its batch in slices on several threads: the slices cover the
+    batch once, run on more than one thread, and the result (an element flagged in one
+    slice included) is bitwise the one-thread pass."""
+    import threading
+    import types
+
+    B, T, n, m = 7, 9, 3, 2
+    _, F, L, c, Vx, Vxx = _problem(5, B, T, n, m, True)
+    L[4, 5, n:, 1 + n:] = -1e3 * torch.eye(m, **F64)  # element 5: Q_uu indefinite
+    mu = torch.linspace(0.0, 0.5, B, **F64)
+    limits = compiled.BoxLimits(torch.full((m,), -0.3, **F64), torch.full((m,), 0.2, **F64),
+                                0.1 * torch.randn(T, B, m, **F64)) if boxed else None
+    one = compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
+    real = compiled.kernels()
+    calls = []
+
+    def recursion(*args):
+        calls.append((args[-2], args[-1], threading.current_thread().name))
+        return real.recursion(*args)
+    monkeypatch.setattr(compiled, "kernels", lambda: types.SimpleNamespace(recursion=recursion))
+    monkeypatch.setattr(compiled, "caller_threads", lambda: 3)
+    monkeypatch.setattr(compiled, "MIN_WORK_PER_THREAD", 1)
+    cut = compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
+    assert sorted((b0, b1) for b0, b1, _ in calls) == [(0, 2), (2, 4), (4, 7)]
+    names = {name for _, _, name in calls}
+    assert len(names) >= 2 and threading.current_thread().name in names
+    assert one.ok.tolist() == [True] * 5 + [False, True]
+    for field in ("kK", "Vx", "Vxx", "dV", "ok"):
+        assert torch.equal(getattr(cut, field).nan_to_num(7.0),
+                           getattr(one, field).nan_to_num(7.0)), field
+    # below the work bound, one slice on the caller's thread
+    calls.clear()
+    monkeypatch.setattr(compiled, "MIN_WORK_PER_THREAD", T * B * (n + m) ** 3)
+    compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
+    assert [(b0, b1) for b0, b1, _ in calls] == [(0, B)]
+    assert calls[0][2] == threading.current_thread().name
+
+
 def test_float32_is_the_float64_answer_rounded():
     _, F, L, c, Vx, Vxx = _problem(5, 2, 30, 4, 2, True)
     mu = torch.tensor([0.0, 0.1], **F64)

@@ -193,10 +193,12 @@ def _nan_stage(kK, Vxs, Vxxs, t, b, n, m):
 
 
 @_jit
-def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, ok):
+def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, ok, b0, b1):
     """The Riccati recursion of :func:`trajopt.riccati.compiled.compiled_recursion`
-    (box limits where ``lo`` is not empty). Stages outside, elements inside: each stage's
-    data of the whole batch are read and written in memory order."""
+    (box limits where ``lo`` is not empty) for the batch elements ``b0 <= b < b1``: the
+    outputs' other elements are not touched, so several threads may share the arrays.
+    Stages outside, elements inside: each stage's data of the batch are read and written
+    in memory order."""
     T, B, n, nm = F.shape
     m = nm - n
     with_c = c.shape[0] > 0
@@ -226,13 +228,13 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
     d = np.empty((m, 1))
     cand = np.empty(m)
     Hm = np.empty((m, m))
-    for b in range(B):
+    for b in range(b0, b1):
         for i in range(n):
             vx[b, i] = VxT[b, i]
             for j in range(n):
                 vxx[b, i, j] = VxxT[b, i, j]
     for t in range(T - 1, -1, -1):
-        for b in range(B):
+        for b in range(b0, b1):
             if not good[b]:
                 _nan_stage(kK, Vxs, Vxxs, t, b, n, m)
                 continue
@@ -315,7 +317,7 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
                 Vxs[t, b, i] = vx[b, i]
                 for j in range(n):
                     Vxxs[t, b, i, j] = vxx[b, i, j]
-    for b in range(B):
+    for b in range(b0, b1):
         dV[b, 0] = kQu[b]
         dV[b, 1] = 0.5 * (kg[b] - kQu[b])
         ok[b] = good[b] and np.isfinite(kQu[b]) and np.isfinite(kg[b])

@@ -47,6 +47,7 @@ solvers warn once and use the torch recursion.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import warnings
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._threads import caller_threads
 from . import boxqp
 
 __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
@@ -63,6 +65,10 @@ __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
 #: largest ``batch * (n + m)^3`` for which the solvers take the compiled loop
 #: (``docs/performance.md``, "Seventh round")
 MAX_WORK = 2 ** 18
+
+#: smallest ``T * batch * (n + m)^3`` a thread of a pass is given (``docs/performance.md``,
+#: "Eleventh round"): smaller passes run on one thread
+MIN_WORK_PER_THREAD = 2 ** 13
 
 #: set to "0" to keep the solvers off the compiled loop (a debugging aid: the torch
 #: recursion is then used everywhere)
@@ -187,9 +193,42 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
     Vxxs = torch.empty(T, B, n, n, dtype=dt)
     dV = torch.empty(B, 2, dtype=torch.float64)
     ok = torch.empty(B, dtype=torch.bool)
-    kernels().recursion(arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu),
-                        arr(box.lo), arr(box.hi), arr(box.us, 3), arr(box.warm, 3),
-                        np.array([boxqp.MAX_ITER, boxqp.TOL, boxqp.ARMIJO, boxqp.SHRINK,
-                                  boxqp.MIN_STEP]),
-                        kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())
+    args = (arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu), arr(box.lo),
+            arr(box.hi), arr(box.us, 3), arr(box.warm, 3),
+            np.array([boxqp.MAX_ITER, boxqp.TOL, boxqp.ARMIJO, boxqp.SHRINK,
+                      boxqp.MIN_STEP]),
+            kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())
+    _split_batch(functools.partial(kernels().recursion, *args), B,
+                 _parts(T * B * (n + m) ** 3, B))
     return CompiledPass(kK, Vxs, Vxxs, dV.to(dt), ok)
+
+
+def _parts(work: int, batch: int) -> int:
+    """Into how many slices of the batch a pass of ``work = T B (n+m)^3`` is cut, one a
+    thread: the caller's intra-op thread count (:func:`~trajopt._threads.caller_threads`),
+    from :data:`MIN_WORK_PER_THREAD` a slice."""
+    return max(1, min(caller_threads(), batch, work // MIN_WORK_PER_THREAD))
+
+
+def _split_batch(run, batch: int, parts: int) -> None:
+    """``run(b0, b1)`` over ``parts`` contiguous slices of ``range(batch)``: the first
+    here, the others on :func:`_pool`'s threads (the kernels release the GIL)."""
+    if parts <= 1:
+        run(0, batch)
+        return
+    edges = [batch * i // parts for i in range(parts + 1)]
+    futures = [_pool().submit(run, edges[i], edges[i + 1]) for i in range(1, parts)]
+    run(edges[0], edges[1])
+    for f in futures:
+        f.result()
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for the slices of :func:`_split_batch` (made on first use)."""
+    return concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
+                                                 thread_name_prefix="trajopt-compiled")
+
+
+# a forked child has none of the parent's threads: it makes its own pool
+os.register_at_fork(after_in_child=_pool.cache_clear)
