@@ -1,4 +1,4 @@
-"""Intra-op threads for loops of tiny ops.
+"""Intra-op threads for loops of tiny ops, and threads of our own for batches cut in slices.
 
 A sequential Riccati / rollout loop on a small problem (one cart-pole, an 8-state LQ
 problem) runs thousands of ops on a few dozen numbers each.  Threads cannot speed those up,
@@ -13,17 +13,26 @@ anyway), and restores the caller's setting afterwards.
 ``torch.set_num_threads`` is process-wide: while a small solve runs, other Python threads
 of the process also see one intra-op thread.  Nested and concurrent solves are counted,
 and the last one to leave restores the setting of the first one to enter.
+
+Work that torch does not spread over its threads -- a compiled loop (numba, which
+releases the GIL), a chain of small batched products -- can be cut along its batch into
+slices run on threads of a pool of ours (:func:`in_slices`): as many as the caller's
+intra-op thread count (:func:`caller_threads`), each slice given at least a minimum of
+work (:func:`slices_for`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["GRAIN", "threads_for", "caller_threads"]
+__all__ = ["GRAIN", "threads_for", "caller_threads", "slices_for", "in_slices"]
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE
 
@@ -61,3 +70,36 @@ def caller_threads() -> int:
     runs its own threads, the compiled loops of :mod:`trajopt.riccati.compiled`)."""
     with _lock:
         return _saved if _depth > 0 else torch.get_num_threads()
+
+
+def slices_for(work: int, batch: int, min_work: int) -> int:
+    """Into how many slices a batch of ``batch`` elements doing ``work`` in all is cut:
+    one a thread of :func:`caller_threads`, each with at least ``min_work``."""
+    return max(1, min(caller_threads(), batch, work // max(1, min_work)))
+
+
+def in_slices(run: Callable[[int, int], object], batch: int, parts: int) -> list:
+    """``run(b0, b1)`` over ``parts`` contiguous slices of ``range(batch)``: the first on
+    the calling thread, the others on a pool's threads (``run`` must release the GIL for
+    this to pay: numba's ``nogil`` code, torch operations). Returns the results in the
+    slices' order; the first exception raised is raised here, after every slice ended."""
+    if parts <= 1:
+        return [run(0, batch)]
+    edges = [batch * i // parts for i in range(parts + 1)]
+    futures = [_pool().submit(run, edges[i], edges[i + 1]) for i in range(1, parts)]
+    try:
+        first = run(edges[0], edges[1])
+    finally:
+        concurrent.futures.wait(futures)
+    return [first] + [f.result() for f in futures]
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads of :func:`in_slices` (made on first use)."""
+    return concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
+                                                 thread_name_prefix="trajopt")
+
+
+# a forked child has none of the parent's threads: it makes its own pool
+os.register_at_fork(after_in_child=_pool.cache_clear)

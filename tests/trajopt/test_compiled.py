@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trajopt
+import trajopt._threads
 import trajopt.ddp.compiledpass as compiledpass
 import trajopt.riccati.compiled as compiled
 from tests._hypothesis import examples
@@ -154,7 +155,7 @@ def test_the_batch_cut_between_threads_gives_the_same_pass(boxed, monkeypatch):
         calls.append((args[-2], args[-1], threading.current_thread().name))
         return real.recursion(*args)
     monkeypatch.setattr(compiled, "kernels", lambda: types.SimpleNamespace(recursion=recursion))
-    monkeypatch.setattr(compiled, "caller_threads", lambda: 3)
+    monkeypatch.setattr(trajopt._threads, "caller_threads", lambda: 3)
     monkeypatch.setattr(compiled, "MIN_WORK_PER_THREAD", 1)
     cut = compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
     assert sorted((b0, b1) for b0, b1, _ in calls) == [(0, 2), (2, 4), (4, 7)]

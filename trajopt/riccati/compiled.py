@@ -47,7 +47,6 @@ solvers warn once and use the torch recursion.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import warnings
@@ -56,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._threads import caller_threads
+from .._threads import in_slices, slices_for
 from . import boxqp
 
 __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
@@ -198,37 +197,6 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
             np.array([boxqp.MAX_ITER, boxqp.TOL, boxqp.ARMIJO, boxqp.SHRINK,
                       boxqp.MIN_STEP]),
             kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())
-    _split_batch(functools.partial(kernels().recursion, *args), B,
-                 _parts(T * B * (n + m) ** 3, B))
+    in_slices(functools.partial(kernels().recursion, *args), B,
+              slices_for(T * B * (n + m) ** 3, B, MIN_WORK_PER_THREAD))
     return CompiledPass(kK, Vxs, Vxxs, dV.to(dt), ok)
-
-
-def _parts(work: int, batch: int) -> int:
-    """Into how many slices of the batch a pass of ``work = T B (n+m)^3`` is cut, one a
-    thread: the caller's intra-op thread count (:func:`~trajopt._threads.caller_threads`),
-    from :data:`MIN_WORK_PER_THREAD` a slice."""
-    return max(1, min(caller_threads(), batch, work // MIN_WORK_PER_THREAD))
-
-
-def _split_batch(run, batch: int, parts: int) -> None:
-    """``run(b0, b1)`` over ``parts`` contiguous slices of ``range(batch)``: the first
-    here, the others on :func:`_pool`'s threads (the kernels release the GIL)."""
-    if parts <= 1:
-        run(0, batch)
-        return
-    edges = [batch * i // parts for i in range(parts + 1)]
-    futures = [_pool().submit(run, edges[i], edges[i + 1]) for i in range(1, parts)]
-    run(edges[0], edges[1])
-    for f in futures:
-        f.result()
-
-
-@functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads for the slices of :func:`_split_batch` (made on first use)."""
-    return concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
-                                                 thread_name_prefix="trajopt-compiled")
-
-
-# a forked child has none of the parent's threads: it makes its own pool
-os.register_at_fork(after_in_child=_pool.cache_clear)
