@@ -38,8 +38,11 @@ float64 that needs no gradient and is not under a torch.func transform, and
 ``batch * (n + m)^3 <=`` :data:`MAX_WORK` (measured with two threads, T = 50: the
 compiled loop 1.2-35x faster than the torch recursion up to it, from one pendulum to 64
 problems of 12 states or one of 50 states; 0.4-0.85x from 500,000, where the torch
-recursion's batched products amortize its per-operation cost and use both threads; the
-loop runs on one). The first call in a process loads the compiled loop from numba's
+recursion's batched products amortize its per-operation cost; re-measured with the
+loop's batch cut between two threads: 1.5-2.1x under it, 0.43-1.04x over it). A pass
+of ``T * batch * (n + m)^3 >=`` 2 :data:`MIN_WORK_PER_THREAD` runs its batch in slices on
+the caller's intra-op thread count (:func:`trajopt._threads.in_slices`; bitwise the
+one-thread pass). The first call in a process loads the compiled loop from numba's
 cache (``__pycache__`` beside this file or numba's user cache directory): ~1 s; the very
 first on a machine compiles it, ~5-20 s per dtype. Where numba cannot be imported the
 solvers warn once and use the torch recursion.
