@@ -41,8 +41,9 @@ def test_rollouts_run_in_inference_mode_from_the_second_solve(wrapped):
     seen = []
 
     def f(x, u, t):
-        # a rollout sees the batch (3, 2); the derivatives see one point under vmap
-        seen.append((x.dim() == 2, torch.is_inference_mode_enabled(),
+        # a rollout sees the batch (3, 2); the derivatives see the points of all stages
+        # (replicated, trajopt.ddp.reverse), or one point under vmap
+        seen.append((x.shape == (3, 2), torch.is_inference_mode_enabled(),
                      torch.is_grad_enabled()))
         return _pendulum(x, u, t)
 

@@ -131,6 +131,47 @@ def test_models_take_the_reverse_path_under_no_grad(t):
     assert calls == [1] and (again.fx - d.fx).abs().max() <= 1e-13 * d.fx.abs().max()
 
 
+def test_time_invariant_models_and_terminal_costs_are_differentiated_on_rows():
+    """A time-invariant model at an int stage, a terminal cost and a discretized ``f`` are
+    called once on all replicated rows (their batched call, no vmap); a time-varying
+    model at an int stage still sees one point under vmap. The derivatives equal the
+    transforms'."""
+    seen = []
+    dyn, cost = _pendulum_models(9.81)
+
+    def recorded(fn, name):
+        def wrapper(*a):
+            seen.append((name, tuple(a[0].shape)))
+            return fn(*a)
+        return wrapper
+    N, n, m = 6, 2, 1
+    inv_dyn = trajopt.Dynamics(recorded(dyn.forward, "f"), time_invariant=True)
+    inv_cost = trajopt.Cost(recorded(lambda x, u, t: cost.running(x, u, 0), "l"),
+                            recorded(cost.terminal, "lT"), time_invariant=True)
+    var_dyn = trajopt.Dynamics(recorded(dyn.forward, "f_t"))
+    rk4 = trajopt.discretize(recorded(lambda x, u: dyn.forward(x, u, 0), "fc"), 0.05)
+    x, u, _, _ = _data(N, n, m, 5)
+    out = {}
+    # reverse mode twice (the first evaluation also runs the transforms to compare),
+    # then the transforms
+    for key, grad in (("first", False), ("again", False), ("transforms", True)):
+        seen.clear()
+        with torch.set_grad_enabled(grad):
+            out[key] = (inv_dyn.derivatives(x, u, 0), inv_cost.derivatives(x, u, 0),
+                        inv_cost.terminal_derivatives(x), var_dyn.derivatives(x, u, 4),
+                        rk4.derivatives(x, u, 0))
+        if key == "again":
+            assert sorted(set(seen)) == sorted({
+                ("f", (n * N, n)), ("l", ((n + m) * N, n)), ("lT", (n * N, n)),
+                ("fc", (n * 4 * N, n)), ("fc", (N, n)), ("fc", (N, n)),  # its RK4 stages
+                ("f_t", (n,))})   # the time-varying model: one point under vmap
+    (d, c, (g, H), dv, dr), (rd, rc, (rg, rH), rdv, rdr) = out["again"], out["transforms"]
+    for a, b in ((d.fx, rd.fx), (d.fu, rd.fu), (c.lx, rc.lx), (c.lu, rc.lu),
+                 (c.lxx, rc.lxx), (c.luu, rc.luu), (c.lux, rc.lux), (g, rg), (H, rH),
+                 (dv.fx, rdv.fx), (dr.fx, rdr.fx), (dr.fu, rdr.fu)):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-13 * (1 + b.abs().max())
+
+
 def test_grad_mode_keeps_the_graph_to_parameters():
     p = torch.tensor(9.81, **F64, requires_grad=True)
     dyn, cost = _pendulum_models(p)

@@ -104,7 +104,12 @@ class Dynamics:
         single, args = _per_point(self.forward, x, u, t)
         if not second_order:
             def fast(a):
-                return jacobians(single, a, x.shape[-1])
+                if torch.is_tensor(t) or not self.time_invariant:   # under vmap
+                    return jacobians(single, a, x.shape[-1])
+                # the rows of all stages in one call, as the time-invariant values are
+                # evaluated (StageDerivatives.values): no vmap (trajopt.ddp.reverse)
+                return jacobians(lambda xr, ur: self.forward(xr, ur, t), a, x.shape[-1],
+                                 rowwise=True)
 
             def slow(a):
                 return vmap(jacfwd(single, argnums=(0, 1)))(*a)
@@ -181,7 +186,7 @@ class _Discretized(Dynamics):
 
         def jac(xs, us):
             def fast(a):
-                return jacobians(lambda xi, ui: f(xi, ui), a, xs.shape[-1])
+                return jacobians(f, a, xs.shape[-1], rowwise=True)
 
             def slow(a):
                 return vmap(jacfwd(f, argnums=(0, 1)))(*a)
@@ -273,7 +278,10 @@ class Cost:
         single, args = _per_point(self.running, x, u, t)
 
         def fast(a):
-            return gradient_and_hessian(single, a)
+            if torch.is_tensor(t) or not self.time_invariant:   # under vmap
+                return gradient_and_hessian(single, a)
+            return gradient_and_hessian(lambda xr, ur: self.running(xr, ur, t), a,
+                                        rowwise=True)
 
         def slow(a):
             ((lxx, _), (lux, luu)), (lx, lu) = vmap(jacfwd(
@@ -293,7 +301,7 @@ class Cost:
             return x.new_zeros(x.shape), x.new_zeros(*x.shape, n)
 
         def fast(a):
-            return gradient_and_hessian(self.terminal, a, 1)
+            return gradient_and_hessian(self.terminal, a, 1, rowwise=True)
 
         def slow(a):
             return vmap(jacfwd(_with_gradient(self.terminal, 0), has_aux=True))(*a)[::-1]
