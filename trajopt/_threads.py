@@ -14,11 +14,14 @@ anyway), and restores the caller's setting afterwards.
 of the process also see one intra-op thread.  Nested and concurrent solves are counted,
 and the last one to leave restores the setting of the first one to enter.
 
-Work that torch does not spread over its threads -- a compiled loop (numba, which
-releases the GIL), a chain of small batched products -- can be cut along its batch into
-slices run on threads of a pool of ours (:func:`in_slices`): as many as the caller's
-intra-op thread count (:func:`caller_threads`), each slice given at least a minimum of
-work (:func:`slices_for`).
+Work that runs on one thread outside torch -- a compiled loop (numba, which releases the
+GIL) -- can be cut along its batch into slices run on threads of a pool of ours
+(:func:`in_slices`): as many as the caller's intra-op thread count
+(:func:`caller_threads`), each slice given at least a minimum of work
+(:func:`slices_for`). Not torch operations: each thread that calls into torch's OpenMP
+gets its own team of workers, and once a pool thread had run torch operations every later
+torch call of the process was slower (measured: ``docs/performance.md``, "Eleventh
+round").
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def slices_for(work: int, batch: int, min_work: int) -> int:
 def in_slices(run: Callable[[int, int], object], batch: int, parts: int) -> list:
     """``run(b0, b1)`` over ``parts`` contiguous slices of ``range(batch)``: the first on
     the calling thread, the others on a pool's threads (``run`` must release the GIL for
-    this to pay: numba's ``nogil`` code, torch operations). Returns the results in the
+    this to pay, and should not call torch: numba's ``nogil`` code). Returns the results in the
     slices' order; the first exception raised is raised here, after every slice ended."""
     if parts <= 1:
         return [run(0, batch)]

@@ -19,8 +19,8 @@ once, where the caller has one (a model at a fixed ``int`` stage, a terminal cos
 continuous ``f(x, u)`` of :func:`~trajopt.ddp.models.discretize`: the calls the
 rollouts and the time-invariant values already make on rows). ``vmap``'s batching of
 each operation costs ~0.05-0.3 ms a call at 100 points and, for transcendental
-operations, more than the operation itself at large N (mpc.pytorch's pendulum at
-25,600 points: 6.1 against 2.7 ms); the batched call pays neither.
+operations more at large N (the Jacobians of mpc.pytorch's pendulum at 25,600 points:
+4.9-5.3 against 3.9-4.6 ms); the batched call pays neither.
 The derivatives equal the forward-mode ones up to rounding (the products are summed in
 another order), and the first evaluation of every model compares them with the
 transforms (:func:`reverse_or_transforms`).
