@@ -77,8 +77,10 @@ def caller_threads() -> int:
 
 def slices_for(work: int, batch: int, min_work: int) -> int:
     """Into how many slices a batch of ``batch`` elements doing ``work`` in all is cut:
-    one a thread of :func:`caller_threads`, each with at least ``min_work``."""
-    return max(1, min(caller_threads(), batch, work // max(1, min_work)))
+    one a thread of :func:`caller_threads` (at most one a core), each with at least
+    ``min_work``."""
+    return max(1, min(caller_threads(), os.cpu_count() or 1, batch,
+                      work // max(1, min_work)))
 
 
 def in_slices(run: Callable[[int, int], object], batch: int, parts: int) -> list:

@@ -156,6 +156,7 @@ def test_the_batch_cut_between_threads_gives_the_same_pass(boxed, monkeypatch):
         return real.recursion(*args)
     monkeypatch.setattr(compiled, "kernels", lambda: types.SimpleNamespace(recursion=recursion))
     monkeypatch.setattr(trajopt._threads, "caller_threads", lambda: 3)
+    monkeypatch.setattr(trajopt._threads.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(compiled, "MIN_WORK_PER_THREAD", 1)
     cut = compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
     assert sorted((b0, b1) for b0, b1, _ in calls) == [(0, 2), (2, 4), (4, 7)]
@@ -165,6 +166,11 @@ def test_the_batch_cut_between_threads_gives_the_same_pass(boxed, monkeypatch):
     for field in ("kK", "Vx", "Vxx", "dV", "ok"):
         assert torch.equal(getattr(cut, field).nan_to_num(7.0),
                            getattr(one, field).nan_to_num(7.0)), field
+    # no more slices than cores
+    calls.clear()
+    monkeypatch.setattr(trajopt._threads.os, "cpu_count", lambda: 2)
+    compiled_recursion(F, L, c, Vx, Vxx, mu, limits)
+    assert sorted((b0, b1) for b0, b1, _ in calls) == [(0, 3), (3, 7)]
     # below the work bound, one slice on the caller's thread
     calls.clear()
     monkeypatch.setattr(compiled, "MIN_WORK_PER_THREAD", T * B * (n + m) ** 3)
