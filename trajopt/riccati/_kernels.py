@@ -98,6 +98,22 @@ def _masked_cholesky(H, free, Lf, Hm, m):
 
 
 @register_jitable
+def _box_qp_scalar(H, g, lo, hi, x, clamped, Lf):
+    """:func:`_box_qp` for one control: the closed form (small enough to be inlined into
+    the recursion's loop, where the general QP's call is not)."""
+    h = H[0, 0]
+    xv = _clamp(-g[0] / h, lo[0], hi[0])
+    gr = g[0] + h * xv
+    clamped[0] = (xv <= lo[0] and gr > 0.0) or (xv >= hi[0] and gr < 0.0)
+    x[0] = xv
+    if clamped[0]:
+        Lf[0, 0] = 1.0
+    else:
+        Lf[0, 0] = np.sqrt(h) if h > 0.0 else (0.0 if h <= 0.0 else h)
+    return h > 0.0
+
+
+@register_jitable
 def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm, qp):
     """The box QP of :func:`trajopt.riccati.boxqp.box_qp` for one element (the same
     steps: the closed form for m = 1; the unconstrained minimizer where it is inside the
@@ -106,16 +122,7 @@ def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm
     free (m), d (m, 1), cand (m), Hm (m, m): work arrays; qp: the settings (max_iter,
     tol, armijo, shrink, min_step) of :mod:`trajopt.riccati.boxqp`."""
     if m == 1:
-        h = H[0, 0]
-        xv = _clamp(-g[0] / h, lo[0], hi[0])
-        gr = g[0] + h * xv
-        clamped[0] = (xv <= lo[0] and gr > 0.0) or (xv >= hi[0] and gr < 0.0)
-        x[0] = xv
-        if clamped[0]:
-            Lf[0, 0] = 1.0
-        else:
-            Lf[0, 0] = np.sqrt(h) if h > 0.0 else (0.0 if h <= 0.0 else h)
-        return h > 0.0
+        return _box_qp_scalar(H, g, lo, hi, x, clamped, Lf)
     if _cholesky(H, Lf, m):
         for i in range(m):
             d[i, 0] = -g[i]
@@ -267,8 +274,9 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
                     blo[i] = lo[i] - us[t, b, i]
                     bhi[i] = hi[i] - us[t, b, i]
                     x0[i] = warm[t, b, i] if has_warm else 0.0
-                ok_t = _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m, grad,
-                               free, d, cand, Hm, qp)
+                ok_t = _box_qp_scalar(H, g, blo, bhi, xq, clamped, Lf) if m == 1 else \
+                    _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m, grad, free,
+                            d, cand, Hm, qp)
                 if ok_t:
                     # k the QP's minimizer; K = -H_free^{-1} Q_ux with clamped rows zero
                     for i in range(m):
