@@ -70,7 +70,7 @@ MAX_WORK = 2 ** 18
 
 #: smallest ``T * batch * (n + m)^3`` a thread of a pass is given (``docs/performance.md``,
 #: "Eleventh round"): smaller passes run on one thread
-MIN_WORK_PER_THREAD = 2 ** 13
+MIN_WORK_PER_THREAD = 2 ** 15
 
 #: set to "0" to keep the solvers off the compiled loop (a debugging aid: the torch
 #: recursion is then used everywhere)
