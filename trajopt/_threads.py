@@ -79,8 +79,10 @@ def slices_for(work: int, batch: int, min_work: int) -> int:
     """Into how many slices a batch of ``batch`` elements doing ``work`` in all is cut:
     one a thread of :func:`caller_threads` (at most one a core), each with at least
     ``min_work``."""
-    return max(1, min(caller_threads(), os.cpu_count() or 1, batch,
-                      work // max(1, min_work)))
+    most = min(batch, work // max(1, min_work))
+    if most < 2:   # the common small case: no lock, no system call
+        return 1
+    return max(1, min(caller_threads(), os.cpu_count() or 1, most))
 
 
 def in_slices(run: Callable[[int, int], object], batch: int, parts: int) -> list:
