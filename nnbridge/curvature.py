@@ -136,6 +136,12 @@ class Preconditioner:
             self._xr.update(X=X, Xr=X[..., 0] @ self.rot[1])
         return self._xr["Xr"]
 
+    def seed_rotated_inputs(self, X: torch.Tensor, Xr: torch.Tensor) -> None:
+        """:meth:`rotated_inputs` of ``X`` already computed (``Xr`` = X[..., 0] Q_A, by
+        :meth:`EKFAC.update` with this preconditioner's Q_A)."""
+        self._xr.clear()
+        self._xr.update(X=X, Xr=Xr)
+
     def eigen_step_pays(self, X: torch.Tensor) -> bool:
         r"""Whether a Linear stage (inputs X (B, in', 1)) keeps its open-loop step in the
         eigenbasis, :math:`R = (Q_G^\top g Q_A) \odot D` (:class:`NetworkResponse`),
@@ -463,13 +469,27 @@ class EKFAC(Curvature):
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
         if P == 1 and X.dim() == 3:
-            s = mean(((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1)
-                     @ (X[..., 0] @ st["QA"]) ** 2)
+            xr = X[..., 0] @ st["QA"]
+            # the rotated inputs x Q_A again in this step's response and feedback pass
+            # (Preconditioner.rotated_inputs): handed to the preconditioner made next
+            self._rotated = (X, st["QA"], xr)
+            s = mean(((Wf[..., 0] @ st["QG"]) ** 2).transpose(0, 1) @ xr ** 2)
         else:
             Gi = torch.einsum("b...op,b...ip->b...oi", Wf, X)
             s = mean(((st["QG"].transpose(-1, -2) @ Gi @ st["QA"]) ** 2).sum(0))
         st["S"] = s if fresh else _moment(st["S"], s, a)
         return st
+
+    #: ``(X, Q_A, X Q_A)`` of the last :meth:`update` of a Linear stage, until the
+    #: :meth:`preconditioner` of that state takes it
+    _rotated: tuple | None = None
+
+    def preconditioner(self, st, hp, step):
+        pre = super().preconditioner(st, hp, step)
+        memo, self._rotated = self._rotated, None
+        if memo is not None and memo[1] is pre.rot[1]:
+            pre.seed_rotated_inputs(memo[0], memo[2])
+        return pre
 
     def scale(self, st, hp, step):
         return hp["lr"] / (st["S"] + hp["eps"])

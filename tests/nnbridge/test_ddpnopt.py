@@ -608,6 +608,39 @@ def test_ekfac_step_in_the_eigenbasis_equals_the_plain_step(monkeypatch, extra):
     assert max(float((a - b).abs().max()) for a, b in zip(params[1], params[2])) > 1e-6
 
 
+def test_ekfac_rotated_inputs_are_computed_once_a_stage(monkeypatch):
+    """EKFAC's update forms ``x Q_A`` of a Linear stage for its eigenvalue estimate, and
+    hands it to the stage's preconditioner, whose response and feedback pass read it
+    (``Preconditioner.rotated_inputs``): one product a stage, no recomputation; the
+    parameters over 3 steps are bitwise those of recomputing it."""
+    from nnbridge.curvature import Preconditioner
+    X, y = data(4, (4,))
+    computed, params = [], []
+    rotated = Preconditioner.rotated_inputs
+
+    def counting(self, X):
+        if self._xr.get("X") is not X:
+            computed.append(1)
+        return rotated(self, X)
+    monkeypatch.setattr(Preconditioner, "rotated_inputs", counting)
+    seed = Preconditioner.seed_rotated_inputs
+    for variant in ("handed over", "recomputed"):
+        if variant == "recomputed":
+            monkeypatch.setattr(Preconditioner, "seed_rotated_inputs", lambda *a: None)
+        model = mlp()
+        opt = nnbridge.DDPNOpt(model, curvature="ekfac", lr=0.05)
+        computed.clear()
+        for _ in range(3):
+            opt.step(closure_for(opt, model, X, y))
+        if variant == "handed over":
+            assert computed == []
+        else:   # every stage that pays the eigenbasis path, every step
+            assert len(computed) >= 3 * (len(opt._stages) - 1)
+        params.append([p.detach().clone() for p in model.parameters()])
+    monkeypatch.setattr(Preconditioner, "seed_rotated_inputs", seed)
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
 def test_the_eigenbasis_step_is_taken_where_it_pays():
     """The rule: a Linear stage (X (B, in', 1)) with an eigenbasis and a tensor D, when
     ``B (in'^2 + 2 out^2) < 2 out in' (out + in')``; not for convolutions, scalar or
