@@ -97,10 +97,20 @@ def _masked_cholesky(H, free, Lf, Hm, m):
     return _cholesky(Hm, Lf, m)
 
 
+# The box QP of :func:`trajopt.riccati.boxqp.box_qp` for one element, the same steps in
+# three pieces the recursion calls in turn: the closed form for m = 1
+# (``_box_qp_scalar``); for m >= 2 the unconstrained minimizer where H is positive
+# definite and it lies in the box (``_box_qp_inside``), else projected Newton with the
+# same Armijo backtracking (``_box_qp_projected``). Each writes x, clamped and the factor
+# Lf of the free block, and returns False where it failed. The first two are small
+# enough for LLVM to inline into the recursion's loop; one function for all three was
+# not inlined, and its call with sixteen arrays cost ~140 ns an element and stage
+# (docs/performance.md, "Eleventh round").
+
+
 @register_jitable
 def _box_qp_scalar(H, g, lo, hi, x, clamped, Lf):
-    """:func:`_box_qp` for one control: the closed form (small enough to be inlined into
-    the recursion's loop, where the general QP's call is not)."""
+    """The box QP for one control: the closed form."""
     h = H[0, 0]
     xv = _clamp(-g[0] / h, lo[0], hi[0])
     gr = g[0] + h * xv
@@ -114,28 +124,32 @@ def _box_qp_scalar(H, g, lo, hi, x, clamped, Lf):
 
 
 @register_jitable
-def _box_qp(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand, Hm, qp):
-    """The box QP of :func:`trajopt.riccati.boxqp.box_qp` for one element (the same
-    steps: the closed form for m = 1; the unconstrained minimizer where it is inside the
-    box; projected Newton with the same Armijo backtracking otherwise). Writes x,
-    clamped and the factor Lf of the free block; returns False where it failed. grad,
-    free (m), d (m, 1), cand (m), Hm (m, m): work arrays; qp: the settings (max_iter,
-    tol, armijo, shrink, min_step) of :mod:`trajopt.riccati.boxqp`."""
-    if m == 1:
-        return _box_qp_scalar(H, g, lo, hi, x, clamped, Lf)
-    if _cholesky(H, Lf, m):
-        for i in range(m):
-            d[i, 0] = -g[i]
-        _chol_solve_col(Lf, d, 0, m)
-        inside = True
-        for i in range(m):
-            if not (d[i, 0] >= lo[i] and d[i, 0] <= hi[i]):
-                inside = False
-        if inside:
-            for i in range(m):
-                x[i] = d[i, 0]
-                clamped[i] = False
-            return True
+def _box_qp_inside(H, g, lo, hi, x, clamped, Lf, d, m):
+    """The box QP's first step (m >= 2): where H is positive definite and the
+    unconstrained minimizer lies in the box, write it (no control clamped, Lf the factor
+    of H) and return True; False otherwise (nothing of x or clamped written). d (m, 1):
+    work array."""
+    if not _cholesky(H, Lf, m):
+        return False
+    for i in range(m):
+        d[i, 0] = -g[i]
+    _chol_solve_col(Lf, d, 0, m)
+    for i in range(m):
+        if not (d[i, 0] >= lo[i] and d[i, 0] <= hi[i]):
+            return False
+    for i in range(m):
+        x[i] = d[i, 0]
+        clamped[i] = False
+    return True
+
+
+@register_jitable
+def _box_qp_projected(H, g, lo, hi, x0, has_x0, x, clamped, Lf, m, grad, free, d, cand,
+                      Hm, qp):
+    """The box QP's rest (m >= 2), where :func:`_box_qp_inside` said no: projected
+    Newton from the clamped warm start x0 (has_x0) or zero. grad, free (m), d (m, 1),
+    cand (m), Hm (m, m): work arrays; qp: the settings (max_iter, tol, armijo, shrink,
+    min_step) of :mod:`trajopt.riccati.boxqp`."""
     for i in range(m):
         x[i] = _clamp(x0[i] if has_x0 else 0.0, lo[i], hi[i])
     failed = False
@@ -274,9 +288,13 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
                     blo[i] = lo[i] - us[t, b, i]
                     bhi[i] = hi[i] - us[t, b, i]
                     x0[i] = warm[t, b, i] if has_warm else 0.0
-                ok_t = _box_qp_scalar(H, g, blo, bhi, xq, clamped, Lf) if m == 1 else \
-                    _box_qp(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf, m, grad, free,
-                            d, cand, Hm, qp)
+                # the common cases inlined: one control, or the minimizer inside the box
+                if m == 1:
+                    ok_t = _box_qp_scalar(H, g, blo, bhi, xq, clamped, Lf)
+                else:
+                    ok_t = _box_qp_inside(H, g, blo, bhi, xq, clamped, Lf, d, m) or \
+                        _box_qp_projected(H, g, blo, bhi, x0, has_warm, xq, clamped, Lf,
+                                          m, grad, free, d, cand, Hm, qp)
                 if ok_t:
                     # k the QP's minimizer; K = -H_free^{-1} Q_ux with clamped rows zero
                     for i in range(m):
