@@ -166,8 +166,9 @@ def croc_solve(crocoddyl, running, terminal, x0, T, m, maxiter=200, solver="Solv
 # ------------------------------------------------------------- the issue's single problems
 def user_pendulum():
     """The Euler pendulum of :func:`crocoddyl_models` as a user writes it for trajopt: a
-    plain ``f(x, u, t)`` and ``trajopt.Cost(running, terminal)``, no flags (so the
-    derivatives come from torch.func and ``t`` is treated as time-varying)."""
+    plain ``f(x, u, t)`` and ``trajopt.Cost(running, terminal)``, no flags (the
+    derivatives come from autograd / torch.func; neither function reads ``t``, which
+    trajopt finds out itself: ``trajopt.ddp.stage_argument``)."""
     DT, G, B = 0.1, 9.81, 0.3
     Q = torch.diag(torch.tensor([1.0, 0.1], **F64))
     QT = torch.diag(torch.tensor([50.0, 5.0], **F64))

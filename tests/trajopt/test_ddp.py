@@ -547,6 +547,11 @@ def test_item_and_data_dependent_branches_are_named(where, how):
     run = (lambda x, u, t: (x ** 2).sum(-1) * (2.0 if branchy(x) else 1.0)) \
         if where == "running" else None
     dyn, cost, _ = _user_lq(f=f, running=run)
+    if run is not None:
+        # the message is the time-varying path's (torch.func under vmap): this running
+        # cost never reads t, so by default it is found time invariant and differentiated
+        # on its rows, where .item() runs (test_time_invariance_is_inferred)
+        cost = trajopt.Cost(run, cost.terminal, time_invariant=False)
     name = "the dynamics" if where == "dynamics" else "the running cost"
     with pytest.raises(InvalidArgumentError, match=rf"{name} at stage 0 calls \.item\(\) or "
                                                    r"branches on a tensor's value"):
@@ -588,8 +593,11 @@ def test_time_varying_models_are_differentiated_in_one_call():
                     plain, False, True),
     }
     for name, (f, run, vec_f, vec_l) in cases.items():
-        solver = trajopt.DDPSolver(f, trajopt.Cost(run, lambda x: (x ** 2).sum(-1)),
-                                   max_iter=30)
+        # declared time varying: lin and plain never read t, and would be found time
+        # invariant (test_time_invariance_is_inferred)
+        solver = trajopt.DDPSolver(trajopt.Dynamics(f, time_invariant=False),
+                                   trajopt.Cost(run, lambda x: (x ** 2).sum(-1),
+                                                time_invariant=False), max_iter=30)
         res = solver.solve(X0, US0)
         assert res.converged.item(), name
         chain = solver.structure
@@ -609,6 +617,7 @@ def test_two_argument_callables_are_time_invariant():
     """``f(x, u)`` and ``running(x, u)`` (no t) are accepted as time-invariant models and
     give the same solution as their three-argument forms."""
     dyn3, cost3, lin = _user_lq()
+    dyn3 = trajopt.Dynamics(lin, time_invariant=False)   # lin never reads t
     res3 = trajopt.solve_ddp(dyn3, cost3, X0, US0)
     dyn2 = trajopt.Dynamics(lambda x, u: lin(x, u, 0))
     cost2 = trajopt.Cost(lambda x, u: (x ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1),
@@ -616,4 +625,4 @@ def test_two_argument_callables_are_time_invariant():
     assert dyn2.time_invariant and cost2.time_invariant and not dyn3.time_invariant
     res2 = trajopt.solve_ddp(lambda x, u: lin(x, u, 0), cost2, X0, US0)
     torch.testing.assert_close(res2.us, res3.us, rtol=1e-12, atol=1e-14)
-    assert trajopt.Dynamics(lambda x, u, t=0: x).time_invariant is False
+    assert trajopt.Dynamics(lambda x, u, t=0: x * t).time_invariant is False

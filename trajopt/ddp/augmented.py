@@ -80,6 +80,7 @@ class AugmentedCost(Cost):
         self.terminal_constraints = [c for c in constraints if c.where == "terminal"]
         self.constraints = list(constraints)
         super().__init__(time_invariant=base.time_invariant and not self.running_constraints)
+        self.time_invariance_inferred = self.time_invariant and base.time_invariance_inferred
         self.lam: list[torch.Tensor] = []  # running: (T, B, p); terminal: (B, p)
         self._running_pairs: list = []
         self._terminal_pairs: list = []
@@ -88,6 +89,12 @@ class AugmentedCost(Cost):
         self.elements: torch.Tensor | None = None  # the element of each bound row
 
     # ------------------------------------------------------------------ state
+
+    def found_time_varying(self) -> None:
+        """The base cost's inferred time invariance failed its check: this cost's too."""
+        super().found_time_varying()
+        self.base.found_time_varying()
+
     def reset(self, lam: list[torch.Tensor], rho: torch.Tensor) -> None:
         """Multipliers (one per constraint, in order) and penalties (B,) of the flat
         batch."""

@@ -84,10 +84,10 @@ class Chain:
         self.cost = cost
         self._dynamics_derivatives = StageDerivatives(
             dynamics.derivatives, dynamics, time_invariant=dynamics.time_invariant,
-            name="the dynamics")
+            name="the dynamics", model=dynamics)
         self._cost_derivatives = StageDerivatives(
             cost.derivatives, cost.running, time_invariant=cost.time_invariant,
-            name="the running cost")
+            name="the running cost", model=cost)
         self._terminal_checked = False
 
     def setup(self, us: Sequence[torch.Tensor]) -> None:

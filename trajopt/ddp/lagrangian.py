@@ -59,6 +59,12 @@ class LagrangianCost(Cost):
         self.pairs = list(zip(constraints, nus))
         running = any(c.where == "running" for c in constraints)
         super().__init__(time_invariant=base.time_invariant and not running)
+        self.time_invariance_inferred = self.time_invariant and base.time_invariance_inferred
+
+    def found_time_varying(self) -> None:
+        """The base cost's inferred time invariance failed its check: this cost's too."""
+        super().found_time_varying()
+        self.base.found_time_varying()
 
     def running(self, x, u, t):
         J = self.base.running(x, u, t)

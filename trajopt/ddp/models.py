@@ -28,6 +28,7 @@ from torch.func import jacfwd, jacrev, vmap
 from .._checks import check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
 from .reverse import gradient_and_hessian, jacobians, reverse_or_transforms
+from .stage_argument import model_ignores_stage
 
 __all__ = [
     "Dynamics",
@@ -75,17 +76,35 @@ class Dynamics:
     f : callable ``f(x, u, t) -> x_next``, optional
         The map, for batched ``x`` (..., n_t), ``u`` (..., m_t); a callable ``f(x, u)``
         is time invariant.  Subclasses may instead override :meth:`forward`.
-    time_invariant : bool
-        True when ``f`` ignores ``t``: derivatives of all stages are then evaluated in one
-        vectorized call (much faster).  Default False for wrapped callables.
+    time_invariant : bool or None
+        True when ``f`` ignores ``t``: values and derivatives of all stages are then
+        evaluated in one batched call (much faster).  None (the default): True when ``f``
+        never reads ``t`` (:func:`~trajopt.ddp.stage_argument.ignores_argument`, a
+        conservative test of its bytecode; a subclass's :meth:`forward` likewise when it
+        overrides neither :meth:`derivatives` nor ``__call__``), else False.  False
+        forces the time-varying path (each point differentiated at its own stage).
     """
 
-    def __init__(self, f: Callable | None = None, *, time_invariant: bool = False):
+    #: the class default, for subclasses that set ``time_invariant`` without ``__init__``
+    time_invariance_inferred = False
+
+    def __init__(self, f: Callable | None = None, *, time_invariant: bool | None = None):
         if f is not None and _takes_two(f):
             two = f
             f, time_invariant = (lambda x, u, t: two(x, u)), True
         self._f = f
-        self.time_invariant = time_invariant
+        inferred = time_invariant is None
+        self.time_invariant = model_ignores_stage(self, f, Dynamics, "forward", (
+            "derivatives", "__call__")) if inferred else bool(time_invariant)
+        #: found by the test above, not declared: the solvers confirm it on the first
+        #: trajectory (:class:`~trajopt.ddp.stagewise.StageDerivatives`, ``confirm``)
+        self.time_invariance_inferred = inferred and self.time_invariant
+
+    def found_time_varying(self) -> None:
+        """Called by the solvers where the time invariance inferred from the code fails
+        its check on a trajectory (:class:`~trajopt.ddp.stagewise.StageDerivatives`):
+        the model is time varying from then on."""
+        self.time_invariant = self.time_invariance_inferred = False
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         if self._f is None:
@@ -241,17 +260,29 @@ class Cost:
         ``t`` the stage (a callable ``running(x, u)`` is time invariant).
     terminal : callable
         Batched terminal cost of ``x_T`` (..., n_T).
-    time_invariant : bool
-        True when ``running`` ignores ``t`` (vectorized over stages).
+    time_invariant : bool or None
+        True when ``running`` ignores ``t`` (vectorized over stages).  None (the default):
+        found out as for :class:`Dynamics` (``running``, or a subclass's :meth:`running`
+        that does not override :meth:`derivatives`).
     """
 
+    time_invariance_inferred = False
+
     def __init__(self, running: Callable | None = None, terminal: Callable | None = None,
-                 *, time_invariant: bool = False):
+                 *, time_invariant: bool | None = None):
         if running is not None and _takes_two(running):
             two = running
             running, time_invariant = (lambda x, u, t: two(x, u)), True
         self._running, self._terminal = running, terminal
-        self.time_invariant = time_invariant
+        inferred = time_invariant is None
+        self.time_invariant = model_ignores_stage(self, running, Cost, "running", (
+            "derivatives",)) if inferred else bool(time_invariant)
+        #: as :attr:`Dynamics.time_invariance_inferred`
+        self.time_invariance_inferred = inferred and self.time_invariant
+
+    def found_time_varying(self) -> None:
+        """As :meth:`Dynamics.found_time_varying`."""
+        self.time_invariant = self.time_invariance_inferred = False
 
     def running(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         if self._running is None:

@@ -57,10 +57,10 @@ def _expansion(dyn: Dynamics, cost: Cost, xs: torch.Tensor, us: torch.Tensor):
     B, T = us.shape[:2]
     args = [(xs[:, t], us[:, t]) for t in range(T)]
     dd, _ = StageDerivatives(dyn.derivatives, dyn, time_invariant=dyn.time_invariant,
-                             name="the dynamics")(args, second_order=True)
+                             name="the dynamics", model=dyn)(args, second_order=True)
     cd, _ = StageDerivatives(cost.derivatives, cost.running,
-                             time_invariant=cost.time_invariant,
-                             name="the running cost")(args)
+                             time_invariant=cost.time_invariant, name="the running cost",
+                             model=cost)(args)
     if dd is None or cd is None:
         raise InvalidArgumentError("gradients through solve_ddp need stages of equal state "
                                    "and control sizes")

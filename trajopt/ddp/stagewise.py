@@ -73,14 +73,25 @@ class StageDerivatives:
         The model ignores ``t``.
     name : str
         How errors name the model ("the dynamics", "the running cost").
+    model : Dynamics or Cost, optional
+        The model ``derivatives`` and ``value`` belong to.  Where its ``time_invariant``
+        was inferred from its code, not declared (``time_invariance_inferred``,
+        :mod:`trajopt.ddp.stage_argument`), the first trajectory confirms it: the values
+        of all stages in one call with ``t = 0`` against stage-by-stage calls at their
+        own ``t``.  Where they differ (a function that mixes the rows of its batch, ``if
+        x.sum() > 0:``) the model is time varying from then on
+        (``model.found_time_varying()``: its own derivatives then leave the rows alone
+        too).
     """
 
     def __init__(self, derivatives: Callable, value: Callable, *, time_invariant: bool,
-                 name: str):
+                 name: str, model: Any = None):
         self.derivatives = derivatives
         self.value = value
         self.time_invariant = time_invariant
         self.name = name
+        self.model = model
+        self.confirm = time_invariant and getattr(model, "time_invariance_inferred", False)
         self.tensor_t: bool | None = None  # None: not tried yet
         self.value_tensor_t: bool | None = None  # the same, for the values (total)
         self.checked = False
@@ -121,11 +132,29 @@ class StageDerivatives:
         flat = stage_points(args_per_stage) if points is None else points
         if flat is None:
             return None
+        if self.confirm:
+            self._confirm(flat, args_per_stage)
         if self.time_invariant:
             return self.value(*flat, 0)
         if self.value_tensor_t is False or (self.value_tensor_t is None and not probe):
             return None
         return self._vectorized_values(flat, args_per_stage)
+
+    def _confirm(self, flat, args_per_stage) -> None:
+        """Confirm an inferred time invariance once (``model`` in the class docstring);
+        where it fails the model is time varying from then on.  A call that raises is
+        left to raise where it is made."""
+        self.confirm = False
+        try:
+            out = self.value(*flat, 0)
+            B = args_per_stage[0][0].shape[0]
+            same = all(_close((out[t * B:(t + 1) * B],), (self.value(*args, t),))
+                       for t, args in enumerate(args_per_stage))
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            same = False
+        if not same:
+            self.time_invariant = False
+            self.model.found_time_varying()
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
@@ -171,6 +200,8 @@ class StageDerivatives:
         stacked = None
         if uniform and T > 1:
             flat = stage_points(args_per_stage) if points is None else points
+            if self.confirm:
+                self._confirm(flat, args_per_stage)
             if self.time_invariant:
                 stacked = self._call(flat, 0, None, **kw)
             elif self.tensor_t is not False:
