@@ -65,14 +65,18 @@ def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> C
 
     def control(t: int, xs: list[torch.Tensor]) -> torch.Tensor:
         if not cols:
-            ff = law.ff
-            cols.append(list(Rows.stack(ff).unsqueeze(-1).unbind(0)) if isinstance(ff, Rows)
-                        else [f.unsqueeze(-1) for f in ff])
+            cols.append(_columns(law.ff))
             cols.append(list(law.K))
         u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1))
         u = u.squeeze(-1)
         return u if lo is None else torch.clamp(u, lo, hi)   # min(max(u, lo), hi)
     return control
+
+
+def _columns(ff: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The feedforward controls ``ff_t`` as columns (B, m, 1), unbound once."""
+    return list(Rows.stack(ff).unsqueeze(-1).unbind(0)) if isinstance(ff, Rows) \
+        else [f.unsqueeze(-1) for f in ff]
 
 
 class Chain:
@@ -114,7 +118,8 @@ class Chain:
         ``law``: the same controls as an :class:`AffineLaw`, given when ``control`` is
         one.  Linear dynamics (:meth:`linear_model`) are then rolled out by the parallel
         scan of :mod:`trajopt.lqr.affine_scan` where its rule allows and its self-check
-        holds (the stage loop otherwise).
+        holds, the others (and those) by the stage loop with the law's operations
+        inlined (:meth:`_closed_loop`).
 
         ``known``: the states ``x_1 .. x_k`` of these controls, already known (k tensors
         (B, n_t); :meth:`consistent_prefix` checked them): taken as they are, and the
@@ -128,6 +133,9 @@ class Chain:
             X, U = scanned
             xs, us, x = list(X.unbind(0)), list(U.unbind(0)), X[-1]
             points = (X[:-1].reshape(-1, X.shape[-1]), U.reshape(-1, U.shape[-1]))
+        elif law is not None and law.K is not None and not known and self._plain_stages():
+            xs, us = self._closed_loop(x0, T, law)
+            x = xs[-1]
         else:
             xs, us = [x0], []
             x = x0
@@ -141,6 +149,35 @@ class Chain:
         # (StageDerivatives.total: one call where the cost allows)
         running = self._cost_derivatives.total(list(zip(xs[:-1], us)), points) if T else 0.0
         return Traj(xs, us, running + self.cost.terminal(x), rows)
+
+    def _plain_stages(self) -> bool:
+        """This structure's stages are the plain chain's: :meth:`transition` calls the
+        dynamics and :meth:`deviation` is ``x_t - xbar_t`` (not a subclass's)."""
+        cls = type(self)
+        return cls.transition is Chain.transition and cls.deviation is Chain.deviation
+
+    def _closed_loop(self, x0: torch.Tensor, T: int, law: AffineLaw
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """States and controls of the closed-loop ``law`` by the stage loop, with
+        :func:`feedback_control`'s operations and :meth:`transition` inlined and the
+        user's function called directly (:meth:`Dynamics.stage_function`): the same
+        operations on the same tensors as the generic loop, ~2 us a stage fewer, most of
+        a stage's cost outside the user's function (``docs/performance.md``, "Twelfth
+        round")."""
+        cols, K, xbar = _columns(law.ff), law.K, law.xbar
+        B = x0.shape[0]
+        # addmm's rule, decided once: baddbmm where every stage has the batch's shapes
+        batched = all(c.ndim == 3 and c.shape[0] == B for c in cols[:T]) and all(
+            k.ndim == 3 and k.shape[0] == B for k in K[:T])
+        mm = torch.baddbmm if batched else addmm
+        f = self.dynamics.stage_function()
+        xs, us, x = [x0], [], x0
+        for t in range(T):
+            u = mm(cols[t], K[t], (x - xbar[t]).unsqueeze(-1)).squeeze(-1)
+            x = f(x, u, t)
+            xs.append(x)
+            us.append(u)
+        return xs, us
 
     def _compiled(self, x0: torch.Tensor, T: int, law: AffineLaw
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:

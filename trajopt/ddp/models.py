@@ -85,8 +85,7 @@ class Dynamics:
         forces the time-varying path (each point differentiated at its own stage).
     """
 
-    #: the class default, for subclasses that set ``time_invariant`` without ``__init__``
-    time_invariance_inferred = False
+    time_invariance_inferred = False   # for subclasses that skip __init__
 
     def __init__(self, f: Callable | None = None, *, time_invariant: bool | None = None):
         if f is not None and _takes_two(f):
@@ -101,10 +100,16 @@ class Dynamics:
         self.time_invariance_inferred = inferred and self.time_invariant
 
     def found_time_varying(self) -> None:
-        """Called by the solvers where the time invariance inferred from the code fails
-        its check on a trajectory (:class:`~trajopt.ddp.stagewise.StageDerivatives`):
-        the model is time varying from then on."""
+        """The inferred time invariance failed its check on a trajectory
+        (:class:`~trajopt.ddp.stagewise.StageDerivatives`): time varying from now on."""
         self.time_invariant = self.time_invariance_inferred = False
+
+    def stage_function(self) -> Callable:
+        """``self(x, u, t)`` as one callable: the wrapped ``f`` itself where neither
+        ``forward`` nor ``__call__`` is overridden (a rollout's call a stage), else self."""
+        cls, f = type(self), getattr(self, "_f", None)
+        plain = cls.forward is Dynamics.forward and cls.__call__ is Dynamics.__call__
+        return f if f is not None and plain else self
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         if self._f is None:

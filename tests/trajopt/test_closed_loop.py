@@ -1,0 +1,83 @@
+"""The closed-loop stage loop with the law's operations inlined (``Chain._closed_loop``)
+gives the generic loop's states and controls bit for bit."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trajopt
+from tests._hypothesis import examples
+from trajopt.ddp.batch import Rows
+from trajopt.ddp.chain import AffineLaw, Chain, feedback_control
+
+F64 = torch.float64
+
+
+def _f(x, u, t):
+    th, w = x[..., 0], x[..., 1]
+    return torch.stack([th + 0.1 * w, w + 0.1 * (u[..., 0] - torch.sin(th))], -1)
+
+
+def _cost():
+    return trajopt.Cost(lambda x, u, t: (x ** 2).sum(-1) + (u ** 2).sum(-1),
+                        lambda x: (x ** 2).sum(-1))
+
+
+class _Counted(trajopt.Dynamics):
+    """A subclass whose forward is its own: the loop must call it, not a wrapped f."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, u, t):
+        self.calls += 1
+        return _f(x, u, t)
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(B=st.integers(1, 4), T=st.integers(1, 12), stacked=st.booleans(),
+       shared_gain=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, 2, generator=g, dtype=F64)
+    ff = [torch.randn(B, 1, generator=g, dtype=F64) for _ in range(T)]
+    # a gain shared by the batch (1, m, n) takes addmm's broadcasting branch
+    K = [torch.randn(1 if shared_gain else B, 1, 2, generator=g, dtype=F64)
+         for _ in range(T)]
+    xbar = [torch.randn(B, 2, generator=g, dtype=F64) for _ in range(T + 1)]
+    law = AffineLaw(Rows(torch.stack(ff)) if stacked else ff, K, xbar)
+    chain = Chain(trajopt.Dynamics(_f), _cost())
+    generic = chain.simulate(x0, T, feedback_control(law, chain.deviation))
+    inlined = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
+    for a, b in zip(generic.xs + generic.us, inlined.xs + inlined.us):
+        assert torch.equal(a, b)
+    assert torch.equal(generic.cost, inlined.cost)
+
+
+def test_stage_function_and_subclasses():
+    plain = trajopt.Dynamics(_f)
+    assert plain.stage_function() is _f
+    counted = _Counted()
+    assert counted.stage_function() is counted
+    chain = Chain(counted, _cost())
+    T = 5
+    law = AffineLaw([torch.zeros(1, 1, dtype=F64)] * T, [torch.ones(1, 1, 2, dtype=F64)] * T,
+                    [torch.zeros(1, 2, dtype=F64)] * (T + 1))
+    chain.simulate(torch.ones(1, 2, dtype=F64), T, feedback_control(law, chain.deviation),
+                   law=law)
+    assert counted.calls == T
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_ddp_solve_is_unchanged_by_the_inlined_loop(monkeypatch, B):
+    """A whole solve with the inlined loop equals one with the generic loop forced."""
+    x0 = torch.tensor([[0.3, 0.0], [0.1, 0.2], [-0.2, 0.1]], dtype=F64)[:B]
+    runs = []
+    for inlined in (True, False):
+        if not inlined:
+            monkeypatch.setattr(Chain, "_plain_stages", lambda self: False)
+        res = trajopt.DDPSolver(_f, _cost()).solve(x0, torch.zeros(B, 30, 1, dtype=F64))
+        runs.append(res)
+    assert torch.equal(runs[0].us, runs[1].us) and torch.equal(runs[0].xs, runs[1].xs)
