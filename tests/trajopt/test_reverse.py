@@ -14,7 +14,7 @@ from torch.func import hessian, jacfwd, vmap
 
 import trajopt
 from tests._hypothesis import examples
-from trajopt.ddp.reverse import gradient_and_hessian, jacobians
+from trajopt.ddp.reverse import all_finite, gradient_and_hessian, jacobians
 
 F64 = dict(dtype=torch.float64)
 
@@ -275,3 +275,19 @@ def test_a_hidden_part_that_vanishes_at_the_first_points_is_still_seen():
     assert torch.allclose(d.fx[0], torch.tensor([[1.0, 0.1], [0.0, 0.8]], **F64), rtol=0,
                           atol=1e-15)
 
+
+
+_SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -2.5, 1e308, -1.7976931348623157e308, 5e-324,
+                            math.inf, -math.inf, math.nan])
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(parts=st.lists(st.lists(st.one_of(_SPECIAL, st.floats(allow_nan=True,
+                                                               allow_infinity=True)),
+                               min_size=0, max_size=6), min_size=0, max_size=3),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_all_finite_equals_isfinite(parts, dtype):
+    """The one-synchronization check equals ``isfinite(v).all()`` over every tensor, also
+    for the largest finite values (``v - v`` is 0, not an overflow) and float32."""
+    tensors = [torch.tensor(p, dtype=torch.float64).to(dtype) for p in parts]
+    assert all_finite(tensors) == all(bool(torch.isfinite(v).all()) for v in tensors)

@@ -164,7 +164,8 @@ class Chain:
         operations on the same tensors as the generic loop, ~2 us a stage fewer, most of
         a stage's cost outside the user's function (``docs/performance.md``, "Twelfth
         round")."""
-        cols, K, xbar = _columns(law.ff), law.K, law.xbar
+        # lists: a Rows read row by row pays a Python call and a select a stage
+        cols, K, xbar = _columns(law.ff), list(law.K), list(law.xbar)
         B = x0.shape[0]
         # addmm's rule, decided once: baddbmm where every stage has the batch's shapes
         batched = all(c.ndim == 3 and c.shape[0] == B for c in cols[:T]) and all(

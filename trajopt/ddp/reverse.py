@@ -35,6 +35,7 @@ torch.func transforms when ``f`` cannot be differentiated this way or has an une
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,7 @@ from torch.func import vmap
 
 from .inference import outside
 
-__all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms"]
+__all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms", "all_finite"]
 
 
 def _replicated(args: tuple[torch.Tensor, ...], nd: int, k: int):
@@ -64,8 +65,27 @@ def _grads(y: torch.Tensor, leaves, cotangent: torch.Tensor, **kw):
 
 
 def _unit_rows(k: int, N: int, like: torch.Tensor) -> torch.Tensor:
-    """(k N, k): row ``i N + p`` is :math:`e_i`."""
-    return torch.eye(k, dtype=like.dtype, device=like.device).repeat_interleave(N, 0)
+    """(k N, k): row ``i N + p`` is :math:`e_i`; read only, kept for the last few shapes
+    (a solve asks for the same three at every iteration, five operations each)."""
+    return _cached_unit_rows(k, N, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_unit_rows(k: int, N: int, dtype: torch.dtype, device: torch.device
+                      ) -> torch.Tensor:
+    return torch.eye(k, dtype=dtype, device=device).repeat_interleave(N, 0)
+
+
+def all_finite(tensors) -> bool:
+    """Every entry of every tensor finite, in one synchronization: ``v - v`` is exactly 0
+    where ``v`` is finite and NaN where it is not, so the sum over all of them is 0 exactly
+    when every entry is finite (7 operations for two tensors, where ``isfinite(v).all()``
+    decomposes into 7 a tensor)."""
+    total = None
+    for v in tensors:
+        s = (v - v).sum()
+        total = s if total is None else total + s
+    return total is None or bool(total == 0)
 
 
 def jacobians(single: Callable, args: tuple[torch.Tensor, ...], k: int, nd: int = 2, *,
@@ -129,7 +149,7 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
         out = fast(args)
     except (RuntimeError, TypeError, ValueError, IndexError):
         out = None
-    if out is None or not all(bool(torch.isfinite(v).all()) for v in out):
+    if out is None or not all_finite(out):
         return slow(args)
     if state is None:  # the first evaluation: against the transforms
         try:
