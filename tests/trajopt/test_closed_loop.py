@@ -1,5 +1,6 @@
-"""The closed-loop stage loop with the law's operations inlined (``Chain._closed_loop``)
-gives the generic loop's states and controls bit for bit."""
+"""The closed-loop stage loop with the law's operations inlined (``Chain._closed_loop``),
+with grad mode on and off (into buffers), gives the generic loop's states and controls bit
+for bit."""
 
 import pytest
 import torch
@@ -51,9 +52,12 @@ def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
     chain = Chain(trajopt.Dynamics(_f), _cost())
     generic = chain.simulate(x0, T, feedback_control(law, chain.deviation))
     inlined = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
-    for a, b in zip(generic.xs + generic.us, inlined.xs + inlined.us):
-        assert torch.equal(a, b)
-    assert torch.equal(generic.cost, inlined.cost)
+    with torch.no_grad():   # as in a solve: into buffers, two operations a stage
+        buffered = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
+    for run in (inlined, buffered):
+        for a, b in zip(generic.xs + generic.us, run.xs + run.us):
+            assert torch.equal(a, b)
+        assert torch.equal(generic.cost, run.cost)
 
 
 def test_stage_function_and_subclasses():
