@@ -60,6 +60,26 @@ def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
         assert torch.equal(generic.cost, run.cost)
 
 
+def test_states_of_changing_size_take_the_unbuffered_loop():
+    """A state that grows (the augmented states of GT-DDP's reference) has gains of
+    another width at each stage: no buffer of one shape, the same answer."""
+    def grow(x, u, t):
+        return torch.cat([x, u], -1) if t == 0 else x + 0.1 * u.sum(-1, keepdim=True)
+    T, B = 3, 2
+    g = torch.Generator().manual_seed(0)
+    sizes = [2, 3, 3, 3]
+    law = AffineLaw([torch.randn(B, 1, generator=g, dtype=F64) for _ in range(T)],
+                    [torch.randn(B, 1, sizes[t], generator=g, dtype=F64) for t in range(T)],
+                    [torch.randn(B, sizes[t], generator=g, dtype=F64) for t in range(T + 1)])
+    chain = Chain(trajopt.Dynamics(grow), _cost())
+    x0 = torch.randn(B, 2, generator=g, dtype=F64)
+    generic = chain.simulate(x0, T, feedback_control(law, chain.deviation))
+    with torch.no_grad():
+        inlined = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
+    for a, b in zip(generic.xs + generic.us, inlined.xs + inlined.us):
+        assert torch.equal(a, b)
+
+
 def test_stage_function_and_subclasses():
     plain = trajopt.Dynamics(_f)
     assert plain.stage_function() is _f

@@ -173,7 +173,9 @@ class Chain:
             k.ndim == 3 and k.shape[0] == B for k in K[:T])
         f = self.dynamics.stage_function()
         xs, us, x = [x0], [], x0
-        if batched and not torch.is_grad_enabled() and same_shapes(cols[:T]):
+        # buffers of one shape: every stage's control, state and gain alike
+        if batched and not torch.is_grad_enabled() and same_shapes(cols[:T]) and \
+                same_shapes(K[:T]) and K[0].shape[-1] == x0.shape[-1]:
             U = torch.empty((T, *cols[0].shape), dtype=cols[0].dtype, device=x0.device)
             rows, ucols = U.squeeze(-1).unbind(0), U.unbind(0)
             dev = torch.empty_like(x0)

@@ -157,7 +157,7 @@ def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Te
 def _like(tensors, x: torch.Tensor):
     """Cast derivatives to the dtype of ``x``: forward-mode AD of a division by a Python
     number promotes float32 to float64 (torch 2.13), which would mix dtypes downstream."""
-    return tuple(t.to(x.dtype) for t in tensors)
+    return tuple(t if t.dtype == x.dtype else t.to(x.dtype) for t in tensors)
 
 
 def as_dynamics(dynamics: Dynamics | Callable) -> Dynamics:

@@ -187,7 +187,9 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
         if v is None:
             return np.zeros((0,) * empty, dtype=np.float64 if dt == torch.float64
                             else np.float32)
-        return np.ascontiguousarray(v.detach().to(dt).numpy())
+        if v.requires_grad or v.dtype != dt:   # each a dispatched operation: only if needed
+            v = v.detach().to(dt)
+        return np.ascontiguousarray(v.numpy())
 
     box = limits if limits is not None else BoxLimits(None, None, None)
     kK = torch.empty(T, B, m, 1 + n, dtype=dt)
