@@ -1,4 +1,4 @@
-"""The closed-loop stage loop with the law's operations inlined (``Chain._closed_loop``),
+"""The closed-loop stage loop with the law's operations inlined (``Chain._inlined_loop``),
 with grad mode on and off (into buffers), gives the generic loop's states and controls bit
 for bit."""
 
@@ -78,6 +78,19 @@ def test_states_of_changing_size_take_the_unbuffered_loop():
         inlined = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
     for a, b in zip(generic.xs + generic.us, inlined.xs + inlined.us):
         assert torch.equal(a, b)
+
+
+def test_open_loop_equals_the_generic_loop():
+    g = torch.Generator().manual_seed(1)
+    us = [torch.randn(3, 1, generator=g, dtype=F64) for _ in range(7)]
+    x0 = torch.randn(3, 2, generator=g, dtype=F64)
+    chain = Chain(trajopt.Dynamics(_f), _cost())
+    generic = chain.simulate(x0, 7, lambda t, xs: us[t])
+    inlined = chain.simulate(x0, 7, lambda t, xs: us[t], law=AffineLaw(us))
+    assert all(a is b for a, b in zip(generic.us, inlined.us))   # the given tensors
+    for a, b in zip(generic.xs, inlined.xs):
+        assert torch.equal(a, b)
+    assert torch.equal(generic.cost, inlined.cost)
 
 
 def test_stage_function_and_subclasses():

@@ -119,7 +119,7 @@ class Chain:
         one.  Linear dynamics (:meth:`linear_model`) are then rolled out by the parallel
         scan of :mod:`trajopt.lqr.affine_scan` where its rule allows and its self-check
         holds, the others (and those) by the stage loop with the law's operations
-        inlined (:meth:`_closed_loop`).
+        inlined (:meth:`_inlined_loop`).
 
         ``known``: the states ``x_1 .. x_k`` of these controls, already known (k tensors
         (B, n_t); :meth:`consistent_prefix` checked them): taken as they are, and the
@@ -133,8 +133,8 @@ class Chain:
             X, U = scanned
             xs, us, x = list(X.unbind(0)), list(U.unbind(0)), X[-1]
             points = (X[:-1].reshape(-1, X.shape[-1]), U.reshape(-1, U.shape[-1]))
-        elif law is not None and law.K is not None and not known and self._plain_stages():
-            xs, us = self._closed_loop(x0, T, law)
+        elif law is not None and not known and self._plain_stages():
+            xs, us = self._inlined_loop(x0, T, law)
             x = xs[-1]
         else:
             xs, us = [x0], []
@@ -156,23 +156,31 @@ class Chain:
         cls = type(self)
         return cls.transition is Chain.transition and cls.deviation is Chain.deviation
 
-    def _closed_loop(self, x0: torch.Tensor, T: int, law: AffineLaw
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """States and controls of the closed-loop ``law`` by the stage loop, with
-        :func:`feedback_control`'s operations and :meth:`transition` inlined and the
-        user's function called directly (:meth:`Dynamics.stage_function`): the same
-        arithmetic on the same tensors as the generic loop, in two operations a stage
-        instead of four where grad mode is off (as in every solve), the deviation and
-        the control written into buffers whose column and row views are made once:
-        ``docs/performance.md``, "Twelfth round"."""
+    def _inlined_loop(self, x0: torch.Tensor, T: int, law: AffineLaw
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """States and controls of ``law`` by the stage loop, with the control's
+        operations (:func:`feedback_control`; open loop: ``u_t = ff_t``) and
+        :meth:`transition` inlined and the user's function called directly
+        (:meth:`Dynamics.stage_function`): the same arithmetic on the same tensors as
+        the generic loop; closed loop in two operations a stage instead of four where
+        grad mode is off (as in every solve), the deviation and the control written into
+        buffers whose column and row views are made once: ``docs/performance.md``,
+        "Twelfth round"."""
+        f = self.dynamics.stage_function()
+        xs, x = [x0], x0
+        if law.K is None:
+            us = list(law.ff)[:T]
+            for t in range(T):
+                x = f(x, us[t], t)
+                xs.append(x)
+            return xs, us
         # lists: a Rows read row by row pays a Python call and a select a stage
         cols, K, xbar = _columns(law.ff), list(law.K), list(law.xbar)
         B = x0.shape[0]
         # addmm's rule, decided once: baddbmm where every stage has the batch's shapes
         batched = all(c.ndim == 3 and c.shape[0] == B for c in cols[:T]) and all(
             k.ndim == 3 and k.shape[0] == B for k in K[:T])
-        f = self.dynamics.stage_function()
-        xs, us, x = [x0], [], x0
+        us = []
         # buffers of one shape: every stage's control, state and gain alike
         if batched and not torch.is_grad_enabled() and same_shapes(cols[:T]) and \
                 same_shapes(K[:T]) and K[0].shape[-1] == x0.shape[-1]:
