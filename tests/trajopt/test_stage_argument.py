@@ -185,3 +185,35 @@ def test_subclasses_are_inferred_from_their_forward():
     assert not OwnDerivatives().time_invariant
     assert Running().time_invariant
     assert not trajopt.Dynamics().time_invariant    # nothing to look into
+
+
+def test_a_diverged_element_does_not_undo_the_inference():
+    """The confirmation compares values where an element's first rollout is not finite
+    (NaN where both are NaN): a model that ignores t stays time invariant."""
+    def f(x, u, t):
+        th, w = x[..., 0], x[..., 1]
+        kick = 1e-6 * torch.exp(u[..., 0])          # inf for the second element's controls
+        return torch.stack([th + 0.1 * w, w + 0.1 * (u[..., 0] - torch.sin(th) + kick)], -1)
+    dyn, cost = _pendulum(f, _running)
+    us0 = torch.zeros(2, 20, 1, dtype=F64)
+    us0[1] = 800.0
+    solver = trajopt.DDPSolver(dyn, cost, max_iter=50)
+    with pytest.warns(trajopt.errors.ConvergenceWarning, match="not finite"):
+        res = solver.solve(torch.zeros(2, 2, dtype=F64), us0)
+    assert list(res.reason) == ["converged", "diverged"]
+    assert solver.structure._dynamics_derivatives.time_invariant and dyn.time_invariant
+    assert solver.structure._cost_derivatives.time_invariant and cost.time_invariant
+
+
+def test_given_states_do_not_decide_the_inference():
+    """States given as a warm start (``xs0``, possibly a guess) are checked stage by stage
+    while the inference is unconfirmed; the solve equals the one without them."""
+    dyn, cost = _pendulum(_ignores, _running)
+    x0 = torch.tensor([0.3, 0.0], dtype=F64)
+    ref = trajopt.DDPSolver(dyn, cost, max_iter=50).solve(x0, torch.zeros(20, 1, dtype=F64))
+    guess = torch.full((21, 2), float("nan"), dtype=F64)
+    dyn2, cost2 = _pendulum(_ignores, _running)
+    solver = trajopt.DDPSolver(dyn2, cost2, max_iter=50)
+    res = solver.solve(x0, torch.zeros(20, 1, dtype=F64), xs0=guess)
+    assert dyn2.time_invariant and cost2.time_invariant
+    torch.testing.assert_close(res.us, ref.us, rtol=0, atol=0)

@@ -96,7 +96,7 @@ class Dynamics:
         self.time_invariant = model_ignores_stage(self, f, Dynamics, "forward", (
             "derivatives", "__call__")) if inferred else bool(time_invariant)
         #: found by the test above, not declared: the solvers confirm it on the first
-        #: trajectory (:class:`~trajopt.ddp.stagewise.StageDerivatives`, ``confirm``)
+        #: trajectory (:class:`~trajopt.ddp.stagewise.StageDerivatives`, ``model``)
         self.time_invariance_inferred = inferred and self.time_invariant
 
     def found_time_varying(self) -> None:
