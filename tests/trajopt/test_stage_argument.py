@@ -77,6 +77,21 @@ class _Model:
         return x + t * u
 
 
+class _CallableIgnores:
+    def __call__(self, x, u, t):
+        return x + u
+
+
+class _CallableReads:
+    def __call__(self, x, u, t):
+        return x + t * u
+
+
+class _Module(torch.nn.Module):
+    def forward(self, x, u, t):       # called through Module.__call__(*args): not looked into
+        return x + u
+
+
 @pytest.mark.parametrize("fn, expected", [
     (_ignores, True),
     (lambda x, u, t: x + u, True),
@@ -95,6 +110,9 @@ class _Model:
     (_Model().reads, False),
     (functools.partial(_ignores), False),   # not a plain function: not looked into
     (torch.add, False),
+    (_CallableIgnores(), True),        # an object: its class's __call__, self not counted
+    (_CallableReads(), False),
+    (_Module(), False),
 ])
 def test_ignores_argument(fn, expected):
     assert ignores_argument(fn, 2) is expected

@@ -10,10 +10,11 @@ result.
 
 The test is conservative.  Anything it cannot see through answers "reads ``t``" (the
 time-varying path, correct for every function): a callable that is not a plain Python
-function or method (a ``functools.partial``, a C function, an ``nn.Module``), a stage
-inside ``*args``, a parameter captured by a nested function, comprehension or lambda, and
-a body that names a way to read its own frame (``locals``, ``vars``, ``eval``, ``exec``,
-``sys._getframe``, ``inspect.currentframe``, ...).  What it does not guard against is a
+function, method or object with a Python ``__call__`` (a ``functools.partial``, a C
+function), a stage inside ``*args`` (an ``nn.Module``'s ``__call__``), a parameter
+captured by a nested function, comprehension or lambda, and a body that names a way to
+read its own frame (``locals``, ``vars``, ``eval``, ``exec``, ``sys._getframe``,
+``inspect.currentframe``, ...).  What it does not guard against is a
 *callee* that reads its caller's frame (``sys._getframe(1).f_locals["t"]``): no model
 does that, and ``time_invariant=False`` forces the time-varying path.
 """
@@ -47,10 +48,14 @@ def ignores_argument(fn: Callable, index: int) -> bool:
     >>> ignores_argument(lambda x, u, t: x + t * u, 2)
     False
     """
-    if isinstance(fn, types.MethodType):
+    if not isinstance(fn, (types.FunctionType, types.MethodType)):
+        # a callable object: its class's __call__ (an nn.Module's takes *args: False)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
+        if not isinstance(call, types.FunctionType):
+            return False
+        fn, index = call, index + 1
+    elif isinstance(fn, types.MethodType):
         fn, index = fn.__func__, index + 1
-    if not isinstance(fn, types.FunctionType):
-        return False
     code = fn.__code__
     if index >= code.co_argcount:   # inside *args, or no such argument
         return False
