@@ -155,6 +155,12 @@ def test_time_invariance_is_inferred(B):
     torch.testing.assert_close(res.cost, ref.cost, rtol=1e-13, atol=0)
     # declared True stays declared (not confirmed)
     assert not trajopt.Dynamics(_ignores, time_invariant=True).time_invariance_inferred
+    # confirmed once: a later solver with the same models does not check again
+    assert dyn.time_invariance_confirmed and cost.time_invariance_confirmed
+    again = trajopt.DDPSolver(dyn, cost).structure
+    assert not again._dynamics_derivatives.confirm and not again._cost_derivatives.confirm
+    assert trajopt.DDPSolver(*_pendulum(_ignores, _running)).structure \
+        ._dynamics_derivatives.confirm
 
 
 def test_inferred_time_invariance_that_mixes_rows_falls_back():

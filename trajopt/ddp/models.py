@@ -85,7 +85,7 @@ class Dynamics:
         forces the time-varying path (each point differentiated at its own stage).
     """
 
-    time_invariance_inferred = False   # for subclasses that skip __init__
+    time_invariance_inferred = time_invariance_confirmed = False  # for subclasses' own __init__
 
     def __init__(self, f: Callable | None = None, *, time_invariant: bool | None = None):
         if f is not None and _takes_two(f):
@@ -271,7 +271,7 @@ class Cost:
         that does not override :meth:`derivatives`).
     """
 
-    time_invariance_inferred = False
+    time_invariance_inferred = time_invariance_confirmed = False
 
     def __init__(self, running: Callable | None = None, terminal: Callable | None = None,
                  *, time_invariant: bool | None = None):

@@ -81,7 +81,8 @@ class StageDerivatives:
         own ``t``.  Where they differ (a function that mixes the rows of its batch, ``if
         x.sum() > 0:``) the model is time varying from then on
         (``model.found_time_varying()``: its own derivatives then leave the rows alone
-        too).
+        too); where they agree, ``model.time_invariance_confirmed`` is set and later
+        solves with the model (a new solver each ``solve_ddp`` call) skip the check.
     """
 
     def __init__(self, derivatives: Callable, value: Callable, *, time_invariant: bool,
@@ -91,7 +92,8 @@ class StageDerivatives:
         self.time_invariant = time_invariant
         self.name = name
         self.model = model
-        self.confirm = time_invariant and getattr(model, "time_invariance_inferred", False)
+        self.confirm = time_invariant and getattr(model, "time_invariance_inferred", False) \
+            and not getattr(model, "time_invariance_confirmed", False)
         self.tensor_t: bool | None = None  # None: not tried yet
         self.value_tensor_t: bool | None = None  # the same, for the values (total)
         self.checked = False
@@ -157,6 +159,8 @@ class StageDerivatives:
         if not same:
             self.time_invariant = False
             self.model.found_time_varying()
+        else:
+            self.model.time_invariance_confirmed = True
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
