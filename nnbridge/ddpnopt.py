@@ -141,7 +141,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  loss: Literal["cross_entropy", "mse"] = "cross_entropy",
                  **hyper: Any):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__} needs the model (an nn.Sequential), not "
+            raise TypeError(f"{type(self).__name__} needs the model (any nn.Module), not "
                             f"its parameters: the feedback pass walks its layers; got "
                             f"{type(model).__name__}")
         if curvature not in CURVATURES:
