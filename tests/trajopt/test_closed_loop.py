@@ -96,6 +96,17 @@ def test_open_loop_equals_the_generic_loop():
 def test_stage_function_and_subclasses():
     plain = trajopt.Dynamics(_f)
     assert plain.stage_function() is _f
+    patched = trajopt.Dynamics(_f)
+    patched.forward = lambda x, u, t: 0.5 * _f(x, u, t)   # on the instance: still called
+    assert patched.stage_function() is patched
+    x0 = torch.ones(1, 2, dtype=F64)
+    law = AffineLaw([torch.zeros(1, 1, dtype=F64)] * 3, [torch.ones(1, 1, 2, dtype=F64)] * 3,
+                    [torch.zeros(1, 2, dtype=F64)] * 4)
+    chain = Chain(patched, _cost())
+    with torch.no_grad():
+        run = chain.simulate(x0, 3, feedback_control(law, chain.deviation), law=law)
+    generic = chain.simulate(x0, 3, feedback_control(law, chain.deviation))
+    assert all(torch.equal(a, b) for a, b in zip(run.xs, generic.xs))
     counted = _Counted()
     assert counted.stage_function() is counted
     chain = Chain(counted, _cost())

@@ -109,7 +109,7 @@ class Dynamics:
         ``forward`` nor ``__call__`` is overridden (a rollout's call a stage), else self."""
         cls, f = type(self), getattr(self, "_f", None)
         plain = cls.forward is Dynamics.forward and cls.__call__ is Dynamics.__call__
-        return f if f is not None and plain else self
+        return f if f is not None and plain and "forward" not in vars(self) else self
 
     def forward(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         if self._f is None:

@@ -76,7 +76,8 @@ def model_ignores_stage(model: object, fn: Callable | None, base: type, method: 
     read their ``t``, and the class overrides none of ``also`` (which could use ``t``
     another way).  False where there is nothing to read (no ``fn``, no override)."""
     cls = type(model)
-    if any(getattr(cls, name) is not getattr(base, name) for name in also):
+    if any(getattr(cls, name) is not getattr(base, name) for name in also) or \
+            method in getattr(model, "__dict__", {}):   # set on the instance: not read
         return False
     own = getattr(cls, method) is not getattr(base, method)
     if own and not ignores_argument(getattr(model, method), 2):
