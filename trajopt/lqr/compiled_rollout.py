@@ -14,10 +14,9 @@ m) <=`` :data:`MAX_WORK`, measured (``docs/performance.md``, "A compiled recursi
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..riccati.compiled import compilable, kernels
+from ..riccati.compiled import compilable, kernel_array, kernels
 
 __all__ = ["compiled_rollout", "compiled_rollout_pays", "MAX_WORK"]
 
@@ -58,12 +57,10 @@ def compiled_rollout(A: torch.Tensor, B: torch.Tensor, c: torch.Tensor | None,
     n = x0.shape[-1]
     dt = x0.dtype
 
-    def arr(v, shape):
-        if v is None:
-            return np.zeros(shape, dtype=np.float64 if dt == torch.float64 else np.float32)
-        return np.ascontiguousarray(v.detach().to(dt).numpy())
+    def arr(v, ndim=1):
+        return kernel_array(v, dt, ndim)
     xs = torch.empty(T + 1, Bn, n, dtype=dt)
     us = torch.empty(T, Bn, m, dtype=dt)
-    kernels().rollout(arr(A, 0), arr(B, 0), arr(c, (0, 0)), arr(ff, 0), arr(K, (0, 0, 0, 0)),
-                  arr(xbar, (0, 0, 0)), arr(x0, 0), xs.numpy(), us.numpy())
+    kernels().rollout(arr(A), arr(B), arr(c, 2), arr(ff), arr(K, 4), arr(xbar, 3), arr(x0),
+                      xs.numpy(), us.numpy())
     return xs, us

@@ -62,7 +62,7 @@ from .._threads import in_slices, slices_for
 from . import boxqp
 
 __all__ = ["CompiledPass", "BoxLimits", "compiled_available", "compilable",
-           "compiled_pays", "compiled_recursion", "kernels", "MAX_WORK"]
+           "compiled_pays", "compiled_recursion", "kernel_array", "kernels", "MAX_WORK"]
 
 #: largest ``batch * (n + m)^3`` for which the solvers take the compiled loop
 #: (``docs/performance.md``, "Seventh round")
@@ -156,6 +156,18 @@ class BoxLimits:
     warm: torch.Tensor | None = None
 
 
+def kernel_array(v: torch.Tensor | None, dt: torch.dtype, ndim: int = 1) -> np.ndarray:
+    """``v`` as a C-contiguous numpy array of dtype ``dt`` for the compiled kernels (a
+    view where it already is one: the detach and the cast are dispatched operations,
+    made only where needed); None (an absent input): an empty array of ``ndim``
+    dimensions."""
+    if v is None:
+        return np.zeros((0,) * ndim, dtype=np.float64 if dt == torch.float64 else np.float32)
+    if v.requires_grad or v.dtype != dt:
+        v = v.detach().to(dt)
+    return np.ascontiguousarray(v.numpy())
+
+
 def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
                        Vx: torch.Tensor, Vxx: torch.Tensor, mu: torch.Tensor,
                        limits: BoxLimits | None = None) -> CompiledPass:
@@ -183,13 +195,8 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
     m = nm - n
     dt = F.dtype
 
-    def arr(v, empty=1):
-        if v is None:
-            return np.zeros((0,) * empty, dtype=np.float64 if dt == torch.float64
-                            else np.float32)
-        if v.requires_grad or v.dtype != dt:   # each a dispatched operation: only if needed
-            v = v.detach().to(dt)
-        return np.ascontiguousarray(v.numpy())
+    def arr(v, ndim=1):
+        return kernel_array(v, dt, ndim)
 
     box = limits if limits is not None else BoxLimits(None, None, None)
     kK = torch.empty(T, B, m, 1 + n, dtype=dt)
