@@ -137,17 +137,20 @@ class StageDerivatives:
         if self.confirm:   # not on points that are not a trajectory (probe=False)
             if not probe:
                 return None
-            self._confirm(flat, args_per_stage)
+            out = self._confirm(flat, args_per_stage)
+            if out is not None:
+                return out
         if self.time_invariant:
             return self.value(*flat, 0)
         if self.value_tensor_t is False or (self.value_tensor_t is None and not probe):
             return None
         return self._vectorized_values(flat, args_per_stage)
 
-    def _confirm(self, flat, args_per_stage) -> None:
+    def _confirm(self, flat, args_per_stage) -> Any | None:
         """Confirm an inferred time invariance once (``model`` in the class docstring);
-        where it fails the model is time varying from then on.  A call that raises is
-        left to raise where it is made."""
+        where it fails the model is time varying from then on.  Returns the values of the
+        one batched call where confirmed (what :meth:`values` returns), else None.  A
+        call that raises is left to raise where it is made."""
         self.confirm = False
         try:
             out = self.value(*flat, 0)
@@ -159,8 +162,9 @@ class StageDerivatives:
         if not same:
             self.time_invariant = False
             self.model.found_time_varying()
-        else:
-            self.model.time_invariance_confirmed = True
+            return None
+        self.model.time_invariance_confirmed = True
+        return out
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
