@@ -25,9 +25,7 @@ is the global minibatch, so N ranks take the steps of one process.  Rank 0 print
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import gc
 import importlib.util
 import json
 import math
@@ -44,6 +42,7 @@ import torch.distributed as dist
 from trajopt.errors import SolverUnavailableError, TrajoptError
 
 from . import data as _data
+from .distributed import leave_process_group
 from .models import MODELS
 from .terminal import TERMINAL_HESSIANS
 from .training import DEFAULT_LR, OPTIMIZERS, RunConfig, RunResult, parse_optimizer, run
@@ -342,15 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.exit(130, "interrupted\n")
     finally:
         if joined:
-            # the runs' DistributedDataParallel wrappers (reference cycles) collected, and
-            # every rank past its last collective, before the group goes: a group whose
-            # last holder was collected at interpreter exit aborted the process now and
-            # then ("terminate called without an active exception", ~1 run in 3, gloo)
-            gc.collect()
-            with contextlib.suppress(Exception):
-                dist.barrier()
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            leave_process_group()
     if rank != 0:
         return 0
     split = "validation" if a.validation else "test"
