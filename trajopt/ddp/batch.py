@@ -57,6 +57,11 @@ class Rows(Sequence):
         return self.tail is None or self.tail.shape == self.stacked.shape[1:]
 
     @staticmethod
+    def holds(rows: Sequence[torch.Tensor], T: int) -> bool:
+        """``rows`` is a :class:`Rows` of ``T`` stacked stages and no tail (one shape)."""
+        return isinstance(rows, Rows) and rows.tail is None and rows.stacked.shape[0] == T
+
+    @staticmethod
     def stack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
         """Any sequence of tensors stacked (T, ...): a :class:`Rows`' own tensor where it
         has no tail (no copy), else ``torch.stack``."""
@@ -95,16 +100,31 @@ class Traj:
     """A rolled-out trajectory: ``xs`` T+1 tensors (B, n_t), ``us`` T tensors (B, m_t),
     ``cost`` (B,); ``rows`` (B,) the element of the solve's flat batch each row belongs to
     (None: row i is element i), so that per-element data (a multiplier, a reference)
-    follows the rows through the loop's selections (:meth:`trajopt.Cost.bind_rows`)."""
+    follows the rows through the loop's selections (:meth:`trajopt.Cost.bind_rows`).
+
+    ``points``: ``xs[:-1]`` and ``us`` stacked stage-major, ((T B, n), (T B, m)), as the
+    rollout formed them for the running cost's one call
+    (:func:`~trajopt.ddp.stagewise.stage_points`; the stage loop's control buffer is one
+    already), kept for the derivatives and the next forward pass at this trajectory; None
+    where they were not formed, and after rows were written or selected."""
 
     xs: list[torch.Tensor]
     us: list[torch.Tensor]
     cost: torch.Tensor
     rows: torch.Tensor | None = None
+    points: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, idx: torch.Tensor) -> Traj:
         rows = idx if self.rows is None else self.rows[idx]
         return Traj(take_rows(self.xs, idx), take_rows(self.us, idx), self.cost[idx], rows)
+
+    def controls(self) -> Sequence[torch.Tensor]:
+        """``us``, as a :class:`Rows` of the stacked controls (T, B, m) where
+        :attr:`points` hold them (stacking and shape tests then cost nothing)."""
+        if self.points is None:
+            return self.us
+        U = self.points[1]
+        return Rows(U.view(len(self.us), -1, U.shape[-1]))
 
     def assign(self, idx: torch.Tensor, other: Traj) -> None:
         """Write ``other`` into the rows ``idx`` (in order); when they are all the rows,
@@ -113,7 +133,9 @@ class Traj:
         if idx.numel() == self.cost.shape[0] and other.cost.shape == self.cost.shape and \
                 len({id(v) for v in other.xs + other.us}) == len(other.xs) + len(other.us):
             self.xs[:], self.us[:], self.cost = other.xs, other.us, other.cost
+            self.points = other.points
             return
+        self.points = None
         put_rows(self.xs, idx, other.xs)
         put_rows(self.us, idx, other.us)
         self.cost[idx] = other.cost

@@ -134,8 +134,10 @@ class Chain:
             xs, us, x = list(X.unbind(0)), list(U.unbind(0)), X[-1]
             points = (X[:-1].reshape(-1, X.shape[-1]), U.reshape(-1, U.shape[-1]))
         elif law is not None and not known and self._plain_stages():
-            xs, us = self._inlined_loop(x0, T, law)
+            xs, us, U = self._inlined_loop(x0, T, law)
             x = xs[-1]
+            if U is not None and T > 1:   # the controls are stacked already
+                points = (torch.cat(xs[:-1]), U.view(-1, U.shape[-2]))
         else:
             xs, us = [x0], []
             x = x0
@@ -146,9 +148,13 @@ class Chain:
                 xs.append(x)
                 us.append(u)
         # the running cost of all stages at once, after the states are known
-        # (StageDerivatives.total: one call where the cost allows)
-        running = self._cost_derivatives.total(list(zip(xs[:-1], us)), points) if T else 0.0
-        return Traj(xs, us, running + self.cost.terminal(x), rows)
+        # (StageDerivatives.total: one call where the cost allows); its points are kept
+        # for the derivatives and the next forward pass at this trajectory
+        args = list(zip(xs[:-1], us))
+        if points is None:
+            points = stage_points(args)
+        running = self._cost_derivatives.total(args, points) if T else 0.0
+        return Traj(xs, us, running + self.cost.terminal(x), rows, points)
 
     def _plain_stages(self) -> bool:
         """This structure's stages are the plain chain's: :meth:`transition` calls the
@@ -157,7 +163,7 @@ class Chain:
         return cls.transition is Chain.transition and cls.deviation is Chain.deviation
 
     def _inlined_loop(self, x0: torch.Tensor, T: int, law: AffineLaw
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
         """States and controls of ``law`` by the stage loop, with the control's
         operations (:func:`feedback_control`; open loop: ``u_t = ff_t``) and
         :meth:`transition` inlined and the user's function called directly
@@ -165,7 +171,8 @@ class Chain:
         the generic loop; closed loop in two operations a stage instead of four where
         grad mode is off (as in every solve), the deviation and the control written into
         buffers whose column and row views are made once: ``docs/performance.md``,
-        "Twelfth round"."""
+        "Twelfth round".  Returns the states, the controls and, where they were written
+        into one buffer, that buffer (T, B, m, 1) (else None)."""
         f = self.dynamics.stage_function()
         xs, x = [x0], x0
         if law.K is None:
@@ -173,17 +180,23 @@ class Chain:
             for t in range(T):
                 x = f(x, us[t], t)
                 xs.append(x)
-            return xs, us
+            return xs, us, None
         # lists: a Rows read row by row pays a Python call and a select a stage
         cols, K, xbar = _columns(law.ff), list(law.K), list(law.xbar)
         B = x0.shape[0]
-        # addmm's rule, decided once: baddbmm where every stage has the batch's shapes
-        batched = all(c.ndim == 3 and c.shape[0] == B for c in cols[:T]) and all(
-            k.ndim == 3 and k.shape[0] == B for k in K[:T])
+        # addmm's rule, decided once: baddbmm where every stage has the batch's shapes;
+        # buffers where they have one shape (stacked gains and controls have: not scanned)
+        if Rows.holds(law.ff, T) and Rows.holds(law.K, T):
+            batched = law.ff.stacked.ndim == 3 and law.ff.stacked.shape[1] == B and \
+                law.K.stacked.ndim == 4 and law.K.stacked.shape[1] == B
+            uniform = batched
+        else:
+            batched = all(c.ndim == 3 and c.shape[0] == B for c in cols[:T]) and all(
+                k.ndim == 3 and k.shape[0] == B for k in K[:T])
+            uniform = batched and same_shapes(cols[:T]) and same_shapes(K[:T])
         us = []
         # buffers of one shape: every stage's control, state and gain alike
-        if batched and not torch.is_grad_enabled() and same_shapes(cols[:T]) and \
-                same_shapes(K[:T]) and K[0].shape[-1] == x0.shape[-1]:
+        if uniform and not torch.is_grad_enabled() and K[0].shape[-1] == x0.shape[-1]:
             U = torch.empty((T, *cols[0].shape), dtype=cols[0].dtype, device=x0.device)
             rows, ucols = U.squeeze(-1).unbind(0), U.unbind(0)
             dev = torch.empty_like(x0)
@@ -194,14 +207,14 @@ class Chain:
                 x = f(x, rows[t], t)
                 xs.append(x)
                 us.append(rows[t])
-            return xs, us
+            return xs, us, U
         mm = torch.baddbmm if batched else addmm
         for t in range(T):
             u = mm(cols[t], K[t], (x - xbar[t]).unsqueeze(-1)).squeeze(-1)
             x = f(x, u, t)
             xs.append(x)
             us.append(u)
-        return xs, us
+        return xs, us, None
 
     def _compiled(self, x0: torch.Tensor, T: int, law: AffineLaw
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -397,7 +410,8 @@ class Chain:
         self.cost.bind_rows(traj.rows)
         B = traj.cost.shape[0]
         args = list(zip(traj.xs[:-1], traj.us))
-        points = stage_points(args)   # shared by the two: the cats made once
+        # shared by the two: the cats made once (by the rollout, where it made them)
+        points = stage_points(args) if traj.points is None else traj.points
         fd, fds = self._dynamics_derivatives(args, points, second_order=second_order)
         cd, cds = self._cost_derivatives(args, points)
         if fd is not None and cd is not None:  # pack all stages with one joint_blocks

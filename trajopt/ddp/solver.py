@@ -176,10 +176,10 @@ class DDPSolver:
         step per row (N,).  Non-finite rollouts get cost inf."""
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
-        us, k = traj.us, policy.k
+        us, k = traj.controls(), policy.k
         if us and same_shapes(us) and same_shapes(k) and us[0].shape == k[0].shape:
             # u_bar + alpha k of every stage in a few ops, not two per stage
-            ff = Rows(torch.stack(us) + alpha * Rows.stack(k))
+            ff = Rows(Rows.stack(us) + alpha * Rows.stack(k))
         else:
             ff = [u + alpha * kt for u, kt in zip(us, k)]
 
@@ -300,7 +300,7 @@ class DDPSolver:
             # converged: the feedforward step is below sqrt(tol) relative to the controls;
             # the step is still taken (quadratic convergence: the result is then ~tol
             # from the optimum) unless it is below tol
-            size = step_size(pol.k, sub.us)
+            size = step_size(pol.k, sub.controls())
             tol_sub = tol[idx] if torch.is_tensor(tol) else tol
             done = pol.ok & (size <= (tol_sub ** 0.5))
             if bool(done.any()):
