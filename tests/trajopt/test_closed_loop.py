@@ -11,6 +11,7 @@ import trajopt
 from tests._hypothesis import examples
 from trajopt.ddp.batch import Rows
 from trajopt.ddp.chain import AffineLaw, Chain, feedback_control
+from trajopt.ddp.stagewise import stage_points
 
 F64 = torch.float64
 
@@ -39,8 +40,9 @@ class _Counted(trajopt.Dynamics):
 
 @settings(max_examples=examples(20), deadline=None)
 @given(B=st.integers(1, 4), T=st.integers(1, 12), stacked=st.booleans(),
-       shared_gain=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
+       shared_gain=st.booleans(), stacked_gain=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, stacked_gain,
+                                              seed):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, 2, generator=g, dtype=F64)
     ff = [torch.randn(B, 1, generator=g, dtype=F64) for _ in range(T)]
@@ -48,7 +50,9 @@ def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
     K = [torch.randn(1 if shared_gain else B, 1, 2, generator=g, dtype=F64)
          for _ in range(T)]
     xbar = [torch.randn(B, 2, generator=g, dtype=F64) for _ in range(T + 1)]
-    law = AffineLaw(Rows(torch.stack(ff)) if stacked else ff, K, xbar)
+    # stacked gains (a backward pass's) are read without scanning the stages' shapes
+    law = AffineLaw(Rows(torch.stack(ff)) if stacked else ff,
+                    Rows(torch.stack(K)) if stacked_gain else K, xbar)
     chain = Chain(trajopt.Dynamics(_f), _cost())
     generic = chain.simulate(x0, T, feedback_control(law, chain.deviation))
     inlined = chain.simulate(x0, T, feedback_control(law, chain.deviation), law=law)
@@ -58,6 +62,30 @@ def test_inlined_loop_equals_the_generic_loop(B, T, stacked, shared_gain, seed):
         for a, b in zip(generic.xs + generic.us, run.xs + run.us):
             assert torch.equal(a, b)
         assert torch.equal(generic.cost, run.cost)
+    # the points a rollout keeps (the buffer's among them) are its stages' points
+    for run in (generic, inlined, buffered):
+        expected = stage_points(list(zip(run.xs[:-1], run.us)))
+        assert (run.points is None) == (expected is None)
+        for a, b in zip(run.points or (), expected or ()):
+            assert torch.equal(a, b)
+
+
+def test_points_follow_the_rows():
+    """A trajectory's kept points go with a wholesale assignment and are dropped where
+    rows are written or selected (they would be stale)."""
+    chain = Chain(trajopt.Dynamics(_f), _cost())
+    law = AffineLaw([torch.full((3, 1), 0.1 * t, dtype=F64) for t in range(4)], None, None)
+    x0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    a = chain.simulate(x0, 4, feedback_control(law, chain.deviation), law=law)
+    b = chain.simulate(2 * x0, 4, feedback_control(law, chain.deviation), law=law)
+    assert a.points is not None and b.points is not None
+    assert a.select(torch.tensor([0, 2])).points is None
+    a.assign(torch.arange(3), b)
+    assert a.points is b.points
+    one = AffineLaw([u[:1] for u in law.ff], None, None)
+    a.assign(torch.tensor([1]), chain.simulate(
+        3 * x0[1:2], 4, feedback_control(one, chain.deviation), law=one))
+    assert a.points is None
 
 
 def test_states_of_changing_size_take_the_unbuffered_loop():
