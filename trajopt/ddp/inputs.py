@@ -14,6 +14,7 @@ from .._checks import broadcast_shapes, check_finite, shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Traj
 from .models import Cost
+from .writes import called_on_copies
 
 __all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes", "widened"]
 
@@ -189,10 +190,14 @@ def widened(inp: SolveInputs, dtypes: Iterable[torch.dtype]) -> SolveInputs | No
 
 def check_cost_shapes(cost: Cost, traj: Traj) -> None:
     """The cost must give one value per batch element: a (B, 1) or (B, B) result
-    would broadcast into a wrong total silently."""
+    would broadcast into a wrong total silently.  Called on copies of the trajectory's
+    tensors, which must come back unchanged (:func:`~trajopt.ddp.writes.called_on_copies`:
+    a cost writing into its arguments is named)."""
     B = traj.xs[0].shape[0]
-    running = cost.running(traj.xs[0], traj.us[0], 0)
-    for name, c in (("running", running), ("terminal", cost.terminal(traj.xs[-1]))):
+    running = called_on_copies(cost.running, (traj.xs[0], traj.us[0]), ("x", "u"),
+                               "the running cost", extra=(0,))
+    terminal = called_on_copies(cost.terminal, (traj.xs[-1],), ("x",), "the terminal cost")
+    for name, c in (("running", running), ("terminal", terminal)):
         if not torch.is_tensor(c) or c.shape != (B,):
             got = shape_str(c) if torch.is_tensor(c) else type(c).__name__
             raise ShapeError(f"cost.{name} must return one value per batch element, "

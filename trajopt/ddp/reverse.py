@@ -41,7 +41,9 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
+from ..errors import InvalidArgumentError
 from .inference import outside
+from .writes import IN_PLACE_ON_LEAF, write_message
 
 __all__ = ["jacobians", "gradient_and_hessian", "reverse_or_transforms", "all_finite"]
 
@@ -147,7 +149,10 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
         return slow(args)
     try:
         out = fast(args)
-    except (RuntimeError, TypeError, ValueError, IndexError):
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if IN_PLACE_ON_LEAF in str(exc):   # the points are fresh leaves: a write into them
+            raise InvalidArgumentError(write_message(_WHO.get(key, "the model"), "x or u")
+                                       ) from exc
         out = None
     if out is None or not all_finite(out):
         return slow(args)
@@ -165,6 +170,12 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
         setattr(model, key, agree)
         return ref
     return out
+
+
+#: the models' names by their :func:`reverse_or_transforms` keys (for error messages)
+_WHO = {"_reverse_agrees": "the dynamics", "_reverse_agrees_f": "the dynamics",
+        "_reverse_agrees_running": "the running cost",
+        "_reverse_agrees_terminal": "the terminal cost"}
 
 
 def _agree(out, ref) -> bool:

@@ -19,12 +19,11 @@ trajax and mpc.pytorch expect:
   limits hold exactly;
 * every batch element converges, fails or diverges on its own, with a recorded reason.
 
-The solver is a loop around the Riccati kernel of :mod:`trajopt.riccati`: the problem
-structure (:class:`~trajopt.ddp.chain.Chain`, or :class:`~trajopt.ddp.spans.SpanChain`
-for residual spans) gives the stage expansions and simulates; :meth:`DDPSolver.policy`
-picks the gains plug (:class:`~trajopt.riccati.policy.CholeskyGains`,
-:class:`~trajopt.riccati.policy.BoxGains`); the value update is
-:func:`~trajopt.riccati.step.value_update`.  Options and results are in
+The solver is a loop around the Riccati kernel of :mod:`trajopt.riccati`: the problem structure
+(:class:`~trajopt.ddp.chain.Chain`, or :class:`~trajopt.ddp.spans.SpanChain` for residual
+spans) gives the stage expansions and simulates; :meth:`DDPSolver.policy` picks the gains plug
+(:class:`~trajopt.riccati.policy.CholeskyGains`, :class:`~trajopt.riccati.policy.BoxGains`);
+the value update is :func:`~trajopt.riccati.step.value_update`.  Options and results are in
 :mod:`trajopt.ddp.options`, the per-element bookkeeping in :mod:`trajopt.ddp.batch`.
 """
 
@@ -52,6 +51,7 @@ from .inputs import SolveInputs, check_cost_shapes, prepare_inputs, widened
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 from .scanpass import scan_applies, scan_backward_pass
+from .writes import guarded
 
 __all__ = ["DDPSolver", "SolveInputs"]
 
@@ -111,8 +111,10 @@ class DDPSolver:
     # ------------------------------------------------------------------ steps
     def rollout(self, x0: torch.Tensor, us: list[torch.Tensor], xs0=None) -> Traj:
         """Open-loop rollout with cost (flat batch); ``xs0``: given states of ``us``, T+1
-        tensors (B, n_t), checked, not trusted (:meth:`~trajopt.ddp.chain.Chain.open_loop`)."""
-        return self.structure.open_loop(x0, us, xs0)
+        tensors (B, n_t), checked, not trusted (:meth:`~trajopt.ddp.chain.Chain.open_loop`;
+        a model that writes into its arguments raises: :func:`~trajopt.ddp.writes.guarded`)."""
+        with guarded(self.structure, x0, us[0] if us else None):
+            return self.structure.open_loop(x0, us, xs0)
 
     def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
         """The stage expansions (kernel plug 1) and the terminal gradient / Hessian on the
@@ -147,8 +149,8 @@ class DDPSolver:
         pol = compiled_backward_pass(stages, Vx, Vxx, gains)
         if pol is not None:
             return pol
-        # the same pass in O(log T) rounds; once its check refuses it in a solve, the
-        # recursion for the rest of the solve (the problem's conditioning, not the pass's)
+        # the same pass in O(log T) rounds; once its check refuses it in a solve, the recursion
+        # for the rest of the solve (the problem's conditioning, not the pass's)
         if scan_applies(stages, gains, mu, lo) and not self._scan_refused:
             pol = scan_backward_pass(stages, Vx, Vxx, gains)
             if pol is not None:
@@ -343,9 +345,8 @@ class DDPSolver:
                     traj.cost, mu, step, exp_log, act_log))))
                 if self.callback is not None:
                     self.callback(history[-1])
-        # value derivatives and gains at the returned trajectory for elements whose last
-        # backward pass ran at an earlier trajectory (with the current regularization,
-        # raised on a copy where it is not enough; the stopping reasons are kept)
+        # gains and value derivatives at the returned trajectory where the last backward pass ran
+        # at an earlier one (the current regularization, raised on a copy if needed; reasons kept)
         stale = torch.nonzero(~fresh & finite0).flatten()
         if stale.numel():
             pol, _ = self._backward_with_regularization(
