@@ -1,9 +1,12 @@
 """A model that writes into its arguments raises an error naming it (``trajopt.ddp.writes``)
 instead of changing the trajectory under the solver: before the check a dynamics that
-advanced its state in place returned a wrong solve without an error."""
+advanced its state in place returned a wrong solve without an error.  A model that leaves
+torch (``.numpy()``) is named too, where torch.func's message said "Cannot access data
+pointer"."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +109,16 @@ def test_unchanged_compares_bits():
     assert not unchanged(a.clone(), a.float())
     c = torch.tensor([1 + 2j], dtype=torch.complex64)
     assert unchanged(c.clone(), c) and not unchanged(c.clone(), c * 1j)
+
+
+@pytest.mark.parametrize("where", ["dynamics", "running cost", "terminal cost"])
+def test_a_model_that_leaves_torch_is_named(where):
+    def sin_np(v):
+        return torch.as_tensor(np.sin(v.numpy()))
+    f = (lambda x, u, t: x + DT * torch.stack([x[..., 1], u[..., 0] - sin_np(x[..., 0])], -1)) \
+        if where == "dynamics" else _f
+    running = (lambda x, u, t: sin_np(x[..., 0]) + (u ** 2).sum(-1)) \
+        if where == "running cost" else _running
+    terminal = (lambda x: sin_np(x[..., 0])) if where == "terminal cost" else _terminal
+    with pytest.raises(InvalidArgumentError, match=f"^the {where} leaves torch"):
+        _solve(f, running, terminal)

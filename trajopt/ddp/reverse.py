@@ -145,17 +145,17 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
     arguments), where a hidden part's derivative does not vanish by accident (a drag
     ``v |v|`` at rest).  The transforms name a genuine error."""
     state = getattr(model, key, None)
+    who = _WHO.get(key, "the model")
     if state is False or torch.is_grad_enabled():
-        return slow(args)
+        return _transforms(slow, args, who)
     try:
         out = fast(args)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if IN_PLACE_ON_LEAF in str(exc):   # the points are fresh leaves: a write into them
-            raise InvalidArgumentError(write_message(_WHO.get(key, "the model"), "x or u")
-                                       ) from exc
+            raise InvalidArgumentError(write_message(who, "x or u")) from exc
         out = None
     if out is None or not all_finite(out):
-        return slow(args)
+        return _transforms(slow, args, who)
     if state is None:  # the first evaluation: against the transforms
         try:
             ref = slow(args)
@@ -171,6 +171,25 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
         return ref
     return out
 
+
+def _transforms(slow: Callable, args: tuple, who: str):
+    """``slow(args)``; torch.func's message for a function that leaves torch (``.numpy()``
+    inside it) turned into one naming the model."""
+    try:
+        return slow(args)
+    except RuntimeError as exc:
+        if any(m in str(exc) for m in _LEAVES_TORCH):
+            raise InvalidArgumentError(
+                f"{who} leaves torch (.numpy(), a NumPy or math function on a tensor), "
+                f"where its derivatives cannot be taken: write it with torch operations or "
+                f"override derivatives() with analytic ones") from exc
+        raise
+
+
+#: torch's messages for ``.numpy()`` on a tensor under the transforms (forward mode; reverse
+#: mode)
+_LEAVES_TORCH = ("Cannot access data pointer of Tensor that doesn't have storage",
+                 "Can't call numpy() on Tensor that requires grad")
 
 #: the models' names by their :func:`reverse_or_transforms` keys (for error messages)
 _WHO = {"_reverse_agrees": "the dynamics", "_reverse_agrees_f": "the dynamics",
