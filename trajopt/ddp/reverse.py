@@ -152,7 +152,8 @@ def reverse_or_transforms(model: object, key: str, fast: Callable, slow: Callabl
         out = fast(args)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if IN_PLACE_ON_LEAF in str(exc):   # the points are fresh leaves: a write into them
-            raise InvalidArgumentError(write_message(who, "x or u")) from exc
+            raise InvalidArgumentError(write_message(
+                who, "its argument x or u (or another tensor that requires grad)")) from exc
         out = None
     if out is None or not all_finite(out):
         return _transforms(slow, args, who)

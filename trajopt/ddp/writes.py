@@ -55,8 +55,10 @@ def unchanged(copy: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def write_message(who: str, arg: str) -> str:
-    """The error message for ``who`` writing into its argument ``arg``."""
-    return (f"{who} wrote into its argument {arg} in place (as `x -= goal` or "
+    """The error message for ``who`` writing into ``arg`` (an argument's name, or a
+    phrase)."""
+    what = f"its argument {arg}" if arg in ("x", "u") else arg
+    return (f"{who} wrote into {what} in place (as `x -= goal` or "
             f"`x[..., 0] += dt * x[..., 1]` do): the solver hands the models its own states "
             f"and controls, so the trajectory would change under it; compute new tensors "
             f"instead (`d = x - goal`, `torch.stack([...], -1)`) -- docs/ddp.md, \"Models "
@@ -95,7 +97,7 @@ def guarded(structure: Any, x0: torch.Tensor, u0: torch.Tensor | None) -> Iterat
     arg = None if cost is None else _written(lambda a, b: cost.running(a, b, 0), (x, u),
                                              ("x", "u"))
     who = "the running cost" if arg is not None else "the dynamics or the cost"
-    raise InvalidArgumentError(write_message(who, arg or "x or u"))
+    raise InvalidArgumentError(write_message(who, arg or "its argument x or u"))
 
 
 def called_on_copies(call: Callable, args: tuple[torch.Tensor, ...],
