@@ -157,3 +157,38 @@ def test_ddp_solve_is_unchanged_by_the_inlined_loop(monkeypatch, B):
         res = trajopt.DDPSolver(_f, _cost()).solve(x0, torch.zeros(B, 30, 1, dtype=F64))
         runs.append(res)
     assert torch.equal(runs[0].us, runs[1].us) and torch.equal(runs[0].xs, runs[1].xs)
+
+
+def test_the_cost_call_cannot_change_the_kept_points():
+    """The running cost's one call gets copies of the points the rollout keeps: a write
+    the checks of ``trajopt.ddp.writes`` do not see (through ``.data``, at later stages
+    only) stays in the copies (a reviewer's case: the kept points were read by the
+    derivatives and the next forward pass)."""
+    def writing(x, u, t):
+        u.data[u.shape[0] // 2:] = 0.0
+        return (x ** 2).sum(-1) + (u ** 2).sum(-1)
+    chain = Chain(trajopt.Dynamics(_f, time_invariant=True),
+                  trajopt.Cost(writing, lambda x: (x ** 2).sum(-1), time_invariant=True))
+    law = AffineLaw([torch.full((2, 1), 1.0 + t, dtype=F64) for t in range(6)], None, None)
+    x0 = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        run = chain.simulate(x0, 6, feedback_control(law, chain.deviation), law=law)
+    for a, b in zip(run.points, stage_points(list(zip(run.xs[:-1], run.us)))):
+        assert torch.equal(a, b)
+    assert bool((run.points[1] != 0).all())
+
+
+def test_line_search_candidates_carry_their_points(monkeypatch):
+    """An accepted candidate brings the points its rollout stacked: the derivatives at the
+    accepted trajectory read them (all but the first rollout's and those of steps
+    accepted apart from the first trial)."""
+    seen = []
+    derivatives = Chain.derivatives
+
+    def spy(self, traj, second_order):
+        seen.append(traj.points is not None)
+        return derivatives(self, traj, second_order)
+    monkeypatch.setattr(Chain, "derivatives", spy)
+    trajopt.solve_ddp(_f, _cost(), torch.tensor([0.3, 0.0], dtype=F64),
+                      torch.zeros(40, 1, dtype=F64), max_iter=10)
+    assert len(seen) >= 3 and sum(seen) >= len(seen) - 1

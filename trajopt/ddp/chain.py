@@ -147,14 +147,14 @@ class Chain:
                 x = known[t] if t < k else self.transition(t, x, u, xs)
                 xs.append(x)
                 us.append(u)
-        # the running cost of all stages at once, after the states are known
-        # (StageDerivatives.total: one call where the cost allows); its points are kept
-        # for the derivatives and the next forward pass at this trajectory
+        # the running cost of all stages at once (StageDerivatives.total: one call where the
+        # cost allows) on copies of the points, which are kept for the derivatives and the
+        # next forward pass at this trajectory: a write the checks miss stays in the copies
         args = list(zip(xs[:-1], us))
-        if points is None:
-            points = stage_points(args)
-        running = self._cost_derivatives.total(args, points) if T else 0.0
-        return Traj(xs, us, running + self.cost.terminal(x), rows, points)
+        points = stage_points(args) if points is None else points
+        running = self._cost_derivatives.total(
+            args, None if points is None else tuple(p.clone() for p in points)) if T else 0.0
+        return Traj(xs, us, running + self.cost.terminal(x), rows, points if T > 1 else None)
 
     def _plain_stages(self) -> bool:
         """This structure's stages are the plain chain's: :meth:`transition` calls the

@@ -190,7 +190,7 @@ class DDPSolver:
         out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows,
                                       None if lo is not None else law)
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
-        return Traj(out.xs, out.us, cost, traj.rows)
+        return Traj(out.xs, out.us, cost, traj.rows, out.points)
 
     def accept_step(self, actual: torch.Tensor, expected: torch.Tensor,
                     cost: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +250,6 @@ class DDPSolver:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
-        check_cost_shapes(self.cost, traj)
         for t, x in enumerate(traj.xs[1:]):
             if not torch.is_tensor(x):
                 raise ShapeError(f"the dynamics must return a tensor (B, n); got "
@@ -258,6 +257,7 @@ class DDPSolver:
             if x.shape[0] != B:
                 raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
                                  f"expected a leading batch of {B}")
+        check_cost_shapes(self.cost, traj)
         wide = widened(inp, [traj.cost.dtype, *(x.dtype for x in traj.xs)])
         if wide is not None:   # the model computes in a wider dtype: so does the solve
             return self._solve(wide, tol)
