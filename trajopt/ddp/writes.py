@@ -65,6 +65,12 @@ def write_message(who: str, arg: str) -> str:
             f"are functions of their arguments\"")
 
 
+def _changed(args: tuple[torch.Tensor, ...], copies: tuple[torch.Tensor, ...],
+             names: tuple[str, ...]) -> str | None:
+    """The name of the first of ``copies`` that no longer holds its ``args``' bits."""
+    return next((n for a, c, n in zip(args, copies, names) if not unchanged(a, c)), None)
+
+
 def _written(call: Callable, args: tuple[torch.Tensor, ...], names: tuple[str, ...]
              ) -> str | None:
     """The name of the first of ``args`` that ``call`` writes into (called on copies);
@@ -74,7 +80,7 @@ def _written(call: Callable, args: tuple[torch.Tensor, ...], names: tuple[str, .
         call(*copies)
     except Exception:   # noqa: BLE001 -- a failing model is reported where it runs
         return None
-    return next((n for a, c, n in zip(args, copies, names) if not unchanged(a, c)), None)
+    return _changed(args, copies, names)
 
 
 @contextmanager
@@ -107,7 +113,7 @@ def called_on_copies(call: Callable, args: tuple[torch.Tensor, ...],
     (``names``) where it wrote into one."""
     copies = tuple(a.clone() for a in args)
     out = call(*copies, *extra)
-    for a, c, n in zip(args, copies, names):
-        if not unchanged(a, c):
-            raise InvalidArgumentError(write_message(who, n))
+    arg = _changed(args, copies, names)
+    if arg is not None:
+        raise InvalidArgumentError(write_message(who, arg))
     return out
