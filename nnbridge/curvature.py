@@ -52,6 +52,9 @@ class Curvature:
     name = "base"
     defaults: dict[str, Any] = {}
     needs_factors = False  # update() wants the per-sample factors (w, X)
+    #: P^-1 from the squared batch gradient, lr / (sqrt(v) + eps): unbounded where that
+    #: gradient vanishes (``DDPNOpt._bias_cancelled``)
+    adaptive_diagonal = False
 
     def validate(self, hp: dict) -> None:
         if not hp["lr"] >= 0:
@@ -358,6 +361,7 @@ class RMSprop(Curvature):
     momentum, centered)."""
 
     name = "rmsprop"
+    adaptive_diagonal = True
     defaults = dict(lr=5e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False)
 
@@ -400,6 +404,7 @@ class Adam(Curvature):
     :math:`\\hat m` (torch.optim.Adam's betas, eps, weight_decay, amsgrad)."""
 
     name = "adam"
+    adaptive_diagonal = True
     defaults = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
 
     def validate(self, hp):

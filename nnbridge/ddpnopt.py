@@ -562,7 +562,8 @@ class DDPNOpt(torch.optim.Optimizer):
             fused = h is not None and not frozen[t] and hp["value_recursion"] == "mean"
             carry = None if Ks is None or t == 0 else (Ks[t + 1], Ks[t], h)
             lin = StageLinearization(st, rec.inputs[t], x_next=x_next, mean=mean,
-                                     sent=h if fused else None, carry=carry)
+                                     sent=h if fused else None, carry=carry,
+                                     cancelled_bias=self._bias_cancelled(t))
             U = lin.U
             tik = hp["tikhonov"] if t < T - 1 else 0.0
             rec_t: dict[str, Any] = {"hp": hp, "step": step, "U": U}
@@ -611,6 +612,24 @@ class DDPNOpt(torch.optim.Optimizer):
             out[t] = rec_t
         # additional forward pass (Alg. 3): delta u_t = k_bar + mean_i K^i dx^i
         return self._feedback_pass(rec, out, steps, frozen, mean)
+
+    def _bias_cancelled(self, t: int) -> bool:
+        """Stage ``t``'s bias is removed by a BatchNorm normalizing with the batch's
+        statistics right after the layer (the first of its ``post`` modules, or the next
+        stage's module): its gradient is zero and its per-sample factors cancel over the
+        batch, but an adaptive diagonal curvature (``lr / (sqrt(v) + eps)`` of that zero
+        gradient, ~lr / eps) turns them into a feedback that drives the bias without
+        bound, and the running mean used in evaluation cannot follow. Left out of the
+        DDP pass under those curvatures (RMSprop's, Adam's); SGD's, EKFAC's and the
+        exact one keep it: bounded there (``docs/ddpnopt.md``, "A bias before
+        BatchNorm")."""
+        st = self._stages[t]
+        if not st.has_bias or not self.curvature.adaptive_diagonal:
+            return False
+        nxt = st.post[0] if st.post else (
+            self._stages[t + 1].module if t + 1 < len(self._stages) else None)
+        return isinstance(nxt, nn.modules.batchnorm._BatchNorm) and (
+            nxt.training or nxt.running_mean is None)
 
     def _bn_candidates(self) -> list[nn.Module]:
         """Every module the DDP pass runs (maps and stage modules)."""

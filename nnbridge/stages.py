@@ -415,7 +415,12 @@ class StageLinearization:
     Attributes
     ----------
     X : (B, in', P)
-        Unfolded, bias-augmented nominal input.
+        Unfolded, bias-augmented nominal input; with ``cancelled_bias`` its bias row is
+        0: the stage's bias is followed by a BatchNorm normalizing with the batch's
+        statistics, which removes it from every sample's output (its gradient is zero),
+        so in the joint dynamics of the batch it moves nothing; the per-sample factors
+        of the DDP pass then leave it out (``docs/ddpnopt.md``, "A bias before
+        BatchNorm").
     h_shape : tuple
         Per-sample shape of the pre-activation.
     """
@@ -424,7 +429,8 @@ class StageLinearization:
                  x_next: torch.Tensor | None = None,
                  mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  sent: torch.Tensor | None = None,
-                 carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 cancelled_bias: bool = False):
         self.stage = stage
         #: ``(K_next, K, h_grad)``: B times the gradients the next stage's module and
         #: this one's sent to their inputs, (B, n1) and (B, n), and the recorded
@@ -446,6 +452,11 @@ class StageLinearization:
         self._vjp = None
         with torch.no_grad():
             self.X = stage.unfold(x)
+            if cancelled_bias:   # a BatchNorm with batch statistics removes the bias
+                self.X = self.X.clone()
+                self.X[..., -1, :] = 0
+        self.cancelled_bias = cancelled_bias
+        with torch.no_grad():
             y = None if x_next is None else _unflattened(stage, x, self.U, x_next)
             s = None if y is None else _derivative_from_output(_unflatten_post(stage.post), y)
             if s is not None:  # the captured output suffices: no recomputation of h
@@ -660,6 +671,8 @@ class StageLinearization:
         _, gw, gb = torch.ops.aten.convolution_backward(
             gy, g.input(self.x), g.weight(W), bias, g.stride, g.inner, g.dilation, False,
             (0, 0), st.groups, (False, True, st.has_bias))
+        if self.cancelled_bias:   # the bias row of X is 0 (__init__)
+            gb = torch.zeros_like(gb)
         return st.join([gw, gb] if st.has_bias else [gw])
 
     def gu(self, G: torch.Tensor) -> torch.Tensor:
