@@ -318,14 +318,15 @@ class DDPNOpt(torch.optim.Optimizer):
         rng = state_dict.pop("fisher_rng", None)
         groups = state_dict.get("param_groups") or [{}]
         theirs = set(groups[0]) - {"params"}
-        # a scheduler adds keys (initial_lr); another curvature lacks some of ours
-        missing = sorted(set(self.curvature.defaults) - theirs)
+        # a scheduler adds keys (initial_lr); another curvature, or a torch.optim class
+        # (no feedback, value_recursion, ...), lacks some of ours
+        missing = sorted(set(self.defaults) - theirs)
         if theirs and missing:
             raise InvalidArgumentError(
                 f"state_dict: saved by an optimizer without the hyper-parameters {missing} "
-                f"of this {type(self).__name__}'s curvature {self.curvature.name!r} (it has "
-                f"{sorted(theirs - set(self.curvature.defaults))}): load it into an "
-                "optimizer with the curvature it was saved from")
+                f"of this {type(self).__name__} with curvature {self.curvature.name!r} (it "
+                f"has {sorted(theirs - set(self.defaults))}): load it into the optimizer "
+                f"it was saved from ({type(self).__name__} with that curvature)")
         super().load_state_dict(state_dict)
         # applied when the generator is created on the data's device (first step)
         self._rng, self._rng_state = None, rng

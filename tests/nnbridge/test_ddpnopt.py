@@ -424,6 +424,21 @@ def test_state_dict_of_another_curvature_is_refused():
     twin.load_state_dict(adam.state_dict())   # the same curvature loads
 
 
+def test_state_dict_of_torch_adam_is_refused_at_load():
+    """torch.optim.Adam's state (Adam's hyper-parameters, none of DDPNOpt's own): refused
+    at load naming the missing ones (it used to load and fail at the next step with a
+    bare KeyError: 'feedback')."""
+    X, y = data(B=4)
+    model = mlp()
+    adam = torch.optim.Adam(model.parameters(), lr=5e-3)
+    adam.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    adam.step()
+    opt = nnbridge.DDPNOpt(model, curvature="adam", feedback=False)
+    with pytest.raises(InvalidArgumentError, match=r"^state_dict: .*'feedback'"):
+        opt.load_state_dict(adam.state_dict())
+
+
 def test_data_parallel_is_refused_by_name():
     with pytest.raises(InvalidArgumentError, match="DistributedDataParallel"):
         nnbridge.DDPNOpt(nn.DataParallel(mlp()))
