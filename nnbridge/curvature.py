@@ -46,8 +46,10 @@ State = dict[str, Any]
 class Curvature:
     """Base class; ``defaults`` are the hyper-parameters (torch.optim names).  The default
     learning rates are DDPNOpt's, chosen on the digits validation split
-    (``docs/experiments.md``; identity 0.5, rmsprop 5e-3, adam 5e-3, ekfac 0.1, exact 1.0
-    with regularization 1.0), not torch.optim's; the other defaults are torch.optim's."""
+    (``docs/experiments.md``; adam 5e-3, ekfac 0.1, exact 1.0 with regularization 1.0)
+    or, for identity (0.1) and rmsprop (1e-3), inside the range where the feedback was
+    measured stable (``docs/ddpnopt.md``, "Default rates"), not torch.optim's; the other
+    defaults are torch.optim's."""
 
     name = "base"
     defaults: dict[str, Any] = {}
@@ -323,7 +325,7 @@ class Identity(Curvature):
     weight_decay)."""
 
     name = "identity"
-    defaults = dict(lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+    defaults = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
 
     def validate(self, hp):
         super().validate(hp)
@@ -362,7 +364,7 @@ class RMSprop(Curvature):
 
     name = "rmsprop"
     adaptive_diagonal = True
-    defaults = dict(lr=5e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+    defaults = dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False)
 
     def validate(self, hp):

@@ -71,9 +71,10 @@ class DDPNOpt(torch.optim.Optimizer):
         The network (decomposed once by :func:`nnbridge.stages`); its parameters form the
         single parameter group.
     lr : float, optional
-        Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's, chosen
-        on the digits validation split (identity 0.5, rmsprop 5e-3, adam 5e-3, ekfac 0.1,
-        exact 1.0; ``docs/experiments.md``).
+        Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's (adam
+        5e-3, ekfac 0.1, exact 1.0, chosen on the digits validation split,
+        ``docs/experiments.md``; identity 0.1, rmsprop 1e-3, where the feedback stays
+        stable: ``docs/ddpnopt.md``, "Default rates").
     curvature : {"identity", "rmsprop", "adam", "ekfac", "exact"}
         :math:`Q_{uu}` model (Table 2): identity (SGD), RMSprop, Adam, EKFAC, or "exact"
         (vanilla DDP, small Linear networks).  Each takes the hyper-parameters of the
