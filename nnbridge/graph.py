@@ -103,6 +103,21 @@ class GraphStage:
         with the calls' positions concatenated."""
         return self.players[j].unfold_calls(xs)
 
+    def bias_before_batchnorm(self, j: int) -> bool:
+        """Player j has a bias, one call, and its output goes only into a BatchNorm that
+        normalizes with the batch's statistics, which removes the bias from every
+        sample (``DDPNOpt._bias_cancelled``, ``docs/ddpnopt.md``, "A bias before
+        BatchNorm")."""
+        heads = [n for n, k in self._heads.items() if k == j]
+        if not self.players[j].has_bias or len(heads) != 1 or len(heads[0].users) != 1:
+            return False
+        user = next(iter(heads[0].users))
+        if user.op != "call_module":
+            return False
+        m = self._root.get_submodule(user.target)
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or m.running_mean is None)
+
     def modules(self) -> list[nn.Module]:
         """The modules this stage calls (players and fixed maps)."""
         return [self._root.get_submodule(n.target) for n in self._nodes

@@ -57,11 +57,16 @@ class GraphLinearization:
         (the training loop's backward pass): the control gradient of its per-sample
         cotangents (B times it) is what the caller already holds, left out by
         :meth:`value_gradient`.
+    cancelled : list of bool, optional
+        Per player, its bias is left out of the per-sample factors (the bias row of its
+        unfolded input is 0): a BatchNorm with batch statistics right after it removes
+        it (:meth:`GraphStage.bias_before_batchnorm`).
     """
 
     def __init__(self, stage: GraphStage, ys: list[torch.Tensor], active: list[bool],
                  mean: Callable[[torch.Tensor], torch.Tensor],
-                 sent: list[torch.Tensor | None] | None = None):
+                 sent: list[torch.Tensor | None] | None = None,
+                 cancelled: list[bool] | None = None):
         self.stage = stage
         self.sent = sent
         self.ys = list(ys)
@@ -79,6 +84,10 @@ class GraphLinearization:
         self.n1 = sum(y[0].numel() for y in outs)
         self.x_next = outs[0]
         self.X = [stage.unfold(j, rec["x", j]) for j in range(len(stage.players))]
+        for j, c in enumerate(cancelled or []):
+            if c:   # as StageLinearization(cancelled_bias=True): the bias row is 0
+                self.X[j] = self.X[j].clone()
+                self.X[j][..., -1, :] = 0
         self.h_shapes = [tuple(rec["h", j].shape[1:]) for j in range(len(stage.players))]
         self._zeros = [torch.zeros_like(rec["h", j]) for j in range(len(stage.players))]
         U = self.U

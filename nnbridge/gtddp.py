@@ -223,7 +223,9 @@ class GTDDP(DDPNOpt):
             # is left out of Q_u and of l_u alike (GraphLinearization.value_gradient)
             fused = group["value_recursion"] == "mean"
             sent = [rec.h_grads[k] if fused and a else None for k, a in zip(ids, active)]
-            lin = GraphLinearization(gs, ys[t], active, mean, sent if fused else None)
+            lin = GraphLinearization(gs, ys[t], active, mean, sent if fused else None, [
+                curv.adaptive_diagonal and gs.bias_before_batchnorm(j)
+                for j in range(len(ids))])
             lins[t] = lin
             tik = group["tikhonov"] if t < T - 1 else 0.0
             hps = [self._hp(self._stages[k], group) for k in ids]

@@ -103,3 +103,54 @@ def test_linearization_leaves_the_cancelled_bias_out(conv):
     G_bias_only[..., -1] = G[..., -1]
     assert cut.gu(G_bias_only).abs().max() == 0
     assert torch.allclose(cut.gu(G - G_bias_only), plain.gu(G - G_bias_only), atol=1e-12)
+
+
+class _Res(nn.Module):
+    """A residual block with biases before every BatchNorm (PyTorch's layer defaults)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        h = functional.relu(self.b0(self.c0(x)))
+        r = functional.relu(self.b1(self.c1(h)))
+        return self.fc(functional.relu(h + self.b2(self.c2(r))).flatten(1))
+
+
+def test_gtddp_bias_before_batchnorm_stays_bounded(monkeypatch):
+    """GTDDP(adam) on a residual network: the biases feeding BatchNorms stay within the
+    first-order step's reach; with the rule switched off they run away."""
+    from nnbridge.graph import GraphStage
+
+    X, y = _digits_like()
+    lr = 5e-3
+
+    def run():
+        torch.manual_seed(0)
+        model = _Res()
+        opt = nnbridge.GTDDP(model, lr=lr, curvature="adam")
+        _train(model, opt, X, y, steps=12)
+        return max(float(m.bias.detach().norm()) for m in (model.c0, model.c1, model.c2))
+
+    kept = run()
+    assert kept <= 0.6 + 12 * lr * 2, kept    # init <= ~0.6, each step <= lr per entry
+    monkeypatch.setattr(GraphStage, "bias_before_batchnorm", lambda self, j: False)
+    assert run() > 10 * kept
+
+
+def test_graph_rule_takes_only_a_bias_the_batchnorm_removes():
+    torch.manual_seed(0)
+    opt = nnbridge.GTDDP(_Res(), curvature="adam")
+    found = {(t, j): gs.bias_before_batchnorm(j) for t, gs in enumerate(opt._graph.stages)
+             for j in range(len(gs.players))}
+    names = {(t, j): type(p.module).__name__ for t, gs in enumerate(opt._graph.stages)
+             for j, p in enumerate(gs.players)}
+    assert {names[k] for k, v in found.items() if v} == {"Conv2d"}
+    assert sum(found.values()) == 3   # c0, c1, c2; not the BatchNorms, not fc
+    m = _Res().eval()
+    assert not any(gs.bias_before_batchnorm(j) for gs in nnbridge.GTDDP(
+        m, curvature="adam")._graph.stages for j in range(len(gs.players)))
