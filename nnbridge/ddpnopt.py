@@ -192,6 +192,14 @@ class DDPNOpt(torch.optim.Optimizer):
                 "per device, docs/ddpnopt.md) or pass the module it wraps on one device")
         net = unwrap(model)
         self._pre, self._stages = self._decompose(net)
+        if isinstance(self.curvature, Exact):
+            other = [st for st in self._stages if type(st.module) is not nn.Linear]
+            if other:
+                raise InvalidArgumentError(
+                    f"curvature='exact' supports Linear stages only (it forms the dense "
+                    f"per-sample control Jacobian); stage {other[0].index} is a "
+                    f"{type(other[0].module).__name__}: use 'ekfac' or a first-order "
+                    f"curvature for this model")
         params = [p for st in self._stages for p in st.params()]
         owner: dict[int, int] = {}
         for st in self._stages:

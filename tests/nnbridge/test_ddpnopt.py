@@ -802,3 +802,13 @@ def test_sgd_response_by_either_route_is_the_same(monkeypatch, w_shape, x_shape,
     b, gb = pre.per_sample(w, X), pre.gram(w, X)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-10)
+
+
+def test_exact_curvature_refuses_a_non_linear_stage_at_construction():
+    """A LayerNorm stage under curvature='exact': refused when the optimizer is built,
+    naming the stage's module (it used to fail at the first step, blaming a Conv2d)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(InvalidArgumentError, match="stage 1 is a LayerNorm"):
+        nnbridge.DDPNOpt(model, curvature="exact")
+    nnbridge.DDPNOpt(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
+                     curvature="exact")
