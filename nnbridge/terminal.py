@@ -163,7 +163,19 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
     large: the step would diverge) or weights the model does not know about."""
     if loss != "cross_entropy" or Vx.shape[0] < 2:
         return
-    worst = float(Vx.abs().sum(-1).max())
+    # a softmax cross-entropy's gradient p - e_y (or p - q: soft labels, smoothing) sums
+    # to 0 over the classes; a regression's does not
+    l1 = Vx.abs().sum(-1)
+    slack = 4 * Vx.shape[-1] * torch.finfo(Vx.dtype).eps
+    ratio = Vx.sum(-1).abs() / (l1 + slack)
+    if Vx.shape[-1] == 1 or float(ratio.median()) > 0.1:
+        raise InvalidArgumentError(
+            f"loss: the output gradient of a softmax cross-entropy sums to 0 over the "
+            f"classes for every sample; this one's does not (median |sum| / L1 norm "
+            f"{float(ratio.median()):.2g} over the batch): the closure's loss is another "
+            f"one. Pass loss='mse' for torch's mean squared error (F.mse_loss), or "
+            f"terminal_hessian='empirical' or a callable for other losses")
+    worst = float(l1.max())
     if worst > _CE_GRAD_BOUND:
         raise InvalidArgumentError(
             f"loss: the output gradient times the batch size has a per-sample L1 norm of "

@@ -172,6 +172,49 @@ def test_a_summed_cross_entropy_is_refused():
     opt.step(closure_for(opt, model, X, y))  # the mean is fine
 
 
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_a_regression_loss_under_the_cross_entropy_default_is_refused(outputs):
+    """F.mse_loss while DDPNOpt keeps loss='cross_entropy': refused naming loss='mse' (it
+    used to blame a summed loss, or pass with the cross-entropy curvature); cross-entropy
+    with label smoothing or soft targets passes (its gradient p - q sums to 0 over the
+    classes too)."""
+    X, _ = data(B=8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(X.shape[1], 8), nn.Tanh(), nn.Linear(8, outputs)).to(X.dtype)
+    opt = nnbridge.DDPNOpt(model, lr=0.01)
+    Y = 0.05 * torch.randn(8, outputs, dtype=X.dtype)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(X), Y)
+        loss.backward()
+        return loss
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(InvalidArgumentError, match="^loss: .*loss='mse'"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    nnbridge.DDPNOpt(model, lr=0.01, loss="mse").step(closure)   # declared: fine
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "soft"])
+def test_cross_entropy_variants_pass_the_loss_check(kind):
+    X, y = data(B=8)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=0.01)
+    soft = torch.softmax(torch.randn(8, 3, dtype=X.dtype), -1)
+
+    def closure():
+        opt.zero_grad()
+        out = model(X)
+        if kind == "smoothing":
+            loss = F.cross_entropy(out, y, label_smoothing=0.1)
+        else:
+            loss = F.cross_entropy(out, soft)
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+
 def _autocast_step(curvature, seed, autocast):
     X, y = data(B=16)
     model = mlp(seed).float()
