@@ -7,6 +7,8 @@ are fixed carry their number there.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,30 @@ def test_nested_lists_are_arrays_for_the_dare_as_in_scipy():
     d = trajopt.solve_infinite_lqr(np.array(A), np.array(B), np.eye(2), np.eye(1),
                                    q=np.array([1.0, 0.0]))
     np.testing.assert_array_equal(c.p, d.p)
+
+
+def _pendulum2(x, u, t):
+    th, om = x[..., 0], x[..., 1]
+    om2 = om + 0.05 * (-9.81 * torch.sin(th) + u[..., 0])
+    return torch.stack([th + 0.05 * om2, om2], -1)
+
+
+_COST2 = trajopt.Cost(lambda x, u, t: 0.5 * (x[..., 0] ** 2 + 0.01 * u[..., 0] ** 2),
+                      lambda x: 0.5 * 10 * x[..., 0] ** 2)
+
+
+def test_an_x0_of_the_wrong_size_warns():
+    """A 2-state model given a 3-entry x0 with one tensor of controls: the state size
+    changes at the first stage only, which warns naming x0 (it solved silently); the
+    controls as a per-stage list declare stage sizes that differ (no warning), and an x0
+    of the right size gives none."""
+    us0 = torch.zeros(20, 1, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="x0 has 3 entries .* return 2"):
+        trajopt.solve_ddp(_pendulum2, _COST2, torch.tensor([0.1, 0.0, 5.0],
+                                                           dtype=torch.float64), us0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trajopt.solve_ddp(_pendulum2, _COST2, torch.tensor([0.1, 0.0, 5.0],
+                                                           dtype=torch.float64), list(us0))
+        trajopt.solve_ddp(_pendulum2, _COST2, torch.tensor([0.1, 0.0], dtype=torch.float64),
+                          us0)

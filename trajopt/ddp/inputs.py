@@ -4,6 +4,7 @@ the user's cost returns."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -186,6 +187,28 @@ def widened(inp: SolveInputs, dtypes: Iterable[torch.dtype]) -> SolveInputs | No
     return replace(inp, kind=replace(inp.kind, dtype=wide), x0=cast(inp.x0),
                    us=[cast(u) for u in inp.us], lo=cast(inp.lo), hi=cast(inp.hi),
                    xs=None if inp.xs is None else [cast(x) for x in inp.xs])
+
+
+def check_states(traj: Traj, listed: bool) -> None:
+    """The dynamics return tensors (B, n_t).  Where the controls came as one tensor (not
+    the per-stage list that declares stage sizes that differ, ``docs/ddp.md``), a state
+    size that changes at the first stage only warns: x0's size is then likely wrong (a
+    2-state model given a 3-entry x0 solves silently otherwise)."""
+    B = traj.xs[0].shape[0]
+    for t, x in enumerate(traj.xs[1:]):
+        if not torch.is_tensor(x):
+            raise ShapeError(f"the dynamics must return a tensor (B, n); got "
+                             f"{type(x).__name__} at stage {t}")
+        if x.shape[0] != B:
+            raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
+                             f"expected a leading batch of {B}")
+    sizes = [x.shape[-1] for x in traj.xs]
+    if not listed and len(sizes) > 2 and sizes[0] != sizes[1] and len(set(sizes[1:])) == 1:
+        warnings.warn(
+            f"x0 has {sizes[0]} entries per element but the dynamics return {sizes[1]} from "
+            f"the first stage on: if x0 is a state of this model, its size is wrong (stage "
+            f"sizes that differ are allowed: pass us0 as a list of per-stage arrays to "
+            f"declare them, which also silences this)", UserWarning, stacklevel=4)
 
 
 def check_cost_shapes(cost: Cost, traj: Traj) -> None:

@@ -47,7 +47,7 @@ from . import inference
 from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
-from .inputs import SolveInputs, check_cost_shapes, prepare_inputs, widened
+from .inputs import SolveInputs, check_cost_shapes, check_states, prepare_inputs, widened
 from .models import Cost, Dynamics, as_dynamics
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 from .scanpass import scan_applies, scan_backward_pass
@@ -250,13 +250,7 @@ class DDPSolver:
             raise ShapeError(
                 f"the dynamics or cost failed on x0 of shape {shape_str(x0f)} and controls "
                 f"of shape {shape_str(usf[0])} (flattened batch): {exc}") from exc
-        for t, x in enumerate(traj.xs[1:]):
-            if not torch.is_tensor(x):
-                raise ShapeError(f"the dynamics must return a tensor (B, n); got "
-                                 f"{type(x).__name__} at stage {t}")
-            if x.shape[0] != B:
-                raise ShapeError(f"the dynamics returned shape {shape_str(x)} at stage {t}; "
-                                 f"expected a leading batch of {B}")
+        check_states(traj, listed)
         check_cost_shapes(self.cost, traj)
         wide = widened(inp, [traj.cost.dtype, *(x.dtype for x in traj.xs)])
         if wide is not None:   # the model computes in a wider dtype: so does the solve
