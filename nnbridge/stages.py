@@ -450,13 +450,12 @@ class StageLinearization:
         self.U = stage.control() if U is None else U
         self.W = stage.split(self.U)[0]
         self._vjp = None
+        self.cancelled_bias = cancelled_bias
         with torch.no_grad():
             self.X = stage.unfold(x)
             if cancelled_bias:   # a BatchNorm with batch statistics removes the bias
                 self.X = self.X.clone()
                 self.X[..., -1, :] = 0
-        self.cancelled_bias = cancelled_bias
-        with torch.no_grad():
             y = None if x_next is None else _unflattened(stage, x, self.U, x_next)
             s = None if y is None else _derivative_from_output(_unflatten_post(stage.post), y)
             if s is not None:  # the captured output suffices: no recomputation of h
