@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from trajopt import solve_infinite_lqr
-from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
+from trajopt.errors import (
+    ConvergenceWarning,
+    InvalidArgumentError,
+    NonFiniteError,
+    NumericalError,
+    ShapeError,
+)
 from trajopt.riccati import push_through_control, surrogate_control
 
 __all__ = ["DEQ", "DEQBlock", "SOLVERS", "DEFAULT_TOL"]
@@ -271,6 +277,19 @@ class DEQ(nn.Module):
         sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
         # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
         g = -push_through_control(Bm, 1.0, sol.P, G, sol.p)   # (B, m)
+        # P = 0 (no state cost) is the stabilizing solution exactly where the fixed point
+        # attracts (every eigenvalue of df/dz inside the unit circle): only there is the
+        # LQR's value the implicit gradient; elsewhere its P != 0 stabilizes another
+        # problem, and the implicit gradient B' (I - A')^{-1} q is solved for directly
+        away = sol.P.abs().amax((-2, -1)) > 0
+        if bool(away.any()):
+            g = g.clone()
+            g[away] = _implicit_gradient(A[away], Bm[away], q[away])
+            warnings.warn(
+                f"DEQ: the fixed point of {int(away.sum())} of {B} samples is not "
+                f"attracting (df/dz has an eigenvalue of magnitude >= 1 there): their "
+                f"gradient is the implicit one by a direct solve of (I - df/dz)' w = dL/dz, "
+                f"not the infinite-horizon LQR (docs/deq.md)", UserWarning, stacklevel=3)
         return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
 
     def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,
@@ -398,6 +417,20 @@ def _unflatten(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
         out.append(flat[off:off + p.numel()].reshape(p.shape))
         off += p.numel()
     return out
+
+
+def _implicit_gradient(A: torch.Tensor, Bm: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """:math:`B^\top (I - A^\top)^{-1} q` per sample, (b, m), for A (b, n, n), Bm (b, n,
+    m), q (b, n): the implicit-function gradient of a fixed point z = f(z, .) with
+    A = df/dz; ``NumericalError`` where 1 is an eigenvalue of A (no implicit gradient)."""
+    n = A.shape[-1]
+    M = torch.eye(n, dtype=A.dtype, device=A.device) - A.transpose(-1, -2)
+    w, info = torch.linalg.solve_ex(M, q.unsqueeze(-1))
+    if bool((info != 0).any()) or not bool(torch.isfinite(w).all()):
+        raise NumericalError(
+            "DEQ: I - df/dz is singular at the fixed point (df/dz has the eigenvalue 1): "
+            "the fixed point is not isolated and has no implicit gradient")
+    return (Bm.transpose(-1, -2) @ w).squeeze(-1)
 
 
 class _LQRGradient(torch.autograd.Function):

@@ -11,7 +11,12 @@ from torch import nn
 import nnbridge.deq as deq_module
 from nnbridge import DEQ
 from trajopt import LQR, solve_lqr
-from trajopt.errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError
+from trajopt.errors import (
+    ConvergenceWarning,
+    InvalidArgumentError,
+    NonFiniteError,
+    NumericalError,
+)
 
 
 class Cell(nn.Module):
@@ -294,3 +299,44 @@ def test_cyclic_per_layer_solution_equals_the_single_block(widths):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(InvalidArgumentError, match="DEQBlock"):
         DEQ(Cell(), (5,)).cyclic_lqr_gradient(torch.randn(2, 3), torch.randn(2, 5))
+
+
+class _LinearCell(nn.Module):
+    """z = W z + U x + b: the fixed point and its implicit gradient in closed form."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.W = nn.Parameter(W.clone())
+        self.U = nn.Linear(2, 2).double()
+
+    def forward(self, z, x):
+        return z @ self.W.T + self.U(x)
+
+
+@pytest.mark.parametrize("a", [0.5, 1.5])
+def test_gradient_is_the_implicit_one_also_at_a_repelling_fixed_point(a):
+    """df/dz with an eigenvalue 1.5: the fixed point exists and Anderson finds it, but the
+    infinite-horizon LQR's stabilizing solution is then another problem's (its gradient
+    was off by up to 35, silently); the implicit gradient is solved for directly, with a
+    warning. float64, against (I - W)^{-1} differentiated by autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cell = _LinearCell(torch.tensor([[a, 0.3], [0.0, 0.2]], dtype=torch.float64))
+    deq = DEQ(cell, (2,), solver="anderson", tol=1e-12)
+    if a > 1:
+        with pytest.warns(UserWarning, match="not attracting"):
+            g = torch.autograd.grad((deq(x) ** 2).sum(), [cell.W])[0]
+    else:
+        g = torch.autograd.grad((deq(x) ** 2).sum(), [cell.W])[0]
+    W = cell.W.detach().clone().requires_grad_(True)
+    eye = torch.eye(2, dtype=torch.float64)
+    zs = torch.linalg.solve(eye - W, cell.U(x).detach().T).T
+    ref = torch.autograd.grad((zs ** 2).sum(), [W])[0]
+    torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-9)
+
+
+def test_implicit_gradient_refuses_a_non_isolated_fixed_point():
+    A = torch.tensor([[[1.0, 0.0], [0.0, 0.5]]], dtype=torch.float64)
+    with pytest.raises(NumericalError, match="singular"):
+        deq_module._implicit_gradient(A, torch.eye(2, dtype=torch.float64)[None],
+                                      torch.ones(1, 2, dtype=torch.float64))
