@@ -298,6 +298,10 @@ def _distributed(a: argparse.Namespace) -> tuple[int, str]:
     return dist.get_rank(), device
 
 
+#: what ``--out`` receives; any of them already there is refused without ``--overwrite``
+_OUT_FILES = ("results.json", "results.csv", "curves.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -309,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, device = _distributed(a)
     joined = joined and dist.is_initialized()
     if a.out is not None and rank == 0:
-        if (a.out / "results.json").exists() and not a.overwrite:
-            ap.error(f"--out {a.out} already holds results.json: pass --overwrite to "
+        held = [n for n in _OUT_FILES if (a.out / n).exists()]
+        if held and not a.overwrite:
+            ap.error(f"--out {a.out} already holds {', '.join(held)}: pass --overwrite to "
                      "replace it, or another --out")
         _check_writable(ap, "--out", a.out)
     if a.checkpoint_dir is not None:

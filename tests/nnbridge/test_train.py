@@ -154,6 +154,20 @@ def test_a_reused_out_is_refused_before_training_unless_overwrite(tmp_path, caps
     assert json.loads((out / "results.json").read_text())["runs"][0]["optimizer"] == "adam"
 
 
+@pytest.mark.parametrize("name", ["results.csv", "curves.png"])
+def test_any_result_file_in_out_is_kept_without_overwrite(tmp_path, capsys, name):
+    """A results.csv / curves.png already in --out (another tool's, or a run whose
+    results.json was moved) is refused like results.json (it was replaced silently)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"my data\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "adam", "--dataset",
+                    "iris", "--no-progress", "--out", str(out)])
+    assert e.value.code == 2 and name in capsys.readouterr().err
+    assert (out / name).read_bytes() == b"my data\n"
+
+
 def test_a_diverging_run_writes_strict_json_and_the_plot(tmp_path):
     """lr 1e30: the loss overflows; results.json has null (not NaN), curves.png exists."""
     out = tmp_path / "out"
