@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import trajopt
@@ -254,3 +255,27 @@ def test_an_x0_of_the_wrong_size_warns():
                                                            dtype=torch.float64), list(us0))
         trajopt.solve_ddp(_pendulum2, _COST2, torch.tensor([0.1, 0.0], dtype=torch.float64),
                           us0)
+
+
+@pytest.mark.parametrize("method", ["auto", "scipy", "doubling"])
+def test_dare_with_a_singular_e_names_e(method):
+    """A singular descriptor matrix: InvalidArgumentError naming E, as the CARE does (it
+    was NotStabilizableError from scipy: "Matrix e is numerically singular")."""
+    A, B = np.diag([0.9, 0.5]), np.eye(2)
+    with pytest.raises(InvalidArgumentError, match="^E must be invertible for the DARE"):
+        trajopt.solve_dare(A, B, np.eye(2), np.eye(2), E=np.diag([1.0, 0.0]), method=method)
+    with pytest.raises(InvalidArgumentError, match="^E must be invertible"):
+        trajopt.solve_dare(torch.tensor(A)[None], torch.tensor(B)[None], torch.eye(2,
+                           dtype=torch.float64), torch.eye(2, dtype=torch.float64),
+                           E=torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64)),
+                           method=method)
+
+
+def test_doubling_names_what_it_cannot_solve():
+    """An unstable mode Q does not see (stabilizable: scipy and "auto" solve it): the
+    doubling's failure says so and points to them (it blamed the unit circle)."""
+    A, B, Q, R = np.diag([1.2, 0.5]), np.eye(2), np.diag([0.0, 1.0]), np.eye(2)
+    P = trajopt.solve_dare(A, B, Q, R).P
+    np.testing.assert_allclose(P, scipy.linalg.solve_discrete_are(A, B, Q, R), atol=1e-12)
+    with pytest.raises(NotStabilizableError, match="not seen by Q.*'auto' or 'scipy'"):
+        trajopt.solve_dare(A, B, Q, R, method="doubling")

@@ -297,6 +297,12 @@ def solve_dare(
     else:
         t, kind = as_tensors(named, sequences=False)
         d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
+    if d.E is not None:   # (scipy's message was "no stabilizing solution")
+        cond, eps = (float(np.linalg.cond(d.E)), np.finfo(np.float64).eps) if d.is_numpy \
+            else (float(torch.linalg.cond(d.E.detach()).max()), torch.finfo(d.E.dtype).eps)
+        if not cond < 1 / eps:
+            raise InvalidArgumentError(f"E must be invertible for the DARE; its condition "
+                                       f"number is {cond:.3g}")
     grad_d = None
     if not d.is_numpy and requires_grad(d):  # solve outside autograd, attach P after
         grad_d, d = d, detached(d)
@@ -347,7 +353,11 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     o = ops(X)
     finite = o.allfinite(X)
     if not bool(finite.all()):
-        raise_unstabilizable(d, ~finite, "the solver produced a non-finite solution")
+        raise_unstabilizable(d, ~finite, "the doubling produced a non-finite solution (it "
+                             "also fails where an unstable mode of A is not seen by Q, which "
+                             "has a stabilizing solution: method='auto' or 'scipy' solve it)"
+                             if label.startswith("doubling") else
+                             "the solver produced a non-finite solution")
     K = gain(d, X)
     if not bool(o.allfinite(K).all()):
         raise_unstabilizable(d, ~o.allfinite(K), "R + B'PB is singular at the solution "
