@@ -264,11 +264,20 @@ def _riccati_steps(sts, xs, aN, loss_hessian, divergence, damping, neumann_terms
             Q.append(_block_diag(Hxx))
             R.append(Huu.sum(0))
             M.append(torch.cat(Hux.unbind(0), -1))
-    if neumann_terms is None:
-        steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, damping=damping)
-    else:
-        solver = NeumannSolver(neumann_terms, damping=damping)
-        steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, solver=solver)
+    try:
+        if neumann_terms is None:
+            steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, damping=damping)
+        else:
+            solver = NeumannSolver(neumann_terms, damping=damping)
+            steps = steepest_descent_lqr(A, Bm, aN, QN, Q=Q, R=R, M=M, solver=solver)
+    except NotPositiveDefiniteError as exc:
+        if divergence != "newton":
+            raise
+        # the LQR's "regularization" and "R" are this function's damping and the loss
+        raise NotPositiveDefiniteError(
+            f"lqr_direction: divergence='newton' with damping={damping}: the Hessian of the "
+            f"loss with respect to the parameters (the LQR's Q_uu) is not positive "
+            f"definite at this point; increase damping") from exc
     return lins, steps
 
 

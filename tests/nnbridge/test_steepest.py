@@ -569,3 +569,15 @@ def test_lqr_descent_with_cg_steps_like_the_direct_solve():
             opt.step(closure)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
+
+
+def test_an_indefinite_newton_system_names_damping():
+    """divergence='newton', damping=0 at an indefinite point: the error names damping
+    (it spoke of the LQR's "regularization" and "R", neither an argument here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    with pytest.raises(NotPositiveDefiniteError,
+                       match="newton. with damping=0.0.*increase damping"):
+        lqr_direction(model, x, y, F.cross_entropy, divergence="newton", damping=0.0)
