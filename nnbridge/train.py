@@ -263,14 +263,28 @@ def _check_device(ap: argparse.ArgumentParser, text: str) -> str:
 
 
 def _check_writable(ap: argparse.ArgumentParser, flag: str, folder: Path) -> None:
+    """Refuse a folder that cannot be written, by trying; the folders this made for the
+    try are removed again (the writers make them when they write: a refused run leaves
+    no empty folder behind)."""
     if folder.exists() and not folder.is_dir():
         ap.error(f"{flag} {folder}: exists and is not a directory")
+    made = []
+    p = folder.absolute()
+    while not p.exists():
+        made.append(p)
+        p = p.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as e:
         ap.error(f"{flag} {folder}: cannot write there ({e.strerror or e})")
+    finally:
+        for d in made:   # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def _check_modules(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:

@@ -370,3 +370,20 @@ def test_terminal_hessian_reaches_ddpnopt_and_not_the_baselines():
     assert losses("sgd", "ggn") == losses("sgd", None)
     with pytest.raises(InvalidArgumentError, match="terminal_hessian"):
         RunConfig(terminal_hessian="hessian")
+
+
+def test_a_refused_run_leaves_no_empty_folder(tmp_path, capsys):
+    """--out and --checkpoint-dir are tried for writing before training; a run refused
+    after that (here: a CNN on tabular data) leaves no folder behind (it left empty
+    ones); a run that trains makes them."""
+    out, ck = tmp_path / "a" / "out", tmp_path / "ck"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "adam", "--dataset",
+                    "iris", "--model", "cnn", "--no-progress", "--out", str(out),
+                    "--checkpoint-dir", str(ck)])
+    assert e.value.code == 2 and "--model cnn" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not ck.exists()
+    assert train.main(["--epochs", "1", "--seeds", "1", "--optimizer", "adam", "--dataset",
+                       "iris", "--no-progress", "--out", str(out), "--checkpoint-dir",
+                       str(ck)]) == 0
+    assert (out / "results.json").exists() and any(ck.iterdir())
