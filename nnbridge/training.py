@@ -252,8 +252,11 @@ def run(cfg: RunConfig, dataset: _data.Dataset | None = None, *, progress: bool 
         mine.pop("epochs"), theirs.pop("epochs")  # more epochs: continue training
         theirs.setdefault("terminal_hessian", None)  # written before the field existed
         if mine != theirs:
+            diff = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})"
+                             for k in sorted(set(mine) | set(theirs))
+                             if mine.get(k) != theirs.get(k))
             raise InvalidArgumentError(f"checkpoint {path} was written by another "
-                                       f"configuration: {ck['config']}")
+                                       f"configuration: {diff}")
         if ck["epoch"] > cfg.epochs:
             raise InvalidArgumentError(
                 f"checkpoint {path} holds {ck['epoch']} epochs, more than the {cfg.epochs} "

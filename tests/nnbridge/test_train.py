@@ -86,7 +86,7 @@ def test_resumed_run_continues_identically(opt, tmp_path):
     resumed = run(RunConfig(optimizer=opt, epochs=3, seed=1), checkpoint=ck)
     assert _curves(resumed) == _curves(full)
     assert resumed.test_accuracy == full.test_accuracy
-    with pytest.raises(InvalidArgumentError, match="another configuration"):
+    with pytest.raises(InvalidArgumentError, match=r"another configuration: seed=1 \(now 2\)$"):
         run(RunConfig(optimizer=opt, epochs=3, seed=2), checkpoint=ck)
 
 
