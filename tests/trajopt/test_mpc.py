@@ -62,8 +62,8 @@ def test_mpc_bad_input():
         return (x @ A.T + u @ B.T)
     with pytest.raises(InvalidArgumentError, match="horizon"):
         trajopt.MPC(f, cost, horizon=0, n_controls=1)
-    with pytest.raises(InvalidArgumentError, match="n_controls"):
-        trajopt.MPC(f, cost, horizon=5)
+    with pytest.raises(InvalidArgumentError, match="n_controls"):   # nothing states m
+        trajopt.MPC(f, trajopt.Cost(lambda x, u, t: (x ** 2).sum(-1)), horizon=5)
     mpc = trajopt.MPC(f, cost, horizon=5, n_controls=1)
     with pytest.raises(ShapeError, match="plant must return"):
         mpc.simulate(lambda x, u, k: x[:1], torch.zeros(2, dtype=DT), 2)
@@ -102,3 +102,19 @@ def test_mpc_with_an_obstacle_keeps_out_and_reaches_the_goal():
                        control_limits=p.control_limits).simulate(p.dynamics, p.x0, 70)
     assert float((free.xs[:, :2] - centre).norm(dim=-1).min()) < 0.15
     assert float((run.xs[-1, :2] - torch.tensor([2.0, 1.0], dtype=torch.float64)).norm()) < 0.1
+
+
+def test_the_control_size_comes_from_a_linear_model_or_a_quadratic_cost():
+    """Without control_limits or n_controls: m from LinearDynamics' B or QuadraticCost's
+    R (it had to be passed); a plain callable and cost still need n_controls."""
+    D = torch.float64
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=D)
+    B = torch.tensor([[0.0, 0.005], [0.1, 0.1]], dtype=D)
+    cost = trajopt.QuadraticCost(torch.eye(2, dtype=D), torch.eye(2, dtype=D),
+                                 torch.eye(2, dtype=D))
+    assert trajopt.MPC(trajopt.LinearDynamics(A, B), cost, horizon=5).n_controls == 2
+    assert trajopt.MPC(lambda x, u, t: x @ A.T + u @ B.T, cost, horizon=5).n_controls == 2
+    plain = trajopt.Cost(lambda x, u, t: (x ** 2).sum(-1) + (u ** 2).sum(-1))
+    assert trajopt.MPC(trajopt.LinearDynamics(A, B), plain, horizon=5).n_controls == 2
+    with pytest.raises(InvalidArgumentError, match="n_controls"):
+        trajopt.MPC(lambda x, u, t: x @ A.T + u @ B.T, plain, horizon=5)

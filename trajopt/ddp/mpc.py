@@ -14,7 +14,8 @@ from ..errors import InvalidArgumentError, ShapeError
 from .augmented import AugmentedCost, check_constraints
 from .constrained import ConstrainedSolver
 from .constraints import Constraint
-from .models import Cost, Dynamics
+from .linear import LinearDynamics
+from .models import Cost, Dynamics, QuadraticCost
 from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
 from .solver import DDPSolver
 
@@ -57,7 +58,7 @@ class MPC:
         Number of stages planned at every step.
     n_controls : int, optional
         Control dimension m, for the first plan (zeros); taken from ``control_limits``
-        when those are given.
+        when those are given, else from a ``LinearDynamics``' B or a ``QuadraticCost``'s R.
     iterations : int
         DDP iterations per step (the real-time budget); default 3.
     control_limits, mode, regularization, line_search, tol
@@ -87,6 +88,8 @@ class MPC:
                 raise ShapeError(f"n_controls = {n_controls} but control_limits have {m} "
                                  "entries")
             n_controls = m
+        if n_controls is None:   # the models that know it: B's columns, R's size
+            n_controls = _known_controls(dynamics, cost)
         if n_controls is None or isinstance(n_controls, bool) or not isinstance(
                 n_controls, int) or n_controls < 1:
             raise InvalidArgumentError("n_controls must be a positive integer (or give "
@@ -206,3 +209,14 @@ class MPC:
         return MPCRun(xs=torch.stack(xs, -2), us=torch.stack(us, -2),
                       plan_costs=torch.stack(costs, -1), reasons=np.stack(reasons, -1),
                       solve_times=np.asarray(times))
+
+
+def _known_controls(dynamics: Any, cost: Any) -> int | None:
+    """The control size a model states: ``LinearDynamics``' B (n, m) or (T, n, m), a
+    ``QuadraticCost``'s R (m, m) or (T, m, m); None where neither does."""
+    B = getattr(dynamics, "B", None) if isinstance(dynamics, LinearDynamics) else None
+    R = getattr(cost, "R", None) if isinstance(cost, QuadraticCost) else None
+    for M in (B, R):
+        if torch.is_tensor(M) and M.ndim >= 2:
+            return int(M.shape[-1])
+    return None
