@@ -289,7 +289,8 @@ class DEQ(nn.Module):
                 f"DEQ: the fixed point of {int(away.sum())} of {B} samples is not "
                 f"attracting (df/dz has an eigenvalue of magnitude >= 1 there): their "
                 f"gradient is the implicit one by a direct solve of (I - df/dz)' w = dL/dz, "
-                f"not the infinite-horizon LQR (docs/deq.md)", UserWarning, stacklevel=3)
+                f"not the infinite-horizon LQR (docs/steepest.md, the DEQ's backward)",
+                UserWarning, stacklevel=3)
         return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
 
     def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,
@@ -420,7 +421,7 @@ def _unflatten(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
 
 
 def _implicit_gradient(A: torch.Tensor, Bm: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """:math:`B^\top (I - A^\top)^{-1} q` per sample, (b, m), for A (b, n, n), Bm (b, n,
+    r""":math:`B^\top (I - A^\top)^{-1} q` per sample, (b, m), for A (b, n, n), Bm (b, n,
     m), q (b, n): the implicit-function gradient of a fixed point z = f(z, .) with
     A = df/dz; ``NumericalError`` where 1 is an eigenvalue of A (no implicit gradient)."""
     n = A.shape[-1]
