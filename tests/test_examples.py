@@ -47,6 +47,15 @@ def test_demo_bad_arguments_exit_cleanly(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("x0,msg", [("1,2,3", "--x0 has 3 numbers"),
+                                    ("nan,0", "--x0 must be finite")])
+def test_demo_bad_x0_exits_with_one_line(tmp_path, capsys, x0, msg):
+    """A wrong --x0 is argparse's one-line error, exit 2 (it printed a traceback)."""
+    with pytest.raises(SystemExit) as info:
+        demo.main(["solve", "pendulum", "--x0", x0, "--out", str(tmp_path)])
+    assert info.value.code == 2 and msg in capsys.readouterr().err
+
+
 def _experiment(name: str):
     """The script ``experiments/<name>.py`` imported as a module."""
     return _load(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")

@@ -18,6 +18,7 @@ trajectories.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import scipy.linalg
 
 from . import solve_dare, solve_lqr
 from .dare.backends import slycot_available
+from .errors import InvalidArgumentError
 from .lqr import LQR
 
 
@@ -256,8 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--x0 takes comma-separated numbers, --limit a number or 'none'")
         if isinstance(limit, float) and not limit > 0:
             parser.error("--limit must be positive (or 'none')")
-        return demo_solve(args.problem, args.mode, args.max_iter, args.batch, args.out,
-                          args.seed, horizon=args.horizon, x0=x0, limit=limit)
+        if x0 is not None and not all(math.isfinite(v) for v in x0):
+            parser.error(f"--x0 must be finite numbers; got {args.x0}")
+        try:
+            return demo_solve(args.problem, args.mode, args.max_iter, args.batch, args.out,
+                              args.seed, horizon=args.horizon, x0=x0, limit=limit)
+        except InvalidArgumentError as exc:   # a wrong --x0 size: one line, as argparse's
+            parser.error(str(exc))
     return demo_lqr(args.out, 100 if args.horizon is None else args.horizon)
 
 
