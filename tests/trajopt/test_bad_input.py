@@ -279,3 +279,18 @@ def test_doubling_names_what_it_cannot_solve():
     np.testing.assert_allclose(P, scipy.linalg.solve_discrete_are(A, B, Q, R), atol=1e-12)
     with pytest.raises(NotStabilizableError, match="not seen by Q.*'auto' or 'scipy'"):
         trajopt.solve_dare(A, B, Q, R, method="doubling")
+
+
+@pytest.mark.parametrize("players", [None, (1, 1)])
+def test_dynamics_that_add_a_dimension_to_one_point_are_named(players):
+    """f broadcasts one point x (2,) against a (1, 2) row and returns (1, 2): a ShapeError
+    naming the dynamics and the Jacobian's shape (it was a raw IndexError in the line
+    search, or a Cholesky error with players)."""
+    A = torch.tensor([[0.9, 0.3], [-0.2, 0.8]], dtype=torch.float64)
+    Bt = torch.tensor([[0.5, 1.0]], dtype=torch.float64)
+
+    def f(x, u, t):
+        return x + 0.3 * torch.tanh(x @ A.T + u.sum(-1, keepdim=True) * Bt)
+    with pytest.raises(ShapeError, match="^the dynamics must map one point"):
+        trajopt.solve_ddp(f, _COST2, torch.tensor([0.5, 0.2], dtype=torch.float64),
+                          torch.zeros(10, 2, dtype=torch.float64), players=players)

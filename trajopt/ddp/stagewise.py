@@ -42,7 +42,7 @@ import torch
 from torch.func import vmap
 
 from .._checks import same_shapes_by_position
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ShapeError
 
 __all__ = ["StageDerivatives", "stage_points", "check_visible"]
 
@@ -224,6 +224,7 @@ class StageDerivatives:
             if uniform:
                 stacked = _cat(per_stage)
         if not self.checked:
+            _check_jacobian_shapes(per_stage[0], first, self.name)
             self.checked = True
             # only stages whose derivatives are all zero need the finite-difference check;
             # find them with one op per derivative over all stages
@@ -362,3 +363,19 @@ def _close(a, b) -> bool:
         if not bool(((x - y).abs() <= tol).all()):
             return False
     return True
+
+
+def _check_jacobian_shapes(d: Any, args: tuple, name: str) -> None:
+    """Jacobians ``fx`` (B, n1, n) and ``fu`` (B, n1, m) of one stage (the dynamics'):
+    a function that maps one point x (n,) to (1, n1) -- a broadcast against a (1, k)
+    tensor -- gives (B, 1, n1, n) under ``vmap`` and failed deep in the solver."""
+    for field, a in (("fx", args[0]), ("fu", args[1] if len(args) > 1 else None)):
+        J = getattr(d, field, None)
+        if not torch.is_tensor(J) or a is None:
+            continue
+        if J.ndim != 3 or J.shape[0] != a.shape[0] or J.shape[-1] != a.shape[-1]:
+            raise ShapeError(
+                f"{name} must map one point x (n,) to a vector (n_next,) (batched: (..., n) "
+                f"to (..., n_next)); its Jacobian {field} has shape {tuple(J.shape)} for "
+                f"{a.shape[0]} points of {a.shape[-1]} entries: does it broadcast one point "
+                f"against a (1, k) tensor (x @ A.T + u * b with b of shape (1, n))?")
