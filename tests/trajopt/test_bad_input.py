@@ -294,3 +294,15 @@ def test_dynamics_that_add_a_dimension_to_one_point_are_named(players):
     with pytest.raises(ShapeError, match="^the dynamics must map one point"):
         trajopt.solve_ddp(f, _COST2, torch.tensor([0.5, 0.2], dtype=torch.float64),
                           torch.zeros(10, 2, dtype=torch.float64), players=players)
+
+
+def test_a_span_shortcut_of_the_wrong_size_is_named():
+    """A shortcut returning 1 entry for a 2-state system broadcast silently into the state
+    and failed later with a raw torch error: now a ShapeError naming the span."""
+    dyn = trajopt.Dynamics(lambda x, u, t: x + 0.1 * torch.tanh(x + u))
+    cost = trajopt.Cost(lambda x, u, t: (x * x).sum(-1) + (u * u).sum(-1),
+                        lambda x: ((x - 1) ** 2).sum(-1))
+    with pytest.raises(ShapeError, match=r"^the span \(2, 5\) adds .* shape of x_6"):
+        trajopt.solve_ddp(dyn, cost, torch.tensor([0.5, 0.2], dtype=torch.float64),
+                          torch.zeros(10, 1, dtype=torch.float64),
+                          spans=[trajopt.Span(2, 5, shortcut=lambda xr: xr[..., :1])])

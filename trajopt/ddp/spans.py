@@ -141,12 +141,18 @@ class SpanChain(Chain):
         for s in self._merging[t]:
             r = xs[s.start]
             if s.shortcut is None:
-                x_next = x_next + r
+                h = r
             elif s.n_params:
-                x_next = x_next + s.shortcut(r, w[..., off:off + s.n_params])
+                h = s.shortcut(r, w[..., off:off + s.n_params])
                 off += s.n_params
             else:
-                x_next = x_next + s.shortcut(r)
+                h = s.shortcut(r)
+            if not torch.is_tensor(h) or h.shape != x_next.shape:   # would broadcast
+                got = tuple(h.shape) if torch.is_tensor(h) else type(h).__name__
+                raise ShapeError(f"the span ({s.start}, {s.end}) adds {got} to the state "
+                                 f"{tuple(x_next.shape)} it merges into: its shortcut must "
+                                 f"return the shape of x_{s.end + 1}")
+            x_next = x_next + h
         return x_next
 
     def transition(self, t, x, w, xs):
