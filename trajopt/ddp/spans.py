@@ -114,7 +114,9 @@ class SpanChain(Chain):
             m = us[t].shape[-1] - npar
             if m < 0:
                 raise ShapeError(f"us0[{t}] has {us[t].shape[-1]} entries; the shortcut "
-                                 f"parameters merging there need {npar}")
+                                 f"parameters merging there need {npar}, after the stage's "
+                                 f"own controls: give stage {t} m + {npar} entries (us0 as a "
+                                 f"list of per-stage controls, docs/gtddp.md)")
             self._mu_size.append(m)
             split = self.player_split
             if split is None:
