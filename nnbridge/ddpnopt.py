@@ -53,7 +53,7 @@ from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
 from .graph import graph_stages
 from .recorder import BatchRecorder
-from .stages import StageLinearization
+from .stages import StageLinearization, normalizes_by_batch
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
@@ -638,8 +638,7 @@ class DDPNOpt(torch.optim.Optimizer):
             return False
         nxt = st.post[0] if st.post else (
             self._stages[t + 1].module if t + 1 < len(self._stages) else None)
-        return isinstance(nxt, nn.modules.batchnorm._BatchNorm) and (
-            nxt.training or nxt.running_mean is None)
+        return normalizes_by_batch(nxt)
 
     def _bn_candidates(self) -> list[nn.Module]:
         """Every module the DDP pass runs (maps and stage modules)."""

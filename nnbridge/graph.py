@@ -47,7 +47,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .decompose import _chain, check_node, node_name, trace
 from .distributed import unwrap
-from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage
+from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage, normalizes_by_batch
 
 __all__ = ["GraphStage", "StageGraph", "graph_stages", "Alignment"]
 
@@ -112,11 +112,8 @@ class GraphStage:
         if not self.players[j].has_bias or len(heads) != 1 or len(heads[0].users) != 1:
             return False
         user = next(iter(heads[0].users))
-        if user.op != "call_module":
-            return False
-        m = self._root.get_submodule(user.target)
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or m.running_mean is None)
+        return user.op == "call_module" and normalizes_by_batch(
+            self._root.get_submodule(user.target))
 
     def modules(self) -> list[nn.Module]:
         """The modules this stage calls (players and fixed maps)."""

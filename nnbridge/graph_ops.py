@@ -32,7 +32,14 @@ from trajopt.riccati.solvers import cholesky_factor
 
 from .curvature import DensePreconditioner, Preconditioner, response_gram
 from .graph import GraphStage
-from .stages import controls_samplewise, outer_sum, outer_sum_rows, samplewise, spread
+from .stages import (
+    controls_samplewise,
+    outer_sum,
+    outer_sum_rows,
+    samplewise,
+    spread,
+    without_bias_row,
+)
 
 __all__ = ["GraphLinearization", "GraphResponse", "BlockDiagonal", "JointDense",
            "joint_exact"]
@@ -85,9 +92,8 @@ class GraphLinearization:
         self.x_next = outs[0]
         self.X = [stage.unfold(j, rec["x", j]) for j in range(len(stage.players))]
         for j, c in enumerate(cancelled or []):
-            if c:   # as StageLinearization(cancelled_bias=True): the bias row is 0
-                self.X[j] = self.X[j].clone()
-                self.X[j][..., -1, :] = 0
+            if c:   # as StageLinearization(cancelled_bias=True)
+                self.X[j] = without_bias_row(self.X[j])
         self.h_shapes = [tuple(rec["h", j].shape[1:]) for j in range(len(stage.players))]
         self._zeros = [torch.zeros_like(rec["h", j]) for j in range(len(stage.players))]
         U = self.U

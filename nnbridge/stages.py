@@ -364,11 +364,25 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
     return _probed(key_owner, "_samplewise", modules, lambda Y: [fx_T(Y)], B, n1, like)
 
 
+def normalizes_by_batch(m: nn.Module | None) -> bool:
+    """``m`` is a BatchNorm normalizing with the statistics of the batch (training mode,
+    or no running statistics): it mixes the samples, and removes a bias added before it."""
+    return isinstance(m, _BN) and (m.training or m.running_mean is None)
+
+
 def _batch_statistics(modules) -> bool:
     """A BatchNorm among ``modules`` (or inside them) normalizes with the statistics of
-    the batch (training mode, or no running statistics): it mixes the samples."""
-    return any(isinstance(m, _BN) and (m.training or m.running_mean is None)
-               for mod in modules for m in mod.modules())
+    the batch: it mixes the samples."""
+    return any(normalizes_by_batch(m) for mod in modules for m in mod.modules())
+
+
+def without_bias_row(X: torch.Tensor) -> torch.Tensor:
+    """A copy of the unfolded input ``X`` (..., in', P) with its bias row (the last of
+    in') set to 0: the per-sample factors of a bias that a following BatchNorm removes
+    (:class:`StageLinearization`'s ``cancelled_bias``)."""
+    X = X.clone()
+    X[..., -1, :] = 0
+    return X
 
 
 def controls_samplewise(key_owner, modules, pull_h, B: int, n1: int,
@@ -454,8 +468,7 @@ class StageLinearization:
         with torch.no_grad():
             self.X = stage.unfold(x)
             if cancelled_bias:   # a BatchNorm with batch statistics removes the bias
-                self.X = self.X.clone()
-                self.X[..., -1, :] = 0
+                self.X = without_bias_row(self.X)
             y = None if x_next is None else _unflattened(stage, x, self.U, x_next)
             s = None if y is None else _derivative_from_output(_unflatten_post(stage.post), y)
             if s is not None:  # the captured output suffices: no recomputation of h
