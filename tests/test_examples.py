@@ -47,6 +47,15 @@ def test_demo_bad_arguments_exit_cleanly(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_demo_out_before_the_command_is_kept(tmp_path, monkeypatch):
+    """--out given before the command (as for --horizon) is where the plot goes; the
+    subcommand's default used to overwrite it (the plot went to ./demo_out)."""
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--out", str(tmp_path / "here"), "solve", "double_integrator"]) == 0
+    assert (tmp_path / "here" / "ddp_double_integrator.png").exists()
+    assert not (tmp_path / "demo_out").exists()
+
+
 @pytest.mark.parametrize("x0,msg", [("1,2,3", "--x0 has 3 numbers"),
                                     ("nan,0", "--x0 must be finite")])
 def test_demo_bad_x0_exits_with_one_line(tmp_path, capsys, x0, msg):

@@ -213,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p_lqr = sub.add_parser("lqr", help="LQR/DARE on a two-mass spring system (default)")
     p_solve = sub.add_parser("solve", help="iLQR/DDP on a classical problem")
     sub.add_parser("list", help="list the classical problems")
-    for p in (parser, p_lqr, p_solve):
-        p.add_argument("--out", type=Path, default=Path("demo_out"),
+    # --out and --horizon before or after the command; the subcommands' copies must not
+    # overwrite a value given before them with their default (argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"),
+                        help="folder for the plot (default: demo_out)")
+    for p in (p_lqr, p_solve):
+        p.add_argument("--out", type=Path, default=argparse.SUPPRESS,
                        help="folder for the plot (default: demo_out)")
-    # --horizon before or after the command; the subcommands' copies must not overwrite
-    # a value given before them with their default (argparse.SUPPRESS)
     parser.add_argument("--horizon", type=int, default=None,
                         help="horizon T (lqr: default 100; solve: the problem's)")
     for p in (p_lqr, p_solve):
