@@ -186,10 +186,17 @@ class RunResult:
 
 
 def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        out = model(X)
-        loss = float(nn.functional.cross_entropy(out, y))
-        acc = float((out.argmax(-1) == y).double().mean())
+    """Loss and accuracy in eval mode (BatchNorm with its running statistics, which the
+    evaluation leaves alone), the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(X)
+            loss = float(nn.functional.cross_entropy(out, y))
+            acc = float((out.argmax(-1) == y).double().mean())
+    finally:
+        model.train(was_training)
     return loss, acc
 
 

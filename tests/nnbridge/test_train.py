@@ -387,3 +387,37 @@ def test_a_refused_run_leaves_no_empty_folder(tmp_path, capsys):
                        "iris", "--no-progress", "--out", str(out), "--checkpoint-dir",
                        str(ck)]) == 0
     assert (out / "results.json").exists() and any(ck.iterdir())
+
+
+def test_evaluation_is_in_eval_mode_and_leaves_batchnorm_statistics_alone(monkeypatch):
+    """The accuracies the command reports are the model's in eval mode (running
+    statistics, as a user evaluates it), and evaluating does not feed the evaluation data
+    into the running statistics: only the training steps' forward passes count."""
+    import nnbridge.training as training
+    made = []
+
+    def capture(*args, **kwargs):
+        made.append(training_default(*args, **kwargs))
+        return made[-1]
+    training_default = training.default_model
+    monkeypatch.setattr(training, "default_model", capture)
+    seen = []
+    real = training._evaluate
+
+    def spy(model, X, y):
+        out = real(model, X, y)
+        seen.append(model.training)  # the mode is restored after
+        model.eval()
+        with torch.no_grad():
+            ref = float((model(X).argmax(-1) == y).double().mean())
+        model.train(seen[-1])
+        assert out[1] == ref, "the reported accuracy is not the eval-mode one"
+        return out
+    monkeypatch.setattr(training, "_evaluate", spy)
+    r = run(RunConfig(dataset="digits", model="resnet", optimizer="sgd", epochs=2,
+                      batch_size=16, seed=0), _small("digits"))
+    model = made[0]
+    steps = len(r.history["step"])
+    assert steps == 6 and seen == [True] * 6  # before training, then 2 an epoch
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert int(bn.num_batches_tracked) == steps
