@@ -31,6 +31,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import ddpnopt_paper as paper  # noqa: E402
 
 import nnbridge  # noqa: E402
 from nnbridge import data  # noqa: E402
@@ -256,7 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="2 training steps, no ResNet")
     ap.add_argument("--resnet-batch", type=int, default=2,
                     help="batch of the ResNet probe (default 2: ~1 min; 4: ~4 min)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments_fig4.md / .json in --out")
     a = ap.parse_args(argv)
+    if paper.results_paths(a, "experiments_fig4") is None:  # never replaced silently
+        return 2
     torch.set_num_threads(1)
     steps = 2 if a.smoke else a.steps
     res = run(steps)

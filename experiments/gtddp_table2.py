@@ -423,7 +423,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite experiments_gtddp.md from experiments_gtddp.json, "
                          "measuring the feedback sizes again (seconds; no training runs)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments_gtddp.md / .json in --out")
     a = ap.parse_args(argv)
+    if paper.results_paths(a, "experiments_gtddp") is None:  # never replaced silently
+        return 2
     paper._init()      # one torch thread here too (the pool's workers have one each)
     from nnbridge.train import _finite_or_none  # a diverged run's loss: null
     if a.report_only:

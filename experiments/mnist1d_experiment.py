@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     paper.add_ray_option(ap)
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1 seed, 1 grid value")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments_mnist1d.md / .json in --out")
     a = ap.parse_args(argv)
+    if paper.results_paths(a, "experiments_mnist1d") is None:  # never replaced silently
+        return 2
     runner = paper.Runner(a.workers, a.smoke, a.ray)
     res = run(runner, a.smoke)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import ddpnopt_paper as paper  # noqa: E402
 
 GRID = {"identity": (0.1, 0.3, 0.6), "adam": (0.003, 0.01, 0.03)}
 TERMINALS = ("baseline", "empirical", "fisher", "ggn")
@@ -78,9 +80,13 @@ def one_run(job: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1 seed, one lr")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments_terminal.md / .json in --out")
     a = ap.parse_args(argv)
+    if paper.results_paths(a, "experiments_terminal") is None:  # never replaced silently
+        return 2
     seeds = (0,) if a.smoke else (0, 1, 2)
     epochs = 1 if a.smoke else 20
     grid = {c: lrs[:1] for c, lrs in GRID.items()} if a.smoke else GRID

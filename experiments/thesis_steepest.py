@@ -28,6 +28,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import ddpnopt_paper as paper  # noqa: E402
+
 from nnbridge import DEQ, lqr_direction  # noqa: E402
 from nnbridge.data import load  # noqa: E402
 from tests.reference.fisher_dense import natural_gradient  # noqa: E402
@@ -156,7 +159,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments_steepest.md in --out")
     a = ap.parse_args(argv)
+    if paper.results_paths(a, "experiments_steepest") is None:  # never replaced silently
+        return 2
     torch.set_default_dtype(torch.float64)
     try:
         ds = load("digits").to("cpu", torch.float64)

@@ -123,6 +123,25 @@ def test_gtddp_table2_smoke(tmp_path):
     assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8
 
 
+@pytest.mark.parametrize("name,stem", [
+    ("gtddp_table2", "experiments_gtddp"), ("gtddp_fig4", "experiments_fig4"),
+    ("mnist1d_experiment", "experiments_mnist1d"), ("terminal_hessian", "experiments_terminal"),
+    ("thesis_steepest", "experiments_steepest")])
+@pytest.mark.parametrize("existing", [".md", ".json"])
+def test_experiments_refuse_to_replace_results_without_overwrite(tmp_path, capsys, name,
+                                                                  stem, existing):
+    """An experiment whose results page (or its raw numbers) is already in --out stops
+    before running, naming --overwrite, and leaves the file alone (these five replaced
+    them silently)."""
+    module = _experiment(name)
+    kept = tmp_path / f"{stem}{existing}"
+    kept.write_text("earlier results")
+    assert module.main(["--smoke", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert kept.read_text() == "earlier results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+
+
 def test_gtddp_fig4_smoke(tmp_path):
     """experiments/gtddp_fig4.py end to end (2 training steps): the off-block shares are
     in [0, 1] for every stage, with and without BatchNorm, and the picture exists."""
