@@ -140,6 +140,19 @@ def test_unstabilizable_names_the_mode():
             trajopt.solve_care(A, B, np.eye(2), np.eye(1), method=method)
 
 
+def test_the_unstabilizable_element_of_a_batch_is_named():
+    """Every method names the failing element of the caller's batch ("auto" named its
+    position among the elements it handed to scipy)."""
+    good = torch.tensor([[0.1, 0.0], [0.0, -0.5]], dtype=torch.float64)
+    bad = torch.tensor([[-0.5, 0.0], [0.0, 0.3]], dtype=torch.float64)
+    B, Q, R = torch.tensor([[1.0], [0.0]], dtype=torch.float64), torch.eye(2), torch.eye(1)
+    for where in range(3):
+        A = torch.stack([bad if i == where else good for i in range(3)])
+        for method in ("auto", "sign", "scipy"):
+            with pytest.raises(NotStabilizableError, match=rf"batch element \({where},\)"):
+                trajopt.solve_care(A, B, Q.double(), R.double(), method=method)
+
+
 def test_bad_input_names_the_argument():
     A, B, Q, R, _, _ = _system(0, 3, 1, False, False)
     with pytest.raises(ShapeError, match="B"):

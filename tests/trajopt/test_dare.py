@@ -146,6 +146,23 @@ def test_uncontrollable_mode_named_in_message():
         trajopt.solve_dare(A, B, np.eye(2), np.eye(1))
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_the_unstabilizable_element_of_a_batch_is_named(method, bad):
+    """The error names the failing element of the caller's batch, also where "auto" hands
+    a part of the batch to a per-element back end (it named the position in that part)
+    and where the others need that back end too (undetectable but stabilizable: doubling
+    cannot solve them)."""
+    und = (np.diag([0.5, 1.2]), np.array([[1.0], [1.0]]), np.diag([1.0, 0.0]))
+    wrong = (np.diag([0.5, 1.3]), np.array([[1.0], [0.0]]), np.eye(2))
+    A, B, Q = (torch.tensor(np.stack([(wrong if i == bad else und)[k] for i in range(3)]))
+               for k in range(3))
+    if method == "doubling":  # it cannot solve the others: a batch of stabilizable ones
+        A, B, Q = A.clone(), B.clone(), torch.eye(2).expand(3, 2, 2)
+    with pytest.raises(NotStabilizableError, match=rf"batch element \({bad},\).*1\.3"):
+        trajopt.solve_dare(A, B, Q, torch.eye(1, dtype=A.dtype), method=method)
+
+
 def test_slycot_missing(monkeypatch):
     A, B, Q, R, _, _ = random_system(np.random.default_rng(3), 3, 1)
     monkeypatch.setattr(backends, "slycot_available", lambda: False)

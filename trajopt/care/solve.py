@@ -80,11 +80,7 @@ def _scipy_one(A, B, Q, R, E, S):
 def solve_care_scipy(d: DAREData) -> torch.Tensor:
     """``scipy.linalg.solve_continuous_are`` element by element (float64, CPU); a failed
     element is named, with its uncontrollable mode when it has one."""
-    def name_it(index, exc):
-        bad = torch.zeros(d.batch, dtype=torch.bool)
-        bad[index] = True
-        _unstabilizable(d, bad, str(exc))
-    return loop_elements(d, _scipy_one, on_failure=name_it)
+    return loop_elements(d, _scipy_one, on_failure=_unstabilizable)
 
 
 def _auto(d: DAREData, tol, max_iter) -> tuple[torch.Tensor, list[str]]:

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import NotStabilizableError, NumericalError, SolverUnavailableError
 from ._common import DAREData
+from .stability import raise_unstabilizable
 
 
 def slycot_available() -> bool:
@@ -26,20 +27,21 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().to(torch.float64).numpy()
 
 
-def loop_elements(d: DAREData, solve_one, on_failure=None) -> torch.Tensor:
+def loop_elements(d: DAREData, solve_one, on_failure=raise_unstabilizable) -> torch.Tensor:
     """``solve_one(A, B, Q, R, E, S)`` (float64 numpy, one system) for every batch
-    element, stacked as tensors of ``d``'s dtype and device.  ``on_failure(index, exc)``,
-    when given, is called with the batch index of an element whose solve raised
-    :class:`NotStabilizableError` (e.g. to name it); it must raise."""
+    element, stacked as tensors of ``d``'s dtype and device.  An element whose solve raises
+    :class:`NotStabilizableError` is named: ``on_failure(d, bad, message)`` raises it
+    (``bad``: the mask of that element; :func:`raise_unstabilizable` by default, which
+    names an uncontrollable unstable mode where there is one)."""
     out = torch.empty(*d.batch, d.n, d.n, dtype=d.A.dtype, device=d.A.device)
     for index in itertools.product(*(range(s) for s in d.batch)):
         e = d.element(index)
         try:
             X = solve_one(_np(e.A), _np(e.B), _np(e.Q), _np(e.R), _np(e.E), _np(e.S))
         except NotStabilizableError as exc:
-            if on_failure is None:
-                raise
-            on_failure(index, exc)
+            bad = torch.zeros(d.batch, dtype=torch.bool)
+            bad[index] = True
+            on_failure(d, bad, str(exc))
             raise
         out[index] = torch.as_tensor(X, dtype=d.A.dtype, device=d.A.device)
     return out

@@ -15,6 +15,7 @@ from .._arrays import ArrayKind, as_tensors
 from ..errors import (
     ConvergenceWarning,
     InvalidArgumentError,
+    NotStabilizableError,
     NumericalError,
     TrajoptError,
 )
@@ -193,6 +194,10 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
         flat = d.subset(idx)
         try:
             Xr, name = _reference(flat)
+        except NotStabilizableError:
+            if X is None or not bool(certified.reshape(-1)[idx].all()):
+                raise  # an element doubling did not solve either (named in d's batch)
+            return d, X, certified, used, res
         except TrajoptError:
             if X is None:
                 raise

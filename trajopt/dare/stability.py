@@ -59,7 +59,8 @@ def raise_unstabilizable(d: DAREData, bad, what: str, continuous: bool = False) 
     first = torch.nonzero(torch.as_tensor(bad).reshape(-1))[0].item()
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
         if len(d.batch) else ()
-    where = f" for batch element {index}" if index else ""
+    label = d.label(index)
+    where = f" for batch element {label}" if label else ""
     mode = uncontrollable_unstable_mode(d.element(index), continuous)
     if mode is not None:
         which = "Re lambda >= 0" if continuous else f"|lambda| = {abs(mode):.6g} >= 1"
