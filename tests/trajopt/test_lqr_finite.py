@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import trajopt
 from tests._hypothesis import examples
 from tests.reference.lqr_kkt import kkt_solve, kkt_value, random_stages, riccati_numpy
-from trajopt.errors import NotPositiveDefiniteError
+from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
 
 RTOL = 1e-9  # float64 identities; the KKT matrix condition number stays < 1e6 here
 
@@ -203,6 +203,18 @@ def test_regularization_and_indefinite_stage_named():
     b_data = dict(data2, R=data2["R"] + reg * np.eye(2))
     b = trajopt.solve_lqr(trajopt.LQR(**b_data))
     np.testing.assert_allclose(a.K[-1], b.K[-1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("reg", [-0.5, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_reg_is_refused_by_name(reg):
+    """reg < 0 solved another problem silently (R + reg I); NaN failed as an indefinite
+    Q_uu blaming R."""
+    from trajopt.riccati import CholeskySolver
+    data = _stacked(np.random.default_rng(6), (), 4, 3, 2)
+    with pytest.raises(InvalidArgumentError, match="reg must be a finite number >= 0"):
+        trajopt.solve_lqr(trajopt.LQR(**data), reg=reg)
+    with pytest.raises(InvalidArgumentError, match="reg"):
+        CholeskySolver(reg=reg)
 
 
 def test_finite_horizon_converges_to_dare():

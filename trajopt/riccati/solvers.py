@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import NotPositiveDefiniteError
+from ..errors import InvalidArgumentError, NotPositiveDefiniteError
 from .expansion import QExpansion
 
 __all__ = ["QuuSolver", "CholeskySolver", "PerElementCholesky", "cholesky_solve",
@@ -80,6 +80,13 @@ class CholeskySolver:
     """
 
     reg: float = 0.0
+
+    def __post_init__(self):
+        r = torch.as_tensor(self.reg)
+        if r.is_complex() or not bool(torch.isfinite(r).all() & (r >= 0).all()):
+            raise InvalidArgumentError(
+                "reg must be a finite number >= 0 (0: the exact Q_uu; a negative one would "
+                f"solve another problem); got {self.reg!r}")
 
     def solve(self, Quu: torch.Tensor, rhs: torch.Tensor, stage: int | None) -> torch.Tensor:
         m = Quu.shape[-1]
