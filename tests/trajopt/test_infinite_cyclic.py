@@ -134,3 +134,14 @@ def test_cycle_that_does_not_close_is_rejected():
     with pytest.raises(trajopt.errors.ShapeError, match="cycle does not close"):
         trajopt.solve_cyclic_lqr([A0, A1], [np.ones((3, 1)), np.ones((4, 1))],
                                  [np.eye(2), np.eye(3)], [np.eye(1), np.eye(1)])
+
+
+@pytest.mark.parametrize("a", [2.0, 1.01])
+@pytest.mark.parametrize("method", ["lift", "sweep"])
+def test_an_unstabilizable_cycle_is_named_by_both_methods(a, method):
+    """A mode |a|^2 > 1 per cycle that B does not reach: "sweep" raised a Cholesky error
+    blaming R when P overflowed within a sweep (a = 2); both methods say what is wrong."""
+    from trajopt.errors import NotStabilizableError
+    A, B = [np.diag([a, 0.5])] * 2, [np.array([[0.0], [1.0]])] * 2
+    with pytest.raises(NotStabilizableError, match="lambda|not stabilizable"):
+        trajopt.solve_cyclic_lqr(A, B, [np.eye(2)] * 2, [np.eye(1)] * 2, method=method)

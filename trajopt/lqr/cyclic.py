@@ -147,19 +147,28 @@ def _sweep(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
     return Ps, ps, Ks, ks
 
 
-def _check_sweep_solution(stages: list[Stage], Ps, Ks, sweeps: int) -> None:
+def _check_sweep_solution(stages: list[Stage], Ps, Ks, sweeps: int, diverged: bool,
+                          converged: bool) -> None:
     """The sweeps' fixed point must be finite and stabilize the cycle: from P = 0 they
-    diverge on a non-stabilizable cycle, and on one with an unstable mode the cost does
-    not see (not detectable) they converge to a non-stabilizing solution."""
-    if not all(bool(torch.isfinite(P).all()) for P in Ps):
+    diverge on a non-stabilizable cycle (``diverged``: P's entries passed the square root
+    of the largest float, where R + B'PB would overflow next), and on one with an
+    unstable mode the cost does not see (not detectable) they converge to a
+    non-stabilizing solution."""
+    if diverged or not all(bool(torch.isfinite(P).all()) for P in Ps):
         raise NotStabilizableError(
-            f"cyclic Riccati sweeps diverged (P not finite after {sweeps} sweeps): the "
+            f"cyclic Riccati sweeps diverged (P unbounded after {sweeps} sweeps): the "
             "cycle is not stabilizable; method='lift' names the uncontrollable mode")
     mono = None
     for s, K in zip(stages, Ks):
         Acl = s.A + s.B @ K
         mono = Acl if mono is None else Acl @ mono
     rho = torch.linalg.eigvals(mono).abs().amax(-1)
+    if bool((rho >= 1.0).any()) and not converged:  # still growing, or never settled
+        raise NotStabilizableError(
+            f"cyclic Riccati sweeps did not converge in {sweeps} sweeps and the last one "
+            f"does not stabilize the cycle (closed-loop spectral radius over one cycle "
+            f"{float(rho.max()):.3g} >= 1): the cycle is not stabilizable or has an "
+            "unstable mode the cost does not weigh; method='lift' tells which")
     if bool((rho >= 1.0).any()):
         raise NotStabilizableError(
             f"cyclic Riccati sweeps converged to a non-stabilizing solution (closed-loop "
@@ -217,6 +226,7 @@ def solve_cyclic_lqr(
     else:
         eps = torch.finfo(kind.dtype).eps
         tol = 100 * eps if tol is None else tol
+        huge = torch.finfo(kind.dtype).max ** 0.5
         n0 = stages[0].n
         P = torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device)
         p = torch.zeros(n0, dtype=kind.dtype, device=kind.device)
@@ -227,13 +237,15 @@ def solve_cyclic_lqr(
             dp = torch.linalg.vector_norm(ps[0] - p, dim=-1) / torch.linalg.vector_norm(
                 ps[0], dim=-1).clamp_min(1.0)
             P, p = Ps[0], ps[0]
-            if not bool(torch.isfinite(P).all()):
+            diverged = not bool((P.abs() < huge).all())  # stop before R + B'PB overflows
+            if diverged:
                 break
-            if bool(((dP <= tol) & (dp <= tol)).all()):
+            converged = bool(((dP <= tol) & (dp <= tol)).all())
+            if converged:
                 break
-        else:
+        _check_sweep_solution(stages, Ps, Ks, sweeps, diverged, converged)
+        if not converged:
             warnings.warn(f"cyclic Riccati sweeps did not converge in {max_sweeps} sweeps",
                           ConvergenceWarning, stacklevel=2)
-        _check_sweep_solution(stages, Ps, Ks, sweeps)
     return CyclicLQRSolution(P=kind.out(Ps), K=kind.out(Ks), p=kind.out(ps),
                              k=kind.out(ks), method=method, sweeps=sweeps)
