@@ -32,7 +32,7 @@ class ArrayKind:
         """Convert one argument to a tensor of this kind's dtype and device."""
         if isinstance(x, torch.Tensor):
             if x.is_complex():
-                raise ShapeError(f"{name} is complex; trajopt solves real problems only")
+                raise InvalidArgumentError(f"{name} is complex; trajopt solves real problems only")
             if x.dtype in _HALF or self.dtype in _HALF:
                 raise InvalidArgumentError(
                     f"{name} has dtype {x.dtype if x.dtype in _HALF else self.dtype}: "
@@ -44,7 +44,7 @@ class ArrayKind:
             return x.to(dtype=self.dtype, device=self.device)
         arr = np.asarray(x)
         if np.iscomplexobj(arr):
-            raise ShapeError(f"{name} is complex; trajopt solves real problems only")
+            raise InvalidArgumentError(f"{name} is complex; trajopt solves real problems only")
         if arr.dtype == object:
             raise ShapeError(f"{name} could not be read as a numeric array")
         return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64)).to(

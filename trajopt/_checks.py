@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-from .errors import NonFiniteError, NotSymmetricError, ShapeError
+from .errors import InvalidArgumentError, NonFiniteError, NotSymmetricError, ShapeError
 
 _shape = operator.attrgetter("shape")
 
@@ -101,3 +103,18 @@ def batch_shape(*tensors_and_ranks: tuple[torch.Tensor | None, int, str]) -> tor
     except RuntimeError:
         desc = ", ".join(f"{n} batch {tuple(s)}" for s, n in shapes)
         raise ShapeError(f"batch dimensions do not broadcast: {desc}") from None
+
+
+def as_real(x: Any, name: str) -> torch.Tensor:
+    """``torch.as_tensor(x)`` kept in its floating dtype; integers and booleans become
+    floats as in :func:`trajopt._arrays.infer_kind` (numpy: float64, torch: the default
+    dtype); complex input is refused naming ``name``; a read-only numpy view is copied."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:  # a broadcast view: torch
+        x = x.copy()                                          # warns about those
+    t = torch.as_tensor(x)
+    if t.is_complex():
+        raise InvalidArgumentError(f"{name} is complex; trajopt solves real problems only")
+    if t.is_floating_point():
+        return t
+    return t.to(torch.float64 if not isinstance(x, torch.Tensor) else
+                torch.get_default_dtype())

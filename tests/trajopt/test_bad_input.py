@@ -306,3 +306,25 @@ def test_a_span_shortcut_of_the_wrong_size_is_named():
         trajopt.solve_ddp(dyn, cost, torch.tensor([0.5, 0.2], dtype=torch.float64),
                           torch.zeros(10, 1, dtype=torch.float64),
                           spans=[trajopt.Span(2, 5, shortcut=lambda xr: xr[..., :1])])
+
+
+def test_integer_cost_matrices_and_read_only_views_are_read_as_floats():
+    """np.diag([1, 10]) is int64: QuadraticCost raised torch's finfo TypeError (its
+    symmetry check), and an integer Q would have truncated a float reference; a
+    broadcast (read-only) view made torch warn in LinearDynamics. Both solve as floats."""
+    x0, us0 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(30, 1,
+                                                                           dtype=torch.float64)
+    A, B = np.array([[1, 1], [0, 1]]), np.array([[0], [1]])
+    ref = trajopt.solve_ddp(trajopt.LinearDynamics(A.astype(float), B.astype(float)),
+                            trajopt.QuadraticCost(np.diag([1.0, 10.0]), np.eye(1), np.eye(2),
+                                                  x_ref=[0.7, 0.0]), x0, us0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dyn = trajopt.LinearDynamics(np.broadcast_to(A, (30, 2, 2)), np.broadcast_to(B, (30, 2, 1)))
+        cost = trajopt.QuadraticCost(np.diag([1, 10]), np.eye(1, dtype=int), np.eye(2, dtype=int),
+                                     x_ref=[0.7, 0.0])
+        assert cost.Q.dtype == torch.float64 and float(cost.x_ref[0]) == 0.7
+        got = trajopt.solve_ddp(dyn, cost, x0, us0)
+    torch.testing.assert_close(got.us, ref.us, rtol=1e-12, atol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="R is complex"):
+        trajopt.QuadraticCost(np.eye(2), np.eye(1) * 1j, np.eye(2))

@@ -7,6 +7,7 @@ import pytest
 
 import trajopt
 from trajopt.errors import (
+    InvalidArgumentError,
     NonFiniteError,
     NotPositiveDefiniteError,
     NotSymmetricError,
@@ -38,7 +39,7 @@ DARE_CASES = [
     (dict(A=np.full((2, 2), np.inf), B=B21, Q=I2, R=I1), NonFiniteError,
      "A contains NaN or infinity"),
     (dict(A=I2, B=B21, Q=ASYM, R=I1), NotSymmetricError, "Q must be symmetric"),
-    (dict(A=I2 * 1j, B=B21, Q=I2, R=I1), ShapeError, "A is complex"),
+    (dict(A=I2 * 1j, B=B21, Q=I2, R=I1), InvalidArgumentError, "A is complex"),
 ]
 
 

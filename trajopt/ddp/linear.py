@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_finite, shape_str
+from .._checks import as_real, check_finite, shape_str
 from ..errors import ShapeError
 from .models import Dynamics, DynamicsDerivatives
 
@@ -40,8 +40,8 @@ class LinearDynamics(Dynamics):
     """
 
     def __init__(self, A: Any, B: Any, c: Any = None):
-        self.A, self.B = torch.as_tensor(A), torch.as_tensor(B)
-        self.c = None if c is None else torch.as_tensor(c)
+        self.A, self.B = as_real(A, "A"), as_real(B, "B")
+        self.c = None if c is None else as_real(c, "c")
         if self.A.ndim not in (2, 3) or self.A.shape[-1] != self.A.shape[-2]:
             raise ShapeError(f"A must be (n, n) or (T, n, n); got {shape_str(self.A)}")
         n = self.A.shape[-1]

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
-from .._checks import check_finite, check_square, check_symmetric, shape_str
+from .._checks import as_real, check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
 from .reverse import gradient_and_hessian, jacobians, reverse_or_transforms
 from .stage_argument import model_ignores_stage
@@ -381,7 +381,7 @@ class QuadraticCost(Cost):
 
     def __init__(self, Q, R, QT, x_ref=None, u_ref=None, x_goal=None):
         super().__init__(time_invariant=True)
-        self.Q, self.R, self.QT = (torch.as_tensor(v) for v in (Q, R, QT))
+        self.Q, self.R, self.QT = (as_real(v, k) for k, v in zip(("Q", "R", "QT"), (Q, R, QT)))
         n, m = self.Q.shape[-1], self.R.shape[-1]
         self.x_ref = torch.zeros(n, dtype=self.Q.dtype) if x_ref is None else \
             torch.as_tensor(x_ref, dtype=self.Q.dtype)
