@@ -118,3 +118,37 @@ def test_the_control_size_comes_from_a_linear_model_or_a_quadratic_cost():
     assert trajopt.MPC(trajopt.LinearDynamics(A, B), plain, horizon=5).n_controls == 2
     with pytest.raises(InvalidArgumentError, match="n_controls"):
         trajopt.MPC(lambda x, u, t: x @ A.T + u @ B.T, plain, horizon=5)
+
+
+def test_a_plan_from_reset_is_used_cut_to_the_horizon_and_broadcast():
+    """reset(plan) with an offline solution over a longer horizon (the docs' call) was
+    dropped silently for zeros; now its first `horizon` stages warm-start the step, one
+    plan serves a batch of states, and a plan of the wrong size is refused by name."""
+    A, B, Q, R, P = _lq()
+    dyn, cost = trajopt.LinearDynamics(A, B), trajopt.QuadraticCost(Q, R, P)
+    x0 = torch.tensor([1.0, -0.5], dtype=DT)
+    offline = trajopt.solve_ddp(dyn, cost, x0, torch.zeros(40, 1, dtype=DT))
+
+    def first_start(plan, x):
+        """The controls the solver starts from at the first step."""
+        mpc = trajopt.MPC(dyn, cost, horizon=10, iterations=1)
+        mpc.reset(plan)
+        seen = []
+        solve = mpc.solver.solve
+        mpc.solver.solve = lambda x, us0, **kw: seen.append(us0.clone()) or solve(x, us0,
+                                                                                  **kw)
+        mpc.step(x)
+        return seen[0]
+    torch.testing.assert_close(first_start(offline.us, x0), offline.us[:10], rtol=0, atol=0)
+    assert not first_start(None, x0).any()
+    xb = torch.stack([x0, 2 * x0, -x0])
+    torch.testing.assert_close(first_start(offline.us, xb),
+                               offline.us[:10].expand(3, 10, 1), rtol=0, atol=0)
+    with pytest.raises(ShapeError, match="plan must be controls"):
+        trajopt.MPC(dyn, cost, horizon=10).reset(offline.us[:5])
+    with pytest.raises(ShapeError, match="plan must be controls"):
+        trajopt.MPC(dyn, cost, horizon=10).reset(offline.us[:, 0])
+    bad = trajopt.MPC(dyn, cost, horizon=10)
+    bad.reset(torch.zeros(2, 10, 1, dtype=DT))
+    with pytest.raises(ShapeError, match="does not broadcast"):
+        bad.step(xb)

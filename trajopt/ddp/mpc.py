@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import as_real, shape_str
 from ..errors import InvalidArgumentError, ShapeError
 from .augmented import AugmentedCost, check_constraints
 from .constrained import ConstrainedSolver
@@ -109,9 +110,18 @@ class MPC:
         self.last: DDPResult | None = None
 
     def reset(self, plan: Any = None) -> None:
-        """Forget the warm start (or set it: controls (..., horizon, m))."""
-        self.plan = None if plan is None else torch.as_tensor(plan)
+        """Forget the warm start, or set it: controls (..., T, m) with T >= ``horizon``
+        (an offline solution over a longer horizon: its first ``horizon`` stages), batch
+        dimensions broadcast against the state's at the next :meth:`step`."""
         self.last = None
+        if plan is None:
+            self.plan = None
+            return
+        p = as_real(plan, "plan")
+        if p.ndim < 2 or p.shape[-1] != self.n_controls or p.shape[-2] < self.horizon:
+            raise ShapeError(f"plan must be controls (..., T, {self.n_controls}) with T >= "
+                             f"horizon = {self.horizon}; got {shape_str(p)}")
+        self.plan = p[..., :self.horizon, :]
 
     def step(self, x: Any) -> torch.Tensor:
         """The control to apply at state ``x`` (..., n): one warm-started solve; the plan
@@ -129,7 +139,12 @@ class MPC:
         x = torch.as_tensor(x)
         shape = (*x.shape[:-1], self.horizon, self.n_controls)
         states = None
-        if self.plan is None or tuple(self.plan.shape) != shape:
+        if self.plan is not None and tuple(self.plan.shape) != shape:
+            if self.last is None:  # given by reset(plan): broadcast to the state's batch
+                self.plan = _broadcast_plan(self.plan, shape, x)
+            else:  # the state's batch changed: start again from zeros
+                self.plan = None
+        if self.plan is None:
             self.plan = torch.zeros(shape, dtype=x.dtype, device=x.device)
         elif self.last is not None and tuple(self.last.us.shape) == shape:
             self.plan, states = self._closed_loop_warm_start(x)
@@ -220,3 +235,17 @@ def _known_controls(dynamics: Any, cost: Any) -> int | None:
         if torch.is_tensor(M) and M.ndim >= 2:
             return int(M.shape[-1])
     return None
+
+
+def _broadcast_plan(plan: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor
+                    ) -> torch.Tensor:
+    """A plan given by ``reset`` for the controllers of states ``x``: batch dimensions
+    broadcast (one plan for every controller), never dropped silently."""
+    try:
+        ok = torch.broadcast_shapes(plan.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ShapeError(f"plan {shape_str(plan)} does not broadcast to the controls "
+                         f"{shape} of the state's batch {tuple(x.shape[:-1])}")
+    return plan.to(dtype=x.dtype, device=x.device).expand(shape).clone()
