@@ -134,7 +134,8 @@ def solve_care(
 
     Arguments mean exactly what they mean in ``scipy.linalg.solve_continuous_are(a, b, q,
     r, e, s)``.  Leading dimensions are batch dimensions (broadcast); numpy input returns
-    numpy (float64), torch input returns torch of its dtype and device.
+    numpy (float64), torch input returns torch of its dtype and device (integer tensors:
+    torch's default float dtype).
 
     Parameters
     ----------

@@ -250,7 +250,8 @@ def solve_dare(
     Arguments mean exactly what they mean in ``scipy.linalg.solve_discrete_are(a, b, q,
     r, e, s)``; in our cost convention ``S = M'``.  Leading dimensions are batch
     dimensions (broadcast).  numpy input returns numpy (float64), torch input returns
-    torch of its dtype/device.
+    torch of its dtype/device (integer tensors: torch's default float dtype, as torch
+    promotes them).
 
     Parameters
     ----------
