@@ -516,8 +516,8 @@ class DDPNOpt(torch.optim.Optimizer):
     def _open_loop_update(self, rec, group, frozen, mean):
         controls, states = [], []
         for t, st in enumerate(self._stages):
-            if frozen[t]:
-                controls.append(None)
+            if frozen[t] or all(p.grad is None for p in st.params()):
+                controls.append(None)  # no gradient: skipped, as torch.optim does
                 states.append(None)
                 continue
             hp, state, step = self._hp(st, group)

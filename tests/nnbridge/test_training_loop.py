@@ -246,3 +246,39 @@ def test_autocast_bf16_step_runs_in_float32(curvature, seed):
     if curvature != "adam":
         d32 = _autocast_step(curvature, seed, False)
         assert float((d16 - d32).norm() / d32.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("curvature,base,kw", [
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2), {}),
+    ("identity", lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), {"momentum": 0.9})])
+def test_parameters_without_a_gradient_are_skipped_as_torch_optim_does(curvature, base, kw):
+    """zero_grad() (set_to_none) and step() with no backward: torch.optim leaves the
+    parameters and their state alone; DDPNOpt(feedback=False), "exactly the base
+    optimizer", moved them with zero gradients (momentum, Adam's moments). Also a layer
+    that received no gradient in a step while others did."""
+    X, y = data(16)
+    models = [mlp(), mlp()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [base(models[0].parameters()),
+            _opt(models[1], curvature, feedback=False, **kw)]
+    for model, opt in zip(models, opts):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(X), y).backward()
+            opt.step()
+        opt.zero_grad()  # only the first layer gets a gradient now
+        before = [p.detach().clone() for p in model.parameters()]
+        first = model[0]
+        F.cross_entropy(model(X), y).backward()
+        for p in model.parameters():
+            if p is not first.weight and p is not first.bias:
+                p.grad = None
+        opt.step()
+        moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+        assert moved == [True, True] + [False] * (len(moved) - 2)
+        opt.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
