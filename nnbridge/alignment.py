@@ -38,6 +38,7 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError
 
+from .checkpoint import not_copyable
 from .graph import Alignment
 from .gtddp import GTDDP
 
@@ -167,6 +168,8 @@ class AlignmentBandit(torch.optim.Optimizer):
     ``step`` needs a closure (it evaluates the loss after the step); the parameter
     groups are shared by the arms, so LR schedulers and ``zero_grad`` act on all of them.
     """
+
+    __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
     def __init__(self, model: nn.Module, lr: float | None = None, *,
                  arms: Sequence[Alignment] = ("merge", "split"), seed: int = 0,

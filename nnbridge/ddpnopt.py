@@ -47,6 +47,7 @@ from trajopt.riccati import (
 )
 
 from .batchnorm import batch_coupled
+from .checkpoint import not_copyable
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
@@ -121,6 +122,8 @@ class DDPNOpt(torch.optim.Optimizer):
     **hyper
         Curvature hyper-parameters.
     """
+
+    __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
     #: the backward pass carries the value gradient as V_x = K + Z a, K the gradient the
     #: training loop's backward pass sent to each stage (recorded), so that only the

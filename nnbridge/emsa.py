@@ -41,6 +41,7 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
+from .checkpoint import not_copyable
 from .decompose import stages
 from .recorder import BatchRecorder
 from .stages import Stage
@@ -96,6 +97,8 @@ class EMSA(torch.optim.Optimizer):
     come from the recorded backward pass (clipping a gradient does not change E-MSA's
     step).
     """
+
+    __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
     def __init__(self, model: nn.Module, lr: float = 0.1, *, rho: float = 1.0,
                  inner_steps: int = 5):

@@ -39,6 +39,7 @@ from trajopt.errors import (
 )
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
+from .checkpoint import not_copyable
 from .closure import loss_is_finite
 from .decompose import stages
 from .gramian import (
@@ -304,6 +305,8 @@ class LQRDescent(torch.optim.Optimizer):
     solve : {"auto", "direct", "cg"}
         The output-space solve of the "kl" direction (see :func:`lqr_direction`).
     """
+
+    __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
     def __init__(self, model: nn.Module, lr: float = 0.1, *, divergence: str = "kl",
                  damping: float = 1e-3,

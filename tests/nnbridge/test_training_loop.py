@@ -282,3 +282,18 @@ def test_parameters_without_a_gradient_are_skipped_as_torch_optim_does(curvature
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: nnbridge.DDPNOpt(m), lambda m: nnbridge.EKFAC(m), lambda m: nnbridge.GTDDP(m),
+    lambda m: nnbridge.EMSA(m), lambda m: nnbridge.LQRDescent(m, lr=0.1),
+    lambda m: nnbridge.AlignmentBandit(m)])
+def test_copying_or_pickling_an_optimizer_is_refused_pointing_to_state_dict(make):
+    """copy.deepcopy and pickle kept only torch.optim's fields (no hooks on the model):
+    the copy failed at its next step with an AttributeError."""
+    import copy
+    import pickle
+    opt = make(mlp())
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="state_dict"):
+            copier(opt)
