@@ -42,6 +42,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from trajopt.errors import UnsupportedModelError
 
@@ -124,6 +125,18 @@ def _len_of_proxies():
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    for name, m in model.named_modules():
+        computed = [k for k in ("weight", "bias") if torch.is_tensor(getattr(m, k, None))
+                    and not isinstance(getattr(m, k), nn.Parameter)]
+        if is_layer(m) and (parametrize.is_parametrized(m) or computed):
+            raise UnsupportedModelError(
+                f"model: layer {name!r} ({type(m).__name__}) has a computed "
+                f"{(computed or ['weight'])[0]} (weight_norm, spectral_norm or another "
+                "parametrization): a layer's parameters are its DDP control, and these are "
+                "functions of other parameters; remove the parametrization "
+                "(torch.nn.utils.parametrize.remove_parametrizations) or train the model "
+                "with a torch.optim optimizer")
+
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_layer(m) or super().is_leaf_module(m, qualname)

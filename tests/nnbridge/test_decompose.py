@@ -495,3 +495,21 @@ def test_the_ddp_pass_runs_batchnorm_on_the_batch_it_sees():
     assert seen and all(s == (True, True) for s in seen)
     assert all(a is b for a, b in zip(model[1].buffers(), buffers))
     assert all(torch.equal(b, c) for b, c in zip(model[1].buffers(), values))
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_a_parametrized_layer_is_refused_by_name(wrap):
+    """weight_norm / spectral_norm make a layer's weight a function of other parameters:
+    the optimizers failed with torch's "can't optimize a non-leaf Tensor"."""
+    import warnings
+
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import weight_norm as old_weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old hook-based weight_norm
+        layer = (old_weight_norm if wrap == "old_weight_norm" else
+                 getattr(parametrizations, wrap))(nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), layer, nn.Tanh(), nn.Linear(3, 2))
+    for make in (nnbridge.DDPNOpt, nnbridge.GTDDP, nnbridge.EKFAC):
+        with pytest.raises(UnsupportedModelError, match="layer '2'.*computed weight"):
+            make(model)
