@@ -157,10 +157,12 @@ _CE_GRAD_BOUND = 2.0 * (1 + 1e-2)
 
 
 def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
-    """Refuse a closure whose loss is not the batch mean of ``loss`` where that shows:
-    for cross-entropy, :math:`\\|\\nabla\\phi^i\\|_1 \\le 2` for every sample, so a larger
-    ``Vx`` (B, n) (= B times the output gradient) means ``reduction="sum"`` (B times too
-    large: the step would diverge) or weights the model does not know about."""
+    """Refuse a closure whose loss is not a batch mean of ``loss`` where that shows: for
+    cross-entropy, :math:`\\|\\nabla\\phi^i\\|_1 \\le 2` for every sample, and a weighted
+    mean (weights :math:`c_i` of mean 1) keeps the batch mean of
+    :math:`c_i \\|\\nabla\\phi^i\\|_1` below 2; a larger mean of ``Vx`` (B, n) (= B times
+    the output gradient) means ``reduction="sum"`` (B times too large: the step would
+    diverge) or a sum of means."""
     if loss != "cross_entropy" or Vx.shape[0] < 2:
         return
     # a softmax cross-entropy's gradient p - e_y (or p - q: soft labels, smoothing) sums
@@ -175,11 +177,15 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
             f"{float(ratio.median()):.2g} over the batch): the closure's loss is another "
             f"one. Pass loss='mse' for torch's mean squared error (F.mse_loss), or "
             f"terminal_hessian='empirical' or a callable for other losses")
-    worst = float(l1.max())
-    if worst > _CE_GRAD_BOUND:
+    # a weighted mean (class weights, ignore_index, unequal micro-batches scaled 1/K)
+    # scales sample i by c_i with mean 1, so only the batch mean of the L1 norms is bounded
+    # by 2 (a per-sample bound refused them at whichever batch went over it)
+    mean = float(l1.mean())
+    if mean > _CE_GRAD_BOUND:
         raise InvalidArgumentError(
-            f"loss: the output gradient times the batch size has a per-sample L1 norm of "
-            f"{worst:.3g}, but a per-sample cross-entropy's is at most 2: is the loss "
-            "summed (reduction='sum') or weighted? DDPNOpt needs the batch *mean* of the "
-            "per-sample loss (reduction='mean', as torch's default); for other losses pass "
-            "terminal_hessian='empirical' or a callable")
+            f"loss: the output gradient times the batch size has a mean per-sample L1 norm "
+            f"of {mean:.3g}, but a cross-entropy's, averaged over the batch, is at most 2: "
+            "is the loss summed (reduction='sum') or a sum of several means? DDPNOpt "
+            "needs the batch *mean* of the per-sample loss (reduction='mean', as torch's "
+            "default; weights normalized as torch's weight= and ignore_index do are "
+            "fine); for other losses pass terminal_hessian='empirical' or a callable")

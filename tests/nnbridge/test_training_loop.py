@@ -172,6 +172,39 @@ def test_a_summed_cross_entropy_is_refused():
     opt.step(closure_for(opt, model, X, y))  # the mean is fine
 
 
+@pytest.mark.parametrize("kind", ["class_weights", "ignore_index", "unequal_micro_batches"])
+def test_weighted_means_of_the_cross_entropy_pass_the_loss_check(kind):
+    """torch's weight= / ignore_index (a mean normalized by the weights) and unequal
+    micro-batches each scaled 1/K make some samples' gradients larger than a plain
+    mean's: the per-sample bound refused them at whichever batch went over it (a run
+    crashed at a random step); the batch mean of the norms stays <= 2. The same loss
+    summed is still refused."""
+    X, y = data(B=8)
+    y = torch.tensor([0, 1, 2, 2, 0, 1, 2, 0])
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=0.01)
+    weight = torch.tensor([1.0, 1.0, 6.0], dtype=X.dtype)
+    target = torch.where(torch.arange(8) < 5, -100, y)  # 5 of 8 unlabelled
+
+    def loss_of(reduction):
+        opt.zero_grad()
+        if kind == "class_weights":
+            loss = F.cross_entropy(model(X), y, weight=weight, reduction=reduction)
+        elif kind == "ignore_index":
+            loss = F.cross_entropy(model(X), target, ignore_index=-100, reduction=reduction)
+        else:  # micro-batches of 6 and 2, each loss / 2
+            loss = sum(F.cross_entropy(model(xb), yb, reduction=reduction) / 2
+                       for xb, yb in zip(X.split(6), y.split(6)))
+        loss.backward()
+        return loss
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(InvalidArgumentError, match="reduction='sum'"):
+        opt.step(lambda: loss_of("sum"))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    opt.step(lambda: loss_of("mean"))
+    assert not all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("outputs", [1, 3])
 def test_a_regression_loss_under_the_cross_entropy_default_is_refused(outputs):
     """F.mse_loss while DDPNOpt keeps loss='cross_entropy': refused naming loss='mse' (it
