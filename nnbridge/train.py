@@ -170,8 +170,9 @@ def summarize(results: list[RunResult]) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| optimizer | lr | seeds | test accuracy % | final train loss | ms / step |",
+def format_table(rows: list[dict], split: str = "test") -> str:
+    """The summary rows as a markdown table; ``split``: the evaluation split's name."""
+    lines = [f"| optimizer | lr | seeds | {split} accuracy % | final train loss | ms / step |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -182,7 +183,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: list[RunResult], path: Path, title: str = "") -> Path:
+def plot_curves(results: list[RunResult], path: Path, title: str = "",
+                split: str = "test") -> Path:
     """Training loss (running mean over an epoch) and test accuracy against the step, one
     curve per optimizer: the mean over seeds, shaded between the minimum and maximum."""
     import matplotlib
@@ -210,7 +212,8 @@ def plot_curves(results: list[RunResult], path: Path, title: str = "") -> Path:
         ax2.fill_between(es, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
     ax1.set(xlabel="step", ylabel="training loss (running mean, 1 epoch)",
             yscale="log" if positive else "linear")
-    ax2.set(xlabel="step", ylabel="test accuracy [%]", ylim=(max(0, ax2.get_ylim()[0]), 100))
+    ax2.set(xlabel="step", ylabel=f"{split} accuracy [%]",
+            ylim=(max(0, ax2.get_ylim()[0]), 100))
     ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title)
@@ -368,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.dataset}, {a.model}, {a.epochs} epochs, batch {a.batch_size}, "
           f"{a.seeds} seed(s){f', {ranks} ranks' if ranks > 1 else ''}, accuracy on the "
           f"{split} split")
-    print(format_table(summarize(results)))
+    print(format_table(summarize(results), split))
     if a.out is not None:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
         config["runs"] = [asdict(c) for c in configs[:1]]
         write_results(a.out, results, config)
         plot_curves(results, a.out / "curves.png",
-                    f"{a.dataset} {a.model}, {a.seeds} seed(s)")
+                    f"{a.dataset} {a.model}, {a.seeds} seed(s)", split)
         print(f"wrote {a.out}/results.json, results.csv, curves.png")
     return 0
 

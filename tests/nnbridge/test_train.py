@@ -66,6 +66,14 @@ def test_cli_other_datasets_and_models(args, capsys):
     assert table.count("| ") >= 3 and "nan" not in table
 
 
+def test_cli_validation_runs_say_which_split_they_report(capsys):
+    """--validation: the table's column named the test split (the header said validation)."""
+    assert train.main(["--epochs", "1", "--seeds", "1", "--no-progress", "--dataset", "iris",
+                       "--optimizer", "sgd", "--validation"]) == 0
+    out = capsys.readouterr().out
+    assert "| validation accuracy % |" in out and "test accuracy" not in out
+
+
 def _curves(res):
     return {k: v for k, v in res.history.items() if k != "step_time"}
 
