@@ -241,8 +241,9 @@ def _table(res: dict, paper_cols: bool) -> str:
     for m in list(bases) + [f"gtddp-{b}" for b in bases]:
         rs = [r for r in res["test"] if r["optimizer"] == m]
         a, sa = _ms(_acc(rs))
-        loss = [r["final_train_loss"] for r in rs]
-        lm = statistics.fmean(loss) if all(math.isfinite(v) for v in loss) else float("nan")
+        loss = [r["final_train_loss"] for r in rs]  # null in the json: a diverged run
+        lm = statistics.fmean(loss) if all(v is not None and math.isfinite(v)
+                                           for v in loss) else float("nan")
         t = 1e3 * statistics.fmean(r["time_per_step"] for r in rs)
         row = (f"| {m} | {res['chosen'][m]:g} | {len(rs)} | {a:.2f} ± {sa:.2f} | "
                f"{lm:.4f} | {t:.1f} |")
@@ -350,6 +351,10 @@ def _terminal_history(raw: dict, out: Path, terminal: str) -> str:
         return ""
     old = json.loads(path.read_text())["digits"]
     new = raw["digits"]
+    if old.get("chosen") != new.get("chosen"):  # another protocol: nothing to compare
+        return ("## The terminal Hessian\n\nThe sampled-Fisher run kept beside this report "
+                f"(`{FISHER_RUN}`) chose other rates (and, before 2026-11-28, evaluated with "
+                "BatchNorm's batch statistics), so it is not compared here.\n")
 
     def acc(res, m):
         v = _acc([r for r in res["test"] if r["optimizer"] == m])
