@@ -145,3 +145,24 @@ def test_an_unstabilizable_cycle_is_named_by_both_methods(a, method):
     A, B = [np.diag([a, 0.5])] * 2, [np.array([[0.0], [1.0]])] * 2
     with pytest.raises(NotStabilizableError, match="lambda|not stabilizable"):
         trajopt.solve_cyclic_lqr(A, B, [np.eye(2)] * 2, [np.eye(1)] * 2, method=method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sweep_at_the_edge_of_the_float_range(dtype):
+    """A stabilizable cycle whose P is ~1e20 (float32) or ~1e156 (float64) is solved by
+    "sweep" as by "lift" (a stop at sqrt(float max) refused it; Frobenius norms of such a
+    P overflowed and read as converged); a cycle whose P overflows in the first sweep is
+    NotStabilizableError."""
+    from trajopt.errors import NotStabilizableError
+    b = 1e-10 if dtype == torch.float32 else 1e-78
+    As = torch.tensor([[[2.0]], [[1.0]]], dtype=dtype)
+    Bs, Qs, Rs = (torch.full((2, 1, 1), v, dtype=dtype) for v in (b, 1.0, 1.0))
+    lift = trajopt.solve_cyclic_lqr(As, Bs, Qs, Rs, method="lift")
+    sweep = trajopt.solve_cyclic_lqr(As, Bs, Qs, Rs, method="sweep")
+    # the sweep stops at a relative change of 100 eps per sweep
+    torch.testing.assert_close(sweep.P[0], lift.P[0], atol=0,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-11)
+    assert float(lift.P[0]) > (1e19 if dtype == torch.float32 else 1e155)
+    big = torch.tensor([[[1e10 if dtype == torch.float32 else 1e80]], [[1.0]]], dtype=dtype)
+    with pytest.raises(NotStabilizableError, match="diverged"):
+        trajopt.solve_cyclic_lqr(big, 0 * Bs, Qs, Rs, method="sweep")

@@ -159,8 +159,9 @@ class DAREData:
     R: Any
     E: Any | None
     S: Any | None
-    #: for a :meth:`subset`, each element's index in the caller's batch (what errors name)
-    labels: tuple[tuple[int, ...], ...] | None = None
+    #: for a :meth:`subset`: its elements' flat indices (CPU) in the caller's batch, and
+    #: that batch's shape (:meth:`label`: what errors name)
+    origin: tuple[torch.Tensor, torch.Size] | None = None
 
     @property
     def batch(self) -> torch.Size:
@@ -186,22 +187,27 @@ class DAREData:
         def conv(t):
             return None if t is None else torch.from_numpy(t)
         return DAREData(conv(self.A), conv(self.B), conv(self.Q), conv(self.R),
-                        conv(self.E), conv(self.S), self.labels)
+                        conv(self.E), conv(self.S), self.origin)
 
     def subset(self, index) -> DAREData:
-        """The elements ``index`` (a list or mask over the flattened batch), as a flat
-        batch that remembers where they came from (:meth:`label`)."""
+        """The elements ``index`` (a list or mask over the flattened batch, on any device),
+        as a flat batch that remembers where they came from (:meth:`label`)."""
         def pick(t):
             return None if t is None else t.reshape(-1, *t.shape[-2:])[index]
-        flat = torch.arange(self.batch.numel())[torch.as_tensor(index)]
-        labels = tuple(self.label(tuple(int(i) for i in at)) for at in zip(
-            *torch.unravel_index(flat, self.batch))) if self.batch else ((),) * len(flat)
+        where = torch.as_tensor(index).cpu()
+        if where.is_floating_point():  # an empty list
+            where = where.long()
+        flat, shape = self.origin or (torch.arange(self.batch.numel()), self.batch)
         return DAREData(pick(self.A), pick(self.B), pick(self.Q), pick(self.R),
-                        pick(self.E), pick(self.S), labels)
+                        pick(self.E), pick(self.S), (flat[where], shape))
 
     def label(self, index: tuple[int, ...]) -> tuple[int, ...]:
         """The index in the caller's batch of this data's element ``index``."""
-        return index if self.labels is None else self.labels[index[0]]
+        if self.origin is None:
+            return index
+        flat, shape = self.origin
+        return tuple(int(i) for i in torch.unravel_index(flat[index[0]], shape)) \
+            if len(shape) else ()
 
     def element(self, index: tuple[int, ...]) -> DAREData:
         """One batch element (unbatched tensors)."""

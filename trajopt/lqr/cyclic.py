@@ -31,6 +31,7 @@ from .._arrays import infer_kind
 from ..errors import (
     ConvergenceWarning,
     InvalidArgumentError,
+    NotPositiveDefiniteError,
     NotStabilizableError,
     ShapeError,
 )
@@ -135,13 +136,25 @@ def _lift(stages: list[Stage]):
         (qL if has_lin else None), (rL if has_lin else None)
 
 
+class _OverflowError(ArithmeticError):
+    """A sweep's P grew until ``R + B'PB`` overflowed (the sweeps diverge)."""
+
+
 def _sweep(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
-    """One backward sweep around the cycle from phase-0 values (P, p): returns lists."""
+    """One backward sweep around the cycle from phase-0 values (P, p): returns lists.
+    Raises :class:`_OverflowError` where a stage's ``B'PB`` is not finite (P overflowing),
+    else the stage's error."""
     N = len(stages)
     Ps, ps, Ks, ks = [None] * N, [None] * N, [None] * N, [None] * N
     for i in range(N - 1, -1, -1):
         s = stages[i]
-        step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, stage=i)
+        try:
+            step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, stage=i)
+        except NotPositiveDefiniteError:
+            Fu = s.F[..., s.n:]
+            if not bool(torch.isfinite(Fu.mT @ P @ Fu).all()):
+                raise _OverflowError from None
+            raise
         P, p = step.Vxx, step.Vx
         Ps[i], ps[i], Ks[i], ks[i] = P, p, step.K, step.k
     return Ps, ps, Ks, ks
@@ -150,10 +163,9 @@ def _sweep(stages: list[DenseStage], P: torch.Tensor, p: torch.Tensor):
 def _check_sweep_solution(stages: list[Stage], Ps, Ks, sweeps: int, diverged: bool,
                           converged: bool) -> None:
     """The sweeps' fixed point must be finite and stabilize the cycle: from P = 0 they
-    diverge on a non-stabilizable cycle (``diverged``: P's entries passed the square root
-    of the largest float, where R + B'PB would overflow next), and on one with an
-    unstable mode the cost does not see (not detectable) they converge to a
-    non-stabilizing solution."""
+    diverge on a non-stabilizable cycle (``diverged``: P or a stage's ``B'PB`` overflowed),
+    and on one with an unstable mode the cost does not see (not detectable) they
+    converge to a non-stabilizing solution."""
     if diverged or not all(bool(torch.isfinite(P).all()) for P in Ps):
         raise NotStabilizableError(
             f"cyclic Riccati sweeps diverged (P unbounded after {sweeps} sweeps): the "
@@ -226,18 +238,23 @@ def solve_cyclic_lqr(
     else:
         eps = torch.finfo(kind.dtype).eps
         tol = 100 * eps if tol is None else tol
-        huge = torch.finfo(kind.dtype).max ** 0.5
         n0 = stages[0].n
         P = torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device)
         p = torch.zeros(n0, dtype=kind.dtype, device=kind.device)
+        diverged = converged = False
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (read after the loop)
-            Ps, ps, Ks, ks = _sweep(dense, P, p)
-            dP = torch.linalg.matrix_norm(Ps[0] - P) / torch.linalg.matrix_norm(
-                Ps[0]).clamp_min(eps)
+            try:
+                Ps, ps, Ks, ks = _sweep(dense, P, p)
+            except _OverflowError:  # within a sweep (the lists are the last sweep's, unread)
+                diverged = True
+                break
+            # largest entries, not Frobenius norms: their squares overflowed while P grew
+            # past 1e154 and read as converged (a finite change over an infinite norm)
+            dP = (Ps[0] - P).abs().amax((-2, -1)) / Ps[0].abs().amax((-2, -1)).clamp_min(eps)
             dp = torch.linalg.vector_norm(ps[0] - p, dim=-1) / torch.linalg.vector_norm(
                 ps[0], dim=-1).clamp_min(1.0)
             P, p = Ps[0], ps[0]
-            diverged = not bool((P.abs() < huge).all())  # stop before R + B'PB overflows
+            diverged = not bool(torch.isfinite(P).all())
             if diverged:
                 break
             converged = bool(((dP <= tol) & (dp <= tol)).all())
