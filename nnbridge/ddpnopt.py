@@ -284,7 +284,7 @@ class DDPNOpt(torch.optim.Optimizer):
         B = mean.local
         Vx = (rec.output_grad * B).reshape(B, -1)
         if self.terminal_hessian in ("ggn", "fisher"):
-            check_output_gradient(Vx, self.loss)
+            check_output_gradient(Vx, self.loss, rec.output)
         if self.terminal_hessian == "fisher" and self._rng is None:
             self._rng = torch.Generator(device=Vx.device).manual_seed(torch.initial_seed())
             if self._rng_state is not None:  # from load_state_dict

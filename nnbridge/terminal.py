@@ -151,18 +151,21 @@ def check_terminal_options(terminal_hessian, loss) -> None:
         raise InvalidArgumentError(f"loss must be one of {LOSSES}; got {loss!r}")
 
 
-#: |grad phi|_1 of a per-sample cross-entropy is at most 2 (p - target, both
-#: distributions); the slack covers rounding and the autocast dtypes
-_CE_GRAD_BOUND = 2.0 * (1 + 1e-2)
+#: a weighted mean's weights average 1: a batch mean of the weights' lower bounds above
+#: this is a sum (c_i >= 2); the slack covers rounding and the autocast dtypes
+_CE_WEIGHT_BOUND = 1.5
 
 
-def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
-    """Refuse a closure whose loss is not a batch mean of ``loss`` where that shows: for
-    cross-entropy, :math:`\\|\\nabla\\phi^i\\|_1 \\le 2` for every sample, and a weighted
-    mean (weights :math:`c_i` of mean 1) keeps the batch mean of
-    :math:`c_i \\|\\nabla\\phi^i\\|_1` below 2; a larger mean of ``Vx`` (B, n) (= B times
-    the output gradient) means ``reduction="sum"`` (B times too large: the step would
-    diverge) or a sum of means."""
+def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor) -> None:
+    r"""Refuse a closure whose loss is not a (weighted) batch mean of ``loss`` where that
+    shows.  For cross-entropy, sample i's row of ``Vx`` (B, n) (= B times the output
+    gradient) is :math:`c_i (p_i - q_i)`, with :math:`p_i` the softmax of ``output``'s
+    row, :math:`q_i` a distribution (the label, smoothed or soft) and :math:`c_i` the
+    sample's weight in the loss: 1 for a mean, weights of mean 1 for torch's ``weight=``,
+    ``ignore_index`` or micro-batches scaled 1/K, B for ``reduction="sum"``.  As
+    :math:`q \ge 0`, :math:`\hat c_i = \max_k V_{x,ik} / p_{ik} \le c_i`, with equality
+    for a hard label; so a batch mean of :math:`\hat c_i` above 1.5 is a sum (B times too
+    large: the step would diverge), at any confidence of the model."""
     if loss != "cross_entropy" or Vx.shape[0] < 2:
         return
     # a softmax cross-entropy's gradient p - e_y (or p - q: soft labels, smoothing) sums
@@ -177,15 +180,18 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss) -> None:
             f"{float(ratio.median()):.2g} over the batch): the closure's loss is another "
             f"one. Pass loss='mse' for torch's mean squared error (F.mse_loss), or "
             f"terminal_hessian='empirical' or a callable for other losses")
-    # a weighted mean (class weights, ignore_index, unequal micro-batches scaled 1/K)
-    # scales sample i by c_i with mean 1, so only the batch mean of the L1 norms is bounded
-    # by 2 (a per-sample bound refused them at whichever batch went over it)
-    mean = float(l1.mean())
-    if mean > _CE_GRAD_BOUND:
+    # the weights' lower bounds (docstring); a per-sample bound on |Vx|_1 refused weighted
+    # means at whichever batch went over it, a mean of the norms let sums of a confident
+    # model through
+    p = torch.softmax(output.detach().reshape(Vx.shape[0], -1).to(Vx), -1)
+    resolved = p > 1e3 * torch.finfo(p.dtype).tiny   # a ratio of two well-rounded numbers
+    c = torch.where(resolved, Vx / torch.where(resolved, p, 1), 0).amax(-1).clamp_min(0)
+    mean = float(c.mean())
+    if mean > _CE_WEIGHT_BOUND:
         raise InvalidArgumentError(
-            f"loss: the output gradient times the batch size has a mean per-sample L1 norm "
-            f"of {mean:.3g}, but a cross-entropy's, averaged over the batch, is at most 2: "
-            "is the loss summed (reduction='sum') or a sum of several means? DDPNOpt "
-            "needs the batch *mean* of the per-sample loss (reduction='mean', as torch's "
-            "default; weights normalized as torch's weight= and ignore_index do are "
-            "fine); for other losses pass terminal_hessian='empirical' or a callable")
+            f"loss: the output gradient times the batch size is {mean:.3g} times a "
+            "per-sample cross-entropy's on average (at least): is the loss summed "
+            "(reduction='sum') or a sum of several means? DDPNOpt needs the batch *mean* "
+            "of the per-sample loss (reduction='mean', as torch's default; weights "
+            "normalized as torch's weight= and ignore_index do are fine); for other "
+            "losses pass terminal_hessian='empirical' or a callable")

@@ -154,10 +154,19 @@ def test_clipping_without_feedback_is_torch_optim():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
 
 
-def test_a_summed_cross_entropy_is_refused():
-    """reduction='sum' makes V_x B times too large (the step diverges): refused, named."""
+@pytest.mark.parametrize("confident", [False, True])
+def test_a_summed_cross_entropy_is_refused(confident):
+    """reduction='sum' makes V_x B times too large (the step diverges): refused, named;
+    also when the model is confident (its output gradient tiny: a bound on the norms
+    let a sum through there)."""
     X, y = data(B=8)
     model = mlp()
+    if confident:
+        with torch.no_grad():
+            model[-1].weight.mul_(300.0)
+            y = model(X).argmax(-1)
+            g_sum = torch.softmax(model(X), -1) - F.one_hot(y, 3)
+            assert float(8 * g_sum.abs().sum(-1).mean()) < 2  # the sum's norms look small
     opt = nnbridge.DDPNOpt(model, lr=0.1, curvature="identity")
 
     def closure():
