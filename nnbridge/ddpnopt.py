@@ -414,8 +414,10 @@ class DDPNOpt(torch.optim.Optimizer):
                 rec.output.shape[0], data_parallel_group(self.model), rec.output.device)
             if feedback:
                 controls, states = self._ddp_update(rec, group, frozen, mean)
-            else:
-                controls, states = self._open_loop_update(rec, group, frozen, mean)
+            else:  # a layer without a gradient is skipped, as torch.optim does
+                skip = [f or all(p.grad is None for p in st.params())
+                        for f, st in zip(frozen, self._stages)]
+                controls, states = self._open_loop_update(rec, group, skip, mean)
             fixed = self._fixed_update(group)
             # one check, over every new control and state: the largest magnitude is NaN /
             # inf exactly where an entry is (a sum, as before, also overflowed on large
@@ -519,8 +521,8 @@ class DDPNOpt(torch.optim.Optimizer):
     def _open_loop_update(self, rec, group, frozen, mean):
         controls, states = [], []
         for t, st in enumerate(self._stages):
-            if frozen[t] or all(p.grad is None for p in st.params()):
-                controls.append(None)  # no gradient: skipped, as torch.optim does
+            if frozen[t]:
+                controls.append(None)
                 states.append(None)
                 continue
             hp, state, step = self._hp(st, group)

@@ -290,6 +290,27 @@ def test_autocast_bf16_step_runs_in_float32(curvature, seed):
         assert float((d16 - d32).norm() / d32.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("cls", [nnbridge.DDPNOpt, nnbridge.GTDDP])
+@pytest.mark.parametrize("curvature", ["ekfac", "adam"])
+def test_a_layer_without_a_gradient_keeps_its_value_with_weight_decay(cls, curvature):
+    """Every curvature and both optimizers (GT-DDP's EKFAC has its own open-loop step):
+    a layer whose gradients are None is skipped even with weight decay."""
+    X, y = data(16)
+    model = mlp()
+    opt = cls(model, lr=0.1, curvature=curvature, feedback=False, weight_decay=1e-2,
+              terminal_hessian="ggn")
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(X), y).backward()
+    model[-1].weight.grad = model[-1].bias.grad = None
+    before = model[-1].weight.detach().clone()
+    opt.step()
+    assert torch.equal(before, model[-1].weight)
+
+
 @pytest.mark.parametrize("curvature,base,kw", [
     ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2), {}),
     ("identity", lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), {"momentum": 0.9})])
