@@ -431,8 +431,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace experiments_gtddp.md / .json in --out")
     a = ap.parse_args(argv)
-    if paper.results_paths(a, "experiments_gtddp") is None:  # never replaced silently
-        return 2
+    # --report-only rewrites the page from its own raw numbers, which must exist
+    if not a.report_only and paper.results_paths(a, "experiments_gtddp") is None:
+        return 2  # a training run never replaces results silently
     paper._init()      # one torch thread here too (the pool's workers have one each)
     from nnbridge.train import _finite_or_none  # a diverged run's loss: null
     if a.report_only:

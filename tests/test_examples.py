@@ -121,6 +121,10 @@ def test_gtddp_table2_smoke(tmp_path):
     assert (tmp_path / "img" / "gtddp_digits.png").stat().st_size > 10_000
     raw = json.loads((tmp_path / "experiments_gtddp.json").read_text())
     assert len(raw["digits"]["test"]) == 8 and len(raw["digits"]["feedback"]) == 8
+    # --report-only rewrites the page from those numbers, without --overwrite
+    (tmp_path / "experiments_gtddp.md").write_text("stale")
+    assert module.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "| gtddp-adam |" in (tmp_path / "experiments_gtddp.md").read_text()
 
 
 @pytest.mark.parametrize("name,stem", [
