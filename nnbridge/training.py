@@ -187,8 +187,8 @@ class RunResult:
 
 def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Loss and accuracy in eval mode (BatchNorm with its running statistics, which the
-    evaluation leaves alone), the model's mode restored after."""
-    was_training = model.training
+    evaluation leaves alone), every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, restored
     model.eval()
     try:
         with torch.no_grad():
@@ -196,7 +196,8 @@ def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float
             loss = float(nn.functional.cross_entropy(out, y))
             acc = float((out.argmax(-1) == y).double().mean())
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return loss, acc
 
 

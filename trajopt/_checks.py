@@ -107,8 +107,8 @@ def batch_shape(*tensors_and_ranks: tuple[torch.Tensor | None, int, str]) -> tor
 
 def as_real(x: Any, name: str) -> torch.Tensor:
     """``torch.as_tensor(x)`` kept in its floating dtype; integers and booleans become
-    floats as in :func:`trajopt._arrays.infer_kind` (numpy: float64, torch: the default
-    dtype); complex input is refused naming ``name``; a read-only numpy view is copied."""
+    floats (numpy: float64; a list or a torch tensor: the default dtype, as for floats);
+    complex input is refused naming ``name``; a read-only numpy view is copied."""
     if isinstance(x, np.ndarray) and not x.flags.writeable:  # a broadcast view: torch
         x = x.copy()                                          # warns about those
     t = torch.as_tensor(x)
@@ -116,5 +116,7 @@ def as_real(x: Any, name: str) -> torch.Tensor:
         raise InvalidArgumentError(f"{name} is complex; trajopt solves real problems only")
     if t.is_floating_point():
         return t
-    return t.to(torch.float64 if not isinstance(x, torch.Tensor) else
+    # numpy integers: float64, as numpy arrays of floats; a Python list or a torch tensor
+    # of integers: torch's default float dtype, as a list of floats
+    return t.to(torch.float64 if isinstance(x, (np.ndarray, np.generic)) else
                 torch.get_default_dtype())

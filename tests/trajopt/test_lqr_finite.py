@@ -205,7 +205,7 @@ def test_regularization_and_indefinite_stage_named():
     np.testing.assert_allclose(a.K[-1], b.K[-1], rtol=1e-12)
 
 
-@pytest.mark.parametrize("reg", [-0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("reg", [-0.5, float("nan"), float("inf"), "0.1"])
 def test_a_negative_or_non_finite_reg_is_refused_by_name(reg):
     """reg < 0 solved another problem silently (R + reg I); NaN failed as an indefinite
     Q_uu blaming R."""

@@ -315,7 +315,8 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     # other Q_uu solver (an explicit CholeskySolver() asks for autograd through the
     # recursion and rollout, e.g. for second derivatives)
     exact = solver is None and not reg
-    solver = CholeskySolver(reg=float(reg)) if solver is None else solver
+    solver = CholeskySolver(reg=float(reg) if isinstance(reg, (int, float)) else reg) \
+        if solver is None else solver
     stages = dense_stages(problem)
     pre = stacked_for_pass(stages, P, p) if exact else None  # stacked once for both
     scanned = None if pre is None else (compiled_backward(*pre, stages[0].n, P, p)

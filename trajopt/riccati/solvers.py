@@ -82,8 +82,13 @@ class CholeskySolver:
     reg: float = 0.0
 
     def __post_init__(self):
-        r = torch.as_tensor(self.reg)
-        if r.is_complex() or not bool(torch.isfinite(r).all() & (r >= 0).all()):
+        try:
+            r = torch.as_tensor(self.reg, dtype=None if torch.is_tensor(self.reg)
+                                else torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            r = None
+        if r is None or r.is_complex() or r.dtype == torch.bool or not bool(
+                torch.isfinite(r).all() & (r >= 0).all()):
             raise InvalidArgumentError(
                 "reg must be a finite number >= 0 (0: the exact Q_uu; a negative one would "
                 f"solve another problem); got {self.reg!r}")
