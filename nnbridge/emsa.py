@@ -44,7 +44,7 @@ from trajopt.errors import InvalidArgumentError, SkippedStepWarning, Unsupported
 from .checkpoint import not_copyable
 from .decompose import stages
 from .recorder import BatchRecorder
-from .stages import Stage
+from .stages import Stage, check_rerun_deterministic
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -162,6 +162,7 @@ class EMSA(torch.optim.Optimizer):
         if rec is None:
             raise RuntimeError("EMSA.step needs a recorded forward and backward pass: pass "
                                "a closure that runs them, or run them before step()")
+        check_rerun_deterministic(self._stages, "EMSA")
         group = self.param_groups[0]
         lr, rho, steps = group["lr"], group["rho"], group["inner_steps"]
         with torch.no_grad():
@@ -170,6 +171,9 @@ class EMSA(torch.optim.Optimizer):
         new = []
         for t, st in enumerate(self._stages):
             U = st.control().detach()
+            if not any(p.requires_grad for p in st.params()):
+                new.append(U)  # a frozen layer: its control stays (the others' MSA step)
+                continue
             for _ in range(steps):
                 U = U.requires_grad_()
                 value = extended_hamiltonian(st, U, xs[t], ps[t + 1], xs[t + 1], ps[t],

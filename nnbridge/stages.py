@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
-from trajopt.errors import UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
            "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise",
@@ -374,6 +374,32 @@ def _batch_statistics(modules) -> bool:
     """A BatchNorm among ``modules`` (or inside them) normalizes with the statistics of
     the batch: it mixes the samples."""
     return any(normalizes_by_batch(m) for mod in modules for m in mod.modules())
+
+
+def check_rerun_deterministic(stages, who: str) -> None:
+    """Refuse a stage whose ``post`` modules draw random numbers (``Dropout`` with p > 0
+    in training mode) for an optimizer that re-runs the stages on the recorded batch
+    (``who``): its derivatives would be those of another mask than the recorded pass's."""
+    for st in stages:
+        for m in (m for post in st.post for m in post.modules()):
+            if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
+                raise InvalidArgumentError(
+                    f"stage {st.index}: Dropout(p={m.p}) in training mode; {who} re-runs "
+                    "the stages on the recorded batch, which would draw another mask "
+                    "than the pass it recorded: use model.eval() for the dropout layers, "
+                    "or a torch.optim optimizer")
+
+
+def check_no_frozen(stages, who: str) -> None:
+    """Refuse a stage with a parameter of ``requires_grad=False`` for an optimizer whose
+    direction couples every layer (``who``): a frozen layer would move with the rest."""
+    for st in stages:
+        names = [n for n, p in st.module.named_parameters() if not p.requires_grad]
+        if names:
+            raise UnsupportedModelError(
+                f"stage {st.index} ({type(st.module).__name__}): {who} does not support "
+                f"frozen parameters ({names} have requires_grad=False); train the others "
+                "with DDPNOpt, or a torch.optim optimizer")
 
 
 def without_bias_row(X: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,14 @@ from .gramian import (
     stage_jacobian,
 )
 from .recorder import capture
-from .stages import NormStage, StageLinearization, outer_sum
+from .stages import (
+    NormStage,
+    StageLinearization,
+    check_no_frozen,
+    check_rerun_deterministic,
+    outer_sum,
+)
+from .terminal import check_output_gradient
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
@@ -149,6 +156,8 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
     in output space (:func:`_output_space_steps`), Newton and the Neumann variant (and
     ``riccati=True``: tests, benchmarks) by the batch-augmented Riccati recursion
     (:func:`_riccati_steps`)."""
+    if divergence == "kl":
+        _check_classifier(xs[-1], aN)
     if divergence in ("euclidean", "kl") and neumann_terms is None and not riccati:
         lins = [StageLinearization(st, xs[t], x_next=xs[t + 1]) for t, st in enumerate(sts)]
         steps = _output_space_steps(lins, xs[-1], aN, divergence, damping, solve)
@@ -160,6 +169,24 @@ def _direction(model, sts, xs, aN, loss_hessian, divergence, damping, neumann_te
         for prm, v in zip(st.params(), st.split(du.reshape(lin.U.shape))):
             by_param[prm] = v
     return [by_param[prm] for prm in model.parameters()]
+
+
+def _check_classifier(output: torch.Tensor, aN: torch.Tensor) -> None:
+    """divergence="kl" is the softmax Fisher of a (B, classes) output under the batch
+    mean of a cross-entropy: refuse other outputs and losses by name (a regression gave
+    a zero Fisher and steps of lr / damping times the gradient, a sum B-fold ones)."""
+    if output.dim() != 2:
+        raise InvalidArgumentError(
+            f"divergence='kl' is the softmax Fisher of a (batch, classes) output; this "
+            f"model's output is {tuple(output.shape)} (a cross-entropy over positions has "
+            "one Fisher block per position, which is not implemented): use "
+            "divergence='euclidean' or 'newton' with loss_hessian, or flatten the "
+            "positions into the batch")
+    B = output.shape[0]
+    check_output_gradient(B * aN.reshape(B, -1), "cross_entropy", output,
+                          advice="divergence='kl' needs the batch mean of a softmax "
+                          "cross-entropy; use divergence='euclidean' or 'newton' with "
+                          "loss_hessian for other losses")
 
 
 def _check_all_stages(model: nn.Module, sts) -> None:
@@ -332,6 +359,8 @@ class LQRDescent(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("LQRDescent.step needs a closure that zeroes the gradients, "
                             "runs the model, calls loss.backward() and returns the loss")
+        check_no_frozen(self._stages, "LQRDescent")
+        check_rerun_deterministic(self._stages, "LQRDescent")
         group = self.param_groups[0]
         with capture(self.model, self._stages) as rec, torch.enable_grad():
             loss = closure()

@@ -156,7 +156,12 @@ def check_terminal_options(terminal_hessian, loss) -> None:
 _CE_WEIGHT_BOUND = 1.5
 
 
-def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor) -> None:
+_ADVICE = ("pass loss='mse' for torch's mean squared error (F.mse_loss), or "
+           "terminal_hessian='empirical' or a callable for other losses")
+
+
+def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor,
+                          advice: str = _ADVICE) -> None:
     r"""Refuse a closure whose loss is not a (weighted) batch mean of ``loss`` where that
     shows.  For cross-entropy, sample i's row of ``Vx`` (B, n) (= B times the output
     gradient) is :math:`c_i (p_i - q_i)`, with :math:`p_i` the softmax of ``output``'s
@@ -178,8 +183,7 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor) ->
             f"loss: the output gradient of a softmax cross-entropy sums to 0 over the "
             f"classes for every sample; this one's does not (median |sum| / L1 norm "
             f"{float(ratio.median()):.2g} over the batch): the closure's loss is another "
-            f"one. Pass loss='mse' for torch's mean squared error (F.mse_loss), or "
-            f"terminal_hessian='empirical' or a callable for other losses")
+            f"one; {advice}")
     # the weights' lower bounds (docstring); a per-sample bound on |Vx|_1 refused weighted
     # means at whichever batch went over it, a mean of the norms let sums of a confident
     # model through
@@ -191,7 +195,6 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor) ->
         raise InvalidArgumentError(
             f"loss: the output gradient times the batch size is {mean:.3g} times a "
             "per-sample cross-entropy's on average (at least): is the loss summed "
-            "(reduction='sum') or a sum of several means? DDPNOpt needs the batch *mean* "
+            "(reduction='sum') or a sum of several means? The step needs the batch *mean* "
             "of the per-sample loss (reduction='mean', as torch's default; weights "
-            "normalized as torch's weight= and ignore_index do are fine); for other "
-            "losses pass terminal_hessian='empirical' or a callable")
+            f"normalized as torch's weight= and ignore_index do are fine); {advice}")

@@ -156,3 +156,29 @@ def test_bad_input_and_skipped_steps():
         assert torch.equal(p, q)
     with pytest.raises(RuntimeError, match="needs a recorded forward and backward"):
         opt.step()
+
+
+def test_emsa_keeps_a_frozen_layer_and_refuses_training_mode_dropout():
+    """A frozen layer moved under EMSA (its Hamiltonian step ran anyway); a Dropout in
+    training mode made the re-run stages draw another mask than the recorded pass."""
+    from torch.nn import functional as F  # noqa: N812
+    X, y = _data()
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = nnbridge.EMSA(model, lr=0.1)
+    frozen = model[0].weight.detach().clone()
+
+    def closure(m=model, o=opt):
+        o.zero_grad()
+        loss = F.mse_loss(m(X), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert torch.equal(frozen, model[0].weight)
+    assert not torch.equal(_net()[-1].weight, model[-1].weight)  # the others moved
+    torch.manual_seed(0)
+    dropped = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5),
+                            nn.Linear(6, 2)).to(DT)
+    opt = nnbridge.EMSA(dropped, lr=0.1)
+    with pytest.raises(InvalidArgumentError, match="Dropout"):
+        opt.step(lambda: closure(dropped, opt))

@@ -581,3 +581,49 @@ def test_an_indefinite_newton_system_names_damping():
     with pytest.raises(NotPositiveDefiniteError,
                        match="newton. with damping=0.0.*increase damping"):
         lqr_direction(model, x, y, F.cross_entropy, divergence="newton", damping=0.0)
+
+
+def test_lqr_descent_refuses_frozen_layers_and_training_mode_dropout():
+    """A frozen layer moved with the natural gradient (the direction couples the
+    layers), and a Dropout in training mode gave the derivatives of another mask than
+    the recorded pass's: both refused by name, nothing moved."""
+    from trajopt.errors import UnsupportedModelError
+    X, y = data(B=8)
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = LQRDescent(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedModelError, match="stage 0 .*frozen"):
+        opt.step(closure_for(opt, model, X, y))
+    torch.manual_seed(0)
+    dropped = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3))
+    dropped = dropped.to(X.dtype)
+    opt = LQRDescent(dropped, lr=0.1)
+    with pytest.raises(InvalidArgumentError, match="Dropout"):
+        opt.step(closure_for(opt, dropped, X, y))
+    dropped.eval()
+    opt.step(closure_for(opt, dropped, X, y))  # eval mode: deterministic, fine
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("case", ["positions", "regression", "summed"])
+def test_the_kl_direction_refuses_what_is_not_a_mean_cross_entropy(case):
+    """divergence='kl' is the softmax Fisher of a (B, classes) output under a batch-mean
+    cross-entropy: over positions it took one softmax over all C L entries (0.21 off the
+    per-position Fisher), a regression gave a zero Fisher (steps of lr / damping times
+    the gradient: the loss went to 3e23), a sum B-fold steps; all silent before."""
+    X, y = data(B=8)
+    torch.manual_seed(0)
+    if case == "positions":
+        model = nn.Sequential(nn.Conv1d(1, 3, 3, padding=1)).to(X.dtype)
+        inputs, loss = X[:, None, :], lambda o, t: F.cross_entropy(o, t[:, None].expand(-1, 4))
+    else:
+        model = mlp() if case == "summed" else nn.Sequential(nn.Linear(4, 1)).to(X.dtype)
+        inputs = X
+        loss = (lambda o, t: F.cross_entropy(o, t, reduction="sum")) if case == "summed" \
+            else (lambda o, t: F.mse_loss(o[:, 0], t.to(o.dtype)))
+    match = {"positions": "batch, classes", "regression": "sums to 0",
+             "summed": "reduction='sum'"}[case]
+    with pytest.raises(InvalidArgumentError, match=match):
+        lqr_direction(model, inputs, y, loss, divergence="kl")
+    lqr_direction(model, inputs, y, loss, divergence="euclidean")  # fine
