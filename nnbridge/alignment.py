@@ -224,15 +224,25 @@ class AlignmentBandit(torch.optim.Optimizer):
         return before
 
     def state_dict(self) -> dict:
+        """The arms' shared state, the bandit's, and every arm's own generator of the
+        sampled Fisher (``terminal_hessian="fisher"``; only the first arm's was kept, so
+        a resumed run drew other samples on the other arms)."""
         out = self.optimizers[0].state_dict()
         out["bandit"] = self.bandit.state_dict()
+        rngs = [o.state_dict().get("fisher_rng") for o in self.optimizers[1:]]
+        if any(r is not None for r in rngs):
+            out["arm_fisher_rngs"] = rngs
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         bandit = state_dict.pop("bandit", None)
+        rngs = state_dict.pop("arm_fisher_rngs", [None] * (len(self.optimizers) - 1))
         first = self.optimizers[0]
         first.load_state_dict(state_dict)       # replaces its groups and state: share again
+        for o, rng in zip(self.optimizers[1:], rngs):
+            core = {k: v for k, v in state_dict.items() if k != "fisher_rng"}
+            o.load_state_dict(core if rng is None else {**core, "fisher_rng": rng})
         for o in self.optimizers[1:] + [self]:
             o.param_groups, o.state = first.param_groups, first.state
         if bandit is not None:
