@@ -38,9 +38,9 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError
 
-from .checkpoint import not_copyable
 from .graph import Alignment
 from .gtddp import GTDDP
+from .optimizer_base import not_copyable
 
 __all__ = ["EXP3PP", "AlignmentBandit"]
 

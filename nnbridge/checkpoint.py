@@ -20,7 +20,7 @@ import torch
 
 from trajopt.errors import InvalidArgumentError
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "not_copyable"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint"]
 
 FORMAT = "nnbridge-checkpoint/1"
 
@@ -63,14 +63,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise InvalidArgumentError(f"{what} is corrupted: its checksum does not match; "
                                    "delete it to start the run afresh")
     return torch.load(io.BytesIO(payload), weights_only=True)
-
-
-def not_copyable(optimizer) -> None:
-    """``__getstate__`` of the optimizers that hold hooks on their model (and the
-    model itself): ``copy.deepcopy`` and ``pickle`` would give an object without its
-    hooks (torch.optim's state is only the parameter groups and the state), which fails
-    at its next step; refuse, pointing to ``state_dict``."""
-    name = type(optimizer).__name__
-    raise TypeError(f"a {name} cannot be copied or pickled (it holds hooks on its model): "
-                    f"save {name}.state_dict() and load it into a new {name}(model, ...) "
-                    "with load_state_dict")

@@ -47,12 +47,12 @@ from trajopt.riccati import (
 )
 
 from .batchnorm import batch_coupled
-from .checkpoint import not_copyable
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
 from .graph import graph_stages
+from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
 from .stages import StageLinearization, normalizes_by_batch
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
@@ -240,10 +240,7 @@ class DDPNOpt(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """The one parameter group is the model's stages; a second one is refused (it
         would be silently ignored by the step).  Per-layer learning rates: not yet."""
-        if getattr(self, "param_groups", None):
-            raise InvalidArgumentError(
-                f"{type(self).__name__} has one parameter group (the model's stages); "
-                "add_param_group is not supported")
+        refuse_second_group(self)
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ extension points

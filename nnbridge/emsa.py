@@ -41,8 +41,8 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
-from .checkpoint import not_copyable
 from .decompose import stages
+from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
 from .stages import Stage, check_rerun_deterministic
 
@@ -128,6 +128,11 @@ class EMSA(torch.optim.Optimizer):
         super().__init__(params, dict(lr=float(lr), rho=float(rho),
                                       inner_steps=inner_steps))
         self._recorder = BatchRecorder(model, self._stages)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """One parameter group, the model's stages (a second would be ignored)."""
+        refuse_second_group(self)
+        super().add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

@@ -39,7 +39,6 @@ from trajopt.errors import (
 )
 from trajopt.steepest import NeumannSolver, steepest_descent_lqr
 
-from .checkpoint import not_copyable
 from .closure import loss_is_finite
 from .decompose import stages
 from .gramian import (
@@ -49,6 +48,7 @@ from .gramian import (
     fisher_factor,
     stage_jacobian,
 )
+from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import capture
 from .stages import (
     NormStage,
@@ -339,8 +339,13 @@ class LQRDescent(torch.optim.Optimizer):
                  damping: float = 1e-3,
                  loss_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  neumann_terms: int | None = None, solve: str = "auto"):
-        if not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LQRDescent needs the model, not its parameters; got "
+                            f"{type(model).__name__}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise InvalidArgumentError(f"lr, the learning rate, must be a number >= 0; got {lr!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise InvalidArgumentError(f"damping must be a number; got {damping!r}")
         _check(divergence, damping, neumann_terms)
         check_solve(solve)
         if divergence == "newton" and loss_hessian is None:
@@ -353,6 +358,11 @@ class LQRDescent(torch.optim.Optimizer):
                                               "damping": damping,
                                               "neumann_terms": neumann_terms,
                                               "solve": solve})
+
+    def add_param_group(self, param_group: dict) -> None:
+        """One parameter group, the model's stages (a second would be ignored)."""
+        refuse_second_group(self)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:

@@ -360,3 +360,21 @@ def test_copying_or_pickling_an_optimizer_is_refused_pointing_to_state_dict(make
     for copier in (copy.deepcopy, copy.copy, pickle.dumps):
         with pytest.raises(TypeError, match="state_dict"):
             copier(opt)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: nnbridge.DDPNOpt(m), lambda m: nnbridge.EMSA(m),
+    lambda m: nnbridge.LQRDescent(m, lr=0.1)])
+def test_a_second_parameter_group_is_refused(make):
+    """The step reads the one group (the model's stages): EMSA and LQRDescent accepted a
+    second group and ignored it (an added parameter with gradient 1 never moved)."""
+    opt = make(mlp())
+    with pytest.raises(InvalidArgumentError, match="one parameter group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+
+
+@pytest.mark.parametrize("bad", [lambda m: m.parameters(), lambda m: [m]])
+def test_lqr_descent_needs_the_model(bad):
+    """LQRDescent(model.parameters()) failed with a raw AttributeError."""
+    with pytest.raises(TypeError, match="model"):
+        nnbridge.LQRDescent(bad(mlp()), lr=0.1)
