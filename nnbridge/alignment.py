@@ -179,6 +179,11 @@ class AlignmentBandit(torch.optim.Optimizer):
                 "curvature='ekfac': the cooperative Kronecker factors are kept per stage, "
                 "and the arms change the stages; use 'identity', 'rmsprop', 'adam' or "
                 "'exact'")
+        if isinstance(arms, str):  # list("merge") would be five one-letter arms
+            raise InvalidArgumentError(f"arms: a sequence of at least two alignments, e.g. "
+                                       f"('merge', 'split'); got the string {arms!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidArgumentError(f"seed must be an integer; got {seed!r}")
         arms = list(arms)
         if len(arms) < 2:
             raise InvalidArgumentError(f"arms: at least two alignments; got {arms!r}")

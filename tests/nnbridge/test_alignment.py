@@ -226,6 +226,10 @@ def test_bandit_refuses_what_it_cannot_do():
         nnbridge.AlignmentBandit(ResMLP(), curvature="ekfac")
     with pytest.raises(InvalidArgumentError, match="at least two"):
         nnbridge.AlignmentBandit(ResMLP(), arms=("merge",))
+    with pytest.raises(InvalidArgumentError, match="the string 'merge'"):  # said "got 'm'"
+        nnbridge.AlignmentBandit(ResMLP(), arms="merge")
+    with pytest.raises(InvalidArgumentError, match="seed"):  # a raw torch RuntimeError
+        nnbridge.AlignmentBandit(ResMLP(), seed="x")
     model = ResMLP()
     opt = nnbridge.AlignmentBandit(model)
     with pytest.raises(TypeError, match="closure"):
