@@ -166,3 +166,6 @@ def test_sweep_at_the_edge_of_the_float_range(dtype):
     big = torch.tensor([[[1e10 if dtype == torch.float32 else 1e80]], [[1.0]]], dtype=dtype)
     with pytest.raises(NotStabilizableError, match="diverged"):
         trajopt.solve_cyclic_lqr(big, 0 * Bs, Qs, Rs, method="sweep")
+    # R + B'PB overflowing inside the first sweep (an UnboundLocalError in review)
+    with pytest.raises(NotStabilizableError, match="diverged .*after 1 sweeps"):
+        trajopt.solve_cyclic_lqr(big ** 2, Bs, Qs, Rs, method="sweep")

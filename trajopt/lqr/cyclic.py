@@ -242,6 +242,7 @@ def solve_cyclic_lqr(
         P = torch.zeros(n0, n0, dtype=kind.dtype, device=kind.device)
         p = torch.zeros(n0, dtype=kind.dtype, device=kind.device)
         diverged = converged = False
+        Ps = ps = Ks = ks = None
         for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (read after the loop)
             try:
                 Ps, ps, Ks, ks = _sweep(dense, P, p)
