@@ -176,7 +176,12 @@ class EMSA(torch.optim.Optimizer):
         new = []
         for t, st in enumerate(self._stages):
             U = st.control().detach()
-            if not any(p.requires_grad for p in st.params()):
+            flags = [p.requires_grad for p in st.params()]
+            if any(flags) and not all(flags):
+                raise InvalidArgumentError(
+                    f"stage {st.index} ({type(st.module).__name__}) is frozen in part: "
+                    "freeze all of a layer's parameters or none")
+            if not any(flags):
                 new.append(U)  # a frozen layer: its control stays (the others' MSA step)
                 continue
             for _ in range(steps):

@@ -182,3 +182,7 @@ def test_emsa_keeps_a_frozen_layer_and_refuses_training_mode_dropout():
     opt = nnbridge.EMSA(dropped, lr=0.1)
     with pytest.raises(InvalidArgumentError, match="Dropout"):
         opt.step(lambda: closure(dropped, opt))
+    model[0].weight.requires_grad_(True)  # the bias alone frozen: refused, not moved
+    opt = nnbridge.EMSA(model, lr=0.1)
+    with pytest.raises(InvalidArgumentError, match="frozen in part"):
+        opt.step(lambda: closure(model, opt))
