@@ -13,6 +13,7 @@ Shapes: every tensor may carry leading batch dimensions; ``m`` is the control si
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -82,6 +83,8 @@ class CholeskySolver:
     reg: float = 0.0
 
     def __post_init__(self):
+        if type(self.reg) in (float, int) and 0 <= self.reg < math.inf:
+            return  # the common case, without torch (this runs once per stage in loops)
         try:
             r = torch.as_tensor(self.reg, dtype=None if torch.is_tensor(self.reg)
                                 else torch.float64)
