@@ -140,8 +140,8 @@ def _check(divergence: str, damping: float, neumann_terms: int | None = None) ->
     if divergence not in DIVERGENCES:
         raise InvalidArgumentError(
             f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
-    if not damping >= 0:
-        raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+    if not 0 <= damping < float("inf"):
+        raise InvalidArgumentError(f"damping must be finite and >= 0; got {damping}")
     if neumann_terms is not None and (isinstance(neumann_terms, bool)
                                       or not isinstance(neumann_terms, int)
                                       or neumann_terms < 0):
@@ -342,8 +342,10 @@ class LQRDescent(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"LQRDescent needs the model, not its parameters; got "
                             f"{type(model).__name__}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-            raise InvalidArgumentError(f"lr, the learning rate, must be a number >= 0; got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < \
+                float("inf"):
+            raise InvalidArgumentError(f"lr, the learning rate, must be a finite number >= 0; got "
+                                       f"{lr!r}")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise InvalidArgumentError(f"damping must be a number; got {damping!r}")
         _check(divergence, damping, neumann_terms)

@@ -162,8 +162,8 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
     if len(B) != N or N < 1:
         raise ShapeError(f"A and B need the same number (>= 1) of stages; got {len(A)}, "
                          f"{len(B)}")
-    if not damping >= 0:
-        raise InvalidArgumentError(f"damping must be >= 0; got {damping}")
+    if not 0 <= damping < float("inf"):
+        raise InvalidArgumentError(f"damping must be finite and >= 0; got {damping}")
     like = aN
     eye = [torch.eye(b.shape[-1], dtype=like.dtype, device=like.device) for b in B]
     Rs = list(R) if R is not None else eye
@@ -172,6 +172,8 @@ def steepest_descent_lqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
     nN = A[-1].shape[-2]
     if aN.shape != (nN,):
         raise ShapeError(f"aN must have shape ({nN},); got {tuple(aN.shape)}")
+    if QN is not None and tuple(QN.shape) != (nN, nN):
+        raise ShapeError(f"QN must have shape ({nN}, {nN}); got {tuple(QN.shape)}")
     QT = like.new_zeros(nN, nN) if QN is None else QN
     prob = LQR(A=list(A), B=list(B), Q=Qs, R=Rs, M=None if M is None else list(M),
                QT=QT, qT=aN)

@@ -627,3 +627,18 @@ def test_the_kl_direction_refuses_what_is_not_a_mean_cross_entropy(case):
     with pytest.raises(InvalidArgumentError, match=match):
         lqr_direction(model, inputs, y, loss, divergence="kl")
     lqr_direction(model, inputs, y, loss, divergence="euclidean")  # fine
+
+
+def test_bad_numbers_and_shapes_are_named():
+    """A wrong-shaped QN was reported as QT (the LQR's name inside); an infinite damping
+    or lr, a non-number damping were accepted or failed in a comparison."""
+    from trajopt.errors import ShapeError
+    with pytest.raises(ShapeError, match="QN must have shape"):
+        steepest_descent_lqr([torch.eye(2)], [torch.eye(2)], torch.ones(2), torch.eye(3))
+    with pytest.raises(InvalidArgumentError, match="damping"):
+        steepest_descent_lqr([torch.eye(2)], [torch.eye(2)], torch.ones(2),
+                             damping=float("inf"))
+    for kw, name in ((dict(damping=float("inf")), "damping"), (dict(damping=None), "damping"),
+                     (dict(lr=float("inf")), "lr"), (dict(lr="0.1"), "lr")):
+        with pytest.raises(InvalidArgumentError, match=name):
+            LQRDescent(mlp(), **{"lr": 0.1, **kw})
