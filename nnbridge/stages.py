@@ -741,9 +741,9 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 def is_norm_layer(m: nn.Module) -> bool:
     """A normalization whose affine parameters are a stage: BatchNorm (not SyncBatchNorm)
-    with ``affine=True``, LayerNorm with ``elementwise_affine=True``."""
-    return ((isinstance(m, _BN) and not isinstance(m, nn.SyncBatchNorm) and m.affine)
-            or (isinstance(m, nn.LayerNorm) and m.elementwise_affine))
+    and GroupNorm with ``affine=True``, LayerNorm with ``elementwise_affine=True``."""
+    return ((isinstance(m, (_BN, nn.GroupNorm)) and not isinstance(m, nn.SyncBatchNorm)
+             and m.affine) or (isinstance(m, nn.LayerNorm) and m.elementwise_affine))
 
 
 def is_layer(m: nn.Module) -> bool:
@@ -759,16 +759,17 @@ def make_stage(index: int, module: nn.Module, post: tuple[nn.Module, ...]) -> St
 
 @dataclass(eq=False)
 class NormStage(Stage):
-    r"""The affine parameters of a BatchNorm / LayerNorm as a stage:
+    r"""The affine parameters of a BatchNorm / GroupNorm / LayerNorm as a stage:
     :math:`h = \gamma \odot n(x) + \beta` with :math:`n` the normalization.
 
     The control is block diagonal, one (1, 2) block :math:`[\gamma_c \mid \beta_c]` per
-    channel (BatchNorm) or per normalized feature (LayerNorm): ``groups`` = that count,
-    the unfolded input :math:`\tilde x = [n(x); 1]` of shape (B, groups, 2, P), P the
-    positions a channel is shared over (BatchNorm2d: H W; LayerNorm: 1, so LayerNorm must
-    normalize all non-batch dimensions).  :math:`n` is differentiated by ``torch.func``
-    (LayerNorm: the per-sample normalization; BatchNorm in training mode: through the
-    statistics of the batch, which couple the samples, :mod:`nnbridge.batchnorm`).
+    channel (BatchNorm, GroupNorm) or per normalized feature (LayerNorm): ``groups`` =
+    that count, the unfolded input :math:`\tilde x = [n(x); 1]` of shape (B, groups, 2,
+    P), P the positions a channel is shared over (BatchNorm2d, GroupNorm on images: H W;
+    LayerNorm: 1, so LayerNorm must normalize all non-batch dimensions).  :math:`n` is
+    differentiated by ``torch.func`` (LayerNorm, GroupNorm: per sample; BatchNorm in
+    training mode: through the statistics of the batch, which couple the samples,
+    :mod:`nnbridge.batchnorm`).
     """
 
     def __post_init__(self):
@@ -806,6 +807,8 @@ class NormStage(Stage):
                     "non-batch dimensions (positions sharing its parameters are not "
                     "supported yet)")
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps)
         if m.training or m.running_mean is None:
             return F.batch_norm(x, None, None, training=True, eps=m.eps)
         mean, var = m.running_mean, m.running_var
@@ -826,6 +829,7 @@ class NormStage(Stage):
             g, *rest = self.split(U)
             b = rest[0] if rest else None
         z = self.normalize(x)
-        shape = [-1] + [1] * (x.ndim - 2) if isinstance(self.module, _BN) else list(g.shape)
+        shape = [-1] + [1] * (x.ndim - 2) if isinstance(self.module, (_BN, nn.GroupNorm)) \
+            else list(g.shape)
         out = z * g.reshape(shape)
         return out + b.reshape(shape) if (bias and b is not None) else out

@@ -487,13 +487,14 @@ def test_ekfac_eigenbasis_falls_back_to_float64_then_to_a_skipped_step(monkeypat
         assert all(torch.equal(v, state[k][n]) for n, v in s.items() if torch.is_tensor(v))
 
 
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(6), lambda: nn.GroupNorm(3, 6)])
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
 @pytest.mark.parametrize("value_hessian", ["outer", "full"])
-def test_layernorm_stage_step_equals_literal_alg3(curvature, value_hessian):
-    """A LayerNorm's affine parameters as a stage (h = gamma n(x) + beta, n the exact
-    per-sample normalization): the step equals the literal dense Alg. 3."""
+def test_layernorm_stage_step_equals_literal_alg3(curvature, value_hessian, norm):
+    """A LayerNorm's / GroupNorm's affine parameters as a stage (h = gamma n(x) + beta, n
+    the exact per-sample normalization): the step equals the literal dense Alg. 3."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(4, 6), norm(), nn.Tanh(), nn.Linear(6, 3))
     X, y = data(B=5)
     opt = nnbridge.DDPNOpt(model, lr=LRS[curvature], curvature=curvature,
                            value_hessian=value_hessian, weight_decay=0.01,

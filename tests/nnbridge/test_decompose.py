@@ -219,7 +219,8 @@ class _Normed(nn.Module):
         torch.manual_seed(3)
         self.emb = nn.Embedding(12, 4)
         self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
-        self.norm = nn.LayerNorm(6) if norm == "layer" else nn.BatchNorm1d(6)
+        self.norm = {"layer": lambda: nn.LayerNorm(6), "batch": lambda: nn.BatchNorm1d(6),
+                     "group": lambda: nn.GroupNorm(2, 6)}[norm]()
 
     def forward(self, i):
         return self.fc2(self.norm(torch.tanh(self.fc1(self.emb(i)))))
@@ -248,7 +249,7 @@ def test_modules_without_a_ddp_model_get_the_base_update(norm):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm", ["layer", "batch"])
+@pytest.mark.parametrize("norm", ["layer", "batch", "group"])
 def test_norm_affine_parameters_are_stages_with_feedback(norm):
     """LayerNorm / BatchNorm affine parameters are a stage h = gamma n(x) + beta (one
     (1, 2) control block per feature / channel): its operators equal the dense Jacobians
@@ -279,7 +280,7 @@ def test_norm_affine_parameters_are_stages_with_feedback(norm):
                                    rtol=1e-12, atol=1e-12)
         per = torch.einsum("bj...op,b...ip->j...oi", lin.factors(Y), lin.X)
         torch.testing.assert_close(per.reshape(2, -1), Yb @ ju, rtol=1e-12, atol=1e-12)
-        if norm == "layer":   # no coupling: block diagonal
+        if norm != "batch":   # no coupling: block diagonal
             off = jx.reshape(B, n, B, n)[0, :, 1]
             assert float(off.abs().max()) == 0.0
         else:
@@ -513,3 +514,39 @@ def test_a_parametrized_layer_is_refused_by_name(wrap):
     for make in (nnbridge.DDPNOpt, nnbridge.GTDDP, nnbridge.EKFAC):
         with pytest.raises(UnsupportedModelError, match="layer '2'.*computed weight"):
             make(model)
+
+
+def test_groupnorm_on_images_is_a_stage_with_exact_operators():
+    """GroupNorm's affine parameters (one (1, 2) block per channel, shared over the H W
+    positions) as a stage on images: the stage's operators equal the dense Jacobians of
+    the module, sample by sample (GroupNorm couples no samples), and DDPNOpt trains it
+    (it was updated by the base optimizer, with a warning)."""
+    import warnings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "updated by the base optimizer" warning
+        opt = nnbridge.DDPNOpt(model, lr=0.01, curvature="adam")
+    _, sts = nnbridge.stages(model)
+    assert [type(st.module) for st in sts] == [nn.Conv2d, nn.GroupNorm, nn.Linear]
+    B = 3
+    x = torch.randn(B, 4, 5, 5, dtype=torch.float64)
+    lin = StageLinearization(sts[1], x)
+    U = lin.U
+
+    def batch_map(z, u):
+        return sts[1].forward(z.reshape(x.shape), u.reshape(U.shape)).reshape(-1)
+    jx, ju = torch.func.jacrev(batch_map, argnums=(0, 1))(x.reshape(-1), U.reshape(-1))
+    n = x[0].numel()
+    Y = torch.randn(B, 2, *lin.fx(x).shape[1:], dtype=torch.float64)
+    Yb = Y.transpose(0, 1).reshape(2, -1)
+    torch.testing.assert_close(lin.fx_T(Y).reshape(B, 2, -1).transpose(0, 1).reshape(2, -1),
+                               Yb @ jx, rtol=1e-12, atol=1e-12)
+    per = torch.einsum("bj...op,b...ip->j...oi", lin.factors(Y), lin.X)
+    torch.testing.assert_close(per.reshape(2, -1), Yb @ ju, rtol=1e-12, atol=1e-12)
+    assert float(jx.reshape(B, n, B, n)[0, :, 1].abs().max()) == 0.0
+    X, y = torch.randn(16, 1, 5, 5, dtype=torch.float64), torch.arange(16) % 3
+    before = model[1].weight.detach().clone()
+    losses = [opt.step(closure_for(opt, model, X, y)).item() for _ in range(10)]
+    assert losses[-1] < losses[0] and not torch.equal(before, model[1].weight)
