@@ -24,6 +24,7 @@ from .options import (
     Regularization,
 )
 from .sensitivity import differentiable_outputs
+from .shooting import Shooting
 from .solver import DDPSolver
 
 __all__ = ["solve_ddp"]
@@ -37,7 +38,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
               spans=None, players=None, params: Sequence[Any] = (),
               constraints: Sequence[Constraint] | Constraint | None = None,
               augmented_lagrangian: AugmentedLagrangian | None = None,
-              xs0: Any = None) -> DDPResult:
+              xs0: Any = None, shooting: Shooting = "single") -> DDPResult:
     r"""Optimize a control sequence by iLQR or DDP.
 
     .. math::
@@ -95,6 +96,12 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         the first stage that does not match to rounding (``DDPSolver.solve``,
         ``docs/ddp.md``), so the result is that of the solve without ``xs0`` up to
         rounding.  Not supported with ``spans`` or ``players``.
+    shooting : {"single", "multiple"}
+        ``"multiple"``: the states ``xs0`` are a guess, taken as they are (crocoddyl's
+        ``init_xs``, e.g. ``[x0] * (T + 1)``), their defects closed over the iterations
+        (feasibility-driven DDP, :mod:`trajopt.ddp.shooting`; ``mode="ilqr"``); the
+        result's ``max_gap`` says how far the returned states are from a rollout.
+        Without ``xs0`` the start is the rollout of ``us0``, as for ``"single"``.
 
     Returns
     -------
@@ -126,7 +133,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
                                        "players yet")
         res, solver = _solve(dynamics, cost, cons, augmented_lagrangian, callback,
                              x0.detach() if isinstance(x0, torch.Tensor) else x0, us0,
-                             xs0=xs0, mode=mode, max_iter=max_iter, tol=tol,
+                             xs0=xs0, mode=mode, max_iter=max_iter, tol=tol, shooting=shooting,
                              regularization=regularization, line_search=line_search,
                              control_limits=control_limits)
         x0t = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(
@@ -136,6 +143,7 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         return replace(res, xs=xs, us=us, cost=J)
     return _solve(dynamics, cost, cons, augmented_lagrangian, callback, x0, us0,
                   spans=spans, players=players, xs0=xs0, mode=mode, max_iter=max_iter,
+                  shooting=shooting,
                   tol=tol, regularization=regularization, line_search=line_search,
                   control_limits=control_limits)[0]
 

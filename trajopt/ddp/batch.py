@@ -106,17 +106,22 @@ class Traj:
     rollout formed them for the running cost's one call
     (:func:`~trajopt.ddp.stagewise.stage_points`; the stage loop's control buffer is one
     already), kept for the derivatives and the next forward pass at this trajectory; None
-    where they were not formed, and after rows were written or selected."""
+    where they were not formed, and after rows were written or selected.
+
+    ``gaps``: T tensors (B, n_{t+1}), the defects ``f_t(x_t, u_t) - x_{t+1}`` of a
+    multiple-shooting solve (:mod:`trajopt.ddp.shooting`); None where there are none."""
 
     xs: list[torch.Tensor]
     us: list[torch.Tensor]
     cost: torch.Tensor
     rows: torch.Tensor | None = None
     points: tuple[torch.Tensor, torch.Tensor] | None = None
+    gaps: list[torch.Tensor] | None = None
 
     def select(self, idx: torch.Tensor) -> Traj:
         rows = idx if self.rows is None else self.rows[idx]
-        return Traj(take_rows(self.xs, idx), take_rows(self.us, idx), self.cost[idx], rows)
+        return Traj(take_rows(self.xs, idx), take_rows(self.us, idx), self.cost[idx], rows,
+                    gaps=None if self.gaps is None else take_rows(self.gaps, idx))
 
     def controls(self) -> Sequence[torch.Tensor]:
         """``us``, as a :class:`Rows` of the stacked controls (T, B, m) where
@@ -133,12 +138,15 @@ class Traj:
         if idx.numel() == self.cost.shape[0] and other.cost.shape == self.cost.shape and \
                 len({id(v) for v in other.xs + other.us}) == len(other.xs) + len(other.us):
             self.xs[:], self.us[:], self.cost = other.xs, other.us, other.cost
-            self.points = other.points
+            self.points, self.gaps = other.points, other.gaps
             return
         self.points = None
         put_rows(self.xs, idx, other.xs)
         put_rows(self.us, idx, other.us)
         self.cost[idx] = other.cost
+        if self.gaps is not None:   # a row's defects only shrink: None in other is zeros
+            put_rows(self.gaps, idx, other.gaps if other.gaps is not None else
+                     [g.new_zeros(idx.numel(), *g.shape[1:]) for g in self.gaps])
 
     def finite(self) -> torch.Tensor:
         """(B,) bool: the cost and every state are finite."""
@@ -226,7 +234,7 @@ def merge_policy(full: Policy | None, part: Policy, idx, B: int) -> Policy:
 
 def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
                 converged: torch.Tensor, iterations: torch.Tensor, reason: np.ndarray,
-                history: list, **extra) -> DDPResult:
+                history: list, max_gap: torch.Tensor | None = None, **extra) -> DDPResult:
     """The :class:`~trajopt.ddp.options.DDPResult` of a flat-batch solve in the caller's
     batch shape and array type (stages stacked unless the controls came as a list or the
     stage sizes differ); ``extra`` fields (already packed) are passed through."""
@@ -249,4 +257,5 @@ def pack_result(kind, batch: tuple, listed: bool, traj: Traj, pol: Policy,
             converged=kind.out(normal(converged.reshape(batch))),
             iterations=kind.out(normal(iterations.reshape(batch))),
             reason=reason.reshape(tuple(batch)) if len(batch) else reason.reshape(()),
-            history=history, **extra)
+            history=history, max_gap=None if max_gap is None else kind.out(
+                normal(max_gap.reshape(batch))), **extra)

@@ -226,3 +226,17 @@ def check_cost_shapes(cost: Cost, traj: Traj) -> None:
             raise ShapeError(f"cost.{name} must return one value per batch element, "
                              f"shape ({B},); got {got} (the summed cost has shape "
                              f"{shape_str(traj.cost)})")
+
+
+def check_tol(tol, x0: torch.Tensor):
+    """A solve's tolerance: a positive number, or one per element of the flat batch of
+    ``x0`` (B, n) (a tensor, returned as (B,) in ``x0``'s dtype and device)."""
+    B = x0.shape[0]
+    if torch.is_tensor(tol):
+        if tol.numel() != B or not bool((tol > 0).all()):
+            raise InvalidArgumentError(f"tol must be positive, one per batch element ({B}); "
+                                       f"got shape {tuple(tol.shape)}")
+        return tol.reshape(B).to(dtype=x0.dtype, device=x0.device)
+    if not tol > 0:
+        raise InvalidArgumentError(f"tol must be positive; got {tol}")
+    return tol

@@ -69,6 +69,14 @@ class LineSearch:
             raise InvalidArgumentError(f"line-search strategy must be 'hybrid', "
                                        f"'sequential' or 'parallel'; got {self.strategy!r}")
 
+    def groups(self) -> list[tuple[float, ...]]:
+        """The alphas in the groups that are rolled out together, in order."""
+        if self.strategy == "parallel":
+            return [self.alphas]
+        if self.strategy == "sequential":
+            return [(a,) for a in self.alphas]
+        return [self.alphas[:1], self.alphas[1:]]
+
 
 @dataclass(frozen=True)
 class AugmentedLagrangian:
@@ -176,6 +184,11 @@ class DDPResult:
         (>= 0 for inequalities).  With constraints, ``cost`` is the cost without the
         augmented-Lagrangian terms, while ``K``, ``k``, ``Vx``, ``Vxx`` are those of the
         last augmented problem (the feedback of the constrained optimum).
+    max_gap : (...), or None unless ``shooting="multiple"``
+        The largest defect ``max_t,i |f_t(x_t, u_t)_i - x_{t+1,i}|`` of the returned
+        trajectory: 0 once a full step closed the given states' defects; an element that
+        stopped before (``max_iter``, ``regularization_limit``, ``line_search_failed``)
+        returns states its controls do not reach (``docs/ddp.md``, "Multiple shooting").
     """
 
     xs: Any
@@ -191,3 +204,4 @@ class DDPResult:
     history: list = field(repr=False)
     max_violation: Any = None
     multipliers: tuple | None = field(default=None, repr=False)
+    max_gap: Any = None

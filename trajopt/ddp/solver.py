@@ -43,7 +43,8 @@ from .._threads import threads_for
 from ..errors import ConvergenceWarning, InvalidArgumentError, NonFiniteError, ShapeError
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug
 from ..riccati.step import total_expected_change, value_update
-from . import inference
+from . import inference, inputs
+from . import shooting as mshoot
 from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, step_size
 from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
@@ -79,9 +80,10 @@ class DDPSolver:
                  regularization: Regularization | None = None,
                  line_search: LineSearch | None = None, control_limits=None,
                  callback: Callable[[IterationLog], Any] | None = None,
-                 structure: Chain | None = None):
+                 structure: Chain | None = None, shooting: mshoot.Shooting = "single"):
         if mode not in ("ilqr", "ddp"):
             raise InvalidArgumentError(f"mode must be 'ilqr' or 'ddp'; got {mode!r}")
+        mshoot.check_shooting(shooting, mode)
         if not isinstance(cost, Cost):
             raise TypeError(f"cost must be a trajopt.Cost; got {type(cost).__name__}")
         if int(max_iter) < 0:
@@ -98,6 +100,7 @@ class DDPSolver:
         self.ls = line_search or LineSearch()
         self.control_limits = control_limits
         self.callback = callback
+        self.shooting = shooting
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x0, us0, xs0=None) -> SolveInputs:
@@ -114,6 +117,8 @@ class DDPSolver:
         tensors (B, n_t), checked, not trusted (:meth:`~trajopt.ddp.chain.Chain.open_loop`;
         a model that writes into its arguments raises: :func:`~trajopt.ddp.writes.guarded`)."""
         with guarded(self.structure, x0, us[0] if us else None):
+            if self.shooting == "multiple" and xs0 is not None:
+                return mshoot.gapped_start(self.structure, x0, us, xs0)
             return self.structure.open_loop(x0, us, xs0)
 
     def derivatives(self, traj: Traj) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -184,13 +189,15 @@ class DDPSolver:
             ff = Rows(Rows.stack(us) + alpha * Rows.stack(k))
         else:
             ff = [u + alpha * kt for u, kt in zip(us, k)]
-
-        law = AffineLaw(ff, policy.K, traj.xs)
-        control = feedback_control(law, self.structure.deviation, lo, hi)
-        out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows,
-                                      None if lo is not None else law)
+        if traj.gaps is not None:   # multiple shooting: the step closes part of the defects
+            out = mshoot.gapped_forward(self.structure, traj, policy.K, ff, alpha, lo, hi)
+        else:
+            law = AffineLaw(ff, policy.K, traj.xs)
+            control = feedback_control(law, self.structure.deviation, lo, hi)
+            out = self.structure.simulate(traj.xs[0], len(traj.us), control, traj.rows,
+                                          None if lo is not None else law)
         cost = torch.where(out.finite(), out.cost, torch.full_like(out.cost, math.inf))
-        return Traj(out.xs, out.us, cost, traj.rows, out.points)
+        return Traj(out.xs, out.us, cost, traj.rows, out.points, out.gaps)
 
     def accept_step(self, actual: torch.Tensor, expected: torch.Tensor,
                     cost: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,15 +230,7 @@ class DDPSolver:
         """
         inp = self.prepare(x0, us0, xs0)
         B = inp.x0.shape[0]
-        if tol is None:
-            tol = self.tol
-        elif torch.is_tensor(tol):
-            if tol.numel() != B or not bool((tol > 0).all()):
-                raise InvalidArgumentError(f"tol must be positive, one per batch element "
-                                           f"({B}); got shape {tuple(tol.shape)}")
-            tol = tol.reshape(B).to(dtype=inp.x0.dtype, device=inp.x0.device)
-        elif not tol > 0:
-            raise InvalidArgumentError(f"tol must be positive; got {tol}")
+        tol = self.tol if tol is None else inputs.check_tol(tol, inp.x0)
         n, m = inp.x0.shape[-1], max(u.shape[-1] for u in inp.us)
         with threads_for(B * (n + m) * (1 + n + m)):
             return inference.run(lambda: self._solve(inp, tol),
@@ -299,6 +298,8 @@ class DDPSolver:
             size = step_size(pol.k, sub.controls())
             tol_sub = tol[idx] if torch.is_tensor(tol) else tol
             done = pol.ok & (size <= (tol_sub ** 0.5))
+            if sub.gaps is not None:   # multiple shooting: not before the defects are closed
+                done = done & ~mshoot.gapped_rows(sub)
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
@@ -319,6 +320,9 @@ class DDPSolver:
             fresh[gacc] = False
             # Tassa's second test: an accepted step that barely changed the cost
             small = accepted & (act_log[idx] <= tol_sub * traj.cost[idx].abs())
+            if traj.gaps is not None:
+                small = small & ~mshoot.gapped_rows(traj)[idx]
+                traj.gaps = traj.gaps if bool(mshoot.gapped_rows(traj).any()) else None
             if bool(small.any()):
                 converged[idx[small]] = True
                 active[idx[small]] = False
@@ -348,19 +352,13 @@ class DDPSolver:
                 reason.copy())
             policy_full = merge_policy(policy_full, pol, stale, B)
         return pack_result(kind, batch, listed, traj, policy_full, converged, iterations,
-                           reason, history)
+                           reason, history, max_gap=mshoot.largest_gap(traj)
+                           if self.shooting == "multiple" else None)
 
     def _line_search(self, sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi):
         """Try the alphas for the ``pending`` rows of ``sub`` (see LineSearch.strategy);
         write accepted candidates into ``traj`` and clear their ``pending`` flag."""
-        alphas = self.ls.alphas
-        if self.ls.strategy == "parallel":
-            groups = [alphas]
-        elif self.ls.strategy == "sequential":
-            groups = [(a,) for a in alphas]
-        else:
-            groups = [alphas[:1], alphas[1:]]
-        for group in groups:
+        for group in self.ls.groups():
             if not group or not bool(pending.any()):
                 break
             self._try_alphas(group, sub, pol, idx, pending, traj, step, exp_log, act_log,
@@ -384,6 +382,9 @@ class DDPSolver:
         expected = -(a[:, None] * dV[:, 0] + a[:, None] ** 2 * dV[:, 1])
         actual = sub.cost[sel] - cand.cost.reshape(na, ns)
         acc = self.accept_step(actual, expected, sub.cost[sel])  # (na, ns)
+        if sub.gaps is not None:  # closing defects may raise the cost (shooting.py)
+            acc = acc | (mshoot.gapped_rows(sub)[sel] & mshoot.closing_accepted(actual,
+                                                                                expected))
         ok = acc.any(0)
         if not bool(ok.any()):
             return
@@ -412,6 +413,7 @@ class DDPSolver:
         """Backward passes, raising mu for the elements that fail, until all succeed or
         exceed the maximum regularization (those are returned as stopped)."""
         stages, Vx, Vxx = self.derivatives(sub)
+        stages = mshoot.with_offsets(stages, sub.gaps)   # multiple shooting's defects
         n_sub = idx.numel()
         stopped = torch.zeros(n_sub, dtype=torch.bool, device=idx.device)
         local = torch.arange(n_sub, device=idx.device)
@@ -421,13 +423,16 @@ class DDPSolver:
         pol = None
         while True:
             gidx = idx[local]
-            if local.numel() == n_sub:  # first pass over everything: no copies
-                part = self.backward_pass(stages, Vx, Vxx, mu[gidx], sub, lo, hi, warm)
-            else:
-                part = self.backward_pass(
-                    [s.select(local) for s in stages], Vx[local], Vxx[local],
-                    mu[gidx], sub.select(local), lo, hi,
-                    None if warm is None else [k[local] for k in warm])
+            # the first pass is over everything: no copies
+            st, s_sub, s_vx, s_vxx, s_warm = (stages, sub, Vx, Vxx, warm) if \
+                local.numel() == n_sub else ([s.select(local) for s in stages],
+                                             sub.select(local), Vx[local], Vxx[local],
+                                             None if warm is None else [k[local] for k in warm])
+            part = self.backward_pass(st, s_vx, s_vxx, mu[gidx], s_sub, lo, hi, s_warm)
+            if s_sub.gaps is not None:  # multiple shooting: the model's change along the step
+                part = replace(part, dV=torch.where(
+                    mshoot.gapped_rows(s_sub)[:, None], mshoot.model_change(
+                        st, s_vx, s_vxx, part.K, part.k, s_sub.gaps), part.dV))
             # part's tensors may be views (terminal derivatives): merged into a copy
             pol = replace(part, shared=True) if pol is None else \
                 merge_policy(pol, part, local, n_sub)

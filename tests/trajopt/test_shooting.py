@@ -1,0 +1,177 @@
+"""Multiple shooting (``shooting="multiple"``, :mod:`trajopt.ddp.shooting`): DDP from given
+states whose defects close over the iterations.
+
+Checked against: crocoddyl's FDDP iterate by iterate (same model, same start, same step
+lengths), the exact LQ optimum (a full step from any guess reaches it), the quadratic
+model's exactness on an LQ problem (expected == actual change for a partial step, the
+defects shrink by exactly ``1 - alpha``) and the single-shooting solver where there are no
+defects.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trajopt
+from trajopt import problems
+from trajopt.errors import InvalidArgumentError, NonFiniteError
+
+F64 = dict(dtype=torch.float64)
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ddp.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_ddp", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lq(seed=0, n=4, m=2, T=12):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(n, **F64) + 0.2 * torch.randn(n, n, generator=g, **F64)
+    B = 0.3 * torch.randn(n, m, generator=g, **F64)
+    Q = torch.eye(n, **F64)
+    cost = trajopt.QuadraticCost(Q, 0.1 * torch.eye(m, **F64), 5 * Q)
+    dyn = trajopt.Dynamics(lambda x, u, t: x @ A.T + u @ B.T, time_invariant=True)
+    x0 = torch.randn(n, generator=g, **F64)
+    guess = torch.randn(T + 1, n, generator=g, **F64)
+    return dyn, cost, x0, torch.zeros(T, m, **F64), guess
+
+
+def test_pendulum_equals_crocoddyl_fddp_iterate_by_iterate():
+    """The benchmark's pendulum from crocoddyl's usual start (``[x0] * (T + 1)``, zero
+    controls), with crocoddyl's step lengths 2^-k: every accepted iterate's cost equals
+    crocoddyl SolverFDDP's (its numpy action model; ours a torch function)."""
+    crocoddyl = pytest.importorskip("crocoddyl")
+    bench = _bench()
+    x0n = np.array([0.3 * np.random.default_rng(0).normal(), 0.0])
+    T = 100
+    Pendulum, _, _ = bench.crocoddyl_models()
+    prob = crocoddyl.ShootingProblem(x0n, [Pendulum()] * T, Pendulum(True))
+    solver = crocoddyl.SolverFDDP(prob)
+    solver.reg_min = 0.0
+    costs = []
+
+    class Log(crocoddyl.CallbackAbstract):
+        def __call__(self, s):
+            costs.append(s.cost)
+    solver.setCallbacks([Log()])
+    solver.solve([x0n] * (T + 1), [np.zeros(1)] * T, 200)
+
+    f, cost = bench.user_pendulum()
+    x0 = torch.tensor(x0n)
+    ls = trajopt.LineSearch(alphas=tuple(2.0 ** -k for k in range(10)))
+    res = trajopt.DDPSolver(f, cost, shooting="multiple", line_search=ls).solve(
+        x0, torch.zeros(T, 1, **F64), xs0=x0.expand(T + 1, 2))
+    ours = [float(h.cost) for h in res.history if float(h.step) > 0]
+    assert res.reason == "converged" and float(res.max_gap) == 0.0
+    assert len(ours) == 18 and len(costs) >= len(ours)
+    # the first iterate closes the defects: the guess's cost is not a rollout's
+    np.testing.assert_allclose(ours, costs[:len(ours)], rtol=1e-11, atol=0)
+    # from the rollout (single shooting) the same problem takes 20 iterations
+    single = trajopt.DDPSolver(f, cost, line_search=ls).solve(x0, torch.zeros(T, 1, **F64))
+    assert int(single.iterations) == 20
+    assert abs(float(single.cost) - float(res.cost)) <= 1e-10 * float(res.cost)
+
+
+def test_lq_full_step_from_any_guess_reaches_the_optimum():
+    """For an LQ problem the linearization is exact: the first full step from any guess
+    of the states is the optimum (the single-shooting solve's) and a rollout."""
+    dyn, cost, x0, us0, guess = _lq()
+    ref = trajopt.solve_ddp(dyn, cost, x0, us0, tol=1e-12)
+    res = trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple", max_iter=1)
+    assert float(res.max_gap) == 0.0
+    assert torch.equal(res.xs[0], x0)   # the guess's first state is x0's place
+    np.testing.assert_allclose(res.us, ref.us, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.xs, ref.xs, rtol=0, atol=1e-12)
+    # a rollout of its controls
+    xs = [x0]
+    for t in range(us0.shape[0]):
+        xs.append(dyn(xs[-1], res.us[t], t))
+    np.testing.assert_allclose(torch.stack(xs), res.xs, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.25])
+def test_lq_partial_step_model_is_exact_and_gaps_shrink(alpha):
+    """A step alpha on an LQ problem: the expected change is the actual change (the
+    quadratic model is exact, its cost rise from closing defects included) and every
+    defect shrinks by exactly 1 - alpha."""
+    dyn, cost, x0, us0, guess = _lq(seed=1)
+    solver = trajopt.DDPSolver(dyn, cost, shooting="multiple", max_iter=1,
+                               line_search=trajopt.LineSearch(alphas=(alpha,)))
+    res = solver.solve(x0, us0, xs0=guess)
+    h = res.history[0]
+    assert float(h.step) == alpha
+    assert abs(float(h.expected) - float(h.actual)) <= 1e-12 * abs(float(h.actual))
+    gap0 = torch.stack([dyn(guess[t], us0[t], t) - guess[t + 1] for t in range(len(us0))])
+    gap0[0] = dyn(x0, us0[0], 0) - guess[1]
+    gap1 = torch.stack([dyn(res.xs[t], res.us[t], t) - res.xs[t + 1]
+                        for t in range(len(us0))])
+    np.testing.assert_allclose(gap1, (1 - alpha) * gap0, rtol=0, atol=1e-13)
+    assert float(res.max_gap) == pytest.approx(float(gap1.abs().max()), rel=1e-12)
+    assert res.reason == "max_iter"   # not converged while defects remain
+
+
+def test_without_defects_it_is_single_shooting():
+    """No xs0, or states the controls do reach: the same solve as single shooting."""
+    p = problems.pendulum(T=40)
+    single = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0)
+    multi = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, shooting="multiple")
+    assert torch.equal(multi.us, single.us) and torch.equal(multi.xs, single.xs)
+    assert float(multi.max_gap) == 0.0 and single.max_gap is None
+    rolled = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, max_iter=0)
+    again = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, shooting="multiple",
+                              xs0=rolled.xs)
+    torch.testing.assert_close(again.us, single.us, rtol=0, atol=1e-12)
+
+
+def test_batch_elements_with_and_without_defects():
+    """A batch whose first element is given its own rollout and the second a guess: the
+    first takes the single-shooting iterates, the second closes its defects; each ends
+    at the single-shooting optimum."""
+    p = problems.pendulum(T=40)
+    x0 = torch.stack([p.x0, p.x0 + 0.1])
+    us0 = p.us0.expand(2, *p.us0.shape)
+    rolled = trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, max_iter=0).xs
+    guess = rolled.clone()
+    guess[1] = x0[1]   # crocoddyl's start for the second element
+    res = trajopt.solve_ddp(p.dynamics, p.cost, x0, us0, xs0=guess, shooting="multiple")
+    ref = trajopt.solve_ddp(p.dynamics, p.cost, x0, us0)
+    assert list(res.reason) == ["converged", "converged"]
+    assert res.max_gap.tolist() == [0.0, 0.0]
+    assert res.iterations[0] == ref.iterations[0]
+    torch.testing.assert_close(res.us[0], ref.us[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.cost, ref.cost, rtol=1e-9, atol=0)
+
+
+def test_box_limits_hold_from_a_guess():
+    p = problems.cartpole(T=50)
+    lo, hi = p.control_limits
+    guess = p.x0.expand(51, p.x0.shape[-1]).clone()
+    guess[:, 1] = torch.linspace(0, float(torch.pi), 51, **F64)   # the pole swung up
+    res = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, control_limits=p.control_limits,
+                            xs0=guess, shooting="multiple", max_iter=300)
+    assert res.reason == "converged" and float(res.max_gap) == 0.0
+    assert bool((res.us >= lo).all() and (res.us <= hi).all())
+
+
+def test_max_iter_zero_returns_the_guess_with_its_defects():
+    dyn, cost, x0, us0, guess = _lq(seed=2)
+    res = trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple", max_iter=0)
+    assert res.reason == "max_iter" and float(res.max_gap) > 0
+    assert torch.equal(res.xs[1:], guess[1:]) and torch.equal(res.xs[0], x0)
+
+
+def test_bad_arguments_are_named():
+    dyn, cost, x0, us0, guess = _lq()
+    with pytest.raises(InvalidArgumentError, match="shooting must be"):
+        trajopt.DDPSolver(dyn, cost, shooting="multi")
+    with pytest.raises(InvalidArgumentError, match="mode='ilqr'"):
+        trajopt.DDPSolver(dyn, cost, shooting="multiple", mode="ddp")
+    guess[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"xs0\[3\]"):
+        trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple")
