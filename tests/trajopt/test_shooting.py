@@ -175,3 +175,21 @@ def test_bad_arguments_are_named():
     guess[3, 1] = float("nan")
     with pytest.raises(NonFiniteError, match=r"xs0\[3\]"):
         trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple")
+
+
+def test_constraints_take_the_guess_to_the_inner_solves():
+    """With constraints the augmented-Lagrangian loop hands the guess to its first inner
+    solve as it is (no rollout of us0 first): with no iteration allowed the result is the
+    guess and its defects; with them, a converged, feasible constrained solve."""
+    p = problems.cartpole(track=0.4, T=50)
+    guess = p.x0.expand(51, p.x0.shape[-1]).clone()
+    guess[:, 1] = torch.linspace(0, float(torch.pi), 51, **F64)
+    args = (p.dynamics, p.cost, p.x0, p.us0)
+    kw = dict(control_limits=p.control_limits, constraints=p.constraints, xs0=guess,
+              shooting="multiple")
+    res = trajopt.solve_ddp(*args, max_iter=0,
+                            augmented_lagrangian=trajopt.AugmentedLagrangian(max_outer=1), **kw)
+    assert torch.equal(res.xs[1:], guess[1:]) and float(res.max_gap) > 0
+    res = trajopt.solve_ddp(*args, max_iter=300, **kw)
+    assert res.reason == "converged" and float(res.max_gap) == 0.0
+    assert float(res.max_violation) <= 1e-6

@@ -20,6 +20,7 @@ from .augmented import AugmentedCost
 from .batch import Policy, Traj, pack_result
 from .inputs import SolveInputs, widened
 from .options import AugmentedLagrangian, DDPResult, IterationLog
+from .shooting import defects
 
 __all__ = ["ConstrainedSolver"]
 
@@ -138,7 +139,10 @@ class ConstrainedSolver:
         given = inp.xs is not None
         # the leading stages every element's given states pass, then the rollout of us0
         # (sizes from every element)
-        xs = [x0f, *inner.structure.known_states(x0f, inp.xs, us)]
+        shoot = given and getattr(inner, "shooting", "single") == "multiple"
+        # multiple shooting: the given states as they are (a guess), the rollout otherwise
+        xs = [x0f, *(x.clone() for x in inp.xs[1:])] if shoot else \
+            [x0f, *inner.structure.known_states(x0f, inp.xs, us)]
         try:
             for t in range(len(xs) - 1, T):
                 xs.append(inner.structure.transition(t, xs[-1], us[t], xs))
@@ -188,7 +192,14 @@ class ConstrainedSolver:
             for con, lm in zip(cost.constraints, lam))
         return pack_result(kind, batch, inp.listed, traj, pol, converged, iterations,
                            reason, history, max_violation=kind.out(violation.reshape(batch)),
-                           multipliers=multipliers)
+                           multipliers=multipliers, max_gap=self._largest_gap(xs, us))
+
+    def _largest_gap(self, xs, us) -> torch.Tensor | None:
+        """(B,) the largest defect of the returned states under multiple shooting."""
+        if getattr(self.inner, "shooting", "single") != "multiple":
+            return None
+        gaps = defects(self.inner.structure, us, xs)
+        return torch.stack([g.abs().amax(-1) for g in gaps]).amax(0)
 
     def _outer_loop(self, b: _Batch, user_tol: float, own_callback,
                     with_states: bool = False) -> None:

@@ -44,7 +44,7 @@ from ..riccati.expansion import DenseStages
 from .batch import Traj
 from .chain import AffineLaw, Chain, feedback_control
 
-__all__ = ["Shooting", "check_shooting", "gapped_start", "with_offsets", "model_change",
+__all__ = ["Shooting", "check_shooting", "gapped_start", "defects", "with_offsets", "model_change",
            "gapped_forward", "closing_accepted", "gapped_rows", "largest_gap"]
 
 Shooting = Literal["single", "multiple"]
@@ -79,21 +79,29 @@ def gapped_start(structure: Chain, x0: torch.Tensor, us: Sequence[torch.Tensor],
             raise NonFiniteError(f"xs0[{t}] (the given states) is not finite")
     states = [x0, *xs[1:]]
     T = len(us)
-    gaps = []
-    for t in range(T):
-        nxt = structure.transition(t, states[t], us[t], states[:t + 1])
-        if not torch.is_tensor(nxt) or nxt.shape != states[t + 1].shape:
-            raise InvalidArgumentError(
-                f"the dynamics at stage {t} returned shape "
-                f"{tuple(getattr(nxt, 'shape', ()))}; the given state xs0[{t + 1}] has "
-                f"{tuple(states[t + 1].shape)} (flattened batch)")
-        if not bool(torch.isfinite(nxt).all()):
-            raise NonFiniteError(f"the dynamics are not finite at the given state xs0[{t}] "
-                                 f"and control us0[{t}]")
-        gaps.append(nxt - states[t + 1])
+    gaps = defects(structure, us, states)
     traj = structure.simulate(x0, T, lambda t, _: us[t], known=states[1:])
     traj.gaps = gaps if any(bool((g != 0).any()) for g in gaps) else None
     return traj
+
+
+def defects(structure: Chain, us: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]
+            ) -> list[torch.Tensor]:
+    """The defects ``f_t(x_t, u_t) - x_{t+1}`` of the states ``xs`` (T+1 tensors (B, n))
+    under the controls ``us`` (T tensors (B, m)), one call of the dynamics a stage."""
+    gaps = []
+    for t in range(len(us)):
+        nxt = structure.transition(t, xs[t], us[t], xs[:t + 1])
+        if not torch.is_tensor(nxt) or nxt.shape != xs[t + 1].shape:
+            raise InvalidArgumentError(
+                f"the dynamics at stage {t} returned shape "
+                f"{tuple(getattr(nxt, 'shape', ()))}; the given state xs0[{t + 1}] has "
+                f"{tuple(xs[t + 1].shape)} (flattened batch)")
+        if not bool(torch.isfinite(nxt).all()):
+            raise NonFiniteError(f"the dynamics are not finite at the given state xs0[{t}] "
+                                 f"and control us0[{t}]")
+        gaps.append(nxt - xs[t + 1])
+    return gaps
 
 
 def gapped_rows(traj: Traj) -> torch.Tensor:
