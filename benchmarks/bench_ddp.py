@@ -217,6 +217,11 @@ def row_pendulum(T=100, rep=3):
     f, cost = user_pendulum()
     solver = trajopt.DDPSolver(f, cost)
     t_o, r = timed(lambda: solver.solve(torch.tensor(x0), torch.zeros(T, 1, **F64)), rep)
+    # the same from crocoddyl's start: multiple shooting from the states [x0] * (T + 1)
+    shooter = trajopt.DDPSolver(f, cost, shooting="multiple")
+    guess = torch.tensor(x0).expand(T + 1, 2)
+    t_m, r_m = timed(lambda: shooter.solve(torch.tensor(x0), torch.zeros(T, 1, **F64),
+                                           xs0=guess), rep)
     row = dict(figure=f"pendulum swing-up T={T}, user-written f(x, u, t) and Cost, vs "
                       f"crocoddyl FDDP (Python action model)", goal=3.0,
                trajopt_ms=1e3 * t_o, trajopt_note=f"{int(r.iterations)} it, cost "
@@ -235,7 +240,10 @@ def row_pendulum(T=100, rep=3):
     return dict(row, peer="crocoddyl FDDP", peer_ms=1e3 * t_c,
                 peer_note=f"{it} it, cost {c:.6g}; from trajopt's start, the rollout of "
                           f"the zero controls: {it_r} it, {1e3 * t_r:.1f} ms, ratio "
-                          f"{t_o / t_r:.2f}x")
+                          f"{t_o / t_r:.2f}x; trajopt from crocoddyl's start "
+                          f"(shooting='multiple', xs0 = [x0] * (T + 1)): "
+                          f"{int(r_m.iterations)} it, {1e3 * t_m:.1f} ms, ratio "
+                          f"{t_m / t_c:.2f}x")
 
 
 def row_lq(T=100, rep=3, linear=False):
