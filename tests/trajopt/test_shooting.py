@@ -193,3 +193,22 @@ def test_constraints_take_the_guess_to_the_inner_solves():
     res = trajopt.solve_ddp(*args, max_iter=300, **kw)
     assert res.reason == "converged" and float(res.max_gap) == 0.0
     assert float(res.max_violation) <= 1e-6
+
+
+def test_model_change_stacked_and_listed_stages_agree():
+    """The model's change over stacked stages (one product for all) equals the stage by
+    stage sum (stages of different sizes, or unstacked ones)."""
+    from trajopt.ddp import shooting
+    from trajopt.riccati.expansion import DenseStage, DenseStages
+    g = torch.Generator().manual_seed(0)
+    T, B, n, m = 5, 3, 4, 2
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, **F64)
+    stacked = DenseStages(DenseStage(r(T, B, n, n + m), r(T, B, n + m, 1 + n + m), n))
+    K, k, gaps = [r(B, m, n) for _ in range(T)], [r(B, m) for _ in range(T)], \
+        [r(B, n) for _ in range(T)]
+    VxT, VxxT = r(B, n), r(B, n, n)
+    a = shooting.model_change(stacked, VxT, VxxT, K, k, gaps)
+    b = shooting.model_change([stacked[t] for t in range(T)], VxT, VxxT, K, k, gaps)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-12)

@@ -135,17 +135,24 @@ def model_change(stages, VxT: torch.Tensor, VxxT: torch.Tensor, K: Sequence[torc
     :math:`\alpha` is expected to lower the cost by :math:`-(\alpha G + \tfrac12
     \alpha^2 H)`.  ``stages``: the derivatives (F (B, n, n+m), L (B, n+m, 1+n+m)) with
     or without offsets; ``VxT``, ``VxxT``: the terminal cost's gradient and Hessian."""
-    dx = torch.zeros_like(VxT)
-    G = torch.zeros_like(VxT[..., 0])
-    H = torch.zeros_like(G)
+    # the deviations as columns (B, n, 1), two batched products a stage; the cost's
+    # gradient and Hessian along them over all stages at once
+    dx = torch.zeros_like(VxT).unsqueeze(-1)
+    zs = []
     for t, s in enumerate(stages):
-        du = k[t] + (K[t] @ dx.unsqueeze(-1)).squeeze(-1)
-        z = torch.cat([dx, du], -1)
-        G = G + (s.L[..., 0] * z).sum(-1)
-        H = H + (z * (s.L[..., 1:] @ z.unsqueeze(-1)).squeeze(-1)).sum(-1)
-        dx = (s.F @ z.unsqueeze(-1)).squeeze(-1) + gaps[t]
-    G = G + (VxT * dx).sum(-1)
-    H = H + (dx * (VxxT @ dx.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        z = torch.cat([dx, torch.baddbmm(k[t].unsqueeze(-1), K[t], dx)], -2)
+        zs.append(z)
+        dx = torch.baddbmm(gaps[t].unsqueeze(-1), s.F, z)
+    dx = dx.squeeze(-1)
+    G = (VxT * dx).sum(-1)
+    H = (dx * (VxxT @ dx.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    if isinstance(stages, DenseStages) and zs:   # stacked stages: (T, B, n+m, 1+n+m)
+        Z, L = torch.stack(zs), stages.stacked.L
+        return torch.stack([G + (L[..., :1] * Z).sum((0, 2, 3)),
+                            0.5 * (H + (Z * (L[..., 1:] @ Z)).sum((0, 2, 3)))], -1)
+    for s, z in zip(stages, zs):   # stage sizes that differ, or unstacked stages
+        G = G + (s.L[..., :1] * z).sum((1, 2))
+        H = H + (z * (s.L[..., 1:] @ z)).sum((1, 2))
     return torch.stack([G, 0.5 * H], -1)
 
 
