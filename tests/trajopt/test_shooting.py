@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trajopt
 from trajopt import problems
 from trajopt.errors import InvalidArgumentError, NonFiniteError
+
+from .._hypothesis import examples
 
 F64 = dict(dtype=torch.float64)
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ddp.py"
@@ -114,6 +118,49 @@ def test_lq_partial_step_model_is_exact_and_gaps_shrink(alpha):
     np.testing.assert_allclose(gap1, (1 - alpha) * gap0, rtol=0, atol=1e-13)
     assert float(res.max_gap) == pytest.approx(float(gap1.abs().max()), rel=1e-12)
     assert res.reason == "max_iter"   # not converged while defects remain
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 3), T=st.integers(1, 9),
+       alpha=st.floats(0.05, 1.0), limits=st.booleans())
+def test_lq_step_property(seed, B, T, alpha, limits):
+    """Random LQ problems, batches of random guesses, a step alpha: the defects left are
+    (1 - alpha) times the guess's, to rounding; without limits the expected change is the
+    actual one (the quadratic model is exact; with limits the forward pass clamps, so only
+    the defects' rule holds)."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = 3, 2
+    A = torch.eye(n, **F64) + 0.3 * torch.randn(n, n, generator=g, **F64)
+    Bm = 0.5 * torch.randn(n, m, generator=g, **F64)
+    dyn = trajopt.Dynamics(lambda x, u, t: x @ A.T + u @ Bm.T, time_invariant=True)
+    cost = trajopt.QuadraticCost(torch.eye(n, **F64), 0.1 * torch.eye(m, **F64),
+                                 3 * torch.eye(n, **F64))
+    x0 = torch.randn(B, n, generator=g, **F64)
+    guess = torch.randn(B, T + 1, n, generator=g, **F64)
+    us0 = 0.1 * torch.randn(B, T, m, generator=g, **F64)
+    lims = (-0.5 * torch.ones(m, **F64), 0.5 * torch.ones(m, **F64)) if limits else None
+    if limits:
+        us0 = us0.clamp(-0.5, 0.5)
+    solver = trajopt.DDPSolver(dyn, cost, shooting="multiple", max_iter=1,
+                               control_limits=lims,
+                               line_search=trajopt.LineSearch(alphas=(alpha,)))
+    res = solver.solve(x0, us0, xs0=guess)
+    h = res.history[0]
+    taken = h.step > 0
+    states = torch.cat([x0.unsqueeze(1), guess[:, 1:]], 1)
+
+    def defects(xs, us):
+        return torch.stack([dyn(xs[:, t], us[:, t], t) - xs[:, t + 1] for t in range(T)], 1)
+    before, after = defects(states, us0), defects(res.xs, res.us)
+    scale = 1 + states.abs().amax() + res.xs.abs().amax()
+    for b in range(B):
+        if bool(taken[b]):
+            assert float((after[b] - (1 - alpha) * before[b]).abs().max()) <= 1e-12 * scale
+            if not limits:
+                assert abs(float(h.expected[b] - h.actual[b])) <= \
+                    1e-9 * (1 + abs(float(h.actual[b])))
+        else:   # rejected: the guess is returned as it was
+            assert torch.equal(after[b], before[b])
 
 
 def test_without_defects_it_is_single_shooting():
