@@ -259,3 +259,11 @@ def test_model_change_stacked_and_listed_stages_agree():
     a = shooting.model_change(stacked, VxT, VxxT, K, k, gaps)
     b = shooting.model_change([stacked[t] for t in range(T)], VxT, VxxT, K, k, gaps)
     torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-12)
+
+
+def test_dynamics_not_finite_at_the_guess_is_named():
+    dyn, cost, x0, us0, guess = _lq()
+    guess[4, 0] = 1e308
+    blow = trajopt.Dynamics(lambda x, u, t: dyn(x, u, t) * 1e10, time_invariant=True)
+    with pytest.raises(NonFiniteError, match=r"xs0\[4\]"):
+        trajopt.solve_ddp(blow, cost, x0, us0, xs0=guess, shooting="multiple")

@@ -22,6 +22,7 @@ from ..lqr.compiled_rollout import compiled_rollout, compiled_rollout_pays
 from ..riccati.compiled import compilable
 from ..riccati.expansion import DenseStage, DenseStages, addmm, joint_blocks
 from .batch import Rows, Traj
+from .inputs import transitions_agree
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives, check_visible, stage_points
@@ -375,22 +376,29 @@ class Chain:
     def _consistent_stages(self, xs, us, rtol) -> torch.Tensor | None:
         """(T, B) bool: transition t of each element passes the test of
         :meth:`consistent_prefix`; None where the dynamics returned another shape."""
-        T = len(us)
-        nxt = xs[1:]
+        pred = self.predictions(xs, us)
+        if pred is None or not same_shapes(xs):   # stage sizes that differ: stage by stage
+            return None if pred is None else torch.stack([transitions_agree(
+                p, x, n, rtol) for p, x, n in zip(pred, xs[:-1], xs[1:])])
+        return transitions_agree(torch.stack(pred), torch.stack(list(xs[:-1])),
+                                  torch.stack(list(xs[1:])), rtol)
+
+    def predictions(self, xs: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
+                    ) -> list[torch.Tensor] | None:
+        """``f_t(x_t, u_t)`` at the given states ``xs`` (T+1 tensors (B, n_t)) and
+        controls ``us`` (T tensors): one call over all ``T * B`` points where the model
+        allows (:meth:`~trajopt.ddp.stagewise.StageDerivatives.values`), else a call a
+        stage; None where a result has another shape than the state it predicts."""
+        T, nxt = len(us), xs[1:]
         pred = self._dynamics_derivatives.values(list(zip(xs[:-1], us)), probe=False)
         if pred is not None and same_shapes(nxt):
             if not torch.is_tensor(pred) or pred.shape != (T * nxt[0].shape[0],
                                                            *nxt[0].shape[1:]):
                 return None
-            return _transitions_agree(pred.reshape(T, *nxt[0].shape), torch.stack(xs[:-1]),
-                                      torch.stack(nxt), rtol)
-        oks = []
-        for t, (x, u) in enumerate(zip(xs[:-1], us)):
-            p = self.dynamics(x, u, t)
-            if not torch.is_tensor(p) or p.shape != nxt[t].shape:
-                return None
-            oks.append(_transitions_agree(p, x, nxt[t], rtol))
-        return torch.stack(oks)
+            return list(pred.reshape(T, *nxt[0].shape).unbind(0))
+        out = [self.dynamics(x, u, t) for t, (x, u) in enumerate(zip(xs[:-1], us))]
+        ok = all(torch.is_tensor(p) and p.shape == n.shape for p, n in zip(out, nxt))
+        return out if ok else None
 
     def transition(self, t: int, x: torch.Tensor, u: torch.Tensor,
                    xs: list[torch.Tensor]) -> torch.Tensor:
@@ -439,11 +447,3 @@ class Chain:
             check_visible(self.cost.terminal, (x,), (Vx, Vxx), "the terminal cost")
         return Vx, Vxx
 
-
-def _transitions_agree(pred: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                       rtol: float) -> torch.Tensor:
-    """(...,) bool: ``pred`` (..., n1) matches ``x_next`` (..., n1) componentwise to
-    ``rtol`` times the larger max-norm of ``x`` (..., n) and ``x_next``, both finite."""
-    scale = torch.maximum(x.abs().amax(-1), x_next.abs().amax(-1)).unsqueeze(-1)
-    return (torch.isfinite(pred).all(-1) & torch.isfinite(x_next).all(-1)
-            & ((pred - x_next).abs() <= rtol * scale).all(-1))

@@ -240,3 +240,12 @@ def check_tol(tol, x0: torch.Tensor):
     if not tol > 0:
         raise InvalidArgumentError(f"tol must be positive; got {tol}")
     return tol
+
+
+def transitions_agree(pred: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                       rtol: float) -> torch.Tensor:
+    """(...,) bool: ``pred`` (..., n1) matches ``x_next`` (..., n1) componentwise to
+    ``rtol`` times the larger max-norm of ``x`` (..., n) and ``x_next``, both finite."""
+    scale = torch.maximum(x.abs().amax(-1), x_next.abs().amax(-1)).unsqueeze(-1)
+    return (torch.isfinite(pred).all(-1) & torch.isfinite(x_next).all(-1)
+            & ((pred - x_next).abs() <= rtol * scale).all(-1))

@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from .._checks import same_shapes
 from ..errors import InvalidArgumentError, NonFiniteError
 from ..riccati.expansion import DenseStages
 from .batch import Traj
@@ -88,20 +89,20 @@ def gapped_start(structure: Chain, x0: torch.Tensor, us: Sequence[torch.Tensor],
 def defects(structure: Chain, us: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]
             ) -> list[torch.Tensor]:
     """The defects ``f_t(x_t, u_t) - x_{t+1}`` of the states ``xs`` (T+1 tensors (B, n))
-    under the controls ``us`` (T tensors (B, m)), one call of the dynamics a stage."""
-    gaps = []
-    for t in range(len(us)):
-        nxt = structure.transition(t, xs[t], us[t], xs[:t + 1])
-        if not torch.is_tensor(nxt) or nxt.shape != xs[t + 1].shape:
-            raise InvalidArgumentError(
-                f"the dynamics at stage {t} returned shape "
-                f"{tuple(getattr(nxt, 'shape', ()))}; the given state xs0[{t + 1}] has "
-                f"{tuple(xs[t + 1].shape)} (flattened batch)")
-        if not bool(torch.isfinite(nxt).all()):
-            raise NonFiniteError(f"the dynamics are not finite at the given state xs0[{t}] "
-                                 f"and control us0[{t}]")
-        gaps.append(nxt - xs[t + 1])
-    return gaps
+    under the controls ``us`` (T tensors (B, m)): one call of the dynamics over all
+    stages where the model allows (:meth:`~trajopt.ddp.chain.Chain.predictions`)."""
+    pred = structure.predictions(xs, us)
+    if pred is None:
+        raise InvalidArgumentError(
+            "the dynamics at the given states xs0 returned another shape than the states "
+            "they predict (flattened batch)")
+    finite = [bool(torch.isfinite(p).all()) for p in pred] if not same_shapes(pred) else \
+        torch.isfinite(torch.stack(pred)).flatten(1).all(1).tolist()
+    if not all(finite):
+        t = finite.index(False)
+        raise NonFiniteError(f"the dynamics are not finite at the given state xs0[{t}] and "
+                             f"control us0[{t}]")
+    return [p - x for p, x in zip(pred, xs[1:])]
 
 
 def gapped_rows(traj: Traj) -> torch.Tensor:
