@@ -54,7 +54,7 @@ from .distributed import BatchMean, data_parallel_group, unwrap
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
-from .stages import StageLinearization, normalizes_by_batch
+from .stages import StageLinearization, normalizes_by_batch, without_gradient
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
@@ -402,7 +402,8 @@ class DDPNOpt(torch.optim.Optimizer):
     def _step(self, rec, group, feedback, loss):
         if feedback and not self._verified:
             self._verify_decomposition(rec)
-        frozen = self._frozen()
+        # a layer without a gradient (run under no_grad in forward) is kept, as frozen
+        frozen = [f or without_gradient(st) for f, st in zip(self._frozen(), self._stages)]
         rng_before = None if self._rng is None else self._rng.get_state()
         device = self._stages[0].module.weight.device.type
         # the DDP pass runs in the parameters' dtype, also inside an autocast region
@@ -412,9 +413,7 @@ class DDPNOpt(torch.optim.Optimizer):
             if feedback:
                 controls, states = self._ddp_update(rec, group, frozen, mean)
             else:  # a layer without a gradient is skipped, as torch.optim does
-                skip = [f or all(p.grad is None for p in st.params())
-                        for f, st in zip(frozen, self._stages)]
-                controls, states = self._open_loop_update(rec, group, skip, mean)
+                controls, states = self._open_loop_update(rec, group, frozen, mean)
             fixed = self._fixed_update(group)
             # one check, over every new control and state: the largest magnitude is NaN /
             # inf exactly where an entry is (a sum, as before, also overflowed on large

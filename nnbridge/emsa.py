@@ -44,7 +44,7 @@ from trajopt.errors import InvalidArgumentError, SkippedStepWarning, Unsupported
 from .decompose import stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
-from .stages import Stage, check_rerun_deterministic
+from .stages import Stage, check_rerun_deterministic, without_gradient
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -181,8 +181,8 @@ class EMSA(torch.optim.Optimizer):
                 raise InvalidArgumentError(
                     f"stage {st.index} ({type(st.module).__name__}) is frozen in part: "
                     "freeze all of a layer's parameters or none")
-            if not any(flags):
-                new.append(U)  # a frozen layer: its control stays (the others' MSA step)
+            if not any(flags) or without_gradient(st):
+                new.append(U)  # a frozen layer, or one without a gradient: its control stays
                 continue
             for _ in range(steps):
                 U = U.requires_grad_()

@@ -402,6 +402,28 @@ def check_no_frozen(stages, who: str) -> None:
                 "with DDPNOpt, or a torch.optim optimizer")
 
 
+def without_gradient(stage) -> bool:
+    """The stage's trainable parameters all have no gradient (``p.grad is None``) after
+    the recorded backward pass: the forward pass ran the layer under ``torch.no_grad()``
+    or cut the graph after it (a backbone under ``no_grad`` for linear probing).
+    torch.optim skips such parameters; the DDP optimizers keep the layer too, as a frozen
+    one (it carries the value through its dynamics, its control stays)."""
+    params = [p for p in stage.params() if p.requires_grad]
+    return bool(params) and all(p.grad is None for p in params)
+
+
+def check_gradients(stages, who: str) -> None:
+    """Refuse a stage without a gradient (:func:`without_gradient`) for an optimizer whose
+    direction couples every layer (``who``): the layer would move with the rest."""
+    for st in stages:
+        if without_gradient(st):
+            raise UnsupportedModelError(
+                f"stage {st.index} ({type(st.module).__name__}) got no gradient from the "
+                f"backward pass (run under torch.no_grad() in forward, or cut from the "
+                f"loss); {who} moves every layer together: train with DDPNOpt or EMSA "
+                "(which keep such a layer), or a torch.optim optimizer")
+
+
 def without_bias_row(X: torch.Tensor) -> torch.Tensor:
     """A copy of the unfolded input ``X`` (..., in', P) with its bias row (the last of
     in') set to 0: the per-sample factors of a bias that a following BatchNorm removes

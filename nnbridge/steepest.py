@@ -53,6 +53,7 @@ from .recorder import capture
 from .stages import (
     NormStage,
     StageLinearization,
+    check_gradients,
     check_no_frozen,
     check_rerun_deterministic,
     outer_sum,
@@ -380,6 +381,7 @@ class LQRDescent(torch.optim.Optimizer):
             warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                           stacklevel=2)
             return loss
+        check_gradients(self._stages, "LQRDescent")
         out = rec.output
         xs = list(rec.inputs) + [out]
         aN = rec.output_grad.reshape(-1)

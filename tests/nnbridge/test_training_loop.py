@@ -9,7 +9,7 @@ from torch.nn import functional as F  # noqa: N812
 
 import nnbridge
 from tests.reference.ddpnopt_dense import ddpnopt_step
-from trajopt.errors import InvalidArgumentError
+from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .conftest import closure_for, data, mlp
 
@@ -378,3 +378,48 @@ def test_lqr_descent_needs_the_model(bad):
     """LQRDescent(model.parameters()) failed with a raw AttributeError."""
     with pytest.raises(TypeError, match="model"):
         nnbridge.LQRDescent(bad(mlp()), lr=0.1)
+
+
+class _Probe(nn.Module):
+    """Linear probing: a backbone run under torch.no_grad() in forward, a trained head."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16),
+                                      nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.backbone(x)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: nnbridge.DDPNOpt(m, curvature="adam"),
+    lambda m: nnbridge.DDPNOpt(m, curvature="identity"),
+    lambda m: nnbridge.DDPNOpt(m, curvature="ekfac"),
+    lambda m: nnbridge.GTDDP(m, curvature="adam"),
+    lambda m: nnbridge.EMSA(m, lr=0.1)])
+def test_layers_run_under_no_grad_in_forward_are_kept(make):
+    """A user's trial: the DDP pass carried the value through the backbone and moved it
+    (DDPNOpt(adam) 0.05 in 10 steps, LQRDescent 0.4) though it got no gradient; torch.optim
+    leaves it. Now it is kept bit for bit (a frozen layer of the step), the head trains."""
+    X, y = data(32)
+    torch.manual_seed(0)
+    model = _Probe()
+    opt = make(model)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    head = model.head.weight.detach().clone()
+    for _ in range(3):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    assert not torch.equal(head, model.head.weight)
+
+
+def test_lqr_descent_refuses_a_layer_without_a_gradient():
+    X, y = data(32)
+    model = _Probe()
+    opt = nnbridge.LQRDescent(model, lr=0.1)
+    with pytest.raises(UnsupportedModelError, match="got no gradient"):
+        opt.step(closure_for(opt, model, X, y))
