@@ -115,6 +115,14 @@ def terminal_value(Vx: torch.Tensor, output: torch.Tensor,
     network output (B, ...) flattened to (B, n); ``generator`` and ``rows`` feed
     ``"fisher"`` (:func:`fisher_factor`)."""
     B, n = Vx.shape
+    if loss == "cross_entropy" and terminal_hessian in ("fisher", "ggn") and \
+            output.dim() != 2:
+        raise InvalidArgumentError(
+            f"terminal_hessian={terminal_hessian!r} is the softmax curvature of a (batch, "
+            f"classes) output; this model's output is {tuple(output.shape)} (a "
+            "cross-entropy over positions has one softmax block per position, which is "
+            "not implemented): flatten the positions into the batch, or pass "
+            "terminal_hessian= a callable returning the per-sample factor")
     out = output.detach().reshape(B, -1).to(Vx)
     if callable(terminal_hessian):
         H = terminal_hessian(output).to(Vx)
