@@ -54,7 +54,7 @@ from .distributed import BatchMean, data_parallel_group, unwrap
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
-from .stages import StageLinearization, normalizes_by_batch, without_gradient
+from .stages import StageLinearization, check_unshared, normalizes_by_batch, without_gradient
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
@@ -204,16 +204,7 @@ class DDPNOpt(torch.optim.Optimizer):
                     f"{type(other[0].module).__name__}: use 'ekfac' or a first-order "
                     f"curvature for this model")
         params = [p for st in self._stages for p in st.params()]
-        owner: dict[int, int] = {}
-        for st in self._stages:
-            for p in st.params():
-                if id(p) in owner:
-                    raise InvalidArgumentError(
-                        f"stages {owner[id(p)]} and {st.index} share a parameter (two "
-                        f"modules with one tensor, shape {tuple(p.shape)}): not supported; "
-                        "one module called at several stages is (nnbridge.GTDDP, "
-                        "docs/ode.md)")
-                owner[id(p)] = st.index
+        check_unshared(self._stages)
         fixed = [(n, p) for n, p in net.named_parameters() if all(p is not q for q in params)]
         if fixed:  # kfac-pytorch's rule for the layers it cannot precondition
             owners = sorted({n.rpartition(".")[0] or n for n, _ in fixed})

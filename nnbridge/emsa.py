@@ -44,7 +44,7 @@ from trajopt.errors import InvalidArgumentError, SkippedStepWarning, Unsupported
 from .decompose import stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
-from .stages import Stage, check_rerun_deterministic, without_gradient
+from .stages import Stage, check_rerun_deterministic, check_unshared, without_gradient
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -120,6 +120,7 @@ class EMSA(torch.optim.Optimizer):
                 raise UnsupportedModelError(
                     f"model: EMSA supports Linear / Conv stages, not normalization layers "
                     f"yet; stage {st.index} is {type(st.module).__name__}")
+        check_unshared(self._stages)
         params = [p for st in self._stages for p in st.params()]
         others = [n for n, p in model.named_parameters() if all(p is not q for q in params)]
         if others:

@@ -402,6 +402,22 @@ def check_no_frozen(stages, who: str) -> None:
                 "with DDPNOpt, or a torch.optim optimizer")
 
 
+def check_unshared(stages) -> None:
+    """Refuse two stages whose modules share a parameter tensor (tied weights: ``b.weight
+    = a.weight``): each stage's control is its own, so the tensor would get the step of
+    the last stage that writes it (EMSA and LQRDescent applied only the last use's
+    gradient)."""
+    owner: dict[int, int] = {}
+    for st in stages:
+        for p in st.params():
+            if id(p) in owner:
+                raise InvalidArgumentError(
+                    f"stages {owner[id(p)]} and {st.index} share a parameter (two modules "
+                    f"with one tensor, shape {tuple(p.shape)}): not supported; one module "
+                    "called at several stages is (nnbridge.GTDDP, docs/ode.md)")
+            owner[id(p)] = st.index
+
+
 def without_gradient(stage) -> bool:
     """The stage's trainable parameters all have no gradient (``p.grad is None``) after
     the recorded backward pass: the forward pass ran the layer under ``torch.no_grad()``

@@ -56,6 +56,7 @@ from .stages import (
     check_gradients,
     check_no_frozen,
     check_rerun_deterministic,
+    check_unshared,
     outer_sum,
 )
 from .terminal import check_output_gradient
@@ -355,6 +356,7 @@ class LQRDescent(torch.optim.Optimizer):
             raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
         self.model = model
         self.pre, self._stages = stages(model)
+        check_unshared(self._stages)
         _check_all_stages(model, self._stages)
         self.loss_hessian = loss_hessian
         super().__init__(model.parameters(), {"lr": lr, "divergence": divergence,

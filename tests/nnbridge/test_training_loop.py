@@ -440,3 +440,16 @@ def test_a_cross_entropy_over_positions_is_refused_by_the_softmax_curvatures(mak
     with pytest.raises(InvalidArgumentError, match=r"output is \(8, 3, 5\)"):
         opt.step(closure_for(opt, model, X, y))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("make", [lambda m: nnbridge.EMSA(m, lr=0.2),
+                                  lambda m: nnbridge.LQRDescent(m, lr=0.1),
+                                  lambda m: nnbridge.DDPNOpt(m)])
+def test_two_layers_sharing_a_weight_are_refused(make):
+    """Tied weights (``b.weight = a.weight``): EMSA and LQRDescent applied only the last
+    use's gradient (a user's trial); every optimizer refuses them, naming the stages."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                          nn.Linear(4, 3))
+    model[2].weight = model[0].weight
+    with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter"):
+        make(model)
