@@ -65,7 +65,7 @@ def extended_hamiltonian(stage: Stage, U: torch.Tensor, x: torch.Tensor, p_next:
     xg = x.detach().requires_grad_()
     with torch.enable_grad():
         f = stage.forward(xg, U)
-        H = (p_next * f).flatten(1).sum(-1)
+        H = (p_next * f).reshape(f.shape[0], -1).sum(-1)   # (B,) outputs too
         (Hx,) = torch.autograd.grad(H.sum(), xg, create_graph=True)
     S = x.shape[0]
     return (H.sum() - 0.5 * rho * ((x_next - f) ** 2).sum()

@@ -186,3 +186,30 @@ def test_emsa_keeps_a_frozen_layer_and_refuses_training_mode_dropout():
     opt = nnbridge.EMSA(model, lr=0.1)
     with pytest.raises(InvalidArgumentError, match="frozen in part"):
         opt.step(lambda: closure(model, opt))
+
+
+def test_a_regression_with_a_flat_output_equals_sgd():
+    """A (B,) output (``.squeeze(-1)`` after the last Linear) and an MSE loss: the
+    Hamiltonian indexed a second dimension it does not have (IndexError, a user's trial);
+    one ascent step with rho = 0 is SGD's step."""
+    class Reg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 5), torch.nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))).squeeze(-1)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    net = Reg().double()
+    ref = Reg().double()
+    ref.load_state_dict(net.state_dict())
+    opt = nnbridge.EMSA(net, lr=0.2, rho=0.0, inner_steps=1)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    opt.step()
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.2)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    sgd.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
