@@ -463,6 +463,13 @@ class DDPNOpt(torch.optim.Optimizer):
         for p in self._fixed:
             if p.grad is None:
                 continue
+            if p.grad.is_sparse and not sgd and curv.name != "identity":
+                name = next(n for n, q in self.model.named_parameters() if q is p)
+                raise InvalidArgumentError(
+                    f"{name} has a sparse gradient (nn.Embedding(sparse=True)): curvature "
+                    f"{curv.name!r} keeps dense moments and does not take it (as "
+                    "torch.optim.Adam / RMSprop do not); use sparse=False, or "
+                    "curvature='identity' or 'ekfac'")
             state, step = self._saved(p)
             g = p.grad.detach().to(p.dtype)
             if group.get("weight_decay"):

@@ -453,3 +453,31 @@ def test_two_layers_sharing_a_weight_are_refused(make):
     model[2].weight = model[0].weight
     with pytest.raises(InvalidArgumentError, match="stages 0 and 1 share a parameter"):
         make(model)
+
+
+@pytest.mark.parametrize("curvature", ["adam", "rmsprop", "identity"])
+def test_a_sparse_embedding_gradient(curvature):
+    """nn.Embedding(sparse=True) before the stages: Adam's and RMSprop's dense moments
+    raised raw aten errors (a user's trial); refused by name now, parameters untouched
+    (torch.optim.Adam refuses sparse gradients too); SGD's curvature takes them."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 4, sparse=True)
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(self.emb(x).sum(1))))
+    torch.manual_seed(0)
+    model = Bag()
+    X, y = torch.randint(0, 20, (16, 5)), torch.randint(0, 3, (16,))
+    with pytest.warns(UserWarning, match="emb"):
+        opt = nnbridge.DDPNOpt(model, curvature=curvature)
+    before = [p.detach().clone() for p in model.parameters()]
+    if curvature == "identity":
+        opt.step(closure_for(opt, model, X, y))
+        assert not torch.equal(before[0], model.emb.weight)
+        return
+    with pytest.raises(InvalidArgumentError, match="emb.weight has a sparse gradient"):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
