@@ -527,7 +527,7 @@ class DDPNOpt(torch.optim.Optimizer):
             w = X = None
             if self.curvature.needs_factors:
                 X = st.unfold_calls(rec.calls[t])     # every call (nnbridge.EKFAC)
-                hg = rec.h_grads[t]
+                hg = rec.factor_gradient(t, st)
                 w = st.factor_view(hg * hg.shape[0])
             new = self.curvature.update(state, g, hp, step, w, X, mean)
             pre = self.curvature.preconditioner(new, hp, step)

@@ -200,8 +200,10 @@ class GTDDP(DDPNOpt):
                     gj = gj + hp["weight_decay"] * U
                 g.append(gj)
             Xs = [gs.unfold(j, rec.calls[k]) for j, k in enumerate(ids)]
-            ws = [st.factor_view(rec.h_grads[k] * rec.h_grads[k].shape[0]) if a else None
-                  for st, k, a in zip(sts, ids, active)]
+            hgs = [rec.factor_gradient(k, st) if a else None
+                   for st, k, a in zip(sts, ids, active)]
+            ws = [st.factor_view(h * h.shape[0]) if a else None
+                  for st, h, a in zip(sts, hgs, active)]
             _, new, du = self._players(g, hps, ws, Xs, mean, active, None, gs.calls)
             for j, k in enumerate(ids):
                 if du[j] is not None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from trajopt.errors import UnsupportedModelError
+
 from .stages import Stage, combine_calls
 
 __all__ = ["BatchRecorder", "Capture", "capture"]
@@ -73,6 +75,19 @@ class Capture:
     calls: list = field(default_factory=list)
     model_input: torch.Tensor | None = None
     input_grads: list = field(default_factory=list)
+
+    def factor_gradient(self, t: int, stage) -> torch.Tensor:
+        """``h_grads[t]``, for a curvature whose factors need every call's gradient
+        (EKFAC): a layer one of whose calls got none (run under ``torch.no_grad()``, or
+        cut from the loss) is refused by name."""
+        hg = self.h_grads[t]
+        if hg is None:
+            raise UnsupportedModelError(
+                f"stage {stage.index} ({type(stage.module).__name__}): one of its calls got "
+                "no gradient (run under torch.no_grad() in forward, or cut from the loss); "
+                "the EKFAC factors need every call's gradient: call the layer with "
+                "gradients, or use a first-order curvature")
+        return hg
 
 
 @dataclass(eq=False)

@@ -481,3 +481,26 @@ def test_a_sparse_embedding_gradient(curvature):
     with pytest.raises(InvalidArgumentError, match="emb.weight has a sparse gradient"):
         opt.step(closure_for(opt, model, X, y))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_ekfac_refuses_a_layer_with_a_call_without_gradient():
+    """A layer called twice, once under torch.no_grad(): EKFAC's factors need every call's
+    gradient; it raised AttributeError on None (a user's trial), now names the stage."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc1(x))
+            with torch.no_grad():
+                g = self.fc2(h)
+            return self.fc3(torch.tanh(self.fc2(h)) + 0 * g)
+    X, y = data(16)
+    torch.manual_seed(0)
+    model = Twice()
+    opt = nnbridge.EKFAC(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedModelError, match=r"stage 1 \(Linear\): one of its calls"):
+        opt.step(closure_for(opt, model, X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
