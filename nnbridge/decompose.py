@@ -147,8 +147,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise UnsupportedModelError(
             f"model: torch.fx cannot trace {type(model).__name__}.forward ({exc}); "
-            "nnbridge decomposes a network from its traced graph, so forward must not "
-            "branch on tensor values (write such branches with torch.where)") from exc
+            "nnbridge decomposes a network from its traced graph (torch.fx symbolic "
+            "tracing), so forward must run on symbolic tensors: no branch on tensor "
+            "values (write such branches with torch.where), no shapes passed to "
+            "factories (torch.zeros(x.shape[0], n): use x.new_zeros((x.shape[0], n))), "
+            "no packed sequences or other tensor-wrapping objects") from exc
     return fx.GraphModule(model, graph)
 
 
