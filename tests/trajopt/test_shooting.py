@@ -229,8 +229,9 @@ def test_constraints_take_the_guess_to_the_inner_solves():
     solve as it is (no rollout of us0 first): with no iteration allowed the result is the
     guess and its defects; with them, a converged, feasible constrained solve."""
     p = problems.cartpole(track=0.4, T=50)
-    guess = p.x0.expand(51, p.x0.shape[-1]).clone()
-    guess[:, 1] = torch.linspace(0, float(torch.pi), 51, **F64)
+    rolled = trajopt.solve_ddp(p.dynamics, p.cost, p.x0, p.us0, max_iter=0).xs
+    g = torch.Generator().manual_seed(0)
+    guess = rolled + 0.1 * torch.randn(rolled.shape, generator=g, **F64)   # defects 0.1
     args = (p.dynamics, p.cost, p.x0, p.us0)
     kw = dict(control_limits=p.control_limits, constraints=p.constraints, xs0=guess,
               shooting="multiple")
@@ -240,6 +241,9 @@ def test_constraints_take_the_guess_to_the_inner_solves():
     res = trajopt.solve_ddp(*args, max_iter=300, **kw)
     assert res.reason == "converged" and float(res.max_gap) == 0.0
     assert float(res.max_violation) <= 1e-6
+    ref = trajopt.solve_ddp(*args[:4], control_limits=p.control_limits,
+                            constraints=p.constraints, max_iter=300)
+    assert abs(float(res.cost) - float(ref.cost)) <= 1e-4 * float(ref.cost)
 
 
 def test_model_change_stacked_and_listed_stages_agree():
@@ -267,3 +271,72 @@ def test_dynamics_not_finite_at_the_guess_is_named():
     blow = trajopt.Dynamics(lambda x, u, t: dyn(x, u, t) * 1e10, time_invariant=True)
     with pytest.raises(NonFiniteError, match=r"xs0\[4\]"):
         trajopt.solve_ddp(blow, cost, x0, us0, xs0=guess, shooting="multiple")
+
+
+def test_a_step_that_closes_defects_is_no_convergence_test():
+    """A review's finding: from a straight-line guess to the goal, the full step that
+    closed the defects raised the cost, and Tassa's "small change" test (a negative change
+    passes it) declared the element converged at cost 130 (the optimum: 48.2). The result
+    is now an optimum: single shooting from its controls does not move it."""
+    import math
+    bench = _bench()
+    f, cost = bench.user_pendulum()
+    T = 100
+    x0 = torch.tensor([0.3, 0.0], **F64)
+    goal = torch.tensor([math.pi, 0.0], **F64)
+    guess = x0 + (goal - x0) * torch.linspace(0, 1, T + 1, **F64)[:, None]
+    res = trajopt.DDPSolver(f, cost, shooting="multiple").solve(
+        x0, torch.zeros(T, 1, **F64), xs0=guess)
+    assert res.reason == "converged" and float(res.max_gap) == 0.0
+    more = trajopt.DDPSolver(f, cost).solve(x0, res.us)
+    assert abs(float(more.cost) - float(res.cost)) <= 1e-8 * float(res.cost)
+
+
+def test_stage_sizes_that_differ():
+    """Listed stages whose first and last state sizes differ (the model's change started
+    its deviation at the terminal size: a review's finding)."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [2, 3, 3, 2, 4]
+    T = len(sizes) - 1
+    As = [0.5 * torch.randn(sizes[t + 1], sizes[t], generator=g, **F64) for t in range(T)]
+    Bs = [torch.randn(sizes[t + 1], 1, generator=g, **F64) for t in range(T)]
+    cost = trajopt.Cost(lambda x, u, t: (x ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1),
+                        lambda x: 3 * (x ** 2).sum(-1))
+    x0 = torch.randn(sizes[0], generator=g, **F64)
+    us0 = [torch.zeros(1, **F64) for _ in range(T)]
+    guess = [torch.randn(s, generator=g, **F64) for s in sizes]
+
+    def f(x, u, t):
+        return x @ As[t].T + u @ Bs[t].T
+    ref = trajopt.solve_ddp(f, cost, x0, us0)
+    res = trajopt.solve_ddp(f, cost, x0, us0, xs0=guess, shooting="multiple", max_iter=1)
+    assert float(res.max_gap) == 0.0
+    for a, b in zip(res.us, ref.us):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_step_lengths_without_a_full_step_still_close_the_defects():
+    """Without alpha = 1 the defects only shrink geometrically: those at rounding level
+    (16 eps of the states, the test that accepts given states in single shooting) count
+    as closed, so the solve converges (it ended "line_search_failed": a review)."""
+    dyn, cost, x0, us0, guess = _lq(seed=3)
+    ls = trajopt.LineSearch(alphas=(0.9, 0.5, 0.25))
+    ref = trajopt.solve_ddp(dyn, cost, x0, us0, line_search=ls)
+    res = trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple",
+                            line_search=ls)
+    assert res.reason == "converged" and float(res.max_gap) == 0.0
+    # both stop within tol = 1e-8 of the optimum, at different iterates: controls to ~1e-7
+    torch.testing.assert_close(res.us, ref.us, rtol=1e-6, atol=1e-9)
+
+
+def test_the_first_given_state_is_not_used_and_a_bad_element_is_named():
+    dyn, cost, x0, us0, guess = _lq(seed=4)
+    ref = trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple")
+    guess[0] = float("nan")   # x0's place
+    res = trajopt.solve_ddp(dyn, cost, x0, us0, xs0=guess, shooting="multiple")
+    assert torch.equal(res.us, ref.us)
+    batch = torch.stack([guess, guess])
+    batch[1, 5, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"xs0\[5\].*element\(s\) \[1\]"):
+        trajopt.solve_ddp(dyn, cost, x0, us0.expand(2, *us0.shape), xs0=batch,
+                          shooting="multiple")

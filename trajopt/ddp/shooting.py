@@ -43,10 +43,10 @@ from .._checks import same_shapes
 from ..errors import InvalidArgumentError, NonFiniteError
 from ..riccati.expansion import DenseStages
 from .batch import Traj
-from .chain import AffineLaw, Chain, feedback_control
+from .chain import STATES_RTOL_EPS, AffineLaw, Chain, feedback_control
 
-__all__ = ["Shooting", "check_shooting", "gapped_start", "defects", "with_offsets", "model_change",
-           "gapped_forward", "closing_accepted", "gapped_rows", "largest_gap"]
+__all__ = ["Shooting", "check_shooting", "gapped_start", "defects", "settle", "with_offsets",
+           "model_change", "gapped_forward", "closing_accepted", "gapped_rows", "largest_gap"]
 
 Shooting = Literal["single", "multiple"]
 
@@ -75,15 +75,41 @@ def gapped_start(structure: Chain, x0: torch.Tensor, us: Sequence[torch.Tensor],
         raise InvalidArgumentError(
             f"shooting='multiple' is not supported by {type(structure).__name__} (its "
             f"transitions are not the dynamics' own: residual spans or players)")
-    for t, x in enumerate(xs):
+    for t, x in enumerate(xs[1:], 1):   # xs[0] is x0's place: not used
         if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"xs0[{t}] (the given states) is not finite")
+            raise NonFiniteError(f"xs0[{t}] (the given states) is not finite for flat batch "
+                                 f"element(s) {_rows(~torch.isfinite(x).all(-1))}")
     states = [x0, *xs[1:]]
     T = len(us)
-    gaps = defects(structure, us, states)
     traj = structure.simulate(x0, T, lambda t, _: us[t], known=states[1:])
-    traj.gaps = gaps if any(bool((g != 0).any()) for g in gaps) else None
+    traj.gaps = defects(structure, us, states)
+    settle(traj)
     return traj
+
+
+def _rows(mask: torch.Tensor) -> list[int]:
+    """The first rows (at most 10) of a (B,) mask, for a message."""
+    return torch.nonzero(mask).flatten()[:10].tolist()
+
+
+def settle(traj: Traj) -> None:
+    """Close the defects at rounding level: a row whose every defect is within
+    ``STATES_RTOL_EPS`` (16) times the dtype's epsilon of the larger max-norm of the two
+    states it joins -- the test that accepts given states in single shooting
+    (:meth:`~trajopt.ddp.chain.Chain.consistent_prefix`) -- has its defects set to 0
+    (without a full step they only shrink geometrically: step lengths without 1.0 would
+    never close them); ``traj.gaps`` becomes None when no row keeps one."""
+    if traj.gaps is None:
+        return
+    rtol = STATES_RTOL_EPS * torch.finfo(traj.cost.dtype).eps
+    small = torch.stack([
+        (g.abs() <= rtol * torch.maximum(a.abs().amax(-1), b.abs().amax(-1)).unsqueeze(-1)
+         ).all(-1) for g, a, b in zip(traj.gaps, traj.xs[:-1], traj.xs[1:])]).all(0)
+    if bool(small.all()):
+        traj.gaps = None
+    elif bool(small.any()):
+        keep = (~small).to(traj.cost.dtype).unsqueeze(-1)
+        traj.gaps = [g * keep for g in traj.gaps]
 
 
 def defects(structure: Chain, us: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]
@@ -101,7 +127,8 @@ def defects(structure: Chain, us: Sequence[torch.Tensor], xs: Sequence[torch.Ten
     if not all(finite):
         t = finite.index(False)
         raise NonFiniteError(f"the dynamics are not finite at the given state xs0[{t}] and "
-                             f"control us0[{t}]")
+                             f"control us0[{t}] for flat batch element(s) "
+                             f"{_rows(~torch.isfinite(pred[t]).all(-1))}")
     return [p - x for p, x in zip(pred, xs[1:])]
 
 
@@ -138,7 +165,8 @@ def model_change(stages, VxT: torch.Tensor, VxxT: torch.Tensor, K: Sequence[torc
     or without offsets; ``VxT``, ``VxxT``: the terminal cost's gradient and Hessian."""
     # the deviations as columns (B, n, 1), two batched products a stage; the cost's
     # gradient and Hessian along them over all stages at once
-    dx = torch.zeros_like(VxT).unsqueeze(-1)
+    # the first state's size (stage sizes may differ), zero: the step starts at x0
+    dx = VxT.new_zeros(VxT.shape[0], K[0].shape[-1] if len(K) else VxT.shape[-1], 1)
     zs = []
     for t, s in enumerate(stages):
         z = torch.cat([dx, torch.baddbmm(k[t].unsqueeze(-1), K[t], dx)], -2)

@@ -312,6 +312,7 @@ class DDPSolver:
             exp_log = torch.zeros(B, dtype=dt, device=dev)
             act_log = torch.zeros(B, dtype=dt, device=dev)
             pending = todo.clone()
+            had_gaps = None if sub.gaps is None else mshoot.gapped_rows(sub)  # before the step
             if bool(todo.any()):
                 self._line_search(sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi)
             accepted = todo & ~pending
@@ -320,9 +321,9 @@ class DDPSolver:
             fresh[gacc] = False
             # Tassa's second test: an accepted step that barely changed the cost
             small = accepted & (act_log[idx] <= tol_sub * traj.cost[idx].abs())
-            if traj.gaps is not None:
-                small = small & ~mshoot.gapped_rows(traj)[idx]
-                traj.gaps = traj.gaps if bool(mshoot.gapped_rows(traj).any()) else None
+            if had_gaps is not None:   # a step that closed defects is no optimality test
+                small = small & ~had_gaps
+                mshoot.settle(traj)
             if bool(small.any()):
                 converged[idx[small]] = True
                 active[idx[small]] = False
