@@ -102,9 +102,14 @@ def settle(traj: Traj) -> None:
     if traj.gaps is None:
         return
     rtol = STATES_RTOL_EPS * torch.finfo(traj.cost.dtype).eps
-    small = torch.stack([
-        (g.abs() <= rtol * torch.maximum(a.abs().amax(-1), b.abs().amax(-1)).unsqueeze(-1)
-         ).all(-1) for g, a, b in zip(traj.gaps, traj.xs[:-1], traj.xs[1:])]).all(0)
+    if same_shapes(traj.xs):   # all stages at once: (T, B, n)
+        size = torch.stack(list(traj.xs)).abs().amax(-1)
+        small = (torch.stack(list(traj.gaps)).abs() <= rtol * torch.maximum(
+            size[:-1], size[1:]).unsqueeze(-1)).all(-1).all(0)
+    else:
+        small = torch.stack([(g.abs() <= rtol * torch.maximum(
+            a.abs().amax(-1), b.abs().amax(-1)).unsqueeze(-1)).all(-1)
+            for g, a, b in zip(traj.gaps, traj.xs[:-1], traj.xs[1:])]).all(0)
     if bool(small.all()):
         traj.gaps = None
     elif bool(small.any()):
