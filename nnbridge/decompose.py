@@ -36,6 +36,7 @@ graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
 from __future__ import annotations
 
 import builtins
+import operator
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -233,6 +234,8 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
             out_node = node
             break
         sources = {seg[a] for a in node.all_input_nodes if a in seg}
+        if any(s < current for s in sources) and current >= 0:
+            sources = _batch_sizes_from_here(gm, node, seg, current, heads[current])
         if any(s < current for s in sources):
             early = min(s for s in sources if s < current)
             where = "the input transform" if early < 0 else f"stage {early}"
@@ -278,6 +281,37 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
         post = _chain(gm, modules, head, end, f"stage {t}")
         out.append(make_stage(t, modules[head.target], tuple(post)))
     return pre, out
+
+
+def _is_batch_size(node: fx.Node) -> bool:
+    """``node`` is the batch size of a value: ``v.size(0)``, ``v.shape[0]``,
+    ``v.size()[0]``."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == 0
+    if node.op == "call_function" and node.target is operator.getitem and \
+            node.args[1] == 0 and isinstance(node.args[0], fx.Node):
+        base = node.args[0]
+        return (base.op == "call_method" and base.target == "size" and len(base.args) == 1
+                and not base.kwargs) or (base.op == "call_function" and base.target is
+                                         builtins.getattr and base.args[1] == "shape")
+    return False
+
+
+def _batch_sizes_from_here(gm: fx.GraphModule, node: fx.Node, seg: dict[fx.Node, int],
+                           current: int, head: fx.Node) -> set[int]:
+    """Where ``node`` (in stage ``current``) reads the batch size of an earlier value --
+    ``B = x.size(0)`` at the top of ``forward``, used in a later ``h.view(B, -1)`` -- read
+    it from the stage's own value (``head``, the call of its module: every stage keeps
+    the batch dimension) instead, so that the value is no skip connection.  Returns the
+    segments ``node`` then reads."""
+    for arg in node.all_input_nodes:
+        if seg.get(arg, current) < current and _is_batch_size(arg):
+            with gm.graph.inserting_before(node):
+                own = gm.graph.call_method("size", (head, 0))
+            seg[own] = current
+            node.replace_input_with(arg, own)
+    return {seg[a] for a in node.all_input_nodes if a in seg}
 
 
 def _chain(gm: fx.GraphModule, modules: dict[str, nn.Module], start: fx.Node, end: fx.Node,

@@ -550,3 +550,49 @@ def test_groupnorm_on_images_is_a_stage_with_exact_operators():
     before = model[1].weight.detach().clone()
     losses = [opt.step(closure_for(opt, model, X, y)).item() for _ in range(10)]
     assert losses[-1] < losses[0] and not torch.equal(before, model[1].weight)
+
+
+class _BatchFromInput(nn.Module):
+    """``B = x.size(0)`` (or ``x.shape[0]``, ``x.size()[0]``) at the top of forward, used
+    after the convolutions: ``h.view(B, -1)``."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.c1, self.c2 = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        B = {"size": lambda: x.size(0), "shape": lambda: x.shape[0],
+             "size()": lambda: x.size()[0], "own": lambda: None,
+             "features": lambda: x.size(1)}[self.mode]()
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        if self.mode == "own":
+            return self.fc(h.view(h.size(0), -1))
+        if self.mode == "features":
+            return self.fc(h.view(-1, 48 * B))
+        return self.fc(h.view(B, -1))
+
+
+@pytest.mark.parametrize("mode", ["size", "shape", "size()"])
+def test_the_batch_size_of_the_input_read_after_the_first_stage(mode):
+    """A user's trial: ``h.view(x.size(0), -1)`` with x the model's input was refused as a
+    skip connection. The batch size is every stage's: it is read from the stage's own
+    value, and the steps equal those of ``h.view(h.size(0), -1)`` bit for bit."""
+    X, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    torch.manual_seed(0)
+    models = [_BatchFromInput("own"), _BatchFromInput(mode)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        opt = nnbridge.DDPNOpt(m)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(X), y).backward()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_another_dimension_of_the_input_read_later_is_still_refused():
+    with pytest.raises(UnsupportedModelError, match="uses a value of the input transform"):
+        nnbridge.DDPNOpt(_BatchFromInput("features"))
