@@ -310,7 +310,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--smoke", action="store_true", help="1 epoch, 1-2 seeds, tiny grids")
     ap.add_argument("--skip-fig3", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experiments.md / .json in --out (refused otherwise)")
     a = ap.parse_args(argv)
+    paths = results_paths(a, "experiments")
+    if paths is None:
+        return 2
     seeds, sel_seeds = (2, 1) if a.smoke else (10, 3)
     img = a.out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -347,12 +352,12 @@ def main(argv=None) -> int:
             cmd.append("--quick")
         fig3 = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     minutes = (time.perf_counter() - t0) / 60
-    (a.out / "experiments.json").write_text(json.dumps(raw, indent=1))
+    paths[1].write_text(json.dumps(raw, indent=1))
     text = TEMPLATE.format(tables="\n".join(sections), ablation=abl_table,
                            fig3=fig3.strip(), minutes=minutes, workers=a.workers, abl_ds=abl_ds,
                            seeds=seeds, ncpu=os.cpu_count())
-    (a.out / "experiments.md").write_text(text)
-    print(f"wrote {a.out / 'experiments.md'} ({minutes:.1f} min)")
+    paths[0].write_text(text)
+    print(f"wrote {paths[0]} ({minutes:.1f} min)")
     return 0
 
 

@@ -130,13 +130,13 @@ def test_gtddp_table2_smoke(tmp_path):
 @pytest.mark.parametrize("name,stem", [
     ("gtddp_table2", "experiments_gtddp"), ("gtddp_fig4", "experiments_fig4"),
     ("mnist1d_experiment", "experiments_mnist1d"), ("terminal_hessian", "experiments_terminal"),
-    ("thesis_steepest", "experiments_steepest")])
+    ("thesis_steepest", "experiments_steepest"), ("ddpnopt_paper", "experiments")])
 @pytest.mark.parametrize("existing", [".md", ".json"])
 def test_experiments_refuse_to_replace_results_without_overwrite(tmp_path, capsys, name,
                                                                   stem, existing):
     """An experiment whose results page (or its raw numbers) is already in --out stops
-    before running, naming --overwrite, and leaves the file alone (these five replaced
-    them silently)."""
+    before running, naming --overwrite, and leaves the file alone (these six replaced
+    them silently; ddpnopt_paper did not even take --overwrite: a docs trial)."""
     module = _experiment(name)
     kept = tmp_path / f"{stem}{existing}"
     kept.write_text("earlier results")
