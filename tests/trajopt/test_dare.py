@@ -239,3 +239,15 @@ def test_doubling_on_the_gpu_if_present():
     np.testing.assert_allclose(sol.P.cpu().numpy(),
                                scipy.linalg.solve_discrete_are(A, B, Q, R), rtol=1e-9,
                                atol=1e-9)
+
+
+def test_auto_raises_where_no_back_end_found_a_solution():
+    """An indefinite R without a stabilizing solution (a docs trial): "auto" returned
+    scipy's answer with relative residual 0.08 and a warning; scipy itself raises. It
+    raises NumericalError with the residual now; an explicit method still warns."""
+    from trajopt.errors import NumericalError
+    A, B = np.array([[1.0, 0.1], [0.0, 1.0]]), np.array([[0.0], [0.1]])
+    with pytest.raises(NumericalError, match="no back end found a solution"):
+        trajopt.solve_dare(A, B, np.eye(2), -np.eye(1))
+    with pytest.warns(ConvergenceWarning, match="relative residual"):
+        trajopt.solve_dare(A, B, np.eye(2), -np.eye(1), method="scipy")
