@@ -82,7 +82,8 @@ class EMSA(torch.optim.Optimizer):
         parameter-free ops between them; normalization layers are not supported).
     lr : float
         Step size of the gradient ascent on the extended Hamiltonian (the first step is a
-        gradient-descent step on the loss of this size).
+        gradient-descent step on the loss of this size); 0.2, chosen on digits'
+        validation split (``docs/emsa.md``).
     rho : float
         Weight of the two penalties (Li et al.'s rho).
     inner_steps : int
@@ -100,7 +101,7 @@ class EMSA(torch.optim.Optimizer):
 
     __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, *, rho: float = 1.0,
+    def __init__(self, model: nn.Module, lr: float = 0.2, *, rho: float = 1.0,
                  inner_steps: int = 5):
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMSA needs the model, not its parameters; got "

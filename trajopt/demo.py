@@ -148,7 +148,8 @@ def demo_solve(name: str, mode: str, max_iter: int, batch: int, out: Path, seed:
     res = solve_ddp(p.dynamics, p.cost, x0, p.us0, mode=mode, max_iter=max_iter,
                     control_limits=p.control_limits, callback=log)
     elapsed = time.perf_counter() - t0
-    reasons = dict(zip(*np.unique(np.asarray(res.reason).ravel(), return_counts=True)))
+    reasons = {str(r): int(c) for r, c in zip(*np.unique(np.asarray(res.reason).ravel(),
+                                                          return_counts=True))}
     print(f"done in {elapsed:.2f} s: {reasons}; cost "
           f"{np.asarray(res.cost).ravel()[0]:.6f}; final state "
           f"{np.array2string(np.asarray(res.xs).reshape(-1, p.T + 1, p.n)[0, -1], precision=3)}")

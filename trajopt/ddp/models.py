@@ -246,7 +246,7 @@ def discretize(f: Callable, dt: float, method: Literal["rk4", "euler"] = "rk4", 
     if not callable(f):
         hint = (" for a linear pair (A, B) use trajopt.c2d(A, B, dt), the exact "
                 "zero-order-hold discretization" if isinstance(f, (tuple, list)) else "")
-        raise InvalidArgumentError(f"f must be a function f(x, u) or f(x, u, t); got "
+        raise InvalidArgumentError(f"f must be a function f(x, u) (no t: time invariant); got "
                                    f"{type(f).__name__}" + (";" + hint if hint else ""))
     if method not in ("rk4", "euler"):
         raise InvalidArgumentError(f"method must be 'rk4' or 'euler'; got {method!r}")
