@@ -394,10 +394,12 @@ def _align(order: list[fx.Node], sched: dict, late: set, off_chain: list[fx.Node
     if isinstance(alignment, dict):
         bad = {k: v for k, v in alignment.items() if v not in ("merge", "split")}
         unknown = sorted(set(alignment) - names)
-        if bad or unknown:
-            raise InvalidArgumentError(
-                f"alignment: values must be 'merge' or 'split' (got {bad}) and keys layers "
-                f"off the main chain {sorted(names)} (unknown: {unknown})")
+        if bad:
+            raise InvalidArgumentError(f"alignment: values must be 'merge' or 'split'; got "
+                                       f"{bad}")
+        if unknown:
+            raise InvalidArgumentError(f"alignment: keys must be layers off the main chain, "
+                                       f"{sorted(names)}; got {unknown}")
         split = {k for k, v in alignment.items() if v == "split"}
     elif alignment in ("merge", "split"):
         split = names if alignment == "split" else set()
