@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the mnist / fashion_mnist / cifar10 files are (default "
                          "$NNBRIDGE_DATA, else ./data; nnbridge.datafiles)")
     ap.add_argument("--model", default="mlp", choices=MODELS,
-                    help="mlp or odenet (any dataset), cnn or resnet (digits, mnist1d); "
-                         "default mlp")
+                    help="mlp or odenet (any dataset), cnn or resnet (image or signal "
+                         "data: digits, mnist, fashion_mnist, cifar10, mnist1d); default mlp")
     ap.add_argument("--optimizer", type=_optimizers, default=["adam", "ddpnopt"],
                     help=f"comma-separated list of {', '.join(OPTIMIZERS)} "
                          "(default adam,ddpnopt)")
@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         except SolverUnavailableError as exc:
             ap.error(str(exc))
         if a.model in ("cnn", "resnet") and ds.image_shape is None:
-            ap.error(f"--model {a.model} needs image or signal data (digits, mnist1d); "
-                     f"{a.dataset} has none")
+            ap.error(f"--model {a.model} needs image or signal data (digits, mnist, "
+                     f"fashion_mnist, cifar10, mnist1d); {a.dataset} has none")
         results = []
         for cfg in configs:
             ck = None
