@@ -172,9 +172,8 @@ def model_change(stages, VxT: torch.Tensor, VxxT: torch.Tensor, K: Sequence[torc
     :math:`\alpha` is expected to lower the cost by :math:`-(\alpha G + \tfrac12
     \alpha^2 H)`.  ``stages``: the derivatives (F (B, n, n+m), L (B, n+m, 1+n+m)) with
     or without offsets; ``VxT``, ``VxxT``: the terminal cost's gradient and Hessian."""
-    # the deviations as columns (B, n, 1), two batched products a stage; the cost's
-    # gradient and Hessian along them over all stages at once
-    # the first state's size (stage sizes may differ), zero: the step starts at x0
+    # the deviations as columns (B, n_t, 1), two batched products a stage (the first is
+    # 0: the step starts at x0); the cost's gradient and Hessian along them at the end
     dx = VxT.new_zeros(VxT.shape[0], K[0].shape[-1] if len(K) else VxT.shape[-1], 1)
     zs = []
     for t, s in enumerate(stages):
