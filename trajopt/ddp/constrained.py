@@ -20,7 +20,7 @@ from .augmented import AugmentedCost
 from .batch import Policy, Traj, pack_result
 from .inputs import SolveInputs, widened
 from .options import AugmentedLagrangian, DDPResult, IterationLog
-from .shooting import defects
+from .shooting import defects, largest
 
 __all__ = ["ConstrainedSolver"]
 
@@ -198,8 +198,7 @@ class ConstrainedSolver:
         """(B,) the largest defect of the returned states under multiple shooting."""
         if getattr(self.inner, "shooting", "single") != "multiple":
             return None
-        gaps = defects(self.inner.structure, us, xs, checked=False)
-        return torch.stack([g.abs().amax(-1) for g in gaps]).amax(0)
+        return largest(defects(self.inner.structure, us, xs, checked=False))
 
     def _outer_loop(self, b: _Batch, user_tol: float, own_callback,
                     with_states: bool = False) -> None:

@@ -246,6 +246,13 @@ def transitions_agree(pred: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
                        rtol: float) -> torch.Tensor:
     """(...,) bool: ``pred`` (..., n1) matches ``x_next`` (..., n1) componentwise to
     ``rtol`` times the larger max-norm of ``x`` (..., n) and ``x_next``, both finite."""
-    scale = torch.maximum(x.abs().amax(-1), x_next.abs().amax(-1)).unsqueeze(-1)
     return (torch.isfinite(pred).all(-1) & torch.isfinite(x_next).all(-1)
-            & ((pred - x_next).abs() <= rtol * scale).all(-1))
+            & within_rounding(pred - x_next, x, x_next, rtol))
+
+
+def within_rounding(d: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                    rtol: float) -> torch.Tensor:
+    """(...,) bool: the defect ``d`` (..., n1) of the transition from ``x`` (..., n) to
+    ``x_next`` is within ``rtol`` times the larger max-norm of the two, componentwise."""
+    scale = torch.maximum(x.abs().amax(-1), x_next.abs().amax(-1)).unsqueeze(-1)
+    return (d.abs() <= rtol * scale).all(-1)

@@ -44,9 +44,11 @@ from ..errors import InvalidArgumentError, NonFiniteError
 from ..riccati.expansion import DenseStages
 from .batch import Traj
 from .chain import STATES_RTOL_EPS, AffineLaw, Chain, feedback_control
+from .inputs import within_rounding
 
 __all__ = ["Shooting", "check_shooting", "gapped_start", "defects", "settle", "with_offsets",
-           "model_change", "gapped_forward", "closing_accepted", "gapped_rows", "largest_gap"]
+           "model_change", "gapped_forward", "closing_accepted", "gapped_rows", "largest_gap",
+           "largest"]
 
 Shooting = Literal["single", "multiple"]
 
@@ -103,13 +105,11 @@ def settle(traj: Traj) -> None:
         return
     rtol = STATES_RTOL_EPS * torch.finfo(traj.cost.dtype).eps
     if same_shapes(traj.xs):   # all stages at once: (T, B, n)
-        size = torch.stack(list(traj.xs)).abs().amax(-1)
-        small = (torch.stack(list(traj.gaps)).abs() <= rtol * torch.maximum(
-            size[:-1], size[1:]).unsqueeze(-1)).all(-1).all(0)
+        X = torch.stack(list(traj.xs))
+        small = within_rounding(torch.stack(list(traj.gaps)), X[:-1], X[1:], rtol).all(0)
     else:
-        small = torch.stack([(g.abs() <= rtol * torch.maximum(
-            a.abs().amax(-1), b.abs().amax(-1)).unsqueeze(-1)).all(-1)
-            for g, a, b in zip(traj.gaps, traj.xs[:-1], traj.xs[1:])]).all(0)
+        small = torch.stack([within_rounding(g, a, b, rtol) for g, a, b in zip(
+            traj.gaps, traj.xs[:-1], traj.xs[1:])]).all(0)
     if bool(small.all()):
         traj.gaps = None
     elif bool(small.any()):
@@ -153,7 +153,12 @@ def largest_gap(traj: Traj) -> torch.Tensor:
     """(B,) the largest defect ``max_t,i |f_t(x_t, u_t)_i - x_{t+1,i}|`` of each row."""
     if traj.gaps is None:
         return torch.zeros_like(traj.cost)
-    return torch.stack([g.abs().amax(-1) for g in traj.gaps]).amax(0)
+    return largest(traj.gaps)
+
+
+def largest(gaps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B,) the largest entry of the defects ``gaps`` (T tensors (B, n_t)) of each row."""
+    return torch.stack([g.abs().amax(-1) for g in gaps]).amax(0)
 
 
 def with_offsets(stages, gaps: Sequence[torch.Tensor] | None):
@@ -201,6 +206,7 @@ def gapped_forward(structure: Chain, traj: Traj, K: Sequence[torch.Tensor],
     to the limits), each transition less ``(1 - alpha)`` times its defect; the result
     carries the defects left, ``(1 - alpha)`` times the old (None after full steps)."""
     keep = 1.0 - alpha
+    left = not (isinstance(keep, float) and keep == 0.0)   # a full step closes them all
     gaps = traj.gaps
     control = feedback_control(AffineLaw(ff, K, traj.xs), structure.deviation, lo, hi)
     xs, us = [traj.xs[0]], []
@@ -208,12 +214,12 @@ def gapped_forward(structure: Chain, traj: Traj, K: Sequence[torch.Tensor],
     for t in range(len(traj.us)):
         u = control(t, xs)
         x = structure.transition(t, x, u, xs)
-        if not (isinstance(keep, float) and keep == 0.0):
+        if left:
             x = x - keep * gaps[t]
         xs.append(x)
         us.append(u)
     out = structure.simulate(xs[0], len(us), lambda t, _: us[t], traj.rows, known=xs[1:])
-    if not (isinstance(keep, float) and keep == 0.0):
+    if left:
         out.gaps = [keep * g for g in gaps]
     return out
 

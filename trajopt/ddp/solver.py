@@ -298,8 +298,9 @@ class DDPSolver:
             size = step_size(pol.k, sub.controls())
             tol_sub = tol[idx] if torch.is_tensor(tol) else tol
             done = pol.ok & (size <= (tol_sub ** 0.5))
-            if sub.gaps is not None:   # multiple shooting: not before the defects are closed
-                done = done & ~mshoot.gapped_rows(sub)
+            had_gaps = None if sub.gaps is None else mshoot.gapped_rows(sub)  # before the step
+            if had_gaps is not None:   # multiple shooting: not before the defects are closed
+                done = done & ~had_gaps
             if bool(done.any()):
                 converged[idx[done]] = True
                 active[idx[done]] = False
@@ -312,7 +313,6 @@ class DDPSolver:
             exp_log = torch.zeros(B, dtype=dt, device=dev)
             act_log = torch.zeros(B, dtype=dt, device=dev)
             pending = todo.clone()
-            had_gaps = None if sub.gaps is None else mshoot.gapped_rows(sub)  # before the step
             if bool(todo.any()):
                 self._line_search(sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi)
             accepted = todo & ~pending
