@@ -21,6 +21,7 @@ player j's pre-activation, as for chain stages (:mod:`nnbridge.stages`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class GraphLinearization:
                  cancelled: list[bool] | None = None):
         self.stage = stage
         self.sent = sent
+        self._kept = None   # [rows, their pull-back] within reusing(rows)
         self.ys = list(ys)
         self.active = active
         self.mean = mean
@@ -119,9 +121,30 @@ class GraphLinearization:
         """per block (B, J, ...) -> (B, J, sum n_k)."""
         return torch.cat([p.reshape(p.shape[0], p.shape[1], -1) for p in parts], -1)
 
+    @contextlib.contextmanager
+    def reusing(self, Y: torch.Tensor):
+        """Within: the pull-back of the rows ``Y`` (this tensor) is computed once, for
+        :meth:`fx_T` and the response's :meth:`factors` alike
+        (:meth:`trajopt.riccati.operator.OperatorStage.reusing`)."""
+        self._kept = [Y, None]
+        try:
+            yield
+        finally:
+            self._kept = None
+
     def _pull(self, Y: torch.Tensor):
         """The vector-Jacobian product of the stage for J cotangents per sample: the
-        cotangents of :math:`y_t` (list) and of the players' pre-activations (list)."""
+        cotangents of :math:`y_t` (list) and of the players' pre-activations (list);
+        within :meth:`reusing` of ``Y``, computed once."""
+        kept = self._kept
+        if kept is None or kept[0] is not Y:
+            return self._pulled(Y)
+        if kept[1] is None:
+            kept[1] = self._pulled(Y)
+        return kept[1]
+
+    def _pulled(self, Y: torch.Tensor):
+        """:meth:`_pull` itself."""
         parts = [p.transpose(0, 1) for p in self._split(Y, self.out_shapes)]   # (J, B, ..)
         if Y.shape[1] == 1:
             gy, gh = self._vjp([p[0] for p in parts])

@@ -2,6 +2,8 @@
 DDPNOpt (chains), the torch.optim baselines (no feedback), trajopt's span-aware
 GTDDPSolver and plain DDP on the explicitly augmented state (GT-DDP Eq. 26)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -479,3 +481,75 @@ def test_plain_ekfac_takes_residual_networks_layer_by_layer():
     coop = nnbridge.GTEKFAC(ResMLP(), lr=0.1)
     coop.step(closure_for(coop, coop.model, X, y))
     assert coop.state[coop.model.l3.weight]["A"].shape == (10, 10)   # joint with p
+
+
+@pytest.mark.parametrize("curvature", ["identity", "adam"])
+def test_each_stage_pulls_its_rows_back_once(monkeypatch, curvature):
+    """The factored value's step pulls a stage's rows [g; D] back once, for the
+    response's Gram matrix (or response, at a stage whose controls mix the samples) and
+    for the new factor (:meth:`GraphLinearization.reusing`); served from the kept pull,
+    the step equals the one that pulls the rows back twice, bitwise."""
+    from nnbridge.graph_ops import GraphLinearization
+    X, y = data(B=6, shape=(1, 4, 4))
+    pulled = GraphLinearization._pulled
+    rows: list[torch.Tensor] = []
+
+    def counting(self, Y):
+        if Y.shape[1] > 1:
+            rows.append(Y)
+        return pulled(self, Y)
+
+    def step(reuse: bool) -> list[torch.Tensor]:
+        model = ResNet()
+        opt = nnbridge.GTDDP(model, curvature=curvature, lr=1e-2)
+        with monkeypatch.context() as m:
+            m.setattr(GraphLinearization, "_pulled", counting)
+            if not reuse:   # a context that keeps nothing: every consumer pulls
+                m.setattr(GraphLinearization, "reusing",
+                          contextlib.contextmanager(lambda self, Y: iter([None])))
+            rows.clear()
+            opt.step(closure_for(opt, model, X, y))
+        return [p.detach().clone() for p in model.parameters()], len(rows), \
+            len({id(Y) for Y in rows})
+
+    kept, count, distinct = step(True)
+    assert count == distinct > 5
+    twice, count2, distinct2 = step(False)
+    assert count2 == 2 * distinct2 == 2 * distinct
+    for p, q in zip(kept, twice):
+        assert torch.equal(p, q)
+
+
+def test_reusing_keeps_one_pull_of_those_rows_only():
+    """Within ``reusing(Y)`` the pull-back of the tensor Y is computed once; other rows
+    (even equal values) are pulled back as before, and nothing is kept after it."""
+    from nnbridge.graph_ops import GraphLinearization
+    model = ResNet()
+    opt = nnbridge.GTDDP(model, curvature="identity", lr=1e-2)
+    X, y = data(B=4, shape=(1, 4, 4))
+    seen: list = []
+    orig = GraphLinearization._pulled
+
+    def spy(self, Y):
+        seen.append(self)
+        return orig(self, Y)
+
+    GraphLinearization._pulled = spy
+    try:
+        opt.step(closure_for(opt, model, X, y))
+    finally:
+        GraphLinearization._pulled = orig
+    lin = next(s for s in seen if s.n1 > 0)
+    calls = []
+    lin._pulled = lambda Y: calls.append(Y) or orig(lin, Y)
+    Y = torch.randn(4, 3, lin.n1)
+    with lin.reusing(Y):
+        a = lin.fx_T(Y)
+        ws = lin.factors(Y)
+        b = lin.fx_T(Y.clone())
+    assert len(calls) == 2 and calls[0] is Y and calls[1] is not Y
+    assert torch.equal(a, b) and lin._kept is None
+    ref = lin.factors(Y)
+    assert len(calls) == 3
+    for w, r in zip(ws, ref):
+        assert (w is None and r is None) or torch.equal(w, r)

@@ -42,6 +42,7 @@ non-terminal value Hessian where it is *used* (``V'`` above); see
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -91,6 +92,13 @@ class OperatorStage(Protocol):
         factored value carries (:class:`trajopt.riccati.value.Carried`) when the stage
         already holds it (a network stage: the gradient autograd sent to its input),
         else None; the step then pulls back only the value's directions."""
+
+    def reusing(self, Y: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """(Optional; absent: nothing is kept.) A context within which the stage's
+        pull-backs of the rows ``Y`` -- for :meth:`fx_T` and for the response's
+        ``response_gram`` / ``response`` of the same tensor -- are computed once: a
+        factored value's step asks for both (the Gram matrix of its basis rows and their
+        pulled-back factor).  Whatever is kept is dropped on exit."""
 
     # optional: samplewise (bool), f_x acts sample by sample (nothing mixes the samples):
     # the step may then read per-sample quantities off per-sample pull-backs (the
@@ -232,42 +240,73 @@ def operator_riccati_step(
     if not propagate:
         return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
                             tikhonov=tikhonov)
-    # 3. value: the responses of the value's directions (and, per sample, of V_x'),
-    # in one operator call
-    D = value.directions(tikhonov)
-    core = None
+    # 3. value: the rows whose responses the correction needs -- the rows of V (dense),
+    # or the factored forms' basis (their directions, or an orthonormal basis of them)
+    D, R = value.basis(project_psd) if value.factored else (value.directions(tikhonov),
+                                                            None)
+    MD = None
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
-        if hasattr(resp, "apply_total"):
-            r = resp.apply_total(Qu)
-        else:   # a response written without it: the two applications
-            r = resp.apply_control(Qu)
-            const = resp.response_const()
-            r = r if const is None else r + const
-        gram = getattr(resp, "response_gram", None)
-        if (gram is not None and hasattr(value, "downdate_gram")
-                and getattr(stage, "response_samplewise",
-                            getattr(stage, "samplewise", False))):
-            core = value.downdate_gram(gram(D), w, project_psd)
-        else:
+        r = _total_response(resp, Qu)
+        if not value.factored:
             MD = resp.response(D)
-    else:
+    else:   # the responses of V_x' (per sample) and of the rows, in one call
         w = 1.0
-        R = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
-        r, MD = R[:, 0], R[:, 1:]
+        RD = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
+        r, MD = RD[:, 0], RD[:, 1:]
         const = resp.response_const()
         if const is not None:
             r = r + const
-    if core is None:
-        core = value.downdate(D, MD, w, project_psd)
-    K = _carried_pullback(value, stage, tikhonov)
-    if K is not None:   # V_x = K + Z a: only the directions are pulled back
-        new = value.pullback_carried(stage.fx_T, r, core, K)
-    else:
+    K = _carried_pullback(value, stage, tikhonov) if value.factored else None
+    if K is None:
         g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
-        new = value.pullback(stage.fx_T, g, core)
+    if not value.factored:
+        new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
+        return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value,
+                            tikhonov=tikhonov)
+    # the rows pulled back: D, after g = V_x' - V' r unless the stage holds the
+    # pull-back of the value's carried gradient (V_x = K + Z b); a stage may pull them
+    # back once for the Gram matrix and for the factor
+    rows = D if K is not None else torch.cat([g.unsqueeze(1), D], 1)
+    with getattr(stage, "reusing", _no_reuse)(rows):
+        if MD is None:   # D M D' alone, from the response's Gram matrix where it has one
+            k = rows.shape[1] - D.shape[1]
+            G = _response_gram(resp, stage, rows)[:, k:, k:]
+        else:
+            G = D @ MD.transpose(-1, -2)
+        FY = stage.fx_T(rows)
+    new = value.pulled(FY, value.downdate_gram(G, w, project_psd, R), R,
+                       None if K is None else (K, r))
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
-                        factor_map=value.factor_map(core) if value.factored else None)
+                        factor_map=R)
+
+
+def _total_response(resp: ControlResponse, Qu: Any) -> torch.Tensor:
+    """:math:`f_u^i S (\\mathbb{E}[Q_u] + l_u)` (B, n1): ``apply_total`` where the
+    response has it, else its two applications."""
+    if hasattr(resp, "apply_total"):
+        return resp.apply_total(Qu)
+    r = resp.apply_control(Qu)
+    const = resp.response_const()
+    return r if const is None else r + const
+
+
+def _response_gram(resp: ControlResponse, stage: OperatorStage,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """:math:`Y^i M^i Y^{i\\top}` (B, J, J) of the rows Y: the response's Gram matrix in
+    control space where it has one and the controls act sample by sample, else the rows
+    against their responses."""
+    gram = getattr(resp, "response_gram", None)
+    if gram is not None and getattr(stage, "response_samplewise",
+                                    getattr(stage, "samplewise", False)):
+        return gram(rows)
+    return rows @ resp.response(rows).transpose(-1, -2)
+
+
+@contextlib.contextmanager
+def _no_reuse(rows: torch.Tensor):
+    """:meth:`OperatorStage.reusing` of a stage without it: nothing to keep."""
+    yield
 
 
 def _carried_pullback(value: Value, stage: OperatorStage,

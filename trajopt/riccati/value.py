@@ -4,12 +4,18 @@ The per-sample (operator) step of :mod:`trajopt.riccati.operator` needs three th
 value Hessian :math:`V'` (batch of ``B`` samples, next-state size ``n1``):
 
 * ``hess_apply(Y, eps)``: :math:`(V' + \epsilon I) Y` on rows Y (B, J, n1);
-* ``directions(eps)`` and ``downdate(D, MD, w, project_psd)``: the correction
-  :math:`V' - w\, V' M V'` by a policy's response :math:`M` (symmetric, next-state
-  space), computed from the responses ``MD`` of a few rows ``D`` only; the factored
-  forms need only the Gram matrix :math:`D M D^\top` (``downdate_gram``), which a
-  response can give without mapping back to the state (``response_gram``);
-* ``pullback(fx_T, g, downdated)``: :math:`f_x^\top (\cdot) f_x` onto this stage.
+* the correction :math:`V' - w\, V' M V'` by a policy's response :math:`M` (symmetric,
+  next-state space), computed from the responses of a few rows only: the dense form's
+  ``directions(eps)`` (the rows of V) and ``downdate(D, MD, w, project_psd)``; the
+  factored forms' ``basis(project_psd)`` (the rows D they downdate in: the factor's
+  columns, or an orthonormal basis of them) and ``downdate_gram(G, w, project_psd, R)``,
+  which needs only the Gram matrix :math:`G = D M D^\top`, which a response can give
+  without mapping back to the state (``response_gram``);
+* the pull-back :math:`f_x^\top (\cdot) f_x` onto this stage: the dense form's
+  ``pullback(fx_T, g, downdated)``; the factored forms' ``pulled(FY, core, R)`` from the
+  pulled-back rows :math:`f_x^\top [g; D]`, which the step pulls back itself, so that a
+  stage can pull the same rows back once for the Gram matrix and the factor
+  (:meth:`~trajopt.riccati.operator.OperatorStage.reusing`).
 
 Three representations implement them:
 
@@ -33,7 +39,7 @@ A factored value may carry its gradient split as :math:`V_x = K + Z a`
 (:class:`Carried`), K a cotangent whose pull-backs the caller already holds (a network's
 own back-propagated gradient, recorded by autograd): the step then pulls back only the r
 directions, and the new gradient is :math:`f_x^\top K + (f_x^\top Z) b` with
-:math:`b = a - C Z^\top r` (``pullback_carried``), the same vector as
+:math:`b = a - C Z^\top r` (``pulled(..., carried=(K, r))``), the same vector as
 :math:`f_x^\top (V_x - V r)`.
 
 A Tikhonov :math:`\epsilon I` enters every product with :math:`V'` (``hess_apply``); the
@@ -183,36 +189,30 @@ class RankOneValue:
     #: (:class:`~trajopt.riccati.operator.OperatorStep`)
     factored = True
 
-    @staticmethod
-    def factor_map(core) -> None:
-        """None: the pulled-back factor is :math:`f_x^\\top z` itself (the downdate
-        leaves z as it is)."""
-        return None
+    def basis(self, project_psd: bool) -> tuple[torch.Tensor, None]:
+        """The rows the step downdates and pulls back in: z as one row (B, 1, n), and no
+        change of coordinates (None)."""
+        return self.z.unsqueeze(1), None
 
-    def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
-                 project_psd: bool) -> torch.Tensor:
-        """The new coefficient :math:`c (1 - w c\\, z^\\top M z)` (B,)."""
-        return self.downdate_gram((D[:, 0] * MD[:, 0]).sum(-1)[:, None, None], w,
-                                  project_psd)
-
-    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool) -> torch.Tensor:
-        """:meth:`downdate` from :math:`z^\\top M z` (B, 1, 1) alone."""
+    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool,
+                      R: None = None) -> torch.Tensor:
+        """The new coefficient :math:`c (1 - w c\\, z^\\top M z)` (B,) from
+        :math:`z^\\top M z` (B, 1, 1); clamped at 0 with ``project_psd``."""
         c = self.c * (1.0 - self.c * (w * G.reshape(-1)))
         return c.clamp(min=0.0) if project_psd else c
 
-    def pullback(self, fx_T: Pullback, g: torch.Tensor, c: torch.Tensor) -> RankOneValue:
-        """``RankOneValue(f_x' g, c, f_x' z)``: one operator call for both rows."""
-        FY = fx_T(torch.stack([g, self.z], 1))
-        return RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
-
-    def pullback_carried(self, fx_T: Pullback, r: torch.Tensor, c: torch.Tensor,
-                         K: torch.Tensor) -> RankOneValue:
-        r""":meth:`pullback` of :math:`g = V_x - c z z^\top r` (B, n1) when
-        :attr:`carried` holds :math:`V_x = K_1 + a z` and ``K`` is :math:`f_x^\top K_1`:
-        :math:`g = K_1 + b z` with :math:`b = a - c\, z^\top r`, so only z is pulled
-        back."""
+    def pulled(self, FY: torch.Tensor, c: torch.Tensor, R: None = None,
+               carried: tuple[torch.Tensor, torch.Tensor] | None = None) -> RankOneValue:
+        r"""The value at the stage before, from the pulled-back rows ``FY`` =
+        :math:`f_x^\top [g; z]` (B, 2, n) and the new coefficient ``c``.  With
+        ``carried = (K, r)``, where :attr:`carried` holds :math:`V_x = K_1 + a z` and K is
+        :math:`f_x^\top K_1`, ``FY`` is :math:`f_x^\top z` (B, 1, n) alone: :math:`g = V_x
+        - c z z^\top r = K_1 + b z` with :math:`b = a - c\, z^\top r`."""
+        if carried is None:
+            return RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
+        K, r = carried
         b = self.carried.a[:, 0] - self.c * (self.z * r).sum(-1)
-        z = fx_T(self.z.unsqueeze(1))[:, 0]
+        z = FY[:, 0]
         return RankOneValue(Vx=K + b[:, None] * z, c=c, z=z,
                             carried=Carried(K=K, a=b[:, None]))
 
@@ -253,61 +253,58 @@ class RankRValue:
 
     factored = True
 
-    @staticmethod
-    def factor_map(core) -> torch.Tensor | None:
-        """R (B, r, r) where the downdate replaced Z by :math:`Q = Z R^{-1}` (so
-        :math:`f_x^\\top Z = (f_x^\\top Q) R`, Q's pull-back being the new factor), else
-        None; ``core`` from :meth:`downdate`."""
-        return core[2]
-
     def directions(self, tikhonov: float = 0.0) -> torch.Tensor:
         """The factor's columns as rows, (B, r, n)."""
         return self.Z.transpose(-1, -2)
 
-    def downdate(self, D: torch.Tensor, MD: torch.Tensor, w: float,
-                 project_psd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The factor and core of :math:`Z (C - w C (Z^\\top M Z) C) Z^\\top`:
-        ``(Z, C_new, None)``; with ``project_psd`` its nearest positive semidefinite matrix
-        (the dense projection, eigenvalues clamped at 0) as ``(Q, P(R C_new R'), R)``,
-        ``Z = QR`` (Q orthonormal, so clamping the core's eigenvalues clamps the
-        matrix's; clamping ``C_new`` itself would give another, larger PSD matrix
-        whenever Z is not orthonormal; the QR by :func:`trajopt._linalg.thin_qr`'s rule)."""
-        return self.downdate_gram(D @ MD.transpose(-1, -2), w, project_psd)
+    def basis(self, project_psd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows ``D`` (B, r, n) the step downdates and pulls back in, and R: the
+        factor's columns :math:`Z^\\top` (R None), or with ``project_psd`` those of Q,
+        :math:`Z = QR` (Q orthonormal, so that clamping the core's eigenvalues clamps the
+        matrix's; the QR by :func:`trajopt._linalg.thin_qr`'s rule), and R (B, r, r)."""
+        if not project_psd:
+            return self.Z.transpose(-1, -2), None
+        Q, R = thin_qr(self.Z)
+        return Q.transpose(-1, -2), R
 
-    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool) -> tuple:
-        """:meth:`downdate` from :math:`Z^\\top M Z` (B, r, r) alone."""
+    def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool,
+                      R: torch.Tensor | None = None) -> torch.Tensor:
+        """The core of :math:`Z (C - w C (Z^\\top M Z) C) Z^\\top` in the coordinates of
+        the basis rows D (:meth:`basis`), from their Gram matrix ``G`` :math:`= D M
+        D^\\top` (B, r, r): :math:`C_D - w C_D G C_D` with :math:`C_D` = C (D =
+        :math:`Z^\\top`) or :math:`R C R^\\top` (D = :math:`Q^\\top`, :math:`Z = QR`); with
+        ``project_psd`` its nearest positive semidefinite matrix (eigenvalues clamped at
+        0: the dense projection, Q being orthonormal; clamping C itself would give
+        another, larger PSD matrix whenever Z is not orthonormal)."""
         G = sym(G)
-        if self.C is None:
+        C = self.C
+        if R is not None:
+            C = sym(R @ R.transpose(-1, -2) if C is None else R @ C @ R.transpose(-1, -2))
+        if C is None:
             C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
         else:
-            C = sym(self.C - w * (self.C @ G @ self.C))
-        if not project_psd:
-            return self.Z, C, None
-        Q, R = thin_qr(self.Z)
-        return Q, _psd(R @ C @ R.transpose(-1, -2)), R
+            C = sym(C - w * (C @ G @ C))
+        return _psd(C) if project_psd else C
 
-    def pullback(self, fx_T: Pullback, g: torch.Tensor,
-                 core: tuple) -> RankRValue:
-        """``RankRValue(f_x' g, f_x' Z, C)`` for ``core = (Z, C, R)`` from :meth:`downdate`:
-        one operator call for the r + 1 rows."""
-        Z, C = core[:2]
-        FY = fx_T(torch.cat([g.unsqueeze(1), Z.transpose(-1, -2)], 1))
-        return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
-
-    def pullback_carried(self, fx_T: Pullback, r: torch.Tensor, core: tuple,
-                         K: torch.Tensor) -> RankRValue:
-        r""":meth:`pullback` of :math:`g = V_x - Z C Z^\top r` (B, n1) when :attr:`carried`
-        holds :math:`V_x = K_1 + Z a` and ``K`` is :math:`f_x^\top K_1`: :math:`g = K_1 + Z
-        b` with :math:`b = a - C Z^\top r`; only the r directions are pulled back, and
-        :math:`f_x^\top Z b = Z_{new} R b` (R the downdate's factor map, or I)."""
+    def pulled(self, FY: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None = None,
+               carried: tuple[torch.Tensor, torch.Tensor] | None = None) -> RankRValue:
+        r"""The value at the stage before, from the pulled-back rows ``FY`` =
+        :math:`f_x^\top [g; D]` (B, 1 + r, n) of the basis rows D and the new core ``C``
+        (:meth:`downdate_gram`; R from :meth:`basis`): :math:`V_x = f_x^\top g`, factor
+        :math:`f_x^\top D^\top`.  With ``carried = (K, r)``, where :attr:`carried` holds
+        :math:`V_x = K_1 + Z a` and K is :math:`f_x^\top K_1`, ``FY`` is :math:`f_x^\top
+        D` (B, r, n) alone: :math:`g = V_x - Z C Z^\top r = K_1 + Z b` with :math:`b = a
+        - C Z^\top r`, and :math:`f_x^\top Z b = (f_x^\top Q) R b`."""
+        if carried is None:
+            return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
+        K, r = carried
         coords = (r.unsqueeze(1) @ self.Z).squeeze(1)                   # (B, r)
         if self.C is not None:
             coords = (coords.unsqueeze(1) @ self.C).squeeze(1)
         b = self.carried.a - coords
-        Q, C, R = core
-        Z = fx_T(Q.transpose(-1, -2)).transpose(-1, -2)                 # (B, n, r)
         if R is not None:
             b = (R @ b.unsqueeze(-1)).squeeze(-1)
+        Z = FY.transpose(-1, -2)                                        # (B, n, r)
         Vx = K + (Z @ b.unsqueeze(-1)).squeeze(-1)
         return RankRValue(Vx=Vx, Z=Z, C=C, carried=Carried(K=K, a=b))
 
