@@ -485,7 +485,7 @@ def test_plain_ekfac_takes_residual_networks_layer_by_layer():
 
 @pytest.mark.parametrize("curvature", ["identity", "adam"])
 def test_each_stage_pulls_its_rows_back_once(monkeypatch, curvature):
-    """The factored value's step pulls a stage's rows [g; D] back once, for the
+    """The factored value's step pulls a stage's basis rows D back once, for the
     response's Gram matrix (or response, at a stage whose controls mix the samples) and
     for the new factor (:meth:`GraphLinearization.reusing`); served from the kept pull,
     the step equals the one that pulls the rows back twice, bitwise."""

@@ -314,8 +314,8 @@ def test_carried_gradient_equals_the_pulled_back_gradient(seed, B, n0, n1, n2, r
 
 def test_carried_gradient_falls_back_to_the_pull_back():
     """A Tikhonov term (eps r leaves the span of K and Z) or a stage that does not hold
-    the cotangent: V_x - V r is pulled back with the directions (r + 1 rows) and the
-    result no longer carries K."""
+    the cotangent: V_x - V r is pulled back after the directions (r rows, then one) and
+    the result no longer carries K."""
     stages, _, P, lu, g = _chain(0, 3, [2, 3, 4], 2)
     K2 = torch.randn(3, 4, generator=g, dtype=DT)
     z = torch.randn(3, 4, generator=g, dtype=DT)
@@ -331,5 +331,5 @@ def test_carried_gradient_falls_back_to_the_pull_back():
         ref = operator_riccati_step(dataclasses.replace(value, carried=None), stages[0],
                                     lambda Qu, v: DenseResponse(stages[0], P, None, lu),
                                     tikhonov=tik, recursion="mean")
-        assert rows == [2] and step.value.carried is None
+        assert rows == [1, 1] and step.value.carried is None
         torch.testing.assert_close(step.value.Vx, ref.value.Vx, rtol=0, atol=0)

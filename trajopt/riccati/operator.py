@@ -264,19 +264,15 @@ def operator_riccati_step(
         new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
         return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value,
                             tikhonov=tikhonov)
-    # the rows pulled back: D, after g = V_x' - V' r unless the stage holds the
-    # pull-back of the value's carried gradient (V_x = K + Z b); a stage may pull them
-    # back once for the Gram matrix and for the factor
-    rows = D if K is not None else torch.cat([g.unsqueeze(1), D], 1)
-    with getattr(stage, "reusing", _no_reuse)(rows):
-        if MD is None:   # D M D' alone, from the response's Gram matrix where it has one
-            k = rows.shape[1] - D.shape[1]
-            G = _response_gram(resp, stage, rows)[:, k:, k:]
-        else:
-            G = D @ MD.transpose(-1, -2)
-        FY = stage.fx_T(rows)
-    new = value.pulled(FY, value.downdate_gram(G, w, project_psd, R), R,
-                       None if K is None else (K, r))
+    # the basis rows, pulled back once for the Gram matrix and for the factor where the
+    # stage can keep its pull-back; the gradient g = V_x' - V' r on its own (unless the
+    # stage holds the pull-back of the value's carried gradient: V_x = K + Z b)
+    with getattr(stage, "reusing", _no_reuse)(D):
+        G = D @ MD.transpose(-1, -2) if MD is not None else _response_gram(resp, stage, D)
+        FD = stage.fx_T(D)
+    Vx = None if K is not None else stage.fx_T(g.unsqueeze(1)).squeeze(1)
+    new = value.pulled(FD, value.downdate_gram(G, w, project_psd, R), R, Vx=Vx,
+                       carried=None if K is None else (K, r))
     return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value, tikhonov=tikhonov,
                         factor_map=R)
 

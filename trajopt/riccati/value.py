@@ -12,10 +12,10 @@ value Hessian :math:`V'` (batch of ``B`` samples, next-state size ``n1``):
   which needs only the Gram matrix :math:`G = D M D^\top`, which a response can give
   without mapping back to the state (``response_gram``);
 * the pull-back :math:`f_x^\top (\cdot) f_x` onto this stage: the dense form's
-  ``pullback(fx_T, g, downdated)``; the factored forms' ``pulled(FY, core, R)`` from the
-  pulled-back rows :math:`f_x^\top [g; D]`, which the step pulls back itself, so that a
-  stage can pull the same rows back once for the Gram matrix and the factor
-  (:meth:`~trajopt.riccati.operator.OperatorStage.reusing`).
+  ``pullback(fx_T, g, downdated)``; the factored forms' ``pulled(FD, core, R, Vx=)``
+  from the pulled-back basis rows :math:`f_x^\top D^\top` and gradient, which the step
+  pulls back itself, so that a stage can pull the basis rows back once for the Gram
+  matrix and the factor (:meth:`~trajopt.riccati.operator.OperatorStage.reusing`).
 
 Three representations implement them:
 
@@ -201,18 +201,19 @@ class RankOneValue:
         c = self.c * (1.0 - self.c * (w * G.reshape(-1)))
         return c.clamp(min=0.0) if project_psd else c
 
-    def pulled(self, FY: torch.Tensor, c: torch.Tensor, R: None = None,
+    def pulled(self, Fz: torch.Tensor, c: torch.Tensor, R: None = None, *,
+               Vx: torch.Tensor | None = None,
                carried: tuple[torch.Tensor, torch.Tensor] | None = None) -> RankOneValue:
-        r"""The value at the stage before, from the pulled-back rows ``FY`` =
-        :math:`f_x^\top [g; z]` (B, 2, n) and the new coefficient ``c``.  With
-        ``carried = (K, r)``, where :attr:`carried` holds :math:`V_x = K_1 + a z` and K is
-        :math:`f_x^\top K_1`, ``FY`` is :math:`f_x^\top z` (B, 1, n) alone: :math:`g = V_x
-        - c z z^\top r = K_1 + b z` with :math:`b = a - c\, z^\top r`."""
+        r"""The value at the stage before from the pulled-back row ``Fz`` =
+        :math:`f_x^\top z` (B, 1, n), the new coefficient ``c`` and either the pulled-back
+        gradient ``Vx`` = :math:`f_x^\top g` (B, n) or ``carried = (K, r)``: where
+        :attr:`carried` holds :math:`V_x = K_1 + a z` and K is :math:`f_x^\top K_1`,
+        :math:`g = V_x - c z z^\top r = K_1 + b z` with :math:`b = a - c\, z^\top r`."""
+        z = Fz[:, 0]
         if carried is None:
-            return RankOneValue(Vx=FY[:, 0], c=c, z=FY[:, 1])
+            return RankOneValue(Vx=Vx, c=c, z=z)
         K, r = carried
         b = self.carried.a[:, 0] - self.c * (self.z * r).sum(-1)
-        z = FY[:, 0]
         return RankOneValue(Vx=K + b[:, None] * z, c=c, z=z,
                             carried=Carried(K=K, a=b[:, None]))
 
@@ -286,17 +287,19 @@ class RankRValue:
             C = sym(C - w * (C @ G @ C))
         return _psd(C) if project_psd else C
 
-    def pulled(self, FY: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None = None,
+    def pulled(self, FD: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None = None, *,
+               Vx: torch.Tensor | None = None,
                carried: tuple[torch.Tensor, torch.Tensor] | None = None) -> RankRValue:
-        r"""The value at the stage before, from the pulled-back rows ``FY`` =
-        :math:`f_x^\top [g; D]` (B, 1 + r, n) of the basis rows D and the new core ``C``
-        (:meth:`downdate_gram`; R from :meth:`basis`): :math:`V_x = f_x^\top g`, factor
-        :math:`f_x^\top D^\top`.  With ``carried = (K, r)``, where :attr:`carried` holds
-        :math:`V_x = K_1 + Z a` and K is :math:`f_x^\top K_1`, ``FY`` is :math:`f_x^\top
-        D` (B, r, n) alone: :math:`g = V_x - Z C Z^\top r = K_1 + Z b` with :math:`b = a
-        - C Z^\top r`, and :math:`f_x^\top Z b = (f_x^\top Q) R b`."""
+        r"""The value at the stage before from the pulled-back basis rows ``FD`` =
+        :math:`f_x^\top D^\top` (B, r, n) -- its new factor --, the new core ``C``
+        (:meth:`downdate_gram`; R from :meth:`basis`) and either the pulled-back
+        gradient ``Vx`` = :math:`f_x^\top g` (B, n) or ``carried = (K, r)``: where
+        :attr:`carried` holds :math:`V_x = K_1 + Z a` and K is :math:`f_x^\top K_1`,
+        :math:`g = V_x - Z C Z^\top r = K_1 + Z b` with :math:`b = a - C Z^\top r`, and
+        :math:`f_x^\top Z b = (f_x^\top Q) R b`."""
+        Z = FD.transpose(-1, -2)                                        # (B, n, r)
         if carried is None:
-            return RankRValue(Vx=FY[:, 0], Z=FY[:, 1:].transpose(-1, -2), C=C)
+            return RankRValue(Vx=Vx, Z=Z, C=C)
         K, r = carried
         coords = (r.unsqueeze(1) @ self.Z).squeeze(1)                   # (B, r)
         if self.C is not None:
@@ -304,7 +307,6 @@ class RankRValue:
         b = self.carried.a - coords
         if R is not None:
             b = (R @ b.unsqueeze(-1)).squeeze(-1)
-        Z = FY.transpose(-1, -2)                                        # (B, n, r)
         Vx = K + (Z @ b.unsqueeze(-1)).squeeze(-1)
         return RankRValue(Vx=Vx, Z=Z, C=C, carried=Carried(K=K, a=b))
 
