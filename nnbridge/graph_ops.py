@@ -119,6 +119,8 @@ class GraphLinearization:
     @staticmethod
     def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
         """per block (B, J, ...) -> (B, J, sum n_k)."""
+        if len(parts) == 1:
+            return parts[0].reshape(parts[0].shape[0], parts[0].shape[1], -1)
         return torch.cat([p.reshape(p.shape[0], p.shape[1], -1) for p in parts], -1)
 
     @contextlib.contextmanager
