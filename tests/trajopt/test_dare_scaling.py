@@ -129,3 +129,27 @@ def test_nothing_non_finite_or_inaccurate_is_returned_silently(method, scales):
     P, res = np.asarray(sol.P), float(np.max(sol.residual))
     assert np.isfinite(P).all() and np.isfinite(res)
     assert res <= 1e-13 or any("relative residual" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("exponent", [0, 4, 6, 7, 8, 8.5, 9])
+@pytest.mark.parametrize("method", METHODS + ["batched auto"])
+def test_a_large_a_never_returns_a_destabilizing_gain(exponent, method):
+    """``A = 10^e [[1, .1], [0, 1]]``: where ``|A'XA|`` dwarfs Q the DARE's residual says
+    nothing about the closed loop (at 1e8, doubling's answer had relative residual 2e-16
+    and closed-loop radius 1.414 and passed a certificate formed from Q, R and K).  Every
+    answer returned is stabilizing, or a trajopt error is raised."""
+    A = 10.0 ** exponent * np.array([[1.0, 0.1], [0.0, 1.0]])
+    B = np.array([[0.0], [0.1]])
+    batched = method.startswith("batched")
+    if batched:
+        A, method = np.stack([A, np.eye(2)]), "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # numpy's overflow warnings
+        warnings.simplefilter("ignore", trajopt.errors.ConvergenceWarning)
+        try:
+            sol = trajopt.solve_dare(A, B, np.eye(2), np.eye(1), method=method)
+        except TrajoptError:
+            return
+    K = np.asarray(sol.K)
+    rho = np.abs(np.linalg.eigvals(A + B @ K)).max()
+    assert rho < 1, (method, exponent, rho)

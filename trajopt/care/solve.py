@@ -211,7 +211,7 @@ def solve_care(
         _unstabilizable(d, ~finite, "the solver produced a non-finite solution")
     # Lyapunov certificate first (two batched Cholesky factorizations); the eigenvalues
     # (a non-symmetric eigensolver, slow on GPUs) only where it does not hold
-    unchecked = ~lyapunov_certificate(d, X, K)
+    unchecked = ~lyapunov_certificate(d, X, K, continuous=True)
     if bool(unchecked.any()):
         flat = unchecked.reshape(-1)
         sub = d.subset(flat)

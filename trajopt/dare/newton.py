@@ -15,6 +15,8 @@ when :math:`A_c` is stable, i.e. when :math:`X` is near the stabilizing solution
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._common import DAREData, gain, ops, relative_residual, residual_matrix
 
 
@@ -39,6 +41,14 @@ def newton_refine(d: DAREData, X, steps: int = 1, res=None):
     relative residual (``res``: X's, when the caller has it).  Returns the refined X
     (..., n, n) and its relative residual (...); X itself when no step lowered it.
     """
+    # a step from a far or unstable X can overflow (inf, NaN): it is then not kept, so
+    # numpy's overflow warnings would only be noise (an error under -W error)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _newton_steps(d, X, steps, res)
+
+
+def _newton_steps(d: DAREData, X, steps: int, res):
+    """:func:`newton_refine` itself."""
     o = ops(X)
     best = X
     best_res = relative_residual(d, X) if res is None else res

@@ -359,6 +359,12 @@ def solve_dare(
     return sol
 
 
+def _not_stabilizing(rho: float) -> str:
+    return (f"the solution found is not stabilizing (closed-loop spectral radius "
+            f"{rho:.17g}; a badly scaled A or B -- only Q, R and S are rescaled -- can "
+            "also end here: the solvers' answers are then no longer accurate)")
+
+
 def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: str,
             kind: ArrayKind, res: Any = None) -> tuple[DARESolution, Any]:
     """Check finiteness and stability (eigenvalues only where doubling did not certify
@@ -383,8 +389,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         eig = closed_loop_eigvals(d, K)
         rho = float(np.abs(eig).max())
         if not rho < margin:
-            raise_unstabilizable(d, np.asarray(True), "the solution found is not "
-                                  f"stabilizing (closed-loop spectral radius {rho:.17g})")
+            raise_unstabilizable(d, np.asarray(True), _not_stabilizing(rho))
     else:
         if certified is None:
             certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
@@ -403,9 +408,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
             rho[flat] = rho_sub
             rho = rho.reshape(d.batch)
             if not bool((rho < margin).all()):
-                raise_unstabilizable(d, ~(rho < margin), "the solution found is not "
-                                      "stabilizing (closed-loop spectral radius "
-                                      f"{float(rho.max()):.17g})")
+                raise_unstabilizable(d, ~(rho < margin), _not_stabilizing(float(rho.max())))
     if res is None:
         res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
