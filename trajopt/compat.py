@@ -29,7 +29,7 @@ import torch
 
 from .care import solve_care
 from .dare import solve_dare
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ShapeError
 
 __all__ = ["dlqr", "lqr", "dare", "care", "dlqe", "lqe"]
 
@@ -58,11 +58,42 @@ def _system(args: tuple, names: tuple[str, ...], fn: str) -> list[Any]:
     return [_mat(a) for a in args[:len(names)]] + list(args[len(names):])
 
 
+def _sampling_time(sys_: Any) -> Any:
+    """A state-space object's ``dt`` (None for matrices or an object without one)."""
+    if sys_ is None or isinstance(sys_, (np.ndarray, torch.Tensor, list, tuple)):
+        return None
+    return getattr(sys_, "dt", None)
+
+
 def _discrete(sys_: Any) -> bool:
     """A state-space object with a sampling time (python-control: ``dt`` True or > 0)."""
-    dt = getattr(sys_, "dt", None)
-    return not isinstance(sys_, (np.ndarray, torch.Tensor)) and dt is not None and \
-        dt is not False and (dt is True or dt > 0)
+    dt = _sampling_time(sys_)
+    return dt is not None and dt is not False and (dt is True or dt > 0)
+
+
+def _refuse_continuous(args: tuple, fn: str) -> None:
+    """python-control's discrete functions refuse a continuous-time system (``dt == 0``;
+    ``dt=None``, unspecified, is accepted as either)."""
+    dt = _sampling_time(args[0] if args else None)
+    if dt is not None and dt is not True and dt is not False and dt == 0:
+        raise InvalidArgumentError(f"{fn}: the system is continuous time (dt = 0); "
+                                   f"{fn} needs a discrete-time one (dt > 0 or True), as "
+                                   "in python-control")
+
+
+def _method(method: Any, fn: str, ours: tuple[str, ...] = ("scipy", "slycot")) -> str:
+    """python-control's ``method`` keyword (None, "scipy", "slycot") as trajopt's."""
+    if method is None:
+        return "auto"
+    if method not in ours:
+        raise InvalidArgumentError(f"{fn}: method must be None or one of {ours}; got "
+                                   f"{method!r}")
+    return method
+
+
+def _refuse(fn: str, name: str, value: Any, why: str) -> None:
+    """A python-control keyword trajopt.compat does not offer, refused by name."""
+    raise InvalidArgumentError(f"{fn}: {name}={value!r} is not supported ({why})")
 
 
 def _weights(rest: list, fn: str, names: tuple[str, ...], optional: int = 1) -> list[Any]:
@@ -72,63 +103,94 @@ def _weights(rest: list, fn: str, names: tuple[str, ...], optional: int = 1) -> 
     return [_mat(r) for r in rest] + [None] * (len(names) - len(rest))
 
 
-def dlqr(*args: Any) -> tuple[Any, Any, Any]:
+_INTEGRAL = "augment the system with the integrator states and their weights instead"
+
+
+def dlqr(*args: Any, method: str | None = None, integral_action: Any = None
+         ) -> tuple[Any, Any, Any]:
     """``K, S, E = dlqr(A, B, Q, R[, N])`` or ``dlqr(sys, Q, R[, N])``: the discrete LQR
     gain for ``u = -K x``, the Riccati solution and the closed-loop eigenvalues
-    (python-control's ``dlqr``; ``N`` the cross weight ``2 x'N u``)."""
+    (python-control's ``dlqr``; ``N`` the cross weight ``2 x'N u``; ``method`` None
+    (trajopt's "auto"), "scipy" or "slycot"; a continuous-time ``sys`` is refused, as
+    there)."""
+    _refuse_continuous(args, "dlqr")
+    if integral_action is not None:
+        _refuse("dlqr", "integral_action", integral_action, _INTEGRAL)
     A, B, *rest = _system(args, ("A", "B"), "dlqr")
     Q, R, N = _weights(rest, "dlqr", ("Q", "R", "N"))
-    sol = solve_dare(A, B, Q, R, S=N)
+    sol = solve_dare(A, B, Q, R, S=N, method=_method(method, "dlqr"))
     return -sol.K, sol.P, sol.closed_loop_eigvals
 
 
-def lqr(*args: Any) -> tuple[Any, Any, Any]:
+def lqr(*args: Any, method: str | None = None, integral_action: Any = None
+        ) -> tuple[Any, Any, Any]:
     """``K, S, E = lqr(A, B, Q, R[, N])`` or ``lqr(sys, Q, R[, N])``: the continuous-time
     LQR gain for ``u = -K x`` (python-control's ``lqr``; a discrete-time ``sys`` goes to
-    :func:`dlqr`, as there)."""
+    :func:`dlqr`, as there; ``method`` None or "scipy")."""
     if _discrete(args[0] if args else None):   # python-control dispatches to dlqr
-        return dlqr(*args)
+        return dlqr(*args, method=method, integral_action=integral_action)
+    if integral_action is not None:
+        _refuse("lqr", "integral_action", integral_action, _INTEGRAL)
     A, B, *rest = _system(args, ("A", "B"), "lqr")
     Q, R, N = _weights(rest, "lqr", ("Q", "R", "N"))
-    sol = solve_care(A, B, Q, R, S=N)
+    sol = solve_care(A, B, Q, R, S=N, method=_method(method, "lqr", ("scipy",)))
     return -sol.K, sol.P, sol.closed_loop_eigvals
 
 
-def dare(A: Any, B: Any, Q: Any, R: Any, S: Any = None, E: Any = None
-         ) -> tuple[Any, Any, Any]:
+_STABILIZING = "trajopt solves for the stabilizing solution only"
+
+
+def dare(A: Any, B: Any, Q: Any, R: Any, S: Any = None, E: Any = None,
+         stabilizing: bool = True, method: str | None = None) -> tuple[Any, Any, Any]:
     """``X, L, G = dare(A, B, Q, R, S, E)`` (python-control's argument order: S before
-    E): the solution, the closed-loop eigenvalues and ``G = (B'XB + R)^{-1}(B'XA + S')``."""
-    sol = solve_dare(_mat(A), _mat(B), _mat(Q), _mat(R), E=_mat(E), S=_mat(S))
+    E): the solution, the closed-loop eigenvalues and ``G = (B'XB + R)^{-1}(B'XA + S')``;
+    ``method`` None, "scipy" or "slycot"; ``stabilizing=False`` is refused."""
+    if not stabilizing:
+        _refuse("dare", "stabilizing", stabilizing, _STABILIZING)
+    sol = solve_dare(_mat(A), _mat(B), _mat(Q), _mat(R), E=_mat(E), S=_mat(S),
+                     method=_method(method, "dare"))
     return sol.P, sol.closed_loop_eigvals, -sol.K
 
 
-def care(A: Any, B: Any, Q: Any, R: Any, S: Any = None, E: Any = None
-         ) -> tuple[Any, Any, Any]:
+def care(A: Any, B: Any, Q: Any, R: Any, S: Any = None, E: Any = None,
+         stabilizing: bool = True, method: str | None = None) -> tuple[Any, Any, Any]:
     """``X, L, G = care(A, B, Q, R, S, E)``: the solution, the closed-loop eigenvalues
-    and ``G = R^{-1}(B'XE + S')`` (python-control's ``care``)."""
-    sol = solve_care(_mat(A), _mat(B), _mat(Q), _mat(R), E=_mat(E), S=_mat(S))
+    and ``G = R^{-1}(B'XE + S')`` (python-control's ``care``; ``method`` None or
+    "scipy"; ``stabilizing=False`` is refused)."""
+    if not stabilizing:
+        _refuse("care", "stabilizing", stabilizing, _STABILIZING)
+    sol = solve_care(_mat(A), _mat(B), _mat(Q), _mat(R), E=_mat(E), S=_mat(S),
+                     method=_method(method, "care", ("scipy",)))
     return sol.P, sol.closed_loop_eigvals, -sol.K
 
 
-def _estimator(args: tuple, fn: str, solve) -> tuple[Any, Any, Any]:
+def _estimator(args: tuple, fn: str, solve, method: str) -> tuple[Any, Any, Any]:
     A, G, C, *rest = _system(args, ("A", "B", "C"), fn)
     QN, RN = _weights(rest, fn, ("QN", "RN"), optional=0)
+    g = G.shape[-1]
+    if tuple(QN.shape[-2:]) != (g, g):   # G QN G' (python-control checks QN the same way)
+        raise ShapeError(f"{fn}: QN must be ({g}, {g}) for G with {g} columns; got shape "
+                         f"{tuple(QN.shape)}")
     W = G @ QN @ _T(G)
-    sol = solve(_T(A), _T(C), 0.5 * (W + _T(W)), RN)
+    sol = solve(_T(A), _T(C), 0.5 * (W + _T(W)), RN, method=method)
     return _T(-sol.K), sol.P, sol.closed_loop_eigvals
 
 
-def dlqe(*args: Any) -> tuple[Any, Any, Any]:
+def dlqe(*args: Any, method: str | None = None) -> tuple[Any, Any, Any]:
     """``L, P, E = dlqe(A, G, C, QN, RN)`` or ``dlqe(sys, QN, RN)`` (G = sys.B): the
     steady-state Kalman gain of ``x[k+1] = A x[k] + G w[k]``, ``y[k] = C x[k] + v[k]``
     with ``cov(w) = QN``, ``cov(v) = RN``, from the dual DARE (python-control's form: the
     predictor gain ``L = A P C' (C P C' + RN)^{-1}``, P the prior error covariance, E the
-    eigenvalues of ``A - L C``)."""
-    return _estimator(args, "dlqe", solve_dare)
+    eigenvalues of ``A - L C``; a continuous-time ``sys`` is refused, as there)."""
+    _refuse_continuous(args, "dlqe")
+    return _estimator(args, "dlqe", solve_dare, _method(method, "dlqe"))
 
 
-def lqe(*args: Any) -> tuple[Any, Any, Any]:
+def lqe(*args: Any, method: str | None = None) -> tuple[Any, Any, Any]:
     """``L, P, E = lqe(A, G, C, QN, RN)`` or ``lqe(sys, QN, RN)``: the steady-state
     Kalman-Bucy gain ``L = P C' RN^{-1}`` from the dual CARE (python-control's ``lqe``;
-    E the eigenvalues of ``A - L C``)."""
-    return _estimator(args, "lqe", solve_care)
+    E the eigenvalues of ``A - L C``; a discrete-time ``sys`` goes to :func:`dlqe`, as
+    there)."""
+    if _discrete(args[0] if args else None):   # python-control dispatches to dlqe
+        return dlqe(*args, method=method)
+    return _estimator(args, "lqe", solve_care, _method(method, "lqe", ("scipy",)))

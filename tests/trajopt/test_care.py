@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import trajopt
 from tests._hypothesis import examples
 from trajopt import compat
+from trajopt.dare.backends import slycot_available
 from trajopt.errors import (
     ConvergenceWarning,
     InvalidArgumentError,
@@ -231,6 +232,42 @@ def test_compat_estimators_and_state_space_objects():
            eig_atol=1e-6)
     with pytest.raises(InvalidArgumentError, match="dlqr"):
         compat.dlqr(A)
+
+
+def test_compat_dispatches_on_the_sampling_time_as_python_control():
+    """lqe on a discrete-time system is dlqe (it returned the continuous filter's gain);
+    dlqr / dlqe refuse a continuous-time system (they returned a zero gain, treating A as
+    discrete); python-control's keywords method= / stabilizing= / integral_action= are
+    taken or refused by name; a QN of the wrong size is named."""
+    control = pytest.importorskip("control")
+    A = np.array([[0.5, 1.0], [0.0, 0.5]])
+    B, C = np.array([[0.0], [1.0]]), np.array([[1.0, 0.0]])
+    dsys = control.ss(A, B, C, 0, 0.1)
+    _close(compat.lqe(dsys, np.eye(1), np.eye(1)), control.lqe(dsys, np.eye(1), np.eye(1)),
+           eig_atol=1e-6)
+    _close(compat.lqe(dsys, np.eye(1), np.eye(1)), compat.dlqe(dsys, np.eye(1), np.eye(1)))
+    csys = control.ss(A - np.eye(2), B, C, 0)
+    for fn, args in ((compat.dlqr, (csys, np.eye(2), np.eye(1))),
+                     (compat.dlqe, (csys, np.eye(1), np.eye(1)))):
+        with pytest.raises(InvalidArgumentError, match="continuous time"):
+            fn(*args)
+        with pytest.raises(control.ControlArgument):
+            getattr(control, fn.__name__)(*args)
+    for method in ("scipy", "slycot") if slycot_available() else ("scipy",):
+        _close(compat.dlqr(A, B, np.eye(2), np.eye(1), method=method),
+               control.dlqr(A, B, np.eye(2), np.eye(1), method=method))
+        _close(compat.dare(A, B, np.eye(2), np.eye(1), method=method),
+               control.dare(A, B, np.eye(2), np.eye(1), method=method))
+    _close(compat.lqr(A - np.eye(2), B, np.eye(2), np.eye(1), method="scipy"),
+           control.lqr(A - np.eye(2), B, np.eye(2), np.eye(1), method="scipy"))
+    with pytest.raises(InvalidArgumentError, match="stabilizing=False"):
+        compat.dare(A, B, np.eye(2), np.eye(1), stabilizing=False)
+    with pytest.raises(InvalidArgumentError, match="integral_action"):
+        compat.lqr(A, B, np.eye(2), np.eye(1), integral_action=np.eye(2))
+    with pytest.raises(InvalidArgumentError, match="method"):
+        compat.dlqr(A, B, np.eye(2), np.eye(1), method="newton")
+    with pytest.raises(ShapeError, match="QN"):
+        compat.dlqe(A, B, C, np.eye(2), np.eye(1))
 
 
 def test_continuous_infinite_lqr_is_the_limit_of_fine_discretizations():
