@@ -251,3 +251,64 @@ def test_auto_raises_where_no_back_end_found_a_solution():
         trajopt.solve_dare(A, B, np.eye(2), -np.eye(1))
     with pytest.warns(ConvergenceWarning, match="relative residual"):
         trajopt.solve_dare(A, B, np.eye(2), -np.eye(1), method="scipy")
+
+
+def _double_integrator():
+    return np.array([[1.0, 0.1], [0.0, 1.0]]), np.array([[0.0], [0.1]])
+
+
+@pytest.mark.parametrize("solve", ["dare", "dare batched", "dare torch doubling", "care",
+                                   "infinite", "infinite continuous"])
+def test_results_pickle(solve):
+    """The Riccati results pickle (multiprocessing, joblib, caches), before and after
+    their closed-loop eigenvalues are read (the lazy eigenvalues were a local closure)."""
+    import pickle
+    A, B = _double_integrator()
+    Q, R = np.eye(2), np.eye(1)
+    sol = {
+        "dare": lambda: trajopt.solve_dare(A, B, Q, R),
+        "dare batched": lambda: trajopt.solve_dare(np.stack([A, 0.5 * A]), B, Q, R),
+        "dare torch doubling": lambda: trajopt.solve_dare(
+            *(torch.tensor(v) for v in (A, B, Q, R)), method="doubling"),
+        "care": lambda: trajopt.solve_care(A - np.eye(2), B, Q, R),
+        "infinite": lambda: trajopt.solve_infinite_lqr(A, B, Q, R),
+        "infinite continuous": lambda: trajopt.solve_infinite_lqr(A - np.eye(2), B, Q, R,
+                                                                  time="continuous"),
+    }[solve]()
+    for read_first in (False, True):
+        if read_first:
+            assert np.asarray(sol.closed_loop_eigvals).shape[-1] == 2
+        back = pickle.loads(pickle.dumps(sol))
+        np.testing.assert_array_equal(np.asarray(back.P), np.asarray(sol.P))
+        np.testing.assert_array_equal(np.asarray(back.closed_loop_eigvals),
+                                      np.asarray(sol.closed_loop_eigvals))
+
+
+@pytest.mark.parametrize("solve", [trajopt.solve_dare, trajopt.solve_care,
+                                   trajopt.solve_infinite_lqr])
+def test_empty_batches_and_states_are_refused_by_name(solve):
+    """errors.md: empty batches are refused at the boundary (they raised torch's
+    "max(): Expected reduction dim" or numpy's "zero-size array")."""
+    A, B = _double_integrator()
+    with pytest.raises(trajopt.errors.ShapeError, match="A has an empty batch"):
+        solve(np.zeros((0, 2, 2)), B, np.eye(2), np.eye(1))
+    with pytest.raises(trajopt.errors.ShapeError, match="Q has an empty batch"):
+        solve(torch.tensor(A), torch.tensor(B), torch.zeros(3, 0, 2, 2, dtype=torch.float64),
+              torch.eye(1, dtype=torch.float64))
+    with pytest.raises(trajopt.errors.ShapeError, match="A must have at least one state"):
+        solve(np.zeros((0, 0)), np.zeros((0, 1)), np.zeros((0, 0)), np.eye(1))
+
+
+def test_a_scalar_r_is_a_one_by_one_matrix_as_in_scipy():
+    A, B = _double_integrator()
+    for R in (2.0, 2, np.float64(2.0), np.array(2.0)):
+        np.testing.assert_allclose(trajopt.solve_dare(A, B, np.eye(2), R).P,
+                                   scipy.linalg.solve_discrete_are(A, B, np.eye(2), 2.0),
+                                   rtol=1e-12)
+    t = trajopt.solve_dare(torch.tensor(A), torch.tensor(B), torch.eye(2, dtype=torch.float64),
+                           torch.tensor(2.0, dtype=torch.float64))
+    np.testing.assert_allclose(t.P.numpy(), scipy.linalg.solve_discrete_are(A, B, np.eye(2), 2.0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(
+        trajopt.solve_care(A - np.eye(2), B, np.eye(2), 2.0).P,
+        scipy.linalg.solve_continuous_are(A - np.eye(2), B, np.eye(2), 2.0), rtol=1e-12)

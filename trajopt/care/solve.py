@@ -14,7 +14,7 @@ import torch
 
 from .._arrays import as_tensors
 from .._linalg import finite_rows, norm1
-from ..dare._common import DAREData, ops, prepare, scale
+from ..dare._common import DAREData, ops, prepare, scalars_as_matrices, scale
 from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..dare.stability import lyapunov_certificate, raise_unstabilizable
@@ -178,7 +178,8 @@ def solve_care(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    t, kind = as_tensors({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}, sequences=False)
+    t, kind = as_tensors(scalars_as_matrices({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}),
+                         sequences=False)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     grad_d = None
     if requires_grad(d):  # solve outside autograd, attach P after (implicit gradient)
@@ -237,7 +238,11 @@ def solve_care(
         P = attach_riccati_grad(P, grad_d, adjoint=care_adjoint,
                                 residual=lambda dd, Y: care_residual_matrix(dd, Y)[0])
         K = care_gain(grad_d, P)
-    def eigvals():  # the result's eigenvalues, computed when read
-        return kind.out(care_closed_loop_eigvals(d, K.detach()))
     return CARESolution(P=kind.out(P), K=kind.out(K), residual=kind.out(res), method=label,
-                        _eigvals=eigvals)
+                        _eigvals=partial(_eigvals_out, kind, d, K.detach()))
+
+
+def _eigvals_out(kind: Any, d: DAREData, K: torch.Tensor) -> Any:
+    """The result's closed-loop eigenvalues, computed when first read (a module-level
+    function under ``functools.partial``, so that the result pickles)."""
+    return kind.out(care_closed_loop_eigvals(d, K))

@@ -217,13 +217,34 @@ class DAREData:
                         pick(self.E), pick(self.S))
 
 
+def scalars_as_matrices(named: dict[str, Any]) -> dict[str, Any]:
+    """Python numbers and 0-d arrays / tensors among the matrix arguments as 1 x 1
+    matrices (scipy's and python-control's ``R = 1`` for one input); everything else as
+    it is (its shape is checked later, naming the argument)."""
+    def one(v):
+        if isinstance(v, (bool, np.bool_)):
+            return v    # refused later, by name
+        if isinstance(v, (int, float, np.number)):
+            return np.array([[v]], dtype=float)
+        if isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0:
+            return v.reshape(1, 1)
+        return v
+    return {k: one(v) for k, v in named.items()}
+
+
 def _check_shapes(A, B, Q, R, E, S) -> None:
     """Shape checks (they read only ``.ndim`` and ``.shape``: numpy or torch)."""
     n = check_square(A, "A")
+    if n == 0:
+        raise ShapeError(f"A must have at least one state (n >= 1); got {shape_str(A)}")
     check_matrix(B, "B", n, None)
     m = B.shape[-1]
     if m == 0:
         raise ShapeError(f"B must have at least one column; got {shape_str(B)}")
+    for name, t in {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}.items():
+        if t is not None and 0 in tuple(t.shape[:-2]):
+            raise ShapeError(f"{name} has an empty batch dimension (shape {shape_str(t)}): "
+                             "give at least one system")
     check_square(Q, "Q", n)
     check_square(R, "R", m)
     if E is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -29,6 +29,7 @@ from ._common import (
     prepare_numpy,
     relative_residual,
     residual_matrix,
+    scalars_as_matrices,
     scale,
 )
 from .backends import slycot_available, solve_scipy, solve_slycot
@@ -243,7 +244,8 @@ def solve_dare(
     tol: float | None = None,
     max_iter: int = 100,
 ) -> DARESolution:
-    r"""Solve the discrete algebraic Riccati equation (drop-in for scipy's).
+    r"""Solve the discrete algebraic Riccati equation (scipy's arguments; ``.P`` of the
+    result is scipy's answer).
 
     .. math::
 
@@ -298,7 +300,7 @@ def solve_dare(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    named = {"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}
+    named = scalars_as_matrices({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
     single = numpy_single(named, _SMALL_N) if method == "auto" else None
     if single is not None:  # one small float64 system: numpy throughout (docs/dare.md)
         a, kind = single
@@ -357,6 +359,12 @@ def solve_dare(
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} "
                           f"({hint})", ConvergenceWarning, stacklevel=2)
     return sol
+
+
+def _eigvals_out(kind: ArrayKind, d: DAREData, K: Any, eig: Any) -> Any:
+    """The result's closed-loop eigenvalues, computed when first read (a module-level
+    function under ``functools.partial``, so that the result pickles)."""
+    return _out(kind, closed_loop_eigvals(d, K) if eig is None else eig)
 
 
 def _not_stabilizing(rho: float) -> str:
@@ -421,8 +429,6 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
             f"entries ~2^{int(torch.as_tensor(e).max())}); scale them down and multiply P "
             "back")
 
-    def eig_fn():
-        return _out(kind, closed_loop_eigvals(d, K) if eig is None else eig)
     sol = DARESolution(P=_out(kind, P), K=_out(kind, K), residual=_out(kind, res),
-                       method=label, _eigvals=eig_fn)
+                       method=label, _eigvals=partial(_eigvals_out, kind, d, K, eig))
     return sol, res

@@ -30,6 +30,7 @@ cost integrated) :math:`P` solves the CARE and the HJB equation's terms linear i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -177,4 +178,10 @@ def solve_infinite_lqr(
         residual=kind.out(sol.residual), method=sol.method,
         riccati=riccati(P=kind.out(sol.P), K=kind.out(sol.K),
                         residual=kind.out(sol.residual), method=sol.method,
-                        _eigvals=lambda: kind.out(sol.closed_loop_eigvals)))
+                        _eigvals=partial(_eigvals_out, kind, sol)))
+
+
+def _eigvals_out(kind: Any, sol: DARESolution | CARESolution) -> Any:
+    """The Riccati solution's closed-loop eigenvalues in the caller's array type, read
+    when first asked for (module level, so that the result pickles)."""
+    return kind.out(sol.closed_loop_eigvals)
