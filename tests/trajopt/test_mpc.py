@@ -38,6 +38,23 @@ def test_lq_mpc_with_the_dare_terminal_is_the_stationary_lqr():
     assert run.reasons.shape == (2, 10) and run.solve_times.shape == (10,)
 
 
+def test_a_numpy_plant_runs_the_same_loop():
+    """A plant written with numpy (a scipy integrator, ``A @ np.asarray(x)``) and a numpy
+    x0: the same run as the torch plant (the message contradicted itself: "shape (2,);
+    got (2,)")."""
+    A, B, Q, R, P = _lq()
+    cost = trajopt.QuadraticCost(Q, R, P)
+    An, Bn = A.numpy(), B.numpy()
+    runs = []
+    for plant, x0 in ((lambda x, u, k: x @ A.T + u @ B.T, torch.tensor([1.0, 0.0], dtype=DT)),
+                      (lambda x, u, k: An @ np.asarray(x) + Bn @ np.asarray(u),
+                       np.array([1.0, 0.0]))):
+        mpc = trajopt.MPC(lambda x, u, t: x @ A.T + u @ B.T, cost, horizon=15, n_controls=1)
+        runs.append(mpc.simulate(plant, x0, 5))
+    torch.testing.assert_close(runs[1].xs, runs[0].xs, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(runs[1].us, runs[0].us, rtol=1e-12, atol=1e-14)
+
+
 def test_warm_start_on_the_nominal_plant_needs_no_iteration():
     """When the plant is the model, the next state is the predicted one: the shifted,
     closed-loop-rolled-out warm start is already optimal (the solve converges at once)."""

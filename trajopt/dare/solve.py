@@ -349,11 +349,11 @@ def solve_dare(
         if method == "auto" and not worst <= _NO_SOLUTION:
             raise NumericalError(
                 f"no back end found a solution: the best ({label}) has relative residual "
-                f"{worst:.1e} (with an indefinite R the DARE may have no stabilizing "
+                f"{worst:.1e} (with an indefinite Q or R the DARE may have no stabilizing "
                 "solution; scipy raises LinAlgError here)")
         if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
             hint = ("every back end it tried was inaccurate: the problem is ill-conditioned "
-                    "or (with an indefinite R) may have no stabilizing solution"
+                    "or (with an indefinite Q or R) may have no stabilizing solution"
                     if method == "auto" else "the back end was inaccurate here: pass "
                     "refine=2 or try another method (\"auto\" compares them)")
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} "

@@ -200,8 +200,10 @@ class MPC:
                  ) -> MPCRun:
         """Run the closed loop for ``steps`` steps: ``u = self.step(x)``, then
         ``x = plant(x, u, k)`` (the true system, which may differ from the model; e.g.
-        ``dynamics`` itself for a nominal run).  ``callback(k, x, result)`` after each
-        solve (a progress bar, logging)."""
+        ``dynamics`` itself for a nominal run; it gets tensors and may return a tensor or
+        a numpy array, e.g. from ``scipy.integrate.solve_ivp``).  ``callback(k, x,
+        result)`` after each solve (a progress bar, logging).  The run's arrays are
+        tensors (the controller's type), also for a numpy ``x0``."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidArgumentError(f"steps must be a positive integer; got {steps!r}")
         x = torch.as_tensor(x0)
@@ -213,6 +215,8 @@ class MPC:
             if callback is not None:
                 callback(k, x, self.last)
             x = plant(x, u, k)
+            if isinstance(x, (np.ndarray, list, tuple)):   # a numpy / scipy plant
+                x = torch.as_tensor(np.asarray(x), dtype=xs[0].dtype, device=xs[0].device)
             if not torch.is_tensor(x) or x.shape != xs[0].shape:
                 raise ShapeError(f"plant must return the next state with shape "
                                  f"{tuple(xs[0].shape)}; got "
