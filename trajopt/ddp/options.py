@@ -193,10 +193,12 @@ class DDPResult:
 
     xs: Any
     us: Any
-    K: Any
-    k: Any
-    Vx: Any
-    Vxx: Any
+    #: the gains and value derivatives stay out of the repr (a T = 30 result printed
+    #: 6,300 characters); read them as fields
+    K: Any = field(repr=False)
+    k: Any = field(repr=False)
+    Vx: Any = field(repr=False)
+    Vxx: Any = field(repr=False)
     cost: Any
     converged: Any
     iterations: Any
