@@ -626,3 +626,21 @@ def test_two_argument_callables_are_time_invariant():
     res2 = trajopt.solve_ddp(lambda x, u: lin(x, u, 0), cost2, X0, US0)
     torch.testing.assert_close(res2.us, res3.us, rtol=1e-12, atol=1e-14)
     assert trajopt.Dynamics(lambda x, u, t=0: x * t).time_invariant is False
+
+
+def test_numbers_as_control_limits_bound_every_control():
+    """``control_limits=(-1.0, 1.0)`` (mpc.pytorch's scalar u_lower / u_upper habit) is
+    the box [-1, 1] on every control: the same solve, bit for bit, as the (m,) limits;
+    the MPC does not take m = 1 from it (it was refused: "got (1) and (1)")."""
+    def f(x, u, t):
+        return x + 0.1 * u
+    cost = trajopt.QuadraticCost(torch.eye(2, **F64), torch.eye(2, **F64), torch.eye(2, **F64))
+    x0, us0 = 5 * torch.ones(2, **F64), torch.zeros(20, 2, **F64)
+    ones = torch.ones(2, **F64)
+    ref = trajopt.solve_ddp(f, cost, x0, us0, control_limits=(-ones, ones))
+    assert float(ref.us.min()) == -1.0
+    for lims in ((-1.0, 1.0), (-1, np.float64(1.0)), (torch.tensor(-1.0, **F64), 1.0)):
+        got = trajopt.solve_ddp(f, cost, x0, us0, control_limits=lims)
+        assert torch.equal(got.us, ref.us)
+    mpc = trajopt.MPC(f, cost, horizon=20, control_limits=(-1.0, 1.0))
+    assert torch.equal(mpc.step(x0), ref.us[0])

@@ -64,7 +64,8 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
         made relative so that they do not depend on the scale of the problem.
     regularization : Regularization
     line_search : LineSearch
-    control_limits : (lo, hi), each of shape (m,), optional
+    control_limits : (lo, hi), each of shape (m,) or a number (the same bound on every
+        control), optional
     callback : callable(IterationLog), optional
     spans : sequence of trajopt.Span, optional
         Residual connections (GT-DDP); see :class:`~trajopt.ddp.gtddp.GTDDPSolver`.  The

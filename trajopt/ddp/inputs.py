@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .._arrays import ArrayKind, infer_kind
@@ -88,8 +89,11 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
                 f"control_limits must be a pair (lo, hi); got {type(limits).__name__}"
                 + (f" of length {len(limits)}" if isinstance(limits, (tuple, list))
                    else ""))
-        lo, hi = (kind.tensor(v, f"control_limits[{i}]") for i, v in enumerate(limits))
         m = usf[0].shape[-1]
+        # a number (or 0-d array) bounds every control, as mpc.pytorch's u_lower / u_upper
+        lo, hi = (kind.tensor(v, f"control_limits[{i}]").reshape(()).expand(m)
+                  if is_number(v) else kind.tensor(v, f"control_limits[{i}]")
+                  for i, v in enumerate(limits))
         widths = sorted({u.shape[-1] for u in usf})
         if len(widths) > 1:
             raise ShapeError(f"control_limits need every stage to have the same control "
@@ -110,6 +114,14 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
             usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
     inp = SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
     return inp if xs0 is None else replace(inp, xs=prepare_states(xs0, inp))
+
+
+def is_number(v) -> bool:
+    """A Python number or a 0-d array / tensor (not a bool)."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, (int, float, np.number)) or (
+        isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0)
 
 
 def prepare_states(xs0, inp: SolveInputs) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from ..errors import InvalidArgumentError, ShapeError
 from .augmented import AugmentedCost, check_constraints
 from .constrained import ConstrainedSolver
 from .constraints import Constraint
+from .inputs import is_number
 from .linear import LinearDynamics
 from .models import Cost, Dynamics, QuadraticCost
 from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
@@ -83,7 +84,7 @@ class MPC:
                  augmented_lagrangian: AugmentedLagrangian | None = None):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise InvalidArgumentError(f"horizon must be a positive integer; got {horizon!r}")
-        if control_limits is not None:
+        if control_limits is not None and not is_number(control_limits[0]):
             m = int(torch.as_tensor(control_limits[0]).numel())
             if n_controls is not None and n_controls != m:
                 raise ShapeError(f"n_controls = {n_controls} but control_limits have {m} "
