@@ -213,6 +213,12 @@ class Preconditioner:
             Gr = self._rotated(w, X)[0]
             return response_gram(Gr, Gr * self.D)
         G = torch.einsum("bj...op,b...ip->bj...oi", w, X)
+        if self.rot is None and torch.is_tensor(self.D) and self.value_is_inverse and \
+                bool((self.D >= 0).all()):
+            # a diagonal S = D >= 0 (Adam, RMSprop): <G_j, D G_k> = <G_j sqrt D, G_k sqrt D>,
+            # scaled in place: no second (B, J, out, in') tensor (~40 % of this Gram)
+            G = G.mul_(self.D.sqrt()).flatten(2)
+            return G @ G.transpose(-1, -2)
         return response_gram(G, self.value_inverse(G))
 
     def _rotates_factors(self, w: torch.Tensor, X: torch.Tensor, back: bool) -> bool:

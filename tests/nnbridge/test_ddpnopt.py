@@ -805,6 +805,28 @@ def test_sgd_response_by_either_route_is_the_same(monkeypatch, w_shape, x_shape,
     torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("w_shape,x_shape", [
+    ((6, 10, 16, 64), (6, 145, 64)),                # a 3x3 convolution on 16 channels
+    ((6, 3, 4, 2, 9), (6, 4, 7, 9))])               # a grouped convolution
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_diagonal_response_gram_against_the_per_sample_gradients(w_shape, x_shape, sign):
+    """A diagonal S = D (Adam, RMSprop): the response Gram <G_j, D G_k> of the per-sample
+    gradients G, taken as <G_j sqrt D, G_k sqrt D> in place where D >= 0 and as before
+    otherwise, against the plain sum (float64, 1e-12); the inputs are not written."""
+    from nnbridge import curvature
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(*w_shape, generator=g, dtype=torch.float64)
+    X = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+    D = sign * (torch.rand(*w_shape[2:-2], w_shape[-2], x_shape[-2], generator=g,
+                           dtype=torch.float64) + 0.1)
+    w0, X0 = w.clone(), X.clone()
+    got = curvature.Preconditioner(D=D).gram(w, X)
+    G = torch.einsum("bj...op,b...ip->bj...oi", w, X).flatten(2)
+    want = torch.einsum("bjm,m,bkm->bjk", G, D.reshape(-1), G)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    assert torch.equal(w, w0) and torch.equal(X, X0)
+
+
 def test_exact_curvature_refuses_a_non_linear_stage_at_construction():
     """A LayerNorm stage under curvature='exact': refused when the optimizer is built,
     naming the stage's module (it used to fail at the first step, blaming a Conv2d)."""
