@@ -486,9 +486,9 @@ def test_plain_ekfac_takes_residual_networks_layer_by_layer():
 @pytest.mark.parametrize("curvature", ["identity", "adam"])
 def test_each_stage_pulls_its_rows_back_once(monkeypatch, curvature):
     """The factored value's step pulls a stage's basis rows D back once, for the
-    response's Gram matrix (or response, at a stage whose controls mix the samples) and
-    for the new factor (:meth:`GraphLinearization.reusing`); served from the kept pull,
-    the step equals the one that pulls the rows back twice, bitwise."""
+    response's Gram matrix and for the new factor (:meth:`GraphLinearization.reusing`);
+    served from the kept pull, the step equals the one that pulls the rows back twice,
+    bitwise."""
     from nnbridge.graph_ops import GraphLinearization
     X, y = data(B=6, shape=(1, 4, 4))
     pulled = GraphLinearization._pulled
@@ -515,7 +515,9 @@ def test_each_stage_pulls_its_rows_back_once(monkeypatch, curvature):
     kept, count, distinct = step(True)
     assert count == distinct > 5
     twice, count2, distinct2 = step(False)
-    assert count2 == 2 * distinct2 == 2 * distinct
+    # all but the stages whose controls mix the samples (a BatchNorm after the layer in
+    # the stage: their correction takes the responses of the factor's own columns)
+    assert distinct2 == distinct and count2 - distinct2 >= distinct - 2
     for p, q in zip(kept, twice):
         assert torch.equal(p, q)
 

@@ -240,19 +240,22 @@ def operator_riccati_step(
     if not propagate:
         return OperatorStep(Qu=Qu, value=None, stage=stage, next_value=value,
                             tikhonov=tikhonov)
-    # 3. value: the rows whose responses the correction needs -- the rows of V (dense),
-    # or the factored forms' basis (their directions, or an orthonormal basis of them)
+    # 3. value: the rows the correction is taken in, Dz (the factored forms' directions,
+    # the rows of a dense V), and the basis rows D the factor is pulled back in (Dz, or
+    # Q' of Z = QR under the PSD projection: R not None)
     D, R = value.basis(project_psd) if value.factored else (value.directions(tikhonov),
                                                             None)
+    Dz = D if R is None else value.directions(tikhonov)
+    gram = value.factored and recursion == "mean" and _has_gram(resp, stage)
     MD = None
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
         r = _total_response(resp, Qu)
-        if not value.factored:
-            MD = resp.response(D)
+        if not gram:
+            MD = resp.response(Dz)
     else:   # the responses of V_x' (per sample) and of the rows, in one call
         w = 1.0
-        RD = resp.response(torch.cat([Vx1.unsqueeze(1), D], 1))
+        RD = resp.response(torch.cat([Vx1.unsqueeze(1), Dz], 1))
         r, MD = RD[:, 0], RD[:, 1:]
         const = resp.response_const()
         if const is not None:
@@ -261,14 +264,22 @@ def operator_riccati_step(
     if K is None:
         g = Vx1 - value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)
     if not value.factored:
-        new = value.pullback(stage.fx_T, g, value.downdate(D, MD, w, project_psd))
+        new = value.pullback(stage.fx_T, g, value.downdate(Dz, MD, w, project_psd))
         return OperatorStep(Qu=Qu, value=new, stage=stage, next_value=value,
                             tikhonov=tikhonov)
     # the basis rows, pulled back once for the Gram matrix and for the factor where the
     # stage can keep its pull-back; the gradient g = V_x' - V' r on its own (unless the
     # stage holds the pull-back of the value's carried gradient: V_x = K + Z b)
     with getattr(stage, "reusing", _no_reuse)(D):
-        G = D @ MD.transpose(-1, -2) if MD is not None else _response_gram(resp, stage, D)
+        if gram:   # Z'MZ from the response's Gram matrix of the basis rows in control
+            # space: the controls act sample by sample, so it transforms sample by
+            # sample, Z'MZ = R'(Q'MQ)R (where they do not -- a BatchNorm after the layer
+            # in the stage -- the response of Q's columns is not that of Z's: Dz above)
+            G = resp.response_gram(D)
+            if R is not None:
+                G = R.transpose(-1, -2) @ G @ R
+        else:
+            G = Dz @ MD.transpose(-1, -2)
         FD = stage.fx_T(D)
     Vx = None if K is not None else stage.fx_T(g.unsqueeze(1)).squeeze(1)
     new = value.pulled(FD, value.downdate_gram(G, w, project_psd, R), R, Vx=Vx,
@@ -287,16 +298,12 @@ def _total_response(resp: ControlResponse, Qu: Any) -> torch.Tensor:
     return r if const is None else r + const
 
 
-def _response_gram(resp: ControlResponse, stage: OperatorStage,
-                   rows: torch.Tensor) -> torch.Tensor:
-    """:math:`Y^i M^i Y^{i\\top}` (B, J, J) of the rows Y: the response's Gram matrix in
-    control space where it has one and the controls act sample by sample, else the rows
-    against their responses."""
-    gram = getattr(resp, "response_gram", None)
-    if gram is not None and getattr(stage, "response_samplewise",
-                                    getattr(stage, "samplewise", False)):
-        return gram(rows)
-    return rows @ resp.response(rows).transpose(-1, -2)
+def _has_gram(resp: ControlResponse, stage: OperatorStage) -> bool:
+    """The response has a Gram matrix in control space (``response_gram``) and the
+    stage's controls act sample by sample, so that it is the per-sample Gram matrix of
+    the response."""
+    return getattr(resp, "response_gram", None) is not None and getattr(
+        stage, "response_samplewise", getattr(stage, "samplewise", False))
 
 
 @contextlib.contextmanager

@@ -5,12 +5,13 @@ value Hessian :math:`V'` (batch of ``B`` samples, next-state size ``n1``):
 
 * ``hess_apply(Y, eps)``: :math:`(V' + \epsilon I) Y` on rows Y (B, J, n1);
 * the correction :math:`V' - w\, V' M V'` by a policy's response :math:`M` (symmetric,
-  next-state space), computed from the responses of a few rows only: the dense form's
-  ``directions(eps)`` (the rows of V) and ``downdate(D, MD, w, project_psd)``; the
-  factored forms' ``basis(project_psd)`` (the rows D they downdate in: the factor's
-  columns, or an orthonormal basis of them) and ``downdate_gram(G, w, project_psd, R)``,
-  which needs only the Gram matrix :math:`G = D M D^\top`, which a response can give
-  without mapping back to the state (``response_gram``);
+  next-state space), computed from the responses of a few rows only, ``directions(eps)``
+  (the rows of V; the factor's columns): the dense form's ``downdate(D, MD, w,
+  project_psd)``; the factored forms' ``downdate_gram(G, w, project_psd, R)``, which
+  needs only the Gram matrix :math:`G = Z^\top M Z`, which a response can give without
+  mapping back to the state (``response_gram``), and ``basis(project_psd)``, the rows
+  the factor is pulled back in (its columns, or an orthonormal basis Q of them, ``Z =
+  QR``, under the PSD projection);
 * the pull-back :math:`f_x^\top (\cdot) f_x` onto this stage: the dense form's
   ``pullback(fx_T, g, downdated)``; the factored forms' ``pulled(FD, core, R, Vx=)``
   from the pulled-back basis rows :math:`f_x^\top D^\top` and gradient, which the step
@@ -190,7 +191,7 @@ class RankOneValue:
     factored = True
 
     def basis(self, project_psd: bool) -> tuple[torch.Tensor, None]:
-        """The rows the step downdates and pulls back in: z as one row (B, 1, n), and no
+        """The rows the step pulls the factor back in: z as one row (B, 1, n), and no
         change of coordinates (None)."""
         return self.z.unsqueeze(1), None
 
@@ -259,7 +260,7 @@ class RankRValue:
         return self.Z.transpose(-1, -2)
 
     def basis(self, project_psd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rows ``D`` (B, r, n) the step downdates and pulls back in, and R: the
+        """The rows ``D`` (B, r, n) the step pulls the factor back in, and R: the
         factor's columns :math:`Z^\\top` (R None), or with ``project_psd`` those of Q,
         :math:`Z = QR` (Q orthonormal, so that clamping the core's eigenvalues clamps the
         matrix's; the QR by :func:`trajopt._linalg.thin_qr`'s rule), and R (B, r, r)."""
@@ -270,22 +271,20 @@ class RankRValue:
 
     def downdate_gram(self, G: torch.Tensor, w: float, project_psd: bool,
                       R: torch.Tensor | None = None) -> torch.Tensor:
-        """The core of :math:`Z (C - w C (Z^\\top M Z) C) Z^\\top` in the coordinates of
-        the basis rows D (:meth:`basis`), from their Gram matrix ``G`` :math:`= D M
-        D^\\top` (B, r, r): :math:`C_D - w C_D G C_D` with :math:`C_D` = C (D =
-        :math:`Z^\\top`) or :math:`R C R^\\top` (D = :math:`Q^\\top`, :math:`Z = QR`); with
-        ``project_psd`` its nearest positive semidefinite matrix (eigenvalues clamped at
-        0: the dense projection, Q being orthonormal; clamping C itself would give
-        another, larger PSD matrix whenever Z is not orthonormal)."""
+        """The core :math:`C - w C (Z^\\top M Z) C` from the Gram matrix ``G`` :math:`=
+        Z^\\top M Z` (B, r, r) of the factor's columns; with ``project_psd`` (R from
+        :meth:`basis`, :math:`Z = QR`) the core of its nearest positive semidefinite
+        matrix in Q's coordinates, :math:`P(R\\, C_{new} R^\\top)` (eigenvalues clamped
+        at 0: Q orthonormal, so this is the dense projection; clamping :math:`C_{new}`
+        itself would give another, larger PSD matrix whenever Z is not orthonormal)."""
         G = sym(G)
-        C = self.C
-        if R is not None:
-            C = sym(R @ R.transpose(-1, -2) if C is None else R @ C @ R.transpose(-1, -2))
-        if C is None:
+        if self.C is None:
             C = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device) - w * G
         else:
-            C = sym(C - w * (C @ G @ C))
-        return _psd(C) if project_psd else C
+            C = sym(self.C - w * (self.C @ G @ self.C))
+        if not project_psd:
+            return C
+        return _psd(R @ C @ R.transpose(-1, -2))
 
     def pulled(self, FD: torch.Tensor, C: torch.Tensor, R: torch.Tensor | None = None, *,
                Vx: torch.Tensor | None = None,
