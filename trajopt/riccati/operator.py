@@ -251,7 +251,7 @@ def operator_riccati_step(
     if recursion == "mean":
         w = 1.0 / (Vx1.shape[0] if batch_size is None else batch_size)
         r = _total_response(resp, Qu)
-        if not gram:
+        if not value.factored:
             MD = resp.response(Dz)
     else:   # the responses of V_x' (per sample) and of the rows, in one call
         w = 1.0
@@ -278,8 +278,8 @@ def operator_riccati_step(
             G = resp.response_gram(D)
             if R is not None:
                 G = R.transpose(-1, -2) @ G @ R
-        else:
-            G = Dz @ MD.transpose(-1, -2)
+        else:   # (of the kept rows too, where Dz is D)
+            G = Dz @ (resp.response(Dz) if MD is None else MD).transpose(-1, -2)
         FD = stage.fx_T(D)
     Vx = None if K is not None else stage.fx_T(g.unsqueeze(1)).squeeze(1)
     new = value.pulled(FD, value.downdate_gram(G, w, project_psd, R), R, Vx=Vx,
