@@ -19,7 +19,12 @@ carried_pullback`).
 
 At ``step()`` the chunks whose backward pass has run are the batch (gradient
 accumulation: several forward/backward passes before one step are one batch, concatenated);
-chunks still waiting for their backward pass are dropped.  ``zero_grad()`` drops the
+chunks still waiting for their backward pass are dropped.  A backward pass counts only
+when it reached the parameters' ``.grad`` (what torch.optim's step sees): not a
+gradient taken with ``torch.autograd.grad`` (an adversarial example's input gradient),
+and not one whose ``.grad`` a later pass found reset to None (``model.zero_grad()``,
+``p.grad = None``; an in-place ``zero_grad(set_to_none=False)`` on the model, not the
+optimizer, cannot be seen).  ``zero_grad()`` drops the
 chunks whose backward pass has run (they belong to the gradient it zeroes) and keeps those
 waiting for it, so both ``zero_grad(); out = model(x); loss.backward()`` and
 ``out = model(x); zero_grad(); loss.backward()`` record the batch.
@@ -98,6 +103,8 @@ class _Chunk:
     model_input: torch.Tensor | None = None
     output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
+    #: its backward pass reached the parameters' ``.grad`` (None: not finished)
+    accumulated: bool | None = None
 
     @classmethod
     def open(cls, n: int, x) -> _Chunk:
@@ -154,6 +161,12 @@ class BatchRecorder:
         self.input_grads = bool(input_grads)
         self._chunks: list[_Chunk] = []
         self._open: _Chunk | None = None
+        # the backward pass running now: the chunks whose output gradient it brought,
+        # whether it reached a parameter's .grad, whether it found a .grad reset to None
+        # that an earlier pass had written (model.zero_grad(), p.grad = None)
+        self._backward: list[_Chunk] | None = None
+        self._reached = self._reset = False
+        self._written: set[int] = set()   # parameters a recorded pass wrote .grad of
         ref = weakref.ref(self)
         handles = [model.register_forward_pre_hook(_begin(ref)),
                    model.register_forward_hook(_end(ref))]
@@ -161,6 +174,8 @@ class BatchRecorder:
             handles.append(st.module.register_forward_pre_hook(_stage_input(ref, i)))
             handles.append(st.module.register_forward_hook(_stage_output(ref, i)))
         self._handles = handles
+        self._model = weakref.ref(model)
+        self._hooked: set[int] = set()    # parameters with a _param_grad hook
         # the hooks hold only a weak reference: they go when the recorder does
         self._finalizer = weakref.finalize(self, _remove, handles)
 
@@ -172,12 +187,13 @@ class BatchRecorder:
     def clear(self, *, keep_pending: bool = False) -> None:
         """Drop the recorded chunks (``keep_pending``: keep those awaiting a backward)."""
         self._chunks = [c for c in self._chunks if keep_pending and not c.complete]
+        self._written.clear()
 
     def batch(self, dtype: torch.dtype | None = None) -> Capture | None:
         """The completed chunks concatenated along the batch (cast to ``dtype``, e.g. the
         parameters' dtype after an autocast forward), or None when none completed.
         ``h_grads`` entries are None where a chunk lacks them."""
-        done = [c for c in self._chunks if c.complete and all(c.inputs)]
+        done = [c for c in self._chunks if c.complete and c.accumulated and all(c.inputs)]
         if not done:
             return None
         counts = {tuple(len(x) for x in c.inputs) for c in done}
@@ -207,6 +223,37 @@ class BatchRecorder:
         if out.requires_grad:
             out.register_hook(lambda g: chunk.add_grad(key, g))
 
+    def _hook_parameters(self, ref) -> None:
+        """A :func:`_param_grad` hook on every parameter that requires a gradient and has
+        none yet (a frozen one cannot take a hook; unfrozen later, it gets one here)."""
+        model = self._model()
+        for p in () if model is None else model.parameters():
+            if p.requires_grad and id(p) not in self._hooked:
+                self._handles.append(p.register_hook(_param_grad(ref, p)))
+                self._hooked.add(id(p))
+
+    def _output_grad(self, chunk: _Chunk, g: torch.Tensor) -> None:
+        """A chunk's output gradient: its backward pass is running; which pass counts
+        is decided when that pass ends (:meth:`_backward_ended`)."""
+        chunk.add_grad("out", g)
+        if self._backward is None:
+            self._backward, self._reached, self._reset = [], False, False
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        self._backward.append(chunk)
+
+    def _backward_ended(self) -> None:
+        """A pass counts when it reached the parameters' ``.grad`` (not a gradient the
+        user took with ``torch.autograd.grad``, an adversarial example's); one that found
+        a ``.grad`` an earlier pass had written reset to None (``model.zero_grad()``)
+        discards the earlier passes, as it discarded their gradients."""
+        ran, self._backward = self._backward or [], None
+        if self._reset:
+            for c in self._chunks:
+                if c.accumulated:
+                    c.accumulated = False
+        for c in ran:
+            c.accumulated = self._reached
+
 
 def _remove(handles) -> None:
     for h in handles:
@@ -219,6 +266,8 @@ def _begin(ref):
         if rec is not None:
             rec._open = (_Chunk.open(rec.n, args[0] if args else None)
                          if torch.is_grad_enabled() else None)
+            if rec._open is not None:
+                rec._hook_parameters(ref)
     return hook
 
 
@@ -230,8 +279,36 @@ def _end(ref):
         chunk, rec._open = rec._open, None
         if torch.is_tensor(out) and out.requires_grad:
             chunk.output = out.detach()
-            rec._watch(chunk, "out", out)
+            out.register_hook(_output_grad(ref, chunk))
             rec._chunks.append(chunk)
+    return hook
+
+
+def _output_grad(ref, chunk: _Chunk):
+    def hook(g):
+        rec = ref()
+        if rec is not None:
+            rec._output_grad(chunk, g)
+        else:
+            chunk.add_grad("out", g)
+        return None
+    return hook
+
+
+def _param_grad(ref, p: nn.Parameter):
+    """A parameter's gradient arriving (before it is added to ``.grad``): the running
+    pass reaches ``.grad``; a ``.grad`` that a recorded pass wrote and is None now was
+    reset by the user."""
+    key = id(p)
+
+    def hook(g):
+        rec = ref()
+        if rec is not None and rec._backward is not None:
+            rec._reached = True
+            if p.grad is None and key in rec._written:
+                rec._reset = True
+            rec._written.add(key)
+        return None
     return hook
 
 
