@@ -45,6 +45,7 @@ from .decompose import stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
 from .stages import Stage, check_rerun_deterministic, check_unshared, without_gradient
+from .terminal import check_output_gradient
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -170,6 +171,10 @@ class EMSA(torch.optim.Optimizer):
             raise RuntimeError("EMSA.step needs a recorded forward and backward pass: pass "
                                "a closure that runs them, or run them before step()")
         check_rerun_deterministic(self._stages, "EMSA")
+        B = rec.output_grad.shape[0]
+        check_output_gradient(B * rec.output_grad.reshape(B, -1), "cross_entropy",
+                              rec.output, advice="EMSA's costates are B times the output "
+                              "gradient of the batch-mean loss", any_loss=True)
         group = self.param_groups[0]
         lr, rho, steps = group["lr"], group["rho"], group["inner_steps"]
         with torch.no_grad():

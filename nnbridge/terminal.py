@@ -169,7 +169,7 @@ _ADVICE = ("pass loss='mse' for torch's mean squared error (F.mse_loss), or "
 
 
 def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor,
-                          advice: str = _ADVICE) -> None:
+                          advice: str = _ADVICE, *, any_loss: bool = False) -> None:
     r"""Refuse a closure whose loss is not a (weighted) batch mean of ``loss`` where that
     shows.  For cross-entropy, sample i's row of ``Vx`` (B, n) (= B times the output
     gradient) is :math:`c_i (p_i - q_i)`, with :math:`p_i` the softmax of ``output``'s
@@ -178,7 +178,9 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor,
     ``ignore_index`` or micro-batches scaled 1/K, B for ``reduction="sum"``.  As
     :math:`q \ge 0`, :math:`\hat c_i = \max_k V_{x,ik} / p_{ik} \le c_i`, with equality
     for a hard label; so a batch mean of :math:`\hat c_i` above 1.5 is a sum (B times too
-    large: the step would diverge), at any confidence of the model."""
+    large: the step would diverge), at any confidence of the model.  ``any_loss``: the
+    caller takes any loss (EMSA), so a gradient that is not a softmax cross-entropy's
+    passes; one that is must still be of a batch mean."""
     if loss != "cross_entropy" or Vx.shape[0] < 2:
         return
     # a softmax cross-entropy's gradient p - e_y (or p - q: soft labels, smoothing) sums
@@ -187,11 +189,15 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor,
     slack = 4 * Vx.shape[-1] * torch.finfo(Vx.dtype).eps
     ratio = Vx.sum(-1).abs() / (l1 + slack)
     if Vx.shape[-1] == 1 or float(ratio.median()) > 0.1:
+        if any_loss:
+            return
         raise InvalidArgumentError(
             f"loss: the output gradient of a softmax cross-entropy sums to 0 over the "
             f"classes for every sample; this one's does not (median |sum| / L1 norm "
             f"{float(ratio.median()):.2g} over the batch): the closure's loss is another "
-            f"one; {advice}")
+            f"one. A model that ends in log_softmax with F.nll_loss: return the logits "
+            f"and use F.cross_entropy (the same loss); an optimizer on part of a model: "
+            f"pass the whole model (frozen parts stay fixed); otherwise {advice}")
     # the weights' lower bounds (docstring); a per-sample bound on |Vx|_1 refused weighted
     # means at whichever batch went over it, a mean of the norms let sums of a confident
     # model through
@@ -203,6 +209,8 @@ def check_output_gradient(Vx: torch.Tensor, loss: Loss, output: torch.Tensor,
         raise InvalidArgumentError(
             f"loss: the output gradient times the batch size is {mean:.3g} times a "
             "per-sample cross-entropy's on average (at least): is the loss summed "
-            "(reduction='sum') or a sum of several means? The step needs the batch *mean* "
-            "of the per-sample loss (reduction='mean', as torch's default; weights "
-            f"normalized as torch's weight= and ignore_index do are fine); {advice}")
+            "(reduction='sum'), a sum of several means, or a mean scaled by a factor (a "
+            "loss weight, distillation's T^2)? The step's terminal Hessian is that of the "
+            "batch *mean* of the per-sample cross-entropy (reduction='mean', as torch's "
+            "default; weights normalized as torch's weight= and ignore_index do are "
+            "fine): scale the learning rate instead of the loss, or " + advice)

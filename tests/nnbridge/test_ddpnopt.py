@@ -835,3 +835,31 @@ def test_exact_curvature_refuses_a_non_linear_stage_at_construction():
         nnbridge.DDPNOpt(model, curvature="exact")
     nnbridge.DDPNOpt(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
                      curvature="exact")
+
+
+def test_the_loss_checks_name_the_usual_causes():
+    """PyTorch's MNIST example (log_softmax + nll_loss) was told to pass loss='mse', which
+    then ran with the wrong terminal Hessian; a mean scaled by 2 (a loss weight,
+    distillation's T^2) was asked whether it was summed.  The messages name them."""
+    import torch.nn.functional as F  # noqa: N812
+
+    class LogProbs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return F.log_softmax(self.b(torch.tanh(self.a(x))), 1)
+    X, y = data(B=8)
+    for make, loss_fn, match in ((LogProbs, lambda o: F.nll_loss(o, y),
+                                  "log_softmax.*F.cross_entropy"),
+                                 (mlp, lambda o: 2.0 * F.cross_entropy(o, y),
+                                  "scaled by a factor")):
+        model = make()
+        opt = nnbridge.DDPNOpt(model)
+        before = [p.detach().clone() for p in model.parameters()]
+        loss_fn(model(X)).backward()
+        with pytest.raises(InvalidArgumentError, match=match):
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

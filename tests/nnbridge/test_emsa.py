@@ -213,3 +213,23 @@ def test_a_regression_with_a_flat_output_equals_sgd():
     sgd.step()
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+
+
+def test_a_summed_cross_entropy_is_refused_and_the_step_not_taken():
+    """EMSA takes any loss, but a softmax cross-entropy summed over the batch (B times
+    the costates: weights 1.3e8 after one step in a user trial) is refused by name, the
+    weights untouched; the batch mean and a mean squared error pass."""
+    import torch.nn.functional as F  # noqa: N812
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = nnbridge.EMSA(m)
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    before = [p.detach().clone() for p in m.parameters()]
+    F.cross_entropy(m(X), y, reduction="sum").backward()
+    with pytest.raises(InvalidArgumentError, match="reduction='sum'"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    for loss in (lambda o: F.cross_entropy(o, y), lambda o: F.mse_loss(o, torch.ones(16, 3))):
+        opt.zero_grad()
+        loss(m(X)).backward()
+        opt.step()
