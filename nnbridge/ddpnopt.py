@@ -54,7 +54,13 @@ from .distributed import BatchMean, data_parallel_group, unwrap
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
-from .stages import StageLinearization, check_unshared, normalizes_by_batch, without_gradient
+from .stages import (
+    StageLinearization,
+    check_unshared,
+    normalizes_by_batch,
+    without_gradient,
+    zeroed_gradient,
+)
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
 
 __all__ = ["DDPNOpt", "EKFAC"]
@@ -401,8 +407,10 @@ class DDPNOpt(torch.optim.Optimizer):
         with torch.no_grad(), torch.autocast(device, enabled=False):
             mean = None if rec is None else BatchMean.over(
                 rec.output.shape[0], data_parallel_group(self.model), rec.output.device)
-            if feedback:
-                controls, states = self._ddp_update(rec, group, frozen, mean)
+            if feedback:   # a layer whose gradients the loop zeroed is kept too
+                controls, states = self._ddp_update(
+                    rec, group, [f or zeroed_gradient(st) for f, st in
+                                 zip(frozen, self._stages)], mean)
             else:  # a layer without a gradient is skipped, as torch.optim does
                 controls, states = self._open_loop_update(rec, group, frozen, mean)
             fixed = self._fixed_update(group)

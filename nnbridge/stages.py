@@ -428,6 +428,27 @@ def without_gradient(stage) -> bool:
     return bool(params) and all(p.grad is None for p in params)
 
 
+def zeroed_gradient(stage) -> bool:
+    """The stage's trainable parameters' gradients are all None or exactly zero: the loop
+    zeroed them (``p.grad.zero_()``, a mask) to keep the layer where it is.  The DDP
+    pass keeps such a layer as a frozen one: its feedback gain would act on it with the
+    adaptive curvatures' rate at a zero second moment, ``lr / eps`` (a user trial: the
+    layer moved 2.4 where Adam's step moves it 0).  A layer whose parameters have a
+    gradient in part (``weight.grad = None``, the bias's kept) is refused by name: the
+    step moves a layer's parameters together."""
+    params = [p for p in stage.params() if p.requires_grad]
+    none = [p.grad is None for p in params]
+    if any(none) and not all(none):
+        names = [n for n, p in stage.module.named_parameters()
+                 if p.requires_grad and p.grad is None]
+        raise InvalidArgumentError(
+            f"stage {stage.index} ({type(stage.module).__name__}): {names} have no "
+            "gradient and its other parameters do; the DDP step moves a layer's "
+            "parameters together: zero or drop all of a layer's gradients, or none, or "
+            "freeze the layer with requires_grad_(False)")
+    return bool(params) and all(p.grad is None or not bool(p.grad.any()) for p in params)
+
+
 def check_gradients(stages, who: str) -> None:
     """Refuse a stage without a gradient (:func:`without_gradient`) for an optimizer whose
     direction couples every layer (``who``): the layer would move with the rest."""

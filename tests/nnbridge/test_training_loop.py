@@ -541,3 +541,31 @@ def test_a_pass_whose_gradients_are_discarded_is_not_part_of_the_step(make, extr
         steps.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*steps):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda m: nnbridge.DDPNOpt(m, curvature="adam", lr=1e-2),
+                                  lambda m: nnbridge.GTDDP(m, curvature="adam", lr=1e-2)],
+                         ids=["ddpnopt", "gtddp"])
+def test_a_layer_whose_gradients_the_loop_zeroed_stays(make):
+    """``layer.weight.grad.zero_(); layer.bias.grad.zero_()`` before ``step()`` (keeping
+    a layer in place): Adam does not move it, and the DDP step keeps it too (its feedback
+    moved it 2.4 at Adam's rate over a zero second moment); a layer with a gradient in
+    part is refused by name, nothing changed."""
+    X, y = data(B=8)
+    model = mlp()
+    opt = make(model)
+    layer = model[2]
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(X), y).backward()
+    layer.weight.grad.zero_()
+    layer.bias.grad.zero_()
+    opt.step()
+    assert torch.equal(layer.weight, before[2]) and torch.equal(layer.bias, before[3])
+    assert not torch.equal(model[0].weight, before[0])
+    now = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(X), y).backward()
+    layer.weight.grad = None
+    with pytest.raises(InvalidArgumentError, match=r"\['weight'\] have no gradient"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), now))
