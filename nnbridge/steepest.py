@@ -384,13 +384,17 @@ class LQRDescent(torch.optim.Optimizer):
                           stacklevel=2)
             return loss
         check_gradients(self._stages, "LQRDescent")
-        out = rec.output
-        xs = list(rec.inputs) + [out]
-        aN = rec.output_grad.reshape(-1)
-        H = None if group["divergence"] != "newton" else self.loss_hessian(out)
-        d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
-                       group["damping"], group["neumann_terms"],
-                       solve=group.get("solve", "auto"))
+        # the direction in the parameters' dtype, also after an autocast forward pass
+        # (its recorded activations are of the lower dtype)
+        weight = self._stages[0].module.weight
+        out = rec.output.to(weight.dtype)
+        xs = [x.to(weight.dtype) for x in rec.inputs] + [out]
+        aN = rec.output_grad.reshape(-1).to(weight.dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            H = None if group["divergence"] != "newton" else self.loss_hessian(out)
+            d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
+                           group["damping"], group["neumann_terms"],
+                           solve=group.get("solve", "auto"))
         if not all(bool(torch.isfinite(v).all()) for v in d):
             warnings.warn("non-finite direction; step skipped", SkippedStepWarning,
                           stacklevel=2)
