@@ -67,6 +67,12 @@ __all__ = ["DDPNOpt", "EKFAC"]
 
 _CLOSURE_HELP = ("a closure that zeroes the gradients, runs the forward pass, calls "
                  "loss.backward() and returns the loss (as for torch.optim.LBFGS)")
+#: an optimizer built on part of a model (``model[:3]``, ``model.body``) whose own
+#: forward is never called: the recorder's hooks sit on that module's forward
+_PART_HELP = ("; the optimizer records the forward pass of the module it was given: one "
+              "built on a slice or a part of the model (model[:3], model.body) sees "
+              "nothing when the whole model runs -- give it the whole model and freeze "
+              "the rest with requires_grad_(False)")
 
 
 class DDPNOpt(torch.optim.Optimizer):
@@ -389,10 +395,10 @@ class DDPNOpt(torch.optim.Optimizer):
             if closure is not None:
                 raise RuntimeError(f"the closure must run the model's forward pass and call "
                                    f"loss.backward(); {type(self).__name__}.step needs "
-                                   f"{_CLOSURE_HELP}")
+                                   f"{_CLOSURE_HELP}{_PART_HELP}")
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
-                               f"before step(), or pass {_CLOSURE_HELP}")
+                               f"before step(), or pass {_CLOSURE_HELP}{_PART_HELP}")
         with self._ddp_context(rec if feedback else None):
             return self._step(rec, group, feedback, loss)
 

@@ -569,3 +569,15 @@ def test_a_layer_whose_gradients_the_loop_zeroed_stays(make):
     with pytest.raises(InvalidArgumentError, match=r"\['weight'\] have no gradient"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), now))
+
+
+def test_an_optimizer_on_a_slice_of_the_model_says_so():
+    """``DDPNOpt(model[:3])`` with the whole model run: nothing is recorded (the slice's
+    own forward never runs); the message said only "run the forward pass"."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    opt = nnbridge.DDPNOpt(model[:3])
+    X, y = data(B=6)
+    F.cross_entropy(model(X.to(model[0].weight.dtype)), y).backward()
+    with pytest.raises(RuntimeError, match="slice or a part of the model"):
+        opt.step()
