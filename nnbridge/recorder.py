@@ -165,6 +165,7 @@ class BatchRecorder:
         # whether it reached a parameter's .grad, whether it found a .grad reset to None
         # that an earlier pass had written (model.zero_grad(), p.grad = None)
         self._backward: list[_Chunk] | None = None
+        self._task = -1                   # its autograd graph task
         self._reached = self._reset = False
         self._written: set[int] = set()   # parameters a recorded pass wrote .grad of
         ref = weakref.ref(self)
@@ -236,8 +237,13 @@ class BatchRecorder:
         """A chunk's output gradient: its backward pass is running; which pass counts
         is decided when that pass ends (:meth:`_backward_ended`)."""
         chunk.add_grad("out", g)
+        task = torch._C._current_graph_task_id()
+        if self._backward is not None and task != self._task:
+            # a pass that ended in an error never ran its callback: it counts as it stood
+            self._backward_ended()
         if self._backward is None:
             self._backward, self._reached, self._reset = [], False, False
+            self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
         self._backward.append(chunk)
 

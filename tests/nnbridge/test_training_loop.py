@@ -581,3 +581,25 @@ def test_an_optimizer_on_a_slice_of_the_model_says_so():
     F.cross_entropy(model(X.to(model[0].weight.dtype)), y).backward()
     with pytest.raises(RuntimeError, match="slice or a part of the model"):
         opt.step()
+
+
+def test_a_backward_pass_that_failed_does_not_block_the_next_steps():
+    """A backward pass that raised (an error in a user's hook) never ran the recorder's
+    end-of-pass callback; the next pass still counts."""
+    model = mlp()
+    opt = nnbridge.EKFAC(model, lr=0.05)
+    X, y = data(B=6)
+    out = model(X)
+
+    def fail(g):
+        raise RuntimeError("a user's hook failed")
+    handle = model[0].weight.register_hook(fail)
+    with pytest.raises(RuntimeError, match="user's hook"):
+        F.cross_entropy(out, y).backward()
+    handle.remove()
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    assert not torch.equal(model[0].weight, before[0])
