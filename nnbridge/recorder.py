@@ -167,7 +167,8 @@ class BatchRecorder:
         self._backward: list[_Chunk] | None = None
         self._task = -1                   # its autograd graph task
         self._reached = self._reset = False
-        self._written: set[int] = set()   # parameters a recorded pass wrote .grad of
+        # per parameter, the .grad tensor a recorded pass last wrote (weakly)
+        self._written: dict[int, weakref.ref] = {}
         ref = weakref.ref(self)
         handles = [model.register_forward_pre_hook(_begin(ref)),
                    model.register_forward_hook(_end(ref))]
@@ -230,7 +231,8 @@ class BatchRecorder:
         model = self._model()
         for p in () if model is None else model.parameters():
             if p.requires_grad and id(p) not in self._hooked:
-                self._handles.append(p.register_hook(_param_grad(ref, p)))
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    _param_grad(ref)))
                 self._hooked.add(id(p))
 
     def _output_grad(self, chunk: _Chunk, g: torch.Tensor) -> None:
@@ -301,20 +303,19 @@ def _output_grad(ref, chunk: _Chunk):
     return hook
 
 
-def _param_grad(ref, p: nn.Parameter):
-    """A parameter's gradient arriving (before it is added to ``.grad``): the running
-    pass reaches ``.grad``; a ``.grad`` that a recorded pass wrote and is None now was
-    reset by the user."""
-    key = id(p)
-
-    def hook(g):
+def _param_grad(ref):
+    """A parameter's ``.grad`` written (a post-accumulate hook: not for a gradient taken
+    with ``torch.autograd.grad``, even of the parameters): the running pass reaches
+    ``.grad``; a ``.grad`` tensor other than the one a recorded pass last wrote was reset
+    to None in between by the user (accumulation writes into the same tensor)."""
+    def hook(p):
         rec = ref()
         if rec is not None and rec._backward is not None:
             rec._reached = True
-            if p.grad is None and key in rec._written:
+            last = rec._written.get(id(p))
+            if last is not None and last() is not p.grad:
                 rec._reset = True
-            rec._written.add(key)
-        return None
+            rec._written[id(p)] = weakref.ref(p.grad)
     return hook
 
 

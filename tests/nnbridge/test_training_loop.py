@@ -510,10 +510,12 @@ def test_ekfac_refuses_a_layer_with_a_call_without_gradient():
     lambda m: nnbridge.DDPNOpt(m, lr=0.05), lambda m: nnbridge.GTDDP(m, lr=0.05),
     lambda m: nnbridge.EKFAC(m, lr=0.05), lambda m: nnbridge.EMSA(m)],
     ids=["ddpnopt", "gtddp", "ekfac", "emsa"])
-@pytest.mark.parametrize("extra", ["autograd.grad", "model.zero_grad", "p.grad = None"])
+@pytest.mark.parametrize("extra", ["autograd.grad", "model.zero_grad", "p.grad = None",
+                                   "autograd.grad of the parameters after"])
 def test_a_pass_whose_gradients_are_discarded_is_not_part_of_the_step(make, extra):
     """An adversarial example's gradient taken with ``torch.autograd.grad`` (it never
-    reaches ``.grad``), or a validation pass whose gradients the user clears with
+    reaches ``.grad``; also one of the parameters, after the training pass), or a
+    validation pass whose gradients the user clears with
     ``model.zero_grad()`` / ``p.grad = None``, before the training pass: torch.optim's
     step does not see them, and neither does ours (EKFAC and EMSA took them into the
     step: 0.04 / 0.14 off in 8 steps; DDPNOpt and GTDDP refused the loss as "summed")."""
@@ -525,6 +527,12 @@ def test_a_pass_whose_gradients_are_discarded_is_not_part_of_the_step(make, extr
             X, y = data(B=6, seed=s)
             Xv, yv = data(B=4, seed=10 + s)
             opt.zero_grad()
+            if with_extra and extra.endswith("after"):
+                F.cross_entropy(model(X), y).backward()
+                # a validation gradient of the parameters (logging, a MAML inner step)
+                torch.autograd.grad(F.cross_entropy(model(Xv), yv), list(model.parameters()))
+                opt.step()
+                continue
             if with_extra:
                 if extra == "autograd.grad":
                     x = Xv.clone().requires_grad_()
