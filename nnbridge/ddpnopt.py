@@ -57,6 +57,7 @@ from .recorder import BatchRecorder
 from .stages import (
     StageLinearization,
     check_unshared,
+    check_whole_gradients,
     normalizes_by_batch,
     without_gradient,
     zeroed_gradient,
@@ -388,6 +389,7 @@ class DDPNOpt(torch.optim.Optimizer):
         feedback = group["feedback"]
         if feedback:
             self._check_feedback_modules()
+            check_whole_gradients(self._stages)
         dtype = self._stages[0].module.weight.dtype
         rec = self._recorder.batch(dtype)
         self._recorder.clear()

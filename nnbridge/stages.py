@@ -437,16 +437,23 @@ def zeroed_gradient(stage) -> bool:
     gradient in part (``weight.grad = None``, the bias's kept) is refused by name: the
     step moves a layer's parameters together."""
     params = [p for p in stage.params() if p.requires_grad]
-    none = [p.grad is None for p in params]
-    if any(none) and not all(none):
-        names = [n for n, p in stage.module.named_parameters()
-                 if p.requires_grad and p.grad is None]
-        raise InvalidArgumentError(
-            f"stage {stage.index} ({type(stage.module).__name__}): {names} have no "
-            "gradient and its other parameters do; the DDP step moves a layer's "
-            "parameters together: zero or drop all of a layer's gradients, or none, or "
-            "freeze the layer with requires_grad_(False)")
     return bool(params) and all(p.grad is None or not bool(p.grad.any()) for p in params)
+
+
+def check_whole_gradients(stages) -> None:
+    """Refuse a stage whose parameters have a gradient in part (:func:`zeroed_gradient`);
+    called before the step takes the recorded batch, so that a corrected retry finds it."""
+    for stage in stages:
+        params = [p for p in stage.params() if p.requires_grad]
+        none = [p.grad is None for p in params]
+        if any(none) and not all(none):
+            names = [n for n, p in stage.module.named_parameters()
+                     if p.requires_grad and p.grad is None]
+            raise InvalidArgumentError(
+                f"stage {stage.index} ({type(stage.module).__name__}): {names} have no "
+                "gradient and its other parameters do; the DDP step moves a layer's "
+                "parameters together: zero or drop all of a layer's gradients, or none, "
+                "or freeze the layer with requires_grad_(False)")
 
 
 def check_gradients(stages, who: str) -> None:

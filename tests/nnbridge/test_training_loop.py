@@ -577,6 +577,9 @@ def test_a_layer_whose_gradients_the_loop_zeroed_stays(make):
     with pytest.raises(InvalidArgumentError, match=r"\['weight'\] have no gradient"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), now))
+    layer.bias.grad = None      # as the message says; the recorded batch is still there
+    opt.step()
+    assert torch.equal(layer.weight, now[2]) and not torch.equal(model[0].weight, now[0])
 
 
 def test_an_optimizer_on_a_slice_of_the_model_says_so():
