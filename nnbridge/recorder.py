@@ -105,6 +105,9 @@ class _Chunk:
     output_grad: torch.Tensor | None = None
     #: its backward pass reached the parameters' ``.grad`` (None: not finished)
     accumulated: bool | None = None
+    #: the gradients of the backward pass running now, by key (None: not staging), kept
+    #: apart until the pass ends: a pass that does not count adds nothing
+    pending: dict | None = None
 
     @classmethod
     def open(cls, n: int, x) -> _Chunk:
@@ -116,8 +119,28 @@ class _Chunk:
         return self.output_grad is not None
 
     def add_grad(self, key, g: torch.Tensor) -> None:
-        """Store a gradient (summed when a retained graph is run backward twice)."""
+        """Store a gradient (summed when a retained graph is run backward twice; staged
+        in :attr:`pending` while the recorder decides whether the pass counts)."""
         g = g.detach()
+        if self.pending is not None:
+            old = self.pending.get(key)
+            self.pending[key] = g if old is None else old + g
+            return
+        self._store(key, g)
+
+    def commit(self, replace: bool) -> None:
+        """Move the staged gradients into the record: added to what earlier passes of
+        this forward pass stored, or (``replace``) instead of it, where the user reset
+        ``.grad`` after them."""
+        staged, self.pending = self.pending or {}, None
+        if replace:
+            self.output_grad = None
+            self.h_grads = [[None] * len(x) for x in self.h_grads]
+            self.in_grads = [[None] * len(x) for x in self.in_grads]
+        for key, g in staged.items():
+            self._store(key, g)
+
+    def _store(self, key, g: torch.Tensor) -> None:
         if key == "out":
             self.output_grad = g if self.output_grad is None else self.output_grad + g
             return
@@ -223,7 +246,7 @@ class BatchRecorder:
     # the hooks' side ----------------------------------------------------------
     def _watch(self, chunk: _Chunk, key, out: torch.Tensor) -> None:
         if out.requires_grad:
-            out.register_hook(lambda g: chunk.add_grad(key, g))
+            out.register_hook(_grad_hook(weakref.ref(self), chunk, key))
 
     def _hook_parameters(self, ref) -> None:
         """A :func:`_param_grad` hook on every parameter that requires a gradient and has
@@ -235,10 +258,10 @@ class BatchRecorder:
                     _param_grad(ref)))
                 self._hooked.add(id(p))
 
-    def _output_grad(self, chunk: _Chunk, g: torch.Tensor) -> None:
-        """A chunk's output gradient: its backward pass is running; which pass counts
-        is decided when that pass ends (:meth:`_backward_ended`)."""
-        chunk.add_grad("out", g)
+    def _grad(self, chunk: _Chunk, key, g: torch.Tensor) -> None:
+        """A gradient of a chunk's tensors: its backward pass is running; which pass
+        counts is decided when that pass ends (:meth:`_backward_ended`), the gradients
+        staged until then."""
         task = torch._C._current_graph_task_id()
         if self._backward is not None and task != self._task:
             # a pass that ended in an error never ran its callback: it counts as it stood
@@ -247,7 +270,10 @@ class BatchRecorder:
             self._backward, self._reached, self._reset = [], False, False
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
-        self._backward.append(chunk)
+        if chunk.pending is None:
+            chunk.pending = {}
+            self._backward.append(chunk)
+        chunk.add_grad(key, g)
 
     def _backward_ended(self) -> None:
         """A pass counts when it reached the parameters' ``.grad`` (not a gradient the
@@ -257,10 +283,15 @@ class BatchRecorder:
         ran, self._backward = self._backward or [], None
         if self._reset:
             for c in self._chunks:
-                if c.accumulated:
+                if c.accumulated and c not in ran:
                     c.accumulated = False
         for c in ran:
-            c.accumulated = self._reached
+            if self._reached:
+                c.commit(replace=self._reset)
+                c.accumulated = True
+            else:   # its gradients stay out of the record
+                c.pending = None
+                c.accumulated = bool(c.accumulated) and c.complete
 
 
 def _remove(handles) -> None:
@@ -287,18 +318,18 @@ def _end(ref):
         chunk, rec._open = rec._open, None
         if torch.is_tensor(out) and out.requires_grad:
             chunk.output = out.detach()
-            out.register_hook(_output_grad(ref, chunk))
+            rec._watch(chunk, "out", out)
             rec._chunks.append(chunk)
     return hook
 
 
-def _output_grad(ref, chunk: _Chunk):
+def _grad_hook(ref, chunk: _Chunk, key):
     def hook(g):
         rec = ref()
         if rec is not None:
-            rec._output_grad(chunk, g)
+            rec._grad(chunk, key, g)
         else:
-            chunk.add_grad("out", g)
+            chunk.add_grad(key, g)
         return None
     return hook
 

@@ -614,3 +614,33 @@ def test_a_backward_pass_that_failed_does_not_block_the_next_steps():
         F.cross_entropy(model(X), y).backward()
         opt.step()
     assert not torch.equal(model[0].weight, before[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: nnbridge.DDPNOpt(m, lr=0.05), lambda m: nnbridge.EKFAC(m, lr=0.05),
+    lambda m: nnbridge.EMSA(m)], ids=["ddpnopt", "ekfac", "emsa"])
+@pytest.mark.parametrize("case", ["input gradient first", "backward, zero_grad, backward"])
+def test_one_forward_pass_run_backward_twice_records_what_reached_grad(make, case):
+    """The same forward pass run backward twice (free adversarial training's input
+    gradient with ``retain_graph``, then the training backward; or backward,
+    ``model.zero_grad()``, backward): the record holds the pass that is in ``.grad``,
+    not the sum of both (a review found the output gradient doubled)."""
+    steps = []
+    for twice in (False, True):
+        model = mlp()
+        opt = make(model)
+        for s in range(3):
+            X, y = data(B=6, seed=s)
+            opt.zero_grad()
+            x = X.clone().requires_grad_()
+            loss = F.cross_entropy(model(x), y)
+            if twice and case == "input gradient first":
+                torch.autograd.grad(loss, x, retain_graph=True)
+            elif twice:
+                loss.backward(retain_graph=True)
+                model.zero_grad()
+            loss.backward()
+            opt.step()
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*steps):
+        assert torch.equal(a, b)
