@@ -378,17 +378,18 @@ def _stage_output(ref, i):
 
 @contextmanager
 def capture(model: nn.Module, stage_list: list[Stage], *,
-            h_grads: bool = False) -> Iterator[Capture]:
+            h_grads: bool = False, dtype: torch.dtype | None = None) -> Iterator[Capture]:
     """Record the forward/backward passes run inside the block (a :class:`BatchRecorder`
     for its duration; its hooks are removed on exit): the yielded :class:`Capture` is
-    filled when the block ends (``h_grads=False`` leaves its ``h_grads`` None)."""
+    filled when the block ends (``h_grads=False`` leaves its ``h_grads`` None; ``dtype``
+    as for :meth:`BatchRecorder.batch`)."""
     n = len(stage_list)
     rec = Capture(inputs=[None] * n, h_grads=[None] * n)
     recorder = BatchRecorder(model, stage_list)
     try:
         yield rec
     finally:
-        got = recorder.batch()
+        got = recorder.batch(dtype)
         recorder.remove()
         if got is not None:
             rec.inputs, rec.output, rec.output_grad = got.inputs, got.output, got.output_grad

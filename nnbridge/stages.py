@@ -434,8 +434,8 @@ def zeroed_gradient(stage) -> bool:
     pass keeps such a layer as a frozen one: its feedback gain would act on it with the
     adaptive curvatures' rate at a zero second moment, ``lr / eps`` (a user trial: the
     layer moved 2.4 where Adam's step moves it 0).  A layer whose parameters have a
-    gradient in part (``weight.grad = None``, the bias's kept) is refused by name: the
-    step moves a layer's parameters together."""
+    gradient in part (``weight.grad = None``, the bias's kept) is refused before, by
+    :func:`check_whole_gradients`."""
     params = [p for p in stage.params() if p.requires_grad]
     return bool(params) and all(p.grad is None or not bool(p.grad.any()) for p in params)
 

@@ -377,19 +377,20 @@ class LQRDescent(torch.optim.Optimizer):
         check_no_frozen(self._stages, "LQRDescent")
         check_rerun_deterministic(self._stages, "LQRDescent")
         group = self.param_groups[0]
-        with capture(self.model, self._stages) as rec, torch.enable_grad():
+        # recorded in the parameters' dtype, also after an autocast forward pass (its
+        # activations are of the lower dtype): the direction is computed in it
+        weight = self._stages[0].module.weight
+        with capture(self.model, self._stages, dtype=weight.dtype) as rec, \
+                torch.enable_grad():
             loss = closure()
         if not loss_is_finite(loss):
             warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                           stacklevel=2)
             return loss
         check_gradients(self._stages, "LQRDescent")
-        # the direction in the parameters' dtype, also after an autocast forward pass
-        # (its recorded activations are of the lower dtype)
-        weight = self._stages[0].module.weight
-        out = rec.output.to(weight.dtype)
-        xs = [x.to(weight.dtype) for x in rec.inputs] + [out]
-        aN = rec.output_grad.reshape(-1).to(weight.dtype)
+        out = rec.output
+        xs = list(rec.inputs) + [out]
+        aN = rec.output_grad.reshape(-1)
         with torch.autocast(weight.device.type, enabled=False):
             H = None if group["divergence"] != "newton" else self.loss_hessian(out)
             d = _direction(self.model, self._stages, xs, aN, H, group["divergence"],
