@@ -506,6 +506,21 @@ def test_ekfac_refuses_a_layer_with_a_call_without_gradient():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def _same_steps_with_and_without(make, step):
+    """Three steps of a fresh ``mlp()`` under ``make(model)``, each ``step(model, opt, s,
+    extra)`` (which ends in ``opt.step()``), without and with the extra passes: the
+    parameters are equal bit for bit."""
+    params = []
+    for extra in (False, True):
+        model = mlp()
+        opt = make(model)
+        for s in range(3):
+            step(model, opt, s, extra)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make", [
     lambda m: nnbridge.DDPNOpt(m, lr=0.05), lambda m: nnbridge.GTDDP(m, lr=0.05),
     lambda m: nnbridge.EKFAC(m, lr=0.05), lambda m: nnbridge.EMSA(m)],
@@ -519,36 +534,30 @@ def test_a_pass_whose_gradients_are_discarded_is_not_part_of_the_step(make, extr
     ``model.zero_grad()`` / ``p.grad = None``, before the training pass: torch.optim's
     step does not see them, and neither does ours (EKFAC and EMSA took them into the
     step: 0.04 / 0.14 off in 8 steps; DDPNOpt and GTDDP refused the loss as "summed")."""
-    steps = []
-    for with_extra in (False, True):
-        model = mlp()
-        opt = make(model)
-        for s in range(3):
-            X, y = data(B=6, seed=s)
-            Xv, yv = data(B=4, seed=10 + s)
-            opt.zero_grad()
-            if with_extra and extra.endswith("after"):
-                F.cross_entropy(model(X), y).backward()
-                # a validation gradient of the parameters (logging, a MAML inner step)
-                torch.autograd.grad(F.cross_entropy(model(Xv), yv), list(model.parameters()))
-                opt.step()
-                continue
-            if with_extra:
-                if extra == "autograd.grad":
-                    x = Xv.clone().requires_grad_()
-                    torch.autograd.grad(F.cross_entropy(model(x), yv), x)
-                else:
-                    F.cross_entropy(model(Xv), yv).backward()
-                    if extra == "model.zero_grad":
-                        model.zero_grad()
-                    else:
-                        for p in model.parameters():
-                            p.grad = None
+    def step(model, opt, s, with_extra):
+        X, y = data(B=6, seed=s)
+        Xv, yv = data(B=4, seed=10 + s)
+        opt.zero_grad()
+        if with_extra and extra.endswith("after"):
             F.cross_entropy(model(X), y).backward()
+            # a validation gradient of the parameters (logging, a MAML inner step)
+            torch.autograd.grad(F.cross_entropy(model(Xv), yv), list(model.parameters()))
             opt.step()
-        steps.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*steps):
-        assert torch.equal(a, b)
+            return
+        if with_extra:
+            if extra == "autograd.grad":
+                x = Xv.clone().requires_grad_()
+                torch.autograd.grad(F.cross_entropy(model(x), yv), x)
+            else:
+                F.cross_entropy(model(Xv), yv).backward()
+                if extra == "model.zero_grad":
+                    model.zero_grad()
+                else:
+                    for p in model.parameters():
+                        p.grad = None
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    _same_steps_with_and_without(make, step)
 
 
 @pytest.mark.parametrize("make", [lambda m: nnbridge.DDPNOpt(m, curvature="adam", lr=1e-2),
@@ -625,22 +634,16 @@ def test_one_forward_pass_run_backward_twice_records_what_reached_grad(make, cas
     gradient with ``retain_graph``, then the training backward; or backward,
     ``model.zero_grad()``, backward): the record holds the pass that is in ``.grad``,
     not the sum of both (a review found the output gradient doubled)."""
-    steps = []
-    for twice in (False, True):
-        model = mlp()
-        opt = make(model)
-        for s in range(3):
-            X, y = data(B=6, seed=s)
-            opt.zero_grad()
-            x = X.clone().requires_grad_()
-            loss = F.cross_entropy(model(x), y)
-            if twice and case == "input gradient first":
-                torch.autograd.grad(loss, x, retain_graph=True)
-            elif twice:
-                loss.backward(retain_graph=True)
-                model.zero_grad()
-            loss.backward()
-            opt.step()
-        steps.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*steps):
-        assert torch.equal(a, b)
+    def step(model, opt, s, twice):
+        X, y = data(B=6, seed=s)
+        opt.zero_grad()
+        x = X.clone().requires_grad_()
+        loss = F.cross_entropy(model(x), y)
+        if twice and case == "input gradient first":
+            torch.autograd.grad(loss, x, retain_graph=True)
+        elif twice:
+            loss.backward(retain_graph=True)
+            model.zero_grad()
+        loss.backward()
+        opt.step()
+    _same_steps_with_and_without(make, step)
