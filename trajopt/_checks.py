@@ -120,3 +120,13 @@ def as_real(x: Any, name: str) -> torch.Tensor:
     # of integers: torch's default float dtype, as a list of floats
     return t.to(torch.float64 if isinstance(x, (np.ndarray, np.generic)) else
                 torch.get_default_dtype())
+
+
+def is_number(v: Any) -> bool:
+    """A Python number or a 0-d array / tensor (not a Python or numpy bool): what an
+    argument taken as a matrix or vector may also be given as (scipy's ``R = 1``,
+    mpc.pytorch's scalar control bounds)."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, (int, float, np.number)) or (
+        isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0)

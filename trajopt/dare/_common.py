@@ -34,6 +34,7 @@ from .._checks import (
     check_matrix,
     check_square,
     check_symmetric,
+    is_number,
     shape_str,
     symmetry_tol,
 )
@@ -222,13 +223,10 @@ def scalars_as_matrices(named: dict[str, Any]) -> dict[str, Any]:
     matrices (scipy's and python-control's ``R = 1`` for one input); everything else as
     it is (its shape is checked later, naming the argument)."""
     def one(v):
-        if isinstance(v, (bool, np.bool_)):
-            return v    # refused later, by name
-        if isinstance(v, (int, float, np.number)):
-            return np.array([[v]], dtype=float)
-        if isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0:
-            return v.reshape(1, 1)
-        return v
+        if not is_number(v):
+            return v    # a bool among them is refused later, by name
+        return v.reshape(1, 1) if isinstance(v, (np.ndarray, torch.Tensor)) else \
+            np.array([[v]], dtype=float)
     return {k: one(v) for k, v in named.items()}
 
 

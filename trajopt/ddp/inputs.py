@@ -8,11 +8,10 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from .._arrays import ArrayKind, infer_kind
-from .._checks import broadcast_shapes, check_finite, shape_str
+from .._checks import broadcast_shapes, check_finite, is_number, shape_str
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
 from .batch import Traj
 from .models import Cost
@@ -114,14 +113,6 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
             usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
     inp = SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
     return inp if xs0 is None else replace(inp, xs=prepare_states(xs0, inp))
-
-
-def is_number(v) -> bool:
-    """A Python number or a 0-d array / tensor (not a bool)."""
-    if isinstance(v, (bool, np.bool_)):
-        return False
-    return isinstance(v, (int, float, np.number)) or (
-        isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 0)
 
 
 def prepare_states(xs0, inp: SolveInputs) -> list[torch.Tensor]:

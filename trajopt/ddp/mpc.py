@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import as_real, shape_str
+from .._checks import as_real, is_number, shape_str
 from ..errors import InvalidArgumentError, ShapeError
 from .augmented import AugmentedCost, check_constraints
 from .constrained import ConstrainedSolver
 from .constraints import Constraint
-from .inputs import is_number
 from .linear import LinearDynamics
 from .models import Cost, Dynamics, QuadraticCost
 from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
