@@ -277,7 +277,9 @@ class CooperativeEKFAC:
         Xc, Wc = torch.cat(X, 1), torch.cat(W, 1)
         st["A"] = _moment(st.get("A"), mean(torch.einsum("bip,bjp->ij", Xc, Xc)) / P, a)
         st["G"] = _moment(st.get("G"), mean(torch.einsum("bop,bqp->oq", Wc, Wc)) / P, a)
-        fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
+        # as EKFAC's: also at the step after one whose feedback overshot (closed_loop)
+        fresh = ("QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
+                 or st.pop("stale", False))
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
         QGs = [st["QG"][r] for r in _offsets([w.shape[1] for w in W])]

@@ -92,6 +92,22 @@ class Curvature:
                   pre: Preconditioner) -> torch.Tensor:
         return -pre.inverse(self.direction(st, g, hp, step))
 
+    #: the feedback pass measures each stage's closed-loop gain for :meth:`closed_loop`
+    #: (:class:`trajopt.riccati.StateFeedback`; a few elementwise operations a stage)
+    watches_feedback = False
+
+    def closed_loop(self, st: State, gain: torch.Tensor) -> State:
+        """The state to keep after a step whose feedback closed the loop at this stage
+        with ``gain`` (a 0-dim tensor, :class:`trajopt.riccati.StateFeedback`: above 1
+        where :math:`P` underestimates the curvature the value sees); called only where
+        :attr:`watches_feedback`."""
+        return st
+
+    def feedback_scale(self, gain: torch.Tensor) -> torch.Tensor | float:
+        """The factor on this stage's feedback term, given its closed-loop ``gain``
+        (called only where :attr:`watches_feedback`): 1, the method's feedback."""
+        return 1.0
+
     def reuses_response(self, st: State, hp: dict) -> bool:
         """Whether :meth:`open_loop` is :math:`-P^{-1} g` for the ``g`` it is given (no
         momentum, no first moment): the value recursion's response applies
@@ -478,7 +494,10 @@ class EKFAC(Curvature):
                           a)
         st["G"] = _moment(st.get("G"), mean(torch.einsum("b...op,b...qp->...oq", Wf, Wf))
                           / P, a)
-        fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
+        # the eigenbases every update_freq steps, and at the step after one whose feedback
+        # overshot at this stage (closed_loop)
+        fresh = ("QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
+                 or st.pop("stale", False))
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
         if P == 1 and X.dim() == 3:
@@ -506,6 +525,22 @@ class EKFAC(Curvature):
 
     def scale(self, st, hp, step):
         return hp["lr"] / (st["S"] + hp["eps"])
+
+    watches_feedback = True
+
+    def closed_loop(self, st, gain):
+        """Marks the eigenbases stale where the feedback's closed-loop gain exceeded 1:
+        the diagonal :math:`S` in an eigenbasis older than the weights underestimates
+        the curvature along the directions the value sees (the DDP feedback through it
+        overshot, 1.7 -> 35 in one step on a small CNN with ``update_freq=10``), so
+        :meth:`update` recomputes them at the next step (``docs/ddpnopt.md``, "EKFAC's
+        eigenbasis under feedback")."""
+        return dict(st, stale=True) if "QA" in st and bool(gain > 1) else st
+
+    def feedback_scale(self, gain):
+        """:math:`1 / \\max(1, \\rho)`: in the step where the gain exceeds 1 the feedback
+        cancels what the model's Newton step would along the state change, no more."""
+        return 1.0 / gain.clamp(min=1.0)
 
     def rotations(self, st):
         return st["QG"], st["QA"]

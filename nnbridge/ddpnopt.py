@@ -51,6 +51,7 @@ from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
+from .feedback import feedback_terms, loop_gain
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
@@ -673,16 +674,22 @@ class DDPNOpt(torch.optim.Optimizer):
                 continue
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
             dX = None if t == 0 else (xhat - rec.inputs[t]).reshape(mean.local, -1)
+            watch = dX is not None and curv.watches_feedback
             Rg = r.pop("Rg", None)   # P^-1 g in the eigenbasis (Preconditioner.rotate)
             if Rg is not None:       # one rotation back for the step and the feedback term
-                du = -pre.unrotate(Rg if dX is None else Rg + _rotated_feedback(
-                    steps[t], dX, pre))
+                if dX is not None:
+                    F, q = _rotated_feedback(steps[t], dX, pre, watch)
+                    fb = F * pre.D
+                    Rg = Rg + (fb if not watch else self._watched(r, F, fb, q, mean))
+                du = -pre.unrotate(Rg)
             else:
                 Sg = r.pop("Sg", None)   # P^-1 g from the value's response (reuses_response)
                 du = -Sg if Sg is not None else curv.open_loop(cst, r["g"], hp, step, pre)
                 del Sg
                 if dX is not None:
-                    du = du - pre.inverse(steps[t].feedback(dX))
+                    F, q = feedback_terms(steps[t], dX, watch)
+                    fb = pre.inverse(F)
+                    du = du - (fb if not watch else self._watched(r, F, fb, q, mean))
             del Rg
             Unew = U + du
             controls.append(Unew)
@@ -697,22 +704,34 @@ class DDPNOpt(torch.optim.Optimizer):
                   for t in range(T)]
         return controls, states
 
+    def _watched(self, r: dict, F, fb, q, mean):
+        """The feedback term ``fb`` = :math:`P^{-1} F` (F in the same coordinates: the
+        eigenbasis' rotations are orthogonal) as the curvature scales it for its
+        closed-loop gain, the stage's new state ``r["state"]`` as it keeps it
+        (:meth:`Curvature.closed_loop`, :mod:`nnbridge.feedback`)."""
+        gain = loop_gain([F], [fb], q, mean)
+        r["state"] = self.curvature.closed_loop(r["state"], gain)
+        return fb * self.curvature.feedback_scale(gain)
+
     def __repr__(self) -> str:
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}(curvature={self.curvature.name!r}, "
                 f"value_hessian={self.value_hessian!r}, {g})")
 
 
-def _rotated_feedback(step, dX: torch.Tensor, pre) -> torch.Tensor:
-    r""":math:`(Q_G^\top F Q_A) \odot D` for the feedback term :math:`F =
-    \mathbb{E}[Q_{ux} dX]` of a Linear stage (:meth:`Preconditioner.eigen_step_pays`):
-    from its rotated inputs and cotangents where the step gives the cotangent, else by
-    rotating F."""
-    cotangent = getattr(step, "feedback_cotangent", None)
-    if cotangent is None:
-        return pre.rotate(step.feedback(dX))
+def _rotated_feedback(step, dX: torch.Tensor, pre, curvature: bool):
+    r"""``(Q_G^T F Q_A, q)``: the feedback term :math:`F = \mathbb{E}[Q_{ux} dX]` of a
+    Linear stage in its eigenbasis (:meth:`Preconditioner.eigen_step_pays`; times D it
+    is :math:`P^{-1} F` there), from its rotated inputs and cotangents where the step
+    gives the cotangent, else by rotating F; and with ``curvature`` the samples' value
+    curvature of the state change (:func:`feedback_terms`)."""
+    if getattr(step, "feedback_cotangent", None) is None:
+        F, q = feedback_terms(step, dX, curvature)
+        QG, QA = pre.rot
+        return QG.transpose(-1, -2) @ F @ QA, q
+    terms = step.feedback_terms(dX, curvature)
     Xr = pre.rotated_inputs(step.stage.X)
-    return step.stage.fu_T_mean_rotated(cotangent(dX), pre.rot[0], Xr) * pre.D
+    return step.stage.fu_T_mean_rotated(terms.cotangent, pre.rot[0], Xr), terms.curvature
 
 
 def _with(step, **changes):

@@ -38,6 +38,7 @@ from . import ddpnopt as _ddpnopt
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
+from .feedback import feedback_terms, loop_gain
 from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
@@ -261,9 +262,9 @@ class GTDDP(DDPNOpt):
                                           propagate=t > 0, mean=mean)
             value = steps[t].value
         # additional forward pass: delta w_t = -P^{-1}(d_t + E_i[Q_wy^i dy^i])
-        return self._graph_feedback_pass(ys, lins, made, steps)
+        return self._graph_feedback_pass(ys, lins, made, steps, mean)
 
-    def _graph_feedback_pass(self, ys, lins, made, steps):
+    def _graph_feedback_pass(self, ys, lins, made, steps, mean):
         T = len(self._graph.stages)
         controls: list = [None] * len(self._stages)
         states: list = [None] * len(self._stages)
@@ -274,16 +275,24 @@ class GTDDP(DDPNOpt):
                 if t < T - 1:
                     yhat = lin.forward(yhat, [None] * len(ids))
                 continue
-            pre, du = info["pre"], info["open_loop"]
+            pre, du, kept = info["pre"], info["open_loop"], info["states"]
             if t > 0:
                 dY = lin.flat(yhat) - lin.flat(ys[t])
-                fb = pre.inverse(steps[t].feedback(dY))
+                watch = self.curvature.watches_feedback
+                F, q = feedback_terms(steps[t], dY, watch)
+                fb = pre.inverse(F)
+                if watch:   # one gain for the stage's players (nnbridge.feedback)
+                    gain = loop_gain(F, fb, q, mean)
+                    scale = self.curvature.feedback_scale(gain)
+                    fb = [None if f is None else f * scale for f in fb]
+                    kept = [None if k is None else self.curvature.closed_loop(k, gain)
+                            for k in kept]
                 du = [None if d is None else d - f for d, f in zip(du, fb)]
             new = [None if d is None else lin.U[j] + d for j, d in enumerate(du)]
             for j, k in enumerate(ids):
                 controls[k] = new[j]
                 if new[j] is not None:
-                    states[k] = info["states"][j]
+                    states[k] = kept[j]
             if t < T - 1:
                 yhat = lin.forward(yhat, new)
         return controls, states

@@ -67,6 +67,57 @@ def test_step_equals_literal_alg3(curvature, value_hessian, terminal, tikhonov, 
                for a, b in zip(opt._stages, plain._stages)) > 1e-6
 
 
+@pytest.mark.parametrize("recursion", ["per_sample", "mean"])
+@pytest.mark.parametrize("value_hessian,terminal,tikhonov,psd",
+                         [("outer", "gn", 0.0, False), ("outer", "gn", 0.0, True),
+                          ("full", "hessian", 0.3, False), ("full", "hessian", 0.3, True)])
+def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_hessian,
+                                                           terminal, tikhonov, psd,
+                                                           recursion):
+    """EKFAC watches the feedback: each stage's closed-loop gain rho_t = F' P^-1 F /
+    E_i[(f_x dx^i)' V' f_x dx^i] equals the dense reference's (every value form), and
+    where it exceeds 1 (a rate far above EKFAC's, so that P underestimates Q_uu) the
+    feedback term is scaled by 1/rho_t: the update equals the reference with that rule
+    and differs from the uncapped Alg. 3."""
+    from nnbridge.curvature import EKFAC
+    seen = []
+    closed_loop = EKFAC.closed_loop
+
+    def record(self, st, gain):
+        seen.append(float(gain))
+        return closed_loop(self, st, gain)
+    monkeypatch.setattr(EKFAC, "closed_loop", record)
+    X, y = data(B=5)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, lr=10.0, curvature="ekfac", value_hessian=value_hessian,
+                           weight_decay=0.01, tikhonov=tikhonov,
+                           terminal_hessian={"hessian": ce_hessian, "gn": "empirical"}[
+                               terminal], value_psd=psd, value_recursion=recursion)
+
+    def phi(xT, i):
+        return -torch.log_softmax(xT, -1)[y[i]]
+
+    hp = dict(opt.param_groups[0])
+    gains = []
+    ref = ddpnopt_step(opt._stages, X, phi, "ekfac", hp, terminal=terminal,
+                       tikhonov=tikhonov, project_psd=psd, recursion=recursion,
+                       gains=gains, cap_gain=True)
+    uncapped = ddpnopt_step(opt._stages, X, phi, "ekfac", hp, terminal=terminal,
+                            tikhonov=tikhonov, project_psd=psd, recursion=recursion)
+    U0 = [st.control().clone() for st in opt._stages]
+    opt.step(closure_for(opt, model, X, y))
+    assert max(gains) > 1.5
+    assert len(seen) == len(gains)
+    for a, b in zip(seen, gains):
+        assert abs(a - b) <= 1e-9 * max(1.0, b)
+    assert _rel_update_error(opt, ref, U0) < 1e-11
+    assert max(float((st.control() - r).abs().max()) for st, r in zip(opt._stages, uncapped)
+               ) > 1e-6
+    # the overshooting stages' eigenbases are marked for the next step
+    marked = [bool(opt.state[st.module.weight].get("stale", False)) for st in opt._stages[1:]]
+    assert marked == [g > 1 for g in gains]
+
+
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
 @pytest.mark.parametrize("value_hessian", ["outer", "full"])
 @pytest.mark.parametrize("terminal,ref_terminal,psd", [("empirical", "gn", True),
@@ -609,7 +660,8 @@ def test_ekfac_step_in_the_eigenbasis_equals_the_plain_step(monkeypatch, extra):
                             pays if variant != "plain" else lambda self, X: False)
         if variant == "no feedback term":
             monkeypatch.setattr(ddpnopt, "_rotated_feedback",
-                                lambda step, dX, pre: torch.zeros_like(pre.D))
+                                lambda step, dX, pre, curvature: (
+                                    torch.zeros_like(pre.D), dX.new_zeros(dX.shape[0])))
         model = mlp()
         opt = nnbridge.DDPNOpt(model, curvature="ekfac", lr=0.05, **extra)
         T = len(opt._stages)

@@ -58,13 +58,18 @@ def dense_curvature(kind, g, hp, *, X=None, w=None, Quu=None):
 
 
 def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
-                 project_psd=False, recursion="per_sample", lu=None):
-    """New controls (list of (out, in')) after one DDPNOpt step from a fresh state.
+                 project_psd=False, recursion="per_sample", lu=None, gains=None,
+                 cap_gain=False):
+    r"""New controls (list of (out, in')) after one DDPNOpt step from a fresh state.
 
     ``phi(x_T, i)`` is the loss of sample i; ``terminal`` "gn" (V_xx = grad grad')
     or "hessian" (exact Hessian of phi); ``lu`` (optional, one (out, in') tensor per
     stage) the gradient of an extra running cost l(u) with zero Hessian, added to every
-    sample's Q_u (as weight decay's lambda u is).
+    sample's Q_u (as weight decay's lambda u is).  ``gains`` (a list) receives each
+    stage's closed-loop gain past the first, :math:`\rho_t = F' P^{-1} F / \mathbb{E}_i
+    [(f_x dx^i)' V'^i f_x dx^i]` with :math:`F = \mathbb{E}_i[Q_{ux}^i dx^i]` (0 where the
+    denominator is not positive); ``cap_gain`` scales the feedback term by
+    :math:`1/\max(1, \rho_t)` (EKFAC's rule).
     """
     T = len(stage_list)
     B = x0.shape[0]
@@ -82,6 +87,7 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
         Vxx = [hessian(phi)(flat[-1][i], i) for i in range(B)]
     wd = hp.get("weight_decay", 0.0)
     kbar, Ks = [None] * T, [None] * T
+    Pinvs, Quxs, fxs, Vnext = [None] * T, [None] * T, [None] * T, [None] * T
     for t in range(T - 1, -1, -1):
         st = stage_list[t]
         f = _layer_fn(st, shapes[t])
@@ -116,6 +122,8 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
                 Quu = Quu + fu[i].T @ V2 @ fu[i] / B
             extra["Quu"] = Quu
         Pinv, d, S = dense_curvature(kind, g, hp, **extra)
+        Pinvs[t], Quxs[t], fxs[t] = Pinv, Qux, fx
+        Vnext[t] = [Vxx[i] + eps * torch.eye(n1, dtype=u.dtype) for i in range(B)]
         kbar[t] = -Pinv @ d
         Ks[t] = [-Pinv @ Qux[i] for i in range(B)]
         # "mean": the value of the applied batch-mean policy (E[Q_u], 1/B correction)
@@ -134,7 +142,17 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
     with torch.no_grad():
         for t, st in enumerate(stage_list):
             dx = (xhat - xs[t]).reshape(B, -1)
-            du = kbar[t] + torch.stack([Ks[t][i] @ dx[i] for i in range(B)]).mean(0)
+            fb = torch.stack([Ks[t][i] @ dx[i] for i in range(B)]).mean(0)
+            if t > 0 and (gains is not None or cap_gain):
+                F = torch.stack([Quxs[t][i] @ dx[i] for i in range(B)]).mean(0)
+                q = torch.stack([(fxs[t][i] @ dx[i]) @ Vnext[t][i] @ (fxs[t][i] @ dx[i])
+                                 for i in range(B)]).mean()
+                rho = float(F @ Pinvs[t] @ F / q) if q > 0 else 0.0
+                if gains is not None:
+                    gains.append(rho)
+                if cap_gain:
+                    fb = fb / max(1.0, rho)
+            du = kbar[t] + fb
             U = Us[t] + du.reshape(Us[t].shape)
             new.append(U)
             xhat = st.forward(xhat, U)

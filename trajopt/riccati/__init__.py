@@ -28,6 +28,7 @@ from .operator import (
     DenseResponse,
     OperatorStage,
     OperatorStep,
+    StateFeedback,
     operator_riccati_step,
 )
 from .players import CooperativePolicy, cooperative_policy, joint_curvature
@@ -53,7 +54,7 @@ from .value import Carried, DenseValue, RankOneValue, RankRValue, Value
 
 __all__ = [
     "QExpansion", "joint_blocks", "expand_q_joint", "expand_q", "DenseStage", "SpanStage",
-    "OperatorStage", "ControlResponse", "OperatorStep", "operator_riccati_step",
+    "OperatorStage", "ControlResponse", "OperatorStep", "StateFeedback", "operator_riccati_step",
     "DenseOperatorStage", "DenseResponse",
     "JointStage", "JointResponse", "JointStep", "joint_riccati_step", "joint_value",
     "sample_blocks",

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .operator import OperatorStage, OperatorStep, operator_riccati_step
+from .operator import OperatorStage, OperatorStep, StateFeedback, operator_riccati_step
 from .value import DenseValue
 
 __all__ = ["JointStage", "JointResponse", "JointStep", "joint_value", "sample_blocks",
@@ -137,6 +137,17 @@ class JointStep:
     def feedback(self, dX: torch.Tensor) -> Any:
         """Batch mean :math:`\\tfrac1B F_u^\\top \\mathcal V' F_x\\, \\delta X` for dX (B, n)."""
         return self.step.feedback(dX.reshape(1, -1))
+
+    @property
+    def stage(self) -> OperatorStage:
+        """The batch-augmented stage."""
+        return self.step.stage
+
+    def feedback_terms(self, dX: torch.Tensor, curvature: bool = True) -> StateFeedback:
+        """:meth:`OperatorStep.feedback_terms` of the augmented state (one "sample": the
+        cotangent (1, B n1), the curvature :math:`\\delta X^\\top F_x^\\top \\mathcal V'
+        F_x \\delta X` (1,))."""
+        return self.step.feedback_terms(dX.reshape(1, -1), curvature)
 
 
 def joint_riccati_step(value: DenseValue, stage: OperatorStage,

@@ -56,6 +56,7 @@ __all__ = [
     "OperatorStage",
     "ControlResponse",
     "OperatorStep",
+    "StateFeedback",
     "operator_riccati_step",
     "DenseOperatorStage",
     "DenseResponse",
@@ -167,15 +168,58 @@ class OperatorStep:
         is :meth:`feedback` (for a caller that maps it to the controls its own way).
         For a factored :math:`V' = Z C Z^\\top` the coordinates :math:`Z^\\top f_x dX =
         (f_x^\\top Z)^\\top dX` come from this stage's pulled-back factor (kept anyway)."""
+        return self.feedback_terms(dX, curvature=False).cotangent
+
+    def feedback_terms(self, dX: torch.Tensor, curvature: bool = True) -> StateFeedback:
+        """:meth:`feedback_cotangent` and, with ``curvature``, the value's second-order
+        term of each sample's state change, :math:`(f_x dX^i)^\\top V' f_x dX^i` (B,): the
+        denominator of the feedback's closed-loop gain (:class:`StateFeedback`)."""
         if (self.value is not None and self.next_value.factored and not self.tikhonov
                 and getattr(self.stage, "samplewise", False)):
             a = torch.bmm(self.value.directions(), dX.reshape(dX.shape[0], -1, 1))  # (B, r, 1)
             if self.factor_map is not None:
                 a = self.factor_map.transpose(-1, -2) @ a
-            Y = self.next_value.hess_from_coords(a.transpose(-1, -2))
+            a = a.transpose(-1, -2)                                          # (B, 1, r)
+            Y = self.next_value.hess_from_coords(a).squeeze(1)
+            q = self.next_value.coords_quadratic(a).squeeze(1) if curvature else None
         else:
-            Y = self.next_value.hess_apply(self.stage.fx(dX).unsqueeze(1), self.tikhonov)
-        return Y.squeeze(1)
+            change = self.stage.fx(dX)
+            Y = self.next_value.hess_apply(change.unsqueeze(1), self.tikhonov).squeeze(1)
+            q = (change * Y).sum(-1) if curvature else None
+        return StateFeedback(cotangent=Y, curvature=q)
+
+
+@dataclass(frozen=True)
+class StateFeedback:
+    r"""One stage's feedback term for the state deviations dX (B, n) of a forward pass.
+
+    The applied feedback is :math:`\delta u_{fb} = -P^{-1} F` with :math:`F =
+    \mathbb{E}_i[f_u^{i\top} Y^i]` (``stage.fu_T_mean`` of the cotangent).  Along it the
+    value's quadratic model of the next state closes the loop with the gain
+
+    .. math::
+
+        \rho = \frac{\langle F, P^{-1} F\rangle}{\mathbb{E}_i[q^i]},\qquad
+        q^i = (f_x dX^i)^\top V' f_x dX^i,
+
+    the share of the state change's value coordinates :math:`a^i = Z^\top f_x dX^i`
+    that the feedback cancels (:math:`\rho = -\sum_i a^{i\top} C b^i / \sum_i a^{i\top}
+    C a^i` with :math:`b^i = Z^\top f_u^i \delta u_{fb}`, a Rayleigh quotient of the
+    batch's :math:`\mathbb{E}_i[f_u^{i\top} V' f_u^i]` against :math:`P`): in [0, 1]
+    when :math:`P \succeq \mathbb{E}_i[f_u^{i\top} V' f_u^i]` (exact DDP, where the
+    feedback is the model's Newton step), above 1 where the curvature model
+    underestimates the curvature the value sees, and the feedback overshoots.
+
+    Attributes
+    ----------
+    cotangent : (B, n1)
+        :math:`Y^i = V' f_x dX^i`.
+    curvature : (B,) or None
+        :math:`q^i` (None where not asked for).
+    """
+
+    cotangent: torch.Tensor
+    curvature: torch.Tensor | None = None
 
 
 def operator_riccati_step(

@@ -186,6 +186,11 @@ class RankOneValue:
         """:math:`V Y` from the coordinates ``a = z' Y`` (B, J, 1) of rows Y: (B, J, n)."""
         return (self.c.reshape(-1, 1, 1) * a) * self.z.unsqueeze(1)
 
+    def coords_quadratic(self, a: torch.Tensor) -> torch.Tensor:
+        """:math:`Y V Y^\\top = c\\, a^2` per row from the coordinates ``a = z' Y`` (B, J, 1):
+        (B, J)."""
+        return self.c.reshape(-1, 1) * a[..., 0] ** 2
+
     #: the feedback pass reads Z' f_x dX off the pulled-back factor
     #: (:class:`~trajopt.riccati.operator.OperatorStep`)
     factored = True
@@ -252,6 +257,11 @@ class RankRValue:
         if self.C is not None:
             a = a @ self.C
         return a @ self.Z.transpose(-1, -2)
+
+    def coords_quadratic(self, a: torch.Tensor) -> torch.Tensor:
+        """:math:`Y V Y^\\top = a C a^\\top` per row from the coordinates ``a = Y Z``
+        (B, J, r): (B, J)."""
+        return ((a if self.C is None else a @ self.C) * a).sum(-1)
 
     factored = True
 

@@ -1,0 +1,46 @@
+r"""The feedback term of a DDP step and its closed-loop gain, for the optimizers' forward
+passes (DDPNOpt, GT-DDP).
+
+Each stage applies :math:`\delta u = -P^{-1}(\mathbb{E}[Q_u] + F)` with the feedback
+term :math:`F = \mathbb{E}_i[Q_{ux}^i dX^i]`.  Along it the value's quadratic model of
+the stage's next state closes the loop with the gain
+:math:`\rho = \langle F, P^{-1} F\rangle / \mathbb{E}_i[(f_x dX^i)^\top V' f_x dX^i]`
+(:class:`trajopt.riccati.StateFeedback`): at most 1 where :math:`P` is at least the
+curvature the value sees, above 1 where the curvature model underestimates it and the
+feedback overshoots.  A curvature that watches it (:attr:`Curvature.watches_feedback`)
+gets it through :meth:`Curvature.closed_loop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["feedback_terms", "loop_gain"]
+
+
+def feedback_terms(step: Any, dX: torch.Tensor, curvature: bool
+                   ) -> tuple[Any, torch.Tensor | None]:
+    """``(F, q)``: the stage's feedback term :math:`F` (control-shaped; a list of the
+    players' for a graph stage) for the state deviations dX (B, n), and with
+    ``curvature`` the samples' :math:`q^i = (f_x dX^i)^\\top V' f_x dX^i` (B,) (None
+    without: ``step.feedback(dX)`` alone)."""
+    if not curvature:
+        return step.feedback(dX), None
+    terms = step.feedback_terms(dX)
+    return step.stage.fu_T_mean(terms.cotangent), terms.curvature
+
+
+def loop_gain(F: Sequence[torch.Tensor | None], PF: Sequence[torch.Tensor | None],
+              q: torch.Tensor, mean: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+    """:math:`\\rho = \\langle F, P^{-1} F\\rangle / \\mathbb{E}_i[q^i]` (0-dim) from the
+    feedback terms ``F`` and ``PF`` :math:`= P^{-1} F` (pairs of control tensors in the
+    same coordinates; None for a frozen player) and the local samples' ``q`` (B,);
+    ``mean`` turns a local sum into the batch mean (:class:`~nnbridge.distributed.
+    BatchMean`).  0 where the state did not change in the value's metric."""
+    num = sum((f * pf).sum() for f, pf in zip(F, PF) if f is not None and pf is not None)
+    den = mean(q.sum())
+    return torch.where(den > 0, num / den, torch.zeros_like(den))
