@@ -96,14 +96,14 @@ class Curvature:
     #: (:class:`trajopt.riccati.StateFeedback`; a few elementwise operations a stage)
     watches_feedback = False
 
-    def closed_loop(self, st: State, gain: torch.Tensor) -> State:
+    def closed_loop(self, st: State, gain: float) -> State:
         """The state to keep after a step whose feedback closed the loop at this stage
-        with ``gain`` (a 0-dim tensor, :class:`trajopt.riccati.StateFeedback`: above 1
-        where :math:`P` underestimates the curvature the value sees); called only where
+        with ``gain`` (:class:`trajopt.riccati.StateFeedback`: above 1 where :math:`P`
+        underestimates the curvature the value sees); called only where
         :attr:`watches_feedback`."""
         return st
 
-    def feedback_scale(self, gain: torch.Tensor) -> torch.Tensor | float:
+    def feedback_scale(self, gain: float) -> float:
         """The factor on this stage's feedback term, given its closed-loop ``gain``
         (called only where :attr:`watches_feedback`): 1, the method's feedback."""
         return 1.0
@@ -535,12 +535,12 @@ class EKFAC(Curvature):
         overshot, 1.7 -> 35 in one step on a small CNN with ``update_freq=10``), so
         :meth:`update` recomputes them at the next step (``docs/ddpnopt.md``, "EKFAC's
         eigenbasis under feedback")."""
-        return dict(st, stale=True) if "QA" in st and bool(gain > 1) else st
+        return dict(st, stale=True) if "QA" in st and gain > 1 else st
 
     def feedback_scale(self, gain):
         """:math:`1 / \\max(1, \\rho)`: in the step where the gain exceeds 1 the feedback
         cancels what the model's Newton step would along the state change, no more."""
-        return 1.0 / gain.clamp(min=1.0)
+        return 1.0 / gain if gain > 1 else 1.0
 
     def rotations(self, st):
         return st["QG"], st["QA"]

@@ -711,7 +711,8 @@ class DDPNOpt(torch.optim.Optimizer):
         (:meth:`Curvature.closed_loop`, :mod:`nnbridge.feedback`)."""
         gain = loop_gain([F], [fb], q, mean)
         r["state"] = self.curvature.closed_loop(r["state"], gain)
-        return fb * self.curvature.feedback_scale(gain)
+        scale = self.curvature.feedback_scale(gain)
+        return fb if scale == 1 else fb * scale
 
     def __repr__(self) -> str:
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}

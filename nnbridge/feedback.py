@@ -34,13 +34,14 @@ def feedback_terms(step: Any, dX: torch.Tensor, curvature: bool
 
 
 def loop_gain(F: Sequence[torch.Tensor | None], PF: Sequence[torch.Tensor | None],
-              q: torch.Tensor, mean: Callable[[torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
-    """:math:`\\rho = \\langle F, P^{-1} F\\rangle / \\mathbb{E}_i[q^i]` (0-dim) from the
-    feedback terms ``F`` and ``PF`` :math:`= P^{-1} F` (pairs of control tensors in the
-    same coordinates; None for a frozen player) and the local samples' ``q`` (B,);
-    ``mean`` turns a local sum into the batch mean (:class:`~nnbridge.distributed.
-    BatchMean`).  0 where the state did not change in the value's metric."""
-    num = sum((f * pf).sum() for f, pf in zip(F, PF) if f is not None and pf is not None)
-    den = mean(q.sum())
-    return torch.where(den > 0, num / den, torch.zeros_like(den))
+              q: torch.Tensor, mean: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """:math:`\\rho = \\langle F, P^{-1} F\\rangle / \\mathbb{E}_i[q^i]` from the feedback
+    terms ``F`` and ``PF`` :math:`= P^{-1} F` (pairs of control tensors in the same
+    coordinates; None for a frozen player) and the local samples' ``q`` (B,); ``mean``
+    turns a local sum into the batch mean (:class:`~nnbridge.distributed.BatchMean`:
+    the same number on every rank).  0 where the state did not change in the value's
+    metric.  One device-to-host copy (the curvature decides on it in Python)."""
+    terms = [(f * pf).sum() for f, pf in zip(F, PF) if f is not None and pf is not None]
+    num = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+    num, den = torch.stack((num, mean(q.sum()))).tolist()
+    return num / den if den > 0 else 0.0

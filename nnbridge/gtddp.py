@@ -284,7 +284,8 @@ class GTDDP(DDPNOpt):
                 if watch:   # one gain for the stage's players (nnbridge.feedback)
                     gain = loop_gain(F, fb, q, mean)
                     scale = self.curvature.feedback_scale(gain)
-                    fb = [None if f is None else f * scale for f in fb]
+                    if scale != 1:
+                        fb = [None if f is None else f * scale for f in fb]
                     kept = [None if k is None else self.curvature.closed_loop(k, gain)
                             for k in kept]
                 du = [None if d is None else d - f for d, f in zip(du, fb)]

@@ -84,7 +84,7 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
     closed_loop = EKFAC.closed_loop
 
     def record(self, st, gain):
-        seen.append(float(gain))
+        seen.append(gain)
         return closed_loop(self, st, gain)
     monkeypatch.setattr(EKFAC, "closed_loop", record)
     X, y = data(B=5)
