@@ -465,7 +465,10 @@ class EKFAC(Curvature):
     running averages (``alpha``) of :math:`A = \\mathbb{E}[\\tilde x \\tilde x^\\top]`,
     :math:`G = \\mathbb{E}[w w^\\top]`, eigenbases recomputed every ``update_freq`` steps,
     and :math:`s` the running mean of the squared per-sample gradients in that basis
-    (re-estimated from the batch whenever the basis changes)."""
+    (re-estimated from the batch whenever the basis changes).  Under the DDP feedback a
+    stage's eigenbases are also recomputed at the step after one whose feedback's
+    closed-loop gain exceeded 1, and that feedback is scaled by :math:`1/\\rho`
+    (:meth:`closed_loop`, :meth:`feedback_scale`)."""
 
     name = "ekfac"
     defaults = dict(lr=0.1, eps=0.1, alpha=0.75, update_freq=10, weight_decay=0.0)
