@@ -109,3 +109,27 @@ def test_ekfac_feedback_stays_stable_between_eigenbasis_refreshes():
             losses.append(float(nn.functional.cross_entropy(model(X), Y)))
     assert max(losses) < 2.31, losses
     assert losses[-1] < 1.5, losses
+
+
+def test_a_marked_eigenbasis_survives_a_checkpoint():
+    """The mark is optimizer state: saved with state_dict, loaded into a new optimizer,
+    the next step (which refreshes the marked bases) is the uninterrupted one's."""
+    import copy
+    import io
+    X, y = data(B=5)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, curvature="ekfac", lr=10.0)
+    opt.step(closure_for(opt, model, X, y))
+    assert any(s.get("stale") for s in opt.state.values())
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    twin = copy.deepcopy(model)
+    opt.step(closure_for(opt, model, X, y))
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twin.load_state_dict(saved["model"])
+    opt2 = nnbridge.DDPNOpt(twin, curvature="ekfac", lr=10.0)
+    opt2.load_state_dict(saved["opt"])
+    opt2.step(closure_for(opt2, twin, X, y))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
