@@ -278,10 +278,11 @@ class CooperativeEKFAC:
         st["A"] = _moment(st.get("A"), mean(torch.einsum("bip,bjp->ij", Xc, Xc)) / P, a)
         st["G"] = _moment(st.get("G"), mean(torch.einsum("bop,bqp->oq", Wc, Wc)) / P, a)
         # as EKFAC's: also at the step after one whose feedback overshot (closed_loop)
-        fresh = ("QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
-                 or st.pop("stale", False))
+        stale = st.pop("stale", False)
+        fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0 or stale
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
+        st["refreshed"] = fresh
         QGs = [st["QG"][r] for r in _offsets([w.shape[1] for w in W])]
         QAs = [st["QA"][c] for c in _offsets([x.shape[1] for x in X])]
         if P == 1:

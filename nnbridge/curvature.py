@@ -46,10 +46,10 @@ State = dict[str, Any]
 class Curvature:
     """Base class; ``defaults`` are the hyper-parameters (torch.optim names).  The default
     learning rates are DDPNOpt's, chosen on the digits validation split
-    (``docs/experiments.md``; adam 5e-3, ekfac 0.1, exact 1.0 with regularization 1.0)
-    or, for identity (0.1) and rmsprop (1e-3), inside the range where the feedback was
-    measured stable (``docs/ddpnopt.md``, "Default rates"), not torch.optim's; the other
-    defaults are torch.optim's."""
+    (``docs/experiments.md``; ekfac 0.1, exact 1.0 with regularization 1.0) or, for
+    identity (0.1), rmsprop (1e-3) and adam (2e-3), inside the range where the feedback
+    was measured stable (``docs/ddpnopt.md``, "Default rates"), not torch.optim's; the
+    other defaults are torch.optim's."""
 
     name = "base"
     defaults: dict[str, Any] = {}
@@ -429,7 +429,7 @@ class Adam(Curvature):
 
     name = "adam"
     adaptive_diagonal = True
-    defaults = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+    defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
 
     def validate(self, hp):
         super().validate(hp)
@@ -498,11 +498,12 @@ class EKFAC(Curvature):
         st["G"] = _moment(st.get("G"), mean(torch.einsum("b...op,b...qp->...oq", Wf, Wf))
                           / P, a)
         # the eigenbases every update_freq steps, and at the step after one whose feedback
-        # overshot at this stage (closed_loop)
-        fresh = ("QA" not in st or (step - 1) % int(hp["update_freq"]) == 0
-                 or st.pop("stale", False))
+        # overshot at this stage (closed_loop; the mark is consumed either way)
+        stale = st.pop("stale", False)
+        fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0 or stale
         if fresh:
             st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
+        st["refreshed"] = fresh
         if P == 1 and X.dim() == 3:
             xr = X[..., 0] @ st["QA"]
             # the rotated inputs x Q_A again in this step's response and feedback pass
@@ -532,13 +533,16 @@ class EKFAC(Curvature):
     watches_feedback = True
 
     def closed_loop(self, st, gain):
-        """Marks the eigenbases stale where the feedback's closed-loop gain exceeded 1:
+        """Marks the eigenbases stale where the feedback's closed-loop gain exceeded 1
+        through a basis older than this step:
         the diagonal :math:`S` in an eigenbasis older than the weights underestimates
         the curvature along the directions the value sees (the DDP feedback through it
         overshot, 1.7 -> 35 in one step on a small CNN with ``update_freq=10``), so
         :meth:`update` recomputes them at the next step (``docs/ddpnopt.md``, "EKFAC's
         eigenbasis under feedback")."""
-        return dict(st, stale=True) if "QA" in st and gain > 1 else st
+        if "QA" not in st or st.get("refreshed", False) or not gain > 1:
+            return st      # a basis of this very step is not stale: S or the rate is
+        return dict(st, stale=True)
 
     def feedback_scale(self, gain):
         """:math:`1 / \\max(1, \\rho)`: in the step where the gain exceeds 1 the feedback

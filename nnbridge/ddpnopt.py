@@ -86,10 +86,10 @@ class DDPNOpt(torch.optim.Optimizer):
         The network (decomposed once by :func:`nnbridge.stages`); its parameters form the
         single parameter group.
     lr : float, optional
-        Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's (adam
-        5e-3, ekfac 0.1, exact 1.0, chosen on the digits validation split,
-        ``docs/experiments.md``; identity 0.1, rmsprop 1e-3, where the feedback stays
-        stable: ``docs/ddpnopt.md``, "Default rates").
+        Learning rate :math:`\eta` (:math:`P = M/\eta`); default: the curvature's (ekfac
+        0.1, exact 1.0, chosen on the digits validation split, ``docs/experiments.md``;
+        identity 0.1, rmsprop 1e-3, adam 2e-3, where the feedback stays stable:
+        ``docs/ddpnopt.md``, "Default rates").
     curvature : {"identity", "rmsprop", "adam", "ekfac", "exact"}
         :math:`Q_{uu}` model (Table 2): identity (SGD), RMSprop, Adam, EKFAC, or "exact"
         (vanilla DDP, small Linear networks).  Each takes the hyper-parameters of the
@@ -674,7 +674,8 @@ class DDPNOpt(torch.optim.Optimizer):
                 continue
             hp, cst, step, U, pre = r["hp"], r["state"], r["step"], r["U"], r["pre"]
             dX = None if t == 0 else (xhat - rec.inputs[t]).reshape(mean.local, -1)
-            watch = dX is not None and curv.watches_feedback
+            # the gain is at most 1 for an exact curvature only where V' >= 0 (value_psd)
+            watch = dX is not None and curv.watches_feedback and hp["value_psd"]
             Rg = r.pop("Rg", None)   # P^-1 g in the eigenbasis (Preconditioner.rotate)
             if Rg is not None:       # one rotation back for the step and the feedback term
                 if dX is not None:

@@ -5,10 +5,12 @@ Each stage applies :math:`\delta u = -P^{-1}(\mathbb{E}[Q_u] + F)` with the feed
 term :math:`F = \mathbb{E}_i[Q_{ux}^i dX^i]`.  Along it the value's quadratic model of
 the stage's next state closes the loop with the gain
 :math:`\rho = \langle F, P^{-1} F\rangle / \mathbb{E}_i[(f_x dX^i)^\top V' f_x dX^i]`
-(:class:`trajopt.riccati.StateFeedback`): at most 1 where :math:`P` is at least the
-curvature the value sees, above 1 where the curvature model underestimates it and the
-feedback overshoots.  A curvature that watches it (:attr:`Curvature.watches_feedback`)
-gets it through :meth:`Curvature.closed_loop`.
+(:class:`trajopt.riccati.StateFeedback`): for a positive semidefinite :math:`V'` at
+most 1 where :math:`P` is at least the curvature the value sees, above 1 where the
+curvature model underestimates it and the feedback overshoots.  The optimizers measure
+it only under ``value_psd=True`` (their default), where that bound holds; a curvature
+that watches it (:attr:`Curvature.watches_feedback`) gets it through
+:meth:`Curvature.closed_loop` and :meth:`Curvature.feedback_scale`.
 """
 
 from __future__ import annotations

@@ -278,7 +278,7 @@ class GTDDP(DDPNOpt):
             pre, du, kept = info["pre"], info["open_loop"], info["states"]
             if t > 0:
                 dY = lin.flat(yhat) - lin.flat(ys[t])
-                watch = self.curvature.watches_feedback
+                watch = self.curvature.watches_feedback and self.param_groups[0]["value_psd"]
                 F, q = feedback_terms(steps[t], dY, watch)
                 fb = pre.inverse(F)
                 if watch:   # one gain for the stage's players (nnbridge.feedback)

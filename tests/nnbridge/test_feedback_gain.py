@@ -21,26 +21,36 @@ def _ekfac_state(seed, step=1, st=None):
 
 
 def test_ekfac_recomputes_its_eigenbasis_at_the_step_after_an_overshoot():
-    """closed_loop marks the state (gain > 1) or leaves it as it is (gain <= 1, or no
-    basis yet); update then recomputes the eigenbases of the new factors at a step that
-    is not a multiple of update_freq -- only where marked -- and drops the mark; the
-    state it was given is not changed (a skipped step keeps it)."""
+    """closed_loop marks the state (gain > 1 through a basis older than the step) or
+    leaves it as it is (gain <= 1, no basis yet, or a basis computed at this very step);
+    update then recomputes the eigenbases of the new factors at a step that is not a
+    multiple of update_freq -- only where marked -- and consumes the mark, also at a
+    periodic refresh; the state it was given is not changed (a skipped step keeps it)."""
     curv = EKFAC()
     st1 = _ekfac_state(0)
-    assert curv.closed_loop(st1, 0.99) is st1
+    assert st1["refreshed"] and curv.closed_loop(st1, 5.0) is st1
+    st2 = _ekfac_state(1, step=2, st=st1)
+    assert not st2["refreshed"] and st2["QA"] is st1["QA"]
+    assert curv.closed_loop(st2, 0.99) is st2
     assert curv.closed_loop({}, 5.0) == {}
-    marked = curv.closed_loop(st1, 1.01)
-    assert marked["stale"] is True and "stale" not in st1
-    kept = _ekfac_state(1, step=2, st=st1)
-    assert kept["QA"] is st1["QA"] and kept["QG"] is st1["QG"]
-    fresh = _ekfac_state(1, step=2, st=marked)
-    assert "stale" not in fresh and marked["stale"] is True
+    marked = curv.closed_loop(st2, 1.01)
+    assert marked["stale"] is True and "stale" not in st2
+    kept = _ekfac_state(2, step=3, st=st2)
+    assert kept["QA"] is st2["QA"] and kept["QG"] is st2["QG"]
+    fresh = _ekfac_state(2, step=3, st=marked)
+    assert "stale" not in fresh and marked["stale"] is True and fresh["refreshed"]
     torch.testing.assert_close(fresh["A"], kept["A"])
     for Q, M in ((fresh["QA"], fresh["A"]), (fresh["QG"], fresh["G"])):
         torch.testing.assert_close(Q, torch.linalg.eigh(M)[1])
-    assert not torch.allclose(fresh["QA"].abs(), st1["QA"].abs(), atol=1e-3)
+    assert not torch.allclose(fresh["QA"].abs(), st2["QA"].abs(), atol=1e-3)
     # S re-estimated from the batch on the new basis, as at a periodic refresh
     assert not torch.allclose(fresh["S"], kept["S"])
+    # a mark that meets a periodic refresh (step 11 with update_freq 10) is consumed
+    # there: the step after keeps the basis
+    periodic = _ekfac_state(3, step=11, st=marked)
+    assert periodic["refreshed"] and "stale" not in periodic
+    after = _ekfac_state(4, step=12, st=periodic)
+    assert not after["refreshed"] and after["QA"] is periodic["QA"]
     assert curv.feedback_scale(4.0) == 0.25 and curv.feedback_scale(0.5) == 1.0
 
 
@@ -60,6 +70,10 @@ def test_first_order_curvatures_do_not_watch_the_feedback(monkeypatch):
         model = mlp()
         opt = nnbridge.DDPNOpt(model, curvature=curvature)
         opt.step(closure_for(opt, model, X, y))
+    # nor EKFAC with an indefinite value (value_psd=False): the gain's bound needs V' >= 0
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, curvature="ekfac", value_psd=False)
+    opt.step(closure_for(opt, model, X, y))
     assert not calls
     model = mlp()
     opt = nnbridge.DDPNOpt(model, curvature="ekfac")
@@ -119,7 +133,10 @@ def test_a_marked_eigenbasis_survives_a_checkpoint():
     X, y = data(B=5)
     model = mlp()
     opt = nnbridge.DDPNOpt(model, curvature="ekfac", lr=10.0)
-    opt.step(closure_for(opt, model, X, y))
+    for _ in range(8):   # step 1's bases are its own; a later step overshoots
+        opt.step(closure_for(opt, model, X, y))
+        if any(s.get("stale") for s in opt.state.values()):
+            break
     assert any(s.get("stale") for s in opt.state.values())
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)

@@ -204,11 +204,12 @@ class StateFeedback:
 
     the share of the state change's value coordinates :math:`a^i = Z^\top f_x dX^i`
     that the feedback cancels (:math:`\rho = -\sum_i a^{i\top} C b^i / \sum_i a^{i\top}
-    C a^i` with :math:`b^i = Z^\top f_u^i \delta u_{fb}`, a Rayleigh quotient of the
-    batch's :math:`\mathbb{E}_i[f_u^{i\top} V' f_u^i]` against :math:`P`): in [0, 1]
-    when :math:`P \succeq \mathbb{E}_i[f_u^{i\top} V' f_u^i]` (exact DDP, where the
-    feedback is the model's Newton step), above 1 where the curvature model
-    underestimates the curvature the value sees, and the feedback overshoots.
+    C a^i` with :math:`b^i = Z^\top f_u^i \delta u_{fb}`).  For :math:`V' \succeq 0` it
+    is at most the largest eigenvalue of :math:`P^{-1}\mathbb{E}_i[f_u^{i\top} V'
+    f_u^i]`, so in [0, 1] when :math:`P \succeq \mathbb{E}_i[f_u^{i\top} V' f_u^i]`
+    (exact DDP, where the feedback is the model's Newton step) and above 1 only where
+    the curvature model underestimates the curvature the value sees: the feedback
+    overshoots.  An indefinite :math:`V'` (no PSD projection) voids the bound.
 
     Attributes
     ----------
