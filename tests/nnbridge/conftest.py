@@ -45,3 +45,16 @@ def closure_for(opt, model, X, y):
         loss.backward()
         return loss
     return closure
+
+
+def record_gains(monkeypatch) -> list:
+    """The closed-loop gains EKFAC is handed (``EKFAC.closed_loop``), in call order."""
+    from nnbridge.curvature import EKFAC
+    seen = []
+    closed_loop = EKFAC.closed_loop
+
+    def record(self, st, gain):
+        seen.append(gain)
+        return closed_loop(self, st, gain)
+    monkeypatch.setattr(EKFAC, "closed_loop", record)
+    return seen

@@ -17,7 +17,7 @@ from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
-from .conftest import closure_for, cnn, data, grouped_cnn, mlp
+from .conftest import closure_for, cnn, data, grouped_cnn, mlp, record_gains
 
 LRS = {"identity": 0.3, "rmsprop": 1e-2, "adam": 1e-2, "ekfac": 0.1, "exact": 1.0}
 
@@ -81,14 +81,7 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
     uncapped Alg. 3.  The first step's bases are its own (not stale): no marks; the
     second step's overshooting stages are marked."""
     psd = True
-    from nnbridge.curvature import EKFAC
-    seen = []
-    closed_loop = EKFAC.closed_loop
-
-    def record(self, st, gain):
-        seen.append(gain)
-        return closed_loop(self, st, gain)
-    monkeypatch.setattr(EKFAC, "closed_loop", record)
+    seen = record_gains(monkeypatch)
     X, y = data(B=5)
     model = mlp()
     opt = nnbridge.DDPNOpt(model, lr=10.0, curvature="ekfac", value_hessian=value_hessian,

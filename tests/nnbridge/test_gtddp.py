@@ -10,7 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import nnbridge
-from tests.nnbridge.conftest import closure_for, data, mlp
+from tests.nnbridge.conftest import closure_for, data, mlp, record_gains
 from tests.reference.span_augmented import augmented_problem
 from trajopt import Cost, DDPSolver, GTDDPSolver, Span
 from trajopt.errors import UnsupportedModelError
@@ -200,14 +200,7 @@ def test_on_a_chain_gtddp_caps_and_marks_the_ekfac_feedback_as_ddpnopt(monkeypat
     """EKFAC's closed-loop rule (docs/ddpnopt.md, "EKFAC's eigenbasis under feedback") at
     a rate where it acts: GT-DDP's feedback pass measures the same gains as DDPNOpt's,
     scales and marks the same stages, and takes the same steps."""
-    from nnbridge.curvature import EKFAC
-    seen = []
-    closed_loop = EKFAC.closed_loop
-
-    def record(self, st, gain):
-        seen.append(gain)
-        return closed_loop(self, st, gain)
-    monkeypatch.setattr(EKFAC, "closed_loop", record)
+    seen = record_gains(monkeypatch)
     batches = [data(B=6, seed=s) for s in range(4)]
     runs = []
     for cls in (nnbridge.DDPNOpt, nnbridge.GTDDP):
