@@ -72,7 +72,7 @@ import torch
 
 from trajopt.errors import InvalidArgumentError, ShapeError
 
-from .curvature import EKFAC, _eigenbasis, _moment
+from .curvature import EKFAC, _eigenbasis, _eigh, _moment
 
 __all__ = ["CooperativeEKFAC", "CooperativePreconditioner", "can_cooperate"]
 
@@ -121,6 +121,47 @@ def can_cooperate(Xs: Sequence[torch.Tensor | None],
     return len({(X.shape[0], X.shape[-1]) for X in act}) == 1
 
 
+def _untie(lam: torch.Tensor, Q: torch.Tensor, M: torch.Tensor,
+           sizes: Sequence[int]) -> torch.Tensor:
+    r"""The eigenvectors ``Q`` of a joint factor ``M`` (eigenvalues ``lam``, ascending;
+    ``sizes``: the players' blocks) with the basis of each repeated eigenvalue (equal up
+    to :math:`4 n \epsilon_{\mathrm{mach}} \max|\lambda|`) made the one that
+    diagonalizes :math:`T = \mathrm{blockdiag}_j(j\, M_{jj})` there (j = 1..k).
+
+    A joint factor has repeated eigenvalues by construction: the players of a merge by a
+    sum share their output cotangent, so :math:`B_{ww} = \mathbf{1}\mathbf{1}^\top
+    \otimes B` (a null space of the output's size: ``l3(x3) + p(x2)``, a projection
+    shortcut), biased players share the constant input (a (k-1)-dimensional null space
+    of :math:`A_{ww}`), and a batch smaller than the factor leaves a null space.  There
+    ``eigh``'s basis is rounding's choice (the order of the samples, the ranks'
+    all-reduce), and the re-estimated S depends on it, because the real blocks'
+    per-sample gradients do not vanish there: one step of GT-EKFAC on two ranks differed
+    from one process by 0.3.  T depends on the statistics only (not on their order)
+    and is generic on those null spaces: on :math:`\mathbf{1}\mathbf{1}^\top \otimes B`'s
+    it is :math:`\sum_j j\, v_j^\top B v_j` (:math:`\sum_j v_j \in \mathrm{null}\,B`),
+    on the biases' :math:`\sum_j j\, c_j^2` (:math:`\sum_j c_j = 0`), with distinct
+    eigenvalues (interlacing).  Where T is zero, every player's own factor is (its
+    inputs or cotangents vanish there, so do the gradients, S and the step's component:
+    the basis does not matter)."""
+    n = lam.shape[0]
+    if n < 2 or not bool(torch.isfinite(Q).all()):
+        return Q
+    tol = 4 * n * torch.finfo(lam.dtype).eps * float(lam.abs().max())
+    cuts = ((lam[1:] - lam[:-1]) > tol).nonzero().flatten().tolist()
+    edges = [0, *(c + 1 for c in cuts), n]
+    if len(edges) == n + 1:                               # no repeated eigenvalue
+        return Q
+    T = torch.block_diag(*[(j + 1) * M[s, s] for j, s in enumerate(_offsets(sizes))])
+    T = T.to(Q.dtype)
+    Q = Q.clone()
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi - lo > 1:
+            C = Q[:, lo:hi]
+            R = C.transpose(0, 1) @ T @ C
+            Q[:, lo:hi] = C @ _eigenbasis(0.5 * (R + R.transpose(0, 1)))
+    return Q
+
+
 class CooperativeEKFAC:
     r"""EKFAC on the augmented layer of a stage's k >= 1 players (Theorem 3 with the
     eigenvalue correction; module docstring).
@@ -167,8 +208,8 @@ class CooperativeEKFAC:
     plain gradient step :math:`G / (2\epsilon)` along the null directions.  With the
     re-estimated S those directions get the second moments of the real per-sample
     gradients (not 0): the update is the mean of two EKFAC steps of the single layer,
-    one in the eigenbasis of (A, B) and one in the basis eigh picks for the null spaces
-    of the joint factors (equal to EKFAC's step when those bases coincide).  Both
+    one in the eigenbasis of (A, B) and one in the basis of the joint factors' null
+    spaces (which :func:`_untie` fixes: eigh's would be rounding's choice).  Both
     relations are tests (``tests/nnbridge/test_cooperative.py``).
 
     Biased players.  Every player's :math:`\tilde x_j` ends with the constant 1, so k
@@ -176,9 +217,13 @@ class CooperativeEKFAC:
     7a's module makes both factors singular).  The undamped Theorem 3 form (Eq. 16-18)
     does not exist then; with :math:`\epsilon > 0` and the re-estimated S it is well
     defined (S on those directions is the second moment of the per-sample joint
-    gradients there, not 0).  For k >= 3 that null space is a repeated eigenvalue whose
-    basis is the eigensolver's choice, and S depends on it (as EKFAC's does on a
-    repeated eigenvalue of a single layer's factor).
+    gradients there, not 0).  S depends on the basis inside a repeated eigenvalue (that
+    null space for k >= 3; the output's null space of players whose outputs are added;
+    a batch smaller than the joint factor), where eigh's basis is rounding's choice: the
+    eigenbases are fixed there by :func:`_untie`, so that the step does not depend on
+    the order of the samples or on how the batch is split over ranks.  What remains is
+    EKFAC's own dependence where a player's own factor is rank deficient (a later
+    batch's gradients in its null space; ``docs/ddpnopt.md``).
 
     Examples
     --------
@@ -281,7 +326,13 @@ class CooperativeEKFAC:
         stale = st.pop("stale", False)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0 or stale
         if fresh:
-            st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
+            if len(act) == 1:    # EKFAC's, bit for bit
+                st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
+            else:
+                # inside a repeated eigenvalue eigh's basis is rounding's choice (the
+                # order of the samples, the ranks' all-reduce) and S depends on it (_untie)
+                st["QA"] = _untie(*_eigh(st["A"]), st["A"], [x.shape[1] for x in X])
+                st["QG"] = _untie(*_eigh(st["G"]), st["G"], [w.shape[1] for w in W])
         st["refreshed"] = fresh
         QGs = [st["QG"][r] for r in _offsets([w.shape[1] for w in W])]
         QAs = [st["QA"][c] for c in _offsets([x.shape[1] for x in X])]

@@ -559,13 +559,20 @@ def _eigenbasis(M: torch.Tensor) -> torch.Tensor:
     it is then computed in float64 and cast back.  Where even that fails, or the factor
     is not finite, the result is NaN, so that the step's non-finite check skips the step
     and leaves the optimizer's state as it was."""
+    return _eigh(M)[1]
+
+
+def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eigenvalues ascending, eigenvectors)`` of a symmetric factor, as
+    :func:`_eigenbasis` computes them (NaN where it fails)."""
     if bool(torch.isfinite(M).all()):
         for dtype in dict.fromkeys((M.dtype, torch.float64)):
             try:
-                return torch.linalg.eigh(M.to(dtype))[1].to(M.dtype)
+                lam, Q = torch.linalg.eigh(M.to(dtype))
+                return lam.to(M.dtype), Q.to(M.dtype)
             except RuntimeError:  # torch.linalg.LinAlgError: no convergence
                 continue
-    return torch.full_like(M, float("nan"))
+    return torch.full_like(M[..., 0], float("nan")), torch.full_like(M, float("nan"))
 
 
 class Exact(Curvature):

@@ -25,8 +25,18 @@ CASES = [("identity", True, {"lr": 0.3, "momentum": 0.9}), ("rmsprop", True, {"l
          ("identity", True, {"lr": 0.3, "terminal_hessian": "fisher"}),
          # GT-DDP on a residual network (spans and a projection player)
          ("adam", True, {"lr": 1e-2, "gtddp": True}),
-         ("exact", True, {"lr": 1.0, "regularization": 2.0, "gtddp": True})]
+         ("exact", True, {"lr": 1.0, "regularization": 2.0, "gtddp": True}),
+         ("identity", True, {"lr": 0.3, "momentum": 0.9, "gtddp": True}),
+         # GT-EKFAC: l3 and the player p are added at the output, so their joint G factor
+         # has a null space of the output's size (and A_ww the bias's and the batch's),
+         # whose basis eigh picks by rounding; with and without feedback
+         ("ekfac", True, {"lr": 0.1, "update_freq": 2, "gtddp": True}),
+         ("ekfac", False, {"lr": 0.1, "update_freq": 2, "gtddp": True})]
 STEPS = 3
+#: GT-EKFAC on ResMLP: A_ww's smallest nonzero eigenvalues are close (4e-7 and 2e-6 of
+#: its largest, 2.5), so their eigenvectors move by ~1e-9 with the ranks' rounding; one
+#: process with the batch permuted differs as much (measured 4e-11 and 3e-11)
+TOL = {("ekfac", True): 1e-8}
 
 
 def _optimizer(target, curvature, feedback, hp):
@@ -95,7 +105,8 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         for p, q, s in zip(model.parameters(), ranks[0][k], start, strict=True):
             # float64: the ranks sum in another order than one process (observed 1e-15)
             err = float((p - q).abs().max() / (p - s).abs().max().detach())
-            assert err < 1e-10, (curvature, feedback, err)
+            tol = TOL.get((curvature, hp.get("gtddp", False)), 1e-10)
+            assert err < tol, (curvature, feedback, hp, err)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
