@@ -51,7 +51,7 @@ from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
-from .feedback import feedback_terms, loop_gain
+from .feedback import feedback_terms, watched
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
@@ -710,10 +710,8 @@ class DDPNOpt(torch.optim.Optimizer):
         eigenbasis' rotations are orthogonal) as the curvature scales it for its
         closed-loop gain, the stage's new state ``r["state"]`` as it keeps it
         (:meth:`Curvature.closed_loop`, :mod:`nnbridge.feedback`)."""
-        gain = loop_gain([F], [fb], q, mean)
-        r["state"] = self.curvature.closed_loop(r["state"], gain)
-        scale = self.curvature.feedback_scale(gain)
-        return fb if scale == 1 else fb * scale
+        (fb,), (r["state"],) = watched(self.curvature, [F], [fb], q, mean, [r["state"]])
+        return fb
 
     def __repr__(self) -> str:
         g = {k: v for k, v in self.param_groups[0].items() if k != "params"}

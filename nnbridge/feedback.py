@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["feedback_terms", "loop_gain"]
+__all__ = ["feedback_terms", "loop_gain", "watched"]
 
 
 def feedback_terms(step: Any, dX: torch.Tensor, curvature: bool
@@ -47,3 +47,18 @@ def loop_gain(F: Sequence[torch.Tensor | None], PF: Sequence[torch.Tensor | None
     num = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
     num, den = torch.stack((num, mean(q.sum()))).tolist()
     return num / den if den > 0 else 0.0
+
+
+def watched(curvature: Any, F: Sequence[torch.Tensor | None],
+            PF: Sequence[torch.Tensor | None], q: torch.Tensor,
+            mean: Callable[[torch.Tensor], torch.Tensor], states: Sequence[Any]
+            ) -> tuple[list, list]:
+    """One stage's feedback terms ``PF`` :math:`= P^{-1} F` (its players', None for a
+    frozen one) as ``curvature`` scales them for the stage's closed-loop gain
+    (:func:`loop_gain`: one gain for all players), and the players' curvature ``states``
+    as it keeps them (:meth:`Curvature.feedback_scale`, :meth:`Curvature.closed_loop`)."""
+    gain = loop_gain(F, PF, q, mean)
+    scale = curvature.feedback_scale(gain)
+    if scale != 1:
+        PF = [None if f is None else f * scale for f in PF]
+    return list(PF), [None if s is None else curvature.closed_loop(s, gain) for s in states]

@@ -38,7 +38,7 @@ from . import ddpnopt as _ddpnopt
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
-from .feedback import feedback_terms, loop_gain
+from .feedback import feedback_terms, watched
 from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
@@ -282,12 +282,7 @@ class GTDDP(DDPNOpt):
                 F, q = feedback_terms(steps[t], dY, watch)
                 fb = pre.inverse(F)
                 if watch:   # one gain for the stage's players (nnbridge.feedback)
-                    gain = loop_gain(F, fb, q, mean)
-                    scale = self.curvature.feedback_scale(gain)
-                    if scale != 1:
-                        fb = [None if f is None else f * scale for f in fb]
-                    kept = [None if k is None else self.curvature.closed_loop(k, gain)
-                            for k in kept]
+                    fb, kept = watched(self.curvature, F, fb, q, mean, kept)
                 du = [None if d is None else d - f for d, f in zip(du, fb)]
             new = [None if d is None else lin.U[j] + d for j, d in enumerate(du)]
             for j, k in enumerate(ids):

@@ -64,7 +64,7 @@ def test_first_order_curvatures_do_not_watch_the_feedback(monkeypatch):
     def counting(*a):
         calls.append(1)
         return orig(*a)
-    monkeypatch.setattr("nnbridge.ddpnopt.loop_gain", counting)
+    monkeypatch.setattr("nnbridge.feedback.loop_gain", counting)
     X, y = data(B=6)
     for curvature in ("identity", "rmsprop", "adam"):
         model = mlp()
