@@ -72,7 +72,8 @@ import torch
 
 from trajopt.errors import InvalidArgumentError, ShapeError
 
-from .curvature import EKFAC, _eigenbasis, _eigh, _moment
+from .curvature import EKFAC, _moment
+from .eigenbasis import eigenbasis
 
 __all__ = ["CooperativeEKFAC", "CooperativePreconditioner", "can_cooperate"]
 
@@ -121,12 +122,11 @@ def can_cooperate(Xs: Sequence[torch.Tensor | None],
     return len({(X.shape[0], X.shape[-1]) for X in act}) == 1
 
 
-def _untie(lam: torch.Tensor, Q: torch.Tensor, M: torch.Tensor,
-           sizes: Sequence[int]) -> torch.Tensor:
-    r"""The eigenvectors ``Q`` of a joint factor ``M`` (eigenvalues ``lam``, ascending;
-    ``sizes``: the players' blocks) with the basis of each repeated eigenvalue (equal up
-    to :math:`4 n \epsilon_{\mathrm{mach}} \max|\lambda|`) made the one that
-    diagonalizes :math:`T = \mathrm{blockdiag}_j(j\, M_{jj})` there (j = 1..k).
+def _breaker(M: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    r"""The tie-breaker of a joint factor ``M`` (``sizes``: the players' blocks) for
+    :func:`nnbridge.eigenbasis.eigenbasis`: inside each repeated eigenvalue of M the
+    basis is made the one that diagonalizes :math:`T = \mathrm{blockdiag}_j(j\,
+    M_{jj})` there (j = 1..k), and where T does not separate it, the coordinates.
 
     A joint factor has repeated eigenvalues by construction: the players of a merge by a
     sum share their output cotangent, so :math:`B_{ww} = \mathbf{1}\mathbf{1}^\top
@@ -140,26 +140,10 @@ def _untie(lam: torch.Tensor, Q: torch.Tensor, M: torch.Tensor,
     and is generic on those null spaces: on :math:`\mathbf{1}\mathbf{1}^\top \otimes B`'s
     it is :math:`\sum_j j\, v_j^\top B v_j` (:math:`\sum_j v_j \in \mathrm{null}\,B`),
     on the biases' :math:`\sum_j j\, c_j^2` (:math:`\sum_j c_j = 0`), with distinct
-    eigenvalues (interlacing).  Where T is zero, every player's own factor is (its
-    inputs or cotangents vanish there, so do the gradients, S and the step's component:
-    the basis does not matter)."""
-    n = lam.shape[0]
-    if n < 2 or not bool(torch.isfinite(Q).all()):
-        return Q
-    tol = 4 * n * torch.finfo(lam.dtype).eps * float(lam.abs().max())
-    cuts = ((lam[1:] - lam[:-1]) > tol).nonzero().flatten().tolist()
-    edges = [0, *(c + 1 for c in cuts), n]
-    if len(edges) == n + 1:                               # no repeated eigenvalue
-        return Q
-    T = torch.block_diag(*[(j + 1) * M[s, s] for j, s in enumerate(_offsets(sizes))])
-    T = T.to(Q.dtype)
-    Q = Q.clone()
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if hi - lo > 1:
-            C = Q[:, lo:hi]
-            R = C.transpose(0, 1) @ T @ C
-            Q[:, lo:hi] = C @ _eigenbasis(0.5 * (R + R.transpose(0, 1)))
-    return Q
+    eigenvalues (interlacing).  Where T is zero, every player's own factor is: a
+    player's own null space (its batch smaller than its inputs), whose basis the
+    coordinates fix, as for EKFAC (:mod:`nnbridge.eigenbasis`)."""
+    return torch.block_diag(*[(j + 1) * M[s, s] for j, s in enumerate(_offsets(sizes))])
 
 
 class CooperativeEKFAC:
@@ -209,7 +193,7 @@ class CooperativeEKFAC:
     re-estimated S those directions get the second moments of the real per-sample
     gradients (not 0): the update is the mean of two EKFAC steps of the single layer,
     one in the eigenbasis of (A, B) and one in the basis of the joint factors' null
-    spaces (which :func:`_untie` fixes: eigh's would be rounding's choice).  Both
+    spaces (which :func:`_breaker` fixes: eigh's would be rounding's choice).  Both
     relations are tests (``tests/nnbridge/test_cooperative.py``).
 
     Biased players.  Every player's :math:`\tilde x_j` ends with the constant 1, so k
@@ -220,10 +204,10 @@ class CooperativeEKFAC:
     gradients there, not 0).  S depends on the basis inside a repeated eigenvalue (that
     null space for k >= 3; the output's null space of players whose outputs are added;
     a batch smaller than the joint factor), where eigh's basis is rounding's choice: the
-    eigenbases are fixed there by :func:`_untie`, so that the step does not depend on
-    the order of the samples or on how the batch is split over ranks.  What remains is
-    EKFAC's own dependence where a player's own factor is rank deficient (a later
-    batch's gradients in its null space; ``docs/ddpnopt.md``).
+    eigenbases are fixed there by :func:`_breaker`, so that the step does not depend on
+    the order of the samples or on how the batch is split over ranks; inside a player's
+    own null space (its factor rank deficient) the coordinates fix it, as for EKFAC
+    (:mod:`nnbridge.eigenbasis`).
 
     Examples
     --------
@@ -326,13 +310,14 @@ class CooperativeEKFAC:
         stale = st.pop("stale", False)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0 or stale
         if fresh:
-            if len(act) == 1:    # EKFAC's, bit for bit
-                st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
-            else:
-                # inside a repeated eigenvalue eigh's basis is rounding's choice (the
-                # order of the samples, the ranks' all-reduce) and S depends on it (_untie)
-                st["QA"] = _untie(*_eigh(st["A"]), st["A"], [x.shape[1] for x in X])
-                st["QG"] = _untie(*_eigh(st["G"]), st["G"], [w.shape[1] for w in W])
+            # inside a repeated eigenvalue eigh's basis is rounding's choice (the order
+            # of the samples, the ranks' all-reduce) and S depends on it (_breaker);
+            # one player: EKFAC's, bit for bit
+            joint = len(act) > 1
+            st["QA"] = eigenbasis(st["A"], [_breaker(st["A"], [x.shape[1] for x in X])]
+                                  if joint else ())
+            st["QG"] = eigenbasis(st["G"], [_breaker(st["G"], [w.shape[1] for w in W])]
+                                  if joint else ())
         st["refreshed"] = fresh
         QGs = [st["QG"][r] for r in _offsets([w.shape[1] for w in W])]
         QAs = [st["QA"][c] for c in _offsets([x.shape[1] for x in X])]

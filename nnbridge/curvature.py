@@ -34,6 +34,7 @@ import torch
 from trajopt.errors import InvalidArgumentError
 from trajopt.riccati.solvers import cholesky_factor
 
+from .eigenbasis import eigenbasis
 from .stages import outer_sum_rows, spread
 
 __all__ = ["Curvature", "Preconditioner", "DensePreconditioner", "Identity", "RMSprop",
@@ -502,7 +503,7 @@ class EKFAC(Curvature):
         stale = st.pop("stale", False)
         fresh = "QA" not in st or (step - 1) % int(hp["update_freq"]) == 0 or stale
         if fresh:
-            st["QA"], st["QG"] = _eigenbasis(st["A"]), _eigenbasis(st["G"])
+            st["QA"], st["QG"] = eigenbasis(st["A"]), eigenbasis(st["G"])
         st["refreshed"] = fresh
         if P == 1 and X.dim() == 3:
             xr = X[..., 0] @ st["QA"]
@@ -550,29 +551,6 @@ class EKFAC(Curvature):
 
     def rotations(self, st):
         return st["QG"], st["QA"]
-
-
-def _eigenbasis(M: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of a Kronecker factor.  LAPACK's float32 ``eigh`` can fail to
-    converge on an ill-conditioned factor (dead ReLU features give many repeated zero
-    eigenvalues; found by the MNIST-1D experiment as a raw ``LinAlgError`` mid-training):
-    it is then computed in float64 and cast back.  Where even that fails, or the factor
-    is not finite, the result is NaN, so that the step's non-finite check skips the step
-    and leaves the optimizer's state as it was."""
-    return _eigh(M)[1]
-
-
-def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eigenvalues ascending, eigenvectors)`` of a symmetric factor, as
-    :func:`_eigenbasis` computes them (NaN where it fails)."""
-    if bool(torch.isfinite(M).all()):
-        for dtype in dict.fromkeys((M.dtype, torch.float64)):
-            try:
-                lam, Q = torch.linalg.eigh(M.to(dtype))
-                return lam.to(M.dtype), Q.to(M.dtype)
-            except RuntimeError:  # torch.linalg.LinAlgError: no convergence
-                continue
-    return torch.full_like(M[..., 0], float("nan")), torch.full_like(M, float("nan"))
 
 
 class Exact(Curvature):

@@ -191,7 +191,7 @@ def reference_errors(players, P, bias=True, steps=7, seed=3, B=9):
     k biased players make A_ww singular with a (k-1)-dimensional null space (their
     constant rows are equal); for k >= 3 that eigenspace is degenerate, S depends on its
     basis, which the reference takes from eigh and CooperativeEKFAC fixes
-    (cooperative._untie), so the 3-player case is compared without bias."""
+    (cooperative._breaker), so the 3-player case is compared without bias."""
     gen = torch.Generator().manual_seed(seed)
     curv, ref = CooperativeEKFAC(), CooperativeEKFACReference(
         HP["lr"], HP["eps"], HP["alpha"], HP["update_freq"])
@@ -383,7 +383,7 @@ def damping_errors(eps=0.1):
     * S = Kronecker eigenvalues: P^{-1}[G, G]_u = 1/4 (2K + eps/2 I)^{-1} G + G/(2 eps),
       i.e. a quarter of Corollary 7's update with gamma = eps/2 plus G/(2 eps);
     * S re-estimated: the mean of two EKFAC steps, in the range basis (= the single
-      layer's EKFAC basis) and in the null basis (cooperative._untie's).
+      layer's EKFAC basis) and in the null basis (cooperative._breaker's).
 
     Also returns how far ours is from Corollary 7's update with gamma = eps (for the
     documentation; not asserted)."""
@@ -473,7 +473,7 @@ def sample_order_error(players, P, B=16, seed=11, same_input=False):
 def test_repeated_joint_eigenvalues_do_not_make_the_step_depend_on_sample_order(
         players, P, same_input):
     """eigh's basis inside a repeated eigenvalue is rounding's choice and the re-estimated
-    S depends on it: before the basis was fixed there (cooperative._untie) the step
+    S depends on it: before the basis was fixed there (cooperative._breaker) the step
     differed by 0.1-0.75 with the batch permuted (and by 0.34 between two ranks and one
     process on tests/nnbridge/test_gtddp.py's ResMLP)."""
     assert sample_order_error(players, P, same_input=same_input) < 1e-10

@@ -501,7 +501,7 @@ def test_ekfac_eigenbasis_falls_back_to_float64_then_to_a_skipped_step(monkeypat
     LinAlgError mid-training in the MNIST-1D experiment) is retried in float64; where
     that fails too, or the factor is not finite, the basis is NaN, which the step's
     non-finite check turns into a skipped step with the state intact."""
-    from nnbridge.curvature import _eigenbasis
+    from nnbridge.eigenbasis import eigenbasis as _eigenbasis
     M = torch.randn(5, 5, dtype=torch.float64)
     M = (M @ M.T).float()
     real = torch.linalg.eigh

@@ -31,7 +31,10 @@ CASES = [("identity", True, {"lr": 0.3, "momentum": 0.9}), ("rmsprop", True, {"l
          # has a null space of the output's size (and A_ww the bias's and the batch's),
          # whose basis eigh picks by rounding; with and without feedback
          ("ekfac", True, {"lr": 0.1, "update_freq": 2, "gtddp": True}),
-         ("ekfac", False, {"lr": 0.1, "update_freq": 2, "gtddp": True})]
+         ("ekfac", False, {"lr": 0.1, "update_freq": 2, "gtddp": True}),
+         # EKFAC with rank-deficient factors (batch 8, 17 inputs): their null spaces'
+         # bases come from nnbridge.eigenbasis, not from the ranks' rounding
+         ("ekfac", True, {"lr": 0.1, "wide": True})]
 STEPS = 3
 #: GT-EKFAC on ResMLP: A_ww's smallest nonzero eigenvalues are close (4e-7 and 2e-6 of
 #: its largest, 2.5), so their eigenvectors move by ~1e-9 with the ranks' rounding; one
@@ -41,12 +44,18 @@ TOL = {("ekfac", True): 1e-8}
 
 def _optimizer(target, curvature, feedback, hp):
     hp = dict(hp)
+    hp.pop("wide", None)
     cls = nnbridge.GTDDP if hp.pop("gtddp", False) else nnbridge.DDPNOpt
     return cls(target, curvature=curvature, feedback=feedback,
                **{"terminal_hessian": "ggn", "weight_decay": 1e-3, **hp})
 
 
 def _model(hp):
+    if hp.get("wide"):
+        torch.manual_seed(2)
+        return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 3))
     return ResMLP(n_in=4) if hp.get("gtddp") else mlp()
 
 

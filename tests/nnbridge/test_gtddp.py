@@ -427,7 +427,7 @@ class Coop(nn.Module):
     stage 0), then a head.  Fig. 7a feeds both the same input and adds the outputs
     directly; then the joint factors have null spaces of the input's / output's size and
     their eigenbases there (which the eigenvalue re-estimate depends on) are
-    cooperative._untie's in the optimizer and eigh's in the reference (docs/gtekfac.md),
+    cooperative._breaker's in the optimizer and eigh's in the reference (docs/gtekfac.md),
     so here v reads sin(x) and its output passes a tanh."""
 
     def __init__(self, seed=0):
