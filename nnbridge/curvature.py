@@ -109,6 +109,15 @@ class Curvature:
         (called only where :attr:`watches_feedback`): 1, the method's feedback."""
         return 1.0
 
+    def overshot(self, before: State, after: State, gain: float) -> State | None:
+        """In the backward pass, where :attr:`watches_feedback`: at a stage whose
+        open-loop step overshoots the value's model with ``gain``
+        (:func:`nnbridge.feedback.open_loop_gain`; above 1 where :math:`P`
+        underestimates the curvature the value sees along the step), the state to
+        update again from instead of ``before`` (``after`` is the update from
+        ``before``), or None to keep ``after`` (the default)."""
+        return None
+
     def reuses_response(self, st: State, hp: dict) -> bool:
         """Whether :meth:`open_loop` is :math:`-P^{-1} g` for the ``g`` it is given (no
         momentum, no first moment): the value recursion's response applies
@@ -549,6 +558,16 @@ class EKFAC(Curvature):
         cancels what the model's Newton step would along the state change, no more."""
         return 1.0 / gain if gain > 1 else 1.0
 
+    def overshot(self, before, after, gain):
+        """Eigenbases older than this step under an open-loop step that overshot the
+        value's model (``gain`` > 1): ``before`` marked stale, so that this step's
+        update from it recomputes them (and re-estimates S from the batch in them), as
+        at a refresh (``docs/ddpnopt.md``, "EKFAC's eigenbasis under feedback"); also
+        GT-DDP's joint states (:class:`~nnbridge.cooperative.CooperativeEKFAC`)."""
+        if after.get("refreshed", True) or not gain > 1:
+            return None
+        return dict(before, stale=True)
+
     def rotations(self, st):
         return st["QG"], st["QA"]
 
@@ -621,6 +640,16 @@ class NetworkResponse:
     Sg: torch.Tensor | None = None
     rotated: bool = False
     Rg: torch.Tensor | None = None
+    #: :meth:`apply_total` of ``qu``, kept for the calls of the same step
+    r_total: torch.Tensor | None = None
+
+    def step_curvature(self) -> torch.Tensor:
+        r""":math:`\langle g, S g\rangle` for g = ``total`` after :meth:`apply_total` of
+        ``qu``: from ``Sg``, or in the eigenbasis from ``Rg`` :math:`= (Q_G^\top g Q_A)
+        \odot D` as :math:`\sum R_g^2 / D` (no rotation of g; D > 0 where the rate is)."""
+        if self.Rg is not None:
+            return (self.Rg * self.Rg / self.pre.D).sum()
+        return (self.total * self.Sg).sum()
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         return self.lin.from_h(self.pre.per_sample(self.lin.factors(Y), self.lin.X))
@@ -646,15 +675,21 @@ class NetworkResponse:
 
     def apply_total(self, G: torch.Tensor) -> torch.Tensor:
         if self.total is not None and G is self.qu:
-            if self.rotated and self.pre.eigen_step_pays(self.lin.X):
-                # g_u S g = x Q_A R' Q_G' per sample, (B, out)
-                self.Rg = self.pre.rotate(self.total)
-                h = (self.pre.rotated_inputs(self.lin.X) @ self.Rg.transpose(-1, -2)
-                     ) @ self.pre.rot[0].transpose(-1, -2)
-                return self.lin.from_h(h[:, None, :, None]).squeeze(1)
-            self.Sg = self.pre.value_inverse(self.total)
-            return self.lin.from_h(self.lin.gu(self.Sg).unsqueeze(1)).squeeze(1)
+            if self.r_total is None:
+                self.r_total = self._apply_total()
+            return self.r_total
         return self.apply_control(G if self.wdU is None else G + self.wdU)
+
+    def _apply_total(self) -> torch.Tensor:
+        """:meth:`apply_total` of ``qu``: ``total`` through S, keeping ``Rg`` or ``Sg``."""
+        if self.rotated and self.pre.eigen_step_pays(self.lin.X):
+            # g_u S g = x Q_A R' Q_G' per sample, (B, out)
+            self.Rg = self.pre.rotate(self.total)
+            h = (self.pre.rotated_inputs(self.lin.X) @ self.Rg.transpose(-1, -2)
+                 ) @ self.pre.rot[0].transpose(-1, -2)
+            return self.lin.from_h(h[:, None, :, None]).squeeze(1)
+        self.Sg = self.pre.value_inverse(self.total)
+        return self.lin.from_h(self.lin.gu(self.Sg).unsqueeze(1)).squeeze(1)
 
 
 @dataclass

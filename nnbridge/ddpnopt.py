@@ -51,7 +51,7 @@ from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
 from .decompose import stages
 from .distributed import BatchMean, data_parallel_group, unwrap
-from .feedback import feedback_terms, watched
+from .feedback import feedback_terms, open_loop_gain, watched
 from .graph import graph_stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
@@ -609,12 +609,24 @@ class DDPNOpt(torch.optim.Optimizer):
                     cst = curv.update(state, g, hp, step, w, lin.X, mean)
                     pre = curv.preconditioner(cst, hp, step)
                 rec_t.update(g=g, state=cst, pre=pre)
-                if pre.value_is_inverse and curv.reuses_response(cst, hp):
-                    # the value's response applies P^-1 to this g: the open-loop step
-                    rec_t["resp"] = NetworkResponse(pre, lin, lu, total=g, qu=Qu,
-                                                    rotated=True)
-                    return rec_t["resp"]
-                return NetworkResponse(pre, lin, lu)
+                # the value's response applies P^-1 to this g: the open-loop step
+                reuse = pre.value_is_inverse and curv.reuses_response(cst, hp)
+                watch = curv.watches_feedback and hp["value_psd"]
+                if not (reuse or watch):
+                    return NetworkResponse(pre, lin, lu)
+                resp = NetworkResponse(pre, lin, lu, total=g, qu=Qu, rotated=reuse)
+                if watch:   # the step against the value's model, before the value uses it
+                    r = resp.apply_total(Qu)    # (forms S g: step_curvature reads it)
+                    gain = open_loop_gain(resp.step_curvature(), r, val, mean, tik)
+                    again = curv.overshot(state, cst, gain)
+                    if again is not None:   # this step's update again, in fresh bases
+                        cst = curv.update(again, g, hp, step, w, lin.X, mean)
+                        pre = curv.preconditioner(cst, hp, step)
+                        rec_t.update(state=cst, pre=pre)
+                        resp = NetworkResponse(pre, lin, lu, total=g, qu=Qu, rotated=reuse)
+                if reuse:
+                    rec_t["resp"] = resp
+                return resp
 
             steps[t] = self._riccati_step(value, lin, make, tikhonov=tik,
                                           project_psd=hp["value_psd"],

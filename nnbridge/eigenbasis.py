@@ -18,8 +18,18 @@ a *tie-breaker* there: a symmetric matrix that depends on the statistics only, n
 their order, and is generic on the eigenspace (distinct eigenvalues there).  The last
 one is always the coordinates, :math:`\mathrm{diag}(1, 2, \ldots, N)` (the layer's own
 order of inputs or outputs: not a function of the batch, generic on a subspace in
-general position); a cluster that no tie-breaker separates keeps eigh's basis.  Where
-the eigenvalues are distinct nothing changes (the same tensor is returned).
+general position); a cluster that no tie-breaker separates keeps eigh's basis (e.g. a
+null space made of duplicated input features, x0 = x3 and x1 = x2, on which the
+coordinates have a repeated eigenvalue: one that never gets gradients, whose basis the
+step does not see).  Columns are fixed up to their signs, which the step does not see
+either (they enter S squared and P^-1 twice).  Where the eigenvalues are distinct
+nothing changes (the same tensor is returned).
+
+Cost: an eigendecomposition of each repeated eigenvalue's size and a few host
+synchronizations per factor, at a refresh; a factor with a leading dimension (a grouped
+or depthwise convolution) is untied group by group in Python, so a depthwise float64
+layer with many channels pays per channel (512 groups of 10 x 10, rank 4: 191 ms against
+eigh's 7 ms).
 
 The coordinates break ties in float64 only (:func:`eigenbasis_of`): at float32's
 rounding floor, 4 N eps of the largest eigenvalue, most of a deep ReLU layer's spectrum
@@ -37,7 +47,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["eigh", "eigenbasis", "untie"]
+__all__ = ["eigh", "eigenbasis", "eigenbasis_of", "untie"]
 
 
 def eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +74,8 @@ def eigenbasis(M: torch.Tensor, breakers: Sequence[torch.Tensor] = ()) -> torch.
     function of the statistics) and then by the coordinates (:func:`untie`; a leading
     dimension, a grouped convolution's groups, one factor at a time)."""
     lam, Q = eigh(M)
+    if M.shape[-1] == 0:
+        return Q
     if M.dim() > 2:
         flat_lam, flat_Q = lam.reshape(-1, lam.shape[-1]), Q.reshape(-1, *Q.shape[-2:])
         return torch.stack([eigenbasis_of(l_, q_, breakers)
@@ -79,7 +91,8 @@ def eigenbasis_of(lam: torch.Tensor, Q: torch.Tensor,
     Not the coordinates in lower precisions: there the repeated eigenvalues, those
     closer than 4 N eps of the largest, are most of a deep layer's spectrum, and
     re-basing them doubled a refresh (module docstring)."""
-    if not breakers and Q.dtype != torch.float64 or not bool(torch.isfinite(lam).all()):
+    if (not breakers and Q.dtype != torch.float64 or Q.shape[0] == 0
+            or not bool(torch.isfinite(lam).all())):
         return Q
     if Q.dtype == torch.float64:
         coordinates = torch.arange(1, Q.shape[0] + 1, dtype=Q.dtype, device=Q.device)

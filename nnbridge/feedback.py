@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["feedback_terms", "loop_gain", "watched"]
+__all__ = ["feedback_terms", "loop_gain", "open_loop_gain", "watched"]
 
 
 def feedback_terms(step: Any, dX: torch.Tensor, curvature: bool
@@ -62,3 +62,23 @@ def watched(curvature: Any, F: Sequence[torch.Tensor | None],
     if scale != 1:
         PF = [None if f is None else f * scale for f in PF]
     return list(PF), [None if s is None else curvature.closed_loop(s, gain) for s in states]
+
+
+def open_loop_gain(step_curvature: torch.Tensor, r: torch.Tensor, value: Any,
+                   mean: Callable[[torch.Tensor], torch.Tensor], tikhonov: float = 0.0
+                   ) -> float:
+    r"""The open-loop step's gain in the backward pass, :math:`\rho_k = \mathbb{E}_i[r^{i
+    \top} V' r^i] / \langle g, P^{-1} g\rangle`, from ``step_curvature`` :math:`=
+    \langle g, P^{-1} g\rangle` (a 0-d tensor: the batch-mean gradient g is the same on
+    every rank) and the samples' state responses ``r`` (B, n) :math:`= f_u^i P^{-1} g`
+    to the step :math:`-P^{-1} g`; ``value`` is :math:`V'` (``hess_apply``).
+
+    Along the step the value's quadratic model has its minimum at :math:`1/\rho_k` of
+    it: the Rayleigh quotient of :math:`\mathbb{E}_i[f_u^{i\top} V' f_u^i]` against
+    :math:`P` at :math:`P^{-1} g`, at most 1 where :math:`P` is at least the curvature
+    the value sees (:func:`loop_gain`'s bound, along the open-loop step instead of the
+    feedback term); read before the step's value recursion uses :math:`P^{-1}`.  One
+    device-to-host copy."""
+    q = (r * value.hess_apply(r.unsqueeze(1), tikhonov).squeeze(1)).sum(-1)
+    num, den = torch.stack((mean(q.sum()), step_curvature.to(q.dtype))).tolist()
+    return num / den if den > 0 else 0.0

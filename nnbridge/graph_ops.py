@@ -353,6 +353,9 @@ class GraphResponse:
     pre: object
     lin: GraphLinearization
     lu: Controls | None
+    #: the step's Q_u and :meth:`apply_total` of it, kept for the calls of the same step
+    qu: Controls | None = None
+    r_total: torch.Tensor | None = None
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:
         ws = self.lin.factors(Y)
@@ -386,10 +389,13 @@ class GraphResponse:
         return None if self.lu is None else self.apply_control(self.lu)
 
     def apply_total(self, G: Controls) -> torch.Tensor:
-        if self.lu is None:
-            return self.apply_control(G)
-        return self.apply_control([g if lu is None else lu if g is None else g + lu
-                                   for g, lu in zip(G, self.lu)])
+        if G is self.qu and self.r_total is not None:
+            return self.r_total
+        r = self.apply_control(G if self.lu is None else [
+            g if lu is None else lu if g is None else g + lu for g, lu in zip(G, self.lu)])
+        if G is self.qu:
+            self.r_total = r
+        return r
 
     def apply_control(self, G: Controls) -> torch.Tensor:
         S = self.pre.value_inverse(G)

@@ -38,7 +38,7 @@ from . import ddpnopt as _ddpnopt
 from .cooperative import CooperativeEKFAC, can_cooperate
 from .curvature import EKFAC, Exact
 from .ddpnopt import DDPNOpt
-from .feedback import feedback_terms, watched
+from .feedback import feedback_terms, open_loop_gain, watched
 from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 
@@ -249,12 +249,26 @@ class GTDDP(DDPNOpt):
                 if curv.needs_factors:
                     ws = [None if w is None else w.squeeze(1)
                           for w in lin.factors(val.Vx.unsqueeze(1))]
-                pre, states, open_loop = self._players(g, hps, ws, lin.X, mean, active,
-                                                       lambda: joint_exact(lin, val, tik,
-                                                                           hps[0][0]),
-                                                       lin.stage.calls)
+                def players(hps):
+                    return self._players(g, hps, ws, lin.X, mean, active,
+                                         lambda: joint_exact(lin, val, tik, hps[0][0]),
+                                         lin.stage.calls)
+                pre, states, open_loop = players(hps)
+                resp = GraphResponse(pre, lin, lus, qu=Qu)
+                if curv.watches_feedback and self.param_groups[0]["value_psd"]:
+                    # the step against the value's model, before the value uses P^-1
+                    # (one gain for the stage's players, as the feedback's)
+                    gain = open_loop_gain(-sum((gj * dj).sum() for gj, dj in zip(
+                        g, open_loop) if dj is not None), resp.apply_total(Qu), val, mean,
+                        tik)
+                    again = [None if s is None else curv.overshot(h[1], s, gain)
+                             for h, s in zip(hps, states)]
+                    if any(a is not None for a in again):   # this step's update again
+                        pre, states, open_loop = players([
+                            h if a is None else (h[0], a, h[2]) for h, a in zip(hps, again)])
+                        resp = GraphResponse(pre, lin, lus, qu=Qu)
                 info.update(g=g, states=states, pre=pre, open_loop=open_loop)
-                return GraphResponse(pre, lin, lus)
+                return resp
 
             steps[t] = self._riccati_step(value, lin, make, tikhonov=tik,
                                           project_psd=group["value_psd"],

@@ -58,3 +58,17 @@ def record_gains(monkeypatch) -> list:
         return closed_loop(self, st, gain)
     monkeypatch.setattr(EKFAC, "closed_loop", record)
     return seen
+
+
+def record_open_loop_gains(monkeypatch) -> list:
+    """The open-loop gains EKFAC is handed in the backward pass (``EKFAC.overshot``), in
+    call order (the last stage first)."""
+    from nnbridge.curvature import EKFAC
+    seen = []
+    overshot = EKFAC.overshot
+
+    def record(self, before, after, gain):
+        seen.append(gain)
+        return overshot(self, before, after, gain)
+    monkeypatch.setattr(EKFAC, "overshot", record)
+    return seen

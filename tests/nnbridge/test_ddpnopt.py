@@ -17,7 +17,7 @@ from tests.reference.ekfac_dense import ekfac_run
 from trajopt import Cost, DDPSolver
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
-from .conftest import closure_for, cnn, data, grouped_cnn, mlp, record_gains
+from .conftest import closure_for, cnn, data, grouped_cnn, mlp, record_gains, record_open_loop_gains
 
 LRS = {"identity": 0.3, "rmsprop": 1e-2, "adam": 1e-2, "ekfac": 0.1, "exact": 1.0}
 
@@ -79,9 +79,12 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
     rate far above EKFAC's, so that P underestimates Q_uu) the feedback term is scaled
     by 1/rho_t: the update equals the reference with that rule and differs from the
     uncapped Alg. 3.  The first step's bases are its own (not stale): no marks; the
-    second step's overshooting stages are marked."""
+    second step's overshooting stages are marked.  In the backward pass each stage's
+    open-loop gain equals the reference's; in the second step the stages whose open-loop
+    step overshot (gain > 1, through step 1's bases) renew their bases at once."""
     psd = True
     seen = record_gains(monkeypatch)
+    seen_open = record_open_loop_gains(monkeypatch)
     X, y = data(B=5)
     model = mlp()
     opt = nnbridge.DDPNOpt(model, lr=10.0, curvature="ekfac", value_hessian=value_hessian,
@@ -95,10 +98,10 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
         return -torch.log_softmax(xT, -1)[y[i]]
 
     hp = dict(opt.param_groups[0])
-    gains = []
+    gains, open_gains = [], []
     ref = ddpnopt_step(opt._stages, X, phi, "ekfac", hp, terminal=terminal,
                        tikhonov=tikhonov, project_psd=psd, recursion=recursion,
-                       gains=gains, cap_gain=True)
+                       gains=gains, cap_gain=True, open_loop_gains=open_gains)
     uncapped = ddpnopt_step(opt._stages, X, phi, "ekfac", hp, terminal=terminal,
                             tikhonov=tikhonov, project_psd=psd, recursion=recursion)
     U0 = [st.control().clone() for st in opt._stages]
@@ -107,6 +110,10 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
     assert len(seen) == len(gains)
     for a, b in zip(seen, gains):
         assert abs(a - b) <= 1e-9 * max(1.0, b)
+    assert len(seen_open) == len(open_gains) == len(opt._stages)
+    for a, b in zip(seen_open, open_gains):
+        assert abs(a - b) <= 1e-9 * max(1.0, b)
+    assert max(open_gains) > 1       # (step 1's bases are its own: nothing renewed)
     assert _rel_update_error(opt, ref, U0) < 1e-11
     assert max(float((st.control() - r).abs().max()) for st, r in zip(opt._stages, uncapped)
                ) > 1e-6
@@ -115,8 +122,16 @@ def test_ekfac_gain_and_capped_feedback_equal_literal_alg3(monkeypatch, value_he
                 for st in opt._stages[1:]]
     assert not any(marked())
     seen.clear()
+    seen_open.clear()
+    QA1 = [opt.state[st.module.weight]["QA"] for st in opt._stages]
     opt.step(closure_for(opt, model, X, y))   # through step 1's bases: marked where > 1
-    assert marked() == [g > 1 for g in seen]
+    renewed = [bool(opt.state[st.module.weight]["refreshed"]) for st in opt._stages]
+    assert renewed == [g > 1 for g in reversed(seen_open)]
+    for st, old, new in zip(opt._stages, QA1, renewed):
+        QA = opt.state[st.module.weight]["QA"]
+        assert (QA is not old) == new
+    # (unless the stage's open-loop step overshot first and renewed its bases)
+    assert marked() == [g > 1 and not f for g, f in zip(seen, renewed[1:])]
 
 
 @pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam"])
@@ -627,11 +642,13 @@ def test_the_open_loop_step_is_taken_from_the_value_response(monkeypatch, curvat
             opt.step(closure_for(opt, model, X, y))
         counts.append(len(calls))
         params.append([p.detach().clone() for p in model.parameters()])
-    assert counts[0] == counts[1] - (T - 1)
+    # EKFAC forms S g at the first stage too, whose value is not formed, for its
+    # open-loop gain (nnbridge.feedback.open_loop_gain): the step is taken from it there
+    first = int(curvature == "ekfac")
+    assert counts[0] == counts[1] - (T - 1 + first)
     assert all(torch.equal(a, b) for a, b in zip(*params))
-    # S g is kept in place of g (memory): g only at the first stage, whose value is not
-    # formed; without the reuse g at every stage
-    assert kept[0] == [True] + [False] * (T - 1) and kept[-1] == [True] * T
+    # S g is kept in place of g (memory); without the reuse g at every stage
+    assert kept[0] == [not first] + [False] * (T - 1) and kept[-1] == [True] * T
 
 
 @pytest.mark.parametrize("extra", [{}, {"weight_decay": 0.1}, {"tikhonov": 1e-3},
@@ -643,7 +660,7 @@ def test_ekfac_step_in_the_eigenbasis_equals_the_plain_step(monkeypatch, extra):
     rotated cotangents ``(h Q_G)' x Q_A`` (rotated itself where the step gives no
     cotangent: the joint value), one rotation back for both.  Over 3 steps the parameters
     equal the plain path's (``S g``, ``P^-1 F``) to 1e-12 (float64); the path is taken
-    at every stage past the first; without the feedback term the step differs."""
+    at every stage; without the feedback term the step differs."""
     from nnbridge import ddpnopt
     from nnbridge.curvature import Preconditioner
     X, y = data(4, (4,))   # batch 4: every stage past the first narrow enough to pay
@@ -669,7 +686,8 @@ def test_ekfac_step_in_the_eigenbasis_equals_the_plain_step(monkeypatch, extra):
         kept.clear()
         for _ in range(3):
             opt.step(closure_for(opt, model, X, y))
-        assert kept[-1] == ([False] + [True] * (T - 1) if variant != "plain" else [False] * T)
+        # (the first stage too: EKFAC forms its step there for the open-loop gain)
+        assert kept[-1] == ([True] * T if variant != "plain" else [False] * T)
         params.append([p.detach().clone() for p in model.parameters()])
     monkeypatch.setattr(ddpnopt, "_rotated_feedback", rotated_feedback)
     for a, b in zip(params[0], params[1]):

@@ -97,6 +97,9 @@ def test_breakers_apply_in_order_and_batched_factors_one_at_a_time():
     QB = eigenbasis(B)
     for k in range(2):
         assert _same_up_to_signs(QB[k], eigenbasis(B[k])) < 1e-12
+    # an empty factor (a zero-width layer), one or a batch of them: an empty basis
+    for shape in ((0, 0), (2, 0, 0)):
+        assert eigenbasis(torch.zeros(shape, dtype=torch.float64)).shape == shape
 
 
 def _mlp():

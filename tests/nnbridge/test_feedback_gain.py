@@ -2,6 +2,7 @@
 next step recomputes, and caps the feedback in the step (``docs/ddpnopt.md``, "EKFAC's
 eigenbasis under feedback"); the literal check of the gain is in test_ddpnopt.py."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -123,6 +124,38 @@ def test_ekfac_feedback_stays_stable_between_eigenbasis_refreshes():
             losses.append(float(nn.functional.cross_entropy(model(X), Y)))
     assert max(losses) < 2.31, losses
     assert losses[-1] < 1.5, losses
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_an_overshooting_open_loop_step_renews_the_bases_in_the_same_step(seed):
+    """The same CNN, other seeds: the full loss jumped 2.07 -> 4.13 at step 10 (seed 2)
+    and 2.08 -> 3.42 at step 7 (seed 5) with the feedback capped, because the stale P^-1
+    had entered the backward pass already (the value's gradient and Hessian).  There the
+    last stage's open-loop step overshot the value's model (gain 2.99 and 2.26); now its
+    bases are renewed in that step, before the value uses them, and no step raises the
+    loss above its start."""
+    from sklearn.datasets import load_digits
+    torch.set_default_dtype(torch.float32)   # the trial's (the fixture restores float64)
+    torch.manual_seed(seed)
+    d = load_digits()
+    X = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+    Y = torch.tensor(d.target)
+    model = _SmallCNN()
+    opt = nnbridge.DDPNOpt(model, curvature="ekfac")
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(11):
+        idx = torch.randint(0, len(X), (128,), generator=g)
+
+        def closure(idx=idx):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X[idx]), Y[idx])
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            losses.append(float(nn.functional.cross_entropy(model(X), Y)))
+    assert max(losses) < 2.31, losses
 
 
 def test_a_marked_eigenbasis_survives_a_checkpoint():

@@ -10,7 +10,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import nnbridge
-from tests.nnbridge.conftest import closure_for, data, mlp, record_gains
+from nnbridge.curvature import EKFAC
+from tests.nnbridge.conftest import closure_for, data, mlp, record_gains, record_open_loop_gains
 from tests.reference.span_augmented import augmented_problem
 from trajopt import Cost, DDPSolver, GTDDPSolver, Span
 from trajopt.errors import UnsupportedModelError
@@ -199,22 +200,38 @@ def test_on_a_chain_gtddp_is_ddpnopt_step_for_step(curvature, value_hessian, ter
 def test_on_a_chain_gtddp_caps_and_marks_the_ekfac_feedback_as_ddpnopt(monkeypatch):
     """EKFAC's closed-loop rule (docs/ddpnopt.md, "EKFAC's eigenbasis under feedback") at
     a rate where it acts: GT-DDP's feedback pass measures the same gains as DDPNOpt's,
-    scales and marks the same stages, and takes the same steps."""
+    scales and marks the same stages, and takes the same steps; its backward pass the
+    same open-loop gains, renewing the same stages' bases."""
     seen = record_gains(monkeypatch)
+    seen_open = record_open_loop_gains(monkeypatch)
+    stale_updates = []
+    update = EKFAC.update
+
+    def counted(self, st, *a, **k):
+        stale_updates.append(bool(st.get("stale")) and "refreshed" in st)
+        return update(self, st, *a, **k)
+    monkeypatch.setattr(EKFAC, "update", counted)
     batches = [data(B=6, seed=s) for s in range(4)]
     runs = []
     for cls in (nnbridge.DDPNOpt, nnbridge.GTDDP):
         seen.clear()
+        seen_open.clear()
+        stale_updates.clear()
         model = mlp()
         opt = cls(model, curvature="ekfac", lr=10.0, terminal_hessian="ggn")
         _run(model, opt, batches)
         runs.append((list(model.parameters()), list(seen),
-                     [bool(opt.state[p].get("stale")) for p in opt.state]))
-    (pa, ga, ma), (pb, gb, mb) = runs
+                     [bool(opt.state[p].get("stale")) for p in opt.state], list(seen_open),
+                     list(stale_updates)))
+    (pa, ga, ma, oa, ra), (pb, gb, mb, ob, rb) = runs
     assert max(ga) > 1 and len(ga) == len(gb)
     for a, b in zip(ga, gb):
         assert abs(a - b) <= 1e-10 * max(1.0, a)
     assert ma == mb
+    assert max(oa) > 1 and len(oa) == len(ob)
+    for a, b in zip(oa, ob):
+        assert abs(a - b) <= 1e-10 * max(1.0, a)
+    assert ra == rb and any(ra)
     # 1e-10, not the 1e-12 of the test above: steps ~100x larger at this rate carry the
     # two implementations' different rounding (observed 7e-12)
     for p, q in zip(pa, pb):

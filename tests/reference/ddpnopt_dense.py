@@ -59,7 +59,7 @@ def dense_curvature(kind, g, hp, *, X=None, w=None, Quu=None):
 
 def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
                  project_psd=False, recursion="per_sample", lu=None, gains=None,
-                 cap_gain=False):
+                 cap_gain=False, open_loop_gains=None):
     r"""New controls (list of (out, in')) after one DDPNOpt step from a fresh state.
 
     ``phi(x_T, i)`` is the loss of sample i; ``terminal`` "gn" (V_xx = grad grad')
@@ -69,7 +69,10 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
     stage's closed-loop gain past the first, :math:`\rho_t = F' P^{-1} F / \mathbb{E}_i
     [(f_x dx^i)' V'^i f_x dx^i]` with :math:`F = \mathbb{E}_i[Q_{ux}^i dx^i]` (0 where the
     denominator is not positive); ``cap_gain`` scales the feedback term by
-    :math:`1/\max(1, \rho_t)` (EKFAC's rule).
+    :math:`1/\max(1, \rho_t)` (EKFAC's rule).  ``open_loop_gains`` (a list) receives
+    each stage's open-loop gain, last stage first, :math:`(P^{-1} d)^\top \mathbb{E}_i
+    [f_u^{i\top} V'^i f_u^i] P^{-1} d / d^\top P^{-1} d` (d the curvature's direction;
+    0 where the denominator is not positive).
     """
     T = len(stage_list)
     B = x0.shape[0]
@@ -122,6 +125,12 @@ def ddpnopt_step(stage_list, x0, phi, kind, hp, *, terminal="gn", tikhonov=0.0,
                 Quu = Quu + fu[i].T @ V2 @ fu[i] / B
             extra["Quu"] = Quu
         Pinv, d, S = dense_curvature(kind, g, hp, **extra)
+        if open_loop_gains is not None:
+            k = Pinv @ d
+            M = sum(fu[i].T @ (Vxx[i] + eps * torch.eye(n1, dtype=u.dtype)) @ fu[i]
+                    for i in range(B)) / B
+            den = float(d @ k)
+            open_loop_gains.append(float(k @ M @ k) / den if den > 0 else 0.0)
         Pinvs[t], Quxs[t], fxs[t] = Pinv, Qux, fx
         Vnext[t] = [Vxx[i] + eps * torch.eye(n1, dtype=u.dtype) for i in range(B)]
         kbar[t] = -Pinv @ d
