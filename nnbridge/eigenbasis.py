@@ -74,8 +74,8 @@ def eigenbasis(M: torch.Tensor, breakers: Sequence[torch.Tensor] = ()) -> torch.
     function of the statistics) and then by the coordinates (:func:`untie`; a leading
     dimension, a grouped convolution's groups, one factor at a time)."""
     lam, Q = eigh(M)
-    if M.shape[-1] == 0:
-        return Q
+    if M.shape[-1] == 0 or not breakers and Q.dtype != torch.float64:
+        return Q     # (nothing to untie by: eigenbasis_of)
     if M.dim() > 2:
         flat_lam, flat_Q = lam.reshape(-1, lam.shape[-1]), Q.reshape(-1, *Q.shape[-2:])
         return torch.stack([eigenbasis_of(l_, q_, breakers)
