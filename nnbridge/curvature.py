@@ -646,9 +646,11 @@ class NetworkResponse:
     def step_curvature(self) -> torch.Tensor:
         r""":math:`\langle g, S g\rangle` for g = ``total`` after :meth:`apply_total` of
         ``qu``: from ``Sg``, or in the eigenbasis from ``Rg`` :math:`= (Q_G^\top g Q_A)
-        \odot D` as :math:`\sum R_g^2 / D` (no rotation of g; D > 0 where the rate is)."""
+        \odot D` as :math:`\sum R_g^2 / D` (no rotation of g; an entry with D = 0, a zero
+        rate or an infinite S, contributes its 0)."""
         if self.Rg is not None:
-            return (self.Rg * self.Rg / self.pre.D).sum()
+            D = self.pre.D
+            return torch.where(D > 0, self.Rg * self.Rg / D, 0.0).sum()
         return (self.total * self.Sg).sum()
 
     def response(self, Y: torch.Tensor) -> torch.Tensor:

@@ -597,7 +597,7 @@ class DDPNOpt(torch.optim.Optimizer):
                 st, U, None if h is None or fused else lin.control_gradient(h), hp, mean)
 
             def make(Qu, val, lin=lin, hp=hp, state=state, step=step, tik=tik,
-                     rec_t=rec_t, lu=lu):
+                     rec_t=rec_t, lu=lu, nxt=value):
                 if lu is None:  # no control: no policy, the value passes through f_x
                     return NoControl(lin)
                 g = Qu + lu
@@ -617,7 +617,12 @@ class DDPNOpt(torch.optim.Optimizer):
                 resp = NetworkResponse(pre, lin, lu, total=g, qu=Qu, rotated=reuse)
                 if watch:   # the step against the value's model, before the value uses it
                     r = resp.apply_total(Qu)    # (forms S g: step_curvature reads it)
-                    gain = open_loop_gain(resp.step_curvature(), r, val, mean, tik)
+                    if self.value_hessian == "joint":   # V' of the batch (``val``: its
+                        B = r.shape[0]                   # diagonal blocks), one sample
+                        gain = open_loop_gain(resp.step_curvature(), r.reshape(1, -1), nxt,
+                                              lambda local_sum: local_sum / B, tik)
+                    else:
+                        gain = open_loop_gain(resp.step_curvature(), r, val, mean, tik)
                     again = curv.overshot(state, cst, gain)
                     if again is not None:   # this step's update again, in fresh bases
                         cst = curv.update(again, g, hp, step, w, lin.X, mean)

@@ -95,6 +95,39 @@ class _SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def test_the_joint_form_takes_the_open_loop_gain_with_the_batch_value(monkeypatch):
+    """value_hessian="joint": the open-loop gain's numerator is (1/B) R' (V + eps I) R
+    with the batch-augmented value V (its cross-sample blocks included: the per-sample
+    blocks the curvature plug sees would leave them out), R the stacked responses."""
+    from nnbridge import ddpnopt
+    captured = []
+    gain_of = ddpnopt.open_loop_gain
+
+    def spy(step_curvature, r, value, mean, tikhonov=0.0):
+        gain = gain_of(step_curvature, r, value, mean, tikhonov)
+        captured.append((float(step_curvature), r.clone(), value.Vxx.clone(), tikhonov, gain))
+        return gain
+    monkeypatch.setattr(ddpnopt, "open_loop_gain", spy)
+    X, y = data(B=5)
+    model = mlp()
+    opt = nnbridge.DDPNOpt(model, curvature="ekfac", value_hessian="joint", lr=1.0,
+                           tikhonov=0.1, terminal_hessian="ggn")
+    opt.step(closure_for(opt, model, X, y))
+    assert len(captured) == len(opt._stages)
+    cross = []
+    for step_curvature, r, V, tikhonov, gain in captured:
+        R = r.reshape(-1)
+        assert V.shape == (1, R.numel(), R.numel())
+        M = V[0] + tikhonov * torch.eye(R.numel(), dtype=V.dtype)
+        expected = float(R @ M @ R) / 5 / step_curvature
+        assert abs(gain - expected) <= 1e-12 * max(1.0, abs(expected))
+        n1 = R.numel() // 5
+        blocks = V[0].reshape(5, n1, 5, n1)
+        cross.append(float((blocks - torch.diag_embed(torch.ones(5, dtype=V.dtype))[
+            :, None, :, None] * blocks).abs().max()))
+    assert max(cross) > 1e-6     # below the last stage the batch's value couples samples
+
+
 def _cnn_losses(seed: int, steps: int) -> list[float]:
     """The user trial's set-up (session 26): the small CNN on digits (float32, batch 128),
     DDPNOpt(ekfac) at its defaults (lr 0.1, update_freq 10); the full training loss after
