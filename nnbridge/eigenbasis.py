@@ -81,7 +81,7 @@ def eigenbasis(M: torch.Tensor, breakers: Sequence[torch.Tensor] = ()) -> torch.
         flat_lam, flat_Q = lam.reshape(-1, lam.shape[-1]), Q.reshape(-1, *Q.shape[-2:])
         # the factors with a repeated eigenvalue (untie's rule), found in one pass: the
         # others keep eigh's basis without a host synchronization each
-        tol = 4 * lam.shape[-1] * torch.finfo(lam.dtype).eps * flat_lam.abs().amax(-1)
+        tol = _tie_tolerance(lam.shape[-1], lam.dtype, flat_lam.abs().amax(-1))
         tied = ((flat_lam[:, 1:] - flat_lam[:, :-1]) <= tol[:, None]).any(-1)
         out = flat_Q
         for k in tied.nonzero().flatten().tolist():
@@ -120,8 +120,8 @@ def untie(lam: torch.Tensor, Q: torch.Tensor, breakers: Sequence[torch.Tensor],
     n = Q.shape[-1]
     if not breakers or n < 2 or not bool(torch.isfinite(Q).all()):
         return Q
-    tol = 4 * Q.shape[0] * torch.finfo(lam.dtype).eps * scale
-    cuts = ((lam[1:] - lam[:-1]) > tol).nonzero().flatten().tolist()
+    cuts = ((lam[1:] - lam[:-1]) > _tie_tolerance(Q.shape[0], lam.dtype, scale)
+            ).nonzero().flatten().tolist()
     edges = [0, *(c + 1 for c in cuts), n]
     if len(edges) == n + 1:                               # no repeated eigenvalue
         return Q
@@ -138,3 +138,10 @@ def untie(lam: torch.Tensor, Q: torch.Tensor, breakers: Sequence[torch.Tensor],
             if bool(torch.isfinite(V).all()):
                 Q[:, lo:hi] = untie(mu, C @ V, breakers[1:], t_scale)
     return Q
+
+
+def _tie_tolerance(N: int, dtype: torch.dtype, scale):
+    r"""Consecutive eigenvalues of an N x N factor closer than this are one repeated
+    eigenvalue (their eigenvectors rounding's choice): :math:`4 N \epsilon` ``scale``
+    (``scale`` a number or a tensor of them)."""
+    return 4 * N * torch.finfo(dtype).eps * scale
