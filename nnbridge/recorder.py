@@ -108,6 +108,9 @@ class _Chunk:
     #: the gradients of the backward pass running now, by key (None: not staging), kept
     #: apart until the pass ends: a pass that does not count adds nothing
     pending: dict | None = None
+    #: per layer, its calls under ``torch.no_grad()`` in this forward pass not yet run
+    #: again in a backward pass (reentrant activation checkpointing recomputes there)
+    no_grad: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, n: int, x) -> _Chunk:
@@ -189,6 +192,12 @@ class BatchRecorder:
         # that an earlier pass had written (model.zero_grad(), p.grad = None)
         self._backward: list[_Chunk] | None = None
         self._task = -1                   # its autograd graph task
+        # layers recomputed in it (reentrant checkpointing): the call whose output the
+        # forward hook is to watch, and whether a nested pass belongs to the running one
+        self._recomputed: dict[int, tuple] = {}
+        self._nested = False
+        self._unmatched: set[int] = set()    # recomputed from an input never recorded
+        self._names = [type(st.module).__name__ for st in stage_list]
         self._reached = self._reset = False
         # per parameter, the .grad tensor a recorded pass last wrote (weakly)
         self._written: dict[int, weakref.ref] = {}
@@ -213,11 +222,21 @@ class BatchRecorder:
         """Drop the recorded chunks (``keep_pending``: keep those awaiting a backward)."""
         self._chunks = [c for c in self._chunks if keep_pending and not c.complete]
         self._written.clear()
+        self._unmatched.clear()
 
     def batch(self, dtype: torch.dtype | None = None) -> Capture | None:
         """The completed chunks concatenated along the batch (cast to ``dtype``, e.g. the
         parameters' dtype after an autocast forward), or None when none completed.
         ``h_grads`` entries are None where a chunk lacks them."""
+        if self._unmatched:
+            i = min(self._unmatched)
+            self.clear()
+            raise UnsupportedModelError(
+                f"stage {i} ({self._names[i]}) was recomputed in the backward pass "
+                "(activation checkpointing, use_reentrant=True) from an input other than "
+                "the one its forward pass recorded: the recomputation is not "
+                "deterministic (preserve_rng_state=False with dropout?); keep "
+                "preserve_rng_state=True, or pass use_reentrant=False")
         done = [c for c in self._chunks if c.complete and c.accumulated and all(c.inputs)]
         if not done:
             return None
@@ -244,6 +263,30 @@ class BatchRecorder:
             input_grads=in_grads)
 
     # the hooks' side ----------------------------------------------------------
+    def _recompute(self, i: int, x) -> tuple | None:
+        """Layer ``i`` runs with gradients inside a backward pass, where no chunk is open:
+        activation checkpointing recomputing it.  Where the recorded call ran under
+        ``no_grad`` (the reentrant variant, ``use_reentrant=True``: torch's default when
+        it is not given), its gradient goes through the recomputed graph only, in a
+        backward pass nested in the running one: the recomputed call is matched to the
+        recorded one by its input (bit for bit), its output watched for that call
+        (:func:`_stage_output`), and the nested pass counts as part of the running one
+        (:meth:`_grad`).  An input matching no recorded call (a recomputation that is
+        not deterministic) is refused by :meth:`batch`.  The non-reentrant variant
+        records its calls under grad mode and its gradients through them: nothing to
+        do.  Returns the chunk and the call, or None."""
+        pending = [(c, k) for c in self._chunks for k in c.no_grad.get(i, ())]
+        for c, k in pending:
+            seen = c.inputs[i][k]
+            if torch.is_tensor(x) and seen.shape == x.shape and torch.equal(seen, x):
+                c.no_grad[i].remove(k)
+                self._recomputed[i] = (c, k)
+                self._nested = self._backward is not None
+                return c, k
+        if pending:
+            self._unmatched.add(i)
+        return None
+
     def _watch(self, chunk: _Chunk, key, out: torch.Tensor) -> None:
         if out.requires_grad:
             out.register_hook(_grad_hook(weakref.ref(self), chunk, key))
@@ -263,7 +306,7 @@ class BatchRecorder:
         counts is decided when that pass ends (:meth:`_backward_ended`), the gradients
         staged until then."""
         task = torch._C._current_graph_task_id()
-        if self._backward is not None and task != self._task:
+        if self._backward is not None and task != self._task and not self._nested:
             # a pass that ended in an error never ran its callback: it counts as it stood
             self._backward_ended()
         if self._backward is None:
@@ -281,6 +324,8 @@ class BatchRecorder:
         a ``.grad`` an earlier pass had written reset to None (``model.zero_grad()``)
         discards the earlier passes, as it discarded their gradients."""
         ran, self._backward = self._backward or [], None
+        self._nested = False
+        self._recomputed.clear()
         if self._reset:
             for c in self._chunks:
                 if c.accumulated and c not in ran:
@@ -353,17 +398,25 @@ def _param_grad(ref):
 def _stage_input(ref, i):
     def hook(mod, args):
         rec = ref()
-        if rec is not None and rec._open is not None:
-            x = args[0]
-            chunk = rec._open
+        if rec is None:
+            return None
+        x = args[0]
+        if rec._open is not None:
+            chunk, call = rec._open, len(rec._open.inputs[i])
+            if not torch.is_grad_enabled():
+                chunk.no_grad.setdefault(i, []).append(call)
             chunk.inputs[i].append(x.detach())
             chunk.h_grads[i].append(None)
             chunk.in_grads[i].append(None)
-            if rec.input_grads and torch.is_tensor(x) and x.requires_grad:
-                # the module sees an alias: its gradient is this module's alone
-                alias = x.view_as(x)
-                rec._watch(chunk, ("in", i, len(chunk.inputs[i]) - 1), alias)
-                return (alias, *args[1:])
+        elif torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+            chunk, call = rec._recompute(i, x) or (None, None)
+        else:
+            chunk = None
+        if chunk is not None and rec.input_grads and torch.is_tensor(x) and x.requires_grad:
+            # the module sees an alias: its gradient is this module's alone
+            alias = x.view_as(x)
+            rec._watch(chunk, ("in", i, call), alias)
+            return (alias, *args[1:])
         return None
     return hook
 
@@ -373,6 +426,9 @@ def _stage_output(ref, i):
         rec = ref()
         if rec is not None and rec._open is not None:
             rec._watch(rec._open, ("h", i, len(rec._open.inputs[i]) - 1), out)
+        elif rec is not None and i in rec._recomputed:
+            chunk, call = rec._recomputed.pop(i)
+            rec._watch(chunk, ("h", i, call), out)
     return hook
 
 
