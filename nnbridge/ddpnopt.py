@@ -46,6 +46,7 @@ from trajopt.riccati import (
     operator_riccati_step,
 )
 
+from .amp import amp_step, take_loss_scale
 from .batchnorm import batch_coupled
 from .closure import loss_is_finite
 from .curvature import CURVATURES, Exact, NetworkResponse, NoControl
@@ -133,11 +134,18 @@ class DDPNOpt(torch.optim.Optimizer):
     loss : {"cross_entropy", "mse"}
         The per-sample loss the closure's batch mean is of (torch's definitions,
         ``reduction="mean"``); used by ``"ggn"`` and ``"fisher"``.
+    grad_scaler : torch.amp.GradScaler, optional
+        Needed only where the loop calls ``scaler.unscale_(optimizer)`` before
+        ``scaler.step(optimizer)`` (to clip the gradients): the scale of the recorded
+        gradients (:mod:`nnbridge.amp`).  ``scaler.step(optimizer)`` alone needs nothing.
     **hyper
         Curvature hyper-parameters.
     """
 
     __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
+
+    #: torch.amp.GradScaler.step hands the loss scale to the step (:mod:`nnbridge.amp`)
+    _step_supports_amp_scaling = True
 
     #: the backward pass carries the value gradient as V_x = K + Z a, K the gradient the
     #: training loop's backward pass sent to each stage (recorded), so that only the
@@ -157,6 +165,7 @@ class DDPNOpt(torch.optim.Optimizer):
                  value_recursion: Literal["mean", "per_sample"] = "mean",
                  terminal_hessian: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+                 grad_scaler: torch.amp.GradScaler | None = None,
                  **hyper: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} needs the model (any nn.Module), not "
@@ -200,6 +209,7 @@ class DDPNOpt(torch.optim.Optimizer):
         self.value_hessian = value_hessian
         self.terminal_hessian = terminal_hessian
         self.loss = loss
+        self._grad_scaler = grad_scaler
         self._rng: torch.Generator | None = None   # "fisher": created at the first use
         self._rng_state: torch.Tensor | None = None
         if isinstance(model, nn.DataParallel):
@@ -363,6 +373,7 @@ class DDPNOpt(torch.optim.Optimizer):
         return st.join([g.detach() for g in grads])
 
     # ------------------------------------------------------------------ step
+    @amp_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One DDPNOpt iteration; returns the closure's loss (None without a closure).
 
@@ -386,13 +397,17 @@ class DDPNOpt(torch.optim.Optimizer):
                 warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                               stacklevel=2)
                 return loss
+        scale = take_loss_scale(self, self._grad_scaler)
+        if scale.skip:   # the scaler found inf / NaN gradients: no step, as torch.optim's
+            self._recorder.clear()
+            return loss
         group = self.param_groups[0]
         feedback = group["feedback"]
         if feedback:
             self._check_feedback_modules()
             check_whole_gradients(self._stages)
         dtype = self._stages[0].module.weight.dtype
-        rec = self._recorder.batch(dtype)
+        rec = self._recorder.batch(dtype, scale.inverse)
         self._recorder.clear()
         if rec is None and (feedback or self.curvature.needs_factors):
             if closure is not None:
@@ -797,9 +812,11 @@ class EKFAC(DDPNOpt):
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, *, eps: float = 0.1,
-                 alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0):
+                 alpha: float = 0.75, update_freq: int = 10, weight_decay: float = 0.0,
+                 grad_scaler: torch.amp.GradScaler | None = None):
         super().__init__(model, lr, curvature="ekfac", feedback=False, eps=eps, alpha=alpha,
-                         update_freq=update_freq, weight_decay=weight_decay)
+                         update_freq=update_freq, weight_decay=weight_decay,
+                         grad_scaler=grad_scaler)
 
     def _decompose(self, net: nn.Module):
         """Every affine layer of the network (no feedback pass: no stage structure

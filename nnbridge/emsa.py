@@ -41,6 +41,7 @@ from torch import nn
 
 from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
 
+from .amp import amp_step, take_loss_scale
 from .decompose import stages
 from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
@@ -89,6 +90,9 @@ class EMSA(torch.optim.Optimizer):
         Weight of the two penalties (Li et al.'s rho).
     inner_steps : int
         Gradient-ascent steps per iteration and layer.
+    grad_scaler : torch.amp.GradScaler, optional
+        Needed only where ``scaler.unscale_(optimizer)`` runs before
+        ``scaler.step(optimizer)`` (:mod:`nnbridge.amp`).
 
     Notes
     -----
@@ -102,8 +106,11 @@ class EMSA(torch.optim.Optimizer):
 
     __getstate__ = not_copyable  # copy.deepcopy / pickle: a clear error
 
+    #: torch.amp.GradScaler.step hands the loss scale to the step (:mod:`nnbridge.amp`)
+    _step_supports_amp_scaling = True
+
     def __init__(self, model: nn.Module, lr: float = 0.2, *, rho: float = 1.0,
-                 inner_steps: int = 5):
+                 inner_steps: int = 5, grad_scaler: torch.amp.GradScaler | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMSA needs the model, not its parameters; got "
                             f"{type(model).__name__}")
@@ -116,6 +123,7 @@ class EMSA(torch.optim.Optimizer):
             raise InvalidArgumentError(f"inner_steps must be a positive integer; got "
                                        f"{inner_steps!r}")
         self.model = model
+        self._grad_scaler = grad_scaler
         self._pre, self._stages = stages(model)
         for st in self._stages:
             if type(st) is not Stage:
@@ -153,6 +161,7 @@ class EMSA(torch.optim.Optimizer):
             ps.append(vjp(ps[-1])[0])
         return ps[::-1]
 
+    @amp_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One E-MSA iteration; returns the closure's loss (None without one)."""
         loss = None
@@ -165,7 +174,11 @@ class EMSA(torch.optim.Optimizer):
                 warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                               stacklevel=2)
                 return loss
-        rec = self._recorder.batch(self._stages[0].module.weight.dtype)
+        scale = take_loss_scale(self, self._grad_scaler)
+        if scale.skip:   # the scaler found inf / NaN gradients: no step
+            self._recorder.clear()
+            return loss
+        rec = self._recorder.batch(self._stages[0].module.weight.dtype, scale.inverse)
         self._recorder.clear()
         if rec is None:
             raise RuntimeError("EMSA.step needs a recorded forward and backward pass: pass "

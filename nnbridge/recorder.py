@@ -160,11 +160,12 @@ def _recorded_in(parts: list, dtype: torch.dtype | None) -> bool:
     return all(p is not None and (dtype is None or p.dtype == dtype) for p in parts)
 
 
-def _cat(parts: list, dtype: torch.dtype | None):
+def _cat(parts: list, dtype: torch.dtype | None, scale: torch.Tensor | None = None):
     if any(p is None for p in parts):
         return None
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-    return out if dtype is None or not out.is_floating_point() else out.to(dtype)
+    out = out if dtype is None or not out.is_floating_point() else out.to(dtype)
+    return out if scale is None else out * scale.to(out.device)
 
 
 class BatchRecorder:
@@ -224,10 +225,12 @@ class BatchRecorder:
         self._written.clear()
         self._unmatched.clear()
 
-    def batch(self, dtype: torch.dtype | None = None) -> Capture | None:
+    def batch(self, dtype: torch.dtype | None = None,
+              inverse_scale: torch.Tensor | None = None) -> Capture | None:
         """The completed chunks concatenated along the batch (cast to ``dtype``, e.g. the
         parameters' dtype after an autocast forward), or None when none completed.
-        ``h_grads`` entries are None where a chunk lacks them."""
+        ``h_grads`` entries are None where a chunk lacks them.  ``inverse_scale``
+        multiplies the gradients (a ``GradScaler``'s :math:`1/S`, :mod:`nnbridge.amp`)."""
         if self._unmatched:
             i = min(self._unmatched)
             self.clear()
@@ -247,9 +250,9 @@ class BatchRecorder:
                 f"({sorted(counts)}): one batch must run the same network")
         calls = [[_cat([ch.inputs[i][c] for ch in done], dtype)
                   for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
-        grads = [[_cat([ch.h_grads[i][c] for ch in done], dtype)
+        grads = [[_cat([ch.h_grads[i][c] for ch in done], dtype, inverse_scale)
                   for c in range(len(done[0].inputs[i]))] for i in range(self.n)]
-        in_grads = [_cat([ch.in_grads[i][0] for ch in done], dtype)
+        in_grads = [_cat([ch.in_grads[i][0] for ch in done], dtype, inverse_scale)
                     if len(done[0].inputs[i]) == 1 and _recorded_in(
                         [ch.in_grads[i][0] for ch in done], dtype) else None
                     for i in range(self.n)]
@@ -258,7 +261,7 @@ class BatchRecorder:
             h_grads=[g[0] if len(g) == 1 else None if any(h is None for h in g)
                      else combine_calls(g) for g in grads],
             output=_cat([c.output for c in done], dtype),
-            output_grad=_cat([c.output_grad for c in done], dtype),
+            output_grad=_cat([c.output_grad for c in done], dtype, inverse_scale),
             calls=calls, model_input=_cat([c.model_input for c in done], dtype),
             input_grads=in_grads)
 
