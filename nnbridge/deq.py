@@ -31,6 +31,7 @@ from trajopt.errors import (
     ConvergenceWarning,
     InvalidArgumentError,
     NonFiniteError,
+    NotStabilizableError,
     NumericalError,
     ShapeError,
 )
@@ -274,7 +275,22 @@ class DEQ(nn.Module):
         q = a.reshape(B, -1).to(zf.dtype)
         Lr, G = surrogate_control(Bm, 1.0)
         eye = torch.eye(n, dtype=zf.dtype, device=zf.device).expand(B, n, n)
-        sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
+        try:
+            sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
+        except NotStabilizableError as err:
+            # df/dz has an eigenvalue within rounding of the unit circle (a fixed point
+            # that attracts slowly, common in float32: the DARE's margin is 1000 n eps),
+            # where the DARE cannot certify P = 0; the implicit gradient is the LQR's
+            # wherever the fixed point attracts (Thm 4.2.1) and is defined wherever
+            # I - df/dz is regular: solved for directly, for the batch
+            warnings.warn(
+                f"DEQ: the infinite-horizon LQR has no certified stabilizing solution "
+                f"({str(err).split(';')[0]}; df/dz has an eigenvalue within rounding of "
+                f"the unit circle there): the batch's gradient is the implicit one by a "
+                f"direct solve of (I - df/dz)' w = dL/dz (docs/steepest.md, the DEQ's "
+                f"backward)", UserWarning, stacklevel=3)
+            g = _implicit_gradient(A, Bm, q)
+            return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
         # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
         g = -push_through_control(Bm, 1.0, sol.P, G, sol.p)   # (B, m)
         # P = 0 (no state cost) is the stabilizing solution exactly where the fixed point
