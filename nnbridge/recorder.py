@@ -27,7 +27,13 @@ and not one whose ``.grad`` a later pass found reset to None (``model.zero_grad(
 optimizer, cannot be seen).  ``zero_grad()`` drops the
 chunks whose backward pass has run (they belong to the gradient it zeroes) and keeps those
 waiting for it, so both ``zero_grad(); out = model(x); loss.backward()`` and
-``out = model(x); zero_grad(); loss.backward()`` record the batch.
+``out = model(x); zero_grad(); loss.backward()`` record the batch.  A backward pass that
+raised is over at the next ``zero_grad()`` or forward pass.
+
+Activation checkpointing: the non-reentrant variant records as a plain pass; the
+reentrant one (torch's default) runs the checkpointed layers under ``no_grad`` and again
+inside the backward pass, where :meth:`BatchRecorder._recompute` matches each
+recomputed call to its recorded one by its input.
 """
 
 from __future__ import annotations
@@ -108,8 +114,8 @@ class _Chunk:
     #: the gradients of the backward pass running now, by key (None: not staging), kept
     #: apart until the pass ends: a pass that does not count adds nothing
     pending: dict | None = None
-    #: per layer, its calls under ``torch.no_grad()`` in this forward pass not yet run
-    #: again in a backward pass (reentrant activation checkpointing recomputes there)
+    #: per layer, its calls under ``torch.no_grad()`` in this forward pass (reentrant
+    #: activation checkpointing runs them again in the backward pass)
     no_grad: dict = field(default_factory=dict)
 
     @classmethod
@@ -197,6 +203,7 @@ class BatchRecorder:
         # forward hook is to watch, and whether a nested pass belongs to the running one
         self._recomputed: dict[int, tuple] = {}
         self._nested = False
+        self._matched: set[tuple] = set()    # (chunk, layer, call) recomputed in it
         self._unmatched: set[int] = set()    # recomputed from an input never recorded
         self._names = [type(st.module).__name__ for st in stage_list]
         self._reached = self._reset = False
@@ -221,6 +228,7 @@ class BatchRecorder:
 
     def clear(self, *, keep_pending: bool = False) -> None:
         """Drop the recorded chunks (``keep_pending``: keep those awaiting a backward)."""
+        self._end_failed_pass()
         self._chunks = [c for c in self._chunks if keep_pending and not c.complete]
         self._written.clear()
         self._unmatched.clear()
@@ -271,20 +279,24 @@ class BatchRecorder:
         activation checkpointing recomputing it.  Where the recorded call ran under
         ``no_grad`` (the reentrant variant, ``use_reentrant=True``: torch's default when
         it is not given), its gradient goes through the recomputed graph only, in a
-        backward pass nested in the running one: the recomputed call is matched to the
-        recorded one by its input (bit for bit), its output watched for that call
-        (:func:`_stage_output`), and the nested pass counts as part of the running one
-        (:meth:`_grad`).  An input matching no recorded call (a recomputation that is
-        not deterministic) is refused by :meth:`batch`.  The non-reentrant variant
-        records its calls under grad mode and its gradients through them: nothing to
-        do.  Returns the chunk and the call, or None."""
-        pending = [(c, k) for c in self._chunks for k in c.no_grad.get(i, ())]
+        backward pass nested in the running one: the recomputed call is matched to a
+        recorded one of a chunk whose backward pass is running (newest first; not a
+        stale forward pass of the same batch) by its input, bit for bit, and not matched
+        twice in one pass (a retained graph run backward again matches again); its
+        output is watched for that call (:func:`_stage_output`), and the nested pass
+        counts as part of the running one (:meth:`_grad`).  An input matching no
+        recorded call (a recomputation that is not deterministic) is refused by
+        :meth:`batch`.  The non-reentrant variant records its calls under grad mode and
+        its gradients through them: nothing to do.  Returns the chunk and the call, or
+        None."""
+        pending = [(c, k) for c in reversed(self._backward or []) for k in c.no_grad.get(i, ())
+                   if (id(c), i, k) not in self._matched]
         for c, k in pending:
             seen = c.inputs[i][k]
             if torch.is_tensor(x) and seen.shape == x.shape and torch.equal(seen, x):
-                c.no_grad[i].remove(k)
+                self._matched.add((id(c), i, k))
                 self._recomputed[i] = (c, k)
-                self._nested = self._backward is not None
+                self._nested = True
                 return c, k
         if pending:
             self._unmatched.add(i)
@@ -321,6 +333,15 @@ class BatchRecorder:
             self._backward.append(chunk)
         chunk.add_grad(key, g)
 
+    def _end_failed_pass(self) -> None:
+        """Outside any backward pass, one that still seems to run ended in an error and
+        never ran its callback: it counts as it stood (as :meth:`_grad` decides when the
+        next pass's gradients arrive; called by a new forward pass and by
+        :meth:`clear`, so that ``zero_grad()`` drops it, and so that a nested
+        recomputation's mark does not outlive it)."""
+        if self._backward is not None and torch._C._current_graph_task_id() == -1:
+            self._backward_ended()
+
     def _backward_ended(self) -> None:
         """A pass counts when it reached the parameters' ``.grad`` (not a gradient the
         user took with ``torch.autograd.grad``, an adversarial example's); one that found
@@ -329,6 +350,7 @@ class BatchRecorder:
         ran, self._backward = self._backward or [], None
         self._nested = False
         self._recomputed.clear()
+        self._matched.clear()
         if self._reset:
             for c in self._chunks:
                 if c.accumulated and c not in ran:
@@ -350,6 +372,8 @@ def _remove(handles) -> None:
 def _begin(ref):
     def hook(mod, args):
         rec = ref()
+        if rec is not None and torch.is_grad_enabled():
+            rec._end_failed_pass()
         if rec is not None:
             rec._open = (_Chunk.open(rec.n, args[0] if args else None)
                          if torch.is_grad_enabled() else None)

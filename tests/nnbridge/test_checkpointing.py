@@ -157,3 +157,80 @@ def test_checkpoint_sequential_with_torch_default(name):
             opt.step()
         params.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+def _steps(mode, name, passes):
+    """3 steps of ``OPTIMIZERS[name]`` on ``_Net(mode)``, each step's passes run by
+    ``passes(model, X, y)``; the parameters after them."""
+    X, y = data(B=8)
+    torch.manual_seed(0)
+    model = _Net(mode)
+    opt = OPTIMIZERS[name](model)
+    for _ in range(3):
+        opt.zero_grad()
+        passes(model, X, y)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _retained_twice(model, X, y):
+    loss = F.cross_entropy(model(X), y)
+    (0.5 * loss).backward(retain_graph=True)
+    (0.5 * loss).backward()
+
+
+def _logged_first(model, X, y):
+    float(F.cross_entropy(model(X), y))     # a forward pass with gradients, no backward
+    F.cross_entropy(model(X), y).backward()
+
+
+@pytest.mark.parametrize("passes", [_retained_twice, _logged_first])
+@pytest.mark.parametrize("name", ["ddpnopt-adam", "gtddp-ekfac", "ekfac"])
+def test_a_retained_graph_and_a_stale_forward_pass(name, passes):
+    """A review's cases: a retained graph run backward twice recomputes the block twice
+    (the second recomputation was matched to nothing: half the gradient at the block,
+    DDPNOpt 0.02 off); an earlier forward pass of the same batch with gradients (a
+    logged loss) took the training pass's recomputation (0.02-0.1 off)."""
+    plain = _steps(None, name, passes)
+    ckpt = _steps("reentrant", name, passes)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+
+
+class _Raise(torch.autograd.Function):
+    fail = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if _Raise.fail:
+            raise ArithmeticError("a backward pass that fails")
+        return g
+
+
+@pytest.mark.parametrize("mode", [None, "reentrant"])
+def test_a_failed_backward_pass_then_the_usual_steps(mode):
+    """A backward pass that raised after recomputing the block left the recorder taking
+    every later pass as part of the dead one (no step ever again, a review); and after
+    any failed pass the next step was refused (its chunk counted as it stood).
+    ``zero_grad()`` now ends the failed pass: the steps after it are the plain ones."""
+    X, y = data(B=8)
+    torch.manual_seed(0)
+    model = _Net(mode)
+    opt = nnbridge.EKFAC(model)
+    block = model.block
+    model.block = lambda h: block(_Raise.apply(h))
+    _Raise.fail = True
+    try:
+        with pytest.raises(ArithmeticError):
+            F.cross_entropy(model(X), y).backward()
+    finally:
+        _Raise.fail = False
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    ref = _steps(None, "ekfac", lambda m, X, y: F.cross_entropy(m(X), y).backward())
+    assert all(torch.equal(a, b) for a, b in zip(ref, model.parameters()))
