@@ -15,7 +15,11 @@ with :math:`A = \partial f/\partial z`, :math:`B = [\partial f/\partial \theta \
 :func:`trajopt.solve_infinite_lqr` (the DARE, here with the solution P = 0, and the
 linear-term fixed point :math:`\lambda = (I - A^\top)^{-1} a`).  The gradient is
 :math:`-\tilde u^* = B^\top \lambda`, which is the implicit-function-theorem gradient
-(Thm 4.2.1).  Dense per-sample Jacobians are formed: small cells only.
+(Thm 4.2.1).  Two paths (``DEQ(backward=)``): ``"dare"`` forms the dense per-sample
+Jacobians and solves the DARE, which certifies P = 0 (small cells); ``"costate"`` solves
+only the linear term's fixed point, matrix-free, with the forward pass's solver and one
+vector-Jacobian product of the cell an iteration (what the LQR is where P = 0: any state
+size, e.g. a convolutional cell); ``"auto"`` chooses by the dense Jacobians' size.
 """
 
 from __future__ import annotations
@@ -37,9 +41,14 @@ from trajopt.errors import (
 )
 from trajopt.riccati import push_through_control, surrogate_control
 
-__all__ = ["DEQ", "DEQBlock", "SOLVERS", "DEFAULT_TOL"]
+from .fixed_point import SOLVERS
 
-SOLVERS = ("anderson", "broyden", "picard")
+__all__ = ["DEQ", "DEQBlock", "SOLVERS", "DEFAULT_TOL", "DENSE_LIMIT"]
+
+#: the largest dense per-sample Jacobians (numbers, ``B n (n + m)``) for which
+#: ``backward="auto"`` takes the DARE path (measured: docs/steepest.md, the DEQ's backward)
+DENSE_LIMIT = 2 ** 22
+
 #: the forward solve's default relative tolerance by dtype (about 100 eps)
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 1e-2,
                torch.float16: 1e-3}
@@ -64,7 +73,7 @@ class DEQBlock(nn.Module):
 
 
 class DEQ(nn.Module):
-    """Fixed point of ``cell(z, x)`` with the LQR backward pass (module docstring).
+    r"""Fixed point of ``cell(z, x)`` with the LQR backward pass (module docstring).
 
     Parameters
     ----------
@@ -81,17 +90,32 @@ class DEQ(nn.Module):
     max_iter : int
     memory : int
         History length of Anderson and Broyden.
+    backward : {"auto", "dare", "costate"}
+        How the backward pass solves the LQR (module docstring).  ``"dare"``: the dense
+        per-sample Jacobians (``B n (n + m)`` numbers, m the cell's parameters and x's
+        size) and the DARE, which certifies ``P = 0``, with the implicit gradient by a
+        direct solve where it does not hold.  ``"costate"``: at an attracting fixed point
+        the LQR's ``P`` and gain are 0, and what is left is its linear term's fixed point
+        :math:`\lambda = a + A^\top \lambda`, solved here with ``solver`` at ``tol``,
+        one vector-Jacobian product of the cell an iteration: matrix-free, any state
+        size (a convolutional cell).  ``"auto"`` (default): ``"dare"`` where the dense
+        Jacobians have at most :data:`DENSE_LIMIT` numbers, else ``"costate"``.
 
     Attributes
     ----------
     stats : dict
-        ``iterations`` and ``residual`` of the last forward solve.
+        ``iterations`` and ``residual`` of the last forward solve; after a backward
+        pass, ``backward`` (the path taken) and, for ``"costate"``,
+        ``backward_iterations`` and ``backward_residual``.
     """
 
     def __init__(self, cell: nn.Module, z_shape: tuple[int, ...] | None = None, *,
                  solver: str = "anderson", tol: float | None = None, max_iter: int = 200,
-                 memory: int = 6):
+                 memory: int = 6, backward: str = "auto"):
         super().__init__()
+        if backward not in ("auto", "dare", "costate"):
+            raise InvalidArgumentError(f"backward must be 'auto', 'dare' or 'costate'; got "
+                                       f"{backward!r}")
         if solver not in SOLVERS:
             raise InvalidArgumentError(f"solver must be one of {', '.join(SOLVERS)}; got "
                                        f"{solver!r}")
@@ -100,6 +124,7 @@ class DEQ(nn.Module):
                                        f"{tol}, {max_iter}, {memory}")
         self.cell, self.z_shape = cell, z_shape
         self.solver, self.tol, self.max_iter, self.memory = solver, tol, int(max_iter), memory
+        self.backward = backward
         self.stats: dict = {}
 
     # ------------------------------------------------------------------ forward solve
@@ -133,7 +158,8 @@ class DEQ(nn.Module):
         tol = self._tol(z.dtype)
         with torch.no_grad():
             self._check_cell(z, x)
-            z, it, res = getattr(self, f"_{self.solver}")(z, x, tol)
+            z, it, res = SOLVERS[self.solver](lambda w: self._f(w, x), z, tol,
+                                              self.max_iter, self.memory)
         # a NaN residual ends the iteration loops at once (NaN > tol is false): the
         # iterate may still be finite, so both are checked
         if not bool(torch.isfinite(z).all()) or not math.isfinite(res):
@@ -146,116 +172,6 @@ class DEQ(nn.Module):
         self.stats = {"iterations": it, "residual": res}
         return z.reshape(B, *self._zs)
 
-    def _residuals(self, fz, z) -> torch.Tensor:
-        """Per-sample relative residual |f(z) - z| / (|f(z)| + 1e-12), (B,)."""
-        return (fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)
-
-    def _residual(self, fz, z) -> float:
-        return float(self._residuals(fz, z).max())
-
-    def _picard(self, z, x, tol):
-        it, res = 0, float("inf")
-        while res > tol and it < self.max_iter:
-            fz = self._f(z, x)
-            res = self._residual(fz, z)
-            z = fz
-            it += 1
-        return z, it, res
-
-    def _anderson(self, z, x, tol):
-        """Anderson acceleration (type II, damping 1) with ``memory`` past iterates.  The
-        least-squares system is regularized relative to its scale by max(1e-8, 100 eps)
-        (float32: 1.2e-5); where it is still singular, that sample takes a plain
-        fixed-point step."""
-        lam = max(1e-8, 100 * torch.finfo(z.dtype).eps)
-        tiny = torch.finfo(z.dtype).tiny
-        Z, G = [z], [self._f(z, x)]
-        res = self._residual(G[0], z)
-        z = G[0]
-        it = 1
-        while res > tol and it < self.max_iter:
-            Z.append(z)
-            G.append(self._f(z, x))
-            res = self._residual(G[-1], z)
-            it += 1
-            Z, G = Z[-self.memory:], G[-self.memory:]
-            Fm = torch.stack([g - zz for g, zz in zip(G, Z)], 1)         # (B, k, n)
-            k = Fm.shape[1]
-            H = Fm @ Fm.transpose(-1, -2)
-            scale = H.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
-            H = H + (lam * scale + tiny) * torch.eye(k, dtype=z.dtype, device=z.device)
-            ones = torch.ones(z.shape[0], k, 1, dtype=z.dtype, device=z.device)
-            w, info = torch.linalg.solve_ex(H, ones)
-            alpha = w / w.sum(1, keepdim=True)                           # sum to 1
-            mixed = (alpha * torch.stack(G, 1)).sum(1)
-            ok = (info == 0).unsqueeze(-1) & torch.isfinite(mixed).all(-1, keepdim=True)
-            z = torch.where(ok, mixed, G[-1])
-        return z, it, res
-
-    def _broyden(self, z, x, tol):
-        r"""Limited-memory 'good' Broyden on g(z) = f(z, x) - z (inverse-Jacobian
-        updates), with a full step, safeguarded: an update whose denominator
-        :math:`dz^\top H dg` is below 100 eps of its scale is skipped for that sample (it
-        would divide by rounding noise: NaN in float32); a step that makes a sample's
-        residual non-finite or 1000 times its best restarts that sample from its best
-        iterate with a fixed-point step, and the memory is cleared (Broyden's full step
-        is not globally convergent: a cell that is not contractive, e.g. after a large
-        training step, sends it to overflow).  Returns the best iterate per sample."""
-        eps = 100 * torch.finfo(z.dtype).eps
-        fz = self._f(z, x)
-        g = fz - z
-        Us, Vs = [], []
-
-        def apply_inv(v):                      # H v with H = -I + sum u v'
-            out = -v
-            for u, vv in zip(Us, Vs):
-                out = out + u * (vv * v).sum(-1, keepdim=True)
-            return out
-
-        best_z, best_r = z, self._residuals(fz, z)
-        it, res = 1, float(best_r.max())
-        while res > tol and it < self.max_iter and math.isfinite(res):
-            dz = -apply_inv(g)
-            z_new = z + dz
-            f_new = self._f(z_new, x)
-            it += 1
-            r_new = self._residuals(f_new, z_new)
-            bad = ~torch.isfinite(r_new) | (r_new > 1e3 * best_r)
-            if bool(bad.any()):
-                Us, Vs = [], []
-                restart = self._f(best_z, x)
-                it += 1
-                z = torch.where(bad.unsqueeze(-1), restart, z_new)
-                fz = self._f(z, x)
-                it += 1
-                g = fz - z
-            else:
-                g_new = f_new - z_new
-                dg = g_new - g
-                Hdg = apply_inv(dg)
-                # Sherman-Morrison: H += (dz - H dg) dz'H / (dz' H dg)
-                vT = -dz
-                for u, vv in zip(Us, Vs):
-                    vT = vT + vv * (u * dz).sum(-1, keepdim=True)
-                denom = (vT * dg).sum(-1, keepdim=True)
-                ok = denom.abs() > eps * vT.norm(dim=-1, keepdim=True) * dg.norm(
-                    dim=-1, keepdim=True)
-                u = torch.where(ok, (dz - Hdg) / torch.where(ok, denom,
-                                                            torch.ones_like(denom)),
-                                torch.zeros_like(dz))
-                Us.append(u)
-                Vs.append(vT)
-                Us, Vs = Us[-self.memory:], Vs[-self.memory:]
-                z, g, fz = z_new, g_new, f_new
-            r = self._residuals(fz, z)
-            better = r < best_r
-            best_z = torch.where(better.unsqueeze(-1), z, best_z)
-            best_r = torch.where(better, r, best_r)
-            res = float(best_r.max())
-        if not math.isfinite(res):
-            return z, it, res
-        return best_z, it, res
-
     # ------------------------------------------------------------------ module
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fixed_point(x)
@@ -263,6 +179,53 @@ class DEQ(nn.Module):
             return z
         params = [p for p in self.cell.parameters()]
         return _LQRGradient.apply(self, z, x, *params)
+
+    def gradient(self, z: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+        """Gradients ``(dL/dx, [dL/dtheta])`` given the fixed point ``z`` and ``a =
+        dL/dz``, by the path ``backward`` names (class docstring)."""
+        how = self.backward
+        if how == "auto":
+            dense = z.shape[0] * z[0].numel() * (z[0].numel() + x[0].numel() + sum(
+                p.numel() for p in self.cell.parameters()))
+            how = "dare" if dense <= DENSE_LIMIT else "costate"
+        self.stats["backward"] = how
+        return (self.lqr_gradient if how == "dare" else self.costate_gradient)(z, x, a)
+
+    def costate_gradient(self, z: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+        r"""Gradients ``(dL/dx, [dL/dtheta])`` from the LQR's linear-term fixed point
+        :math:`\lambda = a + A^\top \lambda` (``backward="costate"``): ``solver`` at
+        ``tol``, :math:`A^\top \lambda` by a vector-Jacobian product of the cell at
+        (z, x), then :math:`B^\top \lambda` by one more.  Equal to :meth:`lqr_gradient`
+        at an attracting fixed point (the LQR's ``P`` and gain are 0 there); elsewhere
+        Anderson and Broyden still solve :math:`(I - A^\top) \lambda = a` where they
+        converge, Picard does not."""
+        B = z.shape[0]
+        params = [p for p in self.cell.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            zr = z.detach().reshape(B, -1).requires_grad_()
+            xr = x.detach().requires_grad_(x.is_floating_point())
+            self._zs = tuple(z.shape[1:])
+            fz = self._f(zr, xr)
+        q = a.reshape(B, -1).to(fz.dtype)
+
+        def costate(lam):
+            return q + torch.autograd.grad(fz, zr, lam, retain_graph=True)[0]
+        tol = self._tol(q.dtype)
+        lam, it, res = SOLVERS[self.solver](costate, torch.zeros_like(q), tol,
+                                            self.max_iter, self.memory)
+        if not bool(torch.isfinite(lam).all()) or not math.isfinite(res):
+            raise NonFiniteError(f"DEQ: the {self.solver} iteration of the costate produced "
+                                 f"NaN/inf (residual {res}; is the fixed point attracting?)")
+        if res > tol:
+            warnings.warn(f"DEQ: the costate's {self.solver} iteration did not reach tol "
+                          f"{tol} in {it} iterations (relative residual {res:.2e})",
+                          ConvergenceWarning, stacklevel=3)
+        self.stats.update(backward_iterations=it, backward_residual=res)
+        wrt = ([xr] if xr.requires_grad else []) + params
+        got = list(torch.autograd.grad(fz, wrt, lam, allow_unused=True)) if wrt else []
+        gx = got.pop(0).reshape(x.shape) if xr.requires_grad else None
+        by_param = dict(zip(map(id, params), got))
+        return gx, [by_param.get(id(p)) for p in self.cell.parameters()]
 
     def lqr_gradient(self, z: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
         """Gradients ``(dL/dx, [dL/dtheta])`` from the infinite-horizon LQR, given the
@@ -460,5 +423,5 @@ class _LQRGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, x = ctx.saved_tensors
-        gx, gp = ctx.deq.lqr_gradient(z, x, grad)
+        gx, gp = ctx.deq.gradient(z, x, grad)
         return (None, None, gx if ctx.needs_input_grad[2] else None, *gp)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -71,15 +73,18 @@ def _ift(cell, x, z, w):
     return list(torch.autograd.grad(out, params + [xx], lam))
 
 
+@pytest.mark.parametrize("backward", ["dare", "costate"])
 @pytest.mark.parametrize("make,n", [(Cell, 5), (TwoLayerCell, 4)])
 @pytest.mark.parametrize("B", [1, 4])
-def test_lqr_gradient_equals_implicit_differentiation_and_unrolling(make, n, B):
+def test_lqr_gradient_equals_implicit_differentiation_and_unrolling(make, n, B, backward):
+    """Both backward paths: the DARE's, and the costate's fixed point (matrix-free)."""
     cell = make()
     x = torch.randn(B, 3, generator=torch.Generator().manual_seed(B), requires_grad=True)
     w = torch.randn(B, n, generator=torch.Generator().manual_seed(7))
-    deq = DEQ(cell, (n,), tol=1e-13, max_iter=500)
+    deq = DEQ(cell, (n,), tol=1e-13, max_iter=500, backward=backward)
     z = deq(x)
     (z * w).sum().backward()
+    assert deq.stats["backward"] == backward
     lqr = _grads(cell, x)
     ift = _ift(cell, x.detach(), z.detach(), w)
     for a, b in zip(lqr, ift):
@@ -362,3 +367,69 @@ def test_a_slowly_attracting_float32_fixed_point_takes_the_implicit_gradient():
     w = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - W.T, (2 * zd).T)
     ref = w @ zd
     torch.testing.assert_close(g.double(), ref, rtol=2e-3, atol=0)
+
+
+class _ConvCell(nn.Module):
+    """z' = tanh(GroupNorm(conv(z)) + conv1x1(x)) on (C, 8, 8) states, the convolution
+    scaled to contract."""
+
+    def __init__(self, C=8):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.norm = nn.GroupNorm(2, C)
+        self.inj = nn.Conv2d(C, C, 1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.2)
+
+    def forward(self, z, x):
+        return torch.tanh(0.3 * self.norm(self.conv(z)) + self.inj(x))
+
+
+def test_a_convolutional_state_takes_the_costate_path():
+    """A (8, 8, 8) state, batch 16: the dense Jacobians (14 M numbers) are past
+    DENSE_LIMIT, so "auto" solves the costate matrix-free (the DARE path did not finish a
+    step in 10 minutes on a 2-core CPU, a user trial); against unrolled autograd."""
+    cell = _ConvCell()
+    x = torch.randn(16, 8, 8, 8, generator=torch.Generator().manual_seed(0),
+                    requires_grad=True)
+    w = torch.randn(16, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    deq = DEQ(cell, (8, 8, 8), tol=1e-13, max_iter=500)
+    (deq(x) * w).sum().backward()
+    assert deq.stats["backward"] == "costate"
+    assert deq.stats["backward_residual"] <= 1e-13
+    ours = _grads(cell, x)
+    _zero(cell, x)
+    zz = torch.zeros(16, 8, 8, 8)
+    for _ in range(200):
+        zz = cell(zz, x)
+    (zz * w).sum().backward()
+    for a, b in zip(ours, _grads(cell, x)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_costate_path_warns_where_it_does_not_converge_and_skips_frozen_parameters():
+    cell = Cell()
+    cell.U.bias.requires_grad_(False)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    deq = DEQ(cell, (5,), backward="costate", tol=1e-13, max_iter=3)
+    with pytest.warns(ConvergenceWarning, match="costate"):
+        deq(x).sum().backward()
+    assert cell.U.bias.grad is None and cell.W.weight.grad is not None
+    with pytest.raises(InvalidArgumentError, match="backward"):
+        DEQ(cell, (5,), backward="lqr")
+
+
+def test_the_costate_path_at_a_repelling_fixed_point_is_the_implicit_gradient():
+    """Anderson solves (I - A') lambda = a also where A has the eigenvalue 1.5: the
+    gradient the DARE path takes by its direct solve there."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    grads = []
+    cell = _LinearCell(torch.tensor([[1.5, 0.3], [0.0, 0.2]], dtype=torch.float64))
+    for backward in ("dare", "costate"):
+        deq = DEQ(cell, (2,), solver="anderson", tol=1e-12, backward=backward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            grads.append(torch.autograd.grad((deq(x) ** 2).sum(), [cell.W])[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
