@@ -51,7 +51,8 @@ class LossScale:
     inverse: torch.Tensor | None = None
 
 
-def take_loss_scale(optimizer: torch.optim.Optimizer, grad_scaler=None) -> LossScale:
+def take_loss_scale(optimizer: torch.optim.Optimizer, grad_scaler=None, *,
+                    records: bool = True) -> LossScale:
     """The loss scale of the recorded passes, with ``p.grad`` divided by it where the
     scaler left that to the optimizer (module docstring).
 
@@ -62,7 +63,10 @@ def take_loss_scale(optimizer: torch.optim.Optimizer, grad_scaler=None) -> LossS
         ``GradScaler.step`` (absent when ``step`` is called directly: no scale).
     grad_scaler : torch.amp.GradScaler, optional
         The scaler, needed where ``scaler.unscale_(optimizer)`` ran before
-        ``scaler.step``.
+        ``scaler.step`` and the step reads the recorded gradients.
+    records : bool
+        The step reads the recorded gradients (``feedback=False`` with a first-order
+        curvature reads only ``p.grad``: it needs no scale).
     """
     found = getattr(optimizer, "found_inf", None)
     if found is None:
@@ -78,6 +82,8 @@ def take_loss_scale(optimizer: torch.optim.Optimizer, grad_scaler=None) -> LossS
                 if p.grad is not None:
                     p.grad.mul_(inverse.to(p.grad.device))
         return LossScale(inverse=inverse)
+    if not records:
+        return LossScale()
     if grad_scaler is None:
         raise InvalidArgumentError(
             f"grad_scaler: scaler.unscale_(optimizer) divided p.grad by the loss scale "

@@ -397,12 +397,13 @@ class DDPNOpt(torch.optim.Optimizer):
                 warnings.warn(f"non-finite loss {loss}; step skipped", SkippedStepWarning,
                               stacklevel=2)
                 return loss
-        scale = take_loss_scale(self, self._grad_scaler)
+        group = self.param_groups[0]
+        feedback = group["feedback"]
+        scale = take_loss_scale(self, self._grad_scaler,
+                                records=feedback or self.curvature.needs_factors)
         if scale.skip:   # the scaler found inf / NaN gradients: no step, as torch.optim's
             self._recorder.clear()
             return loss
-        group = self.param_groups[0]
-        feedback = group["feedback"]
         if feedback:
             self._check_feedback_modules()
             check_whole_gradients(self._stages)

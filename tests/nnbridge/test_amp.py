@@ -159,3 +159,11 @@ def test_a_refused_scaled_step_leaves_no_scale_on_the_optimizer():
         F.cross_entropy(m(X[8:]), y[8:]).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_without_feedback_a_first_order_step_needs_no_scaler_after_unscale():
+    """``feedback=False`` with Adam reads only ``p.grad`` (unscaled by the scaler): the
+    clipping recipe works without ``grad_scaler=``, equal to the plain loop."""
+    plain, _ = _train("ddpnopt-adam-no-feedback", clip=0.05)
+    scaled, _ = _train("ddpnopt-adam-no-feedback", _scaler(), clip=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
