@@ -198,34 +198,46 @@ class DEQ(nn.Module):
         (z, x), then :math:`B^\top \lambda` by one more.  Equal to :meth:`lqr_gradient`
         at an attracting fixed point (the LQR's ``P`` and gain are 0 there); elsewhere
         Anderson and Broyden still solve :math:`(I - A^\top) \lambda = a` where they
-        converge, Picard does not."""
+        converge, Picard does not.  No Jacobian is formed, so a fixed point that is not
+        isolated (``I - A`` singular to the working precision), which the DARE path
+        refuses, is not detected here: where that matters, use ``backward="dare"``."""
         B = z.shape[0]
         params = [p for p in self.cell.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            zr = z.detach().reshape(B, -1).requires_grad_()
-            xr = x.detach().requires_grad_(x.is_floating_point())
-            self._zs = tuple(z.shape[1:])
-            fz = self._f(zr, xr)
-        q = a.reshape(B, -1).to(fz.dtype)
+        buffers = [b.detach().clone() for b in self.cell.buffers()]
+        try:
+            with torch.enable_grad():
+                zr = z.detach().reshape(B, -1).requires_grad_()
+                xr = x.detach().requires_grad_(x.is_floating_point())
+                self._zs = tuple(z.shape[1:])
+                fz = self._f(zr, xr)
+            q = a.reshape(B, -1).to(fz.dtype)
 
-        def costate(lam):
-            return q + torch.autograd.grad(fz, zr, lam, retain_graph=True)[0]
-        tol = self._tol(q.dtype)
-        lam, it, res = SOLVERS[self.solver](costate, torch.zeros_like(q), tol,
-                                            self.max_iter, self.memory)
-        if not bool(torch.isfinite(lam).all()) or not math.isfinite(res):
-            raise NonFiniteError(f"DEQ: the {self.solver} iteration of the costate produced "
-                                 f"NaN/inf (residual {res}; is the fixed point attracting?)")
-        if res > tol:
-            warnings.warn(f"DEQ: the costate's {self.solver} iteration did not reach tol "
-                          f"{tol} in {it} iterations (relative residual {res:.2e})",
-                          ConvergenceWarning, stacklevel=3)
-        self.stats.update(backward_iterations=it, backward_residual=res)
-        wrt = ([xr] if xr.requires_grad else []) + params
-        got = list(torch.autograd.grad(fz, wrt, lam, allow_unused=True)) if wrt else []
-        gx = got.pop(0).reshape(x.shape) if xr.requires_grad else None
-        by_param = dict(zip(map(id, params), got))
-        return gx, [by_param.get(id(p)) for p in self.cell.parameters()]
+            def costate(lam):
+                return q + torch.autograd.grad(fz, zr, lam, retain_graph=True)[0]
+            tol = self._tol(q.dtype)
+            lam, it, res = SOLVERS[self.solver](costate, torch.zeros_like(q), tol,
+                                                self.max_iter, self.memory)
+            if not bool(torch.isfinite(lam).all()) or not math.isfinite(res):
+                raise NonFiniteError(
+                    f"DEQ: the {self.solver} iteration of the costate produced NaN/inf "
+                    f"(residual {res}; is the fixed point attracting?)")
+            if res > tol:
+                warnings.warn(f"DEQ: the costate's {self.solver} iteration did not reach "
+                              f"tol {tol} in {it} iterations (relative residual {res:.2e})",
+                              ConvergenceWarning, stacklevel=3)
+            self.stats.update(backward_iterations=it, backward_residual=res)
+            wrt = ([xr] if xr.requires_grad else []) + params
+            got = list(torch.autograd.grad(fz, wrt, lam, allow_unused=True)) if wrt else []
+        finally:   # the cell's call leaves it as it was (BatchNorm's running statistics)
+            with torch.no_grad():
+                for b, v in zip(self.cell.buffers(), buffers):
+                    b.copy_(v)
+        gx = got.pop(0) if xr.requires_grad else None
+        # as the DARE path: zeros for a trainable parameter the cell's output does not use
+        by_param = {id(p): torch.zeros_like(p) if g is None else g
+                    for p, g in zip(params, got)}
+        return (None if gx is None else gx.reshape(x.shape),
+                [by_param.get(id(p)) for p in self.cell.parameters()])
 
     def lqr_gradient(self, z: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
         """Gradients ``(dL/dx, [dL/dtheta])`` from the infinite-horizon LQR, given the
@@ -402,14 +414,21 @@ def _unflatten(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
 def _implicit_gradient(A: torch.Tensor, Bm: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r""":math:`B^\top (I - A^\top)^{-1} q` per sample, (b, m), for A (b, n, n), Bm (b, n,
     m), q (b, n): the implicit-function gradient of a fixed point z = f(z, .) with
-    A = df/dz; ``NumericalError`` where 1 is an eigenvalue of A (no implicit gradient)."""
+    A = df/dz; ``NumericalError`` where 1 is an eigenvalue of A to the working precision
+    (``I - A`` of condition number above ``0.01 / eps``: no isolated fixed point, no
+    implicit gradient; a solve there returns rounding noise)."""
     n = A.shape[-1]
     M = torch.eye(n, dtype=A.dtype, device=A.device) - A.transpose(-1, -2)
     w, info = torch.linalg.solve_ex(M, q.unsqueeze(-1))
-    if bool((info != 0).any()) or not bool(torch.isfinite(w).all()):
+    cond = torch.linalg.cond(M)
+    limit = 0.01 / torch.finfo(A.dtype).eps
+    if bool((info != 0).any()) or not bool(torch.isfinite(w).all()) or \
+            not bool((cond <= limit).all()):
         raise NumericalError(
-            "DEQ: I - df/dz is singular at the fixed point (df/dz has the eigenvalue 1): "
-            "the fixed point is not isolated and has no implicit gradient")
+            f"DEQ: I - df/dz is singular at the fixed point to the working precision "
+            f"(condition number {float(cond.max()):.3g} > 0.01 / eps = {limit:.3g}: df/dz "
+            f"has the eigenvalue 1): the fixed point is not isolated and has no implicit "
+            f"gradient")
     return (Bm.transpose(-1, -2) @ w).squeeze(-1)
 
 
@@ -421,7 +440,8 @@ class _LQRGradient(torch.autograd.Function):
         return z.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):   # no graph of the gradient: a double backward is refused
         z, x = ctx.saved_tensors
         gx, gp = ctx.deq.gradient(z, x, grad)
         return (None, None, gx if ctx.needs_input_grad[2] else None, *gp)

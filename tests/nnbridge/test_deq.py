@@ -433,3 +433,60 @@ def test_the_costate_path_at_a_repelling_fixed_point_is_the_implicit_gradient():
             warnings.simplefilter("ignore", UserWarning)
             grads.append(torch.autograd.grad((deq(x) ** 2).sum(), [cell.W])[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_non_isolated_fixed_point_in_a_rotated_basis_is_refused(dtype):
+    """df/dz = Q diag(1, 0.5) Q': the eigenvalue 1 does not show as a zero pivot, and the
+    solve returned rounding noise (signs flipping between dtypes) as "the implicit
+    gradient" (a review); refused by its condition number now."""
+    c, s = torch.cos(torch.tensor(0.3)), torch.sin(torch.tensor(0.3))
+    Q = torch.stack([torch.stack([c, -s]), torch.stack([s, c])]).to(dtype)
+    A = (Q @ torch.diag(torch.tensor([1.0, 0.5], dtype=dtype)) @ Q.T)[None]
+    with pytest.raises(NumericalError, match="condition number"):
+        deq_module._implicit_gradient(A, torch.eye(2, dtype=dtype)[None],
+                                      torch.ones(1, 2, dtype=dtype))
+
+
+def test_a_double_backward_is_refused():
+    """A gradient penalty through a DEQ differentiated its backward pass as if it were
+    constant (silently wrong second-order terms, a review): refused by torch now."""
+    cell, enc = Cell(), nn.Linear(3, 3)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = DEQ(cell, (5,))(enc(x)).pow(2).sum()
+    (gx,) = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.pow(2).sum().backward()
+
+
+class _SpareCell(nn.Module):
+    """A tanh cell with a parameter its output does not use, x read detached (no gradient
+    to x) and a BatchNorm whose statistics the forward iterations update."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.W, self.U = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.spare = nn.Parameter(torch.ones(2))
+        self.norm = nn.BatchNorm1d(4)
+        with torch.no_grad():
+            self.W.weight.mul_(0.3)
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x.detach())) + 0 * self.norm(z).detach()
+
+
+def test_the_costate_path_as_the_dare_path_for_unused_inputs_and_keeps_the_buffers():
+    """A review: the costate path returned None for a parameter the output does not use
+    (the DARE path zeros: weight decay then acted at one batch size, not at the other)
+    and raised an AttributeError where x gets no gradient; its extra call of the cell
+    updated BatchNorm's running statistics."""
+    cell = _SpareCell()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    deq = DEQ(cell, (4,), backward="costate")
+    z = deq(x)
+    stats = [b.clone() for b in cell.buffers()]
+    z.sum().backward()
+    assert torch.equal(cell.spare.grad, torch.zeros(2)) and x.grad is None
+    assert cell.W.weight.grad is not None
+    assert all(torch.equal(a, b) for a, b in zip(stats, cell.buffers()))
