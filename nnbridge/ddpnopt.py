@@ -399,14 +399,15 @@ class DDPNOpt(torch.optim.Optimizer):
                 return loss
         group = self.param_groups[0]
         feedback = group["feedback"]
+        if feedback:
+            self._check_feedback_modules()
+            check_whole_gradients(self._stages)
+        # after the checks (a refused step leaves p.grad as the loop left it)
         scale = take_loss_scale(self, self._grad_scaler,
                                 records=feedback or self.curvature.needs_factors)
         if scale.skip:   # the scaler found inf / NaN gradients: no step, as torch.optim's
             self._recorder.clear()
             return loss
-        if feedback:
-            self._check_feedback_modules()
-            check_whole_gradients(self._stages)
         dtype = self._stages[0].module.weight.dtype
         rec = self._recorder.batch(dtype, scale.inverse)
         self._recorder.clear()

@@ -22,12 +22,15 @@ def residuals(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Per-sample relative residual ``|fz - z| / (|fz| + 1e-12)``, (B,)."""
     return (fz - z).norm(dim=-1) / (fz.norm(dim=-1) + 1e-12)
 
+
 def _residual(fz: torch.Tensor, z: torch.Tensor) -> float:
     return float(residuals(fz, z).max())
 
+
 def picard(fn: Callable, z: torch.Tensor, tol: float, max_iter: int, memory: int = 0
            ) -> tuple[torch.Tensor, int, float]:
-    """Plain fixed-point iteration ``z <- fn(z)``."""
+    """Plain fixed-point iteration ``z <- fn(z)`` (``memory`` unused: the solvers' common
+    signature)."""
     it, res = 0, float("inf")
     while res > tol and it < max_iter:
         fz = fn(z)
@@ -35,6 +38,7 @@ def picard(fn: Callable, z: torch.Tensor, tol: float, max_iter: int, memory: int
         z = fz
         it += 1
     return z, it, res
+
 
 def anderson(fn: Callable, z: torch.Tensor, tol: float, max_iter: int, memory: int
              ) -> tuple[torch.Tensor, int, float]:
@@ -66,6 +70,7 @@ def anderson(fn: Callable, z: torch.Tensor, tol: float, max_iter: int, memory: i
         ok = (info == 0).unsqueeze(-1) & torch.isfinite(mixed).all(-1, keepdim=True)
         z = torch.where(ok, mixed, G[-1])
     return z, it, res
+
 
 def broyden(fn: Callable, z: torch.Tensor, tol: float, max_iter: int, memory: int
             ) -> tuple[torch.Tensor, int, float]:
