@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from trajopt.errors import UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .distributed import unwrap
 from .stages import AFFINE, Stage, is_layer, make_stage
@@ -126,6 +126,13 @@ def _len_of_proxies():
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise InvalidArgumentError(
+            f"model: {lazy[0]!r} is not initialized yet (a lazy module, nn.LazyLinear / "
+            f"nn.LazyConv2d, ...): the stages take the layers' shapes from their "
+            f"parameters; run one forward pass with a batch first (the dry run torch's "
+            f"lazy modules ask for before an optimizer is built), then build the optimizer")
     for name, m in model.named_modules():
         computed = [k for k in ("weight", "bias") if torch.is_tensor(getattr(m, k, None))
                     and not isinstance(getattr(m, k), nn.Parameter)]

@@ -647,3 +647,22 @@ def test_one_forward_pass_run_backward_twice_records_what_reached_grad(make, cas
         loss.backward()
         opt.step()
     _same_steps_with_and_without(make, step)
+
+
+@pytest.mark.parametrize("make", [nnbridge.DDPNOpt, nnbridge.GTDDP, nnbridge.EKFAC,
+                                  nnbridge.EMSA, nnbridge.LQRDescent])
+def test_a_lazy_model_before_its_dry_run_is_refused_by_name(make):
+    """``nn.LazyLinear`` before any forward pass: the first training step failed inside
+    the recorder's hooks with torch's error about uninitialized parameters (a user's
+    trial); refused when the optimizer is built now, and after the dry run it trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.LazyLinear(3))
+    with pytest.raises(InvalidArgumentError, match=r"'0.weight' is not initialized"):
+        make(model)
+    X, y = data(B=6)
+    with torch.no_grad():
+        model(X)
+    opt = make(model)
+    before = model[0].weight.detach().clone()
+    opt.step(closure_for(opt, model, X, y))
+    assert not torch.equal(before, model[0].weight)
