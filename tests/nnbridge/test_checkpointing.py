@@ -59,7 +59,7 @@ class _Net(nn.Module):
 def _train(make, mode, steps=3, batches=1, **kw):
     """``steps`` steps from a fixed start, each over ``batches`` micro-batches whose
     losses are summed before one backward pass (two forward passes in flight); the
-    parameters after them and the optimizer."""
+    parameters after them."""
     X, y = data(B=8 * batches)
     torch.manual_seed(0)
     model = _Net(mode, **kw)
