@@ -34,7 +34,11 @@ CASES = [("identity", True, {"lr": 0.3, "momentum": 0.9}), ("rmsprop", True, {"l
          ("ekfac", False, {"lr": 0.1, "update_freq": 2, "gtddp": True}),
          # EKFAC with rank-deficient factors (batch 8, 17 inputs): their null spaces'
          # bases come from nnbridge.eigenbasis, not from the ranks' rounding
-         ("ekfac", True, {"lr": 0.1, "wide": True})]
+         ("ekfac", True, {"lr": 0.1, "wide": True}),
+         # the ranks under torch.amp.GradScaler (a scale that grows every step), against
+         # one process without it: the recorded gradients' scale is taken off exactly
+         ("adam", True, {"lr": 1e-2, "scaler": True}),
+         ("ekfac", True, {"lr": 0.1, "update_freq": 2, "scaler": True})]
 STEPS = 3
 #: GT-EKFAC on ResMLP: A_ww's smallest nonzero eigenvalues are close (4e-7 and 2e-6 of
 #: its largest, 2.5), so their eigenvectors move by ~1e-9 with the ranks' rounding; one
@@ -45,6 +49,7 @@ TOL = {("ekfac", True): 1e-8}
 def _optimizer(target, curvature, feedback, hp):
     hp = dict(hp)
     hp.pop("wide", None)
+    hp.pop("scaler", None)
     cls = nnbridge.GTDDP if hp.pop("gtddp", False) else nnbridge.DDPNOpt
     return cls(target, curvature=curvature, feedback=feedback,
                **{"terminal_hessian": "ggn", "weight_decay": 1e-3, **hp})
@@ -59,8 +64,16 @@ def _model(hp):
     return ResMLP(n_in=4) if hp.get("gtddp") else mlp()
 
 
-def _train(forward, opt, X, y):
+def _train(forward, opt, X, y, scaled=False):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
     for _ in range(STEPS):
+        if scaled:
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(forward(X), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            continue
+
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(forward(X), y)
@@ -86,7 +99,7 @@ def _worker(rank, world, port, out):
             else:            # the optimizer on the wrapper
                 ddp = DistributedDataParallel(model)
                 opt = _optimizer(ddp, curvature, feedback, hp)
-            _train(ddp, opt, X[local], y[local])
+            _train(ddp, opt, X[local], y[local], scaled=hp.get("scaler", False))
             results.append([p.detach().clone() for p in model.parameters()])
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
