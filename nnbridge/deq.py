@@ -265,23 +265,24 @@ class DEQ(nn.Module):
                 f"direct solve of (I - df/dz)' w = dL/dz (docs/steepest.md, the DEQ's "
                 f"backward)", UserWarning, stacklevel=3)
             g = _implicit_gradient(A, Bm, q)
-            return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
-        # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
-        g = -push_through_control(Bm, 1.0, sol.P, G, sol.p)   # (B, m)
-        # P = 0 (no state cost) is the stabilizing solution exactly where the fixed point
-        # attracts (every eigenvalue of df/dz inside the unit circle): only there is the
-        # LQR's value the implicit gradient; elsewhere its P != 0 stabilizes another
-        # problem, and the implicit gradient B' (I - A')^{-1} q is solved for directly
-        away = sol.P.abs().amax((-2, -1)) > 0
-        if bool(away.any()):
-            g = g.clone()
-            g[away] = _implicit_gradient(A[away], Bm[away], q[away])
-            warnings.warn(
-                f"DEQ: the fixed point of {int(away.sum())} of {B} samples is not "
-                f"attracting (df/dz has an eigenvalue of magnitude >= 1 there): their "
-                f"gradient is the implicit one by a direct solve of (I - df/dz)' w = dL/dz, "
-                f"not the infinite-horizon LQR (docs/steepest.md, the DEQ's backward)",
-                UserWarning, stacklevel=3)
+        else:
+            # -k of the original LQR: B'(I + P G)^{-1} p (= B' lambda, P = 0 here)
+            g = -push_through_control(Bm, 1.0, sol.P, G, sol.p)   # (B, m)
+            # P = 0 (no state cost) is the stabilizing solution exactly where the fixed
+            # point attracts (every eigenvalue of df/dz inside the unit circle): only there
+            # is the LQR's value the implicit gradient; elsewhere its P != 0 stabilizes
+            # another problem, and the implicit gradient B' (I - A')^{-1} q is solved for
+            # directly
+            away = sol.P.abs().amax((-2, -1)) > 0
+            if bool(away.any()):
+                g = g.clone()
+                g[away] = _implicit_gradient(A[away], Bm[away], q[away])
+                warnings.warn(
+                    f"DEQ: the fixed point of {int(away.sum())} of {B} samples is not "
+                    f"attracting (df/dz has an eigenvalue of magnitude >= 1 there): their "
+                    f"gradient is the implicit one by a direct solve of (I - df/dz)' w = "
+                    f"dL/dz, not the infinite-horizon LQR (docs/steepest.md, the DEQ's "
+                    f"backward)", UserWarning, stacklevel=3)
         return g[:, mp:].reshape(x.shape), _unflatten(g[:, :mp].sum(0), self.cell)
 
     def lqr_update(self, x: torch.Tensor, y, loss, head: nn.Module, *,

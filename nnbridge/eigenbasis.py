@@ -83,9 +83,9 @@ def eigenbasis(M: torch.Tensor, breakers: Sequence[torch.Tensor] = ()) -> torch.
         # others keep eigh's basis without a host synchronization each
         tol = _tie_tolerance(lam.shape[-1], lam.dtype, flat_lam.abs().amax(-1))
         tied = ((flat_lam[:, 1:] - flat_lam[:, :-1]) <= tol[:, None]).any(-1)
-        out = flat_Q
-        for k in tied.nonzero().flatten().tolist():
-            out = out.clone() if out is flat_Q else out
+        ks = tied.nonzero().flatten().tolist()
+        out = flat_Q.clone() if ks else flat_Q
+        for k in ks:
             out[k] = eigenbasis_of(flat_lam[k], flat_Q[k], breakers)
         return out.reshape(Q.shape)
     return eigenbasis_of(lam, Q, breakers)
