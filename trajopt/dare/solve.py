@@ -36,7 +36,7 @@ from .backends import slycot_available, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import dare_adjoint, newton_refine
-from .stability import lyapunov_certificate, raise_unstabilizable
+from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
 
@@ -396,7 +396,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
     if d.is_numpy:  # one system: its eigenvalues are the check (and the result's field)
         eig = closed_loop_eigvals(d, K)
         rho = float(np.abs(eig).max())
-        if not rho < margin:
+        if not rho < margin and not bool(stable_beyond_rounding(d, K)):
             raise_unstabilizable(d, np.asarray(True), _not_stabilizing(rho))
     else:
         if certified is None:
@@ -414,9 +414,13 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                                           ).abs().amax(-1)
             rho = torch.zeros(flat.shape, dtype=X.dtype, device=X.device)
             rho[flat] = rho_sub
-            rho = rho.reshape(d.batch)
-            if not bool((rho < margin).all()):
-                raise_unstabilizable(d, ~(rho < margin), _not_stabilizing(float(rho.max())))
+            bad = ~(rho < margin)
+            if bool(bad.any()):  # refused by the margin: by the eigenvalues' own rounding?
+                bad[bad.clone()] = ~stable_beyond_rounding(
+                    d.subset(bad), K.reshape(-1, *K.shape[-2:])[bad])
+                if bool(bad.any()):
+                    raise_unstabilizable(d, bad.reshape(d.batch),
+                                         _not_stabilizing(float(rho[bad].max())))
     if res is None:
         res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
