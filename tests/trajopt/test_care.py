@@ -154,6 +154,21 @@ def test_the_unstabilizable_element_of_a_batch_is_named():
                 trajopt.solve_care(A, B, Q.double(), R.double(), method=method)
 
 
+def test_hamiltonian_eigenvalue_on_the_axis_is_refused_not_crashed():
+    """A double integrator with Q = 0: the Hamiltonian has eigenvalues on the imaginary
+    axis, the sign iteration breaks down (NaN); the least-squares solve after it failed
+    torch's internal assert (MKL DGELSY) under "sign" and the batched "auto" (a user
+    trial, session 30) instead of naming the element."""
+    A = np.array([[0.0, 1.0], [0.0, 0.0]])
+    B, R = np.array([[0.0], [1.0]]), np.eye(1)
+    with pytest.raises(NotStabilizableError, match="did not converge"):
+        trajopt.solve_care(A, B, np.zeros((2, 2)), R, method="sign")
+    Qs = np.stack([np.eye(2), np.zeros((2, 2))])
+    for method in ("auto", "sign"):
+        with pytest.raises(NotStabilizableError, match=r"batch element \(1,\)"):
+            trajopt.solve_care(np.stack([A, A]), B, Qs, R, method=method)
+
+
 def test_bad_input_names_the_argument():
     A, B, Q, R, _, _ = _system(0, 3, 1, False, False)
     with pytest.raises(ShapeError, match="B"):

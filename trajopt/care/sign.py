@@ -53,7 +53,15 @@ def solve_sign(d: DAREData, tol: float | None = None, max_iter: int = 100
     W21, W22 = W[..., n:, :n], W[..., n:, n:]
     lhs = torch.cat([W12, W22 + eye], -2)
     rhs = -torch.cat([W11 + eye, W21], -2)
-    # consistent, and [W12; W22 + I] has full column rank at a converged sign
+    # consistent, and [W12; W22 + I] has full column rank at a converged sign; elements
+    # whose iteration broke down (NaN) get a placeholder system (LAPACK's least squares
+    # fails an internal assert on NaN) and NaN back
+    broken = ~(finite_rows(lhs) & finite_rows(rhs))
+    if bool(broken.any()):
+        lhs = torch.where(broken[..., None, None], torch.eye(2 * n, n, dtype=W.dtype,
+                                                             device=W.device), lhs)
+        rhs = torch.where(broken[..., None, None], torch.zeros_like(rhs), rhs)
     Y = torch.linalg.lstsq(lhs, rhs).solution
+    Y = torch.where(broken[..., None, None], torch.full_like(Y, float("nan")), Y)
     X = from_standard(d, sym(Y))
     return X, done & finite_rows(X)
