@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import trajopt
 from tests._hypothesis import examples
 from tests.reference.lqr_kkt import kkt_solve, kkt_value, random_stages, riccati_numpy
-from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError
+from trajopt.errors import InvalidArgumentError, NotPositiveDefiniteError, NumericalError
 
 RTOL = 1e-9  # float64 identities; the KKT matrix condition number stays < 1e6 here
 
@@ -232,3 +232,48 @@ def test_finite_horizon_converges_to_dare():
     assert errs[-1] <= 1e-10 * np.abs(dare.P).max()
     assert errs[0] > errs[1] > errs[2]
     np.testing.assert_allclose(sol.K[0], dare.K, rtol=1e-9, atol=1e-10)
+
+
+def _growing(dtype, T, q_first=1.0, stacked=True):
+    """An unstable mode (3) that the control cannot reach: P and the state grow as 9^t
+    and 3^t over the horizon."""
+    A = torch.tensor([[3.0, 0.0], [0.0, 0.5]], dtype=dtype)
+    B = torch.tensor([[0.0], [1.0]], dtype=dtype)
+    Q = torch.diag(torch.tensor([q_first, 1.0], dtype=dtype))
+    R = torch.eye(1, dtype=dtype)
+    if stacked:
+        return trajopt.LQR.time_invariant(A, B, Q, R, T)
+    return trajopt.LQR(A=[A] * T, B=[B] * T, Q=[Q] * T, R=[R] * T, QT=Q)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("x0", [None, "ones"])
+def test_an_overflowing_value_function_is_an_error_naming_the_stage(stacked, x0):
+    """Where P overflows (float32: 9^t passes 3.4e38 about 40 stages before the end)
+    the solve raised nothing and returned P = inf, cost = nan; in float64 (9^t passes
+    1.8e308 at t ~ 323) the NaN Q_uu was reported as "not positive definite, check R"
+    (a user trial, session 30).  Stage T - 41 = 59 is where P first is inf in float32."""
+    x0 = None if x0 is None else torch.ones(2)
+    with pytest.raises(NumericalError, match="value function .*float32 at stage 59"):
+        trajopt.solve_lqr(_growing(torch.float32, 100, stacked=stacked), x0=x0)
+    with pytest.raises(NumericalError, match="value matrix P overflows float64 at stage 477"):
+        trajopt.solve_lqr(_growing(torch.float64, 800, stacked=stacked), x0=x0)
+    # below the overflow the same problem solves, with huge but finite values
+    sol = trajopt.solve_lqr(_growing(torch.float64, 300, stacked=stacked), x0=x0)
+    assert 1e280 < float(sol.P[0][0, 0]) < float("inf")
+
+
+def test_an_overflowing_trajectory_is_an_error_naming_the_stage():
+    """Q does not weigh the unstable mode: P stays finite, the state 3^t overflows
+    float64 at stage 647 (3^646 * 1 < 1.8e308 < 3^647); solve_lqr and rollout returned
+    cost = nan and non-finite states silently."""
+    prob = _growing(torch.float64, 700, q_first=0.0)
+    with pytest.raises(NumericalError, match="optimal trajectory overflows float64 at stage 647"):
+        trajopt.solve_lqr(prob, x0=torch.ones(2, dtype=torch.float64))
+    with pytest.raises(NumericalError, match="state overflows float64 at stage 647"):
+        trajopt.rollout(prob, torch.ones(2, dtype=torch.float64),
+                        torch.zeros(700, 1, dtype=torch.float64))
+    short = _growing(torch.float64, 600, q_first=0.0)
+    traj = trajopt.rollout(short, torch.ones(2, dtype=torch.float64),
+                           torch.zeros(600, 1, dtype=torch.float64))
+    assert 1e285 < float(traj.xs[-1, 0]) < float("inf")

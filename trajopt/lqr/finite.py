@@ -26,7 +26,7 @@ import torch
 from .._arrays import ArrayKind, as_tensors
 from .._checks import check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
-from ..errors import InvalidArgumentError, ShapeError
+from ..errors import InvalidArgumentError, NotPositiveDefiniteError, NumericalError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
 from ..riccati.solvers import CholeskySolver, QuuSolver
 from ..riccati.step import riccati_step_joint
@@ -324,15 +324,24 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
     if scanned is not None:
         Ks, ks, Ps, ps = scanned
     else:
-        for t, s in reversed(list(enumerate(stages))):
-            step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
-            P, p = step.Vxx, step.Vx
-            Ps.append(P)
-            ps.append(p)
-            Ks.append(step.K)
-            ks.append(step.k)
+        try:
+            for t, s in reversed(list(enumerate(stages))):
+                step = riccati_step_joint(p, P, s.F, s.L, s.n, s.c, solver=solver, stage=t)
+                P, p = step.Vxx, step.Vx
+                Ps.append(P)
+                ps.append(p)
+                Ks.append(step.K)
+                ks.append(step.k)
+        except NotPositiveDefiniteError as e:   # R + B'PB of an overflowed P is NaN
+            if not bool(torch.isfinite(P).all()):
+                raise _overflow("the value matrix P", Ps[::-1], True,
+                                len(stages) + 1 - len(Ps)) from e
+            raise
         for seq in (Ps, ps, Ks, ks):
             seq.reverse()
+    if not (bool(torch.isfinite(Ps[0]).all()) and bool(torch.isfinite(ps[0]).all())):
+        raise _overflow("the value function (P, p)",
+                        [torch.cat([P.flatten(), p.flatten()]) for P, p in zip(Ps, ps)], True)
     xs = us = cost = None
     if x0 is not None:
         x0t = _x0_tensor(problem, x0)
@@ -346,12 +355,29 @@ def solve_lqr(problem: LQR, x0: Any = None, *, reg: float = 0.0,
                                                _adjoint_solver(problem))
         else:
             xs_l, us_l, total = closed_loop(Ks, ks, x0t)
+        if not bool(torch.isfinite(total).all()):
+            raise _overflow("the optimal trajectory", xs_l, False)
         xs, us, cost = _stack(xs_l, 1, problem, kind), _stack(us_l, 1, problem, kind), \
             kind.out(total)
     return LQRSolution(
         K=_stack(Ks, 2, problem, kind), k=_stack(ks, 1, problem, kind),
         P=_stack(Ps, 2, problem, kind), p=_stack(ps, 1, problem, kind),
         xs=xs, us=us, cost=cost)
+
+
+def _overflow(what: str, values: list, backward: bool, first: int = 0) -> NumericalError:
+    """The error for a pass whose values stopped being finite, naming the stage where
+    they first did in the pass's order (``values[i]`` is stage ``first + i``; a backward
+    pass runs from the last stage down)."""
+    bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v).all())]
+    i = bad[-1] if backward else bad[0]
+    dtype = values[i].dtype
+    return NumericalError(
+        f"{what} overflows {str(dtype).replace('torch.', '')} at stage {first + i}: over "
+        "this horizon the problem's values grow without bound (an unstable mode of A that "
+        "the controls cannot reach or do not hold, weighed by the cost); shorten the "
+        "horizon or rescale the problem" + (" (or solve in float64)"
+                                            if dtype != torch.float64 else ""))
 
 
 def _requires_grad(problem: LQR, x0: torch.Tensor) -> bool:
@@ -407,5 +433,7 @@ def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:
         check_vector(u, f"us[{t}]", s.m)
         check_finite(u, f"us[{t}]")
     xs_l, _, total = _simulate(problem, x, lambda t, x: u_list[t])
+    if not bool(torch.isfinite(total).all()):
+        raise _overflow("the state", xs_l, False)
     return Trajectory(xs=_stack(xs_l, 1, problem, kind), us=_stack(u_list, 1, problem, kind),
                       cost=kind.out(total))
