@@ -65,6 +65,7 @@ from .stages import (
     zeroed_gradient,
 )
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
+from .traced_values import TracedValues
 
 __all__ = ["DDPNOpt", "EKFAC"]
 
@@ -245,6 +246,7 @@ class DDPNOpt(torch.optim.Optimizer):
         self._recorder = BatchRecorder(net, self._stages,
                                        input_grads=feedback and self._carries_gradient)
         self._verified = False  # the decomposition, against the first recorded batch
+        self._traced = TracedValues(net)  # what the trace read from Python, checked each step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``; also forgets the recorded forward passes whose
@@ -423,8 +425,10 @@ class DDPNOpt(torch.optim.Optimizer):
             return self._step(rec, group, feedback, loss)
 
     def _step(self, rec, group, feedback, loss):
-        if feedback and not self._verified:
-            self._verify_decomposition(rec)
+        if feedback:
+            self._traced.check()
+            if not self._verified:
+                self._verify_decomposition(rec)
         # a layer without a gradient (run under no_grad in forward) is kept, as frozen
         frozen = [f or without_gradient(st) for f, st in zip(self._frozen(), self._stages)]
         rng_before = None if self._rng is None else self._rng.get_state()

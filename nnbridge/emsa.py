@@ -47,6 +47,7 @@ from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
 from .stages import Stage, check_rerun_deterministic, check_unshared, without_gradient
 from .terminal import check_output_gradient
+from .traced_values import TracedValues
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -125,6 +126,7 @@ class EMSA(torch.optim.Optimizer):
         self.model = model
         self._grad_scaler = grad_scaler
         self._pre, self._stages = stages(model)
+        self._traced = TracedValues(model)
         for st in self._stages:
             if type(st) is not Stage:
                 raise UnsupportedModelError(
@@ -183,6 +185,7 @@ class EMSA(torch.optim.Optimizer):
         if rec is None:
             raise RuntimeError("EMSA.step needs a recorded forward and backward pass: pass "
                                "a closure that runs them, or run them before step()")
+        self._traced.check()
         check_rerun_deterministic(self._stages, "EMSA")
         B = rec.output_grad.shape[0]
         check_output_gradient(B * rec.output_grad.reshape(B, -1), "cross_entropy",

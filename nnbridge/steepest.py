@@ -60,6 +60,7 @@ from .stages import (
     outer_sum,
 )
 from .terminal import check_output_gradient
+from .traced_values import TracedValues
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
@@ -356,6 +357,7 @@ class LQRDescent(torch.optim.Optimizer):
             raise InvalidArgumentError("divergence='newton' needs loss_hessian(output)")
         self.model = model
         self.pre, self._stages = stages(model)
+        self._traced = TracedValues(model)
         check_unshared(self._stages)
         _check_all_stages(model, self._stages)
         self.loss_hessian = loss_hessian
@@ -376,6 +378,7 @@ class LQRDescent(torch.optim.Optimizer):
                             "runs the model, calls loss.backward() and returns the loss")
         check_no_frozen(self._stages, "LQRDescent")
         check_rerun_deterministic(self._stages, "LQRDescent")
+        self._traced.check()
         group = self.param_groups[0]
         # recorded in the parameters' dtype, also after an autocast forward pass (its
         # activations are of the lower dtype): the direction is computed in it

@@ -1,0 +1,105 @@
+"""A value that ``forward`` reads from Python, changed after the optimizer traced the
+model (an annealed temperature): the optimizers that re-run the stages (DDPNOpt and
+GT-DDP with feedback, EMSA, LQRDescent) refuse the step by name where the traced graph
+no longer matches, and take the rebuilt optimizer's step where it does (a user trial,
+session 30: the old trace's constant was used silently, DDPNOpt 2.8e-3 and EMSA 0.45
+off a rebuilt optimizer after two more steps)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+import nnbridge
+from trajopt.errors import UnsupportedModelError
+
+
+class Tempered(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.drop = nn.Dropout(0.0)
+        self.counter = 0          # not read by forward
+        if kind == "buffer":
+            self.register_buffer("T", torch.tensor(1.0))
+        elif kind == "tensor":
+            self.T = torch.tensor(1.0)
+        else:
+            self.T = 1.0
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x)) / self.T))
+
+
+CHANGES = {
+    "float": ("float", lambda m: setattr(m, "T", 0.5), True),
+    "buffer replaced": ("buffer", lambda m: setattr(m, "T", torch.tensor(0.5)), True),
+    "tensor replaced": ("tensor", lambda m: setattr(m, "T", torch.tensor(0.5)), True),
+    "buffer in place": ("buffer", lambda m: m.T.fill_(0.5), False),
+    "tensor in place": ("tensor", lambda m: m.T.fill_(0.5), False),
+    "unread attribute": ("float", lambda m: setattr(m, "counter", 3), False),
+    "dropout p": ("float", lambda m: setattr(m.drop, "p", 0.0 + 0.0), False),
+}
+
+OPTIMIZERS = {
+    "DDPNOpt": lambda m: nnbridge.DDPNOpt(m),
+    "DDPNOpt(ekfac)": lambda m: nnbridge.DDPNOpt(m, curvature="ekfac"),
+    "GTDDP": lambda m: nnbridge.GTDDP(m),
+    "EMSA": lambda m: nnbridge.EMSA(m),
+    "LQRDescent": lambda m: nnbridge.LQRDescent(m, lr=0.1),
+}
+
+
+def _train(name, kind, change, rebuild):
+    torch.manual_seed(0)
+    model = Tempered(kind)
+    opt = OPTIMIZERS[name](model)
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        if i == 2:
+            change(model)
+            if rebuild:
+                state = opt.state_dict()
+                opt = OPTIMIZERS[name](model)
+                opt.load_state_dict(state)
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+        def closure(opt=opt, x=x, y=y):
+            opt.zero_grad()
+            loss = cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_a_changed_traced_value_is_refused_or_equals_the_rebuilt_optimizer(name, case):
+    kind, change, refused = CHANGES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rebuilt = _train(name, kind, change, rebuild=True)
+        if refused:
+            with pytest.raises(UnsupportedModelError, match=r"model: T changed after"):
+                _train(name, kind, change, rebuild=False)
+        else:
+            kept = _train(name, kind, change, rebuild=False)
+            for p, q in zip(kept, rebuilt):
+                assert torch.equal(p, q)
+
+
+def test_the_open_loop_optimizers_do_not_trace_again():
+    """Without feedback the step is torch.optim's on p.grad: nothing of the trace is
+    used, nothing refused."""
+    torch.manual_seed(0)
+    model = Tempered("float")
+    opt = nnbridge.DDPNOpt(model, feedback=False)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for i in range(2):
+        model.T = 1.0 / (i + 1)
+        opt.zero_grad()
+        cross_entropy(model(x), y).backward()
+        opt.step()
