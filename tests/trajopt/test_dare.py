@@ -178,7 +178,8 @@ def test_an_inaccurate_back_end_is_never_returned_silently(monkeypatch):
     """issue "Nothing silent" #8: slycot with E and S once answered with residual 2e-3
     where scipy's was 3e-9.  Here slycot's answer is spoiled on purpose: "auto" (which
     falls back to the reference back ends where doubling fails: made to fail here)
-    returns scipy's answer instead, and method="slycot" warns with the residual."""
+    returns scipy's answer instead, and method="slycot" warns with the residual (raises
+    above 1e-3: no solution)."""
     import trajopt.dare.solve as dsolve
     from trajopt.errors import NumericalError
     rng = np.random.default_rng(5)
@@ -197,6 +198,10 @@ def test_an_inaccurate_back_end_is_never_returned_silently(monkeypatch):
     sol = trajopt.solve_dare(np.stack([A, A]), B, Q, R, E=E, S=S)
     assert "scipy" in sol.method
     assert float(np.max(sol.residual)) <= 10 * float(true.residual) + 1e-14
+    with pytest.raises(NumericalError, match="slycot back end returned no solution"):
+        trajopt.solve_dare(A, B, Q, R, E=E, S=S, method="slycot")   # residual > 1e-3
+    # P 1 % off (of the scaled problem's solution): inaccurate, not wrong -- a warning
+    monkeypatch.setattr(dsolve, "solve_slycot", lambda d: dsolve.solve_scipy(d) * 1.01)
     with pytest.warns(ConvergenceWarning, match="relative residual"):
         trajopt.solve_dare(A, B, Q, R, E=E, S=S, method="slycot")
 
@@ -244,13 +249,18 @@ def test_doubling_on_the_gpu_if_present():
 def test_auto_raises_where_no_back_end_found_a_solution():
     """An indefinite R without a stabilizing solution (a docs trial): "auto" returned
     scipy's answer with relative residual 0.08 and a warning; scipy itself raises. It
-    raises NumericalError with the residual now; an explicit method still warns."""
+    raises NumericalError with the residual now; so does the explicit "scipy" (session
+    30's user trial: it returned an indefinite P with a warning, even with refine=2 --
+    scipy's own call on the cost scaled by 1/2 does not raise)."""
     from trajopt.errors import NumericalError
     A, B = np.array([[1.0, 0.1], [0.0, 1.0]]), np.array([[0.0], [0.1]])
     with pytest.raises(NumericalError, match="no back end found a solution"):
         trajopt.solve_dare(A, B, np.eye(2), -np.eye(1))
-    with pytest.warns(ConvergenceWarning, match="relative residual"):
-        trajopt.solve_dare(A, B, np.eye(2), -np.eye(1), method="scipy")
+    for refine in (0, 2):
+        with pytest.raises(NumericalError, match="scipy back end returned no solution"):
+            trajopt.solve_dare(A, B, np.eye(2), -np.eye(1), method="scipy", refine=refine)
+    with pytest.raises(scipy.linalg.LinAlgError):
+        scipy.linalg.solve_discrete_are(A, B, np.eye(2), -np.eye(1))
 
 
 def _double_integrator():

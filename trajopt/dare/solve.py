@@ -115,8 +115,10 @@ _SMALL_N = 32
 #: relative residual above which an explicitly chosen back end's answer is flagged
 #: (sqrt(eps): well above rounding for any conditioning the back ends handle)
 _INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
-#: relative residual above which "auto"'s best answer is no solution at all (an error,
-#: not a warning: an indefinite R without a stabilizing solution gave 0.08)
+#: relative residual above which a back end's answer ("auto"'s best, "scipy"'s,
+#: "slycot"'s) is no solution at all (an error, not a warning: an indefinite R without a
+#: stabilizing solution gave 0.08, where scipy's own call raises -- on the cost scaled by
+#: 1/2 it returned that "solution")
 _NO_SOLUTION = 1e-3
 
 
@@ -346,11 +348,12 @@ def solve_dare(
                       ConvergenceWarning, stacklevel=2)
     else:
         worst = float(res.max())
-        if method == "auto" and not worst <= _NO_SOLUTION:
+        if method != "doubling" and not worst <= _NO_SOLUTION:  # doubling: max_iter
+            which = f"no back end found a solution: the best ({label}) has" \
+                if method == "auto" else f"the {label} back end returned no solution:"
             raise NumericalError(
-                f"no back end found a solution: the best ({label}) has relative residual "
-                f"{worst:.1e} (with an indefinite Q or R the DARE may have no stabilizing "
-                "solution; scipy raises LinAlgError here)")
+                f"{which} relative residual {worst:.1e} (with an indefinite Q or R the DARE "
+                "may have no stabilizing solution; scipy raises LinAlgError here)")
         if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
             hint = ("every back end it tried was inaccurate: the problem is ill-conditioned "
                     "or (with an indefinite Q or R) may have no stabilizing solution"
