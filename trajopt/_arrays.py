@@ -42,11 +42,9 @@ class ArrayKind:
                 raise InvalidArgumentError(f"{name} is a meta tensor (shape only, no data): "
                                            "nothing to solve")
             return x.to(dtype=self.dtype, device=self.device)
-        arr = np.asarray(x)
+        arr = numeric_array(x, name)
         if np.iscomplexobj(arr):
             raise InvalidArgumentError(f"{name} is complex; trajopt solves real problems only")
-        if arr.dtype == object:
-            raise ShapeError(f"{name} could not be read as a numeric array")
         return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64)).to(
             dtype=self.dtype, device=self.device
         )
@@ -87,6 +85,20 @@ def _first_tensor(a: Any) -> torch.Tensor | None:
     return None
 
 
+def numeric_array(x: Any, name: str) -> np.ndarray:
+    """``np.asarray(x)`` of a number, array or nested list of numbers; a ragged list,
+    strings or other objects raise :class:`~trajopt.errors.ShapeError` naming ``name``
+    (numpy's own ``ValueError`` did not)."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{name} could not be read as a numeric array ({exc})") from None
+    if arr.dtype.kind not in "biufc":
+        raise ShapeError(f"{name} could not be read as a numeric array (it holds "
+                         f"{arr.dtype} data)")
+    return arr
+
+
 def as_tensors(named: dict[str, Any], *, sequences: bool = True,
                whole: tuple[str, ...] = ()) -> tuple[dict[str, Any], ArrayKind]:
     """Convert every non-None value of ``named`` to a tensor.
@@ -102,8 +114,7 @@ def as_tensors(named: dict[str, Any], *, sequences: bool = True,
         if value is None:
             out[name] = None
         elif isinstance(value, (list, tuple)) and (not sequences or name in whole):
-            out[name] = kind.tensor(np.asarray(value, dtype=np.float64) if kind.numpy
-                                    else torch.as_tensor(value), name)
+            out[name] = kind.tensor(numeric_array(value, name), name)
         elif isinstance(value, (list, tuple)):
             out[name] = [kind.tensor(v, f"{name}[{i}]") for i, v in enumerate(value)]
         else:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import check_matrix
 from .care import solve_care
 from .dare import solve_dare
 from .errors import InvalidArgumentError, ShapeError
@@ -106,6 +107,13 @@ def _weights(rest: list, fn: str, names: tuple[str, ...], optional: int = 1) -> 
 _INTEGRAL = "augment the system with the integrator states and their weights instead"
 
 
+def _check_cross(N: Any, A: Any, B: Any) -> None:
+    """python-control's cross weight N is (n, m), checked under its own name (the solver
+    would name it S, scipy's name)."""
+    if N is not None and all(hasattr(x, "shape") and len(x.shape) >= 2 for x in (A, B)):
+        check_matrix(N, "N", A.shape[-1], B.shape[-1])
+
+
 def dlqr(*args: Any, method: str | None = None, integral_action: Any = None
          ) -> tuple[Any, Any, Any]:
     """``K, S, E = dlqr(A, B, Q, R[, N])`` or ``dlqr(sys, Q, R[, N])``: the discrete LQR
@@ -118,6 +126,7 @@ def dlqr(*args: Any, method: str | None = None, integral_action: Any = None
         _refuse("dlqr", "integral_action", integral_action, _INTEGRAL)
     A, B, *rest = _system(args, ("A", "B"), "dlqr")
     Q, R, N = _weights(rest, "dlqr", ("Q", "R", "N"))
+    _check_cross(N, A, B)
     sol = solve_dare(A, B, Q, R, S=N, method=_method(method, "dlqr"))
     return -sol.K, sol.P, sol.closed_loop_eigvals
 
@@ -133,6 +142,7 @@ def lqr(*args: Any, method: str | None = None, integral_action: Any = None
         _refuse("lqr", "integral_action", integral_action, _INTEGRAL)
     A, B, *rest = _system(args, ("A", "B"), "lqr")
     Q, R, N = _weights(rest, "lqr", ("Q", "R", "N"))
+    _check_cross(N, A, B)
     sol = solve_care(A, B, Q, R, S=N, method=_method(method, "lqr", ("scipy",)))
     return -sol.K, sol.P, sol.closed_loop_eigvals
 

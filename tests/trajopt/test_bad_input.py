@@ -184,7 +184,32 @@ CASES = [
      ShapeError, "A is a stacked array but c given as sequences"),
     (lambda: trajopt.LinearDynamics(torch.eye(2), torch.ones(3, 1)),
      ShapeError, r"B must be \(2, m\)"),
+    # session 30's user trial: raw torch / numpy / AttributeError before
+    (lambda: trajopt.solve_lqr(_batch3(), np.ones((4, 2))), ShapeError,
+     r"batch dimensions do not broadcast: A\[0\] batch \(3,\).*x0 batch \(4,\)"),
+    (lambda: trajopt.rollout(_batch3(), np.ones((4, 2)), np.zeros((5, 1))), ShapeError,
+     r"do not broadcast.*x0 batch \(4,\)"),
+    (lambda: trajopt.rollout(_batch3(), np.ones(2), np.zeros((4, 5, 1))), ShapeError,
+     r"do not broadcast.*us\[0\] batch \(4,\)"),
+    (lambda: trajopt.solve_infinite_lqr(np.stack([np.eye(2)] * 3), np.ones((2, 1)),
+                                        np.eye(2), np.eye(1), q=np.ones((4, 2))),
+     ShapeError, r"do not broadcast: A batch \(3,\).*q batch \(4,\)"),
+    (lambda: trajopt.solve_dare(np.eye(2), np.ones((2, 1)), None, np.eye(1)),
+     InvalidArgumentError, "^Q is required; got None"),
+    (lambda: trajopt.solve_care(-np.eye(2), None, np.eye(2), np.eye(1)),
+     InvalidArgumentError, "^B is required; got None"),
+    (lambda: trajopt.solve_dare("abc", np.ones((2, 1)), np.eye(2), np.eye(1)),
+     ShapeError, "^A could not be read as a numeric array"),
+    (lambda: trajopt.solve_dare([[1, 0.1], [0]], np.ones((2, 1)), np.eye(2), np.eye(1)),
+     ShapeError, "^A could not be read as a numeric array"),
+    (lambda: trajopt.compat.dlqr(np.eye(2), np.ones((2, 1)), np.eye(2), np.eye(1),
+                                 np.ones((1, 2))), ShapeError, r"^N must have shape"),
 ]
+
+
+def _batch3():
+    return trajopt.LQR.time_invariant(np.stack([np.eye(2), 0.5 * np.eye(2), np.eye(2)]),
+                                      np.ones((2, 1)), np.eye(2), np.eye(1), 5)
 
 
 @pytest.mark.parametrize("case,error,match", CASES,

@@ -14,7 +14,7 @@ import torch
 
 from .._arrays import as_tensors
 from .._linalg import finite_rows, norm1
-from ..dare._common import DAREData, ops, prepare, scalars_as_matrices, scale
+from ..dare._common import DAREData, ops, prepare, riccati_arguments, scale
 from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..dare.stability import (
@@ -182,7 +182,7 @@ def solve_care(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    t, kind = as_tensors(scalars_as_matrices({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S}),
+    t, kind = as_tensors(riccati_arguments(A, B, Q, R, E, S),
                          sequences=False)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     grad_d = None

@@ -39,7 +39,7 @@ from .._checks import (
     symmetry_tol,
 )
 from .._linalg import batched_solve, finite_rows, sym
-from ..errors import NonFiniteError, NotSymmetricError, ShapeError
+from ..errors import InvalidArgumentError, NonFiniteError, NotSymmetricError, ShapeError
 
 
 class _TorchOps:
@@ -216,6 +216,15 @@ class DAREData:
             return None if t is None else t[index]
         return DAREData(pick(self.A), pick(self.B), pick(self.Q), pick(self.R),
                         pick(self.E), pick(self.S))
+
+
+def riccati_arguments(A: Any, B: Any, Q: Any, R: Any, E: Any, S: Any) -> dict[str, Any]:
+    """The matrix arguments of ``solve_dare`` / ``solve_care`` by name, the required ones
+    checked (None raised an ``AttributeError`` deep inside), numbers as 1 x 1 matrices."""
+    for name, v in (("A", A), ("B", B), ("Q", Q), ("R", R)):
+        if v is None:
+            raise InvalidArgumentError(f"{name} is required; got None")
+    return scalars_as_matrices({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
 
 
 def scalars_as_matrices(named: dict[str, Any]) -> dict[str, Any]:

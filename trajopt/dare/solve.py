@@ -29,7 +29,7 @@ from ._common import (
     prepare_numpy,
     relative_residual,
     residual_matrix,
-    scalars_as_matrices,
+    riccati_arguments,
     scale,
 )
 from .backends import slycot_available, solve_scipy, solve_slycot
@@ -302,7 +302,7 @@ def solve_dare(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    named = scalars_as_matrices({"A": A, "B": B, "Q": Q, "R": R, "E": E, "S": S})
+    named = riccati_arguments(A, B, Q, R, E, S)
     single = numpy_single(named, _SMALL_N) if method == "auto" else None
     if single is not None:  # one small float64 system: numpy throughout (docs/dare.md)
         a, kind = single

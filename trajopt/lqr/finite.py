@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .._arrays import ArrayKind, as_tensors
-from .._checks import check_finite, check_vector, shape_str
+from .._checks import batch_shape, check_finite, check_vector, shape_str
 from .._linalg import mv as _mv
 from ..errors import InvalidArgumentError, NotPositiveDefiniteError, NumericalError, ShapeError
 from ..riccati.expansion import DenseStage, joint_blocks
@@ -37,6 +37,7 @@ from .stages import (
     RANK,
     STAGE_ARGS,
     Stage,
+    batch_args,
     split_stages,
     stage_cost,
     terminal_cost,
@@ -266,6 +267,7 @@ def _x0_tensor(problem: LQR, x0: Any) -> torch.Tensor:
     x0t = problem.kind.tensor(x0, "x0")
     check_vector(x0t, "x0", problem.stages[0].n)
     check_finite(x0t, "x0")
+    batch_shape(*batch_args(problem.stages, *problem.terminal), (x0t, 1, "x0"))
     return x0t
 
 
@@ -432,6 +434,8 @@ def rollout(problem: LQR, x0: Any, us: Any) -> Trajectory:
     for t, (s, u) in enumerate(zip(problem.stages, u_list)):
         check_vector(u, f"us[{t}]", s.m)
         check_finite(u, f"us[{t}]")
+    batch_shape(*batch_args(problem.stages, *problem.terminal), (x, 1, "x0"),
+                *((u_list[t], 1, f"us[{t}]") for t in sorted({0, len(u_list) - 1})))
     xs_l, _, total = _simulate(problem, x, lambda t, x: u_list[t])
     if not bool(torch.isfinite(total).all()):
         raise _overflow("the state", xs_l, False)

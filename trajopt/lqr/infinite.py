@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 
 from .._arrays import as_tensors
-from .._checks import check_finite, check_matrix, check_vector
+from .._checks import batch_shape, check_finite, check_matrix, check_vector
 from ..care import CARESolution, solve_care
 from ..dare._common import prepare
 from ..dare.solve import DARESolution, solve_dare
@@ -163,6 +163,8 @@ def solve_infinite_lqr(
     if t["r"] is not None:
         check_vector(t["r"], "r", d.m)
         check_finite(t["r"], "r")
+    batch_shape(*((t[k], 2, k) for k in ("A", "B", "Q", "R", "M")), (t["q"], 1, "q"),
+                (t["r"], 1, "r"))
     if time == "continuous":
         sol = solve_care(d.A, d.B, d.Q, d.R, None, d.S, method=method)
         p, k = continuous_linear_fixed_point(d.A, d.B, d.R, sol.K, t["q"], t["r"])

@@ -115,12 +115,19 @@ def validate_shapes(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | No
     check_square(QT, "QT", nT)
     if qT is not None:
         check_vector(qT, "qT", nT)
-    first, last = stages[0], stages[-1]  # all stages share a batch shape when stacked
-    batch_shape(*((getattr(s, name), RANK[name], f"{name}[{t}]")
-                  for t, s in ((0, first), (len(stages) - 1, last)) for name in STAGE_ARGS),
-                (QT, 2, "QT"), (qT, 1, "qT"))
-    if len(stages) > 2 and any(s.A.ndim != first.A.ndim for s in stages):
+    batch_shape(*batch_args(stages, QT, qT))
+    if len(stages) > 2 and any(s.A.ndim != stages[0].A.ndim for s in stages):
         batch_shape(*((s.A, 2, f"A[{t}]") for t, s in enumerate(stages)))
+
+
+def batch_args(stages: list[Stage], QT: torch.Tensor, qT: torch.Tensor | None
+               ) -> list[tuple[torch.Tensor | None, int, str]]:
+    """``(tensor, core rank, name)`` of the data that sets the problem's batch shape (the
+    first and last stages: all stages share it when stacked), for ``batch_shape``."""
+    first, last = stages[0], stages[-1]
+    return [(getattr(s, name), RANK[name], f"{name}[{t}]")
+            for t, s in ((0, first), (len(stages) - 1, last)) for name in STAGE_ARGS] + [
+        (QT, 2, "QT"), (qT, 1, "qT")]
 
 
 def validate_values(named: dict[str, torch.Tensor | None], QT: torch.Tensor | None,
