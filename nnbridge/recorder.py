@@ -351,11 +351,13 @@ class BatchRecorder:
         self._nested = False
         self._recomputed.clear()
         self._matched.clear()
-        if self._reset:
-            for c in self._chunks:
-                if c.accumulated and c not in ran:
-                    c.accumulated = False
+        if self._reset:   # their gradients were discarded with .grad: so are their records
+            # (dropped, not kept unused: an optimizer kept alive beside the one that steps
+            # -- by an old scheduler -- held every pass of the loop, 34 MiB in 30 steps)
+            self._chunks = [c for c in self._chunks if c in ran or not c.complete]
         for c in ran:
+            if c not in self._chunks:   # a retained graph run backward again after that
+                self._chunks.append(c)
             if self._reached:
                 c.commit(replace=self._reset)
                 c.accumulated = True

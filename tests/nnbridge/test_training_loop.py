@@ -666,3 +666,28 @@ def test_a_lazy_model_before_its_dry_run_is_refused_by_name(make):
     before = model[0].weight.detach().clone()
     opt.step(closure_for(opt, model, X, y))
     assert not torch.equal(before, model[0].weight)
+
+
+@pytest.mark.parametrize("cls", ["DDPNOpt", "EKFAC", "GTDDP", "EMSA"])
+def test_an_optimizer_kept_alive_beside_a_new_one_holds_one_record(cls):
+    """An optimizer replaced by a new one on the same model but still referenced (an
+    old LR scheduler holds it) records every pass of the loop; the new optimizer's
+    ``zero_grad()`` resets ``.grad``, which discards the earlier passes of the old one:
+    they were kept as unused records before (session 30's user trial: 30 records, 34 MiB
+    after 30 steps). Its own step afterwards takes the last pass only, as its ``.grad``."""
+    model = mlp()
+    old = getattr(nnbridge, cls)(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(old, 10)   # keeps `old` alive
+    new = getattr(nnbridge, cls)(model)
+    for seed in range(5):
+        x, y = data(B=8, seed=seed)
+        new.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        new.step()
+    assert len(old._recorder._chunks) == 1
+    assert scheduler.optimizer is old
+    x, y = data(B=8, seed=9)
+    new.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    rec = old._recorder.batch()
+    assert rec is not None and rec.output_grad.shape[0] == 8
