@@ -254,7 +254,7 @@ class DEQ(nn.Module):
             sol = solve_infinite_lqr(A, Lr, zf.new_zeros(B, n, n), eye, q=q)
         except NotStabilizableError as err:
             # df/dz has an eigenvalue within rounding of the unit circle (a fixed point
-            # that attracts slowly, common in float32: the DARE's margin is 1000 n eps),
+            # that attracts very slowly: within 4 eps kappa |A| of it, float32 mostly),
             # where the DARE cannot certify P = 0; the implicit gradient is the LQR's
             # wherever the fixed point attracts (Thm 4.2.1) and is defined wherever
             # I - df/dz is regular: solved for directly, for the batch

@@ -186,28 +186,45 @@ def test_ddpnopt_on_a_compiled_model_equals_the_plain_one():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-class _Sneaky(nn.Module):
-    """A forward the traced graph does not show: it branches on a Python attribute that
-    changes after tracing."""
+_GLOBAL_SQUASH = [False]
 
-    def __init__(self):
+
+class _Sneaky(nn.Module):
+    """A forward the traced graph does not show: it branches on a Python attribute (or a
+    global) that changes after tracing."""
+
+    def __init__(self, on_global=False):
         super().__init__()
         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
         self.squash = False
+        self.on_global = on_global
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(torch.tanh(h) if self.squash else h)
+        squash = _GLOBAL_SQUASH[0] if self.on_global else self.squash
+        return self.b(torch.tanh(h) if squash else h)
 
 
-def test_a_forward_that_left_its_graph_is_caught_at_the_first_step():
-    model = _Sneaky()
+@pytest.mark.parametrize("change", ["attribute", "global"])
+def test_a_forward_that_left_its_graph_is_caught_at_the_step(change):
+    """An attribute the trace read is compared at every step (``traced_values``, naming
+    it); what the trace cannot name (a global) by the check of the decomposition
+    against the first recorded batch."""
+    model = _Sneaky(on_global=change == "global")
     opt = nnbridge.DDPNOpt(model, lr=0.05)
-    model.squash = True
+    if change == "global":
+        _GLOBAL_SQUASH[0] = True
+        match = "stage 0 .* does not give what"
+    else:
+        model.squash = True
+        match = "model: squash changed after the optimizer traced the model"
     X, y = data(B=6)
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(UnsupportedModelError, match="stage 0 .* does not give what"):
-        opt.step(closure_for(opt, model, X, y))
+    try:
+        with pytest.raises(UnsupportedModelError, match=match):
+            opt.step(closure_for(opt, model, X, y))
+    finally:
+        _GLOBAL_SQUASH[0] = False
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
