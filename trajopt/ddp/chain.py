@@ -25,7 +25,7 @@ from .batch import Rows, Traj
 from .inputs import transitions_agree
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
-from .stagewise import StageDerivatives, check_visible, stage_points
+from .stagewise import StageDerivatives, check_finite_derivatives, check_visible, stage_points
 
 __all__ = ["Chain", "Control", "AffineLaw", "feedback_control", "STATES_RTOL_EPS"]
 
@@ -336,17 +336,16 @@ class Chain:
         rollout).  A call that fails or returns another shape counts as inconsistent
         (the rollout then reports it).
 
-        The bound is relative to the stage's states, not to each component: the
-        rounding of ``f`` (an RK4 sum, a matrix product) is of the size of the terms it
-        combines, i.e. of the state, so a component crossing zero keeps an error of the
-        state's size; and a bound with an absolute part (``16 eps (1 + |x|)``) would
-        accept any guess for a problem scaled down far enough (an all-zero guess for
-        ``x0 ~ 1e-100``).  The batched call may round differently from the rollout's
-        per-stage calls: the built-in problems (elementwise ops) give bitwise the same
-        values; ``LinearDynamics`` states from the compiled rollout differ from the
-        batched product by up to 1.5 eps; 16 leaves room for other kernels and devices.
-        A wrong or stale guess therefore only costs the check, and an accepted one
-        differs from the rollout by rounding.
+        The bound is relative to the stage's states, not to each component: the rounding of
+        ``f`` (an RK4 sum, a matrix product) is of the size of the terms it combines, i.e.
+        of the state, so a component crossing zero keeps an error of the state's size; and
+        a bound with an absolute part (``16 eps (1 + |x|)``) would accept any guess for a
+        problem scaled down far enough (an all-zero guess for ``x0 ~ 1e-100``).  The
+        batched call may round differently from the rollout's per-stage calls: the
+        built-in problems (elementwise ops) give bitwise the same values;
+        ``LinearDynamics`` states from the compiled rollout differ from the batched
+        product by up to 1.5 eps; 16 leaves room for other kernels and devices.  A wrong
+        or stale guess only costs the check; an accepted one differs by rounding.
 
         Raises
         ------
@@ -412,16 +411,16 @@ class Chain:
 
     def derivatives(self, traj: Traj, second_order: bool
                     ) -> tuple[list[DenseStage], torch.Tensor, torch.Tensor]:
-        """Packed stage derivatives on the flat batch of ``traj`` and the terminal
-        gradient / Hessian, evaluated over all stages at once where the model allows
-        (:class:`~trajopt.ddp.stagewise.StageDerivatives`)."""
+        """Packed stage derivatives on the flat batch of ``traj`` and the terminal gradient
+        / Hessian, over all stages at once where the model allows (``StageDerivatives``)."""
         self.cost.bind_rows(traj.rows)
         B = traj.cost.shape[0]
         args = list(zip(traj.xs[:-1], traj.us))
         # shared by the two: the cats made once (by the rollout, where it made them)
         points = stage_points(args) if traj.points is None else traj.points
-        fd, fds = self._dynamics_derivatives(args, points, second_order=second_order)
-        cd, cds = self._cost_derivatives(args, points)
+        rows = traj.rows
+        fd, fds = self._dynamics_derivatives(args, points, rows=rows, second_order=second_order)
+        cd, cds = self._cost_derivatives(args, points, rows=rows)
         if fd is not None and cd is not None:  # pack all stages with one joint_blocks
             F, L = joint_blocks(fd.fx, fd.fu, cd.lx, cd.lu, cd.lxx, cd.luu, cd.lux)
             n, T = traj.xs[0].shape[-1], len(args)
@@ -436,14 +435,16 @@ class Chain:
             for (x, _), f, c in zip(args, fds, cds):
                 F, L = joint_blocks(f.fx, f.fu, c.lx, c.lu, c.lxx, c.luu, c.lux)
                 stages.append(DenseStage(F, L, x.shape[-1], None, f.fxx, f.fux, f.fuu))
-        return (stages, *self.terminal_derivatives(traj.xs[-1]))
+        return (stages, *self.terminal_derivatives(traj.xs[-1], rows, len(args)))
 
-    def terminal_derivatives(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient and Hessian of the terminal cost at ``x`` (B, n); checked once for
-        derivatives hidden from torch.func (:func:`~trajopt.ddp.stagewise.check_visible`)."""
+    def terminal_derivatives(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                             T: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient and Hessian of the terminal cost at ``x`` (B, n) of stage ``T``: finite
+        (``check_finite_derivatives``, ``rows`` as there), visible to torch.func (once)."""
         Vx, Vxx = self.cost.terminal_derivatives(x)
         if not self._terminal_checked:
             self._terminal_checked = True
             check_visible(self.cost.terminal, (x,), (Vx, Vxx), "the terminal cost")
+        check_finite_derivatives({"lx": Vx, "lxx": Vxx}, "the terminal cost", len(x), 1, rows, T)
         return Vx, Vxx
 

@@ -179,8 +179,8 @@ class SpanChain(Chain):
         T = len(traj.us)
         xs, ws = traj.xs[:-1], traj.us
         us = [w[..., :self._mu_size[t]] for t, w in enumerate(ws)]
-        _, fds = self._dynamics_derivatives(list(zip(xs, us)))
-        _, cds = self._cost_derivatives(list(zip(xs, ws)))
+        _, fds = self._dynamics_derivatives(list(zip(xs, us)), rows=traj.rows)
+        _, cds = self._cost_derivatives(list(zip(xs, ws)), rows=traj.rows)
         hd = self._shortcut_derivatives(traj)
         dims = {id(s): traj.xs[s.start].shape[-1] for s in self.spans}
         stages = []
@@ -206,7 +206,7 @@ class SpanChain(Chain):
             cd = cds[t]
             stages.append(SpanStage(blocks, torch.cat(Fw, -1), yo["x"], n, cd.lx, cd.lu,
                                     cd.lxx, cd.luu, cd.lux))
-        return (stages, *self.terminal_derivatives(traj.xs[-1]))
+        return (stages, *self.terminal_derivatives(traj.xs[-1], traj.rows, T))
 
     def _slices(self, t: int, n: int, dims: dict) -> dict:
         """Offsets of y_t = [x_t, residuals of the spans open at t]."""

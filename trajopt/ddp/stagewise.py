@@ -42,9 +42,11 @@ import torch
 from torch.func import vmap
 
 from .._checks import same_shapes_by_position
-from ..errors import InvalidArgumentError, ShapeError
+from .._linalg import finite_rows
+from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
+from .reverse import all_finite
 
-__all__ = ["StageDerivatives", "stage_points", "check_visible"]
+__all__ = ["StageDerivatives", "stage_points", "check_visible", "check_finite_derivatives"]
 
 # torch.func's message for .item() / data-dependent control flow under vmap
 _DATA_DEPENDENT = ("data-dependent control flow", "calling .item()", ".item() on a Tensor")
@@ -192,8 +194,8 @@ class StageDerivatives:
         return out
 
     def __call__(self, args_per_stage: Sequence[tuple[torch.Tensor, ...]],
-                 points: tuple[torch.Tensor, ...] | None = None, **kw
-                 ) -> tuple[Any | None, list]:
+                 points: tuple[torch.Tensor, ...] | None = None, *,
+                 rows: torch.Tensor | None = None, **kw) -> tuple[Any | None, list]:
         """Derivatives at every stage: ``(stacked, per_stage)``.
 
         ``stacked`` holds all stages in one object of (T*B, ...) tensors, stage-major
@@ -201,7 +203,10 @@ class StageDerivatives:
         ``per_stage`` is the sequence of T objects (views of ``stacked`` when there is
         one, taken when read).  ``points``: :func:`stage_points` of ``args_per_stage``,
         where the caller has them (not None: the dynamics and the cost of one
-        trajectory share them).
+        trajectory share them).  ``rows``: the flat-batch element of each of the B rows
+        (None: row i is element i), for the error of :func:`check_finite_derivatives`,
+        which every result passes (a NaN derivative is not a "not positive definite"
+        Q_uu).
         """
         T = len(args_per_stage)
         first = args_per_stage[0]
@@ -238,6 +243,8 @@ class StageDerivatives:
             for t in zero:
                 check_visible(lambda *a, t=t: self.value(*a, t), args_per_stage[t],
                               per_stage[t], f"{self.name} at stage {t}")
+        for t, d in [(0, stacked)] if stacked is not None else enumerate(per_stage):
+            check_finite_derivatives(d, self.name, B, T, rows, t, self.model)
         return stacked, per_stage
 
     def _vectorized(self, flat, stages, args_per_stage, **kw):
@@ -299,6 +306,49 @@ def check_visible(value: Callable, args: tuple[torch.Tensor, ...], derivatives,
             f"inputs: the computation is hidden from torch.func (.detach(), .numpy(), "
             f".data, torch.no_grad() or a Python float inside the function); write it "
             f"with differentiable torch ops or override derivatives() with analytic ones")
+
+
+#: what a non-finite derivative of a finite function usually is, and the way out
+_NAN_HINT = ("its values are finite there, but torch cannot take its derivative at this "
+             "point: a function whose derivative is infinite there, e.g. sqrt or a norm at "
+             "0 (torch.sqrt((v ** 2).sum(-1)), torch.linalg.norm, F.normalize at v = 0: 0 * "
+             "inf = NaN), x ** p with p < 1, log or 1 / x at 0; write it so that the "
+             "derivative is finite (torch.sqrt(s + eps), torch.where around the point) or "
+             "override derivatives() with analytic ones")
+
+#: the derivatives' names in the messages of :func:`check_finite_derivatives`
+_FIELD = {"fx": "df/dx", "fu": "df/du", "fxx": "d2f/dx2", "fux": "d2f/dudx",
+          "fuu": "d2f/du2", "lx": "dl/dx", "lu": "dl/du", "lxx": "d2l/dx2",
+          "lux": "d2l/dudx", "luu": "d2l/du2"}
+
+
+def check_finite_derivatives(d, name: str, B: int, T: int, rows: torch.Tensor | None = None,
+                             first: int = 0, model: Any = None) -> None:
+    """Raise :class:`~trajopt.errors.NonFiniteError` where a derivative in ``d`` (a
+    dataclass of (k*B, ...) tensors, stage-major from stage ``first``, or a dict of named
+    ones) is NaN or infinite, naming ``name``, the derivative, the first such stage (of
+    ``T``) and flat-batch element (``rows``: the element of each of the B rows).  One
+    synchronization where all are finite (:func:`~trajopt.ddp.reverse.all_finite`);
+    the stage is located only on failure."""
+    named = list(d.items()) if isinstance(d, dict) else [
+        (f.name, getattr(d, f.name)) for f in fields(d) if torch.is_tensor(getattr(d, f.name))]
+    if all_finite([v for _, v in named]):
+        return
+    for field, v in named:
+        bad = ~(finite_rows(v, v.dim() - 1) if v.dim() > 1 else torch.isfinite(v))
+        if not bool(bad.any()):
+            continue
+        r = int(torch.nonzero(bad)[0, 0])
+        stages = sorted({first + int(i) // B for i in torch.nonzero(bad)[:, 0]})
+        elem = r % B if rows is None else int(rows.reshape(-1)[r % B])
+        where = f"stage {first + r // B}" + (
+            f", flat batch element {elem}" if B > 1 or rows is not None else "") + (
+            f" (and {len(stages) - 1} other stage(s) of {T})" if len(stages) > 1 else "")
+        cons = [c.label for c in getattr(model, "constraints", ()) or ()]
+        also = f" (or the terms of {', '.join(cons)} added to it)" if cons else ""
+        raise NonFiniteError(
+            f"the derivative {field} ({_FIELD.get(field, field)}) of {name}{also} is not "
+            f"finite (NaN or inf) at {where}: {_NAN_HINT}")
 
 
 class _StageRows(Sequence):
