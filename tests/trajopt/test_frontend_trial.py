@@ -74,3 +74,33 @@ def test_finite_derivatives_solve_as_before():
     res = trajopt.solve_ddp(drag, COST, torch.tensor([0, 0, 0.5, -0.3], dtype=DTYPE),
                             torch.zeros(T, 2, dtype=DTYPE))
     assert res.reason == "converged" and torch.isfinite(res.cost)
+
+
+# ---------------------------------------------------------------- 2. dtype of a numpy x0
+def _unicycle(x, u, t):
+    th = x[..., 2]
+    return x + 0.1 * torch.stack([u[..., 0] * torch.cos(th), u[..., 0] * torch.sin(th),
+                                  u[..., 1]], -1)
+
+
+_UNICYCLE_COST = trajopt.Cost(lambda x, u, t: 0.5 * (100 * (x ** 2).sum(-1) + (u ** 2).sum(-1)),
+                              lambda x: 50 * (x ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("x0", ["numpy", "list"])
+def test_numpy_x0_runs_in_float64_beside_a_float32_us0(x0):
+    import numpy as np
+    x0n = np.array([-1.0, -1.0, 1.0 + 1e-9])
+    given = x0n if x0 == "numpy" else x0n.tolist()
+    r = trajopt.solve_ddp(_unicycle, _UNICYCLE_COST, given, torch.zeros(20, 2))  # float32 us0
+    ref = trajopt.solve_ddp(_unicycle, _UNICYCLE_COST, x0n, np.zeros((20, 2)))
+    assert torch.is_tensor(r.xs) and r.xs.dtype == r.us.dtype == torch.float64
+    assert float(r.xs[0, 2]) == x0n[2]                  # was rounded to float32: 1.0
+    assert np.array_equal(r.us.numpy(), ref.us) and float(r.cost) == float(ref.cost)
+
+
+def test_torch_inputs_keep_their_dtype():
+    x0 = torch.tensor([-1.0, -1.0, 1.0])
+    r = trajopt.solve_ddp(_unicycle, _UNICYCLE_COST, x0, torch.zeros(20, 2))
+    assert r.xs.dtype == torch.float32
+

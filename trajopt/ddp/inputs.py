@@ -41,6 +41,10 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
     """Validate ``x0`` (..., n) and ``us0`` (..., T, m) or a list, flatten the batch and
     clamp the controls to the limits; ``xs0``, given states: :func:`prepare_states`."""
     kind = infer_kind(x0, us0)
+    if not torch.is_tensor(x0) and not kind.numpy:
+        # the dtype of x0 (docs/ddp.md): numpy (or a list) is float64 even beside a torch
+        # us0, which is cast to it (infer_kind took us0's float32); results stay torch
+        kind = replace(kind, dtype=torch.float64)
     x0t = kind.tensor(x0, "x0")
     if x0t.ndim < 1:
         raise ShapeError(f"x0 must have shape (..., n); got {shape_str(x0t)}")
