@@ -104,3 +104,80 @@ def test_torch_inputs_keep_their_dtype():
     r = trajopt.solve_ddp(_unicycle, _UNICYCLE_COST, x0, torch.zeros(20, 2))
     assert r.xs.dtype == torch.float32
 
+
+# ---------------------------------------------------------------- 3. nn.Module models
+def _net(*middle):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 16), *middle, torch.nn.Tanh(),
+                               torch.nn.Linear(16, 2)).double()
+
+
+_MODULE_COST = trajopt.Cost(lambda x, u: (x ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1),
+                            lambda x: 10 * (x ** 2).sum(-1))
+_X0 = torch.tensor([[1.0, 0.0], [0.5, 0.2]], dtype=DTYPE)
+_US0 = torch.zeros(20, 1, dtype=DTYPE)
+
+
+class _TwoArg(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, u):
+        return x + 0.1 * self.net(torch.cat([x, u], -1))
+
+
+class _ThreeArg(_TwoArg):
+    def forward(self, x, u, t):
+        return x + 0.1 * self.net(torch.cat([x, u], -1))
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_module_with_two_argument_forward_is_a_time_invariant_dynamics(wrap):
+    net = _net()
+    module = _TwoArg(net)
+    ref = trajopt.solve_ddp(lambda x, u: x + 0.1 * net(torch.cat([x, u], -1)), _MODULE_COST,
+                            _X0, _US0)
+    dyn = trajopt.Dynamics(module) if wrap else module
+    res = trajopt.solve_ddp(dyn, _MODULE_COST, _X0, _US0)   # was: ShapeError (4 arguments)
+    assert list(res.reason) == ["converged"] * 2
+    assert torch.equal(res.us, ref.us) and torch.equal(res.cost, ref.cost)
+    assert trajopt.Dynamics(module).time_invariant
+
+
+@pytest.mark.parametrize("cls", [_TwoArg, _ThreeArg])
+def test_batchnorm_module_in_eval_mode_solves(cls):
+    module = cls(_net(torch.nn.BatchNorm1d(16))).eval()
+    with torch.no_grad():   # running statistics that are not the identity
+        module.net[1].running_mean.uniform_(-0.5, 0.5)
+        module.net[1].running_var.uniform_(0.5, 2.0)
+    assert trajopt.Dynamics(module).time_invariant   # forward never reads t
+    res = trajopt.solve_ddp(module, _MODULE_COST, _X0, _US0)  # was: "expected 2D or 3D input"
+    assert list(res.reason) == ["converged"] * 2
+    ref = trajopt.solve_ddp(lambda x, u: module(x, u, 0) if cls is _ThreeArg else module(x, u),
+                            _MODULE_COST, _X0, _US0)
+    assert torch.allclose(res.us, ref.us, atol=1e-9)
+
+
+def test_module_with_hooks_or_reading_t_stays_time_varying():
+    class ReadsT(_TwoArg):
+        def forward(self, x, u, t):
+            return x + 0.1 * t * self.net(torch.cat([x, u], -1))
+    assert not trajopt.Dynamics(ReadsT(_net())).time_invariant
+    hooked = _ThreeArg(_net())
+    hooked.register_forward_pre_hook(lambda mod, args: None)
+    assert not trajopt.Dynamics(hooked).time_invariant
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Dropout(0.1), torch.nn.BatchNorm1d(16)])
+def test_module_in_training_mode_is_refused_by_name(layer):
+    module = _ThreeArg(_net(layer)).train()
+    name = type(layer).__name__
+    with pytest.raises(trajopt.errors.InvalidArgumentError,
+                       match=rf"the dynamics is an nn.Module \(_ThreeArg\) in training mode.*"
+                             rf"_ThreeArg.net.1 \({name}\).*eval\(\)"):
+        trajopt.solve_ddp(module, _MODULE_COST, _X0, _US0)
+    closure = _net(layer).train()    # a module closed over by a function, in the cost
+    cost = trajopt.Cost(lambda x, u, t: (closure(torch.cat([x, u], -1)) ** 2).sum(-1))
+    with pytest.raises(trajopt.errors.InvalidArgumentError, match="the cost is an nn.Module"):
+        trajopt.solve_ddp(lambda x, u: x + u, cost, _X0, _US0)

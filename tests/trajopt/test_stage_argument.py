@@ -88,8 +88,20 @@ class _CallableReads:
 
 
 class _Module(torch.nn.Module):
-    def forward(self, x, u, t):       # called through Module.__call__(*args): not looked into
+    def forward(self, x, u, t):       # Module.__call__(*args) calls it: its forward is read
         return x + u
+
+
+class _ModuleReads(torch.nn.Module):
+    def forward(self, x, u, t):
+        return x + t * u
+
+
+def _hooked():
+    """A module whose forward ignores t, with a forward pre-hook (handed t): not read."""
+    m = _Module()
+    m.register_forward_pre_hook(lambda mod, args: None)
+    return m
 
 
 @pytest.mark.parametrize("fn, expected", [
@@ -112,7 +124,9 @@ class _Module(torch.nn.Module):
     (torch.add, False),
     (_CallableIgnores(), True),        # an object: its class's __call__, self not counted
     (_CallableReads(), False),
-    (_Module(), False),
+    (_Module(), True),
+    (_ModuleReads(), False),
+    (_hooked(), False),
 ])
 def test_ignores_argument(fn, expected):
     assert ignores_argument(fn, 2) is expected

@@ -30,15 +30,8 @@ from ..errors import InvalidArgumentError, ShapeError
 from .reverse import gradient_and_hessian, jacobians, reverse_or_transforms
 from .stage_argument import model_ignores_stage
 
-__all__ = [
-    "Dynamics",
-    "Cost",
-    "QuadraticCost",
-    "DynamicsDerivatives",
-    "CostDerivatives",
-    "discretize",
-    "as_dynamics",
-]
+__all__ = ["Dynamics", "Cost", "QuadraticCost", "DynamicsDerivatives", "CostDerivatives",
+           "discretize", "as_dynamics"]
 
 
 @dataclass(frozen=True)
@@ -172,9 +165,11 @@ def as_dynamics(dynamics: Dynamics | Callable) -> Dynamics:
 
 
 def _takes_two(fn: Callable) -> bool:
-    """``fn`` cannot take a third positional argument (``f(x, u)``, no ``t``)."""
+    """``fn`` (an ``nn.Module``: its ``forward``, what ``module(x, u)`` calls) cannot take a
+    third positional argument (``f(x, u)``, no ``t``)."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn
+                                   ).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature
         return False
     positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,

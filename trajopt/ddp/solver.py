@@ -50,6 +50,7 @@ from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
 from .inputs import SolveInputs, check_cost_shapes, check_states, prepare_inputs, widened
 from .models import Cost, Dynamics, as_dynamics
+from .modules import check_eval_mode
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
 from .scanpass import scan_applies, scan_backward_pass
 from .writes import guarded
@@ -90,8 +91,7 @@ class DDPSolver:
             raise InvalidArgumentError(f"max_iter must be >= 0; got {max_iter}")
         if not tol > 0:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
-        self.dynamics = as_dynamics(dynamics)
-        self.cost = cost
+        self.dynamics, self.cost = as_dynamics(dynamics), cost
         self.structure = Chain(self.dynamics, cost) if structure is None else structure
         self.mode = mode
         self.max_iter = int(max_iter)
@@ -104,9 +104,9 @@ class DDPSolver:
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x0, us0, xs0=None) -> SolveInputs:
-        """Validate ``x0`` (..., n), ``us0`` (..., T, m) or a list and the given states
-        ``xs0``, flatten the batch and clamp the controls to the limits
-        (:func:`~trajopt.ddp.inputs.prepare_inputs`)."""
+        """Check the models' modes (``check_eval_mode``), validate ``x0`` (..., n), ``us0``
+        (..., T, m) or a list and ``xs0``, flatten the batch, clamp ``us0`` to the limits."""
+        check_eval_mode(("the dynamics", self.dynamics), ("the cost", self.cost))
         inp = prepare_inputs(x0, us0, self.control_limits, xs0)
         self.structure.setup(inp.us)
         return inp

@@ -11,7 +11,8 @@ result.
 The test is conservative.  Anything it cannot see through answers "reads ``t``" (the
 time-varying path, correct for every function): a callable that is not a plain Python
 function, method or object with a Python ``__call__`` (a ``functools.partial``, a C
-function), a stage inside ``*args`` (an ``nn.Module``'s ``__call__``), a parameter
+function), a stage inside ``*args`` (an ``nn.Module``'s ``__call__`` is read through its
+class's ``forward``, unless the module has forward hooks, which see ``t``), a parameter
 captured by a nested function, comprehension or lambda, and a body that names a way to
 read its own frame (``locals``, ``vars``, ``eval``, ``exec``, ``sys._getframe``,
 ``inspect.currentframe``, ...).  What it does not guard against is a
@@ -49,8 +50,10 @@ def ignores_argument(fn: Callable, index: int) -> bool:
     False
     """
     if not isinstance(fn, (types.FunctionType, types.MethodType)):
-        # a callable object: its class's __call__ (an nn.Module's takes *args: False)
-        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the method, not callability)
+        # a callable object: its class's __call__ (an nn.Module's takes *args: its class's
+        # forward, which module(x, u, t) calls with the same arguments, where no hook can
+        # see them)
+        call = _module_forward(fn) or getattr(type(fn), "__call__", None)  # noqa: B004
         if not isinstance(call, types.FunctionType):
             return False
         fn, index = call, index + 1
@@ -66,6 +69,17 @@ def ignores_argument(fn: Callable, index: int) -> bool:
         if ins.opcode in _NAMES_A_LOCAL and name in _names(ins):
             return False
     return True
+
+
+def _module_forward(fn: object) -> types.FunctionType | None:
+    """The class's ``forward`` of an ``nn.Module`` without forward hooks (of its own or
+    global: a hook is handed the arguments, ``t`` too), else None."""
+    import torch.nn.modules.module as tm
+    if not isinstance(fn, tm.Module) or any(getattr(fn, h, None) or getattr(
+            tm, "_global" + h, None) for h in ("_forward_hooks", "_forward_pre_hooks")):
+        return None
+    forward = getattr(type(fn), "forward", None)
+    return forward if isinstance(forward, types.FunctionType) else None
 
 
 def model_ignores_stage(model: object, fn: Callable | None, base: type, method: str,
