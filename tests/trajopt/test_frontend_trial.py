@@ -181,3 +181,35 @@ def test_module_in_training_mode_is_refused_by_name(layer):
     cost = trajopt.Cost(lambda x, u, t: (closure(torch.cat([x, u], -1)) ** 2).sum(-1))
     with pytest.raises(trajopt.errors.InvalidArgumentError, match="the cost is an nn.Module"):
         trajopt.solve_ddp(lambda x, u: x + u, cost, _X0, _US0)
+
+
+# ---------------------------------------------------------------- 4. terminal cost only
+def _double_integrator(x, u, t):
+    return torch.stack([x[..., 0] + DT * x[..., 1], x[..., 1] + DT * u[..., 0]], -1)
+
+
+def _terminal(x):
+    return 50 * (x ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("mode", ["ilqr", "ddp"])
+def test_terminal_only_cost_equals_an_explicit_zero_running_cost(mode):
+    x0 = torch.tensor([[1.0, 0.0], [-0.5, 0.3]], dtype=DTYPE)
+    us0 = torch.zeros(T, 1, dtype=DTYPE)
+    kw = dict(control_limits=(-1.0, 1.0), max_iter=300, mode=mode)
+    only = trajopt.Cost(terminal=_terminal)              # was: ShapeError
+    assert only.time_invariant
+    res = trajopt.solve_ddp(_double_integrator, only, x0, us0, **kw)
+    ref = trajopt.solve_ddp(_double_integrator,
+                            trajopt.Cost(lambda x, u, t: 0.0 * u.sum(-1), _terminal), x0, us0,
+                            **kw)
+    assert list(res.reason) == list(ref.reason) == ["converged"] * 2
+    for a, b in ((res.xs, ref.xs), (res.us, ref.us), (res.cost, ref.cost), (res.K, ref.K)):
+        assert torch.equal(a, b)
+    assert float(res.cost.max()) < 1e-12                 # the goal is reached
+
+
+def test_zero_running_cost_value():
+    x, u = torch.ones(5, 3, 2, dtype=DTYPE), torch.ones(5, 3, 1, dtype=DTYPE)
+    v = trajopt.Cost(terminal=_terminal).running(x, u, 0)
+    assert v.shape == (5, 3) and v.dtype == DTYPE and not bool(v.any())

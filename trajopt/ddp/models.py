@@ -255,11 +255,12 @@ class Cost:
 
     Parameters
     ----------
-    running : callable
+    running : callable, optional
         Batched stage cost ``running(x, u, t)``; ``x`` (..., n_t), ``u`` (..., m_t),
-        ``t`` the stage (a callable ``running(x, u)`` is time invariant).
-    terminal : callable
-        Batched terminal cost of ``x_T`` (..., n_T).
+        ``t`` the stage (a callable ``running(x, u)`` is time invariant).  None (the
+        default): zero (a terminal cost alone), time invariant.
+    terminal : callable, optional
+        Batched terminal cost of ``x_T`` (..., n_T).  None (the default): zero.
     time_invariant : bool or None
         True when ``running`` ignores ``t`` (vectorized over stages).  None (the default):
         found out as for :class:`Dynamics` (``running``, or a subclass's :meth:`running`
@@ -274,6 +275,8 @@ class Cost:
             two = running
             running, time_invariant = (lambda x, u, t: two(x, u)), True
         self._running, self._terminal = running, terminal
+        if running is None and type(self).running is Cost.running and time_invariant is None:
+            time_invariant = True   # the zero running cost
         inferred = time_invariant is None
         self.time_invariant = model_ignores_stage(self, running, Cost, "running", (
             "derivatives",)) if inferred else bool(time_invariant)
@@ -286,7 +289,7 @@ class Cost:
 
     def running(self, x: torch.Tensor, u: torch.Tensor, t: int) -> torch.Tensor:
         if self._running is None:
-            raise NotImplementedError("pass running= or override Cost.running")
+            return x.new_zeros(x.shape[:-1])
         return self._running(x, u, t)
 
     def terminal(self, x: torch.Tensor) -> torch.Tensor:
