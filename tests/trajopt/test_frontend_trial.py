@@ -213,3 +213,41 @@ def test_zero_running_cost_value():
     x, u = torch.ones(5, 3, 2, dtype=DTYPE), torch.ones(5, 3, 1, dtype=DTYPE)
     v = trajopt.Cost(terminal=_terminal).running(x, u, 0)
     assert v.shape == (5, 3) and v.dtype == DTYPE and not bool(v.any())
+
+
+# ---------------------------------------------------------------- 5. per-element data
+_GOALS = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [0.5, 0.0]], dtype=DTYPE)
+
+
+def _goal_cost(declared=None, reads_t=False, running=True):
+    if reads_t:
+        def run(x, u, t):
+            return ((x - _GOALS) ** 2).sum(-1) * (1 + 0 * t) + 0.1 * (u ** 2).sum(-1)
+    elif running:       # ignores t: found time invariant unless declared
+        def run(x, u, t):
+            return ((x - _GOALS) ** 2).sum(-1) + 0.1 * (u ** 2).sum(-1)
+    else:
+        def run(x, u, t):
+            return 0.1 * (u ** 2).sum(-1)
+    return trajopt.Cost(run, lambda x: 10 * ((x - _GOALS) ** 2).sum(-1),
+                        time_invariant=declared)
+
+
+@pytest.mark.parametrize("declared", [None, True])
+def test_per_element_reference_in_the_running_cost_is_named(declared):
+    # was: torch's raw "Attempting to broadcast a dimension" RuntimeError
+    with pytest.raises(trajopt.errors.ShapeError,
+                       match=r"the running cost failed on the rows of all 30 stages stacked "
+                             r"\(120 rows\) but not on the 4 rows of one stage.*bind_rows") as e:
+        trajopt.solve_ddp(_double_integrator, _goal_cost(declared), torch.zeros(4, 2,
+                          dtype=DTYPE), torch.zeros(T, 1, dtype=DTYPE))
+    assert isinstance(e.value.__cause__, RuntimeError)   # the cost's own error, chained
+
+
+@pytest.mark.parametrize("reads_t, running, who", [(True, True, "the running cost"),
+                                                   (False, False, "the terminal cost")])
+def test_per_element_reference_seen_in_the_derivatives_is_named(reads_t, running, who):
+    with pytest.raises(trajopt.errors.ShapeError, match=f"{who} must map one point .*"
+                                                        "bind_rows"):
+        trajopt.solve_ddp(_double_integrator, _goal_cost(reads_t=reads_t, running=running),
+                          torch.zeros(4, 2, dtype=DTYPE), torch.zeros(T, 1, dtype=DTYPE))

@@ -25,7 +25,8 @@ from .batch import Rows, Traj
 from .inputs import transitions_agree
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
-from .stagewise import StageDerivatives, check_finite_derivatives, check_visible, stage_points
+from .stagechecks import check_terminal_derivatives
+from .stagewise import StageDerivatives, check_visible, stage_points
 
 __all__ = ["Chain", "Control", "AffineLaw", "feedback_control", "STATES_RTOL_EPS"]
 
@@ -439,12 +440,11 @@ class Chain:
 
     def terminal_derivatives(self, x: torch.Tensor, rows: torch.Tensor | None = None,
                              T: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient and Hessian of the terminal cost at ``x`` (B, n) of stage ``T``: finite
-        (``check_finite_derivatives``, ``rows`` as there), visible to torch.func (once)."""
+        """Terminal gradient, Hessian at ``x`` (B, n) of stage ``T``, checked (stagechecks)."""
         Vx, Vxx = self.cost.terminal_derivatives(x)
         if not self._terminal_checked:
             self._terminal_checked = True
             check_visible(self.cost.terminal, (x,), (Vx, Vxx), "the terminal cost")
-        check_finite_derivatives({"lx": Vx, "lxx": Vxx}, "the terminal cost", len(x), 1, rows, T)
+        check_terminal_derivatives(Vx, Vxx, x, rows, T)
         return Vx, Vxx
 

@@ -42,11 +42,10 @@ import torch
 from torch.func import vmap
 
 from .._checks import same_shapes_by_position
-from .._linalg import finite_rows
-from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
-from .reverse import all_finite
+from ..errors import InvalidArgumentError, ShapeError
+from .stagechecks import STACKED_ROWS, check_finite_derivatives, check_jacobian_shapes
 
-__all__ = ["StageDerivatives", "stage_points", "check_visible", "check_finite_derivatives"]
+__all__ = ["StageDerivatives", "stage_points", "check_visible"]
 
 # torch.func's message for .item() / data-dependent control flow under vmap
 _DATA_DEPENDENT = ("data-dependent control flow", "calling .item()", ".item() on a Tensor")
@@ -143,7 +142,7 @@ class StageDerivatives:
             if out is not None:
                 return out
         if self.time_invariant:
-            return self.value(*flat, 0)
+            return self._stacked(flat, args_per_stage)
         if self.value_tensor_t is False or (self.value_tensor_t is None and not probe):
             return None
         return self._vectorized_values(flat, args_per_stage)
@@ -155,10 +154,12 @@ class StageDerivatives:
         call that raises is left to raise where it is made."""
         self.confirm = False
         try:
-            out = self.value(*flat, 0)
+            out = self._stacked(flat, args_per_stage)
             B = args_per_stage[0][0].shape[0]
             same = all(_same_values(out[t * B:(t + 1) * B], self.value(*args, t))
                        for t, args in enumerate(args_per_stage))
+        except ShapeError:   # data per batch element (_stacked): named
+            raise
         except (RuntimeError, TypeError, IndexError, ValueError):
             same = False
         if not same:
@@ -167,6 +168,23 @@ class StageDerivatives:
             return None
         self.model.time_invariance_confirmed = True
         return out
+
+    def _stacked(self, flat, args_per_stage):
+        """The values at the stacked rows ``flat`` of all stages (``t = 0``).  Where that
+        call raises but the first stage's (B, n) rows alone do not, the model holds data
+        of one row per batch element (a (B, n) reference): :class:`ShapeError` naming it,
+        with the way out (:data:`STACKED_ROWS`), the model's exception chained."""
+        try:
+            return self.value(*flat, 0)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            try:
+                self.value(*args_per_stage[0], 0)
+            except Exception:   # noqa: BLE001 (not about the stacking: the first error)
+                raise exc from None
+            raise ShapeError(f"{self.name} failed on the rows of all {len(args_per_stage)} "
+                             f"stages stacked ({flat[0].shape[0]} rows) but not on the "
+                             f"{args_per_stage[0][0].shape[0]} rows of one stage: "
+                             f"{STACKED_ROWS} ({type(exc).__name__}: {exc})") from exc
 
     def _vectorized_values(self, flat, args_per_stage):
         """The values at every stage in one ``vmap`` call with a 0-d stage tensor (the
@@ -229,7 +247,7 @@ class StageDerivatives:
             if uniform:
                 stacked = _cat(per_stage)
         if not self.checked:
-            _check_jacobian_shapes(per_stage[0], first, self.name)
+            check_jacobian_shapes(per_stage[0], first, self.name)
             self.checked = True
             # only stages whose derivatives are all zero need the finite-difference check;
             # find them with one op per derivative over all stages
@@ -308,49 +326,6 @@ def check_visible(value: Callable, args: tuple[torch.Tensor, ...], derivatives,
             f"with differentiable torch ops or override derivatives() with analytic ones")
 
 
-#: what a non-finite derivative of a finite function usually is, and the way out
-_NAN_HINT = ("its values are finite there, but torch cannot take its derivative at this "
-             "point: a function whose derivative is infinite there, e.g. sqrt or a norm at "
-             "0 (torch.sqrt((v ** 2).sum(-1)), torch.linalg.norm, F.normalize at v = 0: 0 * "
-             "inf = NaN), x ** p with p < 1, log or 1 / x at 0; write it so that the "
-             "derivative is finite (torch.sqrt(s + eps), torch.where around the point) or "
-             "override derivatives() with analytic ones")
-
-#: the derivatives' names in the messages of :func:`check_finite_derivatives`
-_FIELD = {"fx": "df/dx", "fu": "df/du", "fxx": "d2f/dx2", "fux": "d2f/dudx",
-          "fuu": "d2f/du2", "lx": "dl/dx", "lu": "dl/du", "lxx": "d2l/dx2",
-          "lux": "d2l/dudx", "luu": "d2l/du2"}
-
-
-def check_finite_derivatives(d, name: str, B: int, T: int, rows: torch.Tensor | None = None,
-                             first: int = 0, model: Any = None) -> None:
-    """Raise :class:`~trajopt.errors.NonFiniteError` where a derivative in ``d`` (a
-    dataclass of (k*B, ...) tensors, stage-major from stage ``first``, or a dict of named
-    ones) is NaN or infinite, naming ``name``, the derivative, the first such stage (of
-    ``T``) and flat-batch element (``rows``: the element of each of the B rows).  One
-    synchronization where all are finite (:func:`~trajopt.ddp.reverse.all_finite`);
-    the stage is located only on failure."""
-    named = list(d.items()) if isinstance(d, dict) else [
-        (f.name, getattr(d, f.name)) for f in fields(d) if torch.is_tensor(getattr(d, f.name))]
-    if all_finite([v for _, v in named]):
-        return
-    for field, v in named:
-        bad = ~(finite_rows(v, v.dim() - 1) if v.dim() > 1 else torch.isfinite(v))
-        if not bool(bad.any()):
-            continue
-        r = int(torch.nonzero(bad)[0, 0])
-        stages = sorted({first + int(i) // B for i in torch.nonzero(bad)[:, 0]})
-        elem = r % B if rows is None else int(rows.reshape(-1)[r % B])
-        where = f"stage {first + r // B}" + (
-            f", flat batch element {elem}" if B > 1 or rows is not None else "") + (
-            f" (and {len(stages) - 1} other stage(s) of {T})" if len(stages) > 1 else "")
-        cons = [c.label for c in getattr(model, "constraints", ()) or ()]
-        also = f" (or the terms of {', '.join(cons)} added to it)" if cons else ""
-        raise NonFiniteError(
-            f"the derivative {field} ({_FIELD.get(field, field)}) of {name}{also} is not "
-            f"finite (NaN or inf) at {where}: {_NAN_HINT}")
-
-
 class _StageRows(Sequence):
     """The per-stage views of a stacked result, taken when read (a caller that uses the
     stacked form never pays the T slices)."""
@@ -413,19 +388,3 @@ def _close(a, b) -> bool:
         if not bool(((x - y).abs() <= tol).all()):
             return False
     return True
-
-
-def _check_jacobian_shapes(d: Any, args: tuple, name: str) -> None:
-    """Jacobians ``fx`` (B, n1, n) and ``fu`` (B, n1, m) of one stage (the dynamics'):
-    a function that maps one point x (n,) to (1, n1) -- a broadcast against a (1, k)
-    tensor -- gives (B, 1, n1, n) under ``vmap`` and failed deep in the solver."""
-    for field, a in (("fx", args[0]), ("fu", args[1] if len(args) > 1 else None)):
-        J = getattr(d, field, None)
-        if not torch.is_tensor(J) or a is None:
-            continue
-        if J.ndim != 3 or J.shape[0] != a.shape[0] or J.shape[-1] != a.shape[-1]:
-            raise ShapeError(
-                f"{name} must map one point x (n,) to a vector (n_next,) (batched: (..., n) "
-                f"to (..., n_next)); its Jacobian {field} has shape {tuple(J.shape)} for "
-                f"{a.shape[0]} points of {a.shape[-1]} entries: does it broadcast one point "
-                f"against a (1, k) tensor (x @ A.T + u * b with b of shape (1, n))?")
