@@ -60,6 +60,7 @@ from .stages import (
     StageLinearization,
     check_unshared,
     check_whole_gradients,
+    draws_random,
     normalizes_by_batch,
     without_gradient,
     zeroed_gradient,
@@ -284,10 +285,12 @@ class DDPNOpt(torch.optim.Optimizer):
         BatchNorm in training mode is run with the statistics of the batch it sees,
         :mod:`nnbridge.batchnorm`)."""
         for index, p in self._maps():
-            if isinstance(p, nn.Dropout) and p.p > 0 and p.training:
+            what = draws_random(p)
+            if what is not None:
                 raise InvalidArgumentError(
-                    f"stage {index}: Dropout(p={p.p}) in training mode makes the "
-                    "feedback pass random; use feedback=False or model.eval()")
+                    f"stage {index}: {what} in training mode makes the feedback pass "
+                    "random (it re-runs the stage and would draw another mask than the "
+                    "recorded pass); use feedback=False or model.eval() for it")
             if isinstance(p, nn.SyncBatchNorm) and p.training:
                 raise InvalidArgumentError(
                     f"stage {index}: SyncBatchNorm in training mode normalizes with "

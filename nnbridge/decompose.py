@@ -24,7 +24,10 @@ a stage (a residual ``x + f(x)``, a concatenation of branches: residual and bran
 networks are :func:`nnbridge.graph_stages`' and :class:`nnbridge.GTDDP`'s), a parameter
 used outside a module (``F.linear(x, self.weight)``), a parametrized module between
 stages whose derivative need not act sample by sample (RNNs, attention), ``F.dropout``
-in ``forward`` (torch.fx fixes its ``training`` flag when tracing: use ``nn.Dropout``),
+and its variants in ``forward`` (torch.fx fixes their ``training`` flag when tracing: use
+``nn.Dropout`` / ``nn.Dropout2d`` / ...), a random operation after the first stage began
+(``torch.randn_like`` noise, ``bernoulli``, ``x.normal_()``: the optimizers re-run the
+stages and would draw other numbers),
 more than one input or output, and a ``forward`` that torch.fx cannot trace (data-
 dependent Python control flow).
 
@@ -57,6 +60,35 @@ __all__ = ["stages"]
 PER_SAMPLE = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
                                nn.modules.instancenorm._InstanceNorm, nn.PReLU,
                                getattr(nn, "RMSNorm", None)) if c is not None)
+
+
+#: dropout functions (torch.fx fixes their ``training`` flag) -> the module to use instead
+_DROPOUT_FUNCTIONS = {
+    F.dropout: "Dropout", F.dropout1d: "Dropout1d", F.dropout2d: "Dropout2d",
+    F.dropout3d: "Dropout3d", F.alpha_dropout: "AlphaDropout",
+    F.feature_alpha_dropout: "FeatureAlphaDropout", torch.dropout: "Dropout",
+    torch.alpha_dropout: "AlphaDropout", torch.feature_dropout: "Dropout2d",
+    torch.feature_alpha_dropout: "FeatureAlphaDropout"}
+#: functions and tensor methods that draw random numbers whatever the module's mode
+_RANDOM_FUNCTIONS = frozenset((
+    torch.randn_like, torch.rand_like, torch.randint_like, torch.randn, torch.rand,
+    torch.randint, torch.randperm, torch.bernoulli, torch.normal, torch.poisson,
+    torch.multinomial, F.gumbel_softmax))
+_RANDOM_METHODS = frozenset((
+    "bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "multinomial"))
+
+
+def _is_random(node: fx.Node) -> bool:
+    """``node`` draws random numbers: a random function or tensor method, or RReLU's
+    function traced with ``training=True``."""
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in (F.rrelu, F.rrelu_):
+        return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("training"))
+    return node.target in _RANDOM_FUNCTIONS
 
 
 def _activation(fn: Callable, args: tuple, kwargs: dict) -> nn.Module | None:
@@ -166,20 +198,34 @@ def trace(model: nn.Module) -> fx.GraphModule:
 def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
                in_stages: bool) -> None:
     """Refuse what no decomposition can take at ``node`` (module docstring): a parameter
-    used outside its module, ``F.dropout`` with p > 0, and -- ``in_stages``: after the
-    first stage began -- a parametrized module that is neither affine nor known to act
-    sample by sample."""
+    used outside its module, ``F.dropout`` and its variants with p > 0, and --
+    ``in_stages``: after the first stage began -- a random operation and a parametrized
+    module that is neither affine nor known to act sample by sample."""
     if node.op == "get_attr" and node.target in params:
         raise UnsupportedModelError(
             f"model: {node_name(node)} uses the parameter {node.target!r} outside its "
             f"module; call the module (e.g. self.fc(x), not F.linear(x, "
             f"self.fc.weight)) so that it is a stage")
-    if node.op == "call_function" and node.target is F.dropout:
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         if p:
+            module, name = _DROPOUT_FUNCTIONS[node.target], node.target.__name__
+            space = "F" if getattr(F, name, None) is node.target else "torch"
             raise UnsupportedModelError(
-                f"model: {node_name(node)}: torch.fx fixes F.dropout's `training` flag "
-                f"when it traces; use an nn.Dropout module (it follows model.eval())")
+                f"model: {node_name(node)}: torch.fx fixes {space}.{name}'s `training` "
+                f"flag when it traces (the graph would drop in eval mode, or not in "
+                f"training mode); use an "
+                f"nn.{module} module (it follows model.eval(); with feedback, and for "
+                f"EMSA / LQRDescent, in eval mode)")
+    if in_stages and _is_random(node):
+        raise UnsupportedModelError(
+            f"model: {node_name(node)} draws random numbers after the first stage "
+            "began; the optimizer re-runs the stages on the recorded batch (feedback "
+            "pass, DDP backward pass) and would draw other numbers than the recorded "
+            "pass (the step would depend on the random state at step()): use "
+            "nn.Dropout modules for dropout (model.eval() where the optimizer re-runs "
+            "them), and add noise to the input before the first layer or to the "
+            "batch in the training loop")
     module = modules.get(node.target) if node.op == "call_module" else None
     if (in_stages and module is not None and not is_layer(module)
             and not isinstance(module, PER_SAMPLE) and any(True for _ in module.parameters())):

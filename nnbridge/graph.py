@@ -29,8 +29,9 @@ input transform has a value used by a stage (a skip from the raw input), :math:`
 the network's input and the transform is part of stage 0 (``StageGraph.raw_input``).
 
 Refused, with the node named (``UnsupportedModelError``): what :func:`nnbridge.stages`
-refuses (a parameter used outside its module, ``F.dropout``, parametrized modules
-without a per-sample derivative between stages, several inputs or outputs), a
+refuses (a parameter used outside its module, ``F.dropout`` and its variants, a random
+operation after the first stage, parametrized modules without a per-sample derivative
+between stages, several inputs or outputs), a
 normalization layer called twice, and a value of a *parametrized* input transform other
 than :math:`x_0` used after the first stage.
 """

@@ -35,7 +35,8 @@ __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "c
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus,
-                nn.SiLU, nn.Hardtanh, nn.Identity, nn.Dropout)
+                nn.SiLU, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _STRUCTURAL = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 SUPPORTED = tuple(c.__name__ for c in AFFINE + _ELEMENTWISE + _STRUCTURAL)
 
@@ -235,8 +236,19 @@ class Stage:
 
 
 def _is_identity(p: nn.Module) -> bool:
-    return isinstance(p, nn.Identity) or (isinstance(p, nn.Dropout)
+    return isinstance(p, nn.Identity) or (isinstance(p, nn.modules.dropout._DropoutNd)
                                           and (p.p == 0 or not p.training))
+
+
+def draws_random(m: nn.Module) -> str | None:
+    """What ``m`` draws at random in its current mode, as errors name it (every dropout
+    module -- ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout`` -- with p > 0, and ``RReLU``, in training mode), or None."""
+    if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
+        return f"{type(m).__name__}(p={m.p})"
+    if isinstance(m, nn.RReLU) and m.training:
+        return f"RReLU(lower={m.lower}, upper={m.upper})"
+    return None
 
 
 def _closed_form(p: nn.Module):
@@ -377,14 +389,16 @@ def _batch_statistics(modules) -> bool:
 
 
 def check_rerun_deterministic(stages, who: str) -> None:
-    """Refuse a stage whose ``post`` modules draw random numbers (``Dropout`` with p > 0
-    in training mode) for an optimizer that re-runs the stages on the recorded batch
-    (``who``): its derivatives would be those of another mask than the recorded pass's."""
+    """Refuse a stage whose ``post`` modules draw random numbers (:func:`draws_random`:
+    dropout with p > 0 in training mode) for an optimizer that re-runs the stages on the
+    recorded batch (``who``): its derivatives would be those of another mask than the
+    recorded pass's."""
     for st in stages:
         for m in (m for post in st.post for m in post.modules()):
-            if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
+            what = draws_random(m)
+            if what is not None:
                 raise InvalidArgumentError(
-                    f"stage {st.index}: Dropout(p={m.p}) in training mode; {who} re-runs "
+                    f"stage {st.index}: {what} in training mode; {who} re-runs "
                     "the stages on the recorded batch, which would draw another mask "
                     "than the pass it recorded: use model.eval() for the dropout layers, "
                     "or a torch.optim optimizer")
