@@ -415,15 +415,17 @@ class DDPNOpt(torch.optim.Optimizer):
             return loss
         dtype = self._stages[0].module.weight.dtype
         rec = self._recorder.batch(dtype, scale.inverse)
+        why = self._recorder.why_not_recorded()   # before clear() forgets it
         self._recorder.clear()
         if rec is None and (feedback or self.curvature.needs_factors):
             if closure is not None:
                 raise RuntimeError(f"the closure must run the model's forward pass and call "
                                    f"loss.backward(); {type(self).__name__}.step needs "
-                                   f"{_CLOSURE_HELP}{_PART_HELP}")
+                                   f"{_CLOSURE_HELP}{_PART_HELP}{why}")
             raise RuntimeError("no forward and backward pass of the model was recorded "
                                "since the last step: run them (with gradients enabled) "
-                               f"before step(), or pass {_CLOSURE_HELP}{_PART_HELP}")
+                               f"before step(), or pass {_CLOSURE_HELP}{_PART_HELP}"
+                               + why)
         with self._ddp_context(rec if feedback else None):
             return self._step(rec, group, feedback, loss)
 

@@ -39,6 +39,7 @@ graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import operator
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .distributed import unwrap
 from .stages import AFFINE, Stage, is_layer, make_stage
+from .tracing import _DROPOUT_FUNCTIONS, _drop_concrete, _is_random, forward_defaults
 
 __all__ = ["stages"]
 
@@ -60,35 +62,6 @@ __all__ = ["stages"]
 PER_SAMPLE = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
                                nn.modules.instancenorm._InstanceNorm, nn.PReLU,
                                getattr(nn, "RMSNorm", None)) if c is not None)
-
-
-#: dropout functions (torch.fx fixes their ``training`` flag) -> the module to use instead
-_DROPOUT_FUNCTIONS = {
-    F.dropout: "Dropout", F.dropout1d: "Dropout1d", F.dropout2d: "Dropout2d",
-    F.dropout3d: "Dropout3d", F.alpha_dropout: "AlphaDropout",
-    F.feature_alpha_dropout: "FeatureAlphaDropout", torch.dropout: "Dropout",
-    torch.alpha_dropout: "AlphaDropout", torch.feature_dropout: "Dropout2d",
-    torch.feature_alpha_dropout: "FeatureAlphaDropout"}
-#: functions and tensor methods that draw random numbers whatever the module's mode
-_RANDOM_FUNCTIONS = frozenset((
-    torch.randn_like, torch.rand_like, torch.randint_like, torch.randn, torch.rand,
-    torch.randint, torch.randperm, torch.bernoulli, torch.normal, torch.poisson,
-    torch.multinomial, F.gumbel_softmax))
-_RANDOM_METHODS = frozenset((
-    "bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_",
-    "geometric_", "cauchy_", "log_normal_", "multinomial"))
-
-
-def _is_random(node: fx.Node) -> bool:
-    """``node`` draws random numbers: a random function or tensor method, or RReLU's
-    function traced with ``training=True``."""
-    if node.op == "call_method":
-        return node.target in _RANDOM_METHODS
-    if node.op != "call_function":
-        return False
-    if node.target in (F.rrelu, F.rrelu_):
-        return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("training"))
-    return node.target in _RANDOM_FUNCTIONS
 
 
 def _activation(fn: Callable, args: tuple, kwargs: dict) -> nn.Module | None:
@@ -157,6 +130,27 @@ def _len_of_proxies():
         builtins.len = builtin
 
 
+def check_output(out_node: fx.Node | None) -> fx.Node:
+    """The node ``forward`` returns; refuse another return value than one tensor (a
+    tuple, dict, namedtuple or dataclass), naming its type."""
+    value = None if out_node is None else out_node.args[0]
+    what = None
+    if not isinstance(value, fx.Node):
+        what = type(value).__name__.replace("immutable_", "")   # fx's containers
+    elif value.op == "call_function" and isinstance(value.target, type) and \
+            not issubclass(value.target, torch.Tensor):
+        kind = ("a namedtuple" if issubclass(value.target, tuple) else "a dataclass"
+                if dataclasses.is_dataclass(value.target) else "an object")
+        what = f"{value.target.__name__} ({kind})"
+    if what is not None:
+        raise UnsupportedModelError(
+            f"model: forward must return one tensor; it returns a {what}: the loss must "
+            "be a function of one output tensor (the last stage's); return it, or wrap "
+            "the model in a module whose forward returns the tensor the loss uses "
+            "(e.g. model(x).logits)")
+    return value
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
@@ -181,9 +175,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_layer(m) or super().is_leaf_module(m, qualname)
 
+    concrete = forward_defaults(model)
     try:
         with _len_of_proxies():
-            graph = Tracer().trace(model)
+            graph = Tracer().trace(model, concrete_args=concrete or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise UnsupportedModelError(
             f"model: torch.fx cannot trace {type(model).__name__}.forward ({exc}); "
@@ -191,7 +186,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "tracing), so forward must run on symbolic tensors: no branch on tensor "
             "values (write such branches with torch.where), no shapes passed to "
             "factories (torch.zeros(x.shape[0], n): use x.new_zeros((x.shape[0], n))), "
-            "no packed sequences or other tensor-wrapping objects") from exc
+            "no packed sequences or other tensor-wrapping objects; optional "
+            f"arguments are traced with their defaults {concrete})") from exc
+    _drop_concrete(graph, concrete)
     return fx.GraphModule(model, graph)
 
 
@@ -321,9 +318,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
                 f"and {t} (a control shared by stages: tied weights, a Neural-ODE block); "
                 "a chain of stages has one control each; nnbridge.GTDDP takes it "
                 "(docs/ode.md)")
-    if out_node is None or not isinstance(out_node.args[0], fx.Node):
-        raise UnsupportedModelError("model: forward must return one tensor")
-    ends = inputs[1:] + [out_node.args[0]]
+    ends = inputs[1:] + [check_output(out_node)]
     if seg.get(ends[-1], -2) != current:
         raise UnsupportedModelError(
             f"model: the output {ends[-1].name!r} does not come from the last stage "

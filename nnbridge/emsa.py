@@ -181,10 +181,12 @@ class EMSA(torch.optim.Optimizer):
             self._recorder.clear()
             return loss
         rec = self._recorder.batch(self._stages[0].module.weight.dtype, scale.inverse)
+        why = self._recorder.why_not_recorded()   # before clear() forgets it
         self._recorder.clear()
         if rec is None:
             raise RuntimeError("EMSA.step needs a recorded forward and backward pass: pass "
-                               "a closure that runs them, or run them before step()")
+                               "a closure that runs them, or run them before step()"
+                               + why)
         self._traced.check()
         check_rerun_deterministic(self._stages, "EMSA")
         B = rec.output_grad.shape[0]

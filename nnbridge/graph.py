@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
-from .decompose import _chain, check_node, node_name, trace
+from .decompose import _chain, check_node, check_output, node_name, trace
 from .distributed import unwrap
 from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage, normalizes_by_batch
 
@@ -274,10 +274,7 @@ def graph_stages(model: nn.Module, alignment: Alignment = "merge") -> StageGraph
         raise UnsupportedModelError(
             f"model: forward takes {len(places)} inputs "
             f"({[n.name for n in places]}); a network as dynamics maps one state x_0")
-    out_node = next(n for n in nodes if n.op == "output")
-    if not isinstance(out_node.args[0], fx.Node):
-        raise UnsupportedModelError("model: forward must return one tensor")
-    result = out_node.args[0]
+    result = check_output(next(n for n in nodes if n.op == "output"))
     live = _ancestors(result)
     order = [n for n in nodes if n in live]
     is_head = {n: n.op == "call_module" and is_layer(modules[n.target])

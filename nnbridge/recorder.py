@@ -38,6 +38,7 @@ recomputed call to its recorded one by its input.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from torch import nn
 from trajopt.errors import UnsupportedModelError
 
 from .stages import Stage, combine_calls
+from .tracing import forward_defaults, other_call
 
 __all__ = ["BatchRecorder", "Capture", "capture"]
 
@@ -117,6 +119,9 @@ class _Chunk:
     #: per layer, its calls under ``torch.no_grad()`` in this forward pass (reentrant
     #: activation checkpointing runs them again in the backward pass)
     no_grad: dict = field(default_factory=dict)
+    #: an optional argument of ``forward`` this call passed other than its default
+    #: (``"return_features=True"``; the stages were traced with the defaults), or None
+    other: str | None = None
 
     @classmethod
     def open(cls, n: int, x) -> _Chunk:
@@ -209,8 +214,14 @@ class BatchRecorder:
         self._reached = self._reset = False
         # per parameter, the .grad tensor a recorded pass last wrote (weakly)
         self._written: dict[int, weakref.ref] = {}
+        # forward's optional arguments, bound to their defaults in the traced graph, and
+        # why the last forward pass under grad mode was not recorded (for the step's
+        # error: it returned a tuple, ...)
+        self._defaults = forward_defaults(model)
+        self._signature = inspect.signature(model.forward) if self._defaults else None
+        self._unrecorded: str | None = None
         ref = weakref.ref(self)
-        handles = [model.register_forward_pre_hook(_begin(ref)),
+        handles = [model.register_forward_pre_hook(_begin(ref), with_kwargs=True),
                    model.register_forward_hook(_end(ref))]
         for i, st in enumerate(stage_list):
             handles.append(st.module.register_forward_pre_hook(_stage_input(ref, i)))
@@ -232,6 +243,12 @@ class BatchRecorder:
         self._chunks = [c for c in self._chunks if keep_pending and not c.complete]
         self._written.clear()
         self._unmatched.clear()
+        self._unrecorded = None
+
+    def why_not_recorded(self) -> str:
+        """Why the forward passes since the last step left no record, for the step's
+        error ("" when nothing is known)."""
+        return "" if self._unrecorded is None else f"; {self._unrecorded}"
 
     def batch(self, dtype: torch.dtype | None = None,
               inverse_scale: torch.Tensor | None = None) -> Capture | None:
@@ -249,6 +266,15 @@ class BatchRecorder:
                 "deterministic (preserve_rng_state=False with dropout?); keep "
                 "preserve_rng_state=True, or pass use_reentrant=False")
         done = [c for c in self._chunks if c.complete and c.accumulated and all(c.inputs)]
+        other = next((c.other for c in done if c.other is not None), None)
+        if other is not None:
+            self.clear()
+            raise UnsupportedModelError(
+                f"the model was called with {other}: the stages were traced with the "
+                f"defaults of forward's optional arguments {self._defaults} (the call "
+                "model(x)), so they are not the network of that call; call model(x) in "
+                "the passes the optimizer records, or wrap the model in a module whose "
+                "forward(x) passes the argument")
         if not done:
             return None
         counts = {tuple(len(x) for x in c.inputs) for c in done}
@@ -372,7 +398,7 @@ def _remove(handles) -> None:
 
 
 def _begin(ref):
-    def hook(mod, args):
+    def hook(mod, args, kwargs):
         rec = ref()
         if rec is not None and torch.is_grad_enabled():
             rec._end_failed_pass()
@@ -380,6 +406,7 @@ def _begin(ref):
             rec._open = (_Chunk.open(rec.n, args[0] if args else None)
                          if torch.is_grad_enabled() else None)
             if rec._open is not None:
+                rec._open.other = other_call(rec._signature, rec._defaults, args, kwargs)
                 rec._hook_parameters(ref)
     return hook
 
@@ -390,6 +417,10 @@ def _end(ref):
         if rec is None or rec._open is None:
             return
         chunk, rec._open = rec._open, None
+        if not torch.is_tensor(out):   # the step says so if nothing else is recorded
+            rec._unrecorded = (f"the model's forward returned a {type(out).__name__}, not "
+                               "a tensor" + (f" (called with {chunk.other})" if chunk.other
+                                             else ""))
         if torch.is_tensor(out) and out.requires_grad:
             chunk.output = out.detach()
             rec._watch(chunk, "out", out)

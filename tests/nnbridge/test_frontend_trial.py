@@ -4,7 +4,9 @@ network becomes stages" and "In a training script")."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -212,3 +214,90 @@ def test_the_dropout_family_steps_do_not_depend_on_the_rng_at_step(drop, name):
                for s in (1, 2)]
     assert any(bool(u.abs().max() > 0) for u in ups[0])
     assert all(torch.equal(u, v) for u, v in zip(*ups))
+
+
+_Out = collections.namedtuple("_Out", "logits")
+
+
+@dataclasses.dataclass
+class _DOut:
+    logits: torch.Tensor
+
+
+class _Returns(nn.Module):
+    def __init__(self, wrap, features=False):
+        super().__init__()
+        self.a, self.b, self.wrap, self.features = nn.Linear(4, 6), nn.Linear(6, 3), wrap, \
+            features
+
+    def forward(self, x, return_features: bool = False, mask=None):
+        h = torch.tanh(self.a(x))
+        if mask is not None:
+            h = h * mask
+        out = self.b(h)
+        if return_features:
+            return out, h
+        return self.wrap(out)
+
+
+WRAPS = {"_Out (a namedtuple)": _Out, "_DOut (a dataclass)": _DOut,
+         "tuple": lambda t: (t,), "dict": lambda t: {"logits": t}}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("wrap", sorted(WRAPS))
+def test_a_namedtuple_or_dataclass_output_is_refused_at_construction(wrap, name):
+    """Session 30: a namedtuple / dataclass output was accepted at construction and
+    every step then said 'no forward and backward pass of the model was recorded'."""
+    with pytest.raises(UnsupportedModelError, match=rf"return one tensor; it returns a "
+                                                    rf"{wrap.replace('(', '.').replace(')', '.')}"):
+        OPTIMIZERS[name](_Returns(WRAPS[wrap]))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optional_forward_arguments_are_traced_with_their_defaults(name):
+    """Session 30: ``forward(self, x, return_features=False)`` was refused as 'a branch
+    on tensor values', ``forward(self, x, mask=None)`` as 'more than one input'.  They are
+    traced with their defaults (the call model(x)); the steps equal those of the same
+    network without the arguments, bit for bit."""
+    torch.manual_seed(0)
+    model = _Returns(lambda t: t)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = copy.deepcopy(model.a), copy.deepcopy(model.b)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+    closure = name == "LQRDescent"
+    a = _update(model, OPTIMIZERS[name], 1, closure)
+    b = _update(Plain(), OPTIMIZERS[name], 1, closure)
+    assert any(bool(u.abs().max() > 0) for u in a)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["DDPNOpt", "DDPNOpt(feedback=False)", "GTDDP", "EKFAC",
+                                  "EMSA"])
+def test_a_loop_passing_the_optional_argument_is_refused_by_name(name):
+    """The traced graph is the call model(x): a pass with ``mask=...`` is refused
+    naming the argument; one returning a tuple (``return_features=True``) leaves no
+    record, and the step's error says the model returned a tuple (it said only that no
+    pass was recorded)."""
+    X, y = data(B=6)
+    model = _Returns(lambda t: t)
+    opt = OPTIMIZERS[name](model)
+    opt.zero_grad()
+    F.cross_entropy(model(X, mask=torch.ones(6, 6)), y).backward()
+    with pytest.raises(UnsupportedModelError, match=r"called with mask=<Tensor>"):
+        opt.step()
+    if name == "DDPNOpt(feedback=False)":
+        return   # Adam on p.grad: needs no record
+    opt.zero_grad()
+    F.cross_entropy(model(X, True)[0], y).backward()
+    with pytest.raises(RuntimeError, match=r"returned a tuple, not a tensor \(called with "
+                                           r"return_features=True\)"):
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(X, return_features=False), y).backward()   # the default
+    opt.step()
