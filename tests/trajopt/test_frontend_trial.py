@@ -251,3 +251,28 @@ def test_per_element_reference_seen_in_the_derivatives_is_named(reads_t, running
                                                         "bind_rows"):
         trajopt.solve_ddp(_double_integrator, _goal_cost(reads_t=reads_t, running=running),
                           torch.zeros(4, 2, dtype=DTYPE), torch.zeros(T, 1, dtype=DTYPE))
+
+
+def test_a_module_with_dropout_zero_in_training_mode_solves():
+    """``nn.Dropout(0.0)`` (a configured default) is the identity: a module in train()
+    mode holding it solves as in eval() mode (a review of session 30 found it refused)."""
+    class Dyn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(3, 2).double()
+            self.drop = torch.nn.Dropout(0.0)
+
+        def forward(self, x, u, t):
+            return x + 0.1 * torch.tanh(self.drop(self.lin(torch.cat([x, u], -1))))
+
+    cost = trajopt.Cost(lambda x, u: (x ** 2).sum(-1) + (u ** 2).sum(-1),
+                        terminal=lambda x: (x ** 2).sum(-1))
+    costs = []
+    for mode in ("train", "eval"):
+        dyn = Dyn()
+        getattr(dyn, mode)()
+        res = trajopt.solve_ddp(dyn, cost, torch.ones(2, dtype=torch.float64),
+                                torch.zeros(10, 1, dtype=torch.float64), max_iter=5)
+        costs.append(float(res.cost))
+    assert costs[0] == costs[1]

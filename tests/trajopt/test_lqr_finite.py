@@ -277,3 +277,15 @@ def test_an_overflowing_trajectory_is_an_error_naming_the_stage():
     traj = trajopt.rollout(short, torch.ones(2, dtype=torch.float64),
                            torch.zeros(600, 1, dtype=torch.float64))
     assert 1e285 < float(traj.xs[-1, 0]) < float("inf")
+
+
+def test_a_cost_that_overflows_with_finite_stages_is_named():
+    """Every state finite, their cost's sum not (float32, x0 = 1e20): an IndexError in
+    the first version of the overflow check (a review, session 30)."""
+    prob = trajopt.LQR.time_invariant(torch.eye(2), torch.ones(2, 1), torch.eye(2),
+                                      torch.eye(1), 5)
+    x0 = torch.full((2,), 1e20)
+    with pytest.raises(NumericalError, match="cost of the state overflows float32"):
+        trajopt.rollout(prob, x0, torch.zeros(5, 1))
+    with pytest.raises(NumericalError, match="cost of the optimal trajectory overflows"):
+        trajopt.solve_lqr(prob, x0)

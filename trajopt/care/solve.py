@@ -17,6 +17,7 @@ from .._linalg import finite_rows, norm1
 from ..dare._common import DAREData, ops, prepare, riccati_arguments, scale
 from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
+from ..dare.precision import beyond_float32_rounding, narrowed, widened
 from ..dare.stability import (
     lyapunov_certificate,
     raise_unstabilizable,
@@ -182,7 +183,26 @@ def solve_care(
                                    f"{method!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
-    t, kind = as_tensors(riccati_arguments(A, B, Q, R, E, S),
+    named = riccati_arguments(A, B, Q, R, E, S)
+    try:
+        return _solve_care(named, method, refine, tol, max_iter)
+    except NotStabilizableError as err:   # float32 near the boundary: decided in float64
+        wide = widened(named)
+        if wide is None:
+            raise
+        try:
+            sol = _solve_care(wide, method, refine, tol, max_iter)
+        except NotStabilizableError:
+            raise err from None
+        if not beyond_float32_rounding(sol, wide, continuous=True):
+            raise err
+        return narrowed(sol)
+
+
+def _solve_care(named: dict[str, Any], method: str, refine: int, tol: float | None,
+                max_iter: int) -> CARESolution:
+    """:func:`solve_care` on its checked arguments."""
+    t, kind = as_tensors(named,
                          sequences=False)
     d = prepare(t["A"], t["B"], t["Q"], t["R"], t["E"], t["S"])
     grad_d = None
@@ -233,13 +253,13 @@ def solve_care(
         if not bool(stable.all()):
             _unstabilizable(d, ~stable, "the solution found is not stabilizing "
                                   f"(closed-loop eigenvalue real part "
-                                  f"{float(eig.real.amax()):.3g})")
+                                  f"{float(eig.real.amax(-1)[~ok].max()):.3g})")
     res = care_relative_residual(d, X)
     worst = float(res.max())
     if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
         warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
                       "problem is ill-conditioned; try refine=2 or method='scipy')",
-                      ConvergenceWarning, stacklevel=2)
+                      ConvergenceWarning, stacklevel=3)
     P = ops(X).ldexp(X, e)
     if grad_d is not None:
         P = attach_riccati_grad(P, grad_d, adjoint=care_adjoint,

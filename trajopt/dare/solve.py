@@ -36,6 +36,7 @@ from .backends import slycot_available, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import dare_adjoint, newton_refine
+from .precision import beyond_float32_rounding, narrowed, widened
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
@@ -303,6 +304,24 @@ def solve_dare(
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     named = riccati_arguments(A, B, Q, R, E, S)
+    try:
+        return _solve_dare(named, method, refine, tol, max_iter)
+    except NotStabilizableError as err:   # float32 near the boundary: decided in float64
+        wide = widened(named)
+        if wide is None:
+            raise
+        try:
+            sol = _solve_dare(wide, method, refine, tol, max_iter)
+        except NotStabilizableError:
+            raise err from None
+        if not beyond_float32_rounding(sol, wide, continuous=False):
+            raise err
+        return narrowed(sol)
+
+
+def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | None,
+                max_iter: int) -> DARESolution:
+    """:func:`solve_dare` on its checked arguments."""
     single = numpy_single(named, _SMALL_N) if method == "auto" else None
     if single is not None:  # one small float64 system: numpy throughout (docs/dare.md)
         a, kind = single
@@ -345,7 +364,7 @@ def solve_dare(
     if method == "doubling" and not bool(certified.all()):
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
-                      ConvergenceWarning, stacklevel=2)
+                      ConvergenceWarning, stacklevel=3)
     else:
         worst = float(res.max())
         if method != "doubling" and not worst <= _NO_SOLUTION:  # doubling: max_iter
@@ -360,7 +379,7 @@ def solve_dare(
                     if method == "auto" else "the back end was inaccurate here: pass "
                     "refine=2 or try another method (\"auto\" compares them)")
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} "
-                          f"({hint})", ConvergenceWarning, stacklevel=2)
+                          f"({hint})", ConvergenceWarning, stacklevel=3)
     return sol
 
 

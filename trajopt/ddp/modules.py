@@ -21,15 +21,21 @@ from ..errors import InvalidArgumentError
 
 __all__ = ["check_eval_mode", "train_mode_layers"]
 
-#: layers whose training mode makes a module random or couples the rows of its batch
-_TRAIN_ONLY = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+def _random_or_coupling(m: nn.Module) -> bool:
+    """``m`` in training mode draws random numbers (dropout with ``p > 0``, RReLU) or
+    couples the rows of its batch (batch normalization); ``Dropout(0.0)`` -- a common
+    configured default -- is the identity (a review, session 30)."""
+    if not m.training:
+        return False
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.RReLU))
 
 
 def train_mode_layers(module: nn.Module) -> list[str]:
-    """The dotted names (``"net.1"``; ``""`` for ``module`` itself) of the dropout and
-    batch-normalization layers of ``module`` that are in training mode."""
-    return [name for name, m in module.named_modules()
-            if isinstance(m, _TRAIN_ONLY) and m.training]
+    """The dotted names (``"net.1"``; ``""`` for ``module`` itself) of the layers of
+    ``module`` whose training mode makes it random or couples its rows."""
+    return [name for name, m in module.named_modules() if _random_or_coupling(m)]
 
 
 def _modules(obj, depth: int = 3) -> list[nn.Module]:

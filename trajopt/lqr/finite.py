@@ -372,10 +372,13 @@ def _overflow(what: str, values: list, backward: bool, first: int = 0) -> Numeri
     they first did in the pass's order (``values[i]`` is stage ``first + i``; a backward
     pass runs from the last stage down)."""
     bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v).all())]
-    i = bad[-1] if backward else bad[0]
+    # every value finite: the cost summed over them overflowed (a huge x0)
+    i = (bad[-1] if backward else bad[0]) if bad else len(values) - 1
     dtype = values[i].dtype
+    what, where = (what, f"at stage {first + i}") if bad else (
+        f"the cost of {what}", "(every stage finite: their sum)")
     return NumericalError(
-        f"{what} overflows {str(dtype).replace('torch.', '')} at stage {first + i}: over "
+        f"{what} overflows {str(dtype).replace('torch.', '')} {where}: over "
         "this horizon the problem's values grow without bound (an unstable mode of A that "
         "the controls cannot reach or do not hold, weighed by the cost); shorten the "
         "horizon or rescale the problem" + (" (or solve in float64)"
