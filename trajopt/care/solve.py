@@ -17,7 +17,7 @@ from .._linalg import finite_rows, norm1
 from ..dare._common import DAREData, ops, prepare, riccati_arguments, scale
 from ..dare.backends import loop_elements
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
-from ..dare.precision import beyond_float32_rounding, narrowed, widened
+from ..dare.precision import decided_in_float64
 from ..dare.stability import (
     lyapunov_certificate,
     raise_unstabilizable,
@@ -184,19 +184,9 @@ def solve_care(
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     named = riccati_arguments(A, B, Q, R, E, S)
-    try:
-        return _solve_care(named, method, refine, tol, max_iter)
-    except NotStabilizableError as err:   # float32 near the boundary: decided in float64
-        wide = widened(named)
-        if wide is None:
-            raise
-        try:
-            sol = _solve_care(wide, method, refine, tol, max_iter)
-        except NotStabilizableError:
-            raise err from None
-        if not beyond_float32_rounding(sol, wide, continuous=True):
-            raise err
-        return narrowed(sol)
+    # a float32 problem the boundary check refuses is decided in float64 (precision.py)
+    return decided_in_float64(partial(_solve_care, method=method, refine=refine, tol=tol,
+                                      max_iter=max_iter), named, continuous=True)
 
 
 def _solve_care(named: dict[str, Any], method: str, refine: int, tol: float | None,

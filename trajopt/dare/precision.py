@@ -14,16 +14,38 @@ weigh was then accepted by a float32 test of the eigenvalues' rounding alone).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 
+from ..errors import NotStabilizableError
 from ._common import DAREData
 from .stability import stable_beyond_rounding
 
-__all__ = ["widened", "beyond_float32_rounding", "narrowed"]
+__all__ = ["decided_in_float64", "widened", "beyond_float32_rounding", "narrowed"]
+
+
+def decided_in_float64(solve: Callable[[dict[str, Any]], Any], named: dict[str, Any],
+                       continuous: bool) -> Any:
+    """``solve(named)``; where that refuses a float32 problem as not stabilizable, the
+    float64 solve of the same data rounded to float32 if it is stable beyond float32's
+    rounding, else the float32 solve's error (module docstring)."""
+    try:
+        return solve(named)
+    except NotStabilizableError as err:
+        wide = widened(named)
+        if wide is None:
+            raise
+        try:
+            sol = solve(wide)
+        except NotStabilizableError:
+            raise err from None
+        if not beyond_float32_rounding(sol, wide, continuous):
+            raise err from None
+        return narrowed(sol)
 
 
 def widened(named: dict[str, Any]) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ from .backends import slycot_available, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import dare_adjoint, newton_refine
-from .precision import beyond_float32_rounding, narrowed, widened
+from .precision import decided_in_float64
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
@@ -304,19 +304,9 @@ def solve_dare(
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise InvalidArgumentError(f"refine must be an integer >= 0; got {refine!r}")
     named = riccati_arguments(A, B, Q, R, E, S)
-    try:
-        return _solve_dare(named, method, refine, tol, max_iter)
-    except NotStabilizableError as err:   # float32 near the boundary: decided in float64
-        wide = widened(named)
-        if wide is None:
-            raise
-        try:
-            sol = _solve_dare(wide, method, refine, tol, max_iter)
-        except NotStabilizableError:
-            raise err from None
-        if not beyond_float32_rounding(sol, wide, continuous=False):
-            raise err
-        return narrowed(sol)
+    # a float32 problem the boundary check refuses is decided in float64 (precision.py)
+    return decided_in_float64(partial(_solve_dare, method=method, refine=refine, tol=tol,
+                                      max_iter=max_iter), named, continuous=False)
 
 
 def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | None,
