@@ -249,7 +249,7 @@ def _solve_care(named: dict[str, Any], method: str, refine: int, tol: float | No
     if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):
         warnings.warn(f"the {label} solution has relative residual {worst:.1e} (the "
                       "problem is ill-conditioned; try refine=2 or method='scipy')",
-                      ConvergenceWarning, stacklevel=3)
+                      ConvergenceWarning, stacklevel=4)
     P = ops(X).ldexp(X, e)
     if grad_d is not None:
         P = attach_riccati_grad(P, grad_d, adjoint=care_adjoint,

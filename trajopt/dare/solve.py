@@ -354,7 +354,7 @@ def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | No
     if method == "doubling" and not bool(certified.all()):
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
-                      ConvergenceWarning, stacklevel=3)
+                      ConvergenceWarning, stacklevel=4)
     else:
         worst = float(res.max())
         if method != "doubling" and not worst <= _NO_SOLUTION:  # doubling: max_iter
@@ -369,7 +369,7 @@ def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | No
                     if method == "auto" else "the back end was inaccurate here: pass "
                     "refine=2 or try another method (\"auto\" compares them)")
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} "
-                          f"({hint})", ConvergenceWarning, stacklevel=3)
+                          f"({hint})", ConvergenceWarning, stacklevel=4)
     return sol
 
 
