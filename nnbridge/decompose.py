@@ -151,6 +151,13 @@ def check_output(out_node: fx.Node | None) -> fx.Node:
     return value
 
 
+def traced_root(model: nn.Module) -> nn.Module:
+    """The module the stages are traced from: the network inside its wrappers
+    (``unwrap``), one layer as a one-stage ``nn.Sequential``."""
+    model = unwrap(model)
+    return nn.Sequential(model) if is_layer(model) else model
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
@@ -258,9 +265,7 @@ def stages(model: nn.Module) -> tuple[list[nn.Module], list[Stage]]:
     UnsupportedModelError
         (a ``TypeError``) naming the node or module that cannot be decomposed.
     """
-    model = unwrap(model)
-    if is_layer(model):  # one layer is a one-stage network
-        model = nn.Sequential(model)
+    model = traced_root(model)
     gm = trace(model)
     modules = dict(gm.named_modules())
     params = {name for name, _ in gm.named_parameters()}

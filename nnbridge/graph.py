@@ -46,8 +46,7 @@ from torch import fx, nn
 
 from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
-from .decompose import _chain, check_node, check_output, node_name, trace
-from .distributed import unwrap
+from .decompose import _chain, check_node, check_output, node_name, trace, traced_root
 from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage, normalizes_by_batch
 
 __all__ = ["GraphStage", "StageGraph", "graph_stages", "Alignment"]
@@ -262,9 +261,7 @@ def graph_stages(model: nn.Module, alignment: Alignment = "merge") -> StageGraph
     InvalidArgumentError
         ``alignment`` neither "merge", "split" nor a dict of them naming off-chain layers.
     """
-    model = unwrap(model)
-    if is_layer(model):
-        model = nn.Sequential(model)
+    model = traced_root(model)
     gm = trace(model)
     modules = dict(gm.named_modules())
     params = {name for name, _ in gm.named_parameters()}

@@ -27,9 +27,7 @@ from torch import nn
 
 from trajopt.errors import UnsupportedModelError
 
-from .decompose import trace
-from .distributed import unwrap
-from .stages import is_layer
+from .decompose import trace, traced_root
 
 __all__ = ["TracedValues"]
 
@@ -54,9 +52,7 @@ class TracedValues:
     """
 
     def __init__(self, model: nn.Module):
-        model = unwrap(model)
-        if is_layer(model):  # as the decompositions trace it
-            model = nn.Sequential(model)
+        model = traced_root(model)   # as the decompositions trace it
         self._modules = list(model.named_modules())
         self._model = model
         self._values = self._read()

@@ -17,7 +17,7 @@ from torch import nn
 import nnbridge
 from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
-from .conftest import data
+from .conftest import closure_for, data
 
 # the deterministic terminal Hessian: the sampled Fisher's generator is seeded from
 # torch.initial_seed() at the first step (docs/ddpnopt.md), which these tests reseed
@@ -152,15 +152,6 @@ DROPOUTS = {
 }
 
 
-def _closure(opt, model, X, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(X), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("name", ["DDPNOpt", "GTDDP", "EMSA", "LQRDescent"])
 @pytest.mark.parametrize("drop", sorted(DROPOUTS))
 def test_the_dropout_family_in_training_mode_is_refused_by_name(drop, name):
@@ -173,7 +164,7 @@ def test_the_dropout_family_in_training_mode_is_refused_by_name(drop, name):
     X, y = data(B=6, shape=(2,) + (4,) * dims)
     opt = OPTIMIZERS[name](model)
     with pytest.raises(InvalidArgumentError, match=drop):
-        opt.step(_closure(opt, model, X, y))
+        opt.step(closure_for(opt, model, X, y))
 
 
 @pytest.mark.parametrize("name", ["DDPNOpt", "GTDDP"])
@@ -187,10 +178,10 @@ def test_the_dropout_family_after_an_eval_mode_first_step_is_refused(drop, name)
     X, y = data(B=6, shape=(2,) + (4,) * dims)
     opt = OPTIMIZERS[name](model)
     model.eval()
-    opt.step(_closure(opt, model, X, y))
+    opt.step(closure_for(opt, model, X, y))
     model.train()
     with pytest.raises(InvalidArgumentError, match=drop):
-        opt.step(_closure(opt, model, X, y))
+        opt.step(closure_for(opt, model, X, y))
 
 
 @pytest.mark.parametrize("name", ["DDPNOpt(feedback=False)", "EKFAC", "DDPNOpt", "GTDDP"])

@@ -15,6 +15,8 @@ from torch.nn.functional import cross_entropy
 import nnbridge
 from trajopt.errors import UnsupportedModelError
 
+from .conftest import closure_for
+
 
 class Tempered(nn.Module):
     def __init__(self, kind):
@@ -65,13 +67,7 @@ def _train(name, kind, change, rebuild):
                 opt = OPTIMIZERS[name](model)
                 opt.load_state_dict(state)
         x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
-
-        def closure(opt=opt, x=x, y=y):
-            opt.zero_grad()
-            loss = cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(opt, model, x, y))
     return [p.detach().clone() for p in model.parameters()]
 
 
