@@ -53,7 +53,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .distributed import unwrap
 from .stages import AFFINE, Stage, is_layer, make_stage
-from .tracing import _DROPOUT_FUNCTIONS, _drop_concrete, _is_random, forward_defaults
+from .tracing import DROPOUT_FUNCTIONS, drop_concrete, forward_defaults, is_random
 
 __all__ = ["stages"]
 
@@ -195,7 +195,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "factories (torch.zeros(x.shape[0], n): use x.new_zeros((x.shape[0], n))), "
             "no packed sequences or other tensor-wrapping objects; optional "
             f"arguments are traced with their defaults {concrete})") from exc
-    _drop_concrete(graph, concrete)
+    drop_concrete(graph, concrete)
     return fx.GraphModule(model, graph)
 
 
@@ -210,10 +210,10 @@ def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
             f"model: {node_name(node)} uses the parameter {node.target!r} outside its "
             f"module; call the module (e.g. self.fc(x), not F.linear(x, "
             f"self.fc.weight)) so that it is a stage")
-    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+    if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         if p:
-            module, name = _DROPOUT_FUNCTIONS[node.target], node.target.__name__
+            module, name = DROPOUT_FUNCTIONS[node.target], node.target.__name__
             space = "F" if getattr(F, name, None) is node.target else "torch"
             raise UnsupportedModelError(
                 f"model: {node_name(node)}: torch.fx fixes {space}.{name}'s `training` "
@@ -221,7 +221,7 @@ def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
                 f"training mode); use an "
                 f"nn.{module} module (it follows model.eval(); with feedback, and for "
                 f"EMSA / LQRDescent, in eval mode)")
-    if in_stages and _is_random(node):
+    if in_stages and is_random(node):
         raise UnsupportedModelError(
             f"model: {node_name(node)} draws random numbers after the first stage "
             "began; the optimizer re-runs the stages on the recorded batch (feedback "

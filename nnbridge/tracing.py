@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import fx, nn
 
-__all__ = ["forward_defaults", "other_call"]
+__all__ = ["DROPOUT_FUNCTIONS", "is_random", "forward_defaults", "drop_concrete", "other_call"]
 
 #: dropout functions (torch.fx fixes their ``training`` flag) -> the module to use instead
-_DROPOUT_FUNCTIONS = {
+DROPOUT_FUNCTIONS = {
     F.dropout: "Dropout", F.dropout1d: "Dropout1d", F.dropout2d: "Dropout2d",
     F.dropout3d: "Dropout3d", F.alpha_dropout: "AlphaDropout",
     F.feature_alpha_dropout: "FeatureAlphaDropout", torch.dropout: "Dropout",
@@ -30,7 +30,7 @@ _RANDOM_METHODS = frozenset((
     "geometric_", "cauchy_", "log_normal_", "multinomial"))
 
 
-def _is_random(node: fx.Node) -> bool:
+def is_random(node: fx.Node) -> bool:
     """``node`` draws random numbers: a random function or tensor method, or RReLU's
     function traced with ``training=True``."""
     if node.op == "call_method":
@@ -40,7 +40,6 @@ def _is_random(node: fx.Node) -> bool:
     if node.target in (F.rrelu, F.rrelu_):
         return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("training"))
     return node.target in _RANDOM_FUNCTIONS
-
 
 
 def forward_defaults(model: nn.Module) -> dict:
@@ -56,7 +55,7 @@ def forward_defaults(model: nn.Module) -> dict:
             if q.kind in kinds and q.default is not inspect.Parameter.empty}
 
 
-def _drop_concrete(graph: fx.Graph, names) -> None:
+def drop_concrete(graph: fx.Graph, names) -> None:
     """Remove the placeholders torch.fx keeps for the ``concrete_args`` ``names`` and the
     checks it hangs on them (``_assert(x == value)``, ``_assert_is_none``): the graph's one
     input is the first argument."""
