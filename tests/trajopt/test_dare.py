@@ -180,6 +180,7 @@ def test_an_inaccurate_back_end_is_never_returned_silently(monkeypatch):
     falls back to the reference back ends where doubling fails: made to fail here)
     returns scipy's answer instead, and method="slycot" warns with the residual (raises
     above 1e-3: no solution)."""
+    import trajopt.dare.backends as backends
     import trajopt.dare.solve as dsolve
     from trajopt.errors import NumericalError
     rng = np.random.default_rng(5)
@@ -192,8 +193,9 @@ def test_an_inaccurate_back_end_is_never_returned_silently(monkeypatch):
     def spoiled(d):
         return torch.as_tensor(true.P, dtype=d.A.dtype).expand(*d.batch, 4, 4) * 1.01
 
-    monkeypatch.setattr(dsolve, "slycot_available", lambda: True)
-    monkeypatch.setattr(dsolve, "solve_slycot", spoiled)
+    monkeypatch.setattr(backends, "slycot_available", lambda: True)
+    monkeypatch.setattr(backends, "solve_slycot", spoiled)    # "auto"'s reference
+    monkeypatch.setattr(dsolve, "solve_slycot", spoiled)      # method="slycot"
     monkeypatch.setattr(dsolve, "solve_doubling", no_doubling)
     sol = trajopt.solve_dare(np.stack([A, A]), B, Q, R, E=E, S=S)
     assert "scipy" in sol.method

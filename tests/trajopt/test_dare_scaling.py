@@ -84,8 +84,10 @@ def test_every_method_is_exact_at_any_scale_of_the_cost(exponent, seed, with_s):
         assert np.isfinite(P).all(), name
         err = np.abs(P / c - P1).max() / np.abs(P1).max()
         assert err <= bound, (name, exponent, err, bound)
+        # normwise, as P's bound: seed 19828 (random profile) gave scipy's K an entry
+        # -0.0805 off by 2.2e-11 = 3e-12 of max |K| (the same before session 31)
         np.testing.assert_allclose(np.asarray(sol.K).reshape(-1, *K1.shape)[-1], K1,
-                                   rtol=1e-10, atol=1e-12, err_msg=name)
+                                   rtol=1e-10, atol=1e-11 * np.abs(K1).max(), err_msg=name)
         res = np.asarray(sol.residual)
         limit = 1e-12 if name in RAW_BACK_ENDS else 1e-13
         assert np.isfinite(res).all() and res.max() <= limit, (name, res)

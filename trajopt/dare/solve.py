@@ -32,10 +32,10 @@ from ._common import (
     riccati_arguments,
     scale,
 )
-from .backends import slycot_available, solve_scipy, solve_slycot
+from .backends import accept_tol, eps_of, reference_solution, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
-from .newton import dare_adjoint, newton_refine
+from .newton import check_forward_error, dare_adjoint, hewer_refine, newton_refine
 from .precision import decided_in_float64
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
@@ -77,42 +77,9 @@ class DARESolution:
         return self._eigvals()
 
 
-def _eps(X) -> float:
-    return float(ops(X).finfo(X).eps)
-
-
-def _accept_tol(X, n: int) -> float:
-    """Residual below which 'auto' accepts a result without a fallback (X: the solution,
-    for its dtype)."""
-    return 1e3 * n * _eps(X)
-
-
-def _reference(d: DAREData) -> tuple[torch.Tensor, str]:
-    """slycot (else scipy); when slycot's answer is not accurate to the acceptance
-    tolerance, scipy too, and per element the one with the smaller residual: "auto" never
-    returns a worse residual than the best back end it tried (slycot with E and S has
-    returned residuals of 1e-3 where scipy's were 1e-9)."""
-    if slycot_available():
-        try:
-            X = solve_slycot(d)
-        except TrajoptError:
-            X = None
-        if X is not None:
-            res = relative_residual(d, X)
-            if bool((res <= _accept_tol(X, d.n)).all()):
-                return X, "slycot"
-            try:
-                Xs = solve_scipy(d)
-            except TrajoptError:
-                return X, "slycot"
-            better = relative_residual(d, Xs) < res
-            if not bool(better.any()):
-                return X, "slycot"
-            return ops(X).where(better[..., None, None], Xs, X), "slycot,scipy"
-    return solve_scipy(d), "scipy"
-
-
 _SMALL_N = 32
+#: Hewer steps "auto" allows a descriptor solution (each stops at the rounding floor)
+_HEWER_STEPS = 6
 #: relative residual above which an explicitly chosen back end's answer is flagged
 #: (sqrt(eps): well above rounding for any conditioning the back ends handle)
 _INACCURATE = {torch.float64: 1.5e-8, torch.float32: 3.5e-4}
@@ -129,7 +96,7 @@ def _polish(d: DAREData, X: Any, res: Any, only: Any = None) -> tuple[Any, Any, 
     the residual, so the result is never worse than X.  Elements already at rounding
     level are left alone (a Newton step costs more than the doubling iteration).
     Returns X, its residual and whether any step was kept."""
-    need = res > 4 * _eps(X)
+    need = res > 4 * eps_of(X)
     if only is not None:
         need = need & only
     if not bool(need.any()):
@@ -156,7 +123,7 @@ def _small_single(d: DAREData) -> tuple[Any, list[str], Any]:
     above 4 eps (:func:`_polish`)."""
     X = solve_scipy(d)
     X, res, refined = _polish(d, X, relative_residual(d, X))
-    if not float(res.max()) <= _accept_tol(X, d.n):
+    if not float(res.max()) <= accept_tol(X, d.n):
         raise NumericalError(f"scipy's solution has relative residual {float(res.max()):.1e}")
     return X, ["scipy+newton" if refined else "scipy"], res
 
@@ -195,12 +162,12 @@ def _auto(d: DAREData, tol: float | None, max_iter: int
     else:
         X = torch.where(certified[..., None, None], X, torch.zeros_like(X))
         X, res, _ = _polish(d, X, relative_residual(d, X), only=certified)
-        bad = ~certified | (res > _accept_tol(X, d.n))
+        bad = ~certified | (res > accept_tol(X, d.n))
     if bool(bad.any()):
         idx = torch.nonzero(bad.reshape(-1)).flatten().tolist()
         flat = d.subset(idx)
         try:
-            Xr, name = _reference(flat)
+            Xr, name = reference_solution(flat)
         except NotStabilizableError:
             if X is None or not bool(certified.reshape(-1)[idx].all()):
                 raise  # an element doubling did not solve either (named in d's batch)
@@ -340,12 +307,14 @@ def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | No
         X, used = solve_scipy(d), ["scipy"]
     else:
         X, used = solve_slycot(d), ["slycot"]
-    label = ",".join(used)
-    if refine:
-        X0 = X
+    label, X0, fwd = ",".join(used), X, None
+    if d.E is not None:  # Newton in Hewer's form, its last step X's forward error (newton.py)
+        X, fwd = hewer_refine(d, X, _HEWER_STEPS if method == "auto" else refine)
+        res = None if X is not X0 else res
+    elif refine:
         X, res = newton_refine(d, X, steps=refine)
-        if X is not X0:  # newton_refine returns X itself when no step lowered the residual
-            label += "+newton"
+    if X is not X0 and not label.endswith("+newton"):  # X0: no step kept
+        label += "+newton"
     sol, res = _finish(d, X, certified, e, label, kind, res)  # raises if not stabilizing
     if grad_d is not None:
         P = attach_riccati_grad(sol.P, grad_d, adjoint=dare_adjoint,
@@ -370,6 +339,8 @@ def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | No
                     "refine=2 or try another method (\"auto\" compares them)")
             warnings.warn(f"the {label} solution has relative residual {worst:.1e} "
                           f"({hint})", ConvergenceWarning, stacklevel=4)
+    if fwd is not None:
+        check_forward_error(fwd, d, label, method == "auto")
     return sol
 
 
@@ -403,7 +374,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         raise_unstabilizable(d, ~o.allfinite(K), "R + B'PB is singular at the solution "
                               "found (no gain K)")
     # a radius within rounding of 1 is a unit-circle mode, not a stable one
-    margin = 1.0 - 1000 * d.n * _eps(X)
+    margin = 1.0 - 1000 * d.n * eps_of(X)
     eig = None
     if d.is_numpy:  # one system: its eigenvalues are the check (and the result's field)
         eig = closed_loop_eigvals(d, K)
