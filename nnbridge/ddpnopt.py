@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from trajopt.errors import InvalidArgumentError, SkippedStepWarning, UnsupportedModelError
+from trajopt.errors import InvalidArgumentError, SkippedStepWarning
 from trajopt.riccati import (
     Carried,
     JointStep,
@@ -66,7 +66,7 @@ from .stages import (
     zeroed_gradient,
 )
 from .terminal import check_output_gradient, check_terminal_options, terminal_value
-from .traced_values import TracedValues
+from .traced_values import StageReplay, TracedValues
 
 __all__ = ["DDPNOpt", "EKFAC"]
 
@@ -246,7 +246,7 @@ class DDPNOpt(torch.optim.Optimizer):
         super().__init__(params + self._fixed, defaults)
         self._recorder = BatchRecorder(net, self._stages,
                                        input_grads=feedback and self._carries_gradient)
-        self._verified = False  # the decomposition, against the first recorded batch
+        self._replay = StageReplay(self._stages)  # the stages against each recorded pass
         self._traced = TracedValues(net)  # what the trace read from Python, checked each step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -432,8 +432,7 @@ class DDPNOpt(torch.optim.Optimizer):
     def _step(self, rec, group, feedback, loss):
         if feedback:
             self._traced.check()
-            if not self._verified:
-                self._verify_decomposition(rec)
+            self._verify_decomposition(rec)
         # a layer without a gradient (run under no_grad in forward) is kept, as frozen
         frozen = [f or without_gradient(st) for f, st in zip(self._frozen(), self._stages)]
         rng_before = None if self._rng is None else self._rng.get_state()
@@ -476,24 +475,10 @@ class DDPNOpt(torch.optim.Optimizer):
         return loss
 
     def _verify_decomposition(self, rec) -> None:
-        """Once, on the first recorded batch: each stage applied to its recorded input
-        gives the input the model fed the next stage (the output for the last), so the
-        feedback pass re-runs what the training loop's forward pass ran."""
-        with torch.no_grad():
-            for t, st in enumerate(self._stages):
-                got = st.forward(rec.inputs[t])
-                want = rec.inputs[t + 1] if t + 1 < len(self._stages) else rec.output
-                scale = float(want.abs().amax()) if want.numel() else 0.0
-                if got.shape != want.shape or float((got - want).abs().amax()) > \
-                        1e-2 * (1.0 + scale):
-                    raise UnsupportedModelError(
-                        f"model: stage {t} ({type(st.module).__name__}) applied to the "
-                        f"input it recorded does not give what the forward pass fed the "
-                        f"next stage (shapes {tuple(got.shape)} and {tuple(want.shape)}): "
-                        f"the forward pass does something its torch.fx graph does not "
-                        f"show (a branch on self.training or a Python value, a module "
-                        f"whose forward was changed after the optimizer was built)")
-        self._verified = True
+        """Each step: the stages replay the training loop's forward pass
+        (:class:`~nnbridge.traced_values.StageReplay`), so that the feedback pass re-runs
+        what it ran."""
+        self._replay.check(rec.inputs, rec.output)
 
     def _fixed_update(self, group) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
         """``(parameter, new value, new state)`` of the parameters outside the stages: the

@@ -47,7 +47,7 @@ from .optimizer_base import not_copyable, refuse_second_group
 from .recorder import BatchRecorder
 from .stages import Stage, check_rerun_deterministic, check_unshared, without_gradient
 from .terminal import check_output_gradient
-from .traced_values import TracedValues
+from .traced_values import StageReplay, TracedValues
 
 __all__ = ["EMSA", "extended_hamiltonian"]
 
@@ -127,6 +127,7 @@ class EMSA(torch.optim.Optimizer):
         self._grad_scaler = grad_scaler
         self._pre, self._stages = stages(model)
         self._traced = TracedValues(model)
+        self._replay = StageReplay(self._stages)
         for st in self._stages:
             if type(st) is not Stage:
                 raise UnsupportedModelError(
@@ -189,6 +190,7 @@ class EMSA(torch.optim.Optimizer):
                                + why)
         self._traced.check()
         check_rerun_deterministic(self._stages, "EMSA")
+        self._replay.check(rec.inputs, rec.output)
         B = rec.output_grad.shape[0]
         check_output_gradient(B * rec.output_grad.reshape(B, -1), "cross_entropy",
                               rec.output, advice="EMSA's costates are B times the output "

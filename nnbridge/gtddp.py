@@ -115,8 +115,9 @@ class GTDDP(DDPNOpt):
         return stack
 
     def _verify_decomposition(self, rec) -> None:
-        """Once: every layer's input on the stage graph's forward pass is what the
-        training loop's forward pass fed it, and so is the output."""
+        """Each step (the nominal pass on the stage graph runs anyway): every layer's
+        input on the stage graph's forward pass is what the training loop's forward pass
+        fed it, and so is the output."""
         want = [x for xs in rec.calls for x in xs] + [rec.output]
         got = [x for k in range(len(self._stages)) for x in self._seen[k]] + [
             self._nominal[-1][0]]
@@ -136,8 +137,11 @@ class GTDDP(DDPNOpt):
                     f"model: {what} on the stage graph differs from the training loop's "
                     f"forward pass (shapes {tuple(a.shape)} and {tuple(b.shape)}): the "
                     f"forward pass does something its torch.fx graph does not show (a "
-                    f"branch on self.training or a Python value)")
-        self._verified = True
+                    f"branch on self.training or a Python value), or a value it reads "
+                    f"changed after the optimizer traced the model (torch.fx keeps a "
+                    f"number read through another object -- self.cfg.T, a dict entry, a "
+                    f"global -- as a constant; keep it in a registered buffer updated in "
+                    f"place, or build the optimizer again after the change)")
 
     # ------------------------------------------------------------------ the step
     def _players(self, g, hps, ws, Xs, mean, active, exact, calls):

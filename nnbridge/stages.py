@@ -31,6 +31,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
            "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise",
+           "normalizes_by_batch_in",
            "controls_samplewise"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -371,7 +372,7 @@ def samplewise(key_owner, modules, fx_T, B: int, n1: int, like: torch.Tensor) ->
     (nothing reaches sample 0: a dead unit) is not cached and counts as mixing."""
     if B == 1:
         return True
-    if _batch_statistics(modules):
+    if normalizes_by_batch_in(modules):
         return False
     return _probed(key_owner, "_samplewise", modules, lambda Y: [fx_T(Y)], B, n1, like)
 
@@ -382,7 +383,7 @@ def normalizes_by_batch(m: nn.Module | None) -> bool:
     return isinstance(m, _BN) and (m.training or m.running_mean is None)
 
 
-def _batch_statistics(modules) -> bool:
+def normalizes_by_batch_in(modules) -> bool:
     """A BatchNorm among ``modules`` (or inside them) normalizes with the statistics of
     the batch: it mixes the samples."""
     return any(normalizes_by_batch(m) for mod in modules for m in mod.modules())
@@ -704,7 +705,7 @@ class StageLinearization:
         post = self.stage.post
         if self.stage.elementwise or self.samplewise:
             return True
-        if _batch_statistics(post):
+        if normalizes_by_batch_in(post):
             return False
         return controls_samplewise(self.stage, list(post), lambda Y: [self.sigma_T(Y)],
                                    self.B, self.n1, self.x_next)

@@ -60,7 +60,7 @@ from .stages import (
     outer_sum,
 )
 from .terminal import check_output_gradient
-from .traced_values import TracedValues
+from .traced_values import StageReplay, TracedValues
 
 __all__ = ["DIVERGENCES", "lqr_direction", "LQRDescent"]
 
@@ -358,6 +358,7 @@ class LQRDescent(torch.optim.Optimizer):
         self.model = model
         self.pre, self._stages = stages(model)
         self._traced = TracedValues(model)
+        self._replay = StageReplay(self._stages)
         check_unshared(self._stages)
         _check_all_stages(model, self._stages)
         self.loss_hessian = loss_hessian
@@ -391,6 +392,7 @@ class LQRDescent(torch.optim.Optimizer):
                           stacklevel=2)
             return loss
         check_gradients(self._stages, "LQRDescent")
+        self._replay.check(rec.inputs, rec.output)
         out = rec.output
         xs = list(rec.inputs) + [out]
         aN = rec.output_grad.reshape(-1)

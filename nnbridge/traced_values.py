@@ -27,9 +27,11 @@ from torch import nn
 
 from trajopt.errors import UnsupportedModelError
 
+from .batchnorm import batch_coupled
 from .decompose import trace, traced_root
+from .stages import normalizes_by_batch_in
 
-__all__ = ["TracedValues"]
+__all__ = ["TracedValues", "StageReplay"]
 
 _PLAIN = (numbers.Number, str, bytes, type(None))
 
@@ -103,8 +105,84 @@ class TracedValues:
         self._values = self._read()
 
 
-class _Missing:
-    pass
+_MISSING = object()
 
 
-_MISSING = _Missing()
+class StageReplay:
+    """Each step: the stages, applied to the inputs the training loop's forward pass fed
+    them, give what that pass fed the next stage (the output, for the last stage).
+
+    :class:`TracedValues` sees the modules' own attributes; a number ``forward`` reads
+    through another object (``self.cfg.T`` of a namespace, a dict or list entry, a
+    global) is baked into the trace as well, and changing it afterwards left the stages
+    on the old dynamics (a review's finding, session 30). The replay sees any such
+    change by its effect. At the first step every stage is replayed on the whole batch
+    (the decomposition's check); afterwards on the first sample only, for the stages
+    whose first-sample replay agreed then (a stage that mixes the samples -- batch
+    statistics, a function of the batch -- is replayed on the whole batch at the first
+    step only). ~25 us a stage and step. The tolerance is the decomposition check's,
+    ``1e-2 (1 + max |x|)``: a recorded pass under autocast differs from the stages'
+    float32 by its rounding; a drifting value is refused once its effect reaches that.
+    """
+
+    def __init__(self, stages) -> None:
+        self._stages = stages
+        self._one: list[bool] | None = None   # per stage: replayed on one sample
+
+    def check(self, inputs: list[torch.Tensor], output: torch.Tensor) -> None:
+        """Raise :class:`~trajopt.errors.UnsupportedModelError` naming the first stage
+        whose replay differs (``inputs``: the recorded inputs of the stages)."""
+        wants = list(inputs[1:]) + [output]
+        # BatchNorm in training mode on the batch's statistics, running ones left alone
+        with torch.no_grad(), batch_coupled([m for st in self._stages
+                                             for m in (st.module, *st.post)]):
+            if self._one is None:
+                for t, (st, x, want) in enumerate(zip(self._stages, inputs, wants)):
+                    _compare(t, st, st.forward(x), want, first=True)
+                self._one = [_one_sample_agrees(st, x, want)
+                             for st, x, want in zip(self._stages, inputs, wants)]
+                return
+            pairs = [(t, st.forward(x[:1]), want[:1]) for t, (st, x, want) in
+                     enumerate(zip(self._stages, inputs, wants)) if self._one[t]]
+            if not pairs:
+                return
+            off = torch.stack([((g - w).abs().amax() - 1e-2 * (1.0 + w.abs().amax()))
+                               .float() for _, g, w in pairs])   # one host sync
+            if bool((off > 0).any()):
+                t, got, want = pairs[int((off > 0).nonzero()[0])]
+                _compare(t, self._stages[t], got, want, first=False)
+
+
+def _one_sample_agrees(st, x: torch.Tensor, want: torch.Tensor) -> bool:
+    """The stage replayed on the first sample gives the first sample's output (not
+    asked where a BatchNorm normalizes by the batch: one sample may not even run)."""
+    if x.shape[0] < 2 or normalizes_by_batch_in([st.module, *st.post]):
+        return False
+    return _agrees(st.forward(x[:1]), want[:1])
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().amax()) if want.numel() else 0.0
+    return got.shape == want.shape and float((got - want).abs().amax()) <= \
+        1e-2 * (1.0 + scale)
+
+
+def _compare(t: int, st, got: torch.Tensor, want: torch.Tensor, first: bool) -> None:
+    if _agrees(got, want):
+        return
+    what = (f"model: stage {t} ({type(st.module).__name__}) applied to the input it "
+            f"recorded does not give what the forward pass fed the next stage (shapes "
+            f"{tuple(got.shape)} and {tuple(want.shape)})")
+    if first:
+        raise UnsupportedModelError(
+            f"{what}: the forward pass does something its torch.fx graph does not show (a "
+            "branch on self.training or a Python value, a module whose forward was changed "
+            "after the optimizer was built)")
+    raise UnsupportedModelError(
+        f"{what} any more: something forward reads changed after the optimizer traced the "
+        "model (torch.fx keeps a number read through another object -- self.cfg.T, a "
+        "dict or list entry, a global -- as a constant of the graph). Keep a value that "
+        "changes during training in a registered buffer updated in place "
+        "(self.register_buffer('temperature', torch.tensor(1.0)); "
+        "model.temperature.fill_(0.5)), or build the optimizer again after the change "
+        "(new_opt.load_state_dict(opt.state_dict()) keeps its state)")

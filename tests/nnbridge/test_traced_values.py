@@ -6,6 +6,7 @@ session 30: the old trace's constant was used silently, DDPNOpt 2.8e-3 and EMSA 
 off a rebuilt optimizer after two more steps)."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from trajopt.errors import UnsupportedModelError
 
 from .conftest import closure_for
 
+SCALE = {"T": 1.0}   # a global read by forward ("global" below)
+
 
 class Tempered(nn.Module):
     def __init__(self, kind):
@@ -24,6 +27,10 @@ class Tempered(nn.Module):
         self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
         self.drop = nn.Dropout(0.0)
         self.counter = 0          # not read by forward
+        self.kind = kind
+        self.cfg = SimpleNamespace(T=1.0)
+        self.opts = {"T": 1.0}
+        SCALE["T"] = 1.0
         if kind == "buffer":
             self.register_buffer("T", torch.tensor(1.0))
         elif kind == "tensor":
@@ -32,7 +39,9 @@ class Tempered(nn.Module):
             self.T = 1.0
 
     def forward(self, x):
-        return self.b(self.drop(torch.tanh(self.a(x)) / self.T))
+        T = {"namespace": lambda: self.cfg.T, "dict": lambda: self.opts["T"],
+             "global": lambda: SCALE["T"]}.get(self.kind, lambda: self.T)()
+        return self.b(self.drop(torch.tanh(self.a(x)) / T))
 
 
 CHANGES = {
@@ -43,6 +52,12 @@ CHANGES = {
     "tensor in place": ("tensor", lambda m: m.T.fill_(0.5), False),
     "unread attribute": ("float", lambda m: setattr(m, "counter", 3), False),
     "dropout p": ("float", lambda m: setattr(m.drop, "p", 0.0 + 0.0), False),
+    # read through another object: not an attribute of a module, seen by the replay of
+    # the stages on the recorded inputs (StageReplay; a review's finding, session 30)
+    "namespace": ("namespace", lambda m: setattr(m.cfg, "T", 0.5), "replay"),
+    "dict entry": ("dict", lambda m: m.opts.__setitem__("T", 0.5), "replay"),
+    "global": ("global", lambda m: SCALE.__setitem__("T", 0.5), "replay"),
+    "namespace unchanged": ("namespace", lambda m: setattr(m.cfg, "T", 1.0), False),
 }
 
 OPTIMIZERS = {
@@ -79,7 +94,9 @@ def test_a_changed_traced_value_is_refused_or_equals_the_rebuilt_optimizer(name,
         warnings.simplefilter("ignore", UserWarning)
         rebuilt = _train(name, kind, change, rebuild=True)
         if refused:
-            with pytest.raises(UnsupportedModelError, match=r"model: T changed after"):
+            match = ("changed after the optimizer traced the model" if refused == "replay"
+                     else r"model: T changed after")
+            with pytest.raises(UnsupportedModelError, match=match):
                 _train(name, kind, change, rebuild=False)
         else:
             kept = _train(name, kind, change, rebuild=False)
