@@ -142,8 +142,11 @@ class StageReplay:
                 self._one = [_one_sample_agrees(st, x, want)
                              for st, x, want in zip(self._stages, inputs, wants)]
                 return
+            # a BatchNorm put in training mode since (a frozen one unfrozen) is no
+            # longer replayed on one sample (BatchNorm1d would not even run)
             pairs = [(t, st.forward(x[:1]), want[:1]) for t, (st, x, want) in
-                     enumerate(zip(self._stages, inputs, wants)) if self._one[t]]
+                     enumerate(zip(self._stages, inputs, wants)) if self._one[t]
+                     and not normalizes_by_batch_in([st.module, *st.post])]
             if not pairs:
                 return
             off = torch.stack([((g - w).abs().amax() - 1e-2 * (1.0 + w.abs().amax()))

@@ -116,3 +116,21 @@ def test_the_open_loop_optimizers_do_not_trace_again():
         opt.zero_grad()
         cross_entropy(model(x), y).backward()
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["DDPNOpt", "GTDDP"])
+def test_a_batchnorm_unfrozen_after_the_first_step(name):
+    """BatchNorm1d in eval mode at the first step, in training mode after: the replay
+    no longer takes it on one sample (the session's review: 'Expected more than 1 value
+    per channel when training' at the second step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model[1].eval()
+    opt = OPTIMIZERS[name](model)
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        if i == 1:
+            model[1].train()
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.step(closure_for(opt, model, x, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -54,6 +54,8 @@ def newton_refine(d: DAREData, X, steps: int = 1, res=None):
     """Apply up to ``steps`` Newton steps, keeping per element only those that lower the
     relative residual (``res``: X's, when the caller has it).  Returns the refined X
     (..., n, n) and its relative residual (...); X itself when no step lowered it.
+    With E the steps are Hewer's (:func:`hewer_refine`), kept while each is smaller
+    than the one before: there the residual is rounding noise (module docstring).
     """
     if d.E is not None:
         X2, _ = hewer_refine(d, X, steps)
@@ -108,15 +110,24 @@ def hewer_refine(d: DAREData, X, steps: int):
     while each changes X by less than the one before (past that the changes are the
     rounding floor).  Returns X (X itself when no step was kept) and the relative size
     (Frobenius) of the last step kept per element: the estimate of X's forward error
-    (``inf`` where none was kept).  Without a step (``steps = 0``) X and the size of
-    one step, not taken."""
+    (``inf`` where no step could be taken: unknown).  Without a step (``steps = 0``) X
+    and the size of one step, not taken.  Float32 data are stepped in float64 (a float32
+    Stein solve would cost the answer of a float64 back end its accuracy) and the result
+    rounded back."""
+    if isinstance(X, torch.Tensor) and X.dtype == torch.float32:
+        wide = DAREData(*(None if v is None else v.double()
+                          for v in (d.A, d.B, d.Q, d.R, d.E, d.S)))
+        X64 = X.double()
+        best, size = hewer_refine(wide, X64, steps)
+        return (X if best is X64 else best.float()), size
     o = ops(X)
     eps = float(o.finfo(X).eps)
     best, size, moving = X, np.inf, True
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max(steps, 1)):
             cand = policy_value(d, best)
-            change = o.norm(cand - best) / o.norm(cand)
+            moved = o.norm(cand - best)   # 0 where X is a fixed point (also X = 0)
+            change = o.where(moved == 0, 0.0 * moved, moved / o.norm(cand))
             change = o.where(o.isfinite(change), change, np.inf)
             if not steps:
                 return X, change
@@ -131,21 +142,38 @@ def hewer_refine(d: DAREData, X, steps: int):
     return best, size
 
 
+def forward_accurate(size, X) -> bool:
+    """Every element has an estimate (:func:`hewer_refine`) within ``sqrt(eps)`` of X's
+    dtype (False for ``size`` None)."""
+    if size is None:
+        return False
+    size = torch.as_tensor(size)
+    limit = float(torch.finfo(X.dtype if isinstance(X, torch.Tensor) else
+                              torch.float64).eps) ** 0.5
+    return bool((torch.isfinite(size) & (size <= limit)).all())
+
+
 def check_forward_error(size, d: DAREData, label: str, auto: bool) -> None:
     """Judge a descriptor solution by :func:`hewer_refine`'s estimate of its forward
     error ``size``: above ``sqrt(eps)`` a ``ConvergenceWarning``; above 1e-3 under
-    "auto" a ``NumericalError`` (an explicit method's answer is the caller's choice)."""
-    worst = float(torch.as_tensor(size).max())
+    "auto" a ``NumericalError`` (an explicit method's answer is the caller's choice).
+    An element without an estimate (no step could be taken: ``inf``) is left to the
+    residual's checks."""
+    size = torch.as_tensor(size)
+    known = size[torch.isfinite(size)]
+    worst = float(known.max()) if known.numel() else 0.0
     E = d.E if isinstance(d.E, torch.Tensor) else torch.as_tensor(d.E)
+    limit = float(torch.finfo(E.dtype).eps) ** 0.5
+    if worst <= limit:
+        return
     cond = float(torch.linalg.cond(E.detach()).max())
     what = (f"the {label} solution is accurate to about {worst:.1e} (relative; the "
             f"value of its own gain differs from it by that much) with E's condition "
             f"number {cond:.1e}")
-    if auto and not worst <= 1e-3:
+    if auto and worst > 1e-3:
         raise NumericalError(f"{what}: no back end solved this descriptor DARE")
-    if not worst <= float(torch.finfo(E.dtype).eps) ** 0.5:
-        hint = "" if auto else "; pass refine=3 or method='auto' for Newton steps"
-        warnings.warn(f"{what}{hint}", ConvergenceWarning, stacklevel=5)
+    hint = "" if auto else "; pass refine=3 or method='auto' for Newton steps"
+    warnings.warn(f"{what}{hint}", ConvergenceWarning, stacklevel=5)
 
 
 def dare_adjoint(d: DAREData, P, G):

@@ -35,7 +35,7 @@ from ._common import (
 from .backends import accept_tol, eps_of, reference_solution, solve_scipy, solve_slycot
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
-from .newton import check_forward_error, dare_adjoint, hewer_refine, newton_refine
+from .newton import check_forward_error, dare_adjoint, forward_accurate, hewer_refine, newton_refine
 from .precision import decided_in_float64
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
@@ -93,7 +93,8 @@ _NO_SOLUTION = 1e-3
 def _polish(d: DAREData, X: Any, res: Any, only: Any = None) -> tuple[Any, Any, bool]:
     """Two Newton steps on the elements (of ``only``, default all) whose relative
     residual ``res`` is above 4 eps; each step is kept per element only where it lowers
-    the residual, so the result is never worse than X.  Elements already at rounding
+    the residual, so the result is never worse than X (with E: Hewer's steps, judged by
+    their size, :func:`~trajopt.dare.newton.hewer_refine`).  Elements already at rounding
     level are left alone (a Newton step costs more than the doubling iteration).
     Returns X, its residual and whether any step was kept."""
     need = res > 4 * eps_of(X)
@@ -324,7 +325,9 @@ def _solve_dare(named: dict[str, Any], method: str, refine: int, tol: float | No
         warnings.warn(f"doubling did not converge in {max_iter} iterations; the result is "
                       "stabilizing but may be inaccurate (see .residual)",
                       ConvergenceWarning, stacklevel=4)
-    else:
+    # a descriptor solution that Hewer's steps certify accurate: its residual is rounding
+    # noise up to cond(E)^2 eps (1e-3 in float32 at cond(E) = 1e3: newton.py), not judged
+    elif not (X is not X0 and forward_accurate(fwd, X)):
         worst = float(res.max())
         if method != "doubling" and not worst <= _NO_SOLUTION:  # doubling: max_iter
             which = f"no back end found a solution: the best ({label}) has" \
