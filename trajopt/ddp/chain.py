@@ -42,10 +42,8 @@ Control = Callable[[int, list[torch.Tensor]], torch.Tensor]
 class AffineLaw:
     """The controls of a rollout as an affine law of the state, ``u_t = ff_t + K_t (x_t -
     xbar_t)`` (``K`` and ``xbar`` None: open loop, ``u_t = ff_t``): what lets
-    :meth:`Chain.simulate` roll linear dynamics out by a parallel scan.
-
-    ff : T tensors (B, m); K : T tensors (B, m, n) or None; xbar : T (or T+1) tensors
-    (B, n) or None.
+    :meth:`Chain.simulate` roll linear dynamics out by a parallel scan.  ff : T tensors
+    (B, m); K : T tensors (B, m, n) or None; xbar : T (or T+1) tensors (B, n) or None.
     """
 
     ff: Sequence[torch.Tensor]
@@ -56,7 +54,8 @@ class AffineLaw:
 def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> Control:
     """The stage loop's control ``u_t = ff_t + K_t dev_t`` of ``law`` (``law.K`` and
     ``law.xbar`` given), clamped to ``[lo, hi]`` where given; ``dev_t =
-    deviation(t, xs, law.xbar)`` (:meth:`Chain.deviation`).
+    deviation(t, xs, law.xbar)`` (:meth:`Chain.deviation`); ``lo``, ``hi`` (m,), or
+    (T, B, m) per stage (:mod:`trajopt.ddp.limits`).
 
     The columns ``ff_t`` (as (B, m, 1)) and ``K_t`` are unbound from their stacked
     tensors once, at the first call (a scanned rollout makes none), so a stage costs four
@@ -69,9 +68,9 @@ def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> C
         if not cols:
             cols.append(_columns(law.ff))
             cols.append(list(law.K))
-        u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1))
-        u = u.squeeze(-1)
-        return u if lo is None else torch.clamp(u, lo, hi)   # min(max(u, lo), hi)
+        u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1)).squeeze(-1)
+        return u if lo is None else torch.clamp(u, lo, hi) if lo.ndim == 1 else \
+            torch.clamp(u, lo[t], hi[t])   # per stage: (T, B, m) limits
     return control
 
 

@@ -43,6 +43,8 @@ class _Batch:
     reason: np.ndarray
     history: list
     pol: Policy | None = None
+    #: per-stage / per-element limits, (T, B, m) each (trajopt/ddp/limits.py); None: (m,)
+    limits: tuple | None = None
 
 
 class ConstrainedSolver:
@@ -174,12 +176,13 @@ class ConstrainedSolver:
         reason = np.array(["max_iter"] * B, dtype=object)
         history: list[IterationLog] = []
         b = _Batch(x0f, xs, us, lam, rho, active, converged, iterations, violation, reason,
-                   history)
-        own_callback = inner.callback
+                   history, limits=None if inp.lo is None or inp.lo.ndim == 1 else
+                   (inp.lo, inp.hi))
+        own_callback, own_limits = inner.callback, inner.control_limits
         try:
             self._outer_loop(b, inner.tol, own_callback, given)
         finally:  # the inner solver is the user's too (MPC keeps it): leave it as it was
-            inner.callback = own_callback
+            inner.callback, inner.control_limits = own_callback, own_limits
         pol = b.pol
         cost.select(None)
         total = self._base_cost(xs, us)
@@ -213,6 +216,8 @@ class ConstrainedSolver:
             everyone = idx.numel() == B
             cost.select(None if everyone else idx)
             inner.callback = self._logger(idx, B, b.history, own_callback)
+            if b.limits is not None:   # the limits of the rows solved, in the flat batch
+                inner.control_limits = tuple(v if everyone else v[:, idx] for v in b.limits)
             # intermediate solves to a looser tolerance (the multipliers are still
             # wrong), the user's once the violation is near the target; per element, so
             # that an element's result does not depend on the others

@@ -24,6 +24,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..riccati.policy import BoxGains, CholeskyGains, GainsPlug, PlayerGains
 from .batch import Traj
+from .limits import for_rows
 from .solver import DDPSolver
 from .spans import Span, SpanChain
 
@@ -74,8 +75,8 @@ class GTDDPSolver(DDPSolver):
         approx = None
         if type(self).player_curvature is not GTDDPSolver.player_curvature:
             approx = self.player_curvature
-        if lo is not None:
-            return BoxGains(mu, lo, hi, traj.us, k_warm, sizes, approx)
+        if lo is not None:   # (T, B, m) limits: those of traj's rows
+            return BoxGains(mu, *for_rows(lo, hi, traj.rows), traj.us, k_warm, sizes, approx)
         if approx is None and all(len(s) <= 1 for s in sizes):
             return CholeskyGains(mu)       # one player everywhere: plain DDP
         return PlayerGains(mu, sizes, approx)

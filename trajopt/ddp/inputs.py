@@ -11,9 +11,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .._arrays import ArrayKind, infer_kind
-from .._checks import broadcast_shapes, check_finite, is_number, shape_str
-from ..errors import InvalidArgumentError, NonFiniteError, ShapeError
+from .._checks import broadcast_shapes, check_finite, shape_str
+from ..errors import InvalidArgumentError, ShapeError
 from .batch import Traj
+from .limits import clamp_stages, prepare_limits
 from .models import Cost
 from .writes import called_on_copies
 
@@ -24,7 +25,8 @@ __all__ = ["SolveInputs", "prepare_inputs", "prepare_states", "check_cost_shapes
 class SolveInputs:
     """The validated inputs of one solve: the array kind, the batch shape, whether the
     controls came as a list, the flat initial states (B, n) and controls (T x (B, m)),
-    the control limits (m,) or None, and the given states of the controls (T+1 x
+    the control limits (m,), (T, B, m) (per stage or element: :mod:`trajopt.ddp.limits`)
+    or None, and the given states of the controls (T+1 x
     (B, n_t), still to be checked against the dynamics) or None."""
 
     kind: ArrayKind
@@ -84,37 +86,11 @@ def prepare_inputs(x0, us0, control_limits, xs0=None) -> SolveInputs:
     else:  # one copy for all stages, (B, T, m); the stages are views of it
         usf = list(ut.expand(*batch, *ut.shape[-2:]).reshape(B, *ut.shape[-2:]).clone()
                    .unbind(1))
-    lo = hi = None
-    if control_limits is not None:
-        limits = control_limits
-        if not isinstance(limits, (tuple, list)) or len(limits) != 2:
-            raise InvalidArgumentError(
-                f"control_limits must be a pair (lo, hi); got {type(limits).__name__}"
-                + (f" of length {len(limits)}" if isinstance(limits, (tuple, list))
-                   else ""))
-        m = usf[0].shape[-1]
-        # a number (or 0-d array) bounds every control, as mpc.pytorch's u_lower / u_upper
-        lo, hi = (kind.tensor(v, f"control_limits[{i}]").reshape(()).expand(m)
-                  if is_number(v) else kind.tensor(v, f"control_limits[{i}]")
-                  for i, v in enumerate(limits))
-        widths = sorted({u.shape[-1] for u in usf})
-        if len(widths) > 1:
-            raise ShapeError(f"control_limits need every stage to have the same control "
-                             f"size; us0 has sizes {widths}")
-        if lo.shape != (m,) or hi.shape != (m,):
-            raise ShapeError(f"control_limits must be (lo, hi) of shape ({m},) (the "
-                             f"width of us0); got {shape_str(lo)} and {shape_str(hi)}")
-        for name, v in (("control_limits[0] (lo)", lo), ("control_limits[1] (hi)", hi)):
-            if bool(torch.isnan(v).any()):
-                raise NonFiniteError(f"{name} contains NaN (infinite limits are allowed)")
-        if bool((lo > hi).any()):
-            bad = int(torch.nonzero(lo > hi)[0])
-            raise InvalidArgumentError(f"control_limits: lo > hi for control {bad} "
-                             f"({float(lo[bad])} > {float(hi[bad])})")
-        if listed:
-            usf = [torch.minimum(torch.maximum(u, lo), hi) for u in usf]
-        else:
-            usf = list(torch.minimum(torch.maximum(torch.stack(usf, 1), lo), hi).unbind(1))
+    # (m,) limits, or (T, B, m) per stage / element (trajopt/ddp/limits.py)
+    lo, hi = prepare_limits(control_limits, kind, len(usf), tuple(batch),
+                            [u.shape[-1] for u in usf])
+    if lo is not None:
+        usf = clamp_stages(usf, lo, hi, listed)
     inp = SolveInputs(kind, batch, listed, x0f, usf, lo, hi)
     return inp if xs0 is None else replace(inp, xs=prepare_states(xs0, inp))
 

@@ -15,6 +15,7 @@ from ..errors import InvalidArgumentError, ShapeError
 from .augmented import AugmentedCost, check_constraints
 from .constrained import ConstrainedSolver
 from .constraints import Constraint
+from .limits import like_controls
 from .linear import LinearDynamics
 from .models import Cost, Dynamics, QuadraticCost
 from .options import AugmentedLagrangian, DDPResult, LineSearch, Mode, Regularization
@@ -62,7 +63,15 @@ class MPC:
         when those are given, else from a ``LinearDynamics``' B or a ``QuadraticCost``'s R.
     iterations : int
         DDP iterations per step (the real-time budget); default 3.
-    control_limits, mode, regularization, line_search, tol
+    control_limits : (lo, hi), optional
+        As for :func:`trajopt.solve_ddp`, with T = ``horizon`` and the state's batch:
+        numbers, (m,), (horizon, m) per stage, (*batch, m) per element or
+        (horizon, *batch, m).  Per-stage limits belong to the *window*, as the cost's
+        stage index does: stage t of every plan gets limit t (a zero-thrust last node
+        stays the plan's last), and the shifted warm start is clamped stage by stage to
+        them; they do not move with absolute time (for that, build the controller per step
+        or pass time-indexed limits to a :class:`~trajopt.DDPSolver` yourself).
+    mode, regularization, line_search, tol
         As for :func:`trajopt.solve_ddp`.
     constraints : sequence of trajopt.Constraint, optional
         Met by the augmented-Lagrangian loop; the multipliers are warm-started from the
@@ -83,8 +92,10 @@ class MPC:
                  augmented_lagrangian: AugmentedLagrangian | None = None):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise InvalidArgumentError(f"horizon must be a positive integer; got {horizon!r}")
-        if control_limits is not None and not is_number(control_limits[0]):
-            m = int(torch.as_tensor(control_limits[0]).numel())
+        sized = [v for v in (control_limits if isinstance(control_limits, (tuple, list))
+                             else ()) if not is_number(v)]
+        if sized:   # (m,), (horizon, m), (..., m): the last dimension
+            m = int(torch.as_tensor(sized[0]).shape[-1])
             if n_controls is not None and n_controls != m:
                 raise ShapeError(f"n_controls = {n_controls} but control_limits have {m} "
                                  "entries")
@@ -179,16 +190,15 @@ class MPC:
         last = self.last
         xs = torch.cat([last.xs[..., 1:, :], last.xs[..., -1:, :]], -2)
         K = torch.cat([last.K[..., 1:, :, :], last.K[..., -1:, :, :]], -3)
-        limits = self.solver.control_limits
-        lo, hi = (None, None) if limits is None else (
-            torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in limits)
+        # (m,) limits, or (..., horizon, m): stage t of every window gets limit t
+        lo, hi = like_controls(self.solver.control_limits, self.plan.to(x.dtype))
         us, states = [], [x]
         with torch.no_grad():
             for t in range(self.horizon):
                 u = self.plan[..., t, :] + (K[..., t, :, :] @ (x - xs[..., t, :]).unsqueeze(-1)
                                             ).squeeze(-1)
                 if lo is not None:
-                    u = torch.maximum(torch.minimum(u, hi), lo)
+                    u = torch.maximum(torch.minimum(u, _at_step(hi, t)), _at_step(lo, t))
                 us.append(u)
                 x = self.solver.dynamics(x, u, t)
                 states.append(x)
@@ -253,3 +263,9 @@ def _broadcast_plan(plan: torch.Tensor, shape: tuple[int, ...], x: torch.Tensor
         raise ShapeError(f"plan {shape_str(plan)} does not broadcast to the controls "
                          f"{shape} of the state's batch {tuple(x.shape[:-1])}")
     return plan.to(dtype=x.dtype, device=x.device).expand(shape).clone()
+
+
+def _at_step(v: torch.Tensor, t: int) -> torch.Tensor:
+    """Stage ``t``'s limit of :func:`~trajopt.ddp.limits.like_controls`' (m,) or
+    (..., T, m) limits."""
+    return v if v.ndim == 1 else v[..., t, :]

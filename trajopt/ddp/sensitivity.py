@@ -38,6 +38,7 @@ from ..errors import ConvergenceWarning, InvalidArgumentError
 from ..lqr.finite import LQR, solve_lqr
 from .constraints import Constraint
 from .lagrangian import ActiveConstraints, LagrangianCost, active_constraints
+from .limits import like_controls
 from .models import Cost, Dynamics
 from .stagewise import StageDerivatives
 
@@ -257,8 +258,7 @@ def differentiable_outputs(result, dynamics: Dynamics, cost: Cost, x0: torch.Ten
                       stacklevel=3)
     active = None
     if control_limits is not None:
-        lo, hi = (torch.as_tensor(v, dtype=result.us.dtype, device=result.us.device)
-                  for v in control_limits)
+        lo, hi = like_controls(control_limits, result.us)   # (m,) or (..., T, m)
         # the box QP clamps to the limits themselves: active = at a limit to rounding
         band = 1e3 * torch.finfo(result.us.dtype).eps * torch.maximum(
             torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo))

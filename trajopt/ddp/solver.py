@@ -14,9 +14,10 @@ trajax and mpc.pytorch expect:
   :math:`u = \bar u + \alpha k + K (x - \bar x)`, accepting when the actual reduction is at
   least ``c1`` times the expected one :math:`-(\alpha\, k^\top Q_u + \tfrac{\alpha^2}{2}
   k^\top Q_{uu} k)` summed over stages;
-* box control limits (Tassa, Mansard & Todorov 2014): the feedforward solves a box QP per
-  stage, feedback rows of clamped controls are zero, and the forward pass clamps, so the
-  limits hold exactly;
+* box control limits (Tassa, Mansard & Todorov 2014), the same at every stage or per stage
+  and element (:mod:`trajopt.ddp.limits`): the feedforward solves a box QP per stage,
+  feedback rows of clamped controls are zero, and the forward pass clamps, so the limits
+  hold exactly;
 * every batch element converges, fails or diverges on its own, with a recorded reason.
 
 The solver is a loop around the Riccati kernel of :mod:`trajopt.riccati`: the problem structure
@@ -49,6 +50,7 @@ from .batch import Policy, Rows, Traj, merge_policy, pack_result, select_gains, 
 from .chain import AffineLaw, Chain, feedback_control
 from .compiledpass import compiled_backward_pass
 from .inputs import SolveInputs, check_cost_shapes, check_states, prepare_inputs, widened
+from .limits import for_rows
 from .models import Cost, Dynamics, as_dynamics
 from .modules import check_eval_mode
 from .options import DDPResult, IterationLog, LineSearch, Mode, Regularization
@@ -61,15 +63,20 @@ __all__ = ["DDPSolver", "SolveInputs"]
 class DDPSolver:
     """DDP / iLQR solver; :func:`~trajopt.solve_ddp` is ``DDPSolver(...).solve(x0, us0)``.
 
-    Keep the object for warm starts (MPC): call :meth:`solve` again with a shifted
-    control sequence.  The steps (:meth:`derivatives`, :meth:`policy`,
-    :meth:`backward_pass`, :meth:`forward_pass`, :meth:`accept_step`) are public for
-    subclasses and benchmarks; a variant overrides one of them (GT-DDP's players:
-    :meth:`policy`).
+    Keep the object for warm starts (MPC): call :meth:`solve` again with a shifted control
+    sequence.  The steps (:meth:`derivatives`, :meth:`policy`, :meth:`backward_pass`,
+    :meth:`forward_pass`, :meth:`accept_step`) are public for subclasses and benchmarks; a
+    variant overrides one of them (GT-DDP's players: :meth:`policy`).  ``structure``
+    (default: :class:`~trajopt.ddp.chain.Chain` of ``dynamics`` and ``cost``) is the
+    problem structure the loop simulates and differentiates (``docs/architecture.md``).
 
-    ``structure`` (default: :class:`~trajopt.ddp.chain.Chain` of ``dynamics`` and
-    ``cost``) is the problem structure the loop simulates and differentiates; see
-    ``docs/architecture.md`` for its methods.
+    Parameters
+    ----------
+    control_limits : (lo, hi) or None
+        Each a number, (m,), (T, m) per stage, (*batch, m) per element or (T, *batch, m)
+        (mpc.pytorch's); a 2-d one with T == B is refused: write (T, 1, m) or (1, B, m).
+        Checked by each :meth:`solve` against its horizon T and batch
+        (:mod:`trajopt.ddp.limits`).  The other arguments: :func:`~trajopt.solve_ddp`.
     """
 
     #: the values scan's self-check refused it in the current solve (:meth:`backward_pass`
@@ -93,14 +100,10 @@ class DDPSolver:
             raise InvalidArgumentError(f"tol must be positive; got {tol}")
         self.dynamics, self.cost = as_dynamics(dynamics), cost
         self.structure = Chain(self.dynamics, cost) if structure is None else structure
-        self.mode = mode
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
+        self.mode, self.max_iter, self.tol = mode, int(max_iter), float(tol)
         self.reg = regularization or Regularization()
         self.ls = line_search or LineSearch()
-        self.control_limits = control_limits
-        self.callback = callback
-        self.shooting = shooting
+        self.control_limits, self.callback, self.shooting = control_limits, callback, shooting
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x0, us0, xs0=None) -> SolveInputs:
@@ -130,8 +133,8 @@ class DDPSolver:
                k_warm: list[torch.Tensor] | None = None) -> GainsPlug:
         """The gains plug (kernel plug 3) of one backward pass with regularization ``mu``
         (B,) around ``traj``: box QP under control limits, Cholesky otherwise."""
-        if lo is not None:
-            return BoxGains(mu, lo, hi, traj.us, k_warm)
+        if lo is not None:   # (T, B, m) limits: those of traj's rows
+            return BoxGains(mu, *for_rows(lo, hi, traj.rows), traj.us, k_warm)
         return CholeskyGains(mu)
 
     def backward_pass(self, stages: list, Vx: torch.Tensor, Vxx: torch.Tensor,
@@ -183,7 +186,7 @@ class DDPSolver:
         step per row (N,).  Non-finite rollouts get cost inf."""
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.unsqueeze(-1)
-        us, k = traj.controls(), policy.k
+        (lo, hi), us, k = for_rows(lo, hi, traj.rows), traj.controls(), policy.k
         if us and same_shapes(us) and same_shapes(k) and us[0].shape == k[0].shape:
             # u_bar + alpha k of every stage in a few ops, not two per stage
             ff = Rows(Rows.stack(us) + alpha * Rows.stack(k))
@@ -240,8 +243,7 @@ class DDPSolver:
         kind, batch, listed, x0f, usf, lo, hi = (inp.kind, inp.batch, inp.listed, inp.x0,
                                                  inp.us, inp.lo, inp.hi)
         self._scan_refused = False  # the scan is tried again in each solve
-        B = x0f.shape[0]
-        dev, dt = x0f.device, x0f.dtype
+        B, dev, dt = x0f.shape[0], x0f.device, x0f.dtype
         try:
             traj = self.rollout(x0f, usf, inp.xs)
         except (RuntimeError, IndexError, TypeError, AttributeError) as exc:
@@ -365,8 +367,7 @@ class DDPSolver:
             self._try_alphas(group, sub, pol, idx, pending, traj, step, exp_log, act_log,
                              lo, hi)
 
-    def _try_alphas(self, alphas, sub, pol, idx, pending, traj, step, exp_log, act_log, lo,
-                    hi):
+    def _try_alphas(self, alphas, sub, pol, idx, pending, traj, step, exp_log, act_log, lo, hi):
         """Roll out every alpha of ``alphas`` for the pending rows in one batch and accept,
         per element, the largest alpha that passes :meth:`accept_step`."""
         sel = torch.nonzero(pending).flatten()
@@ -377,8 +378,7 @@ class DDPSolver:
             cand = self.forward_pass(sub, pol, alpha, lo, hi)
         else:
             rows = sel.repeat(na)  # alpha-major: row j * ns + i is alpha j, element i
-            cand = self.forward_pass(sub.select(rows), select_gains(pol, rows), alpha, lo,
-                                     hi)
+            cand = self.forward_pass(sub.select(rows), select_gains(pol, rows), alpha, lo, hi)
         dV = pol.dV[sel]
         expected = -(a[:, None] * dV[:, 0] + a[:, None] ** 2 * dV[:, 1])
         actual = sub.cost[sel] - cand.cost.reshape(na, ns)

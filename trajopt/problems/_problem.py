@@ -23,7 +23,8 @@ class Problem:
     x0 : (n,) default initial state
     T : int horizon
     dt : float sampling time [s]
-    control_limits : (lo, hi) of shape (m,) or None
+    control_limits : (lo, hi) of shape (m,) or None (the built-in problems' form; a
+        replaced one may take any form of ``solve_ddp``, e.g. (T, m) per stage)
     state_names, control_names : labels for plots
     parameters : dict of the physical parameters
     reference : str  where the parameters come from

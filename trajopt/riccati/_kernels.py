@@ -224,6 +224,8 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
     m = nm - n
     with_c = c.shape[0] > 0
     boxed = lo.shape[0] > 0
+    lo_t = lo.shape[0] > 1   # limits (T or 1, B or 1, m): per stage, per element
+    lo_b = lo.shape[1] > 1 if boxed else False
     has_warm = warm.shape[0] > 0
     vx = np.empty((B, n))  # the value of every element at the current stage
     vxx = np.empty((B, n, n))
@@ -285,8 +287,8 @@ def recursion(F, L, c, VxT, VxxT, mu, lo, hi, us, warm, qp, kK, Vxs, Vxxs, dV, o
             if boxed:
                 for i in range(m):
                     g[i] = J[n + i, 0]
-                    blo[i] = lo[i] - us[t, b, i]
-                    bhi[i] = hi[i] - us[t, b, i]
+                    blo[i] = lo[t if lo_t else 0, b if lo_b else 0, i] - us[t, b, i]
+                    bhi[i] = hi[t if lo_t else 0, b if lo_b else 0, i] - us[t, b, i]
                     x0[i] = warm[t, b, i] if has_warm else 0.0
                 # the common cases inlined: one control, or the minimizer inside the box
                 if m == 1:

@@ -143,7 +143,9 @@ class BoxLimits:
 
     Attributes
     ----------
-    lo, hi : (m,)
+    lo, hi : (m,) or (T, B, m)
+        The same limits at every stage, or per stage and element (a leading dimension of
+        size 1 broadcasts).
     us : (T, B, m)
         The nominal controls.
     warm : (T, B, m) or None
@@ -204,8 +206,10 @@ def compiled_recursion(F: torch.Tensor, L: torch.Tensor, c: torch.Tensor | None,
     Vxxs = torch.empty(T, B, n, n, dtype=dt)
     dV = torch.empty(B, 2, dtype=torch.float64)
     ok = torch.empty(B, dtype=torch.bool)
-    args = (arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu), arr(box.lo),
-            arr(box.hi), arr(box.us, 3), arr(box.warm, 3),
+    lo, hi = (None if v is None else v.reshape(1, 1, -1) if v.ndim == 1 else v
+              for v in (box.lo, box.hi))   # (T or 1, B or 1, m)
+    args = (arr(F), arr(L), arr(c, 3), arr(Vx), arr(Vxx), arr(mu), arr(lo, 3),
+            arr(hi, 3), arr(box.us, 3), arr(box.warm, 3),
             np.array([boxqp.MAX_ITER, boxqp.TOL, boxqp.ARMIJO, boxqp.SHRINK,
                       boxqp.MIN_STEP]),
             kK.numpy(), Vxs.numpy(), Vxxs.numpy(), dV.numpy(), ok.numpy())

@@ -102,7 +102,8 @@ class BoxGains:
     Attributes
     ----------
     reg : (B,)
-    lo, hi : (m,)
+    lo, hi : (m,) or (T, B, m)
+        The same limits at every stage, or per stage and element (stage ``t``: ``lo[t]``).
     us : sequence of (B, m)
         The nominal controls per stage.
     warm : sequence of (B, m) or None
@@ -138,8 +139,10 @@ class BoxGains:
             sizes = [m] if self.sizes is None else self.sizes[t]
             H = joint_curvature(Q.Quu, sizes,
                                 approx=_approx(self.curvature, Q.Quu, sizes, t), reg=self.reg)
-        u = self.us[t]
-        res = box_qp(H, Q.Qu, self.lo - u, self.hi - u,
+        u, lo, hi = self.us[t], self.lo, self.hi
+        if lo.ndim == 3:   # per stage (and element)
+            lo, hi = lo[t], hi[t]
+        res = box_qp(H, Q.Qu, lo - u, hi - u,
                      None if self.warm is None else self.warm[t])
         rhs = torch.where(res.clamped.unsqueeze(-1), 0.0, Q.Qux)
         return Gains(K=-cholesky_solve(rhs, res.factor), k=res.x, ok=~res.failed)
