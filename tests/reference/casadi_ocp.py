@@ -47,14 +47,14 @@ class OCP:
     final_eq: object = None
 
 
-def pendulum_goal(T=100, dt=0.05) -> OCP:
+def pendulum_goal(T=100, dt=0.05, reach_goal=True) -> OCP:
     m, l, g, b = 1.0, 1.0, 9.81, 0.1
 
     def f(x, u):
         return ca.vertcat(x[1], (u[0] - b * x[1] - m * g * l * ca.sin(x[0])) / (m * l * l))
     goal = np.array([math.pi, 0.0])
     return OCP(2, 1, T, dt, f, 0.01 * np.eye(2), 0.1 * np.eye(1), np.diag([100.0, 10.0]),
-               goal, 5.0, final_eq=lambda x: x - goal)
+               goal, 5.0, final_eq=(lambda x: x - goal) if reach_goal else None)
 
 
 def cartpole_track(T=100, dt=0.05, track=0.4) -> OCP:
@@ -92,14 +92,17 @@ def _rk4(ocp: OCP, x, u):
 
 
 def solve(ocp: OCP, x0, xs_init, us_init, tol: float = 1e-10, max_iter: int = 3000,
-          near: bool = False) -> dict:
+          near: bool = False, u_bounds=None) -> dict:
     """IPOPT on the multiple-shooting NLP from the initial guess ``xs_init`` (T+1, n),
     ``us_init`` (T, m).  Returns xs, us, cost, max_violation, the solver status and the
     wall time of ``solver(...)`` (the NLP is built before the clock starts).
 
     ``near``: the guess is taken to be near a solution (a small initial barrier parameter
     and bound push, so that IPOPT polishes the guess instead of first moving into the
-    interior, where it may find another local optimum)."""
+    interior, where it may find another local optimum).
+
+    ``u_bounds``: ``(lo, hi)`` arrays (T, m), a bound per stage and control, instead of
+    ``ocp.u_max``."""
     _casadi()
     n, m, T = ocp.n, ocp.m, ocp.T
     X = ca.SX.sym("X", n, T + 1)
@@ -130,6 +133,9 @@ def solve(ocp: OCP, x0, xs_init, us_init, tol: float = 1e-10, max_iter: int = 30
                                        [-ca.inf] * (m * T))
     ubw = [ca.inf] * (n * (T + 1)) + ([ocp.u_max] * (m * T) if ocp.u_max else
                                       [ca.inf] * (m * T))
+    if u_bounds is not None:   # U is stacked stage by stage (column-major (m, T))
+        lbw[n * (T + 1):] = np.broadcast_to(np.asarray(u_bounds[0], float), (T, m)).ravel()
+        ubw[n * (T + 1):] = np.broadcast_to(np.asarray(u_bounds[1], float), (T, m)).ravel()
     nlp = {"x": w, "f": J, "g": ca.vertcat(*g)}
     opts = {"ipopt.tol": tol, "ipopt.constr_viol_tol": 1e-10, "ipopt.print_level": 0,
             "print_time": False, "ipopt.max_iter": max_iter}
