@@ -300,9 +300,13 @@ def test_ambiguous_shape_is_refused_and_the_explicit_forms_work():
      r"of shape \(5, 1\)"),
     ((-1.0, torch.ones(4, 4, 2)), ShapeError,
      r"^control_limits must be .*got control_limits\[1\] \(hi\) of shape \(4, 4, 2\)"),
-    ((-1.0, torch.ones(3, 4, 1)), ShapeError, r"^control_limits must be .*\(3, 4, 1\)"),
-    ((-1.0, torch.ones(4, 3, 1)), ShapeError, r"^control_limits must be .*\(4, 3, 1\)"),
-    ((-1.0, torch.ones(2, 4, 4, 1)), ShapeError, r"^control_limits must be"),
+    ((-1.0, torch.ones(3, 4, 1)), ShapeError,
+     r"^control_limits must be .*\(4, 1\) per stage.*\(4, 4, 1\) per stage and element; "
+     r"got control_limits\[1\] \(hi\) of shape \(3, 4, 1\)"),
+    ((-1.0, torch.ones(4, 3, 1)), ShapeError, r"^control_limits must be .*per element.*"
+                                              r"of shape \(4, 3, 1\)"),
+    ((-1.0, torch.ones(2, 4, 4, 1)), ShapeError, r"^control_limits must be .*per stage.*"
+                                                 r"of shape \(2, 4, 4, 1\)"),
     ((torch.zeros(4, 1, 1), torch.tensor([1.0, 1.0, -0.5, 1.0]).reshape(4, 1, 1)),
      InvalidArgumentError, r"^control_limits: lo > hi at stage 2, flat batch element 0, "
                            r"control 0 \(0\.0 > -0\.5\)"),
