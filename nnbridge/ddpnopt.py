@@ -478,7 +478,7 @@ class DDPNOpt(torch.optim.Optimizer):
         """Each step: the stages replay the training loop's forward pass
         (:class:`~nnbridge.traced_values.StageReplay`), so that the feedback pass re-runs
         what it ran."""
-        self._replay.check(rec.inputs, rec.output)
+        self._replay.check(rec.inputs, rec.output, rec.passes)
 
     def _fixed_update(self, group) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
         """``(parameter, new value, new state)`` of the parameters outside the stages: the

@@ -190,7 +190,7 @@ class EMSA(torch.optim.Optimizer):
                                + why)
         self._traced.check()
         check_rerun_deterministic(self._stages, "EMSA")
-        self._replay.check(rec.inputs, rec.output)
+        self._replay.check(rec.inputs, rec.output, rec.passes)
         B = rec.output_grad.shape[0]
         check_output_gradient(B * rec.output_grad.reshape(B, -1), "cross_entropy",
                               rec.output, advice="EMSA's costates are B times the output "

@@ -41,6 +41,8 @@ from .ddpnopt import DDPNOpt
 from .feedback import feedback_terms, open_loop_gain, watched
 from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
+from .stages import normalizes_by_batch_in
+from .traced_values import accumulated_batch_statistics
 
 __all__ = ["GTDDP", "GTEKFAC"]
 
@@ -139,6 +141,10 @@ class GTDDP(DDPNOpt):
                 what = ("the output" if k is None else
                         f"the input of {type(self._stages[k].module).__name__} (stage "
                         f"{self._stages[k].index})")
+                if rec.passes > 1 and normalizes_by_batch_in(self._bn_candidates()):
+                    raise accumulated_batch_statistics(
+                        f"model: {what} on the stage graph differs from the training "
+                        "loop's forward pass", rec.passes)
                 raise UnsupportedModelError(
                     f"model: {what} on the stage graph differs from the training loop's "
                     f"forward pass (shapes {tuple(a.shape)} and {tuple(b.shape)}): the "

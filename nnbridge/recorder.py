@@ -79,6 +79,9 @@ class Capture:
         Per stage, the gradient its module sent to its input (recorded with
         ``input_grads=True``, for a layer called once, in the dtype asked of
         :meth:`BatchRecorder.batch`: not under autocast), else None.
+    passes : int
+        How many forward/backward passes the record concatenates (gradient
+        accumulation: more than one).
     """
 
     inputs: list = field(default_factory=list)
@@ -88,6 +91,7 @@ class Capture:
     calls: list = field(default_factory=list)
     model_input: torch.Tensor | None = None
     input_grads: list = field(default_factory=list)
+    passes: int = 1
 
     def factor_gradient(self, t: int, stage) -> torch.Tensor:
         """``h_grads[t]``, for a curvature whose factors need every call's gradient
@@ -297,7 +301,7 @@ class BatchRecorder:
             output=_cat([c.output for c in done], dtype),
             output_grad=_cat([c.output_grad for c in done], dtype, inverse_scale),
             calls=calls, model_input=_cat([c.model_input for c in done], dtype),
-            input_grads=in_grads)
+            input_grads=in_grads, passes=len(done))
 
     # the hooks' side ----------------------------------------------------------
     def _recompute(self, i: int, x) -> tuple | None:

@@ -392,7 +392,7 @@ class LQRDescent(torch.optim.Optimizer):
                           stacklevel=2)
             return loss
         check_gradients(self._stages, "LQRDescent")
-        self._replay.check(rec.inputs, rec.output)
+        self._replay.check(rec.inputs, rec.output, rec.passes)
         out = rec.output
         xs = list(rec.inputs) + [out]
         aN = rec.output_grad.reshape(-1)

@@ -31,7 +31,7 @@ from .batchnorm import batch_coupled
 from .decompose import trace, traced_root
 from .stages import normalizes_by_batch_in
 
-__all__ = ["TracedValues", "StageReplay"]
+__all__ = ["TracedValues", "StageReplay", "accumulated_batch_statistics"]
 
 _PLAIN = (numbers.Number, str, bytes, type(None))
 
@@ -129,16 +129,18 @@ class StageReplay:
         self._stages = stages
         self._one: list[bool] | None = None   # per stage: replayed on one sample
 
-    def check(self, inputs: list[torch.Tensor], output: torch.Tensor) -> None:
+    def check(self, inputs: list[torch.Tensor], output: torch.Tensor,
+              passes: int = 1) -> None:
         """Raise :class:`~trajopt.errors.UnsupportedModelError` naming the first stage
-        whose replay differs (``inputs``: the recorded inputs of the stages)."""
+        whose replay differs (``inputs``: the recorded inputs of the stages, concatenated
+        over ``passes`` forward passes)."""
         wants = list(inputs[1:]) + [output]
         # BatchNorm in training mode on the batch's statistics, running ones left alone
         with torch.no_grad(), batch_coupled([m for st in self._stages
                                              for m in (st.module, *st.post)]):
             if self._one is None:
                 for t, (st, x, want) in enumerate(zip(self._stages, inputs, wants)):
-                    _compare(t, st, st.forward(x), want, first=True)
+                    _compare(t, st, st.forward(x), want, first=True, passes=passes)
                 self._one = [_one_sample_agrees(st, x, want)
                              for st, x, want in zip(self._stages, inputs, wants)]
                 return
@@ -153,7 +155,18 @@ class StageReplay:
                                .float() for _, g, w in pairs])   # one host sync
             if bool((off > 0).any()):
                 t, got, want = pairs[int((off > 0).nonzero()[0])]
-                _compare(t, self._stages[t], got, want, first=False)
+                _compare(t, self._stages[t], got, want, first=False, passes=passes)
+
+
+def accumulated_batch_statistics(what: str, passes: int) -> UnsupportedModelError:
+    """The error for a stage normalizing by the batch in a step recorded in several
+    passes (``what``: the mismatch found)."""
+    return UnsupportedModelError(
+        f"{what}: the step's batch was recorded in {passes} forward passes (gradient "
+        "accumulation) and this stage normalizes by the batch (BatchNorm in training "
+        "mode): each pass normalized its own micro-batch, which the optimizer's passes "
+        "over the whole batch cannot reproduce. Run one forward/backward pass per step, "
+        "or use GroupNorm / LayerNorm (or BatchNorm in eval mode)")
 
 
 def _one_sample_agrees(st, x: torch.Tensor, want: torch.Tensor) -> bool:
@@ -170,12 +183,15 @@ def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
         1e-2 * (1.0 + scale)
 
 
-def _compare(t: int, st, got: torch.Tensor, want: torch.Tensor, first: bool) -> None:
+def _compare(t: int, st, got: torch.Tensor, want: torch.Tensor, first: bool,
+             passes: int) -> None:
     if _agrees(got, want):
         return
     what = (f"model: stage {t} ({type(st.module).__name__}) applied to the input it "
             f"recorded does not give what the forward pass fed the next stage (shapes "
             f"{tuple(got.shape)} and {tuple(want.shape)})")
+    if passes > 1 and normalizes_by_batch_in([st.module, *st.post]):
+        raise accumulated_batch_statistics(what, passes)
     if first:
         raise UnsupportedModelError(
             f"{what}: the forward pass does something its torch.fx graph does not show (a "

@@ -134,3 +134,20 @@ def test_a_batchnorm_unfrozen_after_the_first_step(name):
         x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
         opt.step(closure_for(opt, model, x, y))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["DDPNOpt", "GTDDP"])
+def test_batchnorm_under_gradient_accumulation_is_refused_for_what_it_is(name):
+    """Two forward/backward passes before a step with BatchNorm in training mode: each
+    pass normalized its own micro-batch; the refusal says so (it blamed 'something the
+    torch.fx graph does not show', the session's review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    opt = OPTIMIZERS[name](model)
+    g = torch.Generator().manual_seed(1)
+    opt.zero_grad()
+    for _ in range(2):
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        (cross_entropy(model(x), y) / 2).backward()
+    with pytest.raises(UnsupportedModelError, match="recorded in 2 forward passes"):
+        opt.step()
