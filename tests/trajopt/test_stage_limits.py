@@ -383,3 +383,24 @@ def test_mpc_per_element_limits_equal_lone_controllers():
                       control_limits=(-torch.ones(16, 1, **F64), torch.ones(16, 1, **F64)))
     with pytest.raises(ShapeError, match=r"^control_limits must be .*\(15, 1\) per stage"):
         bad.step(p.x0)
+
+
+def test_a_stage_shape_with_a_two_dimensional_batch():
+    """T followed by ones is per stage whatever the batch's rank; where it is also a
+    per-element shape (batch (T, B2)) it is refused (the session's review: (4, 1, 1) was
+    read per element over a (4, 3) batch, per stage over a (4,) one)."""
+    lim = torch.tensor([0.1, 0.2, 0.3, 0.4], **F64).reshape(4, 1, 1)
+    with pytest.raises(ShapeError, match=r"ambiguous.*\(4, 1, 1, 1\).*\(1, 4, 3, 1\)"):
+        _solve((-lim, lim), x0=torch.ones(4, 3, 2, **F64))
+    x0 = torch.ones(2, 3, 2, **F64)
+    res = _solve((-lim, lim), x0=x0)                    # (2, 3) batch: per stage
+    explicit = _solve((-lim[..., None], lim[..., None]), x0=x0)
+    assert torch.equal(res.us, explicit.us)
+    assert bool((res.us[..., 0].abs() <= lim[:, 0, 0]).all())
+    assert bool((res.us[..., 0].abs() == lim[:, 0, 0]).any())
+
+
+def test_the_unbatched_shape_message_names_each_form_once():
+    with pytest.raises(ShapeError) as err:
+        _solve((-1.0, torch.ones(3, 1, **F64)), x0=torch.ones(2, **F64))
+    assert str(err.value).count("per stage") == 1, str(err.value)

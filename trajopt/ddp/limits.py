@@ -17,7 +17,12 @@ dimension):
 stage, ``L == B`` per element.  When ``T == B > 1`` it could be either and is refused
 (:class:`~trajopt.errors.ShapeError` naming ``control_limits``): write ``(T, 1, m)`` for
 per-stage or ``(1, B, m)`` for per-element limits.  Never guessed: the same code would
-change meaning when the horizon or the batch changes.
+change meaning when the horizon or the batch changes.  In general ``T`` followed by ones
+(``(T, 1, .., 1, m)``, at most one more dimension than the batch has) is per stage, and
+it is refused where it is also a per-element shape (a 2-d batch ``(T, B2)`` with
+``(T, 1, m)``: write ``(T, 1, 1, m)`` or ``(1, T, B2, m)``).  The stage dimension comes
+first, as in mpc.pytorch -- not in ``us0``'s ``(*batch, T, m)`` order: with ``T == B`` a
+``(B, T, m)`` array is read as ``(T, B, m)``.
 
 Internally (:func:`prepare_limits`) the limits are either ``(m,)`` -- numbers and
 ``(m,)`` on both sides: the solver's original path, bit for bit -- or ``(T, B, m)`` over
@@ -55,20 +60,22 @@ def _full_form(v: torch.Tensor, name: str, T: int, batch: tuple, m: int
     dims = ", ".join(map(str, batch)) + ", " if nb else ""
     want = (f"control_limits must be (lo, hi) of shape ({m},) (the width of us0) or numbers, "
             f"({T}, {m}) per stage (T = {T})"
-            + (f", ({dims}{m}) per element (batch {batch})" if nb else "")
-            + f" or ({T}, {dims}{m}) per stage" + (" and element" if nb else ""))
+            + (f", ({dims}{m}) per element (batch {batch}) or ({T}, {dims}{m}) per stage "
+               f"and element" if nb else ""))
     if v.ndim == 0 or v.shape[-1] != m:   # numbers are (m,) already
         raise ShapeError(f"{want}; got {name} of shape {shape_str(v)}")
     if not lead:
         return None
-    stage = len(lead) == 1 and lead[0] == T
+    # per stage: T then ones, (T, m) .. (T, 1 x nb, m); per element: the batch's rank
+    stage = lead[0] == T and len(lead) <= 1 + nb and all(d == 1 for d in lead[1:])
     element = nb >= 1 and _broadcasts(lead, batch)
     full = len(lead) == 1 + nb and lead[0] in (1, T) and _broadcasts(lead[1:], batch)
-    if stage and element and T > 1:   # T == B: one reading or the other
+    if stage and element and T > 1:   # T == the batch's first size: either reading
+        ones = ", ".join(["1"] * nb)
         raise ShapeError(
             f"control_limits: {name} of shape {shape_str(v)} is ambiguous: the horizon T = "
-            f"{T} equals the batch B = {batch[0]}; write per-stage limits as (T, 1, m) = "
-            f"({T}, 1, {m}) or per-element limits as (1, B, m) = (1, {batch[0]}, {m})")
+            f"{T} equals the batch's first size (batch {batch}); write per-stage limits as "
+            f"({T}, {ones}, {m}) or per-element limits as (1, {dims}{m})")
     if stage:
         return v.reshape(T, *([1] * nb), m)
     if element:
