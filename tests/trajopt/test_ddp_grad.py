@@ -11,6 +11,8 @@ import torch
 import trajopt
 from trajopt.errors import ConvergenceWarning, InvalidArgumentError
 
+from ._differences import central_differences
+
 DT = torch.float64
 T = 20
 
@@ -98,19 +100,8 @@ def test_gradients_with_active_limits_match_finite_differences():
         return (r.xs * w_x).sum() + (r.us * w_u).sum() + 0.3 * r.cost.sum()
     ours = torch.cat([v.reshape(-1) for v in torch.autograd.grad(loss(res),
                                                                  (*params, x0))])
-    fd, eps = [], 1e-4
-    for leaf in (*params, x0):
-        flat = leaf.data.view(-1)
-        for i in range(flat.numel()):
-            vals = []
-            for sgn in (1, -1):
-                flat[i] += sgn * eps
-                with torch.no_grad():
-                    vals.append(float(loss(trajopt.solve_ddp(f, cost, x0.detach(), us0,
-                                                             **kw))))
-                flat[i] -= sgn * eps
-            fd.append((vals[0] - vals[1]) / (2 * eps))
-    fd = torch.tensor(fd, dtype=DT)
+    fd = central_differences((*params, x0), lambda: loss(
+        trajopt.solve_ddp(f, cost, x0.detach(), us0, **kw))).to(DT)
     torch.testing.assert_close(ours, fd, rtol=2e-5, atol=2e-5 * float(fd.abs().max()))
 
 

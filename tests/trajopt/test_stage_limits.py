@@ -26,6 +26,8 @@ import trajopt
 from trajopt import problems
 from trajopt.errors import InvalidArgumentError, NonFiniteError, ShapeError
 
+from ._differences import central_differences
+
 F64 = dict(dtype=torch.float64)
 
 
@@ -243,19 +245,8 @@ def test_gradients_with_per_stage_limits_match_finite_differences():
         return (r.xs * w_x).sum() + (r.us * w_u).sum() + 0.3 * r.cost.sum()
     ours = torch.cat([v.reshape(-1) for v in torch.autograd.grad(loss(res),
                                                                  (mass, target, x0))])
-    fd, eps = [], 1e-4
-    for leaf in (mass, target, x0):
-        flat = leaf.data.view(-1)
-        for i in range(flat.numel()):
-            vals = []
-            for sgn in (1, -1):
-                flat[i] += sgn * eps
-                with torch.no_grad():
-                    vals.append(float(loss(trajopt.solve_ddp(
-                        f, cost, x0.detach(), torch.zeros(2, T, 1, **F64), **kw))))
-                flat[i] -= sgn * eps
-            fd.append((vals[0] - vals[1]) / (2 * eps))
-    fd = torch.tensor(fd, **F64)
+    fd = central_differences((mass, target, x0), lambda: loss(trajopt.solve_ddp(
+        f, cost, x0.detach(), torch.zeros(2, T, 1, **F64), **kw)))
     torch.testing.assert_close(ours, fd, rtol=2e-5, atol=2e-5 * float(fd.abs().max()))
 
 
