@@ -159,6 +159,42 @@ def test_batchnorm_module_in_eval_mode_solves(cls):
     assert torch.allclose(res.us, ref.us, atol=1e-9)
 
 
+class _Folded(torch.nn.Module):
+    """The BatchNorm1d of ``module.net[1]`` in eval mode written out as its affine map."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, x, u):
+        net = self.m.net
+        bn = net[1]
+        h = net[0](torch.cat([x, u], -1))
+        h = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        return x + 0.1 * net[3](net[2](h))
+
+
+@pytest.mark.parametrize("time_invariant", [True, False])
+def test_batchnorm_module_in_eval_mode_under_full_ddp(time_invariant):
+    """mode="ddp" (second derivatives point by point under vmap) and time-varying models
+    (first derivatives likewise): BatchNorm1d refuses one point ("expected 2D or 3D
+    input", session 30's trial); the point is now a batch of one row. Equal to the same
+    network with the normalization written out."""
+    module = _TwoArg(_net(torch.nn.BatchNorm1d(16))).eval()
+    with torch.no_grad():
+        module.net[1].running_mean.uniform_(-0.5, 0.5)
+        module.net[1].running_var.uniform_(0.5, 2.0)
+        module.net[1].weight.uniform_(0.5, 1.5)
+    kw = dict(mode="ddp", tol=1e-12)
+    res = trajopt.solve_ddp(trajopt.Dynamics(module, time_invariant=time_invariant),
+                            _MODULE_COST, _X0, _US0, **kw)
+    ref = trajopt.solve_ddp(trajopt.Dynamics(_Folded(module), time_invariant=time_invariant),
+                            _MODULE_COST, _X0, _US0, **kw)
+    assert list(res.reason) == ["converged"] * 2
+    torch.testing.assert_close(res.us, ref.us, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.cost, ref.cost, rtol=1e-12, atol=0)
+
+
 def test_module_with_hooks_or_reading_t_stays_time_varying():
     class ReadsT(_TwoArg):
         def forward(self, x, u, t):

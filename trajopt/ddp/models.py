@@ -27,6 +27,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from .._checks import as_real, check_finite, check_square, check_symmetric, shape_str
 from ..errors import InvalidArgumentError, ShapeError
+from .modules import as_row_batch
 from .reverse import gradient_and_hessian, jacobians, reverse_or_transforms
 from .stage_argument import model_ignores_stage
 
@@ -140,8 +141,9 @@ class Dynamics:
 
 
 def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor):
-    """``fn(x, u, t)`` as a function of one point and the arguments to ``vmap`` it over:
-    ``(x, u)`` with ``t`` fixed, or ``(x, u, t)`` when ``t`` is a tensor of stages."""
+    """``fn(x, u, t)`` (:func:`~trajopt.ddp.modules.as_row_batch`) as a function of one point
+    and the arguments to ``vmap`` it over: ``(x, u)``, or ``(x, u, t)`` for (N,) ``t``."""
+    fn = as_row_batch(fn)
     if torch.is_tensor(t):
         return (lambda xi, ui, ti: fn(xi, ui, ti)), (x, u, t)
     return (lambda xi, ui: fn(xi, ui, t)), (x, u)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["check_eval_mode", "train_mode_layers"]
+__all__ = ["check_eval_mode", "train_mode_layers", "as_row_batch"]
 
 def _random_or_coupling(m: nn.Module) -> bool:
     """``m`` in training mode draws random numbers (dropout with ``p > 0``, RReLU) or
@@ -88,3 +88,15 @@ def check_eval_mode(*named: tuple[str, object]) -> None:
                     f"is not a function of each state and control; call "
                     f"{type(module).__name__.lower()}.eval() before solving (and .train() "
                     f"after, to train it further)")
+
+
+def as_row_batch(fn):
+    """``fn`` itself, or, where a batch normalization behind it takes batches only
+    (``BatchNorm1d`` refuses one point, also in eval mode, where it is an affine map of
+    each row), ``fn`` with its state and control given as a batch of one row and the row
+    returned: for the derivatives taken point by point under ``vmap`` (DDP mode's second
+    derivatives, time-varying models).  Models without one are called as before."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for module in _modules(fn) for m in module.modules()):
+        return fn
+    return lambda x, u, *t: fn(x.unsqueeze(0), u.unsqueeze(0), *t).squeeze(0)
