@@ -62,6 +62,7 @@ from .stages import (
     check_whole_gradients,
     draws_random,
     normalizes_by_batch,
+    random_function,
     without_gradient,
     zeroed_gradient,
 )
@@ -273,6 +274,12 @@ class DDPNOpt(torch.optim.Optimizer):
         return [(st.index, m) for st in self._stages for post in st.post
                 for m in post.modules()]
 
+    def _random_functions(self) -> list[tuple[int, str]]:
+        """``(stage, what)`` of every random function or tensor method the feedback pass
+        would re-run (:func:`~nnbridge.stages.random_function`)."""
+        return [(index, what) for index, m in self._maps()
+                if (what := random_function(m)) is not None]
+
     def _ddp_context(self, rec):
         """Context of the DDP pass: BatchNorm in training mode normalizes with the
         statistics of the batch it sees and leaves its running statistics alone
@@ -284,6 +291,12 @@ class DDPNOpt(torch.optim.Optimizer):
         """The feedback pass re-runs each stage's sigma: it must be deterministic (and
         BatchNorm in training mode is run with the statistics of the batch it sees,
         :mod:`nnbridge.batchnorm`)."""
+        for index, what in self._random_functions():
+            raise InvalidArgumentError(
+                f"stage {index}: {what} draws random numbers in every mode, which makes "
+                "the feedback pass random (it re-runs the stage and would draw other "
+                "numbers than the recorded pass); use feedback=False, or add the noise "
+                "before the first layer or to the batch in the training loop")
         for index, p in self._maps():
             what = draws_random(p)
             if what is not None:

@@ -25,11 +25,11 @@ networks are :func:`nnbridge.graph_stages`' and :class:`nnbridge.GTDDP`'s), a pa
 used outside a module (``F.linear(x, self.weight)``), a parametrized module between
 stages whose derivative need not act sample by sample (RNNs, attention), ``F.dropout``
 and its variants in ``forward`` (torch.fx fixes their ``training`` flag when tracing: use
-``nn.Dropout`` / ``nn.Dropout2d`` / ...), a random operation after the first stage began
-(``torch.randn_like`` noise, ``bernoulli``, ``x.normal_()``: the optimizers re-run the
-stages and would draw other numbers),
-more than one input or output, and a ``forward`` that torch.fx cannot trace (data-
-dependent Python control flow).
+``nn.Dropout`` / ``nn.Dropout2d`` / ...), more than one input or output, and a
+``forward`` that torch.fx cannot trace (data-dependent Python control flow).  A random
+operation after the first stage began (``torch.randn_like`` noise, ``bernoulli``,
+``x.normal_()``) is kept in its stage and refused by the optimizers that re-run the
+stages (feedback, EMSA, LQRDescent: they would draw other numbers), when they would.
 
 ``nn.Sequential`` models decompose to the same stages as before (their modules are the
 graph's nodes in order).  DistributedDataParallel / DataParallel wrappers and
@@ -53,7 +53,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .distributed import unwrap
 from .stages import AFFINE, Stage, is_layer, make_stage
-from .tracing import DROPOUT_FUNCTIONS, drop_concrete, forward_defaults, is_random
+from .tracing import DROPOUT_FUNCTIONS, drop_concrete, forward_defaults
 
 __all__ = ["stages"]
 
@@ -203,8 +203,11 @@ def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
                in_stages: bool) -> None:
     """Refuse what no decomposition can take at ``node`` (module docstring): a parameter
     used outside its module, ``F.dropout`` and its variants with p > 0, and --
-    ``in_stages``: after the first stage began -- a random operation and a parametrized
-    module that is neither affine nor known to act sample by sample."""
+    ``in_stages``: after the first stage began -- a parametrized module that is neither
+    affine nor known to act sample by sample.  A random operation after the first stage
+    is refused by the optimizers that re-run the stages, when they would
+    (:func:`~nnbridge.stages.random_function`, ``GraphStage.random_nodes``): EKFAC and
+    ``feedback=False`` take it (session 31)."""
     if node.op == "get_attr" and node.target in params:
         raise UnsupportedModelError(
             f"model: {node_name(node)} uses the parameter {node.target!r} outside its "
@@ -221,15 +224,6 @@ def check_node(node: fx.Node, modules: dict[str, nn.Module], params: set[str],
                 f"training mode); use an "
                 f"nn.{module} module (it follows model.eval(); with feedback, and for "
                 f"EMSA / LQRDescent, in eval mode)")
-    if in_stages and is_random(node):
-        raise UnsupportedModelError(
-            f"model: {node_name(node)} draws random numbers after the first stage "
-            "began; the optimizer re-runs the stages on the recorded batch (feedback "
-            "pass, DDP backward pass) and would draw other numbers than the recorded "
-            "pass (the step would depend on the random state at step()): use "
-            "nn.Dropout modules for dropout (model.eval() where the optimizer re-runs "
-            "them), and add noise to the input before the first layer or to the "
-            "batch in the training loop")
     module = modules.get(node.target) if node.op == "call_module" else None
     if (in_stages and module is not None and not is_layer(module)
             and not isinstance(module, PER_SAMPLE) and any(True for _ in module.parameters())):

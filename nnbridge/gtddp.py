@@ -91,6 +91,9 @@ class GTDDP(DDPNOpt):
         return [(gs.index, m) for gs in self._graph.stages for top in gs.modules()
                 for m in top.modules()]
 
+    def _random_functions(self):
+        return [(gs.index, what) for gs in self._graph.stages for what in gs.random_nodes()]
+
     def _ddp_context(self, rec):
         """The DDP pass's context (:class:`DDPNOpt`'s: BatchNorm batch-coupled, running
         statistics left alone); inside it, runs the stage graph once on the recorded

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
-from torch import nn
+from torch import fx, nn
 
 from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
+from .tracing import is_random
+
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
            "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise",
-           "normalizes_by_batch_in",
+           "normalizes_by_batch_in", "random_function",
            "controls_samplewise"]
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -252,6 +254,19 @@ def draws_random(m: nn.Module) -> str | None:
     return None
 
 
+def random_function(m: nn.Module) -> str | None:
+    """A function or tensor method drawing random numbers in ``m`` when it is a stage's
+    segment of ``forward`` (a torch.fx graph: ``h + s * torch.randn_like(h)``), as errors
+    name it, or None.  Random in every mode: a re-run of the stage draws other numbers
+    than the recorded pass (refused where stages are re-run, not at construction)."""
+    if not isinstance(m, fx.GraphModule):
+        return None
+    for n in m.graph.nodes:
+        if is_random(n):
+            return f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
+    return None
+
+
 def _closed_form(p: nn.Module):
     """``(sigma, sigma' as a function of the output)`` for Tanh / Sigmoid / ReLU /
     LeakyReLU (never in place), or None."""
@@ -403,6 +418,14 @@ def check_rerun_deterministic(stages, who: str) -> None:
                     "the stages on the recorded batch, which would draw another mask "
                     "than the pass it recorded: use model.eval() for the dropout layers, "
                     "or a torch.optim optimizer")
+            what = random_function(m)
+            if what is not None:
+                raise InvalidArgumentError(
+                    f"stage {st.index}: {what} draws random numbers in every mode; {who} "
+                    "re-runs the stages on the recorded batch, which would draw other "
+                    "numbers than the pass it recorded: add the noise before the first "
+                    "layer or to the batch in the training loop, or use a torch.optim "
+                    "optimizer")
 
 
 def check_no_frozen(stages, who: str) -> None:

@@ -82,18 +82,61 @@ RANDOM_OPS = {
 }
 
 
+#: the dropout functions: torch.fx fixes their ``training`` flag when it traces, so every
+#: optimizer refuses them at construction (use the nn modules)
+TRACED_FLAG = {"dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+               "feature_alpha_dropout", "dropout (training=False traced)"}
+#: the optimizers that re-run the stages on the recorded batch
+RERUN = {"DDPNOpt", "GTDDP", "EMSA", "LQRDescent"}
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("op", sorted(RANDOM_OPS))
-def test_a_random_operation_between_stages_is_refused_by_name(op, name):
+def test_a_random_operation_between_stages_is_refused_where_stages_are_rerun(op, name):
     """Session 30: ``h + 1e-3 * torch.randn_like(h)`` was accepted and the feedback / DDP
     passes drew new noise (DDPNOpt(adam)'s update 76 % off with the RNG state at
     step()); ``F.dropout1d`` and friends were refused only as 'a branch on
-    self.training'.  Every optimizer now refuses them at construction, naming the node
-    (both decompositions: the chain and GTDDP / EKFAC's graph), in either mode."""
+    self.training'.  The dropout functions are refused at construction by every
+    optimizer; a random function or method is refused by the optimizers that re-run the
+    stages, at the step, naming the node (both decompositions, either mode) -- EKFAC
+    and ``feedback=False`` take it (session 31; they were refused at construction)."""
     for mode in (True, False):
         model = _Inject(RANDOM_OPS[op]).train(mode)
-        with pytest.raises(UnsupportedModelError, match=r"node '\w+' \(call_"):
-            OPTIMIZERS[name](model)
+        if op in TRACED_FLAG:
+            with pytest.raises(UnsupportedModelError, match=r"node '\w+' \(call_"):
+                OPTIMIZERS[name](model)
+            continue
+        opt = OPTIMIZERS[name](model)
+        X, y = data(B=8, shape=(4,))
+        closure = closure_for(opt, model, X, y)
+        if name in RERUN:
+            with pytest.raises(InvalidArgumentError, match=r"stage 0: node '\w+' \(call_"
+                                                           r".*draws random numbers"):
+                opt.step(closure)
+        else:
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(closure)
+            assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+            assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_feedback_false_with_noise_between_layers_is_torch_optims_adam():
+    """The noise is drawn by the training loop's own forward pass; the step reads only
+    p.grad: the same updates as torch.optim.Adam with the same random stream."""
+    torch.manual_seed(0)
+    model = _Inject(RANDOM_OPS["randn_like"])
+    twin = copy.deepcopy(model)
+    ours = nnbridge.DDPNOpt(model, curvature="adam", lr=1e-3, feedback=False)
+    ref = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    X, y = data(B=8, shape=(4,))
+    for step in range(3):
+        for m, opt in ((model, ours), (twin, ref)):
+            torch.manual_seed(step)
+            opt.zero_grad()
+            F.cross_entropy(m(X), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
 def _update(model, make, seed_at_step, closure=False, shape=(4,)):
