@@ -67,8 +67,8 @@ def solve_ddp(dynamics: Dynamics | Callable, cost: Cost, x0: Any, us0: Any, *,
     control_limits : (lo, hi), optional
         Box limits ``lo <= u_t <= hi``, each of ``lo``, ``hi`` (with ``batch`` the batch
         shape of ``x0`` and ``us0`` broadcast, B its size) a number (every control), (m,)
-        (the same at every stage), (T, m) (per stage), (*batch, m), e.g. (B, m) (per
-        element) or (T, *batch, m), e.g. (T, B, m) (per stage and element, mpc.pytorch's
+        (the same at every stage), (T, m) (per stage), ``(*batch, m)``, e.g. (B, m) (per
+        element) or ``(T, *batch, m)``, e.g. (T, B, m) (per stage and element, mpc.pytorch's
         ``u_lower`` / ``u_upper``; leading dimensions of size 1 broadcast).  A 2-d
         (T, m) / (B, m) with T == B > 1 is refused as ambiguous (``ShapeError``): write
         (T, 1, m) or (1, B, m).  ``lo <= hi`` per entry, no NaN, +-inf allowed; stage

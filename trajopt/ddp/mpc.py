@@ -65,8 +65,8 @@ class MPC:
         DDP iterations per step (the real-time budget); default 3.
     control_limits : (lo, hi), optional
         As for :func:`trajopt.solve_ddp`, with T = ``horizon`` and the state's batch:
-        numbers, (m,), (horizon, m) per stage, (*batch, m) per element or
-        (horizon, *batch, m).  Per-stage limits belong to the *window*, as the cost's
+        numbers, (m,), (horizon, m) per stage, ``(*batch, m)`` per element or
+        ``(horizon, *batch, m)``.  Per-stage limits belong to the *window*, as the cost's
         stage index does: stage t of every plan gets limit t (a zero-thrust last node
         stays the plan's last), and the shifted warm start is clamped stage by stage to
         them; they do not move with absolute time (for that, build the controller per step

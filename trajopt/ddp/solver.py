@@ -73,7 +73,7 @@ class DDPSolver:
     Parameters
     ----------
     control_limits : (lo, hi) or None
-        Each a number, (m,), (T, m) per stage, (*batch, m) per element or (T, *batch, m)
+        Each a number, (m,), (T, m) per stage, ``(*batch, m)`` per element or ``(T, *batch, m)``
         (mpc.pytorch's); a 2-d one with T == B is refused: write (T, 1, m) or (1, B, m).
         Checked by each :meth:`solve` against its horizon T and batch
         (:mod:`trajopt.ddp.limits`).  The other arguments: :func:`~trajopt.solve_ddp`.
