@@ -120,8 +120,8 @@ class StageReplay:
     (the decomposition's check); afterwards on the first sample only, for the stages
     whose first-sample replay agreed then (a stage that mixes the samples -- batch
     statistics, a function of the batch -- is replayed on the whole batch at the first
-    step only): 0.33 ms a step on a 6 x 256 ReLU MLP at batch 128 (6 stages, measured
-    beside another job; ~2 % of its DDPNOpt(adam) step). The tolerance is the
+    step only): 0.4-0.6 ms a step on a 6 x 256 ReLU MLP at batch 128 (6 stages; ~2-2.5 %
+    of its DDPNOpt(adam) step, session 31's VM). The tolerance is the
     decomposition check's, ``1e-2 (1 + max |x|)``: a recorded pass under autocast differs
     from the stages' float32 by its rounding; a drifting value is refused once its
     effect reaches that.
