@@ -48,7 +48,7 @@ from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
 from .decompose import _chain, check_node, check_output, node_name, trace, traced_root
 from .stages import AFFINE, Stage, combine_calls, is_layer, make_stage, normalizes_by_batch
-from .tracing import is_random
+from .tracing import random_node_names
 
 __all__ = ["GraphStage", "StageGraph", "graph_stages", "Alignment"]
 
@@ -119,8 +119,7 @@ class GraphStage:
     def random_nodes(self) -> list[str]:
         """The stage's operations that draw random numbers in every mode (a function or
         tensor method: ``torch.randn_like``), as errors name them."""
-        return [f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
-                for n in self._nodes if is_random(n)]
+        return random_node_names(self._nodes)
 
     def modules(self) -> list[nn.Module]:
         """The modules this stage calls (players and fixed maps)."""

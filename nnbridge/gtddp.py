@@ -42,7 +42,7 @@ from .feedback import feedback_terms, open_loop_gain, watched
 from .graph import Alignment, graph_stages
 from .graph_ops import BlockDiagonal, GraphLinearization, GraphResponse, joint_exact
 from .stages import normalizes_by_batch_in
-from .traced_values import accumulated_batch_statistics
+from .traced_values import accumulated_batch_statistics, mismatches
 
 __all__ = ["GTDDP", "GTEKFAC"]
 
@@ -132,15 +132,9 @@ class GTDDP(DDPNOpt):
                 f"model: the training loop's forward pass called the layers {len(want) - 1} "
                 f"times, the stage graph {len(got) - 1}: the forward pass does something its "
                 "torch.fx graph does not show (a loop or branch on a Python value)")
-        # one host sync a step (this runs every step): the pairs that match in shape
-        # are judged together, a mismatch or a pair off by more than the tolerance named
-        same = [a.shape == b.shape and a.numel() > 0 for a, b in zip(got, want)]
-        off = [((a - b).abs().amax() - 1e-2 * (1.0 + b.abs().amax())).float()
-               for a, b, s in zip(got, want, same) if s]
-        far = iter((torch.stack(off) > 0).tolist() if off else [])
-        bad = [not s or next(far) for s in same]
-        for k, a, b, wrong in zip(owner, got, want, bad):
-            if wrong and (a.shape != b.shape or a.numel() > 0):
+        # this runs every step: one host sync for all the pairs
+        for k, a, b, wrong in zip(owner, got, want, mismatches(list(zip(got, want)))):
+            if wrong:
                 what = ("the output" if k is None else
                         f"the input of {type(self._stages[k].module).__name__} (stage "
                         f"{self._stages[k].index})")

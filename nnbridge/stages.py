@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from trajopt.errors import InvalidArgumentError, UnsupportedModelError
 
-from .tracing import is_random
+from .tracing import random_node_names
 
 __all__ = ["Stage", "NormStage", "StageLinearization", "SUPPORTED", "AFFINE", "combine_calls",
            "outer_sum", "is_layer", "is_norm_layer", "make_stage", "samplewise",
@@ -259,12 +259,8 @@ def random_function(m: nn.Module) -> str | None:
     segment of ``forward`` (a torch.fx graph: ``h + s * torch.randn_like(h)``), as errors
     name it, or None.  Random in every mode: a re-run of the stage draws other numbers
     than the recorded pass (refused where stages are re-run, not at construction)."""
-    if not isinstance(m, fx.GraphModule):
-        return None
-    for n in m.graph.nodes:
-        if is_random(n):
-            return f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
-    return None
+    names = random_node_names(m.graph.nodes) if isinstance(m, fx.GraphModule) else []
+    return names[0] if names else None
 
 
 def _closed_form(p: nn.Module):

@@ -31,7 +31,7 @@ from .batchnorm import batch_coupled
 from .decompose import trace, traced_root
 from .stages import normalizes_by_batch_in
 
-__all__ = ["TracedValues", "StageReplay", "accumulated_batch_statistics"]
+__all__ = ["TracedValues", "StageReplay", "accumulated_batch_statistics", "mismatches"]
 
 _PLAIN = (numbers.Number, str, bytes, type(None))
 
@@ -151,12 +151,9 @@ class StageReplay:
             pairs = [(t, st.forward(x[:1]), want[:1]) for t, (st, x, want) in
                      enumerate(zip(self._stages, inputs, wants)) if self._one[t]
                      and not normalizes_by_batch_in([st.module, *st.post])]
-            if not pairs:
-                return
-            off = torch.stack([((g - w).abs().amax() - 1e-2 * (1.0 + w.abs().amax()))
-                               .float() for _, g, w in pairs])   # one host sync
-            if bool((off > 0).any()):
-                t, got, want = pairs[int((off > 0).nonzero()[0])]
+            bad = mismatches([(got, want) for _, got, want in pairs])
+            if any(bad):
+                t, got, want = pairs[bad.index(True)]
                 _compare(t, self._stages[t], got, want, first=False, passes=passes)
 
 
@@ -179,10 +176,20 @@ def _one_sample_agrees(st, x: torch.Tensor, want: torch.Tensor) -> bool:
     return _agrees(st.forward(x[:1]), want[:1])
 
 
+def mismatches(pairs) -> list[bool]:
+    """Per ``(got, want)`` pair: the shapes differ, or ``got`` is off ``want`` by more
+    than the decomposition check's tolerance ``1e-2 (1 + max |want|)`` (a recorded pass
+    under autocast differs by its rounding); one host sync for all pairs.  Shared by
+    :class:`StageReplay` and GT-DDP's per-step check of its stage graph."""
+    same = [a.shape == b.shape and a.numel() > 0 for a, b in pairs]
+    off = [((a - b).abs().amax() - 1e-2 * (1.0 + b.abs().amax())).float()
+           for (a, b), s in zip(pairs, same) if s]
+    far = iter((torch.stack(off) > 0).tolist() if off else [])
+    return [next(far) if s else a.shape != b.shape for (a, b), s in zip(pairs, same)]
+
+
 def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
-    scale = float(want.abs().amax()) if want.numel() else 0.0
-    return got.shape == want.shape and float((got - want).abs().amax()) <= \
-        1e-2 * (1.0 + scale)
+    return not mismatches([(got, want)])[0]
 
 
 def _compare(t: int, st, got: torch.Tensor, want: torch.Tensor, first: bool,

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import fx, nn
 
-__all__ = ["DROPOUT_FUNCTIONS", "is_random", "forward_defaults", "drop_concrete", "other_call"]
+__all__ = ["DROPOUT_FUNCTIONS", "is_random", "random_node_names", "forward_defaults",
+           "drop_concrete", "other_call"]
 
 #: dropout functions (torch.fx fixes their ``training`` flag) -> the module to use instead
 DROPOUT_FUNCTIONS = {
@@ -40,6 +41,13 @@ def is_random(node: fx.Node) -> bool:
     if node.target in (F.rrelu, F.rrelu_):
         return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("training"))
     return node.target in _RANDOM_FUNCTIONS
+
+
+def random_node_names(nodes) -> list[str]:
+    """The nodes among ``nodes`` that draw random numbers (:func:`is_random`), as errors
+    name them: ``node 'randn_like' (call_function randn_like)``."""
+    return [f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
+            for n in nodes if is_random(n)]
 
 
 def forward_defaults(model: nn.Module) -> dict:

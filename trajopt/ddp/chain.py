@@ -23,6 +23,7 @@ from ..riccati.compiled import compilable
 from ..riccati.expansion import DenseStage, DenseStages, addmm, joint_blocks
 from .batch import Rows, Traj
 from .inputs import transitions_agree
+from .limits import at_stage
 from .linear import LinearDynamics
 from .models import Cost, Dynamics
 from .stagechecks import check_terminal_derivatives
@@ -69,8 +70,7 @@ def feedback_control(law: AffineLaw, deviation: Callable, lo=None, hi=None) -> C
             cols.append(_columns(law.ff))
             cols.append(list(law.K))
         u = addmm(cols[0][t], cols[1][t], deviation(t, xs, law.xbar).unsqueeze(-1)).squeeze(-1)
-        return u if lo is None else torch.clamp(u, lo, hi) if lo.ndim == 1 else \
-            torch.clamp(u, lo[t], hi[t])   # per stage: (T, B, m) limits
+        return u if lo is None else torch.clamp(u, at_stage(lo, t), at_stage(hi, t))
     return control
 
 

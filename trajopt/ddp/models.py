@@ -143,10 +143,9 @@ class Dynamics:
 def _per_point(fn: Callable, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor):
     """``fn(x, u, t)`` (:func:`~trajopt.ddp.modules.as_row_batch`) as a function of one point
     and the arguments to ``vmap`` it over: ``(x, u)``, or ``(x, u, t)`` for (N,) ``t``."""
-    fn = as_row_batch(fn)
-    if torch.is_tensor(t):
-        return (lambda xi, ui, ti: fn(xi, ui, ti)), (x, u, t)
-    return (lambda xi, ui: fn(xi, ui, t)), (x, u)
+    if torch.is_tensor(t):   # as_row_batch when called: the rowwise paths never are
+        return (lambda xi, ui, ti: as_row_batch(fn)(xi, ui, ti)), (x, u, t)
+    return (lambda xi, ui: as_row_batch(fn)(xi, ui, t)), (x, u)
 
 
 def _like(tensors, x: torch.Tensor):
