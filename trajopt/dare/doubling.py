@@ -26,9 +26,13 @@ of systems (on any device) is solved at once.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from .._linalg import batched_solve, finite_rows, sym
+from .._threads import in_slices, slices_for
 from ..errors import NumericalError
 from ._common import DAREData
 
@@ -81,8 +85,9 @@ def solve_doubling(d: DAREData, *, tol: float | None = None, max_iter: int = 100
         A, B = EinvAB[..., :n], EinvAB[..., n:]
     G = sym(B @ _spd_solve(d.R, B.transpose(-1, -2), "R"))
     H = Q
-    X, converged = _iterate(A.reshape(-1, n, n), G.reshape(-1, n, n), H.reshape(-1, n, n),
-                            tol, max_iter)
+    iterate = _iterate_compiled if compiled_pays(n, A, G, H) else _iterate
+    X, converged = iterate(A.reshape(-1, n, n), G.reshape(-1, n, n), H.reshape(-1, n, n),
+                           tol, max_iter)
     X, converged = X.reshape(*d.batch, n, n), converged.reshape(d.batch)
     if d.E is not None:
         Einv_t = torch.linalg.inv(d.E).transpose(-1, -2)
@@ -131,3 +136,43 @@ def _iterate(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: float, max_
     else:
         X[active] = H
     return X, done
+
+
+#: largest n for which the SDA runs as the compiled loop (``docs/performance.md``)
+MAX_COMPILED_N = 24
+
+#: smallest ``batch * n^3`` a thread of the compiled loop is given
+MIN_WORK_PER_THREAD = 2 ** 16
+
+
+def compiled_pays(n: int, *tensors: torch.Tensor) -> bool:
+    """The rule: float64 CPU data of at most :data:`MAX_COMPILED_N` states that need no
+    gradient, numba available (:func:`trajopt.riccati.compiled.compilable`)."""
+    from ..riccati.compiled import compilable
+    return (n <= MAX_COMPILED_N and all(v.dtype == torch.float64 for v in tensors)
+            and compilable(*tensors))
+
+
+@functools.cache
+def _kernel():
+    from ._kernels import sda
+    return sda
+
+
+def _iterate_compiled(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: float,
+                      max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_iterate` as one compiled loop over the systems (:mod:`._kernels`: no
+    per-operation dispatch, each system's matrices in the cache, each system stopped by
+    itself), its batch cut into slices on the caller's threads."""
+    b, n = A.shape[0], A.shape[-1]
+    arrays = [np.ascontiguousarray(v.numpy()) for v in (A, G, H)]
+    X = np.empty((b, n, n))
+    done = np.zeros(b, dtype=np.bool_)
+    steps = np.zeros(b, dtype=np.int64)
+    sda = _kernel()
+
+    def run(b0: int, b1: int) -> None:
+        sda(*(v[b0:b1] for v in arrays), float(tol), int(max_iter), X[b0:b1], done[b0:b1],
+            steps[b0:b1])
+    in_slices(run, b, slices_for(b * n ** 3, b, MIN_WORK_PER_THREAD))
+    return torch.from_numpy(X), torch.from_numpy(done)
