@@ -33,7 +33,9 @@ def sda_data(rng, batch, n, m, decay=0.9):
 def test_compiled_iterates_equal_the_torch_loop(n, m, batch, decay, seed):
     """Per element the same answer and the same verdict as the torch loop (which keeps
     converged elements iterating until a quarter of the batch is done: differences at
-    rounding level), and scipy's answer."""
+    rounding level -- 100 eps times ``|X| / |Q|``, a proxy for the problem's condition:
+    an element with ``|X| = 2,700 |Q|`` differed by 1.8e-12 of ``|X|``), and scipy's
+    answer to the same tolerance."""
     rng = np.random.default_rng(seed)
     A, G, H, B, Q = sda_data(rng, batch, n, m, decay)
     tol = 10 * n * torch.finfo(torch.float64).eps
@@ -41,10 +43,13 @@ def test_compiled_iterates_equal_the_torch_loop(n, m, batch, decay, seed):
     Xt, done_t = doubling._iterate(A, G, H, tol, 100)
     assert torch.equal(done, done_t) and bool(done.all())
     scale = Xt.abs().amax((-1, -2), keepdim=True)
-    assert float(((X - Xt).abs() / scale).max()) <= 1e-12
+    cond = (scale / H.abs().amax((-1, -2), keepdim=True)).clamp_min(1.0)
+    eps = torch.finfo(torch.float64).eps
+    assert bool(((X - Xt).abs() / scale <= 100 * eps * cond).all())
     for b in range(batch):
         ref = scipy.linalg.solve_discrete_are(A[b].numpy(), B[b], Q[b], np.eye(m))
-        np.testing.assert_allclose(X[b].numpy(), ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+        np.testing.assert_allclose(X[b].numpy(), ref, rtol=0,
+                                   atol=100 * eps * float(cond[b]) * np.abs(ref).max())
 
 
 def test_slices_on_threads_equal_one_slice(monkeypatch):

@@ -134,7 +134,7 @@ def sda(A0, G0, H0, tol, max_iter, X, done, iters):
             _times(H, S, 0, T, n)
             for i in range(n):
                 for j in range(n):
-                    U[i, j] = H[i, j]
+                    U[i, j] = 0.0
             for k in range(n):
                 for i in range(n):
                     a = A[k, i]
@@ -142,7 +142,7 @@ def sda(A0, G0, H0, tol, max_iter, X, done, iters):
                         U[i, j] += a * T[k, j]
             for i in range(n):
                 for j in range(n):
-                    v = 0.5 * (U[i, j] + U[j, i])
+                    v = 0.5 * ((H[i, j] + U[i, j]) + (H[j, i] + U[j, i]))
                     T[i, j] = v - H[i, j]
                     W[i, j] = v   # (W's factors are spent)
             change = _norm(T, n)
@@ -154,10 +154,10 @@ def sda(A0, G0, H0, tol, max_iter, X, done, iters):
             _times(A, S, n, T, n)
             for i in range(n):
                 for j in range(n):
-                    s = G[i, j]
+                    s = 0.0
                     for k in range(n):
                         s += T[i, k] * A[j, k]
-                    U[i, j] = s
+                    U[i, j] = G[i, j] + s
             for i in range(n):
                 for j in range(i, n):
                     v = 0.5 * (U[i, j] + U[j, i])
