@@ -55,7 +55,13 @@ def test_all_methods_agree_with_scipy(n, m, seed, with_e, with_s):
         np.testing.assert_array_equal(sol.P, sol.P.T)
         assert np.abs(sol.closed_loop_eigvals).max() < 1
         assert sol.residual <= 1e-10, (method, sol.residual)
-        if method == "auto":
+        # no larger residual than scipy's -- without E: since session 31 a descriptor
+        # answer of "auto" is chosen by its forward error (Newton steps in Hewer's form,
+        # docs/dare.md "A nearly singular E"; checked against a many-digit reference in
+        # test_dare_descriptor.py), and its residual is then rounding noise that can end
+        # above scipy's (n = 6, m = 1, seed 182584: residual 3.1e-12 against scipy's
+        # 2.7e-12 with a forward error of 1.4e-11 against scipy's 4.1e-11)
+        if method == "auto" and E is None:
             assert sol.residual <= max(scipy_res, 4 * np.finfo(float).eps)
         G = R + B.T @ sol.P @ B
         Kref = -np.linalg.solve(G, B.T @ sol.P @ A + (0 if S is None else S.T))

@@ -130,3 +130,41 @@ def test_the_rule(monkeypatch):
         tol = 1e-11 if dtype == torch.float64 else 1e-4
         np.testing.assert_allclose(sol.P[0].double().numpy(), ref, rtol=tol,
                                    atol=tol * np.abs(ref).max())
+
+
+def test_a_converged_h_is_not_enough():
+    """H settled but A_k not vanishing (a rotation that neither G nor H sees: G = H = 0)
+    is no solution: not done, as in the torch loop."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    A = torch.tensor([[[c, -s], [s, c]]], dtype=torch.float64)
+    Z = torch.zeros(1, 2, 2, dtype=torch.float64)
+    tol = 20 * torch.finfo(torch.float64).eps
+    for iterate in (doubling._iterate_compiled, doubling._iterate):
+        X, done = iterate(A, Z, Z, tol, 30)
+        assert not bool(done.any()) and bool((X == 0).all())
+
+
+def test_the_lu_pivots():
+    """W = I + G H with a zero in its corner (G = v v', H = w w', v'w = -1): the first
+    step needs a row exchange; it equals the torch loop's first step."""
+    v, w = torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([1.0, -2.0],
+                                                                       dtype=torch.float64)
+    G, H = torch.outer(v, v)[None], torch.outer(w, w)[None]
+    assert float((torch.eye(2, dtype=torch.float64) + G @ H)[0, 0, 0]) == 0.0
+    A = torch.tensor([[[0.5, 0.2], [-0.1, 0.3]]], dtype=torch.float64)
+    X1, _ = doubling._iterate_compiled(A, G, H, 0.0, 1)
+    Xt1, _ = doubling._iterate(A, G, H, 0.0, 1)
+    assert bool(torch.isfinite(X1).all())
+    torch.testing.assert_close(X1, Xt1, rtol=1e-14, atol=1e-14)
+
+
+def test_arguments_as_the_torch_loop_takes_them():
+    """``max_iter`` beyond int64 runs (no numba typing error), a float ``max_iter`` is a
+    TypeError as ``range`` makes it, and a tensor with the negative bit set is read."""
+    A, G, H, _, _ = sda_data(np.random.default_rng(4), 2, 3, 1)
+    tol = 30 * torch.finfo(torch.float64).eps
+    X, done = doubling._iterate_compiled(A, G, H, tol, 10 ** 20)
+    Xn, done_n = doubling._iterate_compiled(torch._neg_view(-A), G, H, tol, 100)
+    assert bool(done.all()) and torch.equal(X, Xn) and torch.equal(done, done_n)
+    with pytest.raises(TypeError):
+        doubling._iterate_compiled(A, G, H, tol, 2.5)

@@ -27,6 +27,7 @@ of systems (on any device) is solved at once.
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def solve_doubling(d: DAREData, *, tol: float | None = None, max_iter: int = 100
         A, B = EinvAB[..., :n], EinvAB[..., n:]
     G = sym(B @ _spd_solve(d.R, B.transpose(-1, -2), "R"))
     H = Q
-    iterate = _iterate_compiled if compiled_pays(n, A, G, H) else _iterate
+    iterate = (_iterate_compiled if compiled_pays(n, A, G, H) and not torch.is_tensor(tol)
+               else _iterate)
     X, converged = iterate(A.reshape(-1, n, n), G.reshape(-1, n, n), H.reshape(-1, n, n),
                            tol, max_iter)
     X, converged = X.reshape(*d.batch, n, n), converged.reshape(d.batch)
@@ -147,7 +149,9 @@ MIN_WORK_PER_THREAD = 2 ** 16
 
 def compiled_pays(n: int, *tensors: torch.Tensor) -> bool:
     """The rule: float64 CPU data of at most :data:`MAX_COMPILED_N` states that need no
-    gradient, numba available (:func:`trajopt.riccati.compiled.compilable`)."""
+    gradient (``solve_dare`` detaches its data before solving: data that require grad
+    are solved here too), numba available (:func:`trajopt.riccati.compiled.compilable`);
+    :func:`solve_doubling` also keeps a tensor ``tol`` (per element) on the torch loop."""
     from ..riccati.compiled import compilable
     return (n <= MAX_COMPILED_N and all(v.dtype == torch.float64 for v in tensors)
             and compilable(*tensors))
@@ -165,14 +169,15 @@ def _iterate_compiled(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: fl
     per-operation dispatch, each system's matrices in the cache, each system stopped by
     itself), its batch cut into slices on the caller's threads."""
     b, n = A.shape[0], A.shape[-1]
-    arrays = [np.ascontiguousarray(v.numpy()) for v in (A, G, H)]
+    steps_most = min(operator.index(max_iter), 2 ** 62)  # a float: TypeError, as range()
+    arrays = [np.ascontiguousarray(v.resolve_neg().numpy()) for v in (A, G, H)]
     X = np.empty((b, n, n))
     done = np.zeros(b, dtype=np.bool_)
     steps = np.zeros(b, dtype=np.int64)
     sda = _kernel()
 
     def run(b0: int, b1: int) -> None:
-        sda(*(v[b0:b1] for v in arrays), float(tol), int(max_iter), X[b0:b1], done[b0:b1],
+        sda(*(v[b0:b1] for v in arrays), float(tol), steps_most, X[b0:b1], done[b0:b1],
             steps[b0:b1])
     in_slices(run, b, slices_for(b * n ** 3, b, MIN_WORK_PER_THREAD))
     return torch.from_numpy(X), torch.from_numpy(done)
