@@ -168,3 +168,22 @@ def test_arguments_as_the_torch_loop_takes_them():
     assert bool(done.all()) and torch.equal(X, Xn) and torch.equal(done, done_n)
     with pytest.raises(TypeError):
         doubling._iterate_compiled(A, G, H, tol, 2.5)
+
+
+def test_a_hidden_rotation_is_refused_in_float64():
+    """Session 30's review case in float64 (a rotation that Q does not weigh, hidden by a
+    change of basis: no stabilizing solution). The torch loop's A_k decays under its
+    rounding and its gain passed at radius 1 - 5.7e-10; in the compiled loop A_k stays a
+    rotation, the element is not certified, and the eigenvalue check refuses it, as
+    "scipy" and "auto" do."""
+    from trajopt.errors import NotStabilizableError
+    th = 0.3
+    D = np.zeros((3, 3))
+    D[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+    D[2, 2] = 0.5
+    T = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]])
+    Ti = np.linalg.inv(T)
+    C = np.array([[0.0, 0.0, 1.0]]) @ Ti
+    B = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(NotStabilizableError):
+        trajopt.solve_dare(T @ D @ Ti, B, C.T @ C, np.eye(2), method="doubling")
