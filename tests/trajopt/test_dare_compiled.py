@@ -177,13 +177,7 @@ def test_a_hidden_rotation_is_refused_in_float64():
     rotation, the element is not certified, and the eigenvalue check refuses it, as
     "scipy" and "auto" do."""
     from trajopt.errors import NotStabilizableError
-    th = 0.3
-    D = np.zeros((3, 3))
-    D[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
-    D[2, 2] = 0.5
-    T = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]])
-    Ti = np.linalg.inv(T)
-    C = np.array([[0.0, 0.0, 1.0]]) @ Ti
-    B = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+
+    from .test_stability_margin import hidden_rotation
     with pytest.raises(NotStabilizableError):
-        trajopt.solve_dare(T @ D @ Ti, B, C.T @ C, np.eye(2), method="doubling")
+        trajopt.solve_dare(*hidden_rotation(), method="doubling")
