@@ -21,7 +21,10 @@ for periodic discrete-time algebraic Riccati equations"; Lin & Xu 2006) solves b
 
 starting from :math:`(\hat A, G, \hat Q)`; :math:`H_k \to Y` quadratically when the
 stabilizing solution exists.  Every step is a batched solve and a few matmuls, so a batch
-of systems (on any device) is solved at once.
+of systems (on any device) is solved at once (:func:`_iterate`); float64 CPU data of at
+most :data:`MAX_COMPILED_N` states take the same steps in one compiled loop over the
+systems instead (:func:`_iterate_compiled`, the rule :func:`compiled_pays`;
+``docs/dare.md``, "Which loop runs the doubling").
 """
 
 from __future__ import annotations
