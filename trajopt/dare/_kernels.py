@@ -92,11 +92,10 @@ def _norm(M, n):
 
 
 @_jit
-def sda(A0, G0, H0, tol, max_iter, X, done, iters):
+def sda(A0, G0, H0, tol, max_iter, X, done):
     """SDA on the systems ``A0, G0, H0`` (b, n, n), one after another: ``X`` (b, n, n)
-    gets the last ``H_k``, ``done`` (b,) whether it converged with ``A_k`` vanished,
-    ``iters`` (b,) the steps taken (the stopping rule of :func:`trajopt.dare.doubling
-    ._iterate`)."""
+    gets the last ``H_k``, ``done`` (b,) whether it converged with ``A_k`` vanished (the
+    stopping rule of :func:`trajopt.dare.doubling._iterate`)."""
     nb, n, _ = A0.shape
     A = np.empty((n, n))
     G = np.empty((n, n))
@@ -177,4 +176,3 @@ def sda(A0, G0, H0, tol, max_iter, X, done, iters):
             for j in range(n):
                 X[b, i, j] = H[i, j]
         done[b] = conv
-        iters[b] = it

@@ -176,11 +176,9 @@ def _iterate_compiled(A: torch.Tensor, G: torch.Tensor, H: torch.Tensor, tol: fl
     arrays = [np.ascontiguousarray(v.resolve_neg().numpy()) for v in (A, G, H)]
     X = np.empty((b, n, n))
     done = np.zeros(b, dtype=np.bool_)
-    steps = np.zeros(b, dtype=np.int64)
     sda = _kernel()
 
     def run(b0: int, b1: int) -> None:
-        sda(*(v[b0:b1] for v in arrays), float(tol), steps_most, X[b0:b1], done[b0:b1],
-            steps[b0:b1])
+        sda(*(v[b0:b1] for v in arrays), float(tol), steps_most, X[b0:b1], done[b0:b1])
     in_slices(run, b, slices_for(b * n ** 3, b, MIN_WORK_PER_THREAD))
     return torch.from_numpy(X), torch.from_numpy(done)
