@@ -37,13 +37,7 @@ from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import check_forward_error, dare_adjoint, forward_accurate, hewer_refine, newton_refine
 from .precision import decided_in_float64
-from .stability import (
-    NEAR_CIRCLE,
-    lyapunov_certificate,
-    raise_unstabilizable,
-    refuse_unseen_circle_modes,
-    stable_beyond_rounding,
-)
+from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
 
@@ -390,7 +384,6 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         rho = float(np.abs(eig).max())
         if not rho < margin and not bool(stable_beyond_rounding(d, K)):
             raise_unstabilizable(d, np.asarray(True), _not_stabilizing(rho))
-        refuse_unseen_circle_modes(d, np.asarray(rho > 1 - NEAR_CIRCLE))
     else:
         if certified is None:
             certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
@@ -414,7 +407,6 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                 if bool(bad.any()):
                     raise_unstabilizable(d, bad.reshape(d.batch),
                                          _not_stabilizing(float(rho[bad].max())))
-            refuse_unseen_circle_modes(d, rho > 1 - NEAR_CIRCLE)
     if res is None:
         res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on

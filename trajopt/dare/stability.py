@@ -12,11 +12,7 @@ from ..errors import NotStabilizableError
 from ._common import DAREData
 
 __all__ = ["lyapunov_certificate", "stable_beyond_rounding", "uncontrollable_unstable_mode",
-           "raise_unstabilizable", "NEAR_CIRCLE", "refuse_unseen_circle_modes"]
-
-#: closed loops with a spectral radius above ``1 - NEAR_CIRCLE`` are asked for a
-#: unit-circle mode that the cost does not see (:func:`refuse_unseen_circle_modes`)
-NEAR_CIRCLE = 1e-4
+           "raise_unstabilizable"]
 
 
 def lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor,
@@ -108,57 +104,6 @@ def uncontrollable_unstable_mode(d: DAREData, continuous: bool = False) -> compl
     return None
 
 
-def unseen_circle_mode(d: DAREData) -> complex | None:
-    """PBH test on one (unbatched) discrete-time system: an eigenvalue of the pencil
-    ``(A^, E)`` within 1e-10 of the unit circle (the rounding
-    :func:`uncontrollable_unstable_mode` allows) at which ``[(A^ - lambda E) / |A^|;
-    Q^ / |Q^|]`` loses rank (``A^ = A - B R^-1 S'``, ``Q^ = Q - S R^-1 S'``, spectral
-    norms): a mode on the circle that the cost does not see, or None."""
-    d = d.torch()
-    A, Q = d.A.detach(), d.Q.detach()
-    if d.S is not None:
-        RiSt = torch.linalg.solve(d.R.detach(), d.S.detach().transpose(-1, -2))
-        A, Q = A - d.B.detach() @ RiSt, Q - d.S.detach() @ RiSt
-    Ac = A.to(torch.complex128)
-    E = torch.eye(d.n, dtype=Ac.dtype, device=Ac.device) if d.E is None \
-        else d.E.detach().to(Ac.dtype)
-    lam = torch.linalg.eigvals(torch.linalg.solve(E, Ac))
-    na = max(float(torch.linalg.matrix_norm(Ac, 2)), 1e-300)
-    nq = float(torch.linalg.matrix_norm(Q, 2))
-    Qn = (Q / nq if nq > 0 else Q).to(Ac.dtype)
-    tol = 1e3 * d.n * torch.finfo(d.A.dtype).eps
-    for lv in lam.tolist():
-        if abs(abs(lv) - 1) <= 1e-10:
-            sv = torch.linalg.svdvals(torch.cat([(Ac - lv * E) / na, Qn], dim=-2))
-            if float(sv[-1]) <= tol:
-                return lv
-    return None
-
-
-def refuse_unseen_circle_modes(d: DAREData, near) -> None:
-    """Raise :class:`NotStabilizableError` for the first element in ``near`` (a mask over
-    the batch: closed loops within :data:`NEAR_CIRCLE` of the unit circle) that has a
-    unit-circle mode the cost does not see (:func:`unseen_circle_mode`). Such a problem
-    has no stabilizing solution, but the gain the solvers find is ~``sqrt(eps)`` off and
-    moves that mode inside the circle by more than the rounding tests allow (radii
-    ``1 - 1e-10 .. 1 - 1.7e-7`` measured; ``docs/dare.md``)."""
-    near = torch.as_tensor(near).reshape(-1)
-    for first in torch.nonzero(near).flatten().tolist():
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
-            if len(d.batch) else ()
-        mode = unseen_circle_mode(d.element(index))
-        if mode is not None:
-            label = d.label(index)
-            raise NotStabilizableError(_unseen(mode, f" for batch element {label}"
-                                               if label else ""))
-
-
-def _unseen(mode: complex, where: str) -> str:
-    return (f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (|lambda| = "
-            f"{abs(mode):.17g}, on the unit circle within rounding) is not seen by the cost "
-            "Q; a gain found for it moves it off the circle only by its own rounding error")
-
-
 def raise_unstabilizable(d: DAREData, bad, what: str, continuous: bool = False) -> None:
     """Raise :class:`NotStabilizableError` for the first batch element in ``bad``, naming
     an uncontrollable unstable mode when there is one, else ``what``."""
@@ -178,9 +123,6 @@ def raise_unstabilizable(d: DAREData, bad, what: str, continuous: bool = False) 
         raise NotStabilizableError(
             f"no stabilizing solution{where}: the mode lambda = {mode:.6g} ({which}) is not "
             "controllable through B")
-    mode = None if continuous else unseen_circle_mode(d.element(index))
-    if mode is not None:
-        raise NotStabilizableError(_unseen(mode, where))
     axis = "the imaginary axis" if continuous else "the unit circle"
     raise NotStabilizableError(
         f"no stabilizing solution{where}: {what}; check that (A, B) is stabilizable and "
