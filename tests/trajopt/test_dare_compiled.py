@@ -168,18 +168,3 @@ def test_arguments_as_the_torch_loop_takes_them():
     assert bool(done.all()) and torch.equal(X, Xn) and torch.equal(done, done_n)
     with pytest.raises(TypeError):
         doubling._iterate_compiled(A, G, H, tol, 2.5)
-
-
-def test_a_hidden_rotation_is_refused_in_float64():
-    """Session 30's review case in float64 (a rotation that Q does not weigh, hidden by a
-    change of basis: no stabilizing solution). The torch loop's A_k decays under its
-    rounding and its gain passed at radius 1 - 5.7e-10; in the compiled loop A_k stays a
-    rotation, the element is not certified, and the eigenvalue check refuses it, as
-    "scipy" and "auto" do. The rounding of this case, not a rule: most random problems
-    of the kind pass every solver (docs/dare.md, "The eigenvalue check near the
-    boundary")."""
-    from trajopt.errors import NotStabilizableError
-
-    from .test_stability_margin import hidden_rotation
-    with pytest.raises(NotStabilizableError):
-        trajopt.solve_dare(*hidden_rotation(), method="doubling")
