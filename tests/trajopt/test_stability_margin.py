@@ -132,13 +132,6 @@ def test_a_hidden_unweighted_rotation_is_refused_in_float32(method):
     the eigenvalues' rounding for the gain found accepted it at radius 1 - 2.4e-5 (the
     gain ~sqrt(eps) off); the float64 solve of the float32 data comes out 1 - 6e-8, within
     float32's rounding of the circle: refused, as float64 refuses the float64 data."""
-    with pytest.raises(NotStabilizableError):
-        trajopt.solve_dare(*_f32(*hidden_rotation()), method=method)
-
-
-def hidden_rotation():
-    """``A, B, Q, R`` (float64 numpy) of the case above: ``A = T D T^-1`` with D a
-    rotation by 0.3 rad beside 0.5, ``Q = C'C`` weighing only the mode 0.5."""
     th = 0.3
     D = np.zeros((3, 3))
     D[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
@@ -147,4 +140,5 @@ def hidden_rotation():
     Ti = np.linalg.inv(T)
     C = np.array([[0.0, 0.0, 1.0]]) @ Ti
     B = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    return T @ D @ Ti, B, C.T @ C, np.eye(2)
+    with pytest.raises(NotStabilizableError):
+        trajopt.solve_dare(*_f32(T @ D @ Ti, B, C.T @ C, np.eye(2)), method=method)

@@ -38,6 +38,7 @@ import torch
 from .._linalg import batched_solve, finite_rows, sym
 from .._threads import in_slices, slices_for
 from ..errors import NumericalError
+from ..riccati.compiled import compilable
 from ._common import DAREData
 
 
@@ -155,7 +156,6 @@ def compiled_pays(n: int, *tensors: torch.Tensor) -> bool:
     gradient (``solve_dare`` detaches its data before solving: data that require grad
     are solved here too), numba available (:func:`trajopt.riccati.compiled.compilable`);
     :func:`solve_doubling` also keeps a tensor ``tol`` (per element) on the torch loop."""
-    from ..riccati.compiled import compilable
     return (n <= MAX_COMPILED_N and all(v.dtype == torch.float64 for v in tensors)
             and compilable(*tensors))
 
