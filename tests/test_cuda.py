@@ -17,10 +17,11 @@ import trajopt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DT = torch.float64
+GPU = "cuda"
 
 
 def _both(fn):
-    return fn("cpu"), fn("cuda")
+    return fn("cpu"), fn(GPU)
 
 
 def test_finite_lqr_on_cuda():
@@ -435,3 +436,131 @@ def test_the_step_check_on_cuda(special):
         assert math.isnan(cpu) and math.isnan(float(gpu))
     else:
         assert cpu == ref and float(gpu) == ref
+
+
+@pytest.mark.parametrize("method", ["doubling", "auto"])
+def test_descriptor_dare_with_cross_term_on_cuda(method):
+    """A batch of DAREs with E and S on the GPU (the torch doubling loop; on the CPU float64
+    data of n <= 24 take the compiled loop): the CPU's solutions and gains."""
+    g = torch.Generator().manual_seed(10)
+    n, m, batch = 5, 2, 32
+    A = torch.randn(batch, n, n, generator=g, dtype=DT) / n ** 0.5
+    Bm = torch.randn(batch, n, m, generator=g, dtype=DT)
+    E = torch.eye(n, dtype=DT) + 0.2 * torch.randn(batch, n, n, generator=g, dtype=DT)
+    S = 0.1 * torch.randn(batch, n, m, generator=g, dtype=DT)
+    cpu, gpu = _both(lambda dev: trajopt.solve_dare(
+        A.to(dev), Bm.to(dev), torch.eye(n, dtype=DT, device=dev),
+        torch.eye(m, dtype=DT, device=dev), E.to(dev), S.to(dev), method=method))
+    assert gpu.P.device.type == GPU
+    scale = float(cpu.P.abs().max())
+    torch.testing.assert_close(gpu.P.cpu(), cpu.P, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(gpu.K.cpu(), cpu.K, rtol=0,
+                               atol=1e-10 * float(cpu.K.abs().max()))
+
+
+def test_multiple_shooting_and_mpc_on_cuda():
+    """Multiple shooting from crocoddyl's start (every state x0) and three MPC steps with
+    a warm start, pendulums on the GPU: the CPU's controls and costs."""
+    def solve(dev):
+        cost, x0 = _swing_up(dev, 3)
+        us0 = torch.zeros(3, 40, 1, dtype=DT, device=dev)
+        xs0 = x0[:, None].expand(3, 41, 2).clone()
+        shot = trajopt.solve_ddp(_pendulum, cost, x0, us0, xs0=xs0, shooting="multiple",
+                                 max_iter=60)
+        mpc = trajopt.MPC(_pendulum, cost, horizon=30, n_controls=1)
+        x, us = x0, []
+        for _ in range(3):
+            u = mpc.step(x)
+            us.append(u)
+            x = _pendulum(x, u, 0)
+        return shot, torch.stack(us, 1), x
+    (cpu, cpu_us, cpu_x), (gpu, gpu_us, gpu_x) = _both(solve)
+    assert gpu.us.device.type == GPU and gpu_us.device.type == GPU
+    assert list(gpu.reason) == list(cpu.reason)
+    assert float(gpu.max_gap.max()) == 0.0
+    torch.testing.assert_close(gpu.us.cpu(), cpu.us, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gpu_us.cpu(), cpu_us, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(gpu_x.cpu(), cpu_x, rtol=1e-9, atol=1e-10)
+
+
+class _ConvNet(nn.Module):
+    """A model written the way people write them: convolutions with GroupNorm, a residual
+    addition in forward where asked, a pooled linear head."""
+
+    def __init__(self, residual):
+        super().__init__()
+        self.residual = residual
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.conv1(x)))
+        h = h + F.relu(self.conv2(h)) if self.residual else F.relu(self.conv2(h))
+        return self.head(F.max_pool2d(h, 2).flatten(1))
+
+
+@pytest.mark.parametrize("optimizer,curvature", [("DDPNOpt", "adam"), ("DDPNOpt", "ekfac"),
+                                                 ("GTDDP", "adam")])
+def test_custom_module_training_loop_on_cuda(optimizer, curvature):
+    """DDPNOpt on a custom ``nn.Module`` with GroupNorm, GT-DDP on the same with a residual
+    addition (feedback, the GGN terminal Hessian: DDPNOpt's default, the sampled Fisher,
+    draws from each device's generator), in an ordinary loop (a scheduler, gradient
+    clipping): three steps on the GPU equal the CPU's."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(40, 1, 8, 8, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (40,), generator=g)
+
+    def train(dev):
+        torch.manual_seed(0)
+        model = _ConvNet(residual=optimizer == "GTDDP").to(dev, DT)
+        opt = getattr(nnbridge, optimizer)(model, lr=1e-2 if curvature == "adam" else 0.05,
+                                           curvature=curvature, terminal_hessian="ggn")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        Xd, yd = X.to(dev), y.to(dev)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(Xd), yd).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        return [p.detach() for p in model.parameters()]
+    cpu, gpu = _both(train)
+    tol = dict(rtol=1e-6, atol=1e-7) if curvature == "ekfac" else dict(rtol=1e-8, atol=1e-9)
+    for p, q in zip(cpu, gpu):
+        assert q.device.type == GPU
+        torch.testing.assert_close(q.cpu(), p, **tol)
+
+
+def test_deq_on_cuda():
+    """A deep equilibrium layer's fixed point and its gradient through the DARE (the
+    infinite-horizon LQR of the fixed point) on the GPU: the CPU's."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 3, generator=g, dtype=DT)
+    w = torch.randn(6, 5, generator=g, dtype=DT)
+
+    def run(dev):
+        torch.manual_seed(0)
+        lin, inj = nn.Linear(5, 5).to(dev, DT), nn.Linear(3, 5).to(dev, DT)
+        with torch.no_grad():
+            lin.weight.mul_(0.5)
+
+        class Cell(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin, self.inj = lin, inj
+
+            def forward(self, z, x):
+                return torch.tanh(self.lin(z) + self.inj(x))
+        cell = Cell()
+        deq = nnbridge.DEQ(cell, (5,), tol=1e-13, max_iter=500)
+        xd = x.detach().to(dev).requires_grad_()
+        z = deq(xd)
+        (z * w.to(dev)).sum().backward()
+        return [z.detach(), xd.grad] + [p.grad for p in cell.parameters()]
+    cpu, gpu = _both(run)
+    for c, q in zip(cpu, gpu):
+        assert q.device.type == GPU
+        torch.testing.assert_close(q.cpu(), c, rtol=1e-9, atol=1e-11)

@@ -16,10 +16,16 @@ import torch
 import trajopt
 from tests.trajopt._pendulum import DT
 from tests.trajopt._pendulum import pendulum as _pendulum
+from trajopt.ddp.inference import forward_ad_works
 from trajopt.ddp.models import DynamicsDerivatives
 from trajopt.errors import ShapeError
 
 F64 = dict(dtype=torch.float64)
+#: the tests that see the mode entered; a torch without forward-mode derivatives in the
+#: mode (2.11) solves outside it (the last test)
+enters_the_mode = pytest.mark.skipif(
+    not forward_ad_works(), reason="this torch takes no forward-mode derivatives under "
+    "inference mode: every solve stays outside it")
 
 
 def _cost():
@@ -33,6 +39,7 @@ def _x0(B=3):
     return torch.linspace(-0.3, 0.3, B, **F64).unsqueeze(-1) * torch.tensor([1.0, 0.0], **F64)
 
 
+@enters_the_mode
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_rollouts_run_in_inference_mode_from_the_second_solve(wrapped):
     """The first solve with a model under no_grad (what the model makes and keeps at its
@@ -149,6 +156,7 @@ class _Analytic(trajopt.Dynamics):
         return DynamicsDerivatives(fx=fx, fu=fu)
 
 
+@enters_the_mode
 def test_model_with_autograd_inside_is_solved_outside_the_mode():
     us0 = torch.zeros(3, 30, 1, **F64)
     inside = _Analytic(_hamiltonian_step, time_invariant=True)
@@ -172,3 +180,45 @@ def test_model_failing_either_way_keeps_its_error():
     with pytest.raises(ShapeError, match="the dynamics or cost failed on x0"):
         trajopt.solve_ddp(dyn, _cost(), _x0(), torch.zeros(3, 10, 1, **F64))
     assert not getattr(dyn, "_trajopt_needs_autograd", False)
+
+
+def test_a_torch_without_forward_derivatives_in_the_mode_solves_outside_it(monkeypatch):
+    """torch 2.11 raises for ``vmap(jacfwd(f))`` under inference mode ("Batching rule not
+    implemented for aten::_make_dual"; seen on a GPU machine): the probe says so, and then
+    every solve stays out of the mode -- a constrained solve, whose constraint Jacobians
+    are forward-mode, included -- with the answer of the solve in the mode."""
+    import trajopt.ddp.inference as inference
+    real = torch.func.jacfwd
+
+    def jacfwd_of_torch_2_11(*a, **kw):
+        fn = real(*a, **kw)
+
+        def jac(*args):
+            if torch.is_inference_mode_enabled():
+                raise RuntimeError("Batching rule not implemented for aten::_make_dual")
+            return fn(*args)
+        return jac
+    monkeypatch.setattr(torch.func, "jacfwd", jacfwd_of_torch_2_11)
+    assert inference.forward_ad_works.__wrapped__() is False
+    monkeypatch.setattr(torch.func, "jacfwd", real)
+
+    seen = []
+
+    def f(x, u, t):
+        seen.append(torch.is_inference_mode_enabled())
+        return _pendulum(x, u, t)
+    cons = [trajopt.Constraint(lambda x, u: u[..., 0] - 2.0)]
+
+    def solve():
+        return trajopt.solve_ddp(f, _cost(), _x0(), torch.zeros(3, 40, 1, **F64),
+                                 constraints=cons, max_iter=5)
+    solve()
+    in_mode = solve()    # in the mode where this torch allows (2.13), else outside
+    assert any(seen) == forward_ad_works()
+    seen.clear()
+    monkeypatch.setattr(inference, "forward_ad_works", lambda: False)
+    for module in ("constraints", "models", "lagrangian", "spans"):
+        monkeypatch.setattr(f"trajopt.ddp.{module}.jacfwd", jacfwd_of_torch_2_11)
+    outside = solve()
+    assert seen and not any(seen)   # and no RuntimeError from the constraint's Jacobian
+    assert torch.equal(outside.us, in_mode.us) and torch.equal(outside.cost, in_mode.cost)

@@ -27,17 +27,25 @@ A model that needs autograd inside its own evaluation (a dynamics computing
 there.  The solve's first rollout tells (:func:`refuse_if_runs_outside`): when it fails
 under the mode and runs outside it, the models are marked and the solve runs again under
 ``torch.no_grad()`` alone, as every later solve with them does.
+
+Forward-mode derivatives (``torch.func.jacfwd`` of constraints and of models) need a
+torch that runs them under the mode: torch 2.11 raises "Batching rule not implemented for
+aten::_make_dual" there (seen on a GPU machine's torch 2.11.0+cu130; 2.13 runs them).
+:func:`forward_ad_works` asks torch once per process; where it says no, every solve runs
+under ``torch.no_grad()`` alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import TypeVar
 
 import torch
 
-__all__ = ["run", "user_objects", "refuse_if_runs_outside", "normal", "outside"]
+__all__ = ["run", "user_objects", "refuse_if_runs_outside", "normal", "outside",
+           "forward_ad_works"]
 
 R = TypeVar("R")
 
@@ -53,12 +61,13 @@ class RefusedError(Exception):
 
 def run(solve: Callable[[], R], models: tuple) -> R:
     """``solve()`` under ``torch.inference_mode()`` where every one of ``models`` (the
-    user's code, :func:`user_objects`) has been solved before and none needs autograd;
+    user's code, :func:`user_objects`) has been solved before and none needs autograd,
+    and where this torch takes forward-mode derivatives there (:func:`forward_ad_works`);
     the first solve with one under the caller's mode (``no_grad``); on
     :class:`RefusedError` the models are marked and ``solve()`` runs again outside the
     mode."""
     models = tuple(m for m in models if m is not None)
-    if any(getattr(m, _MARK, False) for m in models):
+    if any(getattr(m, _MARK, False) for m in models) or not forward_ad_works():
         return solve()
     fresh = tuple(m for m in models if not getattr(m, _SEEN, False) and _markable(m))
     if fresh:
@@ -71,6 +80,18 @@ def run(solve: Callable[[], R], models: tuple) -> R:
     except RefusedError:
         _mark(models, _MARK)
         return solve()
+
+
+@cache
+def forward_ad_works() -> bool:
+    """Whether this torch takes ``vmap(jacfwd(f))`` under ``torch.inference_mode()`` (asked
+    once per process, on a (2, 1) float64 tensor: ~1 ms)."""
+    try:
+        with torch.inference_mode():
+            torch.func.vmap(torch.func.jacfwd(torch.sin))(torch.ones(2, 1, dtype=torch.float64))
+    except RuntimeError:
+        return False
+    return True
 
 
 def user_objects(*models, depth: int = 3) -> tuple:
