@@ -37,6 +37,7 @@ from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import check_forward_error, dare_adjoint, forward_accurate, hewer_refine, newton_refine
 from .precision import decided_in_float64
+from .detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
@@ -384,15 +385,18 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         rho = float(np.abs(eig).max())
         if not rho < margin and not bool(stable_beyond_rounding(d, K)):
             raise_unstabilizable(d, np.asarray(True), _not_stabilizing(rho))
+        refuse_unweighted_circle_modes(d, np.asarray(rho > 1 - NEAR_CIRCLE))
     else:
         if certified is None:
             certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
         # doubling's certificate (A_k -> 0) is fooled by an undamped rotation that Q does
         # not weigh (repeated squaring decays under rounding): it stands only where the
-        # Lyapunov certificate holds too; the other elements get the eigenvalue check
+        # Lyapunov certificate holds too, with the room that puts the closed loop farther
+        # than NEAR_CIRCLE inside; the other elements get the eigenvalue checks
         unchecked = ~certified
         if bool(certified.any()):
-            unchecked = unchecked | (certified & ~lyapunov_certificate(d, X, K))
+            unchecked = unchecked | (certified & ~lyapunov_certificate(
+                d, X, K, room=2 * NEAR_CIRCLE))
         if bool(unchecked.any()):
             flat = unchecked.reshape(-1)
             sub = d.subset(flat)
@@ -407,6 +411,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                 if bool(bad.any()):
                     raise_unstabilizable(d, bad.reshape(d.batch),
                                          _not_stabilizing(float(rho[bad].max())))
+            refuse_unweighted_circle_modes(d, rho > 1 - NEAR_CIRCLE)
     if res is None:
         res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
