@@ -33,11 +33,11 @@ from ._common import (
     scale,
 )
 from .backends import accept_tol, eps_of, reference_solution, solve_scipy, solve_slycot
+from .detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import check_forward_error, dare_adjoint, forward_accurate, hewer_refine, newton_refine
 from .precision import decided_in_float64
-from .detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
 from .stability import lyapunov_certificate, raise_unstabilizable, stable_beyond_rounding
 
 __all__ = ["DARESolution", "solve_dare", "DAREMethod"]
@@ -391,12 +391,12 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
             certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
         # doubling's certificate (A_k -> 0) is fooled by an undamped rotation that Q does
         # not weigh (repeated squaring decays under rounding): it stands only where the
-        # Lyapunov certificate holds too, with the room that puts the closed loop farther
-        # than NEAR_CIRCLE inside; the other elements get the eigenvalue checks
+        # Lyapunov certificate holds too; the other elements get the eigenvalue checks.
+        # (An unweighted circle mode fails that certificate: X does not weigh it either,
+        # so the closed loop's form W vanishes along it.)
         unchecked = ~certified
         if bool(certified.any()):
-            unchecked = unchecked | (certified & ~lyapunov_certificate(
-                d, X, K, room=2 * NEAR_CIRCLE))
+            unchecked = unchecked | (certified & ~lyapunov_certificate(d, X, K))
         if bool(unchecked.any()):
             flat = unchecked.reshape(-1)
             sub = d.subset(flat)

@@ -16,7 +16,7 @@ __all__ = ["lyapunov_certificate", "stable_beyond_rounding", "uncontrollable_uns
 
 
 def lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor,
-                         continuous: bool = False, room: float = 0.0) -> torch.Tensor:
+                         continuous: bool = False) -> torch.Tensor:
     """(batch,) bool: ``X`` is positive definite and so is the closed loop's Lyapunov form
     -- ``W = X - Acl'X Acl`` (discrete) or ``W = -(Acl'X + X Acl)`` (continuous), ``Acl =
     A + BK`` -- by more than the rounding of forming it (``8 n eps |X| (|A| + |B||K|)^2``,
@@ -25,12 +25,7 @@ def lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor,
     minus the residual matrix; W is formed from the closed loop itself, not from Q, R and
     K, because where ``|A'XA|`` dwarfs Q that identity holds only to a residual larger
     than W (``1e8 A`` gave an unstable closed loop at relative residual 2e-16).  Two
-    batched Cholesky factorizations; False (not proven) with E.
-
-    ``room`` > 0 asks for ``W >= room |X|`` beyond that rounding: every closed-loop
-    eigenvalue ``mu`` then has ``|mu|^2 <= 1 - room`` (discrete; ``u'Wu = (1 - |mu|^2)
-    u'Xu`` for its eigenvector ``u``), so a closed loop that passes with ``room = 2 r`` is
-    inside the circle by more than ``r`` (to first order)."""
+    batched Cholesky factorizations; False (not proven) with E."""
     if d.E is not None:
         return torch.zeros(d.batch, dtype=torch.bool, device=X.device)
     K = K.detach()
@@ -44,7 +39,7 @@ def lyapunov_certificate(d: DAREData, X: torch.Tensor, K: torch.Tensor,
     else:
         W = X - Acl.transpose(-1, -2) @ XA
         size = size * size
-    margin = (8 * d.n * torch.finfo(X.dtype).eps * size + room) * torch.linalg.matrix_norm(X)
+    margin = 8 * d.n * torch.finfo(X.dtype).eps * size * torch.linalg.matrix_norm(X)
     eye = torch.eye(d.n, dtype=X.dtype, device=X.device)
     ok_w = torch.linalg.cholesky_ex(sym(W) - margin[..., None, None] * eye)[1] == 0
     ok_x = torch.linalg.cholesky_ex(X)[1] == 0

@@ -1,0 +1,181 @@
+"""A unit-circle mode that the cost does not weigh (trajopt.dare.detectability): such a
+DARE has no stabilizing solution, yet every solver returns one to within its rounding (the
+gain is ~sqrt(eps) off and moves the mode 1e-10 .. 1e-7 inside the circle; scipy's own
+``solve_discrete_are`` returns most of them). Refused on every method, one system and a
+batch; problems near the boundary that do have a stabilizing solution are still solved.
+
+The families are those of session 32's scan (a mode on the circle hidden by a random
+change of basis T, the cost ``C'C`` blind to it): a rotation, lambda = 1, lambda = -1, a
+Jordan pair at 1 whose eigenvector the cost misses, the rotation hidden only through the
+cross term S, and with a descriptor E. In float64 each has its circle mode within a few
+eps of the circle."""
+
+import numpy as np
+import pytest
+import torch
+
+import trajopt
+from trajopt.dare._common import prepare_numpy
+from trajopt.dare.detectability import unweighted_circle_mode
+from trajopt.errors import NotStabilizableError
+
+METHODS = ["auto", "scipy", "slycot", "doubling"]
+
+
+def _hidden(kind, seed, n=5):
+    """(A, B, Q, R, E, S): a mode on the circle (``kind``) that the cost does not weigh,
+    in a random basis."""
+    rng = np.random.default_rng(seed)
+    D = np.diag(rng.uniform(-0.9, 0.9, size=n))
+    k = 1
+    if kind in ("rotation", "cross term", "descriptor"):
+        th = rng.uniform(0.1, 3.0)
+        D[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+        k = 2
+    elif kind == "one":
+        D[0, 0] = 1.0
+    elif kind == "minus one":
+        D[0, 0] = -1.0
+    elif kind == "jordan":   # a double integrator whose cost sees the velocity only
+        D[:2, :2] = [[1.0, 1.0], [0.0, 1.0]]
+    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
+    Ti = np.linalg.inv(T)
+    C = np.eye(n)[k:] @ Ti
+    A, Q, B, R = T @ D @ Ti, C.T @ C, rng.normal(size=(n, 2)), np.eye(2)
+    E = S = None
+    if kind == "cross term":   # Q itself weighs the rotation; Q - S R^-1 S' does not
+        S = rng.normal(size=(n, 2))
+        Q = (Q + S @ S.T + (Q + S @ S.T).T) / 2
+        A = A + B @ S.T
+    elif kind == "descriptor":
+        E = np.eye(n) + 0.3 * rng.normal(size=(n, n))
+        A = E @ A
+    return A, B, Q, R, E, S
+
+
+def _solve(data, method, batched):
+    A, B, Q, R, E, S = (None if x is None else torch.as_tensor(x)[None] if batched else x
+                        for x in data)
+    if method == "slycot":
+        pytest.importorskip("slycot")
+    return trajopt.solve_dare(A, B, Q, R, E=E, S=S, method=method)
+
+
+KINDS = ["rotation", "one", "minus one", "jordan", "cross term", "descriptor"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_circle_mode_the_cost_does_not_weigh_is_refused(kind, method, batched):
+    for seed in range(4):
+        data = _hidden(kind, seed)
+        with pytest.raises(NotStabilizableError, match="not weighed by the cost|"
+                           "no stabilizing solution"):
+            _solve(data, method, batched)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_mode_is_named(kind):
+    """The check itself finds the circle mode of each family (seeds where scipy returns
+    an answer too)."""
+    for seed in range(4):
+        lam = unweighted_circle_mode(prepare_numpy(*_hidden(kind, seed)))
+        assert lam is not None and abs(abs(lam) - 1) < 1e-7, (seed, lam)
+
+
+def test_scipy_returns_answers_that_are_refused_now():
+    """The reason for the check: scipy.linalg.solve_discrete_are returns a "solution" for
+    most of these problems (its closed loop 1e-10 .. 1e-7 inside the circle)."""
+    import scipy.linalg
+    returned = 0
+    for seed in range(8):
+        A, B, Q, R, E, S = _hidden("rotation", seed)
+        try:
+            scipy.linalg.solve_discrete_are(A, B, Q, R)
+            returned += 1
+        except (np.linalg.LinAlgError, ValueError):
+            pass
+    assert returned >= 6
+
+
+def test_the_element_of_a_batch_is_named():
+    """A hidden rotation among stabilizable systems: refused, naming its index, on the
+    compiled doubling loop, the torch loop (data that require grad) and "auto"."""
+    rng = np.random.default_rng(5)
+    bad = _hidden("rotation", 1, n=4)
+    items = []
+    for _ in range(6):
+        Cg = rng.normal(size=(4, 4))
+        items.append((rng.normal(size=(4, 4)) * 0.9 / 2, rng.normal(size=(4, 2)),
+                      Cg @ Cg.T + 0.1 * np.eye(4), np.eye(2)))
+    items.insert(3, bad[:4])
+    data = [np.stack([it[k] for it in items]) for k in range(4)]
+    for grad in (False, True):
+        for method in ("doubling", "auto"):
+            t = [torch.tensor(x, requires_grad=grad) for x in data]
+            with pytest.raises(NotStabilizableError, match=r"batch element \(3,\).*not "
+                               "weighed"):
+                trajopt.solve_dare(*t, method=method)
+    del items[3]
+    good = [torch.tensor(np.stack([it[k] for it in items])) for k in range(4)]
+    assert trajopt.solve_dare(*good, method="doubling").P.shape == (6, 4, 4)
+
+
+def _solved(A, B, Q, R, S=None, methods=("auto", "scipy", "doubling")):
+    for method in methods:
+        for batched in (False, True):
+            sol = _solve((A, B, Q, R, None, S), method, batched)
+            assert float(np.abs(np.asarray(sol.closed_loop_eigvals)).max()) < 1
+
+
+def test_a_small_weight_on_a_diagonal_cost_is_a_weight():
+    """An integrator weighted 1 beside a state weighted 1e14 (a review's false refusal of
+    session 32, where the weight was measured against |Q| alone): solved, as by scipy
+    (closed loop 1 - 3.2e-5); the same in other units."""
+    A, B = np.diag([0.5, 1.0]), np.eye(2)
+    _solved(A, B, np.diag([1e14, 1.0]), np.diag([1.0, 1e9]))
+    _solved(A, B, np.diag([1.0, 1e-14]), np.diag([1e-14, 1e-5]))
+
+
+@pytest.mark.parametrize("r", [1 - 5e-11, 1 + 5e-11, 1 - 2e-10])
+def test_unweighted_modes_off_the_circle_are_solved(r):
+    """An unweighted mode 5e-11 inside or outside the circle has a stabilizing solution
+    (the closed loop keeps it, or reflects it inside): solved ("doubling" cannot take the
+    unstable one: its iteration diverges there, as documented)."""
+    A, B = np.diag([r, 0.5, -0.3]), np.array([[1.1], [0.1], [1.1]])
+    _solved(A, B, np.diag([0.0, 1.0, 1.0]), np.eye(1),
+            methods=("auto", "scipy") if r > 1 else ("auto", "scipy", "doubling"))
+
+
+def test_large_norms_and_weighted_circle_modes_are_solved():
+    """An integrator that Q weighs beside an unweighted mode 1e-5 inside and a 1e8
+    coupling (|A| = 1e8: the window scales with it and stays far from 1e-5); a double
+    integrator and an undamped oscillator sampled fast, weighted on position."""
+    A = np.zeros((4, 4))
+    A[0, 0], A[1, 1], A[2:, 2:] = 1.0, 1 - 1e-5, [[0.5, 1e8], [0, 0.5]]
+    B = np.zeros((4, 2))
+    B[0, 0] = B[3, 1] = 1
+    _solved(A, B, np.diag([1.0, 0.0, 1.0, 1.0]), np.eye(2))
+    h = 1e-4
+    _solved(np.array([[1, h], [0, 1]]), np.array([[h * h / 2], [h]]), np.diag([1.0, 0]),
+            np.eye(1))
+    w = 1e-3
+    rot = np.array([[np.cos(w), np.sin(w)], [-np.sin(w), np.cos(w)]])
+    _solved(rot, np.array([[0.0], [1.0]]), np.diag([1.0, 0]), np.eye(1))
+
+
+def test_a_weight_through_the_cross_term_is_a_weight():
+    """The rotation weighed through Q - S R^-1 S' alone (Q^ = C'C + S R^-1 S' - S R^-1 S'
+    with C seeing the rotation): solved."""
+    rng = np.random.default_rng(3)
+    n = 4
+    th = 0.7
+    D = np.diag([0.0, 0.0, 0.5, -0.2])
+    D[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
+    A0, B = T @ D @ np.linalg.inv(T), rng.normal(size=(n, 2))
+    S, R = rng.normal(size=(n, 2)), np.array([[2.0, 0.3], [0.3, 1.0]])
+    C = np.eye(n)[:1] @ np.linalg.inv(T)     # sees the rotation's first coordinate
+    Q = C.T @ C + S @ np.linalg.solve(R, S.T)
+    _solved(A0 + B @ np.linalg.solve(R, S.T), B, (Q + Q.T) / 2, R, S=S)
