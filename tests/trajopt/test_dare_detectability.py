@@ -179,3 +179,47 @@ def test_a_weight_through_the_cross_term_is_a_weight():
     C = np.eye(n)[:1] @ np.linalg.inv(T)     # sees the rotation's first coordinate
     Q = C.T @ C + S @ np.linalg.solve(R, S.T)
     _solved(A0 + B @ np.linalg.solve(R, S.T), B, (Q + Q.T) / 2, R, S=S)
+
+
+def _hidden_continuous(kind, seed, n=5):
+    """A CARE's data with a mode on the imaginary axis (a rotation, or an integrator)
+    that the cost does not weigh, in a random basis."""
+    rng = np.random.default_rng(seed)
+    D = np.diag(rng.uniform(-2.0, -0.1, size=n))
+    if kind == "rotation":
+        w = rng.uniform(0.1, 3.0)
+        D[:2, :2] = [[0.0, w], [-w, 0.0]]
+        k = 2
+    else:
+        D[0, 0], k = 0.0, 1
+    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
+    Ti = np.linalg.inv(T)
+    C = np.eye(n)[k:] @ Ti
+    return T @ D @ Ti, rng.normal(size=(n, 2)), C.T @ C, np.eye(2)
+
+
+@pytest.mark.parametrize("kind", ["rotation", "integrator"])
+@pytest.mark.parametrize("method", ["auto", "scipy"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_care_refuses_an_axis_mode_the_cost_does_not_weigh(kind, method, batched):
+    """The same for ``solve_care`` (scipy's ``solve_continuous_are`` returned 19 of 20
+    such problems, trajopt's "auto" 10 and "scipy" 12 before the check)."""
+    for seed in range(4):
+        A, B, Q, R = (torch.as_tensor(x)[None] if batched else x
+                      for x in _hidden_continuous(kind, seed))
+        with pytest.raises(NotStabilizableError, match="not weighed by the cost|"
+                           "no stabilizing solution"):
+            trajopt.solve_care(A, B, Q, R, method=method)
+
+
+def test_the_care_solves_unweighted_modes_off_the_axis():
+    """Unweighted modes 1e-9 left and right of the axis (detectable / stabilizable: a
+    stabilizing solution exists) and a slow weighted integrator beside a fast mode."""
+    B = np.array([[1.1], [0.1], [1.1]])
+    for r in (-1e-9, 1e-9):
+        sol = trajopt.solve_care(np.diag([r, -0.5, -3.0]), B, np.diag([0.0, 1.0, 1.0]),
+                                 np.eye(1), method="auto")
+        assert float(np.real(np.asarray(sol.closed_loop_eigvals)).max()) < 0
+    sol = trajopt.solve_care(np.diag([0.0, -1e6]), np.eye(2), np.diag([1.0, 1.0]),
+                             np.diag([1e6, 1.0]), method="auto")
+    assert float(np.real(np.asarray(sol.closed_loop_eigvals)).max()) < 0

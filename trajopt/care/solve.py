@@ -16,6 +16,7 @@ from .._arrays import as_tensors
 from .._linalg import finite_rows, norm1
 from ..dare._common import DAREData, ops, prepare, riccati_arguments, scale
 from ..dare.backends import loop_elements
+from ..dare.detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..dare.precision import decided_in_float64
 from ..dare.stability import (
@@ -244,6 +245,9 @@ def _solve_care(named: dict[str, Any], method: str, refine: int, tol: float | No
             _unstabilizable(d, ~stable, "the solution found is not stabilizing "
                                   f"(closed-loop eigenvalue real part "
                                   f"{float(eig.real.amax(-1)[~ok].max()):.3g})")
+        refuse_unweighted_circle_modes(
+            sub, eig.real.amax(-1) > -NEAR_CIRCLE * scale_[..., 0].clamp(min=1.0),
+            continuous=True)
     res = care_relative_residual(d, X)
     worst = float(res.max())
     if not worst <= _INACCURATE.get(X.dtype, 1.5e-8):

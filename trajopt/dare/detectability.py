@@ -32,7 +32,9 @@ rounding (the criterion above does not hold there), and only for closed loops wi
 problems pay nothing; in a batch, of the elements whose closed-loop eigenvalues are
 computed (those without the doubling and Lyapunov certificates: X does not weigh an
 unweighted mode either, so the Lyapunov form vanishes along it and that certificate
-fails). The continuous-time analogue (the CARE) is not checked. Session 33: over 40
+fails). The CARE's analogue (``solve_care``: a mode on the imaginary axis, its real part
+within the same window, the cap scaled by ``|A|``; closed loops within ``1e-4
+max(|A|_1, 1)`` of the axis) is asked the same way. Session 33: over 40
 random problems of each family of session 32's scan (a hidden rotation, lambda = 1 and
 -1, a Jordan pair, a rotation hidden only through S, with E), every method accepts none
 (they had accepted up to 38 of 40); the review's false refusals of session 32's attempt
@@ -57,10 +59,10 @@ NEAR_CIRCLE = 1e-4
 DEFECTIVE_WINDOW = 1e-6
 
 
-def unweighted_circle_mode(d: DAREData) -> complex | None:
+def unweighted_circle_mode(d: DAREData, continuous: bool = False) -> complex | None:
     """The eigenvalue of one (unbatched) system's pencil ``(A^, E)`` on the unit circle
-    whose eigenvector the cost ``Q^`` does not weigh, within rounding (module docstring),
-    or None."""
+    (``continuous``: the imaginary axis) whose eigenvector the cost ``Q^`` does not weigh,
+    within rounding (module docstring), or None."""
     d = d.torch()
     A, B, Q, R = (v.detach().to(torch.float64) for v in (d.A, d.B, d.Q, d.R))
     eps = torch.finfo(torch.float64).eps
@@ -94,9 +96,12 @@ def unweighted_circle_mode(d: DAREData) -> complex | None:
         Y = Ei.to(Y.dtype).conj().transpose(-1, -2) @ Y
     kappa = torch.linalg.vector_norm(V, dim=-2) * torch.linalg.vector_norm(Y, dim=-2)
     window = 16 * n * eps * kappa * (scale + lam.abs() * norm_e)
+    # the imaginary axis is not scale-free: a Jordan pair's spread grows with |A|
+    cap = DEFECTIVE_WINDOW * (max(scale, 1.0) if continuous else 1.0)
     window = torch.where(torch.isfinite(window) & (info == 0), window,
-                         torch.full_like(window, DEFECTIVE_WINDOW)).clamp(max=DEFECTIVE_WINDOW)
-    near = ((lam.abs() - 1).abs() <= window).nonzero().flatten().tolist()
+                         torch.full_like(window, cap)).clamp(max=cap)
+    room = lam.real.abs() if continuous else (lam.abs() - 1).abs()
+    near = (room <= window).nonzero().flatten().tolist()
     Qc = Qh.to(V.dtype)
     for i in near:
         v = V[:, i]
@@ -107,20 +112,23 @@ def unweighted_circle_mode(d: DAREData) -> complex | None:
     return None
 
 
-def refuse_unweighted_circle_modes(d: DAREData, near) -> None:
+def refuse_unweighted_circle_modes(d: DAREData, near, continuous: bool = False) -> None:
     """Raise :class:`NotStabilizableError` for the first element in ``near`` (a mask over
-    the batch: closed loops within :data:`NEAR_CIRCLE` of the unit circle) with a
-    unit-circle mode that the cost does not weigh (:func:`unweighted_circle_mode`)."""
+    the batch: closed loops within :data:`NEAR_CIRCLE` of the unit circle, or of the
+    imaginary axis relative to ``|A|``) with such a mode that the cost does not weigh
+    (:func:`unweighted_circle_mode`)."""
     near = torch.as_tensor(near).reshape(-1)
     for first in torch.nonzero(near).flatten().tolist():
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
             if len(d.batch) else ()
-        mode = unweighted_circle_mode(d.element(index))
+        mode = unweighted_circle_mode(d.element(index), continuous)
         if mode is not None:
             label = d.label(index)
             where = f" for batch element {label}" if label else ""
+            on = (f"Re lambda = {mode.real:.3g}, on the imaginary axis" if continuous else
+                  f"|lambda| = {abs(mode):.17g}, on the unit circle")
             raise NotStabilizableError(
-                f"no stabilizing solution{where}: the mode lambda = {mode:.6g} (|lambda| = "
-                f"{abs(mode):.17g}, on the unit circle within rounding) is not weighed by "
-                "the cost (Q - S R^-1 S' along its eigenvector is at its rounding level); "
-                "the gain found moves it off the circle only by its own error")
+                f"no stabilizing solution{where}: the mode lambda = {mode:.6g} ({on} within "
+                "rounding) is not weighed by the cost (Q - S R^-1 S' along its eigenvector "
+                "is at its rounding level); the gain found moves it off only by its own "
+                "error")
