@@ -850,5 +850,14 @@ def _largest_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
     if where.type != "cpu" and total_norm is not None:
         return total_norm(tensors, math.inf)
     # a model spread over devices: gathered on the first
-    ends = [e if e.device == where else e.to(where) for t in tensors for e in torch.aminmax(t)]
+    ends = [e if e.device == where else e.to(where) for t in tensors for e in _ends(t)]
     return torch.stack(ends).abs().max()
+
+
+def _ends(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.aminmax(t)``; ``amin`` and ``amax`` where it has no kernel for the dtype
+    (float16 on the CPU before torch 2.6: a half-precision step raised there)."""
+    try:
+        return torch.aminmax(t)
+    except RuntimeError:
+        return t.amin(), t.amax()

@@ -16,6 +16,9 @@ from trajopt.errors import InvalidArgumentError
 
 from .conftest import data
 
+pytestmark = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                                reason="torch.amp.GradScaler on the CPU needs torch >= 2.3")
+
 OPTIMIZERS = {
     "ddpnopt-adam": lambda m, **kw: nnbridge.DDPNOpt(m, lr=1e-2, **kw),
     "ddpnopt-ekfac": lambda m, **kw: nnbridge.DDPNOpt(m, curvature="ekfac", **kw),

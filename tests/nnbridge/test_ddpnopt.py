@@ -802,6 +802,20 @@ def test_the_largest_magnitude_is_the_plain_max_abs(specs, seed):
         assert got == float(flat.abs().max())
 
 
+def test_the_largest_magnitude_without_an_aminmax_kernel(monkeypatch):
+    """torch 2.1 has no CPU ``aminmax`` for float16 (a half-precision step raised): the
+    check takes ``amin`` / ``amax`` there, NaN and inf kept."""
+    from nnbridge.ddpnopt import _largest_magnitude
+
+    def no_kernel(t):
+        raise RuntimeError('"aminmax_cpu" not implemented for \'Half\'')
+    monkeypatch.setattr(torch, "aminmax", no_kernel)
+    t = torch.tensor([1.0, -7.5, 3.0], dtype=torch.float16)
+    assert float(_largest_magnitude([t, torch.tensor([2.0])])) == 7.5
+    assert math.isnan(float(_largest_magnitude([t, torch.tensor([math.nan])])))
+    assert float(_largest_magnitude([t, torch.tensor([-math.inf])])) == math.inf
+
+
 def _orthogonal(*shape, g):
     return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))[0]
 

@@ -39,6 +39,8 @@ CASES = [("identity", True, {"lr": 0.3, "momentum": 0.9}), ("rmsprop", True, {"l
          # one process without it: the recorded gradients' scale is taken off exactly
          ("adam", True, {"lr": 1e-2, "scaler": True}),
          ("ekfac", True, {"lr": 0.1, "update_freq": 2, "scaler": True})]
+#: torch.amp.GradScaler on the CPU is torch >= 2.3: before, the scaled cases are left out
+CASES = [c for c in CASES if hasattr(torch.amp, "GradScaler") or not c[2].get("scaler")]
 STEPS = 3
 #: GT-EKFAC on ResMLP: A_ww's smallest nonzero eigenvalues are close (4e-7 and 2e-6 of
 #: its largest, 2.5), so their eigenvectors move by ~1e-9 with the ranks' rounding; one
@@ -65,7 +67,8 @@ def _model(hp):
 
 
 def _train(forward, opt, X, y, scaled=False):
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1) \
+        if scaled else None
     for _ in range(STEPS):
         if scaled:
             opt.zero_grad()

@@ -48,6 +48,10 @@ def test_all_methods_agree_with_scipy(n, m, seed, with_e, with_s):
     except np.linalg.LinAlgError:  # a draw too close to the unit circle for scipy
         assume(False)
     scipy_res = rel_residual_np(A, B, Q, R, ref, E, S)
+    # a draw whose solution scipy itself cannot reach to the bound below is too
+    # ill-conditioned for it (seed 301, n = 6, m = 1, with E: scipy's own residual 3.3e-10,
+    # the methods' answers 1e-9 apart; a flaky failure of session 33's torch trials)
+    assume(scipy_res <= 1e-10)
     scale = max(1.0, np.abs(ref).max())
     for method in METHODS:
         sol = trajopt.solve_dare(A, B, Q, R, E, S, method=method)

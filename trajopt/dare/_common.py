@@ -149,6 +149,12 @@ def ops(x) -> type[_TorchOps] | type[_NumpyOps]:
     return _NumpyOps if isinstance(x, np.ndarray) else _TorchOps
 
 
+def unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    """The index of position ``flat`` of a flattened batch of ``shape`` (``()`` for an
+    unbatched one); numpy's, since ``torch.unravel_index`` needs torch >= 2.2."""
+    return tuple(int(i) for i in np.unravel_index(flat, tuple(shape))) if len(shape) else ()
+
+
 @dataclass(frozen=True)
 class DAREData:
     """Validated, broadcast DARE data (batch shape ``batch``): torch tensors, or numpy
@@ -207,8 +213,7 @@ class DAREData:
         if self.origin is None:
             return index
         flat, shape = self.origin
-        return tuple(int(i) for i in torch.unravel_index(flat[index[0]], shape)) \
-            if len(shape) else ()
+        return unravel(int(flat[index[0]]), shape)
 
     def element(self, index: tuple[int, ...]) -> DAREData:
         """One batch element (unbatched tensors)."""

@@ -47,7 +47,7 @@ import torch
 
 from .._linalg import sym
 from ..errors import NotStabilizableError
-from ._common import DAREData
+from ._common import DAREData, unravel
 
 __all__ = ["NEAR_CIRCLE", "DEFECTIVE_WINDOW", "unweighted_circle_mode",
            "refuse_unweighted_circle_modes"]
@@ -119,8 +119,7 @@ def refuse_unweighted_circle_modes(d: DAREData, near, continuous: bool = False) 
     (:func:`unweighted_circle_mode`)."""
     near = torch.as_tensor(near).reshape(-1)
     for first in torch.nonzero(near).flatten().tolist():
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
-            if len(d.batch) else ()
+        index = unravel(first, d.batch)
         mode = unweighted_circle_mode(d.element(index), continuous)
         if mode is not None:
             label = d.label(index)

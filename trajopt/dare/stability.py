@@ -9,7 +9,7 @@ import torch
 
 from .._linalg import sym
 from ..errors import NotStabilizableError
-from ._common import DAREData
+from ._common import DAREData, unravel
 
 __all__ = ["lyapunov_certificate", "stable_beyond_rounding", "uncontrollable_unstable_mode",
            "raise_unstabilizable"]
@@ -108,8 +108,7 @@ def raise_unstabilizable(d: DAREData, bad, what: str, continuous: bool = False) 
     """Raise :class:`NotStabilizableError` for the first batch element in ``bad``, naming
     an uncontrollable unstable mode when there is one, else ``what``."""
     first = torch.nonzero(torch.as_tensor(bad).reshape(-1))[0].item()
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), d.batch)) \
-        if len(d.batch) else ()
+    index = unravel(first, d.batch)
     label = d.label(index)
     where = f" for batch element {label}" if label else ""
     mode = uncontrollable_unstable_mode(d.element(index), continuous)

@@ -29,8 +29,8 @@ under the mode and runs outside it, the models are marked and the solve runs aga
 ``torch.no_grad()`` alone, as every later solve with them does.
 
 Forward-mode derivatives (``torch.func.jacfwd`` of constraints and of models) need a
-torch that runs them under the mode: torch 2.11 raises "Batching rule not implemented for
-aten::_make_dual" there (seen on a GPU machine's torch 2.11.0+cu130; 2.13 runs them).
+torch that runs them under the mode: torch 2.1, 2.6 and 2.11 raise "Batching rule not
+implemented for aten::_make_dual" there (2.11 seen on a GPU machine; 2.13 runs them).
 :func:`forward_ad_works` asks torch once per process; where it says no, every solve runs
 under ``torch.no_grad()`` alone.
 """
