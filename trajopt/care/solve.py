@@ -16,7 +16,7 @@ from .._arrays import as_tensors
 from .._linalg import finite_rows, norm1
 from ..dare._common import DAREData, ops, prepare, riccati_arguments, scale
 from ..dare.backends import loop_elements
-from ..dare.detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
+from ..dare.detectability import near_circle, refuse_unweighted_circle_modes
 from ..dare.implicit import attach_riccati_grad, detached, requires_grad
 from ..dare.precision import decided_in_float64
 from ..dare.stability import (
@@ -246,7 +246,8 @@ def _solve_care(named: dict[str, Any], method: str, refine: int, tol: float | No
                                   f"(closed-loop eigenvalue real part "
                                   f"{float(eig.real.amax(-1)[~ok].max()):.3g})")
         refuse_unweighted_circle_modes(
-            sub, eig.real.amax(-1) > -NEAR_CIRCLE * scale_[..., 0].clamp(min=1.0),
+            sub, eig.real.amax(-1) > -near_circle(torch.finfo(X.dtype).eps)
+            * scale_[..., 0].clamp(min=1.0), Ks,
             continuous=True)
     res = care_relative_residual(d, X)
     worst = float(res.max())

@@ -43,29 +43,49 @@ are solved (``tests/trajopt/test_dare_detectability.py``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._linalg import sym
 from ..errors import NotStabilizableError
 from ._common import DAREData, unravel
 
-__all__ = ["NEAR_CIRCLE", "DEFECTIVE_WINDOW", "unweighted_circle_mode",
+__all__ = ["NEAR_CIRCLE", "SPREAD", "DEFECTIVE", "near_circle", "unweighted_circle_mode",
            "refuse_unweighted_circle_modes"]
 
-#: closed loops with a spectral radius above ``1 - NEAR_CIRCLE`` are asked
+#: closed loops with a spectral radius above ``1 - near_circle(eps)`` are asked; a mode
+#: is kept by the closed loop where ``|(A + BK) u - lambda E u| <= near_circle(eps) |E u|``
 NEAR_CIRCLE = 1e-4
-#: the widest window around the circle: a Jordan pair's eigenvalues are ``sqrt(eps)``
-#: (1.5e-8) apart in float64
-DEFECTIVE_WINDOW = 1e-6
+#: eigenvalues this close to the circle are candidates, and candidates this close to each
+#: other one cluster: a Jordan pair's computed eigenvalues are ``sqrt(eps |coupling|)``
+#: apart (4.7e-7 for a double integrator in a random basis), a triple's ``eps^(1/3)``
+SPREAD = 1e-5
+#: a cluster whose unit eigenvectors span less than this (smallest over largest singular
+#: value) is defective: a Jordan pair's computed eigenvectors are ``spread / coupling``
+#: apart
+DEFECTIVE = 1e-4
 
 
-def unweighted_circle_mode(d: DAREData, continuous: bool = False) -> complex | None:
+def near_circle(eps: float) -> float:
+    """How far inside the circle a gain that is ``sqrt(eps)``-off leaves a mode the cost
+    does not weigh: :data:`NEAR_CIRCLE` in float64 (measured up to 1.7e-7), ``64
+    sqrt(eps)`` (0.022) for float32 data (measured up to 3.6e-3)."""
+    return max(NEAR_CIRCLE, 64 * eps ** 0.5)
+
+
+def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
+                           eps: float | None = None) -> complex | None:
     """The eigenvalue of one (unbatched) system's pencil ``(A^, E)`` on the unit circle
-    (``continuous``: the imaginary axis) whose eigenvector the cost ``Q^`` does not weigh,
-    within rounding (module docstring), or None."""
+    (``continuous``: the imaginary axis) whose eigenvector (or eigenspace, for a repeated
+    eigenvalue) the cost ``Q^`` does not weigh and the closed loop ``A + BK`` keeps, within
+    rounding (module docstring), or None.  ``eps``: the data's rounding, by default its
+    dtype's (float32's for float32 data solved in float64: the circle mode of a float32
+    problem is a float32 rounding away from the circle)."""
     d = d.torch()
+    eps = torch.finfo(d.A.dtype).eps if eps is None else eps
     A, B, Q, R = (v.detach().to(torch.float64) for v in (d.A, d.B, d.Q, d.R))
-    eps = torch.finfo(torch.float64).eps
+    K = torch.as_tensor(K).detach().to(device=A.device, dtype=torch.float64)
     n = A.shape[-1]
     if int(torch.linalg.cholesky_ex(sym(R))[1]) != 0:
         return None
@@ -80,47 +100,97 @@ def unweighted_circle_mode(d: DAREData, continuous: bool = False) -> complex | N
     if float(torch.linalg.eigvalsh(Qh)[0]) < -8 * n * eps * float(torch.linalg.matrix_norm(Qabs)):
         return None   # indefinite: the criterion does not hold
     Ah = A - B @ RiSt
-    scale = float(torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)
-                  * torch.linalg.matrix_norm(RiSt))
-    if d.E is None:
-        Ei, norm_e = None, 0.0
-        M = Ah
-    else:
-        E = d.E.detach().to(torch.float64)
-        Ei, norm_e = torch.linalg.inv(E), float(torch.linalg.matrix_norm(E))
-        M = Ei @ Ah
-    lam, V = torch.linalg.eig(M)
+    Aabs = A.abs() + B.abs() @ RiSt.abs()
+    E = torch.eye(n, dtype=A.dtype, device=A.device) if d.E is None \
+        else d.E.detach().to(torch.float64)
+    Ei = None if d.E is None else torch.linalg.inv(E)
+    lam, V = torch.linalg.eig(Ah if Ei is None else Ei @ Ah)
     W, info = torch.linalg.inv_ex(V)
-    Y = W.conj().transpose(-1, -2)              # left eigenvectors of M, y_i' V = e_i'
-    if Ei is not None:                            # of the pencil: E^-H y, with y' E v = 1
-        Y = Ei.to(Y.dtype).conj().transpose(-1, -2) @ Y
-    kappa = torch.linalg.vector_norm(V, dim=-2) * torch.linalg.vector_norm(Y, dim=-2)
-    window = 16 * n * eps * kappa * (scale + lam.abs() * norm_e)
-    # the imaginary axis is not scale-free: a Jordan pair's spread grows with |A|
-    cap = DEFECTIVE_WINDOW * (max(scale, 1.0) if continuous else 1.0)
-    window = torch.where(torch.isfinite(window) & (info == 0), window,
-                         torch.full_like(window, cap)).clamp(max=cap)
-    room = lam.real.abs() if continuous else (lam.abs() - 1).abs()
-    near = (room <= window).nonzero().flatten().tolist()
-    Qc = Qh.to(V.dtype)
-    for i in near:
-        v = V[:, i]
-        weight = float((v.conj() @ Qc @ v).real)
-        bound = 8 * n * eps * float(v.abs() @ Qabs @ v.abs())
-        if weight <= bound:
-            return complex(lam[i])
+    if Ei is not None:      # the pencil's left eigenvectors, rows y' with y' E v = 1
+        W = W @ Ei.to(W.dtype)
+    scale = float(torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)
+                  * torch.linalg.matrix_norm(K) + torch.linalg.matrix_norm(E))
+    wide = SPREAD * (max(scale, 1.0) if continuous else 1.0)
+
+    def room(z):
+        return abs(z.real) if continuous else abs(abs(z) - 1)
+    candidates = [i for i, z in enumerate(lam.tolist()) if room(z) <= wide]
+    Acl, Ec, Qc = (M.to(V.dtype) for M in (A + B @ K, E, Qh))
+    Ea = E.abs().to(torch.float64)
+
+    def cond(group):
+        """The shift of the group's mean under a relative rounding of each entry: one
+        eigenvalue's |y|'(|A^| + |mu||E|)|v|; a group's by its spectral projector."""
+        mu = complex(lam[group].mean())
+        if int(info) != 0:
+            return math.inf
+        if len(group) == 1:
+            Va, Wa = V[:, group].abs(), W[group].abs()
+            return float((Wa @ Aabs @ Va).sum() + abs(mu) * (Wa @ Ea @ Va).sum())
+        P = float(torch.linalg.matrix_norm(V[:, group] @ W[group]))
+        return P * float(torch.linalg.matrix_norm(Aabs) + abs(mu) * torch.linalg.matrix_norm(E))
+
+    for spread in _clusters(lam, candidates, wide):
+        Vn = V[:, spread] / torch.linalg.vector_norm(V[:, spread], dim=-2, keepdim=True)
+        sv = torch.linalg.svdvals(Vn)
+        if len(spread) > 1 and float(sv[-1]) <= DEFECTIVE * float(sv[0]):
+            # a defective cluster: its members' spread is rounding, its mean is not
+            groups, spans = [spread], False
+        else:   # distinct eigenvalues; those within each other's rounding repeat one
+            groups, spans = _clusters(lam, spread, lambda i, j: 16 * n * eps * max(
+                cond([i]), cond([j]))), True
+        for group in groups:
+            mu = complex(lam[group].mean())
+            if not room(mu) <= 16 * n * eps * cond(group):
+                continue
+            Vg = V[:, group] / torch.linalg.vector_norm(V[:, group], dim=-2, keepdim=True)
+            for u in (_least_weighted(Vg, Qc) if spans else Vg.unbind(-1)):
+                weight = float((u.conj() @ Qc @ u).real)
+                bound = 8 * n * eps * float(u.abs() @ Qabs @ u.abs())
+                Eu = Ec @ u
+                kept = float(torch.linalg.vector_norm(Acl @ u - mu * Eu)) \
+                    <= near_circle(eps) * float(torch.linalg.vector_norm(Eu))
+                if weight <= bound and kept:
+                    return mu
     return None
 
 
-def refuse_unweighted_circle_modes(d: DAREData, near, continuous: bool = False) -> None:
+def _clusters(lam: torch.Tensor, members: list[int], spread) -> list[list[int]]:
+    """``members`` grouped where their eigenvalues lie within ``spread`` (a number, or a
+    function of two indices) of one another, transitively."""
+    def close(i, j):
+        return abs(complex(lam[i] - lam[j])) <= (spread(i, j) if callable(spread) else spread)
+    groups: list[list[int]] = []
+    for i in members:
+        joined = [g for g in groups if any(close(i, j) for j in g)]
+        for g in joined:
+            groups.remove(g)
+        groups.append(sorted([i] + [j for g in joined for j in g]))
+    return groups
+
+
+def _least_weighted(Vg: torch.Tensor, Qc: torch.Tensor) -> list[torch.Tensor]:
+    """The least weighted unit vector of the span of a repeated eigenvalue's eigenvectors
+    ``Vg`` (n, k; any combination of them is an eigenvector)."""
+    if Vg.shape[-1] == 1:
+        return [Vg[:, 0]]
+    Qb = torch.linalg.qr(Vg)[0]
+    G = Qb.conj().transpose(-1, -2) @ Qc @ Qb
+    return [Qb @ torch.linalg.eigh((G + G.conj().transpose(-1, -2)) / 2)[1][:, 0]]
+
+
+def refuse_unweighted_circle_modes(d: DAREData, near, K, continuous: bool = False,
+                                   eps: float | None = None) -> None:
     """Raise :class:`NotStabilizableError` for the first element in ``near`` (a mask over
     the batch: closed loops within :data:`NEAR_CIRCLE` of the unit circle, or of the
     imaginary axis relative to ``|A|``) with such a mode that the cost does not weigh
-    (:func:`unweighted_circle_mode`)."""
+    (:func:`unweighted_circle_mode`); ``K`` the gains (batch, m, n)."""
     near = torch.as_tensor(near).reshape(-1)
+    Ks = torch.as_tensor(K).reshape(-1, *torch.as_tensor(K).shape[-2:])
     for first in torch.nonzero(near).flatten().tolist():
         index = unravel(first, d.batch)
-        mode = unweighted_circle_mode(d.element(index), continuous)
+        mode = unweighted_circle_mode(d.element(index), Ks[first if len(Ks) > 1 else 0],
+                                      continuous, eps)
         if mode is not None:
             label = d.label(index)
             where = f" for batch element {label}" if label else ""
@@ -129,5 +199,5 @@ def refuse_unweighted_circle_modes(d: DAREData, near, continuous: bool = False) 
             raise NotStabilizableError(
                 f"no stabilizing solution{where}: the mode lambda = {mode:.6g} ({on} within "
                 "rounding) is not weighed by the cost (Q - S R^-1 S' along its eigenvector "
-                "is at its rounding level); the gain found moves it off only by its own "
+                "is at its rounding level) and the gain found moves it off only by its own "
                 "error")

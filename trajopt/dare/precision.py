@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import NotStabilizableError
-from ._common import DAREData
+from ._common import prepare, scalars_as_matrices
+from .detectability import refuse_unweighted_circle_modes
 from .stability import stable_beyond_rounding
 
 __all__ = ["decided_in_float64", "widened", "beyond_float32_rounding", "narrowed"]
@@ -64,11 +65,20 @@ def beyond_float32_rounding(sol: Any, wide: dict[str, Any], continuous: bool) ->
     problem, refused as before (a hidden rotation came out at ``1 - 6e-8``)."""
     if wide.get("E") is not None:
         return False
-    A, B = (torch.as_tensor(wide[k], dtype=torch.float64) for k in ("A", "B"))
+    eps = torch.finfo(torch.float32).eps
     K = torch.as_tensor(sol.K, dtype=torch.float64).detach()
-    d = DAREData(A.detach(), B.detach(), None, None, None, None)
-    return bool(stable_beyond_rounding(d, K, continuous,
-                                       eps=torch.finfo(torch.float32).eps).all())
+    named = scalars_as_matrices(wide)
+    d = prepare(*(None if named.get(k) is None else
+                  torch.as_tensor(named[k], dtype=torch.float64).detach()
+                  for k in ("A", "B", "Q", "R", "E", "S")))
+    if not bool(stable_beyond_rounding(d, K, continuous, eps=eps).all()):
+        return False
+    try:   # a circle mode of the float32 data that the cost does not weigh
+        refuse_unweighted_circle_modes(d, torch.ones(d.batch, dtype=torch.bool), K,
+                                       continuous, eps=eps)
+    except NotStabilizableError:
+        return False
+    return True
 
 
 def narrowed(sol: Any) -> Any:

@@ -33,7 +33,7 @@ from ._common import (
     scale,
 )
 from .backends import accept_tol, eps_of, reference_solution, solve_scipy, solve_slycot
-from .detectability import NEAR_CIRCLE, refuse_unweighted_circle_modes
+from .detectability import near_circle, refuse_unweighted_circle_modes
 from .doubling import solve_doubling
 from .implicit import attach_riccati_grad, detached, requires_grad
 from .newton import check_forward_error, dare_adjoint, forward_accurate, hewer_refine, newton_refine
@@ -385,7 +385,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
         rho = float(np.abs(eig).max())
         if not rho < margin and not bool(stable_beyond_rounding(d, K)):
             raise_unstabilizable(d, np.asarray(True), _not_stabilizing(rho))
-        refuse_unweighted_circle_modes(d, np.asarray(rho > 1 - NEAR_CIRCLE))
+        refuse_unweighted_circle_modes(d, np.asarray(rho > 1 - near_circle(eps_of(X))), K)
     else:
         if certified is None:
             certified = torch.zeros(d.batch, dtype=torch.bool, device=X.device)
@@ -411,7 +411,7 @@ def _finish(d: DAREData, X: Any, certified: torch.Tensor | None, e: Any, label: 
                 if bool(bad.any()):
                     raise_unstabilizable(d, bad.reshape(d.batch),
                                          _not_stabilizing(float(rho[bad].max())))
-            refuse_unweighted_circle_modes(d, rho > 1 - NEAR_CIRCLE)
+            refuse_unweighted_circle_modes(d, rho > 1 - near_circle(eps_of(X)), K)
     if res is None:
         res = relative_residual(d, X, K)
     if not d.is_numpy and not isinstance(e, torch.Tensor):  # "auto" moved numpy data on
