@@ -233,3 +233,102 @@ def test_the_care_solves_unweighted_modes_off_the_axis():
     sol = trajopt.solve_care(np.diag([0.0, -1e6]), np.eye(2), np.diag([1.0, 1.0]),
                              np.diag([1e6, 1.0]), method="auto")
     assert float(np.real(np.asarray(sol.closed_loop_eigvals)).max()) < 0
+
+
+def test_a_weight_the_gain_acts_on_is_a_weight():
+    """A review's false refusal of the first version: the circle mode [1, 1]/sqrt(2) is
+    weighted 2a (a = 2^-49, at the rounding of Q's entries near 1) but the control is as
+    cheap (R = 2a I), so the optimal closed loop puts it at (3 - sqrt 5)/2 = 0.382 (scipy
+    and trajopt compute 0.3825); a slow uncontrollable mode at 1 - 5e-5 asks the check.
+    Solved: the closed loop does not keep the mode. With R = I the gain leaves it 6e-8
+    inside: refused."""
+    a = 2.0 ** -49
+    Q = np.zeros((3, 3))
+    Q[:2, :2], Q[2, 2] = [[1 + a, -1 + a], [-1 + a, 1 + a]], 1
+    A = np.zeros((3, 3))
+    A[:2, :2], A[2, 2] = [[0.75, 0.25], [0.25, 0.75]], 1 - 5e-5
+    B = np.zeros((3, 2))
+    B[:2] = np.eye(2)
+    _solved(A, B, Q, 2 * a * np.eye(2))
+    sol = trajopt.solve_dare(A, B, Q, 2 * a * np.eye(2))
+    # 0.3825 computed (the weight at rounding level costs digits; scipy: 0.3825 too)
+    assert abs(np.sort(np.abs(np.asarray(sol.closed_loop_eigvals)))[1]
+               - (3 - 5 ** 0.5) / 2) < 1e-3
+    with pytest.raises(NotStabilizableError, match="not weighed"):
+        trajopt.solve_dare(A, B, Q, np.eye(2))
+
+
+def test_windows_are_componentwise_and_defective_means_are_judged_whole():
+    """Two review cases: a well-conditioned unweighted mode 9e-7 inside beside a 1e9
+    entry elsewhere in A (a normwise window had covered it), and a stable unweighted
+    Jordan pair 5e-7 inside (a fast-sampled double pole: its computed eigenvalues spread by
+    ~sqrt(eps), their mean does not). Both have stabilizing solutions: solved."""
+    A = np.diag([1 - 9e-7, 0.5, 0.0])
+    A[1, 2] = 1e9
+    _solved(A, np.array([[0.0], [0.0], [1.0]]), np.diag([0.0, 1.0, 1.0]), np.eye(1))
+    import scipy.linalg
+    dt = 1e-6
+    Ac = np.zeros((3, 3))
+    Ac[0, 0], Ac[0, 1], Ac[1, 1] = -0.5, 1.0, -0.5
+    Ad = scipy.linalg.expm(Ac * dt)
+    Ad[2, 2] = 1.0
+    _solved(Ad, np.array([[0.0], [0.0], [dt]]), np.diag([0.0, 0.0, 1.0]), 1e-12 * np.eye(1))
+
+
+def test_a_defective_pair_is_judged_by_its_eigenvector():
+    """A double integrator sampled at 1 us, cost on position: its eigenvalue 1 is
+    defective, the eigenvector (position) weighted, the generalized one (velocity) not,
+    and the slow closed loop (1 - 1e-6) barely moves the velocity. Solved: the span of a
+    defective cluster's nearly parallel eigenvectors is no eigenspace to weigh."""
+    h = 1e-6
+    _solved(np.array([[1.0, h], [0.0, 1.0]]), np.array([[h * h / 2], [h]]),
+            np.diag([1.0, 0.0]), np.eye(1))
+
+
+def test_a_repeated_eigenvalue_is_judged_by_its_eigenspace():
+    """Two identical rotations whose cost weighs only their sum (a review's miss: each
+    eigenvector LAPACK returns is weighted, their difference is not): no stabilizing
+    solution, refused; likewise a double eigenvalue 1 with x1 - x2 unweighted."""
+    c, s = np.cos(0.7), np.sin(0.7)
+    A = np.zeros((4, 4))
+    A[:2, :2] = A[2:, 2:] = [[c, -s], [s, c]]
+    Q = np.kron(np.array([[1.0, 1.0], [1.0, 1.0]]), np.eye(2))
+    B = np.array([[1.0, 0], [0, 0], [0, 1], [0, 0]])
+    for method in ("auto", "scipy", "doubling"):
+        with pytest.raises(NotStabilizableError, match="no stabilizing solution"):
+            trajopt.solve_dare(A, B, Q, np.eye(2), method=method)
+    lam = unweighted_circle_mode(prepare_numpy(A, B, Q, np.eye(2), None, None),
+                                 np.zeros((2, 4)))
+    assert lam is not None and abs(abs(lam) - 1) < 1e-12
+    A3, Q3 = np.diag([1.0, 1.0, 0.5]), np.array([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    B3 = np.eye(3)[:, :2]
+    assert unweighted_circle_mode(prepare_numpy(A3, B3, Q3, np.eye(2), None, None),
+                                  np.zeros((2, 3))) == 1
+
+
+def test_a_fast_sampled_oscillator_with_a_descriptor_is_solved():
+    """An oscillator (w = 1) sampled at 1 us, cost on position, E = diag(1, 1e-5): its
+    eigenvalues exp(+-1e-6 i) are distinct, not a repeated one (a first draft weighed
+    their span and refused it)."""
+    import scipy.linalg
+    dt = 1e-6
+    Mc = np.zeros((3, 3))
+    Mc[0, 1], Mc[1, 0], Mc[1, 2] = 1.0, -1.0, 1.0
+    M = scipy.linalg.expm(Mc * dt)
+    E = np.diag([1.0, 1e-5])
+    for method in ("auto", "scipy", "doubling"):
+        sol = trajopt.solve_dare(E @ M[:2, :2], E @ M[:2, 2:], np.diag([1.0, 0]),
+                                 1e-6 * np.eye(1), E=E, method=method)
+        assert float(np.abs(np.asarray(sol.closed_loop_eigvals)).max()) < 1
+
+
+@pytest.mark.parametrize("method", ["auto", "scipy"])
+def test_float32_data_are_judged_at_float32_rounding(method):
+    """A hidden rotation given in float32: its circle mode is a float32 rounding off the
+    circle, and the float32 gain leaves it up to 4e-3 inside; the check asks at float32's
+    eps (also of the float64 re-solve, precision.py). Refused."""
+    for seed in range(6):
+        data = [None if x is None else torch.tensor(x, dtype=torch.float32)
+                for x in _hidden("rotation", seed)]
+        with pytest.raises(NotStabilizableError):
+            trajopt.solve_dare(*data[:4], method=method)
