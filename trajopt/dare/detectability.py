@@ -185,7 +185,7 @@ def _least_weighted(Vg: torch.Tensor, Qc: torch.Tensor) -> list[torch.Tensor]:
 def refuse_unweighted_circle_modes(d: DAREData, near, K, continuous: bool = False,
                                    eps: float | None = None) -> None:
     """Raise :class:`NotStabilizableError` for the first element in ``near`` (a mask over
-    the batch: closed loops within :data:`NEAR_CIRCLE` of the unit circle, or of the
+    the batch: closed loops within :func:`near_circle` of the unit circle, or of the
     imaginary axis relative to ``|A|``) with such a mode that the cost does not weigh
     (:func:`unweighted_circle_mode`); ``K`` the gains (batch, m, n)."""
     near = torch.as_tensor(near).reshape(-1)
