@@ -65,8 +65,8 @@ NEAR_CIRCLE = 1e-4
 #: apart (4.7e-7 for a double integrator in a random basis), a triple's ``eps^(1/3)``
 SPREAD = 1e-5
 #: a cluster whose unit eigenvectors span less than this (smallest over largest singular
-#: value) is defective: a Jordan pair's computed eigenvectors are ``spread / coupling``
-#: apart
+#: value; ``64 sqrt(eps)`` where larger: 0.022 for float32 data) is defective: a Jordan
+#: pair's computed eigenvectors are ``spread / coupling`` apart
 DEFECTIVE = 1e-4
 
 
@@ -89,9 +89,14 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
     eps = torch.finfo(d.A.dtype).eps if eps is None else eps
     A, B, Q, R = (v.detach().to(torch.float64) for v in (d.A, d.B, d.Q, d.R))
     K = torch.as_tensor(K).detach().to(device=A.device, dtype=torch.float64)
+    # the data's: a float32 problem's weight at float32's rounding moves its mode by
+    # ~sqrt(eps32) also under a float64 gain (the float64 re-solve of precision.py)
+    kept_tol = near_circle(eps)
     n = A.shape[-1]
     if int(torch.linalg.cholesky_ex(sym(R))[1]) != 0:
         return None
+    m = B.shape[-1]
+    forming = 2 if d.S is None else 2 * (m + 2)   # Q^ formed from S: m + 2 roundings
     if d.S is None:
         RiSt = torch.zeros_like(B.transpose(-1, -2))
         Qh, Qabs = Q, Q.abs()
@@ -119,7 +124,8 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
         return abs(z.real) if continuous else abs(abs(z) - 1)
     candidates = [i for i, z in enumerate(lam.tolist()) if room(z) <= wide]
     Acl, Ec, Qc = (M.to(V.dtype) for M in (A + B @ K, E, Qh))
-    Ea = E.abs().to(torch.float64)
+    # E's rounding where E is data (the identity of E = None is exact)
+    Ea = torch.zeros_like(E) if d.E is None else E.abs()
 
     def cond(group):
         """The shift of the group's mean under a relative rounding of each entry: one
@@ -131,28 +137,40 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
             Va, Wa = V[:, group].abs(), W[group].abs()
             return float((Wa @ Aabs @ Va).sum() + abs(mu) * (Wa @ Ea @ Va).sum())
         P = float(torch.linalg.matrix_norm(V[:, group] @ W[group]))
-        return P * float(torch.linalg.matrix_norm(Aabs) + abs(mu) * torch.linalg.matrix_norm(E))
+        return P * float(torch.linalg.matrix_norm(Aabs) + abs(mu) * torch.linalg.matrix_norm(Ea))
 
     for spread in _clusters(lam, candidates, wide):
         Vn = V[:, spread] / torch.linalg.vector_norm(V[:, spread], dim=-2, keepdim=True)
         sv = torch.linalg.svdvals(Vn)
-        if len(spread) > 1 and float(sv[-1]) <= DEFECTIVE * float(sv[0]):
-            # a defective cluster: its members' spread is rounding, its mean is not
+        angle = float(sv[-1]) / float(sv[0])
+        if len(spread) > 1 and angle <= max(DEFECTIVE, 64 * eps ** 0.5) and all(
+                room(complex(lam[i])) <= 16 * eps * cond([i]) for i in spread):
+            # a defective cluster: its members' spread is rounding (each within its own
+            # window: a nearly defective pair 1 -+ 1e-6 is two modes), its mean is not
             groups, spans = [spread], False
         else:   # distinct eigenvalues; those within each other's rounding repeat one
-            groups, spans = _clusters(lam, spread, lambda i, j: 16 * n * eps * max(
+            groups, spans = _clusters(lam, spread, lambda i, j: 16 * eps * max(
                 cond([i]), cond([j]))), True
         for group in groups:
             mu = complex(lam[group].mean())
-            if not room(mu) <= 16 * n * eps * cond(group):
+            if not room(mu) <= 16 * eps * cond(group):
                 continue
+            # an eigenvector is off by ~ eps |A^| / gap (gap to the other eigenvalues);
+            # its weight then by that squared times |Q^|: a defective pair's sqrt(eps)
+            others = [j for j in range(n) if j not in group]
+            gap = min((abs(complex(lam[j]) - mu) for j in others), default=math.inf)
+            blur = (eps * float(torch.linalg.matrix_norm(Aabs)) / max(gap, eps)) ** 2 \
+                * float(torch.linalg.matrix_norm(Qabs, 2))
+            if not spans:   # a defective cluster: its eigenvectors are off by about the
+                # angle between them (a Jordan pair's: sqrt(eps |A| / coupling))
+                blur += 4 * angle ** 2 * float(torch.linalg.matrix_norm(Qabs, 2))
             Vg = V[:, group] / torch.linalg.vector_norm(V[:, group], dim=-2, keepdim=True)
             for u in (_least_weighted(Vg, Qc) if spans else Vg.unbind(-1)):
                 weight = float((u.conj() @ Qc @ u).real)
-                bound = 8 * n * eps * float(u.abs() @ Qabs @ u.abs())
+                bound = forming * eps * float(u.abs() @ Qabs @ u.abs()) + blur
                 Eu = Ec @ u
                 kept = float(torch.linalg.vector_norm(Acl @ u - mu * Eu)) \
-                    <= near_circle(eps) * float(torch.linalg.vector_norm(Eu))
+                    <= kept_tol * float(torch.linalg.vector_norm(Eu))
                 if weight <= bound and kept:
                     return mu
     return None

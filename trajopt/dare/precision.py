@@ -62,7 +62,9 @@ def beyond_float32_rounding(sol: Any, wide: dict[str, Any], continuous: bool) ->
     """The float64 solution's closed loop is stable by more than the float32 rounding of
     the data (:func:`~trajopt.dare.stability.stable_beyond_rounding` with float32's
     ``eps``): a mode within it is a unit-circle (imaginary-axis) mode of the float32
-    problem, refused as before (a hidden rotation came out at ``1 - 6e-8``)."""
+    problem, refused as before (a hidden rotation came out at ``1 - 6e-8``). Raises
+    :class:`NotStabilizableError` for a circle mode of the float32 data that the cost
+    does not weigh (:mod:`trajopt.dare.detectability`)."""
     if wide.get("E") is not None:
         return False
     eps = torch.finfo(torch.float32).eps
@@ -73,11 +75,10 @@ def beyond_float32_rounding(sol: Any, wide: dict[str, Any], continuous: bool) ->
                   for k in ("A", "B", "Q", "R", "E", "S")))
     if not bool(stable_beyond_rounding(d, K, continuous, eps=eps).all()):
         return False
-    try:   # a circle mode of the float32 data that the cost does not weigh
-        refuse_unweighted_circle_modes(d, torch.ones(d.batch, dtype=torch.bool), K,
-                                       continuous, eps=eps)
-    except NotStabilizableError:
-        return False
+    # a circle mode of the float32 data that the cost does not weigh: raised with its
+    # own message (more telling than the float32 solve's "not stabilizing")
+    refuse_unweighted_circle_modes(d, torch.ones(d.batch, dtype=torch.bool), K,
+                                   continuous, eps=eps)
     return True
 
 
