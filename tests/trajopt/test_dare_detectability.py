@@ -333,3 +333,65 @@ def test_float32_data_are_judged_at_float32_rounding(method):
                 for x in _hidden("rotation", seed)]
         with pytest.raises(NotStabilizableError):
             trajopt.solve_dare(*data[:4], method=method)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_nearly_defective_pair_is_two_modes(sign):
+    """A second review's false refusal: eigenvalues 1 -+ 1e-6 coupled by 1 (their
+    eigenvectors 2e-6 apart, each eigenvalue's own rounding ~1e-10), the one at 1 - d
+    unweighted, the other weighted and controllable: a stabilizing solution (scipy: 1 -
+    1e-6), solved -- it had been taken for a Jordan pair at 1. The same for the CARE."""
+    d = 1e-6
+    A = np.array([[1 - sign * d, 1.0], [0.0, 1 + sign * d]])
+    B, Q = np.array([[0.0], [1.0]]), np.diag([0.0, 1.0])
+    _solved(A, B, Q, np.eye(1), methods=("auto", "scipy", "doubling") if sign > 0
+            else ("auto", "scipy"))
+    sol = trajopt.solve_care(np.array([[-d, 1.0], [0.0, d]]), B, Q, np.eye(1))
+    assert float(np.real(np.asarray(sol.closed_loop_eigvals)).max()) < 0
+
+
+def test_float32_weights_above_their_rounding_count():
+    """float32 data (a second review): a weight of 1e-6 on an integrator's direction
+    (Q = [[1, -1 + 1e-6], ...]: 8 float32 roundings of the entries), a free mass chain at
+    1 kHz whose rigid mode (a Jordan pair) is weighted 1e-4, and an unweighted stable mode
+    3e-6 (25 float32 roundings) inside: solved, as in float64."""
+    A = torch.tensor([[0.75, 0.25], [0.25, 0.75]], dtype=torch.float32)
+    Q = torch.tensor([[1.0, -1 + 1e-6], [-1 + 1e-6, 1.0]], dtype=torch.float32)
+    sol = trajopt.solve_dare(A, torch.eye(2)[:, :1], Q, torch.eye(1))
+    assert float(sol.closed_loop_eigvals.abs().max()) < 1
+    import scipy.linalg
+    N, dt = 3, 1e-3
+    L = np.diag([1.0, 2.0, 1.0]) - np.diag([1.0, 1.0], 1) - np.diag([1.0, 1.0], -1)
+    Ac = np.zeros((2 * N + N, 2 * N + N))
+    Ac[:N, N:2 * N], Ac[N:2 * N, :N], Ac[N:2 * N, 2 * N:] = np.eye(N), -L, np.eye(N)
+    M = scipy.linalg.expm(Ac * dt)
+    Qc = np.zeros((2 * N, 2 * N))
+    Qc[:N, :N] = L + 1e-4 * np.eye(N)
+    data = [torch.tensor(x, dtype=torch.float32)
+            for x in (M[:2 * N, :2 * N], M[:2 * N, 2 * N:], Qc, np.eye(N))]
+    for method in ("auto", "scipy"):
+        sol = trajopt.solve_dare(*data, method=method)
+        assert float(sol.closed_loop_eigvals.abs().max()) < 1
+    sol = trajopt.solve_dare(torch.tensor([[1 - 3e-6, 0.0], [0.0, 0.5]]),
+                             torch.tensor([[1.0], [1.0]]), torch.diag(torch.tensor([0.0, 1.0])),
+                             torch.eye(1))
+    assert float(sol.closed_loop_eigvals.abs().max()) < 1
+
+
+def test_a_node_of_an_undamped_chain_is_refused():
+    """A second review's miss: an undamped 3-mass chain at 1 kHz, cost on the middle
+    mass only, force on the first: the antisymmetric mode has a node at the middle (its
+    eigenvector's weight 7e-27 on the diagonal Q) and no stabilizing solution; "doubling"
+    had accepted it at 1 - 2.2e-12. Refused on every method."""
+    import scipy.linalg
+    N, dt = 3, 1e-3
+    L = np.diag([1.0, 2.0, 1.0]) - np.diag([1.0, 1.0], 1) - np.diag([1.0, 1.0], -1)
+    Ac = np.zeros((2 * N + 1, 2 * N + 1))
+    Ac[:N, N:2 * N], Ac[N:2 * N, :N], Ac[N, 2 * N] = np.eye(N), -L, 1.0
+    M = scipy.linalg.expm(Ac * dt)
+    Q = np.zeros((2 * N, 2 * N))
+    Q[1, 1] = Q[N + 1, N + 1] = 1.0
+    for method in ("auto", "scipy", "doubling"):
+        with pytest.raises(NotStabilizableError):
+            trajopt.solve_dare(M[:2 * N, :2 * N], M[:2 * N, 2 * N:], Q, np.eye(1),
+                               method=method)
