@@ -13,20 +13,27 @@ rounding test. This module finds such a mode after the fact, for a closed loop w
 
 - **on the circle**: eigenvalues within :data:`SPREAD` of the circle are grouped where
   they lie within :data:`SPREAD` of each other. A group whose unit eigenvectors are
-  nearly parallel (:data:`DEFECTIVE`) is a defective cluster: its members are
+  nearly parallel (an angle below :data:`DEFECTIVE`, or ``64 sqrt(eps)``) and whose
+  members each lie within their own window is a defective cluster: its members are
   ``sqrt(eps)`` apart by rounding, its mean is not, and the mean is judged within
-  :math:`16 n \epsilon \|P\| (|\hat A| + |\mu||E|)` of the circle (``P`` the cluster's
-  spectral projector). Otherwise each eigenvalue is judged within :math:`16 n \epsilon\,
+  :math:`16 \epsilon \|P\| (|\hat A| + |\mu||E|)` of the circle (``P`` the cluster's
+  spectral projector). Otherwise each eigenvalue is judged within :math:`16 \epsilon\,
   |y|^\top(|A| + |B||R^{-1}S^\top| + |\lambda||E|)|v|` (componentwise absolute values; y
-  the left eigenvector with :math:`y^H E v = 1`): the shift under a relative rounding of
-  each entry, with room for the eigensolver's backward error; eigenvalues within each
-  other's window are one repeated eigenvalue;
-- **not weighed**: :math:`u^H \hat Q u \le 8 n \epsilon\, |u|^\top (|Q| + |S||R^{-1}
-  S^\top|) |u|` for a unit eigenvector u -- a defective cluster's own eigenvectors, a
-  repeated eigenvalue's least weighted direction of its eigenspace. The quadratic form
-  keeps an eigenvector's error second order (``sqrt(eps)`` for a defective pair changes
-  it by ~eps), the componentwise scale keeps a small weight on a diagonal cost
-  (``diag(1e14, 1)``) a weight;
+  the left eigenvector with :math:`y^H E v = 1`; the E term only where E is given): the
+  shift under a relative rounding of each entry, with room for the eigensolver's
+  backward error; eigenvalues within each other's window are one repeated eigenvalue. (A
+  nearly defective pair ``1 -+ 1e-6`` is two modes: each lies far outside its own
+  window.)
+- **not weighed**: :math:`u^H \hat Q u \le c\,\epsilon\, |u|^\top (|Q| + |S||R^{-1}
+  S^\top|) |u| + \delta^2 \|\hat Q\|` for a unit eigenvector u -- a defective cluster's
+  own eigenvectors, a repeated eigenvalue's least weighted direction of its eigenspace
+  -- with ``c = 2`` (the rounding of Q's entries; ``2(m + 2)`` where S forms
+  :math:`\hat Q`) and :math:`\delta` the eigenvector's error: :math:`\epsilon |\hat A| /
+  \mathrm{gap}` (the gap to the other eigenvalues), plus twice the angle of a defective
+  cluster. The quadratic form keeps an eigenvector's error second order; the
+  componentwise scale keeps a small weight on a diagonal cost (``diag(1e14, 1)``) a
+  weight; the error term refuses a node of an undamped chain (its eigenvector's weight
+  7e-27 on a diagonal Q, rounding of a 1e-13 eigenvector error);
 - **kept by the closed loop**: :math:`|(A + BK)u - \mu E u| \le` ``near_circle(eps)``
   :math:`|E u|`. A weight at the rounding of Q's entries that the gain does act on (the
   control as cheap, ``R = 2^-48 I``: closed loop 0.38) is a weight.
@@ -39,9 +46,11 @@ certificates: X does not weigh an unweighted mode either, so the Lyapunov form v
 along it and that certificate fails). The CARE's analogue (``solve_care``: the imaginary
 axis, the real part, :data:`SPREAD` and the gate scaled by ``|A|``) is asked the same way.
 
-Missed (session 33, a review): Jordan blocks of size 3 and more (their eigenvectors are
-``eps^(1/3)`` off, so they look weighted), bases so ill-conditioned (``cond 1e5``) that
-the gain moves the mode beyond ``near_circle``, and a few float32 problems.
+Missed (session 33, two reviews): Jordan blocks of size 3 and more (their eigenvectors
+are ``eps^(1/3)`` off, so they look weighted), bases so ill-conditioned (``cond 1e5``)
+that the gain moves the mode beyond ``near_circle``, and a few float32 problems. Refused
+though solvable, in float32: an unweighted stable mode within ~8 float32 roundings of the
+circle, weights within ~8 roundings of Q's entries (undecidable in that precision).
 """
 
 from __future__ import annotations
