@@ -125,9 +125,10 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
     W, info = torch.linalg.inv_ex(V)
     if Ei is not None:      # the pencil's left eigenvectors, rows y' with y' E v = 1
         W = W @ Ei.to(W.dtype)
-    scale = float(torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)
-                  * torch.linalg.matrix_norm(K) + torch.linalg.matrix_norm(E))
-    wide = SPREAD * (max(scale, 1.0) if continuous else 1.0)
+    # the imaginary axis is not scale-free: the spread grows with the closed loop's size
+    wide = SPREAD * (max(float(torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)
+                                * torch.linalg.matrix_norm(K) + torch.linalg.matrix_norm(E)),
+                         1.0) if continuous else 1.0)
 
     def room(z):
         return abs(z.real) if continuous else abs(abs(z) - 1)
@@ -135,6 +136,7 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
     Acl, Ec, Qc = (M.to(V.dtype) for M in (A + B @ K, E, Qh))
     # E's rounding where E is data (the identity of E = None is exact)
     Ea = torch.zeros_like(E) if d.E is None else E.abs()
+    norm_a, norm_q = float(torch.linalg.matrix_norm(Aabs)), float(torch.linalg.matrix_norm(Qabs, 2))
 
     def cond(group):
         """The shift of the group's mean under a relative rounding of each entry: one
@@ -146,7 +148,7 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
             Va, Wa = V[:, group].abs(), W[group].abs()
             return float((Wa @ Aabs @ Va).sum() + abs(mu) * (Wa @ Ea @ Va).sum())
         P = float(torch.linalg.matrix_norm(V[:, group] @ W[group]))
-        return P * float(torch.linalg.matrix_norm(Aabs) + abs(mu) * torch.linalg.matrix_norm(Ea))
+        return P * (norm_a + abs(mu) * float(torch.linalg.matrix_norm(Ea)))
 
     for spread in _clusters(lam, candidates, wide):
         Vn = V[:, spread] / torch.linalg.vector_norm(V[:, spread], dim=-2, keepdim=True)
@@ -168,11 +170,10 @@ def unweighted_circle_mode(d: DAREData, K, continuous: bool = False,
             # its weight then by that squared times |Q^|: a defective pair's sqrt(eps)
             others = [j for j in range(n) if j not in group]
             gap = min((abs(complex(lam[j]) - mu) for j in others), default=math.inf)
-            blur = (eps * float(torch.linalg.matrix_norm(Aabs)) / max(gap, eps)) ** 2 \
-                * float(torch.linalg.matrix_norm(Qabs, 2))
+            blur = (eps * norm_a / max(gap, eps)) ** 2 * norm_q
             if not spans:   # a defective cluster: its eigenvectors are off by about the
                 # angle between them (a Jordan pair's: sqrt(eps |A| / coupling))
-                blur += 4 * angle ** 2 * float(torch.linalg.matrix_norm(Qabs, 2))
+                blur += 4 * angle ** 2 * norm_q
             Vg = V[:, group] / torch.linalg.vector_norm(V[:, group], dim=-2, keepdim=True)
             for u in (_least_weighted(Vg, Qc) if spans else Vg.unbind(-1)):
                 weight = float((u.conj() @ Qc @ u).real)
