@@ -22,6 +22,16 @@ from trajopt.errors import NotStabilizableError
 METHODS = ["auto", "scipy", "slycot", "doubling"]
 
 
+def _in_random_basis(rng, D, k):
+    """``A = T D T^-1`` for a random T, and ``Q = C'C`` with ``C = [0 I] T^-1`` blind to
+    D's first k coordinates (the mode placed there)."""
+    n = len(D)
+    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
+    Ti = np.linalg.inv(T)
+    C = np.eye(n)[k:] @ Ti
+    return T @ D @ Ti, C.T @ C
+
+
 def _hidden(kind, seed, n=5):
     """(A, B, Q, R, E, S): a mode on the circle (``kind``) that the cost does not weigh,
     in a random basis."""
@@ -38,10 +48,8 @@ def _hidden(kind, seed, n=5):
         D[0, 0] = -1.0
     elif kind == "jordan":   # a double integrator whose cost sees the velocity only
         D[:2, :2] = [[1.0, 1.0], [0.0, 1.0]]
-    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
-    Ti = np.linalg.inv(T)
-    C = np.eye(n)[k:] @ Ti
-    A, Q, B, R = T @ D @ Ti, C.T @ C, rng.normal(size=(n, 2)), np.eye(2)
+    A, Q = _in_random_basis(rng, D, k)
+    B, R = rng.normal(size=(n, 2)), np.eye(2)
     E = S = None
     if kind == "cross term":   # Q itself weighs the rotation; Q - S R^-1 S' does not
         S = rng.normal(size=(n, 2))
@@ -202,10 +210,8 @@ def _hidden_continuous(kind, seed, n=5):
         k = 2
     else:
         D[0, 0], k = 0.0, 1
-    T = rng.normal(size=(n, n)) + 2 * np.eye(n)
-    Ti = np.linalg.inv(T)
-    C = np.eye(n)[k:] @ Ti
-    return T @ D @ Ti, rng.normal(size=(n, 2)), C.T @ C, np.eye(2)
+    A, Q = _in_random_basis(rng, D, k)
+    return A, rng.normal(size=(n, 2)), Q, np.eye(2)
 
 
 @pytest.mark.parametrize("kind", ["rotation", "integrator"])
